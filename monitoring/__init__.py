@@ -1,0 +1,1 @@
+"""Monitoring: Prometheus metrics on an injected registry, dashboards and alert rules."""

@@ -1,0 +1,194 @@
+"""Per-model-version dynamic batcher: bounded queue, deadlines, cancellation.
+
+Work-conserving: whenever an instance is idle and requests are queued, the queued requests
+leave at once as one batch of up to ``batch_size``. While every instance is busy, arrivals
+queue up and leave together. The only wait ever added is a short *hold*: when recent
+batches were much larger than what is queued now (a burst is in progress), an idle instance
+waits for more, at most ``min(max_batch_delay, recent batch time)`` after the oldest
+queued request arrived. At low load the hold never applies, so a lone request runs at once.
+
+Everything here runs on the event loop; instances run batches in their own threads and
+call back :meth:`Batcher._done` on the loop. Cancelled or expired requests are dropped
+before a batch is formed; a request's future is resolved once (set only if not done), so a
+caller that cancels never takes its batch-mates down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Callable, Iterable
+
+from .errors import ErrorKind, OspreyError
+from .types import InferenceRequest
+
+__all__ = ["Batcher"]
+
+
+class Batcher:
+    def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
+                 queue_size: int, loop: asyncio.AbstractEventLoop,
+                 on_batch: Callable[[list[InferenceRequest]], None] | None = None):
+        self.name, self.version = name, version
+        self.batch_size = max(1, int(batch_size))
+        self.max_batch_delay_s = max(0.0, float(max_batch_delay_s))
+        self.queue_size = max(1, int(queue_size))
+        self.loop = loop
+        self.queue: collections.deque[InferenceRequest] = collections.deque()
+        self.idle: list = []
+        self.busy: set = set()
+        self.in_flight = 0
+        self._retiring: set = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._ewma_batch = 1.0
+        self._ewma_exec = 0.0
+        self.on_batch = on_batch
+
+    # --- instances ------------------------------------------------------------------
+    @property
+    def instances(self) -> int:
+        return len(self.idle) + len(self.busy) - len(self._retiring)
+
+    def add_instance(self, inst) -> None:
+        self.idle.append(inst)
+        self._dispatch()
+
+    def remove_instances(self, count: int) -> list:
+        """Take ``count`` instances out of service; busy ones leave after their batch."""
+        removed = []
+        while count > 0 and self.idle:
+            removed.append(self.idle.pop())
+            count -= 1
+        for inst in list(self.busy):
+            if count <= 0:
+                break
+            if inst not in self._retiring:
+                self._retiring.add(inst)
+                removed.append(inst)
+                count -= 1
+        for inst in removed:
+            if inst not in self._retiring:
+                inst.stop()
+        return removed
+
+    def all_instances(self) -> Iterable:
+        return [*self.idle, *self.busy]
+
+    # --- requests -------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def submit(self, req: InferenceRequest) -> asyncio.Future:
+        if len(self.queue) >= self.queue_size:
+            self._purge()
+            if len(self.queue) >= self.queue_size:
+                raise OspreyError(ErrorKind.QUEUE_FULL,
+                                  f"Model \"{self.name}\" version {self.version}: job queue is full "
+                                  f"({self.queue_size} requests waiting); retry later", retry_after=1)
+        if self.instances <= 0:
+            raise OspreyError(ErrorKind.UNAVAILABLE,
+                              f"Model \"{self.name}\" version {self.version} has no worker to serve inference request. "
+                              "Please use scale workers API to add workers.")
+        fut = self.loop.create_future()
+        req.future = fut
+        if req.deadline is not None:
+            delay = req.deadline - time.monotonic()
+            if delay <= 0:
+                raise OspreyError(ErrorKind.DEADLINE, "Request deadline passed before it could be queued")
+            timer = self.loop.call_later(delay, self._expire, req)
+            fut.add_done_callback(lambda _f, t=timer: t.cancel())
+        self.queue.append(req)
+        if self.idle:
+            self._dispatch()
+        return fut
+
+    def _expire(self, req: InferenceRequest) -> None:
+        fut = req.future
+        if fut is not None and not fut.done():
+            where = "in the queue" if not req.timings.dispatched else "while running"
+            fut.set_exception(OspreyError(ErrorKind.DEADLINE, f"Request timed out {where} (deadline exceeded)"))
+
+    def _purge(self) -> None:
+        self.queue = collections.deque(r for r in self.queue if not r.future.done())
+
+    # --- dispatch -------------------------------------------------------------------
+    def _hold(self, now: float) -> float:
+        """Seconds to keep waiting for more requests before sending a partial batch."""
+        queued = len(self.queue)
+        if queued >= self.batch_size or self.max_batch_delay_s <= 0 or self._ewma_batch < 2 * queued + 2:
+            return 0.0
+        limit = min(self.max_batch_delay_s, self._ewma_exec)
+        return self.queue[0].timings.received + limit - now
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(force=True)
+
+    def _dispatch(self, force: bool = False) -> None:
+        while self.idle and self.queue:
+            now = time.monotonic()
+            if not force:
+                wait = self._hold(now)
+                if wait > 0:
+                    if self._timer is None:
+                        self._timer = self.loop.call_later(wait, self._on_timer)
+                    return
+            batch = []
+            queue = self.queue
+            while queue and len(batch) < self.batch_size:
+                r = queue.popleft()
+                fut = r.future
+                if fut.done():  # cancelled by its caller or expired
+                    continue
+                if r.client_gone is not None and r.client_gone():
+                    fut.cancel()
+                    continue
+                if r.deadline is not None and now >= r.deadline:
+                    fut.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out in the queue (deadline exceeded)"))
+                    continue
+                r.timings.dispatched = now
+                batch.append(r)
+            if not batch:
+                continue
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            inst = self.idle.pop()
+            self.busy.add(inst)
+            self.in_flight += len(batch)
+            self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
+            inst.submit(batch, self.loop, self._done)
+
+    def _done(self, inst, batch: list[InferenceRequest], outcomes: list) -> None:
+        self.in_flight -= len(batch)
+        self.busy.discard(inst)
+        if batch and batch[0].timings.finished:
+            t = batch[0].timings
+            self._ewma_exec += 0.2 * ((t.finished - t.started) - self._ewma_exec)
+        for r, outcome in zip(batch, outcomes):
+            fut = r.future
+            if not fut.done():
+                if isinstance(outcome, OspreyError):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        if inst in self._retiring:
+            self._retiring.discard(inst)
+            inst.stop()
+        elif inst.status == "READY":
+            self.idle.append(inst)
+        self._dispatch()
+
+    def fail_all(self, error: OspreyError) -> None:
+        """Answer every queued request with ``error`` (model unloaded)."""
+        while self.queue:
+            fut = self.queue.popleft().future
+            if not fut.done():
+                fut.set_exception(error)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

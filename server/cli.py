@@ -1,0 +1,195 @@
+"""The ``osprey`` command: serve, stop, package, examples."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_PID_FILE = os.path.join(tempfile.gettempdir(), ".osprey.pid")
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve models over REST and gRPC")
+    p.add_argument("--model-store", help="folder holding model archives")
+    p.add_argument("--models", nargs="+", default=[], metavar="NAME=FILE",
+                   help="models to load at startup: NAME=FILE, FILE or 'all'")
+    p.add_argument("--ts-config", "--config", dest="ts_config", help="TorchServe config.properties")
+    p.add_argument("--disable-token-auth", action="store_true", default=None, help="serve without token authorization")
+    p.add_argument("--enable-model-api", action="store_true", default=None, help="allow register/unregister over HTTP")
+    p.add_argument("--foreground", action="store_true", help="stay in the foreground (default: start in the background)")
+    p.add_argument("--inference-address", help="e.g. http://127.0.0.1:8080")
+    p.add_argument("--management-address")
+    p.add_argument("--metrics-address")
+    p.add_argument("--grpc-inference-port", type=int)
+    p.add_argument("--grpc-management-port", type=int)
+    p.add_argument("--no-grpc", action="store_true", help="do not start the gRPC listeners")
+    p.add_argument("--pid-file", default=None, help=f"where the server's pid is written (default {DEFAULT_PID_FILE})")
+    p.add_argument("--log-file", help="log to this file (background mode default: logs/osprey.log)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _package_parser(sub) -> None:
+    p = sub.add_parser("package", help="write a model archive (torch-model-archiver's flags)")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--model-file")
+    p.add_argument("--serialized-file")
+    p.add_argument("--handler", required=True, help="a handler .py file (optionally :function) or a built-in name")
+    p.add_argument("--extra-files", default="", help="comma-separated files or folders")
+    p.add_argument("--requirements-file", "-r")
+    p.add_argument("--config-file", "-c")
+    p.add_argument("--export-path", default=".")
+    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip"])
+    p.add_argument("--force", "-f", action="store_true")
+
+
+def _examples_parser(sub) -> None:
+    p = sub.add_parser("examples", help="train and package the example models")
+    p.add_argument("--out", default="model_store", help="folder to write archives to")
+    p.add_argument("--list", action="store_true", help="list the examples and their families")
+    p.add_argument("--only", nargs="*", help="build only these examples")
+
+
+def _settings_from(args):
+    from .settings import load_settings
+
+    overrides = {
+        "model_store": args.model_store,
+        "disable_token_authorization": args.disable_token_auth,
+        "enable_model_api": args.enable_model_api,
+        "inference_address": args.inference_address,
+        "management_address": args.management_address,
+        "metrics_address": args.metrics_address,
+        "grpc_inference_port": args.grpc_inference_port,
+        "grpc_management_port": args.grpc_management_port,
+        "enable_grpc": False if args.no_grpc else None,
+        "pid_file": args.pid_file or DEFAULT_PID_FILE,
+    }
+    return load_settings(args.ts_config, overrides=overrides)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def cmd_serve(args) -> int:
+    try:
+        settings = _settings_from(args)
+    except ValueError as exc:
+        print(f"osprey serve: {exc}", file=sys.stderr)
+        return 2
+    old = _read_pid(settings.pid_file)
+    if old and _pid_alive(old) and old != os.getpid():
+        print(f"osprey serve: a server is already running (pid {old}, {settings.pid_file}); run `osprey stop` first",
+              file=sys.stderr)
+        return 1
+    if not args.foreground:
+        return _serve_background(args, settings)
+    logging.basicConfig(level=args.log_level.upper(), filename=args.log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .serve import parse_model_specs, run
+
+    specs = list(args.models) or list(settings.load_models)
+    models = parse_model_specs(specs, settings.model_store)
+    return run(settings, models)
+
+
+def _serve_background(args, settings) -> int:
+    log_file = args.log_file or os.path.join("logs", "osprey.log")
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "server.cli", *sys.argv[1:], "--foreground", "--log-file", log_file]
+    with open(log_file, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"osprey serve: the server exited with code {proc.returncode}; see {log_file}", file=sys.stderr)
+            print(Path(log_file).read_text()[-3000:], file=sys.stderr)
+            return 1
+        if b"Osprey ready" in Path(log_file).read_bytes()[-100_000:] and _read_pid(settings.pid_file) == proc.pid:
+            print(f"Osprey started (pid {proc.pid}); inference at {settings.inference_address}; logs in {log_file}")
+            return 0
+        time.sleep(0.1)
+    print(f"osprey serve: not ready after 300 s; see {log_file}", file=sys.stderr)
+    return 1
+
+
+def cmd_stop(args) -> int:
+    pid = _read_pid(args.pid_file)
+    if pid is None or not _pid_alive(pid):
+        print("Osprey is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(300):
+        if not _pid_alive(pid):
+            print(f"Osprey stopped (pid {pid})")
+            return 0
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    print(f"Osprey killed (pid {pid}) after 30 s")
+    return 0
+
+
+def cmd_package(args) -> int:
+    from .archive import write_archive
+
+    try:
+        path = write_archive(model_name=args.model_name, version=args.version, handler=args.handler,
+                             serialized_file=args.serialized_file, model_file=args.model_file,
+                             extra_files=[f for f in args.extra_files.split(",") if f],
+                             requirements_file=args.requirements_file, config_file=args.config_file,
+                             export_path=args.export_path, archive_format=args.archive_format, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"osprey package: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_examples(args) -> int:
+    from examples.build import build_examples, list_examples
+
+    if args.list:
+        for name, family in list_examples():
+            print(f"{name:20s} {family}")
+        return 0
+    return build_examples(args.out, only=args.only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="osprey", description="Osprey model server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    stop = sub.add_parser("stop", help="stop a server started in the background")
+    stop.add_argument("--pid-file", default=DEFAULT_PID_FILE)
+    _package_parser(sub)
+    _examples_parser(sub)
+    args = parser.parse_args(argv)
+    return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Per-model settings from model-config.yaml and the register call, typed and checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ErrorKind, OspreyError
+
+__all__ = ["ModelConfig", "TensorSpec", "parse_model_config"]
+
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "BF16", "FP32", "FP64", "BYTES")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    min_workers: int = 1
+    max_workers: int = 1
+    batch_size: int = 1
+    max_batch_delay_ms: float = 100.0
+    response_timeout_s: float = 120.0
+    startup_timeout_s: float = 120.0
+    device_type: str = "auto"  # auto | cpu | gpu
+    device_ids: tuple[int, ...] = ()
+    job_queue_size: int = 100
+    client_timeout_ms: float | None = None
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict)  # everything, for the handler
+
+
+def _num(source: str, key: str, value: Any, kind=int, minimum: float = 0) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be a number, got {value!r}")
+    try:
+        out = kind(value)
+    except ValueError:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be a number, got {value!r}") from None
+    if out < minimum:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def _tensors(source: str, key: str, value: Any) -> tuple[TensorSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be a list of {{name, datatype, shape}}")
+    specs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or "name" not in item:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key}[{i}] needs a name")
+        dt = str(item.get("datatype", "FP32")).upper()
+        if dt not in DATATYPES:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key}[{i}] datatype {dt!r} is not one of {', '.join(DATATYPES)}")
+        shape = item.get("shape", [-1])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key}[{i}] shape must be a list of integers (-1 for variable)")
+        specs.append(TensorSpec(str(item["name"]), dt, tuple(shape)))
+    return tuple(specs)
+
+
+def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str, Any] | None = None,
+                       default_workers: int = 1, default_response_timeout: float = 120.0,
+                       default_queue_size: int = 100, source: str = "model-config.yaml") -> ModelConfig:
+    """Merge model-config.yaml with register-call overrides (overrides win)."""
+    cfg = dict(raw or {})
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            cfg[key] = value
+    min_w = _num(source, "minWorkers", cfg.get("minWorkers", default_workers))
+    max_w = _num(source, "maxWorkers", cfg.get("maxWorkers", max(min_w, default_workers)))
+    if max_w < min_w:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: maxWorkers ({max_w}) is below minWorkers ({min_w})")
+    device = str(cfg.get("deviceType", "auto")).lower()
+    if device not in ("auto", "cpu", "gpu", "cuda"):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: deviceType must be cpu or gpu, got {device!r}")
+    ids = cfg.get("deviceIds") or ()
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: deviceIds must be a list of integers")
+    client_timeout = cfg.get("clientTimeoutInMills")
+    return ModelConfig(
+        min_workers=min_w,
+        max_workers=max_w,
+        batch_size=_num(source, "batchSize", cfg.get("batchSize", 1), minimum=1),
+        max_batch_delay_ms=_num(source, "maxBatchDelay", cfg.get("maxBatchDelay", 100), float),
+        response_timeout_s=_num(source, "responseTimeout", cfg.get("responseTimeout", default_response_timeout), float, minimum=0.001),
+        startup_timeout_s=_num(source, "startupTimeout", cfg.get("startupTimeout", 120), float, minimum=0.001),
+        device_type="gpu" if device == "cuda" else device,
+        device_ids=tuple(ids),
+        job_queue_size=_num(source, "jobQueueSize", cfg.get("jobQueueSize", default_queue_size), minimum=1),
+        client_timeout_ms=None if client_timeout is None else _num(source, "clientTimeoutInMills", client_timeout, float),
+        inputs=_tensors(source, "inputs", cfg.get("inputs")),
+        outputs=_tensors(source, "outputs", cfg.get("outputs")),
+        raw=cfg,
+    )

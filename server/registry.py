@@ -1,0 +1,316 @@
+"""Models by name and version: register, scale, set the default version, unregister.
+
+Each model version owns its archive, its typed config, its batcher and its instances.
+Requests name a model and optionally a version; without one they go to the default
+version, so a new version can be loaded under traffic and swapped in with
+:meth:`Registry.set_default` (the seam for hot swap after retraining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import time
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .archive import ModelArchive, open_archive
+from .batching import Batcher
+from .errors import ErrorKind, OspreyError
+from .model_config import ModelConfig, parse_model_config
+from .runtime import ModelInstance, gpu_for
+from .settings import Settings
+
+__all__ = ["ModelVersion", "Registry"]
+
+log = logging.getLogger("osprey.registry")
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    url: str
+    archive: ModelArchive
+    config: ModelConfig
+    batcher: Batcher
+    loaded_at_startup: bool = False
+    instances: list[ModelInstance] = field(default_factory=list)
+    load_seconds: float = 0.0
+    created: float = field(default_factory=time.time)
+
+    @property
+    def handler(self) -> str:
+        return self.archive.handler
+
+    @property
+    def ready(self) -> bool:
+        return any(i.status == "READY" for i in self.instances)
+
+    @property
+    def ready_instances(self) -> int:
+        return sum(i.status == "READY" for i in self.instances)
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return any(i.accepts_tensors for i in self.instances)
+
+
+@dataclass
+class _Model:
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    default: str = ""
+
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\-]", v))
+
+
+class Registry:
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop,
+                 metrics_sink: Callable | None = None,
+                 on_batch: Callable[[ModelVersion, list], None] | None = None):
+        self.settings = settings
+        self.loop = loop
+        self.models: dict[str, _Model] = {}
+        self._metrics_sink = metrics_sink
+        self._on_batch = on_batch
+        self._loading: set[tuple[str, str]] = set()
+        self.work_root = Path(settings.workdir) / ".osprey" / "models"
+
+    # --- lookups --------------------------------------------------------------------
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        model = self.models.get(name)
+        if model is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        if not version:
+            return model.versions[model.default]
+        mv = model.versions.get(version)
+        if mv is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model version: {version} does not exist for model: {name}",
+                              type_name="ModelVersionNotFoundException")
+        return mv
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        model = self.models.get(name)
+        if model is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        return sorted(model.versions.values(), key=lambda m: _version_key(m.version))
+
+    def default_version(self, name: str) -> str:
+        return self.get(name).version
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [mv for m in self.models.values() for mv in m.versions.values()]
+
+    def list_page(self, limit: int, token: int) -> tuple[list[dict[str, str]], int | None]:
+        names = sorted(self.models)
+        page = names[token: token + limit]
+        items = [{"modelName": n, "modelUrl": self.get(n).url} for n in page]
+        nxt = token + limit if token + limit < len(names) else None
+        return items, nxt
+
+    # --- registration ---------------------------------------------------------------
+    def resolve_url(self, url: str) -> Path:
+        """An archive in the model store (by file name), or a file:// path allowed by allowed_urls."""
+        if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model URL {url!r}: downloading archives is not supported; put the archive in the model store")
+        if url.lower().startswith("file://"):
+            if not any(re.fullmatch(p, url) for p in self.settings.allowed_urls):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {url!r} is not allowed by allowed_urls")
+            return Path(url[7:])
+        store = Path(self.settings.model_store).resolve()
+        path = (store / url).resolve()
+        if store != path and store not in path.parents:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {url!r} points outside the model store")
+        return path
+
+    async def register(self, url: str, *, model_name: str | None = None, handler: str | None = None,
+                       batch_size: int | None = None, max_batch_delay: float | None = None,
+                       initial_workers: int | None = None, response_timeout: float | None = None,
+                       startup_timeout: float | None = None, synchronous: bool = True,
+                       loaded_at_startup: bool = False) -> ModelVersion:
+        if not url:
+            raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
+        path = self.resolve_url(url)
+        if not path.exists():
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url}")
+        archive = await self.loop.run_in_executor(
+            None, lambda: open_archive(path, self.work_root, self.settings.max_archive_size))
+        try:
+            name = model_name or archive.name
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"Model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+            if handler:
+                archive.manifest["model"]["handler"] = handler
+            version = archive.version
+            model = self.models.get(name)
+            if (model and version in model.versions) or (name, version) in self._loading:
+                raise OspreyError(ErrorKind.CONFLICT, f"Model version {version} is already registered for model {name}")
+            overrides = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay,
+                         "responseTimeout": response_timeout, "startupTimeout": startup_timeout}
+            if initial_workers is not None:
+                overrides["minWorkers"] = initial_workers
+                overrides["maxWorkers"] = max(initial_workers, int(archive.config.get("maxWorkers", initial_workers)))
+            config = parse_model_config(
+                archive.config, overrides=overrides, default_workers=self.settings.default_workers_per_model,
+                default_response_timeout=self.settings.default_response_timeout,
+                default_queue_size=self.settings.job_queue_size, source=f"{Path(url).name}: model-config")
+        except BaseException:
+            archive.cleanup()
+            raise
+        batcher = Batcher(name, version, batch_size=config.batch_size,
+                          max_batch_delay_s=config.max_batch_delay_ms / 1000,
+                          queue_size=config.job_queue_size, loop=self.loop)
+        mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup)
+        if self._on_batch is not None:
+            batcher.on_batch = functools.partial(self._on_batch, mv)
+        self._loading.add((name, version))
+        try:
+            if synchronous:
+                await self._start_instances(mv, config.min_workers)
+            else:
+                self.loop.create_task(self._start_instances(mv, config.min_workers))
+        except BaseException:
+            self._loading.discard((name, version))
+            self._stop(mv)
+            raise
+        self._loading.discard((name, version))
+        model = self.models.setdefault(name, _Model())
+        model.versions[version] = mv
+        if not model.default:
+            model.default = version
+        log.info("registered model %s version %s (%d instances, batch %d)", name, version,
+                 len(mv.instances), config.batch_size)
+        return mv
+
+    async def _start_instances(self, mv: ModelVersion, count: int) -> None:
+        t0 = time.monotonic()
+        new = []
+        for _ in range(count):
+            index = len(mv.instances)
+            inst = ModelInstance(mv.name, mv.version, mv.archive, mv.config, index,
+                                 gpu_for(mv.config, index), self._metrics_sink)
+            mv.instances.append(inst)
+            new.append(inst)
+            inst.start()
+        try:
+            await asyncio.gather(*(i.wait_loaded(mv.config.startup_timeout_s) for i in new))
+        except BaseException:
+            for inst in new:
+                inst.stop()
+                if inst in mv.instances:
+                    mv.instances.remove(inst)
+            raise
+        for inst in new:
+            mv.batcher.add_instance(inst)
+        mv.load_seconds = time.monotonic() - t0
+
+    def plan_scale(self, name: str, version: str | None, min_worker: int | None,
+                   max_worker: int | None) -> tuple[ModelVersion, int, int]:
+        """Check a scale request; return the model version and its new (min, max)."""
+        mv = self.get(name, version)
+        lo = mv.config.min_workers if min_worker is None else min_worker
+        hi = max(lo, mv.config.max_workers) if max_worker is None else max_worker
+        if lo < 0:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"min_worker must not be negative, got {lo}")
+        if hi < lo:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"max_worker ({hi}) cannot be less than min_worker ({lo})")
+        return mv, lo, hi
+
+    async def scale(self, name: str, version: str | None, min_worker: int | None,
+                    max_worker: int | None) -> ModelVersion:
+        """Run ``min_worker`` instances (TorchServe starts the minimum)."""
+        mv, lo, hi = self.plan_scale(name, version, min_worker, max_worker)
+        mv.config = dataclasses.replace(mv.config, min_workers=lo, max_workers=hi)
+        live = [i for i in mv.instances if i.status in ("READY", "LOADING")]
+        if lo > len(live):
+            await self._start_instances(mv, lo - len(live))
+        elif lo < len(live):
+            for inst in mv.batcher.remove_instances(len(live) - lo):
+                if inst in mv.instances:
+                    mv.instances.remove(inst)
+        return mv
+
+    def set_default(self, name: str, version: str) -> None:
+        model = self.models.get(name)
+        if model is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        if version not in model.versions:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model version {version} does not exist for model {name}",
+                              type_name="ModelVersionNotFoundException")
+        model.default = version
+
+    async def unregister(self, name: str, version: str | None = None) -> ModelVersion:
+        mv = self.get(name, version)
+        model = self.models[name]
+        if mv.version == model.default and len(model.versions) > 1:
+            raise OspreyError(ErrorKind.FORBIDDEN, f"Cannot remove default version for model {name}")
+        del model.versions[mv.version]
+        if not model.versions:
+            del self.models[name]
+        mv.batcher.fail_all(OspreyError(ErrorKind.NOT_FOUND, f"Model {name} version {mv.version} was unregistered"))
+        self._stop(mv)
+        return mv
+
+    def _stop(self, mv: ModelVersion) -> None:
+        for inst in mv.instances:
+            inst.stop()
+        mv.instances.clear()
+        mv.archive.cleanup()
+
+    async def close(self) -> None:
+        for mv in self.all_versions():
+            mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down"))
+            self._stop(mv)
+        self.models.clear()
+
+    # --- description ----------------------------------------------------------------
+    def describe(self, mv: ModelVersion) -> dict[str, Any]:
+        cfg = mv.config
+        pid = os.getpid()
+        workers = [{
+            "id": inst.id,
+            "startTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(inst.start_time)),
+            "status": "READY" if inst.status == "READY" else "UNLOADING" if inst.status == "STOPPED" else inst.status,
+            "memoryUsage": 0,
+            "pid": pid,
+            "gpu": inst.gpu_id is not None,
+            "gpuUsage": "N/A" if inst.gpu_id is None else f"gpuId::{inst.gpu_id}",
+        } for inst in mv.instances]
+        return {
+            "modelName": mv.name,
+            "modelVersion": mv.version,
+            "modelUrl": mv.url,
+            "runtime": mv.archive.manifest.get("runtime", "python"),
+            "minWorkers": cfg.min_workers,
+            "maxWorkers": cfg.max_workers,
+            "batchSize": cfg.batch_size,
+            "maxBatchDelay": int(cfg.max_batch_delay_ms) if float(cfg.max_batch_delay_ms).is_integer() else cfg.max_batch_delay_ms,
+            "responseTimeout": int(cfg.response_timeout_s) if float(cfg.response_timeout_s).is_integer() else cfg.response_timeout_s,
+            "startupTimeout": int(cfg.startup_timeout_s) if float(cfg.startup_timeout_s).is_integer() else cfg.startup_timeout_s,
+            "maxRetryTimeoutInSec": 300,
+            "clientTimeoutInMills": int(cfg.client_timeout_ms or 0),
+            "parallelType": "",
+            "parallelLevel": 0,
+            "deviceType": "gpu" if any(i.gpu_id is not None for i in mv.instances) else "cpu",
+            "continuousBatching": False,
+            "useJobTicket": False,
+            "useVenv": False,
+            "stateful": False,
+            "sequenceMaxIdleMSec": 0,
+            "sequenceTimeoutMSec": 0,
+            "maxNumSequence": 0,
+            "maxSequenceJobQueueSize": 0,
+            "loadedAtStartup": mv.loaded_at_startup,
+            "handler": mv.handler,
+            "workers": workers,
+            "jobQueueStatus": {"remainingCapacity": max(mv.batcher.queue_size - mv.batcher.pending, 0),
+                               "pendingRequests": mv.batcher.pending},
+        }

@@ -1,0 +1,1 @@
+"""REST front ends: thin ASGI adapters over the data plane."""

@@ -1,0 +1,294 @@
+"""Model instances: one handler object in its own execution thread.
+
+The event loop never runs a handler. :meth:`ModelInstance.submit` hands a batch to the
+instance's thread; the thread decodes the inputs the way TorchServe's worker does, calls
+``handle(data, context)``, encodes each answer, and reports back on the loop with
+``call_soon_threadsafe``. A failing batch is re-run one request at a time so that only the
+request at fault fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import orjson
+
+from handlers.builtin import builtin_handler_class
+from handlers.context import Context, RequestProcessor
+from handlers.loading import import_handler_module, list_classes
+from handlers.metrics import HandlerMetrics
+
+from . import __version__
+from .archive import ModelArchive
+from .errors import ErrorKind, OspreyError, from_status
+from .model_config import ModelConfig
+from .types import Field, InferenceRequest, InferenceResponse
+
+__all__ = ["ModelInstance", "Service", "make_service", "decode_field", "encode_body", "gpu_for", "Outcome"]
+
+log = logging.getLogger("osprey.runtime")
+
+Outcome = InferenceResponse | OspreyError
+_ids = itertools.count(9000)
+
+
+@dataclass
+class Service:
+    """A loaded handler: what to call to initialize it and to handle a batch."""
+
+    initialize: Callable[[Context], Any] | None
+    handle: Callable[[list, Context], list]
+    target: Any
+    accepts_tensors: bool = False
+
+
+def make_service(model_dir: str, handler: str) -> Service:
+    """Resolve a manifest ``handler`` the way TorchServe does (plus Osprey's built-ins)."""
+    module_name, _, fn = handler.partition(":")
+    if module_name.endswith(".py"):
+        module_name = module_name[:-3]
+    fn = fn or "handle"
+    local_file = os.path.isfile(os.path.join(model_dir, f"{module_name}.py"))
+    cls = None if local_file else builtin_handler_class(module_name)
+    if cls is None:
+        try:
+            module = import_handler_module(model_dir, module_name)
+        except ModuleNotFoundError as exc:
+            if local_file or exc.name not in (module_name, module_name.split(".")[0]):
+                raise
+            try:  # TorchServe's own built-in handlers, when the torchserve package is installed
+                module = import_handler_module(model_dir, f"ts.torch_handler.{module_name}")
+            except ModuleNotFoundError:
+                raise ValueError(f"handler {handler!r} is neither a file in the archive nor a built-in handler") from None
+        func = getattr(module, fn, None)
+        if callable(func) and not isinstance(func, type):
+            # TorchServe initializes a module-level entry point by calling it with no data.
+            return Service(lambda ctx, _f=func: _f(None, ctx), func, module)
+        classes = list_classes(module)
+        with_fn = [c for c in classes if hasattr(c, fn)]
+        if len(with_fn) == 1:
+            cls = with_fn[0]
+        else:
+            raise ValueError(f"handler {handler!r} must define a function {fn}(data, context) or exactly one "
+                             f"class with {fn}(); found {len(with_fn)} such classes")
+    obj = cls()
+    return Service(getattr(obj, "initialize", None), getattr(obj, fn), obj,
+                   bool(getattr(obj, "accepts_tensors", False)))
+
+
+def decode_field(f: Field) -> Any:
+    """TorchServe's decoding: JSON -> object, text/* -> str, anything else -> bytearray."""
+    ct = f.content_type.split(";", 1)[0].strip().lower()
+    if ct == "application/json":
+        try:
+            return orjson.loads(f.value)
+        except orjson.JSONDecodeError:
+            return bytearray(f.value)
+    if ct.startswith("text/"):
+        try:
+            return bytes(f.value).decode("utf-8")
+        except UnicodeDecodeError:
+            return bytearray(f.value)
+    return bytearray(f.value)
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def encode_body(value: Any) -> tuple[bytes, str]:
+    """bytes are sent raw, str as UTF-8, anything else as JSON."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), "application/octet-stream"
+    if isinstance(value, str):
+        return value.encode("utf-8"), "text/plain; charset=utf-8"
+    try:
+        return orjson.dumps(value, default=_to_jsonable,
+                            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS), "application/json"
+    except TypeError:
+        return json.dumps(value, default=_to_jsonable).encode(), "application/json"
+
+
+def _error_for(exc: BaseException) -> OspreyError:
+    if isinstance(exc, OspreyError):
+        return exc
+    code = getattr(exc, "error_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):  # PredictionException(message, code)
+        return OspreyError(from_status(code), str(getattr(exc, "message", exc)), status=code)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "CUDA" in str(exc):
+        return OspreyError(ErrorKind.OUT_OF_MEMORY, "Out of resources")
+    return OspreyError(ErrorKind.PREDICTION_FAILED, "Prediction failed")
+
+
+class ModelInstance:
+    """One handler object and the thread that runs it."""
+
+    def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig,
+                 index: int, gpu_id: int | None, metrics_sink: Callable | None = None):
+        self.name, self.version, self.archive, self.config = name, version, archive, config
+        self.index = index
+        self.id = str(next(_ids))
+        self.gpu_id = gpu_id
+        self.status = "LOADING"
+        self.start_time = time.time()
+        self.error: str | None = None
+        self.service: Service | None = None
+        self.context = Context(name, str(archive.model_dir), archive.manifest, config.batch_size,
+                               gpu_id, __version__, True,
+                               HandlerMetrics(name, metrics_sink), dict(config.raw))
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
+        self._loaded = threading.Event()
+
+    # --- lifecycle (called from the loop) -------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    async def wait_loaded(self, timeout: float) -> None:
+        loaded = await asyncio.get_running_loop().run_in_executor(None, self._loaded.wait, timeout)
+        if not loaded:
+            self.status = "FAILED"
+            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
+        if self.status != "READY":
+            raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
+
+    def stop(self) -> None:
+        self.status = "STOPPED"
+        self._jobs.put(None)
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return bool(self.service and self.service.accepts_tensors)
+
+    def submit(self, batch: list[InferenceRequest], loop: asyncio.AbstractEventLoop,
+               on_done: Callable[["ModelInstance", list, list[Outcome]], None]) -> None:
+        self._jobs.put((batch, loop, on_done))
+
+    # --- the thread ------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.service = make_service(str(self.archive.model_dir), self.archive.handler)
+            if self.service.initialize is not None:
+                self.service.initialize(self.context)
+            warmup = getattr(self.service.target, "warmup", None)
+            if callable(warmup):
+                warmup(self.context)
+            self.status = "READY"
+        except BaseException as exc:  # reported at registration, never raised on the loop
+            log.exception("model %s instance %d failed to load", self.name, self.index)
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.status = "FAILED"
+        finally:
+            self._loaded.set()
+        if self.status != "READY":
+            return
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            batch, loop, on_done = job
+            try:
+                outcomes = self.run(batch)
+            except BaseException as exc:  # never lose a batch
+                log.exception("model %s: unexpected failure", self.name)
+                outcomes = [_error_for(exc)] * len(batch)
+            try:
+                loop.call_soon_threadsafe(on_done, self, batch, outcomes)
+            except RuntimeError:  # loop closed during shutdown
+                break
+
+    def run(self, batch: list[InferenceRequest]) -> list[Outcome]:
+        """Handle a batch; if it fails as a whole, handle each request alone."""
+        now = time.monotonic()
+        for r in batch:
+            r.timings.started = now
+        outcomes = self._handle(batch)
+        if isinstance(outcomes, OspreyError):
+            if len(batch) == 1:
+                outcomes = [outcomes]
+            else:
+                outcomes = [self._single(r) for r in batch]
+        end = time.monotonic()
+        for r in batch:
+            r.timings.finished = end
+        return outcomes
+
+    def _single(self, request: InferenceRequest) -> Outcome:
+        out = self._handle([request])
+        return out if isinstance(out, OspreyError) else out[0]
+
+    def _handle(self, batch: list[InferenceRequest]) -> list[Outcome] | OspreyError:
+        ctx = self.context
+        tensors = self.accepts_tensors
+        data = []
+        for r in batch:
+            row = {k: decode_field(f) for k, f in r.fields.items()}
+            if tensors and r.tensors is not None:
+                row["tensors"] = r.tensors
+            data.append(row)
+        ctx.request_ids = {i: r.request_id for i, r in enumerate(batch)}
+        ctx.request_processor = [RequestProcessor(r.headers) for r in batch]
+        ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
+        ctx.stage_times = {}
+        try:
+            results = self.service.handle(data, ctx)
+        except BaseException as exc:
+            err = _error_for(exc)
+            if err.kind is ErrorKind.PREDICTION_FAILED:
+                log.warning("model %s: handler raised %s: %s", self.name, type(exc).__name__, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+            return err
+        if not isinstance(results, list):
+            log.warning("model %s: handler returned a %s, not a list", self.name, type(results).__name__)
+            return OspreyError(ErrorKind.PREDICTION_FAILED, "Invalid model predict output")
+        if len(results) != len(batch):
+            log.warning("model %s: handler returned %d results for a batch of %d", self.name, len(results), len(batch))
+            return OspreyError(ErrorKind.PREDICTION_FAILED, "number of batch response mismatched")
+        out: list[Outcome] = []
+        for i, value in enumerate(results):
+            rp = ctx.request_processor[i]
+            status = rp.get_response_status_code()
+            headers = rp.get_response_headers()
+            if status >= 400:
+                phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
+                out.append(OspreyError(from_status(status), phrase, status=status))
+                continue
+            if tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:
+                out.append(InferenceResponse(status=status, tensors=value["tensors"], raw=value))
+                continue
+            try:
+                body, ctype = encode_body(value)
+            except (TypeError, ValueError) as exc:
+                out.append(OspreyError(ErrorKind.PREDICTION_FAILED, f"handler output is not serializable: {exc}"))
+                continue
+            if headers:
+                headers = {str(k).lower(): str(v) for k, v in headers.items()}
+                ctype = headers.pop("content-type", ctype)
+            out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=headers or {},
+                                         model_version=self.version, raw=value))
+        return out
+
+
+def gpu_for(config: ModelConfig, index: int) -> int | None:
+    """The CUDA device of instance ``index``: None on CPU or where no GPU is present."""
+    if config.device_type == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        if config.device_type == "gpu":
+            log.warning("deviceType gpu asked for but CUDA is not available; using the CPU")
+        return None
+    ids = config.device_ids or tuple(range(torch.cuda.device_count()))
+    return ids[index % len(ids)]

@@ -1,0 +1,182 @@
+"""Process wiring: build the object graph, run every listener on one event loop, stop cleanly.
+
+REST listeners are uvicorn servers (httptools + uvloop) sharing the loop with the gRPC
+servers; SIGTERM/SIGINT stop accepting, fail what is still queued with 503 and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Iterable
+
+import uvicorn
+
+from monitoring.metrics import CONTENT_TYPE, ServingMetrics
+
+from .auth import Keys
+from .dataplane import DataPlane
+from .errors import OspreyError
+from .registry import Registry
+from .rest.asgi import Request, Response, Router
+from .rest.inference import add_inference_routes
+from .rest.management import add_management_routes
+from .settings import Settings, parse_address
+
+__all__ = ["Server", "run", "parse_model_specs"]
+
+log = logging.getLogger("osprey.serve")
+
+
+def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str | None, str]]:
+    """``NAME=FILE``, ``FILE`` or ``all`` -> [(name or None, url)]."""
+    out: list[tuple[str | None, str]] = []
+    for spec in specs:
+        for item in (s.strip() for s in spec.split(",")):
+            if not item:
+                continue
+            if item == "all":
+                store = Path(model_store)
+                for p in sorted(store.iterdir()) if store.is_dir() else ():
+                    if p.name.endswith((".mar", ".tar.gz", ".tgz")) or (p / "MAR-INF").is_dir():
+                        out.append((None, p.name))
+                continue
+            name, sep, url = item.partition("=")
+            out.append((name, url) if sep else (None, item))
+    return out
+
+
+class Server:
+    """Everything one Osprey process runs."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.loop = asyncio.get_running_loop()
+        self.metrics = ServingMetrics()
+        self.registry = Registry(settings, self.loop, metrics_sink=self._handler_metric,
+                                 on_batch=self.metrics.observe_batch)
+        self.dataplane = DataPlane(self.registry, [self._observe])
+        self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
+        self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
+        add_inference_routes(self.inference_app, self.dataplane)
+        self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
+        add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
+                              rotate_key=self.keys.rotate if self.keys else None)
+        self.metrics_app = Router(max_body=1024)
+        self.metrics_app.add("GET", "/metrics", self._metrics)
+        if self.keys is not None:
+            self.keys.attach("inference", self.inference_app)
+            self.keys.attach("management", self.management_app)
+        self._servers: list[uvicorn.Server] = []
+        self._grpc: list = []
+        self.stopping = asyncio.Event()
+
+    def _observe(self, mv, req, outcome) -> None:
+        self.metrics.observe(mv, req, outcome, time.monotonic())
+
+    def _handler_metric(self, name, value, unit, kind, dims) -> None:
+        self.metrics.handler_metric(dims.get("ModelName", ""), name, value, unit, kind, dims)
+
+    async def _metrics(self, req: Request) -> Response:
+        return Response(self.metrics.render(), 200, CONTENT_TYPE)
+
+    async def start(self) -> None:
+        s = self.settings
+        for address, app in ((s.inference_address, self.inference_app),
+                             (s.management_address, self.management_app),
+                             (s.metrics_address, self.metrics_app)):
+            host, port = parse_address(address)
+            config = uvicorn.Config(app, host=host, port=port, lifespan="off", http="httptools",
+                                    loop="none", log_level="warning", access_log=False,
+                                    server_header=False, date_header=False, timeout_keep_alive=120,
+                                    backlog=2048)
+            config.load()
+            server = uvicorn.Server(config)
+            server.lifespan = config.lifespan_class(config)
+            try:
+                await server.startup()
+            except SystemExit:
+                raise OSError(f"could not listen on {address}") from None
+            if server.should_exit:
+                raise OSError(f"could not listen on {address}")
+            self._servers.append(server)
+        if s.enable_grpc:
+            try:
+                from .grpc.server import start_grpc  # added by the gRPC front end
+            except ImportError:
+                start_grpc = None
+            if start_grpc is not None:
+                self._grpc = await start_grpc(self)
+        log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
+                 s.management_address, s.metrics_address)
+
+    async def load_models(self, specs: list[tuple[str | None, str]]) -> int:
+        """Register startup models concurrently; a model that fails is logged and skipped."""
+        async def one(name, url):
+            try:
+                await self.registry.register(url, model_name=name, loaded_at_startup=True)
+                return True
+            except OspreyError as exc:
+                log.error("model %s (%s) not loaded: %s", name or url, url, exc.message)
+            except Exception:
+                log.exception("model %s (%s) not loaded", name or url, url)
+            return False
+
+        results = await asyncio.gather(*(one(n, u) for n, u in specs))
+        return sum(results)
+
+    async def stop(self) -> None:
+        for g in self._grpc:
+            await g.stop(grace=1.0)
+        for server in self._servers:
+            server.should_exit = True
+        await self.registry.close()
+        for server in self._servers:
+            await server.shutdown()
+
+
+def _write_pid(path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(str(os.getpid()))
+
+
+async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int:
+    t0 = time.monotonic()
+    server = Server(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stopping.set)
+    await server.start()
+    if settings.pid_file:
+        _write_pid(settings.pid_file)
+    server.dataplane.started = False
+    loaded = await server.load_models(models)
+    server.dataplane.started = True
+    log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)
+    print(f"Osprey ready: {loaded}/{len(models)} models, inference at {settings.inference_address}", flush=True)
+    await server.stopping.wait()
+    log.info("stopping")
+    await server.stop()
+    if settings.pid_file:
+        try:
+            Path(settings.pid_file).unlink()
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def run(settings: Settings, models: list[tuple[str | None, str]]) -> int:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        import uvloop
+
+        return uvloop.run(_main(settings, models))
+    except ImportError:
+        return asyncio.run(_main(settings, models))

@@ -1,0 +1,164 @@
+"""One typed settings object.
+
+Precedence: command line > environment (``OSPREY_<FIELD>``, and TorchServe's ``TS_<KEY>``
+when ``enable_envvars_config=true``) > TorchServe ``config.properties`` > defaults.
+Pure data: reading settings has no side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+__all__ = ["Settings", "parse_properties", "parse_address", "load_settings"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    inference_address: str = "http://127.0.0.1:8080"
+    management_address: str = "http://127.0.0.1:8081"
+    metrics_address: str = "http://127.0.0.1:8082"
+    grpc_inference_address: str = "127.0.0.1"
+    grpc_inference_port: int = 7070
+    grpc_management_port: int = 7071
+    enable_grpc: bool = True
+    model_store: str = "model_store"
+    load_models: tuple[str, ...] = ()
+    job_queue_size: int = 100
+    default_workers_per_model: int = 1
+    default_response_timeout: float = 120.0  # seconds
+    max_request_size: int = 6553500
+    max_response_size: int = 6553500
+    max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
+    disable_token_authorization: bool = False
+    token_auth_status: int = 401  # TorchServe answers 400; set 400 to match it
+    key_file: str = "key_file.json"
+    enable_model_api: bool = False
+    allowed_urls: tuple[str, ...] = ("file://.*",)
+    pid_file: str = ""
+    log_file: str = ""
+    access_log: str = "off"  # off | on | sample:<fraction>
+    torch_threads: int = 0  # 0: leave torch's default
+    workdir: str = "."
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def grpc_inference_bind(self) -> str:
+        return f"{self.grpc_inference_address}:{self.grpc_inference_port}"
+
+    @property
+    def grpc_management_bind(self) -> str:
+        return f"{self.grpc_inference_address}:{self.grpc_management_port}"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+def parse_properties(text: str) -> dict[str, str]:
+    """Parse a Java .properties file (the subset TorchServe users write)."""
+    out: dict[str, str] = {}
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line[0] in "#!"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1]
+            continue
+        line, pending = pending + line, ""
+        for i, ch in enumerate(line):
+            if ch in "=:":
+                key, value = line[:i].strip(), line[i + 1 :].strip()
+                break
+        else:
+            key, value = line, ""
+        out[key] = value
+    return out
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``http://127.0.0.1:8080`` -> ("127.0.0.1", 8080)."""
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"address {address!r} must look like http://HOST:PORT")
+    return parts.hostname, parts.port
+
+
+def _coerce(name: str, value: Any) -> Any:
+    f = _FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if isinstance(value, str):
+        v = value.strip()
+        if kind == "bool":
+            if v.lower() in ("1", "true", "yes", "on"):
+                return True
+            if v.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"setting {name}: {value!r} is not a boolean")
+        if kind == "int":
+            try:
+                return int(v)
+            except ValueError:
+                raise ValueError(f"setting {name}: {value!r} is not an integer") from None
+        if kind == "float":
+            try:
+                return float(v)
+            except ValueError:
+                raise ValueError(f"setting {name}: {value!r} is not a number") from None
+        if kind.startswith("tuple"):
+            return tuple(p.strip() for p in v.split(",") if p.strip())
+        return v
+    if kind.startswith("tuple") and isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _from_properties(props: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in props.items():
+        if key in _FIELDS:
+            out[key] = _coerce(key, value)
+    if "load_models" in out and out["load_models"] in (("standalone",), ()):
+        out.pop("load_models")
+    return out
+
+
+def _from_env(env: Mapping[str, str], ts_env: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _FIELDS:
+        for prefix in ("OSPREY_",) + (("TS_",) if ts_env else ()):
+            key = prefix + name.upper()
+            if key in env:
+                out[name] = _coerce(name, env[key])
+    return out
+
+
+def load_settings(
+    config_file: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from a config.properties file, the environment and overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    props: dict[str, str] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        props = parse_properties(path.read_text())
+        values.update(_from_properties(props))
+    ts_env = props.get("enable_envvars_config", "false").lower() == "true"
+    values.update(_from_env(env, ts_env))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    settings = Settings(**values)
+    for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
+        parse_address(addr)
+    return settings

@@ -1,0 +1,107 @@
+"""Shared fixtures: start the real ``osprey serve`` process on free loopback ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OspreyProcess:
+    """A real ``osprey serve --foreground`` process on free ports, in its own work dir."""
+
+    def __init__(self, workdir: Path, store: Path, models: list[str], *, token_auth: bool = False,
+                 model_api: bool = True, extra_args: list[str] | None = None, config: dict | None = None,
+                 env: dict | None = None):
+        self.workdir = workdir
+        self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt")}
+        self.inference = f"http://127.0.0.1:{self.ports['inference']}"
+        self.management = f"http://127.0.0.1:{self.ports['management']}"
+        self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
+        self.grpc = f"127.0.0.1:{self.ports['grpc']}"
+        self.grpc_management = f"127.0.0.1:{self.ports['grpc_mgmt']}"
+        args = [sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(store),
+                "--inference-address", self.inference, "--management-address", self.management,
+                "--metrics-address", self.metrics, "--grpc-inference-port", str(self.ports["grpc"]),
+                "--grpc-management-port", str(self.ports["grpc_mgmt"]),
+                "--pid-file", str(workdir / "osprey.pid")]
+        if models:
+            args += ["--models", *models]
+        if not token_auth:
+            args.append("--disable-token-auth")
+        if model_api:
+            args.append("--enable-model-api")
+        if config:
+            props = workdir / "config.properties"
+            props.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
+            args += ["--ts-config", str(props)]
+        args += extra_args or []
+        self.log_path = workdir / "server.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc = subprocess.Popen(args, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout: float = 60.0) -> "OspreyProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"osprey exited with {self.proc.returncode}:\n{self.log()}")
+            if "Osprey ready" in self.log():
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"osprey not ready after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def keys(self) -> dict:
+        return json.loads((self.workdir / "key_file.json").read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture
+def osprey(tmp_path):
+    """Start servers: ``osprey(models=[...], store=path, ...)``; all are stopped afterwards."""
+    started: list[OspreyProcess] = []
+
+    def start(models: list[str] | None = None, store: Path | None = None, **kwargs) -> OspreyProcess:
+        work = tmp_path / f"server{len(started)}"
+        work.mkdir()
+        proc = OspreyProcess(work, store or tmp_path / "store", models or [], **kwargs)
+        started.append(proc)
+        return proc.wait_ready()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    path = tmp_path / "store"
+    path.mkdir()
+    return path

@@ -1,0 +1,97 @@
+"""Small models and archives the tests build for themselves (no downloads)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import yaml
+
+from server.archive import write_archive
+
+__all__ = ["make_mlp", "mlp_archive", "handler_archive", "MLP_HANDLER", "RECORDING_HANDLER"]
+
+# A module-level handle that loads the TorchScript MLP on initialization (TorchServe calls
+# handle(None, context) once) and answers one output row per request.
+MLP_HANDLER = '''
+import os
+import torch
+
+model = None
+
+def handle(data, context):
+    global model
+    if data is None:
+        model = torch.jit.load(os.path.join(context.system_properties["model_dir"], "mlp.pt"))
+        return None
+    x = torch.tensor([row["body"] for row in data], dtype=torch.float32)
+    with torch.inference_mode():
+        return model(x).tolist()
+'''
+
+# Records every batch size it sees in batches.log and echoes each request's "id" and "sleep".
+RECORDING_HANDLER = '''
+import json, os, time
+
+class Recorder:
+    def initialize(self, context):
+        self.log = os.path.join(context.system_properties["model_dir"], "batches.log")
+
+    def handle(self, data, context):
+        with open(self.log, "a") as fh:
+            fh.write(json.dumps(len(data)) + "\\n")
+        out = []
+        for i, row in enumerate(data):
+            body = row.get("body")
+            if isinstance(body, dict) and body.get("fail"):
+                raise ValueError("asked to fail")
+            if isinstance(body, dict) and body.get("sleep"):
+                time.sleep(body["sleep"])
+            if isinstance(body, dict) and body.get("status"):
+                context.set_response_status(body["status"], "chosen by the handler", i)
+            out.append({"id": body.get("id") if isinstance(body, dict) else body,
+                        "request_id": context.get_request_id(i), "batch": len(data)})
+        return out
+'''
+
+
+def make_mlp(path: Path, seed: int = 0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    torch.jit.script(model).save(str(path))
+    return path
+
+
+def _config(work: Path, config: dict | None) -> str | None:
+    if not config:
+        return None
+    path = work / "model-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def mlp_archive(store: Path, name: str = "mlp", *, config: dict | None = None, version: str = "1.0",
+                fmt: str = "default") -> Path:
+    work = store.parent / f"build-{name}-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    make_mlp(work / "mlp.pt")
+    (work / "mlp_handler.py").write_text(MLP_HANDLER)
+    return write_archive(model_name=name, version=version, handler=str(work / "mlp_handler.py"),
+                         serialized_file=str(work / "mlp.pt"), config_file=_config(work, config),
+                         export_path=str(store), archive_format=fmt, force=True)
+
+
+def handler_archive(store: Path, name: str, source: str, *, config: dict | None = None,
+                    version: str = "1.0", extra: dict[str, bytes] | None = None) -> Path:
+    work = store.parent / f"build-{name}-{version}"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{name}_handler.py").write_text(textwrap.dedent(source))
+    extras = []
+    for fname, data in (extra or {}).items():
+        (work / fname).write_bytes(data)
+        extras.append(str(work / fname))
+    return write_archive(model_name=name, version=version, handler=str(work / f"{name}_handler.py"),
+                         config_file=_config(work, config), extra_files=extras,
+                         export_path=str(store), force=True)
