@@ -220,8 +220,10 @@ class ModelInstance:
             else:
                 outcomes = [self._single(r) for r in batch]
         end = time.monotonic()
+        stages = dict(self.context.stage_times) if self.context.stage_times else None
         for r in batch:
             r.timings.finished = end
+            r.timings.stages = stages
         return outcomes
 
     def _single(self, request: InferenceRequest) -> Outcome:

@@ -31,6 +31,7 @@ class Timings:
     dispatched: float = 0.0  # left the queue for an instance
     started: float = 0.0  # handler began on its batch
     finished: float = 0.0  # handler returned
+    stages: dict | None = None  # handler-reported stage seconds for the batch (preprocess, inference, ...)
 
     @property
     def queue(self) -> float:
