@@ -100,6 +100,24 @@ def osprey(tmp_path):
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def osprey_module(tmp_path_factory):
+    """Like ``osprey`` but shared by the tests of one module (start once, stop at the end)."""
+    root = tmp_path_factory.mktemp("module-server")
+    started: list[OspreyProcess] = []
+
+    def start(models: list[str] | None = None, store: Path | None = None, **kwargs) -> OspreyProcess:
+        work = root / f"server{len(started)}"
+        work.mkdir()
+        proc = OspreyProcess(work, store or root / "store", models or [], **kwargs)
+        started.append(proc)
+        return proc.wait_ready()
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
 @pytest.fixture
 def store(tmp_path) -> Path:
     path = tmp_path / "store"
