@@ -1,0 +1,165 @@
+"""The TorchServe management API and token auth, against the real server process."""
+
+from __future__ import annotations
+
+import zipfile
+
+import httpx
+import pytest
+
+from tests.models import mlp_archive
+
+ROW = [float(i) for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def srv(osprey_module, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    mlp_archive(store, "m1", config={"batchSize": 4, "maxBatchDelay": 5})
+    for name in ("a", "b", "c", "d", "e"):
+        mlp_archive(store, name)
+    mlp_archive(store, "ver", version="1.0")
+    (store / "ver.mar").rename(store / "ver1.mar")
+    mlp_archive(store, "ver", version="2.0")
+    (store / "ver.mar").rename(store / "ver2.mar")
+    (store / "corrupt.mar").write_bytes(b"PK\x03\x04 definitely not a zip")
+    with zipfile.ZipFile(store / "slip.mar", "w") as zf:
+        zf.writestr("MAR-INF/MANIFEST.json", '{"model": {"modelName": "slip", "handler": "h.py"}}')
+        zf.writestr("../../escape.py", "print('owned')")
+    with zipfile.ZipFile(store / "nomanifest.mar", "w") as zf:
+        zf.writestr("h.py", "")
+    server = osprey_module(["m1=m1.mar"], store)
+    server.store = store
+    return server
+
+
+def test_register_describe_predict_unregister(srv):
+    m = srv.management
+    r = httpx.post(f"{m}/models", params={"url": "a.mar", "batch_size": 8, "max_batch_delay": 10, "initial_workers": 2})
+    assert r.status_code == 200
+    assert r.json() == {"status": 'Model "a" Version: 1.0 registered with 2 initial workers'}
+    d = httpx.get(f"{m}/models/a").json()
+    assert isinstance(d, list) and len(d) == 1
+    d = d[0]
+    assert (d["modelName"], d["modelVersion"], d["modelUrl"], d["batchSize"], d["maxBatchDelay"]) == ("a", "1.0", "a.mar", 8, 10)
+    assert d["minWorkers"] == 2 and len(d["workers"]) == 2 and all(w["status"] == "READY" for w in d["workers"])
+    assert d["jobQueueStatus"] == {"remainingCapacity": 100, "pendingRequests": 0}
+    assert httpx.post(f"{srv.inference}/predictions/a", json=ROW).status_code == 200
+    r = httpx.post(f"{m}/models", params={"url": "a.mar"})
+    assert r.status_code == 409 and r.json()["type"] == "ConflictStatusException"
+    r = httpx.delete(f"{m}/models/a")
+    assert r.status_code == 200 and r.json() == {"status": 'Model "a" unregistered'}
+    assert httpx.post(f"{srv.inference}/predictions/a", json=ROW).status_code == 404
+
+
+def test_register_with_json_body_and_async(srv):
+    r = httpx.post(f"{srv.management}/models", json={"url": "b.mar", "model_name": "bee", "synchronous": False})
+    assert r.status_code == 202 and r.json() == {"status": "Processing worker updates..."}
+    for _ in range(100):
+        if httpx.post(f"{srv.inference}/predictions/bee", json=ROW).status_code == 200:
+            break
+        import time; time.sleep(0.1)
+    else:
+        pytest.fail("asynchronously registered model never answered")
+
+
+@pytest.mark.parametrize("url, status, words", [
+    ("", 400, "Parameter url is required."),
+    ("missing.mar", 404, "Model not found at: missing.mar"),
+    ("corrupt.mar", 400, "corrupt.mar"),
+    ("slip.mar", 400, "escape"),
+    ("nomanifest.mar", 400, "MANIFEST"),
+    ("../../etc/passwd", 400, "outside the model store"),
+    ("https://example.com/x.mar", 400, "not supported"),
+])
+def test_bad_registrations_are_refused_clearly_and_disturb_nothing(srv, url, status, words):
+    r = httpx.post(f"{srv.management}/models", params={"url": url})
+    assert r.status_code == status, r.text
+    assert words in r.json()["message"]
+    assert not (srv.store.parent / "escape.py").exists()
+    assert httpx.post(f"{srv.inference}/predictions/m1", json=ROW).status_code == 200
+
+
+def test_list_is_paginated(srv):
+    for name in ("c", "d", "e"):
+        assert httpx.post(f"{srv.management}/models", params={"url": f"{name}.mar"}).status_code == 200
+    names = []
+    token = 0
+    while True:
+        page = httpx.get(f"{srv.management}/models", params={"limit": 2, "next_page_token": token}).json()
+        names += [m["modelName"] for m in page["models"]]
+        assert all(set(m) == {"modelName", "modelUrl"} for m in page["models"])
+        if "nextPageToken" not in page:
+            break
+        token = int(page["nextPageToken"])
+    assert names == sorted(names) and {"c", "d", "e", "m1"} <= set(names)
+
+
+def test_scale_workers(srv):
+    m = srv.management
+    r = httpx.put(f"{m}/models/m1", params={"min_worker": 3, "synchronous": "true"})
+    assert r.status_code == 200 and r.json() == {"status": "Workers scaled to 3 for model: m1"}
+    assert len(httpx.get(f"{m}/models/m1").json()[0]["workers"]) == 3
+    r = httpx.put(f"{m}/models/m1", params={"min_worker": 1})
+    assert r.status_code == 202
+    r = httpx.put(f"{m}/models/m1", params={"min_worker": 3, "max_worker": 2})
+    assert r.status_code == 400 and "max_worker" in r.json()["message"]
+    assert httpx.put(f"{m}/models/nope", params={"min_worker": 1}).status_code == 404
+    assert httpx.post(f"{srv.inference}/predictions/m1", json=ROW).status_code == 200
+
+
+def test_versions_default_and_set_default(srv):
+    m = srv.management
+    assert httpx.post(f"{m}/models", params={"url": "ver1.mar"}).status_code == 200
+    assert httpx.post(f"{m}/models", params={"url": "ver2.mar"}).status_code == 200
+    allv = httpx.get(f"{m}/models/ver/all").json()
+    assert [d["modelVersion"] for d in allv] == ["1.0", "2.0"]
+    assert httpx.post(f"{srv.inference}/predictions/ver/2.0", json=ROW).status_code == 200
+    r = httpx.delete(f"{m}/models/ver/1.0")
+    assert r.status_code == 403 and r.json()["message"] == "Cannot remove default version for model ver"
+    r = httpx.put(f"{m}/models/ver/2.0/set-default")
+    assert r.status_code == 200
+    assert r.json() == {"status": 'Default version successfully updated for model "ver" to "2.0"'}
+    r = httpx.put(f"{m}/models/ver/7.0/set-default")
+    assert r.status_code == 404 and r.json()["type"] == "ModelVersionNotFoundException"
+    assert httpx.delete(f"{m}/models/ver/1.0").status_code == 200
+    assert httpx.get(f"{m}/models/ver").json()[0]["modelVersion"] == "2.0"
+
+
+def test_model_api_is_off_by_default(osprey, store):
+    mlp_archive(store)
+    srv = osprey([], store, model_api=False)
+    r = httpx.post(f"{srv.management}/models", params={"url": "mlp.mar"})
+    assert r.status_code == 405 and "enable-model-api" in r.json()["message"]
+    assert httpx.get(f"{srv.management}/models").status_code == 200
+
+
+def test_token_auth(osprey, store):
+    mlp_archive(store)
+    srv = osprey(["mlp=mlp.mar"], store, token_auth=True)
+    keys = srv.keys()
+    assert set(keys) == {"management", "inference", "API"}
+    inf = {"Authorization": f"Bearer {keys['inference']['key']}"}
+    mgmt = {"Authorization": f"Bearer {keys['management']['key']}"}
+    r = httpx.post(f"{srv.inference}/predictions/mlp", json=ROW)
+    assert r.status_code == 401 and r.json()["type"] == "InvalidKeyException"
+    assert httpx.post(f"{srv.inference}/predictions/mlp", json=ROW, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(f"{srv.inference}/predictions/mlp", json=ROW, headers=mgmt).status_code == 401
+    assert httpx.post(f"{srv.inference}/predictions/mlp", json=ROW, headers=inf).status_code == 200
+    assert httpx.get(f"{srv.management}/models").status_code == 401
+    assert httpx.get(f"{srv.management}/models", headers=mgmt).status_code == 200
+    assert httpx.get(f"{srv.metrics}/metrics").status_code == 200  # metrics need no key
+    # the API key rotates the inference key
+    r = httpx.post(f"{srv.management}/token", params={"type": "inference"},
+                   headers={"Authorization": f"Bearer {keys['API']['key']}"})
+    assert r.status_code == 200
+    new = srv.keys()["inference"]["key"]
+    assert new != keys["inference"]["key"]
+    assert httpx.post(f"{srv.inference}/predictions/mlp", json=ROW, headers=inf).status_code == 401
+    assert httpx.post(f"{srv.inference}/predictions/mlp", json=ROW,
+                      headers={"Authorization": f"Bearer {new}"}).status_code == 200
+
+
+def test_token_failure_status_can_match_torchserve(osprey, store):
+    srv = osprey([], store, token_auth=True, env={"OSPREY_TOKEN_AUTH_STATUS": "400"})
+    assert httpx.get(f"{srv.inference}/ping").status_code == 400
