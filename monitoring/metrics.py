@@ -1,70 +1,321 @@
-"""Prometheus metrics for the serving core, on a registry that is passed in (never global).
+"""Prometheus metrics for the serving core (``GET /metrics`` on the metrics port).
 
-The data plane calls :meth:`ServingMetrics.observe` once per finished request and
-:meth:`ServingMetrics.observe_batch` once per batch; handler metrics from
-``context.metrics`` arrive through :meth:`ServingMetrics.handler_metric`.
+What is recorded where:
+
+* per request, by the data plane observer :meth:`ServingMetrics.observe` (event loop):
+  ``osprey_requests_total{model,version,protocol,code}``,
+  ``osprey_request_duration_seconds{model,version,protocol}`` (end to end),
+  ``osprey_queue_wait_seconds{model,version}``, ``osprey_requests_rejected_total`` (queue
+  full), ``osprey_requests_expired_total`` (deadline passed), and TorchServe's
+  ``ts_inference_requests_total``, ``ts_inference_latency_microseconds`` and
+  ``ts_queue_latency_microseconds`` with TorchServe's labels (model_name, model_version,
+  hostname; model_version is ``default`` when the request named none);
+* per batch, by the batcher hook :meth:`ServingMetrics.observe_batch` (event loop):
+  ``osprey_batch_size{model,version}``, ``osprey_stage_duration_seconds{model,version,stage}``
+  (``handle`` = the whole handler call; ``preprocess``/``inference``/``postprocess`` when the
+  handler reports them) and TorchServe's ``HandlerTime``/``PredictionTime`` gauges;
+* at scrape time, read from the live registry (no cost on the request path): queue depth
+  and capacity, requests in flight, instances ready and wanted, instance start times, model
+  load duration, ``osprey_model_info{model,version,handler,device,precision}``, the latency
+  objective; process CPU and memory; per-GPU memory and utilization when NVML answers;
+* handler metrics from ``context.metrics`` (:mod:`monitoring.handler_metrics`).
+
+Labels are bounded: model and version come from the registry (a request for an unknown
+model is counted with empty model and version), protocol and code from the server; never a
+request id. Durations are seconds; histogram buckets default to 0.5 ms .. 60 s with an extra
+edge at every configured latency objective.
 """
 
 from __future__ import annotations
 
-import re
-import threading
-from typing import Any
+import socket
+import time
+from typing import Any, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["ServingMetrics", "DEFAULT_BUCKETS", "CONTENT_TYPE"]
+from .families import Counter, Gauge, Histogram
+from .gpu import GpuCollector
+from .handler_metrics import HandlerMetricsCollector
+
+__all__ = ["ServingMetrics", "DEFAULT_BUCKETS", "BATCH_BUCKETS", "CONTENT_TYPE", "metric_buckets"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
+MAX_STAGES = 16  # distinct handler stage names per model version
+_QUEUE_FULL, _DEADLINE = "queue_full", "deadline"
+
+
+def metric_buckets(buckets: Iterable[Any], objectives: Iterable[Any] = ()) -> tuple[float, ...]:
+    """Sorted bucket edges in seconds: ``buckets`` plus one edge per latency objective."""
+    out = set()
+    for what, values in (("metric_buckets", buckets), ("latency_objectives", objectives)):
+        for v in values:
+            try:
+                f = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"setting {what}: {v!r} is not a number of seconds") from None
+            if not f > 0 or f == float("inf"):
+                raise ValueError(f"setting {what}: {v!r} must be a positive number of seconds")
+            out.add(f)
+    if not out:
+        raise ValueError("setting metric_buckets: at least one bucket edge is needed")
+    return tuple(sorted(out))
+
+
+class _Series:
+    """The labelled children of one model version, looked up once and kept."""
+
+    __slots__ = ("mv", "name", "version", "outcomes", "queue", "batch", "stages", "handler_time",
+                 "prediction_time", "rejected", "expired", "precision")
+
+    def __init__(self, m: "ServingMetrics", mv: Any):
+        self.mv, self.name, self.version = mv, mv.name, mv.version
+        self.outcomes: dict[tuple, tuple] = {}
+        self.queue = m.queue_seconds.child(mv.name, mv.version)
+        self.batch = m.batch_size.child(mv.name, mv.version)
+        self.stages: dict[str, Any] = {}
+        self.handler_time = m.ts_handler_time.child(mv.name, "Model", m.hostname)
+        self.prediction_time = m.ts_prediction_time.child(mv.name, "Model", m.hostname)
+        self.rejected = m.rejected.child(mv.name, mv.version)
+        self.expired = m.expired.child(mv.name, mv.version)
+        self.precision: str | None = None
 
 
 class ServingMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None, buckets: tuple[float, ...] = DEFAULT_BUCKETS):
-        self.registry = registry or CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        r = self.registry
-        self.requests = Counter("osprey_requests_total", "Requests by model, version, protocol and status code",
-                                ["model", "version", "protocol", "code"], registry=r)
-        self.request_seconds = Histogram("osprey_request_duration_seconds", "End-to-end request duration",
-                                         ["model", "version", "protocol"], buckets=buckets, registry=r)
-        self.queue_seconds = Histogram("osprey_queue_wait_seconds", "Time from arrival to leaving the queue",
-                                       ["model", "version"], buckets=buckets, registry=r)
-        self.inference_seconds = Histogram("osprey_batch_inference_seconds", "Handler time per batch",
-                                           ["model", "version"], buckets=buckets, registry=r)
-        self.batch_size = Histogram("osprey_batch_size", "Requests per batch", ["model", "version"],
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.handler_gauges: dict[str, Gauge] = {}
-        self._lock = threading.Lock()
+    def __init__(self, buckets: Iterable[float] = DEFAULT_BUCKETS, objectives: Iterable[float] = (),
+                 hostname: str | None = None, registry: CollectorRegistry | None = None):
+        self.hostname = hostname or socket.gethostname()
+        self.objectives = tuple(sorted(float(o) for o in objectives))
+        self.buckets = metric_buckets(buckets, self.objectives)
+        b = self.buckets
+        self.requests = Counter("osprey_requests_total", "Inference requests by model, version, protocol and status code",
+                                ("model", "version", "protocol", "code"))
+        self.request_seconds = Histogram("osprey_request_duration_seconds",
+                                         "End-to-end request duration, from arrival to answer",
+                                         ("model", "version", "protocol"), b)
+        self.queue_seconds = Histogram("osprey_queue_wait_seconds", "Time a request waited in its model's queue",
+                                       ("model", "version"), b)
+        self.stage_seconds = Histogram("osprey_stage_duration_seconds",
+                                       "Handler time per batch by stage (handle = the whole handler call)",
+                                       ("model", "version", "stage"), b)
+        self.batch_size = Histogram("osprey_batch_size", "Requests per batch handed to an instance",
+                                    ("model", "version"), BATCH_BUCKETS)
+        self.rejected = Counter("osprey_requests_rejected_total", "Requests refused because the queue was full",
+                                ("model", "version"))
+        self.expired = Counter("osprey_requests_expired_total", "Requests whose deadline passed before an answer",
+                               ("model", "version"))
+        ts = ("model_name", "model_version", "hostname")
+        self.ts_requests = Counter("ts_inference_requests_total",
+                                   "Torchserve prometheus counter metric with unit: Count", ts)
+        self.ts_latency = Counter("ts_inference_latency_microseconds",
+                                  "Torchserve prometheus counter metric with unit: Microseconds", ts)
+        self.ts_queue = Counter("ts_queue_latency_microseconds",
+                                "Torchserve prometheus counter metric with unit: Microseconds", ts)
+        self.ts_handler_time = Gauge("HandlerTime", "Torchserve prometheus gauge metric with unit: ms",
+                                     ("ModelName", "Level", "Hostname"))
+        self.ts_prediction_time = Gauge("PredictionTime", "Torchserve prometheus gauge metric with unit: ms",
+                                        ("ModelName", "Level", "Hostname"))
+        self._families = (self.requests, self.request_seconds, self.queue_seconds, self.stage_seconds,
+                          self.batch_size, self.rejected, self.expired)
+        self._ts_families = (self.ts_requests, self.ts_latency, self.ts_queue, self.ts_handler_time,
+                             self.ts_prediction_time)
+        self.handler = HandlerMetricsCollector(self.hostname)
+        self.process_registry = registry or CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.process_registry)
+        self.gpu = GpuCollector()
+        if self.gpu.active:
+            self.process_registry.register(self.gpu)
+        self.registry: Any = None
+        self._series: dict[int, _Series] = {}
+        self._gone: set[tuple[str, str]] = set()
 
-    def observe(self, mv: Any, req: Any, outcome: Any, now: float) -> None:
-        model = req.model
-        version = mv.version if mv is not None else ""
-        status = getattr(outcome, "status", 500)
-        self.requests.labels(model, version, req.protocol, str(status)).inc()
-        if mv is not None and req.timings.received:
-            self.request_seconds.labels(model, version, req.protocol).observe(now - req.timings.received)
+    def watch(self, registry: Any) -> None:
+        """The model registry whose live state the scrape-time gauges read."""
+        self.registry = registry
+
+    # --- the request path (event loop) ----------------------------------------------
+    def _series_for(self, mv: Any) -> _Series:
+        s = self._series.get(id(mv))
+        if s is None or s.mv is not mv:
+            s = self._series[id(mv)] = _Series(self, mv)
+        return s
+
+    def observe(self, mv: Any, req: Any, outcome: Any) -> None:
+        """Data plane observer: one finished request (answered, failed or cancelled)."""
+        now = time.monotonic()
+        status = outcome.status
+        t = req.timings
+        if mv is None:
+            self.requests.child("", "", req.protocol, str(status))[0] += 1
+            return
+        s = self._series.get(id(mv))
+        if s is None or s.mv is not mv:
+            s = self._series_for(mv)
+        key = (req.protocol, status, req.version)
+        children = s.outcomes.get(key)
+        if children is None:
+            name, version = mv.name, mv.version
+            tsv = req.version or "default"
+            children = s.outcomes[key] = (
+                self.requests.child(name, version, req.protocol, str(status)),
+                self.request_seconds.child(name, version, req.protocol),
+                self.ts_requests.child(name, tsv, self.hostname),
+                self.ts_latency.child(name, tsv, self.hostname),
+                self.ts_queue.child(name, tsv, self.hostname),
+            )
+        count, duration, ts_count, ts_latency, ts_queue = children
+        total = now - t.received if t.received else 0.0
+        count[0] += 1
+        duration.observe(total)
+        ts_count[0] += 1
+        ts_latency[0] += total * 1e6
+        if t.dispatched:
+            wait = t.dispatched - t.received
+            s.queue.observe(wait)
+            ts_queue[0] += wait * 1e6
+        if status >= 500:
+            kind = getattr(outcome, "kind", None)
+            if kind is not None:
+                if kind.value == _QUEUE_FULL:
+                    s.rejected[0] += 1
+                elif kind.value == _DEADLINE:
+                    s.expired[0] += 1
 
     def observe_batch(self, mv: Any, batch: list) -> None:
+        """Batcher hook: one batch came back from an instance."""
+        if not batch:
+            return
+        s = self._series.get(id(mv))
+        if s is None or s.mv is not mv:
+            s = self._series_for(mv)
+        s.batch.observe(len(batch))
         t = batch[0].timings
-        self.batch_size.labels(mv.name, mv.version).observe(len(batch))
-        self.inference_seconds.labels(mv.name, mv.version).observe(t.inference)
-        q = self.queue_seconds.labels(mv.name, mv.version)
-        for r in batch:
-            q.observe(r.timings.queue)
+        if t.finished:
+            handle = t.finished - t.started
+            self._stage(s, "handle").observe(handle)
+            s.handler_time[0] = s.prediction_time[0] = handle * 1000.0
+        if t.stages:
+            for stage, seconds in t.stages.items():
+                child = s.stages.get(stage) or self._stage(s, stage)
+                if child is not None:
+                    child.observe(seconds)
 
-    def handler_metric(self, model: str, name: str, value: float, unit: str, kind: str, dims: dict) -> None:
-        metric = "osprey_handler_" + re.sub(r"[^a-zA-Z0-9_]", "_", name).lower()
-        with self._lock:
-            g = self.handler_gauges.get(metric)
-            if g is None:
-                g = Gauge(metric, f"Handler metric {name} ({unit})", ["model"], registry=self.registry)
-                self.handler_gauges[metric] = g
-        if kind == "counter":
-            g.labels(model).inc(value)
-        else:
-            g.labels(model).set(value)
+    def _stage(self, s: _Series, stage: str):
+        child = s.stages.get(stage)
+        if child is None:
+            if len(s.stages) >= MAX_STAGES or not isinstance(stage, str):
+                return None
+            child = s.stages[stage] = self.stage_seconds.child(s.name, s.version, stage)
+        return child
+
+    # --- handler metrics (instance threads) -----------------------------------------
+    def handler_metric(self, name: str, value: float, unit: str, kind: str, dims: dict) -> None:
+        """``context.metrics`` sink."""
+        if name in ("HandlerTime", "PredictionTime"):
+            return  # Osprey records these itself, per batch, as TorchServe does
+        self.handler.record(name, value, unit, kind, dims)
+
+    # --- scrape ---------------------------------------------------------------------
+    def _live(self) -> str:
+        versions = list(self.registry.all_versions()) if self.registry is not None else []
+        lab = ("model", "version")
+        g = {n: Gauge(n, d, lab) for n, d in (
+            ("osprey_queue_depth", "Requests waiting in the model version's queue"),
+            ("osprey_queue_capacity", "Requests the queue holds before refusing more (jobQueueSize)"),
+            ("osprey_requests_in_flight", "Requests handed to an instance and not yet answered"),
+            ("osprey_instances_ready", "Instances ready to serve"),
+            ("osprey_instances_min", "Instances the model version should have ready (minWorkers)"),
+            ("osprey_batch_size_limit", "Largest batch the model version takes (batchSize)"),
+            ("osprey_model_load_seconds", "How long the model version's instances took to load"),
+            ("osprey_latency_objective_seconds", "End-to-end p99 latency objective"),
+        )}
+        starts = Gauge("osprey_instance_start_time_seconds", "Unix time each instance started; a change is a restart",
+                       ("model", "version", "instance"))
+        info = Gauge("osprey_model_info", "Model version facts (always 1)",
+                     ("model", "version", "handler", "device", "precision"))
+        objective = max(self.objectives) if self.objectives else None
+        for mv in versions:
+            b = mv.batcher
+            k = (mv.name, mv.version)
+            g["osprey_queue_depth"].child(*k)[0] = b.pending
+            g["osprey_queue_capacity"].child(*k)[0] = b.queue_size
+            g["osprey_requests_in_flight"].child(*k)[0] = b.in_flight
+            g["osprey_instances_ready"].child(*k)[0] = mv.ready_instances
+            g["osprey_instances_min"].child(*k)[0] = mv.config.min_workers
+            g["osprey_batch_size_limit"].child(*k)[0] = mv.config.batch_size
+            g["osprey_model_load_seconds"].child(*k)[0] = mv.load_seconds
+            if objective is not None:
+                g["osprey_latency_objective_seconds"].child(*k)[0] = objective
+            for inst in list(mv.instances):
+                if inst.status in ("READY", "LOADING"):
+                    starts.child(mv.name, mv.version, str(inst.index))[0] = inst.start_time
+            device = "cuda" if any(i.gpu_id is not None for i in mv.instances) else "cpu"
+            info.child(mv.name, mv.version, str(mv.handler), device, self._precision(mv))[0] = 1
+        self._prune({(mv.name, mv.version) for mv in versions}, {mv.name for mv in versions},
+                    {id(mv) for mv in versions})
+        return "".join(f.render() for f in (*g.values(), starts, info))
+
+    def _precision(self, mv: Any) -> str:
+        s = self._series_for(mv)
+        if s.precision is None:
+            s.precision = _detect_precision(mv)
+        return s.precision or "unknown"
+
+    def _prune(self, live: set, names: set, ids: set) -> None:
+        """Forget versions gone from the registry, one scrape after they went."""
+        for key, s in list(self._series.items()):
+            if key not in ids:
+                del self._series[key]
+        known = {k for f in self._families for k in _versions_of(f)}
+        gone = {k for k in known if k not in live and k[0]}
+        drop = gone & self._gone
+        self._gone = gone - drop
+        if drop:
+            for f in self._families:
+                f.remove(lambda lab: (lab["model"], lab["version"]) in drop)
+            # ts series: per version, and "default" ones while the model still exists
+            for f in self._ts_families[:3]:
+                f.remove(lambda lab: (lab["model_name"], lab["model_version"]) in drop
+                         or (lab["model_version"] == "default" and lab["model_name"] not in names))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        parts = [f.render() for f in self._families]
+        parts.append(self._live())
+        parts.extend(f.render() for f in self._ts_families)
+        parts.append(self.handler.render())
+        return "".join(parts).encode() + generate_latest(self.process_registry)
+
+
+def _versions_of(family) -> set:
+    i, j = family.labelnames.index("model"), family.labelnames.index("version")
+    return {(k[i], k[j]) for k in family.children}
+
+
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "int8",
+           "qint8": "int8", "quint8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+
+
+def _detect_precision(mv: Any) -> str | None:
+    """The model's parameter dtype (fp32, fp16, bf16, int8, ...), or its config's ``precision``."""
+    raw = mv.config.raw if isinstance(mv.config.raw, Mapping) else {}
+    handler = raw.get("handler") if isinstance(raw.get("handler"), Mapping) else {}
+    declared = raw.get("precision") or handler.get("precision")
+    if declared:
+        return str(declared).lower()
+    ready = [i for i in mv.instances if i.status == "READY" and i.service is not None]
+    if not ready:
+        return None  # ask again at the next scrape
+    target = ready[0].service.target
+    model = getattr(target, "model", None)
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        try:
+            for p in params():
+                name = str(p.dtype).rsplit(".", 1)[-1]
+                return _DTYPES.get(name, name)
+        except Exception:
+            pass
+    return "unknown"

@@ -1,0 +1,54 @@
+"""Per-GPU memory and utilization, read through NVML at scrape time.
+
+``nvidia-ml-py`` (module ``pynvml``) is imported lazily; without it, without a driver or
+without a GPU the collector reports nothing and costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client.core import GaugeMetricFamily
+
+__all__ = ["GpuCollector"]
+
+log = logging.getLogger("osprey.metrics.gpu")
+
+
+class GpuCollector:
+    def __init__(self) -> None:
+        self.nvml = None
+        self.count = 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.count = pynvml.nvmlDeviceGetCount()
+            self.nvml = pynvml
+        except Exception as exc:  # no package, no driver, no GPU: nothing to report
+            log.debug("GPU metrics off: %s", exc)
+
+    @property
+    def active(self) -> bool:
+        return self.nvml is not None and self.count > 0
+
+    def collect(self):
+        if not self.active:
+            return []
+        nv = self.nvml
+        used = GaugeMetricFamily("osprey_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("osprey_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
+        util = GaugeMetricFamily("osprey_gpu_utilization_ratio",
+                                 "Fraction of the last sample period the GPU was busy (0-1)", labels=["gpu"])
+        for i in range(self.count):
+            try:
+                handle = nv.nvmlDeviceGetHandleByIndex(i)
+                mem = nv.nvmlDeviceGetMemoryInfo(handle)
+                rates = nv.nvmlDeviceGetUtilizationRates(handle)
+            except Exception as exc:  # a GPU fell off the bus: report the others
+                log.warning("GPU %d: NVML query failed: %s", i, exc)
+                continue
+            used.add_metric([str(i)], float(mem.used))
+            total.add_metric([str(i)], float(mem.total))
+            util.add_metric([str(i)], rates.gpu / 100.0)
+        return [used, total, util]
