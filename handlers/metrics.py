@@ -59,7 +59,9 @@ class HandlerMetrics:
             else:
                 self.values[name] = value
         if self._sink is not None:
-            self._sink(name, value, unit, kind_name, _dims(dimensions))
+            dims = _dims(dimensions)
+            dims.setdefault("ModelName", self.model_name)
+            self._sink(name, value, unit, kind_name, dims)
 
     def add_metric(self, name: str, value: float, unit: str = "", idx: Any = None,
                    dimensions: Any = None, metric_type: MetricTypes = MetricTypes.COUNTER) -> None:

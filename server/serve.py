@@ -18,6 +18,7 @@ import uvicorn
 
 from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 
+from .access_log import AccessLog
 from .auth import Keys
 from .dataplane import DataPlane
 from .errors import OspreyError
@@ -25,6 +26,7 @@ from .registry import Registry
 from .rest.asgi import Request, Response, Router
 from .rest.inference import add_inference_routes
 from .rest.management import add_management_routes
+from .rest.v2 import add_v2_routes
 from .settings import Settings, parse_address
 
 __all__ = ["Server", "run", "parse_model_specs"]
@@ -56,13 +58,20 @@ class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.metrics = ServingMetrics()
-        self.registry = Registry(settings, self.loop, metrics_sink=self._handler_metric,
-                                 on_batch=self.metrics.observe_batch)
-        self.dataplane = DataPlane(self.registry, [self._observe])
+        self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
+        self.registry = Registry(settings, self.loop, metrics_sink=self.metrics.handler_metric,
+                                 on_batch=self.metrics.observe_batch if settings.request_metrics else None)
+        self.metrics.watch(self.registry)
+        self.access_log = AccessLog.from_settings(settings, self.loop)
+        observers = [self.metrics.observe] if settings.request_metrics else []
+        if self.access_log is not None:
+            observers.append(self.access_log)
+        self.dataplane = DataPlane(self.registry, observers)
         self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
+        add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
+                      enable_model_api=settings.enable_model_api)
         self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
                               rotate_key=self.keys.rotate if self.keys else None)
@@ -74,12 +83,6 @@ class Server:
         self._servers: list[uvicorn.Server] = []
         self._grpc: list = []
         self.stopping = asyncio.Event()
-
-    def _observe(self, mv, req, outcome) -> None:
-        self.metrics.observe(mv, req, outcome, time.monotonic())
-
-    def _handler_metric(self, name, value, unit, kind, dims) -> None:
-        self.metrics.handler_metric(dims.get("ModelName", ""), name, value, unit, kind, dims)
 
     async def _metrics(self, req: Request) -> Response:
         return Response(self.metrics.render(), 200, CONTENT_TYPE)
@@ -137,6 +140,8 @@ class Server:
         await self.registry.close()
         for server in self._servers:
             await server.shutdown()
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 def _write_pid(path: str) -> None:

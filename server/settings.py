@@ -42,6 +42,11 @@ class Settings:
     pid_file: str = ""
     log_file: str = ""
     access_log: str = "off"  # off | on | sample:<fraction>
+    access_log_file: str = ""  # empty: standard output
+    request_metrics: bool = True  # per-request/per-batch Prometheus metrics (scrape-time gauges stay on)
+    metric_buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                         1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # latency histogram edges, seconds
+    latency_objectives: tuple[float, ...] = (0.5,)  # seconds; each is a bucket edge, the largest the p99 objective
     torch_threads: int = 0  # 0: leave torch's default
     workdir: str = "."
 
@@ -111,7 +116,13 @@ def _coerce(name: str, value: Any) -> Any:
             except ValueError:
                 raise ValueError(f"setting {name}: {value!r} is not a number") from None
         if kind.startswith("tuple"):
-            return tuple(p.strip() for p in v.split(",") if p.strip())
+            parts = tuple(p.strip() for p in v.split(",") if p.strip())
+            if "float" in kind:
+                try:
+                    return tuple(float(p) for p in parts)
+                except ValueError:
+                    raise ValueError(f"setting {name}: {value!r} is not a comma-separated list of numbers") from None
+            return parts
         return v
     if kind.startswith("tuple") and isinstance(value, (list, tuple)):
         return tuple(value)
@@ -161,4 +172,10 @@ def load_settings(
     settings = Settings(**values)
     for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
         parse_address(addr)
+    from .access_log import parse_access_log
+
+    parse_access_log(settings.access_log)
+    for name in ("metric_buckets", "latency_objectives"):
+        if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
+            raise ValueError(f"setting {name}: every value must be a positive number of seconds")
     return settings
