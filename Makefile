@@ -1,0 +1,47 @@
+# Osprey developer commands. `make serve` and `make test` are the two commands a fresh
+# machine needs (see README.md); everything they depend on is installed on the way.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STORE  ?= model_store
+
+.PHONY: setup examples serve stop test system-packages bench bench-quick
+
+# A virtual environment with torch pinned to the CPU wheel first (an unpinned torch pulls a
+# multi-GB CUDA build), then Osprey and its test tools.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+$(STORE)/digits_cnn.mar: | $(BIN)/.installed
+	$(BIN)/osprey examples --out $(STORE)
+
+examples: $(STORE)/digits_cnn.mar
+
+# Serves every example model in the background on 127.0.0.1 (8080 inference, 8081
+# management, 8082 metrics, 7070/7071 gRPC). Token auth is off for this local trial run.
+serve: examples
+	$(BIN)/osprey serve --model-store $(STORE) --models all --disable-token-auth
+
+stop:
+	$(BIN)/osprey stop
+
+# Real services the tests talk to (Prometheus and promtool), from Debian's packages.
+system-packages:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
+test: setup system-packages
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m benchmarks.run --quick
