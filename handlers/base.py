@@ -2,17 +2,21 @@
 
 The same contract as TorchServe's BaseHandler, so a handler written for one is easy to
 move to the other; it loads TorchScript, eager (state_dict or safetensors) and
-``torch.export`` models, picks the device from the context, runs inference under
-``torch.inference_mode`` and records how long each stage took in ``context.stage_times``.
+``torch.export`` models, picks the device from the context, applies the optimization
+switches of model-config.yaml (``precision``, ``quantize``, ``compile``, ``channels_last``),
+runs inference under ``torch.inference_mode`` (and autocast for fp16/bf16 on a GPU), and
+records how long each stage took in ``context.stage_times``. ``tensor_metadata()`` declares
+the Open Inference Protocol inputs and outputs (by default, those of model-config.yaml).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 from .errors import InvalidInput
-from .loading import load_model
+from .loading import Optimizations, load_model, optimizations_from, optimize
 
 __all__ = ["BaseHandler", "body_of"]
 
@@ -36,6 +40,7 @@ class BaseHandler:
         self.model: Any = None
         self.device: Any = None
         self.context: Any = None
+        self.optimizations = Optimizations()
         self.initialized = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -50,9 +55,37 @@ class BaseHandler:
         else:
             self.device = torch.device("cpu")
         model = context.manifest.get("model", {})
+        self.optimizations = optimizations_from(context.model_yaml_config)
         self.model = load_model(props.get("model_dir"), model.get("serializedFile"),
                                 model.get("modelFile"), self.device)
+        self.model = optimize(self.model, self.optimizations, self.device)
         self.initialized = True
+
+    # --- optimization switches ------------------------------------------------------
+    def prepare(self, x: Any) -> Any:
+        """A model input tensor on the model's device, dtype (bf16 on the CPU) and memory format."""
+        import torch
+
+        x = x.to(self.device)
+        if x.is_floating_point() and self.optimizations.precision != "fp32" and self.device.type == "cpu":
+            x = x.to(torch.bfloat16)
+        if self.optimizations.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self) -> Any:
+        """Autocast for fp16/bf16 on a GPU (on the CPU the model itself is bf16)."""
+        import torch
+
+        precision = self.optimizations.precision
+        if precision == "fp32" or self.device is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+    def tensor_metadata(self) -> dict:
+        """Open Inference Protocol inputs and outputs: ``{"inputs": [...], "outputs": [...]}``."""
+        cfg = (self.context.model_yaml_config or {}) if self.context else {}
+        return {"inputs": list(cfg.get("inputs") or []), "outputs": list(cfg.get("outputs") or [])}
 
     @property
     def config(self) -> dict:
@@ -74,12 +107,12 @@ class BaseHandler:
         shapes = {tuple(r.shape) for r in rows}
         if len(shapes) > 1:
             raise InvalidInput(f"requests in one batch have different shapes: {sorted(shapes)}")
-        return torch.stack(rows).to(self.device)
+        return self.prepare(torch.stack(rows))
 
     def inference(self, data: Any, *args: Any, **kwargs: Any) -> Any:
         import torch
 
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast():
             return self.model(data, *args, **kwargs)
 
     def postprocess(self, data: Any) -> list:

@@ -1,7 +1,13 @@
 """Loading model files and handler modules from a model folder.
 
 Model formats: TorchScript (``torch.jit.load``), eager (model file + state_dict through
-``torch.load(weights_only=True)`` or safetensors), ``torch.export`` programs (``.pt2``).
+``torch.load(weights_only=True)`` or safetensors), ``torch.export`` programs (``.pt2``),
+and ONNX (``.onnx``, run by onnxruntime when the ``onnx`` extra is installed). A file that
+cannot load raises ValueError saying why (the registration answers 400 with it).
+
+Optimization switches (model-config.yaml, top level): ``precision: fp32|fp16|bf16``,
+``quantize: dynamic-int8``, ``compile: true``, ``channels_last: true`` -- see
+:func:`optimizations_from` and :func:`optimize`.
 Handler modules are imported per instance under a unique name, so module-level state is
 per instance as it is per worker process under TorchServe; sibling modules of the model
 folder (``model.py``...) are importable, and a name another model folder already put in
@@ -15,12 +21,18 @@ import inspect
 import itertools
 import os
 import sys
+import logging
 import threading
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["import_handler_module", "load_model", "model_class_from_file", "list_classes"]
+__all__ = ["import_handler_module", "load_model", "model_class_from_file", "list_classes",
+           "Optimizations", "optimizations_from", "optimize", "OnnxModel", "CompiledModel"]
+
+log = logging.getLogger("osprey.loading")
 
 _IMPORT_LOCK = threading.RLock()
 _counter = itertools.count()
@@ -87,8 +99,13 @@ def load_model(model_dir: str, serialized_file: str | None, model_file: str | No
     if not os.path.isfile(path):
         raise ValueError(f"serialized file {serialized_file} is missing")
     suffix = Path(serialized_file).suffix.lower()
+    if suffix == ".onnx":
+        return OnnxModel(path, device)
     if suffix == ".pt2":
-        program = torch.export.load(path)
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:
+            raise ValueError(f"{serialized_file} is not a torch.export program ({type(exc).__name__}: {exc})") from None
         return program.module().to(device)
     if model_file:
         cls = model_class_from_file(model_dir, model_file)
@@ -112,3 +129,138 @@ def load_model(model_dir: str, serialized_file: str | None, model_file: str | No
         return torch.jit.load(path, map_location=device).eval()
     except Exception as exc:
         raise ValueError(f"{serialized_file} is not a TorchScript file and the archive has no model file ({exc})") from None
+
+
+class OnnxModel:
+    """An ONNX model run by onnxruntime, called like a torch module (tensors in and out)."""
+
+    def __init__(self, path: str, device: Any):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError(f"{os.path.basename(path)} is an ONNX model but onnxruntime is not installed "
+                             "(pip install 'osprey[onnx]')") from None
+        providers = ["CPUExecutionProvider"]
+        if getattr(device, "type", "cpu") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, (os.cpu_count() or 1))
+        try:
+            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as exc:
+            raise ValueError(f"{os.path.basename(path)} is not a loadable ONNX model ({exc})") from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = device
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def __call__(self, *args: Any) -> Any:
+        import torch
+
+        if len(args) != len(self.input_names):
+            raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                             f"got {len(args)}")
+        feeds = {n: (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else a) for n, a in zip(self.input_names, args)}
+        outs = [torch.from_numpy(o).to(self.device) for o in self.session.run(self.output_names, feeds)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+QUANTIZATIONS = ("dynamic-int8",)
+
+
+@dataclass(frozen=True)
+class Optimizations:
+    """The optimization switches of one model (model-config.yaml, top level)."""
+
+    precision: str = "fp32"
+    quantize: str | None = None
+    compile: bool = False
+    channels_last: bool = False
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"model-config.yaml: {key} must be true or false, got {value!r}")
+
+
+def optimizations_from(config: dict | None) -> Optimizations:
+    """Read and check the switches; raise ValueError naming a bad one."""
+    cfg = config or {}
+    precision = str(cfg.get("precision", "fp32")).lower()
+    if precision not in PRECISIONS:
+        raise ValueError(f"model-config.yaml: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    quantize = cfg.get("quantize")
+    if quantize in (None, False, "none", "None"):
+        quantize = None
+    elif str(quantize).lower() not in QUANTIZATIONS:
+        raise ValueError(f"model-config.yaml: quantize must be {' or '.join(QUANTIZATIONS)}, got {quantize!r}")
+    else:
+        quantize = str(quantize).lower()
+    if quantize and precision != "fp32":
+        raise ValueError("model-config.yaml: quantize: dynamic-int8 works on fp32 models; drop precision or quantize")
+    return Optimizations(precision, quantize, _flag("compile", cfg.get("compile", False)),
+                         _flag("channels_last", cfg.get("channels_last", False)))
+
+
+class CompiledModel:
+    """``torch.compile(model)`` that falls back to the eager model, with a warning, where it fails."""
+
+    def __init__(self, model: Any):
+        import torch
+
+        self.eager = model
+        self.compiled = torch.compile(model, dynamic=None)
+        self.failed: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                log.warning("torch.compile failed (%s); running the model eagerly", self.failed)
+        return self.eager(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.eager, name)
+
+
+def optimize(model: Any, opts: Optimizations, device: Any) -> Any:
+    """Apply the switches to a loaded model; raise ValueError where one cannot apply."""
+    import torch
+
+    if opts.quantize == "dynamic-int8":
+        if getattr(device, "type", "cpu") != "cpu":
+            raise ValueError("quantize: dynamic-int8 runs on the CPU only; set deviceType: cpu")
+        if not isinstance(model, torch.nn.Module) or isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+            raise ValueError("quantize: dynamic-int8 needs an eager model (model file + state_dict), "
+                             f"not a {type(model).__name__}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+
+            model = quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+    if opts.precision != "fp32" and getattr(device, "type", "cpu") == "cpu":
+        if isinstance(model, OnnxModel):
+            raise ValueError(f"precision: {opts.precision} is not available for ONNX models; export them in that precision")
+        if opts.precision == "fp16":
+            log.warning("precision fp16 on the CPU: using bf16 (autocast fp16 needs a GPU)")
+        model = model.to(torch.bfloat16)
+    if opts.channels_last:
+        if isinstance(model, torch.nn.Module):
+            model = model.to(memory_format=torch.channels_last)
+    if opts.compile:
+        if isinstance(model, OnnxModel):
+            log.warning("compile: true has no effect on an ONNX model")
+        else:
+            try:
+                model = CompiledModel(model)
+            except Exception as exc:  # torch.compile unavailable on this platform
+                log.warning("torch.compile is not available (%s); running the model eagerly", exc)
+    return model

@@ -1,0 +1,1 @@
+"""Example models that ``osprey examples`` trains and packages."""

@@ -1,0 +1,88 @@
+"""``osprey examples``: train and package the example models, with a progress bar.
+
+Each example lives in its own module (``examples/<name>.py``) with ``NAME``, ``FAMILY``
+and ``build(out_dir, work_dir) -> ExampleResult``; the table below lists them in build
+order. All data comes from packages installed with Osprey (scikit-learn's bundled data
+sets, the MiniLM package, text generated here): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["EXAMPLES", "list_examples", "build_examples", "build_one"]
+
+#: name -> (module, family), in build order
+EXAMPLES: dict[str, tuple[str, str]] = {
+    "digits_cnn": ("examples.digits_cnn", "CNN image classifier (image_classifier)"),
+}
+
+
+def list_examples() -> list[tuple[str, str]]:
+    return [(name, family) for name, (_, family) in EXAMPLES.items()]
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, width: int = 24):
+        self.total, self.width, self.done = total, width, 0
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+
+    def show(self, label: str, final: bool = False) -> None:
+        filled = int(self.width * self.done / max(self.total, 1))
+        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {label} ({time.monotonic() - self.t0:.1f} s)"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line + ("\n" if final else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def build_one(name: str, out: Path) -> dict:
+    """Build one example into ``out``; return its metrics."""
+    module = importlib.import_module(EXAMPLES[name][0])
+    with tempfile.TemporaryDirectory(prefix=f"osprey-example-{name}-") as tmp:
+        result = module.build(out, Path(tmp))
+    return result.metrics
+
+
+def build_examples(out_dir: str | Path, only: list[str] | None = None) -> int:
+    """Train and package the examples (all, or ``only`` these) into ``out_dir``; exit code."""
+    names = list(only) if only else list(EXAMPLES)
+    unknown = [n for n in names if n not in EXAMPLES]
+    if unknown:
+        print(f"osprey examples: unknown example(s) {', '.join(unknown)}; known: {', '.join(EXAMPLES)}", file=sys.stderr)
+        return 2
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bar = Progress(len(names))
+    failed = []
+    summary = {}
+    for name in names:
+        bar.show(f"training {name}")
+        t0 = time.monotonic()
+        try:
+            metrics = build_one(name, out)
+        except Exception as exc:  # report and go on with the others
+            failed.append(name)
+            print(f"\nosprey examples: {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            bar.done += 1
+            continue
+        bar.done += 1
+        summary[name] = {"seconds": round(time.monotonic() - t0, 1), **metrics}
+        bar.show(f"{name} done", final=bar.done == bar.total)
+    for name, info in summary.items():
+        shown = {k: v for k, v in info.items() if k not in ("n_heldout", "average")}
+        print(f"{name:20s} {json.dumps(shown)}")
+    print(f"archives in {out.resolve()}")
+    return 1 if failed else 0

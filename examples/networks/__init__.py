@@ -1,0 +1,1 @@
+"""The example networks, one module each, so an archive can carry its network as ``--model-file``."""
