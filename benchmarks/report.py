@@ -1,0 +1,373 @@
+"""Turn a run's JSON (``benchmarks/results/latest.json``) into plots and ``RESULTS.md``.
+
+Everything in the report is computed from the JSON: tables with ratios side by side
+(Osprey/TorchServe, Osprey/FastAPI, Osprey/ceiling), the issue's goals with met / not met,
+start-up and memory, the open-loop tail and the profile's top frames. Hand-written text
+(the log of performance changes with their predicted and measured effect) lives in
+``benchmarks/CHANGES.md`` and is appended verbatim, so regenerating never loses it.
+
+    python -m benchmarks.report [results/latest.json] [RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+__all__ = ["generate", "goals"]
+
+HERE = Path(__file__).resolve().parent
+SYSTEM_LABEL = {"osprey": "Osprey REST", "osprey_grpc": "Osprey gRPC", "torchserve": "TorchServe 0.12",
+                "fastapi": "FastAPI", "uvicorn_constant": "uvicorn constant", "osprey_nometrics": "Osprey (metrics off)"}
+MODEL_LABEL = {"mlp": "tiny MLP, batchSize 32 / 5 ms", "mlp_nb": "tiny MLP, batching off (batchSize 1)",
+               "cnn": "ResNet-18-sized CNN, batchSize 32 / 5 ms", "digits_cnn": "digits_cnn (`osprey examples`)"}
+
+
+# --- lookups --------------------------------------------------------------------------
+def _row(data: dict, system: str, model: str, c: int, section: str = "closed") -> dict | None:
+    for r in data.get(section, []):
+        if r.get("system") == system and r.get("model") == model and r.get("concurrency") == c:
+            return r
+    return None
+
+
+def _best(data: dict, system: str, model: str) -> dict | None:
+    rows = [r for r in data.get("closed", []) if r.get("system") == system and r.get("model") == model and r.get("rps")]
+    return max(rows, key=lambda r: r["rps"]) if rows else None
+
+
+def _open(data: dict, system: str, model: str) -> dict | None:
+    for r in data.get("open", []):
+        if r.get("system") == system and r.get("model") == model:
+            return r
+    return None
+
+
+def _ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+def _f(x, fmt="{:.0f}", none="–") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def _x(x) -> str:
+    return _f(x, "{:.2f}x")
+
+
+def _ceiling_best(data: dict, model: str) -> tuple[float | None, int | None]:
+    c = data.get("ceiling", {}).get(model)
+    return (c["best_samples_per_s"], c["best_batch"]) if c else (None, None)
+
+
+def _pass_ms(data: dict, model: str, bs: int = 1) -> float | None:
+    c = data.get("ceiling", {}).get(model)
+    return c["by_batch"].get(str(bs), {}).get("pass_ms") if c else None
+
+
+# --- goals ----------------------------------------------------------------------------
+def goals(data: dict) -> list[dict]:
+    """Each goal of issue 6: target, measured value, met (True/False/None = not measured)."""
+    out = []
+
+    def add(goal, target, value, met, detail=""):
+        out.append({"goal": goal, "target": target, "measured": value, "met": met, "detail": detail})
+
+    o, t = _row(data, "osprey", "mlp", 32), _row(data, "torchserve", "mlp", 32)
+    r = _ratio(o and o["rps"], t and t["rps"])
+    add("Tiny MLP REST, c=32, batching on", ">= 3x TorchServe", _x(r), None if r is None else r >= 3,
+        f"{_f(o and o['rps'])} vs {_f(t and t['rps'])} req/s")
+
+    oe, te = _row(data, "osprey", "mlp", 1, "exact_c1"), _row(data, "torchserve", "mlp", 1, "exact_c1")
+    oh, th = _row(data, "osprey", "mlp", 1), _row(data, "torchserve", "mlp", 1)
+    op50 = (oe or {}).get("p50_ms") or (oh or {}).get("p50_ms")
+    tp50 = (te or {}).get("p50_ms") or (th or {}).get("p50_ms")
+    add("Tiny MLP REST, c=1, p50", "< 1 ms", _f(op50, "{:.3f} ms"), None if op50 is None else op50 < 1.0,
+        "exact driver" if oe else "hey (0.1 ms resolution)")
+    q = _ratio(op50, tp50)
+    add("Tiny MLP REST, c=1, p50 vs TorchServe", "<= 1/4 of TorchServe's", _f(q, "{:.2f} of it"),
+        None if q is None else q <= 0.25, f"{_f(op50, '{:.3f}')} vs {_f(tp50, '{:.3f}')} ms")
+
+    o, t = _row(data, "osprey", "mlp_nb", 32), _row(data, "torchserve", "mlp_nb", 32)
+    r = _ratio(o and o["rps"], t and t["rps"])
+    add("Tiny MLP REST, c=32, batching off on both", ">= 5x TorchServe", _x(r), None if r is None else r >= 5,
+        f"{_f(o and o['rps'])} vs {_f(t and t['rps'])} req/s")
+
+    g = _row(data, "osprey_grpc", "mlp", 1)
+    model_ms = _pass_ms(data, "mlp")
+    over = (g["p50_ms"] - model_ms) if g and g.get("p50_ms") is not None and model_ms is not None else None
+    add("gRPC, c=1, server overhead (p50 - model time)", "< 0.5 ms", _f(over, "{:.3f} ms"),
+        None if over is None else over < 0.5, "no gRPC rows in this run" if g is None else "client time included")
+
+    ob, tb = _best(data, "osprey", "cnn"), _best(data, "torchserve", "cnn")
+    ceil, bs = _ceiling_best(data, "cnn")
+    r = _ratio(ob and ob["rps"], ceil)
+    add("CNN at saturation vs raw ceiling", ">= 90% of the ceiling at its best batch", _f(r and 100 * r, "{:.0f}%"),
+        None if r is None else r >= 0.9, f"{_f(ob and ob['rps'], '{:.1f}')} req/s vs {_f(ceil, '{:.1f}')}/s at batch {bs}")
+    r = _ratio(ob and ob["rps"], tb and tb["rps"])
+    add("CNN at saturation vs TorchServe", ">= 1.5x TorchServe", _x(r), None if r is None else r >= 1.5,
+        f"{_f(ob and ob['rps'], '{:.1f}')} vs {_f(tb and tb['rps'], '{:.1f}')} req/s (best concurrency of each)")
+
+    tails = [(m, _open(data, "osprey", m)) for m in ("mlp", "mlp_nb", "cnn", "digits_cnn")]
+    tails = [(m, r) for m, r in tails if r and r.get("p50_ms")]
+    if tails:
+        worst = max(tails, key=lambda mr: mr[1]["p99_ms"] / mr[1]["p50_ms"])
+        ratio = worst[1]["p99_ms"] / worst[1]["p50_ms"]
+        add("Tail: p99 at 70% of capacity", "within 3x p50", f"{ratio:.1f}x ({worst[0]}, worst)", ratio <= 3,
+            ", ".join(f"{m}: {r['p99_ms'] / r['p50_ms']:.1f}x" for m, r in tails))
+    else:
+        add("Tail: p99 at 70% of capacity", "within 3x p50", "–", None)
+
+    starts = [s for s in data.get("startup", []) if s["system"] == "osprey"]
+    singles = [s["first_answer_s"] for s in data.get("startup_single", []) if s["system"] == "osprey"]
+    ts_singles = [s["first_answer_s"] for s in data.get("startup_single", []) if s["system"] == "torchserve"]
+    if starts:
+        s = starts[0]
+        detail = f"all {s['models']} benchmark models answering at {s['all_models_s']:.2f} s"
+        if singles:
+            detail += f"; one tiny model: median {statistics.median(singles):.2f} s"
+        if ts_singles:
+            detail += f" (TorchServe {statistics.median(ts_singles):.2f} s)"
+        add("Start: process start to models answering", "< 3 s", f"{s['all_models_s']:.2f} s",
+            s["all_models_s"] < 3.0, detail)
+
+    mem = {m["system"]: m["rss_mib"] for m in data.get("memory", []) if m["when"] == "idle, models loaded"}
+    if "osprey" in mem and "torchserve" in mem:
+        add("Resident memory, same models", "below TorchServe (JVM + workers)",
+            f"{mem['osprey']:.0f} vs {mem['torchserve']:.0f} MiB", mem["osprey"] < mem["torchserve"])
+    return out
+
+
+# --- plots ----------------------------------------------------------------------------
+def plots(data: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    made = []
+    models = [m for m in MODEL_LABEL if any(r["model"] == m for r in data.get("closed", []))]
+    if not models:
+        return []
+    systems = [s for s in SYSTEM_LABEL if any(r["system"] == s for r in data.get("closed", []))]
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        for s in systems:
+            rows = sorted((r for r in data["closed"] if r["system"] == s and r["model"] == m), key=lambda r: r["concurrency"])
+            if rows:
+                ax.plot([r["concurrency"] for r in rows], [r["rps"] for r in rows], marker="o", label=SYSTEM_LABEL[s])
+        ceil, bs = _ceiling_best(data, m)
+        if ceil and m != "mlp" and m != "mlp_nb":
+            ax.axhline(ceil, color="k", ls="--", lw=1, label=f"raw ceiling (batch {bs})")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (hey)")
+        ax.set_ylabel("requests/s")
+        ax.set_title(MODEL_LABEL[m], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path.name)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        labels, p50, p90, p99 = [], [], [], []
+        for s in systems:
+            for c in (1, 32):
+                r = _row(data, s, m, c)
+                if r and r.get("p50_ms") is not None:
+                    labels.append(f"{SYSTEM_LABEL[s].split()[0]}\nc={c}")
+                    p50.append(r["p50_ms"])
+                    p90.append(r.get("p90_ms", 0))
+                    p99.append(r.get("p99_ms", 0))
+        xs = range(len(labels))
+        ax.bar([x - 0.27 for x in xs], p50, 0.27, label="p50")
+        ax.bar(list(xs), p90, 0.27, label="p90")
+        ax.bar([x + 0.27 for x in xs], p99, 0.27, label="p99")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (ms, log)")
+        ax.set_title(MODEL_LABEL[m], fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path.name)
+    return made
+
+
+# --- markdown -------------------------------------------------------------------------
+def _model_table(data: dict, m: str) -> list[str]:
+    conc = sorted({r["concurrency"] for r in data["closed"] if r["model"] == m})
+    has = lambda s: any(r["system"] == s and r["model"] == m for r in data["closed"])
+    ceil, bs = _ceiling_best(data, m)
+    cols = [s for s in ("osprey", "osprey_grpc", "torchserve", "fastapi") if has(s)]
+    head = ["c"] + [f"{SYSTEM_LABEL[s]} req/s" for s in cols]
+    ratios = [("torchserve", "Osprey/TorchServe"), ("fastapi", "Osprey/FastAPI")]
+    ratios = [(s, lbl) for s, lbl in ratios if s in cols]
+    head += [lbl for _, lbl in ratios]
+    if ceil:
+        head.append(f"Osprey/ceiling (batch {bs})")
+    head += [f"{SYSTEM_LABEL[s]} p50 / p99 ms" for s in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in conc:
+        o = _row(data, "osprey", m, c)
+        cells = [str(c)] + [_f((_row(data, s, m, c) or {}).get("rps")) for s in cols]
+        for s, _ in ratios:
+            other = _row(data, s, m, c)
+            cells.append(_x(_ratio(o and o["rps"], other and other["rps"])))
+        if ceil:
+            cells.append(_f(_ratio(o and o["rps"], ceil) and 100 * _ratio(o["rps"], ceil), "{:.0f}%"))
+        for s in cols:
+            r = _row(data, s, m, c) or {}
+            cells.append(f"{_f(r.get('p50_ms'), '{:.2f}')} / {_f(r.get('p99_ms'), '{:.2f}')}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
+    meta, mach = data["meta"], data["meta"]["machine"]
+    L = ["# Osprey benchmark results", "",
+         f"Generated by `benchmarks/report.py` from `{json_rel}`; do not edit by hand (hand-written notes go in "
+         "`benchmarks/CHANGES.md`, appended below).", "",
+         f"- Date: {meta['date']}; {meta['mode']} run, {meta.get('duration_s', 0) / 60:.1f} minutes",
+         f"- Command: `{meta['command']}` (from the repository root, with `.venv/bin/python`)",
+         f"- Machine: {mach['nproc']} CPUs ({mach['cpu_model']}), {mach['mem_mib']} MiB, kernel {mach['kernel']}; "
+         f"Python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads); "
+         f"TorchServe {mach.get('torchserve', 'not run')}; Osprey commit {mach['osprey_commit']}",
+         "- Load: Debian's `hey` (closed loop, keep-alive, warm-up before every measurement; "
+         f"{meta['plan']['duration']:g} s per point, {meta['plan']['cnn_duration']:g} s for the CNN), sharing the "
+         "machine's cores with the server. Ratios within one run hold; absolute numbers move with the machine.", ""]
+
+    L += ["## Goals (issue 6), computed from this run", "", "| goal | target | measured | met | detail |",
+          "|---|---|---|---|---|"]
+    for g in goals(data):
+        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+        L.append(f"| {g['goal']} | {g['target']} | {g['measured']} | {met} | {g['detail']} |")
+    L.append("")
+    for img in images:
+        L += [f"![{img}]({img_rel}/{img})", ""]
+
+    L += ["## Closed loop (hey), by model", ""]
+    for m in MODEL_LABEL:
+        if any(r["model"] == m for r in data["closed"]):
+            desc = data["models"].get(m, {}).get("note", "")
+            L += [f"### {MODEL_LABEL[m]}", "", desc, ""] + _model_table(data, m) + [""]
+    cst = [r for r in data["closed"] if r["system"] == "uvicorn_constant"]
+    if cst:
+        L += ["Python HTTP ceiling (bare uvicorn ASGI app answering a constant, same body and `hey`): "
+              + ", ".join(f"c={r['concurrency']}: {r['rps']:.0f} req/s, p50 {r.get('p50_ms', 0):.2f} ms" for r in cst), ""]
+
+    ex = data.get("exact_c1", [])
+    if ex:
+        L += ["## Concurrency 1, exact timing (benchmark's own driver, µs resolution)", "",
+              "| model | system | p50 ms | p90 ms | p99 ms | req/s | model alone (ceiling, batch 1) ms |", "|---|---|---|---|---|---|---|"]
+        for r in ex:
+            L.append(f"| {r['model']} | {SYSTEM_LABEL.get(r['system'], r['system'])} | {r.get('p50_ms', 0):.3f} | "
+                     f"{r.get('p90_ms', 0):.3f} | {r.get('p99_ms', 0):.3f} | {r.get('rps', 0):.0f} | "
+                     f"{_f(_pass_ms(data, r['model']), '{:.3f}')} |")
+        L.append("")
+
+    op = data.get("open", [])
+    if op:
+        L += ["## Open loop: Poisson arrivals at 70% of each system's measured capacity", "",
+              "Latency from the *scheduled* send time (no coordinated omission). Driver lateness is how late the "
+              "driver itself sent; when it is large the client, not the server, was short of CPU.", "",
+              "| model | system | rate/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | p99/p50 | driver lateness p99 ms | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in op:
+            L.append(f"| {r['model']} | {SYSTEM_LABEL.get(r['system'], r['system'])} | {r['rate']:.0f} | "
+                     f"{r['achieved_rps']:.0f} | {r.get('p50_ms', 0):.2f} | {r.get('p90_ms', 0):.2f} | "
+                     f"{r.get('p99_ms', 0):.2f} | {r.get('p99_9_ms', 0):.2f} | "
+                     f"{_f(_ratio(r.get('p99_ms'), r.get('p50_ms')), '{:.1f}x')} | {r['lateness'].get('p99_ms', 0):.2f} | {r['errors']} |")
+        L.append("")
+
+    L += ["## Start-up and memory", "", "| system | models | first answer s | all models answering s | RSS idle MiB | RSS after load MiB |",
+          "|---|---|---|---|---|---|"]
+    mem = {(m["system"], m["when"]): m["rss_mib"] for m in data.get("memory", [])}
+    for s in data.get("startup", []):
+        L.append(f"| {SYSTEM_LABEL.get(s['system'], s['system'])} | {s['models']} | {s['first_answer_s']:.2f} | "
+                 f"{s['all_models_s']:.2f} | {_f(mem.get((s['system'], 'idle, models loaded')))} | "
+                 f"{_f(mem.get((s['system'], 'after load')))} |")
+    single = data.get("startup_single", [])
+    if single:
+        L += ["", "One tiny MLP only, process start to first answer (each run):", ""]
+        for sysname in ("osprey", "torchserve"):
+            runs = [s for s in single if s["system"] == sysname]
+            if runs:
+                L.append(f"- {SYSTEM_LABEL[sysname]}: " + ", ".join(f"{s['first_answer_s']:.2f} s" for s in runs)
+                         + f" (median {statistics.median(s['first_answer_s'] for s in runs):.2f} s); RSS "
+                         + ", ".join(f"{s['rss_mib']:.0f}" for s in runs) + " MiB")
+    L += ["", "RSS is the whole process tree: Osprey's one process; TorchServe's JVM plus its Python workers "
+          "(its Python launcher not counted); FastAPI's uvicorn process.", ""]
+
+    ceil = data.get("ceiling", {})
+    if ceil:
+        L += ["## Raw ceiling: forward passes in a loop, no server", "", "| model | batch | samples/s | ms per pass |", "|---|---|---|---|"]
+        done = set()
+        for m, c in ceil.items():
+            if id(c) in done or m == "mlp_nb":
+                continue
+            done.add(id(c))
+            for bs, v in c["by_batch"].items():
+                L.append(f"| {m} | {bs} | {v['samples_per_s']:.0f} | {v['pass_ms']:.3f} |")
+        L.append("")
+
+    mt = data.get("metrics_toggle", [])
+    if mt:
+        L += ["## Metrics on vs off (Osprey, tiny MLP)", "", "| c | metrics on req/s | metrics off req/s | off/on |", "|---|---|---|---|"]
+        for r in mt:
+            on = _row(data, "osprey", "mlp", r["concurrency"])
+            L.append(f"| {r['concurrency']} | {_f(on and on['rps'])} | {r['rps']:.0f} | {_x(_ratio(r['rps'], on and on['rps']))} |")
+        L.append("")
+
+    prof = data.get("profile")
+    if prof and prof.get("summary"):
+        s = prof["summary"]
+        hp = prof.get("hey_during_profile", {})
+        L += ["## Profile: Osprey, tiny MLP, hey c=32 (py-spy, all threads)", "",
+              f"{s['samples']} samples; throughput while profiled {_f(hp.get('rps'))} req/s. Flamegraph: "
+              f"`{prof.get('flamegraph')}`; collapsed stacks: `{prof.get('collapsed')}`.", "",
+              "Threads (share of samples): " + ", ".join(f"{k} {v}%" for k, v in s["threads"][:6]), "",
+              "| own time % | frame |", "|---|---|"]
+        L += [f"| {v} | `{k}` |" for k, v in s["self"][:15]]
+        L += ["", "| inclusive % | frame |", "|---|---|"]
+        L += [f"| {v} | `{k}` |" for k, v in s["inclusive"][:20]]
+        L.append("")
+
+    cfg = data.get("config", {}).get("torchserve")
+    if cfg:
+        L += ["TorchServe's own description of the models it served (management API): "
+              + "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in c.items()) for m, c in cfg.items()), ""]
+    if data.get("notes"):
+        L += ["## Notes from this run", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    changes = HERE / "CHANGES.md"
+    if changes.exists():
+        L += [changes.read_text().rstrip(), ""]
+    return "\n".join(L)
+
+
+def generate(json_path: Path, md_path: Path, out_dir: Path | None = None) -> None:
+    data = json.loads(Path(json_path).read_text())
+    out_dir = Path(out_dir or Path(json_path).parent)
+    images = plots(data, out_dir)
+    md_path = Path(md_path)
+    rel = lambda p: str(Path(p).resolve().relative_to(md_path.resolve().parent)) \
+        if str(Path(p).resolve()).startswith(str(md_path.resolve().parent)) else str(p)
+    md_path.write_text(markdown(data, images, rel(json_path), rel(out_dir)))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    src = Path(args[0]) if args else HERE / "results" / "latest.json"
+    dst = Path(args[1]) if len(args) > 1 else HERE / "RESULTS.md"
+    generate(src, dst)
