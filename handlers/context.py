@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .streaming import IntermediateSocket
+
 __all__ = ["Context", "RequestProcessor"]
 
 
@@ -72,7 +74,7 @@ class Context:
         self._metrics = metrics
         self.model_yaml_config = model_yaml_config if model_yaml_config is not None else {}
         self.stopping_criteria = None
-        self.cl_socket = None
+        self.cl_socket = IntermediateSocket(self)  # TorchServe's send_intermediate_predict_response
         # Osprey extras: where to send intermediate (streamed) responses, per batch index.
         self.stream_writers: dict[int, Any] = {}
         self.stage_times: dict[str, float] = {}

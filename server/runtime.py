@@ -31,6 +31,7 @@ from . import __version__
 from .archive import ModelArchive
 from .errors import ErrorKind, OspreyError, from_status
 from .model_config import ModelConfig
+from .oip import fields_from_tensors
 from .types import Field, InferenceRequest, InferenceResponse
 
 __all__ = ["ModelInstance", "Service", "make_service", "decode_field", "encode_body", "gpu_for", "Outcome"]
@@ -235,7 +236,10 @@ class ModelInstance:
         tensors = self.accepts_tensors
         data = []
         for r in batch:
-            row = {k: decode_field(f) for k, f in r.fields.items()}
+            fields = r.fields
+            if not tensors and r.tensors is not None and not fields:  # protocol tensors for a bytes handler
+                fields = fields_from_tensors(r.tensors, r.tensor_meta)
+            row = {k: decode_field(f) for k, f in fields.items()}
             if tensors and r.tensors is not None:
                 row["tensors"] = r.tensors
             data.append(row)
