@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Iterable
@@ -175,6 +176,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
 
 
 def run(settings: Settings, models: list[tuple[str | None, str]]) -> int:
+    if settings.switch_interval > 0:
+        sys.setswitchinterval(settings.switch_interval)
     if settings.torch_threads:
         import torch
 

@@ -48,6 +48,9 @@ class Settings:
                                          1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # latency histogram edges, seconds
     latency_objectives: tuple[float, ...] = (0.5,)  # seconds; each is a bucket edge, the largest the p99 objective
     torch_threads: int = 0  # 0: leave torch's default
+    # GIL switch interval (s): short, so the event loop and model threads hand off quickly
+    # (Python's default of 5 ms adds up to 5 ms to every handoff between busy threads).
+    switch_interval: float = 0.0005
     workdir: str = "."
 
     def replace(self, **changes: Any) -> "Settings":
