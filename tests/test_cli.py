@@ -1,0 +1,74 @@
+"""The ``osprey`` command: package, serve in the background, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import httpx
+
+from tests.conftest import ROOT, free_port
+from tests.models import MLP_HANDLER, make_mlp
+
+
+def osprey(*args, cwd, timeout=120):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_package_serve_in_background_and_stop(tmp_path):
+    make_mlp(tmp_path / "mlp.pt")
+    (tmp_path / "handler.py").write_text(MLP_HANDLER)
+    (tmp_path / "cfg.yaml").write_text("batchSize: 4\nmaxBatchDelay: 5\n")
+    r = osprey("package", "--model-name", "mlp", "--serialized-file", "mlp.pt", "--handler", "handler.py",
+               "--config-file", "cfg.yaml", "--export-path", "store", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(tmp_path / "store" / "mlp.mar") as zf:
+        manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
+    assert manifest["model"] == {"modelName": "mlp", "serializedFile": "mlp.pt", "handler": "handler.py",
+                                 "modelVersion": "1.0", "configFile": "cfg.yaml"}
+    r = osprey("package", "--model-name", "mlp", "--serialized-file", "mlp.pt", "--handler", "handler.py",
+               "--export-path", "store", cwd=tmp_path)
+    assert r.returncode == 1 and "--force" in r.stderr
+
+    ports = [free_port() for _ in range(5)]
+    pid_file = str(tmp_path / "osprey.pid")
+    r = osprey("serve", "--model-store", "store", "--models", "all", "--disable-token-auth",
+               "--inference-address", f"http://127.0.0.1:{ports[0]}", "--management-address", f"http://127.0.0.1:{ports[1]}",
+               "--metrics-address", f"http://127.0.0.1:{ports[2]}", "--grpc-inference-port", str(ports[3]),
+               "--grpc-management-port", str(ports[4]), "--pid-file", pid_file, cwd=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert "Osprey started" in r.stdout
+        answer = httpx.post(f"http://127.0.0.1:{ports[0]}/predictions/mlp", json=[1.0] * 16)
+        assert answer.status_code == 200 and len(answer.json()) == 4
+        again = osprey("serve", "--model-store", "store", "--pid-file", pid_file, cwd=tmp_path)
+        assert again.returncode == 1 and "already running" in again.stderr
+    finally:
+        stop = osprey("stop", "--pid-file", pid_file, cwd=tmp_path)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert not os.path.exists(pid_file)
+
+
+def test_serve_reports_a_bad_config_file(tmp_path):
+    r = osprey("serve", "--foreground", "--ts-config", "missing.properties", cwd=tmp_path)
+    assert r.returncode == 2 and "missing.properties" in r.stderr
+
+
+def test_startup_model_that_fails_is_skipped_and_the_rest_serve(osprey_module, tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "broken.mar").write_bytes(b"PK\x03\x04broken")
+    make_mlp(tmp_path / "mlp.pt")
+    (tmp_path / "handler.py").write_text(MLP_HANDLER)
+    r = osprey("package", "--model-name", "good", "--serialized-file", str(tmp_path / "mlp.pt"), "--handler",
+               str(tmp_path / "handler.py"), "--export-path", str(store), cwd=tmp_path)
+    assert r.returncode == 0
+    srv = osprey_module(["all"], store)
+    assert httpx.post(f"{srv.inference}/predictions/good", json=[1.0] * 16).status_code == 200
+    assert httpx.post(f"{srv.inference}/predictions/broken", json=[1.0] * 16).status_code == 404
+    assert "broken.mar" in srv.log()
