@@ -10,9 +10,11 @@ import logging
 
 from prometheus_client.core import GaugeMetricFamily
 
-__all__ = ["GpuCollector"]
+__all__ = ["GpuCollector", "GPU_METRICS"]
 
 log = logging.getLogger("osprey.metrics.gpu")
+
+GPU_METRICS = ("osprey_gpu_memory_used_bytes", "osprey_gpu_memory_total_bytes", "osprey_gpu_utilization_ratio")
 
 
 class GpuCollector:

@@ -233,7 +233,7 @@ class ServingMetrics:
             ("osprey_latency_objective_seconds", "End-to-end p99 latency objective"),
         )}
         starts = Gauge("osprey_instance_start_time_seconds", "Unix time each instance started; a change is a restart",
-                       ("model", "version", "instance"))
+                       ("model", "version", "worker"))
         info = Gauge("osprey_model_info", "Model version facts (always 1)",
                      ("model", "version", "handler", "device", "precision"))
         objective = max(self.objectives) if self.objectives else None
