@@ -81,6 +81,7 @@ class Registry:
         self._metrics_sink = metrics_sink
         self._on_batch = on_batch
         self._loading: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task] = set()
         self.work_root = Path(settings.workdir) / ".osprey" / "models"
 
     # --- lookups --------------------------------------------------------------------
@@ -176,7 +177,7 @@ class Registry:
             if synchronous:
                 await self._start_instances(mv, config.min_workers)
             else:
-                self.loop.create_task(self._start_instances(mv, config.min_workers))
+                self._background(self._start_in_background(mv))
         except BaseException:
             self._loading.discard((name, version))
             self._stop(mv)
@@ -189,6 +190,21 @@ class Registry:
         log.info("registered model %s version %s (%d instances, batch %d)", name, version,
                  len(mv.instances), config.batch_size)
         return mv
+
+    def _background(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_in_background(self, mv: ModelVersion) -> None:
+        try:
+            await self._start_instances(mv, mv.config.min_workers)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
+            log.error("model %s version %s failed to load: %s; unregistering it", mv.name, mv.version, message)
+            model = self.models.get(mv.name)
+            if model is not None and model.versions.get(mv.version) is mv:
+                await self.unregister(mv.name, mv.version, force=True)
 
     async def _start_instances(self, mv: ModelVersion, count: int) -> None:
         t0 = time.monotonic()
@@ -247,14 +263,16 @@ class Registry:
                               type_name="ModelVersionNotFoundException")
         model.default = version
 
-    async def unregister(self, name: str, version: str | None = None) -> ModelVersion:
+    async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
         mv = self.get(name, version)
         model = self.models[name]
-        if mv.version == model.default and len(model.versions) > 1:
+        if mv.version == model.default and len(model.versions) > 1 and not force:
             raise OspreyError(ErrorKind.FORBIDDEN, f"Cannot remove default version for model {name}")
         del model.versions[mv.version]
         if not model.versions:
             del self.models[name]
+        elif model.default == mv.version:
+            model.default = max(model.versions, key=_version_key)
         mv.batcher.fail_all(OspreyError(ErrorKind.NOT_FOUND, f"Model {name} version {mv.version} was unregistered"))
         self._stop(mv)
         return mv
@@ -264,6 +282,14 @@ class Registry:
             inst.stop()
         mv.instances.clear()
         mv.archive.cleanup()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until no request is queued or running (or ``timeout`` passes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(not mv.batcher.pending and not mv.batcher.in_flight for mv in self.all_versions()):
+                return
+            await asyncio.sleep(0.01)
 
     async def close(self) -> None:
         for mv in self.all_versions():

@@ -133,14 +133,18 @@ class Server:
         results = await asyncio.gather(*(one(n, u) for n, u in specs))
         return sum(results)
 
-    async def stop(self) -> None:
-        for g in self._grpc:
-            await g.stop(grace=1.0)
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting, answer what was accepted, then stop the models."""
         for server in self._servers:
             server.should_exit = True
-        await self.registry.close()
+            for listener in getattr(server, "servers", []):
+                listener.close()
+        grpc_stops = [asyncio.ensure_future(g.stop(grace=drain_timeout)) for g in self._grpc]
+        await self.registry.drain(drain_timeout)
+        await asyncio.gather(*grpc_stops)
         for server in self._servers:
             await server.shutdown()
+        await self.registry.close()
         if self.access_log is not None:
             self.access_log.close()
 

@@ -72,3 +72,22 @@ def test_startup_model_that_fails_is_skipped_and_the_rest_serve(osprey_module, t
     assert httpx.post(f"{srv.inference}/predictions/good", json=[1.0] * 16).status_code == 200
     assert httpx.post(f"{srv.inference}/predictions/broken", json=[1.0] * 16).status_code == 404
     assert "broken.mar" in srv.log()
+
+
+def test_sigterm_answers_every_accepted_request_before_exiting(osprey, store):
+    import concurrent.futures as cf
+    import time
+
+    from tests.models import RECORDING_HANDLER, handler_archive
+
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 2, "maxBatchDelay": 10})
+    srv = osprey(["rec=rec.mar"], store)
+    with cf.ThreadPoolExecutor(6) as pool:
+        futs = [pool.submit(httpx.post, f"{srv.inference}/predictions/rec", json={"id": i, "sleep": 0.3}, timeout=30)
+                for i in range(6)]
+        time.sleep(0.3)  # all six accepted: some running, the rest queued
+        srv.proc.terminate()
+        results = [f.result() for f in futs]
+    assert [r.status_code for r in results] == [200] * 6
+    assert [r.json()["id"] for r in results] == list(range(6))
+    assert srv.proc.wait(30) == 0

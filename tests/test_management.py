@@ -7,7 +7,7 @@ import zipfile
 import httpx
 import pytest
 
-from tests.models import mlp_archive
+from tests.models import handler_archive, mlp_archive
 
 ROW = [float(i) for i in range(16)]
 
@@ -28,6 +28,7 @@ def srv(osprey_module, tmp_path_factory):
         zf.writestr("../../escape.py", "print('owned')")
     with zipfile.ZipFile(store / "nomanifest.mar", "w") as zf:
         zf.writestr("h.py", "")
+    handler_archive(store, "initfails", "def handle(data, context):\n    raise RuntimeError('weights file is corrupt')\n")
     server = osprey_module(["m1=m1.mar"], store)
     server.store = store
     return server
@@ -61,6 +62,21 @@ def test_register_with_json_body_and_async(srv):
         import time; time.sleep(0.1)
     else:
         pytest.fail("asynchronously registered model never answered")
+
+
+def test_handler_that_fails_to_initialize_is_refused_with_its_error(srv):
+    r = httpx.post(f"{srv.management}/models", params={"url": "initfails.mar"})
+    assert r.status_code == 400 and "weights file is corrupt" in r.json()["message"]
+    assert httpx.get(f"{srv.management}/models/initfails").status_code == 404
+    r = httpx.post(f"{srv.management}/models", params={"url": "initfails.mar", "synchronous": "false"})
+    assert r.status_code == 202
+    import time
+    for _ in range(100):  # the background load fails and the model is taken out again
+        if httpx.get(f"{srv.management}/models/initfails").status_code == 404:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a model whose load failed stayed registered")
 
 
 @pytest.mark.parametrize("url, status, words", [
