@@ -69,7 +69,7 @@ class _Series:
     """The labelled children of one model version, looked up once and kept."""
 
     __slots__ = ("mv", "name", "version", "outcomes", "queue", "batch", "stages", "handler_time",
-                 "prediction_time", "rejected", "expired", "precision")
+                 "prediction_time", "rejected", "expired")
 
     def __init__(self, m: "ServingMetrics", mv: Any):
         self.mv, self.name, self.version = mv, mv.name, mv.version
@@ -81,7 +81,6 @@ class _Series:
         self.prediction_time = m.ts_prediction_time.child(mv.name, "Model", m.hostname)
         self.rejected = m.rejected.child(mv.name, mv.version)
         self.expired = m.expired.child(mv.name, mv.version)
-        self.precision: str | None = None
 
 
 class ServingMetrics:
@@ -130,6 +129,7 @@ class ServingMetrics:
             self.process_registry.register(self.gpu)
         self.registry: Any = None
         self._series: dict[int, _Series] = {}
+        self._precisions: dict[int, tuple[Any, str | None]] = {}
         self._gone: set[tuple[str, str]] = set()
 
     def watch(self, registry: Any) -> None:
@@ -259,16 +259,16 @@ class ServingMetrics:
         return "".join(f.render() for f in (*g.values(), starts, info))
 
     def _precision(self, mv: Any) -> str:
-        s = self._series_for(mv)
-        if s.precision is None:
-            s.precision = _detect_precision(mv)
-        return s.precision or "unknown"
+        cached = self._precisions.get(id(mv))
+        if cached is None or cached[0] is not mv or cached[1] is None:
+            cached = self._precisions[id(mv)] = (mv, _detect_precision(mv))
+        return cached[1] or "unknown"
 
     def _prune(self, live: set, names: set, ids: set) -> None:
         """Forget versions gone from the registry, one scrape after they went."""
-        for key, s in list(self._series.items()):
-            if key not in ids:
-                del self._series[key]
+        for cache in (self._series, self._precisions):
+            for key in [k for k in cache if k not in ids]:
+                del cache[key]
         known = {k for f in self._families for k in _versions_of(f)}
         gone = {k for k in known if k not in live and k[0]}
         drop = gone & self._gone
@@ -282,8 +282,9 @@ class ServingMetrics:
                          or (lab["model_version"] == "default" and lab["model_name"] not in names))
 
     def render(self) -> bytes:
+        live = self._live()  # first: it also forgets versions that left the registry
         parts = [f.render() for f in self._families]
-        parts.append(self._live())
+        parts.append(live)
         parts.extend(f.render() for f in self._ts_families)
         parts.append(self.handler.render())
         return "".join(parts).encode() + generate_latest(self.process_registry)
