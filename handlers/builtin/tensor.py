@@ -62,11 +62,13 @@ class TensorHandler(BaseHandler):
             if extra:
                 raise InvalidInput(f"unknown input(s) {', '.join(map(repr, extra))}; the model takes {', '.join(map(repr, names))}")
             arrays = [tensors[n] for n in names]
-            for n, a in zip(names, arrays):
+            for i, (n, a) in enumerate(zip(names, arrays)):
                 if a.dtype == object:
                     raise InvalidInput(f"input '{n}': BYTES tensors cannot be fed to a tensor model")
                 if a.ndim == 0:
                     raise InvalidInput(f"input '{n}': needs a batch dimension")
+                if self.input_specs:
+                    self._check(self.input_specs[i], a)
             return arrays
         if len(names) != 1:
             raise InvalidInput(f"the model takes {len(names)} inputs; send them as Open Inference Protocol tensors")
@@ -75,6 +77,17 @@ class TensorHandler(BaseHandler):
             return [np.asarray(body_of(row), dtype=dtype)[None]]
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"body is not a numeric array ({exc})") from None
+
+    @staticmethod
+    def _check(spec: dict, a: np.ndarray) -> None:
+        """The declared datatype and shape (-1: any) of model-config.yaml."""
+        want = _NP.get(str(spec.get("datatype", "FP32")).upper())
+        if want is not None and a.dtype != want:
+            raise InvalidInput(f"input '{spec['name']}': datatype {a.dtype} does not match the declared "
+                               f"{spec.get('datatype')}")
+        shape = list(spec.get("shape") or ())
+        if shape and (len(shape) != a.ndim or any(d != -1 and d != s for d, s in zip(shape, a.shape))):
+            raise InvalidInput(f"input '{spec['name']}': shape {list(a.shape)} does not match the declared {shape}")
 
     def preprocess(self, data: list[dict]) -> Any:
         import torch
