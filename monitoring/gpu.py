@@ -21,6 +21,7 @@ class GpuCollector:
     def __init__(self) -> None:
         self.nvml = None
         self.count = 0
+        self._v2: bool | None = None
         try:
             import pynvml
 
@@ -34,6 +35,19 @@ class GpuCollector:
     def active(self) -> bool:
         return self.nvml is not None and self.count > 0
 
+    def _memory(self, handle):
+        """Memory info; NVML's v2 call, where the driver has it, leaves out reserved memory
+        (as nvidia-smi does)."""
+        v2 = getattr(self.nvml, "nvmlMemory_v2", None)
+        if v2 is not None and self._v2 is not False:
+            try:
+                mem = self.nvml.nvmlDeviceGetMemoryInfo(handle, version=v2)
+                self._v2 = True
+                return mem
+            except Exception:
+                self._v2 = False
+        return self.nvml.nvmlDeviceGetMemoryInfo(handle)
+
     def collect(self):
         if not self.active:
             return []
@@ -45,7 +59,7 @@ class GpuCollector:
         for i in range(self.count):
             try:
                 handle = nv.nvmlDeviceGetHandleByIndex(i)
-                mem = nv.nvmlDeviceGetMemoryInfo(handle)
+                mem = self._memory(handle)
                 rates = nv.nvmlDeviceGetUtilizationRates(handle)
             except Exception as exc:  # a GPU fell off the bus: report the others
                 log.warning("GPU %d: NVML query failed: %s", i, exc)
