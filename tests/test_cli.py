@@ -9,6 +9,7 @@ import sys
 import zipfile
 
 import httpx
+import pytest
 
 from tests.conftest import ROOT, free_port
 from tests.models import MLP_HANDLER, make_mlp
@@ -82,10 +83,19 @@ def test_sigterm_answers_every_accepted_request_before_exiting(osprey, store):
 
     handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 2, "maxBatchDelay": 10})
     srv = osprey(["rec=rec.mar"], store)
+    def call(i, sleep):
+        return httpx.post(f"{srv.inference}/predictions/rec", json={"id": i, "sleep": sleep}, timeout=30)
+
     with cf.ThreadPoolExecutor(6) as pool:
-        futs = [pool.submit(httpx.post, f"{srv.inference}/predictions/rec", json={"id": i, "sleep": 0.3}, timeout=30)
-                for i in range(6)]
-        time.sleep(0.3)  # all six accepted: some running, the rest queued
+        futs = [pool.submit(call, 0, 1.5)]  # runs alone while the others queue behind it
+        time.sleep(0.3)
+        futs += [pool.submit(call, i, 0.1) for i in range(1, 6)]
+        for _ in range(100):  # until all five are accepted and waiting
+            if httpx.get(f"{srv.management}/models/rec").json()[0]["jobQueueStatus"]["pendingRequests"] == 5:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("requests were not queued")
         srv.proc.terminate()
         results = [f.result() for f in futs]
     assert [r.status_code for r in results] == [200] * 6
