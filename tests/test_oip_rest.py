@@ -228,3 +228,13 @@ def test_kserve_sdk_rest_client_infers(server):
     assert got["live"] and got["ready"] and got["name"] == "OUTPUT0"
     x = np.arange(16, dtype=np.float32).reshape(1, 16)
     np.testing.assert_allclose(got["data"], _direct_mlp(server.workdir.parent / "store", x), rtol=1e-5, atol=1e-6)
+
+
+def test_tensor_handler_also_answers_torchserve_rest(server):
+    """The built-in ``tensor`` handler takes a plain JSON body too (one example -> its row)."""
+    x = np.linspace(-1, 1, 16, dtype=np.float32)
+    r = httpx.post(server.inference + "/predictions/tmlp", json=x.tolist())
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(r.json(), _direct_mlp(server.workdir.parent / "store", x[None])[0], rtol=1e-5, atol=1e-6)
+    r = httpx.post(server.inference + "/predictions/tmlp", json=[1.0, 2.0])
+    assert r.status_code == 400 and "INPUT0" in r.json()["message"]

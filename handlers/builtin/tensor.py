@@ -74,9 +74,12 @@ class TensorHandler(BaseHandler):
             raise InvalidInput(f"the model takes {len(names)} inputs; send them as Open Inference Protocol tensors")
         dtype = _NP.get(self.input_specs[0]["datatype"].upper(), np.float32) if self.input_specs else np.float32
         try:
-            return [np.asarray(body_of(row), dtype=dtype)[None]]
+            arr = np.asarray(body_of(row), dtype=dtype)[None]
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"body is not a numeric array ({exc})") from None
+        if self.input_specs:
+            self._check(self.input_specs[0], arr)
+        return [arr]
 
     @staticmethod
     def _check(spec: dict, a: np.ndarray) -> None:
