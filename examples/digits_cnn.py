@@ -19,10 +19,9 @@ import numpy as np
 from .common import ExampleResult, classification_metrics, fit, package_example, predict, seed_everything, split, write_reference
 from .networks.digits_cnn import DigitsCNN
 
-__all__ = ["NAME", "FAMILY", "HANDLER_CONFIG", "load_data", "train", "build", "digit_png", "png_to_grid"]
+__all__ = ["NAME", "HANDLER_CONFIG", "load_data", "train", "build", "digit_png", "png_to_grid"]
 
 NAME = "digits_cnn"
-FAMILY = "CNN image classifier (image_classifier)"
 SEED = 0
 EPOCHS = 12
 SAMPLE_SCALE = 4  # 8x8 -> 32x32 sample PNGs

@@ -82,8 +82,11 @@ def model_class_from_file(model_dir: str, model_file: str) -> type:
         _claim_folder(model_dir)
         module = import_handler_module(model_dir, Path(model_file).stem)
     classes = [c for c in list_classes(module) if issubclass(c, torch.nn.Module)]
+    if len(classes) > 1:  # helper modules may be private (_Block): the one public class is the model
+        classes = [c for c in classes if not c.__name__.startswith("_")]
     if len(classes) != 1:
-        raise ValueError(f"model file {model_file} must define exactly one torch.nn.Module class, found {len(classes)}")
+        raise ValueError(f"model file {model_file} must define exactly one (public) torch.nn.Module class, "
+                         f"found {len(classes)}")
     return classes[0]
 
 

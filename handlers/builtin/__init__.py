@@ -10,6 +10,11 @@ BUILTIN_HANDLERS = {
     "tensor": "handlers.builtin.tensor:TensorHandler",
     "base_handler": "handlers.builtin.tensor:TensorHandler",
     "image_classifier": "handlers.builtin.image_classifier:ImageClassifier",
+    "text_classifier": "handlers.builtin.text_classifier:TextClassifier",
+    "text_embedding": "handlers.builtin.text_embedding:TextEmbedding",
+    "tabular": "handlers.builtin.tabular:TabularHandler",
+    "generator": "handlers.builtin.generator:GeneratorHandler",
+    "anomaly": "handlers.builtin.anomaly:AnomalyHandler",
 }
 
 

@@ -12,7 +12,8 @@ A subclass provides:
 - ``examples_from_body(body)`` and ``examples_from_tensors(tensors)`` -> list of examples;
 - ``collate(examples)`` -> the model input; ``forward(batch)`` -> dict name -> ndarray with
   one row per example;
-- ``answer(outputs, examples)`` -> the answer of one body request, given its rows;
+- ``answer(outputs, examples, idx)`` -> the answer of body request ``idx`` of the batch,
+  given its rows (it may set that request's response headers through ``self.context``);
 - ``tensor_metadata()`` -> ``{"inputs": [...], "outputs": [...]}``, each
   ``{"name", "datatype", "shape"}`` with -1 for the batch and any variable dimension.
 """
@@ -106,7 +107,7 @@ class BuiltinHandler(BaseHandler):
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def answer(self, outputs: dict[str, np.ndarray], examples: list) -> Any:
+    def answer(self, outputs: dict[str, np.ndarray], examples: list, idx: int) -> Any:
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------
@@ -141,12 +142,12 @@ class BuiltinHandler(BaseHandler):
         outputs = self.forward(batch)
         t2 = time.perf_counter()
         results = []
-        for start, count, is_tensors in spans:
+        for idx, (start, count, is_tensors) in enumerate(spans):
             part = {k: v[start:start + count] for k, v in outputs.items()}
             if is_tensors:
                 results.append({"tensors": part})
             else:
-                results.append(self.answer(part, examples[start:start + count]))
+                results.append(self.answer(part, examples[start:start + count], idx))
         t3 = time.perf_counter()
         times = getattr(context, "stage_times", None)
         if times is not None:

@@ -155,5 +155,5 @@ class ImageClassifier(BuiltinHandler):
         probs = torch.softmax(logits.float(), dim=-1)
         return {"probabilities": probs.cpu().numpy()}
 
-    def answer(self, outputs: dict, examples: list) -> Any:
+    def answer(self, outputs: dict, examples: list, idx: int) -> Any:
         return topk_labels(outputs["probabilities"][0], self.labels, self.topk)

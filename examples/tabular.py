@@ -1,0 +1,121 @@
+"""``cancer_mlp`` and ``diabetes_mlp``: MLPs on scikit-learn's tabular data, served by ``tabular``.
+
+Clients send features by name in their natural units (``load_diabetes(scaled=False)``);
+standardization (and, for regression, the target's scale) lives in the archive's
+``features.json``. ``cancer_mlp`` is an eager state_dict; ``diabetes_mlp`` a ``torch.export``
+program (``.pt2``) with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .common import (ExampleResult, classification_metrics, fit, package_example, predict, regression_metrics,
+                     seed_everything, split, write_reference)
+from .networks import cancer_mlp as cancer_net
+from .networks import diabetes_mlp as diabetes_net
+
+__all__ = ["CANCER", "DIABETES", "train_cancer", "train_diabetes", "build_cancer", "build_diabetes"]
+
+SEED = 0
+CANCER = "cancer_mlp"
+DIABETES = "diabetes_mlp"
+
+
+def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale == 0] = 1.0
+    return mean.astype(np.float32), scale.astype(np.float32)
+
+
+def _sample(out: Path, name: str, features: list[str], rows: np.ndarray) -> None:
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    records = [{f: round(float(v), 6) for f, v in zip(features, row)} for row in rows]
+    (out / "samples" / f"{name}_record.json").write_text(json.dumps(records[0], indent=1))
+    (out / "samples" / f"{name}_records.json").write_text(json.dumps(records))
+
+
+def train_cancer(x: np.ndarray, y: np.ndarray, *, seed: int = SEED, epochs: int = 60):
+    """Training entry point: standardized features (N x 30) and labels -> a CancerMLP."""
+    import torch
+
+    seed_everything(seed)
+    return fit(cancer_net.CancerMLP(), (torch.from_numpy(x).float(),), torch.from_numpy(y).long(),
+               torch.nn.functional.cross_entropy, epochs=epochs, batch_size=32, lr=1e-3, weight_decay=1e-4, seed=seed)
+
+
+def train_diabetes(x: np.ndarray, y: np.ndarray, *, seed: int = SEED, epochs: int = 20):
+    """Training entry point: standardized features (N x 10) and standardized target -> a DiabetesMLP."""
+    import torch
+
+    seed_everything(seed)
+    return fit(diabetes_net.DiabetesMLP(), (torch.from_numpy(x).float(),), torch.from_numpy(y).float().reshape(-1, 1),
+               torch.nn.functional.mse_loss, epochs=epochs, batch_size=32, lr=1e-3, weight_decay=1e-2, seed=seed)
+
+
+def build_cancer(out: Path, work: Path) -> ExampleResult:
+    import torch
+    from sklearn.datasets import load_breast_cancer
+
+    d = load_breast_cancer()
+    features = [str(f) for f in d.feature_names]
+    x_tr, x_te, y_tr, y_te = split(d.data.astype(np.float32), d.target.astype(np.int64), seed=SEED)
+    mean, scale = _standardize(x_tr)
+    model = train_cancer((x_tr - mean) / scale, y_tr)
+    pred = predict(model, torch.from_numpy((x_te - mean) / scale).float()).argmax(1).numpy()
+    metrics = classification_metrics(y_te, pred)
+    torch.save(model.state_dict(), work / "cancer_mlp.pt")
+    (work / "features.json").write_text(json.dumps({"features": features, "mean": mean.tolist(),
+                                                   "scale": scale.tolist(), "task": "classification"}))
+    (work / "index_to_name.json").write_text(json.dumps({str(i): str(n) for i, n in enumerate(d.target_names)}))
+    probs = torch.softmax(predict(model, torch.from_numpy((x_tr - mean) / scale).float()), 1).numpy()
+    write_reference(work, x_tr, probs, y_tr)
+    _sample(out, "cancer", features, x_te)
+    np.savez_compressed(out / "samples" / "cancer_heldout.npz", x=x_te, y=y_te)
+    archive = package_example(
+        name=CANCER, out=out, work=work, handler="tabular", serialized_file=work / "cancer_mlp.pt",
+        model_file=Path(cancer_net.__file__),
+        extra_files=[work / "features.json", work / "index_to_name.json", work / "reference.npz"],
+        config={"batchSize": 32, "maxBatchDelay": 5}, metrics=metrics,
+        training={"entry_point": "examples.tabular:train_cancer", "data": "sklearn.datasets.load_breast_cancer",
+                  "seed": SEED, "heldout_fraction": 0.2, "format": "eager state_dict",
+                  "inputs": "standardized with features.json mean/scale"})
+    return ExampleResult(archive, metrics)
+
+
+def build_diabetes(out: Path, work: Path) -> ExampleResult:
+    import torch
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes(scaled=False)
+    features = [str(f) for f in d.feature_names]
+    x_tr, x_te, y_tr, y_te = split(d.data.astype(np.float32), d.target.astype(np.float32), seed=SEED, stratify=False)
+    mean, scale = _standardize(x_tr)
+    t_mean, t_scale = float(y_tr.mean()), float(y_tr.std())
+    model = train_diabetes((x_tr - mean) / scale, (y_tr - t_mean) / t_scale)
+    pred = predict(model, torch.from_numpy((x_te - mean) / scale).float()).numpy().reshape(-1) * t_scale + t_mean
+    metrics = regression_metrics(y_te, pred)
+    metrics["baseline_mse_predict_mean"] = round(float(np.mean((y_te - t_mean) ** 2)), 4)
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.zeros(2, len(features)),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(work / "diabetes_mlp.pt2"))
+    (work / "features.json").write_text(json.dumps({
+        "features": features, "mean": mean.tolist(), "scale": scale.tolist(), "task": "regression",
+        "target": {"name": "progression", "mean": t_mean, "scale": t_scale}}))
+    fitted = predict(model, torch.from_numpy((x_tr - mean) / scale).float()).numpy().reshape(-1) * t_scale + t_mean
+    write_reference(work, x_tr, fitted, y_tr)
+    _sample(out, "diabetes", features, x_te)
+    np.savez_compressed(out / "samples" / "diabetes_heldout.npz", x=x_te, y=y_te)
+    archive = package_example(
+        name=DIABETES, out=out, work=work, handler="tabular", serialized_file=work / "diabetes_mlp.pt2",
+        extra_files=[work / "features.json", work / "reference.npz"],
+        config={"batchSize": 32, "maxBatchDelay": 5}, metrics=metrics,
+        training={"entry_point": "examples.tabular:train_diabetes", "data": "sklearn.datasets.load_diabetes(scaled=False)",
+                  "seed": SEED, "heldout_fraction": 0.2, "format": "torch.export (.pt2)",
+                  "inputs": "natural units, standardized with features.json mean/scale; target likewise"})
+    return ExampleResult(archive, metrics)

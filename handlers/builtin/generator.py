@@ -1,0 +1,179 @@
+"""``generator``: a GAN generator or VAE decoder -> PNG images; the same seed, the same image.
+
+The model maps latent vectors (N x latent_dim) -- and, for a conditional model, class ids
+(N, int64) -- to images (N x H x W or N x C x H x W) whose values lie in ``output_range``.
+
+model-config.yaml::
+
+    handler:
+      latent_dim: 8
+      num_classes: 10       # 0 (default): unconditional, the model takes only z
+      output_range: [0, 1]  # mapped to 0..255
+      upscale: 4            # nearest-neighbour enlargement of the PNGs
+      max_samples: 64
+
+A body is JSON ``{"seed": 7, "num_samples": 1, "latent": [[...]]?, "class": 3?}`` (all
+optional; the latent vectors are drawn from a normal distribution seeded with ``seed``,
+and missing classes are drawn with it too). One image is answered as ``image/png``; several
+(or ``"format": "json"``) as ``{"images": [base64 PNG, ...], "seed", "classes"}``. The seed
+used is in the ``x-osprey-seed`` header. Open Inference Protocol: inputs ``latent`` (FP32,
+N x latent_dim) and, if conditional, ``class`` (INT64, N); output ``image`` (FP32, pixels in 0..1).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInput
+from .common import BuiltinHandler, tensor
+
+__all__ = ["GeneratorHandler"]
+
+
+class GeneratorHandler(BuiltinHandler):
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        cfg = self.config
+        if "latent_dim" not in cfg:
+            raise ValueError("model-config.yaml handler.latent_dim is required for the generator handler")
+        self.latent_dim = int(cfg["latent_dim"])
+        self.num_classes = int(cfg.get("num_classes", 0))
+        lo, hi = cfg.get("output_range", [0.0, 1.0])
+        self.lo, self.hi = float(lo), float(hi)
+        self.upscale = max(1, int(cfg.get("upscale", 1)))
+        self.max_samples = int(cfg.get("max_samples", 64))
+
+    def tensor_metadata(self) -> dict:
+        inputs = [tensor("latent", "FP32", [-1, self.latent_dim])]
+        if self.num_classes:
+            inputs.append(tensor("class", "INT64", [-1]))
+        return {"inputs": inputs, "outputs": [tensor("image", "FP32", [-1, -1, -1])]}
+
+    # --- input ----------------------------------------------------------------------
+    def _int(self, body: dict, key: str, default: Any) -> Any:
+        value = body.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidInput(f"{key} must be an integer, got {value!r}")
+        return value
+
+    def examples_from_body(self, body: Any) -> list:
+        import torch
+
+        if isinstance(body, (bytes, bytearray, str)):
+            import json
+
+            text = bytes(body).decode("utf-8", "replace") if not isinstance(body, str) else body
+            try:
+                body = json.loads(text) if text.strip() else {}
+            except ValueError:
+                raise InvalidInput('body must be JSON like {"seed": 7, "num_samples": 1}') from None
+        if not isinstance(body, dict):
+            raise InvalidInput('body must be a JSON object like {"seed": 7, "num_samples": 1, "class": 3}')
+        seed = self._int(body, "seed", None)
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        fmt = str(body.get("format", "auto"))
+        if fmt not in ("auto", "png", "json"):
+            raise InvalidInput("format must be png or json")
+        gen = torch.Generator().manual_seed(seed)
+        latent = body.get("latent")
+        if latent is not None:
+            try:
+                z = np.asarray(latent, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InvalidInput("latent must be a list of numbers or a list of such lists") from None
+            z = z[None] if z.ndim == 1 else z
+            if z.ndim != 2 or z.shape[1] != self.latent_dim:
+                raise InvalidInput(f"latent vectors must have {self.latent_dim} values, got shape {list(z.shape)}")
+            n = len(z)
+        else:
+            n = self._int(body, "num_samples", 1)
+            if n < 1:
+                raise InvalidInput("num_samples must be at least 1")
+            z = torch.randn(n, self.latent_dim, generator=gen).numpy()
+        if n > self.max_samples:
+            raise InvalidInput(f"at most {self.max_samples} samples per request, asked for {n}")
+        classes = self._classes(body.get("class"), n, gen)
+        many = n > 1 or fmt == "json"
+        if fmt == "png" and n > 1:
+            raise InvalidInput("format png returns one image; ask for num_samples 1 or format json")
+        return [{"z": z[i], "cls": classes[i], "seed": seed, "many": many} for i in range(n)]
+
+    def _classes(self, value: Any, n: int, gen: Any) -> list[int]:
+        import torch
+
+        if not self.num_classes:
+            if value is not None:
+                raise InvalidInput("this generator is not conditional: it takes no class")
+            return [0] * n
+        if value is None:
+            return torch.randint(0, self.num_classes, (n,), generator=gen).tolist()
+        values = value if isinstance(value, list) else [value] * n
+        if len(values) != n:
+            raise InvalidInput(f"class must be one integer or {n} of them")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < self.num_classes:
+                raise InvalidInput(f"class must be an integer in 0..{self.num_classes - 1}, got {v!r}")
+        return list(values)
+
+    def examples_from_tensors(self, tensors: dict) -> list:
+        z = np.asarray(tensors.get("latent") if "latent" in tensors else self.input_tensor(tensors, ("latent",))[1],
+                       dtype=np.float32)
+        z = z[None] if z.ndim == 1 else z
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise InvalidInput(f"latent must be N x {self.latent_dim}, got {list(z.shape)}")
+        if self.num_classes:
+            if "class" not in tensors:
+                raise InvalidInput("this generator is conditional: send a class tensor (INT64, N)")
+            cls = np.asarray(tensors["class"]).reshape(-1).astype(np.int64)
+            if len(cls) != len(z) or np.any((cls < 0) | (cls >= self.num_classes)):
+                raise InvalidInput(f"class must hold {len(z)} integers in 0..{self.num_classes - 1}")
+        else:
+            cls = np.zeros(len(z), dtype=np.int64)
+        return [{"z": z[i], "cls": int(cls[i]), "seed": None, "many": True} for i in range(len(z))]
+
+    # --- model ----------------------------------------------------------------------
+    def collate(self, examples: list) -> Any:
+        import torch
+
+        z = self.prepare(torch.from_numpy(np.stack([e["z"] for e in examples])))
+        if not self.num_classes:
+            return (z,)
+        return z, torch.tensor([e["cls"] for e in examples], dtype=torch.int64, device=self.device)
+
+    def forward(self, batch: Any) -> dict:
+        img = self.inference(*batch).float()
+        img = ((img - self.lo) / (self.hi - self.lo)).clamp(0, 1)
+        return {"image": img.cpu().numpy()}
+
+    # --- output ---------------------------------------------------------------------
+    def _png(self, img: np.ndarray) -> bytes:
+        from PIL import Image
+
+        if img.ndim == 3 and img.shape[0] in (1, 3):
+            img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        pixels = np.rint(img * 255).astype(np.uint8)
+        pil = Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB")
+        if self.upscale > 1:
+            pil = pil.resize((pil.width * self.upscale, pil.height * self.upscale), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def answer(self, outputs: dict, examples: list, idx: int) -> Any:
+        seed = examples[0]["seed"]
+        if self.context is not None and self.context.request_processor is not None:
+            self.context.set_response_header(idx, "x-osprey-seed", str(seed))
+        pngs = [self._png(img) for img in outputs["image"]]
+        if not examples[0]["many"]:
+            self.context.set_response_content_type(idx, "image/png")
+            return pngs[0]
+        return {"images": [base64.b64encode(p).decode("ascii") for p in pngs], "seed": seed,
+                "classes": [e["cls"] for e in examples] if self.num_classes else None}

@@ -1,0 +1,143 @@
+"""``tabular``: feature records -> class probabilities or regression values.
+
+The archive carries ``features.json``::
+
+    {"features": ["age", "bmi", ...],          # the model's input order
+     "mean": [...], "scale": [...],            # x_model = (x - mean) / scale (optional)
+     "task": "classification" | "regression",
+     "target": {"name": "progression", "mean": 152.1, "scale": 77.1}}   # regression output units
+
+so clients send features by name in their natural units and the scaling lives with the
+model. Labels of a classifier come from ``index_to_name.json``.
+
+A body is one record ``{"age": 59, "bmi": 32.1, ...}``, one array in feature order, or a list
+of either (answered with a list). A missing, unknown or non-numeric feature is a 400 naming
+it. Answers: ``{label: probability}`` (every class, most probable first) or ``{target: value}``.
+Open Inference Protocol: input ``input`` (FP32, N x features, natural units), output
+``probabilities`` (N x classes) or ``prediction`` (N x 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidInput
+from .common import BuiltinHandler, read_json, read_labels, tensor, topk_labels
+
+__all__ = ["TabularHandler"]
+
+
+class TabularHandler(BuiltinHandler):
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        model_dir = context.system_properties["model_dir"]
+        spec = read_json(model_dir, str(self.config.get("features_file", "features.json")))
+        if not spec or not spec.get("features"):
+            raise ValueError("the archive has no features.json naming the model's input features")
+        self.features = [str(f) for f in spec["features"]]
+        self.index = {f: i for i, f in enumerate(self.features)}
+        n = len(self.features)
+        self.mean = np.asarray(spec.get("mean", [0.0] * n), dtype=np.float32)
+        self.scale = np.asarray(spec.get("scale", [1.0] * n), dtype=np.float32)
+        if self.mean.shape != (n,) or self.scale.shape != (n,) or np.any(self.scale == 0):
+            raise ValueError(f"features.json: mean and scale need {n} values (scale nonzero)")
+        self.task = str(spec.get("task", "classification"))
+        if self.task not in ("classification", "regression"):
+            raise ValueError("features.json: task must be classification or regression")
+        target = spec.get("target") or {}
+        self.target_name = str(target.get("name", "prediction"))
+        self.target_mean = float(target.get("mean", 0.0))
+        self.target_scale = float(target.get("scale", 1.0))
+        self.labels = read_labels(model_dir)
+        self.topk = int(self.config.get("topk", len(self.labels) if self.labels else 1000))
+
+    def tensor_metadata(self) -> dict:
+        n = len(self.features)
+        if self.task == "regression":
+            out = tensor("prediction", "FP32", [-1, 1])
+        else:
+            out = tensor("probabilities", "FP32", [-1, len(self.labels) if self.labels else -1])
+        return {"inputs": [tensor("input", "FP32", [-1, n])], "outputs": [out]}
+
+    # --- input ----------------------------------------------------------------------
+    def _number(self, name: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise InvalidInput(f"feature {name!r} must be a number, got {value!r}")
+        try:
+            x = float(value)
+        except ValueError:
+            raise InvalidInput(f"feature {name!r} must be a number, got {value!r}") from None
+        if not math.isfinite(x):
+            raise InvalidInput(f"feature {name!r} must be a finite number, got {value!r}")
+        return x
+
+    def _record(self, rec: Any) -> np.ndarray:
+        if isinstance(rec, dict):
+            unknown = [k for k in rec if k not in self.index]
+            if unknown:
+                raise InvalidInput(f"unknown feature {unknown[0]!r}; the model takes {', '.join(self.features)}")
+            missing = [f for f in self.features if f not in rec]
+            if missing:
+                raise InvalidInput(f"missing feature {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            return np.asarray([self._number(f, rec[f]) for f in self.features], dtype=np.float32)
+        if isinstance(rec, list):
+            if len(rec) != len(self.features):
+                raise InvalidInput(f"an array record needs {len(self.features)} values in the order "
+                                   f"{', '.join(self.features)}; got {len(rec)}")
+            return np.asarray([self._number(f, v) for f, v in zip(self.features, rec)], dtype=np.float32)
+        raise InvalidInput("a record is a JSON object of features by name or an array in feature order")
+
+    def examples_from_body(self, body: Any) -> list:
+        if isinstance(body, (bytes, bytearray, str)):
+            import json
+
+            try:
+                body = json.loads(bytes(body) if not isinstance(body, str) else body)
+            except (ValueError, UnicodeDecodeError):
+                raise InvalidInput("body must be JSON: a record of features by name, an array, or a list of them") from None
+        if isinstance(body, dict) and set(body) <= {"instances", "inputs", "data"} and body:
+            body = next(iter(body.values()))
+        if isinstance(body, list) and body and all(isinstance(r, (dict, list)) for r in body):
+            return [(self._record(r), True) for r in body]
+        return [(self._record(body), False)]
+
+    def examples_from_tensors(self, tensors: dict) -> list:
+        _, arr = self.input_tensor(tensors, ("input",))
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2 or arr.shape[1] != len(self.features):
+            raise InvalidInput(f"input must be N x {len(self.features)} ({', '.join(self.features)}), got {list(arr.shape)}")
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise InvalidInput(f"feature {self.features[int(np.argwhere(bad)[0][1])]!r} must be a finite number")
+        return [(row, True) for row in arr]
+
+    # --- model ----------------------------------------------------------------------
+    def collate(self, examples: list) -> Any:
+        import torch
+
+        x = (np.stack([e for e, _ in examples]) - self.mean) / self.scale
+        return self.prepare(torch.from_numpy(x.astype(np.float32)))
+
+    def forward(self, batch: Any) -> dict:
+        import torch
+
+        out = self.inference(batch).float()
+        if self.task == "regression":
+            y = out.reshape(len(out), -1)[:, :1] * self.target_scale + self.target_mean
+            return {"prediction": y.cpu().numpy()}
+        if out.shape[-1] == 1:  # one logit: binary classification
+            p = torch.sigmoid(out)
+            out = torch.log(torch.cat([1 - p, p], dim=-1).clamp_min(1e-12))
+        return {"probabilities": torch.softmax(out, dim=-1).cpu().numpy()}
+
+    def answer(self, outputs: dict, examples: list, idx: int) -> Any:
+        if self.task == "regression":
+            answers = [{self.target_name: float(v[0])} for v in outputs["prediction"]]
+        else:
+            answers = [topk_labels(p, self.labels, self.topk) for p in outputs["probabilities"]]
+        return answers if examples[0][1] else answers[0]

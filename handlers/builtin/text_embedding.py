@@ -1,0 +1,86 @@
+"""``text_embedding``: text -> ``{"embedding": [...]}`` from a Transformer encoder.
+
+The encoder (e.g. the BERT of all-MiniLM-L6-v2, as model file + safetensors) is called
+with ``handler.model_inputs`` (default ``[input_ids, attention_mask, token_type_ids]``)
+and returns token states (N x L x H; a tuple's or dict's first/``last_hidden_state``).
+Token states are pooled over the attention mask (``pooling: mean`` -- the default --,
+``cls`` or ``max``) and L2-normalized unless ``normalize: false``: the sentence-transformers
+recipe, so embeddings match it.
+
+A body is plain text, a JSON string or ``{"text": "..."}`` (answered ``{"embedding": [...]}``),
+or a list of strings (answered ``{"embeddings": [[...], ...]}``). Open Inference Protocol:
+input ``text`` (BYTES), output ``embedding`` (FP32, N x H).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .common import BuiltinHandler, tensor
+from .text import TextTokenizer, first_output, model_inputs_from, texts_from_body, texts_from_tensors
+
+__all__ = ["TextEmbedding", "pool"]
+
+POOLINGS = ("mean", "cls", "max")
+
+
+def pool(states: Any, mask: Any, how: str) -> Any:
+    """Sentence vectors from token states (N x L x H) and the attention mask (N x L)."""
+    import torch
+
+    if how == "cls":
+        return states[:, 0]
+    m = mask.unsqueeze(-1).to(states.dtype)
+    if how == "max":
+        return states.masked_fill(m == 0, torch.finfo(states.dtype).min).max(dim=1).values
+    return (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+class TextEmbedding(BuiltinHandler):
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        self.tokenizer = TextTokenizer(context.system_properties["model_dir"], self.config)
+        self.model_inputs = model_inputs_from(self.config, ("input_ids", "attention_mask", "token_type_ids"))
+        self.pooling = str(self.config.get("pooling", "mean")).lower()
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model-config.yaml handler.pooling must be one of {', '.join(POOLINGS)}")
+        self.normalize = bool(self.config.get("normalize", True))
+        self.dim = int(self.config.get("dimension", -1))
+
+    def tensor_metadata(self) -> dict:
+        return {"inputs": [tensor("text", "BYTES", [-1])], "outputs": [tensor("embedding", "FP32", [-1, self.dim])]}
+
+    def examples_from_body(self, body: Any) -> list:
+        texts, as_list = texts_from_body(body)
+        return [(t, as_list) for t in texts]
+
+    def examples_from_tensors(self, tensors: dict) -> list:
+        _, arr = self.input_tensor(tensors, ("text",))
+        return [(t, True) for t in texts_from_tensors(arr)]
+
+    def collate(self, examples: list) -> Any:
+        import torch
+
+        padded = self.tokenizer.pad(self.tokenizer.ids([t for t, _ in examples]))
+        mask = torch.from_numpy(padded["attention_mask"]).to(self.device)
+        args = [torch.from_numpy(padded[n]) if n == "lengths" else torch.from_numpy(padded[n]).to(self.device)
+                for n in self.model_inputs]
+        return args, mask
+
+    def forward(self, batch: Any) -> dict:
+        import torch
+
+        args, mask = batch
+        states = first_output(self.inference(*args)).float()
+        vectors = pool(states, mask, self.pooling)
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+        return {"embedding": vectors.cpu().numpy()}
+
+    def answer(self, outputs: dict, examples: list, idx: int) -> Any:
+        vectors = outputs["embedding"]
+        if examples[0][1]:
+            return {"embeddings": vectors.tolist()}
+        return {"embedding": vectors[0].tolist()}
