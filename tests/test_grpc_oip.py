@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from .conftest import OspreyProcess  # noqa: E402
-from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, tensor_mlp_archive  # noqa: E402
+from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, stream_archive, tensor_mlp_archive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,11 @@ def server(tmp_path_factory):
     ops_archive(store)
     echo_archive(store)
     ids_archive(store, config={"batchSize": 1})
+    stream_archive(store)
     work = root / "work"
     work.mkdir()
-    proc = OspreyProcess(work, store, ["tmlp=tmlp.mar", "ops=ops.mar", "echo=echo.mar", "ids=ids.mar"])
+    proc = OspreyProcess(work, store, ["tmlp=tmlp.mar", "ops=ops.mar", "echo=echo.mar", "ids=ids.mar",
+                                       "streamer=streamer.mar"])
     try:
         yield proc.wait_ready()
     finally:
@@ -186,6 +188,23 @@ def test_streaming_infer(client, server):
         for i, x in enumerate(xs):
             np.testing.assert_allclose(got[f"s-{i}"], model(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-6)
     assert len(errors) == 1 and "nope" in str(errors[0])
+
+
+def test_stream_carries_intermediate_responses_of_a_decoupled_handler(client):
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        inp = tritongrpc.InferInput("text", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([b"xyz"], dtype=object))
+        client.async_stream_infer("streamer", [inp], request_id="d-1")
+        got = []
+        for _ in range(4):
+            result, error = results.get(timeout=10)
+            assert error is None, error
+            got.append(result.as_numpy("output").ravel()[0])
+    finally:
+        client.stop_stream()
+    assert got == [b"part0:xyz", b"part1:xyz", b"part2:xyz", b"done:xyz"]
 
 
 def test_deadline_and_queue_timeout(client, server):
