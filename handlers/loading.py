@@ -6,7 +6,8 @@ and ONNX (``.onnx``, run by onnxruntime when the ``onnx`` extra is installed). A
 cannot load raises ValueError saying why (the registration answers 400 with it).
 
 Optimization switches (model-config.yaml, top level): ``precision: fp32|fp16|bf16``,
-``quantize: dynamic-int8``, ``compile: true``, ``channels_last: true`` -- see
+``quantize: dynamic-int8``, ``compile: true`` (or ``{backend: inductor, mode: ...}``),
+``channels_last: true`` -- see
 :func:`optimizations_from` and :func:`optimize`.
 Handler modules are imported per instance under a unique name, so module-level state is
 per instance as it is per worker process under TorchServe; sibling modules of the model
@@ -182,6 +183,7 @@ class Optimizations:
     quantize: str | None = None
     compile: bool = False
     channels_last: bool = False
+    compile_options: tuple = ()  # (("backend", "inductor"), ("mode", "max-autotune")) from compile: {...}
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -207,18 +209,27 @@ def optimizations_from(config: dict | None) -> Optimizations:
         quantize = str(quantize).lower()
     if quantize and precision != "fp32":
         raise ValueError("model-config.yaml: quantize: dynamic-int8 works on fp32 models; drop precision or quantize")
-    return Optimizations(precision, quantize, _flag("compile", cfg.get("compile", False)),
-                         _flag("channels_last", cfg.get("channels_last", False)))
+    compile_cfg = cfg.get("compile", False)
+    if isinstance(compile_cfg, dict):
+        unknown = set(compile_cfg) - {"backend", "mode"}
+        if unknown:
+            raise ValueError(f"model-config.yaml: compile takes backend and mode, not {', '.join(sorted(unknown))}")
+        compile_opts = tuple(sorted((k, str(v)) for k, v in compile_cfg.items()))
+        compiled = True
+    else:
+        compiled, compile_opts = _flag("compile", compile_cfg), ()
+    return Optimizations(precision, quantize, compiled, _flag("channels_last", cfg.get("channels_last", False)),
+                         compile_opts)
 
 
 class CompiledModel:
     """``torch.compile(model)`` that falls back to the eager model, with a warning, where it fails."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, **options: Any):
         import torch
 
         self.eager = model
-        self.compiled = torch.compile(model, dynamic=None)
+        self.compiled = torch.compile(model, **options)
         self.failed: str | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -263,7 +274,7 @@ def optimize(model: Any, opts: Optimizations, device: Any) -> Any:
             log.warning("compile: true has no effect on an ONNX model")
         else:
             try:
-                model = CompiledModel(model)
+                model = CompiledModel(model, **dict(opts.compile_options))
             except Exception as exc:  # torch.compile unavailable on this platform
                 log.warning("torch.compile is not available (%s); running the model eagerly", exc)
     return model

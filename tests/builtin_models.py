@@ -9,6 +9,7 @@ batch-size histogram.
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-__all__ = ["example_store", "concurrent_posts", "mean_batch_size"]
+__all__ = ["example_store", "concurrent_posts", "mean_batch_size", "variant"]
 
 _lock = threading.Lock()
 _built: set[str] = set()
@@ -27,9 +28,13 @@ _root: Path | None = None
 
 def example_store(*names: str) -> Path:
     global _root
-    from examples.build import build_one
+    from examples.build import EXAMPLES, build_one
 
     with _lock:
+        if _root is None and os.environ.get("OSPREY_TEST_EXAMPLES"):
+            # reuse examples built beforehand (`osprey examples --out DIR`), for quick reruns
+            _root = Path(os.environ["OSPREY_TEST_EXAMPLES"])
+            _built.update(n for n in EXAMPLES if (_root / f"{n}.mar").is_file())
         if _root is None:
             _root = Path(tempfile.mkdtemp(prefix="osprey-test-examples-"))
             atexit.register(shutil.rmtree, _root, True)
@@ -59,3 +64,32 @@ def mean_batch_size(metrics_url: str, model: str) -> float:
         return float(m.group(1)) if m else 0.0
     count = value("count")
     return value("sum") / count if count else 0.0
+
+
+def variant(archive: Path, store: Path, name: str, **settings) -> str:
+    """An unpacked copy of ``archive`` in ``store`` named ``name``, its model-config.yaml
+    updated with ``settings`` (top-level keys; ``handler`` is merged). Returns the folder name."""
+    import json
+    import zipfile
+
+    import yaml
+
+    target = store / name
+    if target.exists():
+        shutil.rmtree(target)
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(target)
+    manifest_path = target / "MAR-INF" / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model"]["modelName"] = name
+    cfg_name = manifest["model"].setdefault("configFile", "model-config.yaml")
+    cfg_path = target / cfg_name
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    for key, value in settings.items():
+        if key == "handler":
+            cfg.setdefault("handler", {}).update(value)
+        else:
+            cfg[key] = value
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    manifest_path.write_text(json.dumps(manifest))
+    return name

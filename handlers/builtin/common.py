@@ -40,10 +40,20 @@ def tensor(name: str, datatype: str, shape: list[int]) -> dict:
     return {"name": name, "datatype": datatype, "shape": list(shape)}
 
 
+_BASE64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n")
+
+
 def payload_bytes(value: Any, what: str = "input", keys: tuple[str, ...] = ("data", "b64", "image")) -> bytes:
-    """Raw bytes, base64 text, or a JSON object carrying base64 under one of ``keys``."""
+    """Raw bytes, base64 text (also as bytes: an OIP BYTES tensor sent as JSON), or a JSON
+    object carrying base64 under one of ``keys``."""
     if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
+        raw = bytes(value)
+        if raw and len(raw) % 4 == 0 and _BASE64_CHARS.issuperset(raw[:4096]):
+            try:
+                return base64.b64decode(raw, validate=False)
+            except (binascii.Error, ValueError):
+                pass
+        return raw
     if isinstance(value, dict):
         for key in keys:
             if key in value:
