@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STORE  ?= model_store
+# The KServe SDK pins protobuf/grpcio versions of its own: it gets a virtualenv of its own,
+# which the tests drive as a real client.
+KSERVE_VENV ?= .venv-kserve
 
 .PHONY: setup examples serve stop test system-packages bench bench-quick
 
@@ -35,8 +38,13 @@ system-packages:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
 
-test: setup system-packages
-	$(BIN)/python -m pytest -q
+$(KSERVE_VENV)/.installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
+	touch $@
+
+test: setup system-packages $(KSERVE_VENV)/.installed
+	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python $(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'

@@ -19,7 +19,7 @@ import torch
 tritonhttp = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from .conftest import OspreyProcess  # noqa: E402
+from .conftest import ROOT, OspreyProcess  # noqa: E402
 from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, tensor_mlp_archive  # noqa: E402
 
 
@@ -208,7 +208,7 @@ asyncio.run(main(sys.argv[1]))
 
 
 def _kserve_python() -> str | None:
-    for candidate in (os.environ.get("OSPREY_KSERVE_PYTHON"), "/work/kserve-venv/bin/python"):
+    for candidate in (os.environ.get("OSPREY_KSERVE_PYTHON"), str(ROOT / ".venv-kserve" / "bin" / "python")):
         if candidate and Path(candidate).exists():
             return candidate
     try:
