@@ -91,6 +91,13 @@ def model_class_from_file(model_dir: str, model_file: str) -> type:
     return classes[0]
 
 
+def _why(exc: BaseException, limit: int = 300) -> str:
+    """The first meaningful line of an exception, short enough for an error message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_model(model_dir: str, serialized_file: str | None, model_file: str | None, device: Any) -> Any:
     """Load the model an archive carries; raise ValueError saying why it can't."""
     import torch
@@ -109,7 +116,7 @@ def load_model(model_dir: str, serialized_file: str | None, model_file: str | No
         try:
             program = torch.export.load(path)
         except Exception as exc:
-            raise ValueError(f"{serialized_file} is not a torch.export program ({type(exc).__name__}: {exc})") from None
+            raise ValueError(f"{serialized_file} is not a torch.export program ({_why(exc)})") from None
         return program.module().to(device)
     if model_file:
         cls = model_class_from_file(model_dir, model_file)
@@ -117,22 +124,28 @@ def load_model(model_dir: str, serialized_file: str | None, model_file: str | No
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(path, device="cpu")
+            try:
+                state = load_file(path, device="cpu")
+            except Exception as exc:
+                raise ValueError(f"{serialized_file} is not a readable safetensors file ({_why(exc)})") from None
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # pickled code is refused on purpose
-                raise ValueError(f"{serialized_file} is not a state_dict loadable with weights_only=True ({exc})") from None
+                raise ValueError(f"{serialized_file} is not a state_dict loadable with weights_only=True ({_why(exc)})") from None
         if not isinstance(state, dict):
             raise ValueError(f"{serialized_file} holds a {type(state).__name__}, not a state_dict")
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # tensors of the wrong shape
+            raise ValueError(f"{serialized_file} does not fit {cls.__name__}: {str(exc).splitlines()[-1].strip()}") from None
         if missing or unexpected:
             raise ValueError(f"{serialized_file} does not fit {cls.__name__}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
         return model.to(device).eval()
     try:
         return torch.jit.load(path, map_location=device).eval()
     except Exception as exc:
-        raise ValueError(f"{serialized_file} is not a TorchScript file and the archive has no model file ({exc})") from None
+        raise ValueError(f"{serialized_file} is not a TorchScript file and the archive has no model file ({_why(exc)})") from None
 
 
 class OnnxModel:
@@ -152,7 +165,7 @@ class OnnxModel:
         try:
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as exc:
-            raise ValueError(f"{os.path.basename(path)} is not a loadable ONNX model ({exc})") from None
+            raise ValueError(f"{os.path.basename(path)} is not a loadable ONNX model ({_why(exc)})") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.device = device
@@ -245,6 +258,34 @@ class CompiledModel:
         return getattr(self.eager, name)
 
 
+def _quantize_dynamic_int8(model: Any) -> Any:
+    """Dynamic int8 quantization of Linear, LSTM and GRU layers.
+
+    Linear layers inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` stay in float:
+    those layers read ``linear.weight`` as a tensor on their fast path, which quantized
+    layers do not provide.
+    """
+    import torch
+    from torch import nn
+
+    kept: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            kept.update(f"{name}.{child}" if name else child for child, m in module.named_modules()
+                        if isinstance(m, nn.Linear))
+    targets = {name for name, m in model.named_modules()
+               if name and isinstance(m, (nn.Linear, nn.LSTM, nn.GRU)) and name not in kept}
+    if kept:
+        log.warning("quantize: %d Linear layers inside Transformer layers stay in float", len(kept))
+    if not targets:
+        raise ValueError("quantize: dynamic-int8 found no Linear, LSTM or GRU layers to quantize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(model, targets, dtype=torch.qint8)
+
+
 def optimize(model: Any, opts: Optimizations, device: Any) -> Any:
     """Apply the switches to a loaded model; raise ValueError where one cannot apply."""
     import torch
@@ -255,11 +296,7 @@ def optimize(model: Any, opts: Optimizations, device: Any) -> Any:
         if not isinstance(model, torch.nn.Module) or isinstance(model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
             raise ValueError("quantize: dynamic-int8 needs an eager model (model file + state_dict), "
                              f"not a {type(model).__name__}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torch.ao.quantization import quantize_dynamic
-
-            model = quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU}, dtype=torch.qint8)
+        model = _quantize_dynamic_int8(model)
     if opts.precision != "fp32" and getattr(device, "type", "cpu") == "cpu":
         if isinstance(model, OnnxModel):
             raise ValueError(f"precision: {opts.precision} is not available for ONNX models; export them in that precision")
