@@ -85,3 +85,36 @@ def test_digits_cnn_served_answers_samples_and_batches_match_singles(osprey):
     r = httpx.post(url, content=b"certainly not a png", timeout=30)
     assert r.status_code == 400 and "image" in r.json()["message"]
     assert httpx.put(url, content=png, timeout=30).status_code == 200
+
+
+def test_osprey_examples_cli_lists_builds_and_refuses_unknown(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "server.cli", "examples", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    listed = run("--list")
+    assert listed.returncode == 0
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    assert names == ["digits_cnn", "digits_lstm", "text_transformer", "minilm_embedding", "cancer_mlp",
+                     "diabetes_mlp", "digits_vae", "digits_autoencoder"]
+    assert "(tabular)" in listed.stdout and "(generator)" in listed.stdout and "(anomaly)" in listed.stdout
+
+    bad = run("--out", str(tmp_path), "--only", "nope")
+    assert bad.returncode == 2 and "unknown example" in bad.stderr
+
+    built = run("--out", str(tmp_path), "--only", "cancer_mlp")
+    assert built.returncode == 0, built.stderr
+    assert "1/1 cancer_mlp done" in built.stderr  # the progress bar
+    assert (tmp_path / "cancer_mlp.mar").is_file()
+    info = json.loads((tmp_path / "cancer_mlp.metrics.json").read_text())
+    assert info["heldout"]["accuracy"] >= 0.9 and info["entry_point"] == "examples.tabular:train_cancer"
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "cancer_mlp.mar") as zf:
+        members = set(zf.namelist())
+        assert {"reference.npz", "training.json", "features.json", "MAR-INF/MANIFEST.json"} <= members
+        training = json.loads(zf.read("training.json"))
+    assert training["entry_point"] == "examples.tabular:train_cancer"
