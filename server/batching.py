@@ -25,6 +25,8 @@ from .types import InferenceRequest
 
 __all__ = ["Batcher"]
 
+SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
+
 
 class Batcher:
     def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
@@ -40,7 +42,9 @@ class Batcher:
         self.busy: set = set()
         self.in_flight = 0
         self._retiring: set = set()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the hold
+        self._sweeper: asyncio.TimerHandle | None = None  # queued deadlines
+        self._batch_timers: dict[int, asyncio.TimerHandle] = {}  # running deadlines
         self._ewma_batch = 1.0
         self._ewma_exec = 0.0
         self.on_batch = on_batch
@@ -91,24 +95,34 @@ class Batcher:
             raise OspreyError(ErrorKind.UNAVAILABLE,
                               f"Model \"{self.name}\" version {self.version} has no worker to serve inference request. "
                               "Please use scale workers API to add workers.")
+        if req.deadline is not None and req.deadline <= time.monotonic():
+            raise OspreyError(ErrorKind.DEADLINE, "Request deadline passed before it could be queued")
         fut = self.loop.create_future()
         req.future = fut
-        if req.deadline is not None:
-            delay = req.deadline - time.monotonic()
-            if delay <= 0:
-                raise OspreyError(ErrorKind.DEADLINE, "Request deadline passed before it could be queued")
-            timer = self.loop.call_later(delay, self._expire, req)
-            fut.add_done_callback(lambda _f, t=timer: t.cancel())
         self.queue.append(req)
         if self.idle:
             self._dispatch()
+        if self.queue and self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         return fut
 
-    def _expire(self, req: InferenceRequest) -> None:
-        fut = req.future
-        if fut is not None and not fut.done():
-            where = "in the queue" if not req.timings.dispatched else "while running"
-            fut.set_exception(OspreyError(ErrorKind.DEADLINE, f"Request timed out {where} (deadline exceeded)"))
+    # --- deadlines: one sweep timer for the queue, one timer per running batch ------
+    def _sweep(self) -> None:
+        """Answer queued requests whose deadline has passed (every SWEEP_INTERVAL while queued)."""
+        self._sweeper = None
+        now = time.monotonic()
+        for r in self.queue:
+            if r.deadline is not None and r.deadline <= now and not r.future.done():
+                r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out in the queue (deadline exceeded)"))
+        if self.queue:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    @staticmethod
+    def _expire_running(batch: list[InferenceRequest]) -> None:
+        now = time.monotonic()
+        for r in batch:
+            if r.deadline is not None and r.deadline <= now and not r.future.done():
+                r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out while running (deadline exceeded)"))
 
     def _purge(self) -> None:
         self.queue = collections.deque(r for r in self.queue if not r.future.done())
@@ -142,7 +156,7 @@ class Batcher:
                 fut = r.future
                 if fut.done():  # cancelled by its caller or expired
                     continue
-                if r.client_gone is not None and r.client_gone():
+                if r.client is not None and r.client.disconnected:
                     fut.cancel()
                     continue
                 if r.deadline is not None and now >= r.deadline:
@@ -159,9 +173,15 @@ class Batcher:
             self.busy.add(inst)
             self.in_flight += len(batch)
             self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
+            deadlines = [r.deadline for r in batch if r.deadline is not None]
+            if deadlines:
+                self._batch_timers[id(batch)] = self.loop.call_later(min(deadlines) - now, self._expire_running, batch)
             inst.submit(batch, self.loop, self._done)
 
     def _done(self, inst, batch: list[InferenceRequest], outcomes: list) -> None:
+        timer = self._batch_timers.pop(id(batch), None)
+        if timer is not None:
+            timer.cancel()
         self.in_flight -= len(batch)
         self.busy.discard(inst)
         if batch and batch[0].timings.finished:
@@ -189,6 +209,7 @@ class Batcher:
             fut = self.queue.popleft().future
             if not fut.done():
                 fut.set_exception(error)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._sweeper):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._sweeper = None

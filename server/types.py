@@ -8,11 +8,22 @@ protobuf or torch.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Field", "InferenceRequest", "InferenceResponse", "Timings"]
+__all__ = ["Field", "InferenceRequest", "InferenceResponse", "Timings", "next_request_id"]
+
+_ID_PREFIX = os.urandom(10).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def next_request_id() -> str:
+    """A UUID-shaped id, unique per process run: random prefix, then a counter (no syscall)."""
+    p, n = _ID_PREFIX, next(_ID_COUNTER)
+    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:20]}-{n:012x}"
 
 
 @dataclass(slots=True)
@@ -65,7 +76,7 @@ class InferenceRequest:
     timings: Timings = field(default_factory=Timings)
     future: asyncio.Future | None = None
     stream: Any = None  # a callable(bytes) receiving intermediate responses, or None
-    client_gone: Any = None  # a callable() -> True once the client has disconnected, or None
+    client: Any = None  # the connection, where it tells: ``client.disconnected`` is True once it is gone
 
     def expired(self, now: float | None = None) -> bool:
         if self.deadline is None:

@@ -19,12 +19,12 @@ from ..errors import OspreyError
 from ..oip import (SERVER_METADATA, deadline_from, load_model, model_metadata, output_tensors, repository_index,
                    tensor_specs, unload_model)
 from ..tensors import DTYPES, bad_input, decode_raw, element_count, encode_raw
-from ..types import InferenceRequest, InferenceResponse
+from ..types import InferenceRequest, InferenceResponse, next_request_id
 from .generated import grpc_service_pb2 as pb
 from .generated import grpc_service_pb2_grpc as pb_grpc
 from .status import abort
 from .streams import StreamSink
-from .torchserve import deadline_of, request_ids
+from .torchserve import deadline_of
 
 __all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response"]
 
@@ -132,7 +132,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if timeout is not None and (deadline is None or timeout < deadline):
                 deadline = timeout
         core = InferenceRequest(model=request.model_name, version=request.model_version or None,
-                                request_id=request.id or request_ids(), protocol="grpc-v2",
+                                request_id=request.id or next_request_id(), protocol="grpc-v2",
                                 tensors=tensors, tensor_meta=meta, deadline=deadline,
                                 outputs=[o.name for o in request.outputs] or None)
         core.timings.received = received

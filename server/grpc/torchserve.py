@@ -9,31 +9,20 @@ the gRPC deadline becomes the request's deadline, and a cancelled call cancels i
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-import uuid
 
 import orjson
 from google.rpc import status_pb2
 
 from ..dataplane import DataPlane
 from ..errors import OspreyError
-from ..types import Field, InferenceRequest
+from ..types import Field, InferenceRequest, next_request_id
 from .generated import inference_pb2 as pb
 from .generated import inference_pb2_grpc as pb_grpc
 from .status import abort, grpc_code
 from .streams import StreamSink
 
-__all__ = ["InferenceServicer", "request_ids", "deadline_of"]
-
-_prefix = uuid.uuid4().hex[:12]
-_counter = itertools.count(1)
-
-
-def request_ids() -> str:
-    """A process-unique request id, cheaper than a uuid4 per call."""
-    return f"{_prefix}-{next(_counter)}"
-
+__all__ = ["InferenceServicer", "deadline_of"]
 
 def deadline_of(context, received: float) -> float | None:
     remaining = context.time_remaining()
@@ -52,7 +41,7 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
     def _core(self, request, context) -> InferenceRequest:
         received = time.monotonic()
         core = InferenceRequest(model=request.model_name, version=request.model_version or None,
-                                request_id=request_ids(), protocol="grpc",
+                                request_id=next_request_id(), protocol="grpc",
                                 fields={k: Field(v) for k, v in request.input.items()},
                                 headers=_headers(context), deadline=deadline_of(context, received))
         if request.HasField("sequence_id"):

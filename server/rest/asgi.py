@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
 import orjson
 
 from ..errors import ErrorKind, OspreyError
+from ..types import next_request_id
 
 __all__ = ["Request", "Response", "Router", "json_response", "torchserve_error", "oip_error"]
 
@@ -34,7 +34,7 @@ class Request:
         self.headers: dict[str, str] = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         self.body = b""
         self.params = params
-        self.request_id = self.headers.get("x-request-id") or str(uuid.uuid4())
+        self.request_id = next_request_id()
         self._query: dict[str, str] | None = None
         self._receive = receive
 
@@ -49,12 +49,14 @@ class Request:
     def content_type(self) -> str:
         return self.headers.get("content-type", "")
 
-    def client_gone(self) -> Callable[[], bool] | None:
-        """A cheap check whether the client has disconnected, where the server offers one."""
+    def connection(self) -> Any:
+        """An object whose ``disconnected`` turns True when the client goes away, or None.
+
+        uvicorn's request cycle (the owner of ``receive``) is such an object; reading an
+        attribute is far cheaper than a task waiting on ``receive()`` for every request.
+        """
         cycle = getattr(self._receive, "__self__", None)
-        if cycle is not None and hasattr(cycle, "disconnected"):
-            return lambda: cycle.disconnected
-        return None
+        return cycle if hasattr(cycle, "disconnected") else None
 
 
 class Response:

@@ -22,7 +22,7 @@ PREDICT_METHODS = ("POST", "PUT", "GET")
 def to_core_request(req: Request, model: str, version: str | None, *, explain: bool, url_path: str = "",
                     protocol: str = "rest") -> InferenceRequest:
     fields = fields_from_body(req.body, req.content_type)
-    headers = dict(req.headers)
+    headers = req.headers  # this request's own dict: extend it in place
     headers["explain"] = "True" if explain else "False"
     headers["url_path"] = url_path
     for name, f in fields.items():
@@ -30,9 +30,7 @@ def to_core_request(req: Request, model: str, version: str | None, *, explain: b
     core = InferenceRequest(model=model, version=version, request_id=req.request_id, protocol=protocol,
                             fields=fields, headers=headers)
     core.timings.received = time.monotonic()
-    gone = req.client_gone()
-    if gone is not None:
-        core.client_gone = gone
+    core.client = req.connection()
     return core
 
 

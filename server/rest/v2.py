@@ -8,7 +8,6 @@ and the repository extension (index, load, unload). Every error is ``{"error": .
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import orjson
@@ -166,13 +165,11 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         params = request.get("parameters")
         rid = request.get("id")
         core = InferenceRequest(model=name, version=version,
-                                request_id=str(rid) if rid else req.headers.get("x-request-id") or str(uuid.uuid4()),
+                                request_id=str(rid) if rid else req.request_id,
                                 protocol="v2", tensors=tensors, tensor_meta=meta or None,
                                 headers=req.headers, deadline=deadline_from(params if isinstance(params, dict) else None, received))
         core.timings.received = received
-        gone = req.client_gone()
-        if gone is not None:
-            core.client_gone = gone
+        core.client = req.connection()
         out = await dataplane.infer(core)
         mv = registry.get(name, out.model_version or version)
         requested = [o.get("name") for o in request.get("outputs") or () if isinstance(o, dict)] or None
