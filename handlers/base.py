@@ -12,6 +12,7 @@ the Open Inference Protocol inputs and outputs (by default, those of model-confi
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from .errors import InvalidInput
 from .loading import Optimizations, load_model, optimizations_from, optimize
 
 __all__ = ["BaseHandler", "body_of"]
+
+log = logging.getLogger("osprey.handler")
 
 
 def body_of(row: dict) -> Any:
@@ -56,6 +59,10 @@ class BaseHandler:
             self.device = torch.device("cpu")
         model = context.manifest.get("model", {})
         self.optimizations = optimizations_from(context.model_yaml_config)
+        if self.optimizations.quantize and self.device.type != "cpu":
+            log.warning("quantize: %s runs on the CPU; model %s ignores its GPU", self.optimizations.quantize,
+                        getattr(context, "model_name", "?"))
+            self.device = torch.device("cpu")
         self.model = load_model(props.get("model_dir"), model.get("serializedFile"),
                                 model.get("modelFile"), self.device)
         self.model = optimize(self.model, self.optimizations, self.device)

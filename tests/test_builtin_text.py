@@ -1,7 +1,8 @@
 """``text_classifier`` with a GRU and a plain vocabulary file: padded variable-length batches.
 
 The GRU packs its padded batch with the lengths the handler passes, so a text's answer
-must not depend on the other texts of its batch (probabilities within 1e-5).
+must not depend on the other texts of its batch (probabilities within 1e-5 on the CPU,
+1e-4 where the server runs it on a GPU: cuDNN's kernels differ by batch size).
 """
 
 from __future__ import annotations
@@ -62,19 +63,20 @@ def test_gru_with_plain_vocabulary_pads_batches_without_changing_answers(osprey,
     singles = [httpx.post(url, json={"text": t}, timeout=30).json() for t in texts]
     batched = [r.json() for r in concurrent_posts(url, [{"text": t} for t in texts], workers=32)]
     assert mean_batch_size(srv.metrics, "gru") > 1.0
+    tol = 1e-4 if torch.cuda.is_available() else 1e-5
     for one, many in zip(singles, batched):
         assert set(one) == {"a", "b", "c"}
         for label in one:
-            assert abs(one[label] - many[label]) <= 1e-5
+            assert abs(one[label] - many[label]) <= tol
 
     # the answer is the model's own on the tokenized text (lowercased words, unknown -> [UNK])
     ids = [VOCAB.index(w) if w in VOCAB else 1 for w in "the dog ran far , far away .".split()]
     with torch.inference_mode():
         want = torch.softmax(model(torch.tensor([ids]), torch.tensor([len(ids)])), -1)[0].numpy()
     got = singles[1]
-    np.testing.assert_allclose([got[k] for k in ("a", "b", "c")], want, atol=1e-5)
+    np.testing.assert_allclose([got[k] for k in ("a", "b", "c")], want, atol=tol)
     # a list of texts is one request answered with a list, in order
     listed = httpx.post(url, json=texts[:3], timeout=30).json()
     for a, b in zip(listed, singles[:3]):
         for label in a:
-            assert abs(a[label] - b[label]) <= 1e-5
+            assert abs(a[label] - b[label]) <= tol
