@@ -23,7 +23,8 @@ NAME = "digits_vae"
 SEED = 0
 EPOCHS = 40
 LATENT = 8
-HANDLER_CONFIG = {"latent_dim": LATENT, "num_classes": 10, "output_range": [0.0, 1.0], "upscale": 4, "max_samples": 64}
+HANDLER_CONFIG = {"latent_dim": LATENT, "num_classes": 10, "output_range": [0.0, 1.0], "image_shape": [8, 8],
+                  "upscale": 4, "max_samples": 64}
 
 
 def _cvae():

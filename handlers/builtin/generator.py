@@ -9,6 +9,7 @@ model-config.yaml::
       latent_dim: 8
       num_classes: 10       # 0 (default): unconditional, the model takes only z
       output_range: [0, 1]  # mapped to 0..255
+      image_shape: [8, 8]   # optional, for the declared output tensor: [H, W] or [C, H, W]
       upscale: 4            # nearest-neighbour enlargement of the PNGs
       max_samples: 64
 
@@ -47,12 +48,13 @@ class GeneratorHandler(BuiltinHandler):
         self.lo, self.hi = float(lo), float(hi)
         self.upscale = max(1, int(cfg.get("upscale", 1)))
         self.max_samples = int(cfg.get("max_samples", 64))
+        self.image_shape = [int(d) for d in cfg.get("image_shape", [-1, -1])]
 
     def tensor_metadata(self) -> dict:
         inputs = [tensor("latent", "FP32", [-1, self.latent_dim])]
         if self.num_classes:
             inputs.append(tensor("class", "INT64", [-1]))
-        return {"inputs": inputs, "outputs": [tensor("image", "FP32", [-1, -1, -1])]}
+        return {"inputs": inputs, "outputs": [tensor("image", "FP32", [-1, *self.image_shape])]}
 
     # --- input ----------------------------------------------------------------------
     def _int(self, body: dict, key: str, default: Any) -> Any:
