@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from .common import BuiltinHandler, read_labels, tensor, topk_labels
 from .text import TextTokenizer, first_output, model_inputs_from, texts_from_body, texts_from_tensors
 
