@@ -9,8 +9,10 @@ handler, same model-config.yaml). Models:
 - ``cnn``: a ResNet-18-sized CNN (BasicBlock [2, 2, 2, 2], 11.7 M parameters, random
   weights) written with plain ``torch.nn``; raw float32 body of shape 3xSxS
   (``application/octet-stream``), JSON answer ``{"class": k}``. batchSize 32, 5 ms.
-- ``digits_cnn``: the archive ``osprey examples`` writes (when that command exists), fed
-  a PNG digit.
+- ``digits_cnn``: the model ``osprey examples`` trains (when that command exists), fed a
+  PNG digit: ``digits_cnn_builtin`` is its archive as built (Osprey's built-in
+  ``image_classifier``, Osprey only), ``digits_cnn`` the same files with a Pillow handler
+  file that TorchServe runs as well.
 """
 
 from __future__ import annotations
@@ -190,6 +192,44 @@ def _build_cnn(store: Path, work: Path, side: int) -> BenchModel:
                       f"ResNet-18-sized CNN (11.7 M params, random weights), float32 3x{side}x{side} raw body")
 
 
+# The same preprocessing as Osprey's built-in image_classifier (model-config.yaml ``handler:``
+# section), written with Pillow + numpy so that TorchServe runs it too: TorchServe's own
+# image_classifier imports torchvision, which cannot be installed beside torch 2.13 here.
+DIGITS_HANDLER = '''
+import io, json, os
+import numpy as np
+import torch
+from PIL import Image
+
+model = labels = cfg = None
+
+def handle(data, context):
+    global model, labels, cfg
+    if data is None:
+        d = context.system_properties["model_dir"]
+        model = torch.jit.load(os.path.join(d, context.manifest["model"]["serializedFile"])).eval()
+        with open(os.path.join(d, "index_to_name.json")) as fh:
+            labels = json.load(fh)
+        cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {})
+        return None
+    h, w = cfg.get("resize", [8, 8])
+    resample = getattr(Image.Resampling, str(cfg.get("resample", "box")).upper())
+    mean = np.asarray(cfg.get("mean", [0.0]), dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(cfg.get("std", [1.0]), dtype=np.float32).reshape(-1, 1, 1)
+    xs = []
+    for row in data:
+        img = Image.open(io.BytesIO(row.get("data") or row.get("body"))).convert(cfg.get("mode", "L")).resize((w, h), resample)
+        arr = np.asarray(img, dtype=np.float32)
+        arr = (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)) / float(cfg.get("scale", 255.0))
+        xs.append((arr - mean) / std)
+    with torch.inference_mode():
+        probs = torch.softmax(model(torch.from_numpy(np.stack(xs))), dim=1)
+    k = int(cfg.get("topk", 5))
+    top_p, top_i = probs.topk(k, dim=1)
+    return [{labels.get(str(i), str(i)): p for p, i in zip(ps, ids)} for ps, ids in zip(top_p.tolist(), top_i.tolist())]
+'''
+
+
 def _digit_png(work: Path) -> Path:
     """A PNG of one held-out digit from scikit-learn's bundled data set (an 8x8 image, scaled)."""
     from PIL import Image
@@ -203,11 +243,14 @@ def _digit_png(work: Path) -> Path:
     return path
 
 
-def _build_digits(store: Path, work: Path, log: list[str]) -> BenchModel | None:
-    """Run ``osprey examples --only digits_cnn``; None (with a note) where that is not available."""
+def _build_digits(store: Path, work: Path, log: list[str]) -> list[BenchModel]:
+    """``osprey examples --only digits_cnn``, served as built (Osprey's built-in handler) and
+    repackaged with a portable handler file (same weights, config and labels) for both servers."""
+    import zipfile
+
     if not (ROOT / "examples" / "build.py").exists():
         log.append("digits_cnn skipped: `osprey examples` is not available yet (examples/build.py missing)")
-        return None
+        return []
     out = work / "examples"
     mar = out / "digits_cnn.mar"
     if not mar.exists():
@@ -217,13 +260,37 @@ def _build_digits(store: Path, work: Path, log: list[str]) -> BenchModel | None:
         if proc.returncode != 0 or not mar.exists():
             log.append(f"digits_cnn skipped: `{' '.join(cmd[2:])}` failed ({proc.returncode}): "
                        f"{(proc.stderr or proc.stdout)[-400:]}")
-            return None
-    target = store / "digits_cnn.mar"
-    target.write_bytes(mar.read_bytes())
+            return []
     samples = sorted(out.glob("**/*.png"))
     body = samples[0] if samples else _digit_png(work)
-    return BenchModel("digits_cnn", target, body, "image/png", "digits", None, (), True,
-                      f"`osprey examples` digits CNN, PNG body {body.name}")
+    builtin = store / "digits_cnn_builtin.mar"
+    builtin.write_bytes(mar.read_bytes())
+    # repackage: every file of the example archive but its manifest, plus the portable handler
+    src = work / "digits_src"
+    src.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(mar) as zf:
+        manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
+        for name in zf.namelist():
+            if not name.startswith("MAR-INF/") and not name.endswith("/"):
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                (src / name).write_bytes(zf.read(name))
+    handler = src / "digits_handler.py"
+    handler.write_text(DIGITS_HANDLER)
+    from server.archive import write_archive
+
+    extras = [str(p) for p in sorted(src.iterdir()) if p.name not in (manifest["serializedFile"], handler.name,
+                                                                      manifest.get("configFile", ""))]
+    portable = write_archive(model_name="digits_cnn", version=manifest.get("modelVersion", "1.0"),
+                             handler=str(handler), serialized_file=str(src / manifest["serializedFile"]),
+                             config_file=str(src / manifest["configFile"]) if manifest.get("configFile") else None,
+                             extra_files=extras, export_path=str(store), force=True)
+    return [BenchModel("digits_cnn", portable, body, "image/png", "digits", None, (), True,
+                       f"`osprey examples` digits CNN (same weights, model-config.yaml and labels) with a Pillow "
+                       f"handler file both servers run; PNG body {body.name}"),
+            BenchModel("digits_cnn_builtin", builtin, body, "image/png", "digits", None, (), True,
+                       "the `osprey examples` archive as built (Osprey's built-in image_classifier; "
+                       "TorchServe's built-in one needs torchvision)", extra={"osprey_only": True,
+                                                                             "concurrency": [1, 32]})]
 
 
 def build_models(work: Path, *, cnn_side: int = 224, with_cnn: bool = True, with_digits: bool = True,
@@ -238,7 +305,6 @@ def build_models(work: Path, *, cnn_side: int = 224, with_cnn: bool = True, with
     if with_cnn:
         models["cnn"] = _build_cnn(store, build, cnn_side)
     if with_digits:
-        digits = _build_digits(store, build, log)
-        if digits is not None:
-            models["digits_cnn"] = digits
+        for m in _build_digits(store, build, log):
+            models[m.name] = m
     return models

@@ -20,9 +20,11 @@ __all__ = ["generate", "goals"]
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_LABEL = {"osprey": "Osprey REST", "osprey_grpc": "Osprey gRPC", "torchserve": "TorchServe 0.12",
-                "fastapi": "FastAPI", "uvicorn_constant": "uvicorn constant", "osprey_nometrics": "Osprey (metrics off)"}
+                "fastapi": "FastAPI", "uvicorn_constant": "uvicorn constant", "osprey_nometrics": "Osprey (metrics off)",
+                "osprey_grpc_live": "Osprey gRPC ServerLive"}
 MODEL_LABEL = {"mlp": "tiny MLP, batchSize 32 / 5 ms", "mlp_nb": "tiny MLP, batching off (batchSize 1)",
-               "cnn": "ResNet-18-sized CNN, batchSize 32 / 5 ms", "digits_cnn": "digits_cnn (`osprey examples`)"}
+               "cnn": "ResNet-18-sized CNN, batchSize 32 / 5 ms", "digits_cnn": "digits_cnn (`osprey examples`), batchSize 16 / 5 ms",
+               "digits_cnn_builtin": "digits_cnn as built (built-in image_classifier)"}
 
 
 # --- lookups --------------------------------------------------------------------------
@@ -98,8 +100,12 @@ def goals(data: dict) -> list[dict]:
     g = _row(data, "osprey_grpc", "mlp", 1)
     model_ms = _pass_ms(data, "mlp")
     over = (g["p50_ms"] - model_ms) if g and g.get("p50_ms") is not None and model_ms is not None else None
+    live = _row(data, "osprey_grpc_live", "mlp", 1)
+    detail = "no gRPC rows in this run" if g is None else (
+        f"p50 {_f(g.get('p50_ms'), '{:.3f}')} ms - model {_f(model_ms, '{:.3f}')} ms, Python grpc.aio client time included"
+        + (f"; ServerLive (no model, no data plane) p50 {live['p50_ms']:.3f} ms" if live and live.get("p50_ms") else ""))
     add("gRPC, c=1, server overhead (p50 - model time)", "< 0.5 ms", _f(over, "{:.3f} ms"),
-        None if over is None else over < 0.5, "no gRPC rows in this run" if g is None else "client time included")
+        None if over is None else over < 0.5, detail)
 
     ob, tb = _best(data, "osprey", "cnn"), _best(data, "torchserve", "cnn")
     ceil, bs = _ceiling_best(data, "cnn")
@@ -244,6 +250,9 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
          f"- Machine: {mach['nproc']} CPUs ({mach['cpu_model']}), {mach['mem_mib']} MiB, kernel {mach['kernel']}; "
          f"Python {mach['python']}, torch {mach['torch']} ({mach['torch_threads']} threads); "
          f"TorchServe {mach.get('torchserve', 'not run')}; Osprey commit {mach['osprey_commit']}",
+         f"- Load average (1, 5, 15 min) at start {meta.get('loadavg_start')}, at end {meta.get('loadavg_end')}; "
+         "per system: " + "; ".join(f"{x.get('system') or x.get('phase')} {x.get('before')} -> {x.get('after')}" for x in data.get("loadavg", []))
+         + " (above 2 means other work shared the 2 cores during the run)",
          "- Load: Debian's `hey` (closed loop, keep-alive, warm-up before every measurement; "
          f"{meta['plan']['duration']:g} s per point, {meta['plan']['cnn_duration']:g} s for the CNN), sharing the "
          "machine's cores with the server. Ratios within one run hold; absolute numbers move with the machine.", ""]
@@ -262,6 +271,10 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
         if any(r["model"] == m for r in data["closed"]):
             desc = data["models"].get(m, {}).get("note", "")
             L += [f"### {MODEL_LABEL[m]}", "", desc, ""] + _model_table(data, m) + [""]
+    live = [r for r in data["closed"] if r["system"] == "osprey_grpc_live"]
+    if live:
+        L += ["gRPC transport floor (ServerLive through the same driver and server, no model): "
+              + ", ".join(f"c={r['concurrency']}: {r['rps']:.0f} req/s, p50 {r.get('p50_ms') or 0:.3f} ms" for r in live), ""]
     cst = [r for r in data["closed"] if r["system"] == "uvicorn_constant"]
     if cst:
         L += ["Python HTTP ceiling (bare uvicorn ASGI app answering a constant, same body and `hey`): "
@@ -312,22 +325,29 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
 
     ceil = data.get("ceiling", {})
     if ceil:
-        L += ["## Raw ceiling: forward passes in a loop, no server", "", "| model | batch | samples/s | ms per pass |", "|---|---|---|---|"]
+        L += ["## Raw ceiling: forward passes in a loop, no server", "",
+              "Each batch size at the better of 1 and the default number of torch threads.", "",
+              "| model | batch | samples/s | ms per pass | torch threads |", "|---|---|---|---|---|"]
         done = set()
         for m, c in ceil.items():
             if id(c) in done or m == "mlp_nb":
                 continue
             done.add(id(c))
             for bs, v in c["by_batch"].items():
-                L.append(f"| {m} | {bs} | {v['samples_per_s']:.0f} | {v['pass_ms']:.3f} |")
+                L.append(f"| {m} | {bs} | {v['samples_per_s']:.0f} | {v['pass_ms']:.3f} | {v.get('threads', '')} |")
         L.append("")
 
-    mt = data.get("metrics_toggle", [])
-    if mt:
-        L += ["## Metrics on vs off (Osprey, tiny MLP)", "", "| c | metrics on req/s | metrics off req/s | off/on |", "|---|---|---|---|"]
-        for r in mt:
-            on = _row(data, "osprey", "mlp", r["concurrency"])
-            L.append(f"| {r['concurrency']} | {_f(on and on['rps'])} | {r['rps']:.0f} | {_x(_ratio(r['rps'], on and on['rps']))} |")
+    var = data.get("variants", [])
+    if var:
+        L += ["## Osprey configurations compared (same run, same models)", "",
+              "| variant | settings | model | c | req/s | default Osprey req/s | variant/default | p50 / p99 ms |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in var:
+            base = _row(data, "osprey", r["model"], r["concurrency"])
+            cfg = ", ".join(f"{k}={v}" for k, v in (r.get("config") or {}).items())
+            L.append(f"| {r['system']} | {cfg} | {r['model']} | {r['concurrency']} | {r['rps']:.0f} | "
+                     f"{_f(base and base['rps'])} | {_x(_ratio(r['rps'], base and base['rps']))} | "
+                     f"{_f(r.get('p50_ms'), '{:.2f}')} / {_f(r.get('p99_ms'), '{:.2f}')} |")
         L.append("")
 
     prof = data.get("profile")

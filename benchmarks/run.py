@@ -23,11 +23,13 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import load
 from .models import BenchModel, build_models
@@ -50,14 +52,17 @@ def log(msg: str) -> None:
 # --- plan -----------------------------------------------------------------------------
 def plan(args) -> dict:
     if args.quick:
-        return {"concurrency": [1, 32], "warmup": 1.0, "duration": 3.0, "cnn_duration": 3.0,
-                "exact_c1": 2.0, "open": 4.0, "open_models": ["mlp"], "ceiling_s": 0.2,
+        return {"concurrency": [1, 32], "warmup": 0.5, "duration": 2.5, "cnn_duration": 2.5,
+                "exact_c1": 2.0, "exact_models": ["mlp"], "open": 3.0, "open_warmup": 1.0, "open_models": ["mlp"], "ceiling_s": 0.2,
                 "with_cnn": False, "with_digits": False, "fastapi_models": ["mlp"], "startup_repeats": 0,
-                "constant_conc": [32], "profile_s": 0}
+                "constant_conc": [32], "profile_s": 0,
+                "variant_models": ["mlp"], "variant_conc": [32]}
     return {"concurrency": [1, 8, 32, 128], "warmup": 3.0, "duration": 10.0, "cnn_duration": 15.0,
-            "exact_c1": 6.0, "open": 20.0, "open_models": ["mlp", "mlp_nb", "cnn", "digits_cnn"], "ceiling_s": 1.0,
+            "exact_c1": 6.0, "exact_models": ["mlp", "mlp_nb", "cnn", "digits_cnn", "digits_cnn_builtin"],
+            "open": 20.0, "open_warmup": 2.0, "open_models": ["mlp", "mlp_nb", "cnn", "digits_cnn"], "ceiling_s": 1.0,
             "with_cnn": True, "with_digits": True, "fastapi_models": ["mlp", "cnn"], "startup_repeats": 3,
-            "constant_conc": [1, 8, 32, 128], "profile_s": 15}
+            "constant_conc": [1, 8, 32, 128], "profile_s": 15,
+            "variant_models": ["mlp", "mlp_nb"], "variant_conc": [1, 32]}
 
 
 def machine() -> dict:
@@ -113,18 +118,24 @@ def ceilings(models: dict[str, BenchModel], p: dict) -> dict:
     return out
 
 
-def closed_rows(system: str, server: Server, models: list[BenchModel], p: dict, protocol: str = "rest") -> list[dict]:
-    rows = []
-    for m in models:
-        duration = p["cnn_duration"] if m.kind == "cnn" else p["duration"]
-        conc = p["constant_conc"] if system == "uvicorn_constant" else p["concurrency"]
-        for c in conc:
-            r = load.hey(server.predict_url(m.name), str(m.body), m.content_type, c, duration, p["warmup"])
-            r.update(system=system, model=m.name, protocol=protocol, concurrency=c, tool="hey")
-            log(f"  {system:18s} {m.name:10s} c={c:<4d} {r['rps']:9.1f} req/s  p50 {r.get('p50_ms', 0):7.2f} ms"
-                f"  p99 {r.get('p99_ms', 0):7.2f} ms  errors {r['errors']}")
-            rows.append(r)
-    return rows
+def conc_for(system: str, m: BenchModel, p: dict) -> list[int]:
+    conc = p["constant_conc"] if system == "uvicorn_constant" else p["concurrency"]
+    if m.extra.get("concurrency"):
+        conc = [c for c in conc if c in m.extra["concurrency"]] or m.extra["concurrency"]
+    return conc
+
+
+def closed_point(system: str, server: Server, m: BenchModel, c: int, p: dict) -> dict:
+    duration = p["cnn_duration"] if m.kind == "cnn" else p["duration"]
+    r = load.hey(server.predict_url(m.name), str(m.body), m.content_type, c, duration, p["warmup"])
+    r.update(system=system, model=m.name, protocol="rest", concurrency=c, tool="hey")
+    log(f"  {system:18s} {m.name:18s} c={c:<4d} {r['rps']:9.1f} req/s  p50 {r.get('p50_ms', 0):7.2f} ms"
+        f"  p99 {r.get('p99_ms', 0):7.2f} ms  errors {r['errors']}")
+    return r
+
+
+def closed_rows(system: str, server: Server, models: list[BenchModel], p: dict) -> list[dict]:
+    return [closed_point(system, server, m, c, p) for m in models for c in conc_for(system, m, p)]
 
 
 def exact_c1(system: str, server: Server, m: BenchModel, p: dict) -> dict:
@@ -136,77 +147,168 @@ def exact_c1(system: str, server: Server, m: BenchModel, p: dict) -> dict:
     return r
 
 
+def openloop_binary(work: Path, notes: list[str]) -> Path | None:
+    """Compile benchmarks/openloop.c (wrk2-like, µs timers); None where no C compiler is found."""
+    exe = work / "openloop"
+    src = HERE / "openloop.c"
+    if exe.exists() and exe.stat().st_mtime >= src.stat().st_mtime:
+        return exe
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc:
+        proc = subprocess.run([cc, "-O2", "-o", str(exe), str(src), "-lm"], capture_output=True, text=True)
+        if proc.returncode == 0:
+            return exe
+        notes.append(f"openloop.c did not compile ({proc.stderr[-300:]}); open loop used the Python driver")
+    else:
+        notes.append("no C compiler: open loop used the Python driver (about 1 ms timer resolution, more client CPU)")
+    return None
+
+
 def open_row(system: str, server: Server, m: BenchModel, capacity: float, p: dict) -> dict:
     rate = max(1.0, 0.7 * capacity)
     duration = p["open"]
     if m.kind in ("cnn",):
         duration = max(duration, min(60.0, 2000 / rate))  # enough samples for a p99
-    r = run_json([sys.executable, "-m", "benchmarks.openloop", "--url", server.predict_url(m.name),
-                  "--body", str(m.body), "--content-type", m.content_type, "--rate", f"{rate:.1f}",
-                  "--duration", f"{duration:g}", "--warmup", "2"], timeout=duration + 180)
+    url = server.predict_url(m.name)
+    if p.get("openloop_bin"):
+        parts = urlsplit(url)
+        cmd = [p["openloop_bin"], parts.hostname, str(parts.port), parts.path, str(m.body), m.content_type,
+               f"{rate:.1f}", f"{duration:g}", str(p["open_warmup"]), "512", "1"]
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.openloop", "--url", url, "--body", str(m.body),
+               "--content-type", m.content_type, "--rate", f"{rate:.1f}", "--duration", f"{duration:g}",
+               "--warmup", str(p["open_warmup"])]
+    r = run_json(cmd, timeout=duration + 180)
     r.update(system=system, model=m.name, protocol="rest", capacity_rps=capacity, load_fraction=0.7)
-    log(f"  {system:18s} {m.name:10s} open {rate:8.1f}/s: p50 {r.get('p50_ms', 0):.2f} ms p99 {r.get('p99_ms', 0):.2f} ms"
-        f" (driver lateness p99 {r['lateness'].get('p99_ms', 0):.2f} ms)")
+    log(f"  {system:18s} {m.name:18s} open {rate:8.1f}/s: p50 {r.get('p50_ms', 0):.2f} ms p99 {r.get('p99_ms', 0):.2f} ms"
+        f" errors {r['errors']} (driver lateness p99 {r['lateness'].get('p99_ms', 0):.2f} ms)")
     return r
 
 
+def run_json_group(cmd: list[str], timeout: float) -> dict:
+    """run_json for a command that spawns processes: on timeout its whole process group is killed."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{' '.join(cmd[1:3])} did not finish in {timeout:.0f} s")
+    if proc.returncode != 0 or not out.strip():
+        raise RuntimeError(f"{' '.join(cmd[1:3])} failed ({proc.returncode}): {err[-1500:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def grpc_rows(server: Osprey, models: list[BenchModel], p: dict, notes: list[str]) -> list[dict]:
-    """Osprey over gRPC with benchmarks/grpc_driver.py (written separately); a marked gap without it."""
+    """Osprey over gRPC (Open Inference Protocol ModelInfer, FP32 1x16) with benchmarks/grpc_driver.py,
+    plus ServerLive at c=1 (the transport floor); a marked gap when the driver is missing."""
     driver = HERE / "grpc_driver.py"
     if not driver.exists():
         notes.append("gRPC rows missing: benchmarks/grpc_driver.py does not exist yet")
         return []
     rows = []
-    for m in models:
-        for c in p["concurrency"]:
-            cmd = [sys.executable, "-m", "benchmarks.grpc_driver", "--target", server.grpc, "--model", m.name,
-                   "--input-file", str(m.body), "--concurrency", str(c), "--duration", str(p["duration"]),
-                   "--warmup", str(p["warmup"]), "--json"]
-            try:
-                r = run_json(cmd, timeout=p["duration"] + p["warmup"] + 180)
-            except Exception as exc:  # the driver's CLI may differ: leave a marked gap, keep going
-                notes.append(f"gRPC rows missing: {' '.join(cmd[2:4])} failed: {str(exc)[:300]}")
-                return rows
-            r.update(system="osprey_grpc", model=m.name, protocol="grpc", concurrency=c, tool="grpc_driver")
-            log(f"  {'osprey_grpc':18s} {m.name:10s} c={c:<4d} {r.get('rps', 0):9.1f} req/s  p50 {r.get('p50_ms', 0):7.2f} ms")
-            rows.append(r)
+    points = [(m, c, "oip") for m in models for c in p["concurrency"]] + [(models[0], 1, "live")] if models else []
+    for m, c, api in points:
+        cmd = [sys.executable, str(driver), "--target", server.grpc, "--api", api, "--model", m.name,
+               "--input", "INPUT0:FP32:1," + ",".join(map(str, m.input_shape)), "-c", str(c),
+               "-p", str(1 if c < 8 else 2), "-d", str(p["duration"]), "--warmup", str(p["warmup"])]
+        try:
+            r = run_json_group(cmd, timeout=p["duration"] + p["warmup"] + 120)
+        except Exception as exc:  # leave a marked gap, keep going
+            notes.append(f"gRPC {api} {m.name} c={c} missing: {str(exc)[:300]}")
+            continue
+        lat = r.get("latency_ms", {})
+        row = {"system": "osprey_grpc" if api == "oip" else "osprey_grpc_live", "model": m.name, "protocol": "grpc",
+               "concurrency": c, "tool": "grpc_driver (" + api + ")", "rps": r.get("throughput_rps") or 0.0,
+               "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "mean_ms": lat.get("mean"),
+               "n": r.get("requests"), "errors": r.get("errors"), "command": " ".join(cmd[1:]), "raw": r}
+        log(f"  {row['system']:18s} {m.name:18s} c={c:<4d} {row['rps']:9.1f} req/s  p50 {row['p50_ms'] or 0:7.2f} ms"
+            f"  p99 {row['p99_ms'] or 0:7.2f} ms  errors {row['errors']}")
+        rows.append(row)
     return rows
 
 
-def metrics_off_config() -> dict | None:
+def variants(args, notes: list[str]) -> list[tuple[str, dict]]:
+    """Osprey configurations compared with the default one on the tiny MLP."""
     from server.settings import Settings
 
-    names = {f for f in Settings.__dataclass_fields__}
-    for key, value in METRICS_OFF_CANDIDATES.items():
-        if key in names:
-            return {key: value}
-    return None
+    names = set(Settings.__dataclass_fields__)
+    out = []
+    metrics = [(k, v) for k, v in METRICS_OFF_CANDIDATES.items() if k in names]
+    if metrics:
+        out.append(("osprey_nometrics", dict(metrics[:1])))
+    else:
+        notes.append("metrics on/off: no metrics switch in server/settings.py yet (looked for: "
+                     + ", ".join(METRICS_OFF_CANDIDATES) + ")")
+    if "torch_threads" in names:
+        out.append(("osprey_threads1", {"torch_threads": "1"}))
+    for spec in args.osprey_variant or []:
+        tag, _, kvs = spec.partition(":")
+        cfg = dict(kv.split("=", 1) for kv in kvs.split(",") if "=" in kv)
+        unknown = [k for k in cfg if k not in names]
+        if unknown:
+            notes.append(f"variant {tag}: unknown settings {unknown} (server/settings.py); skipped")
+            continue
+        out.append((f"osprey_{tag}", cfg))
+    return out
 
 
-def drive_system(system: str, server: Server, models: list[BenchModel], p: dict, result: dict, notes: list[str],
-                 *, open_loop: bool = True, exact: bool = True) -> None:
-    log(f"{system}: started, first answer {server.startup.get('first_answer_s', 0):.2f} s, "
-        f"all {len(models)} models {server.startup.get('all_models_s', 0):.2f} s, RSS {server.rss_mb():.0f} MiB")
-    result["startup"].append({"system": system, "models": [m.name for m in models], **server.startup})
-    result["memory"].append({"system": system, "when": "idle, models loaded", "models": [m.name for m in models],
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def started(system: str, server: Server, result: dict, notes: list[str]) -> None:
+    """Record a freshly started server's start-up time and idle memory."""
+    for name, why in getattr(server, "failed", {}).items():
+        notes.append(f"{system}: model {name} skipped: {why}")
+    log(f"{system}: first answer {server.startup.get('first_answer_s', 0):.2f} s, "
+        f"all {len(server.models)} models {server.startup.get('all_models_s', 0):.2f} s, RSS {server.rss_mb():.0f} MiB")
+    result["startup"].append({"system": system, "models": [m.name for m in server.models], **server.startup})
+    result["memory"].append({"system": system, "when": "idle, models loaded", "models": [m.name for m in server.models],
                              "rss_mib": server.rss_mb()})
-    rows = closed_rows(system, server, models, p)
-    result["closed"] += rows
-    for m in models:
-        if exact:
+
+
+def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict, result: dict,
+              notes: list[str]) -> None:
+    """Every measurement point runs on each system back to back, so that a change in the
+    machine's background load hits all systems alike and ratios stay meaningful."""
+    result["loadavg"].append({"phase": "closed loop", "before": loadavg()})
+    for name, m in models.items():
+        for c in sorted({c for s, srv in servers.items() if m in srv.models for c in conc_for(s, m, p)}):
+            for system, server in servers.items():
+                if m in server.models and c in conc_for(system, m, p):
+                    result["closed"].append(closed_point(system, server, m, c, p))
+    result["loadavg"][-1]["after"] = loadavg()
+    result["loadavg"].append({"phase": "exact c=1 and open loop", "before": loadavg()})
+    for name, m in models.items():
+        for system, server in servers.items():
+            if m not in server.models or system == "uvicorn_constant" or name not in p["exact_models"]:
+                continue
             try:
                 result["exact_c1"].append(exact_c1(system, server, m, p))
             except Exception as exc:
                 notes.append(f"{system} {m.name}: exact c=1 run failed: {exc}")
-        if open_loop and m.name in p["open_models"]:
-            cap = max((r["rps"] for r in rows if r["model"] == m.name), default=0.0)
+    for name, m in models.items():
+        if name not in p["open_models"]:
+            continue
+        for system, server in servers.items():
+            if m not in server.models or system == "uvicorn_constant":
+                continue
+            cap = max((r["rps"] for r in result["closed"] if r["model"] == m.name and r["system"] == system),
+                      default=0.0)
             if cap > 0:
                 try:
                     result["open"].append(open_row(system, server, m, cap, p))
                 except Exception as exc:
                     notes.append(f"{system} {m.name}: open-loop run failed: {exc}")
-    result["memory"].append({"system": system, "when": "after load", "models": [m.name for m in models],
-                             "rss_mib": server.rss_mb()})
+    result["loadavg"][-1]["after"] = loadavg()
+    for system, server in servers.items():
+        result["memory"].append({"system": system, "when": "after load", "models": [m.name for m in server.models],
+                                 "rss_mib": server.rss_mb()})
 
 
 def startup_repeats(work: Path, model: BenchModel, ts_bin: Path | None, repeats: int, result: dict) -> None:
@@ -290,28 +392,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cnn-side", type=int, default=224, help="CNN input is 3xSxS float32")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-digits", action="store_true")
+    ap.add_argument("--digits", action="store_true", help="include digits_cnn in a --quick run")
     ap.add_argument("--no-cnn", action="store_true")
+    ap.add_argument("--osprey-variant", action="append", metavar="TAG:key=value[,key=value]",
+                    help="also run Osprey with these config.properties settings (tiny MLP), e.g. threads2:torch_threads=2")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
+    load_start = loadavg()
     p = plan(args)
     if args.no_cnn:
         p["with_cnn"] = False
     if args.no_digits:
         p["with_digits"] = False
+    if args.digits:
+        p["with_digits"] = True
     systems = set(args.systems.split(","))
+    p["openloop_bin"] = None
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     result: dict = {"meta": {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                              "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                             "mode": "quick" if args.quick else "full", "plan": p, "machine": machine()},
+                             "mode": "quick" if args.quick else "full", "plan": p, "machine": machine(),
+                             "loadavg_start": load_start},
                     "models": {}, "ceiling": {}, "closed": [], "exact_c1": [], "open": [], "startup": [],
-                    "startup_single": [], "memory": [], "metrics_toggle": [], "profile": None, "notes": notes,
+                    "startup_single": [], "memory": [], "variants": [], "profile": None, "notes": notes, "loadavg": [],
                     "config": {}}
     log(f"building models in {work} ({result['meta']['mode']} run)")
     models = build_models(work, cnn_side=args.cnn_side, with_cnn=p["with_cnn"], with_digits=p["with_digits"], log=notes)
     result["models"] = {n: m.as_json() for n, m in models.items()}
+    exe = openloop_binary(work, notes)
+    p["openloop_bin"] = str(exe) if exe else None
     served = list(models.values())
 
     if "ceiling" in systems:
@@ -334,69 +446,59 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             notes.append(f"{name} failed: {type(exc).__name__}: {str(exc)[:500]}")
 
-    # Osprey (REST, then gRPC against the same process)
-    if "osprey" in systems or "osprey_grpc" in systems:
-        def osprey_run():
-            server = Osprey(work / "osprey", served).start()
-            try:
-                if "osprey" in systems:
-                    drive_system("osprey", server, served, p, result, notes)
-                if "osprey_grpc" in systems:
-                    result["closed"] += grpc_rows(server, [m for m in served if m.kind == "mlp" and m.batching], p, notes)
-            finally:
-                server.stop()
-        guarded("osprey", osprey_run)
-
-    if ts_bin is not None:
-        def ts_run():
-            server = TorchServe(work / "torchserve", served, ts_bin).start()
-            try:
+    # Start each server alone (its start-up time is measured on an otherwise quiet machine), keep them all
+    # up, then drive them point by point.
+    servers: dict[str, Server] = {}
+    try:
+        if "osprey" in systems or "osprey_grpc" in systems:
+            def start_osprey():
+                servers["osprey"] = Osprey(work / "osprey", served).start()
+                started("osprey", servers["osprey"], result, notes)
+            guarded("osprey start", start_osprey)
+        if ts_bin is not None:
+            def start_ts():
+                ts_models = [m for m in served if not m.extra.get("osprey_only")]
+                server = TorchServe(work / "torchserve", ts_models, ts_bin).start()
+                servers["torchserve"] = server
+                started("torchserve", server, result, notes)
                 result["config"]["torchserve"] = {m.name: {k: server.describe(m.name).get(k) for k in
                                                            ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
-                                                  for m in served}
-                drive_system("torchserve", server, served, p, result, notes)
-            finally:
-                server.stop()
-        guarded("torchserve", ts_run)
+                                                  for m in server.models}
+            guarded("torchserve start", start_ts)
+        if "fastapi" in systems:
+            def start_fastapi():
+                fm = [models[n] for n in p["fastapi_models"] if n in models]
+                servers["fastapi"] = FastAPIApp(work / "fastapi", fm).start()
+                started("fastapi", servers["fastapi"], result, notes)
+            guarded("fastapi start", start_fastapi)
+        if "uvicorn_constant" in systems:
+            def start_constant():
+                servers["uvicorn_constant"] = ConstantApp(work / "constant", [models["mlp"]]).start()
+            guarded("uvicorn_constant start", start_constant)
+        rest = {k: v for k, v in servers.items() if k != "osprey" or "osprey" in systems}
+        guarded("closed/open loop", lambda: drive_all(rest, models, p, result, notes))
+        if "osprey_grpc" in systems and "osprey" in servers:
+            grpc_models = [m for m in servers["osprey"].models if m.kind == "mlp" and m.batching]
+            guarded("grpc", lambda: result["closed"].extend(grpc_rows(servers["osprey"], grpc_models, p, notes)))
+    finally:
+        for server in servers.values():
+            server.stop()
 
-    if "fastapi" in systems:
-        def fastapi_run():
-            fm = [models[n] for n in p["fastapi_models"] if n in models]
-            server = FastAPIApp(work / "fastapi", fm).start()
-            try:
-                drive_system("fastapi", server, fm, p, result, notes)
-            finally:
-                server.stop()
-        guarded("fastapi", fastapi_run)
-
-    if "uvicorn_constant" in systems:
-        def constant_run():
-            server = ConstantApp(work / "constant", [models["mlp"]]).start()
-            try:
-                rows = closed_rows("uvicorn_constant", server, [models["mlp"]], p)
-                result["closed"] += rows
-            finally:
-                server.stop()
-        guarded("uvicorn_constant", constant_run)
-
-    # Osprey with metrics off, where such a setting exists
+    # Osprey variants: metrics off (where such a setting exists), one torch thread, and --osprey-variant ones
     if "osprey" in systems:
-        cfg = metrics_off_config()
-        if cfg is None:
-            notes.append("metrics on/off: no metrics switch in server/settings.py yet (candidates: "
-                         + ", ".join(METRICS_OFF_CANDIDATES) + ")")
-        else:
-            def metrics_run():
-                mp = dict(p, concurrency=[1, 32])
-                server = Osprey(work / "osprey-nometrics", [models["mlp"]], config=cfg, tag="osprey_nometrics").start()
+        for tag, cfg in variants(args, notes):
+            def variant_run(tag=tag, cfg=cfg):
+                vm = [models[n] for n in p["variant_models"] if n in models]
+                vp = dict(p, concurrency=p["variant_conc"])
+                server = Osprey(work / tag, vm, config=cfg, tag=tag).start()
                 try:
-                    rows = closed_rows("osprey_nometrics", server, [models["mlp"]], mp)
+                    rows = closed_rows(tag, server, vm, vp)
                     for r in rows:
                         r["config"] = cfg
-                    result["metrics_toggle"] += rows
+                    result["variants"] += rows
                 finally:
                     server.stop()
-            guarded("metrics off", metrics_run)
+            guarded(f"variant {tag}", variant_run)
 
     if p["startup_repeats"] and "osprey" in systems:
         guarded("startup", lambda: startup_repeats(work, models["mlp"], ts_bin, p["startup_repeats"], result))
@@ -405,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         guarded("profile", lambda: profile_osprey(work, models["mlp"], p["profile_s"], out, result))
 
     result["meta"]["duration_s"] = round(time.monotonic() - t_start, 1)
+    result["meta"]["loadavg_end"] = loadavg()
     (out / "latest.json").write_text(json.dumps(result, indent=1, default=str))
     log(f"wrote {out / 'latest.json'} ({result['meta']['duration_s']:.0f} s)")
     from .report import generate

@@ -107,9 +107,15 @@ class Server:
             raise
         return self
 
+    def load_failed(self, model: str) -> str | None:
+        """Why ``model`` failed to load, when the server's log says so (then it is skipped)."""
+        return None
+
     def _wait_models(self, timeout: float) -> None:
         deadline = self.t0 + timeout
-        for i, m in enumerate(self.models):
+        self.failed: dict[str, str] = {}
+        answered = []
+        for m in self.models:
             body = m.body.read_bytes()
             while True:
                 if self.proc.poll() is not None:
@@ -118,16 +124,22 @@ class Server:
                 try:
                     status, _ = post(self.predict_url(m.name), body, m.content_type, timeout=30)
                     if status == 200:
+                        answered.append(m)
                         break
                 except OSError:
                     pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{self.name}: {m.name} not answering after {timeout} s; log {self.log_path}")
+                why = self.load_failed(m.name)
+                if why or time.monotonic() > deadline:
+                    self.failed[m.name] = why or f"not answering after {timeout} s"
+                    break
                 time.sleep(0.02)
-            if i == 0:
+            if len(answered) == 1 and "first_answer_s" not in self.startup:
                 self.startup["first_answer_s"] = time.monotonic() - self.t0
+        if not answered:
+            raise RuntimeError(f"{self.name}: no model answered: {self.failed}; log {self.log_path}")
         self.startup["all_models_s"] = time.monotonic() - self.t0
-        self.startup["models"] = len(self.models)
+        self.startup["models"] = len(answered)
+        self.models = answered
 
     def stop(self) -> None:
         if self.proc is None:
@@ -232,6 +244,16 @@ class TorchServe(Server):
         except psutil.NoSuchProcess:
             pass
         return self.proc.pid
+
+    def load_failed(self, model: str) -> str | None:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return None
+        if f"Load model failed: {model}," in text:
+            errs = [ln for ln in text.splitlines() if "Error" in ln and "MODEL_LOG" in ln and f"-{model}_" in ln]
+            return "TorchServe could not load it: " + (errs[-1].split("MODEL_LOG - ")[-1] if errs else "worker died")
+        return None
 
     def describe(self, model: str) -> dict:
         parts = urlsplit(self.management)

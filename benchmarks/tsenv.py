@@ -15,14 +15,16 @@ from pathlib import Path
 __all__ = ["ensure_torchserve", "TS_PACKAGES", "TORCH_PIN"]
 
 TORCH_PIN = "torch==2.13.0"
-TS_PACKAGES = ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml", "psutil", "packaging", "wheel"]
+# numpy and pillow: the benchmark's handlers use them (torch 2.13 does not pull numpy in)
+TS_PACKAGES = ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml", "psutil", "packaging", "wheel",
+               "numpy", "pillow"]
 
 
 def _ok(venv: Path) -> bool:
     py = venv / "bin" / "python"
     if not (py.exists() and (venv / "bin" / "torchserve").exists()):
         return False
-    probe = "import ts, torch, model_archiver; print(torch.__version__)"
+    probe = "import ts, torch, model_archiver, numpy, PIL; print(torch.__version__)"
     return subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0
 
 
