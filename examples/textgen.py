@@ -1,6 +1,7 @@
 """A generated topic-classification text set (sports, weather, technology, food).
 
-Sentences are drawn from templates filled with topic words, some with a distracting word
+Sentences are drawn from templates filled with topic words, or are topic words shuffled
+among common words (so position and filler carry no topic); some hold a distracting word
 from another topic, so the task is learnable but not trivial (a sentence with one topic
 word and one distractor is ambiguous). Deterministic for a given seed; no downloads.
 """
@@ -43,6 +44,10 @@ _TEMPLATES = [
 ]
 
 _FILLER = ["day", "news", "plan", "story", "weekend", "idea"]
+# common words for free-form sentences: they carry no topic
+_COMMON = ["the", "a", "and", "with", "today", "tomorrow", "tonight", "late", "early", "new", "old", "great", "bad",
+           "final", "big", "small", "we", "they", "my", "our", "had", "got", "made", "saw", "was", "is", "will",
+           "be", "very", "really", "for", "in", "at", "after", "before", "again", "expected", "needs", "better"]
 
 
 def generate(n: int, seed: int = 0) -> tuple[list[str], list[int], list[str]]:
@@ -57,7 +62,11 @@ def generate(n: int, seed: int = 0) -> tuple[list[str], list[int], list[str]]:
             other = rng.choice([t for i, t in enumerate(names) if i != label])
             words.insert(rng.randrange(len(words) + 1), rng.choice(TOPICS[other]))
         template = rng.choice(_TEMPLATES)
-        if "{b}" in template:
+        if rng.random() < 0.3:  # free-form: topic words among common words, in any order
+            tokens = words + rng.sample(_COMMON, rng.randint(1, 6))
+            rng.shuffle(tokens)
+            text = " ".join(tokens)
+        elif "{b}" in template:
             text = template.format(a=words[0], b=" ".join(words[1:]) or rng.choice(_FILLER))
         else:
             text = template.format(a=words[0]) + (f" with {' and '.join(words[1:])}" if len(words) > 1 else "")
