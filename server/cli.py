@@ -119,6 +119,7 @@ def cmd_serve(args) -> int:
 def _serve_background(args, settings) -> int:
     log_file = args.log_file or os.path.join("logs", "osprey.log")
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    start = Path(log_file).stat().st_size if Path(log_file).exists() else 0  # earlier runs' lines
     argv = [sys.executable, "-m", "server.cli", *sys.argv[1:], "--foreground", "--log-file", log_file]
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -127,14 +128,20 @@ def _serve_background(args, settings) -> int:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             print(f"osprey serve: the server exited with code {proc.returncode}; see {log_file}", file=sys.stderr)
-            print(Path(log_file).read_text()[-3000:], file=sys.stderr)
+            print(_read_from(log_file, start)[-3000:].decode(errors="replace"), file=sys.stderr)
             return 1
-        if b"Osprey ready" in Path(log_file).read_bytes()[-100_000:] and _read_pid(settings.pid_file) == proc.pid:
+        if b"Osprey ready" in _read_from(log_file, start) and _read_pid(settings.pid_file) == proc.pid:
             print(f"Osprey started (pid {proc.pid}); inference at {settings.inference_address}; logs in {log_file}")
             return 0
         time.sleep(0.1)
     print(f"osprey serve: not ready after 300 s; see {log_file}", file=sys.stderr)
     return 1
+
+
+def _read_from(path: str, offset: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read()
 
 
 def cmd_stop(args) -> int:
