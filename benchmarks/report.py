@@ -22,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 SYSTEM_LABEL = {"osprey": "Osprey REST", "osprey_grpc": "Osprey gRPC", "torchserve": "TorchServe 0.12",
                 "fastapi": "FastAPI", "uvicorn_constant": "uvicorn constant", "osprey_nometrics": "Osprey (metrics off)",
                 "osprey_grpc_live": "Osprey gRPC ServerLive"}
+SHORT = {"osprey": "Osprey", "osprey_grpc": "Osprey\ngRPC", "torchserve": "TorchServe", "fastapi": "FastAPI",
+         "uvicorn_constant": "const.", "osprey_grpc_live": "gRPC\nlive", "osprey_nometrics": "no metrics"}
 MODEL_LABEL = {"mlp": "tiny MLP, batchSize 32 / 5 ms", "mlp_nb": "tiny MLP, batching off (batchSize 1)",
                "cnn": "ResNet-18-sized CNN, batchSize 32 / 5 ms", "digits_cnn": "digits_cnn (`osprey examples`), batchSize 16 / 5 ms",
                "digits_cnn_builtin": "digits_cnn as built (built-in image_classifier)"}
@@ -188,7 +190,7 @@ def plots(data: dict, out: Path) -> list[str]:
             for c in (1, 32):
                 r = _row(data, s, m, c)
                 if r and r.get("p50_ms") is not None:
-                    labels.append(f"{SYSTEM_LABEL[s].split()[0]}\nc={c}")
+                    labels.append(f"{SHORT.get(s, s)}\nc={c}")
                     p50.append(r["p50_ms"])
                     p90.append(r.get("p90_ms", 0))
                     p99.append(r.get("p99_ms", 0))
@@ -197,7 +199,7 @@ def plots(data: dict, out: Path) -> list[str]:
         ax.bar(list(xs), p90, 0.27, label="p90")
         ax.bar([x + 0.27 for x in xs], p99, 0.27, label="p99")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels, fontsize=6)
+        ax.set_xticklabels(labels, fontsize=6, rotation=90)
         ax.set_yscale("log")
         ax.set_ylabel("latency (ms, log)")
         ax.set_title(MODEL_LABEL[m], fontsize=9)
