@@ -172,9 +172,10 @@ class ModelInstance:
     def accepts_tensors(self) -> bool:
         return bool(self.service and self.service.accepts_tensors)
 
-    def submit(self, batch: list[InferenceRequest], loop: asyncio.AbstractEventLoop,
-               on_done: Callable[["ModelInstance", list, list[Outcome]], None]) -> None:
-        self._jobs.put((batch, loop, on_done))
+    def submit(self, batches: list[list[InferenceRequest]], loop: asyncio.AbstractEventLoop,
+               on_done: Callable[["ModelInstance", list, list[list[Outcome]]], None]) -> None:
+        """Run ``batches`` one after another; report all their outcomes with one loop callback."""
+        self._jobs.put((batches, loop, on_done))
 
     # --- the thread ------------------------------------------------------------------
     def _main(self) -> None:
@@ -198,14 +199,16 @@ class ModelInstance:
             job = self._jobs.get()
             if job is None:
                 break
-            batch, loop, on_done = job
+            batches, loop, on_done = job
+            outcomes = []
+            for batch in batches:  # several small batches per handoff: see Batcher._bundle_limit
+                try:
+                    outcomes.append(self.run(batch))
+                except BaseException as exc:  # never lose a batch
+                    log.exception("model %s: unexpected failure", self.name)
+                    outcomes.append([_error_for(exc)] * len(batch))
             try:
-                outcomes = self.run(batch)
-            except BaseException as exc:  # never lose a batch
-                log.exception("model %s: unexpected failure", self.name)
-                outcomes = [_error_for(exc)] * len(batch)
-            try:
-                loop.call_soon_threadsafe(on_done, self, batch, outcomes)
+                loop.call_soon_threadsafe(on_done, self, batches, outcomes)
             except RuntimeError:  # loop closed during shutdown
                 break
 

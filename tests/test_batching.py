@@ -25,20 +25,24 @@ class HandInstance:
         self._pending = []
         self.stopped = False
 
-    def submit(self, batch, loop, on_done):
+    def submit(self, batches, loop, on_done):
         now = time.monotonic()
-        for r in batch:
-            r.timings.started = now
-        self.batches.append(batch)
-        self._pending.append((batch, on_done))
+        for batch in batches:
+            for r in batch:
+                r.timings.started = now
+            self.batches.append(batch)
+        self.handoffs = getattr(self, "handoffs", 0) + 1
+        self._pending.append((batches, on_done))
 
     def finish(self, outcome=None):
-        batch, on_done = self._pending.pop(0)
+        batches, on_done = self._pending.pop(0)
         now = time.monotonic()
-        for r in batch:
-            r.timings.finished = now
-        outcomes = [outcome(r) if outcome else InferenceResponse(body=r.request_id.encode()) for r in batch]
-        on_done(self, batch, outcomes)
+        outcomes = []
+        for batch in batches:
+            for r in batch:
+                r.timings.finished = now
+            outcomes.append([outcome(r) if outcome else InferenceResponse(body=r.request_id.encode()) for r in batch])
+        on_done(self, batches, outcomes)
 
     def stop(self):
         self.stopped = True
@@ -74,9 +78,8 @@ async def test_requests_queued_while_busy_leave_as_one_batch_and_each_gets_its_o
     futs = [b.submit(req(i)) for i in range(1, 7)]
     assert [len(x) for x in inst.batches] == [1]
     inst.finish()
-    assert [len(x) for x in inst.batches] == [1, 4]  # up to batch_size
-    inst.finish()
-    assert [len(x) for x in inst.batches] == [1, 4, 2]
+    # up to batch_size per batch; fast batches travel to the instance together
+    assert [len(x) for x in inst.batches] == [1, 4, 2] and inst.handoffs == 2
     inst.finish()
     assert (await first).body == b"r0"
     assert [(await f).body for f in futs] == [f"r{i}".encode() for i in range(1, 7)]
@@ -174,6 +177,21 @@ async def test_errors_reach_only_their_own_request():
     with pytest.raises(OspreyError):
         await futs[1]
     assert (await futs[2]).body == b"ok"
+
+
+async def test_slow_batches_are_handed_over_one_at_a_time():
+    b = make(batch_size=1)
+    inst = HandInstance()
+    b.add_instance(inst)
+    b.submit(req(0))
+    futs = [b.submit(req(i)) for i in range(1, 4)]
+    time.sleep(0.01)  # this model takes 10 ms a batch: bundling would delay answers
+    inst.finish()
+    assert [len(x) for x in inst.batches] == [1, 1] and inst.handoffs == 2
+    for _ in range(3):
+        time.sleep(0.01)
+        inst.finish()
+    assert [(await f).body for f in futs] == [b"r1", b"r2", b"r3"]
 
 
 async def test_two_instances_work_in_parallel():
