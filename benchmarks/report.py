@@ -234,7 +234,8 @@ def _model_table(data: dict, m: str) -> list[str]:
             other = _row(data, s, m, c)
             cells.append(_x(_ratio(o and o["rps"], other and other["rps"])))
         if ceil:
-            cells.append(_f(_ratio(o and o["rps"], ceil) and 100 * _ratio(o["rps"], ceil), "{:.0f}%"))
+            share = _ratio(o and o["rps"], ceil)
+            cells.append(_f(share and 100 * share, "{:.0f}%" if share and share >= 0.01 else "{:.2f}%"))
         for s in cols:
             r = _row(data, s, m, c) or {}
             cells.append(f"{_f(r.get('p50_ms'), '{:.2f}')} / {_f(r.get('p99_ms'), '{:.2f}')}")

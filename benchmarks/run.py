@@ -120,6 +120,8 @@ def ceilings(models: dict[str, BenchModel], p: dict) -> dict:
 
 def conc_for(system: str, m: BenchModel, p: dict) -> list[int]:
     conc = p["constant_conc"] if system == "uvicorn_constant" else p["concurrency"]
+    if system in p.get("variant_tags", ()):
+        conc = p["variant_conc"]
     if m.extra.get("concurrency"):
         conc = [c for c in conc if c in m.extra["concurrency"]] or m.extra["concurrency"]
     return conc
@@ -281,12 +283,18 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
         for c in sorted({c for s, srv in servers.items() if m in srv.models for c in conc_for(s, m, p)}):
             for system, server in servers.items():
                 if m in server.models and c in conc_for(system, m, p):
-                    result["closed"].append(closed_point(system, server, m, c, p))
+                    row = closed_point(system, server, m, c, p)
+                    if system in p.get("variant_tags", ()):
+                        row["config"] = server.config
+                        result["variants"].append(row)
+                    else:
+                        result["closed"].append(row)
     result["loadavg"][-1]["after"] = loadavg()
     result["loadavg"].append({"phase": "exact c=1 and open loop", "before": loadavg()})
     for name, m in models.items():
         for system, server in servers.items():
-            if m not in server.models or system == "uvicorn_constant" or name not in p["exact_models"]:
+            if (m not in server.models or system == "uvicorn_constant" or name not in p["exact_models"]
+                    or system in p.get("variant_tags", ())):
                 continue
             try:
                 result["exact_c1"].append(exact_c1(system, server, m, p))
@@ -296,7 +304,7 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
         if name not in p["open_models"]:
             continue
         for system, server in servers.items():
-            if m not in server.models or system == "uvicorn_constant":
+            if m not in server.models or system == "uvicorn_constant" or system in p.get("variant_tags", ()):
                 continue
             cap = max((r["rps"] for r in result["closed"] if r["model"] == m.name and r["system"] == system),
                       default=0.0)
@@ -389,7 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=str(HERE / "RESULTS.md"), help="the Markdown report to write")
     ap.add_argument("--systems", default="osprey,osprey_grpc,torchserve,fastapi,uvicorn_constant,ceiling",
                     help="comma-separated subset")
-    ap.add_argument("--cnn-side", type=int, default=224, help="CNN input is 3xSxS float32")
+    ap.add_argument("--cnn-side", type=int, default=112,
+                    help="CNN input is 3xSxS float32 (112: about 20 ms a sample here, enough requests per point)")
+    ap.add_argument("--job-queue-size", type=int, default=1000,
+                    help="job_queue_size on both servers (their default, 100, answers 503 at c=128)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--no-digits", action="store_true")
     ap.add_argument("--digits", action="store_true", help="include digits_cnn in a --quick run")
@@ -408,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         p["with_digits"] = True
     systems = set(args.systems.split(","))
     p["openloop_bin"] = None
+    p["job_queue_size"] = args.job_queue_size
+    p["osprey_config"] = {"job_queue_size": args.job_queue_size}
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -452,13 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "osprey" in systems or "osprey_grpc" in systems:
             def start_osprey():
-                servers["osprey"] = Osprey(work / "osprey", served).start()
+                servers["osprey"] = Osprey(work / "osprey", served, config=p["osprey_config"]).start()
                 started("osprey", servers["osprey"], result, notes)
             guarded("osprey start", start_osprey)
         if ts_bin is not None:
             def start_ts():
                 ts_models = [m for m in served if not m.extra.get("osprey_only")]
-                server = TorchServe(work / "torchserve", ts_models, ts_bin).start()
+                server = TorchServe(work / "torchserve", ts_models, ts_bin,
+                                    properties={"job_queue_size": p["job_queue_size"]}).start()
                 servers["torchserve"] = server
                 started("torchserve", server, result, notes)
                 result["config"]["torchserve"] = {m.name: {k: server.describe(m.name).get(k) for k in
@@ -475,6 +489,15 @@ def main(argv: list[str] | None = None) -> int:
             def start_constant():
                 servers["uvicorn_constant"] = ConstantApp(work / "constant", [models["mlp"]]).start()
             guarded("uvicorn_constant start", start_constant)
+        if "osprey" in systems:  # Osprey variants run interleaved with everything else
+            p["variant_tags"] = []
+            for tag, cfg in variants(args, notes):
+                def start_variant(tag=tag, cfg=cfg):
+                    vm = [models[n] for n in p["variant_models"] if n in models]
+                    servers[tag] = Osprey(work / tag, vm, config={**p["osprey_config"], **cfg}, tag=tag).start()
+                    servers[tag].config = cfg
+                    p["variant_tags"].append(tag)
+                guarded(f"variant {tag} start", start_variant)
         rest = {k: v for k, v in servers.items() if k != "osprey" or "osprey" in systems}
         guarded("closed/open loop", lambda: drive_all(rest, models, p, result, notes))
         if "osprey_grpc" in systems and "osprey" in servers:
@@ -483,22 +506,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
-
-    # Osprey variants: metrics off (where such a setting exists), one torch thread, and --osprey-variant ones
-    if "osprey" in systems:
-        for tag, cfg in variants(args, notes):
-            def variant_run(tag=tag, cfg=cfg):
-                vm = [models[n] for n in p["variant_models"] if n in models]
-                vp = dict(p, concurrency=p["variant_conc"])
-                server = Osprey(work / tag, vm, config=cfg, tag=tag).start()
-                try:
-                    rows = closed_rows(tag, server, vm, vp)
-                    for r in rows:
-                        r["config"] = cfg
-                    result["variants"] += rows
-                finally:
-                    server.stop()
-            guarded(f"variant {tag}", variant_run)
 
     if p["startup_repeats"] and "osprey" in systems:
         guarded("startup", lambda: startup_repeats(work, models["mlp"], ts_bin, p["startup_repeats"], result))

@@ -208,9 +208,10 @@ class Osprey(Server):
 class TorchServe(Server):
     name = "torchserve"
 
-    def __init__(self, work: Path, models: list[BenchModel], ts_bin: Path):
+    def __init__(self, work: Path, models: list[BenchModel], ts_bin: Path, properties: dict | None = None):
         super().__init__(work, models)
         self.ts_bin = ts_bin
+        self.properties = properties or {}
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt")}
         self.inference = f"http://127.0.0.1:{self.ports['inference']}"
         self.management = f"http://127.0.0.1:{self.ports['management']}"
@@ -224,7 +225,8 @@ class TorchServe(Server):
             f"metrics_address=http://127.0.0.1:{self.ports['metrics']}",
             "grpc_inference_address=127.0.0.1", "grpc_management_address=127.0.0.1",
             f"grpc_inference_port={self.ports['grpc']}", f"grpc_management_port={self.ports['grpc_mgmt']}",
-            "default_workers_per_model=1", "disable_token_authorization=true", ""]))
+            "default_workers_per_model=1", "disable_token_authorization=true",
+            *(f"{k}={v}" for k, v in self.properties.items()), ""]))
         tmp = self.work / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         cmd = [str(self.ts_bin / "torchserve"), "--start", "--foreground", "--ncs", "--model-store", str(store),
