@@ -29,6 +29,7 @@ class OspreyProcess:
                  model_api: bool = True, extra_args: list[str] | None = None, config: dict | None = None,
                  env: dict | None = None):
         self.workdir = workdir
+        self.store = store
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt")}
         self.inference = f"http://127.0.0.1:{self.ports['inference']}"
         self.management = f"http://127.0.0.1:{self.ports['management']}"
@@ -83,39 +84,39 @@ class OspreyProcess:
         self._log.close()
 
 
+class ServerPool:
+    """Starts OspreyProcess servers under one root folder and stops them all at the end."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.started: list[OspreyProcess] = []
+
+    def __call__(self, models: list[str] | None = None, store: Path | None = None, **kwargs) -> OspreyProcess:
+        work = self.root / f"server{len(self.started)}"
+        work.mkdir()
+        proc = OspreyProcess(work, store or self.root / "store", models or [], **kwargs)
+        self.started.append(proc)
+        return proc.wait_ready()
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            proc.stop()
+
+
 @pytest.fixture
 def osprey(tmp_path):
     """Start servers: ``osprey(models=[...], store=path, ...)``; all are stopped afterwards."""
-    started: list[OspreyProcess] = []
-
-    def start(models: list[str] | None = None, store: Path | None = None, **kwargs) -> OspreyProcess:
-        work = tmp_path / f"server{len(started)}"
-        work.mkdir()
-        proc = OspreyProcess(work, store or tmp_path / "store", models or [], **kwargs)
-        started.append(proc)
-        return proc.wait_ready()
-
-    yield start
-    for proc in started:
-        proc.stop()
+    pool = ServerPool(tmp_path)
+    yield pool
+    pool.stop_all()
 
 
 @pytest.fixture(scope="module")
 def osprey_module(tmp_path_factory):
     """Like ``osprey`` but shared by the tests of one module (start once, stop at the end)."""
-    root = tmp_path_factory.mktemp("module-server")
-    started: list[OspreyProcess] = []
-
-    def start(models: list[str] | None = None, store: Path | None = None, **kwargs) -> OspreyProcess:
-        work = root / f"server{len(started)}"
-        work.mkdir()
-        proc = OspreyProcess(work, store or root / "store", models or [], **kwargs)
-        started.append(proc)
-        return proc.wait_ready()
-
-    yield start
-    for proc in started:
-        proc.stop()
+    pool = ServerPool(tmp_path_factory.mktemp("module-server"))
+    yield pool
+    pool.stop_all()
 
 
 @pytest.fixture

@@ -18,28 +18,20 @@ tritongrpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from .conftest import OspreyProcess  # noqa: E402
+
 from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, stream_archive, tensor_mlp_archive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("oip-grpc")
-    store = root / "store"
-    store.mkdir()
+def server(osprey_module, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
     tensor_mlp_archive(store)
     ops_archive(store)
     echo_archive(store)
     ids_archive(store, config={"batchSize": 1})
     stream_archive(store)
-    work = root / "work"
-    work.mkdir()
-    proc = OspreyProcess(work, store, ["tmlp=tmlp.mar", "ops=ops.mar", "echo=echo.mar", "ids=ids.mar",
-                                       "streamer=streamer.mar"])
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    return osprey_module(["tmlp=tmlp.mar", "ops=ops.mar", "echo=echo.mar", "ids=ids.mar",
+                          "streamer=streamer.mar"], store)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def client(server):
 
 
 def _store(server):
-    return server.workdir.parent / "store"
+    return server.store
 
 
 def _ran(server) -> list:

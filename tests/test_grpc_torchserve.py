@@ -16,7 +16,7 @@ import grpc
 import httpx
 import pytest
 
-from .conftest import OspreyProcess
+
 from .oip_archives import echo_archive, ids_archive, stream_archive
 
 ts = pytest.importorskip("ts", reason="TorchServe's protos come from the torchserve package (test extra)")
@@ -50,21 +50,13 @@ def ts_stubs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ts-grpc")
-    store = root / "store"
-    store.mkdir()
+def server(osprey_module, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
     echo_archive(store)
     stream_archive(store)
     ids_archive(store, name="ids", config={"batchSize": 4, "maxBatchDelay": 50})
     echo_archive(store, name="echo2")
-    work = root / "work"
-    work.mkdir()
-    proc = OspreyProcess(work, store, ["echo=echo.mar", "streamer=streamer.mar", "ids=ids.mar"])
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    return osprey_module(["echo=echo.mar", "streamer=streamer.mar", "ids=ids.mar"], store)
 
 
 def _ids_ran(server) -> list[list]:

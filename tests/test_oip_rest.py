@@ -19,27 +19,19 @@ import torch
 tritonhttp = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from .conftest import ROOT, OspreyProcess  # noqa: E402
+from .conftest import ROOT  # noqa: E402
 from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, tensor_mlp_archive  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(osprey_module, tmp_path_factory):
     """One server for the module (starting one per test would dominate the run time)."""
-    root = tmp_path_factory.mktemp("oip-rest")
-    store = root / "store"
-    store.mkdir()
+    store = tmp_path_factory.mktemp("store")
     tensor_mlp_archive(store)
     ops_archive(store)
     echo_archive(store)
     ids_archive(store, config={"batchSize": 1})
-    work = root / "work"
-    work.mkdir()
-    proc = OspreyProcess(work, store, ["tmlp=tmlp.mar", "ops=ops.mar", "echo=echo.mar", "ids=ids.mar"])
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    return osprey_module(["tmlp=tmlp.mar", "ops=ops.mar", "echo=echo.mar", "ids=ids.mar"], store)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +76,7 @@ def test_fp32_infer_equals_the_model_called_directly(client, server, binary):
     result = client.infer("tmlp", [inp], outputs=[out], request_id="r-1")
     got = result.as_numpy("OUTPUT0")
     assert got.dtype == np.float32 and got.shape == (3, 4)
-    np.testing.assert_allclose(got, _direct_mlp(server.workdir.parent / "store", x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, _direct_mlp(server.store, x), rtol=1e-5, atol=1e-6)
     assert result.get_response()["id"] == "r-1" and result.get_response()["model_version"] == "1.0"
 
 
@@ -101,7 +93,7 @@ def test_int64_and_fp16_inputs_equal_the_model_called_directly(client, server, b
         inputs.append(i)
     outputs = [tritonhttp.InferRequestedOutput(n, binary_data=binary or n == "C2") for n in ("A2", "B2", "C2")]
     result = client.infer("ops", inputs, outputs=outputs)
-    model = torch.jit.load(str(server.workdir.parent / "build-ops" / "ops.pt"))
+    model = torch.jit.load(str(server.store.parent / "build-ops" / "ops.pt"))
     want = [t.numpy() for t in model(torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(c))]
     for name, expected in zip(("A2", "B2", "C2"), want):
         got = result.as_numpy(name)
@@ -150,7 +142,7 @@ def test_body_without_json_header_is_the_single_input(server):
     out = r.json()["outputs"][0]
     assert out["name"] == "OUTPUT0" and out["shape"] == [2, 4]
     np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(2, 4),
-                               _direct_mlp(server.workdir.parent / "store", x), rtol=1e-5, atol=1e-6)
+                               _direct_mlp(server.store, x), rtol=1e-5, atol=1e-6)
 
 
 def test_timeout_parameter_expires_a_queued_request_which_never_runs(server):
@@ -227,7 +219,7 @@ def test_kserve_sdk_rest_client_infers(server):
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["live"] and got["ready"] and got["name"] == "OUTPUT0"
     x = np.arange(16, dtype=np.float32).reshape(1, 16)
-    np.testing.assert_allclose(got["data"], _direct_mlp(server.workdir.parent / "store", x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["data"], _direct_mlp(server.store, x), rtol=1e-5, atol=1e-6)
 
 
 def test_tensor_handler_also_answers_torchserve_rest(server):
@@ -235,6 +227,6 @@ def test_tensor_handler_also_answers_torchserve_rest(server):
     x = np.linspace(-1, 1, 16, dtype=np.float32)
     r = httpx.post(server.inference + "/predictions/tmlp", json=x.tolist())
     assert r.status_code == 200, r.text
-    np.testing.assert_allclose(r.json(), _direct_mlp(server.workdir.parent / "store", x[None])[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r.json(), _direct_mlp(server.store, x[None])[0], rtol=1e-5, atol=1e-6)
     r = httpx.post(server.inference + "/predictions/tmlp", json=[1.0, 2.0])
     assert r.status_code == 400 and "INPUT0" in r.json()["message"]
