@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 
-__all__ = ["TextTokenizer", "texts_from_body", "texts_from_tensors", "model_inputs_from", "first_output", "MODEL_INPUTS"]
+__all__ = ["TextInputs", "TextTokenizer", "texts_from_body", "texts_from_tensors", "model_inputs_from", "first_output", "MODEL_INPUTS"]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "lengths", "token_type_ids")
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -132,3 +132,15 @@ def first_output(out: Any) -> Any:
     if isinstance(out, (tuple, list)):
         return out[0]
     return out
+
+
+class TextInputs:
+    """Mixin for text handlers: one example per text, from a body or a BYTES ``text`` tensor."""
+
+    def examples_from_body(self, body: Any) -> list:
+        texts, as_list = texts_from_body(body)
+        return [(t, as_list) for t in texts]
+
+    def examples_from_tensors(self, tensors: dict) -> list:
+        _, arr = self.input_tensor(tensors, ("text",))
+        return [(t, True) for t in texts_from_tensors(arr)]

@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any
 
 from .common import BuiltinHandler, read_labels, tensor, topk_labels
-from .text import TextTokenizer, first_output, model_inputs_from, texts_from_body, texts_from_tensors
+from .text import TextInputs, TextTokenizer, first_output, model_inputs_from
 
 __all__ = ["TextClassifier"]
 
 
-class TextClassifier(BuiltinHandler):
+class TextClassifier(TextInputs, BuiltinHandler):
     default_inputs = ("input_ids", "lengths")
 
     def initialize(self, context: Any) -> None:
@@ -41,14 +41,6 @@ class TextClassifier(BuiltinHandler):
     def tensor_metadata(self) -> dict:
         n = len(self.labels) if self.labels else -1
         return {"inputs": [tensor("text", "BYTES", [-1])], "outputs": [tensor("probabilities", "FP32", [-1, n])]}
-
-    def examples_from_body(self, body: Any) -> list:
-        texts, as_list = texts_from_body(body)
-        return [(t, as_list) for t in texts]
-
-    def examples_from_tensors(self, tensors: dict) -> list:
-        _, arr = self.input_tensor(tensors, ("text",))
-        return [(t, True) for t in texts_from_tensors(arr)]
 
     def collate(self, examples: list) -> Any:
         import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import BuiltinHandler, tensor
-from .text import TextTokenizer, first_output, model_inputs_from, texts_from_body, texts_from_tensors
+from .text import TextInputs, TextTokenizer, first_output, model_inputs_from
 
 __all__ = ["TextEmbedding", "pool"]
 
@@ -36,7 +36,7 @@ def pool(states: Any, mask: Any, how: str) -> Any:
     return (states * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
-class TextEmbedding(BuiltinHandler):
+class TextEmbedding(TextInputs, BuiltinHandler):
     def initialize(self, context: Any) -> None:
         super().initialize(context)
         self.tokenizer = TextTokenizer(context.system_properties["model_dir"], self.config)
@@ -49,14 +49,6 @@ class TextEmbedding(BuiltinHandler):
 
     def tensor_metadata(self) -> dict:
         return {"inputs": [tensor("text", "BYTES", [-1])], "outputs": [tensor("embedding", "FP32", [-1, self.dim])]}
-
-    def examples_from_body(self, body: Any) -> list:
-        texts, as_list = texts_from_body(body)
-        return [(t, as_list) for t in texts]
-
-    def examples_from_tensors(self, tensors: dict) -> list:
-        _, arr = self.input_tensor(tensors, ("text",))
-        return [(t, True) for t in texts_from_tensors(arr)]
 
     def collate(self, examples: list) -> Any:
         import torch
