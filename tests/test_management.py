@@ -165,6 +165,9 @@ def test_token_auth(osprey, store):
     assert httpx.get(f"{srv.management}/models").status_code == 401
     assert httpx.get(f"{srv.management}/models", headers=mgmt).status_code == 200
     assert httpx.get(f"{srv.metrics}/metrics").status_code == 200  # metrics need no key
+    assert httpx.get(f"{srv.inference}/v2/health/ready").json() == {"ready": True}  # nor probes
+    assert httpx.get(f"{srv.inference}/ping").status_code == 401  # TorchServe's ping does
+    assert httpx.get(f"{srv.inference}/v2/models/mlp").status_code == 401
     # the API key rotates the inference key
     r = httpx.post(f"{srv.management}/token", params={"type": "inference"},
                    headers={"Authorization": f"Bearer {keys['API']['key']}"})

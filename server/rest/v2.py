@@ -132,8 +132,8 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
     registry = dataplane.registry
     router.fallback_errors.append(("/v2", oip_error))
 
-    def add(methods, pattern, handler):
-        router.add(methods, pattern, handler, errors=oip_error)
+    def add(methods, pattern, handler, auth=True):
+        router.add(methods, pattern, handler, errors=oip_error, auth=auth)
 
     async def live(req: Request) -> Response:
         return _json({"live": dataplane.live()})
@@ -191,8 +191,9 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         return _json({})
 
     add("GET", "/v2", server_metadata)
-    add("GET", "/v2/health/live", live)
-    add("GET", "/v2/health/ready", ready)
+    # server health answers without a token, so load balancers and Kubernetes probes work
+    add("GET", "/v2/health/live", live, auth=False)
+    add("GET", "/v2/health/ready", ready, auth=False)
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         add("GET", base, metadata)
         add("GET", base + "/ready", model_ready)
