@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 # Settings names a metrics switch may have in server/settings.py, and the value that turns metrics off.
-METRICS_OFF_CANDIDATES = {"enable_metrics": "false", "metrics_enabled": "false", "disable_metrics": "true",
+METRICS_OFF_CANDIDATES = {"request_metrics": "false", "enable_metrics": "false", "metrics_enabled": "false", "disable_metrics": "true",
                           "metrics_mode": "off", "metrics": "off"}
 
 
@@ -368,20 +368,22 @@ def profile_osprey(work: Path, model: BenchModel, seconds: float, out_dir: Path,
     server = Osprey(work / "profile", [model]).start()
     try:
         hey_cmd = load.hey_command(server.predict_url(model.name), str(model.body), model.content_type, 32,
-                                   2 * seconds + 8)
+                                   3 * seconds + 10)
         hey_proc = subprocess.Popen(hey_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(3)
         svg = out_dir / "profile-osprey-mlp-c32.svg"
         raw = out_dir / "profile-osprey-mlp-c32.collapsed.txt"
-        for fmt, path in (("flamegraph", svg), ("raw", raw)):
+        gil = out_dir / "profile-osprey-mlp-c32.gil.collapsed.txt"
+        for fmt, path, extra in (("flamegraph", svg, []), ("raw", raw, []), ("raw", gil, ["--gil"])):
             subprocess.run([pyspy, "record", "--pid", str(server.proc.pid), "--duration", str(int(seconds)),
-                            "--rate", "250", "--threads", "--nonblocking", "--format", fmt, "--output", str(path)],
-                           capture_output=True, timeout=seconds + 60)
+                            "--rate", "250", "--threads", "--nonblocking", "--format", fmt, "--output", str(path),
+                            *extra], capture_output=True, timeout=seconds + 60)
         dump = subprocess.run([pyspy, "dump", "--pid", str(server.proc.pid)], capture_output=True, text=True, timeout=30)
-        hey_out, _ = hey_proc.communicate(timeout=2 * seconds + 90)
+        hey_out, _ = hey_proc.communicate(timeout=3 * seconds + 90)
         result["profile"] = {"flamegraph": str(svg.relative_to(ROOT)) if svg.exists() else None,
                              "collapsed": str(raw.relative_to(ROOT)) if raw.exists() else None,
                              "summary": summarize_collapsed(raw) if raw.exists() else None,
+                             "gil_summary": summarize_collapsed(gil) if gil.exists() else None,
                              "hey_during_profile": load.parse_hey(hey_out), "dump": dump.stdout[-4000:]}
         log(f"profile: {svg}")
     finally:
