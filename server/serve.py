@@ -97,7 +97,7 @@ class Server:
             config = uvicorn.Config(app, host=host, port=port, lifespan="off", http="httptools",
                                     loop="none", log_level="warning", access_log=False,
                                     server_header=False, date_header=False, timeout_keep_alive=120,
-                                    backlog=2048)
+                                    backlog=2048, proxy_headers=False)
             config.load()
             server = uvicorn.Server(config)
             server.lifespan = config.lifespan_class(config)
