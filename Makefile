@@ -8,7 +8,7 @@ STORE  ?= model_store
 # which the tests drive as a real client.
 KSERVE_VENV ?= .venv-kserve
 
-.PHONY: setup examples serve stop test system-packages bench bench-quick
+.PHONY: setup examples serve stop test system-packages bench bench-quick bench-packages
 
 # A virtual environment with torch pinned to the CPU wheel first (an unpinned torch pulls a
 # multi-GB CUDA build), then Osprey and its test tools.
@@ -46,10 +46,13 @@ $(KSERVE_VENV)/.installed:
 test: setup system-packages $(KSERVE_VENV)/.installed
 	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python $(BIN)/python -m pytest -q
 
-bench: setup
+bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'
+	@command -v hey >/dev/null && command -v gcc >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey gcc)
+
+bench: bench-packages
 	$(BIN)/python -m benchmarks.run
 
-bench-quick: setup
-	$(BIN)/pip install -q -e '.[bench]'
+bench-quick: bench-packages
 	$(BIN)/python -m benchmarks.run --quick
