@@ -51,7 +51,7 @@ static void pct_json(FILE *out, double *v, long n) {
     for (long i = 0; i < n; i++) sum += v[i];
     fprintf(out, "{");
     for (int i = 0; i < 4; i++) {
-        long k = (long)llround(ps[i] / 100.0 * n + 0.5) - 1;
+        long k = (long)ceil(ps[i] / 100.0 * n - 1e-9) - 1  /* nearest rank */;
         if (k < 0) k = 0;
         if (k >= n) k = n - 1;
         fprintf(out, "\"%s\": %.4f, ", names[i], v[k] * 1000);
@@ -250,7 +250,7 @@ int main(int argc, char **argv) {
         double sum = 0;
         for (long i = 0; i < ok; i++) sum += lat2[i];
         for (int i = 0; i < 4; i++) {
-            long k = (long)llround(ps[i] / 100.0 * ok + 0.5) - 1;
+            long k = (long)ceil(ps[i] / 100.0 * ok - 1e-9) - 1;
             if (k < 0) k = 0;
             if (k >= ok) k = ok - 1;
             printf("\"%s\": %.4f, ", names[i], lat2[k] * 1000);

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import random
 import sys
 import time
@@ -39,7 +40,7 @@ def percentiles(values: list[float], pcts=(50, 90, 99, 99.9)) -> dict:
     v = sorted(values)
     out = {}
     for p in pcts:
-        k = min(len(v) - 1, max(0, int(round(p / 100 * len(v) + 0.5)) - 1))
+        k = min(len(v) - 1, max(0, math.ceil(p / 100 * len(v) - 1e-9) - 1))  # nearest rank
         out[f"p{str(p).replace('.', '_')}_ms"] = v[k] * 1000
     out["mean_ms"] = sum(v) / len(v) * 1000
     out["max_ms"] = v[-1] * 1000

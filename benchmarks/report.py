@@ -315,6 +315,8 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
     op = data.get("open", [])
     if op:
         L += ["## Open loop: Poisson arrivals at 70% of each system's measured capacity", "",
+              "Capacity: the lower of the system's best closed-loop throughput and a `hey -c 32` run right "
+              "before the open-loop run (the machine's background load drifts during a run).", "",
               "Latency from the *scheduled* send time (no coordinated omission), driver `benchmarks/openloop.c`. "
               "Driver lateness is how late a request left (waiting for a free connection, or the driver short of "
               "CPU). Where a system did not hold the rate (it fell behind and its queue grew for the whole run), "
@@ -325,7 +327,7 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
             L.append(f"| {r['model']} | {SYSTEM_LABEL.get(r['system'], r['system'])} | {r['rate']:.0f} | "
                      f"{r['achieved_rps']:.0f} | {r.get('p50_ms', 0):.2f} | {r.get('p90_ms', 0):.2f} | "
                      f"{r.get('p99_ms', 0):.2f} | {r.get('p99_9_ms', 0):.2f} | "
-                     f"{_f(_ratio(r.get('p99_ms'), r.get('p50_ms')), '{:.1f}x')} | {r['lateness'].get('p99_ms', 0):.2f} | {r['errors']} | "
+                     f"{_f(_ratio(r.get('p99_ms'), r.get('p50_ms')), '{:.1f}x')} | {r['lateness'].get('p99_ms', 0):.2f} | {r.get('errors', 0)} | "
                      f"{overloaded(data, r['system'], r['model'], r) or 'yes'} |")
         L.append("")
 

@@ -9,7 +9,7 @@ Steps: build the models (same archive files for every server); measure the raw c
 record start-up time and resident memory, drive each model with ``hey`` (closed loop at
 each concurrency, warm-up first), an exact closed-loop run at concurrency 1 with the
 benchmark's own driver, and an open-loop Poisson run at 70% of that system's measured
-capacity; stop it. Osprey is also driven over gRPC (``benchmarks/grpc_driver.py``) and,
+capacity (the lower of its best closed-loop throughput and a c=32 run just before); stop it. Osprey is also driven over gRPC (``benchmarks/grpc_driver.py``) and,
 where a setting exists, with metrics off. Writes ``benchmarks/results/latest.json``, the
 plots, and ``benchmarks/RESULTS.md`` (``benchmarks/report.py``).
 """
@@ -53,13 +53,13 @@ def log(msg: str) -> None:
 def plan(args) -> dict:
     if args.quick:
         return {"concurrency": [1, 32], "warmup": 0.5, "duration": 2.5, "cnn_duration": 2.5,
-                "exact_c1": 2.0, "exact_models": ["mlp"], "open": 3.0, "open_warmup": 1.0, "open_models": ["mlp"], "ceiling_s": 0.2,
+                "exact_c1": 2.0, "exact_models": ["mlp"], "open": 3.0, "open_warmup": 1.0, "recal_s": 2.0, "open_models": ["mlp"], "ceiling_s": 0.2,
                 "with_cnn": False, "with_digits": False, "fastapi_models": ["mlp"], "startup_repeats": 0,
                 "constant_conc": [32], "profile_s": 0,
                 "variant_models": ["mlp"], "variant_conc": [32]}
     return {"concurrency": [1, 8, 32, 128], "warmup": 3.0, "duration": 10.0, "cnn_duration": 15.0,
             "exact_c1": 6.0, "exact_models": ["mlp", "mlp_nb", "cnn", "digits_cnn", "digits_cnn_builtin"],
-            "open": 20.0, "open_warmup": 2.0, "open_models": ["mlp", "mlp_nb", "cnn", "digits_cnn"], "ceiling_s": 1.0,
+            "open": 20.0, "open_warmup": 2.0, "recal_s": 5.0, "open_models": ["mlp", "mlp_nb", "cnn", "digits_cnn"], "ceiling_s": 1.0,
             "with_cnn": True, "with_digits": True, "fastapi_models": ["mlp", "cnn"], "startup_repeats": 3,
             "constant_conc": [1, 8, 32, 128], "profile_s": 15,
             "variant_models": ["mlp", "mlp_nb"], "variant_conc": [1, 32]}
@@ -306,11 +306,19 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
         for system, server in servers.items():
             if m not in server.models or system == "uvicorn_constant" or system in p.get("variant_tags", ()):
                 continue
-            cap = max((r["rps"] for r in result["closed"] if r["model"] == m.name and r["system"] == system),
-                      default=0.0)
+            best = max((r["rps"] for r in result["closed"] if r["model"] == m.name and r["system"] == system),
+                       default=0.0)
+            if best <= 0:
+                continue
+            # capacity re-measured right before (the machine's background load drifts): the lower of the two
+            fresh = closed_point(system, server, m, 32, dict(p, duration=p["recal_s"], cnn_duration=p["recal_s"],
+                                                             warmup=1.0))
+            cap = min(best, fresh["rps"]) if fresh["rps"] > 0 else best
             if cap > 0:
                 try:
-                    result["open"].append(open_row(system, server, m, cap, p))
+                    row = open_row(system, server, m, cap, p)
+                    row.update(best_closed_rps=best, recalibrated_rps=fresh["rps"])
+                    result["open"].append(row)
                 except Exception as exc:
                     notes.append(f"{system} {m.name}: open-loop run failed: {exc}")
     result["loadavg"][-1]["after"] = loadavg()
