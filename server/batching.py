@@ -119,12 +119,25 @@ class Batcher:
         if self.queue:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    @staticmethod
-    def _expire_running(batch: list[InferenceRequest]) -> None:
+    def _expire_running(self, batch: list[InferenceRequest]) -> None:
+        """Answer 504 to requests of a running batch whose deadline has passed; re-arm for the rest.
+
+        Loop timers may fire a little early (uvloop rounds to milliseconds), so a request
+        not yet due keeps a timer of its own batch rather than being forgotten.
+        """
         now = time.monotonic()
+        pending = []
         for r in batch:
-            if r.deadline is not None and r.deadline <= now and not r.future.done():
+            if r.deadline is None or r.future.done():
+                continue
+            if r.deadline <= now + 0.0005:
                 r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out while running (deadline exceeded)"))
+            else:
+                pending.append(r.deadline)
+        if pending:
+            self._batch_timers[id(batch)] = self.loop.call_later(min(pending) - now, self._expire_running, batch)
+        else:
+            self._batch_timers.pop(id(batch), None)
 
     def _purge(self) -> None:
         self.queue = collections.deque(r for r in self.queue if not r.future.done())

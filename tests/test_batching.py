@@ -243,3 +243,15 @@ async def test_scale_down_while_busy_retires_after_the_batch():
     inst.finish()
     assert (await f).body == b"r0"
     assert inst.stopped
+
+
+async def test_deadline_passing_while_running_answers_504_and_the_late_answer_is_dropped():
+    b = make(batch_size=1)
+    inst = HandInstance()
+    b.add_instance(inst)
+    f = b.submit(req(0, deadline=time.monotonic() + 0.02))
+    with pytest.raises(OspreyError) as info:
+        await asyncio.wait_for(f, 1)
+    assert info.value.kind is ErrorKind.DEADLINE and "while running" in info.value.message
+    inst.finish()  # the handler returns late: nothing left to answer, the instance is free again
+    assert b.idle == [inst] and b.in_flight == 0
