@@ -111,11 +111,12 @@ def test_promql_sees_burst_counts_latency_and_batching(scraped):
         assert prom.scalar(f'sum(osprey_stage_duration_seconds_count{{model="slow", stage="{stage}"}})') > 0
 
     # batching happened: fewer batches than requests, every request in exactly one batch,
-    # and the median batch carried more than one request
+    # and the larger batches carried several requests (the 90th percentile: on a busy machine the
+    # burst can trickle in, so many batches of one may sit beside the full ones)
     batches = prom.scalar('sum(osprey_batch_size_count{model="slow"})')
     assert batches < BURST / 2
     assert prom.scalar('sum(osprey_batch_size_sum{model="slow"})') == BURST
-    assert prom.scalar('histogram_quantile(0.5, sum by (le) (osprey_batch_size_bucket{model="slow"}))') > 1
+    assert prom.scalar('histogram_quantile(0.9, sum by (le) (osprey_batch_size_bucket{model="slow"}))') > 2
     assert prom.scalar('histogram_quantile(0.99, sum by (le) (osprey_batch_size_bucket{model="slow"}))') <= 8
 
     # TorchServe's latency counters: microseconds, consistent with the seconds histogram
