@@ -34,22 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 32, "maxBatchDelay": 5, "responseTimeout": 120}
 NOBATCH_CONFIG = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 5, "responseTimeout": 120}
 
-# Same handler as tests/models.py: TorchServe calls handle(None, context) once to initialize.
-MLP_HANDLER = '''
-import os
-import torch
-
-model = None
-
-def handle(data, context):
-    global model
-    if data is None:
-        model = torch.jit.load(os.path.join(context.system_properties["model_dir"], "mlp.pt"))
-        return None
-    x = torch.tensor([row["body"] for row in data], dtype=torch.float32)
-    with torch.inference_mode():
-        return model(x).tolist()
-'''
+# The tests' MLP handler (TorchServe calls handle(None, context) once to initialize): one copy.
+from tests.models import MLP_HANDLER  # noqa: E402
 
 CNN_HANDLER = '''
 import os
