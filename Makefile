@@ -48,8 +48,9 @@ test: setup system-packages $(KSERVE_VENV)/.installed
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'
-	@command -v hey >/dev/null && command -v gcc >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey gcc)
+	@command -v hey >/dev/null && command -v gcc >/dev/null && command -v grpc_cpp_plugin >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey gcc g++ \
+	   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev pkg-config)
 
 bench: bench-packages
 	$(BIN)/python -m benchmarks.run
