@@ -37,6 +37,7 @@ class ModelConfig:
     client_timeout_ms: float | None = None
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    jit_optimize: bool | None = None  # TorchScript profiling executor; None: off on CPU, on on GPU
     raw: Mapping[str, Any] = field(default_factory=dict)  # everything, for the handler
 
 
@@ -90,6 +91,9 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
     if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
         raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: deviceIds must be a list of integers")
     client_timeout = cfg.get("clientTimeoutInMills")
+    jit_optimize = cfg.get("jit_optimize")
+    if jit_optimize is not None and not isinstance(jit_optimize, bool):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: jit_optimize must be true or false, got {jit_optimize!r}")
     return ModelConfig(
         min_workers=min_w,
         max_workers=max_w,
@@ -103,5 +107,6 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
         client_timeout_ms=None if client_timeout is None else _num(source, "clientTimeoutInMills", client_timeout, float),
         inputs=_tensors(source, "inputs", cfg.get("inputs")),
         outputs=_tensors(source, "outputs", cfg.get("outputs")),
+        jit_optimize=jit_optimize,
         raw=cfg,
     )

@@ -24,6 +24,7 @@ import orjson
 
 from handlers.builtin import builtin_handler_class
 from handlers.context import Context, RequestProcessor
+from handlers.instance_thread import prepare_instance_thread
 from handlers.loading import import_handler_module, list_classes
 from handlers.metrics import HandlerMetrics
 
@@ -180,6 +181,7 @@ class ModelInstance:
     # --- the thread ------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            prepare_instance_thread(self.config.jit_optimize, self.gpu_id is not None)
             self.service = make_service(str(self.archive.model_dir), self.archive.handler)
             if self.service.initialize is not None:
                 self.service.initialize(self.context)
