@@ -207,3 +207,62 @@ def test_tgz_and_folder_archives_are_served(srv, name):
 def test_kserve_v1_predict_route(srv):
     r = httpx.post(f"{srv.inference}/v1/models/mlp:predict", json=ROW)
     assert r.status_code == 200 and len(r.json()) == 4
+
+
+def _read_responses(sock, count: int) -> list[tuple[int, dict, bytes]]:
+    """Read ``count`` complete HTTP/1.1 responses (Content-Length framed) from ``sock``."""
+    buf, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(out)} responses"
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        if status == 100:
+            continue
+        n = int(headers["content-length"])
+        while len(buf) < n:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a body"
+            buf += chunk
+        out.append((status, headers, buf[:n]))
+        buf = buf[n:]
+    return out
+
+
+def test_raw_http_keep_alive_pipelining_and_expect_continue(srv):
+    """Responses are whole HTTP/1.1 messages: pipelined requests answered in order on one
+    connection, ``Expect: 100-continue`` honoured, errors framed like successes."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(srv.inference)
+    rows = [[float(i + j) for j in range(16)] for i in range(3)]
+    bodies = [json.dumps(r).encode() for r in rows]
+
+    def req(path: str, body: bytes, extra: str = "") -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(req("/predictions/mlp", bodies[0]) + req("/predictions/nope", b"{}") + req("/predictions/mlp", bodies[1]))
+        answers = _read_responses(s, 3)
+        assert [a[0] for a in answers] == [200, 404, 200]
+        assert json.loads(answers[0][2]) == pytest.approx(direct_mlp(srv, [rows[0]])[0], abs=1e-5)
+        assert json.loads(answers[2][2]) == pytest.approx(direct_mlp(srv, [rows[1]])[0], abs=1e-5)
+        assert "x-request-id" in answers[1][1] and b"nope" in answers[1][2]
+
+        head = req("/predictions/mlp", bodies[2], "Expect: 100-continue\r\n")[:-len(bodies[2])]
+        s.sendall(head)  # headers only: the body waits for the server's 100 Continue
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(bodies[2])
+        rest = first[len(b"HTTP/1.1 100 Continue\r\n\r\n"):]
+        if rest:  # never expected: the final answer cannot come before the body
+            pytest.fail(f"answer before the body was sent: {rest[:80]!r}")
+        (status, _, body), = _read_responses(s, 1)
+        assert status == 200
+        assert json.loads(body) == pytest.approx(direct_mlp(srv, [rows[2]])[0], abs=1e-5)
