@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from .families import Counter, Gauge, Histogram
+from .gc_metrics import GcCollector
 from .gpu import GpuCollector
 from .handler_metrics import HandlerMetricsCollector
 
@@ -124,6 +125,7 @@ class ServingMetrics:
         self.handler = HandlerMetricsCollector(self.hostname)
         self.process_registry = registry or CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.process_registry)
+        self.gc = GcCollector()
         self.gpu = GpuCollector()
         if self.gpu.active:
             self.process_registry.register(self.gpu)
@@ -287,6 +289,7 @@ class ServingMetrics:
         parts.append(live)
         parts.extend(f.render() for f in self._ts_families)
         parts.append(self.handler.render())
+        parts.append(self.gc.render())
         return "".join(parts).encode() + generate_latest(self.process_registry)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import heap
 from .archive import ModelArchive, open_archive
 from .batching import Batcher
 from .errors import ErrorKind, OspreyError
@@ -29,6 +30,8 @@ from .settings import Settings
 __all__ = ["ModelVersion", "Registry"]
 
 log = logging.getLogger("osprey.registry")
+
+RELEASE_DELAY_S = 2.0  # after an unregistration, when the heap is collected once (threads have ended)
 
 
 @dataclass
@@ -227,6 +230,7 @@ class Registry:
         for inst in new:
             mv.batcher.add_instance(inst)
         mv.load_seconds = time.monotonic() - t0
+        heap.freeze()
 
     def plan_scale(self, name: str, version: str | None, min_worker: int | None,
                    max_worker: int | None) -> tuple[ModelVersion, int, int]:
@@ -275,6 +279,7 @@ class Registry:
             model.default = max(model.versions, key=_version_key)
         mv.batcher.fail_all(OspreyError(ErrorKind.NOT_FOUND, f"Model {name} version {mv.version} was unregistered"))
         self._stop(mv)
+        self.loop.call_later(RELEASE_DELAY_S, heap.release)  # once its instance threads have ended
         return mv
 
     def _stop(self, mv: ModelVersion) -> None:

@@ -19,6 +19,7 @@ import uvicorn
 
 from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 
+from . import heap
 from .access_log import AccessLog
 from .auth import Keys
 from .dataplane import DataPlane
@@ -166,6 +167,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
         _write_pid(settings.pid_file)
     server.dataplane.started = False
     loaded = await server.load_models(models)
+    heap.settle()
     server.dataplane.started = True
     log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)
     print(f"Osprey ready: {loaded}/{len(models)} models, inference at {settings.inference_address}", flush=True)

@@ -3,8 +3,10 @@ buckets carry the latency objectives, TorchServe names and handler metrics come 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -13,6 +15,7 @@ from monitoring.metrics import DEFAULT_BUCKETS, ServingMetrics, metric_buckets
 from server.errors import ErrorKind, OspreyError
 from server.model_config import ModelConfig
 from server.types import InferenceRequest, InferenceResponse
+from tests.models import mlp_archive
 
 
 @dataclass
@@ -195,3 +198,34 @@ def test_label_values_are_escaped():
                                                      metric_type=MetricTypes.GAUGE)
     fams = {f.name: f for f in text_string_to_metric_families(m.render().decode())}
     assert fams["X"].samples[0].labels["note"] == 'a "quoted"\\ line\nbreak'
+
+
+def test_gc_pauses_are_timed_and_the_loaded_heap_is_frozen(osprey, store):
+    """After startup the loaded heap is frozen out of the collector (full collections stay
+    short), and every collection's pause is in /metrics by generation."""
+    mlp_archive(store)
+    srv = osprey(["mlp.mar"], store)
+    for _ in range(50):
+        r = httpx.post(f"{srv.inference}/predictions/mlp", json=[0.5] * 16, timeout=30)
+        assert r.status_code == 200
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{srv.metrics}/metrics", timeout=30).text)}
+    frozen = fams["osprey_gc_frozen_objects"].samples[0].value
+    assert frozen > 10_000  # torch, the handler and the model: tens of thousands of objects
+    counts = {s.labels["generation"]: s.value for s in fams["osprey_gc_pause_seconds"].samples
+              if s.name == "osprey_gc_pause_seconds_count"}
+    assert set(counts) == {"0", "1", "2"}
+    assert counts["0"] > 0  # loading and serving allocate: young collections have run and were timed
+
+    # Removing a model runs one full collection (what it left in cycles is freed) and refreezes.
+    r = httpx.delete(f"{srv.management}/models/mlp", timeout=30)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 15
+    while True:
+        fams = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{srv.metrics}/metrics", timeout=30).text)}
+        after = {s.labels["generation"]: s.value for s in fams["osprey_gc_pause_seconds"].samples
+                 if s.name == "osprey_gc_pause_seconds_count"}
+        if after["2"] > counts["2"]:
+            break
+        assert time.monotonic() < deadline, "no full collection after the model was removed"
+        time.sleep(0.2)
+    assert fams["osprey_gc_frozen_objects"].samples[0].value > 10_000

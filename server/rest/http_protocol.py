@@ -14,7 +14,7 @@ the 500 for an application error) is uvicorn's own code, untouched.
 
 from __future__ import annotations
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 __all__ = ["OneWriteHttpToolsProtocol"]
 
@@ -50,35 +50,34 @@ class _HeldTransport:
         return getattr(self.transport, name)
 
 
-class _OneWriteSend:
-    """The cycle's ``send``: hold the header block, release it with the first body message."""
+class _OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request cycle; its ``send`` holds the header block until the first body message.
 
-    __slots__ = ("send", "transport")
+    Request cycles become this class in :meth:`OneWriteHttpToolsProtocol._start_asgi_task`
+    (a class switch, not a wrapper object: a wrapper holding the cycle's bound ``send`` would
+    make every request a reference cycle for the garbage collector).
+    """
 
-    def __init__(self, send, transport: _HeldTransport) -> None:
-        self.send = send
-        self.transport = transport
-
-    async def __call__(self, message) -> None:
+    async def send(self, message) -> None:
+        transport = self.transport
         if message["type"] == "http.response.start":
-            self.transport.held = True
+            transport.held = True
             try:
-                await self.send(message)
+                await super().send(message)
             except BaseException:
-                self.transport.flush()
+                transport.flush()
                 raise
             return
         try:
-            await self.send(message)
+            await super().send(message)
         finally:
-            self.transport.flush()
+            transport.flush()
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's HttpToolsProtocol whose request cycles send each response in one write."""
 
     def _start_asgi_task(self, cycle, app) -> None:
-        held = _HeldTransport(cycle.transport)
-        cycle.transport = held
-        cycle.send = _OneWriteSend(cycle.send, held)
+        cycle.transport = _HeldTransport(cycle.transport)
+        cycle.__class__ = _OneWriteCycle
         super()._start_asgi_task(cycle, app)
