@@ -73,8 +73,12 @@ def _pass_ms(data: dict, model: str, bs: int = 1) -> float | None:
 
 def overloaded(data: dict, system: str, model: str, r: dict) -> str | None:
     """Why an open-loop run did not hold its rate (then p99/p50 says nothing), or None."""
+    if r.get("errors"):
+        return f"{r['errors']} errors"
     if r.get("achieved_rps", 0) < 0.95 * r.get("rate", 0):
         return f"served {r['achieved_rps']:.0f} of {r['rate']:.0f}/s"
+    if r.get("offered_rps") and r.get("achieved_wall_rps") is not None and r["achieved_wall_rps"] < 0.97 * r["offered_rps"]:
+        return f"fell behind: answered {r['achieved_wall_rps']:.0f} of {r['offered_rps']:.0f}/s"
     c1 = _row(data, system, model, 1, "exact_c1") or _row(data, system, model, 1) or {}
     base = c1.get("p50_ms")
     if base and r.get("p50_ms", 0) > 20 * base:
@@ -82,6 +86,15 @@ def overloaded(data: dict, system: str, model: str, r: dict) -> str | None:
     late = r.get("lateness", {}).get("p99_ms")
     if late is not None and late > 50:
         return f"driver starved: sent up to {late:.0f} ms late"
+    if r.get("capacity_found") is False:
+        return f"no probe held, run at 70% of the lowest probe ({r.get('capacity_rps', 0):.0f}/s)"
+    return None
+
+
+def _grpc_c1(data: dict, target: str, api: str) -> dict | None:
+    for r in data.get("grpc_c1", []):
+        if r.get("target") == target and r.get("api") == api and r.get("p50_ms") is not None:
+            return r
     return None
 
 
@@ -115,11 +128,28 @@ def goals(data: dict) -> list[dict]:
 
     g = _row(data, "osprey_grpc", "mlp", 1)
     model_ms = _pass_ms(data, "mlp")
-    over = (g["p50_ms"] - model_ms) if g and g.get("p50_ms") is not None and model_ms is not None else None
+    py_over = (g["p50_ms"] - model_ms) if g and g.get("p50_ms") is not None and model_ms is not None else None
     live = _row(data, "osprey_grpc_live", "mlp", 1)
-    detail = "no gRPC rows in this run" if g is None else (
-        f"p50 {_f(g.get('p50_ms'), '{:.3f}')} ms - model {_f(model_ms, '{:.3f}')} ms, Python grpc.aio client time included"
-        + (f"; ServerLive (no model, no data plane) p50 {live['p50_ms']:.3f} ms" if live and live.get("p50_ms") else ""))
+    cpp = _grpc_c1(data, "osprey", "infer")
+    if cpp:
+        cl, fi, fl = _grpc_c1(data, "osprey", "live"), _grpc_c1(data, "cpp_floor", "infer"), _grpc_c1(data, "cpp_floor", "live")
+        over = cpp["p50_ms"] - model_ms if model_ms is not None else None
+        parts = [f"C++ client (`grpc_c1`) ModelInfer p50 {cpp['p50_ms']:.3f} ms - model {_f(model_ms, '{:.3f}')} ms "
+                 "(ceiling, batch 1)"]
+        if cl:
+            parts.append(f"ServerLive p50 {cl['p50_ms']:.3f} ms (grpc.aio transport alone, no data plane)")
+        if fi or fl:
+            parts.append("C++ reference server (client + transport floor) p50 "
+                         + ", ".join(f"{lbl} {r['p50_ms']:.3f} ms" for lbl, r in (("ModelInfer", fi), ("ServerLive", fl)) if r))
+        if g and g.get("p50_ms") is not None:
+            parts.append(f"Python grpc.aio driver: p50 {g['p50_ms']:.3f} ms, {_f(py_over, '{:.3f}')} ms over the model")
+        detail = "; ".join(parts)
+    else:
+        over = py_over
+        detail = "no gRPC rows in this run" if g is None else (
+            f"p50 {_f(g.get('p50_ms'), '{:.3f}')} ms - model {_f(model_ms, '{:.3f}')} ms, Python grpc.aio client time "
+            "included (no C++ client in this run)"
+            + (f"; ServerLive (no model, no data plane) p50 {live['p50_ms']:.3f} ms" if live and live.get("p50_ms") else ""))
     add("gRPC, c=1, server overhead (p50 - model time)", "< 0.5 ms", _f(over, "{:.3f} ms"),
         None if over is None else over < 0.5, detail)
 
@@ -138,7 +168,9 @@ def goals(data: dict) -> list[dict]:
         def judge(m, r):
             ratio = r["p99_ms"] / r["p50_ms"]
             why = overloaded(data, "osprey", m, r)
-            return ratio, why, f"{m}: {ratio:.1f}x" + (f" ({why})" if why else "")
+            at = (f" at {r['rate']:.0f}/s ({100 * r.get('load_fraction', 0.7):.0f}% of {r['capacity_rps']:.0f}/s"
+                  + (" held open-loop)" if r.get("capacity_found") else ")")) if r.get("capacity_rps") and r.get("rate") else ""
+            return ratio, why, f"{m}: {ratio:.1f}x{at}" + (f" ({why})" if why else "")
         judged = [(m,) + judge(m, r) for m, r in tails]
         worst = max(judged, key=lambda j: (j[2] is not None, j[1]))
         met = all(j[1] <= 3 and j[2] is None for j in judged)
@@ -312,24 +344,98 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
                      f"{_f(_pass_ms(data, r['model']), '{:.3f}')} |")
         L.append("")
 
+    cpp = data.get("grpc_c1", [])
+    if cpp:
+        mp = _pass_ms(data, "mlp")
+        L += ["## gRPC at concurrency 1, C++ client", "",
+              "`benchmarks/grpc_c1.cc`: a synchronous C++ gRPC client (one channel, one call at a time, µs timing) "
+              "whose own cost is tens of µs a call, so that the p50 is the server's and the transport's, not the "
+              "client's (the Python grpc.aio driver spends about as long per call as the server does). The C++ "
+              "reference server is the same binary serving the same service (`--serve`, answering at once): the "
+              "client + transport floor. Model time: the raw ceiling's forward pass at batch 1"
+              + (f" ({mp:.3f} ms)." if mp is not None else "."), "",
+              "| server | RPC | requests | p50 ms | p90 ms | p99 ms | mean ms | req/s | client CPU µs/call | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        label = {"osprey": "Osprey (grpc.aio)", "cpp_floor": "C++ reference server"}
+        for r in cpp:
+            rpc = f"ModelInfer ({r['input']})" if r.get("input") else {"infer": "ModelInfer", "live": "ServerLive"}.get(r["api"], r["api"])
+            L.append(f"| {label.get(r['target'], r['target'])} | {rpc} | "
+                     f"{_f(r.get('n'))} | {_f(r.get('p50_ms'), '{:.3f}')} | {_f(r.get('p90_ms'), '{:.3f}')} | "
+                     f"{_f(r.get('p99_ms'), '{:.3f}')} | {_f(r.get('mean_ms'), '{:.3f}')} | {_f(r.get('rps'))} | "
+                     f"{_f(r.get('client_cpu_us_per_call'), '{:.1f}')} | {_f(r.get('errors'))} |")
+        g = _row(data, "osprey_grpc", "mlp", 1)
+        if g and g.get("p50_ms") is not None:
+            L += ["", f"Python grpc.aio driver against the same Osprey at c=1 (closed-loop table above): ModelInfer "
+                  f"p50 {g['p50_ms']:.3f} ms."]
+        L.append("")
+
     op = data.get("open", [])
     if op:
-        L += ["## Open loop: Poisson arrivals at 70% of each system's measured capacity", "",
-              "Capacity: the lower of the system's best closed-loop throughput and a `hey -c 32` run right "
-              "before the open-loop run (the machine's background load drifts during a run).", "",
-              "Latency from the *scheduled* send time (no coordinated omission), driver `benchmarks/openloop.c`. "
+        probed = any(r.get("probes") for r in op)
+        L += ["## Open loop: Poisson arrivals at 70% of each system's open-loop capacity", ""]
+        if probed:
+            r0 = next(r for r in op if r.get("probes"))
+            plan = meta.get("plan", {})
+            f = plan.get("probe_factor", 0.85)
+            L += ["Capacity: the highest Poisson rate the system **held with this same open-loop driver** "
+                  "(`benchmarks/openloop.c`, up to 512 connections), not its closed-loop throughput: `hey -c 32` keeps "
+                  "32 connections and costs little, the open-loop driver opens up to 512 and costs about 10 µs a "
+                  "request, and 70% of `hey`'s throughput can be more than a system holds open-loop (in earlier runs "
+                  "every system's queue grew for the whole run at that rate). Found per system and model, in this run:", "",
+                  f"- Search: from the system's best closed-loop (`hey`) throughput downward, probes of "
+                  f"{r0['probe_s']:g} s after {r0['probe_warmup_s']:g} s of warm-up, each {f:g}x the last; after a "
+                  "probe that fell far behind, the geometric mean of its rate and what it achieved where that is lower "
+                  "(a system far past its capacity can serve much less than its capacity); a probe that failed on p99 "
+                  "alone is repeated once at the same rate (one scheduling stall of the 2-core machine can fail a short "
+                  "probe); at most "
+                  f"{plan.get('probe_steps', 7)} probes. The first rate held is the capacity: never above the "
+                  f"closed-loop best, and below the true one by up to a step ({100 * (1 - f):.0f}%, more after a skip), "
+                  f"so the measured point is at about {70 * f:.0f}-70% of what the system holds.",
+                  "- Held: no errors (non-200 answers, failed or lost connections, unanswered requests); achieved at "
+                  "least 97% of offered; p99 below max(50x the system's own c=1 p50 in this run, 100 ms). A queue "
+                  "that grows through a probe puts p99 at hundreds of ms to seconds; a system keeping up stays within "
+                  "a few service times plus the machine's scheduling stalls.",
+                  "- Offered: the requests the Poisson schedule drew in the measured window, over its length (not the "
+                  "nominal rate, whose draw varies by ±1/√n). Achieved: the answers, scaled to the whole probe, over "
+                  "the wall-clock time until the last came back, less one p99 latency (the last request's own time in "
+                  "flight, at most the p99 limit). The driver waits for every answer, so a system that falls behind "
+                  "takes longer than its schedule; achieved can read a little above offered when the last answer "
+                  "took less than the p99.",
+                  "- Then the measured run below: Poisson at 70% of that capacity, full length. Where no probe held, "
+                  "it runs at 70% of the lowest probe and is flagged.", ""]
+        else:
+            L += ["Capacity: the lower of the system's best closed-loop throughput and a `hey -c 32` run right "
+                  "before the open-loop run (the machine's background load drifts during a run).", ""]
+        L += ["Latency from the *scheduled* send time (no coordinated omission), driver `benchmarks/openloop.c`. "
               "Driver lateness is how late a request left (waiting for a free connection, or the driver short of "
               "CPU). Where a system did not hold the rate (it fell behind and its queue grew for the whole run), "
-              "p99/p50 says nothing and the last column says so.", "",
-              "| model | system | rate/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | p99/p50 | driver lateness p99 ms | errors | held the rate? |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "p99/p50 says nothing and the last column says so.", ""]
+        cap_cols = "closed-loop best/s | open-loop capacity/s | " if probed else ""
+        L += [f"| model | system | {cap_cols}rate/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | p99/p50 | driver lateness p99 ms | errors | held the rate? |",
+              "|---|---|" + "---|" * (12 if probed else 10)]
         for r in op:
-            L.append(f"| {r['model']} | {SYSTEM_LABEL.get(r['system'], r['system'])} | {r['rate']:.0f} | "
+            caps = ""
+            if probed:
+                caps = (f"{_f(r.get('closed_loop_estimate_rps'))} | "
+                        + (f"{r['open_capacity_rps']:.0f}" if r.get("open_capacity_rps") else
+                           f"none held (lowest probe {_f(r.get('capacity_rps'))})") + " | ")
+            L.append(f"| {r['model']} | {SYSTEM_LABEL.get(r['system'], r['system'])} | {caps}{r['rate']:.0f} | "
                      f"{r['achieved_rps']:.0f} | {r.get('p50_ms', 0):.2f} | {r.get('p90_ms', 0):.2f} | "
                      f"{r.get('p99_ms', 0):.2f} | {r.get('p99_9_ms', 0):.2f} | "
                      f"{_f(_ratio(r.get('p99_ms'), r.get('p50_ms')), '{:.1f}x')} | {r['lateness'].get('p99_ms', 0):.2f} | {r.get('errors', 0)} | "
                      f"{overloaded(data, r['system'], r['model'], r) or 'yes'} |")
         L.append("")
+        if probed:
+            L += ["How each open-loop capacity was found (probes in order):", "",
+                  "| model | system | probe | rate/s | offered/s | achieved/s | p50 ms | p99 ms | p99 limit ms | errors | held? |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in op:
+                for i, pr in enumerate(r.get("probes") or [], 1):
+                    L.append(f"| {r['model']} | {SYSTEM_LABEL.get(r['system'], r['system'])} | {i} | {pr['rate']:.0f} | "
+                             f"{pr['offered_rps']:.0f} | {pr['achieved_rps']:.0f} | {_f(pr.get('p50_ms'), '{:.2f}')} | "
+                             f"{_f(pr.get('p99_ms'), '{:.1f}')} | {r['p99_limit_ms']:.0f} | {_f(pr.get('errors'))} | "
+                             + ("**yes**" if pr["held"] else "no: " + (pr.get("why") or "")) + " |")
+            L.append("")
 
     L += ["## Start-up and memory", "", "| system | models | first answer s | all models answering s | RSS idle MiB | RSS after load MiB |",
           "|---|---|---|---|---|---|"]

@@ -1,6 +1,6 @@
 """One command for the whole benchmark: Osprey vs TorchServe 0.12 vs FastAPI vs the raw ceiling.
 
-    .venv/bin/python -m benchmarks.run            # full run (about 25 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run            # full run (about 30 minutes on 2 cores)
     .venv/bin/python -m benchmarks.run --quick    # tiny MLP only, under 2 minutes
 
 Steps: build the models (same archive files for every server); measure the raw ceiling
@@ -8,10 +8,14 @@ Steps: build the models (same archive files for every server); measure the raw c
 ``benchmarks/.work/tsvenv`` unless present; then for each system start the real server,
 record start-up time and resident memory, drive each model with ``hey`` (closed loop at
 each concurrency, warm-up first), an exact closed-loop run at concurrency 1 with the
-benchmark's own driver, and an open-loop Poisson run at 70% of that system's measured
-capacity (the lower of its best closed-loop throughput and a c=32 run just before); stop it. Osprey is also driven over gRPC (``benchmarks/grpc_driver.py``) and,
-where a setting exists, with metrics off. Writes ``benchmarks/results/latest.json``, the
-plots, and ``benchmarks/RESULTS.md`` (``benchmarks/report.py``).
+benchmark's own driver, and the open loop: first the system's open-loop capacity, the
+highest Poisson rate it holds with the open-loop driver itself (short probes stepping down
+from its best closed-loop throughput), then a full-length run at 70% of that; stop it.
+Osprey is also driven over gRPC: closed loop with ``benchmarks/grpc_driver.py`` (Python
+grpc.aio) and, at concurrency 1, with the C++ client ``benchmarks/grpc_c1`` (plus the same
+client against its own C++ server: the client + transport floor); where a setting exists,
+Osprey also runs with metrics off. Writes ``benchmarks/results/latest.json``, the plots, and
+``benchmarks/RESULTS.md`` (``benchmarks/report.py``).
 """
 
 from __future__ import annotations
@@ -52,14 +56,18 @@ def log(msg: str) -> None:
 # --- plan -----------------------------------------------------------------------------
 def plan(args) -> dict:
     if args.quick:
-        return {"concurrency": [1, 32], "warmup": 0.5, "duration": 2.5, "cnn_duration": 2.5,
-                "exact_c1": 2.0, "exact_models": ["mlp"], "open": 3.0, "open_warmup": 1.0, "recal_s": 2.0, "open_models": ["mlp"], "ceiling_s": 0.2,
+        return {"concurrency": [1, 32], "warmup": 0.5, "duration": 2.0, "cnn_duration": 2.0,
+                "exact_c1": 2.0, "exact_models": ["mlp"], "open": 2.0, "open_warmup": 0.5, "open_models": ["mlp"], "ceiling_s": 0.2,
+                "probe_s": 1.0, "probe_warmup": 0.5, "probe_steps": 7, "probe_factor": 0.85,
+                "grpc_c1_requests": 1000, "grpc_c1_warmup": 300,
                 "with_cnn": False, "with_digits": False, "fastapi_models": ["mlp"], "startup_repeats": 0,
                 "constant_conc": [32], "profile_s": 0,
                 "variant_models": ["mlp"], "variant_conc": [32]}
     return {"concurrency": [1, 8, 32, 128], "warmup": 3.0, "duration": 10.0, "cnn_duration": 15.0,
             "exact_c1": 6.0, "exact_models": ["mlp", "mlp_nb", "cnn", "digits_cnn", "digits_cnn_builtin"],
-            "open": 20.0, "open_warmup": 2.0, "recal_s": 5.0, "open_models": ["mlp", "mlp_nb", "cnn", "digits_cnn"], "ceiling_s": 1.0,
+            "open": 20.0, "open_warmup": 2.0, "open_models": ["mlp", "mlp_nb", "cnn", "digits_cnn"], "ceiling_s": 1.0,
+            "probe_s": 3.0, "probe_warmup": 1.0, "probe_steps": 7, "probe_factor": 0.85,
+            "grpc_c1_requests": 5000, "grpc_c1_warmup": 300,
             "with_cnn": True, "with_digits": True, "fastapi_models": ["mlp", "cnn"], "startup_repeats": 3,
             "constant_conc": [1, 8, 32, 128], "profile_s": 15,
             "variant_models": ["mlp", "mlp_nb"], "variant_conc": [1, 32]}
@@ -166,24 +174,124 @@ def openloop_binary(work: Path, notes: list[str]) -> Path | None:
     return None
 
 
-def open_row(system: str, server: Server, m: BenchModel, capacity: float, p: dict) -> dict:
-    rate = max(1.0, 0.7 * capacity)
-    duration = p["open"]
-    if m.kind in ("cnn",):
-        duration = max(duration, min(60.0, 2000 / rate))  # enough samples for a p99
+# Open-loop capacity: the highest Poisson rate a system holds with the open-loop driver itself.
+# hey -c 32 keeps 32 connections and a cheap client; openloop.c opens up to 512 and costs about
+# 10 µs a request, so 70% of hey's throughput can already be more than a system holds open-loop.
+HELD_PACE = 0.97         # achieved >= 97% of offered
+P99_FLOOR_MS = 100.0     # p99 limit: max(P99_TIMES_C1 x the system's c=1 p50, P99_FLOOR_MS)
+P99_TIMES_C1 = 50.0
+
+
+def open_run(server: Server, m: BenchModel, rate: float, duration: float, warmup: float, p: dict) -> dict:
+    """One open-loop run (Poisson at ``rate``): the driver's JSON plus ``wall_s``, its wall-clock time."""
     url = server.predict_url(m.name)
     if p.get("openloop_bin"):
         parts = urlsplit(url)
         cmd = [p["openloop_bin"], parts.hostname, str(parts.port), parts.path, str(m.body), m.content_type,
-               f"{rate:.1f}", f"{duration:g}", str(p["open_warmup"]), "512", "1"]
+               f"{rate:.1f}", f"{duration:g}", f"{warmup:g}", "512", "1"]
     else:
         cmd = [sys.executable, "-m", "benchmarks.openloop", "--url", url, "--body", str(m.body),
                "--content-type", m.content_type, "--rate", f"{rate:.1f}", "--duration", f"{duration:g}",
-               "--warmup", str(p["open_warmup"])]
-    r = run_json(cmd, timeout=duration + 180)
-    r.update(system=system, model=m.name, protocol="rest", capacity_rps=capacity, load_fraction=0.7)
-    log(f"  {system:18s} {m.name:18s} open {rate:8.1f}/s: p50 {r.get('p50_ms', 0):.2f} ms p99 {r.get('p99_ms', 0):.2f} ms"
-        f" errors {r['errors']} (driver lateness p99 {r['lateness'].get('p99_ms', 0):.2f} ms)")
+               "--warmup", f"{warmup:g}"]
+    t0 = time.monotonic()
+    r = run_json(cmd, timeout=duration + warmup + 180)
+    r["wall_s"] = round(time.monotonic() - t0, 3)
+    return r
+
+
+def pace(r: dict, duration: float, warmup: float, p99_limit: float) -> tuple[float, float]:
+    """(offered, achieved) in req/s for an open-loop run. Offered: the requests the Poisson schedule
+    drew in the measured window over its length (not the nominal rate, so that a short low-rate run is
+    not failed by the draw's ±1/sqrt(n)). Achieved: those answered with 200, scaled to the whole run
+    (warm-up included), over the wall-clock time until the last answer less one p99 latency (capped
+    at the p99 limit: the last request's own time in flight). The driver waits for every answer, so
+    a system that falls behind shows as a run that took longer than its schedule."""
+    sent, ok, wall = r.get("sent") or 0, r.get("ok") or 0, r.get("wall_s") or 0.0
+    offered = sent / duration if duration else 0.0
+    span = wall - min(r.get("p99_ms") or 0.0, p99_limit) / 1000
+    achieved = ok * (duration + warmup) / duration / span if duration and span > 0 else 0.0
+    return offered, achieved
+
+
+def c1_p50(result: dict, system: str, model: str) -> float | None:
+    """The system's lowest c=1 p50 for the model in this run (exact driver or hey)."""
+    vals = [r.get("p50_ms") for sec in ("exact_c1", "closed") for r in result.get(sec, [])
+            if r.get("system") == system and r.get("model") == model and r.get("concurrency") == 1]
+    vals = [v for v in vals if v]
+    return min(vals) if vals else None
+
+
+def judge_open(r: dict, duration: float, warmup: float, p99_limit: float) -> tuple[bool, str | None, float, float]:
+    """(held, why not, offered, achieved): held = no errors (non-200 answers, failed or lost connections,
+    unanswered), achieved >= 97% of offered, and p99 below the limit."""
+    offered, achieved = pace(r, duration, warmup, p99_limit)
+    why = []
+    if r.get("errors"):
+        codes = {k: v for k, v in (r.get("status") or {}).items() if str(k) != "200"}
+        why.append(f"{r['errors']} errors" + (f" {codes}" if codes else ""))
+    if offered and achieved < HELD_PACE * offered:
+        why.append(f"fell behind: {achieved:.0f} of {offered:.0f}/s")
+    if r.get("p99_ms") is None or r["p99_ms"] >= p99_limit:
+        why.append(f"p99 {r.get('p99_ms') or 0:.0f} ms >= {p99_limit:.0f} ms")
+    return not why, "; ".join(why) or None, offered, achieved
+
+
+def open_capacity(system: str, server: Server, m: BenchModel, estimate: float, p99_limit: float, p: dict) -> dict:
+    """Search down from the closed-loop estimate for the highest rate the open-loop driver shows the
+    system holding: short probes, each ``probe_factor`` x the last (after a probe that fell far behind,
+    the geometric mean of its rate and what it achieved, where that is lower); a probe that failed on
+    p99 alone is repeated once at the same rate; at most ``probe_steps`` probes. Stops at the first held rate."""
+    d, w = p["probe_s"], p["probe_warmup"]
+    probes, rate, capacity, retried = [], estimate, None, False
+    for _ in range(p["probe_steps"]):
+        r = open_run(server, m, rate, d, w, p)
+        held, why, offered, achieved = judge_open(r, d, w, p99_limit)
+        probes.append({"rate": round(rate, 1), "offered_rps": round(offered, 1), "achieved_rps": round(achieved, 1),
+                       "errors": r.get("errors"), "status": r.get("status"), "p50_ms": r.get("p50_ms"),
+                       "p99_ms": r.get("p99_ms"), "lateness_p99_ms": (r.get("lateness") or {}).get("p99_ms"),
+                       "wall_s": r["wall_s"], "held": held, "why": why})
+        log(f"  {system:18s} {m.name:18s} probe {rate:8.1f}/s: achieved {achieved:8.1f}/s p50 {r.get('p50_ms') or 0:.2f} ms"
+            f" p99 {r.get('p99_ms') or 0:.2f} ms errors {r.get('errors')} -> " + ("held" if held else why))
+        if held:
+            capacity = rate
+            break
+        if achieved >= HELD_PACE * offered and not r.get("errors") and not retried:
+            retried = True  # p99 alone: one scheduling stall can fail a short probe; same rate once more
+            continue
+        retried = False
+        nxt = rate * p["probe_factor"]
+        if 0 < achieved < HELD_PACE * offered:
+            # fell behind: skip down to the geometric mean of the rate and what it achieved, where lower (a
+            # system far past its capacity can serve much less than its capacity: not taken as the capacity)
+            nxt = min(nxt, (rate * achieved) ** 0.5)
+        rate = max(1.0, nxt)
+    return {"probes": probes, "open_capacity_rps": capacity, "capacity_found": capacity is not None,
+            "probe_s": d, "probe_warmup_s": w, "p99_limit_ms": p99_limit}
+
+
+def open_row(system: str, server: Server, m: BenchModel, result: dict, p: dict) -> dict | None:
+    """Open-loop capacity search, then the measured run at 70% of the open-loop capacity (full duration)."""
+    estimate = max((r["rps"] for r in result["closed"] if r["model"] == m.name and r["system"] == system),
+                   default=0.0)
+    if estimate <= 0:
+        return None
+    base = c1_p50(result, system, m.name)
+    p99_limit = max(P99_TIMES_C1 * base, P99_FLOOR_MS) if base else P99_FLOOR_MS
+    search = open_capacity(system, server, m, estimate, p99_limit, p)
+    # where no probe held, the measured point is still run (at 70% of the lowest probe) and stays flagged
+    cap = search["open_capacity_rps"] or search["probes"][-1]["rate"]
+    rate = max(1.0, 0.7 * cap)
+    duration = p["open"]
+    if m.kind in ("cnn",):
+        duration = max(duration, min(60.0, 2000 / rate))  # enough samples for a p99
+    r = open_run(server, m, rate, duration, p["open_warmup"], p)
+    held, why, offered, achieved = judge_open(r, duration, p["open_warmup"], p99_limit)
+    r.update(system=system, model=m.name, protocol="rest", closed_loop_estimate_rps=estimate, c1_p50_ms=base,
+             capacity_rps=cap, load_fraction=0.7, held_by_probe_rule=held, probe_rule_why=why,
+             offered_rps=offered, achieved_wall_rps=achieved, **search)
+    log(f"  {system:18s} {m.name:18s} open {rate:8.1f}/s (70% of {cap:.0f}/s"
+        f"{'' if search['capacity_found'] else ', no probe held'}): p50 {r.get('p50_ms', 0):.2f} ms"
+        f" p99 {r.get('p99_ms', 0):.2f} ms errors {r['errors']} (driver lateness p99 {r['lateness'].get('p99_ms', 0):.2f} ms)")
     return r
 
 
@@ -227,6 +335,37 @@ def grpc_rows(server: Osprey, models: list[BenchModel], p: dict, notes: list[str
                "n": r.get("requests"), "errors": r.get("errors"), "command": " ".join(cmd[1:]), "raw": r}
         log(f"  {row['system']:18s} {m.name:18s} c={c:<4d} {row['rps']:9.1f} req/s  p50 {row['p50_ms'] or 0:7.2f} ms"
             f"  p99 {row['p99_ms'] or 0:7.2f} ms  errors {row['errors']}")
+        rows.append(row)
+    return rows
+
+
+def grpc_cpp_rows(binary: Path, server: Osprey, m: BenchModel, p: dict, notes: list[str]) -> list[dict]:
+    """gRPC at concurrency 1 with benchmarks/grpc_c1 (a synchronous C++ client costing tens of µs a call):
+    Osprey's ModelInfer and ServerLive, then the same client against its own C++ server of the same
+    service (the client + transport floor)."""
+    from . import grpc_c1
+
+    spec = "INPUT0:FP32:1," + ",".join(map(str, m.input_shape))
+    n, w = p["grpc_c1_requests"], p["grpc_c1_warmup"]
+    points = [("osprey", "infer", lambda: grpc_c1.run(binary, server.grpc, "infer", m.name, spec, n, w)),
+              ("osprey", "live", lambda: grpc_c1.run(binary, server.grpc, "live", "", spec, n, w)),
+              ("cpp_floor", "infer", lambda: grpc_c1.floor(binary, "infer", spec, n, w)),
+              ("cpp_floor", "live", lambda: grpc_c1.floor(binary, "live", spec, n, w))]
+    rows = []
+    for target, api, fn in points:
+        try:
+            r = fn()
+        except Exception as exc:
+            notes.append(f"gRPC C++ client {api} against {target} failed: {str(exc)[:300]}")
+            continue
+        lat = r.get("latency_ms", {})
+        row = {"target": target, "api": api, "model": m.name if api == "infer" else None, "concurrency": 1,
+               "tool": "grpc_c1 (C++ sync client)", "input": spec if api == "infer" else None,
+               "n": r.get("requests"), "errors": r.get("errors"), "rps": r.get("throughput_rps"),
+               "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "mean_ms": lat.get("mean"),
+               "client_cpu_us_per_call": r.get("client_cpu_us_per_call"), "raw": r}
+        log(f"  grpc_c1 {target:10s} {api:6s} c=1: p50 {row['p50_ms'] or 0:.3f} ms p99 {row['p99_ms'] or 0:.3f} ms"
+            f" {row['rps'] or 0:.0f} req/s errors {row['errors']} (client CPU {row['client_cpu_us_per_call']} µs/call)")
         rows.append(row)
     return rows
 
@@ -306,21 +445,12 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
         for system, server in servers.items():
             if m not in server.models or system == "uvicorn_constant" or system in p.get("variant_tags", ()):
                 continue
-            best = max((r["rps"] for r in result["closed"] if r["model"] == m.name and r["system"] == system),
-                       default=0.0)
-            if best <= 0:
-                continue
-            # capacity re-measured right before (the machine's background load drifts): the lower of the two
-            fresh = closed_point(system, server, m, 32, dict(p, duration=p["recal_s"], cnn_duration=p["recal_s"],
-                                                             warmup=1.0))
-            cap = min(best, fresh["rps"]) if fresh["rps"] > 0 else best
-            if cap > 0:
-                try:
-                    row = open_row(system, server, m, cap, p)
-                    row.update(best_closed_rps=best, recalibrated_rps=fresh["rps"])
+            try:
+                row = open_row(system, server, m, result, p)
+                if row:
                     result["open"].append(row)
-                except Exception as exc:
-                    notes.append(f"{system} {m.name}: open-loop run failed: {exc}")
+            except Exception as exc:
+                notes.append(f"{system} {m.name}: open-loop run failed: {exc}")
     result["loadavg"][-1]["after"] = loadavg()
     for system, server in servers.items():
         result["memory"].append({"system": system, "when": "after load", "models": [m.name for m in server.models],
@@ -439,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                              "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                              "mode": "quick" if args.quick else "full", "plan": p, "machine": machine(),
                              "loadavg_start": load_start},
-                    "models": {}, "ceiling": {}, "closed": [], "exact_c1": [], "open": [], "startup": [],
+                    "models": {}, "ceiling": {}, "closed": [], "exact_c1": [], "open": [], "grpc_c1": [], "startup": [],
                     "startup_single": [], "memory": [], "variants": [], "profile": None, "notes": notes, "loadavg": [],
                     "config": {}}
     log(f"building models in {work} ({result['meta']['mode']} run)")
@@ -447,6 +577,17 @@ def main(argv: list[str] | None = None) -> int:
     result["models"] = {n: m.as_json() for n, m in models.items()}
     exe = openloop_binary(work, notes)
     p["openloop_bin"] = str(exe) if exe else None
+    grpc_bin = None
+    if "osprey_grpc" in systems:
+        from . import grpc_c1
+
+        grpc_bin = grpc_c1.build(work / "grpc_c1")
+        p["grpc_c1_bin"] = str(grpc_bin) if grpc_bin else None
+        if grpc_bin is None:
+            notes.append("gRPC c=1: the C++ client (benchmarks/grpc_c1.cc) could not be built (needs g++, protoc, "
+                         "grpc_cpp_plugin, pkg-config grpc++ protobuf: apt-get install libgrpc++-dev "
+                         "protobuf-compiler-grpc libprotobuf-dev pkg-config); the gRPC goal uses the Python "
+                         "grpc.aio driver's c=1 p50, which includes that client's own cost")
     served = list(models.values())
 
     if "ceiling" in systems:
@@ -513,6 +654,9 @@ def main(argv: list[str] | None = None) -> int:
         if "osprey_grpc" in systems and "osprey" in servers:
             grpc_models = [m for m in servers["osprey"].models if m.kind == "mlp" and m.batching]
             guarded("grpc", lambda: result["closed"].extend(grpc_rows(servers["osprey"], grpc_models, p, notes)))
+            if grpc_bin and grpc_models:
+                guarded("grpc c=1 (C++ client)", lambda: result["grpc_c1"].extend(
+                    grpc_cpp_rows(grpc_bin, servers["osprey"], grpc_models[0], p, notes)))
     finally:
         for server in servers.values():
             server.stop()
