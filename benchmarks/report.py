@@ -174,8 +174,15 @@ def goals(data: dict) -> list[dict]:
         judged = [(m,) + judge(m, r) for m, r in tails]
         worst = max(judged, key=lambda j: (j[2] is not None, j[1]))
         met = all(j[1] <= 3 and j[2] is None for j in judged)
+        floor = _open(data, "uvicorn_constant", "mlp")
+        floor_txt = ""
+        if floor and floor.get("p50_ms"):
+            fwhy = overloaded(data, "uvicorn_constant", "mlp", floor)
+            floor_txt = (f"; the Python HTTP ceiling (bare uvicorn app answering a constant, same driver and rule): "
+                         f"{floor['p99_ms'] / floor['p50_ms']:.1f}x at {floor.get('rate', 0):.0f}/s (p50 "
+                         f"{floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms)" + (f" ({fwhy})" if fwhy else ""))
         add("Tail: p99 at 70% of capacity", "within 3x p50", f"{worst[1]:.1f}x ({worst[0]}, worst)", met,
-            ", ".join(j[3] for j in judged))
+            ", ".join(j[3] for j in judged) + floor_txt)
     else:
         add("Tail: p99 at 70% of capacity", "within 3x p50", "–", None)
 
