@@ -23,7 +23,7 @@ def test_promtool_check_rules():
     r = _promtool("check", "rules", "alerts.yml")
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("OspreyLatencyP99AboveObjective", "OspreyHighErrorRatio", "OspreyQueueSaturated",
-                 "OspreyModelNotReady", "OspreyInstanceRestarted"):
+                 "OspreyModelNotReady", "OspreyInstanceRestarted", "OspreyGarbageCollectorPausing"):
         assert f"alert: {name}" in (PROM_DIR / "alerts.yml").read_text()
 
 
