@@ -54,6 +54,7 @@ def srv(osprey_module, tmp_path_factory):
     handler_archive(store, "st", STATUS_HANDLER)
     handler_archive(store, "echo", ECHO_HANDLER)
     handler_archive(store, "short", "def handle(data, context):\n    return [] if data else None\n")
+    handler_archive(store, "big", "def handle(data, context):\n    return [bytes(range(256)) * 1200 for _ in data] if data else None\n")
     server = osprey_module(["all"], store)
     server.store = store
     return server
@@ -266,3 +267,15 @@ def test_raw_http_keep_alive_pipelining_and_expect_continue(srv):
         (status, _, body), = _read_responses(s, 1)
         assert status == 200
         assert json.loads(body) == pytest.approx(direct_mlp(srv, [rows[2]])[0], abs=1e-5)
+
+
+def test_large_responses_arrive_whole_on_a_kept_alive_connection(srv):
+    """A 300 KB answer (header block and body sent as one vectored write) arrives intact,
+    twice on the same connection."""
+    expected = bytes(range(256)) * 1200
+    with httpx.Client(timeout=30) as client:
+        for _ in range(2):
+            r = client.post(f"{srv.inference}/predictions/big", content=b"x")
+            assert r.status_code == 200
+            assert r.headers["content-length"] == str(len(expected))
+            assert r.content == expected

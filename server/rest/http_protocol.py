@@ -18,6 +18,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 __all__ = ["OneWriteHttpToolsProtocol"]
 
+JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
+
 
 class _HeldTransport:
     """A transport wrapper that holds writes while ``held`` and sends them joined on flush."""
@@ -38,9 +40,15 @@ class _HeldTransport:
     def flush(self) -> None:
         self.held = False
         parts = self.parts
-        if parts:
-            self.parts = []
-            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+        if not parts:
+            return
+        self.parts = []
+        if len(parts) == 1:
+            self.transport.write(parts[0])
+        elif sum(map(len, parts)) <= JOIN_LIMIT:
+            self.transport.write(b"".join(parts))
+        else:  # a large body is not copied to save a syscall: one vectored write
+            self.transport.writelines(parts)
 
     def close(self) -> None:
         self.flush()
