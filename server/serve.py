@@ -25,7 +25,7 @@ from .auth import Keys
 from .dataplane import DataPlane
 from .errors import OspreyError
 from .registry import Registry
-from .rest.http_protocol import OneWriteHttpToolsProtocol
+from .rest.http_protocol import http_protocol
 from .rest.asgi import Request, Response, Router
 from .rest.inference import add_inference_routes
 from .rest.management import add_management_routes
@@ -96,7 +96,7 @@ class Server:
                              (s.management_address, self.management_app),
                              (s.metrics_address, self.metrics_app)):
             host, port = parse_address(address)
-            config = uvicorn.Config(app, host=host, port=port, lifespan="off", http=OneWriteHttpToolsProtocol,
+            config = uvicorn.Config(app, host=host, port=port, lifespan="off", http=http_protocol(),
                                     loop="none", log_level="warning", access_log=False,
                                     server_header=False, date_header=False, timeout_keep_alive=120,
                                     backlog=2048, proxy_headers=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-__all__ = ["OneWriteHttpToolsProtocol"]
+__all__ = ["OneWriteHttpToolsProtocol", "http_protocol"]
 
 JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
 
@@ -89,3 +89,12 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         cycle.transport = _HeldTransport(cycle.transport)
         cycle.__class__ = _OneWriteCycle
         super()._start_asgi_task(cycle, app)
+
+
+def http_protocol():
+    """The protocol for uvicorn's ``http=``: this one where the installed uvicorn has the hook
+    it relies on (``HttpToolsProtocol._start_asgi_task``, a cycle class without slots), else
+    uvicorn's own httptools protocol (two writes per response, otherwise the same)."""
+    if callable(getattr(HttpToolsProtocol, "_start_asgi_task", None)) and "__slots__" not in vars(RequestResponseCycle):
+        return OneWriteHttpToolsProtocol
+    return "httptools"
