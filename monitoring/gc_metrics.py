@@ -15,7 +15,7 @@ import time
 
 from .families import Histogram, fmt, render_family
 
-__all__ = ["GcCollector", "PAUSE_BUCKETS"]
+__all__ = ["GcCollector", "PAUSE_BUCKETS", "gc_collector"]
 
 PAUSE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -28,7 +28,8 @@ class GcCollector:
     """
 
     def __init__(self) -> None:
-        self.pause = Histogram("osprey_gc_pause_seconds", "Garbage collector pauses (the GIL is held), by generation",
+        self.pause = Histogram("osprey_gc_pause_seconds",
+                               "Garbage collector pauses (the GIL is held, but for finalizers that release it), by generation",
                                ("generation",), PAUSE_BUCKETS)
         self._by_gen = [self.pause.child(str(g)) for g in range(3)]
         self._started = 0.0
@@ -52,3 +53,14 @@ class GcCollector:
             gc.callbacks.remove(self._callback)
         except ValueError:
             pass
+
+
+_collector: GcCollector | None = None
+
+
+def gc_collector() -> GcCollector:
+    """The process's one collector (the garbage collector is per process; one callback is enough)."""
+    global _collector
+    if _collector is None:
+        _collector = GcCollector()
+    return _collector

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from .families import Counter, Gauge, Histogram
-from .gc_metrics import GcCollector
+from .gc_metrics import gc_collector
 from .gpu import GpuCollector
 from .handler_metrics import HandlerMetricsCollector
 
@@ -125,7 +125,7 @@ class ServingMetrics:
         self.handler = HandlerMetricsCollector(self.hostname)
         self.process_registry = registry or CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.process_registry)
-        self.gc = GcCollector()
+        self.gc = gc_collector()
         self.gpu = GpuCollector()
         if self.gpu.active:
             self.process_registry.register(self.gpu)

@@ -9,7 +9,9 @@ then walk only what was allocated since (2.6-7 ms measured under the same load).
 
 Freezing excludes objects from the *cyclic* collector only; reference counting still frees
 them. What a removed model leaves in reference cycles is returned by :func:`release`, which
-unfreezes, collects once and freezes again (one full collection, at unregistration).
+unfreezes, collects once and freezes again: one full collection on the event loop (tens of
+milliseconds), after an unregistration or a scale-down, once the removed instances' threads
+have ended (the registry waits for them; removals close together share one collection).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def settle() -> None:
 
 
 def freeze() -> None:
-    """After a model (or more instances of one) loaded at run time: its objects join the frozen heap."""
+    """After a model (or more instances of one) loaded at run time: collect what loading left
+    (only the objects allocated since the last freeze are walked), then freeze the rest."""
+    gc.collect()
     gc.freeze()
 
 

@@ -31,7 +31,8 @@ __all__ = ["ModelVersion", "Registry"]
 
 log = logging.getLogger("osprey.registry")
 
-RELEASE_DELAY_S = 2.0  # after an unregistration, when the heap is collected once (threads have ended)
+RELEASE_WAIT_S = 600.0  # most time to wait for removed instances' threads before the heap is released anyway
+RELEASE_POLL_S = 0.1
 
 
 @dataclass
@@ -85,6 +86,9 @@ class Registry:
         self._on_batch = on_batch
         self._loading: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._retired_threads: list[ModelInstance] = []
+        self.heap_settled = False  # set once startup models are loaded and the heap frozen
+        self._release_task: asyncio.Task | None = None
         self.work_root = Path(settings.workdir) / ".osprey" / "models"
 
     # --- lookups --------------------------------------------------------------------
@@ -230,7 +234,8 @@ class Registry:
         for inst in new:
             mv.batcher.add_instance(inst)
         mv.load_seconds = time.monotonic() - t0
-        heap.freeze()
+        if self.heap_settled:  # startup loads are settled once, all together, by serve
+            heap.freeze()
 
     def plan_scale(self, name: str, version: str | None, min_worker: int | None,
                    max_worker: int | None) -> tuple[ModelVersion, int, int]:
@@ -253,9 +258,11 @@ class Registry:
         if lo > len(live):
             await self._start_instances(mv, lo - len(live))
         elif lo < len(live):
-            for inst in mv.batcher.remove_instances(len(live) - lo):
+            removed = mv.batcher.remove_instances(len(live) - lo)
+            for inst in removed:
                 if inst in mv.instances:
                     mv.instances.remove(inst)
+            self._release_heap_after(removed)
         return mv
 
     def set_default(self, name: str, version: str) -> None:
@@ -278,9 +285,27 @@ class Registry:
         elif model.default == mv.version:
             model.default = max(model.versions, key=_version_key)
         mv.batcher.fail_all(OspreyError(ErrorKind.NOT_FOUND, f"Model {name} version {mv.version} was unregistered"))
+        stopped = list(mv.instances)
         self._stop(mv)
-        self.loop.call_later(RELEASE_DELAY_S, heap.release)  # once its instance threads have ended
+        self._release_heap_after(stopped)
         return mv
+
+    def _release_heap_after(self, instances: list) -> None:
+        """Once the threads of removed instances have ended (their last batch run, their
+        models dropped), give what they left in reference cycles back: one full collection.
+        Requests close together share one collection."""
+        self._retired_threads.extend(instances)
+        if self._release_task is None or self._release_task.done():
+            self._release_task = self.loop.create_task(self._release_heap())
+            self._tasks.add(self._release_task)
+            self._release_task.add_done_callback(self._tasks.discard)
+
+    async def _release_heap(self) -> None:
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
+            await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
+        self._retired_threads.clear()
+        heap.release()
 
     def _stop(self, mv: ModelVersion) -> None:
         for inst in mv.instances:

@@ -170,6 +170,11 @@ class ModelInstance:
         self._jobs.put(None)
 
     @property
+    def ended(self) -> bool:
+        """The thread has finished (or never started): its handler and model are dropped."""
+        return self._thread.ident is None or not self._thread.is_alive()
+
+    @property
     def accepts_tensors(self) -> bool:
         return bool(self.service and self.service.accepts_tensors)
 

@@ -168,6 +168,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     server.dataplane.started = False
     loaded = await server.load_models(models)
     heap.settle()
+    server.registry.heap_settled = True
     server.dataplane.started = True
     log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)
     print(f"Osprey ready: {loaded}/{len(models)} models, inference at {settings.inference_address}", flush=True)

@@ -28,10 +28,11 @@ def handle(data, context):
 @pytest.fixture(scope="module")
 def srv(osprey_module, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    handler_archive(store, "flag_default", FLAG_HANDLER)
-    handler_archive(store, "flag_on", FLAG_HANDLER, config={"jit_optimize": True})
-    handler_archive(store, "flag_off", FLAG_HANDLER, config={"jit_optimize": False})
-    handler_archive(store, "flag_bad", FLAG_HANDLER, config={"jit_optimize": "sometimes"})
+    cpu = {"deviceType": "cpu"}  # the default differs on GPU instances
+    handler_archive(store, "flag_default", FLAG_HANDLER, config=cpu)
+    handler_archive(store, "flag_on", FLAG_HANDLER, config={**cpu, "jit_optimize": True})
+    handler_archive(store, "flag_off", FLAG_HANDLER, config={**cpu, "jit_optimize": False})
+    handler_archive(store, "flag_bad", FLAG_HANDLER, config={**cpu, "jit_optimize": "sometimes"})
     mlp_archive(store, config={"batchSize": 32, "maxBatchDelay": 5})
     server = osprey_module(["flag_default.mar", "flag_on.mar", "flag_off.mar", "mlp.mar"], store)
     server.store = store

@@ -279,3 +279,65 @@ def test_large_responses_arrive_whole_on_a_kept_alive_connection(srv):
             assert r.status_code == 200
             assert r.headers["content-length"] == str(len(expected))
             assert r.content == expected
+
+
+def test_one_write_protocol_sends_each_response_in_one_write():
+    """With the installed uvicorn, Osprey's protocol is in use and a response (status line,
+    headers and body) reaches the transport as one write."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from server.rest.http_protocol import OneWriteHttpToolsProtocol, http_protocol
+
+    assert http_protocol() is OneWriteHttpToolsProtocol
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    class Transport:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+
+        def get_extra_info(self, name, default=None):
+            return {"sockname": ("127.0.0.1", 1), "peername": ("127.0.0.1", 2)}.get(name, default)
+
+        def is_closing(self):
+            return False
+
+        def close(self):
+            pass
+
+        def set_protocol(self, p):
+            pass
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+    async def main():
+        config = uvicorn.Config(app, http=OneWriteHttpToolsProtocol, lifespan="off", log_level="warning")
+        config.load()
+        proto = OneWriteHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        t = Transport()
+        proto.connection_made(t)
+        proto.data_received(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        for _ in range(50):
+            if t.writes:
+                break
+            await asyncio.sleep(0.01)
+        proto.connection_lost(None)
+        return t.writes
+
+    writes = asyncio.run(main())
+    assert len(writes) == 1, writes
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\nhello")
