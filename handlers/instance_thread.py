@@ -20,14 +20,12 @@ from __future__ import annotations
 __all__ = ["prepare_instance_thread"]
 
 
-def prepare_instance_thread(jit_optimize: bool | None, on_gpu: bool) -> bool:
-    """Apply the settings in the calling (instance) thread; returns the jit_optimize in force."""
-    optimize = on_gpu if jit_optimize is None else bool(jit_optimize)
+def prepare_instance_thread(jit_optimize: bool | None, on_gpu: bool) -> None:
+    """Apply the settings in the calling (instance) thread."""
     try:
         import torch
     except ImportError:  # a handler without torch: nothing to set
-        return optimize
+        return
     setter = getattr(torch._C, "_set_graph_executor_optimize", None)
     if setter is not None:
-        setter(optimize)
-    return optimize
+        setter(on_gpu if jit_optimize is None else jit_optimize)

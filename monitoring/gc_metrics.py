@@ -48,12 +48,6 @@ class GcCollector:
             self._by_gen[info["generation"]].observe(time.perf_counter() - self._started)
             self._started = 0.0
 
-    def close(self) -> None:
-        try:
-            gc.callbacks.remove(self._callback)
-        except ValueError:
-            pass
-
 
 _collector: GcCollector | None = None
 

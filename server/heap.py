@@ -20,30 +20,21 @@ import gc
 import logging
 import time
 
-__all__ = ["settle", "freeze", "release"]
+__all__ = ["freeze", "release"]
 
 log = logging.getLogger("osprey.heap")
 
 
-def settle() -> None:
-    """At startup, once the first models are loaded: collect what loading left, freeze the rest."""
+def freeze() -> None:
+    """Once models are loaded (at startup, and after each run-time load): collect what loading
+    left, freeze the rest. Only objects allocated since the last freeze are walked."""
     t0 = time.perf_counter()
     gc.collect()
     gc.freeze()
-    log.debug("heap settled: %d objects frozen in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
-
-
-def freeze() -> None:
-    """After a model (or more instances of one) loaded at run time: collect what loading left
-    (only the objects allocated since the last freeze are walked), then freeze the rest."""
-    gc.collect()
-    gc.freeze()
+    log.debug("heap frozen: %d objects in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
 
 
 def release() -> None:
-    """After a model was removed: let the collector see everything again, collect, freeze again."""
-    t0 = time.perf_counter()
+    """After a model was removed: let the collector see everything again, then freeze again."""
     gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    log.debug("heap released and refrozen in %.1f ms", (time.perf_counter() - t0) * 1e3)
+    freeze()

@@ -234,7 +234,7 @@ class Registry:
         for inst in new:
             mv.batcher.add_instance(inst)
         mv.load_seconds = time.monotonic() - t0
-        if self.heap_settled:  # startup loads are settled once, all together, by serve
+        if self.heap_settled:  # startup loads are frozen once, all together, by serve
             heap.freeze()
 
     def plan_scale(self, name: str, version: str | None, min_worker: int | None,

@@ -167,7 +167,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
         _write_pid(settings.pid_file)
     server.dataplane.started = False
     loaded = await server.load_models(models)
-    heap.settle()
+    heap.freeze()
     server.registry.heap_settled = True
     server.dataplane.started = True
     log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)

@@ -60,10 +60,21 @@ def make(batch_size=4, delay=0.0, queue_size=100):
     return Batcher("m", "1", batch_size=batch_size, max_batch_delay_s=delay, queue_size=queue_size, loop=loop)
 
 
-async def test_lone_request_runs_at_once_without_waiting_for_delay():
-    b = make(batch_size=32, delay=5.0)
-    inst = HandInstance()
+def with_instance(**kw):
+    """A batcher and the one hand-driven instance it dispatches to."""
+    b, inst = make(**kw), HandInstance()
     b.add_instance(inst)
+    return b, inst
+
+
+def queued_behind_one(b, n):
+    """Submit ``n`` requests: the first runs at once, the other futures wait in the queue."""
+    b.submit(req(0))
+    return [b.submit(req(i)) for i in range(1, n)]
+
+
+async def test_lone_request_runs_at_once_without_waiting_for_delay():
+    b, inst = with_instance(batch_size=32, delay=5.0)
     fut = b.submit(req(0))
     assert len(inst.batches) == 1 and len(inst.batches[0]) == 1  # dispatched synchronously
     inst.finish()
@@ -71,9 +82,7 @@ async def test_lone_request_runs_at_once_without_waiting_for_delay():
 
 
 async def test_requests_queued_while_busy_leave_as_one_batch_and_each_gets_its_own_answer():
-    b = make(batch_size=4)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=4)
     first = b.submit(req(0))
     futs = [b.submit(req(i)) for i in range(1, 7)]
     assert [len(x) for x in inst.batches] == [1]
@@ -86,9 +95,7 @@ async def test_requests_queued_while_busy_leave_as_one_batch_and_each_gets_its_o
 
 
 async def test_cancelled_caller_is_dropped_and_batch_mates_are_answered():
-    b = make(batch_size=8)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=8)
     b.submit(req(0))
     waiters = [asyncio.ensure_future(b.submit(req(i))) for i in range(1, 5)]
     await asyncio.sleep(0)
@@ -103,9 +110,7 @@ async def test_cancelled_caller_is_dropped_and_batch_mates_are_answered():
 
 
 async def test_cancel_while_running_does_not_lose_batch_mates():
-    b = make(batch_size=8)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=8)
     b.submit(req(0))
     waiters = [asyncio.ensure_future(b.submit(req(i))) for i in range(1, 4)]
     await asyncio.sleep(0)
@@ -118,9 +123,7 @@ async def test_cancel_while_running_does_not_lose_batch_mates():
 
 
 async def test_full_queue_is_refused_at_once_with_retry_after():
-    b = make(batch_size=1, queue_size=2)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=1, queue_size=2)
     b.submit(req(0))  # running
     b.submit(req(1))
     b.submit(req(2))
@@ -130,9 +133,7 @@ async def test_full_queue_is_refused_at_once_with_retry_after():
 
 
 async def test_cancelled_requests_do_not_count_against_the_queue():
-    b = make(batch_size=1, queue_size=1)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=1, queue_size=1)
     b.submit(req(0))
     w = asyncio.ensure_future(b.submit(req(1)))
     await asyncio.sleep(0)
@@ -142,9 +143,7 @@ async def test_cancelled_requests_do_not_count_against_the_queue():
 
 
 async def test_deadline_passing_in_the_queue_answers_504_and_never_runs():
-    b = make(batch_size=4)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=4)
     b.submit(req(0))
     late = b.submit(req(1, deadline=time.monotonic() + 0.02))
     ok = b.submit(req(2))
@@ -166,11 +165,8 @@ async def test_already_expired_request_is_refused():
 
 
 async def test_errors_reach_only_their_own_request():
-    b = make(batch_size=4)
-    inst = HandInstance()
-    b.add_instance(inst)
-    b.submit(req(0))
-    futs = [b.submit(req(i)) for i in range(1, 4)]
+    b, inst = with_instance(batch_size=4)
+    futs = queued_behind_one(b, 4)
     inst.finish()
     inst.finish(lambda r: OspreyError(ErrorKind.BAD_INPUT, "bad") if r.request_id == "r2" else InferenceResponse(body=b"ok"))
     assert (await futs[0]).body == b"ok"
@@ -180,11 +176,8 @@ async def test_errors_reach_only_their_own_request():
 
 
 async def test_slow_batches_are_handed_over_one_at_a_time():
-    b = make(batch_size=1)
-    inst = HandInstance()
-    b.add_instance(inst)
-    b.submit(req(0))
-    futs = [b.submit(req(i)) for i in range(1, 4)]
+    b, inst = with_instance(batch_size=1)
+    futs = queued_behind_one(b, 4)
     time.sleep(0.01)  # this model takes 10 ms a batch: bundling would delay answers
     inst.finish()
     assert [len(x) for x in inst.batches] == [1, 1] and inst.handoffs == 2
@@ -207,9 +200,7 @@ async def test_two_instances_work_in_parallel():
 
 
 async def test_hold_only_under_burst_and_bounded_by_delay():
-    b = make(batch_size=16, delay=0.05, queue_size=1000)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=16, delay=0.05, queue_size=1000)
     # build up a history of large batches with a measurable run time
     b.submit(req(0))
     for i in range(1, 16 * 8 + 1):
@@ -234,9 +225,7 @@ async def test_hold_only_under_burst_and_bounded_by_delay():
 
 
 async def test_scale_down_while_busy_retires_after_the_batch():
-    b = make(batch_size=2)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=2)
     f = b.submit(req(0))
     removed = b.remove_instances(1)
     assert removed == [inst] and b.instances == 0 and not inst.stopped
@@ -246,9 +235,7 @@ async def test_scale_down_while_busy_retires_after_the_batch():
 
 
 async def test_deadline_passing_while_running_answers_504_and_the_late_answer_is_dropped():
-    b = make(batch_size=1)
-    inst = HandInstance()
-    b.add_instance(inst)
+    b, inst = with_instance(batch_size=1)
     f = b.submit(req(0, deadline=time.monotonic() + 0.02))
     with pytest.raises(OspreyError) as info:
         await asyncio.wait_for(f, 1)
