@@ -162,7 +162,13 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("%s", exc)
+        print(f"osprey: {exc}", file=sys.stderr, flush=True)
+        await server.stop(drain_timeout=0)
+        return 1
     if settings.pid_file:
         _write_pid(settings.pid_file)
     server.dataplane.started = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,7 +17,39 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port that is free now and that no outgoing connection will take.
+
+    ``bind(0)`` draws from the kernel's ephemeral range, the same ports the tests' own client
+    connections get as local ports: one of them can take the port between this check and the
+    server's bind (CI saw exactly that). Ports below the range are never given to outgoing
+    connections; each is handed out once per test session, so no TIME_WAIT from an earlier
+    server is in the way.
+    """
+    low = _ephemeral_low()
+    if low > 12000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            if port in _GIVEN:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _GIVEN.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -92,11 +125,18 @@ class ServerPool:
         self.started: list[OspreyProcess] = []
 
     def __call__(self, models: list[str] | None = None, store: Path | None = None, **kwargs) -> OspreyProcess:
-        work = self.root / f"server{len(self.started)}"
-        work.mkdir()
-        proc = OspreyProcess(work, store or self.root / "store", models or [], **kwargs)
-        self.started.append(proc)
-        return proc.wait_ready()
+        for attempt in range(3):
+            work = self.root / f"server{len(self.started)}"
+            work.mkdir()
+            proc = OspreyProcess(work, store or self.root / "store", models or [], **kwargs)
+            self.started.append(proc)
+            try:
+                return proc.wait_ready()
+            except RuntimeError:
+                # another program took one of the ports after free_port checked it: new ports
+                if attempt == 2 or "could not listen" not in proc.log():
+                    raise
+        raise AssertionError("unreachable")
 
     def stop_all(self) -> None:
         for proc in self.started:

@@ -60,6 +60,32 @@ def test_serve_reports_a_bad_config_file(tmp_path):
     assert r.returncode == 2 and "missing.properties" in r.stderr
 
 
+@pytest.mark.parametrize("taken", ["inference", "grpc_management"])
+def test_serve_says_which_address_is_taken_and_exits(tmp_path, taken):
+    """A port another program holds: exit 1 naming the address, no traceback, nothing left listening."""
+    import socket
+
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_management")}
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", ports[taken]))
+    holder.listen()
+    try:
+        r = osprey("serve", "--foreground", "--model-store", str(tmp_path), "--disable-token-auth",
+                   "--inference-address", f"http://127.0.0.1:{ports['inference']}",
+                   "--management-address", f"http://127.0.0.1:{ports['management']}",
+                   "--metrics-address", f"http://127.0.0.1:{ports['metrics']}",
+                   "--grpc-inference-port", str(ports["grpc"]),
+                   "--grpc-management-port", str(ports["grpc_management"]), cwd=tmp_path, timeout=60)
+    finally:
+        holder.close()
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"osprey: could not listen on " in r.stderr and f"127.0.0.1:{ports[taken]}" in r.stderr
+    assert "Traceback" not in r.stderr
+    for port in ports.values():  # what had started was closed again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_startup_model_that_fails_is_skipped_and_the_rest_serve(osprey_module, tmp_path):
     store = tmp_path / "store"
     store.mkdir()

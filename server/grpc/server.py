@@ -112,8 +112,13 @@ async def _serve(bind: str, settings: Any, add: list[tuple[Callable, Any]], name
     checker = _Health(ready, names)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if server.add_insecure_port(bind) == 0:
-        raise OSError(f"could not listen on {bind} (gRPC)")
+    try:
+        bound = server.add_insecure_port(bind)
+    except RuntimeError:  # grpc >= 1.60 raises where older versions returned 0
+        bound = 0
+    if bound == 0:
+        await server.stop(None)
+        raise OSError(f"could not listen on {bind} (gRPC): address in use or not available")
     await server.start()
     return server, asyncio.get_running_loop().create_task(checker.follow())
 
@@ -133,10 +138,15 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
         (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
          OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api)),
     ], inference_names, dp.ready, auth("inference"))
-    management, t2 = await _serve(s.grpc_management_bind, s, [
-        (management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server,
-         ManagementServicer(dp.registry, enable_model_api=s.enable_model_api)),
-    ], management_names, dp.ready, auth("management"))
+    try:
+        management, t2 = await _serve(s.grpc_management_bind, s, [
+            (management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server,
+             ManagementServicer(dp.registry, enable_model_api=s.enable_model_api)),
+        ], management_names, dp.ready, auth("management"))
+    except OSError:
+        t1.cancel()
+        await inference.stop(None)
+        raise
     inference._osprey_tasks = management._osprey_tasks = (t1, t2)  # kept alive with the servers
     log.info("gRPC: inference %s, management %s", s.grpc_inference_bind, s.grpc_management_bind)
     return [inference, management]
