@@ -87,3 +87,67 @@ def test_jit_optimize_parses_booleans_only():
     assert parse_model_config({"jit_optimize": True}).jit_optimize is True
     with pytest.raises(OspreyError, match="jit_optimize must be true or false"):
         parse_model_config({"jit_optimize": "yes"})
+
+
+GPU_MLP_HANDLER = '''
+import os
+import torch
+
+model = device = None
+
+def handle(data, context):
+    global model, device
+    if data is None:
+        gpu = context.system_properties.get("gpu_id")
+        device = torch.device("cpu" if gpu is None else f"cuda:{gpu}")
+        model = torch.jit.load(os.path.join(context.system_properties["model_dir"], "mlp.pt"), map_location=device)
+        return None
+    x = torch.tensor([row["body"]["x"] for row in data], dtype=torch.float32, device=device)
+    with torch.inference_mode():
+        y = model(x).cpu().tolist()
+    return [{"y": r, "device": str(device), "jit_optimize": torch._C._get_graph_executor_optimize()} for r in y]
+'''
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_gpu_instances_keep_the_optimizing_executor_and_answer_like_cpu(osprey, tmp_path):
+    """On a GPU the profiling executor fuses kernels, so GPU instances keep it by default; a scripted
+    model served there under dynamic batching answers every batch size like the CPU model."""
+    import concurrent.futures as cf
+
+    import torch
+
+    from tests.models import make_mlp
+
+    store = tmp_path / "gpu-store"
+    store.mkdir()
+    weights = make_mlp(tmp_path / "mlp.pt").read_bytes()
+    batching = {"batchSize": 16, "maxBatchDelay": 5}
+    handler_archive(store, "on_gpu", GPU_MLP_HANDLER, config={**batching, "deviceType": "gpu"},
+                    extra={"mlp.pt": weights})
+    handler_archive(store, "on_gpu_off", GPU_MLP_HANDLER,
+                    config={**batching, "deviceType": "gpu", "jit_optimize": False}, extra={"mlp.pt": weights})
+    srv = osprey(["on_gpu.mar", "on_gpu_off.mar"], store)
+    rows = [[float((i * 7 + j) % 13) / 5 for j in range(16)] for i in range(96)]
+    with torch.inference_mode():
+        expected = torch.jit.load(str(tmp_path / "mlp.pt"))(torch.tensor(rows)).tolist()
+
+    def one(args):
+        name, i = args
+        r = httpx.post(f"{srv.inference}/predictions/{name}", json={"x": rows[i]}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for name, flag in (("on_gpu", True), ("on_gpu_off", False)):
+        with cf.ThreadPoolExecutor(32) as pool:
+            got = list(pool.map(one, [(name, i) for i in range(len(rows))]))
+        assert {g["device"] for g in got} == {"cuda:0"}
+        assert {g["jit_optimize"] for g in got} == {flag}
+        for g, e in zip(got, expected):
+            assert g["y"] == pytest.approx(e, abs=1e-3)

@@ -95,7 +95,8 @@ def test_concurrent_requests_share_one_forward_pass_and_are_never_mis_split(srv)
     with cf.ThreadPoolExecutor(n) as pool:
         first = pool.submit(call, 0)  # occupies the only instance while the rest queue up
         time.sleep(0.05)
-        results = [first.result()] + list(pool.map(call, range(1, n)))
+        rest = list(pool.map(call, range(1, n)))  # all sent while the first holds the instance
+        results = [first.result()] + rest
     for i, r in results:
         assert r.status_code == 200
         assert r.json()["id"] == i  # each client gets exactly its own result
