@@ -29,7 +29,8 @@ def handle(data, context):
         return model(x).tolist()
 '''
 
-# Records every batch size it sees in batches.log and echoes each request's "id" and "sleep".
+# Records every batch size it sees in batches.log and echoes each request's "id"; honours "sleep",
+# "fail", "status" and "gate" (tests/gates.py).
 RECORDING_HANDLER = '''
 import json, os, time
 
@@ -45,6 +46,11 @@ class Recorder:
             body = row.get("body")
             if isinstance(body, dict) and body.get("fail"):
                 raise ValueError("asked to fail")
+            if isinstance(body, dict) and body.get("gate"):
+                open(body["gate"] + ".entered", "w").close()
+                end = time.monotonic() + 30
+                while not os.path.exists(body["gate"]) and time.monotonic() < end:
+                    time.sleep(0.002)
             if isinstance(body, dict) and body.get("sleep"):
                 time.sleep(body["sleep"])
             if isinstance(body, dict) and body.get("status"):

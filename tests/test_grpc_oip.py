@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -19,6 +18,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
+from .gates import Gate, pending, wait_until  # noqa: E402
 from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, stream_archive, tensor_mlp_archive  # noqa: E402
 
 
@@ -49,9 +49,10 @@ def _ran(server) -> list:
     return [i for p in server.workdir.glob("**/ids.log") for line in p.read_text().splitlines() for i in json.loads(line)]
 
 
-def _ids_input(id_: str, sleep: float = 0.0):
+def _ids_input(id_: str, sleep: float = 0.0, gate: Gate | None = None):
+    body = {"id": id_, "sleep": sleep} | ({"gate": gate.value} if gate else {})
     inp = tritongrpc.InferInput("body", [1], "BYTES")
-    inp.set_data_from_numpy(np.array([json.dumps({"id": id_, "sleep": sleep}).encode()], dtype=object))
+    inp.set_data_from_numpy(np.array([json.dumps(body).encode()], dtype=object))
     return inp
 
 
@@ -199,16 +200,19 @@ def test_stream_carries_intermediate_responses_of_a_decoupled_handler(client):
     assert got == [b"part0:xyz", b"part1:xyz", b"part2:xyz", b"done:xyz"]
 
 
-def test_deadline_and_queue_timeout(client, server):
-    blocker = threading.Thread(target=lambda: client.infer("ids", [_ids_input("g-blocker", 0.8)]))
+def test_deadline_and_queue_timeout(client, server, tmp_path):
+    gate = Gate(tmp_path)
+    blocker = threading.Thread(target=lambda: client.infer("ids", [_ids_input("g-blocker", gate=gate)]))
     blocker.start()
-    time.sleep(0.2)
+    gate.wait_entered()  # the only instance is busy until the gate opens
     with pytest.raises(InferenceServerException) as exc:  # server-side queue timeout (microseconds)
         client.infer("ids", [_ids_input("g-timeout")], timeout=100_000)
     assert exc.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     with pytest.raises(InferenceServerException) as exc:  # the gRPC deadline
         client.infer("ids", [_ids_input("g-deadline")], client_timeout=0.2)
     assert "DEADLINE" in str(exc.value.status())
+    wait_until(lambda: pending(server, "ids") == 0, what="the expired calls to leave the queue")
+    gate.open()
     blocker.join()
     client.infer("ids", [_ids_input("g-after")])
     ran = _ran(server)
@@ -216,14 +220,16 @@ def test_deadline_and_queue_timeout(client, server):
     assert "g-timeout" not in ran and "g-deadline" not in ran
 
 
-def test_cancelled_call_is_taken_out_of_the_queue(client, server):
-    blocker = threading.Thread(target=lambda: client.infer("ids", [_ids_input("c-blocker", 0.8)]))
+def test_cancelled_call_is_taken_out_of_the_queue(client, server, tmp_path):
+    gate = Gate(tmp_path)
+    blocker = threading.Thread(target=lambda: client.infer("ids", [_ids_input("c-blocker", gate=gate)]))
     blocker.start()
-    time.sleep(0.2)
-    done = threading.Event()
-    future = client.async_infer("ids", [_ids_input("c-cancelled")], callback=lambda r, e: done.set())
-    time.sleep(0.2)
+    gate.wait_entered()
+    future = client.async_infer("ids", [_ids_input("c-cancelled")], callback=lambda r, e: None)
+    wait_until(lambda: pending(server, "ids") == 1, what="the call to be queued")
     future.cancel()
+    wait_until(lambda: pending(server, "ids") == 0, what="the cancelled call to leave the queue")
+    gate.open()
     blocker.join()
     client.infer("ids", [_ids_input("c-after")])
     ran = _ran(server)

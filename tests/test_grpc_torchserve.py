@@ -8,7 +8,6 @@ import importlib
 import json
 import sys
 import threading
-import time
 import zipfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 
+from .gates import Gate, pending, wait_until
 from .oip_archives import echo_archive, ids_archive, stream_archive
 
 ts = pytest.importorskip("ts", reason="TorchServe's protos come from the torchserve package (test extra)")
@@ -154,16 +154,17 @@ def test_reflection_lists_services_and_health_is_serving(server):
         assert "org.pytorch.serve.grpc.management.ManagementAPIsService" in ProtoReflectionDescriptorDatabase(ch).get_services()
 
 
-def test_rest_and_grpc_requests_share_one_forward_pass(server, ts_stubs):
+def test_rest_and_grpc_requests_share_one_forward_pass(server, ts_stubs, tmp_path):
     inf_pb, inf_grpc, _, _ = ts_stubs
     url = server.inference + "/predictions/ids"
     results = {}
-    blocker = threading.Thread(target=lambda: httpx.post(url, json={"id": "blocker", "sleep": 0.5}, timeout=10))
+    gate = Gate(tmp_path)
+    blocker = threading.Thread(target=lambda: httpx.post(url, json={"id": "blocker", "gate": gate.value}, timeout=30))
     blocker.start()
-    time.sleep(0.15)  # the only instance is busy: what comes now queues up
+    gate.wait_entered()  # the only instance is busy: what comes now queues up
 
     def rest():
-        results["rest"] = httpx.post(url, json={"id": "rest"}, timeout=10).json()
+        results["rest"] = httpx.post(url, json={"id": "rest"}, timeout=30).json()
 
     def grpc_call():
         with grpc.insecure_channel(server.grpc) as ch:
@@ -174,6 +175,8 @@ def test_rest_and_grpc_requests_share_one_forward_pass(server, ts_stubs):
     threads = [threading.Thread(target=rest), threading.Thread(target=grpc_call)]
     for t in threads:
         t.start()
+    wait_until(lambda: pending(server, "ids") == 2, what="the REST and the gRPC request queued")
+    gate.open()
     for t in (blocker, *threads):
         t.join()
     assert results["rest"] == {"id": "rest", "batch": 2} and results["grpc"] == {"id": "grpc", "batch": 2}

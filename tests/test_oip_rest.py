@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ tritonhttp = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from .conftest import ROOT  # noqa: E402
+from .gates import Gate  # noqa: E402
 from .oip_archives import ECHO_HANDLER, echo_archive, ids_archive, ops_archive, tensor_mlp_archive  # noqa: E402
 
 
@@ -145,18 +145,21 @@ def test_body_without_json_header_is_the_single_input(server):
                                _direct_mlp(server.store, x), rtol=1e-5, atol=1e-6)
 
 
-def test_timeout_parameter_expires_a_queued_request_which_never_runs(server):
+def test_timeout_parameter_expires_a_queued_request_which_never_runs(server, tmp_path):
     url = server.inference + "/v2/models/ids/infer"
 
-    def body(id_, sleep=0.0, **params):
-        text = json.dumps({"id": id_, "sleep": sleep}).encode()
+    gate = Gate(tmp_path)
+
+    def body(id_, gate=None, **params):
+        text = json.dumps({"id": id_} | ({"gate": gate.value} if gate else {})).encode()
         return {"parameters": params, "inputs": [{"name": "body", "datatype": "BYTES", "shape": [1],
                                                   "data": [text.decode()]}]}
 
-    blocker = threading.Thread(target=lambda: httpx.post(url, json=body("blocker", 0.6), timeout=10))
+    blocker = threading.Thread(target=lambda: httpx.post(url, json=body("blocker", gate), timeout=30))
     blocker.start()
-    time.sleep(0.15)  # the blocker occupies the only instance
-    r = httpx.post(url, json=body("late", timeout=100_000), timeout=10)  # 100 ms, in microseconds
+    gate.wait_entered()  # the blocker occupies the only instance until the gate opens
+    r = httpx.post(url, json=body("late", timeout=100_000), timeout=30)  # 100 ms, in microseconds
+    gate.open()
     blocker.join()
     assert r.status_code == 504 and "deadline" in r.json()["error"]
     assert httpx.post(url, json=body("after"), timeout=10).status_code == 200

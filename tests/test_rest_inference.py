@@ -11,6 +11,7 @@ import httpx
 import pytest
 import torch
 
+from tests.gates import Gate, pending, wait_until
 from tests.models import RECORDING_HANDLER, handler_archive, mlp_archive
 
 ROW = [float(i) for i in range(16)]
@@ -84,26 +85,29 @@ def test_curl_upload_with_put(srv, tmp_path):
     assert json.loads(out.stdout) == pytest.approx(direct_mlp(srv, [ROW])[0], rel=1e-6)
 
 
-def test_concurrent_requests_share_one_forward_pass_and_are_never_mis_split(srv):
+def test_concurrent_requests_share_one_forward_pass_and_are_never_mis_split(srv, tmp_path):
     n = 40
+    gate = Gate(tmp_path)
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_connections=n)) as client, \
+            cf.ThreadPoolExecutor(n) as pool:
+        def call(i):
+            body = {"id": i, "gate": gate.value} if i == 0 else {"id": i}
+            return i, client.post(f"{srv.inference}/predictions/rec", json=body)
 
-    def call(i):
-        body = {"id": i, "sleep": 0.2} if i == 0 else {"id": i}
-        r = httpx.post(f"{srv.inference}/predictions/rec", json=body, timeout=30)
-        return i, r
-
-    with cf.ThreadPoolExecutor(n) as pool:
-        first = pool.submit(call, 0)  # occupies the only instance while the rest queue up
-        time.sleep(0.05)
-        rest = list(pool.map(call, range(1, n)))  # all sent while the first holds the instance
-        results = [first.result()] + rest
+        first = pool.submit(call, 0)  # holds the only instance while the rest queue up
+        gate.wait_entered()
+        rest = [pool.submit(call, i) for i in range(1, n)]
+        wait_until(lambda: pending(srv, "rec") == n - 1, what=f"{n - 1} requests queued")
+        gate.open()
+        results = [first.result()] + [f.result() for f in rest]
     for i, r in results:
         assert r.status_code == 200
         assert r.json()["id"] == i  # each client gets exactly its own result
         assert r.json()["request_id"] == r.headers["x-request-id"]
     batch_sizes = [r.json()["batch"] for _, r in results]
-    assert max(batch_sizes) > 1  # concurrent requests were served in one handler call
-    assert max(batch_sizes) <= 16
+    assert batch_sizes[0] == 1
+    # the 39 queued left in batches of at most batchSize 16, the first one full
+    assert max(batch_sizes[1:]) == 16 and min(batch_sizes[1:]) > 1
 
 
 def test_handler_exception_fails_only_its_own_request(srv):
@@ -176,20 +180,21 @@ def test_body_over_max_request_size_is_413(osprey, store):
     assert httpx.post(f"{srv.inference}/predictions/mlp", json=ROW).status_code == 200
 
 
-def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepted(srv):
-
-    def call(i):
-        return httpx.post(f"{srv.inference}/predictions/recq", json={"id": i, "sleep": 0.3}, timeout=30)
-
-    with cf.ThreadPoolExecutor(8) as pool:
-        rs = list(pool.map(call, range(8)))
-    codes = sorted(r.status_code for r in rs)
-    assert codes.count(503) >= 1 and codes.count(200) >= 3
-    for i, r in enumerate(rs):
-        if r.status_code == 503:
-            assert r.headers["retry-after"] and "queue is full" in r.json()["message"]
-        else:
-            assert r.status_code == 200 and r.json()["id"] == i
+def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepted(srv, tmp_path):
+    gate = Gate(tmp_path)
+    url = f"{srv.inference}/predictions/recq"  # batchSize 1, jobQueueSize 2
+    with httpx.Client(timeout=30) as client, cf.ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(client.post, url, json={"id": 0, "gate": gate.value})
+        gate.wait_entered()
+        queued = [pool.submit(client.post, url, json={"id": i}) for i in (1, 2)]
+        wait_until(lambda: pending(srv, "recq") == 2, what="two requests queued")
+        refused = [client.post(url, json={"id": i}) for i in range(3, 6)]
+        gate.open()
+        accepted = [busy.result()] + [f.result() for f in queued]
+    for r in refused:
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] and "queue is full" in r.json()["message"]
+    assert [(r.status_code, r.json()["id"]) for r in accepted] == [(200, 0), (200, 1), (200, 2)]
 
 
 def test_response_timeout_gives_504(srv):

@@ -1,0 +1,49 @@
+"""Deterministic "the instance is busy" for queueing tests.
+
+A request whose body carries ``{"gate": PATH}`` makes the test handlers (RECORDING_HANDLER,
+IDS_HANDLER) create ``PATH.entered`` and then hold their call until ``PATH`` exists. A test
+sends the gated request, waits until it is in the handler, queues what it wants queued
+(waiting until the server counts it), then opens the gate: the same order on a loaded 2-core
+machine and a fast 16-core one, where fixed sleeps guess at it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+__all__ = ["Gate", "wait_until", "pending"]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def pending(srv, model: str) -> int:
+    """Requests accepted and waiting in the model's queue (TorchServe's describe API)."""
+    return httpx.get(f"{srv.management}/models/{model}", timeout=30).json()[0]["jobQueueStatus"]["pendingRequests"]
+
+
+class Gate:
+    def __init__(self, folder: Path, name: str = "gate"):
+        self.path = Path(folder) / name
+        self.path.unlink(missing_ok=True)
+        Path(f"{self.path}.entered").unlink(missing_ok=True)
+
+    @property
+    def value(self) -> str:
+        """What goes in the request body's ``gate`` field."""
+        return str(self.path)
+
+    def wait_entered(self, timeout: float = 30.0) -> None:
+        wait_until(Path(f"{self.path}.entered").exists, timeout, "the gated request to reach the handler")
+
+    def open(self) -> None:
+        self.path.touch()
