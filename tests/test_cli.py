@@ -127,3 +127,20 @@ def test_sigterm_answers_every_accepted_request_before_exiting(osprey, store):
     assert [r.status_code for r in results] == [200] * 6
     assert [r.json()["id"] for r in results] == list(range(6))
     assert srv.proc.wait(30) == 0
+
+
+def test_an_exited_server_nobody_reaped_counts_as_stopped():
+    """In a container whose PID 1 does not reap, a stopped server stays a zombie: not running."""
+    import time
+
+    from server.cli import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while _pid_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _pid_alive(child.pid)  # exited, not yet reaped (we have not waited on it)
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()
