@@ -1,6 +1,8 @@
 """The batcher through its public interface, with instances the test completes by hand.
 
-Timing is gated by the test (it decides when a batch finishes), so these are deterministic.
+Timing is gated by the test: it decides when a batch finishes, and the instance reports a
+run time the test chose (not the wall time the test's own thread took), so a preempted or
+loaded test process sees the same batches.
 """
 
 from __future__ import annotations
@@ -16,31 +18,38 @@ from server.types import InferenceRequest, InferenceResponse
 
 
 class HandInstance:
-    """An instance whose batches finish when the test says so."""
+    """An instance whose batches finish when the test says so, each having run ``exec_s``.
+
+    Like ``ModelInstance.run``, the batches of one handoff run one after another: each
+    reports ``started``/``finished`` ``exec_s`` apart, the first starting at the handoff.
+    """
 
     status = "READY"
 
-    def __init__(self):
+    def __init__(self, exec_s: float = 1e-4):
+        self.exec_s = exec_s
         self.batches: list[list[InferenceRequest]] = []
+        self.handed_at: list[float] = []  # monotonic time of each batch's handoff
+        self.handoffs = 0
         self._pending = []
         self.stopped = False
 
     def submit(self, batches, loop, on_done):
         now = time.monotonic()
         for batch in batches:
-            for r in batch:
-                r.timings.started = now
             self.batches.append(batch)
-        self.handoffs = getattr(self, "handoffs", 0) + 1
-        self._pending.append((batches, on_done))
+            self.handed_at.append(now)
+        self.handoffs += 1
+        self._pending.append((batches, now, on_done))
 
     def finish(self, outcome=None):
-        batches, on_done = self._pending.pop(0)
-        now = time.monotonic()
+        batches, start, on_done = self._pending.pop(0)
         outcomes = []
         for batch in batches:
             for r in batch:
-                r.timings.finished = now
+                r.timings.started = start
+                r.timings.finished = start + self.exec_s
+            start += self.exec_s
             outcomes.append([outcome(r) if outcome else InferenceResponse(body=r.request_id.encode()) for r in batch])
         on_done(self, batches, outcomes)
 
@@ -60,9 +69,9 @@ def make(batch_size=4, delay=0.0, queue_size=100):
     return Batcher("m", "1", batch_size=batch_size, max_batch_delay_s=delay, queue_size=queue_size, loop=loop)
 
 
-def with_instance(**kw):
-    """A batcher and the one hand-driven instance it dispatches to."""
-    b, inst = make(**kw), HandInstance()
+def with_instance(exec_s: float = 1e-4, **kw):
+    """A batcher and the one hand-driven instance it dispatches to (batches run ``exec_s``)."""
+    b, inst = make(**kw), HandInstance(exec_s)
     b.add_instance(inst)
     return b, inst
 
@@ -82,7 +91,7 @@ async def test_lone_request_runs_at_once_without_waiting_for_delay():
 
 
 async def test_requests_queued_while_busy_leave_as_one_batch_and_each_gets_its_own_answer():
-    b, inst = with_instance(batch_size=4)
+    b, inst = with_instance(batch_size=4, exec_s=1e-5)  # 10 us a batch: 100 fit the bundle budget
     first = b.submit(req(0))
     futs = [b.submit(req(i)) for i in range(1, 7)]
     assert [len(x) for x in inst.batches] == [1]
@@ -145,7 +154,7 @@ async def test_cancelled_requests_do_not_count_against_the_queue():
 async def test_deadline_passing_in_the_queue_answers_504_and_never_runs():
     b, inst = with_instance(batch_size=4)
     b.submit(req(0))
-    late = b.submit(req(1, deadline=time.monotonic() + 0.02))
+    late = b.submit(req(1, deadline=time.monotonic() + 0.1))
     ok = b.submit(req(2))
     with pytest.raises(OspreyError) as info:
         await asyncio.wait_for(late, 1)
@@ -176,14 +185,13 @@ async def test_errors_reach_only_their_own_request():
 
 
 async def test_slow_batches_are_handed_over_one_at_a_time():
-    b, inst = with_instance(batch_size=1)
+    b, inst = with_instance(batch_size=1, exec_s=0.01)  # 10 ms a batch: bundling would delay answers
     futs = queued_behind_one(b, 4)
-    time.sleep(0.01)  # this model takes 10 ms a batch: bundling would delay answers
     inst.finish()
     assert [len(x) for x in inst.batches] == [1, 1] and inst.handoffs == 2
     for _ in range(3):
-        time.sleep(0.01)
         inst.finish()
+    assert [len(x) for x in inst.batches] == [1, 1, 1, 1] and inst.handoffs == 4
     assert [(await f).body for f in futs] == [b"r1", b"r2", b"r3"]
 
 
@@ -200,26 +208,29 @@ async def test_two_instances_work_in_parallel():
 
 
 async def test_hold_only_under_burst_and_bounded_by_delay():
-    b, inst = with_instance(batch_size=16, delay=0.05, queue_size=1000)
-    # build up a history of large batches with a measurable run time
+    # batches run 2 s (as the instance reports), max_batch_delay is 0.2 s: the hold is the delay
+    b, inst = with_instance(batch_size=16, delay=0.2, queue_size=1000, exec_s=2.0)
+    # build up a history of large batches
     b.submit(req(0))
     for i in range(1, 16 * 8 + 1):
         b.submit(req(i))
     for _ in range(9):
-        time.sleep(0.005)
         inst.finish()
     n = len(inst.batches)
     assert [len(x) for x in inst.batches[1:]] == [16] * 8
     # a burst is in progress: one lone arrival waits a little for company...
-    f = b.submit(req(1000))
+    lone = req(1000)
+    f = b.submit(lone)
     assert len(inst.batches) == n
     for i in range(1001, 1004):
         b.submit(req(i))
     t0 = time.monotonic()
-    while len(inst.batches) == n and time.monotonic() - t0 < 1:
+    while len(inst.batches) == n and time.monotonic() - t0 < 5:
         await asyncio.sleep(0.001)
-    assert time.monotonic() - t0 < 0.06  # ...never longer than max_batch_delay
-    assert len(inst.batches[n]) == 4
+    assert len(inst.batches[n]) == 4  # the company it waited for leaves with it
+    # ...for max_batch_delay (0.2 s) after it arrived, never the ~1.7 s recent batches took
+    held = inst.handed_at[n] - lone.timings.received
+    assert 0.18 < held < 1.0, held
     inst.finish()
     assert (await f).body == b"r1000"
 
@@ -236,7 +247,7 @@ async def test_scale_down_while_busy_retires_after_the_batch():
 
 async def test_deadline_passing_while_running_answers_504_and_the_late_answer_is_dropped():
     b, inst = with_instance(batch_size=1)
-    f = b.submit(req(0, deadline=time.monotonic() + 0.02))
+    f = b.submit(req(0, deadline=time.monotonic() + 0.1))
     with pytest.raises(OspreyError) as info:
         await asyncio.wait_for(f, 1)
     assert info.value.kind is ErrorKind.DEADLINE and "while running" in info.value.message
