@@ -84,7 +84,10 @@ class Batcher:
     # --- requests -------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        return len(self.queue)
+        """Requests waiting for an instance. Ones already answered (deadline passed, caller
+        gone) stay in the deque until a dispatch or a full queue drops them, uncounted here.
+        O(queue) — read by the describe API, the scrape and shutdown's drain, not per request."""
+        return sum(1 for r in self.queue if not r.future.done())
 
     def submit(self, req: InferenceRequest) -> asyncio.Future:
         if len(self.queue) >= self.queue_size:

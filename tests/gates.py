@@ -4,7 +4,9 @@ A request whose body carries ``{"gate": PATH}`` makes the test handlers (RECORDI
 IDS_HANDLER) create ``PATH.entered`` and then hold their call until ``PATH`` exists. A test
 sends the gated request, waits until it is in the handler, queues what it wants queued
 (waiting until the server counts it), then opens the gate: the same order on a loaded 2-core
-machine and a fast 16-core one, where fixed sleeps guess at it.
+machine and a fast 16-core one, where fixed sleeps guess at it. A gate never opened fails
+its call after 60 s, longer than :func:`wait_until` waits, so a test that waited in vain
+fails on its own assertion first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import httpx
 __all__ = ["Gate", "wait_until", "pending"]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "the condition") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -48,8 +48,10 @@ class Recorder:
                 raise ValueError("asked to fail")
             if isinstance(body, dict) and body.get("gate"):
                 open(body["gate"] + ".entered", "w").close()
-                end = time.monotonic() + 30
-                while not os.path.exists(body["gate"]) and time.monotonic() < end:
+                end = time.monotonic() + 60
+                while not os.path.exists(body["gate"]):
+                    if time.monotonic() > end:  # fail loudly: a test waited for something that never came
+                        raise RuntimeError("gate never opened")
                     time.sleep(0.002)
             if isinstance(body, dict) and body.get("sleep"):
                 time.sleep(body["sleep"])

@@ -77,8 +77,10 @@ class Ids:
         for b in bodies:
             if b.get("gate"):  # tests/gates.py
                 open(b["gate"] + ".entered", "w").close()
-                end = time.monotonic() + 30
-                while not os.path.exists(b["gate"]) and time.monotonic() < end:
+                end = time.monotonic() + 60
+                while not os.path.exists(b["gate"]):
+                    if time.monotonic() > end:  # fail loudly: a test waited for something that never came
+                        raise RuntimeError("gate never opened")
                     time.sleep(0.002)
             time.sleep(b.get("sleep", 0))
         return [{"id": b.get("id"), "batch": len(data)} for b in bodies]

@@ -146,8 +146,10 @@ async def test_cancelled_requests_do_not_count_against_the_queue():
     b.submit(req(0))
     w = asyncio.ensure_future(b.submit(req(1)))
     await asyncio.sleep(0)
+    assert b.pending == 1
     w.cancel()
     await asyncio.sleep(0)
+    assert b.pending == 0  # what describe and the queue-depth gauge report
     b.submit(req(2))  # room again
 
 
@@ -159,6 +161,7 @@ async def test_deadline_passing_in_the_queue_answers_504_and_never_runs():
     with pytest.raises(OspreyError) as info:
         await asyncio.wait_for(late, 1)
     assert info.value.kind is ErrorKind.DEADLINE and info.value.status == 504
+    assert b.pending == 1  # only r2 still waits
     inst.finish()
     assert [r.request_id for r in inst.batches[1]] == ["r2"]
     inst.finish()
