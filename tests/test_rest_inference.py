@@ -297,7 +297,7 @@ def test_one_write_protocol_sends_each_response_in_one_write():
 
     from server.rest.http_protocol import OneWriteHttpToolsProtocol, http_protocol
 
-    assert http_protocol() is OneWriteHttpToolsProtocol
+    assert issubclass(http_protocol(), OneWriteHttpToolsProtocol)
 
     async def app(scope, receive, send):
         await receive()

@@ -8,11 +8,21 @@ loop thread's samples). Here the status line and headers wait in a buffer until 
 body message and go out with it in one write. Streaming responses still leave chunk by
 chunk: only the header block is held, and only until the first body message.
 
+It also times out requests that arrive too slowly, which uvicorn does not: a request's
+head must arrive within ``request_read_timeout`` seconds of its first byte, and its body may
+not stall longer than that between reads (while Osprey itself has paused reading, the
+clock does not run); the client then gets 408 and the connection closes. A new connection
+that sends nothing is closed after the keep-alive timeout, like an idle kept-alive one.
+Without this, a client that opens connections and trickles bytes (slowloris) holds a file
+descriptor each for ever.
+
 Everything else (parsing, keep-alive, pipelining, ``Expect: 100-continue``, flow control,
 the 500 for an application error) is uvicorn's own code, untouched.
 """
 
 from __future__ import annotations
+
+import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -83,18 +93,94 @@ class _OneWriteCycle(RequestResponseCycle):
 
 
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's HttpToolsProtocol whose request cycles send each response in one write."""
+    """uvicorn's HttpToolsProtocol whose request cycles send each response in one write, and
+    which answers 408 to a request that arrives too slowly."""
+
+    read_timeout = 60.0  # seconds; 0 or less: no read timeout (set by :func:`http_protocol`)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._read_timer = None
+        self._head_deadline = 0.0  # while a request's head is arriving: when it must be complete
+        self._in_body = False  # a request's body is arriving
+        if self.timeout_keep_alive > 0:  # a connection that never sends a request is idle, too
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_read_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.read_timeout > 0 and not self.transport.is_closing():
+            self._arm_read_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_deadline = time.monotonic() + self.read_timeout
+
+    def on_headers_complete(self) -> None:
+        self._head_deadline = 0.0
+        self._in_body = True
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._cancel_read_timer()
+        super().on_message_complete()
 
     def _start_asgi_task(self, cycle, app) -> None:
         cycle.transport = _HeldTransport(cycle.transport)
         cycle.__class__ = _OneWriteCycle
         super()._start_asgi_task(cycle, app)
 
+    # --- read timeout ----------------------------------------------------------------
+    def _cancel_read_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
 
-def http_protocol():
-    """The protocol for uvicorn's ``http=``: this one where the installed uvicorn has the hook
+    def _arm_read_timer(self) -> None:
+        """After data arrived: time the request still arriving, if any."""
+        if self._head_deadline:  # the head must be complete by a fixed time: trickling does not help
+            delay = self._head_deadline - time.monotonic()
+        elif self._in_body:  # the body may not stall longer than read_timeout between reads
+            delay = self.read_timeout
+        else:
+            self._cancel_read_timer()
+            return
+        self._cancel_read_timer()
+        self._read_timer = self.loop.call_later(max(delay, 0.0), self._read_timed_out)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing() or not (self._head_deadline or self._in_body):
+            return
+        if self.flow.read_paused:  # Osprey stopped reading (the application is behind), not the client
+            self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
+            return
+        if self.pipeline and not self._head_deadline:  # a queued request's body stalled: nothing to answer on
+            self.transport.close()
+            return
+        cycle = self.cycle
+        if self._head_deadline and cycle is not None and not cycle.response_complete:
+            # a pipelined request stalled while the one before it is answered: finish that one, then close
+            cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        if cycle is None or not cycle.response_started:
+            what = "request headers" if self._head_deadline else "request body"
+            body = f"{what} not received within {self.read_timeout:g} s".encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+def http_protocol(read_timeout: float = 60.0):
+    """The protocol for uvicorn's ``http=``: Osprey's where the installed uvicorn has the hook
     it relies on (``HttpToolsProtocol._start_asgi_task``, a cycle class without slots), else
-    uvicorn's own httptools protocol (two writes per response, otherwise the same)."""
+    uvicorn's own httptools protocol (two writes per response, no read timeout)."""
     if callable(getattr(HttpToolsProtocol, "_start_asgi_task", None)) and "__slots__" not in vars(RequestResponseCycle):
-        return OneWriteHttpToolsProtocol
+        return type("OspreyHttpProtocol", (OneWriteHttpToolsProtocol,), {"read_timeout": float(read_timeout)})
     return "httptools"
