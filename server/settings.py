@@ -30,8 +30,12 @@ class Settings:
     load_models: tuple[str, ...] = ()
     job_queue_size: int = 100
     default_workers_per_model: int = 1
+    max_workers_per_model: int = 64  # most instances (threads) one model version may run
     default_response_timeout: float = 120.0  # seconds
     max_request_size: int = 6553500
+    # seconds a request's head may take to arrive, and its body may stall between reads (408 then)
+    request_read_timeout: float = 60.0
+    keep_alive_timeout: float = 120.0  # seconds an idle connection (also a new one that sends nothing) stays open
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
     disable_token_authorization: bool = False
@@ -115,9 +119,12 @@ def _coerce(name: str, value: Any) -> Any:
                 raise ValueError(f"setting {name}: {value!r} is not an integer") from None
         if kind == "float":
             try:
-                return float(v)
+                number = float(v)
             except ValueError:
                 raise ValueError(f"setting {name}: {value!r} is not a number") from None
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError(f"setting {name}: {value!r} is not a finite number")
+            return number
         if kind.startswith("tuple"):
             parts = tuple(p.strip() for p in v.split(",") if p.strip())
             if "float" in kind:
