@@ -11,12 +11,19 @@ Everything here runs on the event loop; instances run batches in their own threa
 call back :meth:`Batcher._done` on the loop. Cancelled or expired requests are dropped
 before a batch is formed; a request's future is resolved once (set only if not done), so a
 caller that cancels never takes its batch-mates down with it.
+
+Nothing a request carries can jam the batcher: a deadline that is not a finite time is
+refused at :meth:`Batcher.submit`, and if handing a batch to an instance fails anyway, the
+instance goes back to the idle list and only that batch's requests are answered (with the
+reason), so the model keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import math
 import time
 from typing import Callable, Iterable
 
@@ -24,6 +31,8 @@ from .errors import ErrorKind, OspreyError
 from .types import InferenceRequest
 
 __all__ = ["Batcher"]
+
+log = logging.getLogger("osprey.batching")
 
 SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
 BUNDLE_BUDGET_S = 0.001  # most work (seconds) one handoff to an instance may carry
@@ -100,6 +109,9 @@ class Batcher:
             raise OspreyError(ErrorKind.UNAVAILABLE,
                               f"Model \"{self.name}\" version {self.version} has no worker to serve inference request. "
                               "Please use scale workers API to add workers.")
+        if req.deadline is not None and not (isinstance(req.deadline, (int, float)) and math.isfinite(req.deadline)):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Request deadline must be a finite time, got {req.deadline!r} "
+                                                   "(check the request's 'timeout' and the model's responseTimeout)")
         if req.deadline is not None and req.deadline <= time.monotonic():
             raise OspreyError(ErrorKind.DEADLINE, "Request deadline passed before it could be queued")
         fut = self.loop.create_future()
@@ -209,15 +221,49 @@ class Batcher:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            batches = [b for b in batches if self._arm(b, now)]
+            if not batches:
+                continue
             inst = self.idle.pop()
             self.busy.add(inst)
             for batch in batches:
                 self.in_flight += len(batch)
                 self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
-                deadlines = [r.deadline for r in batch if r.deadline is not None]
-                if deadlines:
-                    self._batch_timers[id(batch)] = self.loop.call_later(min(deadlines) - now, self._expire_running, batch)
-            inst.submit(batches, self.loop, self._done)
+            try:
+                inst.submit(batches, self.loop, self._done)
+            except Exception as exc:  # the instance never took them: give it back, answer only these
+                log.exception("model %s version %s: handing a batch to an instance failed", self.name, self.version)
+                self.busy.discard(inst)
+                if inst in self._retiring:
+                    self._retiring.discard(inst)
+                    inst.stop()
+                elif inst.status == "READY":
+                    self.idle.append(inst)
+                for batch in batches:
+                    self.in_flight -= len(batch)
+                    self._fail_batch(batch, OspreyError(
+                        ErrorKind.INTERNAL, f"Model \"{self.name}\" version {self.version}: the batch could not be "
+                                            f"handed to an instance ({type(exc).__name__}: {exc})"))
+
+    def _arm(self, batch: list[InferenceRequest], now: float) -> bool:
+        """Start the running-deadline timer of ``batch``; False (its requests answered) if that fails."""
+        deadlines = [r.deadline for r in batch if r.deadline is not None]
+        if not deadlines:
+            return True
+        try:
+            self._batch_timers[id(batch)] = self.loop.call_later(min(deadlines) - now, self._expire_running, batch)
+        except Exception as exc:  # submit refuses non-finite deadlines; anything else that slips by
+            self._fail_batch(batch, OspreyError(ErrorKind.BAD_INPUT, f"Request deadline is not a usable time: {exc}"))
+            return False
+        return True
+
+    def _fail_batch(self, batch: list[InferenceRequest], error: OspreyError) -> None:
+        timer = self._batch_timers.pop(id(batch), None)
+        if timer is not None:
+            timer.cancel()
+        for r in batch:
+            if not r.future.done():
+                r.future.set_exception(error)
 
     def _done(self, inst, batches: list[list[InferenceRequest]], outcomes: list[list]) -> None:
         for batch, batch_outcomes in zip(batches, outcomes):
@@ -236,7 +282,10 @@ class Batcher:
                     else:
                         fut.set_result(outcome)
             if self.on_batch is not None:
-                self.on_batch(batch)
+                try:
+                    self.on_batch(batch)
+                except Exception:  # an observer must never keep the instance busy
+                    log.exception("model %s version %s: batch observer failed", self.name, self.version)
         self.busy.discard(inst)
         if inst in self._retiring:
             self._retiring.discard(inst)

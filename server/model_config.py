@@ -1,13 +1,19 @@
-"""Per-model settings from model-config.yaml and the register call, typed and checked."""
+"""Per-model settings from model-config.yaml and the register call, typed and checked.
+
+Every number is checked against a range (:data:`LIMITS`): NaN, infinity, negatives and
+values too large to serve (or to write back as JSON) are refused with a message naming the
+setting, so a bad value fails the register call instead of a later request.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ErrorKind, OspreyError
 
-__all__ = ["ModelConfig", "TensorSpec", "parse_model_config"]
+__all__ = ["ModelConfig", "TensorSpec", "parse_model_config", "number", "LIMITS", "DEFAULT_MAX_WORKERS"]
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "BF16", "FP32", "FP64", "BYTES")
@@ -41,16 +47,64 @@ class ModelConfig:
     raw: Mapping[str, Any] = field(default_factory=dict)  # everything, for the handler
 
 
-def _num(source: str, key: str, value: Any, kind=int, minimum: float = 0) -> Any:
+WEEK_S = 7 * 24 * 3600
+DEFAULT_MAX_WORKERS = 64  # instances (threads) per model version unless the caller allows more
+
+# Largest value each setting takes (units as in model-config.yaml).
+LIMITS: dict[str, float] = {
+    "batchSize": 100_000,
+    "maxBatchDelay": 3_600_000,  # ms: one hour
+    "responseTimeout": WEEK_S,  # s
+    "startupTimeout": WEEK_S,  # s
+    "jobQueueSize": 1_000_000,
+    "clientTimeoutInMills": WEEK_S * 1000,  # ms
+}
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def number(source: str, key: str, value: Any, kind=int, minimum: float = 0,
+           maximum: float | None = None) -> Any:
+    """``value`` as ``kind`` (int or float) within [minimum, maximum], else a BAD_INPUT error
+    naming ``key``. Strings are parsed; NaN, infinity and (for int) fractions are refused."""
+    if maximum is None:
+        maximum = LIMITS.get(key, math.inf)
+    where = f"{source}: {key}" if source else key
+    span = f">= {_fmt(minimum)}" if math.isinf(maximum) else f"from {_fmt(minimum)} to {_fmt(maximum)}"
+    bad = OspreyError(ErrorKind.BAD_INPUT, f"{where} must be a {'whole ' if kind is int else ''}number "
+                                           f"{span}, got {_show(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be a number, got {value!r}")
+        raise bad
     try:
-        out = kind(value)
-    except ValueError:
-        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be a number, got {value!r}") from None
-    if out < minimum:
-        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: {key} must be >= {minimum}, got {value!r}")
-    return out
+        as_float = float(value)
+    except (ValueError, OverflowError):
+        as_float = None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)  # exact, however long
+        except ValueError:
+            if as_float is None:
+                raise bad from None
+            value = as_float
+    if isinstance(value, float):
+        if not math.isfinite(value) or (kind is int and not value.is_integer()):
+            raise bad
+    elif as_float is None:  # an int too large for a float
+        raise bad
+    if not minimum <= value <= maximum:
+        raise bad
+    return kind(value)
+
+
+_num = number
 
 
 def _tensors(source: str, key: str, value: Any) -> tuple[TensorSpec, ...]:
@@ -74,14 +128,17 @@ def _tensors(source: str, key: str, value: Any) -> tuple[TensorSpec, ...]:
 
 def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str, Any] | None = None,
                        default_workers: int = 1, default_response_timeout: float = 120.0,
-                       default_queue_size: int = 100, source: str = "model-config.yaml") -> ModelConfig:
-    """Merge model-config.yaml with register-call overrides (overrides win)."""
+                       default_queue_size: int = 100, source: str = "model-config.yaml",
+                       max_workers: int = DEFAULT_MAX_WORKERS) -> ModelConfig:
+    """Merge model-config.yaml with register-call overrides (overrides win).
+
+    ``max_workers`` caps minWorkers and maxWorkers (the server's max_workers_per_model)."""
     cfg = dict(raw or {})
     for key, value in (overrides or {}).items():
         if value is not None:
             cfg[key] = value
-    min_w = _num(source, "minWorkers", cfg.get("minWorkers", default_workers))
-    max_w = _num(source, "maxWorkers", cfg.get("maxWorkers", max(min_w, default_workers)))
+    min_w = _num(source, "minWorkers", cfg.get("minWorkers", default_workers), maximum=max_workers)
+    max_w = _num(source, "maxWorkers", cfg.get("maxWorkers", max(min_w, default_workers)), maximum=max_workers)
     if max_w < min_w:
         raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: maxWorkers ({max_w}) is below minWorkers ({min_w})")
     device = str(cfg.get("deviceType", "auto")).lower()

@@ -8,6 +8,7 @@ handler's answer becomes output tensors (:func:`output_tensors`). No HTTP, no pr
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -71,9 +72,16 @@ def deadline_from(parameters: dict | None, received: float) -> float | None:
     if not parameters or "timeout" not in parameters:
         return None
     value = parameters["timeout"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise bad_input(f"parameter 'timeout' must be a non-negative number of microseconds, got {value!r}")
-    return received + value / 1e6 if value else None
+    seconds = None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        try:
+            seconds = value / 1e6
+        except OverflowError:  # an integer beyond any float
+            seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
+        raise bad_input(f"parameter 'timeout' must be a finite, non-negative number of microseconds, got {shown}")
+    return received + seconds if seconds else None
 
 
 def fields_from_tensors(tensors: dict[str, np.ndarray], meta: dict | None = None) -> dict[str, Field]:

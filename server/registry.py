@@ -23,7 +23,7 @@ from . import heap
 from .archive import ModelArchive, open_archive
 from .batching import Batcher
 from .errors import ErrorKind, OspreyError
-from .model_config import ModelConfig, parse_model_config
+from .model_config import LIMITS, ModelConfig, number, parse_model_config
 from .runtime import ModelInstance, gpu_for
 from .settings import Settings
 
@@ -33,6 +33,19 @@ log = logging.getLogger("osprey.registry")
 
 RELEASE_WAIT_S = 600.0  # most time to wait for removed instances' threads before the heap is released anyway
 RELEASE_POLL_S = 0.1
+MAX_URL_CHARS = 4096  # longest model URL accepted (Linux paths are at most 4096 bytes)
+MAX_NAME_CHARS = 255  # longest model name (one file-name component)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def _reason(exc: Exception) -> str:
+    """Why a path could not be used, without echoing the server's own folders."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 @dataclass
@@ -47,6 +60,7 @@ class ModelVersion:
     instances: list[ModelInstance] = field(default_factory=list)
     load_seconds: float = 0.0
     created: float = field(default_factory=time.time)
+    scaling: asyncio.Lock = field(default_factory=asyncio.Lock)  # one scale at a time (the cap holds)
 
     @property
     def handler(self) -> str:
@@ -124,8 +138,26 @@ class Registry:
         return items, nxt
 
     # --- registration ---------------------------------------------------------------
+    @property
+    def max_workers(self) -> int:
+        """Most instances one model version may run (setting max_workers_per_model)."""
+        return max(1, int(getattr(self.settings, "max_workers_per_model", 64)))
+
+    def _workers(self, key: str, value: Any) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value > self.max_workers:
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"{key} must be at most {self.max_workers} (the server's max_workers_per_model), got {value}")
+        return number("", key, value, maximum=self.max_workers)
+
     def resolve_url(self, url: str) -> Path:
         """An archive in the model store (by file name), or a file:// path allowed by allowed_urls."""
+        if not isinstance(url, str):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must be a string, got {type(url).__name__}")
+        if "\x00" in url:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must not contain a NUL character: {_show(url)}")
+        if len(url) > MAX_URL_CHARS:
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Parameter url is {len(url)} characters long; at most {MAX_URL_CHARS} are allowed")
         if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
             raise OspreyError(ErrorKind.BAD_INPUT,
                               f"Model URL {url!r}: downloading archives is not supported; put the archive in the model store")
@@ -134,10 +166,24 @@ class Registry:
                 raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {url!r} is not allowed by allowed_urls")
             return Path(url[7:])
         store = Path(self.settings.model_store).resolve()
-        path = (store / url).resolve()
+        try:
+            path = (store / url).resolve()
+        except (OSError, ValueError) as exc:  # e.g. a symlink loop
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {_show(url)} is not a usable path: {_reason(exc)}") from None
         if store != path and store not in path.parents:
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {url!r} points outside the model store")
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {_show(url)} points outside the model store")
         return path
+
+    def _check_name(self, name: Any) -> str:
+        if not isinstance(name, str):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model name must be a string, got {type(name).__name__}")
+        if len(name) > MAX_NAME_CHARS:
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model name is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
+        if not _NAME.fullmatch(name):
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model name {_show(name)} may hold only letters, digits, '_', '-' and '.'")
+        return name
 
     async def register(self, url: str, *, model_name: str | None = None, handler: str | None = None,
                        batch_size: int | None = None, max_batch_delay: float | None = None,
@@ -147,14 +193,33 @@ class Registry:
         if not url:
             raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
         path = self.resolve_url(url)
-        if not path.exists():
-            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url}")
+        if model_name is not None:
+            self._check_name(model_name)
+        if handler is not None and (not isinstance(handler, str) or "\x00" in handler or len(handler) > MAX_URL_CHARS):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter handler must be a module or file name, got {_show(handler)}")
+        # the call's numbers, checked before any work and named as the caller named them
+        if batch_size is not None:
+            batch_size = number("", "batch_size", batch_size, minimum=1, maximum=LIMITS["batchSize"])
+        if max_batch_delay is not None:
+            max_batch_delay = number("", "max_batch_delay", max_batch_delay, float, maximum=LIMITS["maxBatchDelay"])
+        if response_timeout is not None:
+            response_timeout = number("", "response_timeout", response_timeout, float, minimum=0.001,
+                                      maximum=LIMITS["responseTimeout"])
+        if startup_timeout is not None:
+            startup_timeout = number("", "startup_timeout", startup_timeout, float, minimum=0.001,
+                                     maximum=LIMITS["startupTimeout"])
+        if initial_workers is not None:
+            initial_workers = self._workers("initial_workers", initial_workers)
+        try:
+            found = path.exists()
+        except (OSError, ValueError) as exc:  # e.g. a file name longer than the file system allows
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {_show(url)} is not a usable path: {_reason(exc)}") from None
+        if not found:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url if len(url) <= 200 else _show(url)}")
         archive = await self.loop.run_in_executor(
             None, lambda: open_archive(path, self.work_root, self.settings.max_archive_size))
         try:
-            name = model_name or archive.name
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
-                raise OspreyError(ErrorKind.BAD_INPUT, f"Model name {name!r} may hold only letters, digits, '_', '-' and '.'")
+            name = self._check_name(model_name or archive.name)
             if handler:
                 archive.manifest["model"]["handler"] = handler
             version = archive.version
@@ -163,13 +228,16 @@ class Registry:
                 raise OspreyError(ErrorKind.CONFLICT, f"Model version {version} is already registered for model {name}")
             overrides = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay,
                          "responseTimeout": response_timeout, "startupTimeout": startup_timeout}
+            source = f"{Path(url).name}: model-config"
             if initial_workers is not None:
                 overrides["minWorkers"] = initial_workers
-                overrides["maxWorkers"] = max(initial_workers, int(archive.config.get("maxWorkers", initial_workers)))
+                configured = archive.config.get("maxWorkers")
+                overrides["maxWorkers"] = initial_workers if configured is None else max(
+                    initial_workers, number(source, "maxWorkers", configured, maximum=self.max_workers))
             config = parse_model_config(
                 archive.config, overrides=overrides, default_workers=self.settings.default_workers_per_model,
                 default_response_timeout=self.settings.default_response_timeout,
-                default_queue_size=self.settings.job_queue_size, source=f"{Path(url).name}: model-config")
+                default_queue_size=self.settings.job_queue_size, source=source, max_workers=self.max_workers)
         except BaseException:
             archive.cleanup()
             raise
@@ -205,7 +273,8 @@ class Registry:
 
     async def _start_in_background(self, mv: ModelVersion) -> None:
         try:
-            await self._start_instances(mv, mv.config.min_workers)
+            async with mv.scaling:
+                await self._start_instances(mv, mv.config.min_workers)
         except Exception as exc:
             message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
             log.error("model %s version %s failed to load: %s; unregistering it", mv.name, mv.version, message)
@@ -214,16 +283,23 @@ class Registry:
                 await self.unregister(mv.name, mv.version, force=True)
 
     async def _start_instances(self, mv: ModelVersion, count: int) -> None:
+        """Start ``count`` more instances and wait until they load; if any fails to start or
+        load, the ones started here are stopped and removed again."""
         t0 = time.monotonic()
         new = []
-        for _ in range(count):
-            index = len(mv.instances)
-            inst = ModelInstance(mv.name, mv.version, mv.archive, mv.config, index,
-                                 gpu_for(mv.config, index), self._metrics_sink)
-            mv.instances.append(inst)
-            new.append(inst)
-            inst.start()
         try:
+            for _ in range(count):
+                index = len(mv.instances)
+                inst = ModelInstance(mv.name, mv.version, mv.archive, mv.config, index,
+                                     gpu_for(mv.config, index), self._metrics_sink)
+                mv.instances.append(inst)
+                new.append(inst)
+                try:
+                    inst.start()
+                except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+                    raise OspreyError(ErrorKind.UNAVAILABLE, f"Model {mv.name} version {mv.version}: could not start "
+                                                             f"worker {len(new)} of {count} ({exc})") from None
+                await asyncio.sleep(0)  # let requests run between thread starts
             await asyncio.gather(*(i.wait_loaded(mv.config.startup_timeout_s) for i in new))
         except BaseException:
             for inst in new:
@@ -241,29 +317,40 @@ class Registry:
                    max_worker: int | None) -> tuple[ModelVersion, int, int]:
         """Check a scale request; return the model version and its new (min, max)."""
         mv = self.get(name, version)
-        lo = mv.config.min_workers if min_worker is None else min_worker
-        hi = max(lo, mv.config.max_workers) if max_worker is None else max_worker
-        if lo < 0:
-            raise OspreyError(ErrorKind.BAD_INPUT, f"min_worker must not be negative, got {lo}")
+        lo = mv.config.min_workers if min_worker is None else self._workers("min_worker", min_worker)
+        hi = max(lo, mv.config.max_workers) if max_worker is None else self._workers("max_worker", max_worker)
         if hi < lo:
             raise OspreyError(ErrorKind.BAD_INPUT, f"max_worker ({hi}) cannot be less than min_worker ({lo})")
         return mv, lo, hi
 
     async def scale(self, name: str, version: str | None, min_worker: int | None,
                     max_worker: int | None) -> ModelVersion:
-        """Run ``min_worker`` instances (TorchServe starts the minimum)."""
+        """Run ``min_worker`` instances (TorchServe starts the minimum). Scale calls for one
+        version run one after another, so together they never pass max_workers_per_model."""
         mv, lo, hi = self.plan_scale(name, version, min_worker, max_worker)
-        mv.config = dataclasses.replace(mv.config, min_workers=lo, max_workers=hi)
-        live = [i for i in mv.instances if i.status in ("READY", "LOADING")]
-        if lo > len(live):
-            await self._start_instances(mv, lo - len(live))
-        elif lo < len(live):
-            removed = mv.batcher.remove_instances(len(live) - lo)
-            for inst in removed:
-                if inst in mv.instances:
-                    mv.instances.remove(inst)
-            self._release_heap_after(removed)
+        async with mv.scaling:
+            mv.config = dataclasses.replace(mv.config, min_workers=lo, max_workers=hi)
+            live = [i for i in mv.instances if i.status in ("READY", "LOADING")]
+            if lo > len(live):
+                await self._start_instances(mv, lo - len(live))
+            elif lo < len(live):
+                removed = mv.batcher.remove_instances(len(live) - lo)
+                for inst in removed:
+                    if inst in mv.instances:
+                        mv.instances.remove(inst)
+                self._release_heap_after(removed)
         return mv
+
+    def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
+                            max_worker: int | None) -> None:
+        """:meth:`scale` as a task (the API's synchronous=false); a failure is logged."""
+        async def run() -> None:
+            try:
+                await self.scale(name, version, min_worker, max_worker)
+            except Exception as exc:
+                message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
+                log.error("scaling model %s to %s workers failed: %s", name, min_worker, message)
+        self._background(run())
 
     def set_default(self, name: str, version: str) -> None:
         model = self.models.get(name)

@@ -81,7 +81,7 @@ class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
             lo = r.min_worker if r.min_worker or r.max_worker else None
             mv, lo, hi = self.registry.plan_scale(name, version, lo, r.max_worker or None)
             if not r.synchronous:
-                self.registry.loop.create_task(self.registry.scale(name, version, lo, hi))
+                self.registry.scale_in_background(name, version, lo, hi)
                 return {"status": "Processing worker updates..."}
             await self.registry.scale(name, version, lo, hi)
             return {"status": f"Workers scaled to {lo} for model: {name}"}

@@ -28,24 +28,52 @@ def _params(req: Request) -> dict[str, Any]:
     return params
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _str(params: dict, key: str) -> str | None:
+    """A text parameter; a JSON body may not give a number, list or object instead."""
+    value = params.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a string, got {_show(value)}")
+    return value
+
+
 def _int(params: dict, key: str, default: int | None = None) -> int | None:
+    """A whole number (ranges are the registry's to check: it names the limit)."""
     value = params.get(key)
     if value is None or value == "":
         return default
-    try:
+    if isinstance(value, float) and value.is_integer():
         return int(value)
-    except (TypeError, ValueError):
-        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {_show(value)}")
 
 
 def _float(params: dict, key: str) -> float | None:
+    """A finite number (NaN and infinity are refused here, ranges by the registry)."""
     value = params.get(key)
     if value is None or value == "":
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        out = None
+    if out is None or out != out or out in (float("inf"), float("-inf")):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a finite number, got {_show(value)}")
+    return out
 
 
 def _bool(params: dict, key: str, default: bool) -> bool:
@@ -86,7 +114,7 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
         p = _params(req)
         synchronous = _bool(p, "synchronous", True)
         mv = await registry.register(
-            p.get("url") or "", model_name=p.get("model_name") or None, handler=p.get("handler") or None,
+            _str(p, "url") or "", model_name=_str(p, "model_name"), handler=_str(p, "handler"),
             batch_size=_int(p, "batch_size"), max_batch_delay=_float(p, "max_batch_delay"),
             initial_workers=_int(p, "initial_workers"), response_timeout=_float(p, "response_timeout"),
             startup_timeout=_float(p, "startup_timeout"), synchronous=synchronous)
@@ -110,7 +138,7 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
         lo, hi = _int(p, "min_worker"), _int(p, "max_worker")
         mv, lo, hi = registry.plan_scale(name, version, lo, hi)  # errors now, not later
         if not synchronous:
-            registry.loop.create_task(registry.scale(name, version, lo, hi))
+            registry.scale_in_background(name, version, lo, hi)
             return json_response({"status": "Processing worker updates..."}, status=202)
         await registry.scale(name, version, lo, hi)
         return json_response({"status": f"Workers scaled to {lo} for model: {name}"})
