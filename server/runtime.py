@@ -3,8 +3,9 @@
 The event loop never runs a handler. :meth:`ModelInstance.submit` hands a batch to the
 instance's thread; the thread decodes the inputs the way TorchServe's worker does, calls
 ``handle(data, context)``, encodes each answer, and reports back on the loop with
-``call_soon_threadsafe``. A failing batch is re-run one request at a time so that only the
-request at fault fails.
+``call_soon_threadsafe``. A request whose inputs cannot be decoded fails alone and the
+rest of its batch runs without it; a batch whose handler fails as a whole is re-run one
+request at a time so that only the request at fault fails.
 """
 
 from __future__ import annotations
@@ -220,39 +221,64 @@ class ModelInstance:
                 break
 
     def run(self, batch: list[InferenceRequest]) -> list[Outcome]:
-        """Handle a batch; if it fails as a whole, handle each request alone."""
+        """Handle a batch; if it fails as a whole, handle each request alone.
+
+        A request whose inputs cannot be decoded fails alone before the handler runs; the
+        others go on as one batch without it."""
         now = time.monotonic()
         for r in batch:
             r.timings.started = now
-        outcomes = self._handle(batch)
-        if isinstance(outcomes, OspreyError):
-            if len(batch) == 1:
-                outcomes = [outcomes]
+        outcomes: list[Any] = [None] * len(batch)
+        ready, rows = [], []
+        for i, r in enumerate(batch):
+            row = self._decode(r)
+            if isinstance(row, OspreyError):
+                outcomes[i] = row
             else:
-                outcomes = [self._single(r) for r in batch]
+                ready.append(i)
+                rows.append(row)
+        if ready:
+            sub = [batch[i] for i in ready]
+            results = self._handle(sub, rows)
+            if isinstance(results, OspreyError):
+                results = [results] if len(sub) == 1 else [self._single(r) for r in sub]
+            for i, outcome in zip(ready, results):
+                outcomes[i] = outcome
         end = time.monotonic()
-        stages = dict(self.context.stage_times) if self.context.stage_times else None
+        stages = dict(self.context.stage_times) if ready and self.context.stage_times else None
         for r in batch:
             r.timings.finished = end
             r.timings.stages = stages
         return outcomes
 
     def _single(self, request: InferenceRequest) -> Outcome:
-        out = self._handle([request])
+        row = self._decode(request)  # afresh: the failed batch's handler may have changed its row
+        if isinstance(row, OspreyError):
+            return row
+        out = self._handle([request], [row])
         return out if isinstance(out, OspreyError) else out[0]
 
-    def _handle(self, batch: list[InferenceRequest]) -> list[Outcome] | OspreyError:
-        ctx = self.context
+    def _decode(self, r: InferenceRequest) -> dict[str, Any] | OspreyError:
+        """One request as the handler's ``data`` row (TorchServe's decoding), or why not."""
         tensors = self.accepts_tensors
-        data = []
-        for r in batch:
+        try:
             fields = r.fields
             if not tensors and r.tensors is not None and not fields:  # protocol tensors for a bytes handler
                 fields = fields_from_tensors(r.tensors, r.tensor_meta)
             row = {k: decode_field(f) for k, f in fields.items()}
-            if tensors and r.tensors is not None:
-                row["tensors"] = r.tensors
-            data.append(row)
+        except OspreyError as err:
+            return err
+        except Exception as exc:  # the front end let through what it should have refused: a server bug
+            log.exception("model %s: could not decode the inputs of request %s", self.name, r.request_id)
+            return OspreyError(ErrorKind.INTERNAL,
+                               f"could not decode the request's inputs: {type(exc).__name__}: {exc}")
+        if tensors and r.tensors is not None:
+            row["tensors"] = r.tensors
+        return row
+
+    def _handle(self, batch: list[InferenceRequest], data: list[dict]) -> list[Outcome] | OspreyError:
+        ctx = self.context
+        tensors = self.accepts_tensors
         ctx.request_ids = {i: r.request_id for i, r in enumerate(batch)}
         ctx.request_processor = [RequestProcessor(r.headers) for r in batch]
         ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}

@@ -4,7 +4,8 @@ Fixed-size datatypes are decoded with ``np.frombuffer`` (a view of the request's
 BYTES tensors use the protocol's framing (4-byte little-endian length, then the bytes)
 and become object arrays of ``bytes``. numpy has no bfloat16, so BF16 inputs arrive as
 float32 arrays (exactly representable) and float32 outputs declared BF16 are rounded to
-nearest-even. A shape that does not match the data is a 400 naming the input.
+nearest-even. A shape that does not match the data, has more dimensions than numpy
+allows, or values out of the datatype's range are a 400 naming the input.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from .errors import ErrorKind, OspreyError
 
 __all__ = ["DTYPES", "decode_raw", "decode_json", "decode_bytes", "encode_bytes", "encode_raw",
-           "to_json_data", "datatype_of", "as_array", "element_count", "bad_input"]
+           "to_json_data", "datatype_of", "as_array", "element_count", "bad_input", "MAX_DIMS"]
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
@@ -29,6 +30,7 @@ DTYPES: dict[str, np.dtype] = {
 }
 _BY_DTYPE = {v: k for k, v in DTYPES.items() if k != "BF16"}
 _LEN = struct.Struct("<I")
+MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32  # numpy's limit on array dimensions
 
 
 def bad_input(message: str) -> OspreyError:
@@ -39,6 +41,8 @@ def element_count(name: str, shape: Iterable[int]) -> int:
     shape = list(shape)
     if any((not isinstance(d, int)) or isinstance(d, bool) or d < 0 for d in shape):
         raise bad_input(f"input '{name}': shape {shape} must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise bad_input(f"input '{name}': shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported")
     return math.prod(shape)
 
 
@@ -107,7 +111,10 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
     """JSON ``data`` (flat or nested, row-major) -> an array of ``shape``."""
     count = element_count(name, shape)
     if datatype == "BYTES":
-        flat = np.asarray(data, dtype=object).ravel()
+        try:
+            flat = np.asarray(data, dtype=object).ravel()
+        except (TypeError, ValueError) as exc:
+            raise bad_input(f"input '{name}': data is not a list of BYTES values ({exc})") from None
         arr = np.empty(flat.size, dtype=object)
         for i, item in enumerate(flat):
             arr[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item) if isinstance(item, (bytes, bytearray)) else str(item).encode()
@@ -116,7 +123,10 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
         if dtype is None:
             raise bad_input(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}, BYTES")
         try:
-            arr = np.asarray(data, dtype=np.float32 if datatype == "BF16" else dtype).ravel()
+            with np.errstate(over="ignore"):  # a float beyond FP16/FP32 is inf, as IEEE casts do
+                arr = np.asarray(data, dtype=np.float32 if datatype == "BF16" else dtype).ravel()
+        except OverflowError as exc:  # an integer outside the datatype's range
+            raise bad_input(f"input '{name}': data holds a value out of range for {datatype} ({exc})") from None
         except (TypeError, ValueError) as exc:
             raise bad_input(f"input '{name}': data is not a list of {datatype} values ({exc})") from None
     if arr.size != count:

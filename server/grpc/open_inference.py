@@ -1,9 +1,11 @@
 """The Open Inference Protocol's ``GRPCInferenceService`` (package ``inference``, port 7070).
 
 Health, metadata, ModelInfer, Triton's ModelStreamInfer (requests on one stream run
-concurrently and answer as they finish; an error travels as ``error_message`` and the
-stream stays open) and the repository calls. ``raw_input_contents`` are viewed with
-``np.frombuffer``; outputs always go back as ``raw_output_contents``.
+concurrently and answer as they finish; an error travels as ``error_message``, with the
+request's ``id`` in ``infer_response``, and the stream stays open) and the repository
+calls. ``raw_input_contents`` are viewed with ``np.frombuffer``; outputs always go back as
+``raw_output_contents``. A client mistake is INVALID_ARGUMENT naming it; anything
+unexpected is INTERNAL with a logged traceback, never UNKNOWN or a missing answer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..tensors import DTYPES, bad_input, decode_raw, element_count, encode_raw
 from ..types import InferenceRequest, InferenceResponse, next_request_id
 from .generated import grpc_service_pb2 as pb
 from .generated import grpc_service_pb2_grpc as pb_grpc
-from .status import abort
+from .status import abort, unexpected
 from .streams import StreamSink
 from .torchserve import deadline_of
 
@@ -32,6 +34,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
              "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+_WIDE = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np.uint32)}  # what protobuf holds
 
 
 def _params(pmap) -> dict[str, Any] | None:
@@ -54,7 +57,16 @@ def _from_contents(inp) -> np.ndarray:
         arr = np.empty(count, dtype=object)
         arr[:] = list(values)
         return arr.reshape(shape)
-    return np.array(values, dtype=DTYPES[dt]).reshape(shape)
+    target = DTYPES[dt]
+    wide = _WIDE.get(field)
+    if wide is not None and target.itemsize < wide.itemsize:  # INT8/16 in int_contents, UINT8/16 in uint_contents
+        arr = np.array(values, dtype=wide)
+        info = np.iinfo(target)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise bad_input(f"input '{name}': contents hold a value out of range for {dt} "
+                            f"({info.min}..{info.max}): {arr.min() if arr.min() < info.min else arr.max()}")
+        return arr.astype(target).reshape(shape)
+    return np.array(values, dtype=target).reshape(shape)
 
 
 def decode_inputs(request) -> tuple[dict[str, np.ndarray], dict | None]:
@@ -66,6 +78,11 @@ def decode_inputs(request) -> tuple[dict[str, np.ndarray], dict | None]:
         raise bad_input(f"raw_input_contents holds {len(raw)} entries for {len(inputs)} inputs")
     tensors, meta = {}, None
     for i, inp in enumerate(inputs):
+        if inp.name in tensors:
+            raise bad_input(f"input '{inp.name}' appears more than once in 'inputs'")
+        if "content_type" in inp.parameters and \
+                inp.parameters["content_type"].WhichOneof("parameter_choice") != "string_param":
+            raise bad_input(f"input '{inp.name}': parameter 'content_type' must be a string_param")
         if raw:
             tensors[inp.name] = decode_raw(inp.name, inp.datatype, list(inp.shape), raw[i])
         else:
@@ -106,6 +123,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None))
         except OspreyError as err:
             await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"ModelReady for model {request.name!r:.100}"))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(**SERVER_METADATA)
@@ -115,6 +134,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             meta = model_metadata(self.registry, request.name, request.version or None)
         except OspreyError as err:
             await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"ModelMetadata for model {request.name!r:.100}"))
         resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
         for specs, target in ((meta["inputs"], resp.inputs), (meta["outputs"], resp.outputs)):
             for s in specs:
@@ -149,6 +170,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return self._encode(request, out, core.outputs)
         except OspreyError as err:
             await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"ModelInfer for model {request.model_name!r:.100}"))
 
     async def _stream_one(self, request, context, out: asyncio.Queue) -> None:
         try:
@@ -170,7 +193,18 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task.cancel()
             out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(request, result, core.outputs)))
         except OspreyError as err:
-            out.put_nowait(pb.ModelStreamInferResponse(error_message=err.message))
+            out.put_nowait(self._stream_error(request, err))
+        except Exception as exc:  # never a request on the stream without an answer
+            err = unexpected(exc, f"ModelStreamInfer for model {request.model_name!r:.100}")
+            out.put_nowait(self._stream_error(request, err))
+
+    @staticmethod
+    def _stream_error(request, err: OspreyError) -> pb.ModelStreamInferResponse:
+        """An error in band; the request's id (and model) tell the client which request failed."""
+        return pb.ModelStreamInferResponse(
+            error_message=err.message,
+            infer_response=pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                                 id=request.id))
 
     async def ModelStreamInfer(self, request_iterator, context):
         out: asyncio.Queue = asyncio.Queue()
@@ -213,6 +247,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await load_model(self.registry, self.model_store, request.model_name, self.enable_model_api)
         except OspreyError as err:
             await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"RepositoryModelLoad for model {request.model_name!r:.100}"))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
@@ -220,4 +256,6 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await unload_model(self.registry, request.model_name, self.enable_model_api)
         except OspreyError as err:
             await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"RepositoryModelUnload for model {request.model_name!r:.100}"))
         return pb.RepositoryModelUnloadResponse()

@@ -3,16 +3,22 @@
 400 INVALID_ARGUMENT, 401 UNAUTHENTICATED, 404 NOT_FOUND, 501 UNIMPLEMENTED,
 503 UNAVAILABLE, 504 DEADLINE_EXCEEDED, 499 CANCELLED; any other 4xx is
 FAILED_PRECONDITION and any other 5xx INTERNAL. The HTTP status an error carries (which a
-handler may have chosen) decides, so REST and gRPC clients see the same failure.
+handler may have chosen) decides, so REST and gRPC clients see the same failure. An
+exception that is not an OspreyError is a server bug: :func:`unexpected` logs its
+traceback and makes it an INTERNAL error, so the call still gets an answer.
 """
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
-from ..errors import OspreyError
+from ..errors import ErrorKind, OspreyError
 
-__all__ = ["GRPC_STATUS", "grpc_code", "abort"]
+__all__ = ["GRPC_STATUS", "grpc_code", "abort", "unexpected"]
+
+log = logging.getLogger("osprey.grpc")
 
 GRPC_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -35,3 +41,10 @@ def grpc_code(status: int) -> grpc.StatusCode:
 async def abort(context: grpc.aio.ServicerContext, err: OspreyError) -> None:
     """End the call with ``err``'s status (raises)."""
     await context.abort(grpc_code(err.status), err.message)
+
+
+def unexpected(exc: BaseException, what: str) -> OspreyError:
+    """Log ``exc`` (a server bug, not a client mistake) with its traceback; the error to answer."""
+    log.error("%s failed unexpectedly", what, exc_info=exc)
+    return OspreyError(ErrorKind.INTERNAL, f"Internal server error ({type(exc).__name__}) in {what}; "
+                                           "the server log has the details")

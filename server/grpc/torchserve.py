@@ -19,7 +19,7 @@ from ..errors import OspreyError
 from ..types import Field, InferenceRequest, next_request_id
 from .generated import inference_pb2 as pb
 from .generated import inference_pb2_grpc as pb_grpc
-from .status import abort, grpc_code
+from .status import abort, grpc_code, unexpected
 from .streams import StreamSink
 
 __all__ = ["InferenceServicer", "deadline_of"]
@@ -59,10 +59,15 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
             out = await self.dataplane.infer(self._core(request, context))
         except OspreyError as err:
             await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"Predictions for model {request.model_name!r:.100}"))
         return pb.PredictionResponse(prediction=out.body)
 
     async def StreamPredictions(self, request, context):
-        core = self._core(request, context)
+        try:
+            core = self._core(request, context)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"StreamPredictions for model {request.model_name!r:.100}"))
         sink = StreamSink(asyncio.get_running_loop())
         core.stream = sink
         task = asyncio.ensure_future(self.dataplane.infer(core))
@@ -74,6 +79,8 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
                 out = task.result()
             except OspreyError as err:
                 await abort(context, err)
+            except Exception as exc:
+                await abort(context, unexpected(exc, f"StreamPredictions for model {request.model_name!r:.100}"))
             yield pb.PredictionResponse(prediction=out.body)
         finally:
             if not task.done():
@@ -87,6 +94,8 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
             try:
                 out = await self.dataplane.infer(self._core(request, context))
                 reply.prediction = out.body
-            except OspreyError as err:
+            except Exception as exc:  # never a request on the stream without an answer
+                err = exc if isinstance(exc, OspreyError) else \
+                    unexpected(exc, f"StreamPredictions2 for model {request.model_name!r:.100}")
                 reply.status.CopyFrom(status_pb2.Status(code=grpc_code(err.status).value[0], message=err.message))
             yield reply

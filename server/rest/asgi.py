@@ -3,11 +3,13 @@
 Written for the hot path: a static-path dict and a short list of compiled patterns, no
 middleware stack, headers decoded once. Each route names its error style, so TorchServe
 routes answer ``{"code", "type", "message"}`` and Open Inference Protocol routes
-``{"error": ...}``.
+``{"error": ...}``. A request whose client went away while it was queued ends without
+an answer (there is no one to send it to) and without an error in the log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any, Awaitable, Callable
@@ -175,6 +177,18 @@ class Router:
             if method in ("POST", "PUT", "PATCH", "DELETE"):
                 req.body = await self._read_body(req, receive, route.max_body or self.max_body)
             response = await route.handler(req)
+        except asyncio.CancelledError:
+            conn = req.connection()
+            gone = conn is not None and conn.disconnected
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+            if cancelling() if cancelling is not None else not gone:
+                raise  # this task itself is being cancelled (shutdown)
+            # What the handler awaited was cancelled, not this task: the batcher drops a
+            # request whose client went away (the data plane counted it as cancelled).
+            if gone:
+                return  # nobody to answer
+            response = (route.errors if route is not None else self.default_errors)(
+                OspreyError(ErrorKind.CANCELLED, "the request was cancelled before it ran"))
         except OspreyError as err:
             style = route.errors if route is not None else self._style_for(path)
             response = style(err)

@@ -15,7 +15,7 @@ import orjson
 from ..dataplane import DataPlane
 from ..oip import (SERVER_METADATA, deadline_from, load_model, model_metadata, output_tensors, repository_index,
                    tensor_specs, unload_model)
-from ..tensors import bad_input, decode_json, decode_raw, encode_raw, to_json_data
+from ..tensors import DTYPES, bad_input, decode_bytes, decode_json, decode_raw, encode_raw, to_json_data
 from ..types import InferenceRequest
 from .asgi import Request, Response, Router, oip_error
 
@@ -48,14 +48,16 @@ def parse_infer_body(body: bytes, header_length: str | None, default_input: dict
             shape = list(default_input["shape"])
             spec = {"name": default_input["name"], "datatype": default_input["datatype"], "shape": shape,
                     "parameters": {"binary_data_size": len(body)}}
-            if shape.count(-1) == 1 and spec["datatype"] != "BYTES":
-                from ..tensors import DTYPES
-
+            if shape.count(-1) == 1:  # the one variable dimension: what the body holds
                 known = 1
                 for d in shape:
                     known *= d if d != -1 else 1
-                size = DTYPES[spec["datatype"]].itemsize * known
-                shape[shape.index(-1)] = len(body) // size if size else 0
+                if spec["datatype"] == "BYTES":
+                    elements = len(decode_bytes(spec["name"], body))
+                    shape[shape.index(-1)] = elements // known if known else 0
+                elif spec["datatype"] in DTYPES:  # (an unknown one is reported by decode_raw)
+                    size = DTYPES[spec["datatype"]].itemsize * known
+                    shape[shape.index(-1)] = len(body) // size if size else 0
             request, binary = {"inputs": [spec]}, memoryview(body)
         else:
             request, binary = _loads(body[:n]), memoryview(body)[n:]
@@ -63,6 +65,7 @@ def parse_infer_body(body: bytes, header_length: str | None, default_input: dict
         request, binary = _loads(body), None
     if not isinstance(request, dict):
         raise bad_input("the request body must be a JSON object")
+    _check_request(request)
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise bad_input("the request needs a non-empty 'inputs' list")
@@ -71,16 +74,28 @@ def parse_infer_body(body: bytes, header_length: str | None, default_input: dict
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise bad_input(f"inputs[{i}] needs a 'name'")
         name = item["name"]
+        if name in tensors:
+            raise bad_input(f"input '{name}' appears more than once in 'inputs'")
         datatype, shape = item.get("datatype"), item.get("shape")
         if not isinstance(datatype, str):
             raise bad_input(f"input '{name}': 'datatype' is required")
         if not isinstance(shape, list):
             raise bad_input(f"input '{name}': 'shape' must be a list of integers")
-        params = item.get("parameters") or {}
-        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        params = _parameters(item, f"input '{name}'")
+        ctype = params.get("content_type")
+        if ctype is not None and not isinstance(ctype, str):
+            raise bad_input(f"input '{name}': parameter 'content_type' must be a string, got {ctype!r}")
+        size = params.get("binary_data_size")
         if size is not None:
-            if binary is None or not isinstance(size, int) or offset + size > len(binary):
-                raise bad_input(f"input '{name}': binary_data_size {size} runs past the binary data of the body")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise bad_input(f"input '{name}': parameter 'binary_data_size' must be a non-negative integer, "
+                                f"got {size!r}")
+            if binary is None:
+                raise bad_input(f"input '{name}': binary_data_size is set but the request has no binary data "
+                                f"(no Inference-Header-Content-Length header)")
+            if offset + size > len(binary):
+                raise bad_input(f"input '{name}': binary_data_size {size} runs past the binary data of the body "
+                                f"({len(binary) - offset} bytes left)")
             tensors[name] = decode_raw(name, datatype.upper(), shape, binary[offset:offset + size])
             offset += size
         elif "data" in item:
@@ -92,6 +107,37 @@ def parse_infer_body(body: bytes, header_length: str | None, default_input: dict
     if binary is not None and offset != len(binary):
         raise bad_input(f"the body holds {len(binary) - offset} bytes of binary data no input claims")
     return request, tensors, meta
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    """``obj``'s ``parameters``: a JSON object, or {} when absent or null."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_input(f"{where}: 'parameters' must be a JSON object, got {type(params).__name__} {params!r:.60}")
+    return params
+
+
+def _check_flag(params: dict, key: str, where: str) -> None:
+    if key in params and not isinstance(params[key], bool):
+        raise bad_input(f"{where}: parameter '{key}' must be true or false, got {params[key]!r:.60}")
+
+
+def _check_request(request: dict) -> None:
+    """Request- and output-level fields a response is built from, checked before inference runs."""
+    params = _parameters(request, "the request")
+    _check_flag(params, "binary_data_output", "the request")
+    outputs = request.get("outputs")
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        raise bad_input(f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}")
+    for i, out in enumerate(outputs):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise bad_input(f"outputs[{i}] must be an object with a string 'name'")
+        where = f"output '{out['name']}'"
+        _check_flag(_parameters(out, where), "binary_data", where)
 
 
 def _loads(data: bytes | memoryview) -> Any:
