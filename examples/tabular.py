@@ -3,7 +3,9 @@
 Clients send features by name in their natural units (``load_diabetes(scaled=False)``);
 standardization (and, for regression, the target's scale) lives in the archive's
 ``features.json``. ``cancer_mlp`` is an eager state_dict; ``diabetes_mlp`` a ``torch.export``
-program (``.pt2``) with a dynamic batch dimension.
+program (``.pt2``) with a dynamic batch dimension of at most ``MAX_RECORDS``, declared to the
+handler as ``handler.max_examples`` (more records per request are a 400; a batch holding more
+runs in chunks).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = ["CANCER", "DIABETES", "train_cancer", "train_diabetes", "build_cancer
 SEED = 0
 CANCER = "cancer_mlp"
 DIABETES = "diabetes_mlp"
+MAX_RECORDS = 4096  # the exported program's largest batch
 
 
 def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +104,7 @@ def build_diabetes(out: Path, work: Path) -> ExampleResult:
     metrics = regression_metrics(y_te, pred)
     metrics["baseline_mse_predict_mean"] = round(float(np.mean((y_te - t_mean) ** 2)), 4)
 
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    batch = torch.export.Dim("batch", min=1, max=MAX_RECORDS)
     program = torch.export.export(model, (torch.zeros(2, len(features)),), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(work / "diabetes_mlp.pt2"))
     (work / "features.json").write_text(json.dumps({
@@ -114,7 +117,7 @@ def build_diabetes(out: Path, work: Path) -> ExampleResult:
     archive = package_example(
         name=DIABETES, out=out, work=work, handler="tabular", serialized_file=work / "diabetes_mlp.pt2",
         extra_files=[work / "features.json", work / "reference.npz"],
-        config={"batchSize": 32, "maxBatchDelay": 5}, metrics=metrics,
+        config={"batchSize": 32, "maxBatchDelay": 5, "handler": {"max_examples": MAX_RECORDS}}, metrics=metrics,
         training={"entry_point": "examples.tabular:train_diabetes", "data": "sklearn.datasets.load_diabetes(scaled=False)",
                   "seed": SEED, "heldout_fraction": 0.2, "format": "torch.export (.pt2)",
                   "inputs": "natural units, standardized with features.json mean/scale; target likewise"})

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
-from .common import BuiltinHandler, payload_bytes, tensor
+from .common import BuiltinHandler, numeric_tensor, parse_json, payload_bytes, tensor
 
 __all__ = ["AnomalyHandler"]
 
@@ -55,13 +55,14 @@ class AnomalyHandler(BuiltinHandler):
 
     def _example(self, values: Any) -> np.ndarray:
         try:
-            x = np.asarray(values, dtype=np.float32)
-        except (TypeError, ValueError):
+            with np.errstate(over="ignore", invalid="ignore"):
+                x = np.asarray(values, dtype=np.float32)
+        except (TypeError, ValueError, RecursionError):
             raise InvalidInput("input must be an array of numbers") from None
         if self.size is not None and x.size != self.size:
             raise InvalidInput(f"input must hold {self.size} numbers (shape {list(self.input_shape)}), got {x.size}")
         if not np.all(np.isfinite(x)):
-            raise InvalidInput("input must hold finite numbers only")
+            raise InvalidInput("input must hold finite numbers only (within float32's range, about +-3.4e38)")
         return x.reshape(self.input_shape) if self.size is not None else x
 
     def examples_from_body(self, body: Any) -> list:
@@ -76,12 +77,7 @@ class AnomalyHandler(BuiltinHandler):
             raw = bytes(body) if not isinstance(body, str) else body.encode()
             stripped = raw.lstrip()
             if stripped[:1] == b"[":
-                import json
-
-                try:
-                    body = json.loads(raw)
-                except ValueError:
-                    raise InvalidInput("body is not valid JSON") from None
+                body = parse_json(raw, expect="an array of numbers")
             elif self.image is not None:
                 pixels = self.image(payload_bytes(body, "image"))
                 return [(self._example(pixels), False)]
@@ -97,12 +93,13 @@ class AnomalyHandler(BuiltinHandler):
             return False
         try:
             return all(np.asarray(r, dtype=np.float32).size == self.size for r in body)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return False
 
     def examples_from_tensors(self, tensors: dict) -> list:
-        _, arr = self.input_tensor(tensors, ("input",))
-        arr = np.asarray(arr, dtype=np.float32)
+        name, arr = self.input_tensor(tensors, ("input",))
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = numeric_tensor(name, arr).astype(np.float32, copy=False)
         if self.size is not None:
             if arr.size % self.size:
                 raise InvalidInput(f"input must be N x {list(self.input_shape)}, got {list(arr.shape)}")

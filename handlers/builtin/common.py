@@ -16,6 +16,14 @@ A subclass provides:
   given its rows (it may set that request's response headers through ``self.context``);
 - ``tensor_metadata()`` -> ``{"inputs": [...], "outputs": [...]}``, each
   ``{"name", "datatype", "shape"}`` with -1 for the batch and any variable dimension.
+
+Bad input never fails the good requests of a batch: a request whose examples cannot be
+read gets its own 400 and the rest of the batch runs without it. A model with a batch
+limit (``handler.max_examples`` in model-config.yaml, or the upper bound of a ``torch.export``
+program's dynamic batch dimension) takes at most that many examples per request (more is a
+400 naming the limit) and a batch holding more runs in chunks of at most that many. A
+request whose outputs are not finite (NaN or infinity: inputs far outside the range the
+model handles) gets a 400 saying so instead of an answer of nulls.
 """
 
 from __future__ import annotations
@@ -30,14 +38,91 @@ from typing import Any
 import numpy as np
 
 from ..base import BaseHandler, body_of
-from ..errors import InvalidInput
+from ..errors import InvalidInput, PredictionException
 
-__all__ = ["BuiltinHandler", "payload_bytes", "read_json", "read_labels", "topk_labels", "tensor"]
+__all__ = ["BuiltinHandler", "payload_bytes", "parse_json", "numeric_tensor", "float_tensor", "oip_datatype", "exported_batch_limit",
+           "read_json", "read_labels", "topk_labels", "tensor"]
 
 
 def tensor(name: str, datatype: str, shape: list[int]) -> dict:
     """One entry of ``tensor_metadata()``."""
     return {"name": name, "datatype": datatype, "shape": list(shape)}
+
+
+def parse_json(body: Any, what: str = "body", expect: str = "") -> Any:
+    """``body`` (bytes or text) parsed as JSON; not JSON -- or nested too deeply to parse --
+    is a 400 saying so (``expect`` adds what the body should look like)."""
+    hint = f": {expect}" if expect else ""
+    try:
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            body = bytes(body).decode("utf-8")
+        return json.loads(body)
+    except RecursionError:
+        raise InvalidInput(f"{what} is not valid JSON (nested too deeply){hint}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{what} is not valid JSON (not UTF-8 text){hint}") from None
+    except ValueError:
+        raise InvalidInput(f"{what} is not valid JSON{hint}") from None
+
+
+_OIP_TYPES = {"b": "BOOL", "u1": "UINT8", "u2": "UINT16", "u4": "UINT32", "u8": "UINT64", "i1": "INT8",
+              "i2": "INT16", "i4": "INT32", "i8": "INT64", "f2": "FP16", "f4": "FP32", "f8": "FP64"}
+
+
+def oip_datatype(arr: np.ndarray) -> str:
+    """The Open Inference Protocol datatype name of an array (BYTES for text and objects)."""
+    kind = arr.dtype.kind
+    if kind in "OSUV":
+        return "BYTES"
+    return _OIP_TYPES.get("b" if kind == "b" else f"{kind}{arr.dtype.itemsize}", str(arr.dtype))
+
+
+def numeric_tensor(name: str, arr: Any, datatype: str = "FP32") -> np.ndarray:
+    """``arr`` as an array if it holds numbers; BYTES (text, objects) is a 400 naming the
+    datatype the model takes."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "biuf":
+        raise InvalidInput(f"input '{name}' must be {datatype}, got {oip_datatype(arr)}")
+    return arr
+
+
+def float_tensor(name: str, arr: Any, datatype: str = "FP32") -> np.ndarray:
+    """A numeric input tensor as float32: BYTES (or other non-numbers) is a 400 naming the
+    expected datatype, values that are NaN or infinite in float32 a 400 naming the input."""
+    arr = numeric_tensor(name, arr, datatype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(np.float32, copy=False)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        raise InvalidInput(f"input '{name}' holds values that are not finite numbers in float32 (NaN, infinity "
+                           f"or beyond +-3.4e38)")
+    return out
+
+
+def exported_batch_limit(model: Any) -> int | None:
+    """The largest batch a ``torch.export`` program takes: the upper bound of its inputs'
+    dynamic first dimension (``Dim("batch", max=N)``), or None where there is none."""
+    ranges = getattr(model, "range_constraints", None)
+    graph = getattr(model, "graph", None)
+    if not ranges or graph is None:
+        return None
+    bounds = {str(sym): vr for sym, vr in ranges.items()}
+    limit = None
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if not shape:
+            continue
+        expr = getattr(getattr(shape[0], "node", None), "expr", None)
+        vr = bounds.get(str(expr)) if expr is not None else None
+        if vr is None:
+            continue
+        upper = getattr(vr, "upper", None)
+        if not (isinstance(upper, int) or getattr(upper, "is_Integer", False)):  # unbounded: int_oo
+            continue
+        upper = int(upper)
+        limit = upper if limit is None else min(limit, upper)
+    return limit
 
 
 _BASE64_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n")
@@ -57,7 +142,10 @@ def payload_bytes(value: Any, what: str = "input", keys: tuple[str, ...] = ("dat
     if isinstance(value, dict):
         for key in keys:
             if key in value:
-                return payload_bytes(value[key], what, keys)
+                inner = value[key]
+                if isinstance(inner, (dict, list)):  # one level only: a deeply nested body is no image
+                    raise InvalidInput(f"JSON {what}: {key!r} must hold base64 text")
+                return payload_bytes(inner, what, keys)
         raise InvalidInput(f"JSON {what} needs one of the keys {', '.join(keys)} holding base64 data")
     if isinstance(value, str):
         text = value.strip()
@@ -103,6 +191,18 @@ class BuiltinHandler(BaseHandler):
     """Batch-aware pipeline shared by the built-in handlers (see the module docstring)."""
 
     accepts_tensors = True
+    #: what an example is called in messages ("records", "images", ...)
+    example_noun = "examples"
+
+    def initialize(self, context: Any) -> None:
+        super().initialize(context)
+        limit = self.config.get("max_examples")
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"model-config.yaml handler.max_examples must be a positive integer, got {limit!r}")
+            self.max_examples: int | None = limit
+        else:
+            self.max_examples = exported_batch_limit(self.model)
 
     # --- to be provided by subclasses ---------------------------------------------------
     def examples_from_body(self, body: Any) -> list:
@@ -131,35 +231,75 @@ class BuiltinHandler(BaseHandler):
             return name, np.asarray(value)
         raise InvalidInput(f"expected an input tensor named {' or '.join(names)}, got {', '.join(tensors) or 'none'}")
 
+    def _examples(self, row: Any) -> tuple[list, bool]:
+        tensors = row.get("tensors") if isinstance(row, dict) else None
+        if tensors is not None:
+            got = self.examples_from_tensors(tensors)
+        else:
+            got = self.examples_from_body(body_of(row))
+        if not got:
+            raise InvalidInput("the request holds no examples")
+        limit = getattr(self, "max_examples", None)
+        if limit is not None and len(got) > limit:
+            raise InvalidInput(f"at most {limit} {self.example_noun} per request (the model's batch limit), "
+                               f"got {len(got)}")
+        return got, tensors is not None
+
+    def _reject(self, idx: int, exc: PredictionException) -> str:
+        """Answer request ``idx`` of the batch with ``exc``'s status, alone; the batch goes on.
+        Without per-request statuses (a bare context) the whole batch fails with it."""
+        processors = getattr(self.context, "request_processor", None)
+        if not processors or idx >= len(processors):
+            raise exc
+        self.context.set_response_status(exc.error_code, exc.message, idx)
+        return exc.message
+
+    def _run(self, examples: list) -> tuple[dict[str, np.ndarray], float, float]:
+        """Collate and forward ``examples`` in chunks of at most ``max_examples``; the
+        outputs joined, and the seconds spent collating and in the model."""
+        limit = getattr(self, "max_examples", None) or len(examples)
+        parts, prep, infer = [], 0.0, 0.0
+        for start in range(0, len(examples), limit):
+            t0 = time.perf_counter()
+            batch = self.collate(examples[start:start + limit])
+            t1 = time.perf_counter()
+            parts.append(self.forward(batch))
+            prep, infer = prep + t1 - t0, infer + time.perf_counter() - t1
+        if len(parts) == 1:
+            return parts[0], prep, infer
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, prep, infer
+
     # --- the pipeline -----------------------------------------------------------------
     def handle(self, data: list[dict], context: Any) -> list:
         self.context = context
         t0 = time.perf_counter()
-        spans: list[tuple[int, int, bool]] = []  # (start, count, is_tensor_request)
+        spans: dict[int, tuple[int, int, bool]] = {}  # idx -> (start, count, is_tensor_request)
+        results: list = [None] * len(data)
         examples: list = []
-        for row in data:
-            tensors = row.get("tensors") if isinstance(row, dict) else None
-            if tensors is not None:
-                got = self.examples_from_tensors(tensors)
-            else:
-                got = self.examples_from_body(body_of(row))
-            if not got:
-                raise InvalidInput("the request holds no examples")
-            spans.append((len(examples), len(got), tensors is not None))
+        for idx, row in enumerate(data):
+            try:
+                got, is_tensors = self._examples(row)
+            except PredictionException as exc:
+                results[idx] = self._reject(idx, exc)
+                continue
+            spans[idx] = (len(examples), len(got), is_tensors)
             examples.extend(got)
-        batch = self.collate(examples)
         t1 = time.perf_counter()
-        outputs = self.forward(batch)
+        outputs, prep, infer = self._run(examples) if examples else ({}, 0.0, 0.0)
         t2 = time.perf_counter()
-        results = []
-        for idx, (start, count, is_tensors) in enumerate(spans):
+        for idx, (start, count, is_tensors) in spans.items():
             part = {k: v[start:start + count] for k, v in outputs.items()}
-            if is_tensors:
-                results.append({"tensors": part})
+            bad = [k for k, v in part.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+            if bad:
+                results[idx] = self._reject(idx, InvalidInput(
+                    f"the model's {bad[0]} for this input is not finite (NaN or infinity): "
+                    "input values are outside the range the model handles"))
+            elif is_tensors:
+                results[idx] = {"tensors": part}
             else:
-                results.append(self.answer(part, examples[start:start + count], idx))
+                results[idx] = self.answer(part, examples[start:start + count], idx)
         t3 = time.perf_counter()
         times = getattr(context, "stage_times", None)
         if times is not None:
-            times["preprocess"], times["inference"], times["postprocess"] = t1 - t0, t2 - t1, t3 - t2
+            times["preprocess"], times["inference"], times["postprocess"] = t1 - t0 + prep, infer, t3 - t2
         return results

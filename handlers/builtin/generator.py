@@ -11,12 +11,15 @@ model-config.yaml::
       output_range: [0, 1]  # mapped to 0..255
       image_shape: [8, 8]   # optional, for the declared output tensor: [H, W] or [C, H, W]
       upscale: 4            # nearest-neighbour enlargement of the PNGs
-      max_samples: 64
+      max_samples: 64       # images per request
+      latent_limit: 1000    # the largest |value| a latent vector may hold
 
 A body is JSON ``{"seed": 7, "num_samples": 1, "latent": [[...]]?, "class": 3?}`` (all
 optional; the latent vectors are drawn from a normal distribution seeded with ``seed``,
 and missing classes are drawn with it too). One image is answered as ``image/png``; several
-(or ``"format": "json"``) as ``{"images": [base64 PNG, ...], "seed", "classes"}``. The seed
+(or ``"format": "json"``) as ``{"images": [base64 PNG, ...], "seed", "classes"}``. More than
+``max_samples`` images, or latent values that are not finite or beyond ``latent_limit`` (a
+decoder answers those with a blank image), are a 400 before anything is drawn. The seed
 used is in the ``x-osprey-seed`` header. Open Inference Protocol: inputs ``latent`` (FP32,
 N x latent_dim) and, if conditional, ``class`` (INT64, N); output ``image`` (FP32, pixels in 0..1).
 """
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
-from .common import BuiltinHandler, tensor
+from .common import BuiltinHandler, numeric_tensor, parse_json, tensor
 
 __all__ = ["GeneratorHandler"]
 
@@ -48,6 +51,7 @@ class GeneratorHandler(BuiltinHandler):
         self.lo, self.hi = float(lo), float(hi)
         self.upscale = max(1, int(cfg.get("upscale", 1)))
         self.max_samples = int(cfg.get("max_samples", 64))
+        self.latent_limit = float(cfg.get("latent_limit", 1000.0))
         self.image_shape = [int(d) for d in cfg.get("image_shape", [-1, -1])]
 
     def tensor_metadata(self) -> dict:
@@ -65,17 +69,27 @@ class GeneratorHandler(BuiltinHandler):
             raise InvalidInput(f"{key} must be an integer, got {value!r}")
         return value
 
+    def _latent(self, z: np.ndarray, what: str) -> np.ndarray:
+        """Latent vectors (N x latent_dim) checked: at most max_samples, finite, within latent_limit."""
+        z = z[None] if z.ndim == 1 else z
+        if z.ndim != 2 or z.shape[1] != self.latent_dim:
+            raise InvalidInput(f"{what} vectors must have {self.latent_dim} values, got shape {list(z.shape)}")
+        if len(z) > self.max_samples:
+            raise InvalidInput(f"at most {self.max_samples} samples per request, asked for {len(z)}")
+        if not np.isfinite(z).all():
+            raise InvalidInput(f"{what} holds values that are not finite numbers in float32 (NaN, infinity "
+                               "or beyond +-3.4e38)")
+        if np.abs(z).max(initial=0.0) > self.latent_limit:
+            raise InvalidInput(f"{what} values must lie within +-{self.latent_limit:g}, got "
+                               f"{float(np.abs(z).max()):g}")
+        return z
+
     def examples_from_body(self, body: Any) -> list:
         import torch
 
         if isinstance(body, (bytes, bytearray, str)):
-            import json
-
             text = bytes(body).decode("utf-8", "replace") if not isinstance(body, str) else body
-            try:
-                body = json.loads(text) if text.strip() else {}
-            except ValueError:
-                raise InvalidInput('body must be JSON like {"seed": 7, "num_samples": 1}') from None
+            body = parse_json(text, expect='{"seed": 7, "num_samples": 1}') if text.strip() else {}
         if not isinstance(body, dict):
             raise InvalidInput('body must be a JSON object like {"seed": 7, "num_samples": 1, "class": 3}')
         seed = self._int(body, "seed", None)
@@ -88,20 +102,19 @@ class GeneratorHandler(BuiltinHandler):
         latent = body.get("latent")
         if latent is not None:
             try:
-                z = np.asarray(latent, dtype=np.float32)
-            except (TypeError, ValueError):
+                with np.errstate(over="ignore", invalid="ignore"):
+                    z = np.asarray(latent, dtype=np.float32)
+            except (TypeError, ValueError, RecursionError):
                 raise InvalidInput("latent must be a list of numbers or a list of such lists") from None
-            z = z[None] if z.ndim == 1 else z
-            if z.ndim != 2 or z.shape[1] != self.latent_dim:
-                raise InvalidInput(f"latent vectors must have {self.latent_dim} values, got shape {list(z.shape)}")
+            z = self._latent(z, "latent")
             n = len(z)
         else:
             n = self._int(body, "num_samples", 1)
             if n < 1:
                 raise InvalidInput("num_samples must be at least 1")
+            if n > self.max_samples:  # before drawing: 1e9 samples would be 32 GB of latents
+                raise InvalidInput(f"at most {self.max_samples} samples per request, asked for {n}")
             z = torch.randn(n, self.latent_dim, generator=gen).numpy()
-        if n > self.max_samples:
-            raise InvalidInput(f"at most {self.max_samples} samples per request, asked for {n}")
         classes = self._classes(body.get("class"), n, gen)
         many = n > 1 or fmt == "json"
         if fmt == "png" and n > 1:
@@ -126,17 +139,19 @@ class GeneratorHandler(BuiltinHandler):
         return list(values)
 
     def examples_from_tensors(self, tensors: dict) -> list:
-        z = np.asarray(tensors.get("latent") if "latent" in tensors else self.input_tensor(tensors, ("latent",))[1],
-                       dtype=np.float32)
-        z = z[None] if z.ndim == 1 else z
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise InvalidInput(f"latent must be N x {self.latent_dim}, got {list(z.shape)}")
+        name, raw = ("latent", tensors["latent"]) if "latent" in tensors else self.input_tensor(tensors, ("latent",))
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = numeric_tensor(name, raw).astype(np.float32, copy=False)
+        z = self._latent(z, f"input '{name}'")
         if self.num_classes:
             if "class" not in tensors:
                 raise InvalidInput("this generator is conditional: send a class tensor (INT64, N)")
-            cls = np.asarray(tensors["class"]).reshape(-1).astype(np.int64)
+            cls = numeric_tensor("class", tensors["class"], "INT64").reshape(-1)
+            if cls.dtype.kind == "f" and not np.all(np.isfinite(cls) & (cls == np.round(cls))):
+                raise InvalidInput(f"class must hold {len(z)} integers in 0..{self.num_classes - 1}")
             if len(cls) != len(z) or np.any((cls < 0) | (cls >= self.num_classes)):
                 raise InvalidInput(f"class must hold {len(z)} integers in 0..{self.num_classes - 1}")
+            cls = cls.astype(np.int64)
         else:
             cls = np.zeros(len(z), dtype=np.int64)
         return [{"z": z[i], "cls": int(cls[i]), "seed": None, "many": True} for i in range(len(z))]

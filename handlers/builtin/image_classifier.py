@@ -14,8 +14,9 @@ Pillow and torch only. Settings come from the ``handler:`` section of model-conf
       topk: 5
 
 Labels come from ``index_to_name.json``. Open Inference Protocol: input ``image`` (BYTES,
-one encoded image per element) or ``input`` (FP32 pixels, already preprocessed), output
-``probabilities`` (FP32, one row of class probabilities per image).
+one encoded image per element) or ``input`` (FP32 pixels, already preprocessed: N x the
+transform's output shape, finite values -- anything else is a 400 naming the expected
+shape), output ``probabilities`` (FP32, one row of class probabilities per image).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
-from .common import BuiltinHandler, payload_bytes, read_labels, tensor, topk_labels
+from .common import BuiltinHandler, float_tensor, payload_bytes, read_labels, tensor, topk_labels
 
 __all__ = ["ImageClassifier", "ImageTransform"]
 
@@ -116,6 +117,8 @@ class ImageTransform:
 class ImageClassifier(BuiltinHandler):
     """Top-k image classification, batch-aware (one forward pass per batch)."""
 
+    example_noun = "images"
+
     def initialize(self, context: Any) -> None:
         super().initialize(context)
         self.transform = ImageTransform(self.config)
@@ -135,9 +138,14 @@ class ImageClassifier(BuiltinHandler):
         if arr.dtype.kind in "OSUV":  # encoded images
             return [self.transform(payload_bytes(v if not isinstance(v, np.ndarray) else v.tobytes(), "image"))
                     for v in arr.reshape(-1)]
-        if arr.ndim == len(self.transform.output_shape()):
+        # preprocessed pixels: N x the transform's output shape (-1: any size)
+        want = self.transform.output_shape()
+        if arr.ndim == len(want):
             arr = arr[None]
-        return list(arr.astype(np.float32, copy=False))
+        if arr.ndim != len(want) + 1 or any(w != -1 and w != d for w, d in zip(want, arr.shape[1:])):
+            shown = ", ".join("H" if i == 1 and w == -1 else "W" if w == -1 else str(w) for i, w in enumerate(want))
+            raise InvalidInput(f"input '{name}' must be FP32 of shape [N, {shown}], got {list(arr.shape)}")
+        return list(float_tensor(name, arr))
 
     def collate(self, examples: list) -> Any:
         import torch

@@ -11,8 +11,12 @@ so clients send features by name in their natural units and the scaling lives wi
 model. Labels of a classifier come from ``index_to_name.json``.
 
 A body is one record ``{"age": 59, "bmi": 32.1, ...}``, one array in feature order, or a list
-of either (answered with a list). A missing, unknown or non-numeric feature is a 400 naming
-it. Answers: ``{label: probability}`` (every class, most probable first) or ``{target: value}``.
+of either (answered with a list). A missing, unknown or non-numeric feature -- or one that is
+not a finite float32 once standardized -- is a 400 naming it. A model with a batch limit
+(``handler.max_examples`` in model-config.yaml, or a ``torch.export`` program's bound on its
+batch dimension) takes at most that many records per request; a batch of requests holding
+more runs in chunks. Answers: ``{label: probability}`` (every class, most probable first) or
+``{target: value}``.
 Open Inference Protocol: input ``input`` (FP32, N x features, natural units), output
 ``probabilities`` (N x classes) or ``prediction`` (N x 1).
 """
@@ -25,12 +29,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
-from .common import BuiltinHandler, read_json, read_labels, tensor, topk_labels
+from .common import BuiltinHandler, numeric_tensor, parse_json, read_json, read_labels, tensor, topk_labels
 
 __all__ = ["TabularHandler"]
 
 
 class TabularHandler(BuiltinHandler):
+    example_noun = "records"
+
     def initialize(self, context: Any) -> None:
         super().initialize(context)
         model_dir = context.system_properties["model_dir"]
@@ -74,6 +80,20 @@ class TabularHandler(BuiltinHandler):
             raise InvalidInput(f"feature {name!r} must be a finite number, got {value!r}")
         return x
 
+    def _check_range(self, rows: np.ndarray) -> None:
+        """Every value a finite float32, also once standardized (1e308 is a finite float but
+        no float32): a 400 naming the first feature that is not."""
+        raw = ~np.isfinite(rows)
+        if raw.any():
+            col = int(np.argwhere(raw)[0][-1])
+            raise InvalidInput(f"feature {self.features[col]!r} must be a finite number within float32's range "
+                               "(about +-3.4e38)")
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = ~np.isfinite((rows - self.mean) / self.scale)
+        if scaled.any():
+            col = int(np.argwhere(scaled)[0][-1])
+            raise InvalidInput(f"feature {self.features[col]!r} is out of range: standardized, it is not a finite float32")
+
     def _record(self, rec: Any) -> np.ndarray:
         if isinstance(rec, dict):
             unknown = [k for k in rec if k not in self.index]
@@ -82,22 +102,23 @@ class TabularHandler(BuiltinHandler):
             missing = [f for f in self.features if f not in rec]
             if missing:
                 raise InvalidInput(f"missing feature {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-            return np.asarray([self._number(f, rec[f]) for f in self.features], dtype=np.float32)
+            return self._row([self._number(f, rec[f]) for f in self.features])
         if isinstance(rec, list):
             if len(rec) != len(self.features):
                 raise InvalidInput(f"an array record needs {len(self.features)} values in the order "
                                    f"{', '.join(self.features)}; got {len(rec)}")
-            return np.asarray([self._number(f, v) for f, v in zip(self.features, rec)], dtype=np.float32)
+            return self._row([self._number(f, v) for f, v in zip(self.features, rec)])
         raise InvalidInput("a record is a JSON object of features by name or an array in feature order")
+
+    def _row(self, values: list[float]) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            row = np.asarray(values, dtype=np.float32)
+        self._check_range(row)
+        return row
 
     def examples_from_body(self, body: Any) -> list:
         if isinstance(body, (bytes, bytearray, str)):
-            import json
-
-            try:
-                body = json.loads(bytes(body) if not isinstance(body, str) else body)
-            except (ValueError, UnicodeDecodeError):
-                raise InvalidInput("body must be JSON: a record of features by name, an array, or a list of them") from None
+            body = parse_json(body, expect="a record of features by name, an array, or a list of them")
         if isinstance(body, dict) and set(body) <= {"instances", "inputs", "data"} and body:
             body = next(iter(body.values()))
         if isinstance(body, list) and body and all(isinstance(r, (dict, list)) for r in body):
@@ -105,15 +126,14 @@ class TabularHandler(BuiltinHandler):
         return [(self._record(body), False)]
 
     def examples_from_tensors(self, tensors: dict) -> list:
-        _, arr = self.input_tensor(tensors, ("input",))
-        arr = np.asarray(arr, dtype=np.float32)
+        name, arr = self.input_tensor(tensors, ("input",))
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = numeric_tensor(name, arr).astype(np.float32, copy=False)
         if arr.ndim == 1:
             arr = arr[None]
         if arr.ndim != 2 or arr.shape[1] != len(self.features):
             raise InvalidInput(f"input must be N x {len(self.features)} ({', '.join(self.features)}), got {list(arr.shape)}")
-        bad = ~np.isfinite(arr)
-        if bad.any():
-            raise InvalidInput(f"feature {self.features[int(np.argwhere(bad)[0][1])]!r} must be a finite number")
+        self._check_range(arr)
         return [(row, True) for row in arr]
 
     # --- model ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 
-__all__ = ["TextInputs", "TextTokenizer", "texts_from_body", "texts_from_tensors", "model_inputs_from", "first_output", "MODEL_INPUTS"]
+__all__ = ["TextInputs", "TextTokenizer", "texts_from_body", "texts_from_tensors", "require_text", "model_inputs_from", "first_output", "MODEL_INPUTS"]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "lengths", "token_type_ids")
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -34,7 +34,10 @@ def texts_from_body(body: Any, keys: tuple[str, ...] = ("text", "texts", "data",
     if isinstance(body, dict):
         for key in keys:
             if key in body:
-                return texts_from_body(body[key], keys)
+                inner = body[key]
+                if isinstance(inner, dict):  # one level only: {"text": {"text": ...}} is no text
+                    raise InvalidInput(f"JSON input: {key!r} must hold text or a list of strings")
+                return texts_from_body(inner, keys)
         raise InvalidInput(f"JSON input needs one of the keys {', '.join(keys)} holding text")
     if isinstance(body, str):
         return [body], False
@@ -43,9 +46,12 @@ def texts_from_body(body: Any, keys: tuple[str, ...] = ("text", "texts", "data",
     raise InvalidInput("input must be text, a JSON string, a list of strings, or {\"text\": ...}")
 
 
-def texts_from_tensors(arr: np.ndarray) -> list[str]:
+def texts_from_tensors(arr: np.ndarray, name: str = "text") -> list[str]:
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "OSU":
+        raise InvalidInput(f"input '{name}' must be BYTES (UTF-8 text), got a numeric tensor ({arr.dtype})")
     out = []
-    for v in np.asarray(arr).reshape(-1):
+    for v in arr.reshape(-1):
         if isinstance(v, (bytes, bytearray, np.bytes_)):
             try:
                 out.append(bytes(v).decode("utf-8"))
@@ -134,13 +140,24 @@ def first_output(out: Any) -> Any:
     return out
 
 
+def require_text(texts: list[str]) -> list[str]:
+    """A 400 for an empty (or whitespace-only) text: the model would answer padding alone."""
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise InvalidInput("text is empty" if len(texts) == 1 else f"text {i} of {len(texts)} is empty")
+    return texts
+
+
 class TextInputs:
-    """Mixin for text handlers: one example per text, from a body or a BYTES ``text`` tensor."""
+    """Mixin for text handlers: one example per text, from a body or a BYTES ``text`` tensor;
+    an empty text is a 400."""
+
+    example_noun = "texts"
 
     def examples_from_body(self, body: Any) -> list:
         texts, as_list = texts_from_body(body)
-        return [(t, as_list) for t in texts]
+        return [(t, as_list) for t in require_text(texts)]
 
     def examples_from_tensors(self, tensors: dict) -> list:
-        _, arr = self.input_tensor(tensors, ("text",))
-        return [(t, True) for t in texts_from_tensors(arr)]
+        name, arr = self.input_tensor(tensors, ("text",))
+        return [(t, True) for t in require_text(texts_from_tensors(arr, name))]
