@@ -118,7 +118,11 @@ def output_tensors(response: InferenceResponse, outputs: list[dict],
     result: list[tuple[str, np.ndarray, str]] = []
     if response.tensors is not None:
         for name, value in response.tensors.items():
-            arr, dt = as_array(value, declared.get(name))
+            try:
+                arr, dt = as_array(value, declared.get(name))
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise OspreyError(ErrorKind.PREDICTION_FAILED,
+                                  f"handler answer for output '{name}' is not a {declared.get(name) or 'tensor'}: {exc}") from None
             result.append((name, arr, dt))
     else:
         spec = outputs[0] if len(outputs) == 1 else BYTES_OUTPUT
@@ -168,10 +172,16 @@ def archive_for(model_store: str, name: str) -> str:
     """The model-store entry (file or folder name) that holds model ``name``."""
     from pathlib import Path
 
+    if not name or len(name) > 255 or name in (".", "..") or any(c in name for c in "/\\\0"):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise bad_input(f"model name {shown!r} is not a plain name of 1 to 255 characters without '/', '\\' or NUL")
     store = Path(model_store)
     for candidate in (f"{name}.mar", f"{name}.tar.gz", f"{name}.tgz", name):
-        if (store / candidate).exists():
-            return candidate
+        try:
+            if (store / candidate).exists():
+                return candidate
+        except (OSError, ValueError):  # a name the file system cannot hold
+            break
     raise OspreyError(ErrorKind.NOT_FOUND, f"no archive for model '{name}' in the model store")
 
 

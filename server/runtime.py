@@ -153,13 +153,30 @@ class ModelInstance:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
         self._loaded = threading.Event()
+        self._on_loaded: Callable[[], None] | None = None  # wakes wait_loaded on the loop
 
     # --- lifecycle (called from the loop) -------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     async def wait_loaded(self, timeout: float) -> None:
-        loaded = await asyncio.get_running_loop().run_in_executor(None, self._loaded.wait, timeout)
+        # awaited on the loop, not in an executor thread: 64 instances loading at once must not
+        # take every thread of the default executor (archive extraction at register needs one)
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def wake() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        self._on_loaded = lambda: loop.call_soon_threadsafe(wake)
+        if self._loaded.is_set():  # the thread may have finished before the callback was there
+            wake()
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except asyncio.TimeoutError:
+            pass
+        loaded = self._loaded.is_set()
         if not loaded:
             self.status = "FAILED"
             raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
@@ -201,6 +218,12 @@ class ModelInstance:
             self.status = "FAILED"
         finally:
             self._loaded.set()
+            wake = self._on_loaded
+            if wake is not None:
+                try:
+                    wake()
+                except RuntimeError:  # the loop has closed: nobody is waiting
+                    pass
         if self.status != "READY":
             return
         while True:

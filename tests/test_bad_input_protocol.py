@@ -430,3 +430,16 @@ def test_router_answers_a_cancelled_request_whose_client_is_still_there():
 
 def test_router_lets_task_cancellation_through():
     assert _router_call("task") == ("cancelled", [])
+
+
+def test_rest_handler_answer_of_the_wrong_type_names_the_output(http, clean_log):
+    """A handler's mistake: 503 naming the declared output, not a 500 with a traceback."""
+    r = http.post("/v2/models/wrongout/infer",
+                  json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [0, 0]}]})
+    assert r.status_code == 503, r.text
+    assert "output 'OUTPUT0'" in r.json()["error"] and "FP32" in r.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "a%00b", "a%5Cb"])
+def test_repository_load_of_a_name_that_is_no_file_name_is_refused(http, clean_log, name):
+    _bad(http.post(f"/v2/repository/models/{name}/load"), "model name")

@@ -29,6 +29,9 @@ def srv(osprey_module, tmp_path_factory):
     with zipfile.ZipFile(store / "nomanifest.mar", "w") as zf:
         zf.writestr("h.py", "")
     handler_archive(store, "initfails", "def handle(data, context):\n    raise RuntimeError('weights file is corrupt')\n")
+    handler_archive(store, "slowload", "import time\ndef handle(data, context):\n    if data is None:\n"
+                    "        time.sleep(4)\n        return None\n    return [1 for _ in data]\n",
+                    config={"startupTimeout": 1})
     server = osprey_module(["m1=m1.mar"], store)
     server.store = store
     return server
@@ -182,3 +185,10 @@ def test_token_auth(osprey, store):
 def test_token_failure_status_can_match_torchserve(osprey, store):
     srv = osprey([], store, token_auth=True, env={"OSPREY_TOKEN_AUTH_STATUS": "400"})
     assert httpx.get(f"{srv.inference}/ping").status_code == 400
+
+
+def test_a_model_slower_to_load_than_its_startup_timeout_is_refused_and_others_still_serve(srv):
+    r = httpx.post(f"{srv.management}/models", params={"url": "slowload.mar"}, timeout=30)
+    assert r.status_code == 503, r.text
+    assert "did not load within 1 s (startupTimeout)" in r.json()["message"]
+    assert httpx.post(f"{srv.inference}/predictions/m1", json=[1.0] * 16, timeout=30).status_code == 200
