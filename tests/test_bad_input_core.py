@@ -28,13 +28,7 @@ from server.grpc.generated import management_pb2_grpc as mpb_grpc
 from server.model_config import parse_model_config
 from server.types import InferenceRequest, InferenceResponse
 from tests.models import mlp_archive
-
-try:  # the same protocol; tritonclient's copy registers grpc_service.proto first, so use it when present
-    from tritonclient.grpc import service_pb2 as pb
-    from tritonclient.grpc import service_pb2_grpc as pb_grpc
-except ImportError:
-    from server.grpc.generated import grpc_service_pb2 as pb
-    from server.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from tests.oip_stubs import pb, pb_grpc
 
 ROW = [float(i) for i in range(16)]
 CAP = 8  # the module server's max_workers_per_model

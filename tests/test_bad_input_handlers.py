@@ -183,8 +183,8 @@ def test_image_classifier_pixels_out_of_range_are_400(srv):
 
 
 def test_image_classifier_nan_pixels_over_grpc_are_invalid_argument(srv):
-    from server.grpc.generated import grpc_service_pb2 as pb
-    from server.grpc.generated import grpc_service_pb2_grpc as pbg
+    from tests.oip_stubs import pb
+    from tests.oip_stubs import pb_grpc as pbg
 
     pixels = np.full((1, 1, 8, 8), 0.5, np.float32)
     pixels[0, 0, 3, 3] = np.nan

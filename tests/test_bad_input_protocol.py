@@ -31,13 +31,7 @@ from server.types import InferenceRequest, InferenceResponse
 from .gates import Gate, pending, wait_until
 from .models import RECORDING_HANDLER, handler_archive
 from .oip_archives import echo_archive, tensor_mlp_archive
-
-try:  # the same protocol; tritonclient's copy registers grpc_service.proto in the shared pool first
-    from tritonclient.grpc import service_pb2 as pb
-    from tritonclient.grpc import service_pb2_grpc as pb_grpc
-except ImportError:
-    from server.grpc.generated import grpc_service_pb2 as pb
-    from server.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from .oip_stubs import pb, pb_grpc
 
 # A tensor handler that answers a string where its config declares an FP32 output: a
 # handler's mistake (not the client's), which the front end must still answer.
