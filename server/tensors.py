@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -28,6 +29,11 @@ DTYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
     "BF16": np.dtype("<u2"),  # wire format; decoded to float32
 }
+
+# A JSON float beyond FP16/FP32 becomes inf, as IEEE casts do; numpy's warning about it is
+# noise (filtered once here: an np.errstate around every decode cost 2 us a request).
+warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning,
+                        module=__name__)
 _BY_DTYPE = {v: k for k, v in DTYPES.items() if k != "BF16"}
 _LEN = struct.Struct("<I")
 MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32  # numpy's limit on array dimensions
@@ -123,8 +129,7 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
         if dtype is None:
             raise bad_input(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}, BYTES")
         try:
-            with np.errstate(over="ignore"):  # a float beyond FP16/FP32 is inf, as IEEE casts do
-                arr = np.asarray(data, dtype=np.float32 if datatype == "BF16" else dtype).ravel()
+            arr = np.asarray(data, dtype=np.float32 if datatype == "BF16" else dtype).ravel()
         except OverflowError as exc:  # an integer outside the datatype's range
             raise bad_input(f"input '{name}': data holds a value out of range for {datatype} ({exc})") from None
         except (TypeError, ValueError) as exc:

@@ -112,6 +112,17 @@ def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(
     _still_serves(srv)
 
 
+def test_bare_line_breaks_do_not_keep_a_connection_open(srv):
+    """The parser skips CRLFs before a request without starting one: still an idle connection."""
+    with _connect(srv) as sock:
+        t0 = time.monotonic()
+        sock.sendall(b"\r\n")
+        time.sleep(0.5)
+        sock.sendall(b"\r\n")
+        assert _read_all(sock) == b""
+        assert time.monotonic() - t0 < 12
+
+
 def test_a_kept_alive_connection_serves_requests_beyond_the_read_timeout(srv):
     """The read timeout times arrivals, not the connection: a client idle between requests for
     longer than it (but within keep-alive) is served as usual."""

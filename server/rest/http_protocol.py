@@ -149,6 +149,12 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             delay = self.read_timeout
         else:
             self._cancel_read_timer()
+            # no request begun (bare CRLFs between requests are skipped by the parser, and
+            # uvicorn's data_received cancelled the keep-alive timer): the connection is idle
+            if (self.timeout_keep_alive_task is None and self.timeout_keep_alive > 0 and not self.pipeline
+                    and (self.cycle is None or self.cycle.response_complete)):
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
             return
         self._cancel_read_timer()
         self._read_timer = self.loop.call_later(max(delay, 0.0), self._read_timed_out)
