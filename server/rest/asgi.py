@@ -180,7 +180,10 @@ class Router:
         except asyncio.CancelledError:
             conn = req.connection()
             gone = conn is not None and conn.disconnected
-            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+            # Python 3.11+ tells whether this task is being cancelled; on 3.10 a cancellation
+            # whose client is also gone is taken for a dropped request and ends quietly (at
+            # shutdown that only skips an answer nobody could receive)
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
             if cancelling() if cancelling is not None else not gone:
                 raise  # this task itself is being cancelled (shutdown)
             # What the handler awaited was cancelled, not this task: the batcher drops a
