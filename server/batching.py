@@ -13,9 +13,9 @@ before a batch is formed; a request's future is resolved once (set only if not d
 caller that cancels never takes its batch-mates down with it.
 
 Nothing a request carries can jam the batcher: a deadline that is not a finite time is
-refused at :meth:`Batcher.submit`, and if handing a batch to an instance fails anyway, the
-instance goes back to the idle list and only that batch's requests are answered (with the
-reason), so the model keeps serving.
+refused at :meth:`Batcher.submit`. If handing a batch to an instance raises, that instance
+is retired (stopped, never idle again, logged with the traceback) and only that batch's
+requests are answered, with a generic error; the other instances go on serving.
 """
 
 from __future__ import annotations
@@ -221,9 +221,8 @@ class Batcher:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            batches = [b for b in batches if self._arm(b, now)]
-            if not batches:
-                continue
+            for batch in batches:
+                self._arm(batch, now)
             inst = self.idle.pop()
             self.busy.add(inst)
             for batch in batches:
@@ -231,31 +230,26 @@ class Batcher:
                 self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
             try:
                 inst.submit(batches, self.loop, self._done)
-            except Exception as exc:  # the instance never took them: give it back, answer only these
-                log.exception("model %s version %s: handing a batch to an instance failed", self.name, self.version)
+            except Exception:  # the instance is broken: retire it, answer only these requests
+                log.exception("model %s version %s: handing a batch to instance %s failed; retiring the instance",
+                              self.name, self.version, getattr(inst, "id", "?"))
                 self.busy.discard(inst)
-                if inst in self._retiring:
-                    self._retiring.discard(inst)
-                    inst.stop()
-                elif inst.status == "READY":
-                    self.idle.append(inst)
+                self._retiring.discard(inst)
+                inst.stop()
                 for batch in batches:
                     self.in_flight -= len(batch)
                     self._fail_batch(batch, OspreyError(
-                        ErrorKind.INTERNAL, f"Model \"{self.name}\" version {self.version}: the batch could not be "
-                                            f"handed to an instance ({type(exc).__name__}: {exc})"))
+                        ErrorKind.INTERNAL, f"Model \"{self.name}\" version {self.version}: could not hand the batch "
+                                            "to an instance; the server log has the details"))
+                if self.instances <= 0:  # that was the last one: queued requests would wait for nothing
+                    self.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{self.name}\" version {self.version} "
+                                                                     "has no worker left to serve inference requests"))
 
-    def _arm(self, batch: list[InferenceRequest], now: float) -> bool:
-        """Start the running-deadline timer of ``batch``; False (its requests answered) if that fails."""
+    def _arm(self, batch: list[InferenceRequest], now: float) -> None:
+        """Start the running-deadline timer of ``batch`` (deadlines are finite: see submit)."""
         deadlines = [r.deadline for r in batch if r.deadline is not None]
-        if not deadlines:
-            return True
-        try:
+        if deadlines:
             self._batch_timers[id(batch)] = self.loop.call_later(min(deadlines) - now, self._expire_running, batch)
-        except Exception as exc:  # submit refuses non-finite deadlines; anything else that slips by
-            self._fail_batch(batch, OspreyError(ErrorKind.BAD_INPUT, f"Request deadline is not a usable time: {exc}"))
-            return False
-        return True
 
     def _fail_batch(self, batch: list[InferenceRequest], error: OspreyError) -> None:
         timer = self._batch_timers.pop(id(batch), None)

@@ -11,8 +11,9 @@ gRPC adapter) for gRPC. The ``type`` names match TorchServe's JSON error bodies.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
-__all__ = ["ErrorKind", "OspreyError", "HTTP_STATUS", "TYPE_NAME", "from_status"]
+__all__ = ["ErrorKind", "OspreyError", "HTTP_STATUS", "TYPE_NAME", "from_status", "show"]
 
 
 class ErrorKind(enum.Enum):
@@ -99,3 +100,12 @@ class OspreyError(Exception):
 
     def __repr__(self) -> str:
         return f"OspreyError({self.kind.name}, {self.message!r})"
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """``value`` quoted (its repr) for an error message, cut to ``limit`` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return text[:limit] + "..." + size

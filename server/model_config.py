@@ -11,9 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ErrorKind, OspreyError
+from .errors import ErrorKind, OspreyError, show
 
-__all__ = ["ModelConfig", "TensorSpec", "parse_model_config", "number", "LIMITS", "DEFAULT_MAX_WORKERS"]
+__all__ = ["ModelConfig", "TensorSpec", "parse_model_config", "number", "LIMITS"]
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "BF16", "FP32", "FP64", "BYTES")
@@ -48,7 +48,6 @@ class ModelConfig:
 
 
 WEEK_S = 7 * 24 * 3600
-DEFAULT_MAX_WORKERS = 64  # instances (threads) per model version unless the caller allows more
 
 # Largest value each setting takes (units as in model-config.yaml).
 LIMITS: dict[str, float] = {
@@ -58,12 +57,8 @@ LIMITS: dict[str, float] = {
     "startupTimeout": WEEK_S,  # s
     "jobQueueSize": 1_000_000,
     "clientTimeoutInMills": WEEK_S * 1000,  # ms
+    "maxWorkers": 2**31 - 1,  # only recorded (Osprey starts minWorkers); TorchServe's Java int
 }
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _fmt(x: float) -> str:
@@ -71,15 +66,18 @@ def _fmt(x: float) -> str:
 
 
 def number(source: str, key: str, value: Any, kind=int, minimum: float = 0,
-           maximum: float | None = None) -> Any:
+           maximum: float | None = None, maximum_from: str = "") -> Any:
     """``value`` as ``kind`` (int or float) within [minimum, maximum], else a BAD_INPUT error
-    naming ``key``. Strings are parsed; NaN, infinity and (for int) fractions are refused."""
+    naming ``key`` (and ``maximum_from``, the setting the maximum comes from, if given).
+    Strings are parsed; NaN, infinity and (for int) fractions are refused."""
     if maximum is None:
         maximum = LIMITS.get(key, math.inf)
     where = f"{source}: {key}" if source else key
     span = f">= {_fmt(minimum)}" if math.isinf(maximum) else f"from {_fmt(minimum)} to {_fmt(maximum)}"
+    if maximum_from:
+        span += f" (the server's {maximum_from})"
     bad = OspreyError(ErrorKind.BAD_INPUT, f"{where} must be a {'whole ' if kind is int else ''}number "
-                                           f"{span}, got {_show(value)}")
+                                           f"{span}, got {show(value)}")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise bad
     try:
@@ -104,9 +102,6 @@ def number(source: str, key: str, value: Any, kind=int, minimum: float = 0,
     return kind(value)
 
 
-_num = number
-
-
 def _tensors(source: str, key: str, value: Any) -> tuple[TensorSpec, ...]:
     if value is None:
         return ()
@@ -129,16 +124,23 @@ def _tensors(source: str, key: str, value: Any) -> tuple[TensorSpec, ...]:
 def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str, Any] | None = None,
                        default_workers: int = 1, default_response_timeout: float = 120.0,
                        default_queue_size: int = 100, source: str = "model-config.yaml",
-                       max_workers: int = DEFAULT_MAX_WORKERS) -> ModelConfig:
+                       worker_cap: int | None = None) -> ModelConfig:
     """Merge model-config.yaml with register-call overrides (overrides win).
 
-    ``max_workers`` caps minWorkers and maxWorkers (the server's max_workers_per_model)."""
+    ``worker_cap`` (the server's max_workers_per_model) bounds minWorkers, the instances
+    Osprey starts; without minWorkers it starts ``default_workers`` cut to the cap.
+    maxWorkers is only recorded, so it may exceed the cap, as in TorchServe."""
     cfg = dict(raw or {})
     for key, value in (overrides or {}).items():
         if value is not None:
             cfg[key] = value
-    min_w = _num(source, "minWorkers", cfg.get("minWorkers", default_workers), maximum=max_workers)
-    max_w = _num(source, "maxWorkers", cfg.get("maxWorkers", max(min_w, default_workers)), maximum=max_workers)
+    cap = LIMITS["maxWorkers"] if worker_cap is None else worker_cap
+    if "minWorkers" in cfg:
+        min_w = number(source, "minWorkers", cfg["minWorkers"], maximum=cap,
+                       maximum_from="" if worker_cap is None else "max_workers_per_model")
+    else:
+        min_w = min(default_workers, cap)
+    max_w = number(source, "maxWorkers", cfg.get("maxWorkers", max(min_w, default_workers)))
     if max_w < min_w:
         raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: maxWorkers ({max_w}) is below minWorkers ({min_w})")
     device = str(cfg.get("deviceType", "auto")).lower()
@@ -154,14 +156,14 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
     return ModelConfig(
         min_workers=min_w,
         max_workers=max_w,
-        batch_size=_num(source, "batchSize", cfg.get("batchSize", 1), minimum=1),
-        max_batch_delay_ms=_num(source, "maxBatchDelay", cfg.get("maxBatchDelay", 100), float),
-        response_timeout_s=_num(source, "responseTimeout", cfg.get("responseTimeout", default_response_timeout), float, minimum=0.001),
-        startup_timeout_s=_num(source, "startupTimeout", cfg.get("startupTimeout", 120), float, minimum=0.001),
+        batch_size=number(source, "batchSize", cfg.get("batchSize", 1), minimum=1),
+        max_batch_delay_ms=number(source, "maxBatchDelay", cfg.get("maxBatchDelay", 100), float),
+        response_timeout_s=number(source, "responseTimeout", cfg.get("responseTimeout", default_response_timeout), float, minimum=0.001),
+        startup_timeout_s=number(source, "startupTimeout", cfg.get("startupTimeout", 120), float, minimum=0.001),
         device_type="gpu" if device == "cuda" else device,
         device_ids=tuple(ids),
-        job_queue_size=_num(source, "jobQueueSize", cfg.get("jobQueueSize", default_queue_size), minimum=1),
-        client_timeout_ms=None if client_timeout is None else _num(source, "clientTimeoutInMills", client_timeout, float),
+        job_queue_size=number(source, "jobQueueSize", cfg.get("jobQueueSize", default_queue_size), minimum=1),
+        client_timeout_ms=None if client_timeout is None else number(source, "clientTimeoutInMills", client_timeout, float),
         inputs=_tensors(source, "inputs", cfg.get("inputs")),
         outputs=_tensors(source, "outputs", cfg.get("outputs")),
         jit_optimize=jit_optimize,

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import heap
 from .archive import ModelArchive, open_archive
 from .batching import Batcher
-from .errors import ErrorKind, OspreyError
+from .errors import ErrorKind, OspreyError, show
 from .model_config import LIMITS, ModelConfig, number, parse_model_config
 from .runtime import ModelInstance, gpu_for
 from .settings import Settings
@@ -41,11 +41,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 def _reason(exc: Exception) -> str:
     """Why a path could not be used, without echoing the server's own folders."""
     return getattr(exc, "strerror", None) or str(exc)
-
-
-def _show(text: str, limit: int = 80) -> str:
-    """``text`` quoted for an error message, cut to ``limit`` characters."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 @dataclass
@@ -98,7 +93,7 @@ class Registry:
         self.models: dict[str, _Model] = {}
         self._metrics_sink = metrics_sink
         self._on_batch = on_batch
-        self._loading: set[tuple[str, str]] = set()
+        self._loading: dict[tuple[str, str], ModelVersion] = {}  # registering, not yet listed
         self._tasks: set[asyncio.Task] = set()
         self._retired_threads: list[ModelInstance] = []
         self.heap_settled = False  # set once startup models are loaded and the heap frozen
@@ -141,20 +136,28 @@ class Registry:
     @property
     def max_workers(self) -> int:
         """Most instances one model version may run (setting max_workers_per_model)."""
-        return max(1, int(getattr(self.settings, "max_workers_per_model", 64)))
+        return max(1, self.settings.max_workers_per_model)
 
-    def _workers(self, key: str, value: Any) -> int:
-        if isinstance(value, int) and not isinstance(value, bool) and value > self.max_workers:
-            raise OspreyError(ErrorKind.BAD_INPUT,
-                              f"{key} must be at most {self.max_workers} (the server's max_workers_per_model), got {value}")
-        return number("", key, value, maximum=self.max_workers)
+    def _started_workers(self, key: str, value: Any) -> int:
+        """A count of workers to start (initial_workers, min_worker): at most the cap."""
+        return number("", key, value, maximum=self.max_workers, maximum_from="max_workers_per_model")
+
+    def _held(self, mv: ModelVersion) -> bool:
+        """The registry still holds ``mv`` (listed, or being registered): not unregistered."""
+        model = self.models.get(mv.name)
+        listed = model is not None and model.versions.get(mv.version) is mv
+        return listed or self._loading.get((mv.name, mv.version)) is mv
+
+    def _unregistered(self, mv: ModelVersion) -> OspreyError:
+        return OspreyError(ErrorKind.NOT_FOUND, f"Model {mv.name} version {mv.version} was unregistered "
+                                                "while its workers were starting")
 
     def resolve_url(self, url: str) -> Path:
         """An archive in the model store (by file name), or a file:// path allowed by allowed_urls."""
         if not isinstance(url, str):
             raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must be a string, got {type(url).__name__}")
         if "\x00" in url:
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must not contain a NUL character: {_show(url)}")
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must not contain a NUL character: {show(url)}")
         if len(url) > MAX_URL_CHARS:
             raise OspreyError(ErrorKind.BAD_INPUT,
                               f"Parameter url is {len(url)} characters long; at most {MAX_URL_CHARS} are allowed")
@@ -169,9 +172,9 @@ class Registry:
         try:
             path = (store / url).resolve()
         except (OSError, ValueError) as exc:  # e.g. a symlink loop
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {_show(url)} is not a usable path: {_reason(exc)}") from None
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} is not a usable path: {_reason(exc)}") from None
         if store != path and store not in path.parents:
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {_show(url)} points outside the model store")
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} points outside the model store")
         return path
 
     def _check_name(self, name: Any) -> str:
@@ -182,7 +185,7 @@ class Registry:
                               f"Model name is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
         if not _NAME.fullmatch(name):
             raise OspreyError(ErrorKind.BAD_INPUT,
-                              f"Model name {_show(name)} may hold only letters, digits, '_', '-' and '.'")
+                              f"Model name {show(name)} may hold only letters, digits, '_', '-' and '.'")
         return name
 
     async def register(self, url: str, *, model_name: str | None = None, handler: str | None = None,
@@ -196,7 +199,7 @@ class Registry:
         if model_name is not None:
             self._check_name(model_name)
         if handler is not None and (not isinstance(handler, str) or "\x00" in handler or len(handler) > MAX_URL_CHARS):
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter handler must be a module or file name, got {_show(handler)}")
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter handler must be a module or file name, got {show(handler)}")
         # the call's numbers, checked before any work and named as the caller named them
         if batch_size is not None:
             batch_size = number("", "batch_size", batch_size, minimum=1, maximum=LIMITS["batchSize"])
@@ -209,13 +212,13 @@ class Registry:
             startup_timeout = number("", "startup_timeout", startup_timeout, float, minimum=0.001,
                                      maximum=LIMITS["startupTimeout"])
         if initial_workers is not None:
-            initial_workers = self._workers("initial_workers", initial_workers)
+            initial_workers = self._started_workers("initial_workers", initial_workers)
         try:
             found = path.exists()
         except (OSError, ValueError) as exc:  # e.g. a file name longer than the file system allows
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {_show(url)} is not a usable path: {_reason(exc)}") from None
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} is not a usable path: {_reason(exc)}") from None
         if not found:
-            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url if len(url) <= 200 else _show(url)}")
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url if len(url) <= 200 else show(url)}")
         archive = await self.loop.run_in_executor(
             None, lambda: open_archive(path, self.work_root, self.settings.max_archive_size))
         try:
@@ -233,11 +236,11 @@ class Registry:
                 overrides["minWorkers"] = initial_workers
                 configured = archive.config.get("maxWorkers")
                 overrides["maxWorkers"] = initial_workers if configured is None else max(
-                    initial_workers, number(source, "maxWorkers", configured, maximum=self.max_workers))
+                    initial_workers, number(source, "maxWorkers", configured))
             config = parse_model_config(
                 archive.config, overrides=overrides, default_workers=self.settings.default_workers_per_model,
                 default_response_timeout=self.settings.default_response_timeout,
-                default_queue_size=self.settings.job_queue_size, source=source, max_workers=self.max_workers)
+                default_queue_size=self.settings.job_queue_size, source=source, worker_cap=self.max_workers)
         except BaseException:
             archive.cleanup()
             raise
@@ -247,17 +250,17 @@ class Registry:
         mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup)
         if self._on_batch is not None:
             batcher.on_batch = functools.partial(self._on_batch, mv)
-        self._loading.add((name, version))
+        self._loading[(name, version)] = mv
         try:
             if synchronous:
                 await self._start_instances(mv, config.min_workers)
             else:
                 self._background(self._start_in_background(mv))
         except BaseException:
-            self._loading.discard((name, version))
+            self._loading.pop((name, version), None)
             self._stop(mv)
             raise
-        self._loading.discard((name, version))
+        self._loading.pop((name, version), None)
         model = self.models.setdefault(name, _Model())
         model.versions[version] = mv
         if not model.default:
@@ -274,8 +277,13 @@ class Registry:
     async def _start_in_background(self, mv: ModelVersion) -> None:
         try:
             async with mv.scaling:
+                if not self._held(mv):
+                    raise self._unregistered(mv)
                 await self._start_instances(mv, mv.config.min_workers)
         except Exception as exc:
+            if not self._held(mv):  # unregistered while loading: nothing failed
+                log.info("model %s version %s was unregistered before it finished loading", mv.name, mv.version)
+                return
             message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
             log.error("model %s version %s failed to load: %s; unregistering it", mv.name, mv.version, message)
             model = self.models.get(mv.name)
@@ -283,9 +291,12 @@ class Registry:
                 await self.unregister(mv.name, mv.version, force=True)
 
     async def _start_instances(self, mv: ModelVersion, count: int) -> None:
-        """Start ``count`` more instances and wait until they load; if any fails to start or
-        load, the ones started here are stopped and removed again."""
+        """Start ``count`` more instances (never past max_workers_per_model) and wait until
+        they load; if any fails to start or load, or ``mv`` is unregistered meanwhile, the
+        ones started here are stopped and removed again."""
         t0 = time.monotonic()
+        live = sum(i.status in ("READY", "LOADING") for i in mv.instances)
+        count = min(count, self.max_workers - live)
         new = []
         try:
             for _ in range(count):
@@ -300,12 +311,18 @@ class Registry:
                     raise OspreyError(ErrorKind.UNAVAILABLE, f"Model {mv.name} version {mv.version}: could not start "
                                                              f"worker {len(new)} of {count} ({exc})") from None
                 await asyncio.sleep(0)  # let requests run between thread starts
+                if not self._held(mv):
+                    raise self._unregistered(mv)
             await asyncio.gather(*(i.wait_loaded(mv.config.startup_timeout_s) for i in new))
-        except BaseException:
+            if not self._held(mv):
+                raise self._unregistered(mv)
+        except BaseException as exc:
             for inst in new:
                 inst.stop()
                 if inst in mv.instances:
                     mv.instances.remove(inst)
+            if isinstance(exc, Exception) and not self._held(mv):  # stopped by unregister, not failed
+                raise self._unregistered(mv) from None
             raise
         for inst in new:
             mv.batcher.add_instance(inst)
@@ -317,18 +334,22 @@ class Registry:
                    max_worker: int | None) -> tuple[ModelVersion, int, int]:
         """Check a scale request; return the model version and its new (min, max)."""
         mv = self.get(name, version)
-        lo = mv.config.min_workers if min_worker is None else self._workers("min_worker", min_worker)
-        hi = max(lo, mv.config.max_workers) if max_worker is None else self._workers("max_worker", max_worker)
+        lo = mv.config.min_workers if min_worker is None else self._started_workers("min_worker", min_worker)
+        hi = max(lo, mv.config.max_workers) if max_worker is None else number("", "max_worker", max_worker,
+                                                                              maximum=LIMITS["maxWorkers"])
         if hi < lo:
             raise OspreyError(ErrorKind.BAD_INPUT, f"max_worker ({hi}) cannot be less than min_worker ({lo})")
         return mv, lo, hi
 
     async def scale(self, name: str, version: str | None, min_worker: int | None,
                     max_worker: int | None) -> ModelVersion:
-        """Run ``min_worker`` instances (TorchServe starts the minimum). Scale calls for one
-        version run one after another, so together they never pass max_workers_per_model."""
+        """Run ``min_worker`` instances (TorchServe starts the minimum; ``max_worker`` is only
+        recorded). Scale calls for one version run one after another, so together they never
+        pass max_workers_per_model; one that finds the version unregistered is NOT_FOUND."""
         mv, lo, hi = self.plan_scale(name, version, min_worker, max_worker)
         async with mv.scaling:
+            if not self._held(mv):
+                raise self._unregistered(mv)
             mv.config = dataclasses.replace(mv.config, min_workers=lo, max_workers=hi)
             live = [i for i in mv.instances if i.status in ("READY", "LOADING")]
             if lo > len(live):
@@ -349,7 +370,10 @@ class Registry:
                 await self.scale(name, version, min_worker, max_worker)
             except Exception as exc:
                 message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
-                log.error("scaling model %s to %s workers failed: %s", name, min_worker, message)
+                if isinstance(exc, OspreyError) and exc.kind is ErrorKind.NOT_FOUND:  # unregistered meanwhile
+                    log.info("scaling model %s to %s workers stopped: %s", name, min_worker, message)
+                else:
+                    log.error("scaling model %s to %s workers failed: %s", name, min_worker, message)
         self._background(run())
 
     def set_default(self, name: str, version: str) -> None:

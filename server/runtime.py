@@ -180,6 +180,8 @@ class ModelInstance:
         if not loaded:
             self.status = "FAILED"
             raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
+        if self.status == "STOPPED":
+            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} was stopped while loading")
         if self.status != "READY":
             raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
 
@@ -211,7 +213,8 @@ class ModelInstance:
             warmup = getattr(self.service.target, "warmup", None)
             if callable(warmup):
                 warmup(self.context)
-            self.status = "READY"
+            if self.status != "STOPPED":  # stopped while loading: it ends below without serving
+                self.status = "READY"
         except BaseException as exc:  # reported at registration, never raised on the loop
             log.exception("model %s instance %d failed to load", self.name, self.index)
             self.error = f"{type(exc).__name__}: {exc}"
@@ -291,10 +294,10 @@ class ModelInstance:
             row = {k: decode_field(f) for k, f in fields.items()}
         except OspreyError as err:
             return err
-        except Exception as exc:  # the front end let through what it should have refused: a server bug
+        except Exception:  # the front end let through what it should have refused: a server bug
             log.exception("model %s: could not decode the inputs of request %s", self.name, r.request_id)
-            return OspreyError(ErrorKind.INTERNAL,
-                               f"could not decode the request's inputs: {type(exc).__name__}: {exc}")
+            return OspreyError(ErrorKind.INTERNAL, "Internal server error: could not decode the request's inputs; "
+                                                   "the server log has the details")
         if tensors and r.tensors is not None:
             row["tensors"] = r.tensors
         return row

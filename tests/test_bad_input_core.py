@@ -3,11 +3,12 @@
 Against one real server (the module's): a NaN or infinite OIP ``timeout`` (gRPC and REST v2)
 is refused with 400 / INVALID_ARGUMENT naming ``timeout`` and the model keeps answering;
 register and scale calls with NaN, infinite, oversized or wrongly typed values, NUL bytes
-or over-long URLs and names are refused naming the parameter (REST and gRPC); worker
-counts stop at ``max_workers_per_model`` while a legal scale-up to it keeps serving. In
-process: a worker thread that cannot start leaves nothing behind, concurrent scale-ups
-together stay under the cap, and the batcher gives its instance back whatever a request
-or an instance does.
+or over-long URLs and names are refused naming the parameter (REST and gRPC); the workers
+a model starts stop at ``max_workers_per_model`` while a legal scale-up to it keeps serving,
+and ``maxWorkers`` (only recorded, as in TorchServe) may exceed it; a model unregistered
+while a scale waits or loads leaves no worker running. In process: a worker thread that
+cannot start leaves nothing behind, concurrent scale-ups together stay under the cap, and
+the batcher keeps serving whatever a request or an instance does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from server.grpc.generated import management_pb2 as mpb
 from server.grpc.generated import management_pb2_grpc as mpb_grpc
 from server.model_config import parse_model_config
 from server.types import InferenceRequest, InferenceResponse
-from tests.models import mlp_archive
+from tests.models import handler_archive, mlp_archive
 from tests.oip_stubs import pb, pb_grpc
 
 ROW = [float(i) for i in range(16)]
@@ -179,9 +180,38 @@ def test_a_name_at_the_length_limit_registers_serves_and_unregisters(srv):
 
 def test_describe_answers_after_refused_huge_numbers(srv):
     """A batch_size beyond 64 bits once registered and then made every describe answer 500."""
-    refused(httpx.put(f"{srv.management}/models/mlp", params={"max_worker": "99999999999999999999"}), "max_worker")
+    r = httpx.post(f"{srv.management}/models", params={"url": "mlp.mar", "model_name": "huge",
+                                                       "batch_size": "99999999999999999999"})
+    refused(r, "batch_size")
+    assert httpx.get(f"{srv.management}/models/huge").status_code == 404
     d = httpx.get(f"{srv.management}/models/mlp")
-    assert d.status_code == 200 and d.json()[0]["maxWorkers"] <= CAP
+    assert d.status_code == 200 and d.json()[0]["batchSize"] == 1
+    assert httpx.get(f"{srv.management}/models").status_code == 200
+
+
+def test_max_workers_above_the_cap_is_recorded_as_torchserve_does(srv, mgmt):
+    """maxWorkers only records a bound (Osprey starts minWorkers): 100 in model-config.yaml,
+    in a scale call or over gRPC is accepted although the server starts at most CAP."""
+    mlp_archive(srv.store, "wide", config={"minWorkers": 1, "maxWorkers": 100})
+    m = srv.management
+    r = httpx.post(f"{m}/models", params={"url": "wide.mar"}, timeout=30)
+    assert r.status_code == 200, r.text
+    try:
+        d = httpx.get(f"{m}/models/wide").json()[0]
+        assert (d["minWorkers"], d["maxWorkers"], len(d["workers"])) == (1, 100, 1)
+        serves(srv, "wide")
+        r = httpx.put(f"{m}/models/wide", params={"min_worker": "2", "max_worker": "100", "synchronous": "true"},
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        mgmt.ScaleWorker(mpb.ScaleWorkerRequest(model_name="wide", min_worker=2, max_worker=1000, synchronous=True),
+                         timeout=30)
+        d = httpx.get(f"{m}/models/wide").json()[0]
+        assert (d["minWorkers"], d["maxWorkers"], len(d["workers"])) == (2, 1000, 2)
+        serves(srv, "wide")
+        refused(httpx.put(f"{m}/models/wide", params={"min_worker": str(CAP + 1), "max_worker": "100"}),
+                "min_worker", str(CAP), "max_workers_per_model")
+    finally:
+        assert httpx.delete(f"{m}/models/wide").status_code == 200
 
 
 # --- 2. scaling: a cap, and a legal scale-up that keeps serving ---------------------------
@@ -190,8 +220,8 @@ def test_scale_beyond_the_cap_is_refused_and_starts_nothing(srv):
     r = httpx.put(f"{m}/models/mlp", params={"min_worker": "1000000000000", "max_worker": "1000000000000",
                                             "synchronous": "false"})
     refused(r, "min_worker", str(CAP), "max_workers_per_model")
-    refused(httpx.put(f"{m}/models/mlp", params={"min_worker": "1", "max_worker": str(CAP + 1)}), "max_worker", str(CAP))
     refused(httpx.put(f"{m}/models/mlp", params={"min_worker": "-1"}), "min_worker")
+    refused(httpx.put(f"{m}/models/mlp", params={"max_worker": "99999999999999999999"}), "max_worker")
     time.sleep(0.2)  # a scale that slipped through would be starting workers now
     d = httpx.get(f"{m}/models/mlp").json()[0]
     assert len(d["workers"]) == 1 and d["minWorkers"] == 1
@@ -214,6 +244,87 @@ def test_scale_up_to_the_cap_keeps_answering_and_scales_back(srv):
     assert r.status_code == 200, r.text
     assert len(httpx.get(f"{m}/models/mlp").json()[0]["workers"]) == 1
     serves(srv)
+
+
+# A handler that takes LOAD_S to load and reports, through files in a probe folder, each
+# instance thread that finished loading and each one that has since ended.
+LOAD_S = 1.0
+SLOW_LOADING_HANDLER = """
+import os, threading, time, uuid
+
+PROBE = {probe!r}
+
+class SlowLoading:
+    def initialize(self, context):
+        time.sleep({load_s})
+        me, tag = threading.current_thread(), uuid.uuid4().hex
+        open(os.path.join(PROBE, "started-" + tag), "w").close()
+
+        def watch():
+            me.join()
+            open(os.path.join(PROBE, "ended-" + tag), "w").close()
+        threading.Thread(target=watch, daemon=True).start()
+
+    def handle(self, data, context):
+        return ["ok"] * len(data)
+"""
+
+
+def _threads(probe) -> tuple[int, int]:
+    names = [p.name for p in probe.iterdir()]
+    return sum(n.startswith("started-") for n in names), sum(n.startswith("ended-") for n in names)
+
+
+def _wait_threads(probe, started: int, timeout: float = 20.0) -> tuple[int, int]:
+    """Wait until ``started`` instance threads loaded and all of them ended."""
+    deadline = time.monotonic() + timeout
+    while _threads(probe) != (started, started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _threads(probe)
+
+
+def test_a_model_unregistered_while_a_scale_waits_or_loads_keeps_no_worker(srv, tmp_path):
+    m = srv.management
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    handler_archive(srv.store, "slowload", SLOW_LOADING_HANDLER.format(probe=str(probe), load_s=LOAD_S))
+    log_start = len(srv.log())
+
+    # 1. the scale waits on the version's lock while the (asynchronous) register loads
+    r = httpx.post(f"{m}/models", params={"url": "slowload.mar", "synchronous": "false"})
+    assert r.status_code == 202, r.text
+    r = httpx.put(f"{m}/models/slowload", params={"min_worker": "3", "synchronous": "false"})
+    assert r.status_code == 202, r.text
+    assert httpx.delete(f"{m}/models/slowload").status_code == 200
+    assert _wait_threads(probe, 1) == (1, 1)  # the register's worker loaded, saw it was stopped, ended
+    time.sleep(LOAD_S + 0.5)  # a scale that went on would have loaded its workers by now
+    assert _threads(probe) == (1, 1)
+    assert httpx.get(f"{m}/models/slowload").status_code == 404
+
+    # 2. the scale's new workers are loading when the model is unregistered
+    r = httpx.post(f"{m}/models", params={"url": "slowload.mar"}, timeout=30)
+    assert r.status_code == 200, r.text
+    r = httpx.put(f"{m}/models/slowload", params={"min_worker": "3", "synchronous": "false"})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 10
+    while len(httpx.get(f"{m}/models/slowload").json()[0]["workers"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert httpx.delete(f"{m}/models/slowload").status_code == 200
+    assert _wait_threads(probe, 4) == (4, 4)
+    assert httpx.get(f"{m}/models/slowload").status_code == 404
+
+    # neither the register nor the scales count as failures, and the name serves again
+    log = srv.log()[log_start:]
+    assert "failed to load" not in log and "scaling model slowload to 3 workers failed" not in log, log
+    r = httpx.post(f"{m}/models", params={"url": "slowload.mar"}, timeout=30)
+    assert r.status_code == 200, r.text
+    try:
+        r = httpx.post(f"{srv.inference}/predictions/slowload", json={"a": 1}, timeout=10)
+        assert r.status_code == 200 and r.text == "ok", r.text
+        assert len(httpx.get(f"{m}/models/slowload").json()[0]["workers"]) == 1
+    finally:
+        assert httpx.delete(f"{m}/models/slowload").status_code == 200
+    assert _wait_threads(probe, 5) == (5, 5)
 
 
 # --- gRPC management: the same checks answer INVALID_ARGUMENT ----------------------------
@@ -244,15 +355,23 @@ def test_grpc_register_and_scale_refuse_bad_input_with_invalid_argument(srv, mgm
 ])
 def test_model_config_refuses_non_finite_and_oversized_numbers_naming_them(key, value):
     with pytest.raises(OspreyError) as info:
-        parse_model_config({key: value}, source="m.mar: model-config")
+        parse_model_config({key: value}, source="m.mar: model-config", worker_cap=64)
     assert info.value.kind is ErrorKind.BAD_INPUT and key in info.value.message
 
 
 def test_model_config_keeps_legal_numbers():
     cfg = parse_model_config({"batchSize": "8", "maxBatchDelay": 5.5, "responseTimeout": 604800, "minWorkers": 2,
-                              "maxWorkers": 64, "jobQueueSize": 1_000_000})
+                              "maxWorkers": 100, "jobQueueSize": 1_000_000}, worker_cap=64)
     assert (cfg.batch_size, cfg.max_batch_delay_ms, cfg.response_timeout_s, cfg.min_workers, cfg.max_workers,
-            cfg.job_queue_size) == (8, 5.5, 604800.0, 2, 64, 1_000_000)
+            cfg.job_queue_size) == (8, 5.5, 604800.0, 2, 100, 1_000_000)
+
+
+def test_model_config_starts_at_most_the_cap():
+    with pytest.raises(OspreyError) as info:
+        parse_model_config({"minWorkers": 9, "maxWorkers": 100}, worker_cap=8)
+    assert "minWorkers" in info.value.message and "max_workers_per_model" in info.value.message
+    cfg = parse_model_config({}, default_workers=100, worker_cap=8)  # default_workers_per_model above the cap
+    assert (cfg.min_workers, cfg.max_workers) == (8, 100)
 
 
 # --- in process: starting workers --------------------------------------------------------
@@ -316,7 +435,7 @@ async def test_concurrent_scale_ups_together_stay_within_the_cap(registry_of):
     assert len(mv.instances) == 6 and all(i.status == "READY" for i in mv.instances)
     with pytest.raises(OspreyError) as info:
         reg.plan_scale("mlp", None, 7, None)
-    assert "at most 6" in info.value.message
+    assert "min_worker" in info.value.message and "to 6 (the server's max_workers_per_model)" in info.value.message
 
 
 # --- in process: the batcher always gets its instance back -------------------------------
@@ -343,6 +462,13 @@ class Instance:
         self.status = "STOPPED"
 
 
+class Broken(Instance):
+    """Every handoff raises (a broken instance that stays broken)."""
+
+    def submit(self, batches, loop, on_done):
+        raise RuntimeError("instance thread is gone")
+
+
 def _req(i: int, deadline: float | None = None) -> InferenceRequest:
     r = InferenceRequest(model="m", version="1", request_id=f"r{i}", deadline=deadline)
     r.timings.received = time.monotonic()
@@ -362,24 +488,49 @@ async def test_a_deadline_that_is_no_time_is_refused_and_the_instance_stays_free
     with pytest.raises(OspreyError) as info:
         b.submit(_req(0, deadline))
     assert info.value.kind is ErrorKind.BAD_INPUT and "deadline" in info.value.message
-    assert b.pending == 0 and b.busy == set() and b.idle == [inst]
+    assert b.pending == 0
     fut = b.submit(_req(1, time.monotonic() + 5))
     inst.finish()
-    assert (await fut).body == b"r1" and b.idle == [inst] and b.in_flight == 0
+    assert (await fut).body == b"r1"
 
 
-async def test_a_handoff_that_raises_answers_only_its_requests_and_returns_the_instance():
-    b, inst = _batcher()
-    inst.refuse = RuntimeError("instance thread is gone")
-    first = b.submit(_req(0, time.monotonic() + 5))
-    assert first.done()
+async def test_a_handoff_that_raises_fails_only_its_batch_and_retires_that_instance():
+    """An instance whose handoff raises (for ever, say) is stopped and gets no more batches;
+    its batch gets a generic error, the other instance serves what comes next."""
+    b, good = _batcher()
+    first = b.submit(_req(0, time.monotonic() + 5))  # holds the good instance
+    broken = Broken()
+    b.add_instance(broken)
+    second = b.submit(_req(1, time.monotonic() + 5))  # goes to the broken one
+    assert second.done()
     with pytest.raises(OspreyError) as info:
-        first.result()
-    assert info.value.kind is ErrorKind.INTERNAL and "instance thread is gone" in info.value.message
-    assert b.busy == set() and b.idle == [inst] and b.in_flight == 0
-    second = b.submit(_req(1, time.monotonic() + 5))
-    inst.finish()
-    assert (await second).body == b"r1" and b.idle == [inst]
+        second.result()
+    assert info.value.kind is ErrorKind.INTERNAL and "could not hand the batch to an instance" in info.value.message
+    assert "instance thread is gone" not in info.value.message and broken.status == "STOPPED"
+    later = [b.submit(_req(i, time.monotonic() + 5)) for i in (2, 3)]
+    good.finish()
+    assert (await first).body == b"r0"
+    good.finish()
+    assert [(await f).body for f in later] == [b"r2", b"r3"]
+
+
+async def test_the_last_instance_failing_its_handoff_leaves_nothing_waiting():
+    """Requests queued behind a failed handoff of the only instance are answered at once
+    (503), not left to their deadline; new ones are refused until a worker is added."""
+    b, inst = _batcher()
+    first = b.submit(_req(0, time.monotonic() + 60))
+    queued = [b.submit(_req(i, time.monotonic() + 60)) for i in range(1, 7)]  # batch 4: two batches wait
+    inst.refuse = RuntimeError("instance thread is gone")
+    inst.finish()  # the next handoff raises
+    assert (await first).body == b"r0"
+    kinds = []
+    for f in queued:
+        assert f.done()
+        kinds.append(f.exception().kind)
+    assert kinds == [ErrorKind.INTERNAL] * 4 + [ErrorKind.UNAVAILABLE] * 2
+    with pytest.raises(OspreyError) as info:
+        b.submit(_req(7, time.monotonic() + 5))
+    assert info.value.kind is ErrorKind.UNAVAILABLE
 
 
 async def test_a_failing_batch_observer_does_not_keep_the_instance_busy():
@@ -389,7 +540,7 @@ async def test_a_failing_batch_observer_does_not_keep_the_instance_busy():
     b, inst = _batcher(on_batch=observer)
     first = b.submit(_req(0))
     inst.finish()
-    assert (await first).body == b"r0" and b.idle == [inst] and b.busy == set()
+    assert (await first).body == b"r0"
     second = b.submit(_req(1))
     inst.finish()
     assert (await second).body == b"r1"

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..errors import ErrorKind, OspreyError
+from ..errors import ErrorKind, OspreyError, show
 from ..registry import Registry
 from .asgi import Request, Response, Router, json_response
 
@@ -28,18 +28,13 @@ def _params(req: Request) -> dict[str, Any]:
     return params
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _str(params: dict, key: str) -> str | None:
     """A text parameter; a JSON body may not give a number, list or object instead."""
     value = params.get(key)
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a string, got {_show(value)}")
+        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a string, got {show(value)}")
     return value
 
 
@@ -57,7 +52,7 @@ def _int(params: dict, key: str, default: int | None = None) -> int | None:
             return int(value.strip())
         except ValueError:
             pass
-    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {_show(value)}")
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {show(value)}")
 
 
 def _float(params: dict, key: str) -> float | None:
@@ -72,7 +67,7 @@ def _float(params: dict, key: str) -> float | None:
     except (TypeError, ValueError, OverflowError):
         out = None
     if out is None or out != out or out in (float("inf"), float("-inf")):
-        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a finite number, got {_show(value)}")
+        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a finite number, got {show(value)}")
     return out
 
 
