@@ -21,9 +21,15 @@ Bad input never fails the good requests of a batch: a request whose examples can
 read gets its own 400 and the rest of the batch runs without it. A model with a batch
 limit (``handler.max_examples`` in model-config.yaml, or the upper bound of a ``torch.export``
 program's dynamic batch dimension) takes at most that many examples per request (more is a
-400 naming the limit) and a batch holding more runs in chunks of at most that many. A
-request whose outputs are not finite (NaN or infinity: inputs far outside the range the
-model handles) gets a 400 saying so instead of an answer of nulls.
+400 naming the limit) and a batch holding more runs in chunks of at most that many.
+
+Inputs are checked finite (and within float32) before they reach the model, so an output
+holding NaN -- or infinity, in an output not named in ``infinite_ok`` (a log-probability
+may legitimately be -inf) -- is the model's fault (NaN weights after a diverged retrain,
+an overflow inside it): the requests whose rows hold it get a 503 "model produced
+non-finite output for ..." (a server fault that error-rate alerts see) instead of an
+answer of nulls, and the handler logs a warning. Each output of the batch is checked once
+(one reduction); rows are looked at only when that check fails.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -39,6 +46,8 @@ import numpy as np
 
 from ..base import BaseHandler, body_of
 from ..errors import InvalidInput, PredictionException
+
+log = logging.getLogger("osprey.handlers")
 
 __all__ = ["BuiltinHandler", "payload_bytes", "parse_json", "numeric_tensor", "float_tensor", "oip_datatype", "exported_batch_limit",
            "read_json", "read_labels", "topk_labels", "tensor"]
@@ -86,15 +95,22 @@ def numeric_tensor(name: str, arr: Any, datatype: str = "FP32") -> np.ndarray:
     return arr
 
 
-def float_tensor(name: str, arr: Any, datatype: str = "FP32") -> np.ndarray:
+def float_tensor(name: str, arr: Any, datatype: str = "FP32", limit: float | None = None) -> np.ndarray:
     """A numeric input tensor as float32: BYTES (or other non-numbers) is a 400 naming the
-    expected datatype, values that are NaN or infinite in float32 a 400 naming the input."""
+    expected datatype, values that are NaN or infinite in float32 a 400 naming the input,
+    and so are values beyond +-``limit`` where one is given."""
     arr = numeric_tensor(name, arr, datatype)
     with np.errstate(over="ignore", invalid="ignore"):
         out = arr.astype(np.float32, copy=False)
-    if out.dtype.kind == "f" and not np.isfinite(out).all():
-        raise InvalidInput(f"input '{name}' holds values that are not finite numbers in float32 (NaN, infinity "
-                           f"or beyond +-3.4e38)")
+    if limit is None:
+        ok = np.isfinite(out).all()
+    else:  # one pass: NaN makes the maximum NaN, and NaN <= limit is False
+        ok = out.size == 0 or bool(np.abs(out).max() <= limit)
+    if not ok:
+        if not np.isfinite(out).all():
+            raise InvalidInput(f"input '{name}' holds values that are not finite numbers in float32 (NaN, infinity "
+                               f"or beyond +-3.4e38)")
+        raise InvalidInput(f"input '{name}' holds values beyond +-{limit:g}, outside the range the model takes")
     return out
 
 
@@ -193,6 +209,8 @@ class BuiltinHandler(BaseHandler):
     accepts_tensors = True
     #: what an example is called in messages ("records", "images", ...)
     example_noun = "examples"
+    #: outputs that may legitimately hold +-infinity (log-probabilities); NaN never may
+    infinite_ok: frozenset[str] = frozenset()
 
     def initialize(self, context: Any) -> None:
         super().initialize(context)
@@ -269,6 +287,30 @@ class BuiltinHandler(BaseHandler):
             return parts[0], prep, infer
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, prep, infer
 
+    def _faulty_rows(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Output name -> one flag per example: its row holds NaN (or an infinity the output
+        may not hold). Empty when every output is fine -- the usual case, one sum per output:
+        a finite sum means finite values; a sum that is not (NaN, infinity, or an overflow of
+        large finite values) sends that output to the exact, element-wise check."""
+        bad: dict[str, np.ndarray] = {}
+        for name, v in outputs.items():
+            if not isinstance(v, np.ndarray) or v.dtype.kind != "f" or v.size == 0:
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = v.sum()
+            if name in self.infinite_ok:
+                if not np.isnan(total):
+                    continue
+                flags = np.isnan(v)
+            else:
+                if np.isfinite(total):
+                    continue
+                flags = ~np.isfinite(v)
+            rows = flags.reshape(len(v), -1).any(axis=1)
+            if rows.any():
+                bad[name] = rows
+        return bad
+
     # --- the pipeline -----------------------------------------------------------------
     def handle(self, data: list[dict], context: Any) -> list:
         self.context = context
@@ -287,13 +329,18 @@ class BuiltinHandler(BaseHandler):
         t1 = time.perf_counter()
         outputs, prep, infer = self._run(examples) if examples else ({}, 0.0, 0.0)
         t2 = time.perf_counter()
+        faulty = self._faulty_rows(outputs)
+        if faulty:
+            name, rows = next(iter(faulty.items()))
+            log.warning("model %s produced non-finite output for %r in %d of %d %s (NaN weights?)",
+                        getattr(context, "model_name", "?"), name, int(rows.sum()), len(rows), self.example_noun)
         for idx, (start, count, is_tensors) in spans.items():
             part = {k: v[start:start + count] for k, v in outputs.items()}
-            bad = [k for k, v in part.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+            bad = [k for k, rows in faulty.items() if rows[start:start + count].any()] if faulty else None
             if bad:
-                results[idx] = self._reject(idx, InvalidInput(
-                    f"the model's {bad[0]} for this input is not finite (NaN or infinity): "
-                    "input values are outside the range the model handles"))
+                results[idx] = self._reject(idx, PredictionException(
+                    f"model produced non-finite output for {bad[0]!r} (NaN or infinity): the model is faulty "
+                    "(NaN weights?) or overflowed on this input", 503))
             elif is_tensors:
                 results[idx] = {"tensors": part}
             else:

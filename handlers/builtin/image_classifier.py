@@ -12,11 +12,13 @@ Pillow and torch only. Settings come from the ``handler:`` section of model-conf
       std: [0.229, 0.224, 0.225]
       invert: false        # 1 - x after scaling (dark ink on white paper)
       topk: 5
+      pixel_limit: 1000000 # preprocessed pixel tensors (OIP ``input``) must lie within +-this
 
 Labels come from ``index_to_name.json``. Open Inference Protocol: input ``image`` (BYTES,
 one encoded image per element) or ``input`` (FP32 pixels, already preprocessed: N x the
-transform's output shape, finite values -- anything else is a 400 naming the expected
-shape), output ``probabilities`` (FP32, one row of class probabilities per image).
+transform's output shape, finite values within +-``pixel_limit`` -- anything else is a 400
+naming the expected shape or the range), output ``probabilities`` (FP32, one row of class
+probabilities per image).
 """
 
 from __future__ import annotations
@@ -124,6 +126,10 @@ class ImageClassifier(BuiltinHandler):
         self.transform = ImageTransform(self.config)
         self.labels = read_labels(context.system_properties["model_dir"])
         self.topk = int(self.config.get("topk", 5))
+        limit = self.config.get("pixel_limit", 1e6)
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < float("inf"):
+            raise ValueError(f"model-config.yaml handler.pixel_limit must be a positive number, got {limit!r}")
+        self.pixel_limit = float(limit)
 
     def tensor_metadata(self) -> dict:
         n = len(self.labels) if self.labels else -1
@@ -145,7 +151,7 @@ class ImageClassifier(BuiltinHandler):
         if arr.ndim != len(want) + 1 or any(w != -1 and w != d for w, d in zip(want, arr.shape[1:])):
             shown = ", ".join("H" if i == 1 and w == -1 else "W" if w == -1 else str(w) for i, w in enumerate(want))
             raise InvalidInput(f"input '{name}' must be FP32 of shape [N, {shown}], got {list(arr.shape)}")
-        return list(float_tensor(name, arr))
+        return list(float_tensor(name, arr, limit=self.pixel_limit))
 
     def collate(self, examples: list) -> Any:
         import torch
