@@ -11,13 +11,12 @@ fails on its own assertion first.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
-
-__all__ = ["Gate", "wait_until", "pending"]
+__all__ = ["Gate", "wait_until", "pending", "hold"]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "the condition") -> None:
@@ -28,8 +27,21 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str =
         time.sleep(0.01)
 
 
+def hold(gate: str, limit: float = 60.0) -> None:
+    """In a test handler (in the server process): say the call has entered, then wait for
+    the gate to open; after ``limit`` seconds fail loudly, since a test waited in vain."""
+    open(gate + ".entered", "w").close()
+    end = time.monotonic() + limit
+    while not os.path.exists(gate):
+        if time.monotonic() > end:
+            raise RuntimeError("gate never opened")
+        time.sleep(0.002)
+
+
 def pending(srv, model: str) -> int:
     """Requests accepted and waiting in the model's queue (TorchServe's describe API)."""
+    import httpx
+
     return httpx.get(f"{srv.management}/models/{model}", timeout=30).json()[0]["jobQueueStatus"]["pendingRequests"]
 
 

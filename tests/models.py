@@ -47,12 +47,8 @@ class Recorder:
             if isinstance(body, dict) and body.get("fail"):
                 raise ValueError("asked to fail")
             if isinstance(body, dict) and body.get("gate"):
-                open(body["gate"] + ".entered", "w").close()
-                end = time.monotonic() + 60
-                while not os.path.exists(body["gate"]):
-                    if time.monotonic() > end:  # fail loudly: a test waited for something that never came
-                        raise RuntimeError("gate never opened")
-                    time.sleep(0.002)
+                from tests.gates import hold
+                hold(body["gate"])
             if isinstance(body, dict) and body.get("sleep"):
                 time.sleep(body["sleep"])
             if isinstance(body, dict) and body.get("status"):

@@ -41,8 +41,6 @@ DEEP = b"[" * 10_000 + b"]" * 10_000  # deeper than any JSON parser's nesting li
 # The built-in tabular handler, except that a request {"gate": PATH} alone in its batch holds
 # the instance until PATH exists (tests/gates.py): what queues meanwhile leaves as one batch.
 GATED_TABULAR = """
-import os, time
-
 from handlers.base import body_of
 from handlers.builtin.common import parse_json
 from handlers.builtin.tabular import TabularHandler
@@ -55,12 +53,8 @@ class GatedTabular(TabularHandler):
             if isinstance(body, (bytes, bytearray)) and body.startswith(b'{"gate"'):
                 body = parse_json(body)
             if isinstance(body, dict) and "gate" in body:
-                open(body["gate"] + ".entered", "w").close()
-                end = time.monotonic() + 60
-                while not os.path.exists(body["gate"]):
-                    if time.monotonic() > end:
-                        raise RuntimeError("gate never opened")
-                    time.sleep(0.002)
+                from tests.gates import hold
+                hold(body["gate"])
                 return ["opened"]
         return super().handle(data, context)
 """
