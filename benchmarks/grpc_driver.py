@@ -44,10 +44,10 @@ def _parse_input(spec: str) -> tuple[str, str, list[int]]:
 def _request(args):
     """(stub method name, request message) for the chosen API."""
     if args.api == "torchserve":
-        from server.grpc.generated import inference_pb2 as pb
+        from server.protocols.grpc.generated import inference_pb2 as pb
 
         return "Predictions", pb.PredictionsRequest(model_name=args.model, input={"body": args.body.encode()})
-    from server.grpc.generated import grpc_service_pb2 as pb
+    from server.protocols.grpc.generated import grpc_service_pb2 as pb
 
     if args.api == "live":
         return "ServerLive", pb.ServerLiveRequest()
@@ -93,11 +93,11 @@ async def _run_process(args, clients: int, requests: int | None, out) -> None:
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
     async with grpc.aio.insecure_channel(args.target) as channel:
         if args.api == "torchserve":
-            from server.grpc.generated import inference_pb2_grpc as pb_grpc
+            from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
 
             stub = pb_grpc.InferenceAPIsServiceStub(channel)
         else:
-            from server.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+            from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
         call = getattr(stub, method)

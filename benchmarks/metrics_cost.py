@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from monitoring.metrics import ServingMetrics  # noqa: E402
-from server.types import InferenceRequest, InferenceResponse  # noqa: E402
+from server.core.types import InferenceRequest, InferenceResponse  # noqa: E402
 from tests.conftest import OspreyProcess  # noqa: E402
 from tests.models import mlp_archive  # noqa: E402
 

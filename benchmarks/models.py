@@ -130,7 +130,7 @@ def _write_config(work: Path, config: dict) -> Path:
 
 
 def _archive(store: Path, work: Path, name: str, handler_src: str, weights: Path, config: dict) -> Path:
-    from server.archive import write_archive
+    from server.core.archive import write_archive
 
     work.mkdir(parents=True, exist_ok=True)
     handler = work / f"{name}_handler.py"
@@ -262,7 +262,7 @@ def _build_digits(store: Path, work: Path, log: list[str]) -> list[BenchModel]:
                 (src / name).write_bytes(zf.read(name))
     handler = src / "digits_handler.py"
     handler.write_text(DIGITS_HANDLER)
-    from server.archive import write_archive
+    from server.core.archive import write_archive
 
     extras = [str(p) for p in sorted(src.iterdir()) if p.name not in (manifest["serializedFile"], handler.name,
                                                                       manifest.get("configFile", ""))]

@@ -95,7 +95,7 @@ def package_example(*, name: str, out: Path, work: Path, handler: str, serialize
                     model_file: Path | None = None, extra_files: list[Path] = (), config: dict | None = None,
                     metrics: dict, training: dict, version: str = "1.0") -> Path:
     """Write ``out/<name>.mar`` (with training.json) and ``out/<name>.metrics.json``."""
-    from server.archive import write_archive
+    from server.core.archive import write_archive
 
     extras = list(extra_files)
     training_path = work / "training.json"

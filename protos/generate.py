@@ -1,4 +1,4 @@
-"""Generate the Python gRPC code for Osprey's protos into ``server/grpc/generated``.
+"""Generate the Python gRPC code for Osprey's protos into ``server/protocols/grpc/generated``.
 
 Run from anywhere, after editing a .proto file (needs ``grpcio-tools`` and
 ``googleapis-common-protos``, both in the ``test`` extra)::
@@ -21,7 +21,7 @@ from pathlib import Path
 __all__ = ["generate", "PROTOS"]
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "server" / "grpc" / "generated"
+OUT = HERE.parent / "server" / "protocols" / "grpc" / "generated"
 PROTOS = ("inference.proto", "management.proto", "grpc_service.proto")
 _VERSION_GUARD = re.compile(r"^_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:    .*\n)*?\)\n", re.M)
 _GRPC_GUARD = re.compile(r"^GRPC_GENERATED_VERSION = .*?\n\n\n(?=class )", re.M | re.S)

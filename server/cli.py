@@ -60,7 +60,7 @@ def _examples_parser(sub) -> None:
 
 
 def _settings_from(args):
-    from .settings import load_settings
+    from server.settings import load_settings
 
     overrides = {
         "model_store": args.model_store,
@@ -112,7 +112,7 @@ def cmd_serve(args) -> int:
         return _serve_background(args, settings)
     logging.basicConfig(level=args.log_level.upper(), filename=args.log_file,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .serve import parse_model_specs, run
+    from server.serve import parse_model_specs, run
 
     specs = list(args.models) or list(settings.load_models)
     models = parse_model_specs(specs, settings.model_store)
@@ -164,7 +164,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from .archive import write_archive
+    from server.core.archive import write_archive
 
     try:
         path = write_archive(model_name=args.model_name, version=args.version, handler=args.handler,

@@ -19,18 +19,19 @@ import uvicorn
 
 from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 
-from . import heap
-from .access_log import AccessLog
-from .auth import Keys
-from .dataplane import DataPlane
-from .errors import OspreyError
-from .registry import Registry
-from .rest.http_protocol import http_protocol
-from .rest.asgi import Request, Response, Router
-from .rest.inference import add_inference_routes
-from .rest.management import add_management_routes
-from .rest.v2 import add_v2_routes
-from .settings import Settings, parse_address
+from server.core import heap
+from monitoring.access_log import AccessLog
+from server.protocols.auth import Keys
+from server.core.dataplane import DataPlane
+from server.core.errors import OspreyError
+from server.core.registry import Registry
+from server.instances import thread_factory
+from server.protocols.rest.http_protocol import http_protocol
+from server.protocols.rest.asgi import Request, Response, Router
+from server.protocols.rest.inference import add_inference_routes
+from server.protocols.rest.management import add_management_routes
+from server.protocols.rest.v2 import add_v2_routes
+from server.settings import Settings, parse_address
 
 __all__ = ["Server", "run", "parse_model_specs"]
 
@@ -62,7 +63,7 @@ class Server:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
-        self.registry = Registry(settings, self.loop, metrics_sink=self.metrics.handler_metric,
+        self.registry = Registry(settings, self.loop, thread_factory(self.metrics.handler_metric),
                                  on_batch=self.metrics.observe_batch if settings.request_metrics else None)
         self.metrics.watch(self.registry)
         self.access_log = AccessLog.from_settings(settings, self.loop)
@@ -112,7 +113,7 @@ class Server:
             self._servers.append(server)
         if s.enable_grpc:
             try:
-                from .grpc.server import start_grpc  # added by the gRPC front end
+                from server.protocols.grpc.server import start_grpc  # added by the gRPC front end
             except ImportError:
                 start_grpc = None
             if start_grpc is not None:

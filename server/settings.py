@@ -182,7 +182,7 @@ def load_settings(
     settings = Settings(**values)
     for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
         parse_address(addr)
-    from .access_log import parse_access_log
+    from monitoring.access_log import parse_access_log
 
     parse_access_log(settings.access_log)
     for name in ("metric_buckets", "latency_objectives"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from server.archive import write_archive
+from server.core.archive import write_archive
 
 __all__ = ["make_mlp", "mlp_archive", "handler_archive", "MLP_HANDLER", "RECORDING_HANDLER"]
 

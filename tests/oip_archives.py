@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from server.archive import write_archive
+from server.core.archive import write_archive
 
 from .models import make_mlp
 

@@ -12,7 +12,7 @@ try:
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc as pb_grpc
 except ImportError:
-    from server.grpc.generated import grpc_service_pb2 as pb
-    from server.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+    from server.protocols.grpc.generated import grpc_service_pb2 as pb
+    from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 
 __all__ = ["pb", "pb_grpc"]

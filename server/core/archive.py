@@ -1,0 +1,295 @@
+"""Model archives: TorchServe ``.mar`` (zip), ``.tar.gz`` and unpacked folders.
+
+Reading is safe: no member may escape the target folder (absolute paths, ``..``, links),
+and the total extracted size and member count are capped. A bad archive raises
+:class:`~server.errors.OspreyError` (BAD_INPUT) with a message naming what is wrong.
+Writing produces archives that TorchServe 0.12 loads as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from server.core.errors import ErrorKind, OspreyError
+
+__all__ = ["ModelArchive", "open_archive", "write_archive", "ARCHIVER_VERSION", "MANIFEST_PATH"]
+
+MANIFEST_PATH = "MAR-INF/MANIFEST.json"
+ARCHIVER_VERSION = "0.12.0"
+MAX_MEMBERS = 100_000
+
+
+def _bad(source: str, why: str) -> OspreyError:
+    return OspreyError(ErrorKind.BAD_INPUT, f"Invalid model archive {source}: {why}")
+
+
+@dataclass
+class ModelArchive:
+    """An archive opened into a folder (``model_dir``) with its manifest and config."""
+
+    source: str
+    model_dir: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    owns_dir: bool = False  # True when model_dir is a temporary extraction to delete
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.manifest.get("model", {})
+
+    @property
+    def name(self) -> str:
+        return self.model.get("modelName", "")
+
+    @property
+    def version(self) -> str:
+        return str(self.model.get("modelVersion") or "1.0")
+
+    @property
+    def handler(self) -> str:
+        return self.model.get("handler", "")
+
+    def cleanup(self) -> None:
+        if self.owns_dir:
+            shutil.rmtree(self.model_dir, ignore_errors=True)
+
+
+def _check_member(source: str, name: str) -> PurePosixPath:
+    p = PurePosixPath(name.replace("\\", "/"))
+    if p.is_absolute() or name.startswith(("/", "\\")) or (p.parts and ":" in p.parts[0]):
+        raise _bad(source, f"member {name!r} has an absolute path")
+    if ".." in p.parts:
+        raise _bad(source, f"member {name!r} would escape the target folder")
+    return p
+
+
+def _extract_zip(source: str, path: Path, dest: Path, max_size: int) -> None:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise _bad(source, f"not a readable zip file ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_MEMBERS:
+            raise _bad(source, f"more than {MAX_MEMBERS} members")
+        total = 0
+        for info in infos:
+            _check_member(source, info.filename)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise _bad(source, f"member {info.filename!r} is a symbolic link")
+            total += info.file_size
+            if total > max_size:
+                raise _bad(source, f"extracts to more than the {max_size} bytes allowed")
+        written = 0
+        for info in infos:
+            target = dest / _check_member(source, info.filename)
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > max_size:  # sizes in the header may lie
+                            raise _bad(source, f"extracts to more than the {max_size} bytes allowed")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise _bad(source, f"member {info.filename!r} is corrupt ({exc})") from None
+
+
+def _extract_tar(source: str, path: Path, dest: Path, max_size: int) -> None:
+    try:
+        tf = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError) as exc:
+        raise _bad(source, f"not a readable tar.gz file ({exc})") from None
+    with tf:
+        total = 0
+        members = []
+        try:
+            for m in tf:
+                _check_member(source, m.name)
+                if not (m.isfile() or m.isdir()):
+                    raise _bad(source, f"member {m.name!r} is a link or special file")
+                total += m.size
+                if total > max_size:
+                    raise _bad(source, f"extracts to more than the {max_size} bytes allowed")
+                members.append(m)
+                if len(members) > MAX_MEMBERS:
+                    raise _bad(source, f"more than {MAX_MEMBERS} members")
+            for m in members:
+                target = dest / _check_member(source, m.name)
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(m)
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise _bad(source, f"corrupt tar data ({exc})") from None
+
+
+def _find_root(dest: Path) -> Path | None:
+    if (dest / MANIFEST_PATH).is_file():
+        return dest
+    subdirs = [p for p in dest.iterdir() if p.is_dir()]
+    if len(subdirs) == 1 and (subdirs[0] / MANIFEST_PATH).is_file():
+        return subdirs[0]  # tgz: name.tar.gz holds name/...
+    return None
+
+
+def _read_manifest(source: str, root: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((root / MANIFEST_PATH).read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(source, f"{MANIFEST_PATH} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("model"), dict):
+        raise _bad(source, f'{MANIFEST_PATH} has no "model" object')
+    model = manifest["model"]
+    if not model.get("modelName"):
+        raise _bad(source, f"{MANIFEST_PATH} names no modelName")
+    if not model.get("handler"):
+        raise _bad(source, f"{MANIFEST_PATH} names no handler")
+    for key in ("serializedFile", "modelFile", "configFile", "requirementsFile"):
+        name = model.get(key)
+        if name:
+            _check_member(source, name)
+            if not (root / name).exists():
+                raise _bad(source, f"{key} {name!r} named in the manifest is missing")
+    return manifest
+
+
+def _read_config(source: str, root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    name = manifest["model"].get("configFile")
+    if not name:
+        return {}
+    try:
+        config = yaml.safe_load((root / name).read_text("utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise _bad(source, f"{name} is not valid YAML ({exc})") from None
+    if not isinstance(config, dict):
+        raise _bad(source, f"{name} must be a mapping of settings")
+    return config
+
+
+def open_archive(path: str | os.PathLike, work_root: str | os.PathLike | None = None,
+                 max_size: int = 4 * 1024**3) -> ModelArchive:
+    """Open a .mar, .tar.gz/.tgz or folder archive; extract archives to a fresh folder."""
+    path = Path(path)
+    source = path.name
+    if not path.exists():
+        raise OspreyError(ErrorKind.NOT_FOUND, f"Model archive file not found: {path}")
+    if path.is_dir():
+        root = _find_root(path)
+        if root is None:
+            raise _bad(source, f"folder has no {MANIFEST_PATH}")
+        manifest = _read_manifest(source, root)
+        return ModelArchive(str(path), root, manifest, _read_config(source, root, manifest))
+    if work_root is not None:
+        Path(work_root).mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix="osprey-", dir=work_root))
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic.startswith(b"PK"):
+            _extract_zip(source, path, dest, max_size)
+        elif magic[:2] == b"\x1f\x8b" or path.name.endswith((".tar", ".tar.gz", ".tgz")):
+            _extract_tar(source, path, dest, max_size)
+        else:
+            raise _bad(source, "not a zip (.mar), tar.gz or folder archive")
+        root = _find_root(dest)
+        if root is None:
+            raise _bad(source, f"has no {MANIFEST_PATH}")
+        manifest = _read_manifest(source, root)
+        config = _read_config(source, root, manifest)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return ModelArchive(str(path), root, manifest, config, owns_dir=True)
+
+
+def _copy_into(src: Path, dest_dir: Path) -> str:
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist")
+    target = dest_dir / src.name
+    if src.is_dir():
+        shutil.copytree(src, target, dirs_exist_ok=True)
+    else:
+        shutil.copy2(src, target)
+    return src.name
+
+
+def write_archive(*, model_name: str, version: str = "1.0", handler: str,
+                  serialized_file: str | None = None, model_file: str | None = None,
+                  extra_files: list[str] | None = None, requirements_file: str | None = None,
+                  config_file: str | None = None, export_path: str = ".",
+                  archive_format: str = "default", force: bool = False) -> Path:
+    """Write an archive like torch-model-archiver 0.12 does; return its path."""
+    if not model_name or any(c in model_name for c in "/\\") or model_name.startswith("."):
+        raise ValueError(f"model name {model_name!r} must be a plain name")
+    if archive_format not in ("default", "zip", "tgz", "no-archive"):
+        raise ValueError(f"archive format {archive_format!r}: use default, tgz or no-archive")
+    export = Path(export_path)
+    export.mkdir(parents=True, exist_ok=True)
+    target = {"tgz": export / f"{model_name}.tar.gz", "no-archive": export / model_name}.get(
+        archive_format, export / f"{model_name}.mar")
+    if target.exists():
+        if not force:
+            raise FileExistsError(f"{target} already exists; use --force to overwrite it")
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+    with tempfile.TemporaryDirectory(prefix="osprey-pkg-") as tmp:
+        staging = Path(tmp) / model_name
+        staging.mkdir()
+        model: dict[str, Any] = {"modelName": model_name}
+        if serialized_file:
+            model["serializedFile"] = _copy_into(Path(serialized_file), staging)
+        handler_path, _, func = handler.partition(":")
+        if Path(handler_path).is_file():
+            model["handler"] = _copy_into(Path(handler_path), staging) + (f":{func}" if func else "")
+        elif handler_path.endswith(".py"):
+            raise FileNotFoundError(f"handler file {handler_path} does not exist")
+        else:
+            model["handler"] = handler  # a built-in handler name or module:function
+        if model_file:
+            model["modelFile"] = _copy_into(Path(model_file), staging)
+        model["modelVersion"] = version
+        for extra in extra_files or []:
+            _copy_into(Path(extra), staging)
+        if requirements_file:
+            model["requirementsFile"] = _copy_into(Path(requirements_file), staging)
+        if config_file:
+            model["configFile"] = _copy_into(Path(config_file), staging)
+        manifest = {
+            "createdOn": time.strftime("%d/%m/%Y %H:%M:%S"),
+            "runtime": "python",
+            "model": model,
+            "archiverVersion": ARCHIVER_VERSION,
+        }
+        (staging / "MAR-INF").mkdir()
+        (staging / MANIFEST_PATH).write_text(json.dumps(manifest, indent=2))
+
+        if archive_format == "no-archive":
+            shutil.copytree(staging, target)
+        elif archive_format == "tgz":
+            with tarfile.open(target, "w:gz") as tf:
+                tf.add(staging, arcname=model_name)
+        else:
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+                for file in sorted(staging.rglob("*")):
+                    if file.is_file():
+                        zf.write(file, file.relative_to(staging).as_posix())
+    return target

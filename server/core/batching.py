@@ -1,0 +1,300 @@
+"""Per-model-version dynamic batcher: bounded queue, deadlines, cancellation.
+
+Work-conserving: whenever an instance is idle and requests are queued, the queued requests
+leave at once as one batch of up to ``batch_size``. While every instance is busy, arrivals
+queue up and leave together. The only wait ever added is a short *hold*: when recent
+batches were much larger than what is queued now (a burst is in progress), an idle instance
+waits for more, at most ``min(max_batch_delay, recent batch time)`` after the oldest
+queued request arrived. At low load the hold never applies, so a lone request runs at once.
+
+Everything here runs on the event loop; instances run batches in their own threads and
+call back :meth:`Batcher._done` on the loop. Cancelled or expired requests are dropped
+before a batch is formed; a request's future is resolved once (set only if not done), so a
+caller that cancels never takes its batch-mates down with it.
+
+Nothing a request carries can jam the batcher: a deadline that is not a finite time is
+refused at :meth:`Batcher.submit`. If handing a batch to an instance raises, that instance
+is retired (stopped, never idle again, logged with the traceback) and only that batch's
+requests are answered, with a generic error; the other instances go on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from typing import Callable, Iterable
+
+from server.core.errors import ErrorKind, OspreyError
+from server.core.types import InferenceRequest
+
+__all__ = ["Batcher"]
+
+log = logging.getLogger("osprey.batching")
+
+SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
+BUNDLE_BUDGET_S = 0.001  # most work (seconds) one handoff to an instance may carry
+MAX_BUNDLE = 32  # most batches in one handoff
+
+
+class Batcher:
+    def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
+                 queue_size: int, loop: asyncio.AbstractEventLoop,
+                 on_batch: Callable[[list[InferenceRequest]], None] | None = None):
+        self.name, self.version = name, version
+        self.batch_size = max(1, int(batch_size))
+        self.max_batch_delay_s = max(0.0, float(max_batch_delay_s))
+        self.queue_size = max(1, int(queue_size))
+        self.loop = loop
+        self.queue: collections.deque[InferenceRequest] = collections.deque()
+        self.idle: list = []
+        self.busy: set = set()
+        self.in_flight = 0
+        self._retiring: set = set()
+        self._timer: asyncio.TimerHandle | None = None  # the hold
+        self._sweeper: asyncio.TimerHandle | None = None  # queued deadlines
+        self._batch_timers: dict[int, asyncio.TimerHandle] = {}  # running deadlines
+        self._ewma_batch = 1.0
+        self._ewma_exec = 0.0
+        self.on_batch = on_batch
+
+    # --- instances ------------------------------------------------------------------
+    @property
+    def instances(self) -> int:
+        return len(self.idle) + len(self.busy) - len(self._retiring)
+
+    def add_instance(self, inst) -> None:
+        self.idle.append(inst)
+        self._dispatch()
+
+    def remove_instances(self, count: int) -> list:
+        """Take ``count`` instances out of service; busy ones leave after their batch."""
+        removed = []
+        while count > 0 and self.idle:
+            removed.append(self.idle.pop())
+            count -= 1
+        for inst in list(self.busy):
+            if count <= 0:
+                break
+            if inst not in self._retiring:
+                self._retiring.add(inst)
+                removed.append(inst)
+                count -= 1
+        for inst in removed:
+            if inst not in self._retiring:
+                inst.stop()
+        return removed
+
+    def all_instances(self) -> Iterable:
+        return [*self.idle, *self.busy]
+
+    # --- requests -------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Requests waiting for an instance. Ones already answered (deadline passed, caller
+        gone) stay in the deque until a dispatch or a full queue drops them, uncounted here.
+        O(queue) — read by the describe API, the scrape and shutdown's drain, not per request."""
+        return sum(1 for r in self.queue if not r.future.done())
+
+    def submit(self, req: InferenceRequest) -> asyncio.Future:
+        if len(self.queue) >= self.queue_size:
+            self._purge()
+            if len(self.queue) >= self.queue_size:
+                raise OspreyError(ErrorKind.QUEUE_FULL,
+                                  f"Model \"{self.name}\" version {self.version}: job queue is full "
+                                  f"({self.queue_size} requests waiting); retry later", retry_after=1)
+        if self.instances <= 0:
+            raise OspreyError(ErrorKind.UNAVAILABLE,
+                              f"Model \"{self.name}\" version {self.version} has no worker to serve inference request. "
+                              "Please use scale workers API to add workers.")
+        if req.deadline is not None and not (isinstance(req.deadline, (int, float)) and math.isfinite(req.deadline)):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Request deadline must be a finite time, got {req.deadline!r} "
+                                                   "(check the request's 'timeout' and the model's responseTimeout)")
+        if req.deadline is not None and req.deadline <= time.monotonic():
+            raise OspreyError(ErrorKind.DEADLINE, "Request deadline passed before it could be queued")
+        fut = self.loop.create_future()
+        req.future = fut
+        self.queue.append(req)
+        if self.idle:
+            self._dispatch()
+        if self.queue and self._sweeper is None:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        return fut
+
+    # --- deadlines: one sweep timer for the queue, one timer per running batch ------
+    def _sweep(self) -> None:
+        """Answer queued requests whose deadline has passed (every SWEEP_INTERVAL while queued)."""
+        self._sweeper = None
+        now = time.monotonic()
+        for r in self.queue:
+            if r.deadline is not None and r.deadline <= now and not r.future.done():
+                r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out in the queue (deadline exceeded)"))
+        if self.queue:
+            self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _expire_running(self, batch: list[InferenceRequest]) -> None:
+        """Answer 504 to requests of a running batch whose deadline has passed; re-arm for the rest.
+
+        Loop timers may fire a little early (uvloop rounds to milliseconds), so a request
+        not yet due keeps a timer of its own batch rather than being forgotten.
+        """
+        now = time.monotonic()
+        pending = []
+        for r in batch:
+            if r.deadline is None or r.future.done():
+                continue
+            if r.deadline <= now + 0.0005:
+                r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out while running (deadline exceeded)"))
+            else:
+                pending.append(r.deadline)
+        if pending:
+            self._batch_timers[id(batch)] = self.loop.call_later(min(pending) - now, self._expire_running, batch)
+        else:
+            self._batch_timers.pop(id(batch), None)
+
+    def _purge(self) -> None:
+        self.queue = collections.deque(r for r in self.queue if not r.future.done())
+
+    # --- dispatch -------------------------------------------------------------------
+    def _hold(self, now: float) -> float:
+        """Seconds to keep waiting for more requests before sending a partial batch."""
+        queued = len(self.queue)
+        if queued >= self.batch_size or self.max_batch_delay_s <= 0 or self._ewma_batch < 2 * queued + 2:
+            return 0.0
+        limit = min(self.max_batch_delay_s, self._ewma_exec)
+        return self.queue[0].timings.received + limit - now
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(force=True)
+
+    def _bundle_limit(self) -> int:
+        """How many batches one handoff to an instance may carry.
+
+        Waking a thread and waking the loop back cost tens of microseconds each; when
+        batches are fast (tiny models, batchSize 1) an instance takes several queued
+        batches at once, runs them back to back and reports once. Only while no other
+        instance is idle, and never more than BUNDLE_BUDGET_S of work, so latency stays put.
+        """
+        if len(self.idle) > 1 or self._ewma_exec <= 0:
+            return 1
+        return max(1, min(MAX_BUNDLE, int(BUNDLE_BUDGET_S / self._ewma_exec)))
+
+    def _take(self, now: float) -> list[InferenceRequest]:
+        """Up to batch_size live requests from the head of the queue."""
+        batch: list[InferenceRequest] = []
+        queue = self.queue
+        while queue and len(batch) < self.batch_size:
+            r = queue.popleft()
+            fut = r.future
+            if fut.done():  # cancelled by its caller or expired
+                continue
+            if r.client is not None and r.client.disconnected:
+                fut.cancel()
+                continue
+            if r.deadline is not None and now >= r.deadline:
+                fut.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out in the queue (deadline exceeded)"))
+                continue
+            r.timings.dispatched = now
+            batch.append(r)
+        return batch
+
+    def _dispatch(self, force: bool = False) -> None:
+        while self.idle and self.queue:
+            now = time.monotonic()
+            if not force:
+                wait = self._hold(now)
+                if wait > 0:
+                    if self._timer is None:
+                        self._timer = self.loop.call_later(wait, self._on_timer)
+                    return
+            limit = self._bundle_limit()
+            batches = []
+            while self.queue and len(batches) < limit:
+                batch = self._take(now)
+                if batch:
+                    batches.append(batch)
+            if not batches:
+                continue
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            for batch in batches:
+                self._arm(batch, now)
+            inst = self.idle.pop()
+            self.busy.add(inst)
+            for batch in batches:
+                self.in_flight += len(batch)
+                self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
+            try:
+                inst.submit(batches, self.loop, self._done)
+            except Exception:  # the instance is broken: retire it, answer only these requests
+                log.exception("model %s version %s: handing a batch to instance %s failed; retiring the instance",
+                              self.name, self.version, getattr(inst, "id", "?"))
+                self.busy.discard(inst)
+                self._retiring.discard(inst)
+                inst.stop()
+                for batch in batches:
+                    self.in_flight -= len(batch)
+                    self._fail_batch(batch, OspreyError(
+                        ErrorKind.INTERNAL, f"Model \"{self.name}\" version {self.version}: could not hand the batch "
+                                            "to an instance; the server log has the details"))
+                if self.instances <= 0:  # that was the last one: queued requests would wait for nothing
+                    self.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{self.name}\" version {self.version} "
+                                                                     "has no worker left to serve inference requests"))
+
+    def _arm(self, batch: list[InferenceRequest], now: float) -> None:
+        """Start the running-deadline timer of ``batch`` (deadlines are finite: see submit)."""
+        deadlines = [r.deadline for r in batch if r.deadline is not None]
+        if deadlines:
+            self._batch_timers[id(batch)] = self.loop.call_later(min(deadlines) - now, self._expire_running, batch)
+
+    def _fail_batch(self, batch: list[InferenceRequest], error: OspreyError) -> None:
+        timer = self._batch_timers.pop(id(batch), None)
+        if timer is not None:
+            timer.cancel()
+        for r in batch:
+            if not r.future.done():
+                r.future.set_exception(error)
+
+    def _done(self, inst, batches: list[list[InferenceRequest]], outcomes: list[list]) -> None:
+        for batch, batch_outcomes in zip(batches, outcomes):
+            timer = self._batch_timers.pop(id(batch), None)
+            if timer is not None:
+                timer.cancel()
+            self.in_flight -= len(batch)
+            if batch and batch[0].timings.finished:
+                t = batch[0].timings
+                self._ewma_exec += 0.2 * ((t.finished - t.started) - self._ewma_exec)
+            for r, outcome in zip(batch, batch_outcomes):
+                fut = r.future
+                if not fut.done():
+                    if isinstance(outcome, OspreyError):
+                        fut.set_exception(outcome)
+                    else:
+                        fut.set_result(outcome)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(batch)
+                except Exception:  # an observer must never keep the instance busy
+                    log.exception("model %s version %s: batch observer failed", self.name, self.version)
+        self.busy.discard(inst)
+        if inst in self._retiring:
+            self._retiring.discard(inst)
+            inst.stop()
+        elif inst.status == "READY":
+            self.idle.append(inst)
+        self._dispatch()
+
+    def fail_all(self, error: OspreyError) -> None:
+        """Answer every queued request with ``error`` (model unloaded)."""
+        while self.queue:
+            fut = self.queue.popleft().future
+            if not fut.done():
+                fut.set_exception(error)
+        for timer in (self._timer, self._sweeper):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._sweeper = None

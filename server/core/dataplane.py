@@ -1,0 +1,79 @@
+"""The data plane: the only API the REST and gRPC front ends call.
+
+``infer`` puts a request on its model version's batcher and awaits its own answer.
+Deadlines, queueing and batching live in the batcher; what every request passes through
+once (metrics, access log, later capture for drift and feedback joins) is an *observer*:
+a callable ``(model_version | None, request, outcome)`` called when a request ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable
+
+from server.core.errors import ErrorKind, OspreyError
+from server.core.registry import ModelVersion, Registry
+from server.core.types import InferenceRequest, InferenceResponse
+
+__all__ = ["DataPlane", "Observer"]
+
+log = logging.getLogger("osprey.dataplane")
+
+Observer = Callable[[ModelVersion | None, InferenceRequest, Any], None]
+
+
+class DataPlane:
+    def __init__(self, registry: Registry, observers: Iterable[Observer] = ()):
+        self.registry = registry
+        self.observers: list[Observer] = list(observers)
+        self.started = True  # False while the startup models are loading
+
+    # --- inference ------------------------------------------------------------------
+    async def infer(self, req: InferenceRequest) -> InferenceResponse:
+        t = req.timings
+        if not t.received:
+            t.received = time.monotonic()
+        try:
+            mv = self.registry.get(req.model, req.version)
+        except OspreyError as exc:
+            self._notify(None, req, exc)
+            raise
+        limit = t.received + mv.config.response_timeout_s
+        if req.deadline is None or req.deadline > limit:
+            req.deadline = limit
+        try:
+            response = await mv.batcher.submit(req)
+        except OspreyError as exc:
+            self._notify(mv, req, exc)
+            raise
+        except BaseException:  # cancelled by the caller: never ran or its answer is dropped
+            self._notify(mv, req, OspreyError(ErrorKind.CANCELLED, "cancelled by the client"))
+            raise
+        response.model_version = mv.version
+        self._notify(mv, req, response)
+        return response
+
+    def _notify(self, mv: ModelVersion | None, req: InferenceRequest, outcome: Any) -> None:
+        for observer in self.observers:
+            try:
+                observer(mv, req, outcome)
+            except Exception:  # an observer must never fail a request
+                log.exception("observer %r failed", observer)
+
+    # --- health and metadata --------------------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def healthy(self) -> bool:
+        """TorchServe's /ping: every model has at least its minimum of ready instances."""
+        return self.started and all(mv.ready_instances >= mv.config.min_workers for mv in self.registry.all_versions())
+
+    def ready(self) -> bool:
+        return self.healthy()
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.registry.get(name, version).ready
+
+    def model(self, name: str, version: str | None = None) -> ModelVersion:
+        return self.registry.get(name, version)

@@ -1,0 +1,73 @@
+"""What the core needs of a model instance, and nothing of how it runs.
+
+An instance loads one model version and runs the batches the batcher hands it. The core
+(registry, batcher) knows instances only through :class:`Instance`; which kind runs (a
+thread in this process, a child process) is decided by the :data:`InstanceFactory` the
+server hands the registry. Implementations live in ``server/instances/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from server.core.archive import ModelArchive
+    from server.core.model_config import ModelConfig
+    from server.core.types import InferenceRequest
+
+__all__ = ["Instance", "InstanceFactory", "InstanceStatus", "DoneCallback"]
+
+
+class InstanceStatus(str, enum.Enum):
+    """An instance's state; the values are TorchServe's worker states where it has them."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# called on the loop once a handoff has run: (instance, batches, outcomes per batch)
+DoneCallback = Callable[["Instance", list, list], None]
+
+
+class Instance(Protocol):
+    id: str
+    index: int
+    gpu_id: int | None
+    status: InstanceStatus
+    start_time: float
+    error: str | None
+
+    def start(self) -> None:
+        """Begin loading (returns at once)."""
+
+    async def wait_loaded(self, timeout: float) -> None:
+        """Wait until loaded; raise OspreyError if it failed, was stopped or took too long."""
+
+    def submit(self, batches: list[list["InferenceRequest"]], loop: asyncio.AbstractEventLoop,
+               on_done: DoneCallback) -> None:
+        """Run ``batches`` one after another; call ``on_done`` on ``loop`` once with all outcomes."""
+
+    def stop(self) -> None:
+        """Stop after the batch it is running (if any); never serves again."""
+
+    @property
+    def ended(self) -> bool:
+        """Everything it held (threads, processes, the model) is gone."""
+
+    @property
+    def accepts_tensors(self) -> bool:
+        """Its handler takes protocol tensors as they are."""
+
+    def tensor_specs(self) -> tuple[list | None, list | None]:
+        """(inputs, outputs) the loaded handler declares, or None where it declares none."""
+
+
+# (model name, version, archive, config, instance index) -> a new, unstarted instance
+InstanceFactory = Callable[[str, str, "ModelArchive", "ModelConfig", int], Instance]

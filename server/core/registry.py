@@ -1,0 +1,481 @@
+"""Models by name and version: register, scale, set the default version, unregister.
+
+Each model version owns its archive, its typed config, its batcher and its instances.
+Requests name a model and optionally a version; without one they go to the default
+version, so a new version can be loaded under traffic and swapped in with
+:meth:`Registry.set_default` (the seam for hot swap after retraining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import time
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from server.core import heap
+from server.core.archive import ModelArchive, open_archive
+from server.core.batching import Batcher
+from server.core.errors import ErrorKind, OspreyError, show
+from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
+from server.core.instance import Instance, InstanceFactory
+from server.settings import Settings
+
+__all__ = ["ModelVersion", "Registry"]
+
+log = logging.getLogger("osprey.registry")
+
+RELEASE_WAIT_S = 600.0  # most time to wait for removed instances' threads before the heap is released anyway
+RELEASE_POLL_S = 0.1
+MAX_URL_CHARS = 4096  # longest model URL accepted (Linux paths are at most 4096 bytes)
+MAX_NAME_CHARS = 255  # longest model name (one file-name component)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+
+
+def _reason(exc: Exception) -> str:
+    """Why a path could not be used, without echoing the server's own folders."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+@dataclass
+class ModelVersion:
+    name: str
+    version: str
+    url: str
+    archive: ModelArchive
+    config: ModelConfig
+    batcher: Batcher
+    loaded_at_startup: bool = False
+    instances: list[Instance] = field(default_factory=list)
+    load_seconds: float = 0.0
+    created: float = field(default_factory=time.time)
+    scaling: asyncio.Lock = field(default_factory=asyncio.Lock)  # one scale at a time (the cap holds)
+
+    @property
+    def handler(self) -> str:
+        return self.archive.handler
+
+    @property
+    def ready(self) -> bool:
+        return any(i.status == "READY" for i in self.instances)
+
+    @property
+    def ready_instances(self) -> int:
+        return sum(i.status == "READY" for i in self.instances)
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return any(i.accepts_tensors for i in self.instances)
+
+
+@dataclass
+class _Model:
+    versions: dict[str, ModelVersion] = field(default_factory=dict)
+    default: str = ""
+
+
+def _version_key(v: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\-]", v))
+
+
+class Registry:
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop, instance_factory: InstanceFactory,
+                 on_batch: Callable[[ModelVersion, list], None] | None = None):
+        self.settings = settings
+        self.loop = loop
+        self.models: dict[str, _Model] = {}
+        self._new_instance = instance_factory
+        self._on_batch = on_batch
+        self._loading: dict[tuple[str, str], ModelVersion] = {}  # registering, not yet listed
+        self._tasks: set[asyncio.Task] = set()
+        self._retired_threads: list[Instance] = []
+        self.heap_settled = False  # set once startup models are loaded and the heap frozen
+        self._release_task: asyncio.Task | None = None
+        self.work_root = Path(settings.workdir) / ".osprey" / "models"
+
+    # --- lookups --------------------------------------------------------------------
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        model = self.models.get(name)
+        if model is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        if not version:
+            return model.versions[model.default]
+        mv = model.versions.get(version)
+        if mv is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model version: {version} does not exist for model: {name}",
+                              type_name="ModelVersionNotFoundException")
+        return mv
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        model = self.models.get(name)
+        if model is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        return sorted(model.versions.values(), key=lambda m: _version_key(m.version))
+
+    def default_version(self, name: str) -> str:
+        return self.get(name).version
+
+    def all_versions(self) -> list[ModelVersion]:
+        return [mv for m in self.models.values() for mv in m.versions.values()]
+
+    def list_page(self, limit: int, token: int) -> tuple[list[dict[str, str]], int | None]:
+        names = sorted(self.models)
+        page = names[token: token + limit]
+        items = [{"modelName": n, "modelUrl": self.get(n).url} for n in page]
+        nxt = token + limit if token + limit < len(names) else None
+        return items, nxt
+
+    # --- registration ---------------------------------------------------------------
+    @property
+    def max_workers(self) -> int:
+        """Most instances one model version may run (setting max_workers_per_model)."""
+        return max(1, self.settings.max_workers_per_model)
+
+    def _started_workers(self, key: str, value: Any) -> int:
+        """A count of workers to start (initial_workers, min_worker): at most the cap."""
+        return number("", key, value, maximum=self.max_workers, maximum_from="max_workers_per_model")
+
+    def _held(self, mv: ModelVersion) -> bool:
+        """The registry still holds ``mv`` (listed, or being registered): not unregistered."""
+        model = self.models.get(mv.name)
+        listed = model is not None and model.versions.get(mv.version) is mv
+        return listed or self._loading.get((mv.name, mv.version)) is mv
+
+    def _unregistered(self, mv: ModelVersion) -> OspreyError:
+        return OspreyError(ErrorKind.NOT_FOUND, f"Model {mv.name} version {mv.version} was unregistered "
+                                                "while its workers were starting")
+
+    def resolve_url(self, url: str) -> Path:
+        """An archive in the model store (by file name), or a file:// path allowed by allowed_urls."""
+        if not isinstance(url, str):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must be a string, got {type(url).__name__}")
+        if "\x00" in url:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must not contain a NUL character: {show(url)}")
+        if len(url) > MAX_URL_CHARS:
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Parameter url is {len(url)} characters long; at most {MAX_URL_CHARS} are allowed")
+        if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model URL {url!r}: downloading archives is not supported; put the archive in the model store")
+        if url.lower().startswith("file://"):
+            if not any(re.fullmatch(p, url) for p in self.settings.allowed_urls):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {url!r} is not allowed by allowed_urls")
+            return Path(url[7:])
+        store = Path(self.settings.model_store).resolve()
+        try:
+            path = (store / url).resolve()
+        except (OSError, ValueError) as exc:  # e.g. a symlink loop
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} is not a usable path: {_reason(exc)}") from None
+        if store != path and store not in path.parents:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} points outside the model store")
+        return path
+
+    def _check_name(self, name: Any) -> str:
+        if not isinstance(name, str):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model name must be a string, got {type(name).__name__}")
+        if len(name) > MAX_NAME_CHARS:
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model name is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
+        if not _NAME.fullmatch(name):
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model name {show(name)} may hold only letters, digits, '_', '-' and '.'")
+        return name
+
+    async def register(self, url: str, *, model_name: str | None = None, handler: str | None = None,
+                       batch_size: int | None = None, max_batch_delay: float | None = None,
+                       initial_workers: int | None = None, response_timeout: float | None = None,
+                       startup_timeout: float | None = None, synchronous: bool = True,
+                       loaded_at_startup: bool = False) -> ModelVersion:
+        if not url:
+            raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
+        path = self.resolve_url(url)
+        if model_name is not None:
+            self._check_name(model_name)
+        if handler is not None and (not isinstance(handler, str) or "\x00" in handler or len(handler) > MAX_URL_CHARS):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter handler must be a module or file name, got {show(handler)}")
+        # the call's numbers, checked before any work and named as the caller named them
+        if batch_size is not None:
+            batch_size = number("", "batch_size", batch_size, minimum=1, maximum=LIMITS["batchSize"])
+        if max_batch_delay is not None:
+            max_batch_delay = number("", "max_batch_delay", max_batch_delay, float, maximum=LIMITS["maxBatchDelay"])
+        if response_timeout is not None:
+            response_timeout = number("", "response_timeout", response_timeout, float, minimum=0.001,
+                                      maximum=LIMITS["responseTimeout"])
+        if startup_timeout is not None:
+            startup_timeout = number("", "startup_timeout", startup_timeout, float, minimum=0.001,
+                                     maximum=LIMITS["startupTimeout"])
+        if initial_workers is not None:
+            initial_workers = self._started_workers("initial_workers", initial_workers)
+        try:
+            found = path.exists()
+        except (OSError, ValueError) as exc:  # e.g. a file name longer than the file system allows
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} is not a usable path: {_reason(exc)}") from None
+        if not found:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url if len(url) <= 200 else show(url)}")
+        archive = await self.loop.run_in_executor(
+            None, lambda: open_archive(path, self.work_root, self.settings.max_archive_size))
+        try:
+            name = self._check_name(model_name or archive.name)
+            if handler:
+                archive.manifest["model"]["handler"] = handler
+            version = archive.version
+            model = self.models.get(name)
+            if (model and version in model.versions) or (name, version) in self._loading:
+                raise OspreyError(ErrorKind.CONFLICT, f"Model version {version} is already registered for model {name}")
+            overrides = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay,
+                         "responseTimeout": response_timeout, "startupTimeout": startup_timeout}
+            source = f"{Path(url).name}: model-config"
+            if initial_workers is not None:
+                overrides["minWorkers"] = initial_workers
+                configured = archive.config.get("maxWorkers")
+                overrides["maxWorkers"] = initial_workers if configured is None else max(
+                    initial_workers, number(source, "maxWorkers", configured))
+            config = parse_model_config(
+                archive.config, overrides=overrides, default_workers=self.settings.default_workers_per_model,
+                default_response_timeout=self.settings.default_response_timeout,
+                default_queue_size=self.settings.job_queue_size, source=source, worker_cap=self.max_workers)
+        except BaseException:
+            archive.cleanup()
+            raise
+        batcher = Batcher(name, version, batch_size=config.batch_size,
+                          max_batch_delay_s=config.max_batch_delay_ms / 1000,
+                          queue_size=config.job_queue_size, loop=self.loop)
+        mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup)
+        if self._on_batch is not None:
+            batcher.on_batch = functools.partial(self._on_batch, mv)
+        self._loading[(name, version)] = mv
+        try:
+            if synchronous:
+                await self._start_instances(mv, config.min_workers)
+            else:
+                self._background(self._start_in_background(mv))
+        except BaseException:
+            self._loading.pop((name, version), None)
+            self._stop(mv)
+            raise
+        self._loading.pop((name, version), None)
+        model = self.models.setdefault(name, _Model())
+        model.versions[version] = mv
+        if not model.default:
+            model.default = version
+        log.info("registered model %s version %s (%d instances, batch %d)", name, version,
+                 len(mv.instances), config.batch_size)
+        return mv
+
+    def _background(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_in_background(self, mv: ModelVersion) -> None:
+        try:
+            async with mv.scaling:
+                if not self._held(mv):
+                    raise self._unregistered(mv)
+                await self._start_instances(mv, mv.config.min_workers)
+        except Exception as exc:
+            if not self._held(mv):  # unregistered while loading: nothing failed
+                log.info("model %s version %s was unregistered before it finished loading", mv.name, mv.version)
+                return
+            message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
+            log.error("model %s version %s failed to load: %s; unregistering it", mv.name, mv.version, message)
+            model = self.models.get(mv.name)
+            if model is not None and model.versions.get(mv.version) is mv:
+                await self.unregister(mv.name, mv.version, force=True)
+
+    async def _start_instances(self, mv: ModelVersion, count: int) -> None:
+        """Start ``count`` more instances (never past max_workers_per_model) and wait until
+        they load; if any fails to start or load, or ``mv`` is unregistered meanwhile, the
+        ones started here are stopped and removed again."""
+        t0 = time.monotonic()
+        live = sum(i.status in ("READY", "LOADING") for i in mv.instances)
+        count = min(count, self.max_workers - live)
+        new = []
+        try:
+            for _ in range(count):
+                index = len(mv.instances)
+                inst = self._new_instance(mv.name, mv.version, mv.archive, mv.config, index)
+                mv.instances.append(inst)
+                new.append(inst)
+                try:
+                    inst.start()
+                except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+                    raise OspreyError(ErrorKind.UNAVAILABLE, f"Model {mv.name} version {mv.version}: could not start "
+                                                             f"worker {len(new)} of {count} ({exc})") from None
+                await asyncio.sleep(0)  # let requests run between thread starts
+                if not self._held(mv):
+                    raise self._unregistered(mv)
+            await asyncio.gather(*(i.wait_loaded(mv.config.startup_timeout_s) for i in new))
+            if not self._held(mv):
+                raise self._unregistered(mv)
+        except BaseException as exc:
+            for inst in new:
+                inst.stop()
+                if inst in mv.instances:
+                    mv.instances.remove(inst)
+            if isinstance(exc, Exception) and not self._held(mv):  # stopped by unregister, not failed
+                raise self._unregistered(mv) from None
+            raise
+        for inst in new:
+            mv.batcher.add_instance(inst)
+        mv.load_seconds = time.monotonic() - t0
+        if self.heap_settled:  # startup loads are frozen once, all together, by serve
+            heap.freeze()
+
+    def plan_scale(self, name: str, version: str | None, min_worker: int | None,
+                   max_worker: int | None) -> tuple[ModelVersion, int, int]:
+        """Check a scale request; return the model version and its new (min, max)."""
+        mv = self.get(name, version)
+        lo = mv.config.min_workers if min_worker is None else self._started_workers("min_worker", min_worker)
+        hi = max(lo, mv.config.max_workers) if max_worker is None else number("", "max_worker", max_worker,
+                                                                              maximum=LIMITS["maxWorkers"])
+        if hi < lo:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"max_worker ({hi}) cannot be less than min_worker ({lo})")
+        return mv, lo, hi
+
+    async def scale(self, name: str, version: str | None, min_worker: int | None,
+                    max_worker: int | None) -> ModelVersion:
+        """Run ``min_worker`` instances (TorchServe starts the minimum; ``max_worker`` is only
+        recorded). Scale calls for one version run one after another, so together they never
+        pass max_workers_per_model; one that finds the version unregistered is NOT_FOUND."""
+        mv, lo, hi = self.plan_scale(name, version, min_worker, max_worker)
+        async with mv.scaling:
+            if not self._held(mv):
+                raise self._unregistered(mv)
+            mv.config = dataclasses.replace(mv.config, min_workers=lo, max_workers=hi)
+            live = [i for i in mv.instances if i.status in ("READY", "LOADING")]
+            if lo > len(live):
+                await self._start_instances(mv, lo - len(live))
+            elif lo < len(live):
+                removed = mv.batcher.remove_instances(len(live) - lo)
+                for inst in removed:
+                    if inst in mv.instances:
+                        mv.instances.remove(inst)
+                self._release_heap_after(removed)
+        return mv
+
+    def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
+                            max_worker: int | None) -> None:
+        """:meth:`scale` as a task (the API's synchronous=false); a failure is logged."""
+        async def run() -> None:
+            try:
+                await self.scale(name, version, min_worker, max_worker)
+            except Exception as exc:
+                message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, OspreyError) and exc.kind is ErrorKind.NOT_FOUND:  # unregistered meanwhile
+                    log.info("scaling model %s to %s workers stopped: %s", name, min_worker, message)
+                else:
+                    log.error("scaling model %s to %s workers failed: %s", name, min_worker, message)
+        self._background(run())
+
+    def set_default(self, name: str, version: str) -> None:
+        model = self.models.get(name)
+        if model is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        if version not in model.versions:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Model version {version} does not exist for model {name}",
+                              type_name="ModelVersionNotFoundException")
+        model.default = version
+
+    async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
+        mv = self.get(name, version)
+        model = self.models[name]
+        if mv.version == model.default and len(model.versions) > 1 and not force:
+            raise OspreyError(ErrorKind.FORBIDDEN, f"Cannot remove default version for model {name}")
+        del model.versions[mv.version]
+        if not model.versions:
+            del self.models[name]
+        elif model.default == mv.version:
+            model.default = max(model.versions, key=_version_key)
+        mv.batcher.fail_all(OspreyError(ErrorKind.NOT_FOUND, f"Model {name} version {mv.version} was unregistered"))
+        stopped = list(mv.instances)
+        self._stop(mv)
+        self._release_heap_after(stopped)
+        return mv
+
+    def _release_heap_after(self, instances: list) -> None:
+        """Once the threads of removed instances have ended (their last batch run, their
+        models dropped), give what they left in reference cycles back: one full collection.
+        Requests close together share one collection."""
+        self._retired_threads.extend(instances)
+        if self._release_task is None or self._release_task.done():
+            self._release_task = self.loop.create_task(self._release_heap())
+            self._tasks.add(self._release_task)
+            self._release_task.add_done_callback(self._tasks.discard)
+
+    async def _release_heap(self) -> None:
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
+            await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
+        self._retired_threads.clear()
+        heap.release()
+
+    def _stop(self, mv: ModelVersion) -> None:
+        for inst in mv.instances:
+            inst.stop()
+        mv.instances.clear()
+        mv.archive.cleanup()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until no request is queued or running (or ``timeout`` passes)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(not mv.batcher.pending and not mv.batcher.in_flight for mv in self.all_versions()):
+                return
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for mv in self.all_versions():
+            mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down"))
+            self._stop(mv)
+        self.models.clear()
+
+    # --- description ----------------------------------------------------------------
+    def describe(self, mv: ModelVersion) -> dict[str, Any]:
+        cfg = mv.config
+        pid = os.getpid()
+        workers = [{
+            "id": inst.id,
+            "startTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(inst.start_time)),
+            "status": "READY" if inst.status == "READY" else "UNLOADING" if inst.status == "STOPPED" else inst.status,
+            "memoryUsage": 0,
+            "pid": pid,
+            "gpu": inst.gpu_id is not None,
+            "gpuUsage": "N/A" if inst.gpu_id is None else f"gpuId::{inst.gpu_id}",
+        } for inst in mv.instances]
+        return {
+            "modelName": mv.name,
+            "modelVersion": mv.version,
+            "modelUrl": mv.url,
+            "runtime": mv.archive.manifest.get("runtime", "python"),
+            "minWorkers": cfg.min_workers,
+            "maxWorkers": cfg.max_workers,
+            "batchSize": cfg.batch_size,
+            "maxBatchDelay": int(cfg.max_batch_delay_ms) if float(cfg.max_batch_delay_ms).is_integer() else cfg.max_batch_delay_ms,
+            "responseTimeout": int(cfg.response_timeout_s) if float(cfg.response_timeout_s).is_integer() else cfg.response_timeout_s,
+            "startupTimeout": int(cfg.startup_timeout_s) if float(cfg.startup_timeout_s).is_integer() else cfg.startup_timeout_s,
+            "maxRetryTimeoutInSec": 300,
+            "clientTimeoutInMills": int(cfg.client_timeout_ms or 0),
+            "parallelType": "",
+            "parallelLevel": 0,
+            "deviceType": "gpu" if any(i.gpu_id is not None for i in mv.instances) else "cpu",
+            "continuousBatching": False,
+            "useJobTicket": False,
+            "useVenv": False,
+            "stateful": False,
+            "sequenceMaxIdleMSec": 0,
+            "sequenceTimeoutMSec": 0,
+            "maxNumSequence": 0,
+            "maxSequenceJobQueueSize": 0,
+            "loadedAtStartup": mv.loaded_at_startup,
+            "handler": mv.handler,
+            "workers": workers,
+            "jobQueueStatus": {"remainingCapacity": max(mv.batcher.queue_size - mv.batcher.pending, 0),
+                               "pendingRequests": mv.batcher.pending},
+        }

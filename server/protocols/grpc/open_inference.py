@@ -1,0 +1,261 @@
+"""The Open Inference Protocol's ``GRPCInferenceService`` (package ``inference``, port 7070).
+
+Health, metadata, ModelInfer, Triton's ModelStreamInfer (requests on one stream run
+concurrently and answer as they finish; an error travels as ``error_message``, with the
+request's ``id`` in ``infer_response``, and the stream stays open) and the repository
+calls. ``raw_input_contents`` are viewed with ``np.frombuffer``; outputs always go back as
+``raw_output_contents``. A client mistake is INVALID_ARGUMENT naming it; anything
+unexpected is INTERNAL with a logged traceback, never UNKNOWN or a missing answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from server.core.dataplane import DataPlane
+from server.core.errors import OspreyError
+from server.protocols.oip import (SERVER_METADATA, deadline_from, load_model, model_metadata, output_tensors, repository_index,
+                   tensor_specs, unload_model)
+from server.core.tensors import DTYPES, bad_input, decode_raw, element_count, encode_raw
+from server.core.types import InferenceRequest, InferenceResponse, next_request_id
+from server.protocols.grpc.generated import grpc_service_pb2 as pb
+from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+from server.protocols.grpc.status import abort, unexpected
+from server.protocols.grpc.streams import StreamSink
+from server.protocols.grpc.torchserve import deadline_of
+
+__all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response"]
+
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+_WIDE = {"int_contents": np.dtype(np.int32), "uint_contents": np.dtype(np.uint32)}  # what protobuf holds
+
+
+def _params(pmap) -> dict[str, Any] | None:
+    if not pmap:
+        return None
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in pmap.items() if v.WhichOneof("parameter_choice")}
+
+
+def _from_contents(inp) -> np.ndarray:
+    name, dt, shape = inp.name, inp.datatype, list(inp.shape)
+    field = _CONTENTS.get(dt)
+    if field is None:
+        raise bad_input(f"input '{name}': {dt} data must be sent in raw_input_contents" if dt in DTYPES
+                        else f"input '{name}': unknown datatype {dt!r}")
+    values = getattr(inp.contents, field)
+    count = element_count(name, shape)
+    if len(values) != count:
+        raise bad_input(f"input '{name}': shape {shape} needs {count} elements, contents hold {len(values)}")
+    if dt == "BYTES":
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    target = DTYPES[dt]
+    wide = _WIDE.get(field)
+    if wide is not None and target.itemsize < wide.itemsize:  # INT8/16 in int_contents, UINT8/16 in uint_contents
+        arr = np.array(values, dtype=wide)
+        info = np.iinfo(target)
+        if arr.size and (arr.min() < info.min or arr.max() > info.max):
+            raise bad_input(f"input '{name}': contents hold a value out of range for {dt} "
+                            f"({info.min}..{info.max}): {arr.min() if arr.min() < info.min else arr.max()}")
+        return arr.astype(target).reshape(shape)
+    return np.array(values, dtype=target).reshape(shape)
+
+
+def decode_inputs(request) -> tuple[dict[str, np.ndarray], dict | None]:
+    raw = request.raw_input_contents
+    inputs = request.inputs
+    if not inputs:
+        raise bad_input("the request needs at least one input")
+    if raw and len(raw) != len(inputs):
+        raise bad_input(f"raw_input_contents holds {len(raw)} entries for {len(inputs)} inputs")
+    tensors, meta = {}, None
+    for i, inp in enumerate(inputs):
+        if inp.name in tensors:
+            raise bad_input(f"input '{inp.name}' appears more than once in 'inputs'")
+        if "content_type" in inp.parameters and \
+                inp.parameters["content_type"].WhichOneof("parameter_choice") != "string_param":
+            raise bad_input(f"input '{inp.name}': parameter 'content_type' must be a string_param")
+        if raw:
+            tensors[inp.name] = decode_raw(inp.name, inp.datatype, list(inp.shape), raw[i])
+        else:
+            tensors[inp.name] = _from_contents(inp)
+        if inp.parameters:
+            meta = meta or {}
+            meta[inp.name] = _params(inp.parameters)
+    return tensors, meta
+
+
+def encode_response(request, version: str, outputs: list) -> pb.ModelInferResponse:
+    resp = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    raw = resp.raw_output_contents
+    for name, arr, dt in outputs:
+        out = resp.outputs.add()
+        out.name, out.datatype = name, dt
+        out.shape.extend(arr.shape)
+        raw.append(bytes(encode_raw(arr, dt)))
+    return resp
+
+
+class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, *, model_store: str, enable_model_api: bool):
+        self.dataplane = dataplane
+        self.registry = dataplane.registry
+        self.model_store = model_store
+        self.enable_model_api = enable_model_api
+
+    # --- health and metadata ----------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=self.dataplane.live())
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
+
+    async def ModelReady(self, request, context):
+        try:
+            return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None))
+        except OspreyError as err:
+            await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"ModelReady for model {request.name!r:.100}"))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(**SERVER_METADATA)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            meta = model_metadata(self.registry, request.name, request.version or None)
+        except OspreyError as err:
+            await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"ModelMetadata for model {request.name!r:.100}"))
+        resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+        for specs, target in ((meta["inputs"], resp.inputs), (meta["outputs"], resp.outputs)):
+            for s in specs:
+                target.add(name=s["name"], datatype=s["datatype"], shape=s["shape"])
+        return resp
+
+    # --- inference --------------------------------------------------------------------
+    def _core(self, request, context) -> InferenceRequest:
+        received = time.monotonic()
+        tensors, meta = decode_inputs(request)
+        deadline = deadline_of(context, received)
+        params = _params(request.parameters)
+        if params:
+            timeout = deadline_from(params, received)
+            if timeout is not None and (deadline is None or timeout < deadline):
+                deadline = timeout
+        core = InferenceRequest(model=request.model_name, version=request.model_version or None,
+                                request_id=request.id or next_request_id(), protocol="grpc-v2",
+                                tensors=tensors, tensor_meta=meta, deadline=deadline,
+                                outputs=[o.name for o in request.outputs] or None)
+        core.timings.received = received
+        return core
+
+    def _encode(self, request, out: InferenceResponse, requested) -> pb.ModelInferResponse:
+        mv = self.registry.get(request.model_name, out.model_version or request.model_version or None)
+        return encode_response(request, out.model_version, output_tensors(out, tensor_specs(mv)[1], requested))
+
+    async def ModelInfer(self, request, context):
+        try:
+            core = self._core(request, context)
+            out = await self.dataplane.infer(core)
+            return self._encode(request, out, core.outputs)
+        except OspreyError as err:
+            await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"ModelInfer for model {request.model_name!r:.100}"))
+
+    async def _stream_one(self, request, context, out: asyncio.Queue) -> None:
+        try:
+            core = self._core(request, context)
+            sink = StreamSink(asyncio.get_running_loop(), raw=True)
+            core.stream = sink
+            task = asyncio.ensure_future(self.dataplane.infer(core))
+            task.add_done_callback(sink.close)
+            try:
+                async for item in sink:  # intermediate responses (decoupled models)
+                    partial = InferenceResponse(tensors=item["tensors"]) if isinstance(item, dict) and "tensors" in item \
+                        else InferenceResponse(body=item if isinstance(item, (bytes, bytearray)) else str(item).encode(),
+                                               content_type="application/octet-stream")
+                    partial.model_version = self.registry.get(request.model_name, request.model_version or None).version
+                    out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(request, partial, core.outputs)))
+                result = task.result()
+            finally:
+                if not task.done():
+                    task.cancel()
+            out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(request, result, core.outputs)))
+        except OspreyError as err:
+            out.put_nowait(self._stream_error(request, err))
+        except Exception as exc:  # never a request on the stream without an answer
+            err = unexpected(exc, f"ModelStreamInfer for model {request.model_name!r:.100}")
+            out.put_nowait(self._stream_error(request, err))
+
+    @staticmethod
+    def _stream_error(request, err: OspreyError) -> pb.ModelStreamInferResponse:
+        """An error in band; the request's id (and model) tell the client which request failed."""
+        return pb.ModelStreamInferResponse(
+            error_message=err.message,
+            infer_response=pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                                 id=request.id))
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        out: asyncio.Queue = asyncio.Queue()
+        pending: set[asyncio.Task] = set()
+        end = object()
+
+        async def reader() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.ensure_future(self._stream_one(request, context, out))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+            finally:
+                out.put_nowait(end)
+
+        read = asyncio.ensure_future(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is end:
+                    break
+                yield item
+        finally:
+            read.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    # --- repository -------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        resp = pb.RepositoryIndexResponse()
+        for m in repository_index(self.registry, self.model_store):
+            if not request.ready or m["state"] == "READY":
+                resp.models.add(name=m["name"], version=m.get("version", ""), state=m["state"], reason=m["reason"])
+        return resp
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            await load_model(self.registry, self.model_store, request.model_name, self.enable_model_api)
+        except OspreyError as err:
+            await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"RepositoryModelLoad for model {request.model_name!r:.100}"))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await unload_model(self.registry, request.model_name, self.enable_model_api)
+        except OspreyError as err:
+            await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"RepositoryModelUnload for model {request.model_name!r:.100}"))
+        return pb.RepositoryModelUnloadResponse()

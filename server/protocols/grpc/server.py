@@ -1,0 +1,152 @@
+"""Start the gRPC listeners on the running event loop (called by ``serve.Server.start``).
+
+7070 serves TorchServe's ``InferenceAPIsService`` and the Open Inference Protocol's
+``GRPCInferenceService``; 7071 serves ``ManagementAPIsService``. Both carry standard
+health checking (``grpc.health.v1``: SERVING once the startup models are ready) and server
+reflection. With token auth on, every call but health and reflection needs metadata
+``authorization: Bearer <key>`` (the inference key on 7070, the management key on 7071).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.protocols.grpc.generated import management_pb2, management_pb2_grpc
+from server.protocols.grpc.management import ManagementServicer
+from server.protocols.grpc.open_inference import OpenInferenceServicer
+from server.protocols.grpc.torchserve import InferenceServicer
+
+__all__ = ["start_grpc", "TokenAuth"]
+
+log = logging.getLogger("osprey.grpc")
+
+_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_DENIED = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Checks ``authorization: Bearer <key>`` against the current key of one kind."""
+
+    def __init__(self, current_key: Callable[[], str]):
+        self.current_key = current_key
+
+    def _ok(self, metadata) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
+                return secrets.compare_digest(value[7:].strip(), self.current_key())
+        return False
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN) or self._ok(details.invocation_metadata):
+            return handler
+        return _denied(handler)
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+    async def unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+    async def streaming(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+class _Health(health.aio.HealthServicer):
+    """Answers from the data plane's readiness at the moment of each Check."""
+
+    def __init__(self, ready: Callable[[], bool], services: list[str]):
+        super().__init__()
+        self._ready = ready
+        self._services = set(services) | {""}
+
+    def status(self) -> int:
+        return health_pb2.HealthCheckResponse.SERVING if self._ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def Check(self, request, context):
+        if request.service not in self._services:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=self.status())
+
+    async def follow(self) -> None:
+        """Keep Watch subscribers current (polls readiness twice a second)."""
+        last = None
+        while True:
+            status = self.status()
+            if status != last:
+                for name in self._services:
+                    await self.set(name, status)
+                last = status
+            await asyncio.sleep(0.5)
+
+
+def _options(settings: Any) -> list[tuple[str, Any]]:
+    return [("grpc.max_receive_message_length", int(settings.max_request_size)),
+            ("grpc.max_send_message_length", int(settings.max_response_size)),
+            ("grpc.so_reuseport", 0)]
+
+
+async def _serve(bind: str, settings: Any, add: list[tuple[Callable, Any]], names: list[str],
+                 ready: Callable[[], bool], interceptors: list) -> tuple[grpc.aio.Server, asyncio.Task]:
+    server = grpc.aio.server(interceptors=interceptors or None, options=_options(settings))
+    for adder, servicer in add:
+        adder(servicer, server)
+    checker = _Health(ready, names)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    try:
+        bound = server.add_insecure_port(bind)
+    except RuntimeError:  # grpc >= 1.60 raises where older versions returned 0
+        bound = 0
+    if bound == 0:
+        await server.stop(None)
+        raise OSError(f"could not listen on {bind} (gRPC): address in use or not available")
+    await server.start()
+    return server, asyncio.get_running_loop().create_task(checker.follow())
+
+
+async def start_grpc(server: Any) -> list[grpc.aio.Server]:
+    """Start the inference and management gRPC servers of a ``serve.Server``."""
+    s, dp, keys = server.settings, server.dataplane, server.keys
+
+    def auth(kind: str) -> list:
+        return [TokenAuth(lambda: keys.keys[kind])] if keys is not None else []
+
+    inference_names = [inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name,
+                       grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+    management_names = [management_pb2.DESCRIPTOR.services_by_name["ManagementAPIsService"].full_name]
+    inference, t1 = await _serve(s.grpc_inference_bind, s, [
+        (inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, InferenceServicer(dp)),
+        (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+         OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api)),
+    ], inference_names, dp.ready, auth("inference"))
+    try:
+        management, t2 = await _serve(s.grpc_management_bind, s, [
+            (management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server,
+             ManagementServicer(dp.registry, enable_model_api=s.enable_model_api)),
+        ], management_names, dp.ready, auth("management"))
+    except OSError:
+        t1.cancel()
+        await inference.stop(None)
+        raise
+    inference._osprey_tasks = management._osprey_tasks = (t1, t2)  # kept alive with the servers
+    log.info("gRPC: inference %s, management %s", s.grpc_inference_bind, s.grpc_management_bind)
+    return [inference, management]

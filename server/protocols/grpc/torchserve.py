@@ -1,0 +1,101 @@
+"""TorchServe's gRPC inference API (``InferenceAPIsService``, port 7070).
+
+Ping, Predictions, StreamPredictions (intermediate responses the handler sends, then the
+final one) and StreamPredictions2 (a stream of requests answered in order, errors in
+band). Each call becomes an :class:`~server.types.InferenceRequest` for the data plane;
+the gRPC deadline becomes the request's deadline, and a cancelled call cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from google.rpc import status_pb2
+
+from server.core.dataplane import DataPlane
+from server.core.errors import OspreyError
+from server.core.types import Field, InferenceRequest, next_request_id
+from server.protocols.grpc.generated import inference_pb2 as pb
+from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
+from server.protocols.grpc.status import abort, grpc_code, unexpected
+from server.protocols.grpc.streams import StreamSink
+
+__all__ = ["InferenceServicer", "deadline_of"]
+
+def deadline_of(context, received: float) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else received + remaining
+
+
+def _headers(context) -> dict[str, str]:
+    md = context.invocation_metadata()
+    return {k: v for k, v in md if isinstance(v, str)} if md else {}
+
+
+class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    def _core(self, request, context) -> InferenceRequest:
+        received = time.monotonic()
+        core = InferenceRequest(model=request.model_name, version=request.model_version or None,
+                                request_id=next_request_id(), protocol="grpc",
+                                fields={k: Field(v) for k, v in request.input.items()},
+                                headers=_headers(context), deadline=deadline_of(context, received))
+        if request.HasField("sequence_id"):
+            core.headers["ts_request_sequence_id"] = request.sequence_id
+        core.timings.received = received
+        return core
+
+    async def Ping(self, request, context):
+        healthy = self.dataplane.healthy()
+        return pb.TorchServeHealthResponse(
+            health=orjson.dumps({"status": "Healthy" if healthy else "Unhealthy"}, option=orjson.OPT_INDENT_2).decode())
+
+    async def Predictions(self, request, context):
+        try:
+            out = await self.dataplane.infer(self._core(request, context))
+        except OspreyError as err:
+            await abort(context, err)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"Predictions for model {request.model_name!r:.100}"))
+        return pb.PredictionResponse(prediction=out.body)
+
+    async def StreamPredictions(self, request, context):
+        try:
+            core = self._core(request, context)
+        except Exception as exc:
+            await abort(context, unexpected(exc, f"StreamPredictions for model {request.model_name!r:.100}"))
+        sink = StreamSink(asyncio.get_running_loop())
+        core.stream = sink
+        task = asyncio.ensure_future(self.dataplane.infer(core))
+        task.add_done_callback(sink.close)
+        try:
+            async for chunk in sink:
+                yield pb.PredictionResponse(prediction=chunk)
+            try:
+                out = task.result()
+            except OspreyError as err:
+                await abort(context, err)
+            except Exception as exc:
+                await abort(context, unexpected(exc, f"StreamPredictions for model {request.model_name!r:.100}"))
+            yield pb.PredictionResponse(prediction=out.body)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def StreamPredictions2(self, request_iterator, context):
+        async for request in request_iterator:
+            reply = pb.PredictionResponse()
+            if request.HasField("sequence_id"):
+                reply.sequence_id = request.sequence_id
+            try:
+                out = await self.dataplane.infer(self._core(request, context))
+                reply.prediction = out.body
+            except Exception as exc:  # never a request on the stream without an answer
+                err = exc if isinstance(exc, OspreyError) else \
+                    unexpected(exc, f"StreamPredictions2 for model {request.model_name!r:.100}")
+                reply.status.CopyFrom(status_pb2.Status(code=grpc_code(err.status).value[0], message=err.message))
+            yield reply

@@ -1,0 +1,246 @@
+"""A small ASGI toolkit: routing, body reading with a size cap, auth, errors as JSON.
+
+Written for the hot path: a static-path dict and a short list of compiled patterns, no
+middleware stack, headers decoded once. Each route names its error style, so TorchServe
+routes answer ``{"code", "type", "message"}`` and Open Inference Protocol routes
+``{"error": ...}``. A request whose client went away while it was queued ends without
+an answer (there is no one to send it to) and without an error in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any, Awaitable, Callable
+from urllib.parse import parse_qs
+
+import orjson
+
+from server.core.errors import ErrorKind, OspreyError
+from server.core.types import next_request_id
+
+__all__ = ["Request", "Response", "Router", "json_response", "torchserve_error", "oip_error"]
+
+log = logging.getLogger("osprey.rest")
+
+
+class Request:
+    __slots__ = ("scope", "method", "path", "headers", "body", "params", "request_id",
+                 "_query", "_receive")
+
+    def __init__(self, scope: dict, receive: Callable, params: dict[str, str]):
+        self.scope = scope
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        self.headers: dict[str, str] = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        self.body = b""
+        self.params = params
+        self.request_id = next_request_id()
+        self._query: dict[str, str] | None = None
+        self._receive = receive
+
+    @property
+    def query(self) -> dict[str, str]:
+        if self._query is None:
+            qs = self.scope.get("query_string", b"")
+            self._query = {k: v[-1] for k, v in parse_qs(qs.decode("latin-1"), keep_blank_values=True).items()} if qs else {}
+        return self._query
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "")
+
+    def connection(self) -> Any:
+        """An object whose ``disconnected`` turns True when the client goes away, or None.
+
+        uvicorn's request cycle (the owner of ``receive``) is such an object; reading an
+        attribute is far cheaper than a task waiting on ``receive()`` for every request.
+        """
+        cycle = getattr(self._receive, "__self__", None)
+        return cycle if hasattr(cycle, "disconnected") else None
+
+
+class Response:
+    __slots__ = ("status", "body", "headers", "content_type")
+
+    def __init__(self, body: bytes = b"", status: int = 200, content_type: str = "application/json",
+                 headers: dict[str, str] | None = None):
+        self.body, self.status, self.content_type, self.headers = body, status, content_type, headers
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(obj, option=orjson.OPT_INDENT_2 if isinstance(obj, (dict, list)) else 0), status,
+                    "application/json", headers)
+
+
+def torchserve_error(err: OspreyError) -> Response:
+    return Response(orjson.dumps({"code": err.status, "type": err.type_name, "message": err.message}),
+                    err.status, "application/json", _retry_after(err))
+
+
+def oip_error(err: OspreyError) -> Response:
+    return Response(orjson.dumps({"error": err.message}), err.status, "application/json", _retry_after(err))
+
+
+def _retry_after(err: OspreyError) -> dict[str, str] | None:
+    return {"retry-after": str(max(1, int(err.retry_after)))} if err.retry_after else None
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+ErrorStyle = Callable[[OspreyError], Response]
+
+
+class Route:
+    __slots__ = ("methods", "handler", "errors", "auth", "max_body")
+
+    def __init__(self, methods: tuple[str, ...], handler: Handler, errors: ErrorStyle, auth: bool, max_body: int | None):
+        self.methods, self.handler, self.errors, self.auth, self.max_body = methods, handler, errors, auth, max_body
+
+
+def _compile(pattern: str) -> re.Pattern:
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)(:path)?\}", pattern):
+        out += re.escape(pattern[pos:m.start()])
+        out += f"(?P<{m.group(1)}>.+)" if m.group(2) else f"(?P<{m.group(1)}>[^/]+)"
+        pos = m.end()
+    return re.compile(out + re.escape(pattern[pos:]) + "$")
+
+
+class Router:
+    """An ASGI app: routes, auth, body limit, request ids and error bodies."""
+
+    def __init__(self, *, max_body: int, token: str | None = None, auth_status: int = 401,
+                 errors: ErrorStyle = torchserve_error):
+        self.max_body = max_body
+        self.token = token
+        self.auth_status = auth_status
+        self.default_errors = errors
+        self._static: dict[str, list[Route]] = {}
+        self._patterns: list[tuple[re.Pattern, Route]] = []
+        self.fallback_errors: list[tuple[str, ErrorStyle]] = []  # (path prefix, style) for 404/405
+
+    def add(self, methods: str | tuple[str, ...], pattern: str, handler: Handler, *,
+            errors: ErrorStyle | None = None, auth: bool = True, max_body: int | None = None) -> None:
+        methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        route = Route(methods, handler, errors or self.default_errors, auth, max_body)
+        if "{" in pattern:
+            self._patterns.append((_compile(pattern), route))
+        else:
+            self._static.setdefault(pattern, []).append(route)
+
+    def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
+        found = False
+        for route in self._static.get(path, ()):
+            found = True
+            if method in route.methods:
+                return route, {}, True
+        for regex, route in self._patterns:
+            m = regex.match(path)
+            if m:
+                found = True
+                if method in route.methods:
+                    return route, m.groupdict(), True
+        return None, {}, found
+
+    def _style_for(self, path: str) -> ErrorStyle:
+        for prefix, style in self.fallback_errors:
+            if path.startswith(prefix):
+                return style
+        return self.default_errors
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if kind != "http":
+            return
+        method = scope["method"]
+        path = scope["path"]
+        route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
+        req = Request(scope, receive, params)
+        try:
+            if route is None:
+                if path_known:
+                    raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
+                                      f"Requested method {method} is not allowed for {path}, please refer to API document.")
+                raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {path} is not found, please refer to API document.",
+                                  type_name="ResourceNotFoundException")
+            if route.auth and self.token is not None:
+                self._check_token(req)
+            if method in ("POST", "PUT", "PATCH", "DELETE"):
+                req.body = await self._read_body(req, receive, route.max_body or self.max_body)
+            response = await route.handler(req)
+        except asyncio.CancelledError:
+            conn = req.connection()
+            gone = conn is not None and conn.disconnected
+            # Python 3.11+ tells whether this task is being cancelled; on 3.10 a cancellation
+            # whose client is also gone is taken for a dropped request and ends quietly (at
+            # shutdown that only skips an answer nobody could receive)
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)
+            if cancelling() if cancelling is not None else not gone:
+                raise  # this task itself is being cancelled (shutdown)
+            # What the handler awaited was cancelled, not this task: the batcher drops a
+            # request whose client went away (the data plane counted it as cancelled).
+            if gone:
+                return  # nobody to answer
+            response = (route.errors if route is not None else self.default_errors)(
+                OspreyError(ErrorKind.CANCELLED, "the request was cancelled before it ran"))
+        except OspreyError as err:
+            style = route.errors if route is not None else self._style_for(path)
+            response = style(err)
+        except Exception:
+            log.exception("unhandled error for %s %s", method, path)
+            err = OspreyError(ErrorKind.INTERNAL, "Internal server error")
+            response = (route.errors if route is not None else self.default_errors)(err)
+        await self._send(send, req, response, method == "HEAD")
+
+    def _check_token(self, req: Request) -> None:
+        auth = req.headers.get("authorization", "")
+        if auth[:7].lower() != "bearer " or auth[7:].strip() != self.token:
+            raise OspreyError(ErrorKind.UNAUTHORIZED,
+                              "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+                              status=self.auth_status)
+
+    async def _read_body(self, req: Request, receive: Callable, limit: int) -> bytes:
+        length = req.headers.get("content-length")
+        if length is not None:
+            try:
+                if int(length) > limit:
+                    raise OspreyError(ErrorKind.TOO_LARGE, f"Request body of {length} bytes is larger than the {limit} bytes allowed (max_request_size)")
+            except ValueError:
+                raise OspreyError(ErrorKind.BAD_INPUT, "Content-Length is not a number") from None
+        msg = await receive()
+        body = msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+        parts = [body]
+        size = len(body)
+        while msg.get("more_body"):
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise OspreyError(ErrorKind.CANCELLED, "client disconnected")
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise OspreyError(ErrorKind.TOO_LARGE, f"Request body is larger than the {limit} bytes allowed (max_request_size)")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    @staticmethod
+    async def _send(send: Callable, req: Request, response: Response, head: bool) -> None:
+        body = response.body
+        headers = [(b"content-type", response.content_type.encode("latin-1")),
+                   (b"content-length", str(len(body)).encode()),
+                   (b"x-request-id", req.request_id.encode("latin-1"))]
+        if response.headers:
+            for k, v in response.headers.items():
+                headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if head else body})

@@ -1,0 +1,67 @@
+"""TorchServe's inference API (port 8080): /ping, /predictions, /explanations.
+
+Translates HTTP into an :class:`~server.types.InferenceRequest`, calls the data plane,
+and writes the answer back. Nothing else: queueing, batching and deadlines are the core's.
+"""
+
+from __future__ import annotations
+
+import time
+
+from server.core.dataplane import DataPlane
+from server.core.errors import ErrorKind, OspreyError
+from server.core.types import InferenceRequest
+from server.protocols.rest.asgi import Request, Response, Router, json_response
+from server.protocols.rest.forms import fields_from_body
+
+__all__ = ["add_inference_routes"]
+
+PREDICT_METHODS = ("POST", "PUT", "GET")
+
+
+def to_core_request(req: Request, model: str, version: str | None, *, explain: bool, url_path: str = "",
+                    protocol: str = "rest") -> InferenceRequest:
+    fields = fields_from_body(req.body, req.content_type)
+    headers = req.headers  # this request's own dict: extend it in place
+    headers["explain"] = "True" if explain else "False"
+    headers["url_path"] = url_path
+    for name, f in fields.items():
+        headers.setdefault(name, {"content-type": f.content_type})  # TorchServe per-field entry
+    core = InferenceRequest(model=model, version=version, request_id=req.request_id, protocol=protocol,
+                            fields=fields, headers=headers)
+    core.timings.received = time.monotonic()
+    core.client = req.connection()
+    return core
+
+
+def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
+    async def ping(req: Request) -> Response:
+        if dataplane.healthy():
+            return json_response({"status": "Healthy"})
+        return json_response({"status": "Unhealthy"}, status=500)
+
+    def predictor(explain: bool):
+        async def predict(req: Request) -> Response:
+            p = req.params
+            core = to_core_request(req, p["model"], p.get("version"), explain=explain, url_path=p.get("rest", ""))
+            out = await dataplane.infer(core)
+            return Response(out.body, out.status, out.content_type, out.headers or None)
+        return predict
+
+    for prefix, explain in (("/predictions", False), ("/explanations", True)):
+        handler = predictor(explain)
+        router.add(PREDICT_METHODS, prefix + "/{model}", handler)
+        router.add(PREDICT_METHODS, prefix + "/{model}/{version}", handler)
+        router.add(PREDICT_METHODS, prefix + "/{model}/{version}/{rest:path}", handler)
+    router.add(("GET",), "/ping", ping)
+
+    async def v1_predict(req: Request) -> Response:  # KServe v1: /v1/models/{m}:predict
+        model, _, verb = req.params["target"].rpartition(":")
+        if verb not in ("predict", "explain") or not model:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {req.path} is not found, please refer to API document.",
+                              type_name="ResourceNotFoundException")
+        core = to_core_request(req, model, None, explain=verb == "explain")
+        out = await dataplane.infer(core)
+        return Response(out.body, out.status, out.content_type, out.headers or None)
+
+    router.add(("POST",), "/v1/models/{target}", v1_predict)

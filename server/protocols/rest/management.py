@@ -1,0 +1,169 @@
+"""TorchServe's management API (port 8081): register, scale, describe, list, unregister,
+set-default; same parameters, status codes and JSON bodies."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import orjson
+
+from server.core.errors import ErrorKind, OspreyError, show
+from server.core.registry import Registry
+from server.protocols.rest.asgi import Request, Response, Router, json_response
+
+__all__ = ["add_management_routes"]
+
+
+def _params(req: Request) -> dict[str, Any]:
+    """Query parameters, or the same fields as a JSON body."""
+    params: dict[str, Any] = dict(req.query)
+    if req.body and req.content_type.startswith("application/json"):
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise OspreyError(ErrorKind.BAD_INPUT, "request body must be a JSON object")
+        params.update(body)
+    return params
+
+
+def _str(params: dict, key: str) -> str | None:
+    """A text parameter; a JSON body may not give a number, list or object instead."""
+    value = params.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a string, got {show(value)}")
+    return value
+
+
+def _int(params: dict, key: str, default: int | None = None) -> int | None:
+    """A whole number (ranges are the registry's to check: it names the limit)."""
+    value = params.get(key)
+    if value is None or value == "":
+        return default
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {show(value)}")
+
+
+def _float(params: dict, key: str) -> float | None:
+    """A finite number (NaN and infinity are refused here, ranges by the registry)."""
+    value = params.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        out = float(value)
+    except (TypeError, ValueError, OverflowError):
+        out = None
+    if out is None or out != out or out in (float("inf"), float("-inf")):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be a finite number, got {show(value)}")
+    return out
+
+
+def _bool(params: dict, key: str, default: bool) -> bool:
+    value = params.get(key)
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be true or false, got {value!r}")
+
+
+def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
+                          rotate_key: Callable[[str, str], bool] | None = None) -> None:
+    def model_api_enabled() -> None:
+        if not enable_model_api:
+            raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
+                              "Model API is disabled: start the server with --enable-model-api (enable_model_api=true)")
+
+    async def list_models(req: Request) -> Response:
+        p = _params(req)
+        limit = _int(p, "limit", 100)
+        token = _int(p, "next_page_token", 0)
+        if limit <= 0 or token < 0:
+            raise OspreyError(ErrorKind.BAD_INPUT, "limit must be positive and next_page_token not negative")
+        items, nxt = registry.list_page(min(limit, 100), token)
+        body: dict[str, Any] = {}
+        if nxt is not None:
+            body["nextPageToken"] = str(nxt)
+        body["models"] = items
+        return json_response(body)
+
+    async def register(req: Request) -> Response:
+        model_api_enabled()
+        p = _params(req)
+        synchronous = _bool(p, "synchronous", True)
+        mv = await registry.register(
+            _str(p, "url") or "", model_name=_str(p, "model_name"), handler=_str(p, "handler"),
+            batch_size=_int(p, "batch_size"), max_batch_delay=_float(p, "max_batch_delay"),
+            initial_workers=_int(p, "initial_workers"), response_timeout=_float(p, "response_timeout"),
+            startup_timeout=_float(p, "startup_timeout"), synchronous=synchronous)
+        if not synchronous:
+            return json_response({"status": "Processing worker updates..."}, status=202)
+        return json_response({"status": f"Model \"{mv.name}\" Version: {mv.version} registered with "
+                                        f"{len(mv.instances)} initial workers"})
+
+    async def describe(req: Request) -> Response:
+        name, version = req.params["model"], req.params.get("version")
+        if version == "all":
+            versions = registry.versions(name)
+        else:
+            versions = [registry.get(name, version)]
+        return json_response([registry.describe(mv) for mv in versions])
+
+    async def scale(req: Request) -> Response:
+        p = _params(req)
+        name, version = req.params["model"], req.params.get("version")
+        synchronous = _bool(p, "synchronous", False)
+        lo, hi = _int(p, "min_worker"), _int(p, "max_worker")
+        mv, lo, hi = registry.plan_scale(name, version, lo, hi)  # errors now, not later
+        if not synchronous:
+            registry.scale_in_background(name, version, lo, hi)
+            return json_response({"status": "Processing worker updates..."}, status=202)
+        await registry.scale(name, version, lo, hi)
+        return json_response({"status": f"Workers scaled to {lo} for model: {name}"})
+
+    async def unregister(req: Request) -> Response:
+        model_api_enabled()
+        name = req.params["model"]
+        await registry.unregister(name, req.params.get("version"))
+        return json_response({"status": f"Model \"{name}\" unregistered"})
+
+    async def set_default(req: Request) -> Response:
+        name, version = req.params["model"], req.params["version"]
+        registry.set_default(name, version)
+        return json_response({"status": f"Default version successfully updated for model \"{name}\" to \"{version}\""})
+
+    async def token(req: Request) -> Response:
+        kind = req.query.get("type", "")
+        if rotate_key is None or not rotate_key(kind, req.headers.get("authorization", "")[7:].strip()):
+            raise OspreyError(ErrorKind.UNAUTHORIZED,
+                              "Token Authentication failed. Token either incorrect, expired, or not provided correctly",
+                              status=router.auth_status)
+        return Response(b"\n", 200, "application/json")
+
+    router.add("GET", "/models", list_models)
+    router.add("POST", "/models", register)
+    router.add("GET", "/models/{model}", describe)
+    router.add("GET", "/models/{model}/{version}", describe)
+    router.add("PUT", "/models/{model}", scale)
+    router.add("PUT", "/models/{model}/{version}", scale)
+    router.add("DELETE", "/models/{model}", unregister)
+    router.add("DELETE", "/models/{model}/{version}", unregister)
+    router.add("PUT", "/models/{model}/{version}/set-default", set_default)
+    router.add("POST", "/token", token, auth=False)

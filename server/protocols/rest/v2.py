@@ -1,0 +1,249 @@
+"""Open Inference Protocol (KServe v2 / Triton) over REST, on the inference port.
+
+Health, server and model metadata, readiness, infer with the binary tensor data extension
+(``Inference-Header-Content-Length``: JSON header, then raw input bytes viewed in place),
+and the repository extension (index, load, unload). Every error is ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from server.core.dataplane import DataPlane
+from server.protocols.oip import (SERVER_METADATA, deadline_from, load_model, model_metadata, output_tensors, repository_index,
+                   tensor_specs, unload_model)
+from server.core.tensors import DTYPES, bad_input, decode_bytes, decode_json, decode_raw, encode_raw, to_json_data
+from server.core.types import InferenceRequest
+from server.protocols.rest.asgi import Request, Response, Router, oip_error
+
+__all__ = ["add_v2_routes", "parse_infer_body", "encode_infer_response"]
+
+_HEADER = "inference-header-content-length"
+_JSON = "application/json"
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status, _JSON)
+
+
+def _flag(params: dict | None, key: str) -> bool:
+    return bool(params and params.get(key))
+
+
+def parse_infer_body(body: bytes, header_length: str | None, default_input: dict | None = None):
+    """(request JSON, {name: array}, {name: input parameters}) from an infer body."""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise bad_input(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+        if n < 0 or n > len(body):
+            raise bad_input(f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes")
+        if n == 0:  # the whole body is one raw input
+            if default_input is None:
+                raise bad_input("a body without a JSON header needs a model with exactly one declared input")
+            shape = list(default_input["shape"])
+            spec = {"name": default_input["name"], "datatype": default_input["datatype"], "shape": shape,
+                    "parameters": {"binary_data_size": len(body)}}
+            if shape.count(-1) == 1:  # the one variable dimension: what the body holds
+                known = 1
+                for d in shape:
+                    known *= d if d != -1 else 1
+                if spec["datatype"] == "BYTES":
+                    elements = len(decode_bytes(spec["name"], body))
+                    shape[shape.index(-1)] = elements // known if known else 0
+                elif spec["datatype"] in DTYPES:  # (an unknown one is reported by decode_raw)
+                    size = DTYPES[spec["datatype"]].itemsize * known
+                    shape[shape.index(-1)] = len(body) // size if size else 0
+            request, binary = {"inputs": [spec]}, memoryview(body)
+        else:
+            request, binary = _loads(body[:n]), memoryview(body)[n:]
+    else:
+        request, binary = _loads(body), None
+    if not isinstance(request, dict):
+        raise bad_input("the request body must be a JSON object")
+    _check_request(request)
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise bad_input("the request needs a non-empty 'inputs' list")
+    tensors, meta, offset = {}, {}, 0
+    for i, item in enumerate(inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise bad_input(f"inputs[{i}] needs a 'name'")
+        name = item["name"]
+        if name in tensors:
+            raise bad_input(f"input '{name}' appears more than once in 'inputs'")
+        datatype, shape = item.get("datatype"), item.get("shape")
+        if not isinstance(datatype, str):
+            raise bad_input(f"input '{name}': 'datatype' is required")
+        if not isinstance(shape, list):
+            raise bad_input(f"input '{name}': 'shape' must be a list of integers")
+        params = _parameters(item, f"input '{name}'")
+        ctype = params.get("content_type")
+        if ctype is not None and not isinstance(ctype, str):
+            raise bad_input(f"input '{name}': parameter 'content_type' must be a string, got {ctype!r}")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise bad_input(f"input '{name}': parameter 'binary_data_size' must be a non-negative integer, "
+                                f"got {size!r}")
+            if binary is None:
+                raise bad_input(f"input '{name}': binary_data_size is set but the request has no binary data "
+                                f"(no Inference-Header-Content-Length header)")
+            if offset + size > len(binary):
+                raise bad_input(f"input '{name}': binary_data_size {size} runs past the binary data of the body "
+                                f"({len(binary) - offset} bytes left)")
+            tensors[name] = decode_raw(name, datatype.upper(), shape, binary[offset:offset + size])
+            offset += size
+        elif "data" in item:
+            tensors[name] = decode_json(name, datatype.upper(), shape, item["data"])
+        else:
+            raise bad_input(f"input '{name}' has neither 'data' nor binary_data_size")
+        if params:
+            meta[name] = params
+    if binary is not None and offset != len(binary):
+        raise bad_input(f"the body holds {len(binary) - offset} bytes of binary data no input claims")
+    return request, tensors, meta
+
+
+def _parameters(obj: dict, where: str) -> dict:
+    """``obj``'s ``parameters``: a JSON object, or {} when absent or null."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise bad_input(f"{where}: 'parameters' must be a JSON object, got {type(params).__name__} {params!r:.60}")
+    return params
+
+
+def _check_flag(params: dict, key: str, where: str) -> None:
+    if key in params and not isinstance(params[key], bool):
+        raise bad_input(f"{where}: parameter '{key}' must be true or false, got {params[key]!r:.60}")
+
+
+def _check_request(request: dict) -> None:
+    """Request- and output-level fields a response is built from, checked before inference runs."""
+    params = _parameters(request, "the request")
+    _check_flag(params, "binary_data_output", "the request")
+    outputs = request.get("outputs")
+    if outputs is None:
+        return
+    if not isinstance(outputs, list):
+        raise bad_input(f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}")
+    for i, out in enumerate(outputs):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise bad_input(f"outputs[{i}] must be an object with a string 'name'")
+        where = f"output '{out['name']}'"
+        _check_flag(_parameters(out, where), "binary_data", where)
+
+
+def _loads(data: bytes | memoryview) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise bad_input(f"the request body is not valid JSON: {exc}") from None
+
+
+def encode_infer_response(model: str, version: str, request: dict, outputs: list) -> Response:
+    """JSON, or JSON header plus binary outputs where the request asked for them."""
+    wanted = {o.get("name"): o.get("parameters") or {} for o in request.get("outputs") or () if isinstance(o, dict)}
+    all_binary = _flag(request.get("parameters"), "binary_data_output")
+    head: dict[str, Any] = {"model_name": model, "model_version": version}
+    if "id" in request:
+        head["id"] = request["id"]
+    metas, chunks = [], []
+    for name, arr, dt in outputs:
+        meta: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
+        params = wanted.get(name)
+        binary = params.get("binary_data", all_binary) if params is not None else all_binary
+        if binary:
+            raw = encode_raw(arr, dt)
+            meta["parameters"] = {"binary_data_size": len(raw) if not isinstance(raw, memoryview) else raw.nbytes}
+            chunks.append(raw)
+        else:
+            meta["data"] = to_json_data(arr, dt)
+        metas.append(meta)
+    head["outputs"] = metas
+    header = orjson.dumps(head)
+    if not chunks:
+        return Response(header, 200, _JSON)
+    return Response(b"".join([header, *chunks]), 200, "application/octet-stream",
+                    {_HEADER: str(len(header))})
+
+
+def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, enable_model_api: bool) -> None:
+    registry = dataplane.registry
+    router.fallback_errors.append(("/v2", oip_error))
+
+    def add(methods, pattern, handler, auth=True):
+        router.add(methods, pattern, handler, errors=oip_error, auth=auth)
+
+    async def live(req: Request) -> Response:
+        return _json({"live": dataplane.live()})
+
+    async def ready(req: Request) -> Response:
+        ok = dataplane.ready()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(req: Request) -> Response:
+        return _json(SERVER_METADATA)
+
+    async def metadata(req: Request) -> Response:
+        return _json(model_metadata(registry, req.params["model"], req.params.get("version")))
+
+    async def model_ready(req: Request) -> Response:
+        name = req.params["model"]
+        ok = dataplane.model_ready(name, req.params.get("version"))
+        return _json({"name": name, "ready": ok}, 200 if ok else 503)
+
+    async def infer(req: Request) -> Response:
+        received = time.monotonic()
+        name, version = req.params["model"], req.params.get("version")
+        header = req.headers.get(_HEADER)
+        default_input = None
+        if header is not None and header.strip() == "0":
+            inputs, _ = tensor_specs(registry.get(name, version))
+            default_input = inputs[0] if len(inputs) == 1 else None
+        request, tensors, meta = parse_infer_body(req.body, header, default_input)
+        params = request.get("parameters")
+        rid = request.get("id")
+        core = InferenceRequest(model=name, version=version,
+                                request_id=str(rid) if rid else req.request_id,
+                                protocol="v2", tensors=tensors, tensor_meta=meta or None,
+                                headers=req.headers, deadline=deadline_from(params if isinstance(params, dict) else None, received))
+        core.timings.received = received
+        core.client = req.connection()
+        out = await dataplane.infer(core)
+        mv = registry.get(name, out.model_version or version)
+        requested = [o.get("name") for o in request.get("outputs") or () if isinstance(o, dict)] or None
+        return encode_infer_response(name, out.model_version, request, output_tensors(out, tensor_specs(mv)[1], requested))
+
+    async def index(req: Request) -> Response:
+        body = _loads(req.body) if req.body else {}
+        models = repository_index(registry, model_store)
+        if isinstance(body, dict) and body.get("ready"):
+            models = [m for m in models if m["state"] == "READY"]
+        return _json(models)
+
+    async def load(req: Request) -> Response:
+        await load_model(registry, model_store, req.params["model"], enable_model_api)
+        return _json({})
+
+    async def unload(req: Request) -> Response:
+        await unload_model(registry, req.params["model"], enable_model_api)
+        return _json({})
+
+    add("GET", "/v2", server_metadata)
+    # server health answers without a token, so load balancers and Kubernetes probes work
+    add("GET", "/v2/health/live", live, auth=False)
+    add("GET", "/v2/health/ready", ready, auth=False)
+    for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        add("GET", base, metadata)
+        add("GET", base + "/ready", model_ready)
+        add("POST", base + "/infer", infer)
+    add("POST", "/v2/repository/index", index)
+    add("POST", "/v2/repository/models/{model}/load", load)
+    add("POST", "/v2/repository/models/{model}/unload", unload)

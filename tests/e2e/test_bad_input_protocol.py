@@ -1,0 +1,439 @@
+"""Client mistakes on the Open Inference Protocol (REST and gRPC) against the real server:
+each gets a 400 / INVALID_ARGUMENT naming what was wrong, never a 500 or UNKNOWN, never
+takes down the good requests batched with it, never loses a response on a stream, and
+leaves no traceback in the server log. A client that goes away while its request is queued
+ends quietly. One check drives a model instance in-process: a request whose inputs cannot
+be decoded fails alone, its batch-mates are answered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import re
+import socket
+import struct
+import threading
+from urllib.parse import urlsplit
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from server.core.archive import open_archive
+from server.protocols.rest.asgi import Router, oip_error
+from server.core.errors import ErrorKind, OspreyError
+from server.core.model_config import ModelConfig
+from server.instances.thread import ModelInstance
+from server.core.types import InferenceRequest, InferenceResponse
+
+from tests.gates import Gate, pending, wait_until
+from tests.models import RECORDING_HANDLER, handler_archive
+from tests.oip_archives import echo_archive, tensor_mlp_archive
+from tests.oip_stubs import pb, pb_grpc
+
+# A tensor handler that answers a string where its config declares an FP32 output: a
+# handler's mistake (not the client's), which the front end must still answer.
+WRONG_OUTPUT_HANDLER = '''
+import numpy as np
+
+class WrongOutput:
+    accepts_tensors = True
+
+    def handle(self, data, context):
+        return [{"tensors": {"OUTPUT0": np.array(["not a number"])}} for _ in data]
+'''
+WRONG_OUTPUT_CONFIG = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [-1, 2]}],
+                       "outputs": [{"name": "OUTPUT0", "datatype": "FP32", "shape": [-1, 2]}]}
+
+GOOD_TMLP = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [0.5] * 16}]}
+HEADER = "Inference-Header-Content-Length"
+
+
+@pytest.fixture(scope="module")
+def srv(osprey_module, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    tensor_mlp_archive(store)
+    echo_archive(store)
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 4, "maxBatchDelay": 20})
+    handler_archive(store, "wrongout", WRONG_OUTPUT_HANDLER, config=WRONG_OUTPUT_CONFIG)
+    return osprey_module(["tmlp=tmlp.mar", "echo=echo.mar", "rec=rec.mar", "wrongout=wrongout.mar"], store)
+
+
+@pytest.fixture(scope="module")
+def http(srv):
+    with httpx.Client(base_url=srv.inference, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stub(srv):
+    channel = grpc.insecure_channel(srv.grpc)
+    yield pb_grpc.GRPCInferenceServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture
+def clean_log(srv, http):
+    """After the test: a good request still answers 200 and the log gained no traceback."""
+    start = len(srv.log())
+    yield
+    r = http.post("/v2/models/tmlp/infer", json=GOOD_TMLP)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["outputs"][0]["data"]) == 4
+    added = srv.log()[start:]
+    assert "Traceback" not in added and "Exception in ASGI application" not in added, added
+
+
+def _bad(r: httpx.Response, *needles: str) -> str:
+    assert r.status_code == 400, (r.status_code, r.text)
+    message = r.json()["error"]
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def _tmlp(**changes) -> dict:
+    inp = dict(GOOD_TMLP["inputs"][0])
+    inp.update(changes.pop("input", {}))
+    return {"inputs": [inp], **changes}
+
+
+# --- REST: JSON bodies ---------------------------------------------------------------------
+@pytest.mark.parametrize("body, needles", [
+    (_tmlp(input={"parameters": [1]}), ("input 'INPUT0'", "'parameters' must be a JSON object", "list")),
+    (_tmlp(input={"parameters": "x"}), ("input 'INPUT0'", "'parameters' must be a JSON object")),
+    (_tmlp(parameters="x"), ("the request", "'parameters' must be a JSON object", "str")),
+    (_tmlp(parameters=[1]), ("the request", "'parameters' must be a JSON object", "list")),
+    (_tmlp(outputs=[{"name": "OUTPUT0", "parameters": "x"}]),
+     ("output 'OUTPUT0'", "'parameters' must be a JSON object")),
+    (_tmlp(outputs="OUTPUT0"), ("'outputs' must be a list", "str")),
+    (_tmlp(outputs={"name": "OUTPUT0"}), ("'outputs' must be a list", "dict")),
+    (_tmlp(outputs=["OUTPUT0"]), ("outputs[0]", "'name'")),
+    (_tmlp(outputs=[{"name": "OUTPUT0", "parameters": {"binary_data": "yes"}}]),
+     ("output 'OUTPUT0'", "binary_data", "true or false")),
+    (_tmlp(parameters={"binary_data_output": 1}), ("binary_data_output", "true or false")),
+    (_tmlp(input={"parameters": {"content_type": 5}}), ("input 'INPUT0'", "content_type", "string")),
+    (_tmlp(input={"datatype": "INT8", "data": [1000] * 16}), ("input 'INPUT0'", "out of range for INT8")),
+    (_tmlp(input={"datatype": "UINT8", "data": [-1] * 16}), ("input 'INPUT0'", "out of range for UINT8")),
+    (_tmlp(input={"datatype": "INT64", "data": [123456789012345678901234567890] + [1] * 15}),
+     ("input 'INPUT0'", "out of range for INT64")),
+    (_tmlp(input={"shape": [1] * 100, "data": [1.0]}), ("input 'INPUT0'", "100 dimensions", "at most")),
+    ({"inputs": [GOOD_TMLP["inputs"][0], GOOD_TMLP["inputs"][0]]}, ("input 'INPUT0'", "more than once")),
+    (_tmlp(input={"parameters": {"binary_data_size": 64}}), ("input 'INPUT0'", "no binary data")),
+], ids=["input-params-list", "input-params-str", "request-params-str", "request-params-list",
+        "output-params-str", "outputs-str", "outputs-dict", "outputs-item-str", "binary_data-str",
+        "binary_data_output-int", "content_type-int", "int8-overflow", "uint8-negative", "int64-overflow",
+        "100-dims", "duplicate-input", "binary-size-without-binary"])
+def test_rest_json_client_mistakes_are_400_naming_the_problem(http, clean_log, body, needles):
+    _bad(http.post("/v2/models/tmlp/infer", json=body), *needles)
+
+
+# --- REST: binary tensor data extension ----------------------------------------------------
+def _binary(inputs: list[dict], raw: bytes) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": inputs}).encode()
+    return header + raw, {HEADER: str(len(header)), "content-type": "application/octet-stream"}
+
+
+RAW = np.full(16, 0.5, np.float32).tobytes()
+
+
+@pytest.mark.parametrize("size", [-1, -64, True, "64", 64.0], ids=["minus-1", "minus-64", "true", "string", "float"])
+def test_rest_binary_data_size_must_be_a_non_negative_integer(http, clean_log, size):
+    body, headers = _binary([{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
+                              "parameters": {"binary_data_size": size}}], RAW)
+    _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers),
+         "input 'INPUT0'", "binary_data_size", "non-negative integer", repr(size))
+
+
+def test_rest_binary_duplicate_input_and_100_dims(http, clean_log):
+    spec = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "parameters": {"binary_data_size": 64}}
+    body, headers = _binary([spec, spec], RAW + RAW)
+    _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers), "input 'INPUT0'", "more than once")
+    body, headers = _binary([dict(spec, shape=[1] * 100, parameters={"binary_data_size": 4})], RAW[:4])
+    _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers), "input 'INPUT0'", "100 dimensions")
+    good, headers = _binary([spec], RAW)
+    r = http.post("/v2/models/tmlp/infer", content=good, headers=headers)
+    assert r.status_code == 200 and len(r.json()["outputs"][0]["data"]) == 4
+
+
+def test_rest_body_without_json_header_for_a_bytes_input(http, clean_log):
+    """Inference-Header-Content-Length: 0 sends the whole body as the model's one input; a
+    BYTES input of shape [-1] gets as many elements as the body frames (it was a 400)."""
+    r = http.post("/v2/models/echo/infer", content=struct.pack("<I", 5) + b"hello",
+                  headers={HEADER: "0", "content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert r.json()["outputs"][0]["data"] == ["HELLO"]
+    r = http.post("/v2/models/echo/infer", content=struct.pack("<I", 9) + b"hello",
+                  headers={HEADER: "0", "content-type": "application/octet-stream"})
+    _bad(r, "input 'body'", "runs past the end")
+
+
+# --- a bad request queued with good ones ---------------------------------------------------
+def _rec_body(payload: dict, **input_changes) -> dict:
+    inp = {"name": "body", "datatype": "BYTES", "shape": [1], "data": [json.dumps(payload)],
+           "parameters": {"content_type": "application/json"}}
+    inp.update(input_changes)
+    return {"inputs": [inp]}
+
+
+def _rec_answer(r: httpx.Response) -> dict:
+    assert r.status_code == 200, (r.status_code, r.text)
+    return json.loads(r.json()["outputs"][0]["data"][0])
+
+
+def test_bad_request_does_not_fail_the_good_requests_queued_with_it(srv, http, clean_log, tmp_path):
+    gate = Gate(tmp_path)
+    answers: dict[str, httpx.Response] = {}
+
+    def send(key: str, body: dict) -> None:
+        answers[key] = httpx.post(f"{srv.inference}/v2/models/rec/infer", json=body, timeout=60)
+
+    held = threading.Thread(target=send, args=("held", _rec_body({"id": "held", "gate": gate.value})))
+    held.start()
+    gate.wait_entered()
+    good = [threading.Thread(target=send, args=(f"g{i}", _rec_body({"id": f"g{i}"}))) for i in range(3)]
+    for t in good:
+        t.start()
+    wait_until(lambda: pending(srv, "rec") == 3, what="three good requests queued behind the gate")
+    # the exact request from the robustness probe: input parameters that are not an object
+    bad = http.post("/v2/models/rec/infer", json={"inputs": [{"name": "body", "datatype": "FP32", "shape": [2],
+                                                               "data": [1, 2], "parameters": [1]}]})
+    _bad(bad, "input 'body'", "'parameters' must be a JSON object")
+    gate.open()
+    for t in [held, *good]:
+        t.join(60)
+    assert _rec_answer(answers["held"])["id"] == "held"
+    mates = [_rec_answer(answers[f"g{i}"]) for i in range(3)]
+    assert [m["id"] for m in mates] == ["g0", "g1", "g2"]
+    assert all(m["batch"] == 3 for m in mates), mates  # they ran as one batch
+
+
+# --- the runtime: a request whose inputs cannot be decoded fails alone ----------------------
+def test_instance_fails_only_the_request_whose_inputs_cannot_be_decoded(tmp_path):
+    """What the front ends now reject (input parameters that are not an object) failed its
+    whole batch inside the instance; a per-request decoding failure stays with its request."""
+    store = tmp_path / "store"
+    store.mkdir()
+    archive = open_archive(handler_archive(store, "rec", RECORDING_HANDLER), tmp_path / "work")
+    inst = ModelInstance("rec", "1.0", archive, ModelConfig(batch_size=3, device_type="cpu"), 0, None)
+
+    def req(i: int, meta) -> InferenceRequest:
+        body = np.empty(1, dtype=object)
+        body[0] = json.dumps({"id": f"r{i}"}).encode()
+        return InferenceRequest(model="rec", version="1.0", request_id=f"r{i}", protocol="v2",
+                                tensors={"body": body}, tensor_meta=meta)
+
+    async def run(batch):
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        inst.submit([batch], loop, lambda _i, _b, outcomes: done.set_result(outcomes[0]))
+        return await asyncio.wait_for(done, 30)
+
+    inst.start()
+    try:
+        assert inst._loaded.wait(30) and inst.status == "READY", inst.error
+        good = {"body": {"content_type": "application/json"}}
+        batch = [req(0, good), req(1, {"body": [1]}), req(2, good)]  # parameters that are not an object
+        outcomes = asyncio.run(run(batch))
+    finally:
+        inst.stop()
+    assert isinstance(outcomes[0], InferenceResponse) and isinstance(outcomes[2], InferenceResponse)
+    answers = [json.loads(outcomes[i].body) for i in (0, 2)]
+    assert [a["id"] for a in answers] == ["r0", "r2"]
+    assert [a["batch"] for a in answers] == [2, 2]  # the others ran as one batch, without it
+    assert isinstance(outcomes[1], OspreyError) and outcomes[1].kind is ErrorKind.INTERNAL
+    assert "could not decode the request's inputs" in outcomes[1].message
+
+
+# --- gRPC ------------------------------------------------------------------------------------
+def _grpc_tmlp(shape=(1, 16), raw: bytes | None = RAW, rid: str = "", **inp_kw) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="tmlp", id=rid)
+    r.inputs.append(pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype=inp_kw.pop("datatype", "FP32"),
+                                                          shape=list(shape), **inp_kw))
+    if raw is not None:
+        r.raw_input_contents.append(raw)
+    return r
+
+
+def _invalid(stub, request, *needles: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (info.value.code(), info.value.details())
+    for needle in needles:
+        assert needle in info.value.details(), (needle, info.value.details())
+
+
+def test_grpc_client_mistakes_are_invalid_argument(stub, clean_log):
+    _invalid(stub, _grpc_tmlp(shape=[1] * 100, raw=RAW[:4]), "input 'INPUT0'", "100 dimensions")
+    _invalid(stub, _grpc_tmlp(datatype="INT8", raw=None, contents=pb.InferTensorContents(int_contents=[1000] * 16)),
+             "input 'INPUT0'", "out of range for INT8")
+    dup = _grpc_tmlp()
+    dup.inputs.append(dup.inputs[0])
+    dup.raw_input_contents.append(RAW)
+    _invalid(stub, dup, "input 'INPUT0'", "more than once")
+    _invalid(stub, _grpc_tmlp(parameters={"content_type": pb.InferParameter(int64_param=5)}),
+             "input 'INPUT0'", "content_type")
+    out = stub.ModelInfer(_grpc_tmlp(), timeout=30)
+    assert np.frombuffer(out.raw_output_contents[0], np.float32).shape == (4,)
+
+
+def _echo(rid: str, shape=(1,)) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="echo", id=rid)
+    r.inputs.append(pb.ModelInferRequest.InferInputTensor(name="body", datatype="BYTES", shape=list(shape)))
+    r.raw_input_contents.append(struct.pack("<I", 5) + f"hi {rid}.".encode()[:5])
+    return r
+
+
+def _lockstep_stream(stub, requests: list) -> list:
+    """Send each request after the previous one's answer: one response each, in order."""
+    answered: queue.Queue = queue.Queue()
+
+    def gen():
+        for r in requests:
+            yield r
+            answered.get(timeout=30)
+
+    got = []
+    for resp in stub.ModelStreamInfer(gen(), timeout=60):
+        got.append(resp)
+        answered.put(None)
+        if len(got) == len(requests):
+            break
+    return got
+
+
+def test_grpc_stream_answers_a_bad_request_in_band_and_goes_on(stub, clean_log):
+    got = _lockstep_stream(stub, [_echo("0"), _echo("1", shape=[1] * 100), _echo("2")])
+    assert len(got) == 3
+    assert [g.infer_response.id for g in got] == ["0", "1", "2"]
+    assert got[0].error_message == "" and got[0].infer_response.raw_output_contents[0][4:] == b"HI 0."
+    assert "input 'body'" in got[1].error_message and "100 dimensions" in got[1].error_message
+    assert got[2].error_message == "" and got[2].infer_response.raw_output_contents[0][4:] == b"HI 2."
+
+
+def test_grpc_unexpected_failure_is_answered_not_unknown_and_not_lost(srv, stub):
+    """A handler answering a string for an FP32 output is the handler's mistake: the call still
+    gets an answer with a message (INTERNAL, or UNAVAILABLE where it counts as a failed
+    prediction), never UNKNOWN, and a stream still answers every request."""
+    bad = pb.ModelInferRequest(model_name="wrongout", id="w")
+    bad.inputs.append(pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=[1, 2]))
+    bad.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(bad, timeout=30)
+    assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE), info.value.code()
+    assert info.value.details()
+    got = _lockstep_stream(stub, [_echo("0"), bad, _echo("2")])
+    assert [g.infer_response.id for g in got] == ["0", "w", "2"]
+    assert got[1].error_message and not got[0].error_message and not got[2].error_message
+    assert "Task exception was never retrieved" not in srv.log()
+
+
+# --- a client that goes away while queued ---------------------------------------------------
+def _cancelled(srv, model: str) -> float:
+    text = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
+    return sum(float(m.group(1)) for m in re.finditer(
+        r'^osprey_requests_total\{[^}]*model="%s"[^}]*code="499"[^}]*\} (\S+)$' % model, text, re.M))
+
+
+def test_client_disconnecting_while_queued_ends_quietly(srv, http, clean_log, tmp_path):
+    gate = Gate(tmp_path)
+    before = _cancelled(srv, "rec")
+    answers: dict[str, httpx.Response] = {}
+
+    def send(key: str, payload: dict) -> None:
+        answers[key] = httpx.post(f"{srv.inference}/v2/models/rec/infer", json=_rec_body(payload), timeout=60)
+
+    held = threading.Thread(target=send, args=("held", {"id": "held", "gate": gate.value}))
+    held.start()
+    gate.wait_entered()
+    url = urlsplit(srv.inference)
+    body = json.dumps(_rec_body({"id": "gone"})).encode()
+    sock = socket.create_connection((url.hostname, url.port))
+    sock.sendall(b"POST /v2/models/rec/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    wait_until(lambda: pending(srv, "rec") == 1, what="the request of the client that leaves to be queued")
+    sock.close()
+    # a follow-up queued on another connection: the server read the first one's close before it
+    after = threading.Thread(target=send, args=("after", {"id": "after"}))
+    after.start()
+    wait_until(lambda: pending(srv, "rec") == 2, what="the follow-up request to be queued")
+    gate.open()
+    held.join(60)
+    after.join(60)
+    assert _rec_answer(answers["held"])["id"] == "held"
+    assert _rec_answer(answers["after"])["id"] == "after"
+    # counted in the same loop step that ends its ASGI task, so the log below is complete
+    wait_until(lambda: _cancelled(srv, "rec") == before + 1, what="the left request to count as cancelled (499)")
+
+
+class _Cycle:
+    """What uvicorn's request cycle offers the router: ``receive`` and ``disconnected``."""
+
+    def __init__(self):
+        self.disconnected = False
+
+    async def receive(self):
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+def _router_call(cancel: str):
+    """Run one request through a real Router whose handler awaits a future; cancel the future
+    (as the batcher does) or the task (as shutdown does). Returns (outcome, sent messages)."""
+    async def main():
+        router = Router(max_body=1 << 20)
+        fut = asyncio.get_running_loop().create_future()
+
+        async def handler(req):
+            await fut
+            return oip_error(OspreyError(ErrorKind.INTERNAL, "unreachable"))
+
+        router.add("POST", "/v2/models/{model}/infer", handler, errors=oip_error)
+        cycle, sent = _Cycle(), []
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": [], "query_string": b""}
+        task = asyncio.ensure_future(router(scope, cycle.receive, send))
+        await asyncio.sleep(0)
+        if cancel == "task":
+            task.cancel()
+        else:
+            cycle.disconnected = cancel == "future-client-gone"
+            fut.cancel()
+        try:
+            await task
+            return "returned", sent
+        except asyncio.CancelledError:
+            return "cancelled", sent
+
+    return asyncio.run(main())
+
+
+def test_router_ends_quietly_for_a_request_dropped_because_its_client_left():
+    assert _router_call("future-client-gone") == ("returned", [])
+
+
+def test_router_answers_a_cancelled_request_whose_client_is_still_there():
+    outcome, sent = _router_call("future-client-here")
+    assert outcome == "returned" and sent[0]["status"] == 499
+    assert "cancelled" in json.loads(sent[1]["body"])["error"]
+
+
+def test_router_lets_task_cancellation_through():
+    assert _router_call("task") == ("cancelled", [])
+
+
+def test_rest_handler_answer_of_the_wrong_type_names_the_output(http, clean_log):
+    """A handler's mistake: 503 naming the declared output, not a 500 with a traceback."""
+    r = http.post("/v2/models/wrongout/infer",
+                  json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [0, 0]}]})
+    assert r.status_code == 503, r.text
+    assert "output 'OUTPUT0'" in r.json()["error"] and "FP32" in r.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "a%00b", "a%5Cb"])
+def test_repository_load_of_a_name_that_is_no_file_name_is_refused(http, clean_log, name):
+    _bad(http.post(f"/v2/repository/models/{name}/load"), "model name")

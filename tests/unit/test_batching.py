@@ -1,0 +1,258 @@
+"""The batcher through its public interface, with instances the test completes by hand.
+
+Timing is gated by the test: it decides when a batch finishes, and the instance reports a
+run time the test chose (not the wall time the test's own thread took), so a preempted or
+loaded test process sees the same batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.core.batching import Batcher
+from server.core.errors import ErrorKind, OspreyError
+from server.core.types import InferenceRequest, InferenceResponse
+
+
+class HandInstance:
+    """An instance whose batches finish when the test says so, each having run ``exec_s``.
+
+    Like ``ModelInstance.run``, the batches of one handoff run one after another: each
+    reports ``started``/``finished`` ``exec_s`` apart, the first starting at the handoff.
+    """
+
+    status = "READY"
+
+    def __init__(self, exec_s: float = 1e-4):
+        self.exec_s = exec_s
+        self.batches: list[list[InferenceRequest]] = []
+        self.handed_at: list[float] = []  # monotonic time of each batch's handoff
+        self.handoffs = 0
+        self._pending = []
+        self.stopped = False
+
+    def submit(self, batches, loop, on_done):
+        now = time.monotonic()
+        for batch in batches:
+            self.batches.append(batch)
+            self.handed_at.append(now)
+        self.handoffs += 1
+        self._pending.append((batches, now, on_done))
+
+    def finish(self, outcome=None):
+        batches, start, on_done = self._pending.pop(0)
+        outcomes = []
+        for batch in batches:
+            for r in batch:
+                r.timings.started = start
+                r.timings.finished = start + self.exec_s
+            start += self.exec_s
+            outcomes.append([outcome(r) if outcome else InferenceResponse(body=r.request_id.encode()) for r in batch])
+        on_done(self, batches, outcomes)
+
+    def stop(self):
+        self.stopped = True
+        self.status = "STOPPED"
+
+
+def req(i: int, deadline: float | None = None) -> InferenceRequest:
+    r = InferenceRequest(model="m", version="1", request_id=f"r{i}", deadline=deadline)
+    r.timings.received = time.monotonic()
+    return r
+
+
+def make(batch_size=4, delay=0.0, queue_size=100):
+    loop = asyncio.get_running_loop()
+    return Batcher("m", "1", batch_size=batch_size, max_batch_delay_s=delay, queue_size=queue_size, loop=loop)
+
+
+def with_instance(exec_s: float = 1e-4, **kw):
+    """A batcher and the one hand-driven instance it dispatches to (batches run ``exec_s``)."""
+    b, inst = make(**kw), HandInstance(exec_s)
+    b.add_instance(inst)
+    return b, inst
+
+
+def queued_behind_one(b, n):
+    """Submit ``n`` requests: the first runs at once, the other futures wait in the queue."""
+    b.submit(req(0))
+    return [b.submit(req(i)) for i in range(1, n)]
+
+
+async def test_lone_request_runs_at_once_without_waiting_for_delay():
+    b, inst = with_instance(batch_size=32, delay=5.0)
+    fut = b.submit(req(0))
+    assert len(inst.batches) == 1 and len(inst.batches[0]) == 1  # dispatched synchronously
+    inst.finish()
+    assert (await fut).body == b"r0"
+
+
+async def test_requests_queued_while_busy_leave_as_one_batch_and_each_gets_its_own_answer():
+    b, inst = with_instance(batch_size=4, exec_s=1e-5)  # 10 us a batch: 100 fit the bundle budget
+    first = b.submit(req(0))
+    futs = [b.submit(req(i)) for i in range(1, 7)]
+    assert [len(x) for x in inst.batches] == [1]
+    inst.finish()
+    # up to batch_size per batch; fast batches travel to the instance together
+    assert [len(x) for x in inst.batches] == [1, 4, 2] and inst.handoffs == 2
+    inst.finish()
+    assert (await first).body == b"r0"
+    assert [(await f).body for f in futs] == [f"r{i}".encode() for i in range(1, 7)]
+
+
+async def test_cancelled_caller_is_dropped_and_batch_mates_are_answered():
+    b, inst = with_instance(batch_size=8)
+    b.submit(req(0))
+    waiters = [asyncio.ensure_future(b.submit(req(i))) for i in range(1, 5)]
+    await asyncio.sleep(0)
+    waiters[1].cancel()  # a client goes away while queued
+    await asyncio.sleep(0)
+    inst.finish()
+    sent = [r.request_id for r in inst.batches[1]]
+    assert sent == ["r1", "r3", "r4"]  # r2 never runs
+    inst.finish()
+    assert [(await w).body for w in (waiters[0], waiters[2], waiters[3])] == [b"r1", b"r3", b"r4"]
+    assert waiters[1].cancelled()
+
+
+async def test_cancel_while_running_does_not_lose_batch_mates():
+    b, inst = with_instance(batch_size=8)
+    b.submit(req(0))
+    waiters = [asyncio.ensure_future(b.submit(req(i))) for i in range(1, 4)]
+    await asyncio.sleep(0)
+    inst.finish()  # r1..r3 now running together
+    waiters[0].cancel()
+    await asyncio.sleep(0)
+    inst.finish()
+    assert [(await w).body for w in waiters[1:]] == [b"r2", b"r3"]
+    assert b.instances == 1 and b.idle == [inst]  # the instance is back in service
+
+
+async def test_full_queue_is_refused_at_once_with_retry_after():
+    b, inst = with_instance(batch_size=1, queue_size=2)
+    b.submit(req(0))  # running
+    b.submit(req(1))
+    b.submit(req(2))
+    with pytest.raises(OspreyError) as info:
+        b.submit(req(3))
+    assert info.value.kind is ErrorKind.QUEUE_FULL and info.value.status == 503 and info.value.retry_after
+
+
+async def test_cancelled_requests_do_not_count_against_the_queue():
+    b, inst = with_instance(batch_size=1, queue_size=1)
+    b.submit(req(0))
+    w = asyncio.ensure_future(b.submit(req(1)))
+    await asyncio.sleep(0)
+    assert b.pending == 1
+    w.cancel()
+    await asyncio.sleep(0)
+    assert b.pending == 0  # what describe and the queue-depth gauge report
+    b.submit(req(2))  # room again
+
+
+async def test_deadline_passing_in_the_queue_answers_504_and_never_runs():
+    b, inst = with_instance(batch_size=4)
+    b.submit(req(0))
+    late = b.submit(req(1, deadline=time.monotonic() + 0.1))
+    ok = b.submit(req(2))
+    with pytest.raises(OspreyError) as info:
+        await asyncio.wait_for(late, 1)
+    assert info.value.kind is ErrorKind.DEADLINE and info.value.status == 504
+    assert b.pending == 1  # only r2 still waits
+    inst.finish()
+    assert [r.request_id for r in inst.batches[1]] == ["r2"]
+    inst.finish()
+    assert (await ok).body == b"r2"
+
+
+async def test_already_expired_request_is_refused():
+    b = make()
+    b.add_instance(HandInstance())
+    with pytest.raises(OspreyError) as info:
+        b.submit(req(0, deadline=time.monotonic() - 1))
+    assert info.value.kind is ErrorKind.DEADLINE
+
+
+async def test_errors_reach_only_their_own_request():
+    b, inst = with_instance(batch_size=4)
+    futs = queued_behind_one(b, 4)
+    inst.finish()
+    inst.finish(lambda r: OspreyError(ErrorKind.BAD_INPUT, "bad") if r.request_id == "r2" else InferenceResponse(body=b"ok"))
+    assert (await futs[0]).body == b"ok"
+    with pytest.raises(OspreyError):
+        await futs[1]
+    assert (await futs[2]).body == b"ok"
+
+
+async def test_slow_batches_are_handed_over_one_at_a_time():
+    b, inst = with_instance(batch_size=1, exec_s=0.01)  # 10 ms a batch: bundling would delay answers
+    futs = queued_behind_one(b, 4)
+    inst.finish()
+    assert [len(x) for x in inst.batches] == [1, 1] and inst.handoffs == 2
+    for _ in range(3):
+        inst.finish()
+    assert [len(x) for x in inst.batches] == [1, 1, 1, 1] and inst.handoffs == 4
+    assert [(await f).body for f in futs] == [b"r1", b"r2", b"r3"]
+
+
+async def test_two_instances_work_in_parallel():
+    b = make(batch_size=4)
+    a, c = HandInstance(), HandInstance()
+    b.add_instance(a)
+    b.add_instance(c)
+    f1, f2 = b.submit(req(1)), b.submit(req(2))
+    assert len(a.batches) + len(c.batches) == 2  # both busy at once
+    (c if c.batches else a).finish()
+    (a if a._pending else c).finish()
+    assert (await f1).body == b"r1" and (await f2).body == b"r2"
+
+
+async def test_hold_only_under_burst_and_bounded_by_delay():
+    # batches run 2 s (as the instance reports), max_batch_delay is 0.2 s: the hold is the delay
+    b, inst = with_instance(batch_size=16, delay=0.2, queue_size=1000, exec_s=2.0)
+    # build up a history of large batches
+    b.submit(req(0))
+    for i in range(1, 16 * 8 + 1):
+        b.submit(req(i))
+    for _ in range(9):
+        inst.finish()
+    n = len(inst.batches)
+    assert [len(x) for x in inst.batches[1:]] == [16] * 8
+    # a burst is in progress: one lone arrival waits a little for company...
+    lone = req(1000)
+    f = b.submit(lone)
+    assert len(inst.batches) == n
+    for i in range(1001, 1004):
+        b.submit(req(i))
+    t0 = time.monotonic()
+    while len(inst.batches) == n and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.001)
+    assert len(inst.batches[n]) == 4  # the company it waited for leaves with it
+    # ...for max_batch_delay (0.2 s) after it arrived, never the ~1.7 s recent batches took
+    held = inst.handed_at[n] - lone.timings.received
+    assert 0.18 < held < 1.0, held
+    inst.finish()
+    assert (await f).body == b"r1000"
+
+
+async def test_scale_down_while_busy_retires_after_the_batch():
+    b, inst = with_instance(batch_size=2)
+    f = b.submit(req(0))
+    removed = b.remove_instances(1)
+    assert removed == [inst] and b.instances == 0 and not inst.stopped
+    inst.finish()
+    assert (await f).body == b"r0"
+    assert inst.stopped
+
+
+async def test_deadline_passing_while_running_answers_504_and_the_late_answer_is_dropped():
+    b, inst = with_instance(batch_size=1)
+    f = b.submit(req(0, deadline=time.monotonic() + 0.1))
+    with pytest.raises(OspreyError) as info:
+        await asyncio.wait_for(f, 1)
+    assert info.value.kind is ErrorKind.DEADLINE and "while running" in info.value.message
+    inst.finish()  # the handler returns late: nothing left to answer, the instance is free again
+    assert b.idle == [inst] and b.in_flight == 0

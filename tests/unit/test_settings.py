@@ -1,0 +1,64 @@
+"""Settings: TorchServe's config.properties, the environment, and the command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.core.model_config import parse_model_config
+from server.core.errors import OspreyError
+from server.settings import load_settings, parse_properties
+
+
+def test_torchserve_config_properties_are_read(tmp_path):
+    props = tmp_path / "config.properties"
+    props.write_text(
+        "# a TorchServe config\n"
+        "inference_address=http://127.0.0.1:9080\n"
+        "management_address=http://127.0.0.1:9081\n"
+        "metrics_address=http://127.0.0.1:9082\n"
+        "model_store=/models\n"
+        "load_models=a.mar,b.mar\n"
+        "job_queue_size=7\n"
+        "default_response_timeout=30\n"
+        "max_request_size=1000\n"
+        "disable_token_authorization=true\n"
+        "enable_model_api=true\n"
+        "number_of_netty_threads=4\n")
+    s = load_settings(props, env={})
+    assert s.inference_address.endswith(":9080") and s.management_address.endswith(":9081")
+    assert s.model_store == "/models" and s.load_models == ("a.mar", "b.mar")
+    assert s.job_queue_size == 7 and s.default_response_timeout == 30.0 and s.max_request_size == 1000
+    assert s.disable_token_authorization and s.enable_model_api
+
+
+def test_precedence_cli_over_env_over_file(tmp_path):
+    props = tmp_path / "c.properties"
+    props.write_text("job_queue_size=5\nmax_request_size=10\nenable_envvars_config=true\n")
+    s = load_settings(props, env={"OSPREY_JOB_QUEUE_SIZE": "6", "TS_MAX_REQUEST_SIZE": "20"},
+                      overrides={"job_queue_size": 9})
+    assert s.job_queue_size == 9 and s.max_request_size == 20
+
+
+def test_bad_values_are_named(tmp_path):
+    props = tmp_path / "c.properties"
+    props.write_text("job_queue_size=lots\n")
+    with pytest.raises(ValueError, match="job_queue_size"):
+        load_settings(props, env={})
+    with pytest.raises(ValueError, match="does not exist"):
+        load_settings(tmp_path / "missing.properties", env={})
+
+
+def test_properties_continuation_and_colons():
+    assert parse_properties("a: 1\nb=x\\\n  y\n!c\n") == {"a": "1", "b": "xy"}
+
+
+def test_model_config_merges_overrides_and_names_bad_keys():
+    cfg = parse_model_config({"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 2, "maxWorkers": 3},
+                             overrides={"batchSize": 16})
+    assert cfg.batch_size == 16 and cfg.max_batch_delay_ms == 5 and cfg.min_workers == 2
+    with pytest.raises(OspreyError, match="batchSize"):
+        parse_model_config({"batchSize": "many"})
+    with pytest.raises(OspreyError, match="maxWorkers"):
+        parse_model_config({"minWorkers": 3, "maxWorkers": 1})
+    with pytest.raises(OspreyError, match="datatype"):
+        parse_model_config({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [-1, 3]}]})
