@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from monitoring.metrics import ServingMetrics  # noqa: E402
-from server.core.types import InferenceRequest, InferenceResponse  # noqa: E402
+from server.core.types import InferenceRequest, InferenceResponse, Ticket  # noqa: E402
 from tests.conftest import OspreyProcess  # noqa: E402
 from tests.models import mlp_archive  # noqa: E402
 
@@ -44,7 +44,7 @@ def metrics_cpu_per_request(batch: int, n: int = 200_000) -> float:
                          handler="h.py")
     reqs = []
     for i in range(batch):
-        r = InferenceRequest(model="mlp", version=None, request_id=str(i))
+        r = Ticket(InferenceRequest(model="mlp", version=None, request_id=str(i)))
         t = r.timings
         t.received, t.dispatched, t.started, t.finished = 1.0, 1.001, 1.001, 1.002
         t.stages = {"preprocess": 0.0001, "inference": 0.0005, "postprocess": 0.0001}

@@ -74,10 +74,11 @@ class AccessLog:
             return None
         return cls(fraction, path=getattr(settings, "access_log_file", ""), loop=loop)
 
-    def __call__(self, mv: Any, req: Any, outcome: Any) -> None:
+    def __call__(self, mv: Any, ticket: Any, outcome: Any) -> None:
         if self.fraction < 1.0 and random.random() >= self.fraction:
             return
-        t = req.timings
+        t = ticket.timings
+        req = ticket.request
         now = time.monotonic()
         status = getattr(outcome, "status", 500)
         record = {

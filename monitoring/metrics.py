@@ -145,11 +145,12 @@ class ServingMetrics:
             s = self._series[id(mv)] = _Series(self, mv)
         return s
 
-    def observe(self, mv: Any, req: Any, outcome: Any) -> None:
+    def observe(self, mv: Any, ticket: Any, outcome: Any) -> None:
         """Data plane observer: one finished request (answered, failed or cancelled)."""
         now = time.monotonic()
         status = outcome.status
-        t = req.timings
+        t = ticket.timings
+        req = ticket.request
         if mv is None:
             self.requests.child("", "", req.protocol, str(status))[0] += 1
             return

@@ -28,7 +28,8 @@ import time
 from typing import Callable, Iterable
 
 from server.core.errors import ErrorKind, OspreyError
-from server.core.types import InferenceRequest
+from server.core.instance import InstanceStatus
+from server.core.types import Ticket
 
 __all__ = ["Batcher"]
 
@@ -42,13 +43,13 @@ MAX_BUNDLE = 32  # most batches in one handoff
 class Batcher:
     def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
                  queue_size: int, loop: asyncio.AbstractEventLoop,
-                 on_batch: Callable[[list[InferenceRequest]], None] | None = None):
+                 on_batch: Callable[[list[Ticket]], None] | None = None):
         self.name, self.version = name, version
         self.batch_size = max(1, int(batch_size))
         self.max_batch_delay_s = max(0.0, float(max_batch_delay_s))
         self.queue_size = max(1, int(queue_size))
         self.loop = loop
-        self.queue: collections.deque[InferenceRequest] = collections.deque()
+        self.queue: collections.deque[Ticket] = collections.deque()
         self.idle: list = []
         self.busy: set = set()
         self.in_flight = 0
@@ -98,7 +99,8 @@ class Batcher:
         O(queue) — read by the describe API, the scrape and shutdown's drain, not per request."""
         return sum(1 for r in self.queue if not r.future.done())
 
-    def submit(self, req: InferenceRequest) -> asyncio.Future:
+    def submit(self, req: Ticket) -> asyncio.Future:
+        """Queue ``req``; its future is resolved once with the answer or an OspreyError."""
         if len(self.queue) >= self.queue_size:
             self._purge()
             if len(self.queue) >= self.queue_size:
@@ -134,7 +136,7 @@ class Batcher:
         if self.queue:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
-    def _expire_running(self, batch: list[InferenceRequest]) -> None:
+    def _expire_running(self, batch: list[Ticket]) -> None:
         """Answer 504 to requests of a running batch whose deadline has passed; re-arm for the rest.
 
         Loop timers may fire a little early (uvloop rounds to milliseconds), so a request
@@ -182,9 +184,9 @@ class Batcher:
             return 1
         return max(1, min(MAX_BUNDLE, int(BUNDLE_BUDGET_S / self._ewma_exec)))
 
-    def _take(self, now: float) -> list[InferenceRequest]:
+    def _take(self, now: float) -> list[Ticket]:
         """Up to batch_size live requests from the head of the queue."""
-        batch: list[InferenceRequest] = []
+        batch: list[Ticket] = []
         queue = self.queue
         while queue and len(batch) < self.batch_size:
             r = queue.popleft()
@@ -245,13 +247,13 @@ class Batcher:
                     self.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{self.name}\" version {self.version} "
                                                                      "has no worker left to serve inference requests"))
 
-    def _arm(self, batch: list[InferenceRequest], now: float) -> None:
+    def _arm(self, batch: list[Ticket], now: float) -> None:
         """Start the running-deadline timer of ``batch`` (deadlines are finite: see submit)."""
         deadlines = [r.deadline for r in batch if r.deadline is not None]
         if deadlines:
             self._batch_timers[id(batch)] = self.loop.call_later(min(deadlines) - now, self._expire_running, batch)
 
-    def _fail_batch(self, batch: list[InferenceRequest], error: OspreyError) -> None:
+    def _fail_batch(self, batch: list[Ticket], error: OspreyError) -> None:
         timer = self._batch_timers.pop(id(batch), None)
         if timer is not None:
             timer.cancel()
@@ -259,7 +261,7 @@ class Batcher:
             if not r.future.done():
                 r.future.set_exception(error)
 
-    def _done(self, inst, batches: list[list[InferenceRequest]], outcomes: list[list]) -> None:
+    def _done(self, inst, batches: list[list[Ticket]], outcomes: list[list]) -> None:
         for batch, batch_outcomes in zip(batches, outcomes):
             timer = self._batch_timers.pop(id(batch), None)
             if timer is not None:
@@ -284,7 +286,7 @@ class Batcher:
         if inst in self._retiring:
             self._retiring.discard(inst)
             inst.stop()
-        elif inst.status == "READY":
+        elif inst.status == InstanceStatus.READY:
             self.idle.append(inst)
         self._dispatch()
 

@@ -1,26 +1,28 @@
 """The data plane: the only API the REST and gRPC front ends call.
 
-``infer`` puts a request on its model version's batcher and awaits its own answer.
+``infer`` routes a request to its model version, puts it on that version's batcher and
+awaits its own answer. The answer carries everything an adapter needs to encode it (the
+version that answered and its declared outputs), so no adapter looks the model up again
+after inference: a version unregistered meanwhile never turns an answer into a 404.
 Deadlines, queueing and batching live in the batcher; what every request passes through
 once (metrics, access log, later capture for drift and feedback joins) is an *observer*:
-a callable ``(model_version | None, request, outcome)`` called when a request ends.
+a callable ``(model_version | None, ticket, outcome)`` called when a request ends.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Iterable
 
 from server.core.errors import ErrorKind, OspreyError
 from server.core.registry import ModelVersion, Registry
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.types import InferenceResponse, Ticket
 
 __all__ = ["DataPlane", "Observer"]
 
 log = logging.getLogger("osprey.dataplane")
 
-Observer = Callable[[ModelVersion | None, InferenceRequest, Any], None]
+Observer = Callable[[ModelVersion | None, Ticket, Any], None]
 
 
 class DataPlane:
@@ -30,34 +32,35 @@ class DataPlane:
         self.started = True  # False while the startup models are loading
 
     # --- inference ------------------------------------------------------------------
-    async def infer(self, req: InferenceRequest) -> InferenceResponse:
-        t = req.timings
-        if not t.received:
-            t.received = time.monotonic()
+    async def infer(self, ticket: Ticket) -> InferenceResponse:
+        req = ticket.request
         try:
             mv = self.registry.get(req.model, req.version)
         except OspreyError as exc:
-            self._notify(None, req, exc)
+            self._notify(None, ticket, exc)
             raise
-        limit = t.received + mv.config.response_timeout_s
+        limit = ticket.timings.received + mv.config.response_timeout_s
         if req.deadline is None or req.deadline > limit:
             req.deadline = limit
+        ticket.model_version = mv.version
+        ticket.output_specs = mv.signature.outputs
         try:
-            response = await mv.batcher.submit(req)
+            response = await mv.batcher.submit(ticket)
         except OspreyError as exc:
-            self._notify(mv, req, exc)
+            self._notify(mv, ticket, exc)
             raise
         except BaseException:  # cancelled by the caller: never ran or its answer is dropped
-            self._notify(mv, req, OspreyError(ErrorKind.CANCELLED, "cancelled by the client"))
+            self._notify(mv, ticket, OspreyError(ErrorKind.CANCELLED, "cancelled by the client"))
             raise
         response.model_version = mv.version
-        self._notify(mv, req, response)
+        response.output_specs = ticket.output_specs
+        self._notify(mv, ticket, response)
         return response
 
-    def _notify(self, mv: ModelVersion | None, req: InferenceRequest, outcome: Any) -> None:
+    def _notify(self, mv: ModelVersion | None, ticket: Ticket, outcome: Any) -> None:
         for observer in self.observers:
             try:
-                observer(mv, req, outcome)
+                observer(mv, ticket, outcome)
             except Exception:  # an observer must never fail a request
                 log.exception("observer %r failed", observer)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import re
 import time
 import dataclasses
@@ -24,7 +23,8 @@ from server.core.archive import ModelArchive, open_archive
 from server.core.batching import Batcher
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
-from server.core.instance import Instance, InstanceFactory
+from server.core.signature import Signature, signature_of
+from server.core.instance import Instance, InstanceFactory, InstanceStatus
 from server.settings import Settings
 
 __all__ = ["ModelVersion", "Registry"]
@@ -36,6 +36,7 @@ RELEASE_POLL_S = 0.1
 MAX_URL_CHARS = 4096  # longest model URL accepted (Linux paths are at most 4096 bytes)
 MAX_NAME_CHARS = 255  # longest model name (one file-name component)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_LIVE = (InstanceStatus.READY, InstanceStatus.LOADING)
 
 
 def _reason(exc: Exception) -> str:
@@ -56,6 +57,7 @@ class ModelVersion:
     load_seconds: float = 0.0
     created: float = field(default_factory=time.time)
     scaling: asyncio.Lock = field(default_factory=asyncio.Lock)  # one scale at a time (the cap holds)
+    signature: Signature = field(default_factory=Signature)  # declared tensors, final once an instance loaded
 
     @property
     def handler(self) -> str:
@@ -63,15 +65,15 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return any(i.status == "READY" for i in self.instances)
+        return any(i.status == InstanceStatus.READY for i in self.instances)
 
     @property
     def ready_instances(self) -> int:
-        return sum(i.status == "READY" for i in self.instances)
+        return sum(i.status == InstanceStatus.READY for i in self.instances)
 
     @property
     def accepts_tensors(self) -> bool:
-        return any(i.accepts_tensors for i in self.instances)
+        return self.signature.accepts_tensors
 
 
 @dataclass
@@ -124,12 +126,12 @@ class Registry:
     def all_versions(self) -> list[ModelVersion]:
         return [mv for m in self.models.values() for mv in m.versions.values()]
 
-    def list_page(self, limit: int, token: int) -> tuple[list[dict[str, str]], int | None]:
+    def list_page(self, limit: int, token: int) -> tuple[list[ModelVersion], int | None]:
+        """The default versions of up to ``limit`` models from position ``token`` (by name),
+        and the token of the next page (None on the last)."""
         names = sorted(self.models)
-        page = names[token: token + limit]
-        items = [{"modelName": n, "modelUrl": self.get(n).url} for n in page]
-        nxt = token + limit if token + limit < len(names) else None
-        return items, nxt
+        page = [self.get(n) for n in names[token: token + limit]]
+        return page, (token + limit if token + limit < len(names) else None)
 
     # --- registration ---------------------------------------------------------------
     @property
@@ -246,7 +248,8 @@ class Registry:
         batcher = Batcher(name, version, batch_size=config.batch_size,
                           max_batch_delay_s=config.max_batch_delay_ms / 1000,
                           queue_size=config.job_queue_size, loop=self.loop)
-        mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup)
+        mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup,
+                          signature=signature_of(config, None, False))
         if self._on_batch is not None:
             batcher.on_batch = functools.partial(self._on_batch, mv)
         self._loading[(name, version)] = mv
@@ -294,7 +297,7 @@ class Registry:
         they load; if any fails to start or load, or ``mv`` is unregistered meanwhile, the
         ones started here are stopped and removed again."""
         t0 = time.monotonic()
-        live = sum(i.status in ("READY", "LOADING") for i in mv.instances)
+        live = sum(i.status in _LIVE for i in mv.instances)
         count = min(count, self.max_workers - live)
         new = []
         try:
@@ -322,6 +325,8 @@ class Registry:
             if isinstance(exc, Exception) and not self._held(mv):  # stopped by unregister, not failed
                 raise self._unregistered(mv) from None
             raise
+        if new and not any(i.status == InstanceStatus.READY for i in mv.batcher.all_instances()):
+            mv.signature = signature_of(mv.config, new[0].tensor_specs(), new[0].accepts_tensors)
         for inst in new:
             mv.batcher.add_instance(inst)
         mv.load_seconds = time.monotonic() - t0
@@ -349,7 +354,7 @@ class Registry:
             if not self._held(mv):
                 raise self._unregistered(mv)
             mv.config = dataclasses.replace(mv.config, min_workers=lo, max_workers=hi)
-            live = [i for i in mv.instances if i.status in ("READY", "LOADING")]
+            live = [i for i in mv.instances if i.status in _LIVE]
             if lo > len(live):
                 await self._start_instances(mv, lo - len(live))
             elif lo < len(live):
@@ -435,47 +440,3 @@ class Registry:
             mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down"))
             self._stop(mv)
         self.models.clear()
-
-    # --- description ----------------------------------------------------------------
-    def describe(self, mv: ModelVersion) -> dict[str, Any]:
-        cfg = mv.config
-        pid = os.getpid()
-        workers = [{
-            "id": inst.id,
-            "startTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(inst.start_time)),
-            "status": "READY" if inst.status == "READY" else "UNLOADING" if inst.status == "STOPPED" else inst.status,
-            "memoryUsage": 0,
-            "pid": pid,
-            "gpu": inst.gpu_id is not None,
-            "gpuUsage": "N/A" if inst.gpu_id is None else f"gpuId::{inst.gpu_id}",
-        } for inst in mv.instances]
-        return {
-            "modelName": mv.name,
-            "modelVersion": mv.version,
-            "modelUrl": mv.url,
-            "runtime": mv.archive.manifest.get("runtime", "python"),
-            "minWorkers": cfg.min_workers,
-            "maxWorkers": cfg.max_workers,
-            "batchSize": cfg.batch_size,
-            "maxBatchDelay": int(cfg.max_batch_delay_ms) if float(cfg.max_batch_delay_ms).is_integer() else cfg.max_batch_delay_ms,
-            "responseTimeout": int(cfg.response_timeout_s) if float(cfg.response_timeout_s).is_integer() else cfg.response_timeout_s,
-            "startupTimeout": int(cfg.startup_timeout_s) if float(cfg.startup_timeout_s).is_integer() else cfg.startup_timeout_s,
-            "maxRetryTimeoutInSec": 300,
-            "clientTimeoutInMills": int(cfg.client_timeout_ms or 0),
-            "parallelType": "",
-            "parallelLevel": 0,
-            "deviceType": "gpu" if any(i.gpu_id is not None for i in mv.instances) else "cpu",
-            "continuousBatching": False,
-            "useJobTicket": False,
-            "useVenv": False,
-            "stateful": False,
-            "sequenceMaxIdleMSec": 0,
-            "sequenceTimeoutMSec": 0,
-            "maxNumSequence": 0,
-            "maxSequenceJobQueueSize": 0,
-            "loadedAtStartup": mv.loaded_at_startup,
-            "handler": mv.handler,
-            "workers": workers,
-            "jobQueueStatus": {"remainingCapacity": max(mv.batcher.queue_size - mv.batcher.pending, 0),
-                               "pendingRequests": mv.batcher.pending},
-        }

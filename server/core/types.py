@@ -1,6 +1,7 @@
 """The one internal request and response that every front end speaks.
 
-REST and gRPC adapters build an :class:`InferenceRequest`, hand it to the data plane and
+REST and gRPC adapters build a :class:`Ticket` (the :class:`InferenceRequest` they decoded,
+plus its place on the event loop) with :func:`new_request`, hand it to the data plane and
 turn the :class:`InferenceResponse` back into their wire format. Nothing here knows HTTP,
 protobuf or torch.
 """
@@ -8,13 +9,15 @@ protobuf or torch.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Field", "InferenceRequest", "InferenceResponse", "Timings", "next_request_id"]
+__all__ = ["Field", "InferenceRequest", "InferenceResponse", "Protocol", "Ticket", "Timings", "new_request",
+           "next_request_id"]
 
 _ID_PREFIX = os.urandom(10).hex()
 _ID_COUNTER = itertools.count(1)
@@ -53,35 +56,91 @@ class Timings:
         return max(self.finished - self.started, 0.0) if self.finished else 0.0
 
 
+class Protocol(str, enum.Enum):
+    """The front end a request arrived on (a label in metrics and the access log)."""
+
+    REST = "rest"  # TorchServe's inference API and KServe v1
+    REST_V2 = "v2"  # Open Inference Protocol over REST
+    GRPC = "grpc"  # TorchServe's gRPC inference API
+    GRPC_V2 = "grpc-v2"  # Open Inference Protocol over gRPC
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(slots=True)
 class InferenceRequest:
-    """A request for one model, independent of the protocol it arrived on.
+    """The work: what a model needs to answer one request, as plain data.
 
     ``fields`` are the TorchServe-style inputs (``body`` for a raw body, one entry per form
     field or gRPC input). ``tensors`` holds Open Inference Protocol inputs (name -> array)
     for handlers that take tensors. ``deadline`` is a ``time.monotonic()`` instant after
-    which the request must not start.
+    which the request must not start. Nothing here belongs to the event loop, so a request
+    can be pickled to another process or copied for a shadow model.
     """
 
     model: str
     version: str | None
     request_id: str
-    protocol: str = "rest"
+    protocol: Protocol = Protocol.REST
     fields: dict[str, Field] = field(default_factory=dict)
     tensors: dict[str, Any] | None = None
     tensor_meta: dict[str, Any] | None = None
     outputs: list[str] | None = None
     headers: dict[str, str] = field(default_factory=dict)
     deadline: float | None = None
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A request's place on the event loop: the work, and what only the loop may touch.
+
+    ``future`` is resolved once with the answer; ``client`` is the connection where it
+    tells (``client.disconnected`` is True once it is gone); ``stream`` is a callable(bytes)
+    receiving intermediate responses, or None. The data plane fills ``model_version`` and
+    ``output_specs`` when it routes the request, so an adapter can encode partial answers
+    without looking the model up again.
+    """
+
+    request: InferenceRequest
     timings: Timings = field(default_factory=Timings)
     future: asyncio.Future | None = None
-    stream: Any = None  # a callable(bytes) receiving intermediate responses, or None
-    client: Any = None  # the connection, where it tells: ``client.disconnected`` is True once it is gone
+    client: Any = None
+    stream: Any = None
+    model_version: str = ""
+    output_specs: list | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        return self.request.deadline
 
     def expired(self, now: float | None = None) -> bool:
-        if self.deadline is None:
+        deadline = self.request.deadline
+        if deadline is None:
             return False
-        return (time.monotonic() if now is None else now) >= self.deadline
+        return (time.monotonic() if now is None else now) >= deadline
+
+
+def new_request(protocol: Protocol, model: str, version: str | None = None, *, request_id: Any = None,
+                fields: dict[str, Field] | None = None, tensors: dict[str, Any] | None = None,
+                tensor_meta: dict[str, Any] | None = None, outputs: list[str] | None = None,
+                headers: dict[str, str] | None = None, received: float | None = None,
+                timeouts: tuple[float | None, ...] = (), client: Any = None, stream: Any = None) -> Ticket:
+    """The one constructor every adapter uses.
+
+    Request id: the client's own (an OIP ``id``, an ``x-request-id``) when it gave a
+    non-empty one, else a fresh one. Deadline: ``received`` plus the shortest of the
+    ``timeouts`` (seconds; None where the client set none, e.g. a gRPC call without a
+    deadline); the data plane caps it at the model's ``responseTimeout``.
+    """
+    received = time.monotonic() if received is None else received
+    limits = [t for t in timeouts if t is not None]
+    work = InferenceRequest(model=model, version=version or None,
+                            request_id=str(request_id) if request_id else next_request_id(), protocol=protocol,
+                            fields={} if fields is None else fields, tensors=tensors, tensor_meta=tensor_meta,
+                            outputs=outputs, headers={} if headers is None else headers,
+                            deadline=received + min(limits) if limits else None)
+    return Ticket(work, Timings(received=received), client=client, stream=stream)
 
 
 @dataclass(slots=True)
@@ -99,3 +158,4 @@ class InferenceResponse:
     tensors: dict[str, Any] | None = None
     model_version: str = ""
     raw: Any = None
+    output_specs: list | None = None  # the answering version's declared outputs (set by the data plane)

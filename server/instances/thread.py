@@ -28,7 +28,8 @@ from server.core.errors import ErrorKind, OspreyError, from_status
 from server.core.model_config import ModelConfig
 from server.core.codecs import decode_field, encode_body, fields_from_tensors
 from server.instances.service import Service, make_service
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.instance import InstanceStatus
+from server.core.types import InferenceResponse, Ticket
 
 __all__ = ["ModelInstance", "Outcome"]
 
@@ -44,7 +45,8 @@ def _error_for(exc: BaseException) -> OspreyError:
     code = getattr(exc, "error_code", None)
     if isinstance(code, int) and not isinstance(code, bool):  # PredictionException(message, code)
         return OspreyError(from_status(code), str(getattr(exc, "message", exc)), status=code)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "CUDA" in str(exc):
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+            (isinstance(exc, RuntimeError) and str(exc).startswith("CUDA out of memory")):  # torch < 1.13
         return OspreyError(ErrorKind.OUT_OF_MEMORY, "Out of resources")
     return OspreyError(ErrorKind.PREDICTION_FAILED, "Prediction failed")
 
@@ -58,7 +60,7 @@ class ModelInstance:
         self.index = index
         self.id = str(next(_ids))
         self.gpu_id = gpu_id
-        self.status = "LOADING"
+        self.status = InstanceStatus.LOADING
         self.start_time = time.time()
         self.error: str | None = None
         self.service: Service | None = None
@@ -93,15 +95,15 @@ class ModelInstance:
             pass
         loaded = self._loaded.is_set()
         if not loaded:
-            self.status = "FAILED"
+            self.status = InstanceStatus.FAILED
             raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
-        if self.status == "STOPPED":
+        if self.status == InstanceStatus.STOPPED:
             raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} was stopped while loading")
-        if self.status != "READY":
+        if self.status != InstanceStatus.READY:
             raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
 
     def stop(self) -> None:
-        self.status = "STOPPED"
+        self.status = InstanceStatus.STOPPED
         self._jobs.put(None)
 
     @property
@@ -113,7 +115,17 @@ class ModelInstance:
     def accepts_tensors(self) -> bool:
         return bool(self.service and self.service.accepts_tensors)
 
-    def submit(self, batches: list[list[InferenceRequest]], loop: asyncio.AbstractEventLoop,
+    def tensor_specs(self) -> tuple[Any, Any]:
+        """(inputs, outputs) the loaded handler declares (``tensor_metadata()`` or
+        ``inputs``/``outputs`` attributes), None where it declares none."""
+        target = self.service.target if self.service is not None else None
+        if target is None:
+            return None, None
+        declared = target.tensor_metadata() if callable(getattr(target, "tensor_metadata", None)) else {}
+        return (declared.get("inputs") or getattr(target, "inputs", None),
+                declared.get("outputs") or getattr(target, "outputs", None))
+
+    def submit(self, batches: list[list[Ticket]], loop: asyncio.AbstractEventLoop,
                on_done: Callable[["ModelInstance", list, list[list[Outcome]]], None]) -> None:
         """Run ``batches`` one after another; report all their outcomes with one loop callback."""
         self._jobs.put((batches, loop, on_done))
@@ -128,12 +140,12 @@ class ModelInstance:
             warmup = getattr(self.service.target, "warmup", None)
             if callable(warmup):
                 warmup(self.context)
-            if self.status != "STOPPED":  # stopped while loading: it ends below without serving
-                self.status = "READY"
+            if self.status != InstanceStatus.STOPPED:  # stopped while loading: it ends below without serving
+                self.status = InstanceStatus.READY
         except BaseException as exc:  # reported at registration, never raised on the loop
             log.exception("model %s instance %d failed to load", self.name, self.index)
             self.error = f"{type(exc).__name__}: {exc}"
-            self.status = "FAILED"
+            self.status = InstanceStatus.FAILED
         finally:
             self._loaded.set()
             wake = self._on_loaded
@@ -142,7 +154,7 @@ class ModelInstance:
                     wake()
                 except RuntimeError:  # the loop has closed: nobody is waiting
                     pass
-        if self.status != "READY":
+        if self.status != InstanceStatus.READY:
             return
         while True:
             job = self._jobs.get()
@@ -161,7 +173,7 @@ class ModelInstance:
             except RuntimeError:  # loop closed during shutdown
                 break
 
-    def run(self, batch: list[InferenceRequest]) -> list[Outcome]:
+    def run(self, batch: list[Ticket]) -> list[Outcome]:
         """Handle a batch; if it fails as a whole, handle each request alone.
 
         A request whose inputs cannot be decoded fails alone before the handler runs; the
@@ -192,36 +204,37 @@ class ModelInstance:
             r.timings.stages = stages
         return outcomes
 
-    def _single(self, request: InferenceRequest) -> Outcome:
+    def _single(self, request: Ticket) -> Outcome:
         row = self._decode(request)  # afresh: the failed batch's handler may have changed its row
         if isinstance(row, OspreyError):
             return row
         out = self._handle([request], [row])
         return out if isinstance(out, OspreyError) else out[0]
 
-    def _decode(self, r: InferenceRequest) -> dict[str, Any] | OspreyError:
+    def _decode(self, r: Ticket) -> dict[str, Any] | OspreyError:
         """One request as the handler's ``data`` row (TorchServe's decoding), or why not."""
         tensors = self.accepts_tensors
+        w = r.request
         try:
-            fields = r.fields
-            if not tensors and r.tensors is not None and not fields:  # protocol tensors for a bytes handler
-                fields = fields_from_tensors(r.tensors, r.tensor_meta)
+            fields = w.fields
+            if not tensors and w.tensors is not None and not fields:  # protocol tensors for a bytes handler
+                fields = fields_from_tensors(w.tensors, w.tensor_meta)
             row = {k: decode_field(f) for k, f in fields.items()}
         except OspreyError as err:
             return err
         except Exception:  # the front end let through what it should have refused: a server bug
-            log.exception("model %s: could not decode the inputs of request %s", self.name, r.request_id)
+            log.exception("model %s: could not decode the inputs of request %s", self.name, w.request_id)
             return OspreyError(ErrorKind.INTERNAL, "Internal server error: could not decode the request's inputs; "
                                                    "the server log has the details")
-        if tensors and r.tensors is not None:
-            row["tensors"] = r.tensors
+        if tensors and w.tensors is not None:
+            row["tensors"] = w.tensors
         return row
 
-    def _handle(self, batch: list[InferenceRequest], data: list[dict]) -> list[Outcome] | OspreyError:
+    def _handle(self, batch: list[Ticket], data: list[dict]) -> list[Outcome] | OspreyError:
         ctx = self.context
         tensors = self.accepts_tensors
-        ctx.request_ids = {i: r.request_id for i, r in enumerate(batch)}
-        ctx.request_processor = [RequestProcessor(r.headers) for r in batch]
+        ctx.request_ids = {i: r.request.request_id for i, r in enumerate(batch)}
+        ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
         ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
         ctx.stage_times = {}
         try:

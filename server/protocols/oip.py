@@ -17,58 +17,28 @@ import orjson
 from server import __version__
 from server.core.errors import ErrorKind, OspreyError
 from server.core.tensors import as_array, bad_input
+from server.core.signature import BYTES_OUTPUT
 from server.core.types import InferenceResponse
+from server.protocols.management import require_model_api
 
-__all__ = ["SERVER_METADATA", "BYTES_INPUT", "BYTES_OUTPUT", "tensor_specs", "model_metadata",
-           "deadline_from", "output_tensors", "repository_index", "archive_for",
+__all__ = ["SERVER_METADATA", "model_metadata", "timeout_of",
+           "output_tensors", "repository_index", "archive_for",
            "load_model", "unload_model"]
 
 SERVER_METADATA = {"name": "osprey", "version": __version__,
                    "extensions": ["binary_tensor_data", "model_repository", "schedule_policy"]}
 PLATFORM = "pytorch"
-BYTES_INPUT = {"name": "body", "datatype": "BYTES", "shape": [-1]}
-BYTES_OUTPUT = {"name": "output", "datatype": "BYTES", "shape": [-1]}
-
-
-def _spec_dicts(specs: Any) -> list[dict]:
-    out = []
-    for s in specs or ():
-        d = s.as_dict() if hasattr(s, "as_dict") else dict(s)
-        out.append({"name": str(d["name"]), "datatype": str(d.get("datatype", "FP32")).upper(),
-                    "shape": [int(x) for x in d.get("shape", [-1])]})
-    return out
-
-
-def tensor_specs(mv: Any) -> tuple[list[dict], list[dict]]:
-    """(inputs, outputs) of a model version: model-config.yaml first, then what the handler
-    declares (``tensor_metadata()`` or ``inputs``/``outputs`` lists), else, for a handler
-    that takes bytes, one BYTES input and output (the raw body)."""
-    inputs, outputs = _spec_dicts(mv.config.inputs), _spec_dicts(mv.config.outputs)
-    if not inputs or not outputs:
-        for inst in mv.instances:
-            target = getattr(inst.service, "target", None) if inst.service is not None else None
-            if target is not None:
-                declared = target.tensor_metadata() if callable(getattr(target, "tensor_metadata", None)) else {}
-                declared_in = declared.get("inputs") or getattr(target, "inputs", None)
-                declared_out = declared.get("outputs") or getattr(target, "outputs", None)
-                inputs = inputs or (_spec_dicts(declared_in) if isinstance(declared_in, (list, tuple)) else [])
-                outputs = outputs or (_spec_dicts(declared_out) if isinstance(declared_out, (list, tuple)) else [])
-                break
-    if not mv.accepts_tensors:
-        inputs = inputs or [dict(BYTES_INPUT)]
-        outputs = outputs or [dict(BYTES_OUTPUT)]
-    return inputs, outputs
 
 
 def model_metadata(registry: Any, name: str, version: str | None) -> dict:
     mv = registry.get(name, version)
-    inputs, outputs = tensor_specs(mv)
     return {"name": mv.name, "versions": [v.version for v in registry.versions(name)],
-            "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
+            "platform": PLATFORM, "inputs": mv.signature.inputs, "outputs": mv.signature.outputs}
 
 
-def deadline_from(parameters: dict | None, received: float) -> float | None:
-    """The protocol's ``timeout`` request parameter (microseconds) as a monotonic deadline."""
+def timeout_of(parameters: dict | None) -> float | None:
+    """The protocol's ``timeout`` request parameter (microseconds) in seconds; None where
+    absent or 0 (no timeout)."""
     if not parameters or "timeout" not in parameters:
         return None
     value = parameters["timeout"]
@@ -81,7 +51,7 @@ def deadline_from(parameters: dict | None, received: float) -> float | None:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:60] + "..."
         raise bad_input(f"parameter 'timeout' must be a finite, non-negative number of microseconds, got {shown}")
-    return received + seconds if seconds else None
+    return seconds or None
 
 
 def output_tensors(response: InferenceResponse, outputs: list[dict],
@@ -158,22 +128,16 @@ def archive_for(model_store: str, name: str) -> str:
     raise OspreyError(ErrorKind.NOT_FOUND, f"no archive for model '{name}' in the model store")
 
 
-def _model_api(enabled: bool) -> None:
-    if not enabled:
-        raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
-                          "Model API is disabled: start the server with --enable-model-api (enable_model_api=true)")
-
-
 async def load_model(registry: Any, model_store: str, name: str, enabled: bool) -> None:
     """Repository load: register model ``name`` from the model store (no-op if loaded)."""
-    _model_api(enabled)
+    require_model_api(enabled)
     if name not in registry.models:
         await registry.register(archive_for(model_store, name), model_name=name)
 
 
 async def unload_model(registry: Any, name: str, enabled: bool) -> None:
     """Repository unload: unregister every version of ``name``."""
-    _model_api(enabled)
+    require_model_api(enabled)
     default = registry.default_version(name)
     for mv in registry.versions(name):  # the default version goes last
         if mv.version != default:

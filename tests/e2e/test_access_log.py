@@ -14,7 +14,7 @@ import pytest
 from monitoring.access_log import AccessLog, parse_access_log
 from server.core.errors import ErrorKind, OspreyError
 from server.settings import load_settings
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.types import InferenceRequest, InferenceResponse, Ticket
 
 from tests.models import RECORDING_HANDLER, handler_archive
 
@@ -37,8 +37,8 @@ def test_setting_values():
         load_settings(env={"OSPREY_LATENCY_OBJECTIVES": "-1"})
 
 
-def _request(i: int) -> InferenceRequest:
-    r = InferenceRequest("m", None, f"id-{i}", protocol="rest")
+def _request(i: int) -> Ticket:
+    r = Ticket(InferenceRequest("m", None, f"id-{i}", protocol="rest"))
     now = time.monotonic()
     r.timings.received, r.timings.dispatched, r.timings.started, r.timings.finished = now - 0.5, now - 0.4, now - 0.3, now - 0.1
     return r

@@ -27,7 +27,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.protocols.grpc.generated import management_pb2 as mpb
 from server.protocols.grpc.generated import management_pb2_grpc as mpb_grpc
 from server.core.model_config import parse_model_config
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.types import InferenceRequest, InferenceResponse, Ticket
 from tests.models import handler_archive, mlp_archive
 from tests.oip_stubs import pb, pb_grpc
 
@@ -458,7 +458,7 @@ class Instance:
 
     def finish(self):
         batches, on_done = self.pending.pop(0)
-        on_done(self, batches, [[InferenceResponse(body=r.request_id.encode()) for r in b] for b in batches])
+        on_done(self, batches, [[InferenceResponse(body=r.request.request_id.encode()) for r in b] for b in batches])
 
     def stop(self):
         self.status = "STOPPED"
@@ -471,8 +471,8 @@ class Broken(Instance):
         raise RuntimeError("instance thread is gone")
 
 
-def _req(i: int, deadline: float | None = None) -> InferenceRequest:
-    r = InferenceRequest(model="m", version="1", request_id=f"r{i}", deadline=deadline)
+def _req(i: int, deadline: float | None = None) -> Ticket:
+    r = Ticket(InferenceRequest(model="m", version="1", request_id=f"r{i}", deadline=deadline))
     r.timings.received = time.monotonic()
     return r
 

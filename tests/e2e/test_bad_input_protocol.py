@@ -26,7 +26,7 @@ from server.protocols.rest.asgi import Router, oip_error
 from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
 from server.instances.thread import ModelInstance
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.types import InferenceRequest, InferenceResponse, Protocol, Ticket
 
 from tests.gates import Gate, pending, wait_until
 from tests.models import RECORDING_HANDLER, handler_archive
@@ -219,11 +219,11 @@ def test_instance_fails_only_the_request_whose_inputs_cannot_be_decoded(tmp_path
     archive = open_archive(handler_archive(store, "rec", RECORDING_HANDLER), tmp_path / "work")
     inst = ModelInstance("rec", "1.0", archive, ModelConfig(batch_size=3, device_type="cpu"), 0, None)
 
-    def req(i: int, meta) -> InferenceRequest:
+    def req(i: int, meta) -> Ticket:
         body = np.empty(1, dtype=object)
         body[0] = json.dumps({"id": f"r{i}"}).encode()
-        return InferenceRequest(model="rec", version="1.0", request_id=f"r{i}", protocol="v2",
-                                tensors={"body": body}, tensor_meta=meta)
+        return Ticket(InferenceRequest(model="rec", version="1.0", request_id=f"r{i}", protocol=Protocol.REST_V2,
+                                       tensors={"body": body}, tensor_meta=meta))
 
     async def run(batch):
         loop = asyncio.get_running_loop()

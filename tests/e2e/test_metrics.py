@@ -14,7 +14,7 @@ from handlers.metrics import HandlerMetrics, MetricTypes
 from monitoring.metrics import DEFAULT_BUCKETS, ServingMetrics, metric_buckets
 from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.types import InferenceRequest, InferenceResponse, Ticket
 from tests.models import mlp_archive
 
 
@@ -74,7 +74,7 @@ def _samples(metrics: ServingMetrics) -> dict:
 
 
 def _req(version=None, received=10.0, dispatched=10.25, protocol="rest"):
-    r = InferenceRequest("m", version, "req-1", protocol=protocol)
+    r = Ticket(InferenceRequest("m", version, "req-1", protocol=protocol))
     r.timings.received, r.timings.dispatched = received, dispatched
     return r
 
@@ -98,7 +98,7 @@ def test_request_and_batch_observations(monkeypatch):
     m.observe(mv, _req(version="1.0", protocol="grpc"), InferenceResponse())
     m.observe(mv, _req(dispatched=0.0), OspreyError(ErrorKind.QUEUE_FULL, "full"))
     m.observe(mv, _req(), OspreyError(ErrorKind.DEADLINE, "late"))
-    m.observe(None, InferenceRequest("client-chosen-name", None, "r"), OspreyError(ErrorKind.NOT_FOUND, "no"))
+    m.observe(None, Ticket(InferenceRequest("client-chosen-name", None, "r")), OspreyError(ErrorKind.NOT_FOUND, "no"))
     batch = [_req(), _req(), _req()]
     for r in batch:
         r.timings.started, r.timings.finished = 10.3, 10.4

@@ -14,7 +14,7 @@ import pytest
 
 from server.core.batching import Batcher
 from server.core.errors import ErrorKind, OspreyError
-from server.core.types import InferenceRequest, InferenceResponse
+from server.core.types import InferenceRequest, InferenceResponse, Ticket
 
 
 class HandInstance:
@@ -28,7 +28,7 @@ class HandInstance:
 
     def __init__(self, exec_s: float = 1e-4):
         self.exec_s = exec_s
-        self.batches: list[list[InferenceRequest]] = []
+        self.batches: list[list[Ticket]] = []
         self.handed_at: list[float] = []  # monotonic time of each batch's handoff
         self.handoffs = 0
         self._pending = []
@@ -50,7 +50,7 @@ class HandInstance:
                 r.timings.started = start
                 r.timings.finished = start + self.exec_s
             start += self.exec_s
-            outcomes.append([outcome(r) if outcome else InferenceResponse(body=r.request_id.encode()) for r in batch])
+            outcomes.append([outcome(r) if outcome else InferenceResponse(body=r.request.request_id.encode()) for r in batch])
         on_done(self, batches, outcomes)
 
     def stop(self):
@@ -58,8 +58,8 @@ class HandInstance:
         self.status = "STOPPED"
 
 
-def req(i: int, deadline: float | None = None) -> InferenceRequest:
-    r = InferenceRequest(model="m", version="1", request_id=f"r{i}", deadline=deadline)
+def req(i: int, deadline: float | None = None) -> Ticket:
+    r = Ticket(InferenceRequest(model="m", version="1", request_id=f"r{i}", deadline=deadline))
     r.timings.received = time.monotonic()
     return r
 
@@ -111,7 +111,7 @@ async def test_cancelled_caller_is_dropped_and_batch_mates_are_answered():
     waiters[1].cancel()  # a client goes away while queued
     await asyncio.sleep(0)
     inst.finish()
-    sent = [r.request_id for r in inst.batches[1]]
+    sent = [r.request.request_id for r in inst.batches[1]]
     assert sent == ["r1", "r3", "r4"]  # r2 never runs
     inst.finish()
     assert [(await w).body for w in (waiters[0], waiters[2], waiters[3])] == [b"r1", b"r3", b"r4"]
@@ -163,7 +163,7 @@ async def test_deadline_passing_in_the_queue_answers_504_and_never_runs():
     assert info.value.kind is ErrorKind.DEADLINE and info.value.status == 504
     assert b.pending == 1  # only r2 still waits
     inst.finish()
-    assert [r.request_id for r in inst.batches[1]] == ["r2"]
+    assert [r.request.request_id for r in inst.batches[1]] == ["r2"]
     inst.finish()
     assert (await ok).body == b"r2"
 
@@ -180,7 +180,7 @@ async def test_errors_reach_only_their_own_request():
     b, inst = with_instance(batch_size=4)
     futs = queued_behind_one(b, 4)
     inst.finish()
-    inst.finish(lambda r: OspreyError(ErrorKind.BAD_INPUT, "bad") if r.request_id == "r2" else InferenceResponse(body=b"ok"))
+    inst.finish(lambda r: OspreyError(ErrorKind.BAD_INPUT, "bad") if r.request.request_id == "r2" else InferenceResponse(body=b"ok"))
     assert (await futs[0]).body == b"ok"
     with pytest.raises(OspreyError):
         await futs[1]

@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import OspreyError
 from server.core.registry import Registry
+from server.protocols import management as api
 from server.protocols.grpc.generated import management_pb2 as pb
 from server.protocols.grpc.generated import management_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import abort
@@ -29,74 +30,38 @@ class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
         self.registry = registry
         self.enable_model_api = enable_model_api
 
-    def _model_api(self) -> None:
-        if not self.enable_model_api:
-            raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
-                              "Model API is disabled: start the server with --enable-model-api (enable_model_api=true)")
-
-    async def _call(self, context, fn, *args) -> pb.ManagementResponse:
+    async def _call(self, context, fn, *args, **kwargs) -> pb.ManagementResponse:
         try:
-            return _msg(await fn(*args))
+            result = fn(*args, **kwargs)
+            return _msg(await result if hasattr(result, "__await__") else result)
         except OspreyError as err:
             await abort(context, err)
 
     async def DescribeModel(self, request, context):
-        async def run():
-            name, version = request.model_name, request.model_version or None
-            versions = self.registry.versions(name) if version == "all" else [self.registry.get(name, version)]
-            return [self.registry.describe(mv) for mv in versions]
-        return await self._call(context, run)
+        return await self._call(context, api.describe_models, self.registry, request.model_name,
+                                request.model_version or None)
 
     async def ListModels(self, request, context):
-        async def run():
-            if request.limit < 0 or request.next_page_token < 0:
-                raise OspreyError(ErrorKind.BAD_INPUT, "limit must be positive and next_page_token not negative")
-            items, nxt = self.registry.list_page(min(request.limit or 100, 100), request.next_page_token)
-            body: dict[str, Any] = {}
-            if nxt is not None:
-                body["nextPageToken"] = str(nxt)
-            body["models"] = items
-            return body
-        return await self._call(context, run)
+        return await self._call(context, api.list_models, self.registry, request.limit or 100,
+                                request.next_page_token)
 
     async def RegisterModel(self, request, context):
-        async def run():
-            self._model_api()
-            r = request
-            mv = await self.registry.register(
-                r.url, model_name=r.model_name or None, handler=r.handler or None,
-                batch_size=r.batch_size or None, max_batch_delay=r.max_batch_delay or None,
-                initial_workers=r.initial_workers or None, response_timeout=r.response_timeout or None,
-                startup_timeout=r.startup_timeout or None, synchronous=r.synchronous)
-            if not r.synchronous:
-                return {"status": "Processing worker updates..."}
-            return {"status": f"Model \"{mv.name}\" Version: {mv.version} registered with "
-                              f"{len(mv.instances)} initial workers"}
-        return await self._call(context, run)
+        r = request
+        return await self._call(
+            context, api.register, self.registry, self.enable_model_api, r.url, synchronous=r.synchronous,
+            model_name=r.model_name or None, handler=r.handler or None, batch_size=r.batch_size or None,
+            max_batch_delay=r.max_batch_delay or None, initial_workers=r.initial_workers or None,
+            response_timeout=r.response_timeout or None, startup_timeout=r.startup_timeout or None)
 
     async def ScaleWorker(self, request, context):
-        async def run():
-            r = request
-            name, version = r.model_name, r.model_version or None
-            lo = r.min_worker if r.min_worker or r.max_worker else None
-            mv, lo, hi = self.registry.plan_scale(name, version, lo, r.max_worker or None)
-            if not r.synchronous:
-                self.registry.scale_in_background(name, version, lo, hi)
-                return {"status": "Processing worker updates..."}
-            await self.registry.scale(name, version, lo, hi)
-            return {"status": f"Workers scaled to {lo} for model: {name}"}
-        return await self._call(context, run)
+        r = request
+        lo = r.min_worker if r.min_worker or r.max_worker else None
+        return await self._call(context, api.scale, self.registry, r.model_name, r.model_version or None, lo,
+                                r.max_worker or None, synchronous=r.synchronous)
 
     async def SetDefault(self, request, context):
-        async def run():
-            self.registry.set_default(request.model_name, request.model_version)
-            return {"status": f"Default version successfully updated for model \"{request.model_name}\" "
-                              f"to \"{request.model_version}\""}
-        return await self._call(context, run)
+        return await self._call(context, api.set_default, self.registry, request.model_name, request.model_version)
 
     async def UnregisterModel(self, request, context):
-        async def run():
-            self._model_api()
-            await self.registry.unregister(request.model_name, request.model_version or None)
-            return {"status": f"Model \"{request.model_name}\" unregistered"}
-        return await self._call(context, run)
+        return await self._call(context, api.unregister, self.registry, self.enable_model_api, request.model_name,
+                                request.model_version or None)

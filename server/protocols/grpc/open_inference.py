@@ -18,15 +18,14 @@ import numpy as np
 
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
-from server.protocols.oip import (SERVER_METADATA, deadline_from, load_model, model_metadata, output_tensors, repository_index,
-                   tensor_specs, unload_model)
+from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, output_tensors, repository_index,
+                                  timeout_of, unload_model)
 from server.core.tensors import DTYPES, bad_input, decode_raw, element_count, encode_raw
-from server.core.types import InferenceRequest, InferenceResponse, next_request_id
+from server.core.types import InferenceResponse, Protocol, Ticket, new_request
 from server.protocols.grpc.generated import grpc_service_pb2 as pb
 from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import abort, unexpected
 from server.protocols.grpc.streams import StreamSink
-from server.protocols.grpc.torchserve import deadline_of
 
 __all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response"]
 
@@ -143,31 +142,22 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # --- inference --------------------------------------------------------------------
-    def _core(self, request, context) -> InferenceRequest:
+    def _core(self, request, context) -> Ticket:
         received = time.monotonic()
         tensors, meta = decode_inputs(request)
-        deadline = deadline_of(context, received)
-        params = _params(request.parameters)
-        if params:
-            timeout = deadline_from(params, received)
-            if timeout is not None and (deadline is None or timeout < deadline):
-                deadline = timeout
-        core = InferenceRequest(model=request.model_name, version=request.model_version or None,
-                                request_id=request.id or next_request_id(), protocol="grpc-v2",
-                                tensors=tensors, tensor_meta=meta, deadline=deadline,
-                                outputs=[o.name for o in request.outputs] or None)
-        core.timings.received = received
-        return core
+        return new_request(Protocol.GRPC_V2, request.model_name, request.model_version, request_id=request.id,
+                           tensors=tensors, tensor_meta=meta, outputs=[o.name for o in request.outputs] or None,
+                           received=received, timeouts=(context.time_remaining(), timeout_of(_params(request.parameters))))
 
-    def _encode(self, request, out: InferenceResponse, requested) -> pb.ModelInferResponse:
-        mv = self.registry.get(request.model_name, out.model_version or request.model_version or None)
-        return encode_response(request, out.model_version, output_tensors(out, tensor_specs(mv)[1], requested))
+    @staticmethod
+    def _encode(request, version: str, out: InferenceResponse, specs: list | None, requested) -> pb.ModelInferResponse:
+        return encode_response(request, version, output_tensors(out, specs or [], requested))
 
     async def ModelInfer(self, request, context):
         try:
             core = self._core(request, context)
             out = await self.dataplane.infer(core)
-            return self._encode(request, out, core.outputs)
+            return self._encode(request, out.model_version, out, out.output_specs, core.request.outputs)
         except OspreyError as err:
             await abort(context, err)
         except Exception as exc:
@@ -185,13 +175,14 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     partial = InferenceResponse(tensors=item["tensors"]) if isinstance(item, dict) and "tensors" in item \
                         else InferenceResponse(body=item if isinstance(item, (bytes, bytearray)) else str(item).encode(),
                                                content_type="application/octet-stream")
-                    partial.model_version = self.registry.get(request.model_name, request.model_version or None).version
-                    out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(request, partial, core.outputs)))
+                    out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(
+                        request, core.model_version, partial, core.output_specs, core.request.outputs)))
                 result = task.result()
             finally:
                 if not task.done():
                     task.cancel()
-            out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(request, result, core.outputs)))
+            out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(
+                request, result.model_version, result, result.output_specs, core.request.outputs)))
         except OspreyError as err:
             out.put_nowait(self._stream_error(request, err))
         except Exception as exc:  # never a request on the stream without an answer

@@ -1,6 +1,6 @@
 """Intermediate responses from a handler thread to a streaming gRPC call.
 
-A :class:`StreamSink` is the ``InferenceRequest.stream`` callable: the handler thread
+A :class:`StreamSink` is the ``Ticket.stream`` callable: the handler thread
 calls it (through ``context.send_intermediate`` or TorchServe's
 ``send_intermediate_predict_response``) and each item is handed to the event loop, where
 the RPC iterates over them until :meth:`close`.

@@ -2,7 +2,7 @@
 
 Ping, Predictions, StreamPredictions (intermediate responses the handler sends, then the
 final one) and StreamPredictions2 (a stream of requests answered in order, errors in
-band). Each call becomes an :class:`~server.types.InferenceRequest` for the data plane;
+band). Each call becomes the core's request (:func:`~server.core.types.new_request`);
 the gRPC deadline becomes the request's deadline, and a cancelled call cancels it.
 """
 
@@ -16,17 +16,13 @@ from google.rpc import status_pb2
 
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
-from server.core.types import Field, InferenceRequest, next_request_id
+from server.core.types import Field, Protocol, Ticket, new_request
 from server.protocols.grpc.generated import inference_pb2 as pb
 from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import abort, grpc_code, unexpected
 from server.protocols.grpc.streams import StreamSink
 
-__all__ = ["InferenceServicer", "deadline_of"]
-
-def deadline_of(context, received: float) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else received + remaining
+__all__ = ["InferenceServicer"]
 
 
 def _headers(context) -> dict[str, str]:
@@ -38,16 +34,13 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
     def __init__(self, dataplane: DataPlane):
         self.dataplane = dataplane
 
-    def _core(self, request, context) -> InferenceRequest:
-        received = time.monotonic()
-        core = InferenceRequest(model=request.model_name, version=request.model_version or None,
-                                request_id=next_request_id(), protocol="grpc",
-                                fields={k: Field(v) for k, v in request.input.items()},
-                                headers=_headers(context), deadline=deadline_of(context, received))
+    def _core(self, request, context) -> Ticket:
+        headers = _headers(context)
         if request.HasField("sequence_id"):
-            core.headers["ts_request_sequence_id"] = request.sequence_id
-        core.timings.received = received
-        return core
+            headers["ts_request_sequence_id"] = request.sequence_id
+        return new_request(Protocol.GRPC, request.model_name, request.model_version,
+                           fields={k: Field(v) for k, v in request.input.items()}, headers=headers,
+                           received=time.monotonic(), timeouts=(context.time_remaining(),))
 
     async def Ping(self, request, context):
         healthy = self.dataplane.healthy()

@@ -1,16 +1,14 @@
 """TorchServe's inference API (port 8080): /ping, /predictions, /explanations.
 
-Translates HTTP into an :class:`~server.types.InferenceRequest`, calls the data plane,
+Translates HTTP into the core's request (:func:`~server.core.types.new_request`), calls the data plane,
 and writes the answer back. Nothing else: queueing, batching and deadlines are the core's.
 """
 
 from __future__ import annotations
 
-import time
-
 from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError
-from server.core.types import InferenceRequest
+from server.core.types import Protocol, Ticket, new_request
 from server.protocols.rest.asgi import Request, Response, Router, json_response
 from server.protocols.rest.forms import fields_from_body
 
@@ -19,19 +17,15 @@ __all__ = ["add_inference_routes"]
 PREDICT_METHODS = ("POST", "PUT", "GET")
 
 
-def to_core_request(req: Request, model: str, version: str | None, *, explain: bool, url_path: str = "",
-                    protocol: str = "rest") -> InferenceRequest:
+def to_core_request(req: Request, model: str, version: str | None, *, explain: bool, url_path: str = "") -> Ticket:
     fields = fields_from_body(req.body, req.content_type)
     headers = req.headers  # this request's own dict: extend it in place
     headers["explain"] = "True" if explain else "False"
     headers["url_path"] = url_path
     for name, f in fields.items():
         headers.setdefault(name, {"content-type": f.content_type})  # TorchServe per-field entry
-    core = InferenceRequest(model=model, version=version, request_id=req.request_id, protocol=protocol,
-                            fields=fields, headers=headers)
-    core.timings.received = time.monotonic()
-    core.client = req.connection()
-    return core
+    return new_request(Protocol.REST, model, version, request_id=req.request_id, fields=fields, headers=headers,
+                       client=req.connection())
 
 
 def add_inference_routes(router: Router, dataplane: DataPlane) -> None:

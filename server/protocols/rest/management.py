@@ -9,6 +9,7 @@ import orjson
 
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.registry import Registry
+from server.protocols import management as api
 from server.protocols.rest.asgi import Request, Response, Router, json_response
 
 __all__ = ["add_management_routes"]
@@ -86,68 +87,36 @@ def _bool(params: dict, key: str, default: bool) -> bool:
 
 def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
                           rotate_key: Callable[[str, str], bool] | None = None) -> None:
-    def model_api_enabled() -> None:
-        if not enable_model_api:
-            raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
-                              "Model API is disabled: start the server with --enable-model-api (enable_model_api=true)")
-
     async def list_models(req: Request) -> Response:
         p = _params(req)
-        limit = _int(p, "limit", 100)
-        token = _int(p, "next_page_token", 0)
-        if limit <= 0 or token < 0:
-            raise OspreyError(ErrorKind.BAD_INPUT, "limit must be positive and next_page_token not negative")
-        items, nxt = registry.list_page(min(limit, 100), token)
-        body: dict[str, Any] = {}
-        if nxt is not None:
-            body["nextPageToken"] = str(nxt)
-        body["models"] = items
-        return json_response(body)
+        return json_response(api.list_models(registry, _int(p, "limit", 100), _int(p, "next_page_token", 0)))
 
     async def register(req: Request) -> Response:
-        model_api_enabled()
         p = _params(req)
         synchronous = _bool(p, "synchronous", True)
-        mv = await registry.register(
-            _str(p, "url") or "", model_name=_str(p, "model_name"), handler=_str(p, "handler"),
-            batch_size=_int(p, "batch_size"), max_batch_delay=_float(p, "max_batch_delay"),
+        body = await api.register(
+            registry, enable_model_api, _str(p, "url"), synchronous=synchronous, model_name=_str(p, "model_name"),
+            handler=_str(p, "handler"), batch_size=_int(p, "batch_size"), max_batch_delay=_float(p, "max_batch_delay"),
             initial_workers=_int(p, "initial_workers"), response_timeout=_float(p, "response_timeout"),
-            startup_timeout=_float(p, "startup_timeout"), synchronous=synchronous)
-        if not synchronous:
-            return json_response({"status": "Processing worker updates..."}, status=202)
-        return json_response({"status": f"Model \"{mv.name}\" Version: {mv.version} registered with "
-                                        f"{len(mv.instances)} initial workers"})
+            startup_timeout=_float(p, "startup_timeout"))
+        return json_response(body, status=200 if synchronous else 202)
 
     async def describe(req: Request) -> Response:
-        name, version = req.params["model"], req.params.get("version")
-        if version == "all":
-            versions = registry.versions(name)
-        else:
-            versions = [registry.get(name, version)]
-        return json_response([registry.describe(mv) for mv in versions])
+        return json_response(api.describe_models(registry, req.params["model"], req.params.get("version")))
 
     async def scale(req: Request) -> Response:
         p = _params(req)
-        name, version = req.params["model"], req.params.get("version")
         synchronous = _bool(p, "synchronous", False)
-        lo, hi = _int(p, "min_worker"), _int(p, "max_worker")
-        mv, lo, hi = registry.plan_scale(name, version, lo, hi)  # errors now, not later
-        if not synchronous:
-            registry.scale_in_background(name, version, lo, hi)
-            return json_response({"status": "Processing worker updates..."}, status=202)
-        await registry.scale(name, version, lo, hi)
-        return json_response({"status": f"Workers scaled to {lo} for model: {name}"})
+        body = await api.scale(registry, req.params["model"], req.params.get("version"), _int(p, "min_worker"),
+                               _int(p, "max_worker"), synchronous=synchronous)
+        return json_response(body, status=200 if synchronous else 202)
 
     async def unregister(req: Request) -> Response:
-        model_api_enabled()
-        name = req.params["model"]
-        await registry.unregister(name, req.params.get("version"))
-        return json_response({"status": f"Model \"{name}\" unregistered"})
+        return json_response(await api.unregister(registry, enable_model_api, req.params["model"],
+                                                  req.params.get("version")))
 
     async def set_default(req: Request) -> Response:
-        name, version = req.params["model"], req.params["version"]
-        registry.set_default(name, version)
-        return json_response({"status": f"Default version successfully updated for model \"{name}\" to \"{version}\""})
+        return json_response(api.set_default(registry, req.params["model"], req.params["version"]))
 
     async def token(req: Request) -> Response:
         kind = req.query.get("type", "")

@@ -13,10 +13,10 @@ from typing import Any
 import orjson
 
 from server.core.dataplane import DataPlane
-from server.protocols.oip import (SERVER_METADATA, deadline_from, load_model, model_metadata, output_tensors, repository_index,
-                   tensor_specs, unload_model)
+from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, output_tensors, repository_index,
+                                  timeout_of, unload_model)
 from server.core.tensors import DTYPES, bad_input, decode_bytes, decode_json, decode_raw, encode_raw, to_json_data
-from server.core.types import InferenceRequest
+from server.core.types import Protocol, new_request
 from server.protocols.rest.asgi import Request, Response, Router, oip_error
 
 __all__ = ["add_v2_routes", "parse_infer_body", "encode_infer_response"]
@@ -205,21 +205,18 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         header = req.headers.get(_HEADER)
         default_input = None
         if header is not None and header.strip() == "0":
-            inputs, _ = tensor_specs(registry.get(name, version))
+            inputs = dataplane.model(name, version).signature.inputs
             default_input = inputs[0] if len(inputs) == 1 else None
         request, tensors, meta = parse_infer_body(req.body, header, default_input)
         params = request.get("parameters")
-        rid = request.get("id")
-        core = InferenceRequest(model=name, version=version,
-                                request_id=str(rid) if rid else req.request_id,
-                                protocol="v2", tensors=tensors, tensor_meta=meta or None,
-                                headers=req.headers, deadline=deadline_from(params if isinstance(params, dict) else None, received))
-        core.timings.received = received
-        core.client = req.connection()
-        out = await dataplane.infer(core)
-        mv = registry.get(name, out.model_version or version)
         requested = [o.get("name") for o in request.get("outputs") or () if isinstance(o, dict)] or None
-        return encode_infer_response(name, out.model_version, request, output_tensors(out, tensor_specs(mv)[1], requested))
+        core = new_request(Protocol.REST_V2, name, version, request_id=request.get("id") or req.request_id,
+                           tensors=tensors, tensor_meta=meta or None, outputs=requested, headers=req.headers,
+                           received=received, timeouts=(timeout_of(params if isinstance(params, dict) else None),),
+                           client=req.connection())
+        out = await dataplane.infer(core)
+        return encode_infer_response(name, out.model_version, request,
+                                     output_tensors(out, out.output_specs, requested))
 
     async def index(req: Request) -> Response:
         body = _loads(req.body) if req.body else {}

@@ -1,0 +1,129 @@
+"""TorchServe's management semantics, once for REST (port 8081) and gRPC (port 7071).
+
+Each call takes parameters already decoded from the wire, calls the registry and returns
+TorchServe's JSON body as a dict (the REST adapter sends it, the gRPC adapter wraps it in
+``ManagementResponse{msg}``). The model-API guard lives here and in no other place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from server.core.errors import ErrorKind, OspreyError
+from server.core.instance import InstanceStatus
+from server.core.registry import ModelVersion, Registry
+
+__all__ = ["require_model_api", "describe", "describe_models", "list_models", "register", "scale",
+           "unregister", "set_default", "PROCESSING"]
+
+PROCESSING = {"status": "Processing worker updates..."}
+_WORKER_STATUS = {InstanceStatus.READY: "READY", InstanceStatus.STOPPED: "UNLOADING",
+                  InstanceStatus.LOADING: "LOADING", InstanceStatus.FAILED: "FAILED"}
+
+
+def require_model_api(enabled: bool) -> None:
+    """Registering and unregistering over the network is off unless --enable-model-api."""
+    if not enabled:
+        raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
+                          "Model API is disabled: start the server with --enable-model-api (enable_model_api=true)")
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def describe(mv: ModelVersion) -> dict[str, Any]:
+    """One model version as TorchServe's describe API shows it."""
+    cfg = mv.config
+    pid = os.getpid()
+    workers = [{
+        "id": inst.id,
+        "startTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(inst.start_time)),
+        "status": _WORKER_STATUS.get(inst.status, str(inst.status)),
+        "memoryUsage": 0,
+        "pid": getattr(inst, "pid", None) or pid,
+        "gpu": inst.gpu_id is not None,
+        "gpuUsage": "N/A" if inst.gpu_id is None else f"gpuId::{inst.gpu_id}",
+    } for inst in mv.instances]
+    pending = mv.batcher.pending
+    return {
+        "modelName": mv.name,
+        "modelVersion": mv.version,
+        "modelUrl": mv.url,
+        "runtime": mv.archive.manifest.get("runtime", "python"),
+        "minWorkers": cfg.min_workers,
+        "maxWorkers": cfg.max_workers,
+        "batchSize": cfg.batch_size,
+        "maxBatchDelay": _number(cfg.max_batch_delay_ms),
+        "responseTimeout": _number(cfg.response_timeout_s),
+        "startupTimeout": _number(cfg.startup_timeout_s),
+        "maxRetryTimeoutInSec": 300,
+        "clientTimeoutInMills": int(cfg.client_timeout_ms or 0),
+        "parallelType": "",
+        "parallelLevel": 0,
+        "deviceType": "gpu" if any(i.gpu_id is not None for i in mv.instances) else "cpu",
+        "continuousBatching": False,
+        "useJobTicket": False,
+        "useVenv": False,
+        "stateful": False,
+        "sequenceMaxIdleMSec": 0,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 0,
+        "maxSequenceJobQueueSize": 0,
+        "loadedAtStartup": mv.loaded_at_startup,
+        "handler": mv.handler,
+        "workers": workers,
+        "jobQueueStatus": {"remainingCapacity": max(mv.batcher.queue_size - pending, 0),
+                           "pendingRequests": pending},
+    }
+
+
+def describe_models(registry: Registry, name: str, version: str | None) -> list[dict[str, Any]]:
+    """``GET /models/{m}[/{v}|/all]``: a JSON array, as TorchServe answers."""
+    versions = registry.versions(name) if version == "all" else [registry.get(name, version)]
+    return [describe(mv) for mv in versions]
+
+
+def list_models(registry: Registry, limit: int, token: int) -> dict[str, Any]:
+    """``GET /models?limit=&next_page_token=``: at most 100 a page."""
+    if limit <= 0 or token < 0:
+        raise OspreyError(ErrorKind.BAD_INPUT, "limit must be positive and next_page_token not negative")
+    page, nxt = registry.list_page(min(limit, 100), token)
+    body: dict[str, Any] = {}
+    if nxt is not None:
+        body["nextPageToken"] = str(nxt)
+    body["models"] = [{"modelName": mv.name, "modelUrl": mv.url} for mv in page]
+    return body
+
+
+async def register(registry: Registry, enabled: bool, url: str | None, *, synchronous: bool,
+                   **options: Any) -> dict[str, Any]:
+    require_model_api(enabled)
+    mv = await registry.register(url or "", synchronous=synchronous, **options)
+    if not synchronous:
+        return PROCESSING
+    return {"status": f"Model \"{mv.name}\" Version: {mv.version} registered with "
+                      f"{len(mv.instances)} initial workers"}
+
+
+async def scale(registry: Registry, name: str, version: str | None, min_worker: int | None,
+                max_worker: int | None, *, synchronous: bool) -> dict[str, Any]:
+    mv, lo, hi = registry.plan_scale(name, version, min_worker, max_worker)  # errors now, not later
+    if not synchronous:
+        registry.scale_in_background(name, version, lo, hi)
+        return PROCESSING
+    await registry.scale(name, version, lo, hi)
+    return {"status": f"Workers scaled to {lo} for model: {name}"}
+
+
+async def unregister(registry: Registry, enabled: bool, name: str, version: str | None) -> dict[str, Any]:
+    require_model_api(enabled)
+    await registry.unregister(name, version)
+    return {"status": f"Model \"{name}\" unregistered"}
+
+
+def set_default(registry: Registry, name: str, version: str) -> dict[str, Any]:
+    registry.set_default(name, version)
+    return {"status": f"Default version successfully updated for model \"{name}\" to \"{version}\""}
