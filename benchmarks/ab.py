@@ -1,0 +1,98 @@
+"""Interleaved A/B of two Osprey commits on the same machine: did a change move the request path?
+
+    .venv/bin/python -m benchmarks.ab OLD NEW [--rounds 3] [--seconds 6] [--concurrency 32]
+
+Each commit is checked out into a detached worktree under ``benchmarks/.work/ab/``; both
+serve the same archives (the tiny MLP with batching on, ``mlp``, and off, ``mlp_nb``, built
+by ``benchmarks/models.py``). Rounds alternate the order (A B, then B A, ...) so a drift in
+the machine's load hits both sides alike; each point is ``hey -z SECONDS -c C`` after a
+2-second warm-up. Prints a Markdown table (req/s per round, means and the change) and
+writes the raw numbers to ``benchmarks/results/ab-OLD-NEW.json``. The machine is shared
+and noisy: read only paired differences that hold in every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+from . import load
+from .models import build_models
+from .systems import Osprey
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+class OspreyAt(Osprey):
+    """Osprey from another checkout of the repository (its code on PYTHONPATH)."""
+
+    def __init__(self, tree: Path, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tree = tree
+
+    def command(self):
+        cmd, env, cwd = super().command()
+        env["PYTHONPATH"] = str(self.tree)
+        return cmd, env, cwd
+
+
+def checkout(rev: str, work: Path) -> tuple[str, Path]:
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    tree = work / sha
+    if not tree.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return sha, tree
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--work", default=str(HERE / ".work" / "ab"))
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    models = build_models(work / "models", with_cnn=False, with_digits=False)
+    pair = [models["mlp"], models["mlp_nb"]]
+    sides = [checkout(args.old, work), checkout(args.new, work)]
+    results: dict[str, dict[str, list[float]]] = {sha: {m.name: [] for m in pair} for sha, _ in sides}
+    for r in range(args.rounds):
+        for sha, tree in (sides if r % 2 == 0 else sides[::-1]):
+            server = OspreyAt(tree, work / f"run-{sha}-{r}", pair, tag=f"osprey-{sha}").start()
+            try:
+                for m in pair:
+                    out = load.hey(server.predict_url(m.name), str(m.body), m.content_type, args.concurrency,
+                                   args.seconds, 2.0)
+                    results[sha][m.name].append(round(out["rps"] or 0.0, 1))
+            finally:
+                server.stop()
+    (old, _), (new, _) = sides
+    lines = [f"| round | {old} mlp | {new} mlp | {old} mlp_nb | {new} mlp_nb |", "|---|---|---|---|---|"]
+    for r in range(args.rounds):
+        lines.append(f"| {r + 1} | " + " | ".join(f"{results[s][m][r]:,.0f}" for m in ("mlp", "mlp_nb")
+                                                  for s in (old, new)) + " |")
+    means = {s: {m: statistics.mean(v) for m, v in results[s].items()} for s in (old, new)}
+    cells = []
+    for m in ("mlp", "mlp_nb"):
+        change = (means[new][m] / means[old][m] - 1) * 100 if means[old][m] else float("nan")
+        cells += [f"{means[old][m]:,.0f}", f"{means[new][m]:,.0f} ({change:+.0f}%)"]
+    lines.append("| mean | " + " | ".join(cells) + " |")
+    print(f"hey -z {args.seconds:g}s -c {args.concurrency}, {args.rounds} interleaved rounds")
+    print("\n".join(lines))
+    out = HERE / "results" / f"ab-{old}-{new}.json"
+    out.write_text(json.dumps({"old": old, "new": new, "concurrency": args.concurrency, "seconds": args.seconds,
+                               "rps": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
