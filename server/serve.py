@@ -33,9 +33,31 @@ from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
 
-__all__ = ["Server", "run", "parse_model_specs"]
+__all__ = ["Server", "run", "parse_model_specs", "StartupError"]
 
 log = logging.getLogger("osprey.serve")
+
+# module -> the distribution that installs it, for the message when gRPC cannot start
+_PIP_NAMES = {"grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
+              "google": "protobuf", "google.protobuf": "protobuf", "google.rpc": "googleapis-common-protos"}
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (the message says why and what to do)."""
+
+
+def _grpc_starter():
+    """``start_grpc``, or a StartupError naming the missing module and how to install it."""
+    try:
+        from server.protocols.grpc.server import start_grpc
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        top = missing.split(".")[0]
+        dist = _PIP_NAMES.get(missing) or _PIP_NAMES.get(".".join(missing.split(".")[:2])) or _PIP_NAMES.get(top)
+        how = f"install it with `pip install {dist}`" if dist else "reinstall Osprey (`pip install osprey`)"
+        raise StartupError(f"gRPC is enabled but module {missing!r} cannot be imported ({exc}); {how}, "
+                           "or start without gRPC (--no-grpc, enable_grpc=false)") from None
+    return start_grpc
 
 
 def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str | None, str]]:
@@ -93,6 +115,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        start_grpc = _grpc_starter() if s.enable_grpc else None  # before anything listens
         for address, app in ((s.inference_address, self.inference_app),
                              (s.management_address, self.management_app),
                              (s.metrics_address, self.metrics_app)):
@@ -111,13 +134,8 @@ class Server:
             if server.should_exit:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
-        if s.enable_grpc:
-            try:
-                from server.protocols.grpc.server import start_grpc  # added by the gRPC front end
-            except ImportError:
-                start_grpc = None
-            if start_grpc is not None:
-                self._grpc = await start_grpc(self)
+        if start_grpc is not None:
+            self._grpc = await start_grpc(self)
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
                  s.management_address, s.metrics_address)
 
@@ -165,7 +183,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
         loop.add_signal_handler(sig, server.stopping.set)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         log.error("%s", exc)
         print(f"osprey: {exc}", file=sys.stderr, flush=True)
         await server.stop(drain_timeout=0)

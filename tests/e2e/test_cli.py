@@ -144,3 +144,31 @@ def test_an_exited_server_nobody_reaped_counts_as_stopped():
         assert _pid_alive(os.getpid())
     finally:
         child.wait()
+
+
+def _no_grpc_shim(tmp_path) -> str:
+    """A PYTHONPATH on which ``import grpc`` fails as if grpcio were not installed."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "grpc.py").write_text('raise ModuleNotFoundError("No module named \'grpc\'", name="grpc")\n')
+    return f"{shim}{os.pathsep}{ROOT}"
+
+
+def test_missing_grpc_dependency_fails_start_naming_it(tmp_path):
+    ports = [free_port() for _ in range(5)]
+    env = {**os.environ, "PYTHONPATH": _no_grpc_shim(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(tmp_path),
+                        "--disable-token-auth", "--inference-address", f"http://127.0.0.1:{ports[0]}",
+                        "--management-address", f"http://127.0.0.1:{ports[1]}",
+                        "--metrics-address", f"http://127.0.0.1:{ports[2]}", "--grpc-inference-port", str(ports[3]),
+                        "--grpc-management-port", str(ports[4]), "--pid-file", str(tmp_path / "osprey.pid")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "module 'grpc' cannot be imported" in r.stderr and "pip install grpcio" in r.stderr, r.stderr
+    assert "--no-grpc" in r.stderr and "Traceback" not in r.stderr
+    assert "Osprey ready" not in r.stdout
+
+
+def test_without_grpc_dependency_serves_rest_when_grpc_is_disabled(osprey, tmp_path, store):
+    srv = osprey([], store, extra_args=["--no-grpc"], env={"PYTHONPATH": _no_grpc_shim(tmp_path)})
+    assert httpx.get(f"{srv.inference}/ping").status_code == 200
