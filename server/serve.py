@@ -191,6 +191,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     if settings.pid_file:
         _write_pid(settings.pid_file)
     server.dataplane.started = False
+    server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
     loaded = await server.load_models(models)
     heap.freeze()
     server.registry.heap_settled = True
