@@ -172,3 +172,25 @@ def test_missing_grpc_dependency_fails_start_naming_it(tmp_path):
 def test_without_grpc_dependency_serves_rest_when_grpc_is_disabled(osprey, tmp_path, store):
     srv = osprey([], store, extra_args=["--no-grpc"], env={"PYTHONPATH": _no_grpc_shim(tmp_path)})
     assert httpx.get(f"{srv.inference}/ping").status_code == 200
+
+
+def test_version_and_package_help(tmp_path):
+    from handlers.builtin import BUILTIN_HANDLERS
+    from server import __version__
+
+    r = osprey("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"osprey {__version__}", r.stdout + r.stderr
+    r = osprey("package", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import argparse
+
+    from server.cli import _package_parser
+
+    parser = argparse.ArgumentParser()
+    _package_parser(parser.add_subparsers())
+    package = parser._subparsers._group_actions[0].choices["package"]
+    flags = [a for a in package._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) == 11 and all(a.help for a in flags), [a.dest for a in flags if not a.help]
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for name in BUILTIN_HANDLERS:
+        assert name in text, name
