@@ -24,6 +24,7 @@ from monitoring.access_log import AccessLog
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
+from server.core.events import event
 from server.core.registry import Registry
 from server.instances import thread_factory
 from server.protocols.rest.http_protocol import http_protocol
@@ -161,13 +162,25 @@ class Server:
             for listener in getattr(server, "servers", []):
                 listener.close()
         grpc_stops = [asyncio.ensure_future(g.stop(grace=drain_timeout)) for g in self._grpc]
-        await self.registry.drain(drain_timeout)
+        if drain_timeout > 0:  # not when a start that failed is undone
+            t0 = time.monotonic()
+            queued, running = self._outstanding()
+            event(log, "drain_started", queued=queued, running=running, timeout_s=drain_timeout)
+            await self.registry.drain(drain_timeout)
+            queued, running = self._outstanding()
+            event(log, "drain_finished", seconds=round(time.monotonic() - t0, 3),
+                  unanswered=queued + running, timed_out=bool(queued or running))
         await asyncio.gather(*grpc_stops)
         for server in self._servers:
             await server.shutdown()
         await self.registry.close()
         if self.access_log is not None:
             self.access_log.close()
+
+    def _outstanding(self) -> tuple[int, int]:
+        """(requests queued, requests running) over every model."""
+        versions = self.registry.all_versions()
+        return sum(mv.batcher.pending for mv in versions), sum(mv.batcher.in_flight for mv in versions)
 
 
 def _write_pid(path: str) -> None:

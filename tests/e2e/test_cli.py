@@ -127,6 +127,11 @@ def test_sigterm_answers_every_accepted_request_before_exiting(osprey, store):
     assert [r.status_code for r in results] == [200] * 6
     assert [r.json()["id"] for r in results] == list(range(6))
     assert srv.proc.wait(30) == 0
+    import re
+
+    started = re.search(r" event=drain_started queued=(\d+) running=(\d+) timeout_s=", srv.log())
+    assert started and int(started[1]) + int(started[2]) >= 5, srv.log()[-2000:]  # the drain is logged
+    assert re.search(r" event=drain_finished seconds=[\d.]+ unanswered=0 timed_out=false", srv.log())
 
 
 def test_an_exited_server_nobody_reaped_counts_as_stopped():

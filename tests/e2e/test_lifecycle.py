@@ -51,3 +51,38 @@ def test_a_killed_servers_extraction_folder_is_removed_at_the_next_start(tmp_pat
     finally:
         for proc in started:
             proc.stop()
+
+
+def test_queue_full_burst_is_one_line_with_the_count_and_shutdown_logs_the_drain(osprey, store, tmp_path):
+    import concurrent.futures as cf
+    import re
+
+    from tests.gates import Gate, pending, wait_until
+    from tests.models import RECORDING_HANDLER, handler_archive
+
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1, "jobQueueSize": 2, "minWorkers": 1,
+                                                              "maxWorkers": 1})
+    srv = osprey(["rec=rec.mar"], store, extra_args=["--no-grpc"])
+    gate = Gate(tmp_path)
+
+    def call(body):
+        return httpx.post(f"{srv.inference}/predictions/rec", json=body, timeout=60).status_code
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(call, {"id": 0, "gate": gate.value})]
+        gate.wait_entered()
+        held += [pool.submit(call, {"id": i}) for i in (1, 2)]
+        wait_until(lambda: pending(srv, "rec") == 2, what="two queued requests")
+        refused = [call({"id": i}) for i in range(3, 23)]
+        gate.open()
+        assert [f.result() for f in held] == [200] * 3
+    assert refused == [503] * 20
+    wait_until(lambda: "event=queue_full" in srv.log(), what="the queue_full line (one per 5 s window)")
+    lines = [line for line in srv.log().splitlines() if "event=queue_full" in line]
+    assert len(lines) == 1, lines
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING osprey\.batching: event=queue_full model=rec "
+                     r"version=1\.0 refused=20 queue_size=2 window_s=5$", lines[0]), lines[0]
+    srv.stop()
+    log = srv.log()
+    assert re.search(r" event=drain_started queued=0 running=0 timeout_s=\d+", log), log[-2000:]
+    assert re.search(r" event=drain_finished seconds=[\d.]+ unanswered=0 timed_out=false", log), log[-2000:]
