@@ -58,3 +58,31 @@ def test_management_osprey_errors_keep_their_status(caplog):
     err = asyncio.run(_call("RegisterModel", mpb.RegisterModelRequest(url="x.mar"), caplog))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "Model API is disabled" in err.details()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_response_stream_that_fails_midway_ends_internal_after_its_replies(caplog):
+    async def replies(request, context):
+        yield b"one"
+        raise RuntimeError("midway")
+
+    async def run():
+        server = grpc.aio.server(interceptors=[ErrorStatus()])
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "t.S", {"Stream": grpc.unary_stream_rpc_method_handler(replies)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        got = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_stream("/t.S/Stream")(b"", timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for reply in call:
+                        got.append(reply)
+                return got, info.value
+        finally:
+            await server.stop(None)
+
+    caplog.set_level(logging.ERROR, logger="osprey.grpc")
+    got, err = asyncio.run(run())
+    assert got == [b"one"] and err.code() == grpc.StatusCode.INTERNAL and "(RuntimeError) in Stream;" in err.details()
+    assert len([r for r in caplog.records if r.exc_info]) == 1

@@ -77,7 +77,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         fn, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
     else:
         fn, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    one = None if handler.request_streaming else True  # a single request message to name the model from
+    single = not handler.request_streaming  # one request message, to name the model from
 
     if inspect.isasyncgenfunction(fn):
         async def call(request, context):
@@ -85,13 +85,13 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
                 async for reply in fn(request, context):
                     yield reply
             except Exception as exc:
-                await _answer(context, exc, method, request if one else None)
+                await _answer(context, exc, method, request if single else None)
     elif inspect.iscoroutinefunction(fn):
         async def call(request, context):
             try:
                 return await fn(request, context)
             except Exception as exc:
-                await _answer(context, exc, method, request if one else None)
+                await _answer(context, exc, method, request if single else None)
     else:  # not an async servicer method: left as it is
         return handler
     return make(call, request_deserializer=handler.request_deserializer,
