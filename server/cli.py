@@ -38,18 +38,27 @@ def _serve_parser(sub) -> None:
 
 
 def _package_parser(sub) -> None:
-    p = sub.add_parser("package", help="write a model archive (torch-model-archiver's flags)")
-    p.add_argument("--model-name", required=True)
-    p.add_argument("--version", default="1.0")
-    p.add_argument("--model-file")
-    p.add_argument("--serialized-file")
-    p.add_argument("--handler", required=True, help="a handler .py file (optionally :function) or a built-in name")
-    p.add_argument("--extra-files", default="", help="comma-separated files or folders")
-    p.add_argument("--requirements-file", "-r")
-    p.add_argument("--config-file", "-c")
-    p.add_argument("--export-path", default=".")
-    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip"])
-    p.add_argument("--force", "-f", action="store_true")
+    from server.instances.service import builtin_handler_names
+
+    p = sub.add_parser("package", help="write a model archive (torch-model-archiver's flags)",
+                       description="Write a model archive (.mar, .tar.gz or a folder) that Osprey and TorchServe "
+                                   "load; the flags are torch-model-archiver's.")
+    p.add_argument("--model-name", required=True,
+                   help="the model's name: the archive is NAME.mar and the model is served as NAME")
+    p.add_argument("--version", default="1.0", help="the model's version (default: %(default)s)")
+    p.add_argument("--model-file", help="a Python file defining the model's architecture (eager-mode models)")
+    p.add_argument("--serialized-file",
+                   help="the model's weights or whole model (a state_dict or TorchScript .pt/.pth file)")
+    p.add_argument("--handler", required=True,
+                   help="a handler .py file (optionally FILE.py:function) or a built-in handler: "
+                        + ", ".join(builtin_handler_names()))
+    p.add_argument("--extra-files", default="", help="comma-separated files or folders to add to the archive")
+    p.add_argument("--requirements-file", "-r", help="a requirements.txt naming the Python packages the model needs")
+    p.add_argument("--config-file", "-c", help="a model-config YAML file (batchSize, maxBatchDelay, workers, ...)")
+    p.add_argument("--export-path", default=".", help="the folder to write the archive to (default: current folder)")
+    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip"],
+                   help="default/zip: NAME.mar (a zip); tgz: NAME.tar.gz; no-archive: a folder NAME/")
+    p.add_argument("--force", "-f", action="store_true", help="overwrite an archive that already exists")
 
 
 def _examples_parser(sub) -> None:
@@ -190,7 +199,10 @@ def cmd_examples(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server import __version__
+
     parser = argparse.ArgumentParser(prog="osprey", description="Osprey model server")
+    parser.add_argument("--version", action="version", version=f"osprey {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     stop = sub.add_parser("stop", help="stop a server started in the background")

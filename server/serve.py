@@ -24,6 +24,7 @@ from monitoring.access_log import AccessLog
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
+from server.core.events import event
 from server.core.registry import Registry
 from server.instances import thread_factory
 from server.protocols.rest.http_protocol import http_protocol
@@ -33,9 +34,31 @@ from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
 
-__all__ = ["Server", "run", "parse_model_specs"]
+__all__ = ["Server", "run", "parse_model_specs", "StartupError"]
 
 log = logging.getLogger("osprey.serve")
+
+# module -> the distribution that installs it, for the message when gRPC cannot start
+_PIP_NAMES = {"grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
+              "google": "protobuf", "google.protobuf": "protobuf", "google.rpc": "googleapis-common-protos"}
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (the message says why and what to do)."""
+
+
+def _grpc_starter():
+    """``start_grpc``, or a StartupError naming the missing module and how to install it."""
+    try:
+        from server.protocols.grpc.server import start_grpc
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+        top = missing.split(".")[0]
+        dist = _PIP_NAMES.get(missing) or _PIP_NAMES.get(".".join(missing.split(".")[:2])) or _PIP_NAMES.get(top)
+        how = f"install it with `pip install {dist}`" if dist else "reinstall Osprey (`pip install osprey`)"
+        raise StartupError(f"gRPC is enabled but module {missing!r} cannot be imported ({exc}); {how}, "
+                           "or start without gRPC (--no-grpc, enable_grpc=false)") from None
+    return start_grpc
 
 
 def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str | None, str]]:
@@ -93,6 +116,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        start_grpc = _grpc_starter() if s.enable_grpc else None  # before anything listens
         for address, app in ((s.inference_address, self.inference_app),
                              (s.management_address, self.management_app),
                              (s.metrics_address, self.metrics_app)):
@@ -111,13 +135,8 @@ class Server:
             if server.should_exit:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
-        if s.enable_grpc:
-            try:
-                from server.protocols.grpc.server import start_grpc  # added by the gRPC front end
-            except ImportError:
-                start_grpc = None
-            if start_grpc is not None:
-                self._grpc = await start_grpc(self)
+        if start_grpc is not None:
+            self._grpc = await start_grpc(self)
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
                  s.management_address, s.metrics_address)
 
@@ -143,13 +162,25 @@ class Server:
             for listener in getattr(server, "servers", []):
                 listener.close()
         grpc_stops = [asyncio.ensure_future(g.stop(grace=drain_timeout)) for g in self._grpc]
-        await self.registry.drain(drain_timeout)
+        if drain_timeout > 0:  # not when a start that failed is undone
+            t0 = time.monotonic()
+            queued, running = self._outstanding()
+            event(log, "drain_started", queued=queued, running=running, timeout_s=drain_timeout)
+            await self.registry.drain(drain_timeout)
+            queued, running = self._outstanding()
+            event(log, "drain_finished", seconds=round(time.monotonic() - t0, 3),
+                  unanswered=queued + running, timed_out=bool(queued or running))
         await asyncio.gather(*grpc_stops)
         for server in self._servers:
             await server.shutdown()
         await self.registry.close()
         if self.access_log is not None:
             self.access_log.close()
+
+    def _outstanding(self) -> tuple[int, int]:
+        """(requests queued, requests running) over every model."""
+        versions = self.registry.all_versions()
+        return sum(mv.batcher.pending for mv in versions), sum(mv.batcher.in_flight for mv in versions)
 
 
 def _write_pid(path: str) -> None:
@@ -165,7 +196,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
         loop.add_signal_handler(sig, server.stopping.set)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, StartupError) as exc:
         log.error("%s", exc)
         print(f"osprey: {exc}", file=sys.stderr, flush=True)
         await server.stop(drain_timeout=0)
@@ -173,6 +204,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     if settings.pid_file:
         _write_pid(settings.pid_file)
     server.dataplane.started = False
+    server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
     loaded = await server.load_models(models)
     heap.freeze()
     server.registry.heap_settled = True

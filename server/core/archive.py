@@ -4,16 +4,23 @@ Reading is safe: no member may escape the target folder (absolute paths, ``..``,
 and the total extracted size and member count are capped. A bad archive raises
 :class:`~server.errors.OspreyError` (BAD_INPUT) with a message naming what is wrong.
 Writing produces archives that TorchServe 0.12 loads as well.
+
+Extractions go under an :class:`ExtractionArea`: each server owns one folder there, marked
+by a lock file it holds for its whole life, so folders left by a crash or SIGKILL are found
+(their lock is free) and removed at the next start, while another live server's are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -24,7 +31,14 @@ import yaml
 
 from server.core.errors import ErrorKind, OspreyError
 
-__all__ = ["ModelArchive", "open_archive", "write_archive", "ARCHIVER_VERSION", "MANIFEST_PATH"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Linux/macOS: no owner marks, no stale cleanup
+    fcntl = None
+
+__all__ = ["ModelArchive", "ExtractionArea", "open_archive", "write_archive", "ARCHIVER_VERSION", "MANIFEST_PATH"]
+
+log = logging.getLogger("osprey.archive")
 
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 ARCHIVER_VERSION = "0.12.0"
@@ -44,6 +58,7 @@ class ModelArchive:
     manifest: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     owns_dir: bool = False  # True when model_dir is a temporary extraction to delete
+    extract_dir: Path | None = None  # the extraction folder (model_dir or its parent)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -63,7 +78,7 @@ class ModelArchive:
 
     def cleanup(self) -> None:
         if self.owns_dir:
-            shutil.rmtree(self.model_dir, ignore_errors=True)
+            shutil.rmtree(self.extract_dir or self.model_dir, ignore_errors=True)
 
 
 def _check_member(source: str, name: str) -> PurePosixPath:
@@ -218,7 +233,90 @@ def open_archive(path: str | os.PathLike, work_root: str | os.PathLike | None = 
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
-    return ModelArchive(str(path), root, manifest, config, owns_dir=True)
+    return ModelArchive(str(path), root, manifest, config, owns_dir=True, extract_dir=dest)
+
+
+class ExtractionArea:
+    """``<root>/<owner>/`` holds one server's extractions while it holds ``<root>/<owner>.lock``.
+
+    The kernel drops an ``flock`` when its process ends, however it ends, so a free lock
+    means a dead owner: :meth:`clean_stale` removes that owner's folder and lock. A live
+    server's lock is held, so two servers sharing a work dir never remove each other's
+    folders (pid reuse and pid namespaces do not matter). The lock file is created under a
+    temporary name, locked, then renamed, so no cleaner can see it unlocked.
+    """
+
+    _TMP = ".lock.tmp"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._dir: Path | None = None
+        self._lock = None  # the open, flocked lock file
+        self._mutex = threading.Lock()
+
+    def folder(self) -> Path:
+        """This server's folder (created, and its lock taken, on first use)."""
+        with self._mutex:
+            if self._dir is None:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if fcntl is None:
+                    self._dir = self.root
+                    return self._dir
+                owner = f"{os.getpid()}-{secrets.token_hex(4)}"
+                tmp = self.root / f"{owner}{self._TMP}"
+                fh = open(tmp, "wb")
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.rename(tmp, self.root / f"{owner}.lock")
+                    (self.root / owner).mkdir()
+                except BaseException:
+                    fh.close()
+                    tmp.unlink(missing_ok=True)
+                    raise
+                self._lock, self._dir = fh, self.root / owner
+            return self._dir
+
+    def clean_stale(self) -> int:
+        """Remove the folders of owners that are gone; the number removed."""
+        if fcntl is None or not self.root.is_dir():
+            return 0
+        removed = 0
+        own = self._dir.name if self._lock is not None else None
+        for lock in self.root.glob("*.lock"):  # not *.lock.tmp: one may be about to be locked
+            owner = lock.stem
+            if owner == own:
+                continue
+            try:
+                fh = open(lock, "rb")
+            except OSError:
+                continue  # gone already (another server cleaned it)
+            with fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # held: its server is running
+                folder = self.root / owner
+                if folder.is_dir():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed += 1
+                lock.unlink(missing_ok=True)
+        if removed:
+            log.info("removed %d extraction folder(s) left by servers that are gone, under %s", removed, self.root)
+        return removed
+
+    def release(self) -> None:
+        """At shutdown: remove this server's folder if it is empty, and its lock."""
+        with self._mutex:
+            if self._lock is None:
+                return
+            try:
+                self._dir.rmdir()
+            except OSError:
+                pass  # still holds an extraction: the next start removes it
+            else:
+                (self.root / f"{self._dir.name}.lock").unlink(missing_ok=True)
+            self._lock.close()
+            self._lock, self._dir = None, None
 
 
 def _copy_into(src: Path, dest_dir: Path) -> str:

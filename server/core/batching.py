@@ -16,6 +16,10 @@ Nothing a request carries can jam the batcher: a deadline that is not a finite t
 refused at :meth:`Batcher.submit`. If handing a batch to an instance raises, that instance
 is retired (stopped, never idle again, logged with the traceback) and only that batch's
 requests are answered, with a generic error; the other instances go on serving.
+
+Requests refused on a full queue are counted and logged as one ``event=queue_full`` line
+per model version per QUEUE_FULL_LOG_INTERVAL_S (the first refusal opens the window, the
+line at its end carries how many were refused in it), so a burst cannot flood the log.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from typing import Callable, Iterable
 
 from server.core.errors import ErrorKind, OspreyError
+from server.core.events import event
 from server.core.instance import InstanceStatus
 from server.core.types import Ticket
 
@@ -38,6 +43,7 @@ log = logging.getLogger("osprey.batching")
 SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
 BUNDLE_BUDGET_S = 0.001  # most work (seconds) one handoff to an instance may carry
 MAX_BUNDLE = 32  # most batches in one handoff
+QUEUE_FULL_LOG_INTERVAL_S = 5.0  # at most one queue_full line per model version this often
 
 
 class Batcher:
@@ -60,6 +66,8 @@ class Batcher:
         self._ewma_batch = 1.0
         self._ewma_exec = 0.0
         self.on_batch = on_batch
+        self._full_refused = 0  # refused on a full queue since the last queue_full line
+        self._full_timer: asyncio.TimerHandle | None = None  # ends the window, logs the line
 
     # --- instances ------------------------------------------------------------------
     @property
@@ -104,9 +112,7 @@ class Batcher:
         if len(self.queue) >= self.queue_size:
             self._purge()
             if len(self.queue) >= self.queue_size:
-                raise OspreyError(ErrorKind.QUEUE_FULL,
-                                  f"Model \"{self.name}\" version {self.version}: job queue is full "
-                                  f"({self.queue_size} requests waiting); retry later", retry_after=1)
+                raise self._queue_full()
         if self.instances <= 0:
             raise OspreyError(ErrorKind.UNAVAILABLE,
                               f"Model \"{self.name}\" version {self.version} has no worker to serve inference request. "
@@ -124,6 +130,23 @@ class Batcher:
         if self.queue and self._sweeper is None:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
         return fut
+
+    def _queue_full(self) -> OspreyError:
+        """The error for a request refused on a full queue; counted for the queue_full line."""
+        self._full_refused += 1
+        if self._full_timer is None:
+            self._full_timer = self.loop.call_later(QUEUE_FULL_LOG_INTERVAL_S, self._log_queue_full)
+        return OspreyError(ErrorKind.QUEUE_FULL, f"Model \"{self.name}\" version {self.version}: job queue is full "
+                                                 f"({self.queue_size} requests waiting); retry later", retry_after=1)
+
+    def _log_queue_full(self) -> None:
+        if self._full_timer is not None:
+            self._full_timer.cancel()
+            self._full_timer = None
+        if self._full_refused:
+            event(log, "queue_full", logging.WARNING, model=self.name, version=self.version,
+                  refused=self._full_refused, queue_size=self.queue_size, window_s=QUEUE_FULL_LOG_INTERVAL_S)
+            self._full_refused = 0
 
     # --- deadlines: one sweep timer for the queue, one timer per running batch ------
     def _sweep(self) -> None:
@@ -300,3 +323,4 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
         self._timer = self._sweeper = None
+        self._log_queue_full()  # the refusals of an open window, now

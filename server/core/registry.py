@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from server.core import heap
-from server.core.archive import ModelArchive, open_archive
+from server.core.archive import ExtractionArea, ModelArchive, open_archive
 from server.core.batching import Batcher
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
@@ -100,6 +100,7 @@ class Registry:
         self.heap_settled = False  # set once startup models are loaded and the heap frozen
         self._release_task: asyncio.Task | None = None
         self.work_root = Path(settings.workdir) / ".osprey" / "models"
+        self.extractions = ExtractionArea(self.work_root)  # this server's folder under work_root
 
     # --- lookups --------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -221,7 +222,7 @@ class Registry:
         if not found:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url if len(url) <= 200 else show(url)}")
         archive = await self.loop.run_in_executor(
-            None, lambda: open_archive(path, self.work_root, self.settings.max_archive_size))
+            None, lambda: open_archive(path, self.extractions.folder(), self.settings.max_archive_size))
         try:
             name = self._check_name(model_name or archive.name)
             if handler:
@@ -440,3 +441,4 @@ class Registry:
             mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down"))
             self._stop(mv)
         self.models.clear()
+        self.extractions.release()

@@ -8,15 +8,20 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from handlers.builtin import builtin_handler_class
+from handlers.builtin import BUILTIN_HANDLERS, builtin_handler_class
 from handlers.context import Context
 from handlers.loading import import_handler_module, list_classes
 
 from server.core.model_config import ModelConfig
 
-__all__ = ["Service", "make_service", "gpu_for"]
+__all__ = ["Service", "make_service", "gpu_for", "builtin_handler_names"]
 
 log = logging.getLogger("osprey.instances")
+
+
+def builtin_handler_names() -> list[str]:
+    """The names ``--handler`` / a manifest's ``handler`` may give for a built-in handler."""
+    return sorted(BUILTIN_HANDLERS)
 
 
 @dataclass

@@ -101,32 +101,35 @@ def test_startup_model_that_fails_is_skipped_and_the_rest_serve(osprey_module, t
     assert "broken.mar" in srv.log()
 
 
-def test_sigterm_answers_every_accepted_request_before_exiting(osprey, store):
+def test_sigterm_answers_every_accepted_request_before_exiting(osprey, store, tmp_path):
     import concurrent.futures as cf
-    import time
+    import re
 
+    from tests.gates import Gate, pending, wait_until
     from tests.models import RECORDING_HANDLER, handler_archive
 
     handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 2, "maxBatchDelay": 10})
     srv = osprey(["rec=rec.mar"], store)
-    def call(i, sleep):
-        return httpx.post(f"{srv.inference}/predictions/rec", json={"id": i, "sleep": sleep}, timeout=30)
+    gate = Gate(tmp_path)
+
+    def call(body):
+        return httpx.post(f"{srv.inference}/predictions/rec", json=body, timeout=60)
 
     with cf.ThreadPoolExecutor(6) as pool:
-        futs = [pool.submit(call, 0, 1.5)]  # runs alone while the others queue behind it
-        time.sleep(0.3)
-        futs += [pool.submit(call, i, 0.1) for i in range(1, 6)]
-        for _ in range(100):  # until all five are accepted and waiting
-            if httpx.get(f"{srv.management}/models/rec").json()[0]["jobQueueStatus"]["pendingRequests"] == 5:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("requests were not queued")
+        futs = [pool.submit(call, {"id": 0, "gate": gate.value})]  # holds the only instance
+        gate.wait_entered()
+        futs += [pool.submit(call, {"id": i}) for i in range(1, 6)]
+        wait_until(lambda: pending(srv, "rec") == 5, what="five requests queued")
         srv.proc.terminate()
+        wait_until(lambda: " event=drain_started " in srv.log(), what="the drain to start")
+        gate.open()
         results = [f.result() for f in futs]
     assert [r.status_code for r in results] == [200] * 6
     assert [r.json()["id"] for r in results] == list(range(6))
     assert srv.proc.wait(30) == 0
+    started = re.search(r" event=drain_started queued=(\d+) running=(\d+) timeout_s=", srv.log())
+    assert started and int(started[1]) + int(started[2]) >= 5, srv.log()[-2000:]  # the drain is logged
+    assert re.search(r" event=drain_finished seconds=[\d.]+ unanswered=0 timed_out=false", srv.log())
 
 
 def test_an_exited_server_nobody_reaped_counts_as_stopped():
@@ -144,3 +147,53 @@ def test_an_exited_server_nobody_reaped_counts_as_stopped():
         assert _pid_alive(os.getpid())
     finally:
         child.wait()
+
+
+def _no_grpc_shim(tmp_path) -> str:
+    """A PYTHONPATH on which ``import grpc`` fails as if grpcio were not installed."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "grpc.py").write_text('raise ModuleNotFoundError("No module named \'grpc\'", name="grpc")\n')
+    return f"{shim}{os.pathsep}{ROOT}"
+
+
+def test_missing_grpc_dependency_fails_start_naming_it(tmp_path):
+    ports = [free_port() for _ in range(5)]
+    env = {**os.environ, "PYTHONPATH": _no_grpc_shim(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(tmp_path),
+                        "--disable-token-auth", "--inference-address", f"http://127.0.0.1:{ports[0]}",
+                        "--management-address", f"http://127.0.0.1:{ports[1]}",
+                        "--metrics-address", f"http://127.0.0.1:{ports[2]}", "--grpc-inference-port", str(ports[3]),
+                        "--grpc-management-port", str(ports[4]), "--pid-file", str(tmp_path / "osprey.pid")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "module 'grpc' cannot be imported" in r.stderr and "pip install grpcio" in r.stderr, r.stderr
+    assert "--no-grpc" in r.stderr and "Traceback" not in r.stderr
+    assert "Osprey ready" not in r.stdout
+
+
+def test_without_grpc_dependency_serves_rest_when_grpc_is_disabled(osprey, tmp_path, store):
+    srv = osprey([], store, extra_args=["--no-grpc"], env={"PYTHONPATH": _no_grpc_shim(tmp_path)})
+    assert httpx.get(f"{srv.inference}/ping").status_code == 200
+
+
+def test_version_and_package_help(tmp_path):
+    from handlers.builtin import BUILTIN_HANDLERS
+    from server import __version__
+
+    r = osprey("--version", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"osprey {__version__}", r.stdout + r.stderr
+    r = osprey("package", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import argparse
+
+    from server.cli import _package_parser
+
+    parser = argparse.ArgumentParser()
+    _package_parser(parser.add_subparsers())
+    package = parser._subparsers._group_actions[0].choices["package"]
+    flags = [a for a in package._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) == 11 and all(a.help for a in flags), [a.dest for a in flags if not a.help]
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for name in BUILTIN_HANDLERS:
+        assert name in text, name

@@ -123,3 +123,28 @@ def test_bad_model_config_yaml_is_named(tmp_path):
                                               "model-config.yaml": b"batchSize: [unclosed"})
     with pytest.raises(OspreyError, match="model-config.yaml is not valid YAML"):
         open_archive(path, tmp_path / "work")
+
+
+def test_extraction_area_removes_only_folders_whose_owner_is_gone(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from server.core.archive import ExtractionArea
+
+    root = tmp_path / "models"
+    live = ExtractionArea(root)
+    (live.folder() / "osprey-a").mkdir()
+    # a server killed mid-run: its folder and lock file stay, nobody holds the lock
+    dead = subprocess.run([sys.executable, "-c", "import sys; from server.core.archive import ExtractionArea; "
+                           f"d = ExtractionArea(sys.argv[1]).folder(); (d / 'osprey-b').mkdir(); print(d.name)",
+                           str(root)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    assert (root / dead / "osprey-b").is_dir() and (root / f"{dead}.lock").exists()
+    starting = ExtractionArea(root)
+    assert starting.clean_stale() == 1
+    assert not (root / dead).exists() and not (root / f"{dead}.lock").exists()
+    assert (live.folder() / "osprey-a").is_dir()  # a live server's folder is kept
+    assert starting.clean_stale() == 0
+    live.release()  # not empty: kept for the next start, lock released
+    assert ExtractionArea(root).clean_stale() == 1 and not any(root.iterdir())

@@ -256,3 +256,27 @@ async def test_deadline_passing_while_running_answers_504_and_the_late_answer_is
     assert info.value.kind is ErrorKind.DEADLINE and "while running" in info.value.message
     inst.finish()  # the handler returns late: nothing left to answer, the instance is free again
     assert b.idle == [inst] and b.in_flight == 0
+
+
+async def test_a_full_queue_burst_logs_one_line_with_the_count(monkeypatch, caplog):
+    import logging
+
+    import server.core.batching as batching
+
+    monkeypatch.setattr(batching, "QUEUE_FULL_LOG_INTERVAL_S", 0.05)
+    caplog.set_level(logging.INFO, logger="osprey.batching")
+    b, inst = with_instance(batch_size=1, queue_size=1)
+    b.submit(req(0))  # running
+    b.submit(req(1))  # queued
+    for i in range(2, 40):
+        with pytest.raises(OspreyError):
+            b.submit(req(i))
+    assert not [r for r in caplog.records if "queue_full" in r.getMessage()]  # not one line per refusal
+    await asyncio.sleep(0.15)
+    lines = [r.getMessage() for r in caplog.records if "queue_full" in r.getMessage()]
+    assert lines == ["event=queue_full model=m version=1 refused=38 queue_size=1 window_s=0.05"]
+    with pytest.raises(OspreyError):
+        b.submit(req(40))  # a new window; shutdown logs what it holds at once
+    b.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down"))
+    lines = [r.getMessage() for r in caplog.records if "queue_full" in r.getMessage()]
+    assert len(lines) == 2 and "refused=1 " in lines[1]

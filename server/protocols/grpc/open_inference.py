@@ -5,7 +5,8 @@ concurrently and answer as they finish; an error travels as ``error_message``, w
 request's ``id`` in ``infer_response``, and the stream stays open) and the repository
 calls. ``raw_input_contents`` are viewed with ``np.frombuffer``; outputs always go back as
 ``raw_output_contents``. A client mistake is INVALID_ARGUMENT naming it; anything
-unexpected is INTERNAL with a logged traceback, never UNKNOWN or a missing answer.
+unexpected is INTERNAL with a logged traceback, never UNKNOWN or a missing answer (the
+servicer raises; :class:`~server.protocols.grpc.status.ErrorStatus` answers).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from server.core.tensors import DTYPES, bad_input, decode_raw, element_count, en
 from server.core.types import InferenceResponse, Protocol, Ticket, new_request
 from server.protocols.grpc.generated import grpc_service_pb2 as pb
 from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
-from server.protocols.grpc.status import abort, unexpected
+from server.protocols.grpc.status import unexpected
 from server.protocols.grpc.streams import StreamSink
 
 __all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response"]
@@ -118,23 +119,13 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def ModelReady(self, request, context):
-        try:
-            return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None))
-        except OspreyError as err:
-            await abort(context, err)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"ModelReady for model {request.name!r:.100}"))
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, request.version or None))
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(**SERVER_METADATA)
 
     async def ModelMetadata(self, request, context):
-        try:
-            meta = model_metadata(self.registry, request.name, request.version or None)
-        except OspreyError as err:
-            await abort(context, err)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"ModelMetadata for model {request.name!r:.100}"))
+        meta = model_metadata(self.registry, request.name, request.version or None)
         resp = pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
         for specs, target in ((meta["inputs"], resp.inputs), (meta["outputs"], resp.outputs)):
             for s in specs:
@@ -154,14 +145,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return encode_response(request, version, output_tensors(out, specs or [], requested))
 
     async def ModelInfer(self, request, context):
-        try:
-            core = self._core(request, context)
-            out = await self.dataplane.infer(core)
-            return self._encode(request, out.model_version, out, out.output_specs, core.request.outputs)
-        except OspreyError as err:
-            await abort(context, err)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"ModelInfer for model {request.model_name!r:.100}"))
+        core = self._core(request, context)
+        out = await self.dataplane.infer(core)
+        return self._encode(request, out.model_version, out, out.output_specs, core.request.outputs)
 
     async def _stream_one(self, request, context, out: asyncio.Queue) -> None:
         try:
@@ -234,19 +220,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def RepositoryModelLoad(self, request, context):
-        try:
-            await load_model(self.registry, self.model_store, request.model_name, self.enable_model_api)
-        except OspreyError as err:
-            await abort(context, err)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"RepositoryModelLoad for model {request.model_name!r:.100}"))
+        await load_model(self.registry, self.model_store, request.model_name, self.enable_model_api)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):
-        try:
-            await unload_model(self.registry, request.model_name, self.enable_model_api)
-        except OspreyError as err:
-            await abort(context, err)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"RepositoryModelUnload for model {request.model_name!r:.100}"))
+        await unload_model(self.registry, request.model_name, self.enable_model_api)
         return pb.RepositoryModelUnloadResponse()

@@ -22,6 +22,7 @@ from server.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_g
 from server.protocols.grpc.generated import management_pb2, management_pb2_grpc
 from server.protocols.grpc.management import ManagementServicer
 from server.protocols.grpc.open_inference import OpenInferenceServicer
+from server.protocols.grpc.status import ErrorStatus
 from server.protocols.grpc.torchserve import InferenceServicer
 
 __all__ = ["start_grpc", "TokenAuth"]
@@ -106,7 +107,7 @@ def _options(settings: Any) -> list[tuple[str, Any]]:
 
 async def _serve(bind: str, settings: Any, add: list[tuple[Callable, Any]], names: list[str],
                  ready: Callable[[], bool], interceptors: list) -> tuple[grpc.aio.Server, asyncio.Task]:
-    server = grpc.aio.server(interceptors=interceptors or None, options=_options(settings))
+    server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
     for adder, servicer in add:
         adder(servicer, server)
     checker = _Health(ready, names)
@@ -127,8 +128,8 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     """Start the inference and management gRPC servers of a ``serve.Server``."""
     s, dp, keys = server.settings, server.dataplane, server.keys
 
-    def auth(kind: str) -> list:
-        return [TokenAuth(lambda: keys.keys[kind])] if keys is not None else []
+    def auth(kind: str) -> list:  # then every RPC's errors become its status, in one place
+        return ([TokenAuth(lambda: keys.keys[kind])] if keys is not None else []) + [ErrorStatus()]
 
     inference_names = [inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name,
                        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]

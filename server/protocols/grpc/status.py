@@ -6,17 +6,22 @@ FAILED_PRECONDITION and any other 5xx INTERNAL. The HTTP status an error carries
 handler may have chosen) decides, so REST and gRPC clients see the same failure. An
 exception that is not an OspreyError is a server bug: :func:`unexpected` logs its
 traceback and makes it an INTERNAL error, so the call still gets an answer.
+
+:class:`ErrorStatus` is the one place that turns an RPC's exception into its status, for
+every servicer on both gRPC ports; servicers just raise. Streams that answer errors in band
+(StreamPredictions2, ModelStreamInfer) catch per request themselves and keep the stream open.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
 
 from server.core.errors import ErrorKind, OspreyError
 
-__all__ = ["GRPC_STATUS", "grpc_code", "abort", "unexpected"]
+__all__ = ["GRPC_STATUS", "grpc_code", "abort", "unexpected", "ErrorStatus"]
 
 log = logging.getLogger("osprey.grpc")
 
@@ -48,3 +53,65 @@ def unexpected(exc: BaseException, what: str) -> OspreyError:
     log.error("%s failed unexpectedly", what, exc_info=exc)
     return OspreyError(ErrorKind.INTERNAL, f"Internal server error ({type(exc).__name__}) in {what}; "
                                            "the server log has the details")
+
+
+async def _answer(context: grpc.aio.ServicerContext, exc: Exception, method: str, request=None) -> None:
+    """End the call for ``exc`` raised by ``method`` (raises the abort)."""
+    if isinstance(exc, grpc.aio.AbortError):  # the servicer aborted with a status itself
+        raise exc
+    if not isinstance(exc, OspreyError):
+        what = method.rsplit("/", 1)[-1]
+        model = getattr(request, "model_name", None) or getattr(request, "name", None)
+        if isinstance(model, str) and model:
+            what += f" for model {model!r:.100}"
+        exc = unexpected(exc, what)
+    await abort(context, exc)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    if handler.request_streaming and handler.response_streaming:
+        fn, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    elif handler.request_streaming:
+        fn, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    elif handler.response_streaming:
+        fn, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    else:
+        fn, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    single = not handler.request_streaming  # one request message, to name the model from
+
+    if inspect.isasyncgenfunction(fn):
+        async def call(request, context):
+            try:
+                async for reply in fn(request, context):
+                    yield reply
+            except Exception as exc:
+                await _answer(context, exc, method, request if single else None)
+    elif inspect.iscoroutinefunction(fn):
+        async def call(request, context):
+            try:
+                return await fn(request, context)
+            except Exception as exc:
+                await _answer(context, exc, method, request if single else None)
+    else:  # not an async servicer method: left as it is
+        return handler
+    return make(call, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class ErrorStatus(grpc.aio.ServerInterceptor):
+    """Every RPC's exception becomes its status: an OspreyError its own (:func:`grpc_code`),
+    anything else INTERNAL with a short message, its traceback logged once. Never UNKNOWN."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        cached = self._wrapped.get(details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped

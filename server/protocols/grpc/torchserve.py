@@ -3,7 +3,8 @@
 Ping, Predictions, StreamPredictions (intermediate responses the handler sends, then the
 final one) and StreamPredictions2 (a stream of requests answered in order, errors in
 band). Each call becomes the core's request (:func:`~server.core.types.new_request`);
-the gRPC deadline becomes the request's deadline, and a cancelled call cancels it.
+the gRPC deadline becomes the request's deadline, and a cancelled call cancels it. Errors
+become statuses in :class:`~server.protocols.grpc.status.ErrorStatus`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from server.core.errors import OspreyError
 from server.core.types import Field, Protocol, Ticket, new_request
 from server.protocols.grpc.generated import inference_pb2 as pb
 from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
-from server.protocols.grpc.status import abort, grpc_code, unexpected
+from server.protocols.grpc.status import grpc_code, unexpected
 from server.protocols.grpc.streams import StreamSink
 
 __all__ = ["InferenceServicer"]
@@ -48,19 +49,11 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
             health=orjson.dumps({"status": "Healthy" if healthy else "Unhealthy"}, option=orjson.OPT_INDENT_2).decode())
 
     async def Predictions(self, request, context):
-        try:
-            out = await self.dataplane.infer(self._core(request, context))
-        except OspreyError as err:
-            await abort(context, err)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"Predictions for model {request.model_name!r:.100}"))
+        out = await self.dataplane.infer(self._core(request, context))
         return pb.PredictionResponse(prediction=out.body)
 
     async def StreamPredictions(self, request, context):
-        try:
-            core = self._core(request, context)
-        except Exception as exc:
-            await abort(context, unexpected(exc, f"StreamPredictions for model {request.model_name!r:.100}"))
+        core = self._core(request, context)
         sink = StreamSink(asyncio.get_running_loop())
         core.stream = sink
         task = asyncio.ensure_future(self.dataplane.infer(core))
@@ -68,13 +61,7 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
         try:
             async for chunk in sink:
                 yield pb.PredictionResponse(prediction=chunk)
-            try:
-                out = task.result()
-            except OspreyError as err:
-                await abort(context, err)
-            except Exception as exc:
-                await abort(context, unexpected(exc, f"StreamPredictions for model {request.model_name!r:.100}"))
-            yield pb.PredictionResponse(prediction=out.body)
+            yield pb.PredictionResponse(prediction=task.result().body)
         finally:
             if not task.done():
                 task.cancel()
