@@ -64,7 +64,8 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
         self.registry = Registry(settings, self.loop, thread_factory(self.metrics.handler_metric),
-                                 on_batch=self.metrics.observe_batch if settings.request_metrics else None)
+                                 on_batch=self.metrics.observe_batch if settings.request_metrics else None,
+                                 on_release=self.metrics.forget)
         self.metrics.watch(self.registry)
         self.access_log = AccessLog.from_settings(settings, self.loop)
         observers = [self.metrics.observe] if settings.request_metrics else []

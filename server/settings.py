@@ -32,6 +32,9 @@ class Settings:
     default_workers_per_model: int = 1
     max_workers_per_model: int = 64  # most instances (threads) one model version may run
     default_response_timeout: float = 120.0  # seconds
+    # seconds an unregister (or a scale to 0 workers) waits for the requests queued for the
+    # version to be answered before failing the rest with 503; 0 waits without a limit
+    unregister_timeout: float = 30.0
     max_request_size: int = 6553500
     # seconds a request's head may take to arrive, and its body may stall between reads (408 then)
     request_read_timeout: float = 60.0
