@@ -417,8 +417,9 @@ class Registry:
         elif model.default == mv.version:
             model.default = max(model.versions, key=_version_key)
         # new requests are 404 from here on; what was queued or running is answered first
+        running = mv.batcher.in_flight  # running batches end and are answered even after their instance stops
         answered, left = await self._finish_queued(mv)
-        answered += mv.batcher.in_flight  # running batches end even after their instance stops
+        answered += running
         mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model {name} version {mv.version} was unregistered "
                                                                "before this request could run (unregister_timeout "
                                                                f"{self.settings.unregister_timeout:g} s)"))
@@ -472,8 +473,11 @@ class Registry:
                     log.exception("model %s version %s: release observer failed", mv.name, mv.version)
             mv.batcher.release()
             mv.instances.clear()
+        names = [(mv.name, mv.version) for mv in versions]
         ended = versions = mv = inst = None  # no frame keeps them through the collection
         heap.release()
+        for name, version in names:
+            log.info("released model %s version %s: its workers have ended and its memory is returned", name, version)
 
     def _stop(self, mv: ModelVersion) -> None:
         for inst in mv.instances:

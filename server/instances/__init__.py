@@ -8,7 +8,14 @@ from typing import Callable
 
 from server.core.instance import InstanceFactory
 
-__all__ = ["thread_factory"]
+__all__ = ["thread_factory", "forget_model_folder"]
+
+
+def forget_model_folder(model_dir: str) -> None:
+    """A model version is released: drop its folder from the import path and its modules."""
+    from handlers.loading import forget_folder
+
+    forget_folder(model_dir)
 
 
 def thread_factory(metrics_sink: Callable | None = None) -> InstanceFactory:
