@@ -188,6 +188,9 @@ def load_settings(
     from monitoring.access_log import parse_access_log
 
     parse_access_log(settings.access_log)
+    if settings.unregister_timeout < 0:
+        raise ValueError(f"setting unregister_timeout: {settings.unregister_timeout!r} must be 0 (no limit) "
+                         "or a positive number of seconds")
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")

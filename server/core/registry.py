@@ -359,6 +359,9 @@ class Registry:
                 answered = 0
                 if lo == 0:  # the last workers go: first answer what is queued for them
                     answered, _ = await self._finish_queued(mv)
+                    if not self._held(mv):  # unregistered meanwhile: the unregister stopped them
+                        raise OspreyError(ErrorKind.NOT_FOUND, f"Model {mv.name} version {mv.version} was "
+                                                               "unregistered while it was being scaled to 0 workers")
                 removed = mv.batcher.remove_instances(len(live) - lo)
                 for inst in removed:
                     if inst in mv.instances:
@@ -458,8 +461,8 @@ class Registry:
         deadline = time.monotonic() + RELEASE_WAIT_S
         while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
             await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
-        ended = [i for i in self._retired_threads if i.ended]
-        self._retired_threads = [i for i in self._retired_threads if not i.ended]
+        ended = [i for i in self._retired_threads if i.ended]  # one still running keeps its model until it ends
+        self._retired_threads.clear()
         versions, self._retired_versions = self._retired_versions, []
         for inst in ended:
             drop = getattr(inst, "release", None)

@@ -285,3 +285,51 @@ def test_set_default_refuses_a_version_still_loading(osprey, store, tmp_path):
                what="2.0 to load")
     assert httpx.put(f"{m}/models/swap/2.0/set-default").status_code == 200
     assert httpx.post(f"{srv.inference}/predictions/swap", json={"id": 2}).json()["version"] == "gated"
+
+
+# --- 5. in process: nothing keeps an unregistered version ----------------------------------
+async def test_an_unregistered_version_its_handler_and_model_are_freed(tmp_path):
+    """After unregister and its release (logged), the version, its instance, its handler's
+    model and its handler module are gone (weak references only; no extra collection here),
+    its metric series are removed and its folder is off the import path."""
+    import gc
+    import sys
+    import weakref
+
+    from server.core import heap
+    from server.core.types import Field, InferenceRequest
+    from server.serve import Server
+    from server.settings import Settings
+    from tests.models import mlp_archive
+
+    store = tmp_path / "store"
+    store.mkdir()
+    mlp_archive(store, "mlp")
+    server = Server(Settings(model_store=str(store), workdir=str(tmp_path)))
+    reg, dataplane, metrics = server.registry, server.dataplane, server.metrics
+    heap.freeze()
+    reg.heap_settled = True  # as after startup: run-time loads freeze the heap too
+    try:
+        mv = await reg.register("mlp.mar")
+        inst = mv.instances[0]
+        module = inst.service.target  # a module-level handle(): the target is the handler module
+        folder = str(mv.archive.model_dir)
+        refs = [weakref.ref(o) for o in (mv, inst, module, module.model)]
+        del mv, inst, module
+        for i in range(3):
+            req = InferenceRequest(model="mlp", version=None, request_id=f"r{i}",
+                                   fields={"body": Field(json.dumps([float(k) for k in range(16)]).encode(),
+                                                         "application/json")})
+            assert (await dataplane.infer(req)).status == 200
+        assert any(k[0] == "mlp" for k in metrics.requests.children)
+        await reg.unregister("mlp")
+        await reg._release_task
+        assert [r() is None for r in refs] == [True] * 4
+        assert not metrics._series and not metrics._precisions
+        for family in (*metrics._families, *metrics._ts_families[:3]):
+            assert not family.children, family.name
+        assert folder not in sys.path
+        assert not [m for m in sys.modules.values() if str(getattr(m, "__file__", "")).startswith(folder)]
+    finally:
+        await reg.close()
+        gc.unfreeze()  # leave the test process as it was
