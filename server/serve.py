@@ -25,7 +25,7 @@ from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
 from server.core.registry import Registry
-from server.instances import forget_model_folder, thread_factory
+from server.instances import forget_model_folder, return_device_memory, thread_factory
 from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
@@ -93,6 +93,8 @@ class Server:
         """An unregistered version's workers have ended: forget its metrics and modules."""
         self.metrics.forget(mv)
         forget_model_folder(str(mv.archive.model_dir))
+        # next loop turn: after the registry's collection, which follows in the same step
+        self.loop.call_soon(return_device_memory)
 
     async def _metrics(self, req: Request) -> Response:
         return Response(self.metrics.render(), 200, CONTENT_TYPE)

@@ -458,9 +458,21 @@ class Registry:
             self._release_task.add_done_callback(self._tasks.discard)
 
     async def _release_heap(self) -> None:
-        deadline = time.monotonic() + RELEASE_WAIT_S
-        while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
-            await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
+        # removals made while this runs are taken by its next round (no second task starts)
+        while self._retired_threads or self._retired_versions:
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
+                await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
+            names = self._release_round()  # its frame, and what it held, is gone before the collection
+            heap.release()
+            await self.loop.run_in_executor(None, heap.trim)  # what was freed goes back to the system
+            for name, version in names:
+                log.info("released model %s version %s: its workers have ended and its memory is returned",
+                         name, version)
+
+    def _release_round(self) -> list[tuple[str, str]]:
+        """Cut the references to what was removed (instances whose threads ended, unregistered
+        versions); return the versions' (name, version)."""
         ended = [i for i in self._retired_threads if i.ended]  # one still running keeps its model until it ends
         self._retired_threads.clear()
         versions, self._retired_versions = self._retired_versions, []
@@ -476,11 +488,7 @@ class Registry:
                     log.exception("model %s version %s: release observer failed", mv.name, mv.version)
             mv.batcher.release()
             mv.instances.clear()
-        names = [(mv.name, mv.version) for mv in versions]
-        ended = versions = mv = inst = None  # no frame keeps them through the collection
-        heap.release()
-        for name, version in names:
-            log.info("released model %s version %s: its workers have ended and its memory is returned", name, version)
+        return [(mv.name, mv.version) for mv in versions]
 
     def _stop(self, mv: ModelVersion) -> None:
         for inst in mv.instances:
