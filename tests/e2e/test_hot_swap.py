@@ -132,10 +132,13 @@ class _Traffic:
             n = 0
             while not self._stop.is_set():
                 n += 1
-                r = c.post(self.url, json={"id": f"{k}-{n}"})
-                seen = r.json().get("version", r.text) if r.status_code == 200 else r.text
+                try:
+                    r = c.post(self.url, json={"id": f"{k}-{n}"})
+                    answer = (r.status_code, r.json()["version"] if r.status_code == 200 else r.text)
+                except Exception as exc:  # a lost connection or a body that is not the handler's: a failure
+                    answer = (0, repr(exc))
                 with self._lock:
-                    self.answers.append((r.status_code, seen))
+                    self.answers.append(answer)
 
     def count(self, version: str | None = None) -> int:
         with self._lock:
