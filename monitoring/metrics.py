@@ -156,7 +156,7 @@ class ServingMetrics:
         for cache in (self._series, self._precisions):
             entry = cache.get(id(mv))
             held = entry.mv if isinstance(entry, _Series) else entry[0] if entry is not None else None
-            if held is not None and held() in (mv, None):
+            if held is not None and (held() is mv or held() is None):  # not a newer version at a reused id
                 del cache[id(mv)]
         live = self.registry.all_versions() if self.registry is not None else ()
         if any((v.name, v.version) == (mv.name, mv.version) for v in live):
