@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["import_handler_module", "load_model", "model_class_from_file", "list_classes",
+__all__ = ["import_handler_module", "forget_folder", "load_model", "model_class_from_file", "list_classes",
            "Optimizations", "optimizations_from", "optimize", "OnnxModel", "CompiledModel"]
 
 log = logging.getLogger("osprey.loading")
@@ -55,6 +55,21 @@ def _claim_folder(model_dir: str) -> None:
         file = getattr(mod, "__file__", None) if mod is not None else None
         if mod is not None and (file is None or not os.path.abspath(file).startswith(os.path.abspath(model_dir) + os.sep)):
             del sys.modules[name]
+
+
+def forget_folder(model_dir: str) -> None:
+    """A model folder is unloaded (its instances have ended): take it off ``sys.path`` and
+    drop the modules imported from it, so registering and unregistering a model over and
+    over leaves neither a longer import path nor a module per registration behind."""
+    prefix = os.path.abspath(model_dir) + os.sep
+    with _IMPORT_LOCK:
+        while model_dir in sys.path:
+            sys.path.remove(model_dir)
+        sys.path_importer_cache.pop(model_dir, None)
+        for name, mod in list(sys.modules.items()):
+            file = getattr(mod, "__file__", None)
+            if isinstance(file, str) and os.path.abspath(file).startswith(prefix):
+                sys.modules.pop(name, None)
 
 
 def import_handler_module(model_dir: str, module_name: str) -> ModuleType:

@@ -84,6 +84,16 @@ class HandlerMetricsCollector:
             else:
                 fam.child(*key)[0] += value
 
+    def forget(self, model: str, live: set[str]) -> None:
+        """Model ``model`` has no registered version left (``live``: the names that do): drop
+        its series, so that a model registered and unregistered over and over adds nothing."""
+        if model in live:
+            return
+        with self._lock:
+            for fam in self.families.values():
+                if "ModelName" in fam.labelnames:
+                    fam.remove(lambda lab: lab["ModelName"] == model)
+
     def render(self) -> str:
         with self._lock:
             return "".join(f.render() for f in self.families.values())

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import socket
 import time
+import weakref
 from typing import Any, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -67,13 +68,16 @@ def metric_buckets(buckets: Iterable[Any], objectives: Iterable[Any] = ()) -> tu
 
 
 class _Series:
-    """The labelled children of one model version, looked up once and kept."""
+    """The labelled children of one model version, looked up once and kept.
+
+    ``mv`` is a weak reference: metrics never keep an unregistered version (its handler,
+    model and instances) alive; the entry is dropped by :meth:`ServingMetrics.forget`."""
 
     __slots__ = ("mv", "name", "version", "outcomes", "queue", "batch", "stages", "handler_time",
                  "prediction_time", "rejected", "expired")
 
     def __init__(self, m: "ServingMetrics", mv: Any):
-        self.mv, self.name, self.version = mv, mv.name, mv.version
+        self.mv, self.name, self.version = weakref.ref(mv), mv.name, mv.version
         self.outcomes: dict[tuple, tuple] = {}
         self.queue = m.queue_seconds.child(mv.name, mv.version)
         self.batch = m.batch_size.child(mv.name, mv.version)
@@ -131,7 +135,7 @@ class ServingMetrics:
             self.process_registry.register(self.gpu)
         self.registry: Any = None
         self._series: dict[int, _Series] = {}
-        self._precisions: dict[int, tuple[Any, str | None]] = {}
+        self._precisions: dict[int, tuple[weakref.ref, str | None]] = {}
         self._gone: set[tuple[str, str]] = set()
 
     def watch(self, registry: Any) -> None:
@@ -141,9 +145,34 @@ class ServingMetrics:
     # --- the request path (event loop) ----------------------------------------------
     def _series_for(self, mv: Any) -> _Series:
         s = self._series.get(id(mv))
-        if s is None or s.mv is not mv:
+        if s is None or s.mv() is not mv:
             s = self._series[id(mv)] = _Series(self, mv)
         return s
+
+    def forget(self, mv: Any) -> None:
+        """``mv`` was unregistered and its requests are answered: drop what is kept for it and
+        remove its labelled series, unless a version of the same name and version number has
+        been registered again meanwhile (it then goes on counting in the same series)."""
+        for cache in (self._series, self._precisions):
+            entry = cache.get(id(mv))
+            held = entry.mv if isinstance(entry, _Series) else entry[0] if entry is not None else None
+            if held is not None and (held() is mv or held() is None):  # not a newer version at a reused id
+                del cache[id(mv)]
+        live = self.registry.all_versions() if self.registry is not None else ()
+        if any((v.name, v.version) == (mv.name, mv.version) for v in live):
+            return
+        key = (mv.name, mv.version)
+        self._gone.discard(key)
+        for f in self._families:
+            f.remove(lambda lab: (lab["model"], lab["version"]) == key)
+        names = {v.name for v in live}
+        for f in self._ts_families[:3]:
+            f.remove(lambda lab: (lab["model_name"], lab["model_version"]) == key
+                     or (lab["model_version"] == "default" and lab["model_name"] not in names))
+        if mv.name not in names:
+            for f in self._ts_families[3:]:
+                f.remove(lambda lab: lab["ModelName"] == mv.name)
+        self.handler.forget(mv.name, names)
 
     def observe(self, mv: Any, ticket: Any, outcome: Any) -> None:
         """Data plane observer: one finished request (answered, failed or cancelled)."""
@@ -155,7 +184,7 @@ class ServingMetrics:
             self.requests.child("", "", req.protocol, str(status))[0] += 1
             return
         s = self._series.get(id(mv))
-        if s is None or s.mv is not mv:
+        if s is None or s.mv() is not mv:
             s = self._series_for(mv)
         key = (req.protocol, status, req.version)
         children = s.outcomes.get(key)
@@ -192,7 +221,7 @@ class ServingMetrics:
         if not batch:
             return
         s = self._series.get(id(mv))
-        if s is None or s.mv is not mv:
+        if s is None or s.mv() is not mv:
             s = self._series_for(mv)
         s.batch.observe(len(batch))
         t = batch[0].timings
@@ -263,8 +292,8 @@ class ServingMetrics:
 
     def _precision(self, mv: Any) -> str:
         cached = self._precisions.get(id(mv))
-        if cached is None or cached[0] is not mv or cached[1] is None:
-            cached = self._precisions[id(mv)] = (mv, _detect_precision(mv))
+        if cached is None or cached[0]() is not mv or cached[1] is None:
+            cached = self._precisions[id(mv)] = (weakref.ref(mv), _detect_precision(mv))
         return cached[1] or "unknown"
 
     def _prune(self, live: set, names: set, ids: set) -> None:

@@ -26,7 +26,7 @@ from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
 from server.core.events import event
 from server.core.registry import Registry
-from server.instances import thread_factory
+from server.instances import forget_model_folder, return_device_memory, thread_factory
 from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
@@ -87,7 +87,8 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
         self.registry = Registry(settings, self.loop, thread_factory(self.metrics.handler_metric),
-                                 on_batch=self.metrics.observe_batch if settings.request_metrics else None)
+                                 on_batch=self.metrics.observe_batch if settings.request_metrics else None,
+                                 on_release=self._released)
         self.metrics.watch(self.registry)
         self.access_log = AccessLog.from_settings(settings, self.loop)
         observers = [self.metrics.observe] if settings.request_metrics else []
@@ -110,6 +111,13 @@ class Server:
         self._servers: list[uvicorn.Server] = []
         self._grpc: list = []
         self.stopping = asyncio.Event()
+
+    def _released(self, mv) -> None:
+        """An unregistered version's workers have ended: forget its metrics and modules."""
+        self.metrics.forget(mv)
+        forget_model_folder(str(mv.archive.model_dir))
+        # next loop turn: after the registry's collection, which follows in the same step
+        self.loop.call_soon(return_device_memory)
 
     async def _metrics(self, req: Request) -> Response:
         return Response(self.metrics.render(), 200, CONTENT_TYPE)

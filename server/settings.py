@@ -32,6 +32,9 @@ class Settings:
     default_workers_per_model: int = 1
     max_workers_per_model: int = 64  # most instances (threads) one model version may run
     default_response_timeout: float = 120.0  # seconds
+    # seconds an unregister (or a scale to 0 workers) waits for the requests queued for the
+    # version to be answered before failing the rest with 503; 0 waits without a limit
+    unregister_timeout: float = 30.0
     max_request_size: int = 6553500
     # seconds a request's head may take to arrive, and its body may stall between reads (408 then)
     request_read_timeout: float = 60.0
@@ -185,6 +188,9 @@ def load_settings(
     from monitoring.access_log import parse_access_log
 
     parse_access_log(settings.access_log)
+    if settings.unregister_timeout < 0:
+        raise ValueError(f"setting unregister_timeout: {settings.unregister_timeout!r} must be 0 (no limit) "
+                         "or a positive number of seconds")
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")

@@ -313,6 +313,19 @@ class Batcher:
             self.idle.append(inst)
         self._dispatch()
 
+    def release(self) -> None:
+        """The version is unregistered and its instances have ended: drop every reference
+        (instances, the batch observer, timers), so nothing here keeps them alive."""
+        for timer in (self._timer, self._sweeper, *self._batch_timers.values()):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._sweeper = None
+        self._batch_timers.clear()
+        self.idle.clear()
+        self.busy.clear()
+        self._retiring.clear()
+        self.on_batch = None
+
     def fail_all(self, error: OspreyError) -> None:
         """Answer every queued request with ``error`` (model unloaded)."""
         while self.queue:

@@ -61,6 +61,10 @@ class Instance(Protocol):
     def ended(self) -> bool:
         """Everything it held (threads, processes, the model) is gone."""
 
+    def release(self) -> None:
+        """Once ended: drop the handler, model and context it still refers to (the registry
+        calls it after a removal, so a kept reference to the instance keeps nothing big)."""
+
     @property
     def accepts_tensors(self) -> bool:
         """Its handler takes protocol tensors as they are."""

@@ -88,7 +88,8 @@ def _version_key(v: str) -> tuple:
 
 class Registry:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop, instance_factory: InstanceFactory,
-                 on_batch: Callable[[ModelVersion, list], None] | None = None):
+                 on_batch: Callable[[ModelVersion, list], None] | None = None,
+                 on_release: Callable[[ModelVersion], None] | None = None):
         self.settings = settings
         self.loop = loop
         self.models: dict[str, _Model] = {}
@@ -97,6 +98,8 @@ class Registry:
         self._loading: dict[tuple[str, str], ModelVersion] = {}  # registering, not yet listed
         self._tasks: set[asyncio.Task] = set()
         self._retired_threads: list[Instance] = []
+        self._retired_versions: list[ModelVersion] = []
+        self._on_release = on_release  # told once an unregistered version's threads have ended
         self.heap_settled = False  # set once startup models are loaded and the heap frozen
         self._release_task: asyncio.Task | None = None
         self.work_root = Path(settings.workdir) / ".osprey" / "models"
@@ -359,11 +362,24 @@ class Registry:
             if lo > len(live):
                 await self._start_instances(mv, lo - len(live))
             elif lo < len(live):
+                answered = 0
+                if lo == 0:  # the last workers go: first answer what is queued for them
+                    answered, _ = await self._finish_queued(mv)
+                    if not self._held(mv):  # unregistered meanwhile: the unregister stopped them
+                        raise OspreyError(ErrorKind.NOT_FOUND, f"Model {mv.name} version {mv.version} was "
+                                                               "unregistered while it was being scaled to 0 workers")
                 removed = mv.batcher.remove_instances(len(live) - lo)
                 for inst in removed:
                     if inst in mv.instances:
                         mv.instances.remove(inst)
+                if mv.batcher.instances <= 0:
+                    mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE,
+                                                    f"Model \"{mv.name}\" version {mv.version} was scaled to 0 workers "
+                                                    "before this request could run"))
                 self._release_heap_after(removed)
+            if lo != len(live):
+                log.info("model %s version %s scaled from %d to %d workers%s", mv.name, mv.version, len(live), lo,
+                         f" ({answered} queued requests answered first)" if lo == 0 else "")
         return mv
 
     def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
@@ -381,13 +397,23 @@ class Registry:
         self._background(run())
 
     def set_default(self, name: str, version: str) -> None:
+        """Send requests that name no version to ``version``: only once it can serve them
+        (a version still loading, failed or without workers is refused, 409)."""
         model = self.models.get(name)
         if model is None:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
-        if version not in model.versions:
+        mv = model.versions.get(version)
+        if mv is None:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model version {version} does not exist for model {name}",
                               type_name="ModelVersionNotFoundException")
-        model.default = version
+        if not mv.ready:
+            states = sorted({i.status for i in mv.instances})
+            state = "/".join(states) if states else "no workers"
+            raise OspreyError(ErrorKind.CONFLICT, f"Model {name} version {version} is not ready to serve "
+                                                  f"(workers: {state}); it can become the default once a worker is READY")
+        old, model.default = model.default, version
+        if old != version:
+            log.info("model %s default version changed from %s to %s", name, old, version)
 
     async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
         mv = self.get(name, version)
@@ -399,28 +425,76 @@ class Registry:
             del self.models[name]
         elif model.default == mv.version:
             model.default = max(model.versions, key=_version_key)
-        mv.batcher.fail_all(OspreyError(ErrorKind.NOT_FOUND, f"Model {name} version {mv.version} was unregistered"))
+        # new requests are 404 from here on; what was queued or running is answered first
+        running = mv.batcher.in_flight  # running batches end and are answered even after their instance stops
+        answered, left = await self._finish_queued(mv)
+        answered += running
+        mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model {name} version {mv.version} was unregistered "
+                                                               "before this request could run (unregister_timeout "
+                                                               f"{self.settings.unregister_timeout:g} s)"))
         stopped = list(mv.instances)
         self._stop(mv)
-        self._release_heap_after(stopped)
+        log.info("unregistered model %s version %s (%d requests drained%s)", name, mv.version, answered,
+                 f", {left} failed after unregister_timeout" if left else "")
+        self._release_heap_after(stopped, mv)
         return mv
 
-    def _release_heap_after(self, instances: list) -> None:
+    async def _finish_queued(self, mv: ModelVersion) -> tuple[int, int]:
+        """Wait until the requests queued for ``mv`` now are answered by its instances, at
+        most unregister_timeout; return how many were answered and how many are left."""
+        futures = [r.future for r in mv.batcher.queue if r.future is not None and not r.future.done()]
+        if not futures or mv.batcher.instances <= 0:
+            return 0, len(futures)
+        timeout = self.settings.unregister_timeout
+        await asyncio.wait(futures, timeout=timeout if timeout > 0 else None)
+        left = sum(not f.done() for f in futures)
+        return len(futures) - left, left
+
+    def _release_heap_after(self, instances: list, mv: ModelVersion | None = None) -> None:
         """Once the threads of removed instances have ended (their last batch run, their
         models dropped), give what they left in reference cycles back: one full collection.
-        Requests close together share one collection."""
+        Requests close together share one collection. ``mv``: an unregistered version, whose
+        references are cut then, so nothing (metrics, batcher, frozen heap) keeps it."""
         self._retired_threads.extend(instances)
+        if mv is not None:
+            self._retired_versions.append(mv)
         if self._release_task is None or self._release_task.done():
             self._release_task = self.loop.create_task(self._release_heap())
             self._tasks.add(self._release_task)
             self._release_task.add_done_callback(self._tasks.discard)
 
     async def _release_heap(self) -> None:
-        deadline = time.monotonic() + RELEASE_WAIT_S
-        while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
-            await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
+        # removals made while this runs are taken by its next round (no second task starts)
+        while self._retired_threads or self._retired_versions:
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while time.monotonic() < deadline and not all(i.ended for i in self._retired_threads):
+                await asyncio.sleep(RELEASE_POLL_S)  # a thread ends after its last batch; never block the loop
+            names = self._release_round()  # its frame, and what it held, is gone before the collection
+            heap.release()
+            await self.loop.run_in_executor(None, heap.trim)  # what was freed goes back to the system
+            for name, version in names:
+                log.info("released model %s version %s: its workers have ended and its memory is returned",
+                         name, version)
+
+    def _release_round(self) -> list[tuple[str, str]]:
+        """Cut the references to what was removed (instances whose threads ended, unregistered
+        versions); return the versions' (name, version)."""
+        ended = [i for i in self._retired_threads if i.ended]  # one still running keeps its model until it ends
         self._retired_threads.clear()
-        heap.release()
+        versions, self._retired_versions = self._retired_versions, []
+        for inst in ended:
+            drop = getattr(inst, "release", None)
+            if callable(drop):
+                drop()
+        for mv in versions:
+            if self._on_release is not None:
+                try:
+                    self._on_release(mv)
+                except Exception:
+                    log.exception("model %s version %s: release observer failed", mv.name, mv.version)
+            mv.batcher.release()
+            mv.instances.clear()
+        return [(mv.name, mv.version) for mv in versions]
 
     def _stop(self, mv: ModelVersion) -> None:
         for inst in mv.instances:

@@ -8,7 +8,24 @@ from typing import Callable
 
 from server.core.instance import InstanceFactory
 
-__all__ = ["thread_factory"]
+__all__ = ["thread_factory", "forget_model_folder", "return_device_memory"]
+
+
+def forget_model_folder(model_dir: str) -> None:
+    """A model version is released: drop its folder from the import path and its modules."""
+    from handlers.loading import forget_folder
+
+    forget_folder(model_dir)
+
+
+def return_device_memory() -> None:
+    """Give the GPU memory torch's caching allocator keeps for freed tensors back to the
+    device (after a model was released); nothing when CUDA was never used."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def thread_factory(metrics_sink: Callable | None = None) -> InstanceFactory:

@@ -111,6 +111,13 @@ class ModelInstance:
         """The thread has finished (or never started): its handler and model are dropped."""
         return self._thread.ident is None or not self._thread.is_alive()
 
+    def release(self) -> None:
+        """Drop the handler object (and its model) and the context once the thread has ended."""
+        if self.ended:
+            self.service = None
+            self.context = None
+            self._on_loaded = None
+
     @property
     def accepts_tensors(self) -> bool:
         return bool(self.service and self.service.accepts_tensors)

@@ -170,6 +170,36 @@ def test_unregistered_versions_are_forgotten():
     assert not m._series
 
 
+def test_forget_drops_a_released_version_at_once_and_keeps_no_reference():
+    """No scrape needed (an operator may run none): the release removes the version's series
+    and handler metrics; metrics hold versions only weakly. A version registered again under
+    the same name and number keeps counting in the same series."""
+    import gc
+    import weakref
+
+    m = ServingMetrics(hostname="h")
+    old, again = _Version(), _Version()
+    reg = _Registry([old])
+    m.watch(reg)
+    m.observe(old, _req(), InferenceResponse())
+    m.observe_batch(old, [_req()])
+    HandlerMetrics("m", m.handler_metric).add_counter("Calls", 1)
+    m.render()  # the scrape caches the version's precision
+    ref = weakref.ref(old)
+    reg.versions = [again]
+    m.forget(old)  # re-registered meanwhile: its series stay, its caches go
+    assert m.requests.children and not m._series and not m._precisions
+    reg.versions = []
+    m.forget(old)
+    for family in (*m._families, *m._ts_families):
+        assert not family.children, family.name
+    assert 'ModelName="m"' not in m.handler.render()
+    m.observe(old, _req(), InferenceResponse())  # a late answer of the released version
+    del old
+    gc.collect()
+    assert ref() is None
+
+
 def test_handler_metrics_reach_prometheus_with_torchserve_names():
     m = ServingMetrics(hostname="h")
     hm = HandlerMetrics("mymodel", m.handler_metric)

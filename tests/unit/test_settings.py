@@ -48,6 +48,16 @@ def test_bad_values_are_named(tmp_path):
         load_settings(tmp_path / "missing.properties", env={})
 
 
+def test_unregister_timeout_from_properties_and_environment(tmp_path):
+    props = tmp_path / "c.properties"
+    props.write_text("unregister_timeout=5\n")
+    assert load_settings(env={}).unregister_timeout == 30.0
+    assert load_settings(props, env={}).unregister_timeout == 5.0
+    assert load_settings(props, env={"OSPREY_UNREGISTER_TIMEOUT": "0"}).unregister_timeout == 0.0
+    with pytest.raises(ValueError, match="unregister_timeout"):
+        load_settings(env={"OSPREY_UNREGISTER_TIMEOUT": "-1"})
+
+
 def test_properties_continuation_and_colons():
     assert parse_properties("a: 1\nb=x\\\n  y\n!c\n") == {"a": "1", "b": "xy"}
 
