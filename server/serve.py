@@ -25,7 +25,7 @@ from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
 from server.core.registry import Registry
-from server.instances import thread_factory
+from server.instances import instance_factory
 from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
@@ -63,7 +63,7 @@ class Server:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
-        self.registry = Registry(settings, self.loop, thread_factory(self.metrics.handler_metric),
+        self.registry = Registry(settings, self.loop, instance_factory(settings, self.metrics.handler_metric),
                                  on_batch=self.metrics.observe_batch if settings.request_metrics else None)
         self.metrics.watch(self.registry)
         self.access_log = AccessLog.from_settings(settings, self.loop)

@@ -16,6 +16,12 @@ Nothing a request carries can jam the batcher: a deadline that is not a finite t
 refused at :meth:`Batcher.submit`. If handing a batch to an instance raises, that instance
 is retired (stopped, never idle again, logged with the traceback) and only that batch's
 requests are answered, with a generic error; the other instances go on serving.
+
+Instances can be lost (a child process died, a hung one was replaced): :meth:`Batcher.lose`
+answers only the requests that instance was running. A handoff still running
+``hang_after_s`` after it started (the model's responseTimeout plus a grace) is reported
+to ``on_hung(instance, seconds)``; the registry decides what to do (kill, abandon, restart).
+While the registry restarts instances (``restarting``) requests keep queueing.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ MAX_BUNDLE = 32  # most batches in one handoff
 class Batcher:
     def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
                  queue_size: int, loop: asyncio.AbstractEventLoop,
-                 on_batch: Callable[[list[InferenceRequest]], None] | None = None):
+                 on_batch: Callable[[list[InferenceRequest]], None] | None = None,
+                 hang_after_s: float | None = None, on_hung: Callable | None = None):
         self.name, self.version = name, version
         self.batch_size = max(1, int(batch_size))
         self.max_batch_delay_s = max(0.0, float(max_batch_delay_s))
@@ -59,11 +66,16 @@ class Batcher:
         self._ewma_batch = 1.0
         self._ewma_exec = 0.0
         self.on_batch = on_batch
+        self.hang_after_s = hang_after_s
+        self.on_hung = on_hung
+        self.restarting = 0  # instances the registry is restarting: requests may queue for them
+        self._running: dict = {}  # instance -> the handoff (list of batches) it runs
+        self._watch: dict = {}  # instance -> its handoff's hang timer
 
     # --- instances ------------------------------------------------------------------
     @property
     def instances(self) -> int:
-        return len(self.idle) + len(self.busy) - len(self._retiring)
+        return len(self.idle) + len(self.busy) - len(self._retiring) + self.restarting
 
     def add_instance(self, inst) -> None:
         self.idle.append(inst)
@@ -228,6 +240,9 @@ class Batcher:
             for batch in batches:
                 self.in_flight += len(batch)
                 self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
+            self._running[inst] = batches
+            if self.hang_after_s is not None and self.on_hung is not None:
+                self._watch[inst] = self.loop.call_later(self.hang_after_s, self._check_hung, inst, batches, now)
             try:
                 inst.submit(batches, self.loop, self._done)
             except Exception:  # the instance is broken: retire it, answer only these requests
@@ -235,6 +250,7 @@ class Batcher:
                               self.name, self.version, getattr(inst, "id", "?"))
                 self.busy.discard(inst)
                 self._retiring.discard(inst)
+                self._unwatch(inst)
                 inst.stop()
                 for batch in batches:
                     self.in_flight -= len(batch)
@@ -259,7 +275,42 @@ class Batcher:
             if not r.future.done():
                 r.future.set_exception(error)
 
+    def _unwatch(self, inst):
+        """Forget ``inst``'s running handoff (returned) and cancel its hang timer."""
+        timer = self._watch.pop(inst, None)
+        if timer is not None:
+            timer.cancel()
+        return self._running.pop(inst, None)
+
+    def _check_hung(self, inst, batches: list, started: float) -> None:
+        self._watch.pop(inst, None)
+        if self._running.get(inst) is batches and self.on_hung is not None:
+            try:
+                self.on_hung(inst, time.monotonic() - started)
+            except Exception:
+                log.exception("model %s version %s: hang handler failed", self.name, self.version)
+
+    def lose(self, inst, error: OspreyError) -> None:
+        """``inst`` is gone (crashed, killed, abandoned): answer ``error`` to what it was running,
+        never hand it work again; a late ``_done`` from it is ignored."""
+        batches = self._unwatch(inst)
+        for batch in batches or ():
+            self.in_flight -= len(batch)
+            self._fail_batch(batch, error)
+        self.busy.discard(inst)
+        self._retiring.discard(inst)
+        if inst in self.idle:
+            self.idle.remove(inst)
+        if self.instances <= 0:  # nothing left and nothing coming back: queued requests would wait in vain
+            self.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{self.name}\" version {self.version} "
+                                                             "has no worker left to serve inference requests"))
+        else:
+            self._dispatch()
+
     def _done(self, inst, batches: list[list[InferenceRequest]], outcomes: list[list]) -> None:
+        if self._running.get(inst) is not batches:  # the instance was lost meanwhile: already answered
+            return
+        self._unwatch(inst)
         for batch, batch_outcomes in zip(batches, outcomes):
             timer = self._batch_timers.pop(id(batch), None)
             if timer is not None:

@@ -43,6 +43,9 @@ class Instance(Protocol):
     status: InstanceStatus
     start_time: float
     error: str | None
+    # set by the registry before start(): call on the loop when the instance is gone on its own
+    # (a child process died); the argument is why (exit status, signal)
+    on_lost: Callable[["Instance", str], None] | None
 
     def start(self) -> None:
         """Begin loading (returns at once)."""
@@ -56,6 +59,10 @@ class Instance(Protocol):
 
     def stop(self) -> None:
         """Stop after the batch it is running (if any); never serves again."""
+
+    def kill(self) -> bool:
+        """End it now (it hung): True if it is gone (a process, killed); False if it can only be
+        abandoned (a thread: marked, never serves again, ends when its handler returns)."""
 
     @property
     def ended(self) -> bool:

@@ -46,14 +46,12 @@ def tensor_specs(mv: Any) -> tuple[list[dict], list[dict]]:
     inputs, outputs = _spec_dicts(mv.config.inputs), _spec_dicts(mv.config.outputs)
     if not inputs or not outputs:
         for inst in mv.instances:
-            target = getattr(inst.service, "target", None) if inst.service is not None else None
-            if target is not None:
-                declared = target.tensor_metadata() if callable(getattr(target, "tensor_metadata", None)) else {}
-                declared_in = declared.get("inputs") or getattr(target, "inputs", None)
-                declared_out = declared.get("outputs") or getattr(target, "outputs", None)
-                inputs = inputs or (_spec_dicts(declared_in) if isinstance(declared_in, (list, tuple)) else [])
-                outputs = outputs or (_spec_dicts(declared_out) if isinstance(declared_out, (list, tuple)) else [])
-                break
+            if inst.status != "READY":
+                continue
+            declared_in, declared_out = inst.tensor_specs()
+            inputs = inputs or (_spec_dicts(declared_in) if declared_in else [])
+            outputs = outputs or (_spec_dicts(declared_out) if declared_out else [])
+            break
     if not mv.accepts_tensors:
         inputs = inputs or [dict(BYTES_INPUT)]
         outputs = outputs or [dict(BYTES_OUTPUT)]

@@ -1,0 +1,102 @@
+"""The child side of a process instance (:mod:`server.instances.process`).
+
+Started by multiprocessing (forkserver, else spawn) with one end of a pipe. It loads the
+handler with the same :func:`~server.instances.runner.load_runner` a thread instance uses,
+says ``ready`` (or ``failed``), then runs each job the parent sends with the same
+:class:`~server.instances.runner.BatchRunner`, and answers ``done``. Handler metrics and
+intermediate (streamed) responses go to the parent as messages while the handler runs.
+The child ends on a ``None`` message or when the parent's end of the pipe closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+
+from server.instances.runner import declared_specs, load_runner
+from server.instances.wire import Arena, outcome_to_wire, work_from_wire
+
+__all__ = ["main"]
+
+log = logging.getLogger("osprey.instances")
+
+
+def _specs(target) -> tuple:
+    def plain(specs):
+        if specs is None:
+            return None
+        return [s.as_dict() if hasattr(s, "as_dict") else dict(s) for s in specs]
+    inputs, outputs = declared_specs(target)
+    return plain(inputs), plain(outputs)
+
+
+def main(conn, spec: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it drains first)
+    logging.basicConfig(level=spec.get("log_level", logging.INFO), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s [pid {os.getpid()}]: %(message)s")
+    lock = threading.Lock()
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    def metric(name, value, unit, kind, dims) -> None:
+        send(("metric", name, value, unit, kind, dims))
+
+    if spec.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(spec["torch_threads"])
+    try:
+        runner = load_runner(spec["name"], spec["version"], spec["model_dir"], spec["handler"], spec["manifest"],
+                             spec["config"], spec["gpu_id"], metric)
+        send(("ready", runner.accepts_tensors, _specs(runner.service.target), os.getpid()))
+    except BaseException as exc:
+        traceback.print_exc()
+        send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    arenas: dict[str, Arena] = {}
+
+    def arena(name):
+        if name is None:
+            return None
+        a = arenas.get(name)
+        if a is None:
+            a = arenas[name] = Arena.attach(name)
+        return a
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            break
+        if msg is None:
+            break
+        _, in_name, out_name, dropped, batches = msg
+        for name in dropped:  # arenas the parent replaced by larger ones
+            old = arenas.pop(name, None)
+            if old is not None:
+                old.close()
+        src, dst = arena(in_name), arena(out_name)
+        works = []
+        for bi, batch in enumerate(batches):
+            items = []
+            for ri, wire in enumerate(batch):
+                stream = None
+                if wire[5]:
+                    def stream(data, _at=(bi, ri)) -> None:
+                        send(("stream", _at[0], _at[1], data))
+                items.append(work_from_wire(wire, src, stream))
+            works.append(items)
+        outcomes = runner.run_handoff(works)
+        if dst is not None:
+            dst.pos = 0
+        wired = [[outcome_to_wire(o, dst) for o in batch] for batch in outcomes]
+        timings = [(b[0].timings.started, b[0].timings.finished, b[0].timings.stages) if b else None for b in works]
+        send(("done", wired, timings))
+    for a in arenas.values():
+        a.close()
