@@ -427,6 +427,11 @@ class Registry:
             await asyncio.sleep(delay)
             if not self._held(mv):
                 return
+            live = sum(i.status in ("READY", "LOADING") for i in mv.instances)
+            if live >= mv.config.min_workers:  # a scale call meanwhile already brought it to its minimum
+                log.info("model %s version %s: instance %d not restarted: %d workers run (minWorkers %d)",
+                         mv.name, mv.version, index, live, mv.config.min_workers)
+                return
             inst = self._new_instance(mv.name, mv.version, mv.archive, mv.config, index)
             inst.on_lost = functools.partial(self._lost, mv)
             mv.instances.append(inst)

@@ -92,6 +92,7 @@ def _comes_back(srv, model: str) -> dict:
     def ok() -> bool:
         r = _post(srv, model, {"id": "after"})
         answers.append(r)
+        assert r.status_code in (200, 503, 504), r.text
         return r.status_code == 200
     wait_until(ok, 30, f"{model} to answer again")
     return answers[-1].json()
@@ -242,10 +243,9 @@ def test_a_hung_handler_answers_504_and_a_fresh_instance_serves_the_next_request
     first = _post(srv, "hanger", {"id": "warm"}).json()
     r = _post(srv, "hanger", {"id": "hung", "hang": 20})
     assert r.status_code == 504, r.text
-    after = _post(srv, "hanger", {"id": "next"})  # queues until the replacement is up
-    assert after.status_code == 200, after.text
+    after = _comes_back(srv, "hanger")  # a fresh instance serves (early tries may time out in the queue)
     if kind == "process":
-        assert after.json()["pid"] != first["pid"]
+        assert after["pid"] != first["pid"]
         assert "hung" in srv.log() and "killed it" in srv.log()
         wait_until(lambda: _metric(srv, "osprey_instance_restarts_total", "hanger") == 1, what="the restart count")
     else:
