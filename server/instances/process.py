@@ -78,11 +78,10 @@ def describe_exit(code: int | None) -> str:
 
 
 # --- the two places that touch requests (see the module docstring) ---------------------
-def _to_child(r: InferenceRequest, arena: Arena) -> tuple[tuple, Callable | None]:
-    """(what crosses to the child for ``r``, the callable its streamed items go to)."""
-    fields = {k: (pack_bytes(f.value, arena), f.content_type) for k, f in r.fields.items()}
-    wire = (r.request_id, r.headers, fields, pack_tensors(r.tensors, arena), r.tensor_meta, r.stream is not None)
-    return wire, r.stream
+def _to_child(r: InferenceRequest) -> tuple[tuple, Callable | None]:
+    """(what crosses to the child for ``r``, payloads not yet packed; the callable its streamed items go to)."""
+    fields = {k: (f.value, f.content_type) for k, f in r.fields.items()}
+    return (r.request_id, r.headers, fields, r.tensors, r.tensor_meta, r.stream is not None), r.stream
 
 
 def _from_child(r: InferenceRequest, timing: tuple | None) -> None:
@@ -91,9 +90,16 @@ def _from_child(r: InferenceRequest, timing: tuple | None) -> None:
         r.timings.started, r.timings.finished, r.timings.stages = timing
 
 
-def _payload(r: InferenceRequest) -> int:
-    n = sum(payload_size(f.value) for f in r.fields.values())
-    return n + sum(payload_size(t) for t in (r.tensors or {}).values())
+def _shm_bytes(wire: tuple) -> int:
+    """Payload bytes of one request's wire tuple that go through shared memory."""
+    return (sum(payload_size(v) for v, _ in wire[2].values())
+            + sum(payload_size(t) for t in (wire[3] or {}).values()))
+
+
+def _pack(wire: tuple, arena: Arena) -> tuple:
+    request_id, headers, fields, tensors, meta, streams = wire
+    return (request_id, headers, {k: (pack_bytes(v, arena), ct) for k, (v, ct) in fields.items()},
+            pack_tensors(tensors, arena), meta, streams)
 
 
 class ProcessInstance:
@@ -205,7 +211,12 @@ class ProcessInstance:
                on_done: Callable) -> None:
         """Send a handoff to the child (on the loop: a pipe write of a small message)."""
         self._loop = loop
-        need = sum(_payload(r) for batch in batches for r in batch)
+        wired, streams = [], []
+        for batch in batches:
+            pairs = [_to_child(r) for r in batch]
+            wired.append([w for w, _ in pairs])
+            streams.append([s for _, s in pairs])
+        need = sum(_shm_bytes(w) for batch in wired for w in batch)
         if need > self._in.size:
             self._dropped.append(self._in.name)
             self._in.close(unlink=True)
@@ -213,15 +224,7 @@ class ProcessInstance:
             self._in = Arena.create(max(need, 2 * self._in.size))
             _live.add(self._in)
         self._in.pos = 0
-        wired, streams = [], []
-        for batch in batches:
-            items, outs = [], []
-            for r in batch:
-                w, s = _to_child(r, self._in)
-                items.append(w)
-                outs.append(s)
-            wired.append(items)
-            streams.append(outs)
+        wired = [[_pack(w, self._in) for w in batch] for batch in wired]
         self._job = (batches, on_done, streams)
         dropped, self._dropped = self._dropped, []
         self._conn.send(("job", self._in.name, self._out.name, dropped, wired))

@@ -252,3 +252,63 @@ def test_a_hung_handler_answers_504_and_a_fresh_instance_serves_the_next_request
         assert "abandoned its thread" in srv.log()
         assert _metric(srv, "osprey_instances_abandoned_total", "hanger") == 1
     assert httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 200
+
+
+# --- the boundary itself, in this process --------------------------------------------------
+def test_payloads_round_trip_through_an_arena_or_the_pipe():
+    from server.instances.wire import SHM_MIN, Arena, pack_bytes, pack_tensors, unpack_bytes, unpack_tensors
+
+    arena = Arena.create(1 << 20)
+    try:
+        big = np.arange(SHM_MIN, dtype=np.float32).reshape(-1, 16)[:, ::2]  # not contiguous
+        obj = np.array([b"a", b"bc"], dtype=object)
+        packed = pack_tensors({"big": big, "obj": obj, "small": np.ones(3, np.int64)}, arena)
+        assert packed["big"][0] == "nd" and packed["obj"] is obj  # object arrays are pickled
+        back = unpack_tensors(packed, arena)
+        np.testing.assert_array_equal(back["big"], big)
+        assert back["big"].dtype == big.dtype and list(back["obj"]) == [b"a", b"bc"]
+        body = os.urandom(SHM_MIN)
+        ref = pack_bytes(body, arena)
+        assert ref[0] == "shm" and unpack_bytes(ref, arena) == body
+        assert pack_bytes(os.urandom(2 << 20), arena)[0] != "shm"  # too large for this arena: pickled
+        assert pack_bytes(b"tiny", arena) == b"tiny"
+    finally:
+        arena.close(unlink=True)
+
+
+def test_a_handoff_larger_than_the_arena_grows_it(tmp_path):
+    import asyncio
+
+    from server.core.archive import open_archive
+    from server.core.model_config import ModelConfig
+    from server.core.types import Field, InferenceRequest
+    from server.instances.process import IN_ARENA, ProcessInstance
+
+    store = tmp_path / "store"
+    store.mkdir()
+    archive = open_archive(handler_archive(store, "echo", ECHO_HANDLER), tmp_path / "work")
+    inst = ProcessInstance("echo", "1.0", archive, ModelConfig(batch_size=4, device_type="cpu"), 0, None)
+    bodies = [bytes([65 + i]) * (IN_ARENA // 2 + 1) for i in range(3)] + [b"small"]
+
+    async def main():
+        inst.start()
+        await inst.wait_loaded(120)
+        loop = asyncio.get_running_loop()
+        answers = []
+        for batch in ([bodies[:3]], [bodies[3:]]):
+            done = loop.create_future()
+            reqs = [[InferenceRequest(model="echo", version="1.0", request_id=str(i), fields={"body": Field(b)})
+                     for i, b in enumerate(batch[0])]]
+            inst.submit(reqs, loop, lambda _i, _b, outcomes: done.set_result(outcomes))
+            answers.append(await asyncio.wait_for(done, 120))
+            assert all(r.timings.finished >= r.timings.started > 0 for r in reqs[0])
+        inst.stop()
+        return answers
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        inst.kill()
+    assert [o.body for o in first[0]] == [b.upper() for b in bodies[:3]]
+    assert [o.body for o in second[0]] == [b"SMALL"]
+    archive.cleanup()
