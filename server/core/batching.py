@@ -69,8 +69,8 @@ class Batcher:
         self.hang_after_s = hang_after_s
         self.on_hung = on_hung
         self.restarting = 0  # instances the registry is restarting: requests may queue for them
-        self._running: dict = {}  # instance -> the handoff (list of batches) it runs
-        self._watch: dict = {}  # instance -> its handoff's hang timer
+        self._running: dict = {}  # instance -> [handoff (list of batches), start time, reported hung]
+        self._watchdog: asyncio.TimerHandle | None = None  # checks running handoffs while there are any
 
     # --- instances ------------------------------------------------------------------
     @property
@@ -240,9 +240,9 @@ class Batcher:
             for batch in batches:
                 self.in_flight += len(batch)
                 self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
-            self._running[inst] = batches
-            if self.hang_after_s is not None and self.on_hung is not None:
-                self._watch[inst] = self.loop.call_later(self.hang_after_s, self._check_hung, inst, batches, now)
+            self._running[inst] = [batches, now, False]
+            if self._watchdog is None and self.hang_after_s is not None:
+                self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)
             try:
                 inst.submit(batches, self.loop, self._done)
             except Exception:  # the instance is broken: retire it, answer only these requests
@@ -250,7 +250,7 @@ class Batcher:
                               self.name, self.version, getattr(inst, "id", "?"))
                 self.busy.discard(inst)
                 self._retiring.discard(inst)
-                self._unwatch(inst)
+                self._running.pop(inst, None)
                 inst.stop()
                 for batch in batches:
                     self.in_flight -= len(batch)
@@ -275,26 +275,29 @@ class Batcher:
             if not r.future.done():
                 r.future.set_exception(error)
 
-    def _unwatch(self, inst):
-        """Forget ``inst``'s running handoff (returned) and cancel its hang timer."""
-        timer = self._watch.pop(inst, None)
-        if timer is not None:
-            timer.cancel()
-        return self._running.pop(inst, None)
+    def _watch_interval(self) -> float:
+        """How often the watchdog looks at running handoffs: one timer per batcher, not per handoff."""
+        return max(0.05, min(1.0, self.hang_after_s / 4))
 
-    def _check_hung(self, inst, batches: list, started: float) -> None:
-        self._watch.pop(inst, None)
-        if self._running.get(inst) is batches and self.on_hung is not None:
-            try:
-                self.on_hung(inst, time.monotonic() - started)
-            except Exception:
-                log.exception("model %s version %s: hang handler failed", self.name, self.version)
+    def _check_hung(self) -> None:
+        """Report each handoff running past ``hang_after_s`` once; re-arm while any runs."""
+        self._watchdog = None
+        now = time.monotonic()
+        for inst, entry in list(self._running.items()):
+            if not entry[2] and now - entry[1] >= self.hang_after_s and self.on_hung is not None:
+                entry[2] = True
+                try:
+                    self.on_hung(inst, now - entry[1])
+                except Exception:
+                    log.exception("model %s version %s: hang handler failed", self.name, self.version)
+        if self._running and self.hang_after_s is not None:
+            self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)
 
     def lose(self, inst, error: OspreyError) -> None:
         """``inst`` is gone (crashed, killed, abandoned): answer ``error`` to what it was running,
         never hand it work again; a late ``_done`` from it is ignored."""
-        batches = self._unwatch(inst)
-        for batch in batches or ():
+        entry = self._running.pop(inst, None)
+        for batch in entry[0] if entry is not None else ():
             self.in_flight -= len(batch)
             self._fail_batch(batch, error)
         self.busy.discard(inst)
@@ -308,9 +311,10 @@ class Batcher:
             self._dispatch()
 
     def _done(self, inst, batches: list[list[InferenceRequest]], outcomes: list[list]) -> None:
-        if self._running.get(inst) is not batches:  # the instance was lost meanwhile: already answered
+        entry = self._running.get(inst)
+        if entry is None or entry[0] is not batches:  # the instance was lost meanwhile: already answered
             return
-        self._unwatch(inst)
+        del self._running[inst]
         for batch, batch_outcomes in zip(batches, outcomes):
             timer = self._batch_timers.pop(id(batch), None)
             if timer is not None:
