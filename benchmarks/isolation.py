@@ -3,12 +3,14 @@
     .venv/bin/python -m benchmarks.isolation [--duration 5] [--out benchmarks/results/isolation.json]
 
 1. The boundary alone, in this process: one request per handoff, handed to a thread
-   instance and to a process instance of the same trivial echo handler, back to back;
+   instance and to a process instance of the same trivial echo handler, in interleaved
+   rounds (medians reported);
    the difference of the mean round trips is what crossing to the child costs per request
    (small body, and a 1 MiB body through shared memory). Also each kind's start-up time
    (start() to ready; a process instance's first start includes the forkserver importing torch).
 2. The servers: the benchmark's tiny MLP (``mlp``: batchSize 32, ``mlp_nb``: batchSize 1)
-   on an Osprey server per kind, driven by ``hey`` at c=1 and c=32 (``benchmarks.load``)
+   on an Osprey server per kind (both up; each point runs on one, then at once on the other,
+   so background load hits both alike), driven by ``hey`` at c=1 and c=32 (``benchmarks.load``)
    and ``openloop --closed 1`` (µs timing at c=1); server start-up to first answer and RSS
    of the process tree, and per instance process.
 """
@@ -19,6 +21,8 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +60,7 @@ async def _roundtrips(inst, body: bytes, n: int) -> float:
         outcomes = await done
         assert not isinstance(outcomes[0][0], Exception), outcomes
 
-    for _ in range(min(200, n)):  # warm-up
+    for _ in range(min(50, n)):  # warm-up
         await one()
     t0 = time.perf_counter()
     for _ in range(n):
@@ -64,7 +68,7 @@ async def _roundtrips(inst, body: bytes, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def boundary(work: Path, n: int) -> dict:
+def boundary(work: Path, n: int, rounds: int = 5) -> dict:
     from server.core.archive import open_archive, write_archive
     from server.core.model_config import ModelConfig
     from server.instances.process import ProcessInstance
@@ -79,23 +83,31 @@ def boundary(work: Path, n: int) -> dict:
     out: dict = {}
 
     async def main() -> None:
-        for kind, make in (("thread", ModelInstance), ("process", ProcessInstance),
-                           ("process_warm", ProcessInstance)):
+        insts = {}
+        for kind, make in (("thread", ModelInstance), ("process", ProcessInstance), ("process_warm", ProcessInstance)):
             inst = make("echo", "1", archive, config, 0, None)
             t0 = time.perf_counter()
             inst.start()
             await inst.wait_loaded(120)
-            started = time.perf_counter() - t0
-            row = {"start_s": started}
-            if kind != "process_warm":
-                row["small_us"] = await _roundtrips(inst, b"x" * 64, n) * 1e6
-                row["1mib_us"] = await _roundtrips(inst, os.urandom(1 << 20), max(n // 10, 50)) * 1e6
+            out[kind] = {"start_s": time.perf_counter() - t0}
             if kind.startswith("process"):
-                row["child_rss_mib"] = psutil.Process(inst.pid).memory_info().rss / 2**20
-            out[kind] = row
+                mem = psutil.Process(inst.pid).memory_full_info()
+                out[kind]["child_rss_mib"], out[kind]["child_pss_mib"] = mem.rss / 2**20, mem.pss / 2**20
+            insts[kind] = inst
+        insts.pop("process_warm").stop()
+        small, big = b"x" * 64, os.urandom(1 << 20)
+        samples: dict = {(k, s): [] for k in insts for s in ("small_us", "1mib_us")}
+        for _ in range(rounds):  # interleaved, so that background load hits both kinds alike
+            for kind, inst in insts.items():
+                samples[(kind, "small_us")].append(await _roundtrips(inst, small, n // rounds) * 1e6)
+                samples[(kind, "1mib_us")].append(await _roundtrips(inst, big, max(n // rounds // 10, 20)) * 1e6)
+        for (kind, what), values in samples.items():
+            out[kind][what] = statistics.median(values)
+        for inst in insts.values():
             inst.stop()
             while not inst.ended:
                 await asyncio.sleep(0.01)
+        out["rounds"] = rounds
         out["crossing_small_us"] = out["process"]["small_us"] - out["thread"]["small_us"]
         out["crossing_1mib_us"] = out["process"]["1mib_us"] - out["thread"]["1mib_us"]
 
@@ -104,41 +116,56 @@ def boundary(work: Path, n: int) -> dict:
     return out
 
 
+def _c1(srv, m, seconds: float) -> dict:
+    r = json.loads(subprocess.run(
+        [sys.executable, "-m", "benchmarks.openloop", "--url", srv.predict_url(m.name), "--body", str(m.body),
+         "--content-type", m.content_type, "--closed", "1", "--duration", str(seconds), "--warmup", "1"],
+        capture_output=True, text=True, timeout=seconds + 120).stdout)
+    return {"model": m.name, "tool": "openloop --closed 1", "c": 1, "p50_ms": r.get("p50_ms"),
+            "p99_ms": r.get("p99_ms"), "rps": r.get("rps")}
+
+
 def servers(work: Path, duration: float, c1_seconds: float) -> list[dict]:
+    """Both servers up at once; every point runs on the thread server, then at once on the process one."""
     models = build_models(work / "models", with_cnn=False, with_digits=False)
     mlps = [models["mlp"], models["mlp_nb"]]
-    rows = []
-    for kind in ("thread", "process"):
-        srv = Osprey(work / f"osprey-{kind}", mlps, config={"instance_isolation": kind}, tag=f"osprey-{kind}")
-        srv.start()
-        try:
+    srvs = {}
+    rows = {}
+    try:
+        for kind in ("thread", "process"):
+            srv = srvs[kind] = Osprey(work / f"osprey-{kind}", mlps, config={"instance_isolation": kind},
+                                      tag=f"osprey-{kind}")
+            srv.start()
             pid = srv.proc.pid
-            children = [p for p in psutil.Process(pid).children(recursive=True)]
-            info = {"kind": kind, "startup": dict(srv.startup), "rss_tree_mib": tree_rss_mb(pid),
-                    "rss_server_mib": psutil.Process(pid).memory_info().rss / 2**20,
-                    "rss_children_mib": sorted(round(p.memory_info().rss / 2**20, 1) for p in children),
-                    "load": []}
+            children = list(psutil.Process(pid).children(recursive=True))
+            info = rows[kind] = {
+                "kind": kind, "startup": dict(srv.startup), "rss_tree_mib": tree_rss_mb(pid),
+                "rss_server_mib": psutil.Process(pid).memory_info().rss / 2**20,
+                "rss_children_mib": sorted(round(p.memory_info().rss / 2**20, 1) for p in children),
+                # proportional set size: pages shared copy-on-write with the fork server split among sharers
+                "pss_tree_mib": sum(p.memory_full_info().pss for p in (psutil.Process(pid), *children)) / 2**20,
+                "pss_children_mib": sorted(round(p.memory_full_info().pss / 2**20, 1) for p in children),
+                "load": []}
             _log(f"{kind}: first answer {srv.startup.get('first_answer_s', 0):.2f} s, tree RSS "
-                 f"{info['rss_tree_mib']:.0f} MiB, children {info['rss_children_mib']}")
-            for m in mlps:
-                r = json.loads(__import__("subprocess").run(
-                    [sys.executable, "-m", "benchmarks.openloop", "--url", srv.predict_url(m.name), "--body",
-                     str(m.body), "--content-type", m.content_type, "--closed", "1", "--duration", str(c1_seconds),
-                     "--warmup", "1"], capture_output=True, text=True, timeout=c1_seconds + 120).stdout)
-                info["load"].append({"model": m.name, "tool": "openloop --closed 1", "c": 1,
-                                     "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms"), "rps": r.get("rps")})
-                _log(f"  {kind:8s} {m.name:7s} exact c=1 p50 {r.get('p50_ms', 0):.3f} ms")
-                for c in (1, 32):
+                 f"{info['rss_tree_mib']:.0f} MiB (PSS {info['pss_tree_mib']:.0f}), children RSS "
+                 f"{info['rss_children_mib']} PSS {info['pss_children_mib']}")
+        for m in mlps:
+            for kind, srv in srvs.items():
+                r = _c1(srv, m, c1_seconds)
+                rows[kind]["load"].append(r)
+                _log(f"  {kind:8s} {m.name:7s} exact c=1 p50 {r.get('p50_ms') or 0:.3f} ms")
+            for c in (1, 32):
+                for kind, srv in srvs.items():
                     h = load.hey(srv.predict_url(m.name), str(m.body), m.content_type, c, duration, 1.0)
-                    info["load"].append({"model": m.name, "tool": "hey", "c": c, "rps": h.get("rps"),
-                                         "p50_ms": h.get("p50_ms"), "p99_ms": h.get("p99_ms"),
-                                         "errors": h.get("errors")})
+                    rows[kind]["load"].append({"model": m.name, "tool": "hey", "c": c, "rps": h.get("rps"),
+                                               "p50_ms": h.get("p50_ms"), "p99_ms": h.get("p99_ms"),
+                                               "errors": h.get("errors")})
                     _log(f"  {kind:8s} {m.name:7s} c={c:<3d} {h.get('rps') or 0:8.1f} req/s p50 "
                          f"{h.get('p50_ms') or 0:.2f} ms p99 {h.get('p99_ms') or 0:.2f} ms errors {h.get('errors')}")
-            rows.append(info)
-        finally:
+    finally:
+        for srv in srvs.values():
             srv.stop()
-    return rows
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ The child ends on a ``None`` message or when the parent's end of the pipe closes
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -34,8 +35,24 @@ def _specs(target) -> tuple:
     return plain(inputs), plain(outputs)
 
 
+def _steady_malloc() -> None:
+    """glibc: serve blocks up to 32 MiB from the heap and keep up to 64 MiB freed there.
+
+    Each request's payload is copied out of shared memory into a fresh bytes object (and
+    decoded into another); with glibc's defaults every such MiB came from a new mmap, and
+    touching its pages cost ~1.5 ms per MiB in page faults on the benchmark VM (measured:
+    480 faults and 1.6 ms per 1 MiB copy + bytearray, 70 us with these settings)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: leave the allocator alone
+        pass
+
+
 def main(conn, spec: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it drains first)
+    _steady_malloc()
     logging.basicConfig(level=spec.get("log_level", logging.INFO), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s [pid {os.getpid()}]: %(message)s")
     lock = threading.Lock()
