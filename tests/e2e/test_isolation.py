@@ -222,8 +222,8 @@ def test_a_crash_loop_marks_the_model_unhealthy(osprey, store):
     r = _post(srv, "looper", {"x": 1})
     assert r.status_code == 503 and "exit status 2" in r.json()["message"]
     # each restart dies while loading (exit status 3): the third crash within the window stops it
-    wait_until(lambda: httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 500, 30,
-               "/ping to report the crash loop")
+    wait_until(lambda: _describe(srv, "looper")["healthy"] is False, 30, "the crash loop to be declared")
+    assert httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 500
     assert httpx.get(f"{srv.inference}/v2/health/ready", timeout=30).json()["ready"] is False
     assert httpx.get(f"{srv.inference}/v2/models/looper/ready", timeout=30).json()["ready"] is False
     assert httpx.get(f"{srv.inference}/v2/models/fine/ready", timeout=30).json()["ready"] is True
