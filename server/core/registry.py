@@ -338,7 +338,8 @@ class Registry:
                 raise self._unregistered(mv) from None
             raise
         for inst in new:
-            mv.batcher.add_instance(inst)
+            if inst.status == "READY":  # one lost meanwhile (its process died) is being restarted
+                mv.batcher.add_instance(inst)
         if new and mv.unhealthy is not None:  # scaled up again by hand: give it another chance
             log.info("model %s version %s: new workers started; it is no longer marked unhealthy (was: %s)",
                      mv.name, mv.version, mv.unhealthy)

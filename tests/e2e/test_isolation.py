@@ -120,6 +120,15 @@ def test_isolation_is_parsed_and_a_bad_value_names_the_key():
         parse_model_config({"isolation": "container"})
 
 
+def test_the_server_default_is_thread_and_a_bad_one_names_the_setting():
+    from server.settings import load_settings
+
+    assert load_settings(env={}).instance_isolation == "thread"
+    assert load_settings(env={"OSPREY_INSTANCE_ISOLATION": "process"}).instance_isolation == "process"
+    with pytest.raises(ValueError, match="instance_isolation"):
+        load_settings(env={}, overrides={"instance_isolation": "vm"})
+
+
 def test_a_bad_isolation_value_is_refused_at_registration(srv):
     handler_archive(srv.store, "bad_iso", ECHO_HANDLER, config={"isolation": "vm"})
     r = httpx.post(f"{srv.management}/models", params={"url": "bad_iso.mar"}, timeout=60)
