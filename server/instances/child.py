@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 
 from server.instances.runner import declared_specs, load_runner
 from server.instances.wire import Arena, outcome_to_wire, work_from_wire
@@ -73,7 +72,7 @@ def main(conn, spec: dict) -> None:
                              spec["config"], spec["gpu_id"], metric)
         send(("ready", runner.accepts_tensors, _specs(runner.service.target), os.getpid()))
     except BaseException as exc:
-        traceback.print_exc()
+        log.exception("model %s instance %d failed to load", spec["name"], spec["index"])
         send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     arenas: dict[str, Arena] = {}

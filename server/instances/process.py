@@ -237,7 +237,7 @@ class ProcessInstance:
         parent, child_end = ctx.Pipe(duplex=True)
         spec = {"name": self.name, "version": self.version, "model_dir": str(self.archive.model_dir),
                 "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
-                "gpu_id": self.gpu_id, "torch_threads": self._torch_threads,
+                "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
                 "log_level": logging.getLogger().getEffectiveLevel()}
         try:
             self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
