@@ -255,8 +255,11 @@ class ProcessInstance:
         child_end.close()
         self._conn = parent
         self.pid = self._proc.pid
-        if self.status == "STOPPED":  # stopped before the child existed
-            self.stop()
+        if self.status == "STOPPED":  # stopped before the child existed: it ends once loaded
+            try:
+                parent.send(None)
+            except (OSError, ValueError):
+                pass
         try:
             while True:
                 msg = parent.recv()
