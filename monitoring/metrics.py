@@ -266,6 +266,12 @@ class ServingMetrics:
         )}
         starts = Gauge("osprey_instance_start_time_seconds", "Unix time each instance started; a change is a restart",
                        ("model", "version", "worker"))
+        restarts = Counter("osprey_instance_restarts_total", "Instances restarted after a crash or a hang",
+                           ("model", "version"))
+        abandoned = Counter("osprey_instances_abandoned_total",
+                            "Hung instance threads abandoned (they cannot be killed) and replaced", ("model", "version"))
+        g["osprey_model_healthy"] = Gauge("osprey_model_healthy", "0 once the version stopped restarting its "
+                                          "instances (crash loop, too many hung threads), else 1", lab)
         info = Gauge("osprey_model_info", "Model version facts (always 1)",
                      ("model", "version", "handler", "device", "precision"))
         objective = max(self.objectives) if self.objectives else None
@@ -279,6 +285,9 @@ class ServingMetrics:
             g["osprey_instances_min"].child(*k)[0] = mv.config.min_workers
             g["osprey_batch_size_limit"].child(*k)[0] = mv.config.batch_size
             g["osprey_model_load_seconds"].child(*k)[0] = mv.load_seconds
+            g["osprey_model_healthy"].child(*k)[0] = 1 if getattr(mv, "unhealthy", None) is None else 0
+            restarts.child(*k)[0] = getattr(mv, "restarts", 0)
+            abandoned.child(*k)[0] = getattr(mv, "abandoned_total", 0)
             if objective is not None:
                 g["osprey_latency_objective_seconds"].child(*k)[0] = objective
             for inst in list(mv.instances):
@@ -288,7 +297,7 @@ class ServingMetrics:
             info.child(mv.name, mv.version, str(mv.handler), device, self._precision(mv))[0] = 1
         self._prune({(mv.name, mv.version) for mv in versions}, {mv.name for mv in versions},
                     {id(mv) for mv in versions})
-        return "".join(f.render() for f in (*g.values(), starts, info))
+        return "".join(f.render() for f in (*g.values(), starts, restarts, abandoned, info))
 
     def _precision(self, mv: Any) -> str:
         cached = self._precisions.get(id(mv))

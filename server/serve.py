@@ -26,7 +26,7 @@ from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
 from server.core.events import event
 from server.core.registry import Registry
-from server.instances import forget_model_folder, return_device_memory, thread_factory
+from server.instances import forget_model_folder, instance_factory, return_device_memory
 from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
@@ -86,7 +86,7 @@ class Server:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
-        self.registry = Registry(settings, self.loop, thread_factory(self.metrics.handler_metric),
+        self.registry = Registry(settings, self.loop, instance_factory(settings, self.metrics.handler_metric),
                                  on_batch=self.metrics.observe_batch if settings.request_metrics else None,
                                  on_release=self._released)
         self.metrics.watch(self.registry)

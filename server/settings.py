@@ -59,6 +59,15 @@ class Settings:
     # (Python's default of 5 ms adds up to 5 ms to every handoff between busy threads).
     switch_interval: float = 0.0005
     workdir: str = "."
+    # model instances: "thread" (in this process) or "process" (a child process each); a model's
+    # model-config.yaml ``isolation`` overrides it
+    instance_isolation: str = "thread"
+    instance_restart_backoff: float = 0.5  # seconds before the first restart of a crashed instance; doubles
+    instance_restart_backoff_max: float = 30.0  # longest wait between restarts
+    crash_loop_restarts: int = 5  # this many crashes of one model version within crash_loop_window ...
+    crash_loop_window: float = 60.0  # ... seconds: stop restarting, the version is unhealthy
+    hang_grace: float = 1.0  # seconds past responseTimeout a busy instance is replaced (process killed, thread abandoned)
+    max_abandoned_threads: int = 4  # hung threads one model version may leave behind before it is unhealthy
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -191,6 +200,8 @@ def load_settings(
     if settings.unregister_timeout < 0:
         raise ValueError(f"setting unregister_timeout: {settings.unregister_timeout!r} must be 0 (no limit) "
                          "or a positive number of seconds")
+    if settings.instance_isolation not in ("thread", "process"):
+        raise ValueError(f"setting instance_isolation: {settings.instance_isolation!r} must be thread or process")
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")

@@ -20,6 +20,11 @@ requests are answered, with a generic error; the other instances go on serving.
 Requests refused on a full queue are counted and logged as one ``event=queue_full`` line
 per model version per QUEUE_FULL_LOG_INTERVAL_S (the first refusal opens the window, the
 line at its end carries how many were refused in it), so a burst cannot flood the log.
+Instances can be lost (a child process died, a hung one was replaced): :meth:`Batcher.lose`
+answers only the requests that instance was running. A handoff still running
+``hang_after_s`` after it started (the model's responseTimeout plus a grace) is reported
+to ``on_hung(instance, seconds)``; the registry decides what to do (kill, abandon, restart).
+While the registry restarts instances (``restarting``) requests keep queueing.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ QUEUE_FULL_LOG_INTERVAL_S = 5.0  # at most one queue_full line per model version
 class Batcher:
     def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
                  queue_size: int, loop: asyncio.AbstractEventLoop,
-                 on_batch: Callable[[list[Ticket]], None] | None = None):
+                 on_batch: Callable[[list[Ticket]], None] | None = None,
+                 hang_after_s: float | None = None, on_hung: Callable | None = None):
         self.name, self.version = name, version
         self.batch_size = max(1, int(batch_size))
         self.max_batch_delay_s = max(0.0, float(max_batch_delay_s))
@@ -68,11 +74,16 @@ class Batcher:
         self.on_batch = on_batch
         self._full_refused = 0  # refused on a full queue since the last queue_full line
         self._full_timer: asyncio.TimerHandle | None = None  # ends the window, logs the line
+        self.hang_after_s = hang_after_s
+        self.on_hung = on_hung
+        self.restarting = 0  # instances the registry is restarting: requests may queue for them
+        self._running: dict = {}  # instance -> [handoff (list of batches), start time, reported hung]
+        self._watchdog: asyncio.TimerHandle | None = None  # checks running handoffs while there are any
 
     # --- instances ------------------------------------------------------------------
     @property
     def instances(self) -> int:
-        return len(self.idle) + len(self.busy) - len(self._retiring)
+        return len(self.idle) + len(self.busy) - len(self._retiring) + self.restarting
 
     def add_instance(self, inst) -> None:
         self.idle.append(inst)
@@ -253,6 +264,9 @@ class Batcher:
             for batch in batches:
                 self.in_flight += len(batch)
                 self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
+            self._running[inst] = [batches, now, False]
+            if self._watchdog is None and self.hang_after_s is not None:
+                self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)
             try:
                 inst.submit(batches, self.loop, self._done)
             except Exception:  # the instance is broken: retire it, answer only these requests
@@ -260,6 +274,7 @@ class Batcher:
                               self.name, self.version, getattr(inst, "id", "?"))
                 self.busy.discard(inst)
                 self._retiring.discard(inst)
+                self._running.pop(inst, None)
                 inst.stop()
                 for batch in batches:
                     self.in_flight -= len(batch)
@@ -284,7 +299,46 @@ class Batcher:
             if not r.future.done():
                 r.future.set_exception(error)
 
+    def _watch_interval(self) -> float:
+        """How often the watchdog looks at running handoffs: one timer per batcher, not per handoff."""
+        return max(0.05, min(1.0, self.hang_after_s / 4))
+
+    def _check_hung(self) -> None:
+        """Report each handoff running past ``hang_after_s`` once; re-arm while any runs."""
+        self._watchdog = None
+        now = time.monotonic()
+        for inst, entry in list(self._running.items()):
+            if not entry[2] and now - entry[1] >= self.hang_after_s and self.on_hung is not None:
+                entry[2] = True
+                try:
+                    self.on_hung(inst, now - entry[1])
+                except Exception:
+                    log.exception("model %s version %s: hang handler failed", self.name, self.version)
+        if self._running and self.hang_after_s is not None:
+            self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)
+
+    def lose(self, inst, error: OspreyError) -> None:
+        """``inst`` is gone (crashed, killed, abandoned): answer ``error`` to what it was running,
+        never hand it work again; a late ``_done`` from it is ignored."""
+        entry = self._running.pop(inst, None)
+        for batch in entry[0] if entry is not None else ():
+            self.in_flight -= len(batch)
+            self._fail_batch(batch, error)
+        self.busy.discard(inst)
+        self._retiring.discard(inst)
+        if inst in self.idle:
+            self.idle.remove(inst)
+        if self.instances <= 0:  # nothing left and nothing coming back: queued requests would wait in vain
+            self.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{self.name}\" version {self.version} "
+                                                             "has no worker left to serve inference requests"))
+        else:
+            self._dispatch()
+
     def _done(self, inst, batches: list[list[Ticket]], outcomes: list[list]) -> None:
+        entry = self._running.get(inst)
+        if entry is None or entry[0] is not batches:  # the instance was lost meanwhile: already answered
+            return
+        del self._running[inst]
         for batch, batch_outcomes in zip(batches, outcomes):
             timer = self._batch_timers.pop(id(batch), None)
             if timer is not None:
@@ -316,15 +370,16 @@ class Batcher:
     def release(self) -> None:
         """The version is unregistered and its instances have ended: drop every reference
         (instances, the batch observer, timers), so nothing here keeps them alive."""
-        for timer in (self._timer, self._sweeper, *self._batch_timers.values()):
+        for timer in (self._timer, self._sweeper, self._watchdog, *self._batch_timers.values()):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._sweeper = None
+        self._timer = self._sweeper = self._watchdog = None
         self._batch_timers.clear()
+        self._running.clear()
         self.idle.clear()
         self.busy.clear()
         self._retiring.clear()
-        self.on_batch = None
+        self.on_batch = self.on_hung = None
 
     def fail_all(self, error: OspreyError) -> None:
         """Answer every queued request with ``error`` (model unloaded)."""

@@ -70,7 +70,8 @@ class DataPlane:
 
     def healthy(self) -> bool:
         """TorchServe's /ping: every model has at least its minimum of ready instances."""
-        return self.started and all(mv.ready_instances >= mv.config.min_workers for mv in self.registry.all_versions())
+        return self.started and all(mv.unhealthy is None and mv.ready_instances >= mv.config.min_workers
+                                    for mv in self.registry.all_versions())
 
     def ready(self) -> bool:
         return self.healthy()

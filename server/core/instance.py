@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 if TYPE_CHECKING:
     from server.core.archive import ModelArchive
     from server.core.model_config import ModelConfig
-    from server.core.types import InferenceRequest
+    from server.core.types import Ticket
 
 __all__ = ["Instance", "InstanceFactory", "InstanceStatus", "DoneCallback"]
 
@@ -43,6 +43,9 @@ class Instance(Protocol):
     status: InstanceStatus
     start_time: float
     error: str | None
+    # set by the registry before start(): call on the loop when the instance is gone on its own
+    # (a child process died); the argument is why (exit status, signal)
+    on_lost: Callable[["Instance", str], None] | None
 
     def start(self) -> None:
         """Begin loading (returns at once)."""
@@ -50,12 +53,16 @@ class Instance(Protocol):
     async def wait_loaded(self, timeout: float) -> None:
         """Wait until loaded; raise OspreyError if it failed, was stopped or took too long."""
 
-    def submit(self, batches: list[list["InferenceRequest"]], loop: asyncio.AbstractEventLoop,
+    def submit(self, batches: list[list["Ticket"]], loop: asyncio.AbstractEventLoop,
                on_done: DoneCallback) -> None:
         """Run ``batches`` one after another; call ``on_done`` on ``loop`` once with all outcomes."""
 
     def stop(self) -> None:
         """Stop after the batch it is running (if any); never serves again."""
+
+    def kill(self) -> bool:
+        """End it now (it hung): True if it is gone (a process, killed); False if it can only be
+        abandoned (a thread: marked, never serves again, ends when its handler returns)."""
 
     @property
     def ended(self) -> bool:

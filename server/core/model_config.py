@@ -44,6 +44,7 @@ class ModelConfig:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     jit_optimize: bool | None = None  # TorchScript profiling executor; None: off on CPU, on on GPU
+    isolation: str | None = None  # thread | process; None: the server's instance_isolation
     raw: Mapping[str, Any] = field(default_factory=dict)  # everything, for the handler
 
 
@@ -153,6 +154,9 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
     jit_optimize = cfg.get("jit_optimize")
     if jit_optimize is not None and not isinstance(jit_optimize, bool):
         raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: jit_optimize must be true or false, got {jit_optimize!r}")
+    isolation = cfg.get("isolation")
+    if isolation is not None and isolation not in ("thread", "process"):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: isolation must be thread or process, got {show(isolation)}")
     return ModelConfig(
         min_workers=min_w,
         max_workers=max_w,
@@ -167,5 +171,6 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
         inputs=_tensors(source, "inputs", cfg.get("inputs")),
         outputs=_tensors(source, "outputs", cfg.get("outputs")),
         jit_optimize=jit_optimize,
+        isolation=isolation,
         raw=cfg,
     )

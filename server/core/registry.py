@@ -4,6 +4,13 @@ Each model version owns its archive, its typed config, its batcher and its insta
 Requests name a model and optionally a version; without one they go to the default
 version, so a new version can be loaded under traffic and swapped in with
 :meth:`Registry.set_default` (the seam for hot swap after retraining).
+
+Supervision of instances lives here, in one place (:meth:`Registry._lost`): an instance that
+is lost (its process crashed or was killed, a hung thread was abandoned) is taken out of
+service, only the requests it was running fail (503 naming the crash), and a replacement
+is started with the same index after an exponential backoff. ``crash_loop_restarts``
+crashes within ``crash_loop_window`` seconds, or ``max_abandoned_threads`` hung threads,
+stop the restarts and mark the version unhealthy (``/ping``, readiness, describe).
 """
 
 from __future__ import annotations
@@ -58,6 +65,12 @@ class ModelVersion:
     created: float = field(default_factory=time.time)
     scaling: asyncio.Lock = field(default_factory=asyncio.Lock)  # one scale at a time (the cap holds)
     signature: Signature = field(default_factory=Signature)  # declared tensors, final once an instance loaded
+    isolation: str = "thread"  # how its instances run: thread | process
+    unhealthy: str | None = None  # why the version stopped restarting its instances (crash loop), or None
+    crashes: list[float] = field(default_factory=list)  # monotonic times of recent instance crashes
+    restarts: int = 0  # instances restarted (osprey_instance_restarts_total)
+    abandoned: list = field(default_factory=list)  # hung thread instances that have not ended yet
+    abandoned_total: int = 0  # osprey_instances_abandoned_total
 
     @property
     def handler(self) -> str:
@@ -65,7 +78,7 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return any(i.status == InstanceStatus.READY for i in self.instances)
+        return self.unhealthy is None and any(i.status == InstanceStatus.READY for i in self.instances)
 
     @property
     def ready_instances(self) -> int:
@@ -251,9 +264,12 @@ class Registry:
             raise
         batcher = Batcher(name, version, batch_size=config.batch_size,
                           max_batch_delay_s=config.max_batch_delay_ms / 1000,
-                          queue_size=config.job_queue_size, loop=self.loop)
+                          queue_size=config.job_queue_size, loop=self.loop,
+                          hang_after_s=config.response_timeout_s + max(self.settings.hang_grace, 0.0))
         mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup,
-                          signature=signature_of(config, None, False))
+                          signature=signature_of(config, None, False),
+                          isolation=config.isolation or self.settings.instance_isolation)
+        batcher.on_hung = functools.partial(self._hung, mv)
         if self._on_batch is not None:
             batcher.on_batch = functools.partial(self._on_batch, mv)
         self._loading[(name, version)] = mv
@@ -308,6 +324,7 @@ class Registry:
             for _ in range(count):
                 index = len(mv.instances)
                 inst = self._new_instance(mv.name, mv.version, mv.archive, mv.config, index)
+                inst.on_lost = functools.partial(self._lost, mv)
                 mv.instances.append(inst)
                 new.append(inst)
                 try:
@@ -332,7 +349,13 @@ class Registry:
         if new and not any(i.status == InstanceStatus.READY for i in mv.batcher.all_instances()):
             mv.signature = signature_of(mv.config, new[0].tensor_specs(), new[0].accepts_tensors)
         for inst in new:
-            mv.batcher.add_instance(inst)
+            if inst.status == InstanceStatus.READY:  # one lost meanwhile (its process died) is being restarted
+                mv.batcher.add_instance(inst)
+        if new and mv.unhealthy is not None:  # scaled up again by hand: give it another chance
+            log.info("model %s version %s: new workers started; it is no longer marked unhealthy (was: %s)",
+                     mv.name, mv.version, mv.unhealthy)
+            mv.unhealthy = None
+            mv.crashes.clear()
         mv.load_seconds = time.monotonic() - t0
         if self.heap_settled:  # startup loads are frozen once, all together, by serve
             heap.freeze()
@@ -395,6 +418,94 @@ class Registry:
                 else:
                     log.error("scaling model %s to %s workers failed: %s", name, min_worker, message)
         self._background(run())
+
+    # --- supervision: lost instances, restarts, crash loops, hangs ---------------------
+    def _lost(self, mv: ModelVersion, inst: Instance, reason: str, *, crash: bool = True) -> None:
+        """On the loop: ``inst`` is gone (``reason``: exit status, signal, hang). Fail what it
+        ran, take it out of service and restart it (backoff), unless the version crash-loops."""
+        known = inst in mv.instances and self._held(mv)
+        if known:
+            mv.instances.remove(inst)
+            self._schedule_restart(mv, inst.index, reason, crash=crash)
+        mv.batcher.lose(inst, OspreyError(
+            ErrorKind.UNAVAILABLE, f"Model \"{mv.name}\" version {mv.version}: the worker running this request "
+                                   f"{'crashed' if crash else 'was replaced'} ({reason}); retry"))
+
+    def _schedule_restart(self, mv: ModelVersion, index: int, reason: str, *, crash: bool) -> None:
+        s = self.settings
+        delay = 0.0
+        if crash:
+            now = time.monotonic()
+            mv.crashes = [t for t in mv.crashes if now - t < s.crash_loop_window] + [now]
+            if len(mv.crashes) >= max(1, s.crash_loop_restarts):
+                mv.unhealthy = (f"crash loop: {len(mv.crashes)} crashes within {s.crash_loop_window:g} s "
+                                f"(last: {reason}); not restarting")
+                log.error("model %s version %s: %s", mv.name, mv.version, mv.unhealthy)
+                return
+            delay = min(s.instance_restart_backoff * 2 ** (len(mv.crashes) - 1), s.instance_restart_backoff_max)
+        log.info("model %s version %s: restarting instance %d in %.2f s", mv.name, mv.version, index, delay)
+        mv.batcher.restarting += 1
+        self._background(self._restart(mv, index, delay))
+
+    async def _restart(self, mv: ModelVersion, index: int, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            if not self._held(mv):
+                return
+            live = sum(i.status in _LIVE for i in mv.instances)
+            if live >= mv.config.min_workers:  # a scale call meanwhile already brought it to its minimum
+                log.info("model %s version %s: instance %d not restarted: %d workers run (minWorkers %d)",
+                         mv.name, mv.version, index, live, mv.config.min_workers)
+                return
+            inst = self._new_instance(mv.name, mv.version, mv.archive, mv.config, index)
+            inst.on_lost = functools.partial(self._lost, mv)
+            mv.instances.append(inst)
+            try:
+                inst.start()
+                await inst.wait_loaded(mv.config.startup_timeout_s)
+            except Exception as exc:
+                inst.stop()
+                if inst in mv.instances:
+                    mv.instances.remove(inst)
+                if self._held(mv):
+                    message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
+                    log.warning("model %s version %s: restarting instance %d failed: %s", mv.name, mv.version,
+                                index, message)
+                    self._schedule_restart(mv, index, f"restart failed: {message}", crash=True)
+                return
+            if not self._held(mv) or inst not in mv.instances:  # unregistered, or lost again already
+                inst.stop()
+                return
+            mv.restarts += 1
+            log.info("model %s version %s: instance %d restarted", mv.name, mv.version, index)
+            mv.batcher.add_instance(inst)
+        finally:
+            mv.batcher.restarting -= 1
+            if mv.batcher.instances <= 0:
+                mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{mv.name}\" version {mv.version} "
+                                                                       f"has no worker left ({mv.unhealthy or 'restart failed'})"))
+
+    def _hung(self, mv: ModelVersion, inst: Instance, seconds: float) -> None:
+        """The batcher saw ``inst`` busy past responseTimeout plus the grace: replace it."""
+        reason = (f"busy {seconds:.1f} s, past the model's responseTimeout of {mv.config.response_timeout_s:g} s")
+        if inst.kill():  # a process: killed; its reader reports it lost too (then ignored)
+            log.warning("model %s version %s: instance %d hung (%s); killed it", mv.name, mv.version, inst.index, reason)
+            self._lost(mv, inst, f"killed: {reason}", crash=True)
+            return
+        mv.abandoned = [i for i in mv.abandoned if not i.ended] + [inst]
+        mv.abandoned_total += 1
+        log.warning("model %s version %s: instance %d hung (%s); abandoned its thread (%d abandoned threads alive)",
+                    mv.name, mv.version, inst.index, reason, len(mv.abandoned))
+        if len(mv.abandoned) >= max(1, self.settings.max_abandoned_threads):
+            mv.unhealthy = (f"{len(mv.abandoned)} hung threads abandoned (limit max_abandoned_threads); "
+                            "not starting more")
+            log.error("model %s version %s: %s", mv.name, mv.version, mv.unhealthy)
+            if inst in mv.instances:
+                mv.instances.remove(inst)
+            mv.batcher.lose(inst, OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{mv.name}\" version {mv.version}: "
+                                                                     f"the worker hung ({reason})"))
+            return
+        self._lost(mv, inst, f"abandoned: {reason}", crash=False)
 
     def set_default(self, name: str, version: str) -> None:
         """Send requests that name no version to ``version``: only once it can serve them
@@ -483,9 +594,7 @@ class Registry:
         self._retired_threads.clear()
         versions, self._retired_versions = self._retired_versions, []
         for inst in ended:
-            drop = getattr(inst, "release", None)
-            if callable(drop):
-                drop()
+            inst.release()
         for mv in versions:
             if self._on_release is not None:
                 try:

@@ -1,6 +1,8 @@
 """Model instances: the only code that imports ``handlers/`` and runs handler code.
 
-:func:`thread_factory` makes the registry's instances (threads in this process)."""
+:func:`instance_factory` makes the registry's instances: threads in this process
+(:func:`thread_factory`) or child processes (:func:`process_factory`), per model by its
+model-config.yaml ``isolation``, else the server's ``instance_isolation``."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Callable
 
 from server.core.instance import InstanceFactory
 
-__all__ = ["thread_factory", "forget_model_folder", "return_device_memory"]
+__all__ = ["thread_factory", "process_factory", "instance_factory", "forget_model_folder", "return_device_memory"]
 
 
 def forget_model_folder(model_dir: str) -> None:
@@ -34,4 +36,25 @@ def thread_factory(metrics_sink: Callable | None = None) -> InstanceFactory:
 
     def make(name, version, archive, config, index):
         return ModelInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink)
+    return make
+
+
+def process_factory(metrics_sink: Callable | None = None, torch_threads: int = 0) -> InstanceFactory:
+    from server.instances.process import ProcessInstance
+    from server.instances.service import gpu_for
+
+    def make(name, version, archive, config, index):
+        return ProcessInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink,
+                               torch_threads)
+    return make
+
+
+def instance_factory(settings, metrics_sink: Callable | None = None) -> InstanceFactory:
+    """Threads or processes, chosen per model version (config.isolation, else settings.instance_isolation)."""
+    threads = thread_factory(metrics_sink)
+    processes = process_factory(metrics_sink, settings.torch_threads)
+
+    def make(name, version, archive, config, index):
+        kind = config.isolation or settings.instance_isolation
+        return (processes if kind == "process" else threads)(name, version, archive, config, index)
     return make

@@ -1,11 +1,13 @@
 """Model instances: one handler object in its own execution thread.
 
 The event loop never runs a handler. :meth:`ModelInstance.submit` hands a batch to the
-instance's thread; the thread decodes the inputs the way TorchServe's worker does, calls
-``handle(data, context)``, encodes each answer, and reports back on the loop with
-``call_soon_threadsafe``. A request whose inputs cannot be decoded fails alone and the
-rest of its batch runs without it; a batch whose handler fails as a whole is re-run one
-request at a time so that only the request at fault fails.
+instance's thread; the thread runs it with :class:`~server.instances.runner.BatchRunner`
+(decode the TorchServe way, ``handle(data, context)``, encode) and reports back on the loop
+with ``call_soon_threadsafe``.
+
+A thread cannot be killed: one that hangs past its model's responseTimeout is *abandoned*
+(:meth:`ModelInstance.kill` marks it, it never serves again and ends whenever its handler
+returns); the registry starts a replacement.
 """
 
 from __future__ import annotations
@@ -16,39 +18,20 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
-from handlers.context import Context, RequestProcessor
-from handlers.instance_thread import prepare_instance_thread
-from handlers.metrics import HandlerMetrics
-
-from server import __version__
 from server.core.archive import ModelArchive
-from server.core.errors import ErrorKind, OspreyError, from_status
+from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
-from server.core.codecs import decode_field, encode_body, fields_from_tensors
-from server.instances.service import Service, make_service
 from server.core.instance import InstanceStatus
-from server.core.types import InferenceResponse, Ticket
+from server.core.types import Ticket
+from server.instances.runner import BatchRunner, Outcome, declared_specs, load_runner
 
 __all__ = ["ModelInstance", "Outcome"]
 
 log = logging.getLogger("osprey.instances")
 
-Outcome = InferenceResponse | OspreyError
 _ids = itertools.count(9000)
-
-
-def _error_for(exc: BaseException) -> OspreyError:
-    if isinstance(exc, OspreyError):
-        return exc
-    code = getattr(exc, "error_code", None)
-    if isinstance(code, int) and not isinstance(code, bool):  # PredictionException(message, code)
-        return OspreyError(from_status(code), str(getattr(exc, "message", exc)), status=code)
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
-            (isinstance(exc, RuntimeError) and str(exc).startswith("CUDA out of memory")):  # torch < 1.13
-        return OspreyError(ErrorKind.OUT_OF_MEMORY, "Out of resources")
-    return OspreyError(ErrorKind.PREDICTION_FAILED, "Prediction failed")
 
 
 class ModelInstance:
@@ -63,14 +46,22 @@ class ModelInstance:
         self.status = InstanceStatus.LOADING
         self.start_time = time.time()
         self.error: str | None = None
-        self.service: Service | None = None
-        self.context = Context(name, str(archive.model_dir), archive.manifest, config.batch_size,
-                               gpu_id, __version__, True,
-                               HandlerMetrics(name, metrics_sink), dict(config.raw))
+        self.runner: BatchRunner | None = None
+        self.on_lost: Callable | None = None  # threads are never lost on their own (see kill)
+        self.abandoned = False
+        self._metrics_sink = metrics_sink
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
         self._loaded = threading.Event()
         self._on_loaded: Callable[[], None] | None = None  # wakes wait_loaded on the loop
+
+    @property
+    def service(self):
+        return self.runner.service if self.runner is not None else None
+
+    @property
+    def context(self):
+        return self.runner.context if self.runner is not None else None
 
     # --- lifecycle (called from the loop) -------------------------------------------
     def start(self) -> None:
@@ -103,8 +94,17 @@ class ModelInstance:
             raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
 
     def stop(self) -> None:
-        self.status = InstanceStatus.STOPPED
+        if self.status != InstanceStatus.FAILED:
+            self.status = InstanceStatus.STOPPED
         self._jobs.put(None)
+
+    def kill(self) -> bool:
+        """A thread cannot be killed: abandon it (never serves again; ends when its handler returns)."""
+        self.abandoned = True
+        self.status = InstanceStatus.FAILED
+        self.error = "abandoned: its handler hung"
+        self._jobs.put(None)
+        return False
 
     @property
     def ended(self) -> bool:
@@ -114,23 +114,15 @@ class ModelInstance:
     def release(self) -> None:
         """Drop the handler object (and its model) and the context once the thread has ended."""
         if self.ended:
-            self.service = None
-            self.context = None
-            self._on_loaded = None
+            self.runner = None
+            self._on_loaded = self.on_lost = None
 
     @property
     def accepts_tensors(self) -> bool:
-        return bool(self.service and self.service.accepts_tensors)
+        return bool(self.runner and self.runner.accepts_tensors)
 
-    def tensor_specs(self) -> tuple[Any, Any]:
-        """(inputs, outputs) the loaded handler declares (``tensor_metadata()`` or
-        ``inputs``/``outputs`` attributes), None where it declares none."""
-        target = self.service.target if self.service is not None else None
-        if target is None:
-            return None, None
-        declared = target.tensor_metadata() if callable(getattr(target, "tensor_metadata", None)) else {}
-        return (declared.get("inputs") or getattr(target, "inputs", None),
-                declared.get("outputs") or getattr(target, "outputs", None))
+    def tensor_specs(self) -> tuple[list | None, list | None]:
+        return declared_specs(self.service.target if self.service is not None else None)
 
     def submit(self, batches: list[list[Ticket]], loop: asyncio.AbstractEventLoop,
                on_done: Callable[["ModelInstance", list, list[list[Outcome]]], None]) -> None:
@@ -140,13 +132,8 @@ class ModelInstance:
     # --- the thread ------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            prepare_instance_thread(self.config.jit_optimize, self.gpu_id is not None)
-            self.service = make_service(str(self.archive.model_dir), self.archive.handler)
-            if self.service.initialize is not None:
-                self.service.initialize(self.context)
-            warmup = getattr(self.service.target, "warmup", None)
-            if callable(warmup):
-                warmup(self.context)
+            self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
+                                      self.archive.manifest, self.config, self.gpu_id, self._metrics_sink)
             if self.status != InstanceStatus.STOPPED:  # stopped while loading: it ends below without serving
                 self.status = InstanceStatus.READY
         except BaseException as exc:  # reported at registration, never raised on the loop
@@ -163,121 +150,21 @@ class ModelInstance:
                     pass
         if self.status != InstanceStatus.READY:
             return
+        log.info("model %s version %s: instance %d started (thread)", self.name, self.version, self.index)
         while True:
             job = self._jobs.get()
             if job is None:
                 break
             batches, loop, on_done = job
-            outcomes = []
-            for batch in batches:  # several small batches per handoff: see Batcher._bundle_limit
-                try:
-                    outcomes.append(self.run(batch))
-                except BaseException as exc:  # never lose a batch
-                    log.exception("model %s: unexpected failure", self.name)
-                    outcomes.append([_error_for(exc)] * len(batch))
+            outcomes = self.runner.run_handoff(batches)
+            if self.abandoned:
+                log.info("model %s version %s: abandoned instance %d returned from its handler and ends",
+                         self.name, self.version, self.index)
             try:
                 loop.call_soon_threadsafe(on_done, self, batches, outcomes)
             except RuntimeError:  # loop closed during shutdown
                 break
 
     def run(self, batch: list[Ticket]) -> list[Outcome]:
-        """Handle a batch; if it fails as a whole, handle each request alone.
-
-        A request whose inputs cannot be decoded fails alone before the handler runs; the
-        others go on as one batch without it."""
-        now = time.monotonic()
-        for r in batch:
-            r.timings.started = now
-        outcomes: list[Any] = [None] * len(batch)
-        ready, rows = [], []
-        for i, r in enumerate(batch):
-            row = self._decode(r)
-            if isinstance(row, OspreyError):
-                outcomes[i] = row
-            else:
-                ready.append(i)
-                rows.append(row)
-        if ready:
-            sub = [batch[i] for i in ready]
-            results = self._handle(sub, rows)
-            if isinstance(results, OspreyError):
-                results = [results] if len(sub) == 1 else [self._single(r) for r in sub]
-            for i, outcome in zip(ready, results):
-                outcomes[i] = outcome
-        end = time.monotonic()
-        stages = dict(self.context.stage_times) if ready and self.context.stage_times else None
-        for r in batch:
-            r.timings.finished = end
-            r.timings.stages = stages
-        return outcomes
-
-    def _single(self, request: Ticket) -> Outcome:
-        row = self._decode(request)  # afresh: the failed batch's handler may have changed its row
-        if isinstance(row, OspreyError):
-            return row
-        out = self._handle([request], [row])
-        return out if isinstance(out, OspreyError) else out[0]
-
-    def _decode(self, r: Ticket) -> dict[str, Any] | OspreyError:
-        """One request as the handler's ``data`` row (TorchServe's decoding), or why not."""
-        tensors = self.accepts_tensors
-        w = r.request
-        try:
-            fields = w.fields
-            if not tensors and w.tensors is not None and not fields:  # protocol tensors for a bytes handler
-                fields = fields_from_tensors(w.tensors, w.tensor_meta)
-            row = {k: decode_field(f) for k, f in fields.items()}
-        except OspreyError as err:
-            return err
-        except Exception:  # the front end let through what it should have refused: a server bug
-            log.exception("model %s: could not decode the inputs of request %s", self.name, w.request_id)
-            return OspreyError(ErrorKind.INTERNAL, "Internal server error: could not decode the request's inputs; "
-                                                   "the server log has the details")
-        if tensors and w.tensors is not None:
-            row["tensors"] = w.tensors
-        return row
-
-    def _handle(self, batch: list[Ticket], data: list[dict]) -> list[Outcome] | OspreyError:
-        ctx = self.context
-        tensors = self.accepts_tensors
-        ctx.request_ids = {i: r.request.request_id for i, r in enumerate(batch)}
-        ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
-        ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
-        ctx.stage_times = {}
-        try:
-            results = self.service.handle(data, ctx)
-        except BaseException as exc:
-            err = _error_for(exc)
-            if err.kind is ErrorKind.PREDICTION_FAILED:
-                log.warning("model %s: handler raised %s: %s", self.name, type(exc).__name__, exc,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
-            return err
-        if not isinstance(results, list):
-            log.warning("model %s: handler returned a %s, not a list", self.name, type(results).__name__)
-            return OspreyError(ErrorKind.PREDICTION_FAILED, "Invalid model predict output")
-        if len(results) != len(batch):
-            log.warning("model %s: handler returned %d results for a batch of %d", self.name, len(results), len(batch))
-            return OspreyError(ErrorKind.PREDICTION_FAILED, "number of batch response mismatched")
-        out: list[Outcome] = []
-        for i, value in enumerate(results):
-            rp = ctx.request_processor[i]
-            status = rp.get_response_status_code()
-            headers = rp.get_response_headers()
-            if status >= 400:
-                phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
-                out.append(OspreyError(from_status(status), phrase, status=status))
-                continue
-            if tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:
-                out.append(InferenceResponse(status=status, tensors=value["tensors"], raw=value))
-                continue
-            try:
-                body, ctype = encode_body(value)
-            except (TypeError, ValueError) as exc:
-                out.append(OspreyError(ErrorKind.PREDICTION_FAILED, f"handler output is not serializable: {exc}"))
-                continue
-            if headers:
-                headers = {str(k).lower(): str(v) for k, v in headers.items()}
-                ctype = headers.pop("content-type", ctype)
-            out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=headers or {},
-                                         model_version=self.version, raw=value))
-        return out
+        """Handle one batch in the calling thread (the runner's logic; for tests and tools)."""
+        return self.runner.run(batch)

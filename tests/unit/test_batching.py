@@ -280,3 +280,54 @@ async def test_a_full_queue_burst_logs_one_line_with_the_count(monkeypatch, capl
     b.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down"))
     lines = [r.getMessage() for r in caplog.records if "queue_full" in r.getMessage()]
     assert len(lines) == 2 and "refused=1 " in lines[1]
+
+
+# --- lost instances, restarts and the hang watchdog (supervision lives in the registry) ---
+async def test_a_lost_instance_fails_only_what_it_ran_and_its_late_answer_is_ignored():
+    b, inst = with_instance(batch_size=2)
+    other = HandInstance()
+    running = [b.submit(req(i)) for i in range(1)]
+    queued = [b.submit(req(i)) for i in range(1, 3)]
+    await asyncio.sleep(0)
+    assert len(inst.batches) == 1
+    b.restarting += 1  # the registry restarts it
+    b.lose(inst, OspreyError(ErrorKind.UNAVAILABLE, "crashed (exit status 1)"))
+    with pytest.raises(OspreyError, match="exit status 1"):
+        await running[0]
+    assert b.in_flight == 0 and not queued[0].done()  # queued requests wait for the replacement
+    inst.finish()  # a late answer from the lost instance changes nothing
+    b.restarting -= 1
+    b.add_instance(other)
+    assert len(other.batches) == 1 and len(other.batches[0]) == 2
+    other.finish()
+    assert [(await f).body for f in queued] == [b"r1", b"r2"]
+
+
+async def test_losing_the_last_instance_with_no_restart_fails_the_queue():
+    b, inst = with_instance(batch_size=1)
+    first, second = b.submit(req(0)), b.submit(req(1))
+    b.lose(inst, OspreyError(ErrorKind.UNAVAILABLE, "crashed"))
+    for f in (first, second):
+        with pytest.raises(OspreyError):
+            await f
+    with pytest.raises(OspreyError, match="no worker"):
+        b.submit(req(2))
+
+
+async def test_a_handoff_running_past_hang_after_is_reported_once_and_a_fast_one_never():
+    hung = []
+    b = make(batch_size=1)
+    b.hang_after_s, b.on_hung = 0.05, lambda inst, seconds: hung.append((inst, seconds))
+    fast, slow = HandInstance(), HandInstance()
+    b.add_instance(fast)
+    b.submit(req(0))
+    fast.finish()
+    b.idle.remove(fast)
+    b.add_instance(slow)
+    b.submit(req(1))
+    deadline = time.monotonic() + 10
+    while not hung and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert [h[0] for h in hung] == [slow] and hung[0][1] >= 0.05
+    await asyncio.sleep(0.1)
+    assert len(hung) == 1

@@ -1,0 +1,370 @@
+"""Process-isolated model instances: each one a child process (``isolation: process``).
+
+A :class:`ProcessInstance` starts a child (multiprocessing "forkserver", whose server has
+torch and the instance code imported once, so a child starts in well under a second; else
+"spawn"; never "fork": this process has threads). The child opens the extracted archive,
+loads the handler with the code a thread instance uses and runs the batches it is sent
+(:mod:`server.instances.child`). Control messages go through a pipe; payloads over
+:data:`~server.instances.wire.SHM_MIN` through two shared-memory arenas (:mod:`~server.instances.wire`).
+
+One parent-side thread per instance starts the child and then reads its messages: ``done``
+becomes the batcher's ``on_done`` on the loop, ``stream`` goes to the request's stream,
+``metric`` to the metrics sink. When the child dies (exit, signal, killed) the thread tells
+the core through ``on_lost(instance, reason)`` on the loop; the registry fails what it was
+running and restarts it (:mod:`server.core.registry`).
+
+Every access to a request's attributes is in :func:`_to_child` and :func:`_from_child`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from server.core.archive import ModelArchive
+from server.core.errors import ErrorKind, OspreyError
+from server.core.model_config import ModelConfig
+from server.core.instance import InstanceStatus
+from server.core.types import Ticket
+from server.instances.wire import Arena, outcome_from_wire, pack_bytes, pack_tensors, payload_size
+
+__all__ = ["ProcessInstance", "describe_exit"]
+
+log = logging.getLogger("osprey.instances")
+
+IN_ARENA = 8 * 1024 * 1024  # initial request-payload arena; grows to fit a handoff
+OUT_ARENA = 8 * 1024 * 1024  # response-payload arena; larger answers are pickled instead
+STOP_WAIT_S = 5.0  # a stopped child that has not exited by then is killed
+
+_ids = itertools.count(20000)
+_context = None
+_live: set = set()  # arenas to unlink if the server exits without stopping its instances
+
+
+def _mp():
+    global _context
+    if _context is None:
+        try:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "server.instances.child"])
+        except ValueError:
+            ctx = multiprocessing.get_context("spawn")
+        _context = ctx
+    return _context
+
+
+@atexit.register
+def _unlink_all() -> None:
+    for a in list(_live):
+        a.close(unlink=True)
+    _live.clear()
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+# --- the two places that touch requests (see the module docstring) ---------------------
+def _to_child(r: Ticket) -> tuple[tuple, Callable | None]:
+    """(what crosses to the child for ``r``, payloads not yet packed; the callable its streamed items go to)."""
+    w = r.request
+    fields = {k: (f.value, f.content_type) for k, f in w.fields.items()}
+    return (w.request_id, w.headers, fields, w.tensors, w.tensor_meta, r.stream is not None), r.stream
+
+
+def _from_child(r: Ticket, timing: tuple | None) -> None:
+    """Set the timings the child measured (monotonic clock: the same across processes)."""
+    if timing is not None:
+        r.timings.started, r.timings.finished, r.timings.stages = timing
+
+
+def _shm_bytes(wire: tuple) -> int:
+    """Payload bytes of one request's wire tuple that go through shared memory."""
+    return (sum(payload_size(v) for v, _ in wire[2].values())
+            + sum(payload_size(t) for t in (wire[3] or {}).values()))
+
+
+def _pack(wire: tuple, arena: Arena) -> tuple:
+    request_id, headers, fields, tensors, meta, streams = wire
+    return (request_id, headers, {k: (pack_bytes(v, arena), ct) for k, (v, ct) in fields.items()},
+            pack_tensors(tensors, arena), meta, streams)
+
+
+class ProcessInstance:
+    """One model instance in a child process."""
+
+    def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig, index: int,
+                 gpu_id: int | None, metrics_sink: Callable | None = None, torch_threads: int = 0):
+        self.name, self.version, self.archive, self.config = name, version, archive, config
+        self.index = index
+        self.id = str(next(_ids))
+        self.gpu_id = gpu_id
+        self.status = InstanceStatus.LOADING
+        self.start_time = time.time()
+        self.error: str | None = None
+        self.pid: int | None = None
+        self.service = None  # the handler lives in the child
+        self.on_lost: Callable[[Any, str], None] | None = None  # set by the registry; called on the loop
+        self.started_s: float | None = None  # seconds from start() to ready
+        self._metrics_sink = metrics_sink
+        self._torch_threads = torch_threads
+        self._accepts_tensors = False
+        self._specs: tuple = (None, None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn = None
+        self._proc = None
+        self._job: tuple | None = None  # (batches, on_done, streams) of the handoff running
+        self._in = self._out = None
+        self._dropped: list[str] = []
+        self._killed = False
+        self._loaded = threading.Event()
+        self._on_loaded: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._main, name=f"osprey-proc-{name}-{version}-{index}", daemon=True)
+
+    # --- lifecycle (called from the loop) -------------------------------------------
+    def start(self) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._t0 = time.monotonic()
+        self._thread.start()
+
+    async def wait_loaded(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = self._loop or loop
+        woken = loop.create_future()
+
+        def wake() -> None:
+            if not woken.done():
+                woken.set_result(None)
+
+        self._on_loaded = lambda: loop.call_soon_threadsafe(wake)
+        if self._loaded.is_set():
+            wake()
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except asyncio.TimeoutError:
+            pass
+        if not self._loaded.is_set():
+            self.status = InstanceStatus.FAILED
+            self.kill()
+            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
+        if self.status == InstanceStatus.STOPPED:
+            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} was stopped while loading")
+        if self.status != InstanceStatus.READY:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
+
+    def stop(self) -> None:
+        """The child ends after the handoff it runs; one that does not within STOP_WAIT_S is killed."""
+        if self.status != InstanceStatus.FAILED:
+            self.status = InstanceStatus.STOPPED
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.send(None)
+            except (OSError, ValueError):
+                pass
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_later(STOP_WAIT_S, self._reap)
+
+    def _reap(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.exitcode is None and self._job is None:
+            self.kill()
+
+    def kill(self) -> bool:
+        """SIGKILL the child (its reader then reports it lost); True: it is really gone."""
+        self._killed = True
+        proc = self._proc
+        if proc is not None and proc.pid is not None:
+            try:
+                proc.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
+        return True
+
+    @property
+    def ended(self) -> bool:
+        return self._thread.ident is None or not self._thread.is_alive()
+
+    def release(self) -> None:
+        """Drop the callback into the registry once the child and its reader have ended."""
+        if self.ended:
+            self.on_lost = None
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return self._accepts_tensors
+
+    def tensor_specs(self) -> tuple[list | None, list | None]:
+        return self._specs
+
+    def submit(self, batches: list[list[Ticket]], loop: asyncio.AbstractEventLoop,
+               on_done: Callable) -> None:
+        """Send a handoff to the child (on the loop: a pipe write of a small message)."""
+        self._loop = loop
+        wired, streams = [], []
+        for batch in batches:
+            pairs = [_to_child(r) for r in batch]
+            wired.append([w for w, _ in pairs])
+            streams.append([s for _, s in pairs])
+        need = sum(_shm_bytes(w) for batch in wired for w in batch)
+        if need > self._in.size:
+            self._dropped.append(self._in.name)
+            self._in.close(unlink=True)
+            _live.discard(self._in)
+            self._in = Arena.create(max(need, 2 * self._in.size))
+            _live.add(self._in)
+        self._in.pos = 0
+        wired = [[_pack(w, self._in) for w in batch] for batch in wired]
+        self._job = (batches, on_done, streams)
+        dropped, self._dropped = self._dropped, []
+        self._conn.send(("job", self._in.name, self._out.name, dropped, wired))
+
+    # --- the parent-side thread: start the child, then read it ------------------------
+    def _main(self) -> None:
+        ctx = _mp()
+        from server.instances import child
+
+        parent, child_end = ctx.Pipe(duplex=True)
+        spec = {"name": self.name, "version": self.version, "model_dir": str(self.archive.model_dir),
+                "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
+                "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
+                "log_level": logging.getLogger().getEffectiveLevel()}
+        try:
+            self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
+            _live.update((self._in, self._out))
+            self._proc = ctx.Process(target=child.main, args=(child_end, spec), daemon=True,
+                                     name=f"osprey-{self.name}-{self.version}-{self.index}")
+            self._proc.start()
+        except BaseException as exc:
+            log.exception("model %s instance %d: could not start its process", self.name, self.index)
+            self.error = f"could not start a process: {exc}"
+            self.status = InstanceStatus.FAILED
+            self._loaded_now()
+            self._cleanup()
+            return
+        child_end.close()
+        self._conn = parent
+        self.pid = self._proc.pid
+        if self.status == InstanceStatus.STOPPED:  # stopped before the child existed: it ends once loaded
+            try:
+                parent.send(None)
+            except (OSError, ValueError):
+                pass
+        try:
+            while True:
+                msg = parent.recv()
+                kind = msg[0]
+                if kind == "done":
+                    self._finish(msg[1], msg[2])
+                elif kind == "stream":
+                    self._stream(msg[1], msg[2], msg[3])
+                elif kind == "metric":
+                    if self._metrics_sink is not None:
+                        try:
+                            self._metrics_sink(*msg[1:])
+                        except Exception:
+                            log.exception("model %s: handler metric %r not recorded", self.name, msg[1])
+                elif kind == "ready":
+                    _, self._accepts_tensors, self._specs, self.pid = msg
+                    self.started_s = time.monotonic() - self._t0
+                    if self.status != InstanceStatus.STOPPED:
+                        self.status = InstanceStatus.READY
+                    log.info("model %s version %s: instance %d started (process %d, %.2f s)",
+                             self.name, self.version, self.index, self.pid, self.started_s)
+                    self._loaded_now()
+                elif kind == "failed":
+                    self.error = msg[1]
+                    self.status = InstanceStatus.FAILED
+                    self._loaded_now()
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            log.exception("model %s instance %d: bad message from its process", self.name, self.index)
+            self.kill()
+        self._proc.join(STOP_WAIT_S)
+        if self._proc.exitcode is None:  # closed its pipe but lives on
+            self._proc.kill()
+            self._proc.join(STOP_WAIT_S)
+        reason = describe_exit(self._proc.exitcode)
+        parent.close()
+        self._cleanup()
+        if not self._loaded.is_set():
+            self.error = self.error or f"its process ended while loading ({reason})"
+            self.status = InstanceStatus.FAILED
+            self._loaded_now()
+            return
+        if self.status == InstanceStatus.STOPPED and self._job is None:
+            log.info("model %s version %s: instance %d (process %s) ended (%s)", self.name, self.version,
+                     self.index, self.pid, reason)
+            return
+        if self.status == InstanceStatus.READY or self._job is not None:
+            if self._killed:
+                log.warning("model %s version %s: instance %d (process %s) was killed", self.name, self.version,
+                            self.index, self.pid)
+            else:
+                log.warning("model %s version %s: instance %d (process %s) crashed: %s", self.name, self.version,
+                            self.index, self.pid, reason)
+        self.status = InstanceStatus.FAILED
+        self.error = reason
+        loop, lost = self._loop, self.on_lost
+        if loop is not None and lost is not None:
+            try:
+                loop.call_soon_threadsafe(lost, self, reason)
+            except RuntimeError:  # the loop has closed (shutdown)
+                pass
+
+    def _loaded_now(self) -> None:
+        self._loaded.set()
+        wake = self._on_loaded
+        if wake is not None:
+            try:
+                wake()
+            except RuntimeError:
+                pass
+
+    def _finish(self, wired: list, timings: list) -> None:
+        batches, on_done, _ = self._job
+        outcomes = []
+        for batch, w, timing in zip(batches, wired, timings):
+            outcomes.append([outcome_from_wire(o, self._out) for o in w])
+            for r in batch:
+                _from_child(r, timing)
+        self._job = None
+        try:
+            self._loop.call_soon_threadsafe(on_done, self, batches, outcomes)
+        except RuntimeError:  # the loop has closed (shutdown)
+            pass
+
+    def _stream(self, bi: int, ri: int, data: Any) -> None:
+        job = self._job
+        if job is None:
+            return
+        writer = job[2][bi][ri]
+        if writer is not None:
+            try:
+                writer(data)
+            except Exception:
+                log.exception("model %s: an intermediate response could not be sent", self.name)
+
+    def _cleanup(self) -> None:
+        for a in (self._in, self._out):
+            if a is not None:
+                a.close(unlink=True)
+                _live.discard(a)

@@ -1,0 +1,199 @@
+"""The per-batch work of an instance, whatever runs it (a thread here, a child process).
+
+:class:`BatchRunner` decodes each request the way TorchServe's worker does, calls
+``handle(data, context)``, encodes each answer and stamps the request's timings. A request
+whose inputs cannot be decoded fails alone and the rest of its batch runs without it; a
+batch whose handler fails as a whole is re-run one request at a time so that only the
+request at fault fails.
+
+It reads only these attributes of a ticket: ``request`` (its ``fields``, ``tensors``,
+``tensor_meta``, ``request_id``, ``headers``), ``stream`` and ``timings`` (started,
+finished, stages); a
+thread instance hands it the loop's requests, a child process plain copies of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from handlers.context import Context, RequestProcessor
+from handlers.instance_thread import prepare_instance_thread
+from handlers.metrics import HandlerMetrics
+
+from server import __version__
+
+from server.core.codecs import decode_field, encode_body, fields_from_tensors
+from server.core.errors import ErrorKind, OspreyError, from_status
+from server.core.types import InferenceResponse
+from server.core.model_config import ModelConfig
+from server.instances.service import Service, make_service
+
+__all__ = ["BatchRunner", "Outcome", "error_for", "load_runner", "declared_specs"]
+
+log = logging.getLogger("osprey.instances")
+
+Outcome = InferenceResponse | OspreyError
+
+
+def error_for(exc: BaseException) -> OspreyError:
+    if isinstance(exc, OspreyError):
+        return exc
+    code = getattr(exc, "error_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):  # PredictionException(message, code)
+        return OspreyError(from_status(code), str(getattr(exc, "message", exc)), status=code)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+            (isinstance(exc, RuntimeError) and str(exc).startswith("CUDA out of memory")):  # torch < 1.13
+        return OspreyError(ErrorKind.OUT_OF_MEMORY, "Out of resources")
+    return OspreyError(ErrorKind.PREDICTION_FAILED, "Prediction failed")
+
+
+class BatchRunner:
+    """A loaded handler and its context: runs batches of requests."""
+
+    def __init__(self, name: str, version: str, service: Service, context: Context):
+        self.name, self.version, self.service, self.context = name, version, service, context
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return bool(self.service.accepts_tensors)
+
+    def run_handoff(self, batches: list[list]) -> list[list[Outcome]]:
+        """Several batches of one handoff, one after another; never raises."""
+        outcomes = []
+        for batch in batches:  # several small batches per handoff: see Batcher._bundle_limit
+            try:
+                outcomes.append(self.run(batch))
+            except BaseException as exc:  # never lose a batch
+                log.exception("model %s: unexpected failure", self.name)
+                outcomes.append([error_for(exc)] * len(batch))
+        return outcomes
+
+    def run(self, batch: list) -> list[Outcome]:
+        """Handle a batch; if it fails as a whole, handle each request alone.
+
+        A request whose inputs cannot be decoded fails alone before the handler runs; the
+        others go on as one batch without it."""
+        now = time.monotonic()
+        for r in batch:
+            r.timings.started = now
+        outcomes: list[Any] = [None] * len(batch)
+        ready, rows = [], []
+        for i, r in enumerate(batch):
+            row = self._decode(r)
+            if isinstance(row, OspreyError):
+                outcomes[i] = row
+            else:
+                ready.append(i)
+                rows.append(row)
+        if ready:
+            sub = [batch[i] for i in ready]
+            results = self._handle(sub, rows)
+            if isinstance(results, OspreyError):
+                results = [results] if len(sub) == 1 else [self._single(r) for r in sub]
+            for i, outcome in zip(ready, results):
+                outcomes[i] = outcome
+        end = time.monotonic()
+        stages = dict(self.context.stage_times) if ready and self.context.stage_times else None
+        for r in batch:
+            r.timings.finished = end
+            r.timings.stages = stages
+        return outcomes
+
+    def _single(self, request) -> Outcome:
+        row = self._decode(request)  # afresh: the failed batch's handler may have changed its row
+        if isinstance(row, OspreyError):
+            return row
+        out = self._handle([request], [row])
+        return out if isinstance(out, OspreyError) else out[0]
+
+    def _decode(self, r) -> dict[str, Any] | OspreyError:
+        """One request as the handler's ``data`` row (TorchServe's decoding), or why not."""
+        tensors = self.accepts_tensors
+        try:
+            w = r.request
+            fields = w.fields
+            if not tensors and w.tensors is not None and not fields:  # protocol tensors for a bytes handler
+                fields = fields_from_tensors(w.tensors, w.tensor_meta)
+            row = {k: decode_field(f) for k, f in fields.items()}
+        except OspreyError as err:
+            return err
+        except Exception:  # the front end let through what it should have refused: a server bug
+            log.exception("model %s: could not decode the inputs of request %s", self.name, r.request.request_id)
+            return OspreyError(ErrorKind.INTERNAL, "Internal server error: could not decode the request's inputs; "
+                                                   "the server log has the details")
+        if tensors and r.request.tensors is not None:
+            row["tensors"] = r.request.tensors
+        return row
+
+    def _handle(self, batch: list, data: list[dict]) -> list[Outcome] | OspreyError:
+        ctx = self.context
+        tensors = self.accepts_tensors
+        ctx.request_ids = {i: r.request.request_id for i, r in enumerate(batch)}
+        ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
+        ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
+        ctx.stage_times = {}
+        try:
+            results = self.service.handle(data, ctx)
+        except BaseException as exc:
+            err = error_for(exc)
+            if err.kind is ErrorKind.PREDICTION_FAILED:
+                log.warning("model %s: handler raised %s: %s", self.name, type(exc).__name__, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+            return err
+        if not isinstance(results, list):
+            log.warning("model %s: handler returned a %s, not a list", self.name, type(results).__name__)
+            return OspreyError(ErrorKind.PREDICTION_FAILED, "Invalid model predict output")
+        if len(results) != len(batch):
+            log.warning("model %s: handler returned %d results for a batch of %d", self.name, len(results), len(batch))
+            return OspreyError(ErrorKind.PREDICTION_FAILED, "number of batch response mismatched")
+        out: list[Outcome] = []
+        for i, value in enumerate(results):
+            rp = ctx.request_processor[i]
+            status = rp.get_response_status_code()
+            headers = rp.get_response_headers()
+            if status >= 400:
+                phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
+                out.append(OspreyError(from_status(status), phrase, status=status))
+                continue
+            if tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:
+                out.append(InferenceResponse(status=status, tensors=value["tensors"], raw=value))
+                continue
+            try:
+                body, ctype = encode_body(value)
+            except (TypeError, ValueError) as exc:
+                out.append(OspreyError(ErrorKind.PREDICTION_FAILED, f"handler output is not serializable: {exc}"))
+                continue
+            if headers:
+                headers = {str(k).lower(): str(v) for k, v in headers.items()}
+                ctype = headers.pop("content-type", ctype)
+            out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=headers or {},
+                                         model_version=self.version, raw=value))
+        return out
+
+
+def load_runner(name: str, version: str, model_dir: str, handler: str, manifest: dict, config: ModelConfig,
+                gpu_id: int | None, metrics_sink: Callable | None) -> BatchRunner:
+    """Resolve and initialize the handler in the calling thread (the one that will run it)."""
+    prepare_instance_thread(config.jit_optimize, gpu_id is not None)
+    context = Context(name, model_dir, manifest, config.batch_size, gpu_id, __version__, True,
+                      HandlerMetrics(name, metrics_sink), dict(config.raw))
+    service = make_service(model_dir, handler)
+    if service.initialize is not None:
+        service.initialize(context)
+    warmup = getattr(service.target, "warmup", None)
+    if callable(warmup):
+        warmup(context)
+    return BatchRunner(name, version, service, context)
+
+
+def declared_specs(target: Any) -> tuple[list | None, list | None]:
+    """(inputs, outputs) a handler object declares (``tensor_metadata()`` or ``inputs``/``outputs``)."""
+    if target is None:
+        return None, None
+    declared = target.tensor_metadata() if callable(getattr(target, "tensor_metadata", None)) else {}
+    inputs = declared.get("inputs") or getattr(target, "inputs", None)
+    outputs = declared.get("outputs") or getattr(target, "outputs", None)
+    return (list(inputs) if isinstance(inputs, (list, tuple)) else None,
+            list(outputs) if isinstance(outputs, (list, tuple)) else None)
