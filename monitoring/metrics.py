@@ -337,28 +337,14 @@ def _versions_of(family) -> set:
     return {(k[i], k[j]) for k in family.children}
 
 
-_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "int8",
-           "qint8": "int8", "quint8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
-
-
 def _detect_precision(mv: Any) -> str | None:
-    """The model's parameter dtype (fp32, fp16, bf16, int8, ...), or its config's ``precision``."""
+    """Its config's ``precision``, else the parameter dtype its first instance reported at
+    load (fp32, fp16, bf16, int8, ...); None until an instance has loaded."""
     raw = mv.config.raw if isinstance(mv.config.raw, Mapping) else {}
     handler = raw.get("handler") if isinstance(raw.get("handler"), Mapping) else {}
     declared = raw.get("precision") or handler.get("precision")
     if declared:
         return str(declared).lower()
-    ready = [i for i in mv.instances if i.status == "READY" and i.service is not None]
-    if not ready:
+    if not mv.ready_instances:
         return None  # ask again at the next scrape
-    target = ready[0].service.target
-    model = getattr(target, "model", None)
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        try:
-            for p in params():
-                name = str(p.dtype).rsplit(".", 1)[-1]
-                return _DTYPES.get(name, name)
-        except Exception:
-            pass
-    return "unknown"
+    return mv.signature.precision or "unknown"

@@ -79,6 +79,9 @@ class Instance(Protocol):
     def tensor_specs(self) -> tuple[list | None, list | None]:
         """(inputs, outputs) the loaded handler declares, or None where it declares none."""
 
+    def model_precision(self) -> str | None:
+        """The loaded model's parameter dtype (fp32, fp16, bf16, int8, ...), None if unknown."""
+
 
 # (model name, version, archive, config, instance index) -> a new, unstarted instance
 InstanceFactory = Callable[[str, str, "ModelArchive", "ModelConfig", int], Instance]

@@ -347,7 +347,8 @@ class Registry:
                 raise self._unregistered(mv) from None
             raise
         if new and not any(i.status == InstanceStatus.READY for i in mv.batcher.all_instances()):
-            mv.signature = signature_of(mv.config, new[0].tensor_specs(), new[0].accepts_tensors)
+            mv.signature = signature_of(mv.config, new[0].tensor_specs(), new[0].accepts_tensors,
+                                        new[0].model_precision())
         for inst in new:
             if inst.status == InstanceStatus.READY:  # one lost meanwhile (its process died) is being restarted
                 mv.batcher.add_instance(inst)

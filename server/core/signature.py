@@ -1,4 +1,5 @@
-"""A model version's signature: the input and output tensors it declares.
+"""A model version's signature: the input and output tensors it declares (and the dtype of
+its loaded parameters).
 
 Taken once, when the version's first instance has loaded: model-config.yaml's
 ``inputs``/``outputs`` first, then what the handler declares (``tensor_metadata()`` or
@@ -23,6 +24,7 @@ class Signature:
     inputs: list[dict] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
     accepts_tensors: bool = False
+    precision: str | None = None  # the loaded model's parameter dtype, as its instance reported it
 
 
 def spec_dicts(specs: Any) -> list[dict]:
@@ -35,7 +37,8 @@ def spec_dicts(specs: Any) -> list[dict]:
     return out
 
 
-def signature_of(config: Any, declared: tuple[Any, Any] | None, accepts_tensors: bool) -> Signature:
+def signature_of(config: Any, declared: tuple[Any, Any] | None, accepts_tensors: bool,
+                 precision: str | None = None) -> Signature:
     inputs, outputs = spec_dicts(config.inputs), spec_dicts(config.outputs)
     if declared is not None:
         declared_in, declared_out = declared
@@ -44,4 +47,4 @@ def signature_of(config: Any, declared: tuple[Any, Any] | None, accepts_tensors:
     if not accepts_tensors:
         inputs = inputs or [dict(BYTES_INPUT)]
         outputs = outputs or [dict(BYTES_OUTPUT)]
-    return Signature(inputs, outputs, accepts_tensors)
+    return Signature(inputs, outputs, accepts_tensors, precision)

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 
-from server.instances.runner import declared_specs, load_runner
+from server.instances.runner import declared_specs, load_runner, model_precision
 from server.instances.wire import Arena, outcome_to_wire, work_from_wire
 
 __all__ = ["main"]
@@ -76,7 +76,8 @@ def main(conn, spec: dict) -> None:
     try:
         runner = load_runner(spec["name"], spec["version"], spec["model_dir"], spec["handler"], spec["manifest"],
                              spec["config"], spec["gpu_id"], metric)
-        send(("ready", runner.accepts_tensors, _specs(runner.service.target), os.getpid()))
+        target = runner.service.target
+        send(("ready", runner.accepts_tensors, _specs(target), model_precision(target), os.getpid()))
     except BaseException as exc:
         log.exception("model %s instance %d failed to load", spec["name"], spec["index"])
         send(("failed", f"{type(exc).__name__}: {exc}"))

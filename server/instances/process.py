@@ -124,6 +124,7 @@ class ProcessInstance:
         self._torch_threads = torch_threads
         self._accepts_tensors = False
         self._specs: tuple = (None, None)
+        self._precision: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn = None
         self._proc = None
@@ -214,6 +215,9 @@ class ProcessInstance:
     def tensor_specs(self) -> tuple[list | None, list | None]:
         return self._specs
 
+    def model_precision(self) -> str | None:
+        return self._precision
+
     def submit(self, batches: list[list[Ticket]], loop: asyncio.AbstractEventLoop,
                on_done: Callable) -> None:
         """Send a handoff to the child (on the loop: a pipe write of a small message)."""
@@ -282,7 +286,7 @@ class ProcessInstance:
                         except Exception:
                             log.exception("model %s: handler metric %r not recorded", self.name, msg[1])
                 elif kind == "ready":
-                    _, self._accepts_tensors, self._specs, self.pid = msg
+                    _, self._accepts_tensors, self._specs, self._precision, self.pid = msg
                     self.started_s = time.monotonic() - self._t0
                     if self.status != InstanceStatus.STOPPED:
                         self.status = InstanceStatus.READY

@@ -197,3 +197,21 @@ def declared_specs(target: Any) -> tuple[list | None, list | None]:
     outputs = declared.get("outputs") or getattr(target, "outputs", None)
     return (list(inputs) if isinstance(inputs, (list, tuple)) else None,
             list(outputs) if isinstance(outputs, (list, tuple)) else None)
+
+
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64", "int8": "int8",
+           "qint8": "int8", "quint8": "int8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+
+
+def model_precision(target: Any) -> str | None:
+    """The dtype of the first parameter of a handler's ``model`` (fp32, fp16, bf16, int8, ...),
+    or None where the handler has no torch model to look at."""
+    params = getattr(getattr(target, "model", None), "parameters", None)
+    if callable(params):
+        try:
+            for p in params():
+                name = str(p.dtype).rsplit(".", 1)[-1]
+                return _DTYPES.get(name, name)
+        except Exception:  # a model whose parameters() is something else: say nothing
+            return None
+    return None

@@ -25,7 +25,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
 from server.core.instance import InstanceStatus
 from server.core.types import Ticket
-from server.instances.runner import BatchRunner, Outcome, declared_specs, load_runner
+from server.instances.runner import BatchRunner, Outcome, declared_specs, load_runner, model_precision
 
 __all__ = ["ModelInstance", "Outcome"]
 
@@ -123,6 +123,9 @@ class ModelInstance:
 
     def tensor_specs(self) -> tuple[list | None, list | None]:
         return declared_specs(self.service.target if self.service is not None else None)
+
+    def model_precision(self) -> str | None:
+        return model_precision(self.service.target) if self.service is not None else None
 
     def submit(self, batches: list[list[Ticket]], loop: asyncio.AbstractEventLoop,
                on_done: Callable[["ModelInstance", list, list[list[Outcome]]], None]) -> None:

@@ -198,6 +198,11 @@ def test_process_and_thread_instances_give_the_same_answers(srv):
         np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     meta = [httpx.get(f"{srv.inference}/v2/models/{m}", timeout=30).json() for m in ("tmlp_thread", "tmlp_proc")]
     assert meta[0]["inputs"] == meta[1]["inputs"] and meta[0]["outputs"] == meta[1]["outputs"]
+    # what the loaded model is made of is reported across the boundary too (parameter dtype)
+    text = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
+    for m in ("tmlp_thread", "tmlp_proc"):
+        assert any(line.startswith("osprey_model_info{") and f'model="{m}"' in line and 'precision="fp32"' in line
+                   for line in text.splitlines()), m
 
 
 def test_handler_metrics_and_timings_cross_the_process_boundary(srv):
