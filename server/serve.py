@@ -70,7 +70,8 @@ class Server:
         observers = [self.metrics.observe] if settings.request_metrics else []
         if self.access_log is not None:
             observers.append(self.access_log)
-        self.dataplane = DataPlane(self.registry, observers)
+        self.dataplane = DataPlane(self.registry, observers,
+                                   [self.metrics.refused] if settings.request_metrics else [])
         self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
@@ -136,20 +137,49 @@ class Server:
         results = await asyncio.gather(*(one(n, u) for n, u in specs))
         return sum(results)
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop accepting, answer what was accepted, then stop the models."""
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting at once, answer everything accepted, then stop the models.
+
+        The listeners (REST and gRPC) close first. Every open REST connection is told to drain:
+        each answer from now on carries ``Connection: close`` and its connection closes after
+        it, and a request still arriving on a kept-alive connection is served the same way.
+        gRPC calls in flight finish (``grpc.aio`` ``stop(grace)``). Queued and running requests
+        are answered by the models as usual. When nothing is left in progress, or after
+        ``drain_timeout`` seconds (the setting by default), the remaining connections close and
+        whatever is still queued is answered 503.
+        """
+        timeout = self.settings.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
+        deadline = time.monotonic() + timeout
         for server in self._servers:
             server.should_exit = True
             for listener in getattr(server, "servers", []):
                 listener.close()
-        grpc_stops = [asyncio.ensure_future(g.stop(grace=drain_timeout)) for g in self._grpc]
-        await self.registry.drain(drain_timeout)
-        await asyncio.gather(*grpc_stops)
+        grpc_stops = [asyncio.ensure_future(g.stop(grace=timeout)) for g in self._grpc]
+        for conn in self._connections():
+            begin = getattr(conn, "begin_drain", None)
+            if begin is not None:
+                begin()
+            else:  # uvicorn's own protocol: close idle ones, close busy ones after their answer
+                conn.shutdown()
+        while time.monotonic() < deadline:
+            if (all(g.done() for g in grpc_stops) and self.registry.idle()
+                    and all(getattr(c, "idle", lambda: True)() for c in self._connections())):
+                break
+            await asyncio.sleep(0.005)
+        for conn in self._connections():  # idle kept-alive connections, or what the timeout cut short
+            conn.shutdown()
+        left = max(0.0, deadline - time.monotonic())
+        if grpc_stops:
+            await asyncio.gather(*grpc_stops, return_exceptions=True)
         for server in self._servers:
+            server.config.timeout_graceful_shutdown = max(left, 0.05)
             await server.shutdown()
         await self.registry.close()
         if self.access_log is not None:
             self.access_log.close()
+
+    def _connections(self) -> list:
+        return [c for server in self._servers for c in list(server.server_state.connections)]
 
 
 def _write_pid(path: str) -> None:

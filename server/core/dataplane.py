@@ -16,18 +16,44 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.registry import ModelVersion, Registry
 from server.core.types import InferenceRequest, InferenceResponse
 
-__all__ = ["DataPlane", "Observer"]
+__all__ = ["DataPlane", "Observer", "RefusalObserver"]
 
 log = logging.getLogger("osprey.dataplane")
 
 Observer = Callable[[ModelVersion | None, InferenceRequest, Any], None]
+# Called for a request refused by :meth:`DataPlane.admit` (model version or None, protocol, error):
+# no request object exists yet; a counter increment, nothing more.
+RefusalObserver = Callable[[ModelVersion | None, str, OspreyError], None]
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, observers: Iterable[Observer] = ()):
+    def __init__(self, registry: Registry, observers: Iterable[Observer] = (),
+                 refusal_observers: Iterable[RefusalObserver] = ()):
         self.registry = registry
         self.observers: list[Observer] = list(observers)
+        self.refusal_observers: list[RefusalObserver] = list(refusal_observers)
         self.started = True  # False while the startup models are loading
+
+    # --- admission ------------------------------------------------------------------
+    def admit(self, model: str, version: str | None = None, protocol: str = "rest") -> ModelVersion:
+        """Would a request for this model version be queued now? Raises NOT_FOUND, QUEUE_FULL
+        (503, Retry-After) or UNAVAILABLE (no instance) if not; O(1).
+
+        Front ends call it as soon as they know the model, before reading or decoding the
+        request body, so that refusing the excess of an overload costs next to nothing and the
+        loop's time goes to the requests that will run. A refusal is counted (refusal
+        observers) but not logged and not passed to the request observers (there is no request
+        yet). Admission is a snapshot: :meth:`infer` checks the queue bound again.
+        """
+        mv = None
+        try:
+            mv = self.registry.get(model, version)
+            mv.batcher.admit()
+        except OspreyError as exc:
+            for observer in self.refusal_observers:
+                observer(mv, protocol, exc)
+            raise
+        return mv
 
     # --- inference ------------------------------------------------------------------
     async def infer(self, req: InferenceRequest) -> InferenceResponse:

@@ -77,6 +77,7 @@ class InferenceRequest:
     future: asyncio.Future | None = None
     stream: Any = None  # a callable(bytes) receiving intermediate responses, or None
     client: Any = None  # the connection, where it tells: ``client.disconnected`` is True once it is gone
+    queued: int = 0  # the batcher's mark: 0 not in its queue, 1 waiting there, 2 there but already answered
 
     def expired(self, now: float | None = None) -> bool:
         if self.deadline is None:
