@@ -145,6 +145,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference --------------------------------------------------------------------
     def _core(self, request, context) -> InferenceRequest:
         received = time.monotonic()
+        # refused before the tensors are decoded (queue full, no instance, unknown model)
+        self.dataplane.admit(request.model_name, request.model_version or None, "grpc-v2")
         tensors, meta = decode_inputs(request)
         deadline = deadline_of(context, received)
         params = _params(request.parameters)

@@ -40,6 +40,7 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
 
     def _core(self, request, context) -> InferenceRequest:
         received = time.monotonic()
+        self.dataplane.admit(request.model_name, request.model_version or None, "grpc")  # refuse early
         core = InferenceRequest(model=request.model_name, version=request.model_version or None,
                                 request_id=next_request_id(), protocol="grpc",
                                 fields={k: Field(v) for k, v in request.input.items()},
