@@ -37,6 +37,12 @@ __all__ = ["Server", "run", "parse_model_specs"]
 
 log = logging.getLogger("osprey.serve")
 
+# During a drain, an idle kept-alive connection is closed once this long has passed since it was
+# last used (a request received or an answer sent), not at once: a client that has just had an
+# answer may already be sending its next request, which is then served with Connection: close
+# instead of meeting a closed connection. Connections idle longer close as soon as the drain starts.
+DRAIN_LINGER_S = 1.0
+
 
 def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str | None, str]]:
     """``NAME=FILE``, ``FILE`` or ``all`` -> [(name or None, url)]."""
@@ -146,7 +152,8 @@ class Server:
         gRPC calls in flight finish (``grpc.aio`` ``stop(grace)``). Queued and running requests
         are answered by the models as usual. When nothing is left in progress, or after
         ``drain_timeout`` seconds (the setting by default), the remaining connections close and
-        whatever is still queued is answered 503.
+        whatever is still queued is answered 503. Idle connections close once unused for
+        ``DRAIN_LINGER_S``.
         """
         timeout = self.settings.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
         deadline = time.monotonic() + timeout
@@ -161,12 +168,22 @@ class Server:
                 begin()
             else:  # uvicorn's own protocol: close idle ones, close busy ones after their answer
                 conn.shutdown()
-        while time.monotonic() < deadline:
-            if (all(g.done() for g in grpc_stops) and self.registry.idle()
-                    and all(getattr(c, "idle", lambda: True)() for c in self._connections())):
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            busy = False
+            for conn in self._connections():
+                if not getattr(conn, "idle", lambda: True)():
+                    busy = True
+                elif now - getattr(conn, "last_active", 0.0) >= DRAIN_LINGER_S:
+                    conn.shutdown()  # idle, and not used lately: closed
+                else:
+                    busy = True  # idle, but its client was active just now: its next request may be on its way
+            if not busy and all(g.done() for g in grpc_stops) and self.registry.idle():
                 break
             await asyncio.sleep(0.005)
-        for conn in self._connections():  # idle kept-alive connections, or what the timeout cut short
+        for conn in self._connections():  # what the timeout cut short
             conn.shutdown()
         left = max(0.0, deadline - time.monotonic())
         if grpc_stops:

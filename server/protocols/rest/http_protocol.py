@@ -118,20 +118,27 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._running = None  # the request cycle started last
         self._held = None  # the held transport of the last request cycle with a task
         self._early = getattr(self.app, "early_refusal", None)  # see _early_refusal
+        self.last_active = time.monotonic()  # last data received or answer sent (the drain reads it)
         if self.timeout_keep_alive > 0:  # a connection that never sends a request is idle, too
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
+
+    def on_response_complete(self) -> None:
+        self.last_active = time.monotonic()  # a client that just got its answer may send the next one soon
+        super().on_response_complete()
 
     def connection_lost(self, exc) -> None:
         self._cancel_read_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         if (self._early is not None and data[:6] == b"POST /" and not self.draining and not self.pipeline
                 and not self._head_deadline and not self._in_body and (self.cycle is None or self.cycle.response_complete)):
             answer = self._early_refusal(data)
             if answer is not None:
                 self.transport.write(answer)
+                self.server_state.total_requests += 1
                 if self.timeout_keep_alive > 0:  # idle again: as uvicorn's on_response_complete
                     if self.timeout_keep_alive_task is not None:
                         self.timeout_keep_alive_task.cancel()
