@@ -8,7 +8,7 @@ the capacity. Every answer must arrive (no connection errors, none unanswered); 
 excess is 503, whose latency is reported beside it.
 
     python -m benchmarks.overload --seconds 60              # mlp and digits_cnn, default settings
-    python -m benchmarks.overload --seconds 20 --pythonpath /tmp/old-tree   # another tree of Osprey
+    python -m benchmarks.overload --seconds 20 --compare /tmp/old-tree   # and an older tree, side by side
 
 ``benchmarks.run`` calls :func:`overload` for its ``overload`` section (``--overload``).
 """
@@ -73,28 +73,40 @@ def _summary(r: dict, seconds: float, warmup: float) -> dict:
             "lateness_p99_ms": (r.get("lateness") or {}).get("p99_ms")}
 
 
-def overload(server: Osprey, models: list[BenchModel], *, seconds: float = 60.0, factor: float = 2.0,
-             probe_s: float = 5.0, warmup: float = 2.0, binary: str | None = None) -> list[dict]:
-    """Capacity probe, then 1x and ``factor`` x capacity open loop, per model; one row each."""
+def overload(servers: "Osprey | dict[str, Osprey]", models: list[BenchModel], *, seconds: float = 60.0,
+             factor: float = 2.0, probe_s: float = 5.0, warmup: float = 2.0, binary: str | None = None) -> list[dict]:
+    """Per model: capacity probe, then open loop at 1x and ``factor`` x that capacity; one row per
+    model and server. Several servers (``{tag: server}``, e.g. two trees of Osprey) are driven
+    phase by phase, each phase on one after the other, so that background load hits them alike."""
+    if not isinstance(servers, dict):
+        servers = {getattr(servers, "name", "osprey"): servers}
     rows = []
     for m in models:
-        url = server.predict_url(m.name)
-        probe = _json([sys.executable, "-m", "benchmarks.openloop", "--url", url, "--body", str(m.body),
-                       "--content-type", m.content_type, "--closed", "32", "--duration", f"{probe_s:g}",
-                       "--warmup", "1"], probe_s + 120)
-        cap = probe["rps"]
-        log(f"  {m.name:12s} capacity (closed loop c=32, {probe_s:g} s): {cap:.0f}/s, {probe['errors']} errors")
-        at1 = _summary(_open(binary, url, m, cap, seconds, warmup), seconds, warmup)
-        log(f"  {m.name:12s} open 1x {cap:.0f}/s: goodput {at1['goodput_rps']:.0f}/s {at1['status']} "
-            f"answered in {at1['answer_span_s']:.1f} s, p50 {at1['p50_ms'] or 0:.1f} ms p99 {at1['p99_ms'] or 0:.1f} ms")
-        atn = _summary(_open(binary, url, m, factor * cap, seconds, warmup), seconds, warmup)
-        ratio = atn["goodput_rps"] / cap if cap else 0.0
-        log(f"  {m.name:12s} open {factor:g}x {factor * cap:.0f}/s: goodput {atn['goodput_rps']:.0f}/s "
-            f"= {ratio:.0%} of capacity {atn['status']} answered in {atn['answer_span_s']:.1f} s, p50 {atn['p50_ms'] or 0:.1f} ms p99 {atn['p99_ms'] or 0:.1f} ms")
-        rows.append({"model": m.name, "capacity_rps": round(cap, 1), "capacity_probe": probe, "at_capacity": at1,
-                     f"at_{factor:g}x": atn, "factor": factor, "seconds": seconds,
-                     "goodput_ratio": round(ratio, 3), "goal": GOAL,
-                     "met": ratio >= GOAL and atn["unanswered"] == 0})
+        caps, at1 = {}, {}
+        for tag, server in servers.items():
+            probe = _json([sys.executable, "-m", "benchmarks.openloop", "--url", server.predict_url(m.name),
+                           "--body", str(m.body), "--content-type", m.content_type, "--closed", "32",
+                           "--duration", f"{probe_s:g}", "--warmup", "1"], probe_s + 120)
+            caps[tag] = probe
+            log(f"  {tag:8s} {m.name:12s} capacity (closed loop c=32, {probe_s:g} s): {probe['rps']:.0f}/s, "
+                f"{probe['errors']} errors")
+        for tag, server in servers.items():
+            cap = caps[tag]["rps"]
+            at1[tag] = _summary(_open(binary, server.predict_url(m.name), m, cap, seconds, warmup), seconds, warmup)
+            r = at1[tag]
+            log(f"  {tag:8s} {m.name:12s} open 1x {cap:.0f}/s: goodput {r['goodput_rps']:.0f}/s {r['status']} "
+                f"answered in {r['answer_span_s']:.1f} s, p50 {r['p50_ms'] or 0:.1f} ms p99 {r['p99_ms'] or 0:.1f} ms")
+        for tag, server in servers.items():
+            cap = caps[tag]["rps"]
+            atn = _summary(_open(binary, server.predict_url(m.name), m, factor * cap, seconds, warmup), seconds, warmup)
+            ratio = atn["goodput_rps"] / cap if cap else 0.0
+            log(f"  {tag:8s} {m.name:12s} open {factor:g}x {factor * cap:.0f}/s: goodput {atn['goodput_rps']:.0f}/s "
+                f"= {ratio:.0%} of capacity {atn['status']} answered in {atn['answer_span_s']:.1f} s, "
+                f"p50 {atn['p50_ms'] or 0:.1f} ms p99 {atn['p99_ms'] or 0:.1f} ms")
+            rows.append({"server": tag, "model": m.name, "capacity_rps": round(cap, 1), "capacity_probe": caps[tag],
+                         "at_capacity": at1[tag], f"at_{factor:g}x": atn, "factor": factor, "seconds": seconds,
+                         "goodput_ratio": round(ratio, 3), "goal": GOAL,
+                         "met": ratio >= GOAL and atn["unanswered"] == 0})
     return rows
 
 
@@ -105,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--factor", type=float, default=2.0)
     ap.add_argument("--config", action="append", default=[], metavar="key=value", help="Osprey setting")
-    ap.add_argument("--pythonpath", default=None, help="run the Osprey of this source tree instead")
-    ap.add_argument("--tag", default="overload")
+    ap.add_argument("--compare", default=None, metavar="TREE",
+                    help="also run the Osprey of this source tree (tag 'before'), phase by phase with this one")
     args = ap.parse_args(argv)
-    work = Path(args.work)
+    work = Path(args.work).resolve()
     from .run import openloop_binary
 
     built = build_models(work, with_cnn=False, with_digits="digits_cnn" in args.models)
@@ -116,23 +128,28 @@ def main(argv: list[str] | None = None) -> int:
     notes: list[str] = []
     exe = openloop_binary(work, notes)
     cfg = dict(kv.split("=", 1) for kv in args.config)
-    server = Osprey(work / args.tag, models, config=cfg, tag=args.tag)
-    if args.pythonpath:
-        cmd = server.command
-
-        def command():
-            c, env, cwd = cmd()
-            return c, _env(PYTHONPATH=args.pythonpath), cwd
-        server.command = command
-    server.start()
+    trees = {"before": args.compare} if args.compare else {}
+    trees["after" if args.compare else "osprey"] = None
+    servers: dict[str, Osprey] = {}
     try:
-        rows = overload(server, server.models, seconds=args.seconds, factor=args.factor,
-                        binary=str(exe) if exe else None)
+        for tag, tree in trees.items():
+            server = Osprey(work / f"overload-{tag}", models, config=cfg, tag=tag)
+            if tree:
+                cmd = server.command
+
+                def command(cmd=cmd, tree=tree):
+                    c, env, cwd = cmd()
+                    return c, _env(PYTHONPATH=tree), cwd
+                server.command = command
+            servers[tag] = server.start()
+        rows = overload(servers, models, seconds=args.seconds, factor=args.factor, binary=str(exe) if exe else None)
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
     print(json.dumps({"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                       "command": "python -m benchmarks.overload " + " ".join(argv or sys.argv[1:]),
-                      "config": cfg, "tree": args.pythonpath or str(ROOT), "notes": notes, "rows": rows}, indent=1))
+                      "config": cfg, "trees": {t: p or str(ROOT) for t, p in trees.items()}, "notes": notes,
+                      "rows": rows}, indent=1))
     return 0
 
 
