@@ -22,7 +22,7 @@ from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 from server.core import heap
 from monitoring.access_log import AccessLog
 from server.protocols.auth import Keys
-from server.core.dataplane import DataPlane, LoopGuard
+from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
 from server.core.registry import Registry
 from server.instances import thread_factory
@@ -78,8 +78,6 @@ class Server:
             observers.append(self.access_log)
         self.dataplane = DataPlane(self.registry, observers,
                                    [self.metrics.refused] if settings.request_metrics else [])
-        if settings.overload_loop_lag > 0:
-            self.dataplane.guard = LoopGuard(self.loop, settings.overload_loop_lag)
         self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
@@ -120,8 +118,6 @@ class Server:
             if server.should_exit:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
-        if self.dataplane.guard is not None:
-            self.dataplane.guard.start()
         if s.enable_grpc:
             try:
                 from server.protocols.grpc.server import start_grpc  # added by the gRPC front end
@@ -160,8 +156,6 @@ class Server:
         ``DRAIN_LINGER_S``.
         """
         timeout = self.settings.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
-        if self.dataplane.guard is not None:  # a drain serves what was accepted, whatever the lag
-            self.dataplane.guard.stop()
         deadline = time.monotonic() + timeout
         for server in self._servers:
             server.should_exit = True

@@ -35,9 +35,6 @@ class Settings:
     max_request_size: int = 6553500
     # seconds a request's head may take to arrive, and its body may stall between reads (408 then)
     request_read_timeout: float = 60.0
-    # seconds of event-loop lag above which a growing share of new inference requests is refused
-    # (503, Retry-After) while requests keep arriving (the loop, not the model, is overloaded); 0: off
-    overload_loop_lag: float = 0.05
     # seconds a shutdown (SIGTERM) may take to answer what was accepted: listeners close at once,
     # queued and running requests finish, kept-alive connections close after their next answer
     drain_timeout: float = 30.0

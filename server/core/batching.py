@@ -94,8 +94,6 @@ class Batcher:
         self.refused = 0  # requests refused because the queue was full (admission or submit)
         self._full_message = (f"Model \"{name}\" version {version}: job queue is full "
                               f"({self.queue_size} requests waiting); retry later")
-        self._overloaded_message = (f"Model \"{name}\" version {version}: the server is overloaded "
-                                    "(its event loop is behind); retry later")
         self._no_worker_message = (f"Model \"{name}\" version {version} has no worker to serve inference request. "
                                    "Please use scale workers API to add workers.")
 

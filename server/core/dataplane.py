@@ -16,7 +16,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.registry import ModelVersion, Registry
 from server.core.types import InferenceRequest, InferenceResponse
 
-__all__ = ["DataPlane", "Observer", "RefusalObserver", "LoopGuard"]
+__all__ = ["DataPlane", "Observer", "RefusalObserver"]
 
 log = logging.getLogger("osprey.dataplane")
 
@@ -26,63 +26,6 @@ Observer = Callable[[ModelVersion | None, InferenceRequest, Any], None]
 RefusalObserver = Callable[[ModelVersion | None, str, OspreyError], None]
 
 
-class LoopGuard:
-    """Admits a share of new requests that shrinks while the event loop itself is overloaded.
-
-    For a small model the event loop, not the model, is the bottleneck: past its capacity,
-    requests wait unread in the sockets, where no queue bound sees them, and the latency of
-    every answer grows without limit. Every ``interval`` seconds a timer measures how late it
-    fires (the loop's lag). A tick that finds the lag above ``limit`` *and* at least
-    ``min_arrivals`` requests arrived since the last tick (so one pause of a quiet server does
-    not count) cuts the admitted share by a fifth; a tick without lag raises it by 1/20, back
-    to all (AIMD). Refused requests cost the loop a fraction of admitted ones, so the loop
-    catches up and keeps serving close to its capacity. Admission spreads the share evenly
-    (a credit counter, no randomness).
-    """
-
-    def __init__(self, loop, limit: float, interval: float = 0.01, min_arrivals: int = 32):
-        self.loop, self.limit, self.interval, self.min_arrivals = loop, limit, interval, min_arrivals
-        self.share = 1.0  # fraction of new requests admitted
-        self.arrivals = 0  # requests asking for admission since the last tick
-        self.refused = 0
-        self._credit = 0.0
-        self._expected = 0.0
-        self._timer = None
-
-    def start(self) -> None:
-        if self.limit > 0 and self._timer is None:
-            self._expected = self.loop.time() + self.interval
-            self._timer = self.loop.call_at(self._expected, self._tick)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.share = 1.0
-
-    def _tick(self) -> None:
-        now = self.loop.time()
-        lag = now - self._expected
-        if lag > self.limit and self.arrivals >= self.min_arrivals:
-            self.share = max(0.05, self.share * 0.8)
-        elif self.share < 1.0:
-            self.share = min(1.0, self.share + 0.05)
-        self.arrivals = 0
-        self._expected = now + self.interval
-        self._timer = self.loop.call_at(self._expected, self._tick)
-
-    def admit(self) -> bool:
-        self.arrivals += 1
-        if self.share >= 1.0:
-            return True
-        self._credit += self.share
-        if self._credit >= 1.0:
-            self._credit -= 1.0
-            return True
-        self.refused += 1
-        return False
-
-
 class DataPlane:
     def __init__(self, registry: Registry, observers: Iterable[Observer] = (),
                  refusal_observers: Iterable[RefusalObserver] = ()):
@@ -90,7 +33,6 @@ class DataPlane:
         self.observers: list[Observer] = list(observers)
         self.refusal_observers: list[RefusalObserver] = list(refusal_observers)
         self.started = True  # False while the startup models are loading
-        self.guard: LoopGuard | None = None  # set by the server (overload_loop_lag)
 
     # --- admission ------------------------------------------------------------------
     def admit(self, model: str, version: str | None = None, protocol: str = "rest") -> ModelVersion:
@@ -107,10 +49,6 @@ class DataPlane:
         try:
             mv = self.registry.get(model, version)
             mv.batcher.admit()
-            guard = self.guard
-            if guard is not None and not guard.admit():
-                mv.batcher.refused += 1
-                raise OspreyError(ErrorKind.QUEUE_FULL, mv.batcher._overloaded_message, retry_after=1)
         except OspreyError as exc:
             for observer in self.refusal_observers:
                 observer(mv, protocol, exc)

@@ -169,7 +169,7 @@ class Router:
             return None
         route, params, _ = self._match(method, scope["path"])
         scope["osprey.route"] = (route, params)
-        if route is None or route.admit is None:
+        if route is None or route.admit is None or scope.get("osprey.admitted"):
             return None
         if route.auth and self.token is not None and not self._token_ok(scope["headers"]):
             return None
@@ -180,12 +180,14 @@ class Router:
 
     def early_refusal(self, path: str) -> bytes | None:
         """:meth:`refusal` for a plain ``POST`` on a kept-alive connection, from the path alone
-        (http_protocol.py answers it before parsing headers into a scope); None where a token
-        must be checked or the route has no admission check."""
+        (http_protocol.py answers it before parsing headers into a scope); ``b""`` when admitted
+        (:meth:`refusal` then finds ``osprey.admitted`` in the scope and does not ask again);
+        None where a token must be checked or the route has no admission check."""
         route, params, _ = self._match("POST", path)
         if route is None or route.admit is None or (route.auth and self.token is not None):
             return None
-        return self._admit(route, params, True)
+        answer = self._admit(route, params, True)
+        return b"" if answer is None else answer
 
     def _admit(self, route: Route, params: dict[str, str], keep_alive: bool) -> bytes | None:
         """Run the route's admission check: None if admitted, else the whole refusal (bytes encoded

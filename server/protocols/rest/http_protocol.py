@@ -19,8 +19,10 @@ descriptor each for ever.
 Refusals are answered before any task exists: when a request's head is complete, the
 application's ``refusal(scope, keep_alive)`` (the Router's: a route's admission check, e.g. the
 model's queue is full) may return the whole answer as bytes; it is written at once, the body
-that follows is discarded by the parser, and the connection goes on with its next request. An
-overload's excess then costs the loop little more than parsing its head.
+that follows is discarded by the parser, and the connection goes on with its next request. A
+plain POST that arrives whole in one read is asked about (``early_refusal(path)``) before the
+parser's Python callbacks run at all (:meth:`OneWriteHttpToolsProtocol._early_refusal`). An
+overload's excess then costs the loop little more than reading it and writing the answer.
 
 Draining (shutdown): :meth:`OneWriteHttpToolsProtocol.begin_drain` on every open connection,
 then every request gets ``Connection: close`` and its connection closes after the answer;
@@ -118,6 +120,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._running = None  # the request cycle started last
         self._held = None  # the held transport of the last request cycle with a task
         self._early = getattr(self.app, "early_refusal", None)  # see _early_refusal
+        self._admitted = False  # the request being parsed passed early_refusal's admission check
         self.last_active = time.monotonic()  # last data received or answer sent (the drain reads it)
         if self.timeout_keep_alive > 0:  # a connection that never sends a request is idle, too
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
@@ -136,6 +139,15 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if (self._early is not None and data[:6] == b"POST /" and not self.draining and not self.pipeline
                 and not self._head_deadline and not self._in_body and (self.cycle is None or self.cycle.response_complete)):
             answer = self._early_refusal(data)
+            if answer == b"":  # admitted: parsed as usual below, and not asked again (see refusal)
+                self._admitted = True
+                try:
+                    super().data_received(data)
+                finally:
+                    self._admitted = False
+                if self.read_timeout > 0 and not self.transport.is_closing():
+                    self._arm_read_timer()
+                return
             if answer is not None:
                 self.transport.write(answer)
                 self.server_state.total_requests += 1
@@ -171,6 +183,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             cycle.keep_alive = False
         self._running = cycle
         refusal = getattr(app, "refusal", None)
+        if self._admitted:  # admitted by early_refusal a moment ago
+            self._admitted = False
+            cycle.scope["osprey.admitted"] = True
         if refusal is not None:
             data = refusal(cycle.scope, cycle.keep_alive)
             if data is not None:
@@ -188,7 +203,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         Content-Length, arriving whole in one read (nothing before or after it), without
         Connection, Expect, Upgrade or Transfer-Encoding headers and with a path of no query or
         escapes, and only where the application refuses it (``early_refusal(path)``). Anything
-        else goes through uvicorn's parser as usual.
+        else goes through uvicorn's parser as usual. ``b""``: the application admitted it (it is
+        not asked again when its head is parsed).
         """
         end = data.find(b"\r\n\r\n")
         if end < 0:
