@@ -23,7 +23,7 @@ from server.core import heap
 from monitoring.access_log import AccessLog
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
-from server.core.errors import OspreyError
+from server.core.errors import ErrorKind, OspreyError
 from server.core.registry import Registry
 from server.instances import thread_factory
 from server.protocols.rest.http_protocol import http_protocol
@@ -183,13 +183,17 @@ class Server:
             if not busy and all(g.done() for g in grpc_stops) and self.registry.idle():
                 break
             await asyncio.sleep(0.005)
-        for conn in self._connections():  # what the timeout cut short
+        if not self.registry.idle():  # the timeout cut the drain short: what is still queued gets 503 now
+            for mv in self.registry.all_versions():
+                mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down", retry_after=1))
+        for conn in self._connections():
             conn.shutdown()
         left = max(0.0, deadline - time.monotonic())
         if grpc_stops:
             await asyncio.gather(*grpc_stops, return_exceptions=True)
         for server in self._servers:
-            server.config.timeout_graceful_shutdown = max(left, 0.05)
+            # a moment for those 503s to be written; requests still running in a model are cut
+            server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
         await self.registry.close()
         if self.access_log is not None:

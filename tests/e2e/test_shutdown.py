@@ -191,3 +191,28 @@ def _unread(server_port: int, client_port: int) -> int:
         if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
             return int(queues.split(":")[1], 16)
     return -1
+
+
+def test_the_drain_is_bounded_by_drain_timeout(osprey, store, tmp_path):
+    """A request that never finishes does not hold the shutdown: after drain_timeout the
+    requests still queued are answered 503 and the server exits 0."""
+    handler_archive(store, "stuck", HANDLER, config={"batchSize": 1, "jobQueueSize": 10})
+    srv = osprey(["stuck=stuck.mar"], store, config={"drain_timeout": 2})
+    url = f"{srv.inference}/predictions/stuck"
+    gate = Gate(tmp_path)  # never opened
+    with httpx.Client(timeout=60) as held, httpx.Client(timeout=60) as queued:
+        results = {}
+        t1 = threading.Thread(target=lambda: results.update(held=_rest(held, url, {"id": "held", "gate": gate.value})))
+        t1.start()
+        gate.wait_entered()
+        t2 = threading.Thread(target=lambda: results.update(queued=_rest(queued, url, {"id": "queued"})))
+        t2.start()
+        wait_until(lambda: pending(srv, "stuck") == 1, what="a request queued behind the stuck one")
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.proc.wait(30)
+        took = time.monotonic() - t0
+        t1.join(30)
+        t2.join(30)
+    assert code == 0 and 2 <= took < 10, (code, took)
+    assert results["queued"]["status"] == 503 and results["queued"]["connection"] == "close", results
