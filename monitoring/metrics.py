@@ -187,12 +187,9 @@ class ServingMetrics:
                     s.expired[0] += 1
 
     def refused(self, mv: Any, protocol: str, error: Any) -> None:
-        """Data plane refusal observer: a request refused at admission (queue full, no instance,
-        unknown model) before any request object existed: counters only."""
+        """Data plane refusal observer: a request refused at admission (queue full, no instance)
+        before any request object existed: counters only."""
         status = error.status
-        if mv is None:
-            self.requests.child("", "", protocol, str(status))[0] += 1
-            return
         s = self._series.get(id(mv))
         if s is None or s.mv is not mv:
             s = self._series_for(mv)

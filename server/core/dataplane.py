@@ -21,9 +21,9 @@ __all__ = ["DataPlane", "Observer", "RefusalObserver"]
 log = logging.getLogger("osprey.dataplane")
 
 Observer = Callable[[ModelVersion | None, InferenceRequest, Any], None]
-# Called for a request refused by :meth:`DataPlane.admit` (model version or None, protocol, error):
+# Called for a request refused by :meth:`DataPlane.admit` (model version, protocol, error):
 # no request object exists yet; a counter increment, nothing more.
-RefusalObserver = Callable[[ModelVersion | None, str, OspreyError], None]
+RefusalObserver = Callable[[ModelVersion, str, OspreyError], None]
 
 
 class DataPlane:
@@ -35,9 +35,11 @@ class DataPlane:
         self.started = True  # False while the startup models are loading
 
     # --- admission ------------------------------------------------------------------
-    def admit(self, model: str, version: str | None = None, protocol: str = "rest") -> ModelVersion:
-        """Would a request for this model version be queued now? Raises NOT_FOUND, QUEUE_FULL
-        (503, Retry-After) or UNAVAILABLE (no instance) if not; O(1).
+    def admit(self, model: str, version: str | None = None, protocol: str = "rest") -> ModelVersion | None:
+        """Would a request for this model version be queued now? Raises QUEUE_FULL (503,
+        Retry-After) or UNAVAILABLE (no instance) if not; O(1). Returns the model version, or
+        None for an unknown model or version: that request goes on to :meth:`infer`, which
+        answers NOT_FOUND through the request observers (metrics, access log) as before.
 
         Front ends call it as soon as they know the model, before reading or decoding the
         request body, so that refusing the excess of an overload costs next to nothing and the
@@ -45,9 +47,11 @@ class DataPlane:
         observers) but not logged and not passed to the request observers (there is no request
         yet). Admission is a snapshot: :meth:`infer` checks the queue bound again.
         """
-        mv = None
         try:
             mv = self.registry.get(model, version)
+        except OspreyError:
+            return None
+        try:
             mv.batcher.admit()
         except OspreyError as exc:
             for observer in self.refusal_observers:
