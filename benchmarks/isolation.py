@@ -49,13 +49,13 @@ def _log(msg: str) -> None:
 
 async def _roundtrips(inst, body: bytes, n: int) -> float:
     """Mean seconds of one single-request handoff (submit -> on_done on the loop)."""
-    from server.core.types import Field, InferenceRequest
+    from server.core.types import Field, Protocol, new_request
 
     loop = asyncio.get_running_loop()
 
     async def one() -> None:
         done = loop.create_future()
-        r = InferenceRequest(model="echo", version="1", request_id="r", fields={"body": Field(body)})
+        r = new_request(Protocol.REST, "echo", "1", request_id="r", fields={"body": Field(body)})
         inst.submit([[r]], loop, lambda _i, _b, outcomes: done.set_result(outcomes))
         outcomes = await done
         assert not isinstance(outcomes[0][0], Exception), outcomes

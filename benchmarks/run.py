@@ -548,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cnn", action="store_true")
     ap.add_argument("--osprey-variant", action="append", metavar="TAG:key=value[,key=value]",
                     help="also run Osprey with these config.properties settings (tiny MLP), e.g. threads2:torch_threads=2")
+    ap.add_argument("--overload", type=float, default=0.0, metavar="SECONDS",
+                    help="also run the overload section (benchmarks/overload.py): capacity probe, then 1x and 2x "
+                         "capacity open loop for SECONDS each on Osprey's mlp and digits_cnn")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     load_start = loadavg()
@@ -571,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
                              "mode": "quick" if args.quick else "full", "plan": p, "machine": machine(),
                              "loadavg_start": load_start},
                     "models": {}, "ceiling": {}, "closed": [], "exact_c1": [], "open": [], "grpc_c1": [], "startup": [],
-                    "startup_single": [], "memory": [], "variants": [], "profile": None, "notes": notes, "loadavg": [],
+                    "startup_single": [], "memory": [], "variants": [], "overload": [], "profile": None, "notes": notes, "loadavg": [],
                     "config": {}}
     log(f"building models in {work} ({result['meta']['mode']} run)")
     models = build_models(work, cnn_side=args.cnn_side, with_cnn=p["with_cnn"], with_digits=p["with_digits"], log=notes)
@@ -652,6 +655,12 @@ def main(argv: list[str] | None = None) -> int:
                 guarded(f"variant {tag} start", start_variant)
         rest = {k: v for k, v in servers.items() if k != "osprey" or "osprey" in systems}
         guarded("closed/open loop", lambda: drive_all(rest, models, p, result, notes))
+        if args.overload > 0 and "osprey" in servers:
+            from .overload import overload
+
+            over = [m for m in servers["osprey"].models if m.name in ("mlp", "digits_cnn")]
+            guarded("overload", lambda: result["overload"].extend(
+                overload({"osprey": servers["osprey"]}, over, seconds=args.overload, binary=p["openloop_bin"])))
         if "osprey_grpc" in systems and "osprey" in servers:
             grpc_models = [m for m in servers["osprey"].models if m.kind == "mlp" and m.batching]
             guarded("grpc", lambda: result["closed"].extend(grpc_rows(servers["osprey"], grpc_models, p, notes)))

@@ -216,6 +216,21 @@ class ServingMetrics:
                 elif kind.value == _DEADLINE:
                     s.expired[0] += 1
 
+    def refused(self, mv: Any, protocol: str, error: Any) -> None:
+        """Data plane refusal observer: a request refused at admission (queue full, no instance)
+        before any request object existed: counters only."""
+        status = error.status
+        s = self._series.get(id(mv))
+        if s is None or s.mv is not mv:
+            s = self._series_for(mv)
+        key = ("refused", protocol, status)
+        count = s.outcomes.get(key)
+        if count is None:
+            count = s.outcomes[key] = self.requests.child(mv.name, mv.version, protocol, str(status))
+        count[0] += 1
+        if error.kind.value == _QUEUE_FULL:
+            s.rejected[0] += 1
+
     def observe_batch(self, mv: Any, batch: list) -> None:
         """Batcher hook: one batch came back from an instance."""
         if not batch:

@@ -23,7 +23,7 @@ from server.core import heap
 from monitoring.access_log import AccessLog
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
-from server.core.errors import OspreyError
+from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
 from server.core.registry import Registry
 from server.instances import forget_model_folder, instance_factory, return_device_memory
@@ -59,6 +59,11 @@ def _grpc_starter():
         raise StartupError(f"gRPC is enabled but module {missing!r} cannot be imported ({exc}); {how}, "
                            "or start without gRPC (--no-grpc, enable_grpc=false)") from None
     return start_grpc
+# During a drain, an idle kept-alive connection is closed once this long has passed since it was
+# last used (a request received or an answer sent), not at once: a client that has just had an
+# answer may already be sending its next request, which is then served with Connection: close
+# instead of meeting a closed connection. Connections idle longer close as soon as the drain starts.
+DRAIN_LINGER_S = 1.0
 
 
 def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str | None, str]]:
@@ -94,7 +99,8 @@ class Server:
         observers = [self.metrics.observe] if settings.request_metrics else []
         if self.access_log is not None:
             observers.append(self.access_log)
-        self.dataplane = DataPlane(self.registry, observers)
+        self.dataplane = DataPlane(self.registry, observers,
+                                   [self.metrics.refused] if settings.request_metrics else [])
         self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
@@ -163,23 +169,65 @@ class Server:
         results = await asyncio.gather(*(one(n, u) for n, u in specs))
         return sum(results)
 
-    async def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop accepting, answer what was accepted, then stop the models."""
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting at once, answer everything accepted, then stop the models.
+
+        The listeners (REST and gRPC) close first. Every open REST connection is told to drain:
+        each answer from now on carries ``Connection: close`` and its connection closes after
+        it, and a request still arriving on a kept-alive connection is served the same way.
+        gRPC calls in flight finish (``grpc.aio`` ``stop(grace)``). Queued and running requests
+        are answered by the models as usual. When nothing is left in progress, or after
+        ``drain_timeout`` seconds (the setting by default), the remaining connections close and
+        whatever is still queued is answered 503. Idle connections close once unused for
+        ``DRAIN_LINGER_S``.
+        """
+        timeout = self.settings.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
+        deadline = time.monotonic() + timeout
         for server in self._servers:
             server.should_exit = True
             for listener in getattr(server, "servers", []):
                 listener.close()
-        grpc_stops = [asyncio.ensure_future(g.stop(grace=drain_timeout)) for g in self._grpc]
-        if drain_timeout > 0:  # not when a start that failed is undone
-            t0 = time.monotonic()
+        grpc_stops = [asyncio.ensure_future(g.stop(grace=timeout)) for g in self._grpc]
+        t0 = time.monotonic()
+        if timeout > 0:  # not when a start that failed is undone
             queued, running = self._outstanding()
-            event(log, "drain_started", queued=queued, running=running, timeout_s=drain_timeout)
-            await self.registry.drain(drain_timeout)
+            event(log, "drain_started", queued=queued, running=running, timeout_s=timeout)
+        for conn in self._connections():
+            begin = getattr(conn, "begin_drain", None)
+            if begin is not None:
+                begin()
+            else:  # uvicorn's own protocol: close idle ones, close busy ones after their answer
+                conn.shutdown()
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            busy = False
+            for conn in self._connections():
+                if not getattr(conn, "idle", lambda: True)():
+                    busy = True
+                elif now - getattr(conn, "last_active", 0.0) >= DRAIN_LINGER_S:
+                    conn.shutdown()  # idle, and not used lately: closed
+                else:
+                    busy = True  # idle, but its client was active just now: its next request may be on its way
+            if not busy and all(g.done() for g in grpc_stops) and self.registry.idle():
+                break
+            await asyncio.sleep(0.005)
+        if timeout > 0:
             queued, running = self._outstanding()
             event(log, "drain_finished", seconds=round(time.monotonic() - t0, 3),
                   unanswered=queued + running, timed_out=bool(queued or running))
-        await asyncio.gather(*grpc_stops)
+        if not self.registry.idle():  # the timeout cut the drain short: what is still queued gets 503 now
+            for mv in self.registry.all_versions():
+                mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, "Server is shutting down", retry_after=1))
+        for conn in self._connections():
+            conn.shutdown()
+        left = max(0.0, deadline - time.monotonic())
+        if grpc_stops:
+            await asyncio.gather(*grpc_stops, return_exceptions=True)
         for server in self._servers:
+            # a moment for those 503s to be written; requests still running in a model are cut
+            server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
         await self.registry.close()
         if self.access_log is not None:
@@ -189,6 +237,8 @@ class Server:
         """(requests queued, requests running) over every model."""
         versions = self.registry.all_versions()
         return sum(mv.batcher.pending for mv in versions), sum(mv.batcher.in_flight for mv in versions)
+    def _connections(self) -> list:
+        return [c for server in self._servers for c in list(server.server_state.connections)]
 
 
 def _write_pid(path: str) -> None:

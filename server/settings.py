@@ -38,6 +38,9 @@ class Settings:
     max_request_size: int = 6553500
     # seconds a request's head may take to arrive, and its body may stall between reads (408 then)
     request_read_timeout: float = 60.0
+    # seconds a shutdown (SIGTERM) may take to answer what was accepted: listeners close at once,
+    # queued and running requests finish, kept-alive connections close after their next answer
+    drain_timeout: float = 30.0
     keep_alive_timeout: float = 120.0  # seconds an idle connection (also a new one that sends nothing) stays open
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import time
@@ -49,6 +50,35 @@ SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
 BUNDLE_BUDGET_S = 0.001  # most work (seconds) one handoff to an instance may carry
 MAX_BUNDLE = 32  # most batches in one handoff
 QUEUE_FULL_LOG_INTERVAL_S = 5.0  # at most one queue_full line per model version this often
+
+
+class _Completions:
+    """What instances hand back, collected for the loop: stands in for the loop in
+    ``Instance.submit`` (its ``call_soon_threadsafe`` is the only method instances call).
+
+    An instance thread appends its outcomes here and wakes the loop as before; the batcher also
+    runs them *early*, from :meth:`Batcher.admit` and :meth:`Batcher.submit`, i.e. between two
+    requests the loop is reading. Under overload one loop iteration reads hundreds of requests;
+    without this an instance that finished early in the iteration waited, idle, for its end
+    before it got its next batch, and the queue bound let only ``queue_size`` requests in per
+    iteration: the model starved while the loop refused work.
+    """
+
+    __slots__ = ("loop", "items")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: collections.deque = collections.deque()
+
+    def call_soon_threadsafe(self, callback, *args) -> None:  # from an instance thread
+        self.items.append((callback, args))
+        self.loop.call_soon_threadsafe(self.run)
+
+    def run(self) -> None:  # on the loop
+        items = self.items
+        while items:
+            callback, args = items.popleft()
+            callback(*args)
 
 
 class Batcher:
@@ -79,6 +109,13 @@ class Batcher:
         self.restarting = 0  # instances the registry is restarting: requests may queue for them
         self._running: dict = {}  # instance -> [handoff (list of batches), start time, reported hung]
         self._watchdog: asyncio.TimerHandle | None = None  # checks running handoffs while there are any
+        self._completions = _Completions(loop)
+        self._dead = 0  # queue entries already answered (marked queued == 2), not yet dropped
+        self.refused = 0  # requests refused because the queue was full (admission or submit)
+        self._full_message = (f"Model \"{name}\" version {version}: job queue is full "
+                              f"({self.queue_size} requests waiting); retry later")
+        self._no_worker_message = (f"Model \"{name}\" version {version} has no worker to serve inference request. "
+                                   "Please use scale workers API to add workers.")
 
     # --- instances ------------------------------------------------------------------
     @property
@@ -113,28 +150,38 @@ class Batcher:
     # --- requests -------------------------------------------------------------------
     @property
     def pending(self) -> int:
-        """Requests waiting for an instance. Ones already answered (deadline passed, caller
-        gone) stay in the deque until a dispatch or a full queue drops them, uncounted here.
-        O(queue) — read by the describe API, the scrape and shutdown's drain, not per request."""
-        return sum(1 for r in self.queue if not r.future.done())
+        """Requests waiting for an instance: O(1). Entries already answered while queued (deadline
+        passed, caller cancelled) are not counted; a request whose client went away is, until a
+        dispatch finds it gone."""
+        return len(self.queue) - self._dead
+
+    def admit(self) -> None:
+        """Raise what :meth:`submit` would raise for the queue's state (full, no instance), without a
+        request: the front ends call it before reading or decoding a body, so refusing is cheap."""
+        if self._completions.items and len(self.queue) - self._dead >= self.batch_size:
+            self._completions.run()  # an instance is done and a full batch waits: hand it over now
+        if len(self.queue) - self._dead >= self.queue_size:
+            raise self._queue_full()
+        if self.instances <= 0:
+            raise OspreyError(ErrorKind.UNAVAILABLE, self._no_worker_message)
 
     def submit(self, req: Ticket) -> asyncio.Future:
         """Queue ``req``; its future is resolved once with the answer or an OspreyError."""
-        if len(self.queue) >= self.queue_size:
-            self._purge()
-            if len(self.queue) >= self.queue_size:
-                raise self._queue_full()
+        if self._completions.items and len(self.queue) - self._dead >= self.batch_size:
+            self._completions.run()  # as in admit
+        if len(self.queue) - self._dead >= self.queue_size:
+            raise self._queue_full()
         if self.instances <= 0:
-            raise OspreyError(ErrorKind.UNAVAILABLE,
-                              f"Model \"{self.name}\" version {self.version} has no worker to serve inference request. "
-                              "Please use scale workers API to add workers.")
+            raise OspreyError(ErrorKind.UNAVAILABLE, self._no_worker_message)
         if req.deadline is not None and not (isinstance(req.deadline, (int, float)) and math.isfinite(req.deadline)):
             raise OspreyError(ErrorKind.BAD_INPUT, f"Request deadline must be a finite time, got {req.deadline!r} "
                                                    "(check the request's 'timeout' and the model's responseTimeout)")
         if req.deadline is not None and req.deadline <= time.monotonic():
             raise OspreyError(ErrorKind.DEADLINE, "Request deadline passed before it could be queued")
         fut = self.loop.create_future()
+        fut.add_done_callback(functools.partial(self._answered, req))
         req.future = fut
+        req.queued = 1
         self.queue.append(req)
         if self.idle:
             self._dispatch()
@@ -143,12 +190,13 @@ class Batcher:
         return fut
 
     def _queue_full(self) -> OspreyError:
-        """The error for a request refused on a full queue; counted for the queue_full line."""
+        """The error for a request refused on a full queue (at admission or submit); counted
+        for the metrics and for the rate-limited queue_full log line."""
+        self.refused += 1
         self._full_refused += 1
         if self._full_timer is None:
             self._full_timer = self.loop.call_later(QUEUE_FULL_LOG_INTERVAL_S, self._log_queue_full)
-        return OspreyError(ErrorKind.QUEUE_FULL, f"Model \"{self.name}\" version {self.version}: job queue is full "
-                                                 f"({self.queue_size} requests waiting); retry later", retry_after=1)
+        return OspreyError(ErrorKind.QUEUE_FULL, self._full_message, retry_after=1)
 
     def _log_queue_full(self) -> None:
         if self._full_timer is not None:
@@ -159,14 +207,30 @@ class Batcher:
                   refused=self._full_refused, queue_size=self.queue_size, window_s=QUEUE_FULL_LOG_INTERVAL_S)
             self._full_refused = 0
 
+    def _answered(self, req: Ticket, fut: asyncio.Future) -> None:
+        """``req``'s future is done. If it is still queued (its caller cancelled, its deadline passed),
+        it no longer counts against the queue bound; the entry itself leaves at the next dispatch or
+        when half the queue is such entries (O(queue) then: O(1) amortized per entry)."""
+        if req.queued == 1:
+            req.queued = 2
+            self._dead += 1
+            if self._dead > 32 and self._dead * 2 > len(self.queue):
+                self._purge()
+
     # --- deadlines: one sweep timer for the queue, one timer per running batch ------
     def _sweep(self) -> None:
         """Answer queued requests whose deadline has passed (every SWEEP_INTERVAL while queued)."""
         self._sweeper = None
         now = time.monotonic()
+        answered = False
         for r in self.queue:
-            if r.deadline is not None and r.deadline <= now and not r.future.done():
+            if r.future.done():
+                answered = True
+            elif r.deadline is not None and r.deadline <= now:
                 r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out in the queue (deadline exceeded)"))
+                answered = True
+        if answered:  # this pass is O(queue) already: drop the answered entries with it
+            self._purge()
         if self.queue:
             self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
@@ -191,7 +255,16 @@ class Batcher:
             self._batch_timers.pop(id(batch), None)
 
     def _purge(self) -> None:
-        self.queue = collections.deque(r for r in self.queue if not r.future.done())
+        """Drop every entry already answered (deadline, cancelled): rebuilds the deque, O(queue); called
+        by the sweep (which walks the queue anyway) and when half the queue is dead, never per refusal."""
+        live = collections.deque()
+        for r in self.queue:
+            if r.future.done():
+                r.queued = 0
+            else:
+                live.append(r)
+        self.queue = live
+        self._dead = 0
 
     # --- dispatch -------------------------------------------------------------------
     def _hold(self, now: float) -> float:
@@ -224,6 +297,9 @@ class Batcher:
         queue = self.queue
         while queue and len(batch) < self.batch_size:
             r = queue.popleft()
+            if r.queued == 2:
+                self._dead -= 1
+            r.queued = 0
             fut = r.future
             if fut.done():  # cancelled by its caller or expired
                 continue
@@ -268,7 +344,7 @@ class Batcher:
             if self._watchdog is None and self.hang_after_s is not None:
                 self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)
             try:
-                inst.submit(batches, self.loop, self._done)
+                inst.submit(batches, self._completions, self._done)
             except Exception:  # the instance is broken: retire it, answer only these requests
                 log.exception("model %s version %s: handing a batch to instance %s failed; retiring the instance",
                               self.name, self.version, getattr(inst, "id", "?"))
@@ -384,9 +460,11 @@ class Batcher:
     def fail_all(self, error: OspreyError) -> None:
         """Answer every queued request with ``error`` (model unloaded)."""
         while self.queue:
-            fut = self.queue.popleft().future
-            if not fut.done():
-                fut.set_exception(error)
+            r = self.queue.popleft()
+            r.queued = 0
+            if not r.future.done():
+                r.future.set_exception(error)
+        self._dead = 0
         for timer in (self._timer, self._sweeper):
             if timer is not None:
                 timer.cancel()

@@ -16,20 +16,50 @@ from typing import Any, Callable, Iterable
 
 from server.core.errors import ErrorKind, OspreyError
 from server.core.registry import ModelVersion, Registry
-from server.core.types import InferenceResponse, Ticket
+from server.core.types import InferenceResponse, Protocol, Ticket
 
-__all__ = ["DataPlane", "Observer"]
+__all__ = ["DataPlane", "Observer", "RefusalObserver"]
 
 log = logging.getLogger("osprey.dataplane")
 
 Observer = Callable[[ModelVersion | None, Ticket, Any], None]
+# Called for a request refused by :meth:`DataPlane.admit` (model version, protocol, error):
+# no request object exists yet; a counter increment, nothing more.
+RefusalObserver = Callable[[ModelVersion, Protocol, OspreyError], None]
 
 
 class DataPlane:
-    def __init__(self, registry: Registry, observers: Iterable[Observer] = ()):
+    def __init__(self, registry: Registry, observers: Iterable[Observer] = (),
+                 refusal_observers: Iterable[RefusalObserver] = ()):
         self.registry = registry
         self.observers: list[Observer] = list(observers)
+        self.refusal_observers: list[RefusalObserver] = list(refusal_observers)
         self.started = True  # False while the startup models are loading
+
+    # --- admission ------------------------------------------------------------------
+    def admit(self, model: str, version: str | None = None, protocol: Protocol = Protocol.REST) -> ModelVersion | None:
+        """Would a request for this model version be queued now? Raises QUEUE_FULL (503,
+        Retry-After) or UNAVAILABLE (no instance) if not; O(1). Returns the model version, or
+        None for an unknown model or version: that request goes on to :meth:`infer`, which
+        answers NOT_FOUND through the request observers (metrics, access log) as before.
+
+        Front ends call it as soon as they know the model, before reading or decoding the
+        request body, so that refusing the excess of an overload costs next to nothing and the
+        loop's time goes to the requests that will run. A refusal is counted (refusal
+        observers) but not logged and not passed to the request observers (there is no request
+        yet). Admission is a snapshot: :meth:`infer` checks the queue bound again.
+        """
+        try:
+            mv = self.registry.get(model, version)
+        except OspreyError:
+            return None
+        try:
+            mv.batcher.admit()
+        except OspreyError as exc:
+            for observer in self.refusal_observers:
+                observer(mv, protocol, exc)
+            raise
+        return mv
 
     # --- inference ------------------------------------------------------------------
     async def infer(self, ticket: Ticket) -> InferenceResponse:

@@ -55,7 +55,9 @@ class Instance(Protocol):
 
     def submit(self, batches: list[list["Ticket"]], loop: asyncio.AbstractEventLoop,
                on_done: DoneCallback) -> None:
-        """Run ``batches`` one after another; call ``on_done`` on ``loop`` once with all outcomes."""
+        """Run ``batches`` one after another; then ``loop.call_soon_threadsafe(on_done, self, batches,
+        outcomes)`` once with all outcomes. ``loop`` may be a stand-in with only that method (the
+        batcher's, which may run ``on_done`` before the loop's next iteration)."""
 
     def stop(self) -> None:
         """Stop after the batch it is running (if any); never serves again."""

@@ -612,13 +612,9 @@ class Registry:
         mv.instances.clear()
         mv.archive.cleanup()
 
-    async def drain(self, timeout: float) -> None:
-        """Wait until no request is queued or running (or ``timeout`` passes)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if all(not mv.batcher.pending and not mv.batcher.in_flight for mv in self.all_versions()):
-                return
-            await asyncio.sleep(0.01)
+    def idle(self) -> bool:
+        """No request is queued or running on any model version."""
+        return all(not mv.batcher.pending and not mv.batcher.in_flight for mv in self.all_versions())
 
     async def close(self) -> None:
         for mv in self.all_versions():

@@ -107,6 +107,7 @@ class Ticket:
     future: asyncio.Future | None = None
     client: Any = None
     stream: Any = None
+    queued: int = 0  # the batcher's mark: 0 not in its queue, 1 waiting there, 2 there but already answered
     model_version: str = ""
     output_specs: list | None = None
 

@@ -189,12 +189,35 @@ def test_full_queue_answers_503_with_retry_after_and_loses_nothing_accepted(srv,
         queued = [pool.submit(client.post, url, json={"id": i}) for i in (1, 2)]
         wait_until(lambda: pending(srv, "recq") == 2, what="two requests queued")
         refused = [client.post(url, json={"id": i}) for i in range(3, 6)]
+        refused.append(client.post(url + "?x=1", json={"id": 6}))  # not the early path: the parser's
+        v2 = client.post(f"{srv.inference}/v2/models/recq/infer", json={"inputs": []})
+        before_body = _refused_before_body(srv, "/predictions/recq")
         gate.open()
         accepted = [busy.result()] + [f.result() for f in queued]
     for r in refused:
         assert r.status_code == 503, r.text
-        assert r.headers["retry-after"] and "queue is full" in r.json()["message"]
+        assert r.headers["retry-after"] and "queue is full" in r.json()["message"] and r.headers["x-request-id"]
+    assert v2.status_code == 503 and "queue is full" in v2.json()["error"] and v2.headers["retry-after"]
+    # refused as soon as the head arrived: the 10 MB body announced was never sent
+    assert before_body[0] == 503 and b"queue is full" in before_body[1]
     assert [(r.status_code, r.json()["id"]) for r in accepted] == [(200, 0), (200, 1), (200, 2)]
+    assert httpx.post(url, json={"id": 7}, timeout=30).status_code == 200  # room again
+    metrics = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
+    rejected = [ln for ln in metrics.splitlines() if ln.startswith("osprey_requests_rejected_total") and 'model="recq"' in ln]
+    assert rejected and float(rejected[0].rsplit(" ", 1)[1]) >= 6
+
+
+def _refused_before_body(srv, path: str) -> tuple[int, bytes]:
+    """POST a head announcing a large body, send none of it, read the answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(srv.inference)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: 10000000\r\n\r\n".encode())
+        (status, _, body), = _read_responses(s, 1)
+    return status, body
 
 
 def test_response_timeout_gives_504(srv):

@@ -331,3 +331,41 @@ async def test_a_handoff_running_past_hang_after_is_reported_once_and_a_fast_one
     assert [h[0] for h in hung] == [slow] and hung[0][1] >= 0.05
     await asyncio.sleep(0.1)
     assert len(hung) == 1
+
+
+async def test_admit_refuses_a_full_queue_without_a_request_and_in_constant_time(monkeypatch):
+    b, inst = with_instance(batch_size=1, queue_size=2)
+    b.admit()  # room
+    b.submit(req(0))  # running
+    waiters = [b.submit(req(i)) for i in (1, 2)]
+    purges = []
+    monkeypatch.setattr(b, "_purge", lambda: purges.append(1))
+    for _ in range(1000):  # an overload's excess: no deque rebuild per refusal
+        with pytest.raises(OspreyError) as info:
+            b.admit()
+        assert info.value.kind is ErrorKind.QUEUE_FULL and info.value.retry_after
+    assert not purges and b.refused == 1000
+    monkeypatch.undo()
+    waiters[0].cancel()
+    await asyncio.sleep(0)
+    b.admit()  # the cancelled entry no longer counts
+    assert b.pending == 1
+
+
+async def test_cancelled_entries_leave_the_queue_in_amortized_constant_time():
+    b, inst = with_instance(batch_size=1, queue_size=1000)
+    b.submit(req(0))  # running
+    waiters = [b.submit(req(i)) for i in range(1, 201)]
+    for w in waiters[:150]:
+        w.cancel()
+    await asyncio.sleep(0)
+    assert b.pending == 50 and len(b.queue) < 200  # compacted once more than half was dead
+    inst.finish()
+    assert [r.request.request_id for r in inst.batches[1]] == ["r151"]
+
+
+async def test_admit_with_no_instance_is_unavailable():
+    b = make()
+    with pytest.raises(OspreyError) as info:
+        b.admit()
+    assert info.value.kind is ErrorKind.UNAVAILABLE

@@ -36,6 +36,7 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
         self.dataplane = dataplane
 
     def _core(self, request, context) -> Ticket:
+        self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC)  # refuse early
         headers = _headers(context)
         if request.HasField("sequence_id"):
             headers["ts_request_sequence_id"] = request.sequence_id

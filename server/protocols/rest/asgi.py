@@ -10,6 +10,7 @@ an answer (there is no one to send it to) and without an error in the log.
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import re
 from typing import Any, Awaitable, Callable
@@ -91,11 +92,18 @@ Handler = Callable[[Request], Awaitable[Response]]
 ErrorStyle = Callable[[OspreyError], Response]
 
 
-class Route:
-    __slots__ = ("methods", "handler", "errors", "auth", "max_body")
+# A route's admission check: called with the path parameters once the route is matched, before
+# the body is read; raises OspreyError to refuse (see DataPlane.admit).
+Admit = Callable[[dict[str, str]], Any]
 
-    def __init__(self, methods: tuple[str, ...], handler: Handler, errors: ErrorStyle, auth: bool, max_body: int | None):
+
+class Route:
+    __slots__ = ("methods", "handler", "errors", "auth", "max_body", "admit")
+
+    def __init__(self, methods: tuple[str, ...], handler: Handler, errors: ErrorStyle, auth: bool, max_body: int | None,
+                 admit: Admit | None = None):
         self.methods, self.handler, self.errors, self.auth, self.max_body = methods, handler, errors, auth, max_body
+        self.admit = admit
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -119,11 +127,13 @@ class Router:
         self._static: dict[str, list[Route]] = {}
         self._patterns: list[tuple[re.Pattern, Route]] = []
         self.fallback_errors: list[tuple[str, ErrorStyle]] = []  # (path prefix, style) for 404/405
+        self._refusals: dict[tuple, tuple[bytes, bytes]] = {}  # pre-encoded refusals (see refusal)
 
     def add(self, methods: str | tuple[str, ...], pattern: str, handler: Handler, *,
-            errors: ErrorStyle | None = None, auth: bool = True, max_body: int | None = None) -> None:
+            errors: ErrorStyle | None = None, auth: bool = True, max_body: int | None = None,
+            admit: Admit | None = None) -> None:
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
-        route = Route(methods, handler, errors or self.default_errors, auth, max_body)
+        route = Route(methods, handler, errors or self.default_errors, auth, max_body, admit)
         if "{" in pattern:
             self._patterns.append((_compile(pattern), route))
         else:
@@ -142,6 +152,80 @@ class Router:
                 if method in route.methods:
                     return route, m.groupdict(), True
         return None, {}, found
+
+    # --- refusal before the request is read -----------------------------------------
+    def refusal(self, scope: dict, keep_alive: bool) -> bytes | None:
+        """The whole HTTP answer refusing this request, or None to serve it as usual.
+
+        Called by the HTTP protocol (http_protocol.py) when a request's head is complete, before
+        a task is made for it or its body is read: a route with an admission check that refuses
+        (queue full: 503 with Retry-After; no instance; unknown model) is answered from bytes
+        encoded once per model and error, plus this request's id. A request that needs its token
+        checked and fails the check is left to the usual path (401). The matched route is kept
+        in the scope so that :meth:`__call__` does not match it again.
+        """
+        method = scope["method"]
+        if method == "HEAD":
+            return None
+        route, params, _ = self._match(method, scope["path"])
+        scope["osprey.route"] = (route, params)
+        if route is None or route.admit is None or scope.get("osprey.admitted"):
+            return None
+        if route.auth and self.token is not None and not self._token_ok(scope["headers"]):
+            return None
+        answer = self._admit(route, params, keep_alive)
+        if answer is not None:
+            scope["osprey.route"] = None
+        return answer
+
+    def early_refusal(self, path: str) -> bytes | None:
+        """:meth:`refusal` for a plain ``POST`` on a kept-alive connection, from the path alone
+        (http_protocol.py answers it before parsing headers into a scope); ``b""`` when admitted
+        (:meth:`refusal` then finds ``osprey.admitted`` in the scope and does not ask again);
+        None where a token must be checked or the route has no admission check."""
+        route, params, _ = self._match("POST", path)
+        if route is None or route.admit is None or (route.auth and self.token is not None):
+            return None
+        answer = self._admit(route, params, True)
+        return b"" if answer is None else answer
+
+    def _admit(self, route: Route, params: dict[str, str], keep_alive: bool) -> bytes | None:
+        """Run the route's admission check: None if admitted, else the whole refusal (bytes encoded
+        once per route style, error and keep-alive, plus a fresh request id)."""
+        try:
+            route.admit(params)
+        except OspreyError as err:
+            key = (route.errors, err.kind, err.status, err.message, keep_alive)
+            parts = self._refusals.get(key)
+            if parts is None:
+                if len(self._refusals) > 4096:  # messages name models: bounded by models x styles, but be safe
+                    self._refusals.clear()
+                parts = self._refusals[key] = self._encode_refusal(route.errors(err), keep_alive)
+            return parts[0] + next_request_id().encode() + parts[1]
+        return None
+
+    @staticmethod
+    def _encode_refusal(response: Response, keep_alive: bool) -> tuple[bytes, bytes]:
+        try:
+            phrase = http.HTTPStatus(response.status).phrase
+        except ValueError:
+            phrase = ""
+        head = [f"HTTP/1.1 {response.status} {phrase}\r\n".encode("latin-1"),
+                b"content-type: " + response.content_type.encode("latin-1") + b"\r\n",
+                b"content-length: %d\r\n" % len(response.body)]
+        for k, v in (response.headers or {}).items():
+            head.append(k.encode("latin-1") + b": " + str(v).encode("latin-1") + b"\r\n")
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        head.append(b"x-request-id: ")
+        return b"".join(head), b"\r\n\r\n" + response.body
+
+    def _token_ok(self, raw_headers) -> bool:
+        for k, v in raw_headers:
+            if k.lower() == b"authorization":
+                auth = v.decode("latin-1")
+                return auth[:7].lower() == "bearer " and auth[7:].strip() == self.token
+        return False
 
     def _style_for(self, path: str) -> ErrorStyle:
         for prefix, style in self.fallback_errors:
@@ -163,7 +247,13 @@ class Router:
             return
         method = scope["method"]
         path = scope["path"]
-        route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
+        matched = scope.get("osprey.route")
+        if matched is not None:  # matched already by refusal() (and admitted)
+            (route, params), path_known = matched, True
+            if route is None:
+                route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
+        else:
+            route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
         req = Request(scope, receive, params)
         try:
             if route is None:
@@ -174,6 +264,8 @@ class Router:
                                   type_name="ResourceNotFoundException")
             if route.auth and self.token is not None:
                 self._check_token(req)
+            if route.admit is not None and matched is None:  # refuse before reading the body
+                route.admit(params)
             if method in ("POST", "PUT", "PATCH", "DELETE"):
                 req.body = await self._read_body(req, receive, route.max_body or self.max_body)
             response = await route.handler(req)

@@ -16,6 +16,20 @@ that sends nothing is closed after the keep-alive timeout, like an idle kept-ali
 Without this, a client that opens connections and trickles bytes (slowloris) holds a file
 descriptor each for ever.
 
+Refusals are answered before any task exists: when a request's head is complete, the
+application's ``refusal(scope, keep_alive)`` (the Router's: a route's admission check, e.g. the
+model's queue is full) may return the whole answer as bytes; it is written at once, the body
+that follows is discarded by the parser, and the connection goes on with its next request. A
+plain POST that arrives whole in one read is asked about (``early_refusal(path)``) before the
+parser's Python callbacks run at all (:meth:`OneWriteHttpToolsProtocol._early_refusal`). An
+overload's excess then costs the loop little more than reading it and writing the answer.
+
+Draining (shutdown): :meth:`OneWriteHttpToolsProtocol.begin_drain` on every open connection,
+then every request gets ``Connection: close`` and its connection closes after the answer;
+requests that arrive on kept-alive connections during the drain are still served (with
+``Connection: close``). :meth:`OneWriteHttpToolsProtocol.idle` tells when a connection has
+nothing in progress, so that the server closes it last.
+
 Everything else (parsing, keep-alive, pipelining, ``Expect: 100-continue``, flow control,
 the 500 for an application error) is uvicorn's own code, untouched.
 """
@@ -103,15 +117,46 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer = None
         self._head_deadline = 0.0  # while a request's head is arriving: when it must be complete
         self._in_body = False  # a request's body is arriving
+        self._running = None  # the request cycle started last
+        self._held = None  # the held transport of the last request cycle with a task
+        self._early = getattr(self.app, "early_refusal", None)  # see _early_refusal
+        self._admitted = False  # the request being parsed passed early_refusal's admission check
+        self.last_active = time.monotonic()  # last data received or answer sent (the drain reads it)
         if self.timeout_keep_alive > 0:  # a connection that never sends a request is idle, too
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
+
+    def on_response_complete(self) -> None:
+        self.last_active = time.monotonic()  # a client that just got its answer may send the next one soon
+        super().on_response_complete()
 
     def connection_lost(self, exc) -> None:
         self._cancel_read_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if (self._early is not None and data[:6] == b"POST /" and not self.draining and not self.pipeline
+                and not self._head_deadline and not self._in_body and (self.cycle is None or self.cycle.response_complete)):
+            answer = self._early_refusal(data)
+            if answer == b"":  # admitted: parsed as usual below, and not asked again (see refusal)
+                self._admitted = True
+                try:
+                    super().data_received(data)
+                finally:
+                    self._admitted = False
+                if self.read_timeout > 0 and not self.transport.is_closing():
+                    self._arm_read_timer()
+                return
+            if answer is not None:
+                self.transport.write(answer)
+                self.server_state.total_requests += 1
+                if self.timeout_keep_alive > 0:  # idle again: as uvicorn's on_response_complete
+                    if self.timeout_keep_alive_task is not None:
+                        self.timeout_keep_alive_task.cancel()
+                    self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                        self.timeout_keep_alive_handler)
+                return
         super().data_received(data)
         if self.read_timeout > 0 and not self.transport.is_closing():
             self._arm_read_timer()
@@ -123,7 +168,10 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_deadline = 0.0
         self._in_body = True
+        running = self._running
         super().on_headers_complete()
+        if self.draining and self.pipeline and running is not None and not running.response_started:
+            running.keep_alive = True  # a request arrived behind it: the connection closes after that one
 
     def on_message_complete(self) -> None:
         self._in_body = False
@@ -131,9 +179,90 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def _start_asgi_task(self, cycle, app) -> None:
-        cycle.transport = _HeldTransport(cycle.transport)
+        if self.draining and not self.pipeline:  # the last request known on this connection: close after it
+            cycle.keep_alive = False
+        self._running = cycle
+        refusal = getattr(app, "refusal", None)
+        if self._admitted:  # admitted by early_refusal a moment ago
+            self._admitted = False
+            cycle.scope["osprey.admitted"] = True
+        if refusal is not None:
+            data = refusal(cycle.scope, cycle.keep_alive)
+            if data is not None:
+                self._refuse(cycle, data)
+                return
+        cycle.transport = self._held = _HeldTransport(cycle.transport)
         cycle.__class__ = _OneWriteCycle
         super()._start_asgi_task(cycle, app)
+
+    def _early_refusal(self, data: bytes) -> bytes | None:
+        """The refusal of the one whole request ``data`` holds, or None.
+
+        Under overload most requests are refused; this answers them without the parser's Python
+        callbacks, a request cycle or a scope: only a plain ``POST`` of HTTP/1.1 with a
+        Content-Length, arriving whole in one read (nothing before or after it), without
+        Connection, Expect, Upgrade or Transfer-Encoding headers and with a path of no query or
+        escapes, and only where the application refuses it (``early_refusal(path)``). Anything
+        else goes through uvicorn's parser as usual. ``b""``: the application admitted it (it is
+        not asked again when its head is parsed).
+        """
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        line_end = data.find(b"\r\n")
+        parts = data[:line_end].split(b" ")
+        if len(parts) != 3 or parts[2] != b"HTTP/1.1":
+            return None
+        target = parts[1]
+        if b"?" in target or b"%" in target:
+            return None
+        head = data[line_end:end + 2].lower()
+        i = head.find(b"\r\ncontent-length:")
+        if (i < 0 or b"\r\nconnection:" in head or b"\r\ntransfer-encoding:" in head or b"\r\nexpect:" in head
+                or b"\r\nupgrade:" in head):
+            return None
+        try:
+            length = int(head[i + 17:head.find(b"\r\n", i + 17)])
+        except ValueError:
+            return None
+        if len(data) != end + 4 + length:
+            return None
+        return self._early(target.decode("latin-1"))
+
+    def _refuse(self, cycle, data: bytes) -> None:
+        """Answer ``cycle`` with ``data`` now, as the cycle would have at the end of its response."""
+        cycle.response_started = cycle.response_complete = True
+        cycle.message_event.set()  # nothing waits on it; as uvicorn leaves it
+        if self._held is not None:  # a pipelined request: the answer before it may still be held
+            self._held.flush()
+        self.transport.write(data)
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
+
+    # --- drain (shutdown) -------------------------------------------------------------
+    draining = False  # set per connection by begin_drain
+
+    def begin_drain(self) -> None:
+        """From now on every answer on this connection says ``Connection: close`` and the connection
+        closes after the last request it has received; an idle connection stays open (a request
+        may be on its way) until the server closes it at the end of the drain."""
+        self.draining = True
+        if self.pipeline:  # appendleft: the newest pipelined request is pipeline[0]
+            self.pipeline[0][0].keep_alive = False
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.response_started:
+            cycle.keep_alive = False
+        # a response already under way leaves without the header; the connection is then idle
+        # and is closed at the end of the drain
+
+    def idle(self) -> bool:
+        """Nothing in progress: no request being received, answered or queued behind another."""
+        if self._head_deadline or self._in_body or self.pipeline:
+            return False
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete
 
     # --- read timeout ----------------------------------------------------------------
     def _cancel_read_timer(self) -> None:

@@ -42,11 +42,14 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
             return Response(out.body, out.status, out.content_type, out.headers or None)
         return predict
 
+    def admit(params: dict) -> None:  # before the body is read (DataPlane.admit)
+        dataplane.admit(params["model"], params.get("version"))
+
     for prefix, explain in (("/predictions", False), ("/explanations", True)):
         handler = predictor(explain)
-        router.add(PREDICT_METHODS, prefix + "/{model}", handler)
-        router.add(PREDICT_METHODS, prefix + "/{model}/{version}", handler)
-        router.add(PREDICT_METHODS, prefix + "/{model}/{version}/{rest:path}", handler)
+        router.add(PREDICT_METHODS, prefix + "/{model}", handler, admit=admit)
+        router.add(PREDICT_METHODS, prefix + "/{model}/{version}", handler, admit=admit)
+        router.add(PREDICT_METHODS, prefix + "/{model}/{version}/{rest:path}", handler, admit=admit)
     router.add(("GET",), "/ping", ping)
 
     async def v1_predict(req: Request) -> Response:  # KServe v1: /v1/models/{m}:predict
@@ -58,4 +61,9 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
         out = await dataplane.infer(core)
         return Response(out.body, out.status, out.content_type, out.headers or None)
 
-    router.add(("POST",), "/v1/models/{target}", v1_predict)
+    def v1_admit(params: dict) -> None:
+        model, _, verb = params["target"].rpartition(":")
+        if verb in ("predict", "explain") and model:
+            dataplane.admit(model, None)
+
+    router.add(("POST",), "/v1/models/{target}", v1_predict, admit=v1_admit)

@@ -178,8 +178,11 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
     registry = dataplane.registry
     router.fallback_errors.append(("/v2", oip_error))
 
-    def add(methods, pattern, handler, auth=True):
-        router.add(methods, pattern, handler, errors=oip_error, auth=auth)
+    def add(methods, pattern, handler, auth=True, admit=None):
+        router.add(methods, pattern, handler, errors=oip_error, auth=auth, admit=admit)
+
+    def admit(params: dict) -> None:  # before the body is read (DataPlane.admit)
+        dataplane.admit(params["model"], params.get("version"), Protocol.REST_V2)
 
     async def live(req: Request) -> Response:
         return _json({"live": dataplane.live()})
@@ -240,7 +243,7 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         add("GET", base, metadata)
         add("GET", base + "/ready", model_ready)
-        add("POST", base + "/infer", infer)
+        add("POST", base + "/infer", infer, admit=admit)
     add("POST", "/v2/repository/index", index)
     add("POST", "/v2/repository/models/{model}/load", load)
     add("POST", "/v2/repository/models/{model}/unload", unload)
