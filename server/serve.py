@@ -172,11 +172,13 @@ class Server:
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting at once, answer everything accepted, then stop the models.
 
-        The listeners (REST and gRPC) close first. Every open REST connection is told to drain:
-        each answer from now on carries ``Connection: close`` and its connection closes after
-        it, and a request still arriving on a kept-alive connection is served the same way.
-        gRPC calls in flight finish (``grpc.aio`` ``stop(grace)``). Queued and running requests
-        are answered by the models as usual. When nothing is left in progress, or after
+        The REST listeners close first and the server reports itself not ready. Every open REST
+        connection is told to drain: each answer from now on carries ``Connection: close`` and
+        its connection closes after it, and a request still arriving on a kept-alive connection
+        is served the same way. gRPC calls already running finish; new ones are answered
+        UNAVAILABLE at once, and the gRPC servers stop only once the drain is over (stopping
+        them first cancelled calls gRPC had received but not yet started). Queued and running
+        requests are answered by the models as usual. When nothing is left in progress, or after
         ``drain_timeout`` seconds (the setting by default), the remaining connections close and
         whatever is still queued is answered 503. Idle connections close once unused for
         ``DRAIN_LINGER_S``.
@@ -187,7 +189,9 @@ class Server:
             server.should_exit = True
             for listener in getattr(server, "servers", []):
                 listener.close()
-        grpc_stops = [asyncio.ensure_future(g.stop(grace=timeout)) for g in self._grpc]
+        self.dataplane.started = False  # not ready (health checks) from now on: send no more traffic here
+        for g in self._grpc:  # new gRPC calls: UNAVAILABLE at once; calls already running go on
+            g.osprey_draining.begin()
         t0 = time.monotonic()
         if timeout > 0:  # not when a start that failed is undone
             queued, running = self._outstanding()
@@ -210,7 +214,11 @@ class Server:
                     conn.shutdown()  # idle, and not used lately: closed
                 else:
                     busy = True  # idle, but its client was active just now: its next request may be on its way
-            if not busy and all(g.done() for g in grpc_stops) and self.registry.idle():
+            # a gRPC client that was refused just now may send again: refuse that too rather
+            # than stop under it (a call arriving as the server stops ends CANCELLED)
+            if any(now - g.osprey_draining.last_call < DRAIN_LINGER_S for g in self._grpc):
+                busy = True
+            if not busy and self.registry.idle():
                 break
             await asyncio.sleep(0.005)
         if timeout > 0:
@@ -223,8 +231,8 @@ class Server:
         for conn in self._connections():
             conn.shutdown()
         left = max(0.0, deadline - time.monotonic())
-        if grpc_stops:
-            await asyncio.gather(*grpc_stops, return_exceptions=True)
+        if self._grpc:  # what the data plane ran is answered; management calls get what time is left
+            await asyncio.gather(*(g.stop(grace=max(left, 0.05)) for g in self._grpc), return_exceptions=True)
         for server in self._servers:
             # a moment for those 503s to be written; requests still running in a model are cut
             server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)

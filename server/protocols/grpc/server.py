@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import Any, Callable
 
 import grpc
@@ -25,7 +26,7 @@ from server.protocols.grpc.open_inference import OpenInferenceServicer
 from server.protocols.grpc.status import ErrorStatus
 from server.protocols.grpc.torchserve import InferenceServicer
 
-__all__ = ["start_grpc", "TokenAuth"]
+__all__ = ["start_grpc", "TokenAuth", "Draining"]
 
 log = logging.getLogger("osprey.grpc")
 
@@ -49,16 +50,38 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_OPEN) or self._ok(details.invocation_metadata):
             return handler
-        return _denied(handler)
+        return _aborting(handler, grpc.StatusCode.UNAUTHENTICATED, _DENIED)
 
 
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that answers UNAUTHENTICATED."""
+class Draining(grpc.aio.ServerInterceptor):
+    """Once :meth:`begin` is called (SIGTERM), every new call is answered UNAVAILABLE at once
+    (health checks and reflection excepted), while the calls already running finish. The
+    server itself stops only when the drain is over: stopping it at once would cancel the calls
+    gRPC had received but not yet handed to a servicer (they ended CANCELLED, unanswered)."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.last_call = 0.0  # monotonic time of the last call refused while draining
+
+    def begin(self) -> None:
+        self.active = True
+        self.last_call = time.monotonic()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not self.active or details.method.startswith(_OPEN):
+            return handler
+        self.last_call = time.monotonic()
+        return _aborting(handler, grpc.StatusCode.UNAVAILABLE, "Server is shutting down; retry on another replica")
+
+
+def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that answers ``code`` with ``message``."""
     async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        await context.abort(code, message)
 
     async def streaming(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+        await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
     kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
@@ -128,8 +151,10 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     """Start the inference and management gRPC servers of a ``serve.Server``."""
     s, dp, keys = server.settings, server.dataplane, server.keys
 
+    draining = Draining()
+
     def auth(kind: str) -> list:  # then every RPC's errors become its status, in one place
-        return ([TokenAuth(lambda: keys.keys[kind])] if keys is not None else []) + [ErrorStatus()]
+        return [draining] + ([TokenAuth(lambda: keys.keys[kind])] if keys is not None else []) + [ErrorStatus()]
 
     inference_names = [inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name,
                        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
@@ -149,5 +174,6 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
         await inference.stop(None)
         raise
     inference._osprey_tasks = management._osprey_tasks = (t1, t2)  # kept alive with the servers
+    inference.osprey_draining = management.osprey_draining = draining  # Server.stop begins the drain
     log.info("gRPC: inference %s, management %s", s.grpc_inference_bind, s.grpc_management_bind)
     return [inference, management]
