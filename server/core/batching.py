@@ -78,7 +78,10 @@ class _Completions:
         items = self.items
         while items:
             callback, args = items.popleft()
-            callback(*args)
+            try:
+                callback(*args)
+            except Exception:  # one failing completion must not strand the others (or the caller)
+                log.exception("completion %r failed", callback)
 
 
 class Batcher:

@@ -43,6 +43,7 @@ class Instance(Protocol):
     status: InstanceStatus
     start_time: float
     error: str | None
+    pid: int | None  # the process that runs it (None: this one)
     # set by the registry before start(): call on the loop when the instance is gone on its own
     # (a child process died); the argument is why (exit status, signal)
     on_lost: Callable[["Instance", str], None] | None

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from server.core import heap
 from server.core.archive import ExtractionArea, ModelArchive, open_archive
 from server.core.batching import Batcher
+from server.core.events import event
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
 from server.core.signature import Signature, signature_of
@@ -287,8 +288,8 @@ class Registry:
         model.versions[version] = mv
         if not model.default:
             model.default = version
-        log.info("registered model %s version %s (%d instances, batch %d)", name, version,
-                 len(mv.instances), config.batch_size)
+        event(log, "model_registered", model=name, version=version, workers=len(mv.instances),
+              batch_size=config.batch_size, isolation=mv.isolation)
         return mv
 
     def _background(self, coro) -> None:
@@ -353,8 +354,7 @@ class Registry:
             if inst.status == InstanceStatus.READY:  # one lost meanwhile (its process died) is being restarted
                 mv.batcher.add_instance(inst)
         if new and mv.unhealthy is not None:  # scaled up again by hand: give it another chance
-            log.info("model %s version %s: new workers started; it is no longer marked unhealthy (was: %s)",
-                     mv.name, mv.version, mv.unhealthy)
+            event(log, "model_healthy", model=mv.name, version=mv.version, was=mv.unhealthy)
             mv.unhealthy = None
             mv.crashes.clear()
         mv.load_seconds = time.monotonic() - t0
@@ -402,8 +402,8 @@ class Registry:
                                                     "before this request could run"))
                 self._release_heap_after(removed)
             if lo != len(live):
-                log.info("model %s version %s scaled from %d to %d workers%s", mv.name, mv.version, len(live), lo,
-                         f" ({answered} queued requests answered first)" if lo == 0 else "")
+                event(log, "model_scaled", model=mv.name, version=mv.version, workers_before=len(live), workers=lo,
+                      **({"answered_first": answered} if lo == 0 else {}))
         return mv
 
     def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
@@ -441,10 +441,10 @@ class Registry:
             if len(mv.crashes) >= max(1, s.crash_loop_restarts):
                 mv.unhealthy = (f"crash loop: {len(mv.crashes)} crashes within {s.crash_loop_window:g} s "
                                 f"(last: {reason}); not restarting")
-                log.error("model %s version %s: %s", mv.name, mv.version, mv.unhealthy)
+                event(log, "model_unhealthy", logging.ERROR, model=mv.name, version=mv.version, reason=mv.unhealthy)
                 return
             delay = min(s.instance_restart_backoff * 2 ** (len(mv.crashes) - 1), s.instance_restart_backoff_max)
-        log.info("model %s version %s: restarting instance %d in %.2f s", mv.name, mv.version, index, delay)
+        event(log, "instance_restarting", model=mv.name, version=mv.version, index=index, delay_s=round(delay, 3))
         mv.batcher.restarting += 1
         self._background(self._restart(mv, index, delay))
 
@@ -478,7 +478,7 @@ class Registry:
                 inst.stop()
                 return
             mv.restarts += 1
-            log.info("model %s version %s: instance %d restarted", mv.name, mv.version, index)
+            event(log, "instance_restarted", model=mv.name, version=mv.version, index=index)
             mv.batcher.add_instance(inst)
         finally:
             mv.batcher.restarting -= 1
@@ -490,17 +490,18 @@ class Registry:
         """The batcher saw ``inst`` busy past responseTimeout plus the grace: replace it."""
         reason = (f"busy {seconds:.1f} s, past the model's responseTimeout of {mv.config.response_timeout_s:g} s")
         if inst.kill():  # a process: killed; its reader reports it lost too (then ignored)
-            log.warning("model %s version %s: instance %d hung (%s); killed it", mv.name, mv.version, inst.index, reason)
+            event(log, "instance_hung", logging.WARNING, model=mv.name, version=mv.version, index=inst.index,
+                  reason=reason, action="killed")
             self._lost(mv, inst, f"killed: {reason}", crash=True)
             return
         mv.abandoned = [i for i in mv.abandoned if not i.ended] + [inst]
         mv.abandoned_total += 1
-        log.warning("model %s version %s: instance %d hung (%s); abandoned its thread (%d abandoned threads alive)",
-                    mv.name, mv.version, inst.index, reason, len(mv.abandoned))
+        event(log, "instance_hung", logging.WARNING, model=mv.name, version=mv.version, index=inst.index,
+              reason=reason, action="abandoned", abandoned_alive=len(mv.abandoned))
         if len(mv.abandoned) >= max(1, self.settings.max_abandoned_threads):
             mv.unhealthy = (f"{len(mv.abandoned)} hung threads abandoned (limit max_abandoned_threads); "
                             "not starting more")
-            log.error("model %s version %s: %s", mv.name, mv.version, mv.unhealthy)
+            event(log, "model_unhealthy", logging.ERROR, model=mv.name, version=mv.version, reason=mv.unhealthy)
             if inst in mv.instances:
                 mv.instances.remove(inst)
             mv.batcher.lose(inst, OspreyError(ErrorKind.UNAVAILABLE, f"Model \"{mv.name}\" version {mv.version}: "
@@ -525,7 +526,7 @@ class Registry:
                                                   f"(workers: {state}); it can become the default once a worker is READY")
         old, model.default = model.default, version
         if old != version:
-            log.info("model %s default version changed from %s to %s", name, old, version)
+            event(log, "default_version_changed", model=name, old=old, new=version)
 
     async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
         mv = self.get(name, version)
@@ -546,8 +547,7 @@ class Registry:
                                                                f"{self.settings.unregister_timeout:g} s)"))
         stopped = list(mv.instances)
         self._stop(mv)
-        log.info("unregistered model %s version %s (%d requests drained%s)", name, mv.version, answered,
-                 f", {left} failed after unregister_timeout" if left else "")
+        event(log, "model_unregistered", model=name, version=mv.version, drained=answered, failed=left)
         self._release_heap_after(stopped, mv)
         return mv
 
@@ -585,8 +585,7 @@ class Registry:
             heap.release()
             await self.loop.run_in_executor(None, heap.trim)  # what was freed goes back to the system
             for name, version in names:
-                log.info("released model %s version %s: its workers have ended and its memory is returned",
-                         name, version)
+                event(log, "model_released", model=name, version=version)
 
     def _release_round(self) -> list[tuple[str, str]]:
         """Cut the references to what was removed (instances whose threads ended, unregistered

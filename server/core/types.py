@@ -129,8 +129,8 @@ def new_request(protocol: Protocol, model: str, version: str | None = None, *, r
                 timeouts: tuple[float | None, ...] = (), client: Any = None, stream: Any = None) -> Ticket:
     """The one constructor every adapter uses.
 
-    Request id: the client's own (an OIP ``id``, an ``x-request-id``) when it gave a
-    non-empty one, else a fresh one. Deadline: ``received`` plus the shortest of the
+    Request id: the client's own (an OIP ``id``) when it gave a non-empty one, else the one
+    the transport made for the answer (REST's ``x-request-id``), else a fresh one. Deadline: ``received`` plus the shortest of the
     ``timeouts`` (seconds; None where the client set none, e.g. a gRPC call without a
     deadline); the data plane caps it at the model's ``responseTimeout``.
     """
@@ -158,5 +158,4 @@ class InferenceResponse:
     headers: dict[str, str] = field(default_factory=dict)
     tensors: dict[str, Any] | None = None
     model_version: str = ""
-    raw: Any = None
     output_specs: list | None = None  # the answering version's declared outputs (set by the data plane)

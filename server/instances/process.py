@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable
 
 from server.core.archive import ModelArchive
+from server.core.events import event
 from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
 from server.core.instance import InstanceStatus
@@ -128,7 +129,7 @@ class ProcessInstance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn = None
         self._proc = None
-        self._job: tuple | None = None  # (batches, on_done, streams) of the handoff running
+        self._job: tuple | None = None  # (batches, reporter, on_done, streams) of the handoff running
         self._in = self._out = None
         self._dropped: list[str] = []
         self._killed = False
@@ -220,8 +221,9 @@ class ProcessInstance:
 
     def submit(self, batches: list[list[Ticket]], loop: asyncio.AbstractEventLoop,
                on_done: Callable) -> None:
-        """Send a handoff to the child (on the loop: a pipe write of a small message)."""
-        self._loop = loop
+        """Send a handoff to the child (on the loop: a pipe write of a small message). ``loop`` is
+        what the outcome is reported through (``call_soon_threadsafe``); the batcher may pass a
+        stand-in of its own, so it is kept with the handoff, never taken for the event loop."""
         wired, streams = [], []
         for batch in batches:
             pairs = [_to_child(r) for r in batch]
@@ -236,7 +238,7 @@ class ProcessInstance:
             _live.add(self._in)
         self._in.pos = 0
         wired = [[_pack(w, self._in) for w in batch] for batch in wired]
-        self._job = (batches, on_done, streams)
+        self._job = (batches, loop, on_done, streams)
         dropped, self._dropped = self._dropped, []
         self._conn.send(("job", self._in.name, self._out.name, dropped, wired))
 
@@ -262,11 +264,13 @@ class ProcessInstance:
             self.status = InstanceStatus.FAILED
             self._loaded_now()
             self._cleanup()
+            parent.close()
+            child_end.close()
             return
         child_end.close()
         self._conn = parent
         self.pid = self._proc.pid
-        if self.status == InstanceStatus.STOPPED:  # stopped before the child existed: it ends once loaded
+        if self.status != InstanceStatus.LOADING:  # stopped or timed out before the child existed: it ends once loaded
             try:
                 parent.send(None)
             except (OSError, ValueError):
@@ -288,10 +292,10 @@ class ProcessInstance:
                 elif kind == "ready":
                     _, self._accepts_tensors, self._specs, self._precision, self.pid = msg
                     self.started_s = time.monotonic() - self._t0
-                    if self.status != InstanceStatus.STOPPED:
+                    if self.status == InstanceStatus.LOADING:  # not stopped or timed out meanwhile
                         self.status = InstanceStatus.READY
-                    log.info("model %s version %s: instance %d started (process %d, %.2f s)",
-                             self.name, self.version, self.index, self.pid, self.started_s)
+                    event(log, "instance_started", model=self.name, version=self.version, index=self.index,
+                          kind="process", pid=self.pid, seconds=round(self.started_s, 3))
                     self._loaded_now()
                 elif kind == "failed":
                     self.error = msg[1]
@@ -315,18 +319,15 @@ class ProcessInstance:
             self._loaded_now()
             return
         if self.status == InstanceStatus.STOPPED and self._job is None:
-            log.info("model %s version %s: instance %d (process %s) ended (%s)", self.name, self.version,
-                     self.index, self.pid, reason)
+            event(log, "instance_stopped", model=self.name, version=self.version, index=self.index, pid=self.pid,
+                  reason=reason)
             return
         if self.status == InstanceStatus.READY or self._job is not None:
-            if self._killed:
-                log.warning("model %s version %s: instance %d (process %s) was killed", self.name, self.version,
-                            self.index, self.pid)
-            else:
-                log.warning("model %s version %s: instance %d (process %s) crashed: %s", self.name, self.version,
-                            self.index, self.pid, reason)
+            event(log, "instance_killed" if self._killed else "instance_crashed", logging.WARNING, model=self.name,
+                  version=self.version, index=self.index, pid=self.pid, reason=reason)
         self.status = InstanceStatus.FAILED
         self.error = reason
+        self._job = None  # what it ran is answered by the batcher when it learns the instance is lost
         loop, lost = self._loop, self.on_lost
         if loop is not None and lost is not None:
             try:
@@ -344,7 +345,7 @@ class ProcessInstance:
                 pass
 
     def _finish(self, wired: list, timings: list) -> None:
-        batches, on_done, _ = self._job
+        batches, reporter, on_done, _ = self._job
         outcomes = []
         for batch, w, timing in zip(batches, wired, timings):
             outcomes.append([outcome_from_wire(o, self._out) for o in w])
@@ -352,7 +353,7 @@ class ProcessInstance:
                 _from_child(r, timing)
         self._job = None
         try:
-            self._loop.call_soon_threadsafe(on_done, self, batches, outcomes)
+            reporter.call_soon_threadsafe(on_done, self, batches, outcomes)
         except RuntimeError:  # the loop has closed (shutdown)
             pass
 
@@ -360,7 +361,7 @@ class ProcessInstance:
         job = self._job
         if job is None:
             return
-        writer = job[2][bi][ri]
+        writer = job[3][bi][ri]
         if writer is not None:
             try:
                 writer(data)

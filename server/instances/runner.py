@@ -158,7 +158,7 @@ class BatchRunner:
                 out.append(OspreyError(from_status(status), phrase, status=status))
                 continue
             if tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:
-                out.append(InferenceResponse(status=status, tensors=value["tensors"], raw=value))
+                out.append(InferenceResponse(status=status, tensors=value["tensors"]))
                 continue
             try:
                 body, ctype = encode_body(value)
@@ -169,7 +169,7 @@ class BatchRunner:
                 headers = {str(k).lower(): str(v) for k, v in headers.items()}
                 ctype = headers.pop("content-type", ctype)
             out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=headers or {},
-                                         model_version=self.version, raw=value))
+                                         model_version=self.version))
         return out
 
 

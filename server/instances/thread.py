@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from server.core.archive import ModelArchive
+from server.core.events import event
 from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
 from server.core.instance import InstanceStatus
@@ -49,6 +50,7 @@ class ModelInstance:
         self.runner: BatchRunner | None = None
         self.on_lost: Callable | None = None  # threads are never lost on their own (see kill)
         self.abandoned = False
+        self.pid: int | None = None  # runs in this process
         self._metrics_sink = metrics_sink
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
@@ -137,7 +139,7 @@ class ModelInstance:
         try:
             self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
                                       self.archive.manifest, self.config, self.gpu_id, self._metrics_sink)
-            if self.status != InstanceStatus.STOPPED:  # stopped while loading: it ends below without serving
+            if self.status == InstanceStatus.LOADING:  # stopped or timed out while loading: it ends below
                 self.status = InstanceStatus.READY
         except BaseException as exc:  # reported at registration, never raised on the loop
             log.exception("model %s instance %d failed to load", self.name, self.index)
@@ -153,7 +155,7 @@ class ModelInstance:
                     pass
         if self.status != InstanceStatus.READY:
             return
-        log.info("model %s version %s: instance %d started (thread)", self.name, self.version, self.index)
+        event(log, "instance_started", model=self.name, version=self.version, index=self.index, kind="thread")
         while True:
             job = self._jobs.get()
             if job is None:

@@ -43,7 +43,7 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
         "startTime": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(inst.start_time)),
         "status": _WORKER_STATUS.get(inst.status, str(inst.status)),
         "memoryUsage": 0,
-        "pid": getattr(inst, "pid", None) or pid,
+        "pid": inst.pid or pid,
         "gpu": inst.gpu_id is not None,
         "gpuUsage": "N/A" if inst.gpu_id is None else f"gpuId::{inst.gpu_id}",
     } for inst in mv.instances]

@@ -106,8 +106,8 @@ def repository_index(registry: Any, model_store: str) -> list[dict]:
                 continue
         index[name] = {"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
     for mv in registry.all_versions():
-        index[mv.name] = {"name": mv.name, "version": mv.version,
-                          "state": "READY" if mv.ready else "LOADING", "reason": ""}
+        state, reason = ("READY", "") if mv.ready else ("UNAVAILABLE", mv.unhealthy) if mv.unhealthy else ("LOADING", "")
+        index[mv.name] = {"name": mv.name, "version": mv.version, "state": state, "reason": reason}
     return [index[k] for k in sorted(index)]
 
 

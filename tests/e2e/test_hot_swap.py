@@ -113,7 +113,7 @@ def test_register_unregister_cycles_keep_resident_memory_flat(osprey, isolation)
 
     srv = osprey([], example_store("minilm_embedding"), env={"OSPREY_INSTANCE_ISOLATION": isolation})
     cycles, rss = 50, []
-    released = "released model minilm_embedding version 1.0"
+    released = "event=model_released model=minilm_embedding version=1.0"
     with httpx.Client(timeout=120) as c:
         for i in range(cycles):
             r = c.post(f"{srv.management}/models", params={"url": "minilm_embedding.mar", "initial_workers": 1,
@@ -129,7 +129,7 @@ def test_register_unregister_cycles_keep_resident_memory_flat(osprey, isolation)
             rss.append(round(_tree_rss_mb(srv.proc.pid)))
     base = rss[0]
     assert rss[-1] <= base + 150, f"RSS grew from {base} MB to {rss[-1]} MB over {cycles} cycles: {rss}"
-    assert "unregistered model minilm_embedding version 1.0 (0 requests drained)" in srv.log()
+    assert "event=model_unregistered model=minilm_embedding version=1.0 drained=0 failed=0" in srv.log()
 
 
 # --- 2. hot swap under steady load -------------------------------------------------------
@@ -200,9 +200,9 @@ def test_set_default_and_unregister_under_steady_load_fail_no_request(osprey, st
     assert {v for _, v in answers} == {"1.0", "2.0", "3.0"}
     assert _versions(srv, "swap") == ["3.0"]
     log = srv.log()
-    assert "model swap default version changed from 1.0 to 2.0" in log
-    assert "model swap default version changed from 2.0 to 3.0" in log
-    assert "unregistered model swap version 1.0 (" in log and "unregistered model swap version 2.0 (" in log
+    assert "event=default_version_changed model=swap old=1.0 new=2.0" in log
+    assert "event=default_version_changed model=swap old=2.0 new=3.0" in log
+    assert "event=model_unregistered model=swap version=1.0 " in log and "event=model_unregistered model=swap version=2.0 " in log
 
 
 def test_requests_queued_for_an_unregistered_version_are_answered(osprey, store, tmp_path):
@@ -228,7 +228,7 @@ def test_requests_queued_for_an_unregistered_version_are_answered(osprey, store,
         assert [(a.status_code, a.json()["version"]) for a in answers] == [(200, "2.0")] * 4
         assert [a.json()["id"] for a in answers] == ["held", "q0", "q1", "q2"]
         assert deleted.result().status_code == 200
-    wait_until(lambda: "unregistered model swap version 2.0 (4 requests drained)" in srv.log(), what="the log line")
+    wait_until(lambda: "event=model_unregistered model=swap version=2.0 drained=4 failed=0" in srv.log(), what="the log line")
     assert httpx.post(f"{srv.inference}/predictions/swap", json={"id": "after"}).json()["version"] == "1.0"
 
 
@@ -251,7 +251,7 @@ def test_scale_to_zero_answers_queued_requests_first(osprey, store, tmp_path):
         assert [f.result().status_code for f in (held, *queued)] == [200] * 3
         assert scaled.result().status_code == 200
     assert httpx.post(url, json={"id": "after"}).status_code == 503  # no worker left: refused at once
-    assert "model swap version 1.0 scaled from 1 to 0 workers (2 queued requests answered first)" in srv.log()
+    assert "event=model_scaled model=swap version=1.0 workers_before=1 workers=0 answered_first=2" in srv.log()
 
 
 # --- 3. REST v2 ----------------------------------------------------------------------------

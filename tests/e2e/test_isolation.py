@@ -172,8 +172,8 @@ def test_a_crash_fails_only_its_batch_and_the_instance_comes_back(srv, tmp_path,
     wait_until(lambda: _metric(srv, "osprey_instance_restarts_total", "crashy") == restarts + 1,
                what="the restart to be counted")
     assert httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 200
-    assert re.search(rf"crashy version 1.0: instance 0 \(process \d+\) crashed: .*{named}", srv.log())
-    assert "crashy version 1.0: instance 0 restarted" in srv.log()
+    assert re.search(rf"event=instance_crashed model=crashy version=1.0 index=0 pid=\d+ reason=.*{named}", srv.log())
+    assert "event=instance_restarted model=crashy version=1.0 index=0" in srv.log()
 
 
 def test_process_and_thread_instances_give_the_same_answers(srv):
@@ -259,10 +259,10 @@ def test_a_hung_handler_answers_504_and_a_fresh_instance_serves_the_next_request
     after = _comes_back(srv, "hanger")  # a fresh instance serves (early tries may time out in the queue)
     if kind == "process":
         assert after["pid"] != first["pid"]
-        assert "hung" in srv.log() and "killed it" in srv.log()
+        assert "event=instance_hung model=hanger version=1.0 index=0 " in srv.log() and "action=killed" in srv.log()
         wait_until(lambda: _metric(srv, "osprey_instance_restarts_total", "hanger") == 1, what="the restart count")
     else:
-        assert "abandoned its thread" in srv.log()
+        assert "event=instance_hung model=hanger version=1.0 index=0 " in srv.log() and "action=abandoned" in srv.log()
         assert _metric(srv, "osprey_instances_abandoned_total", "hanger") == 1
     assert httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 200
 
