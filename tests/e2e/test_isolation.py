@@ -142,6 +142,30 @@ def test_process_instances_run_in_their_own_process(srv):
     assert _describe(srv, "echo_thread")["workers"][0]["pid"] == srv.proc.pid
 
 
+def test_a_process_model_that_served_scales_down_and_unregisters_and_its_process_ends(osprey, store):
+    handler_archive(store, "gone", CRASHY, config=PROC)
+    srv = osprey([], store)
+    m = srv.management
+    assert httpx.post(f"{m}/models", params={"url": "gone.mar", "initial_workers": 2}, timeout=120).status_code == 200
+    pids = {_post(srv, "gone", {"id": i}).json()["pid"] for i in range(4)}
+    assert pids and srv.proc.pid not in pids
+    workers = {w["pid"] for w in _describe(srv, "gone")["workers"]}
+    assert httpx.put(f"{m}/models/gone", params={"min_worker": 1, "synchronous": "true"}, timeout=60).status_code == 200
+    assert _post(srv, "gone", {"id": "after scale"}).status_code == 200
+    assert httpx.delete(f"{m}/models/gone", timeout=60).status_code == 200
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and "zombie" not in _state(p) for p in workers),
+               30, "the instance processes to end")
+    assert httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 200
+    wait_until(lambda: "event=model_released model=gone version=1.0" in srv.log(), 30, "the release")
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
 @pytest.mark.parametrize("crash, named", [("exit", "exit status 1"), ("segv", "SIGSEGV")])
 def test_a_crash_fails_only_its_batch_and_the_instance_comes_back(srv, tmp_path, crash, named):
     restarts = _metric(srv, "osprey_instance_restarts_total", "crashy")
