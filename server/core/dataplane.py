@@ -12,6 +12,7 @@ a callable ``(model_version | None, ticket, outcome)`` called when a request end
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Iterable
 
 from server.core.errors import ErrorKind, OspreyError
@@ -21,6 +22,8 @@ from server.core.types import InferenceResponse, Protocol, Ticket
 __all__ = ["DataPlane", "Observer", "RefusalObserver"]
 
 log = logging.getLogger("osprey.dataplane")
+
+REFUSING_WINDOW_S = 1.0  # how long after a refusal the front ends keep asking admit() first
 
 Observer = Callable[[ModelVersion | None, Ticket, Any], None]
 # Called for a request refused by :meth:`DataPlane.admit` (model version, protocol, error):
@@ -35,8 +38,17 @@ class DataPlane:
         self.observers: list[Observer] = list(observers)
         self.refusal_observers: list[RefusalObserver] = list(refusal_observers)
         self.started = True  # False while the startup models are loading
+        self._refusing_until = 0.0  # monotonic: admission checks run until then (see refusing)
 
     # --- admission ------------------------------------------------------------------
+    def refusing(self) -> bool:
+        """Requests were refused for a full queue (or no worker) within the last
+        REFUSING_WINDOW_S: front ends then ask :meth:`admit` before reading a body. At other
+        times they skip it (it costs a few percent of the loop at full speed); the batcher
+        still refuses at submit, and that refusal opens the window."""
+        return time.monotonic() < self._refusing_until
+
+
     def admit(self, model: str, version: str | None = None, protocol: Protocol = Protocol.REST) -> ModelVersion | None:
         """Would a request for this model version be queued now? Raises QUEUE_FULL (503,
         Retry-After) or UNAVAILABLE (no instance) if not; O(1). Returns the model version, or
@@ -56,6 +68,7 @@ class DataPlane:
         try:
             mv.batcher.admit()
         except OspreyError as exc:
+            self._refusing_until = time.monotonic() + REFUSING_WINDOW_S
             for observer in self.refusal_observers:
                 observer(mv, protocol, exc)
             raise
@@ -77,6 +90,8 @@ class DataPlane:
         try:
             response = await mv.batcher.submit(ticket)
         except OspreyError as exc:
+            if exc.kind is ErrorKind.QUEUE_FULL or exc.kind is ErrorKind.UNAVAILABLE:
+                self._refusing_until = time.monotonic() + REFUSING_WINDOW_S
             self._notify(mv, ticket, exc)
             raise
         except BaseException:  # cancelled by the caller: never ran or its answer is dropped

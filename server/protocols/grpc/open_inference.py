@@ -136,7 +136,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _core(self, request, context) -> Ticket:
         received = time.monotonic()
         # refused before the tensors are decoded (queue full, no instance, unknown model)
-        self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC_V2)
+        if self.dataplane.refusing():  # refuse before decoding tensors while the queue is full
+            self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC_V2)
         tensors, meta = decode_inputs(request)
         return new_request(Protocol.GRPC_V2, request.model_name, request.model_version, request_id=request.id,
                            tensors=tensors, tensor_meta=meta, outputs=[o.name for o in request.outputs] or None,

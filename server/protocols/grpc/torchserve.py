@@ -36,7 +36,8 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
         self.dataplane = dataplane
 
     def _core(self, request, context) -> Ticket:
-        self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC)  # refuse early
+        if self.dataplane.refusing():  # refuse before building the request while the queue is full
+            self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC)
         headers = _headers(context)
         if request.HasField("sequence_id"):
             headers["ts_request_sequence_id"] = request.sequence_id

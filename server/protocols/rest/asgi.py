@@ -128,6 +128,9 @@ class Router:
         self._patterns: list[tuple[re.Pattern, Route]] = []
         self.fallback_errors: list[tuple[str, ErrorStyle]] = []  # (path prefix, style) for 404/405
         self._refusals: dict[tuple, tuple[bytes, bytes]] = {}  # pre-encoded refusals (see refusal)
+        # admission checks run only while this says requests are being refused somewhere (set by
+        # the routes that admit: DataPlane.refusing); otherwise a full queue is found at submit
+        self.refusing: Callable[[], bool] = lambda: True
 
     def add(self, methods: str | tuple[str, ...], pattern: str, handler: Handler, *,
             errors: ErrorStyle | None = None, auth: bool = True, max_body: int | None = None,
@@ -264,7 +267,7 @@ class Router:
                                   type_name="ResourceNotFoundException")
             if route.auth and self.token is not None:
                 self._check_token(req)
-            if route.admit is not None and matched is None:  # refuse before reading the body
+            if route.admit is not None and matched is None and self.refusing():  # refuse before the body
                 route.admit(params)
             if method in ("POST", "PUT", "PATCH", "DELETE"):
                 req.body = await self._read_body(req, receive, route.max_body or self.max_body)

@@ -120,6 +120,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._running = None  # the request cycle started last
         self._held = None  # the held transport of the last request cycle with a task
         self._early = getattr(self.app, "early_refusal", None)  # see _early_refusal
+        self._refusing = getattr(self.app, "refusing", None)  # is anything being refused lately?
         self._admitted = False  # the request being parsed passed early_refusal's admission check
         self.last_active = time.monotonic()  # last data received or answer sent (the drain reads it)
         if self.timeout_keep_alive > 0:  # a connection that never sends a request is idle, too
@@ -136,7 +137,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
-        if (self._early is not None and data[:6] == b"POST /" and not self.draining and not self.pipeline
+        if (self._early is not None and data[:6] == b"POST /" and self._refusing() and not self.draining
+                and not self.pipeline
                 and not self._head_deadline and not self._in_body and (self.cycle is None or self.cycle.response_complete)):
             answer = self._early_refusal(data)
             if answer == b"":  # admitted: parsed as usual below, and not asked again (see refusal)

@@ -42,6 +42,8 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
             return Response(out.body, out.status, out.content_type, out.headers or None)
         return predict
 
+    router.refusing = dataplane.refusing  # admission runs only while requests are being refused
+
     def admit(params: dict) -> None:  # before the body is read (DataPlane.admit)
         dataplane.admit(params["model"], params.get("version"))
 

@@ -181,6 +181,8 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
     def add(methods, pattern, handler, auth=True, admit=None):
         router.add(methods, pattern, handler, errors=oip_error, auth=auth, admit=admit)
 
+    router.refusing = dataplane.refusing  # admission runs only while requests are being refused
+
     def admit(params: dict) -> None:  # before the body is read (DataPlane.admit)
         dataplane.admit(params["model"], params.get("version"), Protocol.REST_V2)
 
