@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 from server.core.archive import ModelArchive
 from server.core.events import event
-from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
 from server.core.instance import InstanceStatus
+from server.instances.loaded import LoadSignal, raise_unless_ready
 from server.core.types import Ticket
 from server.instances.wire import Arena, outcome_from_wire, pack_bytes, pack_tensors, payload_size
 
@@ -133,8 +133,7 @@ class ProcessInstance:
         self._in = self._out = None
         self._dropped: list[str] = []
         self._killed = False
-        self._loaded = threading.Event()
-        self._on_loaded: Callable[[], None] | None = None
+        self._loaded = LoadSignal()
         self._thread = threading.Thread(target=self._main, name=f"osprey-proc-{name}-{version}-{index}", daemon=True)
 
     # --- lifecycle (called from the loop) -------------------------------------------
@@ -147,29 +146,12 @@ class ProcessInstance:
         self._thread.start()
 
     async def wait_loaded(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = self._loop or loop
-        woken = loop.create_future()
-
-        def wake() -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        self._on_loaded = lambda: loop.call_soon_threadsafe(wake)
-        if self._loaded.is_set():
-            wake()
-        try:
-            await asyncio.wait_for(woken, timeout)
-        except asyncio.TimeoutError:
-            pass
-        if not self._loaded.is_set():
+        self._loop = self._loop or asyncio.get_running_loop()
+        loaded = await self._loaded.until_set(timeout)
+        if not loaded:
             self.status = InstanceStatus.FAILED
             self.kill()
-            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
-        if self.status == InstanceStatus.STOPPED:
-            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} was stopped while loading")
-        if self.status != InstanceStatus.READY:
-            raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
+        raise_unless_ready(self, loaded, timeout)
 
     def stop(self) -> None:
         """The child ends after the handoff it runs; one that does not within STOP_WAIT_S is killed."""
@@ -262,7 +244,7 @@ class ProcessInstance:
             log.exception("model %s instance %d: could not start its process", self.name, self.index)
             self.error = f"could not start a process: {exc}"
             self.status = InstanceStatus.FAILED
-            self._loaded_now()
+            self._loaded.set()
             self._cleanup()
             parent.close()
             child_end.close()
@@ -296,11 +278,11 @@ class ProcessInstance:
                         self.status = InstanceStatus.READY
                     event(log, "instance_started", model=self.name, version=self.version, index=self.index,
                           kind="process", pid=self.pid, seconds=round(self.started_s, 3))
-                    self._loaded_now()
+                    self._loaded.set()
                 elif kind == "failed":
                     self.error = msg[1]
                     self.status = InstanceStatus.FAILED
-                    self._loaded_now()
+                    self._loaded.set()
         except (EOFError, OSError):
             pass
         except Exception:
@@ -316,7 +298,7 @@ class ProcessInstance:
         if not self._loaded.is_set():
             self.error = self.error or f"its process ended while loading ({reason})"
             self.status = InstanceStatus.FAILED
-            self._loaded_now()
+            self._loaded.set()
             return
         if self.status == InstanceStatus.STOPPED and self._job is None:
             event(log, "instance_stopped", model=self.name, version=self.version, index=self.index, pid=self.pid,
@@ -333,15 +315,6 @@ class ProcessInstance:
             try:
                 loop.call_soon_threadsafe(lost, self, reason)
             except RuntimeError:  # the loop has closed (shutdown)
-                pass
-
-    def _loaded_now(self) -> None:
-        self._loaded.set()
-        wake = self._on_loaded
-        if wake is not None:
-            try:
-                wake()
-            except RuntimeError:
                 pass
 
     def _finish(self, wired: list, timings: list) -> None:

@@ -22,9 +22,9 @@ from typing import Callable
 
 from server.core.archive import ModelArchive
 from server.core.events import event
-from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import ModelConfig
 from server.core.instance import InstanceStatus
+from server.instances.loaded import LoadSignal, raise_unless_ready
 from server.core.types import Ticket
 from server.instances.runner import BatchRunner, Outcome, declared_specs, load_runner, model_precision
 
@@ -54,8 +54,7 @@ class ModelInstance:
         self._metrics_sink = metrics_sink
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
-        self._loaded = threading.Event()
-        self._on_loaded: Callable[[], None] | None = None  # wakes wait_loaded on the loop
+        self._loaded = LoadSignal()
 
     @property
     def service(self):
@@ -70,30 +69,10 @@ class ModelInstance:
         self._thread.start()
 
     async def wait_loaded(self, timeout: float) -> None:
-        # awaited on the loop, not in an executor thread: 64 instances loading at once must not
-        # take every thread of the default executor (archive extraction at register needs one)
-        loop = asyncio.get_running_loop()
-        woken = loop.create_future()
-
-        def wake() -> None:
-            if not woken.done():
-                woken.set_result(None)
-
-        self._on_loaded = lambda: loop.call_soon_threadsafe(wake)
-        if self._loaded.is_set():  # the thread may have finished before the callback was there
-            wake()
-        try:
-            await asyncio.wait_for(woken, timeout)
-        except asyncio.TimeoutError:
-            pass
-        loaded = self._loaded.is_set()
+        loaded = await self._loaded.until_set(timeout)
         if not loaded:
             self.status = InstanceStatus.FAILED
-            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} did not load within {timeout:g} s (startupTimeout)")
-        if self.status == InstanceStatus.STOPPED:
-            raise OspreyError(ErrorKind.UNAVAILABLE, f"model {self.name} was stopped while loading")
-        if self.status != InstanceStatus.READY:
-            raise OspreyError(ErrorKind.BAD_INPUT, f"model {self.name} failed to load: {self.error}")
+        raise_unless_ready(self, loaded, timeout)
 
     def stop(self) -> None:
         if self.status != InstanceStatus.FAILED:
@@ -117,7 +96,8 @@ class ModelInstance:
         """Drop the handler object (and its model) and the context once the thread has ended."""
         if self.ended:
             self.runner = None
-            self._on_loaded = self.on_lost = None
+            self.on_lost = None
+            self._loaded.forget_waiter()
 
     @property
     def accepts_tensors(self) -> bool:
@@ -147,12 +127,6 @@ class ModelInstance:
             self.status = InstanceStatus.FAILED
         finally:
             self._loaded.set()
-            wake = self._on_loaded
-            if wake is not None:
-                try:
-                    wake()
-                except RuntimeError:  # the loop has closed: nobody is waiting
-                    pass
         if self.status != InstanceStatus.READY:
             return
         event(log, "instance_started", model=self.name, version=self.version, index=self.index, kind="thread")
