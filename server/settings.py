@@ -71,6 +71,11 @@ class Settings:
     crash_loop_window: float = 60.0  # ... seconds: stop restarting, the version is unhealthy
     hang_grace: float = 1.0  # seconds past responseTimeout a busy instance is replaced (process killed, thread abandoned)
     max_abandoned_threads: int = 4  # hung threads one model version may leave behind before it is unhealthy
+    # drift, feedback and live quality (per model: model-config.yaml ``monitoring:``); off here turns it off for all
+    monitoring: bool = True
+    # Redis for state shared between replicas (drift windows and episodes, predictions kept for
+    # feedback joins, quality windows); empty: this process keeps it (nothing to install)
+    redis_url: str = ""
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

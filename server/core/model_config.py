@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from server.core.errors import ErrorKind, OspreyError, show
 
-__all__ = ["ModelConfig", "TensorSpec", "parse_model_config", "number", "LIMITS"]
+__all__ = ["ModelConfig", "MonitoringConfig", "TensorSpec", "parse_model_config", "parse_monitoring", "number",
+           "LIMITS"]
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "BF16", "FP32", "FP64", "BYTES")
@@ -27,6 +28,36 @@ class TensorSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """The ``monitoring:`` section of model-config.yaml (drift, feedback, live quality).
+
+    Defaults work for the examples unchanged; see monitoring/README.md for what each does."""
+
+    enabled: bool = True
+    sample_rate: float = 1.0  # share of requests whose features are captured
+    window: int = 500  # requests per analysis window
+    window_seconds: float | None = None  # also close a window after this long (if it has min_window rows)
+    min_window: int = 50  # fewest requests a time-closed window must hold to be analysed
+    baseline_requests: int = 1000  # without a reference profile: the first requests become the baseline
+    max_features: int = 50  # most features (inputs + predictions) monitored per version
+    bins: int = 10  # quantile bins per numeric feature in a profile
+    components: int = 5  # projection components of embeddings / penultimate activations
+    layer: str | None = None  # the module whose output is the penultimate activation (None: found)
+    method: str = "psi"  # psi | jensenshannon | wasserstein (per-feature distance)
+    threshold: float | None = None  # per-feature distance threshold (None: the method's default)
+    drift_share: float = 0.5  # a window drifted when this share of features, or any prediction feature, drifted
+    episode_windows: int = 3  # n: the last n windows are looked at ...
+    episode_drifted: int = 2  # k: ... and an episode opens when k of them drifted
+    episode_clean: int = 3  # m: an open episode closes after m clean windows in a row
+    feedback_ttl: float = 86400.0  # seconds a prediction is kept for joining its label
+    max_predictions: int = 100_000  # most predictions kept for joins per version
+    min_labels: int = 200  # fewest labels before quality is judged
+    quality_window: int = 500  # labelled predictions per quality window
+    quality_tolerance: float = 0.05  # degraded when a metric is worse than its baseline by more than this
+    features: tuple[str, ...] = ()  # only these input features (empty: all the handler gives, up to max_features)
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,7 @@ class ModelConfig:
     outputs: tuple[TensorSpec, ...] = ()
     jit_optimize: bool | None = None  # TorchScript profiling executor; None: off on CPU, on on GPU
     isolation: str | None = None  # thread | process; None: the server's instance_isolation
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
     raw: Mapping[str, Any] = field(default_factory=dict)  # everything, for the handler
 
 
@@ -172,5 +204,58 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
         outputs=_tensors(source, "outputs", cfg.get("outputs")),
         jit_optimize=jit_optimize,
         isolation=isolation,
+        monitoring=parse_monitoring(cfg.get("monitoring"), source),
         raw=cfg,
     )
+
+
+_METHODS = ("psi", "jensenshannon", "wasserstein")
+
+
+def parse_monitoring(raw: Any, source: str = "model-config.yaml") -> MonitoringConfig:
+    """The ``monitoring:`` section, every value checked; unknown keys are refused by name."""
+    if raw is None:
+        return MonitoringConfig()
+    if raw is False or raw is True:
+        return MonitoringConfig(enabled=bool(raw))
+    if not isinstance(raw, Mapping):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: monitoring must be a mapping of settings, got {show(raw)}")
+    fields = {f.name: f for f in MonitoringConfig.__dataclass_fields__.values()}
+    unknown = sorted(str(k) for k in raw if k not in fields)
+    if unknown:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{source}: monitoring has unknown setting(s) {', '.join(unknown)}; "
+                                               f"known: {', '.join(sorted(fields))}")
+    where = f"{source}: monitoring"
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"{where}.enabled must be true or false, got {show(value)}")
+            out[key] = value
+        elif key in ("layer", "method"):
+            if value is not None and not isinstance(value, str):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"{where}.{key} must be a string, got {show(value)}")
+            if key == "method" and value not in _METHODS:
+                raise OspreyError(ErrorKind.BAD_INPUT, f"{where}.method must be one of {', '.join(_METHODS)}, "
+                                                       f"got {show(value)}")
+            out[key] = value
+        elif key == "features":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"{where}.features must be a list of feature names")
+            out[key] = tuple(value)
+        elif key in ("sample_rate", "drift_share"):
+            out[key] = number(where, key, value, float, maximum=1.0)
+        elif key in ("quality_tolerance", "threshold"):
+            out[key] = None if value is None and key == "threshold" else number(where, key, value, float, maximum=1e6)
+        elif key in ("window_seconds",):
+            out[key] = None if value is None else number(where, key, value, float, minimum=0.001, maximum=WEEK_S)
+        elif key == "feedback_ttl":
+            out[key] = number(where, key, value, float, minimum=1, maximum=30 * 24 * 3600)
+        else:  # whole numbers
+            low = 0 if key in ("baseline_requests",) else 1
+            out[key] = number(where, key, value, int, minimum=low, maximum=10_000_000)
+    cfg = MonitoringConfig(**out)
+    if cfg.episode_drifted > cfg.episode_windows:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"{where}: episode_drifted ({cfg.episode_drifted}) is more than "
+                                               f"episode_windows ({cfg.episode_windows})")
+    return cfg

@@ -1,0 +1,85 @@
+"""What an instance hands the monitor after each batch, and the port the monitor plugs into.
+
+An instance computes an :class:`Observation` in its own thread or process, once per batch,
+vectorized, for the sampled rows only, and hands it over with :meth:`MonitorPort.observe`:
+a constant-cost, thread-safe append. Everything else (binning, drift scores, episodes,
+feedback joins, quality) happens in the monitor's background thread, never on the event
+loop and never on the request path.
+
+The core defines only this boundary; the monitor itself (``monitoring/``) sits above the
+core and is wired in by ``server.serve``. Plain data, picklable: a child process sends it
+back beside its batch's answers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+__all__ = ["Observation", "MonitorPort", "FeedbackItem", "FeedbackResult", "TASKS"]
+
+#: what a model's outputs mean, for prediction drift and for live quality
+TASKS = ("classification", "regression", "autoencoder", "embedding")
+
+
+@dataclass
+class Observation:
+    """One batch's monitored rows (already sampled), from one model version."""
+
+    model: str
+    version: str
+    request_ids: list[str]  # n ids, the ones clients see (feedback joins on them)
+    time: float  # wall-clock seconds when the batch ended
+    # named input features: (n,) float64 for numbers, (n,) object (str) for categories
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    # prediction features, same shapes: predicted_class (categorical), confidence, entropy;
+    # prediction (or prediction[i] per output); reconstruction_error
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    categorical: frozenset[str] = frozenset()  # names (in features or predictions) that are categories
+    # (n, d) float32: the model's penultimate activations or its embeddings; the monitor
+    # projects them on a basis fitted on the reference (a few components become features)
+    embedding: np.ndarray | None = None
+    task: str | None = None  # one of TASKS, or None when the outputs say nothing usable
+    # for feedback joins: (n, C) class probabilities (classification); (n,) or (n, k) values (regression)
+    outputs: np.ndarray | None = None
+    classes: tuple[str, ...] | None = None  # class labels in output-index order, when known
+    error: str | None = None  # the handler's monitoring hook failed: why (features then empty)
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    request_id: str
+    label: Any
+    index: int  # position in the request's list, for error messages
+
+
+@dataclass
+class FeedbackResult:
+    accepted: int = 0
+    unmatched: int = 0
+    invalid: int = 0
+    errors: list[str] = field(default_factory=list)  # one line per invalid item, naming it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "unmatched": self.unmatched, "invalid": self.invalid}
+
+
+class MonitorPort(Protocol):
+    """The monitor as the core and the instances see it."""
+
+    def observe(self, obs: Observation) -> None:
+        """Take one batch's observation: O(1), thread-safe, never raises, never blocks."""
+
+    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """Join labels to kept predictions by request id; counts, never raises for bad items."""
+
+    def status(self, model: str, version: str) -> dict[str, Any]:
+        """The monitoring JSON of ``GET /monitoring/{model}[/{version}]``."""
+
+    def forget(self, model: str, version: str) -> None:
+        """A version was released: drop what this process keeps for it."""
