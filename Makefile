@@ -33,10 +33,10 @@ serve: examples
 stop:
 	$(BIN)/osprey stop
 
-# Real services the tests talk to (Prometheus and promtool), from Debian's packages.
+# Real services the tests talk to (Prometheus, promtool, redis-server), from Debian's packages.
 system-packages:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus redis-server)
 
 $(KSERVE_VENV)/.installed:
 	$(PYTHON) -m venv $(KSERVE_VENV)
