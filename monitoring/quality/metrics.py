@@ -1,0 +1,146 @@
+"""Live quality metrics of a window of labelled predictions, the baseline they are judged
+against, and the judgement itself.
+
+Classification (``outputs`` are class probabilities or scores, labels class indices):
+accuracy, macro precision / recall / F1, ROC AUC (binary: the positive class's score;
+more classes: one-vs-rest, macro over the classes present with both outcomes) and log loss
+(only where the outputs are probabilities). Regression: MSE, MAE, R². All by scikit-learn.
+
+``degraded``: a metric worse than its baseline by more than the tolerance, judged only over
+at least ``min_labels`` labels. The tolerance is absolute for scores in [0, 1] (accuracy,
+precision, recall, F1, ROC AUC, R²: 0.05 means five points) and relative for errors, whose
+scale is the model's own (MSE, MAE, log loss: 0.05 means 5 % worse).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["HIGHER_IS_BETTER", "LOWER_IS_BETTER", "classification_metrics", "regression_metrics",
+           "are_probabilities", "judge", "load_baseline", "confidence_estimate"]
+
+HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "f1", "roc_auc", "r2")
+LOWER_IS_BETTER = ("log_loss", "mse", "mae")
+KNOWN = HIGHER_IS_BETTER + LOWER_IS_BETTER
+PROFILE = "osprey-profile.json"
+TRAINING = "training.json"
+
+
+def are_probabilities(outputs: np.ndarray) -> bool:
+    """Rows of values in [0, 1] summing to 1 (softmax outputs), not logits or scores."""
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or not outputs.size:
+        return False
+    if not np.all(np.isfinite(outputs)) or outputs.min() < -1e-6 or outputs.max() > 1 + 1e-6:
+        return False
+    return bool(np.all(np.abs(outputs.sum(axis=1) - 1.0) < 1e-3))
+
+
+def _round(x: float) -> float | None:
+    x = float(x)
+    return round(x, 6) if math.isfinite(x) else None
+
+
+def classification_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float | None]:
+    """``y``: (n,) class indices; ``outputs``: (n, C) probabilities or scores."""
+    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support, roc_auc_score
+
+    y = np.asarray(y, dtype=np.int64)
+    outputs = np.asarray(outputs, dtype=np.float64)
+    n_classes = outputs.shape[1]
+    pred = outputs.argmax(axis=1)
+    out: dict[str, float | None] = {"accuracy": _round(accuracy_score(y, pred))}
+    p, r, f, _ = precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+    out.update(precision=_round(p), recall=_round(r), f1=_round(f))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if n_classes == 2:
+            out["roc_auc"] = _round(roc_auc_score(y, outputs[:, 1])) if len(np.unique(y)) == 2 else None
+        else:  # one-vs-rest, macro over the classes that have both positives and negatives here
+            aucs = [roc_auc_score(y == c, outputs[:, c]) for c in range(n_classes) if 0 < np.sum(y == c) < len(y)]
+            out["roc_auc"] = _round(np.mean(aucs)) if aucs else None
+        if are_probabilities(outputs):
+            probs = np.clip(outputs, 1e-15, 1.0)
+            probs /= probs.sum(axis=1, keepdims=True)
+            out["log_loss"] = _round(log_loss(y, probs, labels=list(range(n_classes))))
+        else:
+            out["log_loss"] = None
+    return out
+
+
+def regression_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float | None]:
+    """``y`` and ``outputs``: (n,) or (n, k) values."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y = np.asarray(y, dtype=np.float64)
+    outputs = np.asarray(outputs, dtype=np.float64).reshape(y.shape)
+    out = {"mse": _round(mean_squared_error(y, outputs)), "mae": _round(mean_absolute_error(y, outputs))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        constant = len(y) < 2 or bool(np.all(np.ptp(y, axis=0) == 0))
+        out["r2"] = None if constant else _round(r2_score(y, outputs))
+    return out
+
+
+def confidence_estimate(top_probabilities: np.ndarray) -> dict[str, Any] | None:
+    """CBPE-style expected accuracy before labels arrive: for a calibrated classifier the mean
+    top-class probability is the expected share of right answers."""
+    if not len(top_probabilities):
+        return None
+    return {"accuracy": _round(np.mean(top_probabilities)), "rows": int(len(top_probabilities)),
+            "method": "confidence (mean top-class probability; assumes calibrated outputs)"}
+
+
+def judge(metrics: dict[str, float | None], baseline: dict[str, float], labels: int, min_labels: int,
+          tolerance: float) -> tuple[bool, list[dict[str, Any]]]:
+    """(degraded, the metrics that are worse than their baseline by more than the tolerance)."""
+    if labels < min_labels:
+        return False, []
+    worse = []
+    for name, base in baseline.items():
+        value = metrics.get(name)
+        if value is None:
+            continue
+        if name in HIGHER_IS_BETTER:
+            limit = base - tolerance
+            bad = value < limit
+        else:
+            limit = base * (1 + tolerance) if base > 0 else base + tolerance
+            bad = value > limit
+        if bad:
+            worse.append({"metric": name, "value": value, "baseline": base, "limit": _round(limit)})
+    return bool(worse), worse
+
+
+def _numeric_metrics(raw: Any) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k, v in raw.items():
+        name = {"auc": "roc_auc", "logloss": "log_loss"}.get(str(k).lower(), str(k).lower())
+        if name in KNOWN and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[name] = float(v)
+    return out
+
+
+def load_baseline(model_dir: str | Path | None) -> tuple[dict[str, float], str | None]:
+    """(held-out metrics, where they came from) from the version's model dir: the profile's
+    ``quality``, else the archive's ``training.json`` ``heldout_metrics``; ({}, None) if neither."""
+    if model_dir is None:
+        return {}, None
+    root = Path(model_dir)
+    for name, key in ((PROFILE, "quality"), (TRAINING, "heldout_metrics")):
+        path = root / name
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        metrics = _numeric_metrics(data.get(key) if isinstance(data, dict) else None)
+        if metrics:
+            return metrics, f"{name}:{key}"
+    return {}, None

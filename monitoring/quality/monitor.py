@@ -1,0 +1,427 @@
+"""Live quality of one model version: the prediction log, the label join and quality windows.
+
+The drift Monitor owns one :class:`QualityMonitor` per version (made by
+:func:`quality_factory`) and delegates to it (the plan's QualityPart):
+
+- :meth:`QualityMonitor.record` (the monitor's background thread): keeps each request id's
+  prediction (its ``outputs`` row) for ``feedback_ttl`` seconds, at most ``max_predictions``;
+- :meth:`QualityMonitor.feedback` (blocking where the store is Redis: call it from a worker
+  thread, e.g. ``await asyncio.to_thread(qm.feedback, items)``): joins labels by request id;
+- :meth:`QualityMonitor.status`: the ``"quality"`` part of ``GET /monitoring`` (blocking
+  where the store is Redis, like feedback);
+- :meth:`QualityMonitor.render_lines` / :func:`render_many`: Prometheus lines from what this
+  process last computed (never touches the store, safe on the event loop);
+- :meth:`QualityMonitor.tick`: refresh that cache and flush what was buffered while Redis was
+  down (the background thread calls it now and then; ``record`` does it every few seconds).
+
+Labels: a classification label is a class, by name (``obs.classes``; a number matches the
+class named by its decimal form first) or by index; a regression label is a number (a list of
+numbers for a model with several outputs). Wrong-type labels are counted invalid with an error
+line naming the item; labels for unknown, expired or already labelled ids are counted
+unmatched. Nothing a client sends is fatal.
+
+Redis down: predictions are buffered in this process (bounded, oldest dropped and counted)
+and written when Redis answers again; feedback answers 503 ("monitoring state is
+unavailable") rather than buffering labels: a label can only be joined against the shared
+prediction log, and a client told 503 knows to send it again, where a buffered label could
+later turn out unmatched with nobody to tell. ``status()["unavailable"]`` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import numpy as np
+import orjson
+
+from monitoring.quality.metrics import (are_probabilities, classification_metrics,
+                                        confidence_estimate, judge, load_baseline, regression_metrics)
+from monitoring.quality.store import HISTORY, MemoryStore, QualityStore, RedisStore, StoreUnavailable
+from server.core.capture import FeedbackItem, FeedbackResult, Observation
+from server.core.errors import ErrorKind, OspreyError, show
+from server.core.model_config import MonitoringConfig
+
+__all__ = ["QualityPart", "QualityMonitor", "quality_factory", "render_many", "resolve_label"]
+
+log = logging.getLogger("osprey.monitoring.quality")
+
+BUFFER_ROWS = 10_000  # predictions kept in this process while Redis is down
+RETRY_S = 2.0  # after a Redis failure, do not try again for this long (buffer meanwhile)
+REFRESH_S = 5.0  # record() refreshes the cached metrics at most this often
+RESULTS = ("matched", "unmatched", "invalid")
+_CLASSIFICATION, _REGRESSION = b"c", b"r"
+
+
+class QualityPart(Protocol):
+    """What the drift Monitor calls on a version's quality part."""
+
+    def record(self, obs: Observation) -> None: ...
+    def feedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult: ...
+    def status(self) -> dict[str, Any]: ...
+    def render_lines(self) -> list[str]: ...
+    def tick(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def resolve_label(label: Any, kind: bytes, width: int, classes: Sequence[str] | None) -> tuple[Any, str | None]:
+    """(the label as stored: a class index or the value(s), None) or (None, why it is invalid)."""
+    if kind == _REGRESSION:
+        values = label if isinstance(label, list) else [label]
+        if isinstance(label, str):
+            return None, f"label {show(label)} is a string; this model is a regression, send a number"
+        if isinstance(label, list) and width == 1:
+            return None, f"label {show(label)} is a list; this model predicts one value, send a number"
+        if len(values) != width:
+            return None, f"label {show(label)} has {len(values)} values; this model predicts {width}"
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return None, f"label {show(label)} is not a number; this model is a regression"
+            if not math.isfinite(v):
+                return None, f"label {show(label)} is not a finite number"
+        return ([float(v) for v in values] if isinstance(label, list) else float(label)), None
+    # classification: a class by name or by index
+    names = list(classes) if classes else None
+    if isinstance(label, list):
+        return None, f"label {show(label)} is a list; this model is a classifier, send one class"
+    if isinstance(label, str):
+        if names is not None and label in names:
+            return names.index(label), None
+        if names is None and label.strip().isdigit() and int(label) < width:
+            return int(label), None
+        which = f"one of {show(names, 200)}" if names else f"a class index 0..{width - 1}"
+        return None, f"label {show(label)} is not a class of this model ({which})"
+    if isinstance(label, bool):
+        if names is not None:
+            lowered = [n.lower() for n in names]
+            if str(label).lower() in lowered:
+                return lowered.index(str(label).lower()), None
+        if width == 2:
+            return int(label), None
+        return None, f"label {label!r} is a boolean; this model has {width} classes, send a class"
+    if isinstance(label, float):
+        if not label.is_integer():
+            return None, f"label {label!r} is not a class (a class index is a whole number)"
+        label = int(label)
+    if isinstance(label, int):
+        if names is not None and str(label) in names:
+            return names.index(str(label)), None
+        if 0 <= label < width:
+            return label, None
+        which = f" ({show(names, 200)})" if names else ""
+        return None, f"label {label} is not a class of this model: it has {width} classes{which}"
+    return None, f"label {show(label)} must be a class name, a class index or a number"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else ("+Inf" if x > 0 else "-Inf" if x < 0 else "NaN")
+
+
+FAMILIES = (
+    ("osprey_feedback_total", "counter", "Feedback labels this process answered, by result (matched, unmatched, invalid)."),
+    ("osprey_quality", "gauge", "Live quality of the last window of labelled predictions, per metric."),
+    ("osprey_quality_degraded", "gauge", "1 when a live quality metric is worse than its held-out baseline by more "
+                                         "than the tolerance (over at least min_labels labels), else 0."),
+)
+
+
+class QualityMonitor:
+    """One model version's prediction log, label join and live quality (see the module doc)."""
+
+    def __init__(self, model: str, version: str, config: MonitoringConfig | None = None, *,
+                 baseline: dict[str, float] | None = None, baseline_source: str | None = None,
+                 store: QualityStore | None = None, clock: Callable[[], float] = time.time):
+        self.model, self.version = model, version
+        self.config = config or MonitoringConfig()
+        self.baseline = dict(baseline or {})
+        self.baseline_source = baseline_source
+        self.store: QualityStore = store if store is not None else MemoryStore()
+        self.clock = clock
+        # the labelled window judged: quality_window labels, but never fewer than min_labels
+        self.window = max(int(self.config.quality_window), int(self.config.min_labels))
+        self._lock = threading.Lock()
+        self._meta: dict | None = None  # task, classes, width last written to the store
+        self._confidence: deque[float] = deque(maxlen=self.window)  # top-class probabilities (estimate)
+        self._local = dict.fromkeys(RESULTS, 0)  # this process's answers (Prometheus counters)
+        self._buffer: deque[tuple[float, list[tuple[str, bytes]], dict]] = deque()
+        self._buffered_rows = 0
+        self.dropped = 0  # predictions lost: buffer full while Redis was down
+        self.unavailable: str | None = None  # why the store cannot be reached, or None
+        self._retry_at = 0.0
+        self._cache: dict[str, Any] = {"labels_total": -1, "metrics": {}, "degraded": False, "worse": [],
+                                       "window_labels": 0}
+        self._refreshed = 0.0
+        self._warned_shape = False
+
+    # --- the prediction log ------------------------------------------------------------
+    def record(self, obs: Observation) -> None:
+        """Keep the sampled rows' predictions for the join (background thread; never raises)."""
+        try:
+            self._record(obs)
+        except Exception:  # never take the monitor's thread down
+            log.exception("quality record failed for %s/%s", self.model, self.version)
+
+    def _record(self, obs: Observation) -> None:
+        if obs.error or obs.outputs is None or not obs.request_ids:
+            return
+        kind = {"classification": _CLASSIFICATION, "regression": _REGRESSION}.get(obs.task or "")
+        if kind is None:
+            return  # autoencoders, embeddings: nothing a label can be checked against
+        outputs = np.asarray(obs.outputs, dtype=np.float32)
+        n = len(obs.request_ids)
+        if outputs.ndim == 1:
+            outputs = outputs.reshape(n, 1) if kind == _REGRESSION else np.stack([1 - outputs, outputs], axis=1)
+        if outputs.ndim != 2 or outputs.shape[0] != n:
+            if not self._warned_shape:
+                log.warning("%s/%s: outputs of shape %s for %d request ids; predictions not kept for feedback",
+                            self.model, self.version, outputs.shape, n)
+                self._warned_shape = True
+            return
+        rows = [(str(rid), kind + outputs[i].tobytes()) for i, rid in enumerate(obs.request_ids) if rid]
+        meta = {"task": obs.task, "classes": list(obs.classes) if obs.classes else None, "width": outputs.shape[1]}
+        if kind == _CLASSIFICATION and are_probabilities(outputs):
+            self._confidence.extend(outputs.max(axis=1).tolist())
+        now = obs.time or self.clock()
+        with self._lock:
+            self._buffer.append((now, rows, meta))
+            self._buffered_rows += len(rows)
+            while self._buffered_rows > BUFFER_ROWS and len(self._buffer) > 1:
+                _, old, _ = self._buffer.popleft()
+                self._buffered_rows -= len(old)
+                self.dropped += len(old)
+        self._flush(raising=False)
+        if time.monotonic() - self._refreshed > REFRESH_S:
+            self.tick()
+
+    def _flush(self, raising: bool) -> bool:
+        """Write buffered predictions; False (or StoreUnavailable if ``raising``) while the store is down."""
+        if self.unavailable is not None and time.monotonic() < self._retry_at and not raising:
+            return False
+        while True:
+            with self._lock:
+                if not self._buffer:
+                    break
+                now, rows, meta = self._buffer[0]
+            try:
+                if meta != self._meta:
+                    self.store.set_meta(meta)
+                    self._meta = meta
+                ttl = float(self.config.feedback_ttl) - max(0.0, self.clock() - now)
+                if ttl > 0:
+                    self.store.put(rows, now, ttl, int(self.config.max_predictions))
+            except StoreUnavailable as exc:
+                self._down(str(exc))
+                if raising:
+                    raise
+                return False
+            with self._lock:
+                if self._buffer and self._buffer[0][1] is rows:
+                    self._buffer.popleft()
+                    self._buffered_rows -= len(rows)
+        self._up()
+        return True
+
+    def _down(self, why: str) -> None:
+        if self.unavailable is None:
+            log.warning("%s/%s: monitoring state unavailable: %s", self.model, self.version, why)
+        self.unavailable = why
+        self._retry_at = time.monotonic() + RETRY_S
+
+    def _up(self) -> None:
+        if self.unavailable is not None:
+            log.info("%s/%s: monitoring state available again", self.model, self.version)
+        self.unavailable = None
+
+    # --- the join ------------------------------------------------------------------------
+    def feedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """Join labels to kept predictions by request id. Counts every item; raises only
+        OspreyError UNAVAILABLE (503) when the shared store cannot be reached."""
+        try:
+            return self._feedback(items)
+        except StoreUnavailable as exc:
+            self._down(str(exc))
+            raise OspreyError(ErrorKind.UNAVAILABLE,
+                              f"monitoring state is unavailable for model {self.model} version {self.version}: "
+                              f"{exc}; no label was recorded, send them again later", retry_after=RETRY_S) from None
+
+    def _feedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        result = FeedbackResult()
+        self._flush(raising=True)  # predictions of this process first: a label may be for one of them
+        rids = [str(item.request_id) for item in items]
+        rows = self.store.get(rids, self.clock()) if rids else []
+        meta = self._meta or self.store.get_meta() or {}
+        classes = meta.get("classes")
+        joined: list[tuple[int, bytes]] = []  # (item position, labelled entry)
+        for pos, (item, row) in enumerate(zip(items, rows)):
+            if row is None:
+                result.unmatched += 1
+                continue
+            kind, outputs = bytes(row[:1]), np.frombuffer(row[1:], dtype=np.float32)
+            value, why = resolve_label(item.label, kind, len(outputs), classes)
+            if why is not None:
+                result.invalid += 1
+                result.errors.append(f"feedback[{item.index}] (request_id {show(item.request_id)}): {why}")
+                continue
+            joined.append((pos, orjson.dumps({"k": kind.decode(), "y": value, "o": outputs.tolist()})))
+        claimed = self.store.claim([rids[pos] for pos, _ in joined]) if joined else []
+        entries = [entry for (_, entry), won in zip(joined, claimed) if won]
+        result.accepted = len(entries)
+        result.unmatched += len(joined) - len(entries)  # labelled meanwhile (twice in one request, another replica)
+        if entries:
+            total = self.store.add_labelled(entries, self.window)
+            before = total - len(entries)
+            size = int(self.config.quality_window)
+            for w in range(before // size + 1, total // size + 1):  # windows that closed with these labels
+                self._close_window(w)
+        self.store.add_counts({"matched": result.accepted, "unmatched": result.unmatched, "invalid": result.invalid})
+        with self._lock:
+            self._local["matched"] += result.accepted
+            self._local["unmatched"] += result.unmatched
+            self._local["invalid"] += result.invalid
+        if entries:
+            self._refresh()
+        return result
+
+    # --- quality -------------------------------------------------------------------------
+    def _compute(self) -> tuple[dict[str, Any], int, str | None]:
+        """(metrics over the labelled window, labels in it, task)."""
+        raw = self.store.labelled()
+        if not raw:
+            return {}, 0, None
+        entries = [orjson.loads(e) for e in raw]
+        kind = entries[-1]["k"]
+        width = len(entries[-1]["o"])
+        entries = [e for e in entries if e["k"] == kind and len(e["o"]) == width]
+        outputs = np.array([e["o"] for e in entries], dtype=np.float64)
+        if kind == "c":
+            y = np.array([e["y"] for e in entries], dtype=np.int64)
+            return classification_metrics(y, outputs), len(entries), "classification"
+        y = np.array([e["y"] for e in entries], dtype=np.float64).reshape(len(entries), -1)
+        return regression_metrics(y, outputs), len(entries), "regression"
+
+    def _refresh(self) -> dict[str, Any]:
+        counts = self.store.counts()
+        cache = self._cache
+        if counts.get("labels_total", 0) != cache["labels_total"]:
+            metrics, n, task = self._compute()
+            degraded, worse = judge(metrics, self.baseline, n, int(self.config.min_labels),
+                                    float(self.config.quality_tolerance))
+            cache = {"labels_total": counts.get("labels_total", 0), "metrics": metrics, "degraded": degraded,
+                     "worse": worse, "window_labels": n, "task": task}
+        cache = {**cache, "counts": counts}
+        self._cache = cache
+        self._refreshed = time.monotonic()
+        return cache
+
+    def _close_window(self, number: int) -> None:
+        metrics, n, _ = self._compute()
+        degraded, _ = judge(metrics, self.baseline, n, int(self.config.min_labels), float(self.config.quality_tolerance))
+        self.store.push_history({"window": number, "ended": self.clock(), "labels": n, "metrics": metrics,
+                                 "degraded": degraded}, HISTORY)
+
+    def tick(self) -> None:
+        """Flush buffered predictions and refresh the cached quality (background thread)."""
+        try:
+            if self._flush(raising=False):
+                self._refresh()
+        except StoreUnavailable as exc:
+            self._down(str(exc))
+        except Exception:
+            log.exception("quality refresh failed for %s/%s", self.model, self.version)
+
+    def estimated(self) -> dict[str, Any] | None:
+        """Expected accuracy from the confidence of recent predictions (before labels)."""
+        return confidence_estimate(np.fromiter(self._confidence, dtype=np.float64))
+
+    def status(self) -> dict[str, Any]:
+        """The ``"quality"`` object of the monitoring JSON."""
+        try:
+            self._flush(raising=False)
+            cache = self._refresh() if self.unavailable is None else self._cache
+            kept = self.store.kept(self.clock()) if self.unavailable is None else None
+            history = self.store.history() if self.unavailable is None else []
+        except StoreUnavailable as exc:
+            self._down(str(exc))
+            cache, kept, history = self._cache, None, []
+        counts = cache.get("counts") or {**self._local, "labels_total": 0}
+        return {
+            "labels": counts.get("matched", 0), "unmatched": counts.get("unmatched", 0),
+            "invalid": counts.get("invalid", 0),
+            "metrics": cache["metrics"], "baseline": self.baseline, "baseline_source": self.baseline_source,
+            "degraded": cache["degraded"], "degraded_metrics": cache["worse"],
+            "window": {"labels": cache["window_labels"], "size": self.window},
+            "windows": counts.get("labels_total", 0) // max(1, int(self.config.quality_window)),
+            "min_labels": int(self.config.min_labels),
+            "tolerance": float(self.config.quality_tolerance), "task": cache.get("task") or (self._meta or {}).get("task"),
+            "estimated": self.estimated(), "predictions_kept": kept, "store": self.store.kind,
+            "unavailable": self.unavailable, "dropped": self.dropped,
+            "history": history[-20:],
+        }
+
+    def history(self) -> list[dict]:
+        """Closed quality windows (last 200), oldest first."""
+        try:
+            return self.store.history()
+        except StoreUnavailable as exc:
+            self._down(str(exc))
+            return []
+
+    # --- Prometheus --------------------------------------------------------------------
+    def samples(self) -> dict[str, list[str]]:
+        """This version's sample lines per metric family, from the cache (no store access)."""
+        labels = f'model="{_escape(self.model)}",version="{_escape(self.version)}"'
+        with self._lock:
+            local = dict(self._local)
+        cache = self._cache
+        out: dict[str, list[str]] = {name: [] for name, _, _ in FAMILIES}
+        for result in RESULTS:
+            out["osprey_feedback_total"].append(f'osprey_feedback_total{{{labels},result="{result}"}} {local[result]}')
+        for metric, value in sorted(cache["metrics"].items()):
+            if value is not None:
+                out["osprey_quality"].append(f'osprey_quality{{{labels},metric="{metric}"}} {_num(value)}')
+        est = self.estimated()
+        if est is not None and not cache["metrics"]:
+            out["osprey_quality"].append(f'osprey_quality{{{labels},metric="estimated_accuracy"}} '
+                                         f'{_num(est["accuracy"])}')
+        out["osprey_quality_degraded"].append(f'osprey_quality_degraded{{{labels}}} {int(bool(cache["degraded"]))}')
+        return out
+
+    def render_lines(self) -> list[str]:
+        """This version's lines with HELP and TYPE (a valid exposition on its own)."""
+        return render_many([self])
+
+    def close(self) -> None:
+        """The version was released: drop what this process keeps (shared Redis state stays)."""
+        with self._lock:
+            self._buffer.clear()
+            self._buffered_rows = 0
+        self.store.clear()
+
+
+def render_many(monitors: Iterable[QualityMonitor]) -> list[str]:
+    """Prometheus lines of several versions: each family's HELP and TYPE once, then its samples."""
+    per = [m.samples() for m in monitors]
+    lines: list[str] = []
+    for name, kind, text in FAMILIES:
+        samples = [line for s in per for line in s[name]]
+        if not samples:
+            continue
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples]
+    return lines
+
+
+def quality_factory(model: str, version: str, config: MonitoringConfig | None, model_dir: Any,
+                    redis_url: str | None) -> QualityMonitor:
+    """A version's QualityMonitor: baseline from the model dir (profile ``quality``, else
+    ``training.json`` ``heldout_metrics``), state in Redis when ``redis_url`` is set."""
+    baseline, source = load_baseline(model_dir)
+    store: QualityStore = RedisStore(redis_url, model, version) if redis_url else MemoryStore()
+    return QualityMonitor(model, version, config, baseline=baseline, baseline_source=source, store=store)
