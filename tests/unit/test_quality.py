@@ -1,0 +1,266 @@
+"""Live quality (monitoring/quality): the label join by request id (late, twice, unknown,
+wrong type), the metrics against scikit-learn, the degraded judgement, the baseline, the
+confidence estimate, the Prometheus lines, and the Redis store against a real redis-server
+(two replicas sharing one Redis; Redis down and back)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
+
+from monitoring.quality import MemoryStore, QualityMonitor, RedisStore, load_baseline, quality_factory, render_many
+from monitoring.quality.metrics import classification_metrics, judge
+from server.core.capture import FeedbackItem, Observation
+from server.core.errors import ErrorKind, OspreyError
+from server.core.model_config import MonitoringConfig
+
+from tests.redis_server import redis_server  # noqa: F401  (fixture)
+
+CLASSES = ("cat", "dog", "bird")
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def obs(ids, outputs, task="classification", classes=CLASSES, t=None):
+    return Observation("m", "1", list(ids), t if t is not None else time.time(), task=task,
+                       outputs=np.asarray(outputs, dtype=np.float32), classes=classes)
+
+
+def items(pairs, start=0):
+    return [FeedbackItem(rid, label, start + i) for i, (rid, label) in enumerate(pairs)]
+
+
+def probs(n, classes=3, seed=0, sharp=1.0):
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet([sharp] * classes, size=n).astype(np.float32)
+
+
+def monitor(**kw) -> QualityMonitor:
+    config = MonitoringConfig(**{k: kw.pop(k) for k in list(kw) if hasattr(MonitoringConfig, k)})
+    return QualityMonitor("m", "1", config, **kw)
+
+
+# --- the join --------------------------------------------------------------------------
+def test_labels_join_by_request_id_by_class_name_or_index():
+    q = monitor()
+    q.record(obs(["a", "b", "c"], probs(3)))
+    r = q.feedback(items([("a", "dog"), ("b", 2), ("c", 0.0)]))
+    assert (r.accepted, r.unmatched, r.invalid, r.errors) == (3, 0, 0, [])
+    assert r.as_dict() == {"accepted": 3, "unmatched": 0, "invalid": 0}
+
+
+def test_unknown_twice_and_late_labels_are_unmatched_never_fatal():
+    clock = Clock()
+    q = monitor(feedback_ttl=60.0, clock=clock)
+    q.record(obs(["a", "b", "c"], probs(3), t=clock.t))
+    r = q.feedback(items([("a", "cat"), ("a", "cat"), ("nope", "cat")]))
+    assert (r.accepted, r.unmatched, r.invalid) == (1, 2, 0)  # twice in one request, unknown id
+    assert q.feedback(items([("a", "dog")])).unmatched == 1  # already labelled
+    clock.t += 61  # past feedback_ttl
+    r = q.feedback(items([("b", "cat"), ("c", "cat")]))
+    assert (r.accepted, r.unmatched) == (0, 2)
+    st = q.status()
+    assert (st["labels"], st["unmatched"], st["invalid"]) == (1, 5, 0)
+
+
+def test_wrong_type_labels_are_invalid_naming_the_item_and_keep_the_prediction():
+    q = monitor()
+    q.record(obs(["a", "b", "c", "d"], probs(4)))
+    r = q.feedback(items([("a", "zebra"), ("b", 7), ("c", 1.5), ("d", [1, 2])], start=10))
+    assert (r.accepted, r.unmatched, r.invalid) == (0, 0, 4)
+    assert r.errors[0].startswith("feedback[10] (request_id 'a'): label 'zebra' is not a class") and "'bird'" in r.errors[0]
+    assert "feedback[11]" in r.errors[1] and "3 classes" in r.errors[1]
+    assert "feedback[12]" in r.errors[2] and "whole number" in r.errors[2]
+    assert "feedback[13]" in r.errors[3] and "list" in r.errors[3]
+    assert q.feedback(items([("a", "cat")])).accepted == 1  # an invalid label does not use the prediction up
+
+    reg = monitor()
+    reg.record(obs(["x", "y", "z"], [1.0, 2.0, 3.0], task="regression", classes=None))
+    r = reg.feedback(items([("x", "high"), ("y", True), ("z", 2.5)]))
+    assert (r.accepted, r.invalid) == (1, 2)
+    assert "is a string; this model is a regression" in r.errors[0]
+    assert "feedback[1] (request_id 'y')" in r.errors[1]
+
+
+def test_classes_unknown_labels_by_index_and_binary_booleans():
+    q = monitor()
+    q.record(obs(["a", "b", "c"], probs(3, classes=2), classes=None))
+    r = q.feedback(items([("a", 1), ("b", "0"), ("c", True)]))
+    assert r.accepted == 3
+    q.record(obs(["d"], probs(1, classes=2), classes=None))
+    assert q.feedback(items([("d", 2)])).invalid == 1
+
+
+def test_the_prediction_log_is_bounded_oldest_first():
+    q = monitor(max_predictions=100)
+    for k in range(5):
+        q.record(obs([f"r{k}-{i}" for i in range(50)], probs(50, seed=k)))
+    assert q.status()["predictions_kept"] == 100
+    r = q.feedback(items([("r0-0", "cat"), ("r4-49", "cat"), ("r3-0", "cat")]))
+    assert (r.accepted, r.unmatched) == (2, 1)
+
+
+def test_outputs_without_a_task_to_judge_are_not_kept():
+    q = monitor()
+    q.record(Observation("m", "1", ["a"], time.time(), task="autoencoder", outputs=np.array([0.1])))
+    q.record(Observation("m", "1", ["b"], time.time(), task="classification", outputs=None))
+    q.record(Observation("m", "1", ["c"], time.time(), error="hook failed"))
+    assert q.feedback(items([("a", 1), ("b", 1), ("c", 1)])).unmatched == 3
+
+
+# --- metrics and the judgement ---------------------------------------------------------
+def test_classification_metrics_match_scikit_learn():
+    p = probs(400, classes=4, seed=3, sharp=0.5)
+    rng = np.random.default_rng(1)
+    y = np.where(rng.random(400) < 0.7, p.argmax(axis=1), rng.integers(0, 4, 400))
+    m = classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-6)
+    assert m["f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"), abs=1e-6)
+    assert m["log_loss"] == pytest.approx(log_loss(y, p / p.sum(1, keepdims=True), labels=range(4)), abs=1e-4)
+    assert 0.5 < m["roc_auc"] <= 1.0
+    binary = classification_metrics(np.array([0, 1, 1, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]]))
+    assert binary["roc_auc"] == 1.0 and binary["accuracy"] == 0.75
+    logits = classification_metrics(np.array([0, 1]), np.array([[3.0, -1.0], [0.0, 2.0]]))
+    assert logits["log_loss"] is None and logits["accuracy"] == 1.0  # scores, not probabilities
+
+
+def test_regression_metrics_match_scikit_learn():
+    q = monitor(min_labels=10, quality_window=50)
+    rng = np.random.default_rng(0)
+    pred = rng.normal(100, 20, 50)
+    truth = pred + rng.normal(0, 5, 50)
+    q.record(obs([f"r{i}" for i in range(50)], pred, task="regression", classes=None))
+    assert q.feedback(items([(f"r{i}", float(truth[i])) for i in range(50)])).accepted == 50
+    m = q.status()["metrics"]
+    pred32 = pred.astype(np.float32).astype(np.float64)
+    assert m["mse"] == pytest.approx(mean_squared_error(truth, pred32), rel=1e-5)
+    assert m["mae"] == pytest.approx(mean_absolute_error(truth, pred32), rel=1e-5)
+    assert m["r2"] == pytest.approx(r2_score(truth, pred32), rel=1e-5)
+
+
+def test_degraded_needs_min_labels_and_a_metric_worse_than_baseline_by_the_tolerance():
+    n = 600
+    p = probs(n, classes=10, seed=5, sharp=0.2)
+    truth = p.argmax(axis=1)
+    q = monitor(baseline={"accuracy": 0.97, "f1": 0.97}, min_labels=200, quality_window=500)
+    q.record(obs([f"r{i}" for i in range(n)], p, classes=tuple(str(c) for c in range(10))))
+    rng = np.random.default_rng(2)
+    corrupt = rng.random(n) < 0.3
+    labels = np.where(corrupt, (truth + 1 + rng.integers(0, 9, n)) % 10, truth)
+    q.feedback(items([(f"r{i}", int(labels[i])) for i in range(150)]))
+    st = q.status()
+    assert st["metrics"]["accuracy"] < 0.8 and st["degraded"] is False  # 150 < min_labels: not judged yet
+    q.feedback(items([(f"r{i}", int(labels[i])) for i in range(150, 600)], start=150))
+    st = q.status()
+    assert st["degraded"] is True and st["window"] == {"labels": 500, "size": 500}
+    assert {w["metric"] for w in st["degraded_metrics"]} == {"accuracy", "f1"}
+    assert st["windows"] == 1 and st["history"][0]["degraded"] is True
+    assert "osprey_quality_degraded{model=\"m\",version=\"1\"} 1" in q.render_lines()
+
+
+def test_judge_directions():
+    assert judge({"accuracy": 0.90}, {"accuracy": 0.96}, 300, 200, 0.05)[0] is True
+    assert judge({"accuracy": 0.92}, {"accuracy": 0.96}, 300, 200, 0.05)[0] is False
+    assert judge({"accuracy": 0.10}, {"accuracy": 0.96}, 199, 200, 0.05)[0] is False
+    # errors: relative tolerance, worse when higher
+    assert judge({"mse": 3600.0}, {"mse": 3354.6}, 300, 200, 0.05)[0] is True
+    assert judge({"mse": 3400.0}, {"mse": 3354.6}, 300, 200, 0.05)[0] is False
+    assert judge({"mae": 10.0, "r2": 0.1}, {"mae": 45.0, "r2": 0.5}, 300, 200, 0.05)[1][0]["metric"] == "r2"
+
+
+def test_baseline_from_the_profile_else_training_json(tmp_path):
+    (tmp_path / "training.json").write_text(json.dumps(
+        {"heldout_metrics": {"accuracy": 0.95, "f1": 0.94, "n_heldout": 114, "average": "macro"}}))
+    assert load_baseline(tmp_path) == ({"accuracy": 0.95, "f1": 0.94}, "training.json:heldout_metrics")
+    (tmp_path / "osprey-profile.json").write_text(json.dumps({"format": "osprey-profile/1", "quality": {"mse": 3.5}}))
+    assert load_baseline(tmp_path) == ({"mse": 3.5}, "osprey-profile.json:quality")
+    assert load_baseline(tmp_path / "missing") == ({}, None)
+    q = quality_factory("m", "1", MonitoringConfig(), tmp_path, "")
+    assert q.baseline == {"mse": 3.5} and q.store.kind == "memory"
+
+
+def test_estimate_before_labels_from_confidence():
+    q = monitor()
+    p = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1]], dtype=np.float32)
+    q.record(obs(["a", "b"], p))
+    st = q.status()
+    assert st["estimated"]["accuracy"] == pytest.approx(0.75, abs=1e-6) and st["metrics"] == {}
+    assert any('metric="estimated_accuracy"' in line for line in q.render_lines())
+    logits = monitor()
+    logits.record(obs(["a"], [[2.0, -1.0, 0.5]]))
+    assert logits.status()["estimated"] is None
+
+
+def test_prometheus_families_once_for_many_versions():
+    a, b = monitor(), QualityMonitor("m", "2")
+    a.record(obs(["x"], probs(1)))
+    a.feedback(items([("x", "cat"), ("y", "cat")]))
+    lines = render_many([a, b])
+    assert lines.count("# TYPE osprey_feedback_total counter") == 1
+    assert 'osprey_feedback_total{model="m",version="1",result="matched"} 1' in lines
+    assert 'osprey_feedback_total{model="m",version="1",result="unmatched"} 1' in lines
+    assert 'osprey_feedback_total{model="m",version="2",result="matched"} 0' in lines
+    assert 'osprey_quality_degraded{model="m",version="2"} 0' in lines
+
+
+# --- Redis -------------------------------------------------------------------------------
+def _replica(url: str, **kw) -> QualityMonitor:
+    return quality_factory("m", "1", MonitoringConfig(**kw), None, url)
+
+
+def test_two_replicas_sharing_redis_join_a_label_recorded_by_the_other(redis_server):  # noqa: F811
+    a, b = _replica(redis_server.url, min_labels=2, quality_window=10), _replica(redis_server.url, min_labels=2,
+                                                                                  quality_window=10)
+    assert isinstance(a.store, RedisStore)
+    a.record(obs(["r1", "r2", "r3"], probs(3)))
+    r = b.feedback(items([("r1", "cat"), ("r2", "bird"), ("zz", "cat"), ("r3", "lion")]))
+    assert (r.accepted, r.unmatched, r.invalid) == (2, 1, 1) and "lion" in r.errors[0]
+    assert a.feedback(items([("r1", "cat")])).unmatched == 1  # labelled already, on the other replica
+    sa, sb = a.status(), b.status()
+    assert (sa["labels"], sa["unmatched"], sa["invalid"]) == (2, 2, 1) == (sb["labels"], sb["unmatched"], sb["invalid"])
+    assert sa["metrics"] == sb["metrics"] and sa["metrics"]["accuracy"] is not None
+    assert sa["store"] == "redis" and sa["unavailable"] is None and sa["predictions_kept"] == 1
+
+
+def test_redis_prediction_log_expires_and_is_bounded(redis_server):  # noqa: F811
+    q = _replica(redis_server.url, feedback_ttl=0.3, max_predictions=5)
+    q.record(obs([f"r{i}" for i in range(8)], probs(8)))
+    assert q.status()["predictions_kept"] == 5
+    assert q.feedback(items([("r0", "cat"), ("r7", "cat")])).as_dict() == {"accepted": 1, "unmatched": 1, "invalid": 0}
+    q.record(obs(["late"], probs(1)))
+    time.sleep(0.5)
+    assert q.feedback(items([("late", "cat")])).unmatched == 1
+
+
+def test_redis_down_buffers_predictions_answers_503_and_catches_up(redis_server, monkeypatch):  # noqa: F811
+    import monitoring.quality.monitor as qm
+
+    monkeypatch.setattr(qm, "RETRY_S", 0.0)
+    q = _replica(redis_server.url)
+    q.record(obs(["before"], probs(1)))
+    redis_server.stop()
+    q.record(obs(["during"], probs(1)))  # buffered, never raises
+    with pytest.raises(OspreyError) as exc:
+        q.feedback(items([("before", "cat")]))
+    assert exc.value.kind is ErrorKind.UNAVAILABLE and exc.value.status == 503
+    assert "monitoring state is unavailable" in exc.value.message and "Redis at redis://127.0.0.1" in exc.value.message
+    st = q.status()
+    assert st["unavailable"] and "Redis" in st["unavailable"]
+    assert any(line.startswith("osprey_quality_degraded") for line in q.render_lines())  # still renders
+    redis_server.start()
+    q.tick()
+    assert q.status()["unavailable"] is None
+    # the buffered prediction was written once Redis answered (this redis-server keeps nothing
+    # across a restart, so the one written before is gone: unmatched, counted)
+    r = q.feedback(items([("during", "dog"), ("before", "cat")]))
+    assert (r.accepted, r.unmatched) == (1, 1)
