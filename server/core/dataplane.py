@@ -11,10 +11,12 @@ a callable ``(model_version | None, ticket, outcome)`` called when a request end
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+from server.core.capture import FeedbackItem, FeedbackResult, MonitorPort
 from server.core.errors import ErrorKind, OspreyError
 from server.core.registry import ModelVersion, Registry
 from server.core.types import InferenceResponse, Protocol, Ticket
@@ -33,8 +35,9 @@ RefusalObserver = Callable[[ModelVersion, Protocol, OspreyError], None]
 
 class DataPlane:
     def __init__(self, registry: Registry, observers: Iterable[Observer] = (),
-                 refusal_observers: Iterable[RefusalObserver] = ()):
+                 refusal_observers: Iterable[RefusalObserver] = (), monitor: MonitorPort | None = None):
         self.registry = registry
+        self.monitor = monitor  # drift, feedback and live quality (server.serve wires it), or None: off
         self.observers: list[Observer] = list(observers)
         self.refusal_observers: list[RefusalObserver] = list(refusal_observers)
         self.started = True  # False while the startup models are loading
@@ -126,3 +129,26 @@ class DataPlane:
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         return self.registry.get(name, version)
+
+    # --- monitoring: feedback labels and status -----------------------------------------
+    def _monitored(self, model: str, version: str | None) -> ModelVersion:
+        """The version (NOT_FOUND if unknown), or UNAVAILABLE / NOT_FOUND when it is not monitored."""
+        mv = self.registry.get(model, version)
+        if self.monitor is None:
+            raise OspreyError(ErrorKind.UNAVAILABLE, "monitoring is off on this server (setting monitoring=false): "
+                                                     "no feedback or monitoring status")
+        if not mv.config.monitoring.enabled:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"monitoring is off for model {mv.name} version {mv.version} "
+                                                   "(monitoring: enabled: false in its model-config.yaml)")
+        return mv
+
+    async def feedback(self, model: str, version: str | None, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """Join labels to the predictions of ``model`` (its default version unless ``version``)
+        by request id. Unknown model or version: NOT_FOUND; bad items are counted, not raised."""
+        mv = self._monitored(model, version)
+        return await self.monitor.feedback(mv.name, mv.version, items)
+
+    async def monitoring(self, model: str, version: str | None) -> dict[str, Any]:
+        """The monitoring JSON of a version (computed off the event loop: it may ask Redis)."""
+        mv = self._monitored(model, version)
+        return await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
