@@ -31,6 +31,7 @@ from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
+from server.protocols.rest.monitoring import add_monitoring_routes
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
 
@@ -106,6 +107,9 @@ class Server:
         add_inference_routes(self.inference_app, self.dataplane)
         add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
                       enable_model_api=settings.enable_model_api)
+        # feedback labels and monitoring status (DataPlane.feedback / .monitoring; the monitor itself is
+        # DataPlane.monitor, None while monitoring is off)
+        add_monitoring_routes(self.inference_app, self.dataplane)
         self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
                               rotate_key=self.keys.rotate if self.keys else None)
