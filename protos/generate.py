@@ -22,7 +22,7 @@ __all__ = ["generate", "PROTOS"]
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "server" / "protocols" / "grpc" / "generated"
-PROTOS = ("inference.proto", "management.proto", "grpc_service.proto")
+PROTOS = ("inference.proto", "management.proto", "grpc_service.proto", "osprey_monitoring.proto")
 _VERSION_GUARD = re.compile(r"^_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:    .*\n)*?\)\n", re.M)
 _GRPC_GUARD = re.compile(r"^GRPC_GENERATED_VERSION = .*?\n\n\n(?=class )", re.M | re.S)
 

@@ -1,7 +1,7 @@
 """Start the gRPC listeners on the running event loop (called by ``serve.Server.start``).
 
-7070 serves TorchServe's ``InferenceAPIsService`` and the Open Inference Protocol's
-``GRPCInferenceService``; 7071 serves ``ManagementAPIsService``. Both carry standard
+7070 serves TorchServe's ``InferenceAPIsService``, the Open Inference Protocol's
+``GRPCInferenceService`` and Osprey's ``osprey.Monitoring`` (feedback, monitoring status); 7071 serves ``ManagementAPIsService``. Both carry standard
 health checking (``grpc.health.v1``: SERVING once the startup models are ready) and server
 reflection. With token auth on, every call but health and reflection needs metadata
 ``authorization: Bearer <key>`` (the inference key on 7070, the management key on 7071).
@@ -22,6 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from server.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2, inference_pb2_grpc
 from server.protocols.grpc.generated import management_pb2, management_pb2_grpc
 from server.protocols.grpc.management import ManagementServicer
+from server.protocols.grpc.monitoring import SERVICE_NAME as MONITORING_SERVICE
+from server.protocols.grpc.monitoring import MonitoringServicer
+from server.protocols.grpc.generated import osprey_monitoring_pb2_grpc
 from server.protocols.grpc.open_inference import OpenInferenceServicer
 from server.protocols.grpc.status import ErrorStatus
 from server.protocols.grpc.torchserve import InferenceServicer
@@ -157,12 +160,15 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
         return [draining] + ([TokenAuth(lambda: keys.keys[kind])] if keys is not None else []) + [ErrorStatus()]
 
     inference_names = [inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name,
-                       grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name]
+                       grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                       MONITORING_SERVICE]
     management_names = [management_pb2.DESCRIPTOR.services_by_name["ManagementAPIsService"].full_name]
     inference, t1 = await _serve(s.grpc_inference_bind, s, [
         (inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, InferenceServicer(dp)),
         (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
          OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api)),
+        # osprey.Monitoring: feedback labels and monitoring status (DataPlane.feedback / .monitoring)
+        (osprey_monitoring_pb2_grpc.add_MonitoringServicer_to_server, MonitoringServicer(dp)),
     ], inference_names, dp.ready, auth("inference"))
     try:
         management, t2 = await _serve(s.grpc_management_bind, s, [
