@@ -149,8 +149,13 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         core = self._core(request, context)
+        # the request id (the client's id, else the one made here) in trailing metadata and in
+        # the response's id: the id feedback joins on
+        context.set_trailing_metadata((("x-request-id", core.request.request_id),))
         out = await self.dataplane.infer(core)
-        return self._encode(request, out.model_version, out, out.output_specs, core.request.outputs)
+        resp = self._encode(request, out.model_version, out, out.output_specs, core.request.outputs)
+        resp.id = core.request.request_id
+        return resp
 
     async def _stream_one(self, request, context, out: asyncio.Queue) -> None:
         try:
@@ -170,8 +175,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 if not task.done():
                     task.cancel()
-            out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(
-                request, result.model_version, result, result.output_specs, core.request.outputs)))
+            final = self._encode(request, result.model_version, result, result.output_specs, core.request.outputs)
+            final.id = core.request.request_id  # the id feedback joins on (the client's, else the one made here)
+            out.put_nowait(pb.ModelStreamInferResponse(infer_response=final))
         except OspreyError as err:
             out.put_nowait(self._stream_error(request, err))
         except Exception as exc:  # never a request on the stream without an answer

@@ -45,17 +45,25 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
                            fields={k: Field(v) for k, v in request.input.items()}, headers=headers,
                            received=time.monotonic(), timeouts=(context.time_remaining(),))
 
+    @staticmethod
+    def _tell_id(core: Ticket, context) -> None:
+        """The request id in trailing metadata (``x-request-id``): the id feedback joins on."""
+        context.set_trailing_metadata((("x-request-id", core.request.request_id),))
+
     async def Ping(self, request, context):
         healthy = self.dataplane.healthy()
         return pb.TorchServeHealthResponse(
             health=orjson.dumps({"status": "Healthy" if healthy else "Unhealthy"}, option=orjson.OPT_INDENT_2).decode())
 
     async def Predictions(self, request, context):
-        out = await self.dataplane.infer(self._core(request, context))
+        core = self._core(request, context)
+        self._tell_id(core, context)
+        out = await self.dataplane.infer(core)
         return pb.PredictionResponse(prediction=out.body)
 
     async def StreamPredictions(self, request, context):
         core = self._core(request, context)
+        self._tell_id(core, context)
         sink = StreamSink(asyncio.get_running_loop())
         core.stream = sink
         task = asyncio.ensure_future(self.dataplane.infer(core))

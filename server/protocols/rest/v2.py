@@ -219,6 +219,7 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
                            tensors=tensors, tensor_meta=meta or None, outputs=requested, headers=req.headers,
                            received=received, timeouts=(timeout_of(params if isinstance(params, dict) else None),),
                            client=req.connection())
+        req.request_id = core.request.request_id  # x-request-id is the OIP id: the one feedback joins on
         out = await dataplane.infer(core)
         return encode_infer_response(name, out.model_version, request,
                                      output_tensors(out, out.output_specs, requested))
