@@ -148,6 +148,7 @@ class QualityMonitor:
         # the labelled window judged: quality_window labels, but never fewer than min_labels
         self.window = max(int(self.config.quality_window), int(self.config.min_labels))
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._meta: dict | None = None  # task, classes, width last written to the store
         self._confidence: deque[float] = deque(maxlen=self.window)  # top-class probabilities (estimate)
         self._local = dict.fromkeys(RESULTS, 0)  # this process's answers (Prometheus counters)
@@ -186,7 +187,9 @@ class QualityMonitor:
                 self._warned_shape = True
             return
         rows = [(str(rid), kind + outputs[i].tobytes()) for i, rid in enumerate(obs.request_ids) if rid]
-        meta = {"task": obs.task, "classes": list(obs.classes) if obs.classes else None, "width": outputs.shape[1]}
+        width = outputs.shape[1]
+        classes = list(obs.classes) if obs.classes and len(obs.classes) == width else None  # else: by index only
+        meta = {"task": obs.task, "classes": classes, "width": width}
         if kind == _CLASSIFICATION and are_probabilities(outputs):
             self._confidence.extend(outputs.max(axis=1).tolist())
         now = obs.time or self.clock()
@@ -202,9 +205,20 @@ class QualityMonitor:
             self.tick()
 
     def _flush(self, raising: bool) -> bool:
-        """Write buffered predictions; False (or StoreUnavailable if ``raising``) while the store is down."""
-        if self.unavailable is not None and time.monotonic() < self._retry_at and not raising:
+        """Write buffered predictions; False (or StoreUnavailable if ``raising``) while the store is down.
+
+        One thread at a time: two writing the same rows could put back a prediction that a
+        label claimed in between. ``raising`` (feedback) waits for its turn; the others skip."""
+        if not raising and self.unavailable is not None and time.monotonic() < self._retry_at:
             return False
+        if not self._flush_lock.acquire(blocking=raising):
+            return self.unavailable is None
+        try:
+            return self._flush_locked(raising)
+        finally:
+            self._flush_lock.release()
+
+    def _flush_locked(self, raising: bool) -> bool:
         while True:
             with self._lock:
                 if not self._buffer:

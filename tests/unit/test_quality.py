@@ -264,3 +264,24 @@ def test_redis_down_buffers_predictions_answers_503_and_catches_up(redis_server,
     # across a restart, so the one written before is gone: unmatched, counted)
     r = q.feedback(items([("during", "dog"), ("before", "cat")]))
     assert (r.accepted, r.unmatched) == (1, 1)
+
+
+def test_a_label_sent_to_two_replicas_at_once_is_joined_once(redis_server):  # noqa: F811
+    from concurrent.futures import ThreadPoolExecutor
+
+    a, b = _replica(redis_server.url), _replica(redis_server.url)
+    ids = [f"r{i}" for i in range(300)]
+    a.record(obs(ids, probs(300)))
+    labels = items([(rid, "cat") for rid in ids])
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda q: q.feedback(labels), [a, b, a, b]))
+    assert sum(r.accepted for r in results) == 300
+    assert sum(r.unmatched for r in results) == 900
+    assert a.status()["labels"] == 300
+
+
+def test_classes_that_do_not_match_the_outputs_are_not_used_for_names():
+    q = monitor()
+    q.record(obs(["a", "b"], probs(2, classes=4), classes=("x", "y")))  # top-k names, say: not one per output
+    r = q.feedback(items([("a", 3), ("b", "x")]))
+    assert (r.accepted, r.invalid) == (1, 1) and "class index 0..3" in r.errors[0]
