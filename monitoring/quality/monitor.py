@@ -127,7 +127,8 @@ def _num(x: float) -> str:
 
 FAMILIES = (
     ("osprey_feedback_total", "counter", "Feedback labels this process answered, by result (matched, unmatched, invalid)."),
-    ("osprey_quality", "gauge", "Live quality of the last window of labelled predictions, per metric."),
+    ("osprey_quality", "gauge", "Live quality of the last window of labelled predictions, per metric "
+                                 "(estimated_accuracy, from confidence, until labels arrive)."),
     ("osprey_quality_degraded", "gauge", "1 when a live quality metric is worse than its held-out baseline by more "
                                          "than the tolerance (over at least min_labels labels), else 0."),
 )
@@ -228,9 +229,9 @@ class QualityMonitor:
                 if meta != self._meta:
                     self.store.set_meta(meta)
                     self._meta = meta
-                ttl = float(self.config.feedback_ttl) - max(0.0, self.clock() - now)
-                if ttl > 0:
-                    self.store.put(rows, now, ttl, int(self.config.max_predictions))
+                expires, current = now + float(self.config.feedback_ttl), self.clock()
+                if expires > current:  # (buffered while Redis was down: may have expired meanwhile)
+                    self.store.put(rows, current, expires, int(self.config.max_predictions))
             except StoreUnavailable as exc:
                 self._down(str(exc))
                 if raising:

@@ -34,7 +34,7 @@ class StoreUnavailable(Exception):
 class QualityStore(Protocol):
     kind: str
 
-    def put(self, rows: list[tuple[str, bytes]], now: float, ttl: float, max_rows: int) -> None: ...
+    def put(self, rows: list[tuple[str, bytes]], now: float, expires: float, max_rows: int) -> None: ...
     def get(self, rids: list[str], now: float) -> list[bytes | None]: ...
     def claim(self, rids: list[str]) -> list[bool]: ...
     def add_labelled(self, entries: list[bytes], window: int) -> int: ...
@@ -71,8 +71,7 @@ class MemoryStore:
                 break
             del pred[rid]
 
-    def put(self, rows, now, ttl, max_rows):
-        expires = now + ttl
+    def put(self, rows, now, expires, max_rows):
         with self._lock:
             pred = self._pred
             for rid, row in rows:
@@ -171,7 +170,7 @@ class RedisStore:
     """In Redis, under ``osprey:quality:{model}:{version}:``:
 
     - ``p:{request id}``: one prediction (string, expires after the TTL);
-    - ``idx``: sorted set of kept request ids by time, trimmed to ``max_predictions`` (the
+    - ``idx``: sorted set of kept request ids by expiry time, trimmed to ``max_predictions`` (the
       oldest ids and their keys are dropped) and of expired ids;
     - ``labelled``: list of the last ``quality_window`` labelled predictions;
     - ``counts``: hash matched / unmatched / invalid / labels_total;
@@ -204,17 +203,17 @@ class RedisStore:
     def _key(self, rid: str) -> str:
         return self.prefix + "p:" + rid
 
-    def put(self, rows, now, ttl, max_rows):
+    def put(self, rows, now, expires, max_rows):
         if not rows:
             return
-        ttl_ms = max(1, int(ttl * 1000))
+        expires_ms = int(expires * 1000)
 
         def go():
             pipe = self.client.pipeline(transaction=False)
             for rid, row in rows:
-                pipe.set(self._key(rid), row, px=ttl_ms)
-            pipe.zadd(self._idx, {rid: now for rid, _ in rows})
-            pipe.zremrangebyscore(self._idx, "-inf", now - ttl)
+                pipe.set(self._key(rid), row, pxat=expires_ms)
+            pipe.zadd(self._idx, {rid: expires for rid, _ in rows})  # scored by expiry: oldest first
+            pipe.zremrangebyscore(self._idx, "-inf", now)  # expired
             pipe.zcard(self._idx)
             card = pipe.execute()[-1]
             if card > max_rows:

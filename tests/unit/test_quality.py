@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
 
-from monitoring.quality import MemoryStore, QualityMonitor, RedisStore, load_baseline, quality_factory, render_many
+from monitoring.quality import QualityMonitor, RedisStore, load_baseline, quality_factory, render_many
 from monitoring.quality.metrics import classification_metrics, judge
 from server.core.capture import FeedbackItem, Observation
 from server.core.errors import ErrorKind, OspreyError
