@@ -5,8 +5,8 @@ The drift Monitor owns one :class:`QualityMonitor` per version (made by
 
 - :meth:`QualityMonitor.record` (the monitor's background thread): keeps each request id's
   prediction (its ``outputs`` row) for ``feedback_ttl`` seconds, at most ``max_predictions``;
-- :meth:`QualityMonitor.feedback` (blocking where the store is Redis: call it from a worker
-  thread, e.g. ``await asyncio.to_thread(qm.feedback, items)``): joins labels by request id;
+- :meth:`QualityMonitor.feedback` (blocking where the store is Redis: from the event loop
+  ``await qm.afeedback(items)``, which runs it in a worker thread): joins labels by request id;
 - :meth:`QualityMonitor.status`: the ``"quality"`` part of ``GET /monitoring`` (blocking
   where the store is Redis, like feedback);
 - :meth:`QualityMonitor.render_lines` / :func:`render_many`: Prometheus lines from what this
@@ -29,6 +29,7 @@ later turn out unmatched with nobody to tell. ``status()["unavailable"]`` says w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -290,20 +291,23 @@ class QualityMonitor:
         entries = [entry for (_, entry), won in zip(joined, claimed) if won]
         result.accepted = len(entries)
         result.unmatched += len(joined) - len(entries)  # labelled meanwhile (twice in one request, another replica)
+        closed = 0
         if entries:
             total = self.store.add_labelled(entries, self.window)
-            before = total - len(entries)
             size = int(self.config.quality_window)
-            for w in range(before // size + 1, total // size + 1):  # windows that closed with these labels
-                self._close_window(w)
+            closed = total // size if total // size > (total - len(entries)) // size else 0
         self.store.add_counts({"matched": result.accepted, "unmatched": result.unmatched, "invalid": result.invalid})
         with self._lock:
             self._local["matched"] += result.accepted
             self._local["unmatched"] += result.unmatched
             self._local["invalid"] += result.invalid
-        if entries:
-            self._refresh()
+        if closed:  # a quality window closed with these labels: judge it now (metrics otherwise on status/tick)
+            self._close_window(closed)
         return result
+
+    async def afeedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """:meth:`feedback` from the event loop (in a worker thread: it may wait on Redis)."""
+        return await asyncio.to_thread(self.feedback, items)
 
     # --- quality -------------------------------------------------------------------------
     def _compute(self) -> tuple[dict[str, Any], int, str | None]:
@@ -323,6 +327,8 @@ class QualityMonitor:
         return regression_metrics(y, outputs), len(entries), "regression"
 
     def _refresh(self) -> dict[str, Any]:
+        """Recompute the window's metrics if labels arrived since (about 20 ms for 500 labels
+        of 10 classes: done on status, tick and window close, not on every feedback)."""
         counts = self.store.counts()
         cache = self._cache
         if counts.get("labels_total", 0) != cache["labels_total"]:
@@ -337,10 +343,10 @@ class QualityMonitor:
         return cache
 
     def _close_window(self, number: int) -> None:
-        metrics, n, _ = self._compute()
-        degraded, _ = judge(metrics, self.baseline, n, int(self.config.min_labels), float(self.config.quality_tolerance))
-        self.store.push_history({"window": number, "ended": self.clock(), "labels": n, "metrics": metrics,
-                                 "degraded": degraded}, HISTORY)
+        """Record closed window ``number`` (the last one, when one request closed several)."""
+        cache = self._refresh()
+        self.store.push_history({"window": number, "ended": self.clock(), "labels": cache["window_labels"],
+                                 "metrics": cache["metrics"], "degraded": cache["degraded"]}, HISTORY)
 
     def tick(self) -> None:
         """Flush buffered predictions and refresh the cached quality (background thread)."""

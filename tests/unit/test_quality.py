@@ -10,10 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score
+from sklearn.metrics import (accuracy_score, f1_score, log_loss, mean_absolute_error, mean_squared_error, r2_score,
+                             roc_auc_score)
 
 from monitoring.quality import QualityMonitor, RedisStore, load_baseline, quality_factory, render_many
-from monitoring.quality.metrics import classification_metrics, judge
+from monitoring.quality.metrics import binary_auc, classification_metrics, judge
 from server.core.capture import FeedbackItem, Observation
 from server.core.errors import ErrorKind, OspreyError
 from server.core.model_config import MonitoringConfig
@@ -127,7 +128,10 @@ def test_classification_metrics_match_scikit_learn():
     assert m["accuracy"] == pytest.approx(accuracy_score(y, p.argmax(1)), abs=1e-6)
     assert m["f1"] == pytest.approx(f1_score(y, p.argmax(1), average="macro"), abs=1e-6)
     assert m["log_loss"] == pytest.approx(log_loss(y, p / p.sum(1, keepdims=True), labels=range(4)), abs=1e-4)
-    assert 0.5 < m["roc_auc"] <= 1.0
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr"), abs=1e-6)
+    ties = np.array([0.1, 0.4, 0.4, 0.8, 0.8, 0.2])
+    assert binary_auc(np.array([0, 1, 0, 1, 0, 1]) == 1, ties) == pytest.approx(
+        roc_auc_score([0, 1, 0, 1, 0, 1], ties), abs=1e-12)
     binary = classification_metrics(np.array([0, 1, 1, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]]))
     assert binary["roc_auc"] == 1.0 and binary["accuracy"] == 0.75
     logits = classification_metrics(np.array([0, 1]), np.array([[3.0, -1.0], [0.0, 2.0]]))
