@@ -226,3 +226,18 @@ def test_feedback_without_a_quality_part_is_unmatched(archive, monitor):
     m = monitor(versions)
     result = asyncio.run(m.feedback("m", "1", [FeedbackItem("x", 1, 0)]))
     assert result.as_dict() == {"accepted": 0, "unmatched": 1, "invalid": 0}
+
+
+def test_a_window_also_closes_after_window_seconds_with_min_window_rows(archive, monitor):
+    now = [1000.0]
+    versions = Versions()
+    versions.add("m", "1", archive, replace(CFG, window_seconds=60.0, min_window=100))
+    m = monitor(versions, clock=lambda: now[0])
+    feed(m, stream(50, 1))
+    now[0] += 61
+    feed(m, [])
+    assert m.status("m", "1")["windows"] == 0  # 50 rows < min_window: the window goes on
+    feed(m, stream(100, 2))
+    s = m.status("m", "1")
+    assert s["windows"] == 1 and s["history"][0]["ended"] == 1061.0
+    assert not s["drift"]["features"][0]["drifted"]  # a small window: the corrected test decides
