@@ -147,10 +147,10 @@ class Monitor:
                 self._served = gen
                 self._cond.notify_all()
 
-    def _flush(self, key: tuple[str, str], vm: VersionMonitor, force: bool) -> None:
+    def _flush(self, key: tuple[str, str], vm: VersionMonitor, force: bool, check_time: bool = False) -> None:
         now = time.monotonic()
         if force or now >= self._retry_at.get(key, 0.0):
-            if not vm.flush():
+            if not vm.flush(check_time):
                 self._retry_at[key] = now + self.retry_s  # a dead store is retried once per retry_s
 
     def _pass(self, force: bool) -> None:
@@ -169,9 +169,10 @@ class Monitor:
                     self._flush(key, vm, False)
         now = time.monotonic()
         for key, vm in self._all():
-            if vm.pending or key in touched or force or (vm.config.window_seconds and vm.layout is not None):
-                self._flush(key, vm, force)
-            if key in touched or force or now - self._last_refresh.get(key, 0.0) >= self.refresh_s:
+            due = force or now - self._last_refresh.get(key, 0.0) >= self.refresh_s  # time-closes, re-reads
+            if vm.pending or vm.unscored or key in touched or due:
+                self._flush(key, vm, force, check_time=due)
+            if key in touched or due:
                 self._last_refresh[key] = now
                 vm.refresh()
 

@@ -39,13 +39,14 @@ class StoreUnavailable(Exception):
     """The store cannot answer now (Redis down); the message says why."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Closed:
     """A window taken by the caller whose rows closed it."""
 
     counts: np.ndarray  # flat bin counts
     rows: int
     started: float
+    ended: float | None = None  # set when taken (a commit retried later keeps the close time)
 
 
 class Store(Protocol):

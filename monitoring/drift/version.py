@@ -35,6 +35,7 @@ log = logging.getLogger("osprey.monitoring")
 
 CHUNKS_PER_WINDOW = 10  # a chunk holds at most window / 10 rows, so a window overshoots by little
 MAX_CHUNKS = 4 * CHUNKS_PER_WINDOW  # about four windows buffered while the store is down
+MAX_UNSCORED = 4  # windows taken from the store whose commit failed, kept to commit later
 
 
 def _features_out(result: WindowResult) -> list[dict[str, Any]]:
@@ -58,6 +59,7 @@ class VersionMonitor:
         self.baseline_local = 0
         self.baseline_shared = 0
         self.pending: deque[list] = deque()  # [counts, rows] chunks not yet in the store
+        self.unscored: deque[Closed] = deque()  # closed windows whose commit has not succeeded
         self.snapshot: tuple[dict | None, list[dict], int] = (None, [], 0)
         try:
             profile = load_profile(model_dir) if model_dir is not None else None
@@ -129,31 +131,44 @@ class VersionMonitor:
         while len(self.pending) > MAX_CHUNKS:
             self.lost_rows += self.pending.popleft()[1]
 
-    def flush(self) -> bool:
-        """Send buffered chunks to the store in order, scoring any window they close.
-        False (and degraded) when the store is unavailable; what is left stays buffered."""
+    def flush(self, check_time: bool = True) -> bool:
+        """Send buffered chunks to the store in order, scoring any window they close (and, with
+        ``check_time``, a window past ``window_seconds``). False (and degraded) when the store
+        is unavailable: chunks not sent stay buffered, and a window taken but not committed is
+        kept (``MAX_UNSCORED``) and committed first next time."""
         if self.layout is None:
             return True
         lay = self.layout
         try:
+            while self.unscored:
+                self._score(self.unscored[0])
+                self.unscored.popleft()
             while self.pending:
                 counts, rows = self.pending[0]
                 closed = self.store.add(self.model, self.version, lay.fingerprint, lay.length, counts, rows,
                                         self.clock(), int(self.config.window))
                 self.pending.popleft()
                 if closed is not None:
-                    self._score(closed)
-            if self.config.window_seconds:
+                    self._take(closed)
+            if check_time and self.config.window_seconds:
                 closed = self.store.close_due(self.model, self.version, lay.fingerprint, lay.length, self.clock(),
                                               float(self.config.window_seconds), int(self.config.min_window))
                 if closed is not None:
-                    self._score(closed)
+                    self._take(closed)
         except StoreUnavailable as e:
             self._problem("store", str(e) + (f" ({self.lost_rows} rows dropped from the buffer)"
                                              if self.lost_rows else ""))
             return False
         self._clear("store")
         return True
+
+    def _take(self, closed: Closed) -> None:
+        closed.ended = self.clock()
+        self.unscored.append(closed)
+        while len(self.unscored) > MAX_UNSCORED:
+            self.lost_rows += self.unscored.popleft().rows
+        self._score(closed)
+        self.unscored.remove(closed)
 
     def _adopt_published(self) -> None:
         try:
@@ -165,7 +180,7 @@ class VersionMonitor:
             self._adopt(validate_profile(profile), "baseline")
 
     def _score(self, closed: Closed) -> None:
-        ended = self.clock()
+        ended = closed.ended if closed.ended is not None else self.clock()
         result = analyze(self.layout, closed.counts, closed.rows, ended, self.config)
         quality = None
         if self.quality is not None:

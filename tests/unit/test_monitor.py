@@ -241,3 +241,27 @@ def test_a_window_also_closes_after_window_seconds_with_min_window_rows(archive,
     s = m.status("m", "1")
     assert s["windows"] == 1 and s["history"][0]["ended"] == 1061.0
     assert not s["history"][0]["drifted"] and not s["drift"]["detected"]
+
+
+def test_a_window_whose_commit_failed_is_committed_once_the_store_answers(archive, monitor):
+    from monitoring.store import LocalStore, StoreUnavailable
+
+    class Flaky(LocalStore):
+        fail = True
+
+        def commit(self, model, version, update):
+            if self.fail:
+                raise StoreUnavailable("Redis unavailable: test")
+            return super().commit(model, version, update)
+
+    store = Flaky()
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions, store=store)
+    feed(m, stream(500, 1))
+    s = m.status("m", "1")
+    assert s["windows"] == 0 and s["degraded"] == "Redis unavailable: test"
+    store.fail = False
+    feed(m, [])
+    s = m.status("m", "1")
+    assert s["windows"] == 1 and s["degraded"] is None and s["requests"] == 500
