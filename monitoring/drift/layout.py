@@ -17,7 +17,7 @@ import numpy as np
 
 from server.core.capture import Observation
 
-from .profile import bin_numeric, embedding_name, project
+from .profile import ProfileError, embedding_name
 from .stats import centers
 
 __all__ = ["Layout"]
@@ -50,8 +50,13 @@ class Layout:
         self._cats = {f["name"]: {c: j for j, c in enumerate(f["categories"])} for f in feats
                       if f["type"] == "categorical"}
         self._index = {name: i for i, name in enumerate(self.names)}
+        self._inner = {name: e[1:-1] for name, e in self._edges.items()}  # bin_numeric's edges
+        self._offset = [int(o) for o in self.offsets[:-1]]
         self.projection = profile.get("projection")
         self.components = len(self.projection["components"]) if self.projection else 0
+        self._proj = None if self.projection is None else (
+            np.asarray(self.projection["mean"], dtype=np.float64),
+            np.asarray(self.projection["components"], dtype=np.float64))
         shape = [(f["name"], f.get("edges") or f.get("categories")) for f in feats]
         self.fingerprint = hashlib.sha1(json.dumps(shape, default=str).encode()).hexdigest()[:10]
         self.max_bins = width
@@ -59,30 +64,38 @@ class Layout:
     def columns(self, obs: Observation) -> dict[str, np.ndarray]:
         """The observation's columns by feature name, embeddings projected on the basis."""
         cols = {**obs.features, **obs.predictions}
-        if self.projection is not None and obs.embedding is not None and len(obs):
-            coords = project(self.projection, obs.embedding)  # ProfileError on a dimension mismatch
+        if self._proj is not None and obs.embedding is not None and len(obs):
+            mean, comps = self._proj
+            e = np.asarray(obs.embedding).reshape(len(obs), -1)
+            if e.shape[1] != len(mean):
+                raise ProfileError(f"embedding has {e.shape[1]} columns, the profile's projection {len(mean)}")
+            coords = (e - mean) @ comps.T
             cols.update({embedding_name(i): coords[:, i] for i in range(coords.shape[1])})
         return cols
 
     def count(self, obs: Observation) -> np.ndarray:
-        """Bin counts of one observation in the flat layout (vectorized per feature)."""
-        out = np.zeros(self.length, dtype=np.int64)
+        """Bin counts of one observation in the flat layout: each feature's bin indices shifted
+        by its offset, then one bincount for all (not one per feature), categories by dict."""
+        slots = []
         for name, col in self.columns(obs).items():
             i = self._index.get(name)
             if i is None:
                 continue
             col = np.asarray(col).reshape(-1)
             if self.numeric[i]:
-                x = col.astype(np.float64)
-                x = x[~np.isnan(x)]
-                idx = bin_numeric(self._edges[name], x)
+                x = col.astype(np.float64, copy=False)
+                if np.isnan(x).any():
+                    x = x[~np.isnan(x)]
+                idx = np.searchsorted(self._inner[name], x, side="right")
             else:
                 cats = self._cats[name]
                 other = len(cats)
-                uniq, inverse = np.unique(np.asarray([str(v) for v in col], dtype=str), return_inverse=True)
-                idx = np.array([cats.get(u, other) for u in uniq], dtype=np.int64)[inverse]
-            out[self.offsets[i]: self.offsets[i + 1]] += np.bincount(idx, minlength=self.sizes[i])[: self.sizes[i]]
-        return out
+                idx = np.fromiter((cats.get(v if type(v) is str else str(v), other) for v in col.tolist()),
+                                  dtype=np.int64, count=len(col))
+            slots.append(idx + self._offset[i])
+        if not slots:
+            return np.zeros(self.length, dtype=np.int64)
+        return np.bincount(np.concatenate(slots), minlength=self.length).astype(np.int64, copy=False)
 
     def matrix(self, flat: np.ndarray) -> np.ndarray:
         """(features, max_bins) counts from a flat vector, padded with zeros."""
