@@ -59,7 +59,7 @@ _FAMILIES = {  # name -> (type, help)
     "osprey_drift_detected": ("gauge", "1 while a drift episode is open."),
     "osprey_drift_episodes_total": ("counter", "Drift episodes opened (shared across replicas: use max)."),
     "osprey_monitored_requests_total": ("counter", "Rows this replica analysed for drift."),
-    "osprey_monitoring_degraded": ("gauge", "1 while monitoring of the version is degraded (Redis down, hook failing)."),
+    "osprey_monitoring_degraded": ("gauge", "1 while monitoring of the version is degraded (Redis down, hook fails)."),
     "osprey_monitoring_dropped_total": ("counter", "Observations dropped because the monitor's queue was full."),
     "osprey_feedback_total": ("counter", "Feedback labels received, by result (matched, unmatched, invalid)."),
     "osprey_quality": ("gauge", "Live quality metric over the last window of labelled predictions."),
@@ -68,7 +68,15 @@ _FAMILIES = {  # name -> (type, help)
 
 
 class Monitor:
-    """``server.core.capture.MonitorPort``: drift here, quality delegated per version."""
+    """``server.core.capture.MonitorPort``: drift here, quality delegated per version.
+
+    ``resolve(model, version)`` returns the registry's ModelVersion (``.archive.model_dir``,
+    ``.config.monitoring``) or None. ``store`` defaults to Redis when ``settings.redis_url`` is
+    set, else this process. ``clock`` is wall time for windows and episodes (tests own it);
+    ``tick`` is how often the idle thread looks at the queue, ``refresh`` how often it re-reads
+    shared state and checks ``window_seconds``, ``retry`` how often a dead store is retried.
+    ``status`` may read the version's profile from disk on its first call (once per version).
+    """
 
     def __init__(self, settings: Any, resolve: Callable[[str, str], Any],
                  quality_factory: QualityFactory | None = None, *, store: Store | None = None,
@@ -226,16 +234,19 @@ class Monitor:
     def render(self) -> str:
         """Text exposition of the drift families (and the quality parts' lines)."""
         lines: dict[str, list[str]] = {name: [] for name in _FAMILIES}
-        for (model, version), vm in sorted(self._all()):
+
+        def add(name: str, labels: str, value: float) -> None:
+            lines[name].append(f"{name}{{{labels}}} {fmt(float(value))}\n" if labels else f"{name} {fmt(value)}\n")
+
+        for (model, version), vm in sorted(self._all(), key=lambda kv: kv[0]):
             m = vm.metrics()
             base = f'model="{escape(model)}",version="{escape(version)}"'
             for feature, score in m["scores"]:
-                lines["osprey_drift_score"].append(f'osprey_drift_score{{{base},feature="{escape(feature)}"}} {fmt(score)}\n')
-            lines["osprey_drift_detected"].append(f"osprey_drift_detected{{{base}}} {fmt(float(m['detected']))}\n")
-            lines["osprey_drift_episodes_total"].append(f"osprey_drift_episodes_total{{{base}}} {fmt(m['episodes'])}\n")
-            lines["osprey_monitored_requests_total"].append(
-                f"osprey_monitored_requests_total{{{base}}} {fmt(m['requests'])}\n")
-            lines["osprey_monitoring_degraded"].append(f"osprey_monitoring_degraded{{{base}}} {fmt(float(m['degraded']))}\n")
+                add("osprey_drift_score", f'{base},feature="{escape(feature)}"', score)
+            add("osprey_drift_detected", base, m["detected"])
+            add("osprey_drift_episodes_total", base, m["episodes"])
+            add("osprey_monitored_requests_total", base, m["requests"])
+            add("osprey_monitoring_degraded", base, m["degraded"])
             if vm.quality is not None:
                 try:
                     for line in vm.quality.render_lines():
@@ -243,7 +254,7 @@ class Monitor:
                         lines.setdefault(name, []).append(line if line.endswith("\n") else line + "\n")
                 except Exception:
                     log.exception("event=quality_render_failed model=%s version=%s", model, version)
-        lines["osprey_monitoring_dropped_total"].append(f"osprey_monitoring_dropped_total {fmt(self.dropped)}\n")
+        add("osprey_monitoring_dropped_total", "", float(self.dropped))
         out = []
         for name, body in lines.items():
             if body:

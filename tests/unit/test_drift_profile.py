@@ -23,8 +23,10 @@ def observations(n=1000, batches=4, seed=0, d=16):
         basis[:, 0] = rng.normal(0, 5, m)  # one dominant direction
         out.append(Observation(
             model="m", version="1", request_ids=[f"{b}-{i}" for i in range(m)], time=0.0,
-            features={"age": rng.normal(50, 10, m), "color": rng.choice(["red", "blue"], m, p=[0.7, 0.3]).astype(object)},
-            predictions={"predicted_class": rng.choice(["0", "1"], m).astype(object), "confidence": rng.uniform(0.5, 1, m)},
+            features={"age": rng.normal(50, 10, m),
+                      "color": rng.choice(["red", "blue"], m, p=[0.7, 0.3]).astype(object)},
+            predictions={"predicted_class": rng.choice(["0", "1"], m).astype(object),
+                         "confidence": rng.uniform(0.5, 1, m)},
             categorical=frozenset({"color", "predicted_class"}),
             embedding=(basis + rng.normal(0, 0.1, (m, d))).astype(np.float32),
             task="classification", classes=("0", "1")))
