@@ -147,3 +147,25 @@ def test_local_store_closes_a_window_once_at_the_row_count_and_by_time():
     store.add("m", "1", "L", 4, one, 10, 46.0, 500)
     assert store.close_due("m", "1", "L", 4, 46.0, 30.0, 50).rows == 50
     assert store.read("m", "1")[2] == 650
+
+
+def _wide(n, rng):
+    feats = {f"f{i}": rng.normal(0, 1, n) for i in range(40)}
+    return Observation(model="m", version="1", request_ids=[""] * n, time=0.0, features=feats,
+                       predictions={"predicted_class": rng.choice(list("abcdefghij"), n).astype(object),
+                                    "confidence": rng.beta(5, 1, n), "entropy": rng.gamma(2, 0.2, n)},
+                       categorical=frozenset({"predicted_class"}),
+                       embedding=rng.normal(0, 1, (n, 32)).astype(np.float32))
+
+
+def test_default_thresholds_raise_no_episode_on_40_in_distribution_windows_against_a_baseline():
+    """The issue's false-alarm goal with the noisiest reference (a 1,000-row baseline), 48 features."""
+    cfg = MonitoringConfig()
+    rng = np.random.default_rng(11)
+    lay = Layout(build_profile([_wide(1000, rng)], cfg, "baseline"))
+    state, drifted = None, 0
+    for w in range(40):
+        r = analyze(lay, lay.count(_wide(500, rng)), 500, float(w), cfg)
+        drifted += r.drifted
+        state = episodes.advance(state, r.drifted, float(w), cfg)
+    assert drifted <= 1 and state["episodes"] == 0
