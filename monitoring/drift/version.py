@@ -82,6 +82,7 @@ class VersionMonitor:
         self.baseline_local += len(obs)
         try:
             self.baseline_shared = self.store.baseline_rows(self.model, self.version, len(obs))
+            self._clear("store")
         except StoreUnavailable as e:
             self._problem("store", str(e))
         if self.baseline_local < needed:
@@ -122,6 +123,7 @@ class VersionMonitor:
         except (ProfileError, ValueError, TypeError) as e:
             self._problem("features", f"features do not match the profile: {e}")
             return
+        self._clear("features")
         limit = max(1, int(self.config.window) // CHUNKS_PER_WINDOW)
         if self.pending and self.pending[-1][1] + n <= limit:
             self.pending[-1][0] += counts

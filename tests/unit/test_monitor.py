@@ -265,3 +265,16 @@ def test_a_window_whose_commit_failed_is_committed_once_the_store_answers(archiv
     feed(m, [])
     s = m.status("m", "1")
     assert s["windows"] == 1 and s["degraded"] is None and s["requests"] == 500
+
+
+def test_an_embedding_of_the_wrong_width_is_named_and_clears_when_it_fits_again(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    bad = obs(50, 1)
+    bad.embedding = np.zeros((50, 3), dtype=np.float32)
+    feed(m, [bad])
+    assert m.status("m", "1")["degraded"] == ("features do not match the profile: "
+                                              "embedding has 3 columns, the profile's projection 8")
+    feed(m, [obs(50, 2)])
+    assert m.status("m", "1")["degraded"] is None
