@@ -1,0 +1,263 @@
+"""The monitor: takes observations from the instances, analyses them in one background thread.
+
+``observe`` is the only call on the request side (instance threads, or the event loop for
+process instances): a bounded ``deque.append`` and a length check, no lock, no analysis.
+Past ``queue_size`` waiting observations new ones are dropped and counted: monitoring loses
+rows before serving loses time.
+
+The background thread wakes every ``tick`` (or at once for ``drain``/``close``), empties the
+deque into one :class:`VersionMonitor` per version (drift: binning, windows, episodes), flushes
+counts to the store, and re-reads the shared state every ``refresh`` seconds so ``status``
+and ``render`` (called on the event loop) read a snapshot and never wait on Redis. Quality
+(labels, live metrics) is a separate part per version made by ``quality_factory``; the monitor
+feeds it observations, delegates feedback to it in a worker thread, and embeds its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Protocol, Sequence
+
+from server.core.capture import FeedbackItem, FeedbackResult, Observation
+
+from .drift.version import CHUNKS_PER_WINDOW, VersionMonitor
+from .families import escape, fmt, render_family
+from .store import Store, open_store
+
+__all__ = ["Monitor", "QualityPart", "QualityFactory"]
+
+log = logging.getLogger("osprey.monitoring")
+
+
+class QualityPart(Protocol):
+    """Live quality of one version (``monitoring/quality/``): the monitor's delegate."""
+
+    def record(self, obs: Observation) -> None:
+        """Keep the observation's predictions for joins (background thread)."""
+
+    def feedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """Join labels by request id (a worker thread; may block on Redis)."""
+
+    def status(self) -> dict[str, Any]:
+        """The ``quality`` object of the monitoring JSON."""
+
+    def render_lines(self) -> list[str]:
+        """Prometheus sample lines (no HELP/TYPE: the monitor writes those once per family) of
+        osprey_feedback_total{model,version,result}, osprey_quality{model,version,metric},
+        osprey_quality_degraded{model,version}."""
+
+
+# (model, version, the version's MonitoringConfig, its model_dir, the store) -> part or None
+QualityFactory = Callable[[str, str, Any, Any, Store], "QualityPart | None"]
+
+_FAMILIES = {  # name -> (type, help)
+    "osprey_drift_score": ("gauge", "Drift score of a feature in the last closed window (the version's method)."),
+    "osprey_drift_detected": ("gauge", "1 while a drift episode is open."),
+    "osprey_drift_episodes_total": ("counter", "Drift episodes opened (shared across replicas: use max)."),
+    "osprey_monitored_requests_total": ("counter", "Rows this replica analysed for drift."),
+    "osprey_monitoring_degraded": ("gauge", "1 while monitoring of the version is degraded (Redis down, hook fails)."),
+    "osprey_monitoring_dropped_total": ("counter", "Observations dropped because the monitor's queue was full."),
+    "osprey_feedback_total": ("counter", "Feedback labels received, by result (matched, unmatched, invalid)."),
+    "osprey_quality": ("gauge", "Live quality metric over the last window of labelled predictions."),
+    "osprey_quality_degraded": ("gauge", "1 while live quality is below its baseline by more than the tolerance."),
+}
+
+
+class Monitor:
+    """``server.core.capture.MonitorPort``: drift here, quality delegated per version.
+
+    ``resolve(model, version)`` returns the registry's ModelVersion (``.archive.model_dir``,
+    ``.config.monitoring``) or None. ``store`` defaults to Redis when ``settings.redis_url`` is
+    set, else this process. ``clock`` is wall time for windows and episodes (tests own it);
+    ``tick`` is how often the idle thread looks at the queue, ``refresh`` how often it re-reads
+    shared state and checks ``window_seconds``, ``retry`` how often a dead store is retried.
+    ``status`` may read the version's profile from disk on its first call (once per version).
+    """
+
+    def __init__(self, settings: Any, resolve: Callable[[str, str], Any],
+                 quality_factory: QualityFactory | None = None, *, store: Store | None = None,
+                 clock: Callable[[], float] = time.time, queue_size: int = 10_000, tick: float = 0.1,
+                 refresh: float = 1.0, retry: float = 1.0, start: bool = True):
+        self.settings, self.resolve, self.quality_factory = settings, resolve, quality_factory
+        self.store = store if store is not None else open_store(getattr(settings, "redis_url", ""))
+        self.clock = clock
+        self.enabled = bool(getattr(settings, "monitoring", True))
+        self.queue_size, self.tick, self.refresh_s, self.retry_s = queue_size, tick, refresh, retry
+        self.dropped = 0
+        self._queue: deque[Observation] = deque()
+        self._versions: dict[tuple[str, str], VersionMonitor | None] = {}  # None: off or unknown
+        self._lock = threading.Lock()  # guards _versions
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._gen = self._served = 0
+        self._closed = False
+        self._last_refresh: dict[tuple[str, str], float] = {}
+        self._retry_at: dict[tuple[str, str], float] = {}
+        self._thread = threading.Thread(target=self._run, name="osprey-monitor", daemon=True)
+        if start:
+            self._thread.start()
+
+    # -- request side ------------------------------------------------------------------------------
+    def observe(self, obs: Observation) -> None:
+        if not self.enabled:
+            return
+        if len(self._queue) >= self.queue_size:
+            self.dropped += 1
+            return
+        self._queue.append(obs)
+
+    # -- versions ------------------------------------------------------------------------------------
+    def _ensure(self, model: str, version: str) -> VersionMonitor | None:
+        """The version's monitor, made on first use; None when unknown or monitoring is off."""
+        key = (model, version)
+        with self._lock:
+            if key in self._versions:
+                return self._versions[key]
+            vm = None
+            mv = self.resolve(model, version)
+            config = getattr(getattr(mv, "config", None), "monitoring", None)
+            if mv is not None and config is not None and config.enabled and self.enabled:
+                model_dir = getattr(getattr(mv, "archive", None), "model_dir", None)
+                quality = None
+                if self.quality_factory is not None:
+                    try:
+                        quality = self.quality_factory(model, version, config, model_dir, self.store)
+                    except Exception:
+                        log.exception("event=quality_part_failed model=%s version=%s", model, version)
+                vm = VersionMonitor(model, version, config, model_dir, self.store, self.clock, quality)
+            if mv is not None:  # unknown versions are not cached: they may be registered later
+                self._versions[key] = vm
+            return vm
+
+    def _all(self) -> list[tuple[tuple[str, str], VersionMonitor]]:
+        with self._lock:
+            return [(k, v) for k, v in self._versions.items() if v is not None]
+
+    # -- background thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.tick)
+            self._wake.clear()
+            with self._cond:
+                if self._closed:
+                    self._cond.notify_all()
+                    return
+                gen = self._gen
+            try:
+                self._pass(force=gen != self._served)
+            except Exception:  # never let the thread die: monitoring would stop silently
+                log.exception("event=monitor_pass_failed")
+            with self._cond:
+                self._served = gen
+                self._cond.notify_all()
+
+    def _flush(self, key: tuple[str, str], vm: VersionMonitor, force: bool, check_time: bool = False) -> None:
+        now = time.monotonic()
+        if force or now >= self._retry_at.get(key, 0.0):
+            if not vm.flush(check_time):
+                self._retry_at[key] = now + self.retry_s  # a dead store is retried once per retry_s
+
+    def _pass(self, force: bool) -> None:
+        touched: set[tuple[str, str]] = set()
+        while True:
+            try:
+                obs = self._queue.popleft()
+            except IndexError:
+                break
+            vm = self._ensure(obs.model, obs.version)
+            if vm is not None:
+                key = (obs.model, obs.version)
+                vm.record(obs)
+                touched.add(key)
+                if len(vm.pending) >= CHUNKS_PER_WINDOW:  # a window's worth: send it before reading more
+                    self._flush(key, vm, False)
+        now = time.monotonic()
+        for key, vm in self._all():
+            due = force or now - self._last_refresh.get(key, 0.0) >= self.refresh_s  # time-closes, re-reads
+            if vm.pending or vm.unscored or key in touched or due:
+                self._flush(key, vm, force, check_time=due)
+            if key in touched or due:
+                self._last_refresh[key] = now
+                vm.refresh()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Test hook: wait until everything observed before this call is analysed and the
+        snapshots re-read (and buffered counts retried). True when done within ``timeout``."""
+        with self._cond:
+            self._gen += 1
+            target = self._gen
+            self._wake.set()
+            return self._cond.wait_for(lambda: self._served >= target or self._closed, timeout)
+
+    # -- MonitorPort ------------------------------------------------------------------------------------
+    def status(self, model: str, version: str) -> dict[str, Any]:
+        """The monitoring JSON; KeyError when the version is not registered."""
+        vm = self._ensure(model, version)
+        if vm is not None:
+            if (model, version) not in self._last_refresh:
+                self._wake.set()  # first ask on this replica: read the shared state soon
+            return vm.status()
+        if self.resolve(model, version) is None:
+            raise KeyError(f"no version {version!r} of model {model!r}")
+        return {"model": model, "version": version, "reference": None, "degraded": "monitoring is off",
+                "requests": 0, "windows": 0,
+                "drift": {"detected": False, "score": 0.0, "method": None, "episode": None, "episodes": 0,
+                          "features": []},
+                "quality": None, "history": []}
+
+    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        vm = await asyncio.to_thread(self._ensure, model, version)
+        if vm is None or vm.quality is None:
+            return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
+        return await asyncio.to_thread(vm.quality.feedback, items)
+
+    def forget(self, model: str, version: str) -> None:
+        with self._lock:
+            self._versions.pop((model, version), None)
+        self._last_refresh.pop((model, version), None)
+        self._retry_at.pop((model, version), None)
+        self.store.forget(model, version)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.store.close()
+
+    # -- Prometheus ------------------------------------------------------------------------------------
+    def render(self) -> str:
+        """Text exposition of the drift families (and the quality parts' lines)."""
+        lines: dict[str, list[str]] = {name: [] for name in _FAMILIES}
+
+        def add(name: str, labels: str, value: float) -> None:
+            lines[name].append(f"{name}{{{labels}}} {fmt(float(value))}\n" if labels else f"{name} {fmt(value)}\n")
+
+        for (model, version), vm in sorted(self._all(), key=lambda kv: kv[0]):
+            m = vm.metrics()
+            base = f'model="{escape(model)}",version="{escape(version)}"'
+            for feature, score in m["scores"]:
+                add("osprey_drift_score", f'{base},feature="{escape(feature)}"', score)
+            add("osprey_drift_detected", base, m["detected"])
+            add("osprey_drift_episodes_total", base, m["episodes"])
+            add("osprey_monitored_requests_total", base, m["requests"])
+            add("osprey_monitoring_degraded", base, m["degraded"])
+            if vm.quality is not None:
+                try:
+                    for line in vm.quality.render_lines():
+                        name = line.split("{", 1)[0].split(" ", 1)[0]
+                        lines.setdefault(name, []).append(line if line.endswith("\n") else line + "\n")
+                except Exception:
+                    log.exception("event=quality_render_failed model=%s version=%s", model, version)
+        add("osprey_monitoring_dropped_total", "", float(self.dropped))
+        out = []
+        for name, body in lines.items():
+            if body:
+                kind, doc = _FAMILIES.get(name, ("untyped", name))
+                out.append(render_family(name, kind, doc, body))
+        return "".join(out)

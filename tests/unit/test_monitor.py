@@ -1,0 +1,280 @@
+"""The Monitor end to end in one process, with synthetic Observations (no server, no sleeps:
+every check waits on ``Monitor.drain``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from monitoring.drift.profile import build_profile, save_profile
+from monitoring.monitor import Monitor
+from server.core.capture import FeedbackItem, FeedbackResult, Observation
+from server.core.model_config import MonitoringConfig
+
+CFG = MonitoringConfig(components=2)
+
+
+def obs(n, seed, shift=0.0, p=(0.5, 0.3, 0.2), model="m", version="1", error=None):
+    rng = np.random.default_rng(seed)
+    return Observation(model=model, version=version, request_ids=[f"{seed}-{i}" for i in range(n)], time=0.0,
+                       features={"x": rng.normal(shift, 1, n), "y": rng.uniform(0, 1, n), "z": rng.normal(0, 1, n)},
+                       predictions={"predicted_class": rng.choice(["a", "b", "c"], n, p=list(p)).astype(object),
+                                    "confidence": rng.uniform(0.4, 1, n)},
+                       categorical=frozenset({"predicted_class"}),
+                       embedding=rng.normal(0, 1, (n, 8)).astype(np.float32), error=error)
+
+
+def stream(rows, seed0, batch=50, **kw):
+    return [obs(batch, seed0 + i, **kw) for i in range(rows // batch)]
+
+
+class Versions:
+    """The registry as the monitor sees it: resolve(model, version) -> ModelVersion-like or None."""
+
+    def __init__(self):
+        self.known: dict[tuple[str, str], SimpleNamespace] = {}
+
+    def add(self, model, version, model_dir, config=CFG):
+        self.known[(model, version)] = SimpleNamespace(archive=SimpleNamespace(model_dir=model_dir),
+                                                       config=SimpleNamespace(monitoring=config))
+
+    def __call__(self, model, version):
+        return self.known.get((model, version))
+
+
+@pytest.fixture
+def archive(tmp_path):
+    save_profile(build_profile([obs(5000, 0)], CFG, "reference.npz"), tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def monitor():
+    made = []
+
+    def make(resolve, **kw):
+        m = Monitor(SimpleNamespace(monitoring=True, redis_url=""), resolve, **kw)
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        m.close()
+
+
+def feed(m, observations):
+    for o in observations:
+        m.observe(o)
+    assert m.drain(30)
+
+
+def test_in_distribution_traffic_opens_no_episode(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    feed(m, stream(500 * 12, 100))
+    s = m.status("m", "1")
+    assert s["reference"] == "archive" and "baseline_progress" not in s and s["degraded"] is None
+    assert s["requests"] == 6000 and s["windows"] == 12 and len(s["history"]) == 12
+    assert s["drift"]["episodes"] == 0 and s["drift"]["episode"] is None and not s["drift"]["detected"]
+    assert sum(h["drifted"] for h in s["history"]) <= 1
+    assert s["drift"]["method"] == "psi" and len(s["drift"]["features"]) == 7
+    json.dumps(s, allow_nan=False)  # valid JSON: no infinity in the edges
+
+
+def test_a_shifted_feature_opens_one_episode_and_ranks_first(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive, replace(CFG, drift_share=0.2))
+    m = monitor(versions)
+    feed(m, stream(1000, 200))
+    feed(m, stream(2000, 300, shift=1.0))
+    s = m.status("m", "1")
+    drift = s["drift"]
+    assert drift["detected"] and drift["episodes"] == 1
+    assert drift["episode"]["id"] == 1 and drift["episode"]["open"] and drift["episode"]["ended"] is None
+    top = drift["features"][0]
+    assert top["name"] == "x" and top["drifted"] and top["kind"] == "input" and top["threshold"] == 0.1
+    assert top["reference"]["edges"][0] is None and len(top["current"]["proportions"]) == 10
+    assert [h["drifted"] for h in s["history"]] == [False, False, True, True, True, True]
+    text = m.render()
+    assert 'osprey_drift_detected{model="m",version="1"} 1.0' in text
+    assert 'osprey_drift_episodes_total{model="m",version="1"} 1.0' in text
+    assert 'osprey_drift_score{model="m",version="1",feature="x"}' in text
+    assert 'osprey_monitored_requests_total{model="m",version="1"} 3000.0' in text
+    assert text.count("# TYPE osprey_drift_score gauge") == 1
+    feed(m, stream(1500, 400))  # three clean windows close it
+    drift = m.status("m", "1")["drift"]
+    assert not drift["detected"] and drift["episode"]["open"] is False and drift["episodes"] == 1
+
+
+def test_without_a_profile_the_first_requests_become_the_baseline(tmp_path, monitor):
+    versions = Versions()
+    versions.add("m", "1", tmp_path, replace(CFG, baseline_requests=1000))
+    m = monitor(versions)
+    feed(m, stream(400, 500))
+    s = m.status("m", "1")
+    assert s["reference"] == "baseline" and s["baseline_progress"] == {"rows": 400, "needed": 1000}
+    assert s["windows"] == 0 and s["drift"]["features"] == []
+    feed(m, stream(600 + 1000, 600))
+    s = m.status("m", "1")
+    assert s["baseline_progress"] == {"rows": 1000, "needed": 1000} and s["windows"] == 2
+    assert s["requests"] == 2000 and not s["drift"]["detected"]
+    assert {f["name"] for f in s["drift"]["features"]} >= {"x", "embedding[0]", "predicted_class"}
+
+
+def test_a_bad_profile_is_named_and_the_baseline_takes_over(tmp_path, monitor):
+    (tmp_path / "osprey-profile.json").write_text('{"format": "osprey-profile/1"}')
+    versions = Versions()
+    versions.add("m", "1", tmp_path)
+    m = monitor(versions)
+    s = m.status("m", "1")
+    assert s["reference"] == "baseline" and "osprey-profile.json unusable" in s["degraded"]
+    assert "'model' must be a string" in s["degraded"]
+
+
+def test_a_failing_hook_marks_the_version_degraded(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    feed(m, [obs(0, 1, error="KeyError: 'logits'")])
+    s = m.status("m", "1")
+    assert s["degraded"] == "monitoring hook failed on 1 batch(es): KeyError: 'logits'"
+    assert 'osprey_monitoring_degraded{model="m",version="1"} 1.0' in m.render()
+
+
+def test_observe_is_bounded_and_counts_drops(archive):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = Monitor(SimpleNamespace(monitoring=True, redis_url=""), versions, queue_size=3, start=False)
+    for i in range(5):
+        m.observe(obs(5, i))
+    assert len(m._queue) == 3 and m.dropped == 2
+    assert "osprey_monitoring_dropped_total 2.0" in m.render()
+    m.close()
+
+
+def test_unknown_versions_and_monitoring_off(archive, monitor):
+    versions = Versions()
+    versions.add("off", "1", archive, replace(CFG, enabled=False))
+    m = monitor(versions)
+    feed(m, [obs(50, 1, model="ghost"), obs(50, 2, model="off")])
+    with pytest.raises(KeyError, match="no version '1' of model 'ghost'"):
+        m.status("ghost", "1")
+    assert m.status("off", "1")["degraded"] == "monitoring is off"
+    off = Monitor(SimpleNamespace(monitoring=False, redis_url=""), versions, start=False)
+    off.observe(obs(5, 1))
+    assert not off._queue
+    off.close()
+
+
+def test_forget_drops_the_version(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    feed(m, stream(500, 1))
+    assert m.status("m", "1")["windows"] == 1
+    m.forget("m", "1")
+    assert 'version="1"' not in m.render()
+    assert m.status("m", "1")["windows"] == 0
+
+
+class FakeQuality:
+    def __init__(self, model, version, config, model_dir, store):
+        self.args = (model, version, config, model_dir, store)
+        self.rows = 0
+
+    def record(self, o):
+        self.rows += len(o)
+
+    def feedback(self, items):
+        return FeedbackResult(accepted=len(items))
+
+    def status(self):
+        return {"labels": self.rows, "unmatched": 0, "invalid": 0, "metrics": {"accuracy": 0.9}, "baseline": {},
+                "degraded": False, "estimated": None}
+
+    def render_lines(self):
+        m, v = self.args[:2]
+        return [f'osprey_quality{{model="{m}",version="{v}",metric="accuracy"}} 0.9',
+                f'osprey_feedback_total{{model="{m}",version="{v}",result="matched"}} 3']
+
+
+def test_quality_is_delegated_to_the_part_the_factory_makes(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions, quality_factory=FakeQuality)
+    feed(m, stream(500, 1))
+    s = m.status("m", "1")
+    assert s["quality"]["labels"] == 500 and s["history"][0]["quality"] == {"accuracy": 0.9}
+    result = asyncio.run(m.feedback("m", "1", [FeedbackItem("1-0", "a", 0)]))
+    assert result.accepted == 1
+    text = m.render()
+    assert "# TYPE osprey_quality gauge" in text and "# TYPE osprey_feedback_total counter" in text
+    assert 'osprey_feedback_total{model="m",version="1",result="matched"} 3\n' in text
+    part = m._versions[("m", "1")].quality
+    assert part.args[2] is versions("m", "1").config.monitoring and part.args[3] == archive
+    assert part.args[4] is m.store
+
+
+def test_feedback_without_a_quality_part_is_unmatched(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    result = asyncio.run(m.feedback("m", "1", [FeedbackItem("x", 1, 0)]))
+    assert result.as_dict() == {"accepted": 0, "unmatched": 1, "invalid": 0}
+
+
+def test_a_window_also_closes_after_window_seconds_with_min_window_rows(archive, monitor):
+    now = [1000.0]
+    versions = Versions()
+    versions.add("m", "1", archive, replace(CFG, window_seconds=60.0, min_window=100))
+    m = monitor(versions, clock=lambda: now[0])
+    feed(m, stream(50, 1))
+    now[0] += 61
+    feed(m, [])
+    assert m.status("m", "1")["windows"] == 0  # 50 rows < min_window: the window goes on
+    feed(m, stream(100, 2))
+    s = m.status("m", "1")
+    assert s["windows"] == 1 and s["history"][0]["ended"] == 1061.0
+    assert not s["history"][0]["drifted"] and not s["drift"]["detected"]
+
+
+def test_a_window_whose_commit_failed_is_committed_once_the_store_answers(archive, monitor):
+    from monitoring.store import LocalStore, StoreUnavailable
+
+    class Flaky(LocalStore):
+        fail = True
+
+        def commit(self, model, version, update):
+            if self.fail:
+                raise StoreUnavailable("Redis unavailable: test")
+            return super().commit(model, version, update)
+
+    store = Flaky()
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions, store=store)
+    feed(m, stream(500, 1))
+    s = m.status("m", "1")
+    assert s["windows"] == 0 and s["degraded"] == "Redis unavailable: test"
+    store.fail = False
+    feed(m, [])
+    s = m.status("m", "1")
+    assert s["windows"] == 1 and s["degraded"] is None and s["requests"] == 500
+
+
+def test_an_embedding_of_the_wrong_width_is_named_and_clears_when_it_fits_again(archive, monitor):
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    bad = obs(50, 1)
+    bad.embedding = np.zeros((50, 3), dtype=np.float32)
+    feed(m, [bad])
+    assert m.status("m", "1")["degraded"] == ("features do not match the profile: "
+                                              "embedding has 3 columns, the profile's projection 8")
+    feed(m, [obs(50, 2)])
+    assert m.status("m", "1")["degraded"] is None
