@@ -416,8 +416,10 @@ class QualityMonitor:
         return out
 
     def render_lines(self) -> list[str]:
-        """This version's lines with HELP and TYPE (a valid exposition on its own)."""
-        return render_many([self])
+        """This version's sample lines, no HELP/TYPE: the Monitor writes those once per family
+        across versions (:func:`render_many` writes a whole exposition on its own)."""
+        per = self.samples()
+        return [line for name, _, _ in FAMILIES for line in per[name]]
 
     def close(self) -> None:
         """The version was released: drop what this process keeps (shared Redis state stays)."""

@@ -48,7 +48,8 @@ class MonitoringConfig:
     layer: str | None = None  # the module whose output is the penultimate activation (None: found)
     method: str = "psi"  # psi | jensenshannon | wasserstein (per-feature distance)
     threshold: float | None = None  # per-feature distance threshold (None: the method's default)
-    drift_share: float = 0.5  # a window drifted when this share of features, or any prediction feature, drifted
+    drift_share: float = 0.5  # a window drifted when this share of its input features drifted ...
+    prediction_drift: str = "any"  # ... or (any) a prediction feature drifted; share: predictions count in the share; ignore
     episode_windows: int = 3  # n: the last n windows are looked at ...
     episode_drifted: int = 2  # k: ... and an episode opens when k of them drifted
     episode_clean: int = 3  # m: an open episode closes after m clean windows in a row
@@ -231,6 +232,11 @@ def parse_monitoring(raw: Any, source: str = "model-config.yaml") -> MonitoringC
         if key == "enabled":
             if not isinstance(value, bool):
                 raise OspreyError(ErrorKind.BAD_INPUT, f"{where}.enabled must be true or false, got {show(value)}")
+            out[key] = value
+        elif key == "prediction_drift":
+            if value not in ("any", "share", "ignore"):
+                raise OspreyError(ErrorKind.BAD_INPUT, f"{where}.prediction_drift must be any, share or ignore, "
+                                                       f"got {show(value)}")
             out[key] = value
         elif key in ("layer", "method"):
             if value is not None and not isinstance(value, str):
