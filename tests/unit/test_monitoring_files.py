@@ -23,7 +23,8 @@ def test_promtool_check_rules():
     r = _promtool("check", "rules", "alerts.yml")
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("OspreyLatencyP99AboveObjective", "OspreyHighErrorRatio", "OspreyQueueSaturated",
-                 "OspreyModelNotReady", "OspreyInstanceRestarted", "OspreyGarbageCollectorPausing"):
+                 "OspreyModelNotReady", "OspreyInstanceRestarted", "OspreyGarbageCollectorPausing",
+                 "OspreyDriftDetected", "OspreyQualityDegraded"):
         assert f"alert: {name}" in (PROM_DIR / "alerts.yml").read_text()
 
 
@@ -42,6 +43,37 @@ def test_promtool_test_rules_fails_on_a_wrong_expectation(tmp_path):
     r = subprocess.run([require("promtool"), "test", "rules", "alerts_test.yml"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
+
+
+def _rule_tests_with(tmp_path, old: str, new: str) -> subprocess.CompletedProcess:
+    rules = (PROM_DIR / "alerts.yml").read_text()
+    assert old in rules
+    (tmp_path / "alerts.yml").write_text(rules.replace(old, new))
+    (tmp_path / "alerts_test.yml").write_text((PROM_DIR / "alerts_test.yml").read_text())
+    return subprocess.run([require("promtool"), "test", "rules", "alerts_test.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_drift_and_quality_rule_tests_catch_a_rule_per_replica(tmp_path):
+    """The drift test has two replicas exporting one version's status: a rule without
+    ``max by (model, version)`` fires once per replica and the tests say so."""
+    r = _rule_tests_with(tmp_path, "max by (model, version) (osprey_drift_detected) == 1", "osprey_drift_detected == 1")
+    assert r.returncode != 0 and "OspreyDriftDetected" in r.stdout + r.stderr
+
+
+def test_drift_rule_tests_catch_a_missing_for(tmp_path):
+    """Without its ``for`` the drift alert fires on the one-minute blip and while pending: the tests fail."""
+    rules = (PROM_DIR / "alerts.yml").read_text()
+    start = rules.index("- alert: OspreyDriftDetected")
+    end = rules.index("for: 2m", start)
+    r = _rule_tests_with(tmp_path, rules[start:end + len("for: 2m")], rules[start:end].rstrip())
+    assert r.returncode != 0 and "OspreyDriftDetected" in r.stdout + r.stderr
+
+
+def test_quality_rule_tests_catch_a_rule_that_never_resolves(tmp_path):
+    r = _rule_tests_with(tmp_path, "max by (model, version) (osprey_quality_degraded) == 1",
+                         "max_over_time(osprey_quality_degraded[1h]) == 1")
+    assert r.returncode != 0 and "OspreyQualityDegraded" in r.stdout + r.stderr
 
 
 def _all_panels(panels):
