@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ReportError", "fetch_status", "check_status", "fetch_prometheus", "write_report",
-           "add_report_parser", "run", "EXIT_OK", "EXIT_ERROR", "EXIT_UNREACHABLE", "EXIT_AUTH",
+           "add_report_parser", "run", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_UNREACHABLE", "EXIT_AUTH",
            "EXIT_NOT_FOUND", "EXIT_BAD_JSON", "EXIT_PROMETHEUS"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's status for bad arguments
 EXIT_UNREACHABLE = 3
 EXIT_AUTH = 4
 EXIT_NOT_FOUND = 5
@@ -102,7 +103,8 @@ def fetch_status(url: str, model: str, version: str | None = None, token: str | 
     except urllib.error.HTTPError as exc:
         message = _server_message(exc.read())
         what = f"model {model!r}" + (f" version {version!r}" if version else "")
-        if exc.code in (401, 403):
+        # 400 too when the server answers token failures as TorchServe does (OSPREY_TOKEN_AUTH_STATUS=400)
+        if exc.code in (401, 403) or (exc.code == 400 and "token" in message.lower()):
             hint = ("the token was refused: pass the inference key (--token, or --key-file with the server's "
                     "key_file.json)" if token else "the server requires a token: pass the inference key with "
                     "--token, or --key-file with the server's key_file.json")
@@ -376,7 +378,8 @@ def _window_quality(entry: dict) -> dict[str, float]:
             and k not in ("labels", "unmatched", "invalid", "window")} if isinstance(metrics, dict) else {}
 
 
-def _plot_quality(series: dict[str, list], baseline: dict, path: Path, title: str, xlabel: str, time_axis: bool) -> None:
+def _plot_quality(series: dict[str, list], baseline: dict, path: Path, title: str, xlabel: str,
+                  time_axis: bool) -> None:
     fig = _figure(9, 4.5)
     ax = fig.add_subplot()
     for name in sorted(series):
@@ -606,7 +609,8 @@ def add_report_parser(sub) -> None:
                                    "plots: reference vs current distribution of each drifted feature, drift "
                                    "scores and live quality over time.")
     p.add_argument("model", metavar="MODEL", help="the model's name")
-    p.add_argument("--version", dest="model_version", metavar="V", help="the model version (default: its default version)")
+    p.add_argument("--version", dest="model_version", metavar="V",
+                   help="the model version (default: its default version)")
     p.add_argument("--url", default="http://127.0.0.1:8080",
                    help="the server's inference address (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write index.html and the PNGs to")
@@ -616,8 +620,10 @@ def add_report_parser(sub) -> None:
                                          f"./{DEFAULT_KEY_FILE} when it exists)")
     p.add_argument("--prometheus", metavar="URL", help="a Prometheus scraping the server: also plot "
                                                         "osprey_drift_score and osprey_quality over time")
-    p.add_argument("--since", default="6h", help="with --prometheus: how far back (e.g. 30m, 6h, 2d; default %(default)s)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds each HTTP request may take (default %(default)s)")
+    p.add_argument("--since", default="6h",
+                   help="with --prometheus: how far back (e.g. 30m, 6h, 2d; default %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds each HTTP request may take (default %(default)s)")
 
 
 def run(args) -> int:
@@ -633,7 +639,7 @@ def run(args) -> int:
         try:
             since = parse_duration(args.since)
         except ValueError as exc:
-            raise ReportError(f"--since: {exc}", 2) from None
+            raise ReportError(f"--since: {exc}", EXIT_USAGE) from None
         status = fetch_status(args.url, args.model, args.model_version, token, timeout=args.timeout)
         prometheus = None
         if args.prometheus:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import subprocess
@@ -46,7 +45,8 @@ def canned_status() -> dict:
         shifted = w > 20
         history.append({"window": w, "ended": 1_790_000_000.0 + 60 * w, "score": 0.6 if shifted else 0.04,
                         "drifted": shifted,
-                        "features": {"pixel_mean": 0.8 if shifted else 0.03, "predicted_class": 0.4 if shifted else 0.02,
+                        "features": {"pixel_mean": 0.8 if shifted else 0.03,
+                                     "predicted_class": 0.4 if shifted else 0.02,
                                      "confidence": 0.05, "embedding[0]": 0.1},
                         "quality": ({"accuracy": 0.97 if not shifted else 0.71, "f1": 0.96 if not shifted else 0.69}
                                     if w % 3 == 0 else None)})
@@ -232,6 +232,23 @@ def test_401_asks_for_the_token(server, tmp_path, capsys, token):
     assert "--token" in err and ("refused" in err if token else "requires a token" in err)
 
 
+def test_torchserve_style_400_for_a_token_is_a_token_error(server, tmp_path, capsys):
+    server.token = None
+    server.routes["/monitoring/digits_cnn"] = (400, b'{"code": 400, "message": "Token Authorization failed"}')
+    assert _report(server, tmp_path / "r", token=None) == report.EXIT_AUTH
+    assert "400 from" in _error_line(capsys)
+
+
+def test_window_quality_nested_under_metrics(server, tmp_path):
+    status = canned_status()
+    for entry in status["history"]:
+        if entry["quality"]:
+            entry["quality"] = {"labels": 500, "metrics": entry["quality"]}
+    server.serve_json("/monitoring/digits_cnn", status)
+    assert _report(server, tmp_path / "r") == 0
+    _assert_png(tmp_path / "r" / "quality-windows.png")
+
+
 def test_an_unreadable_key_file(server, tmp_path, capsys):
     bad = tmp_path / "keys.json"
     bad.write_text("{}")
@@ -351,7 +368,7 @@ def test_prometheus_unreachable_or_refusing(server, tmp_path, capsys):
 
 
 def test_bad_since_is_a_usage_error(server, tmp_path, capsys):
-    assert _report(server, tmp_path / "r", "--prometheus", server.url, "--since", "soon") == 2
+    assert _report(server, tmp_path / "r", "--prometheus", server.url, "--since", "soon") == report.EXIT_USAGE
     assert "--since" in _error_line(capsys)
 
 
