@@ -158,8 +158,9 @@ def check_status(status: Any, source: str = "the server") -> None:
     """Raise ``ReportError(EXIT_BAD_JSON)`` naming the first field the report needs and lacks."""
     if not isinstance(status, dict):
         raise ReportError(f"the monitoring JSON from {source} is not an object", EXIT_BAD_JSON)
-    for key in ("model", "version", "reference"):
+    for key in ("model", "version"):
         _field(status, "", key, (str,), source)
+    _field(status, "", "reference", (str,), source, nullable=True)  # null: the version is not monitored
     drift = _field(status, "", "drift", (dict,), source)
     _field(drift, "drift", "detected", (bool,), source)
     _field(drift, "drift", "score", _NUMBER, source, nullable=True)
@@ -171,23 +172,30 @@ def check_status(status: Any, source: str = "the server") -> None:
         _field(feature, path, "score", _NUMBER, source, nullable=True)
         _field(feature, path, "threshold", _NUMBER, source)
         _field(feature, path, "drifted", (bool,), source)
-        reference = _field(feature, path, "reference", (dict,), source)
+        # null: the server has no reference for it (a profile changed under a stored window): not plotted
+        reference = _field(feature, path, "reference", (dict,), source, nullable=True)
+        current = _field(feature, path, "current", (dict,), source)
+        if reference is None:
+            continue
         ref = _field(reference, f"{path}.reference", "proportions", (list,), source)
         if "categories" in reference:
             bins = len(_field(reference, f"{path}.reference", "categories", (list,), source))
         elif "edges" in reference:
-            bins = len(_field(reference, f"{path}.reference", "edges", (list,), source)) - 1
+            edges = _field(reference, f"{path}.reference", "edges", (list,), source)
+            if not all(e is None or (isinstance(e, _NUMBER) and not isinstance(e, bool)) for e in edges):
+                raise ReportError(f"the monitoring JSON from {source}: {path}.reference.edges should be numbers "
+                                  f"(null for the open ends)", EXIT_BAD_JSON)
+            bins = len(edges) - 1
         else:
             raise ReportError(f"the monitoring JSON from {source} lacks {path}.reference.edges "
                               f"(or .categories)", EXIT_BAD_JSON)
-        cur = _field(_field(feature, path, "current", (dict,), source), f"{path}.current", "proportions",
-                     (list,), source)
+        cur = _field(current, f"{path}.current", "proportions", (list,), source)
         if len(ref) != bins or len(cur) != bins:
             raise ReportError(f"the monitoring JSON from {source}: {path} ({feature['name']}) has {bins} "
                               f"reference bins but {len(ref)} reference and {len(cur)} current proportions",
                               EXIT_BAD_JSON)
     quality = _field(status, "", "quality", (dict,), source, nullable=True)
-    if quality is not None:
+    if quality is not None and "error" not in quality:  # {"degraded": true, "error": ...}: quality failed
         _field(quality, "quality", "metrics", (dict,), source)
         _field(quality, "quality", "baseline", (dict,), source, nullable=True)
         _field(quality, "quality", "degraded", (bool,), source)
@@ -278,7 +286,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _bin_labels(reference: dict) -> list[str]:
     if "categories" in reference:
         return [str(c) for c in reference["categories"]]
-    edges = [float(e) for e in reference["edges"]]
+    # JSON has no infinity: the server writes the open ends as null
+    edges = [float(e) if e is not None else (-math.inf if i == 0 else math.inf)
+             for i, e in enumerate(reference["edges"])]
     labels = []
     for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
         if math.isinf(lo) or i == 0:
@@ -464,8 +474,10 @@ def _render(status: dict, source: str, images: dict[str, Any], prom_url: str | N
         progress = status.get("baseline_progress") or {}
         reference_text = (f"baseline: the version's first requests "
                           f"({_e(progress.get('rows'))} of {_e(progress.get('needed'))} rows)")
-    else:
+    elif reference == "archive":
         reference_text = "archive: the profile shipped in the model archive (osprey-profile.json)"
+    else:
+        reference_text = "none: this version is not monitored" if reference is None else str(reference)
     rows = [("reference", html.escape(reference_text)),
             ("monitored requests", _e(status.get("requests"))),
             ("closed windows", _e(status.get("windows")))]
@@ -513,18 +525,22 @@ def _render(status: dict, source: str, images: dict[str, Any], prom_url: str | N
         out.append("<p class=\"muted\">No quality section (no labels sent to POST /feedback).</p>")
     else:
         out.append("<p>" + _badge(not quality["degraded"], "not degraded", "quality degraded") + "</p>")
+        if quality.get("error"):
+            out.append(f'<p><span class="badge warn">{_e(quality["error"])}</span></p>')
         rows = [("labels", _e(quality.get("labels"))), ("unmatched", _e(quality.get("unmatched"))),
                 ("invalid", _e(quality.get("invalid")))]
         out.append("<table>" + "".join(f"<tr><th>{k}</th><td class=\"num\">{v}</td></tr>" for k, v in rows)
                    + "</table>")
+        metrics = quality.get("metrics") or {}
         baseline = quality.get("baseline") or {}
-        estimated = quality.get("estimated") or {}
-        names = list(dict.fromkeys([*quality["metrics"], *baseline, *estimated]))
+        estimated = {k: v for k, v in (quality.get("estimated") or {}).items()  # from confidence, before labels
+                     if isinstance(v, float) and k != "rows"}
+        names = list(dict.fromkeys([*metrics, *baseline, *estimated]))
         if names:
             out.append("<table><tr><th>metric</th><th>live</th><th>baseline (held-out)</th><th>live − baseline</th>"
                        + ("<th>estimated (no labels)</th>" if estimated else "") + "</tr>")
             for name in names:
-                live, base = quality["metrics"].get(name), baseline.get(name)
+                live, base = metrics.get(name), baseline.get(name)
                 delta = (float(live) - float(base) if isinstance(live, _NUMBER) and isinstance(base, _NUMBER)
                          else None)
                 out.append(f"<tr><td>{_e(name)}</td><td class=\"num\">{_e(live)}</td><td class=\"num\">{_e(base)}</td>"
@@ -566,7 +582,8 @@ def write_report(status: dict, out_dir: str | os.PathLike, source: str = "",
     images: dict[str, Any] = {"features": []}
     try:
         features = sorted(status["drift"]["features"], key=lambda f: -(f["score"] or 0))
-        shown = [f for f in features if f["drifted"]] or features[:TOP_WHEN_NONE_DRIFTED]
+        plottable = [f for f in features if f["reference"] is not None]
+        shown = [f for f in plottable if f["drifted"]] or plottable[:TOP_WHEN_NONE_DRIFTED]
         for i, feature in enumerate(shown):
             name = f"feature-{i:02d}-{_slug(feature['name'])}.png"
             plot_feature(feature, out / name)

@@ -20,11 +20,10 @@ from server.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOKEN = "s3cret-1"
-INF = float("inf")
 
 
 def _numeric(name, kind, score, threshold, drifted, ref, cur, edges=None):
-    edges = edges or [-INF, *[i / 10 for i in range(1, len(ref))], INF]
+    edges = edges or [None, *[i / 10 for i in range(1, len(ref))], None]  # JSON has no infinity: null open ends
     return {"name": name, "kind": kind, "method": "psi", "score": score, "threshold": threshold, "drifted": drifted,
             "reference": {"edges": edges, "proportions": ref}, "current": {"proportions": cur}}
 
@@ -56,8 +55,12 @@ def canned_status() -> dict:
                       "episode": {"id": 1, "started": 1_790_001_260.0, "open": True, "ended": None}, "episodes": 1,
                       "features": features},
             "quality": {"labels": 900, "unmatched": 3, "invalid": 1,
-                        "metrics": {"accuracy": 0.71, "f1": 0.69}, "baseline": {"accuracy": 0.98, "f1": 0.97},
-                        "degraded": True, "estimated": None},
+                        "metrics": {"accuracy": 0.71, "f1": 0.69, "roc_auc": None},
+                        "baseline": {"accuracy": 0.98, "f1": 0.97}, "baseline_source": "training.json",
+                        "degraded": True, "degraded_metrics": ["accuracy", "f1"],
+                        "window": {"labels": 400, "size": 500}, "windows": 1, "min_labels": 200, "tolerance": 0.05,
+                        "task": "classification", "estimated": {"accuracy": 0.93, "rows": 500},
+                        "history": []},
             "history": history}
 
 
@@ -159,7 +162,7 @@ def test_report_writes_the_page_and_its_plots(server, tmp_path, capsys):
     assert "<script" not in page and "http" not in page.split("</style>")[0]  # self-contained
     for text in ("digits_cnn", "version 1.0", "archive", "drift detected", "quality degraded",
                  "pixel_mean", "predicted_class", "confidence", "embedding[0]", "accuracy", "0.98", "0.71",
-                 "-0.27", "started 2026-09-21"):
+                 "-0.27", "started 2026-09-21", "estimated (no labels)", "0.93"):
         assert text in page, text
     # the features table: drifted ones first, by score
     order = [page.index(f"<td>{n}</td>") for n in ("pixel_mean", "predicted_class", "embedding[0]", "confidence")]
@@ -237,6 +240,26 @@ def test_torchserve_style_400_for_a_token_is_a_token_error(server, tmp_path, cap
     server.routes["/monitoring/digits_cnn"] = (400, b'{"code": 400, "message": "Token Authorization failed"}')
     assert _report(server, tmp_path / "r", token=None) == report.EXIT_AUTH
     assert "400 from" in _error_line(capsys)
+
+
+def test_what_the_monitor_answers_at_its_edges(server, tmp_path):
+    """A feature without a reference (null), a quality part that failed, a version not monitored."""
+    status = canned_status()
+    status["drift"]["features"][0]["reference"] = None
+    status["quality"] = {"degraded": True, "error": "StoreUnavailable: redis down"}
+    server.serve_json("/monitoring/digits_cnn", status)
+    out = tmp_path / "r"
+    assert _report(server, out) == 0
+    assert sorted(p.name for p in out.glob("feature-*.png")) == ["feature-00-predicted_class.png"]
+    page = (out / "index.html").read_text()
+    assert "<td>pixel_mean</td>" in page and "StoreUnavailable: redis down" in page
+    off = {"model": "digits_cnn", "version": "1.0", "reference": None, "degraded": "monitoring is off",
+           "requests": 0, "windows": 0, "drift": {"detected": False, "score": 0.0, "method": None, "episode": None,
+                                                  "episodes": 0, "features": []}, "quality": None, "history": []}
+    server.serve_json("/monitoring/digits_cnn", off)
+    assert _report(server, out) == 0
+    page = (out / "index.html").read_text()
+    assert "not monitored" in page and "monitoring is off" in page
 
 
 def test_window_quality_nested_under_metrics(server, tmp_path):
