@@ -1,4 +1,4 @@
-"""The ``osprey`` command: serve, stop, package, examples."""
+"""The ``osprey`` command: serve, stop, package, examples, monitor report."""
 
 from __future__ import annotations
 
@@ -66,6 +66,13 @@ def _examples_parser(sub) -> None:
     p.add_argument("--out", default="model_store", help="folder to write archives to")
     p.add_argument("--list", action="store_true", help="list the examples and their families")
     p.add_argument("--only", nargs="*", help="build only these examples")
+
+
+def _monitor_parser(sub) -> None:
+    from monitoring.report import add_report_parser
+
+    p = sub.add_parser("monitor", help="drift and live quality of served models")
+    add_report_parser(p.add_subparsers(dest="monitor_command", required=True))
 
 
 def _settings_from(args):
@@ -198,6 +205,12 @@ def cmd_examples(args) -> int:
     return build_examples(args.out, only=args.only)
 
 
+def cmd_monitor(args) -> int:
+    from monitoring.report import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     from server import __version__
 
@@ -209,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     stop.add_argument("--pid-file", default=DEFAULT_PID_FILE)
     _package_parser(sub)
     _examples_parser(sub)
+    _monitor_parser(sub)
     args = parser.parse_args(argv)
-    return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples}[args.command](args)
+    return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
+            "monitor": cmd_monitor}[args.command](args)
 
 
 if __name__ == "__main__":
