@@ -59,9 +59,11 @@ Classification gives ``predicted_class`` (categorical: the class label), ``confi
 (top probability) and ``entropy`` (nats); regression gives the values; an autoencoder its
 ``reconstruction_error`` (from its hook). ``embedding``: the handler's own, else the
 penultimate activations: the output of the module named by ``monitoring.layer``, else the
-input of the last ``torch.nn.Linear`` of the handler's ``model`` (eager models only: a
-TorchScript or ``torch.export`` program runs its own graph, hooks see nothing), as (n, d)
-float32 (a 3-D activation (n, L, d) is averaged over L).
+input of the last ``torch.nn.Linear`` of the handler's ``model``; for a TorchScript model
+(no hooks there) the input of the last ``aten::linear`` of its inlined forward graph, taken
+by running, in sampled batches only, a copy of that graph with this value as an extra
+output. A ``torch.export`` program or an ONNX model gives none. As (n, d) float32 (a 3-D
+activation (n, L, d) is averaged over L).
 """
 
 from __future__ import annotations
@@ -249,6 +251,43 @@ def _find_model(target: Any) -> Any:
     return None
 
 
+def _find_script(target: Any) -> Any:
+    """The TorchScript module a handler runs (its ``model``), or None."""
+    torch = sys.modules.get("torch")
+    model = getattr(target, "model", None)
+    if torch is None or not isinstance(model, torch.jit.ScriptModule):
+        return None
+    return model
+
+
+def _script_penultimate(model: Any) -> Any:
+    """A function(module, *inputs) -> (the model's output, the input of its last
+    ``aten::linear``): the model's own forward graph (inlined) with that value added to its
+    outputs; None where the graph has no linear layer at its top level (or cannot be read)."""
+    import torch
+
+    optimized = torch._C._get_graph_executor_optimize()
+    try:
+        torch._C._set_graph_executor_optimize(True)  # the inliner does nothing while it is off (CPU instances)
+        graph = model.forward.graph.copy()
+        torch._C._jit_pass_inline(graph)
+        linear = [n for n in graph.nodes() if n.kind() == "aten::linear"]  # top level only, in run order
+        outs = list(graph.outputs())
+        if not linear or len(outs) != 1:
+            return None
+        hidden, out = linear[-1].inputsAt(0), outs[0]
+        graph.eraseOutput(0)
+        node = graph.create("prim::TupleConstruct", [out, hidden], 1)
+        node.insertBefore(graph.return_node())
+        node.output().setType(torch._C.TupleType([out.type(), hidden.type()]))
+        graph.registerOutput(node.output())
+        return torch._C._create_function_from_graph(f"osprey_monitor_tap_{id(model)}", graph)
+    except Exception:  # a graph this cannot rewrite: no embedding, nothing else changes
+        return None
+    finally:
+        torch._C._set_graph_executor_optimize(optimized)
+
+
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -294,6 +333,11 @@ class Tap:
 
     def _find_layer(self, layer: str | None) -> None:
         model = _find_model(self.target)
+        if model is None and not layer:
+            script = _find_script(self.target)
+            if script is not None:
+                self._tap_script(script)
+                return
         if model is None:
             if layer:
                 raise ValueError(f"monitoring.layer {layer!r}: the handler has no eager torch model to hook")
@@ -313,6 +357,32 @@ class Tap:
                 last = (name, m)
         if last is not None:
             self.layer_name, self._module = last
+
+    def _tap_script(self, model: Any) -> None:
+        """TorchScript runs its own graph (no hooks): while armed, the model's ``forward`` runs
+        a copy of its graph that also returns the last linear layer's input (same kernels, one
+        extra output); unarmed, its own forward, behind one Python call."""
+        fn = _script_penultimate(model)
+        if fn is None:
+            return
+        original = model.forward
+        tap = self
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if tap.armed and not kwargs and tap._script_fn is not None:
+                try:
+                    out, hidden = tap._script_fn(model._c, *args)
+                except Exception:  # inputs the copy cannot take: stop tapping, run the model as it is
+                    tap._script_fn = None
+                else:
+                    tap.activations.append(hidden)
+                    return out
+            return original(*args, **kwargs)
+        self._script_fn = fn
+        model.__dict__["forward"] = forward
+        self.layer_name = "(last linear layer of the TorchScript graph)"
+
+    _script_fn: Any = None
 
     # --- one sampled batch ---------------------------------------------------------------
     def arm(self) -> None:

@@ -320,6 +320,19 @@ def test_a_torchscript_model_still_gives_features_and_predictions(store):
     obs = observed[0]
     assert obs.error is None and set(obs.predictions) == {"predicted_class", "confidence", "entropy"}
     assert obs.features["mean"][0] > obs.features["mean"][1]
+    # no hooks in TorchScript: the input of the graph's last linear layer, from a tapped copy of the graph
+    model = runner.service.target.model
+    x = torch.tensor(np.stack([np.full((1, 8, 8), 128 / 255), np.full((1, 8, 8), 10 / 255)]), dtype=torch.float32)
+    eager = _nets()["TinyCNN"]()
+    eager.load_state_dict({k: v for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        hidden = eager.classifier[:3](eager.features(x)).numpy()
+    assert obs.embedding.shape == (2, 6)
+    np.testing.assert_allclose(obs.embedding, hidden, atol=1e-5)
+    # unsampled batches run the model's own forward, and the answers are the same either way
+    plain = runner_for(archive, None)
+    same = [png(np.full((8, 8), 77))]
+    assert answers(run(runner, same)) == answers(run(plain, same))
 
 
 # --- text -----------------------------------------------------------------------------
