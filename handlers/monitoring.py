@@ -24,6 +24,8 @@ TorchServe subclasses, plain classes; all optional):
 - ``monitor_task``: ``"classification" | "regression" | "autoencoder" | "embedding"`` or
   None (an attribute or a method of no argument). Defined (even as None), it is taken as
   it is; undefined, the task is inferred (below).
+- ``monitor_logits = True``: the outputs of a classifier are logits (softmax them without
+  checking whether they already are probabilities).
 - ``monitor_outputs(self, outputs) -> array``: the raw outputs as class probabilities (n, C)
   or values ((n,) / (n, k)); without it the rules below apply.
 - ``monitor_layer``: the module whose output is the penultimate activation (as
@@ -144,15 +146,30 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def probabilities(raw: np.ndarray) -> np.ndarray:
-    """(n, C) class probabilities from a classifier's outputs (see the module's rules)."""
+def probabilities(raw: np.ndarray, logits: bool = False) -> np.ndarray:
+    """(n, C) class probabilities from a classifier's outputs (see the module's rules);
+    ``logits``: they are known to be logits (softmax without looking)."""
     raw = raw.reshape(len(raw), -1).astype(np.float32, copy=False)
     if raw.shape[1] == 1:
         p = 1.0 / (1.0 + np.exp(-raw[:, 0]))
         return np.stack([1.0 - p, p], axis=1).astype(np.float32)
-    if _probability_rows(raw):
+    if not logits and _probability_rows(raw):
         return raw
     return _softmax(raw).astype(np.float32, copy=False)
+
+
+_LABELS: dict[tuple, np.ndarray] = {}
+
+
+def _label_array(classes: tuple[str, ...] | None, width: int) -> np.ndarray:
+    key = (classes, width)
+    labels = _LABELS.get(key)
+    if labels is None:
+        labels = np.asarray(classes if classes is not None and len(classes) == width
+                            else [str(i) for i in range(width)], dtype=object)
+        if len(_LABELS) < 256:
+            _LABELS[key] = labels
+    return labels
 
 
 def prediction_features(task: str | None, outputs: np.ndarray | None,
@@ -164,12 +181,9 @@ def prediction_features(task: str | None, outputs: np.ndarray | None,
     if task == "classification":
         p = outputs
         top = p.argmax(axis=1)
-        labels = np.asarray(classes if classes is not None and len(classes) == p.shape[1]
-                            else [str(i) for i in range(p.shape[1])], dtype=object)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logp = np.where(p > 0, np.log(np.where(p > 0, p, 1.0)), 0.0)
-        return {"predicted_class": labels[top], "confidence": p[np.arange(len(p)), top],
-                "entropy": -(p * logp).sum(axis=1)}
+        entropy = -(p * np.log(np.maximum(p, 1e-30))).sum(axis=1)  # 0 log 0 = 0
+        return {"predicted_class": _label_array(classes, p.shape[1])[top],
+                "confidence": p[np.arange(len(p)), top], "entropy": entropy}
     if task == "regression":
         v = outputs.reshape(len(outputs), -1)
         if v.shape[1] == 1:
@@ -213,12 +227,14 @@ def from_results(results: list, target: Any) -> tuple[str | None, np.ndarray | N
             out = np.asarray([list(r.values()) for r in results], dtype=np.float32)
             return "regression", out, None, [str(k) for k in keys]
         return None, None, None, None
-    if all(_number(r) for r in results):
-        return "regression", np.asarray(results, dtype=np.float32), None, None
-    if isinstance(first, (list, tuple)) and 0 < len(first) <= MAX_VALUES:
-        k = len(first)
-        if all(isinstance(r, (list, tuple)) and len(r) == k and all(_number(v) for v in r) for r in results):
-            return "regression", np.asarray(results, dtype=np.float32), None, None
+    # numbers, or lists of numbers: one conversion (numpy checks every row's length and type)
+    if _number(first) or (isinstance(first, (list, tuple)) and 0 < len(first) <= MAX_VALUES and _number(first[0])):
+        try:
+            values = np.asarray(results, dtype=np.float32)
+        except (TypeError, ValueError):  # mixed rows: something else than values
+            return None, None, None, None
+        if values.ndim == 1 or (values.ndim == 2 and values.shape[1] <= MAX_VALUES):
+            return "regression", values, None, None
     return None, None, None, None
 
 
@@ -310,6 +326,8 @@ class Tap:
         self._task = task() if callable(task) else task
         self._features = getattr(target, "monitor_features", None)
         self._outputs = getattr(target, "monitor_outputs", None)
+        self._logits = bool(getattr(target, "monitor_logits", False))  # outputs are logits: no need to look
+        self._class_cache: dict[int, tuple[str, ...] | None] = {}
         inference = getattr(target, "inference", None)
         if callable(inference) and not isinstance(target, types.ModuleType):
             tap = self
@@ -411,6 +429,11 @@ class Tap:
     def _keep_output(self, module: Any, args: tuple, out: Any) -> None:
         self.activations.append(main_output(out))
 
+    def _classes(self, width: int) -> tuple[str, ...] | None:
+        if width not in self._class_cache:
+            self._class_cache[width] = class_labels(self.target, width)
+        return self._class_cache[width]
+
     @property
     def task_given(self) -> bool:
         return self._task is not _UNSET
@@ -445,16 +468,16 @@ class Tap:
                 if raw.dtype.kind == "f" and raw.ndim in (1, 2) and len(raw):
                     width = 1 if raw.ndim == 1 else raw.shape[1]
                     if not self.task_given:
-                        if raw.ndim == 2 and (class_labels(target, width) is not None or _probability_rows(raw)):
+                        if raw.ndim == 2 and (self._classes(width) is not None or _probability_rows(raw)):
                             task = "classification"
                         elif width <= MAX_VALUES:
                             task = "regression"
                     if task == "classification" and raw.ndim == 2:
-                        outputs = probabilities(raw)
+                        outputs = probabilities(raw, self._logits)
                     elif task == "regression" and width <= MAX_VALUES:
                         outputs = raw
             if task == "classification" and outputs is not None:
-                classes = class_labels(target, outputs.shape[1])
+                classes = self._classes(outputs.shape[1])
         elif not self.task_given or task in ("classification", "regression"):
             t, outputs, classes, names = from_results(results, target)
             task = t if not self.task_given else (task if t == task else None)

@@ -56,15 +56,30 @@ __all__ = ["BuiltinHandler", "image_statistics", "payload_bytes", "parse_json", 
 def image_statistics(x: Any) -> dict[str, np.ndarray]:
     """Monitoring features of a batch of preprocessed images (N x C x H x W, or N x pixels):
     ``mean``, ``contrast`` (standard deviation) and, for several channels, ``channel_mean[c]``."""
-    a = x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+    if hasattr(x, "detach"):
+        x = x.detach()
+        if x.dtype != _torch_float32():
+            x = x.float()
+        a = x.cpu().numpy()
+    else:
+        a = np.asarray(x, dtype=np.float32)
     n = len(a)
     chans = a.reshape(n, a.shape[1], -1) if a.ndim >= 3 else a.reshape(n, 1, -1)
-    flat = chans.reshape(n, -1)
-    out = {"mean": flat.mean(axis=1), "contrast": flat.std(axis=1)}
+    flat = chans.reshape(n, -1).astype(np.float64)  # sums of squares in float64: no cancellation to speak of
+    m = flat.shape[1]
+    mean = flat.sum(axis=1) / m
+    var = np.einsum("ij,ij->i", flat, flat) / m - mean * mean
+    out = {"mean": mean, "contrast": np.sqrt(np.maximum(var, 0.0))}
     if chans.shape[1] > 1:
         means = chans.mean(axis=2)
         out.update({f"channel_mean[{c}]": means[:, c] for c in range(chans.shape[1])})
     return out
+
+
+def _torch_float32() -> Any:
+    import torch
+
+    return torch.float32
 
 
 def tensor(name: str, datatype: str, shape: list[int]) -> dict:

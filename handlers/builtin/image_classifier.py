@@ -171,6 +171,7 @@ class ImageClassifier(BuiltinHandler):
 
     # --- monitoring (handlers/monitoring.py): logits -> softmax, embedding from the penultimate layer
     monitor_task = "classification"
+    monitor_logits = True
 
     def monitor_features(self, inputs: Any, outputs: Any) -> dict:
         """``mean``, ``contrast`` and per-channel means of the preprocessed tensor."""

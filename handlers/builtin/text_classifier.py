@@ -58,6 +58,7 @@ class TextClassifier(TextInputs, BuiltinHandler):
     # --- monitoring (handlers/monitoring.py): logits -> softmax; the embedding is the input of
     # the classifier's last Linear layer (the pooled / final hidden state)
     monitor_task = "classification"
+    monitor_logits = True
 
     def monitor_features(self, inputs: Any, outputs: Any) -> dict:
         """``length`` in tokens and ``unknown_rate``."""
