@@ -35,6 +35,29 @@ TorchServe subclasses, plain classes; all optional):
   request holding several examples): the index in ``data`` of the request each row came
   from (the built-ins set it).
 
+**The built-in handlers' features** (input features; predictions; embedding):
+
+=================  ==========================================================================
+``tabular``        every feature of features.json by name, natural units (the model's
+                   standardized input unscaled); classification: ``predicted_class``,
+                   ``confidence``, ``entropy`` (labels of index_to_name.json), regression:
+                   ``prediction`` in the target's units; the last Linear layer's input
+``image_classifier``  ``mean``, ``contrast`` (standard deviation) of the preprocessed tensor,
+                   ``channel_mean[c]`` for c < C when it has several channels;
+                   ``predicted_class``, ``confidence``, ``entropy``; the penultimate activations
+``text_classifier``   ``length`` (tokens), ``unknown_rate`` (share of unknown tokens, when the
+                   tokenizer has one); ``predicted_class``, ``confidence``, ``entropy``; the
+                   classifier head's input (pooled / final hidden state)
+``text_embedding``  ``length``, ``unknown_rate``; no predictions (task ``embedding``); the
+                   sentence embedding as answered
+``anomaly``        ``mean``, ``contrast`` of the model input; ``reconstruction_error`` (also the
+                   observation's ``outputs``); the last Linear layer's input
+``generator``      ``latent_norm`` (RMS of the latent vector), ``class`` (categorical, for a
+                   conditional model); no predictions (task None)
+``tensor``         none; predictions by the rules below (regression values of a narrow
+                   output, probabilities...); the last Linear layer's input
+=================  ==========================================================================
+
 **Prediction features without any hook** (the rules, in order):
 
 1. ``inference`` was called: its output (a tensor; the first of a tuple; a dict's
@@ -71,6 +94,7 @@ activation (n, L, d) is averaged over L).
 from __future__ import annotations
 
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -314,6 +338,7 @@ class Tap:
     def __init__(self, target: Any, layer: str | None = None):
         self.target = target
         self.armed = False
+        self._thread = 0  # the thread running the armed batch
         self.calls: list[tuple[Any, Any]] = []  # (inputs, outputs) of each inference call while armed
         self.activations: list[Any] = []
         self._hook = None
@@ -334,7 +359,7 @@ class Tap:
 
             def tapped(*args: Any, **kwargs: Any) -> Any:
                 out = inference(*args, **kwargs)
-                if tap.armed:
+                if tap.armed and threading.get_ident() == tap._thread:
                     tap.calls.append((args[0] if len(args) == 1 else args, out))
                 return out
             tapped.__wrapped__ = inference  # type: ignore[attr-defined]
@@ -387,7 +412,7 @@ class Tap:
         tap = self
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if tap.armed and not kwargs and tap._script_fn is not None:
+            if tap.armed and not kwargs and tap._script_fn is not None and threading.get_ident() == tap._thread:
                 try:
                     out, hidden = tap._script_fn(model._c, *args)
                 except Exception:  # inputs the copy cannot take: stop tapping, run the model as it is
@@ -405,6 +430,7 @@ class Tap:
     # --- one sampled batch ---------------------------------------------------------------
     def arm(self) -> None:
         self.calls, self.activations = [], []
+        self._thread = threading.get_ident()
         if self._module is not None:
             if self._use_output:
                 self._hook = self._module.register_forward_hook(self._keep_output)
@@ -422,12 +448,15 @@ class Tap:
         self.calls, self.activations = [], []
         return calls, acts, getattr(self.target, "monitor_rows", None)
 
+    # a model shared by several instances (a module-level handler's global) runs in other
+    # threads too: keep only what this instance's thread computes
     def _keep_input(self, module: Any, args: tuple) -> None:
-        if args:
+        if args and threading.get_ident() == self._thread:
             self.activations.append(args[0])
 
     def _keep_output(self, module: Any, args: tuple, out: Any) -> None:
-        self.activations.append(main_output(out))
+        if threading.get_ident() == self._thread:
+            self.activations.append(main_output(out))
 
     def _classes(self, width: int) -> tuple[str, ...] | None:
         if width not in self._class_cache:

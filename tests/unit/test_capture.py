@@ -475,6 +475,27 @@ files_handler["module_bytes.py"] = '''
 '''
 
 
+def test_the_benchmarks_module_handler_with_a_torchscript_mlp(store):
+    """tests/models.py's MLP_HANDLER (the benchmark's tiny MLP): a module-level handle over a
+    TorchScript model, answering lists of 4 numbers: regression values, and the hidden layer
+    from the tapped graph."""
+    from tests.models import mlp_archive
+
+    archive = open_archive(mlp_archive(store / "mlp-store"), store / "mlp-work")
+    observed: list[Observation] = []
+    runner = runner_for(archive, observed)
+    x = np.random.default_rng(0).standard_normal((3, 16)).tolist()
+    got = answers(run(runner, x))
+    obs = observed[0]
+    assert obs.task == "regression" and sorted(obs.predictions) == [f"prediction[{i}]" for i in range(4)]
+    np.testing.assert_allclose(obs.outputs, got, rtol=1e-6)
+    model = runner.service.target.model
+    with torch.no_grad():
+        hidden = torch.relu(torch.nn.functional.linear(torch.tensor(x, dtype=torch.float32),
+                                                       model.state_dict()["0.weight"], model.state_dict()["0.bias"]))
+    np.testing.assert_allclose(obs.embedding, hidden.numpy(), atol=1e-5)
+
+
 def test_torchserve_style_handler_without_hooks_gets_prediction_features(store):
     archive = build(store, "ts_style", "ts_style.py")
     observed: list[Observation] = []
