@@ -49,6 +49,8 @@ log = logging.getLogger("osprey.monitoring")
 
 Observe = Callable[[Observation], None]
 
+_WARNED: set[tuple[str, str]] = set()  # versions whose failing hook was logged (once per version in this process)
+
 
 class BatchCapture:
     """Sampling, arming and the hand-over of one instance's observations."""
@@ -116,8 +118,9 @@ class BatchCapture:
 
     def _fail(self, exc: BaseException, ids: list | None, ended: float | None = None) -> Observation | None:
         why = f"monitoring hook failed: {type(exc).__name__}: {exc}"
-        if not self._warned:
+        if not self._warned and (self.name, self.version) not in _WARNED:
             self._warned = True
+            _WARNED.add((self.name, self.version))
             log.warning("model %s version %s: %s (logged once; monitoring is degraded, answers are not affected)",
                         self.name, self.version, why, exc_info=True)
         obs = Observation(self.name, self.version, list(ids or []), ended or time.time(), error=why)

@@ -564,9 +564,10 @@ def test_a_broken_hook_is_logged_once_and_observed_as_an_error_answers_unaffecte
     with caplog.at_level(logging.WARNING, logger="osprey.monitoring"):
         first = run(runner, [[1, 2], [3, 4]])
         second = run(runner, [[5, 6]], prefix="s")
+        run(runner_for(archive, observed), [[7, 8]], prefix="t")  # another instance of the version
     assert answers(first) == answers(run(plain, [[1, 2], [3, 4]]))
     assert all(isinstance(o, InferenceResponse) for o in first + second)
-    assert [o.error is not None for o in observed] == [True, True]
+    assert [o.error is not None for o in observed] == [True, True, True]
     assert "RuntimeError: hook bug" in observed[0].error
     assert observed[0].request_ids == ["r0", "r1"] and observed[1].request_ids == ["s0"]
     assert observed[0].features == {} and observed[0].model == "broken"
