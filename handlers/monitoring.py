@@ -53,7 +53,7 @@ TorchServe subclasses, plain classes; all optional):
 ``anomaly``        ``mean``, ``contrast`` of the model input; ``reconstruction_error`` (also the
                    observation's ``outputs``); the last Linear layer's input
 ``generator``      ``latent_norm`` (RMS of the latent vector), ``class`` (categorical, for a
-                   conditional model); no predictions (task None)
+                   conditional model); no predictions (task None); no embedding
 ``tensor``         none; predictions by the rules below (regression values of a narrow
                    output, probabilities...); the last Linear layer's input
 =================  ==========================================================================

@@ -173,6 +173,7 @@ class GeneratorHandler(BuiltinHandler):
     # --- monitoring (handlers/monitoring.py): what was asked for; a generated image has no
     # prediction to drift on
     monitor_task = None
+    monitor_layer = False  # the decoder's hidden layer is a function of the latent: nothing more to watch
 
     def monitor_features(self, inputs: Any, outputs: Any) -> dict:
         """``latent_norm`` (the latent vector's RMS: 1 for standard normal draws) and, for a
