@@ -391,6 +391,7 @@ def test_generator_features_and_no_predictions(store):
     assert obs.task is None and obs.predictions == {} and obs.outputs is None
     assert obs.request_ids == ["r0", "r0", "r1"]
     assert obs.features["latent_norm"][2] == pytest.approx(1.0)
+    assert obs.embedding is None
 
 
 TENSOR_CFG = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
