@@ -36,7 +36,9 @@ def _tickets(prefix: str) -> list[Ticket]:
             for i, r in enumerate(RECORDS)]
 
 
-def _serve(instance, rounds: int = 2) -> list:
+def _serve(instance, rounds: int = 2, observed: list | None = None) -> list:
+    """Run ``rounds`` batches; with ``observed``, wait (bounded) for one observation per round
+    before stopping the instance (the child sends them after its answers)."""
     async def main():
         instance.start()
         await instance.wait_loaded(120)
@@ -46,6 +48,9 @@ def _serve(instance, rounds: int = 2) -> list:
             done = loop.create_future()
             instance.submit([_tickets(f"k{k}-")], loop, lambda _i, _b, outcomes: done.set_result(outcomes))
             out.append(await asyncio.wait_for(done, 120))
+        end = time.monotonic() + 30
+        while observed is not None and len(observed) < rounds and time.monotonic() < end:
+            await asyncio.sleep(0.02)
         instance.stop()
         return out
 
@@ -53,12 +58,6 @@ def _serve(instance, rounds: int = 2) -> list:
         return asyncio.run(main())
     finally:
         instance.kill()
-
-
-def _wait(observed: list, n: int, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while len(observed) < n and time.monotonic() < end:
-        time.sleep(0.05)
 
 
 def _bodies(outcomes: list) -> list:
@@ -84,8 +83,7 @@ def test_a_process_instance_delivers_observations_to_the_parents_observe(tabular
         observed.append(obs)
 
     config = parse_model_config({**tabular.config, "deviceType": "cpu", "isolation": "process"})
-    monitored = _serve(ProcessInstance("tab_proc", "1.0", tabular, config, 0, None, None, 0, observe))
-    _wait(observed, 2)
+    monitored = _serve(ProcessInstance("tab_proc", "1.0", tabular, config, 0, None, None, 0, observe), 2, observed)
     assert len(observed) == 2
     _check(observed[0], "k0-")
     _check(observed[1], "k1-")
@@ -106,8 +104,7 @@ def test_a_thread_instance_calls_observe_from_its_thread(tabular):
         observed.append(obs)
 
     config = parse_model_config({**tabular.config, "deviceType": "cpu", "monitoring": {"sample_rate": 1.0}})
-    _serve(ModelInstance("tab_proc", "1.0", tabular, config, 0, None, None, observe))
-    _wait(observed, 2)
+    _serve(ModelInstance("tab_proc", "1.0", tabular, config, 0, None, None, observe), 2, observed)
     assert len(observed) == 2
     _check(observed[1], "k1-")
     assert threads == {"osprey-tab_proc-1.0-0"}
