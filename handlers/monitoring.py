@@ -501,7 +501,7 @@ class Tap:
                             task = "classification"
                         elif width <= MAX_VALUES:
                             task = "regression"
-                    if task == "classification" and raw.ndim == 2:
+                    if task == "classification" and (raw.ndim == 2 or self.task_given):  # 1-D: one logit
                         outputs = probabilities(raw, self._logits)
                     elif task == "regression" and width <= MAX_VALUES:
                         outputs = raw
