@@ -689,3 +689,21 @@ def test_run_reference_takes_image_bytes_and_tensors(store):
     tens = build(store, "tens_ref", "tensor", "RegressionNet", config=TENSOR_CFG)
     got = run_reference(tens, [{"x": np.ones((2, 3), dtype=np.float32)}])
     assert got.rows == 1 and len(got.observations[0]) == 2
+
+
+def test_run_reference_hands_back_a_failing_hook_as_an_error_observation(store):
+    got = run_reference(build(store, "broken_ref", "broken_hook.py"), [[1, 2], [3, 4]])
+    assert got.rows == 2 and got.errors == []
+    assert len(got.observations) == 2  # batchSize 1: one batch per row
+    assert all("hook bug" in o.error for o in got.observations)
+
+
+def test_a_bf16_model_gives_float_features_and_float32_embeddings(store):
+    archive = build(store, "tab_bf16", "tabular", "TabularNet", config={"precision": "bf16"},
+                    files={"features.json": json.dumps(FEATURES)})
+    observed: list[Observation] = []
+    run(runner_for(archive, observed), [{"age": 61, "bmi": 30.5, "bp": 101}])
+    obs = observed[0]
+    assert obs.features["age"].dtype == np.float64 and abs(obs.features["age"][0] - 61) < 0.5  # bf16 input
+    assert obs.embedding.dtype == np.float32 and obs.outputs.dtype == np.float32
+    assert abs(obs.outputs.sum() - 1) < 1e-3
