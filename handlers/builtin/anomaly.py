@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
-from .common import BuiltinHandler, numeric_tensor, parse_json, payload_bytes, tensor
+from .common import BuiltinHandler, image_statistics, numeric_tensor, parse_json, payload_bytes, tensor
 
 __all__ = ["AnomalyHandler"]
 
@@ -117,6 +117,17 @@ class AnomalyHandler(BuiltinHandler):
         x = batch.float()
         err = ((recon.reshape(len(x), -1) - x.reshape(len(x), -1)) ** 2).mean(dim=1).cpu().numpy()
         return {"reconstruction_error": err, "is_anomaly": err > self.threshold}
+
+    # --- monitoring (handlers/monitoring.py) ------------------------------------------------
+    monitor_task = "autoencoder"
+
+    def monitor_features(self, inputs: Any, outputs: Any) -> dict:
+        """The input's ``mean`` and ``contrast`` (model units) and the ``reconstruction_error``."""
+        x = inputs.detach().float()
+        recon = outputs.detach().float()
+        err = ((recon.reshape(len(x), -1) - x.reshape(len(x), -1)) ** 2).mean(dim=1)
+        stats = image_statistics(x.reshape(len(x), -1))
+        return {"mean": stats["mean"], "contrast": stats["contrast"], "reconstruction_error": err}
 
     def answer(self, outputs: dict, examples: list, idx: int) -> Any:
         answers = [{"reconstruction_error": float(e), "is_anomaly": bool(a), "threshold": self.threshold}

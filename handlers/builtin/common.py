@@ -49,8 +49,37 @@ from ..errors import InvalidInput, PredictionException
 
 log = logging.getLogger("osprey.handlers")
 
-__all__ = ["BuiltinHandler", "payload_bytes", "parse_json", "numeric_tensor", "float_tensor", "oip_datatype", "exported_batch_limit",
+__all__ = ["BuiltinHandler", "image_statistics", "payload_bytes", "parse_json", "numeric_tensor", "float_tensor", "oip_datatype", "exported_batch_limit",
            "read_json", "read_labels", "topk_labels", "tensor"]
+
+
+def image_statistics(x: Any) -> dict[str, np.ndarray]:
+    """Monitoring features of a batch of preprocessed images (N x C x H x W, or N x pixels):
+    ``mean``, ``contrast`` (standard deviation) and, for several channels, ``channel_mean[c]``."""
+    if hasattr(x, "detach"):
+        x = x.detach()
+        if x.dtype != _torch_float32():
+            x = x.float()
+        a = x.cpu().numpy()
+    else:
+        a = np.asarray(x, dtype=np.float32)
+    n = len(a)
+    chans = a.reshape(n, a.shape[1], -1) if a.ndim >= 3 else a.reshape(n, 1, -1)
+    flat = chans.reshape(n, -1).astype(np.float64)  # sums of squares in float64: no cancellation to speak of
+    m = flat.shape[1]
+    mean = flat.sum(axis=1) / m
+    var = np.einsum("ij,ij->i", flat, flat) / m - mean * mean
+    out = {"mean": mean, "contrast": np.sqrt(np.maximum(var, 0.0))}
+    if chans.shape[1] > 1:
+        means = chans.mean(axis=2)
+        out.update({f"channel_mean[{c}]": means[:, c] for c in range(chans.shape[1])})
+    return out
+
+
+def _torch_float32() -> Any:
+    import torch
+
+    return torch.float32
 
 
 def tensor(name: str, datatype: str, shape: list[int]) -> dict:
@@ -311,11 +340,22 @@ class BuiltinHandler(BaseHandler):
                 bad[name] = rows
         return bad
 
+    # --- monitoring (handlers/monitoring.py) ------------------------------------------------
+    @property
+    def monitor_rows(self) -> np.ndarray:
+        """The request (index in ``data``) of each example of the last batch, in model order."""
+        spans = getattr(self, "_spans", None) or {}
+        n = len(spans)
+        idx = np.fromiter(spans.keys(), np.int64, n)
+        counts = np.fromiter((c for _, c, _ in spans.values()), np.int64, n)
+        return np.repeat(idx, counts)
+
     # --- the pipeline -----------------------------------------------------------------
     def handle(self, data: list[dict], context: Any) -> list:
         self.context = context
         t0 = time.perf_counter()
         spans: dict[int, tuple[int, int, bool]] = {}  # idx -> (start, count, is_tensor_request)
+        self._spans = spans
         results: list = [None] * len(data)
         examples: list = []
         for idx, row in enumerate(data):

@@ -170,6 +170,21 @@ class GeneratorHandler(BuiltinHandler):
         img = ((img - self.lo) / (self.hi - self.lo)).clamp(0, 1)
         return {"image": img.cpu().numpy()}
 
+    # --- monitoring (handlers/monitoring.py): what was asked for; a generated image has no
+    # prediction to drift on
+    monitor_task = None
+    monitor_layer = False  # the decoder's hidden layer is a function of the latent: nothing more to watch
+
+    def monitor_features(self, inputs: Any, outputs: Any) -> dict:
+        """``latent_norm`` (the latent vector's RMS: 1 for standard normal draws) and, for a
+        conditional model, ``class`` (categorical)."""
+        z = inputs[0] if isinstance(inputs, tuple) else inputs
+        zn = z.detach().float().cpu().numpy()
+        out = {"latent_norm": np.sqrt((zn.reshape(len(zn), -1) ** 2).mean(axis=1))}
+        if isinstance(inputs, tuple) and len(inputs) > 1:
+            out["class"] = inputs[1].detach().cpu().numpy().astype(str)
+        return out
+
     # --- output ---------------------------------------------------------------------
     def _png(self, img: np.ndarray) -> bytes:
         from PIL import Image

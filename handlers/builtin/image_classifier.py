@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
-from .common import BuiltinHandler, float_tensor, payload_bytes, read_labels, tensor, topk_labels
+from .common import BuiltinHandler, float_tensor, image_statistics, payload_bytes, read_labels, tensor, topk_labels
 
 __all__ = ["ImageClassifier", "ImageTransform"]
 
@@ -168,6 +168,14 @@ class ImageClassifier(BuiltinHandler):
         logits = self.inference(batch)
         probs = torch.softmax(logits.float(), dim=-1)
         return {"probabilities": probs.cpu().numpy()}
+
+    # --- monitoring (handlers/monitoring.py): logits -> softmax, embedding from the penultimate layer
+    monitor_task = "classification"
+    monitor_logits = True
+
+    def monitor_features(self, inputs: Any, outputs: Any) -> dict:
+        """``mean``, ``contrast`` and per-channel means of the preprocessed tensor."""
+        return image_statistics(inputs)
 
     def answer(self, outputs: dict, examples: list, idx: int) -> Any:
         return topk_labels(outputs["probabilities"][0], self.labels, self.topk)

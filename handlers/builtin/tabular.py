@@ -177,6 +177,26 @@ class TabularHandler(BuiltinHandler):
             out = torch.log(torch.cat([1 - p, p], dim=-1).clamp_min(1e-12))
         return {"probabilities": torch.softmax(out, dim=-1).cpu().numpy()}
 
+    # --- monitoring (handlers/monitoring.py) ------------------------------------------------
+    @property
+    def monitor_task(self) -> str:
+        return self.task
+
+    def monitor_features(self, inputs: Any, outputs: Any) -> dict:
+        """Each named input feature in natural units (the model's standardized input, unscaled)."""
+        x = inputs.detach().float().cpu().numpy() * self.scale + self.mean
+        return {name: x[:, j] for j, name in enumerate(self.features)}
+
+    def monitor_outputs(self, outputs: Any) -> Any:
+        """Class probabilities, or the predicted value in the target's units (as answered)."""
+        out = outputs.detach().float().cpu().numpy()
+        out = out.reshape(len(out), -1)
+        if self.task == "regression":
+            return out[:, 0] * self.target_scale + self.target_mean
+        from ..monitoring import probabilities
+
+        return probabilities(out)
+
     def answer(self, outputs: dict, examples: list, idx: int) -> Any:
         if self.task == "regression":
             answers = [{self.target_name: float(v[0])} for v in outputs["prediction"]]

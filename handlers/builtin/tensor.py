@@ -148,6 +148,12 @@ class TensorHandler(BaseHandler):
                 out.append({"tensors": part})
         return out
 
+    @property
+    def monitor_rows(self) -> np.ndarray:
+        """Monitoring: the request of each row of the last batch (a tensor request may hold several)."""
+        sizes = getattr(self, "_sizes", None) or []
+        return np.repeat(np.arange(len(sizes)), sizes)
+
     def handle(self, data: list[dict], context: Any) -> list:
         self._rows = [("tensors" in row) for row in data]
         return super().handle(data, context)

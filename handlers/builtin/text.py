@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import InvalidInput
 
-__all__ = ["TextInputs", "TextTokenizer", "texts_from_body", "texts_from_tensors", "require_text", "model_inputs_from", "first_output", "MODEL_INPUTS"]
+__all__ = ["TextInputs", "TextTokenizer", "texts_from_body", "texts_from_tensors", "require_text", "model_inputs_from", "text_statistics", "first_output", "MODEL_INPUTS"]
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "lengths", "token_type_ids")
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -79,6 +79,8 @@ class TextTokenizer:
             pad = cfg.get("pad_token", "[PAD]")
             pad_id = self.fast.token_to_id(pad) if isinstance(pad, str) else None
             self.pad_id = int(cfg.get("pad_id", pad_id if pad_id is not None else 0))
+            unk = cfg.get("unk_token", "[UNK]")
+            self.unk_id = self.fast.token_to_id(unk) if isinstance(unk, str) else None  # None: no unknown token
         elif os.path.isfile(vocab_file):
             with open(vocab_file, encoding="utf-8") as fh:
                 tokens = [line.rstrip("\n") for line in fh if line.strip()]
@@ -137,6 +139,29 @@ def first_output(out: Any) -> Any:
         return out.get("last_hidden_state", out.get("logits", next(iter(out.values()))))
     if isinstance(out, (tuple, list)):
         return out[0]
+    return out
+
+
+def text_statistics(tokenizer: TextTokenizer, names: tuple[str, ...], inputs: Any) -> dict[str, np.ndarray]:
+    """Monitoring features of a batch of token tensors (the model's inputs, named by
+    ``names``): ``length`` in tokens and ``unknown_rate`` (share of them that are the unknown
+    token; absent when the tokenizer has none)."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    named = dict(zip(names, args))
+    ids = named["input_ids"].detach().cpu().numpy()
+    if "lengths" in named:
+        lengths = named["lengths"].detach().cpu().numpy().astype(np.float64)
+        real = np.arange(ids.shape[1])[None, :] < lengths[:, None]
+    elif "attention_mask" in named:
+        real = named["attention_mask"].detach().cpu().numpy() > 0
+        lengths = real.sum(axis=1).astype(np.float64)
+    else:
+        real = ids != tokenizer.pad_id
+        lengths = real.sum(axis=1).astype(np.float64)
+    out = {"length": lengths}
+    unk = getattr(tokenizer, "unk_id", None)
+    if unk is not None:
+        out["unknown_rate"] = ((ids == unk) & real).sum(axis=1) / np.maximum(lengths, 1.0)
     return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import BuiltinHandler, read_labels, tensor, topk_labels
-from .text import TextInputs, TextTokenizer, first_output, model_inputs_from
+from .text import TextInputs, TextTokenizer, first_output, model_inputs_from, text_statistics
 
 __all__ = ["TextClassifier"]
 
@@ -54,6 +54,15 @@ class TextClassifier(TextInputs, BuiltinHandler):
 
         logits = first_output(self.inference(*batch))
         return {"probabilities": torch.softmax(logits.float(), dim=-1).cpu().numpy()}
+
+    # --- monitoring (handlers/monitoring.py): logits -> softmax; the embedding is the input of
+    # the classifier's last Linear layer (the pooled / final hidden state)
+    monitor_task = "classification"
+    monitor_logits = True
+
+    def monitor_features(self, inputs: Any, outputs: Any) -> dict:
+        """``length`` in tokens and ``unknown_rate``."""
+        return text_statistics(self.tokenizer, self.model_inputs, inputs)
 
     def answer(self, outputs: dict, examples: list, idx: int) -> Any:
         probs = outputs["probabilities"]

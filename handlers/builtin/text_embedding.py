@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import BuiltinHandler, tensor
-from .text import TextInputs, TextTokenizer, first_output, model_inputs_from
+from .text import TextInputs, TextTokenizer, first_output, model_inputs_from, text_statistics
 
 __all__ = ["TextEmbedding", "pool"]
 
@@ -68,6 +68,28 @@ class TextEmbedding(TextInputs, BuiltinHandler):
         if self.normalize:
             vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
         return {"embedding": vectors.cpu().numpy()}
+
+    # --- monitoring (handlers/monitoring.py) ------------------------------------------------
+    monitor_task = "embedding"
+    monitor_layer = False  # the sentence embedding is given below, no hook inside the encoder
+
+    def monitor_features(self, inputs: Any, outputs: Any) -> dict:
+        """``length``, ``unknown_rate`` and the sentence ``embedding`` as answered (pooled)."""
+        import torch
+
+        out = text_statistics(self.tokenizer, self.model_inputs, inputs)
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        named = dict(zip(self.model_inputs, args))
+        states = first_output(outputs).float()
+        if "attention_mask" in named:
+            mask = named["attention_mask"]
+        else:
+            mask = (named["input_ids"] != self.tokenizer.pad_id).to(torch.int64)
+        vectors = pool(states, mask.to(states.device), self.pooling)
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+        out["embedding"] = vectors
+        return out
 
     def answer(self, outputs: dict, examples: list, idx: int) -> Any:
         vectors = outputs["embedding"]

@@ -30,29 +30,38 @@ def return_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def thread_factory(metrics_sink: Callable | None = None) -> InstanceFactory:
+def thread_factory(metrics_sink: Callable | None = None, observe: Callable | None = None) -> InstanceFactory:
     from server.instances.service import gpu_for
     from server.instances.thread import ModelInstance
 
     def make(name, version, archive, config, index):
-        return ModelInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink)
+        return ModelInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink, observe)
     return make
 
 
-def process_factory(metrics_sink: Callable | None = None, torch_threads: int = 0) -> InstanceFactory:
+def process_factory(metrics_sink: Callable | None = None, torch_threads: int = 0,
+                    observe: Callable | None = None) -> InstanceFactory:
     from server.instances.process import ProcessInstance
     from server.instances.service import gpu_for
 
     def make(name, version, archive, config, index):
         return ProcessInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink,
-                               torch_threads)
+                               torch_threads, observe)
     return make
 
 
-def instance_factory(settings, metrics_sink: Callable | None = None) -> InstanceFactory:
-    """Threads or processes, chosen per model version (config.isolation, else settings.instance_isolation)."""
-    threads = thread_factory(metrics_sink)
-    processes = process_factory(metrics_sink, settings.torch_threads)
+def instance_factory(settings, metrics_sink: Callable | None = None, observe: Callable | None = None) -> InstanceFactory:
+    """Threads or processes, chosen per model version (config.isolation, else settings.instance_isolation).
+
+    ``observe`` is the monitor's ``observe(obs)`` (a constant-cost, thread-safe append), or None
+    to capture nothing; it is also None-ed here when the server setting ``monitoring`` is off.
+    Thread instances call it from their own thread, process instances from the thread that
+    reads their child (the child computes the observation and sends it after its answers);
+    models with ``monitoring.enabled: false`` are never captured."""
+    if not getattr(settings, "monitoring", True):
+        observe = None
+    threads = thread_factory(metrics_sink, observe)
+    processes = process_factory(metrics_sink, settings.torch_threads, observe)
 
     def make(name, version, archive, config, index):
         kind = config.isolation or settings.instance_isolation

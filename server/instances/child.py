@@ -73,9 +73,11 @@ def main(conn, spec: dict) -> None:
         import torch
 
         torch.set_num_threads(spec["torch_threads"])
+    observations: list = []  # the monitor's observations of a handoff, sent after its answers
     try:
         runner = load_runner(spec["name"], spec["version"], spec["model_dir"], spec["handler"], spec["manifest"],
-                             spec["config"], spec["gpu_id"], metric)
+                             spec["config"], spec["gpu_id"], metric,
+                             observations.append if spec.get("monitor") else None)
         target = runner.service.target
         send(("ready", runner.accepts_tensors, _specs(target), model_precision(target), os.getpid()))
     except BaseException as exc:
@@ -118,5 +120,10 @@ def main(conn, spec: dict) -> None:
         wired = [[outcome_to_wire(o, dst) for o in batch] for batch in outcomes]
         timings = [(b[0].timings.started, b[0].timings.finished, b[0].timings.stages) if b else None for b in works]
         send(("done", wired, timings))
+        del works, outcomes, wired
+        runner.flush()  # after the answers: features never delay them
+        if observations:
+            send(("observations", observations))  # pickled: only sampled rows, float32 embeddings
+            observations.clear()
     for a in arenas.values():
         a.close()

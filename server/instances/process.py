@@ -109,7 +109,8 @@ class ProcessInstance:
     """One model instance in a child process."""
 
     def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig, index: int,
-                 gpu_id: int | None, metrics_sink: Callable | None = None, torch_threads: int = 0):
+                 gpu_id: int | None, metrics_sink: Callable | None = None, torch_threads: int = 0,
+                 observe: Callable | None = None):
         self.name, self.version, self.archive, self.config = name, version, archive, config
         self.index = index
         self.id = str(next(_ids))
@@ -122,6 +123,8 @@ class ProcessInstance:
         self.on_lost: Callable[[Any, str], None] | None = None  # set by the registry; called on the loop
         self.started_s: float | None = None  # seconds from start() to ready
         self._metrics_sink = metrics_sink
+        self._observe = observe  # the monitor's observe, called from the reader thread, or None
+        self._observe_failed = False
         self._torch_threads = torch_threads
         self._accepts_tensors = False
         self._specs: tuple = (None, None)
@@ -233,6 +236,7 @@ class ProcessInstance:
         spec = {"name": self.name, "version": self.version, "model_dir": str(self.archive.model_dir),
                 "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
                 "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
+                "monitor": self._observe is not None,
                 "log_level": logging.getLogger().getEffectiveLevel()}
         try:
             self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
@@ -265,6 +269,8 @@ class ProcessInstance:
                     self._finish(msg[1], msg[2])
                 elif kind == "stream":
                     self._stream(msg[1], msg[2], msg[3])
+                elif kind == "observations":
+                    self._observations(msg[1])
                 elif kind == "metric":
                     if self._metrics_sink is not None:
                         try:
@@ -329,6 +335,20 @@ class ProcessInstance:
             reporter.call_soon_threadsafe(on_done, self, batches, outcomes)
         except RuntimeError:  # the loop has closed (shutdown)
             pass
+
+    def _observations(self, observations: list) -> None:
+        """The child's monitoring observations of a handoff: to the monitor (an O(1) append)."""
+        observe = self._observe
+        if observe is None:
+            return
+        for obs in observations:
+            try:
+                observe(obs)
+            except Exception:
+                if not self._observe_failed:
+                    self._observe_failed = True
+                    log.exception("model %s version %s: the monitor refused an observation (logged once)",
+                                  self.name, self.version)
 
     def _stream(self, bi: int, ri: int, data: Any) -> None:
         job = self._job

@@ -52,8 +52,18 @@ def error_for(exc: BaseException) -> OspreyError:
 class BatchRunner:
     """A loaded handler and its context: runs batches of requests."""
 
-    def __init__(self, name: str, version: str, service: Service, context: Context):
+    def __init__(self, name: str, version: str, service: Service, context: Context, capture: Any = None):
         self.name, self.version, self.service, self.context = name, version, service, context
+        self.capture = capture  # a server.instances.capture.BatchCapture when the model is monitored
+
+    def flush(self) -> None:
+        """Hand the monitor the observations of the batches run since the last flush (call it
+        after their answers were handed back: the features never delay them); never raises."""
+        if self.capture is not None:
+            try:
+                self.capture.flush()
+            except Exception:  # capture never fails serving
+                log.exception("model %s: monitoring capture failed", self.name)
 
     @property
     def accepts_tensors(self) -> bool:
@@ -134,20 +144,28 @@ class BatchRunner:
         ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
         ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
         ctx.stage_times = {}
+        capture = self.capture
+        armed = capture is not None and capture.begin(len(batch))
         try:
             results = self.service.handle(data, ctx)
         except BaseException as exc:
+            if armed:
+                capture.end(None, [])
             err = error_for(exc)
             if err.kind is ErrorKind.PREDICTION_FAILED:
                 log.warning("model %s: handler raised %s: %s", self.name, type(exc).__name__, exc,
                             exc_info=log.isEnabledFor(logging.DEBUG))
             return err
+        if armed and (not isinstance(results, list) or len(results) != len(batch)):
+            capture.end(None, [])
         if not isinstance(results, list):
             log.warning("model %s: handler returned a %s, not a list", self.name, type(results).__name__)
             return OspreyError(ErrorKind.PREDICTION_FAILED, "Invalid model predict output")
         if len(results) != len(batch):
             log.warning("model %s: handler returned %d results for a batch of %d", self.name, len(results), len(batch))
             return OspreyError(ErrorKind.PREDICTION_FAILED, "number of batch response mismatched")
+        if armed:
+            capture.end(results, [r.request.request_id for r in batch])
         out: list[Outcome] = []
         for i, value in enumerate(results):
             rp = ctx.request_processor[i]
@@ -174,8 +192,10 @@ class BatchRunner:
 
 
 def load_runner(name: str, version: str, model_dir: str, handler: str, manifest: dict, config: ModelConfig,
-                gpu_id: int | None, metrics_sink: Callable | None) -> BatchRunner:
-    """Resolve and initialize the handler in the calling thread (the one that will run it)."""
+                gpu_id: int | None, metrics_sink: Callable | None, observe: Callable | None = None) -> BatchRunner:
+    """Resolve and initialize the handler in the calling thread (the one that will run it).
+    With ``observe`` (the monitor's, or a child's collector) and ``config.monitoring.enabled``,
+    sampled batches are captured (:mod:`server.instances.capture`)."""
     prepare_instance_thread(config.jit_optimize, gpu_id is not None)
     context = Context(name, model_dir, manifest, config.batch_size, gpu_id, __version__, True,
                       HandlerMetrics(name, metrics_sink), dict(config.raw))
@@ -185,7 +205,12 @@ def load_runner(name: str, version: str, model_dir: str, handler: str, manifest:
     warmup = getattr(service.target, "warmup", None)
     if callable(warmup):
         warmup(context)
-    return BatchRunner(name, version, service, context)
+    capture = None
+    if observe is not None:
+        from server.instances.capture import make_capture
+
+        capture = make_capture(name, version, service.target, config, observe)
+    return BatchRunner(name, version, service, context, capture)
 
 
 def declared_specs(target: Any) -> tuple[list | None, list | None]:

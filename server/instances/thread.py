@@ -39,7 +39,8 @@ class ModelInstance:
     """One handler object and the thread that runs it."""
 
     def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig,
-                 index: int, gpu_id: int | None, metrics_sink: Callable | None = None):
+                 index: int, gpu_id: int | None, metrics_sink: Callable | None = None,
+                 observe: Callable | None = None):
         self.name, self.version, self.archive, self.config = name, version, archive, config
         self.index = index
         self.id = str(next(_ids))
@@ -52,6 +53,7 @@ class ModelInstance:
         self.abandoned = False
         self.pid: int | None = None  # runs in this process
         self._metrics_sink = metrics_sink
+        self._observe = observe  # the monitor's observe (called from this instance's thread), or None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
         self._loaded = LoadSignal()
@@ -118,7 +120,8 @@ class ModelInstance:
     def _main(self) -> None:
         try:
             self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
-                                      self.archive.manifest, self.config, self.gpu_id, self._metrics_sink)
+                                      self.archive.manifest, self.config, self.gpu_id, self._metrics_sink,
+                                      self._observe)
             if self.status == InstanceStatus.LOADING:  # stopped or timed out while loading: it ends below
                 self.status = InstanceStatus.READY
         except BaseException as exc:  # reported at registration, never raised on the loop
@@ -143,7 +146,10 @@ class ModelInstance:
                 loop.call_soon_threadsafe(on_done, self, batches, outcomes)
             except RuntimeError:  # loop closed during shutdown
                 break
+            self.runner.flush()  # monitoring: after the answers are on their way
 
     def run(self, batch: list[Ticket]) -> list[Outcome]:
         """Handle one batch in the calling thread (the runner's logic; for tests and tools)."""
-        return self.runner.run(batch)
+        outcomes = self.runner.run(batch)
+        self.runner.flush()
+        return outcomes
