@@ -85,6 +85,16 @@ def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str 
     return out
 
 
+def _monitor(settings: Settings, resolve):
+    """The drift/feedback/quality monitor; its quality part per version from monitoring.quality."""
+    from monitoring.monitor import Monitor
+    from monitoring.quality import quality_factory
+
+    def quality(model, version, config, model_dir, store):
+        return quality_factory(model, version, config, model_dir, settings.redis_url or None)
+    return Monitor(settings, resolve, quality)
+
+
 class Server:
     """Everything one Osprey process runs."""
 
@@ -92,7 +102,11 @@ class Server:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
-        self.registry = Registry(settings, self.loop, instance_factory(settings, self.metrics.handler_metric),
+        # drift, feedback and live quality: instances hand it one Observation per sampled batch
+        self.monitor = _monitor(settings, self._monitored) if settings.monitoring else None
+        observe = self.monitor.observe if self.monitor is not None else None
+        self.registry = Registry(settings, self.loop, instance_factory(settings, self.metrics.handler_metric,
+                                                                       observe=observe),
                                  on_batch=self.metrics.observe_batch if settings.request_metrics else None,
                                  on_release=self._released)
         self.metrics.watch(self.registry)
@@ -101,7 +115,7 @@ class Server:
         if self.access_log is not None:
             observers.append(self.access_log)
         self.dataplane = DataPlane(self.registry, observers,
-                                   [self.metrics.refused] if settings.request_metrics else [])
+                                   [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
         self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
@@ -122,15 +136,27 @@ class Server:
         self._grpc: list = []
         self.stopping = asyncio.Event()
 
+    def _monitored(self, model: str, version: str):
+        """The monitor's view of the registry (its background thread asks): the version, or None."""
+        try:
+            return self.registry.get(model, version)
+        except OspreyError:
+            return None
+
     def _released(self, mv) -> None:
-        """An unregistered version's workers have ended: forget its metrics and modules."""
+        """An unregistered version's workers have ended: forget its metrics, monitoring and modules."""
         self.metrics.forget(mv)
+        if self.monitor is not None:
+            self.monitor.forget(mv.name, mv.version)
         forget_model_folder(str(mv.archive.model_dir))
         # next loop turn: after the registry's collection, which follows in the same step
         self.loop.call_soon(return_device_memory)
 
     async def _metrics(self, req: Request) -> Response:
-        return Response(self.metrics.render(), 200, CONTENT_TYPE)
+        body = self.metrics.render()
+        if self.monitor is not None:
+            body += self.monitor.render().encode()
+        return Response(body, 200, CONTENT_TYPE)
 
     async def start(self) -> None:
         s = self.settings
@@ -242,6 +268,8 @@ class Server:
             server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
         await self.registry.close()
+        if self.monitor is not None:
+            await asyncio.to_thread(self.monitor.close)
         if self.access_log is not None:
             self.access_log.close()
 
