@@ -59,7 +59,28 @@ def build_one(name: str, out: Path) -> dict:
     build = getattr(importlib.import_module(module), func)
     with tempfile.TemporaryDirectory(prefix=f"osprey-example-{name}-") as tmp:
         result = build(out, Path(tmp))
+        add_profile(result.archive, Path(tmp) / "reference.npz", getattr(importlib.import_module(module),
+                                                                           "reference_request", None))
     return result.metrics
+
+
+def add_profile(archive: Path, reference: Path, to_request=None) -> None:
+    """The archive's drift reference profile (osprey-profile.json), from its reference.npz
+    inputs sent the way a client sends them (``to_request(row)``, else the row as JSON / text),
+    so the example is monitored against its training data from its first request."""
+    import numpy as np
+
+    from server.profiling import profile_archive
+
+    if not reference.exists():
+        return
+    with np.load(reference, allow_pickle=False) as data:
+        inputs = data["inputs"]
+    rows = []
+    for i, row in enumerate(inputs):
+        body = to_request(row) if to_request else (str(row) if row.dtype.kind in "US" else row.tolist())
+        rows.append((f"reference.npz:inputs[{i}]", body))
+    profile_archive(archive, rows, source="reference.npz: training inputs")
 
 
 def build_examples(out_dir: str | Path, only: list[str] | None = None) -> int:

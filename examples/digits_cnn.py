@@ -107,3 +107,8 @@ def build(out: Path, work: Path) -> ExampleResult:
                   "seed": SEED, "epochs": EPOCHS, "heldout_fraction": 0.2, "format": "torchscript",
                   "samples": written})
     return ExampleResult(archive, metrics, {"samples": written})
+
+
+def reference_request(grid: np.ndarray) -> bytes:
+    """A reference row (an 8x8 grid of 0..16) as a client sends it: a PNG."""
+    return digit_png(grid)

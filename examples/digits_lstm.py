@@ -53,3 +53,10 @@ def build(out: Path, work: Path) -> ExampleResult:
         training={"entry_point": "examples.digits_lstm:train", "data": "sklearn.datasets.load_digits",
                   "seed": SEED, "epochs": EPOCHS, "heldout_fraction": 0.2, "format": "eager state_dict"})
     return ExampleResult(archive, metrics)
+
+
+def reference_request(grid: np.ndarray) -> bytes:
+    """A reference row (an 8x8 grid of 0..16) as a client sends it: a PNG."""
+    from .digits_cnn import digit_png
+
+    return digit_png(grid)

@@ -94,3 +94,8 @@ def build(out: Path, work: Path) -> ExampleResult:
                   "epochs": EPOCHS, "latent_dim": LATENT, "heldout_fraction": 0.2, "format": "torchscript (decoder)"})
     return ExampleResult(archive, {k: v for k, v in metrics.items() if k != "generated"} | {
         "generated_accuracy": metrics["generated"]["accuracy"]})
+
+
+def reference_request(z: np.ndarray) -> dict:
+    """A reference row (a latent mean) as a client sends it."""
+    return {"latent": [z.tolist()]}

@@ -1,4 +1,4 @@
-"""The ``osprey`` command: serve, stop, package, examples, monitor report."""
+"""The ``osprey`` command: serve, stop, package, profile, examples, monitor report."""
 
 from __future__ import annotations
 
@@ -59,6 +59,43 @@ def _package_parser(sub) -> None:
     p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip"],
                    help="default/zip: NAME.mar (a zip); tgz: NAME.tar.gz; no-archive: a folder NAME/")
     p.add_argument("--force", "-f", action="store_true", help="overwrite an archive that already exists")
+    p.add_argument("--reference-data", metavar="PATH",
+                   help="a sample of requests as clients send them (a folder of files, .jsonl of bodies, .csv of "
+                        "records or .npz of tensors): run through the handler, their drift reference profile "
+                        "goes into the archive")
+
+
+def _profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="add a drift reference profile to an archive (a TorchServe .mar included)",
+                       description="Run reference requests through the archive's own handler and store their "
+                                   "reference profile (feature bins, a projection basis, prediction histograms, "
+                                   "held-out metrics) in the archive as osprey-profile.json.")
+    p.add_argument("archive", help="a .mar, .tar.gz or folder archive (rewritten in place)")
+    p.add_argument("--reference-data", metavar="PATH",
+                   help="a folder of files, .jsonl of request bodies, .csv of records or .npz of tensors "
+                        "(default: the archive's own reference.npz)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per handler call (default: %(default)s)")
+
+
+def _profile(archive, reference, batch_size: int = 64) -> int:
+    from server.profiling import ReferenceError, profile_archive
+
+    try:
+        profile = profile_archive(archive, reference, batch_size=batch_size)
+    except ReferenceError as exc:
+        print(f"osprey profile: {exc}", file=sys.stderr)
+        return 1
+    names = [f["name"] for f in profile["features"]]
+    print(f"{archive}: profile of {profile['rows']} reference rows, {len(names)} features "
+          f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    if args.batch_size < 1:
+        print("osprey profile: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    return _profile(args.archive, args.reference_data, args.batch_size)
 
 
 def _examples_parser(sub) -> None:
@@ -191,6 +228,11 @@ def cmd_package(args) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"osprey package: {exc}", file=sys.stderr)
         return 1
+    if args.reference_data:
+        code = _profile(path, args.reference_data)
+        if code:
+            path.unlink() if path.is_file() else None  # no archive half-made: the reference data failed
+            return code
     print(path)
     return 0
 
@@ -221,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = sub.add_parser("stop", help="stop a server started in the background")
     stop.add_argument("--pid-file", default=DEFAULT_PID_FILE)
     _package_parser(sub)
+    _profile_parser(sub)
     _examples_parser(sub)
     _monitor_parser(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
-            "monitor": cmd_monitor}[args.command](args)
+            "profile": cmd_profile, "monitor": cmd_monitor}[args.command](args)
 
 
 if __name__ == "__main__":
