@@ -104,15 +104,14 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise ReferenceError(f"{path}: reference data must be a folder of files, .jsonl, .csv or .npz")
 
 
-def read_reference_data(path: str | os.PathLike, limit: int = MAX_ROWS) -> list[tuple[str, bytes]]:
-    """Up to ``limit`` request bodies (as bytes, the way a client sends them) with where each came from."""
+def read_reference_data(path: str | os.PathLike, limit: int = MAX_ROWS) -> list[tuple[str, Any]]:
+    """Up to ``limit`` request bodies with where each came from: bytes (a file, sent as it is),
+    text (sent as text/plain) or a JSON value (sent as application/json)."""
     path = Path(path)
     if not path.exists():
         raise ReferenceError(f"{path}: no such file or folder")
     out = []
     for where, body in _rows(path):
-        if not isinstance(body, bytes):
-            body = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         out.append((where, body))
         if len(out) >= limit:
             break
