@@ -44,38 +44,31 @@ def _png(grids: np.ndarray) -> list[bytes]:
     return [digit_png(g) for g in grids]
 
 
-def _digits_pick(store: Path, n: int, seed: int, keep: Callable[[np.ndarray], np.ndarray] | None = None):
+def _digits_shift(store: Path, n: int, seed: int, shift: str) -> list[bytes]:
+    from examples.traffic import shift_digits
+
     x, y = _digits(store)
-    idx = np.arange(len(x)) if keep is None else np.flatnonzero(keep(y))
-    rng = np.random.default_rng(seed)
-    return x[rng.choice(idx, n)], rng
+    return _png(shift_digits(x, y, shift, n, seed)[0])
 
 
 def digits_plain(store: Path, n: int, seed: int) -> list[bytes]:
-    x, _ = _digits_pick(store, n, seed)
-    return _png(x)
+    return _digits_shift(store, n, seed, "none")
 
 
 def digits_inverted(store: Path, n: int, seed: int) -> list[bytes]:
-    x, _ = _digits_pick(store, n, seed)
-    return _png(16.0 - x)
+    return _digits_shift(store, n, seed, "inverted")
 
 
-def digits_noise(store: Path, n: int, seed: int, sigma: float = 3.0) -> list[bytes]:
-    x, rng = _digits_pick(store, n, seed)
-    return _png(np.clip(x + rng.normal(0.0, sigma, x.shape), 0, 16))
+def digits_noise(store: Path, n: int, seed: int) -> list[bytes]:
+    return _digits_shift(store, n, seed, "noise")
 
 
-def digits_rotated(store: Path, n: int, seed: int, degrees: float = 30.0) -> list[bytes]:
-    from scipy.ndimage import rotate
-
-    x, _ = _digits_pick(store, n, seed)
-    return _png(np.clip(rotate(x, degrees, axes=(1, 2), reshape=False, order=1), 0, 16))
+def digits_rotated(store: Path, n: int, seed: int) -> list[bytes]:
+    return _digits_shift(store, n, seed, "rotated")
 
 
 def digits_prior(store: Path, n: int, seed: int) -> list[bytes]:
-    x, _ = _digits_pick(store, n, seed, keep=lambda y: np.isin(y, (0, 1, 2)))
-    return _png(x)
+    return _digits_shift(store, n, seed, "prior")
 
 
 def _records(store: Path, name: str, n: int, seed: int, change: Callable[[dict], None] | None = None) -> list[bytes]:

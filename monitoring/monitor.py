@@ -54,6 +54,8 @@ class QualityPart(Protocol):
 # (model, version, the version's MonitoringConfig, its model_dir, the store) -> part or None
 QualityFactory = Callable[[str, str, Any, Any, Store], "QualityPart | None"]
 
+FEEDBACK_WAIT_S = 2.0  # longest a feedback call waits for queued observations to be recorded
+
 _FAMILIES = {  # name -> (type, help)
     "osprey_drift_score": ("gauge", "Drift score of a feature in the last closed window (the version's method)."),
     "osprey_drift_detected": ("gauge", "1 while a drift episode is open."),
@@ -213,6 +215,8 @@ class Monitor:
         vm = await asyncio.to_thread(self._ensure, model, version)
         if vm is None or vm.quality is None:
             return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
+        if self._queue:  # predictions handed over but not yet recorded: record them first, so a
+            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)  # label right after its answer joins
         return await asyncio.to_thread(vm.quality.feedback, items)
 
     def forget(self, model: str, version: str) -> None:
