@@ -110,7 +110,7 @@ def rows(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
 
 
 def wait_monitoring(base: str, model: str, predicate, timeout: float = 30.0, headers: dict | None = None,
-                    version: str = "") -> dict:
+                    version: str = "", what: str = "") -> dict:
     """GET /monitoring/{model}[/{version}] until ``predicate(json)`` holds; the JSON."""
     url = f"{base}/monitoring/{model}" + (f"/{version}" if version else "")
     deadline = time.monotonic() + timeout
@@ -124,7 +124,7 @@ def wait_monitoring(base: str, model: str, predicate, timeout: float = 30.0, hea
         else:
             last = (r.status_code, r.text)
         time.sleep(0.05)
-    raise AssertionError(f"{url} never satisfied the condition within {timeout} s; last answer: "
+    raise AssertionError(f"{url} never satisfied the condition {what} within {timeout} s; last answer: "
                          f"{json.dumps(last)[:3000]}")
 
 

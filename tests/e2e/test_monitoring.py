@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import time
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -229,3 +230,291 @@ def test_prometheus_scrapes_the_drift(srv, prom):
         assert scores == pytest.approx({f["name"]: f["score"] for f in s["drift"]["features"]})
         assert max(scores.values()) > 0.1
     assert prom.scalar('osprey_monitoring_degraded{model="clf_rest"}') == 0
+
+
+# --- 2. feedback joined by the id the client saw -------------------------------------------------------
+def _post_feedback(srv, model: str, items) -> httpx.Response:
+    return httpx.post(f"{srv.inference}/feedback/{model}", json=items, timeout=30)
+
+
+def test_rest_feedback_gives_live_accuracy_and_corrupted_labels_degrade_it(srv, prom):
+    sent = SENT["clf_rest"]  # in-distribution answers: (x-request-id, predicted class)
+    right = [{"request_id": rid, "label": cls} for rid, cls in sent[:40]]
+    r = _post_feedback(srv, "clf_rest", right)
+    assert r.status_code == 200 and r.json() == {"accepted": 40, "unmatched": 0, "invalid": 0}, r.text
+    q = httpx.get(f"{srv.inference}/monitoring/clf_rest").json()["quality"]
+    assert q["labels"] == 40 and q["metrics"]["accuracy"] == 1.0 and q["degraded"] is False
+    assert {"f1", "precision", "recall", "log_loss"} <= set(q["metrics"])
+    # 30% of the next window's labels corrupted (another class): accuracy 0.7 < 0.95 - 0.05
+    corrupted = [{"request_id": rid, "label": (cls + 1) % CLASSES if i % 10 < 3 else cls}
+                 for i, (rid, cls) in enumerate(sent[40:80])]
+    r = _post_feedback(srv, "clf_rest", {"feedback": corrupted})
+    assert r.status_code == 200 and r.json()["accepted"] == 40
+    q = httpx.get(f"{srv.inference}/monitoring/clf_rest").json()["quality"]
+    assert q["labels"] == 80 and q["metrics"]["accuracy"] == pytest.approx(0.7)
+    assert q["degraded"] is True
+    assert {"metric": "accuracy", "value": pytest.approx(0.7), "baseline": 0.95, "limit": 0.9} in q["degraded_metrics"]
+    assert prom.wait_for('osprey_quality_degraded{model="clf_rest"}', lambda v: v == 1) == 1
+    assert prom.wait_for('osprey_quality{model="clf_rest", metric="accuracy"}', lambda v: v < 0.8) == pytest.approx(0.7)
+    assert prom.wait_for('osprey_feedback_total{model="clf_rest", result="matched"}', lambda v: v == 80) == 80
+
+
+def test_duplicates_and_unknown_ids_are_unmatched_wrong_labels_invalid_and_named(srv):
+    sent = SENT["clf_rest"]
+    (dup, dup_cls), (a, _), (b, _), (c, c_cls), (d, d_cls) = sent[0], sent[90], sent[91], sent[92], sent[93]
+    r = _post_feedback(srv, "clf_rest", [
+        {"request_id": dup, "label": dup_cls},  # labelled in the test above: unmatched
+        {"request_id": "no-such-request", "label": 1},  # unknown: unmatched
+        {"request_id": a, "label": "cat"},  # not a class: invalid
+        {"request_id": b, "label": 7},  # 3 classes: invalid
+        {"request_id": c, "label": c_cls},  # accepted ...
+        {"request_id": c, "label": c_cls},  # ... once: the second is unmatched
+    ])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["accepted"], body["unmatched"], body["invalid"]) == (1, 3, 2)
+    assert any(e.startswith(f"feedback[2] (request_id '{a}')") and "'cat'" in e for e in body["errors"]), body
+    assert any(e.startswith(f"feedback[3] (request_id '{b}')") and "7" in e for e in body["errors"]), body
+    # every item invalid: 400 naming it, the counts in the body; the prediction is not used up
+    r = _post_feedback(srv, "clf_rest", [{"request_id": d, "label": "dog"}])
+    assert r.status_code == 400 and f"feedback[0] (request_id '{d}')" in r.json()["message"], r.text
+    assert _post_feedback(srv, "clf_rest", {"request_id": d, "label": d_cls}).json()["accepted"] == 1
+    q = httpx.get(f"{srv.inference}/monitoring/clf_rest").json()["quality"]
+    assert (q["labels"], q["unmatched"], q["invalid"]) == (82, 3, 3)
+
+    # a regression: a string, or a list for its one value, is the wrong type
+    ids = [rid for rid, _ in send_rest(srv.inference, "reg", rows(5, seed=9))]
+    wait_monitoring(srv.inference, "reg", _requests(5))
+    r = _post_feedback(srv, "reg", [{"request_id": ids[0], "label": "tall"}, {"request_id": ids[1], "label": [1, 2]},
+                                     {"request_id": ids[2], "label": 0.25}])
+    assert r.status_code == 200 and (r.json()["accepted"], r.json()["invalid"]) == (1, 2), r.text
+    assert "feedback[0]" in r.json()["errors"][0] and "regression" in r.json()["errors"][0]
+    assert "feedback[1]" in r.json()["errors"][1] and "one value" in r.json()["errors"][1]
+
+
+def test_feedback_by_oip_ids_rest_v2_and_grpc_metadata(srv, channel):
+    before = httpx.get(f"{srv.inference}/monitoring/clf_oip").json()["requests"]
+    v2 = send_rest_v2(srv.inference, "clf_oip", rows(10, seed=4))  # the OIP response id (= x-request-id)
+    wait_monitoring(srv.inference, "clf_oip", _requests(before + 10))
+    r = _post_feedback(srv, "clf_oip", [{"request_id": rid, "label": cls} for rid, cls in v2])
+    assert r.json() == {"accepted": 10, "unmatched": 0, "invalid": 0}, r.text
+
+    stub = mpb_grpc.MonitoringStub(channel)
+
+    def items(pairs):
+        return [mpb.FeedbackItem(request_id=rid, label=struct_pb2.Value(number_value=cls)) for rid, cls in pairs]
+
+    # gRPC OIP answers: the response id (equal to the trailing x-request-id, checked when sent)
+    resp = stub.Feedback(mpb.FeedbackRequest(model_name="clf_oip", items=items(SENT["clf_oip"][:5]) + [
+        mpb.FeedbackItem(request_id=SENT["clf_oip"][5][0], label=struct_pb2.Value(string_value="cat"))]), timeout=10)
+    assert (resp.accepted, resp.unmatched, resp.invalid) == (5, 0, 1)
+    assert resp.errors[0].startswith(f"feedback[5] (request_id '{SENT['clf_oip'][5][0]}')")
+    # TorchServe gRPC answers: x-request-id in trailing metadata
+    resp = stub.Feedback(mpb.FeedbackRequest(model_name="clf_ts", model_version="1.0",
+                                             items=items(SENT["clf_ts"][:7])), timeout=10)
+    assert (resp.accepted, resp.unmatched, resp.invalid) == (7, 0, 0)
+    assert httpx.get(f"{srv.inference}/monitoring/clf_oip").json()["quality"]["labels"] == 15
+    assert httpx.get(f"{srv.inference}/monitoring/clf_ts").json()["quality"]["labels"] == 7
+
+
+# --- 4. a broken monitoring hook ---------------------------------------------------------------------
+def test_a_failing_monitoring_hook_leaves_predictions_alone(srv):
+    data = np.random.default_rng(5).normal(size=(30, 3)).tolist()
+    with httpx.Client(base_url=srv.inference, timeout=30) as c:
+        answers = _pool(lambda row: c.post("/predictions/hookfail", json=row), data)
+    assert [a.status_code for a in answers] == [200] * 30
+    for row, a in zip(data, answers):
+        e = np.exp(row)
+        assert a.json() == pytest.approx((e / e.sum()).tolist(), rel=1e-5)
+    s = wait_monitoring(srv.inference, "hookfail", lambda s: s["degraded"] is not None)
+    assert "monitoring hook failed: RuntimeError: the hook is broken" in s["degraded"]
+    assert metric_lines(srv.metrics, "osprey_monitoring_degraded", "hookfail") == {
+        '{model="hookfail",version="1.0"}': 1.0}
+    assert srv.log().count("the hook is broken (logged once") == 1, srv.log()[-3000:]
+
+
+# --- 5. process-isolated instances feed the monitor ------------------------------------------------
+def test_process_isolated_instances_feed_the_monitor(srv):
+    sent = send_rest(srv.inference, "clf_proc", rows(60, seed=6))
+    s = wait_monitoring(srv.inference, "clf_proc", _requests(60))
+    assert s["requests"] == 60 and s["baseline_progress"] == {"rows": 60, "needed": BASELINE}
+    assert s["degraded"] is None
+    r = _post_feedback(srv, "clf_proc", [{"request_id": rid, "label": cls} for rid, cls in sent[:3]])
+    assert r.json() == {"accepted": 3, "unmatched": 0, "invalid": 0}
+    assert metric_lines(srv.metrics, "osprey_monitored_requests_total", "clf_proc") == {
+        '{model="clf_proc",version="1.0"}': 60.0}
+
+
+# --- 6. monitoring off -------------------------------------------------------------------------------
+def test_monitoring_off_in_model_config(srv):
+    send_rest(srv.inference, "clf_off", rows(20, seed=7))
+    for r in (httpx.get(f"{srv.inference}/monitoring/clf_off"),
+              _post_feedback(srv, "clf_off", {"request_id": "x", "label": 1})):
+        assert r.status_code == 404 and "monitoring is off for model clf_off" in r.json()["message"], r.text
+    assert metric_lines(srv.metrics, "osprey_monitored_requests_total", "clf_off") == {}
+    assert metric_lines(srv.metrics, "osprey_drift_detected", "clf_off") == {}
+
+
+def test_monitoring_off_on_the_server(osprey, tmp_path):
+    store = tmp_path / "off-store"
+    store.mkdir()
+    classifier_archive(store, "clf")
+    server = osprey(["clf=clf.mar"], store, config={"monitoring": "false"})
+    send_rest(server.inference, "clf", rows(20, seed=8))
+    for r in (httpx.get(f"{server.inference}/monitoring/clf"),
+              _post_feedback(server, "clf", {"request_id": "x", "label": 1})):
+        assert r.status_code == 503 and "monitoring is off on this server" in r.json()["message"], r.text
+    assert httpx.get(f"{server.inference}/monitoring/nope").status_code == 404
+    text = httpx.get(f"{server.metrics}/metrics").text
+    assert "osprey_requests_total" in text and "osprey_monitored_requests_total" not in text
+    assert "osprey_drift" not in text and "osprey_feedback_total" not in text
+
+
+# --- 7. the report --------------------------------------------------------------------------------
+def test_monitor_report_writes_the_page_and_plots(srv, prom, tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "server.cli", "monitor", "report", "clf_rest", "--url", srv.inference,
+                           "--out", str(out), "--prometheus", prom.url, "--since", "10m"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "MPLBACKEND": "Agg"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("index.html") and (out / "index.html").is_file()
+    page = (out / "index.html").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"drift-windows.png", "quality-windows.png", "drift-prometheus.png", "quality-prometheus.png"} <= set(pngs)
+    features = [p for p in pngs if p.startswith("feature-")]
+    assert features and all(p in page for p in pngs)
+    for p in pngs:
+        assert (out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "clf_rest" in page and "embedding[" in page
+
+
+# --- 3. two replicas sharing one real redis-server ---------------------------------------------------
+REPLICA_MONITORING = {"window": 50, "baseline_requests": 60, "min_labels": 40, "quality_window": 40}
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """Replicas A and B of model ``clf`` on one redis-server: A is told ``redis_url`` in its
+    config.properties, B through OSPREY_REDIS_URL. Both start at once."""
+    from tests.conftest import OspreyProcess
+    from tests.redis_server import RedisProcess
+
+    root = tmp_path_factory.mktemp("replicas")
+    redis = RedisProcess(root / "redis").start()
+    store = root / "store"
+    store.mkdir()
+    classifier_archive(store, "clf", monitoring=REPLICA_MONITORING)
+    servers = []
+    try:
+        for name, kwargs in (("a", {"config": {"redis_url": redis.url}}),
+                             ("b", {"env": {"OSPREY_REDIS_URL": redis.url}})):
+            (root / name).mkdir()
+            servers.append(OspreyProcess(root / name, store, ["clf=clf.mar"], extra_args=["--no-grpc"], **kwargs))
+        for s in servers:
+            s.wait_ready()
+        yield redis, servers[0], servers[1]
+    finally:
+        for s in servers:
+            s.stop()
+        redis.stop()
+
+
+def _local_rows(server) -> float:
+    return metric_lines(server.metrics, "osprey_monitored_requests_total", "clf").get(
+        '{model="clf",version="1.0"}', 0.0)
+
+
+def _split(a, b, data: np.ndarray) -> tuple[list, list]:
+    """Half the rows to each replica at the same time; waits until each replica monitored its
+    rows (its own osprey_monitored_requests_total), which also puts its predictions in Redis."""
+    before = _local_rows(a), _local_rows(b)
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(send_rest, a.inference, "clf", data[0::2])
+        fb = pool.submit(send_rest, b.inference, "clf", data[1::2])
+        sent_a, sent_b = fa.result(), fb.result()
+    for server, start, n in ((a, before[0], len(sent_a)), (b, before[1], len(sent_b))):
+        deadline = time.monotonic() + 30
+        while _local_rows(server) < start + n:
+            assert time.monotonic() < deadline, f"{server.inference} monitored {_local_rows(server)} of {start + n}"
+            time.sleep(0.05)
+    return sent_a, sent_b
+
+
+def _both(a, b, predicate, what: str) -> tuple[dict, dict]:
+    return (wait_monitoring(a.inference, "clf", predicate, what=f"{what} (replica A)"),
+            wait_monitoring(b.inference, "clf", predicate, what=f"{what} (replica B)"))
+
+
+def test_replicas_show_one_drift_status_and_one_episode(replicas):
+    redis, a, b = replicas
+    _split(a, b, rows(130, seed=11))  # both replicas past the baseline of 60: one shared profile
+    _split(a, b, rows(120, seed=12))
+    sa, sb = _both(a, b, lambda s: s["windows"] >= 2, "two windows")
+    for s in (sa, sb):
+        assert s["reference"] == "baseline" and s["degraded"] is None
+        assert s["drift"]["episode"] is None and s["drift"]["episodes"] == 0, s["history"]
+    closed = sa["windows"]
+    _split(a, b, rows(150, seed=13, shift=SHIFT))
+    # one drift status: both replicas read the same windows, history and episode from Redis
+    deadline = time.monotonic() + 30
+    while True:
+        sa, sb = (httpx.get(f"{s.inference}/monitoring/clf").json() for s in (a, b))
+        if (sa["drift"]["detected"] and sa["windows"] >= closed + 2 and sa["windows"] == sb["windows"]
+                and sa["history"] == sb["history"] and sa["drift"] == sb["drift"]):
+            break
+        assert time.monotonic() < deadline, (closed, sa["windows"], sb["windows"], sa["drift"]["episode"],
+                                             sb["drift"]["episode"])
+        time.sleep(0.05)
+    assert sa["drift"]["episode"]["open"] and sa["drift"]["episodes"] == 1
+    # windows are closed once, by whichever replica's rows filled them
+    assert [h["window"] for h in sa["history"]] == list(range(1, sa["windows"] + 1))
+    for server in (a, b):
+        assert metric_lines(server.metrics, "osprey_drift_detected", "clf") == {'{model="clf",version="1.0"}': 1.0}
+        assert metric_lines(server.metrics, "osprey_drift_episodes_total", "clf") == {
+            '{model="clf",version="1.0"}': 1.0}
+
+
+def test_a_label_sent_to_one_replica_joins_a_prediction_made_on_the_other(replicas):
+    redis, a, b = replicas
+    sent_a, sent_b = _split(a, b, rows(20, seed=14))
+    r = _post_feedback(b, "clf", [{"request_id": rid, "label": cls} for rid, cls in sent_a])  # A's, to B
+    assert r.json() == {"accepted": 10, "unmatched": 0, "invalid": 0}, r.text
+    r = _post_feedback(a, "clf", [{"request_id": rid, "label": cls} for rid, cls in sent_b + sent_a[:2]])
+    assert r.json() == {"accepted": 10, "unmatched": 2, "invalid": 0}, r.text  # A's own: joined on B already
+    qa, qb = (httpx.get(f"{s.inference}/monitoring/clf").json()["quality"] for s in (a, b))
+    assert qa["labels"] == qb["labels"] == 20 and qa["unmatched"] == qb["unmatched"] == 2
+    assert qa["store"] == "redis"
+
+
+def test_redis_down_serving_goes_on_monitoring_degraded_then_catches_up(replicas):
+    import redis as redis_py
+
+    redis, a, b = replicas
+    redis.stop()
+    outage_a, outage_b = _split(a, b, rows(40, seed=15))  # every answer a 200 (send_rest checks)
+    for s in _both(a, b, lambda s: s["degraded"] is not None, "degraded"):
+        assert "Redis" in s["degraded"], s["degraded"]
+    r = _post_feedback(b, "clf", {"request_id": outage_a[0][0], "label": outage_a[0][1]})
+    assert r.status_code == 503 and "unavailable" in r.json()["message"], r.text
+    assert metric_lines(a.metrics, "osprey_monitoring_degraded", "clf") == {'{model="clf",version="1.0"}': 1.0}
+
+    redis.start()  # the same port, empty (no persistence): the replicas send what they kept
+    client = redis_py.Redis.from_url(redis.url)
+    deadline = time.monotonic() + 30
+    while int(client.get("osprey:mon:clf:1.0:requests") or 0) < 40:  # the 40 rows served while it was down
+        assert time.monotonic() < deadline, client.get("osprey:mon:clf:1.0:requests")
+        time.sleep(0.05)
+    # B's status sees the shared prediction log: A's 20 predictions arrive there without any
+    # request or status call on A (its monitor's background thread flushes them)
+    wait_monitoring(b.inference, "clf", lambda s: s["degraded"] is None and s["quality"]["predictions_kept"] == 40,
+                    what="B not degraded, 40 predictions kept in Redis")
+    # the predictions made while Redis was down are joined, whichever replica gets the label
+    r = _post_feedback(b, "clf", [{"request_id": rid, "label": cls} for rid, cls in outage_a + outage_b])
+    assert r.json() == {"accepted": 40, "unmatched": 0, "invalid": 0}, r.text
+    wait_monitoring(a.inference, "clf", lambda s: s["degraded"] is None, what="A not degraded")
+    # and the buffered rows count in the next window: 40 + 20 new rows close one
+    _split(a, b, rows(20, seed=16))
+    sa, sb = _both(a, b, lambda s: s["windows"] >= 1, "a window")
+    assert sa["windows"] == sb["windows"] == 1 and sa["history"][0]["drifted"] is False
+    client.close()
