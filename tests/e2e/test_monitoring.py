@@ -12,12 +12,10 @@ as TorchServe handlers do). Every wait is on state (GET /monitoring's
 from __future__ import annotations
 
 import json
-import re
 import subprocess
-import time
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import httpx
@@ -29,12 +27,13 @@ from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
 from server.protocols.grpc.generated import osprey_monitoring_pb2 as mpb
 from server.protocols.grpc.generated import osprey_monitoring_pb2_grpc as mpb_grpc
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, OspreyProcess
 from tests.models import handler_archive
 from tests.monitoring_models import (CLASSES, classifier_archive, metric_lines, regressor_archive, rows,
                                      wait_monitoring)
 from tests.oip_stubs import pb, pb_grpc
 from tests.prometheus_helpers import PrometheusProcess
+from tests.redis_server import RedisProcess
 
 SHIFT = 2.5
 BASELINE, IN_DIST, SHIFTED = 100, 120, 150
@@ -62,19 +61,50 @@ class HookFails(BaseHandler):
 '''
 
 
+REPLICA_MONITORING = {"window": 50, "baseline_requests": 60, "min_labels": 40, "quality_window": 40}
+
+
 @pytest.fixture(scope="module")
-def srv(osprey_module, tmp_path_factory):
-    store = tmp_path_factory.mktemp("monitoring-store")
+def servers(tmp_path_factory):
+    """Every server of the module, started at once (their start-ups overlap): ``main`` serves
+    the monitored models; ``off`` runs with the server setting monitoring=false; ``a`` and ``b``
+    are replicas of model ``clf`` on one redis-server, A told ``redis_url`` in its
+    config.properties, B through OSPREY_REDIS_URL."""
+    root = tmp_path_factory.mktemp("monitoring")
+    store = root / "store"
+    store.mkdir()
     for name in ("clf_rest", "clf_oip"):
         classifier_archive(store, name)
     classifier_archive(store, "clf_ts", json_handler=True)
     classifier_archive(store, "clf_proc", isolation="process")
     classifier_archive(store, "clf_off", monitoring={"enabled": False})
+    classifier_archive(store, "clf", monitoring=REPLICA_MONITORING)
     regressor_archive(store, "reg")
     handler_archive(store, "hookfail", HOOK_FAILS, config={"batchSize": 4, "maxBatchDelay": 5, "deviceType": "cpu",
                                                            "monitoring": {"window": 50, "baseline_requests": 100}})
     models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_oip", "clf_ts", "clf_proc", "clf_off", "reg", "hookfail")]
-    return osprey_module(models, store)
+    redis = RedisProcess(root / "redis").start()
+    plan = {"main": (models, {}),
+            "off": (["clf=clf.mar"], {"config": {"monitoring": "false"}, "extra_args": ["--no-grpc"]}),
+            "a": (["clf=clf.mar"], {"config": {"redis_url": redis.url}, "extra_args": ["--no-grpc"]}),
+            "b": (["clf=clf.mar"], {"env": {"OSPREY_REDIS_URL": redis.url}, "extra_args": ["--no-grpc"]})}
+    started = {}
+    try:
+        for name, (names, kwargs) in plan.items():
+            (root / name).mkdir()
+            started[name] = OspreyProcess(root / name, store, names, **kwargs)
+        for proc in started.values():
+            proc.wait_ready(120)
+        yield started, redis
+    finally:
+        for proc in started.values():
+            proc.stop()
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def srv(servers):
+    return servers[0]["main"]
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +139,8 @@ def send_rest(base: str, model: str, data: np.ndarray) -> list[tuple[str, int]]:
 def send_rest_v2(base: str, model: str, data: np.ndarray) -> list[tuple[str, int]]:
     with httpx.Client(base_url=base, timeout=30) as c:
         def one(row):
-            r = c.post(f"/v2/models/{model}/infer",
-                       json={"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": row.tolist()}]})
+            tensor = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": row.tolist()}
+            r = c.post(f"/v2/models/{model}/infer", json={"inputs": [tensor]})
             assert r.status_code == 200, r.text
             assert r.headers["x-request-id"] == r.json()["id"]
             return r.json()["id"], int(np.argmax(r.json()["outputs"][0]["data"]))
@@ -355,11 +385,8 @@ def test_monitoring_off_in_model_config(srv):
     assert metric_lines(srv.metrics, "osprey_drift_detected", "clf_off") == {}
 
 
-def test_monitoring_off_on_the_server(osprey, tmp_path):
-    store = tmp_path / "off-store"
-    store.mkdir()
-    classifier_archive(store, "clf")
-    server = osprey(["clf=clf.mar"], store, config={"monitoring": "false"})
+def test_monitoring_off_on_the_server(servers):
+    server = servers[0]["off"]
     send_rest(server.inference, "clf", rows(20, seed=8))
     for r in (httpx.get(f"{server.inference}/monitoring/clf"),
               _post_feedback(server, "clf", {"request_id": "x", "label": 1})):
@@ -390,34 +417,10 @@ def test_monitor_report_writes_the_page_and_plots(srv, prom, tmp_path):
 
 
 # --- 3. two replicas sharing one real redis-server ---------------------------------------------------
-REPLICA_MONITORING = {"window": 50, "baseline_requests": 60, "min_labels": 40, "quality_window": 40}
-
-
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
-    """Replicas A and B of model ``clf`` on one redis-server: A is told ``redis_url`` in its
-    config.properties, B through OSPREY_REDIS_URL. Both start at once."""
-    from tests.conftest import OspreyProcess
-    from tests.redis_server import RedisProcess
-
-    root = tmp_path_factory.mktemp("replicas")
-    redis = RedisProcess(root / "redis").start()
-    store = root / "store"
-    store.mkdir()
-    classifier_archive(store, "clf", monitoring=REPLICA_MONITORING)
-    servers = []
-    try:
-        for name, kwargs in (("a", {"config": {"redis_url": redis.url}}),
-                             ("b", {"env": {"OSPREY_REDIS_URL": redis.url}})):
-            (root / name).mkdir()
-            servers.append(OspreyProcess(root / name, store, ["clf=clf.mar"], extra_args=["--no-grpc"], **kwargs))
-        for s in servers:
-            s.wait_ready()
-        yield redis, servers[0], servers[1]
-    finally:
-        for s in servers:
-            s.stop()
-        redis.stop()
+def replicas(servers):
+    started, redis = servers
+    return redis, started["a"], started["b"]
 
 
 def _local_rows(server) -> float:
