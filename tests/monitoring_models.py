@@ -24,9 +24,9 @@ __all__ = ["FEATURES", "CLASSES", "MONITORING", "classifier_archive", "regressor
 
 FEATURES = 16
 CLASSES = 3
-# small windows keep the tests fast: a baseline of 100 requests, windows of 50, quality
-# judged over windows of 40 labels
-MONITORING = {"window": 50, "baseline_requests": 100, "min_labels": 40, "quality_window": 40}
+# small windows keep the tests fast: a baseline of 100 requests, windows of 50, two projected
+# components of the penultimate activations, quality judged over windows of 40 labels
+MONITORING = {"window": 50, "baseline_requests": 100, "components": 2, "min_labels": 40, "quality_window": 40}
 
 
 def _mlp(path: Path, outputs: int, softmax: bool, seed: int = 0) -> Path:

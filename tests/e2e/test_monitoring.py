@@ -12,6 +12,7 @@ as TorchServe handlers do). Every wait is on state (GET /monitoring's
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ class HookFails(BaseHandler):
 '''
 
 
-REPLICA_MONITORING = {"window": 50, "baseline_requests": 60, "min_labels": 40, "quality_window": 40}
+REPLICA_MONITORING = {"window": 50, "baseline_requests": 60, "components": 2, "min_labels": 40, "quality_window": 40}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,14 @@ def servers(tmp_path_factory):
             proc.wait_ready(120)
         yield started, redis
     finally:
+        for proc in started.values():  # SIGTERM to all first: their drains overlap
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGTERM)
         for proc in started.values():
+            try:
+                proc.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
             proc.stop()
         redis.stop()
 
@@ -311,6 +319,9 @@ def test_duplicates_and_unknown_ids_are_unmatched_wrong_labels_invalid_and_named
     assert _post_feedback(srv, "clf_rest", {"request_id": d, "label": d_cls}).json()["accepted"] == 1
     q = httpx.get(f"{srv.inference}/monitoring/clf_rest").json()["quality"]
     assert (q["labels"], q["unmatched"], q["invalid"]) == (82, 3, 3)
+    assert metric_lines(srv.metrics, "osprey_feedback_total", "clf_rest") == {
+        f'{{model="clf_rest",version="1.0",result="{result}"}}': n
+        for result, n in (("matched", 82.0), ("unmatched", 3.0), ("invalid", 3.0))}
 
     # a regression: a string, or a list for its one value, is the wrong type
     ids = [rid for rid, _ in send_rest(srv.inference, "reg", rows(5, seed=9))]
@@ -519,5 +530,5 @@ def test_redis_down_serving_goes_on_monitoring_degraded_then_catches_up(replicas
     # and the buffered rows count in the next window: 40 + 20 new rows close one
     _split(a, b, rows(20, seed=16))
     sa, sb = _both(a, b, lambda s: s["windows"] >= 1, "a window")
-    assert sa["windows"] == sb["windows"] == 1 and sa["history"][0]["drifted"] is False
+    assert sa["windows"] == sb["windows"] == 1 and sa["history"][0]["features"]
     client.close()
