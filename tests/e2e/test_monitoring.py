@@ -1,12 +1,21 @@
 """Issue 11 end to end: real ``osprey serve`` processes, a real Prometheus, a real redis-server.
 
-One server for the module serves small monitored models (tests/monitoring_models.py: a
-TorchScript MLP over 3 classes behind the ``tensor`` handler, windows of 50, a baseline of
-100 requests). Each drift test sends 100 baseline requests, then 120 in distribution (two
-windows: no episode), then 150 moved by 2.5 sd (an episode opens), through one protocol:
-REST, gRPC OIP ModelInfer and TorchServe gRPC (there a custom handler decoding the JSON bytes,
-as TorchServe handlers do). Every wait is on state (GET /monitoring's
-``requests``, Prometheus' value), never a sleep.
+Four servers start together for the module (``servers``): ``main`` serves small monitored
+models (tests/monitoring_models.py: a TorchScript MLP over 3 classes, windows of 50, a
+baseline of 100 requests, a training.json with held-out accuracy 0.95), ``off`` runs with the
+server setting monitoring=false, ``a`` and ``b`` are replicas sharing one redis-server.
+
+1. Each drift test sends 100 baseline requests, 120 in distribution (two windows: no
+   episode), 150 moved by 2.5 sd (an episode opens) through one protocol: REST, gRPC OIP
+   ModelInfer, TorchServe gRPC (a custom handler decoding the JSON bytes, as TorchServe
+   handlers do); the JSON's shape; the drift families as Prometheus scrapes them.
+2. Feedback by the id each protocol shows; live accuracy, then degraded; unmatched and
+   invalid labels, the invalid ones named.
+3. Replicas: one drift status and episode, labels joined across replicas, Redis down (200s,
+   degraded, 503 for labels) and back (buffered rows and predictions caught up).
+4. A hook that raises; 5. process instances; 6. monitoring off per model and per server;
+7. ``osprey monitor report``.
+Every wait is on state (GET /monitoring, /metrics, Prometheus, Redis), never a sleep.
 """
 
 from __future__ import annotations
