@@ -50,6 +50,10 @@ class QualityPart(Protocol):
         osprey_feedback_total{model,version,result}, osprey_quality{model,version,metric},
         osprey_quality_degraded{model,version}."""
 
+    def tick(self) -> None:
+        """Flush what was buffered while the store was down, refresh the cached metrics
+        (background thread, every ``refresh`` seconds; optional)."""
+
 
 # (model, version, the version's MonitoringConfig, its model_dir, the store) -> part or None
 QualityFactory = Callable[[str, str, Any, Any, Store], "QualityPart | None"]
@@ -185,6 +189,13 @@ class Monitor:
             if key in touched or due:
                 self._last_refresh[key] = now
                 vm.refresh()
+            if due and vm.quality is not None and hasattr(vm.quality, "tick"):
+                # predictions buffered while Redis was down reach the shared log without waiting
+                # for this replica's next request (a label sent to another replica joins them)
+                try:
+                    vm.quality.tick()
+                except Exception:
+                    log.exception("event=quality_tick_failed model=%s version=%s", *key)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Test hook: wait until everything observed before this call is analysed and the

@@ -593,8 +593,13 @@ def write_report(status: dict, out_dir: str | os.PathLike, source: str = "",
             images["drift_windows"] = "drift-windows.png"
         baseline = (status.get("quality") or {}).get("baseline") or {}
         series: dict[str, list] = {}
-        for entry in status["history"]:
-            for name, value in _window_quality(entry).items():
+        # the labelled windows (the quality part's own history); else what each drift window saw
+        labelled = (status.get("quality") or {}).get("history") if isinstance(status.get("quality"), dict) else None
+        for entry in (labelled if isinstance(labelled, list) and labelled else status["history"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("window"), _NUMBER):
+                continue
+            quality = _window_quality(entry if "quality" in entry else {"quality": entry})
+            for name, value in quality.items():
                 series.setdefault(name, []).append((entry["window"], value))
         if series:
             _plot_quality(series, baseline, out / "quality-windows.png",

@@ -221,6 +221,7 @@ class QualityMonitor:
             self._flush_lock.release()
 
     def _flush_locked(self, raising: bool) -> bool:
+        wrote = False
         while True:
             with self._lock:
                 if not self._buffer:
@@ -238,11 +239,13 @@ class QualityMonitor:
                 if raising:
                     raise
                 return False
+            wrote = True
             with self._lock:
                 if self._buffer and self._buffer[0][1] is rows:
                     self._buffer.popleft()
                     self._buffered_rows -= len(rows)
-        self._up()
+        if wrote:  # an empty buffer says nothing about the store (tick's refresh finds out)
+            self._up()
         return True
 
     def _down(self, why: str) -> None:
@@ -353,6 +356,7 @@ class QualityMonitor:
         try:
             if self._flush(raising=False):
                 self._refresh()
+                self._up()
         except StoreUnavailable as exc:
             self._down(str(exc))
         except Exception:

@@ -126,6 +126,8 @@ def test_every_answer_carries_the_id_feedback_joins_on(http, channel, md):
     # without one: a fresh id in x-request-id, different per request
     a, b = http.post("/v2/models/tmlp/infer", json=INFER), http.post("/v2/models/tmlp/infer", json=INFER)
     assert a.headers["x-request-id"] and a.headers["x-request-id"] != b.headers["x-request-id"]
+    # ... and the OIP response id is that id, as over gRPC (the id feedback joins on)
+    assert a.json()["id"] == a.headers["x-request-id"] and b.json()["id"] == b.headers["x-request-id"]
     # OIP over gRPC: the response id, and x-request-id in trailing metadata
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     req = pb.ModelInferRequest(model_name="tmlp")

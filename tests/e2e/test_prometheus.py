@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 
 import httpx
@@ -20,12 +21,19 @@ from tests.prometheus_helpers import (DASHBOARD, PrometheusProcess, dashboard_ex
                                  scraped_sample_names)
 
 # Answers after a short sleep per batch so that a burst queues up and batches form; reports
-# handler metrics through context.metrics the way TorchServe handlers do.
+# handler metrics through context.metrics the way TorchServe handlers do. Monitored: the
+# request's "i" is its input feature (monitor_features), its answer two class probabilities
+# (odd i: class 1 likely), so drift windows close and labels give live quality.
 SLOW_HANDLER = '''
 import time
+
+import numpy as np
+import torch
 from handlers.base import BaseHandler
 
 class Slow(BaseHandler):
+    monitor_task = "classification"
+
     def initialize(self, context):
         self.context = context
         self.initialized = True
@@ -35,17 +43,28 @@ class Slow(BaseHandler):
 
     def inference(self, rows):
         time.sleep(0.05)
-        return rows
+        return torch.tensor([[0.2, 0.8] if r["i"] % 2 else [0.7, 0.3] for r in rows])
 
-    def postprocess(self, rows):
+    def postprocess(self, probs):
         m = self.context.metrics
         m.add_counter("SlowBatches", 1)
         m.add_time("SlowInferenceMs", 50.0)
-        m.add_percent("SlowFill", 100.0 * len(rows) / 8)
+        m.add_percent("SlowFill", 100.0 * len(probs) / 8)
         m.add_size("SlowPayload", 0.5)
-        m.add_metric("SlowRows", len(rows), "count")
-        return [{"n": len(rows)} for _ in rows]
+        m.add_metric("SlowRows", len(probs), "count")
+        return [{"n": len(probs)} for _ in range(len(probs))]
+
+    def monitor_features(self, inputs, outputs):
+        return {"i": np.array([r["i"] for r in inputs], dtype=np.float32)}
 '''
+
+# small windows: the drift and quality families appear after the burst and a few labels
+MONITORING = {"window": 20, "baseline_requests": 40, "min_labels": 10, "quality_window": 10}
+LABELS = 20
+
+MONITORING_METRICS = {"osprey_drift_detected", "osprey_drift_episodes_total", "osprey_drift_score",
+                      "osprey_monitored_requests_total", "osprey_feedback_total", "osprey_quality",
+                      "osprey_quality_degraded"}
 
 BURST = 96
 TIMEOUT = 30.0
@@ -55,7 +74,7 @@ TIMEOUT = 30.0
 def scraped(osprey, store, tmp_path):
     handler_archive(store, "slow", SLOW_HANDLER,
                     config={"batchSize": 8, "maxBatchDelay": 50, "minWorkers": 1, "maxWorkers": 1,
-                            "deviceType": "cpu"})
+                            "deviceType": "cpu", "monitoring": MONITORING})
     server = osprey(models=["slow=slow.mar"], store=store, extra_args=["--no-grpc"])
     prom = PrometheusProcess(tmp_path / "prom", [server.metrics.split("//", 1)[1]])
     try:
@@ -64,9 +83,10 @@ def scraped(osprey, store, tmp_path):
         prom.stop()
 
 
-def _burst(url: str, n: int) -> list[int]:
-    """``n`` concurrent POSTs from ``n`` threads released together; their status codes."""
-    codes: list[int] = []
+def _burst(url: str, n: int) -> list[tuple[int, str, int]]:
+    """``n`` concurrent POSTs ``{"i": i}`` from ``n`` threads released together; their
+    (status code, x-request-id, i)."""
+    answers: list[tuple[int, str, int]] = []
     gate = threading.Barrier(n)
     lock = threading.Lock()
 
@@ -75,21 +95,36 @@ def _burst(url: str, n: int) -> list[int]:
             gate.wait()
             r = client.post(url, json={"i": i})
         with lock:
-            codes.append(r.status_code)
+            answers.append((r.status_code, r.headers.get("x-request-id", ""), i))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return codes
+    return answers
+
+
+def _monitored(server, answers) -> None:
+    """Wait until the monitor analysed the burst (a window closed), then label LABELS answers
+    (the class the request's i makes likely): the drift and quality families are then served."""
+    deadline = time.monotonic() + 30
+    while True:
+        s = httpx.get(f"{server.inference}/monitoring/slow", timeout=10).json()
+        if s["requests"] >= BURST and s["windows"] >= 1:
+            break
+        assert time.monotonic() < deadline, s
+        time.sleep(0.05)
+    labels = [{"request_id": rid, "label": i % 2} for _, rid, i in answers[:LABELS]]
+    r = httpx.post(f"{server.inference}/feedback/slow", json=labels, timeout=10)
+    assert r.json() == {"accepted": LABELS, "unmatched": 0, "invalid": 0}, r.text
 
 
 def test_promql_sees_burst_counts_latency_and_batching(scraped):
     server, prom = scraped
     prom.wait_for('up{job="osprey"}', lambda v: v == 1)
-    codes = _burst(f"{server.inference}/predictions/slow", BURST)
-    assert codes == [200] * BURST
+    answers = _burst(f"{server.inference}/predictions/slow", BURST)
+    assert [code for code, _, _ in answers] == [200] * BURST
     # an unknown model: counted with empty model/version labels, not under its name
     assert httpx.post(f"{server.inference}/predictions/nosuchmodel", json={}).status_code == 404
 
@@ -144,7 +179,9 @@ def test_promql_sees_burst_counts_latency_and_batching(scraped):
     assert 0 < prom.scalar('SlowFill{ModelName="slow"}') <= 100
     assert prom.scalar('PredictionTime{ModelName="slow"}') > 40
 
-    # every dashboard query parses and runs here, and names only metrics Osprey exports
+    # every dashboard query parses and runs here, and names only metrics Osprey exports (the
+    # drift and quality row's once the version was monitored, a window closed and labels arrived)
+    _monitored(server, answers)
     with urllib.request.urlopen(f"{server.metrics}/metrics") as r:
         exported = scraped_sample_names(r.read().decode())
     exported |= set(GPU_METRICS) | {"up"}  # GPU ones only appear where NVML finds a GPU
@@ -162,5 +199,14 @@ def test_promql_sees_burst_counts_latency_and_batching(scraped):
         if names - exported:
             unknown[title] = sorted(names - exported)
     assert not unknown, f"dashboard panels name metrics Osprey does not export: {unknown}"
+    # the drift and quality panels find the model's series
+    for title, expr in exprs:
+        if metric_names_in(expr) & MONITORING_METRICS:
+            concrete = (expr.replace("$__rate_interval", "30s").replace('"$model"', '"slow"')
+                        .replace('"$version"', '".*"'))
+            deadline = time.monotonic() + 20
+            while not prom.query(concrete):
+                assert time.monotonic() < deadline, f"panel {title!r} finds no series: {concrete}"
+                time.sleep(0.25)
     # the model selector's query finds the served model
     assert [r["metric"]["model"] for r in prom.query('osprey_model_info{model=~"slow"}')] == ["slow"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -218,6 +219,26 @@ def test_quality_is_delegated_to_the_part_the_factory_makes(archive, monitor):
     part = m._versions[("m", "1")].quality
     assert part.args[2] is versions("m", "1").config.monitoring and part.args[3] == archive
     assert part.args[4] is m.store
+
+
+def test_the_background_thread_ticks_the_quality_parts(archive, monitor):
+    # the quality part flushes predictions it buffered while Redis was down on tick(): that must
+    # happen without a new request or a status call on this replica
+    ticks = []
+
+    class Ticking(FakeQuality):
+        def tick(self):
+            ticks.append(self.args[:2])
+
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions, quality_factory=Ticking, refresh=0.05)
+    feed(m, stream(50, 1))
+    deadline = time.monotonic() + 10
+    while len(ticks) < 3:
+        assert time.monotonic() < deadline, ticks
+        time.sleep(0.01)
+    assert set(ticks) == {("m", "1")}
 
 
 def test_feedback_without_a_quality_part_is_unmatched(archive, monitor):

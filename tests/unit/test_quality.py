@@ -270,6 +270,28 @@ def test_redis_down_buffers_predictions_answers_503_and_catches_up(redis_server,
     assert (r.accepted, r.unmatched) == (1, 1)
 
 
+def test_a_long_outage_without_traffic_is_logged_once(redis_server, monkeypatch, caplog):  # noqa: F811
+    # the monitor ticks every version each second: with nothing buffered, a tick must not
+    # declare the store back (and log it) before finding it still down
+    import logging
+
+    import monitoring.quality.monitor as qm
+
+    monkeypatch.setattr(qm, "RETRY_S", 0.0)
+    q = _replica(redis_server.url)
+    q.record(obs(["before"], probs(1)))
+    redis_server.stop()
+    with caplog.at_level(logging.INFO, logger="osprey.monitoring.quality"):
+        for _ in range(4):
+            q.tick()
+        assert q.status()["unavailable"] and "Redis" in q.status()["unavailable"]
+        assert [r.getMessage().split(": ", 1)[1][:30] for r in caplog.records] == ["monitoring state unavailable: "]
+        redis_server.start()
+        q.tick()
+    assert q.status()["unavailable"] is None
+    assert sum("available again" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_label_sent_to_two_replicas_at_once_is_joined_once(redis_server):  # noqa: F811
     from concurrent.futures import ThreadPoolExecutor
 

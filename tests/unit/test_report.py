@@ -272,6 +272,21 @@ def test_window_quality_nested_under_metrics(server, tmp_path):
     _assert_png(tmp_path / "r" / "quality-windows.png")
 
 
+def test_labelled_windows_are_plotted_when_the_drift_windows_closed_before_the_labels(server, tmp_path):
+    # labels usually arrive after the drift windows closed: those windows saw no quality, the
+    # quality part's own history (one entry per labelled window) has it
+    status = canned_status()
+    for entry in status["history"]:
+        entry["quality"] = None
+    status["quality"]["history"] = [
+        {"window": w, "ended": 1_790_002_000.0 + w, "labels": 40, "metrics": {"accuracy": a, "f1": a - 0.01},
+         "degraded": a < 0.9} for w, a in ((1, 1.0), (2, 0.7))]
+    server.serve_json("/monitoring/digits_cnn", status)
+    assert _report(server, tmp_path / "r") == 0
+    _assert_png(tmp_path / "r" / "quality-windows.png")
+    assert "quality-windows.png" in (tmp_path / "r" / "index.html").read_text()
+
+
 def test_an_unreadable_key_file(server, tmp_path, capsys):
     bad = tmp_path / "keys.json"
     bad.write_text("{}")

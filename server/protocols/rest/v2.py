@@ -147,13 +147,17 @@ def _loads(data: bytes | memoryview) -> Any:
         raise bad_input(f"the request body is not valid JSON: {exc}") from None
 
 
-def encode_infer_response(model: str, version: str, request: dict, outputs: list) -> Response:
-    """JSON, or JSON header plus binary outputs where the request asked for them."""
+def encode_infer_response(model: str, version: str, request: dict, outputs: list,
+                          request_id: str | None = None) -> Response:
+    """JSON, or JSON header plus binary outputs where the request asked for them. The ``id`` is
+    the request's, else ``request_id`` (the one made here: feedback joins on it, as over gRPC)."""
     wanted = {o.get("name"): o.get("parameters") or {} for o in request.get("outputs") or () if isinstance(o, dict)}
     all_binary = _flag(request.get("parameters"), "binary_data_output")
     head: dict[str, Any] = {"model_name": model, "model_version": version}
     if "id" in request:
         head["id"] = request["id"]
+    elif request_id:
+        head["id"] = request_id
     metas, chunks = [], []
     for name, arr, dt in outputs:
         meta: dict[str, Any] = {"name": name, "datatype": dt, "shape": list(arr.shape)}
@@ -222,7 +226,7 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         req.request_id = core.request.request_id  # x-request-id is the OIP id: the one feedback joins on
         out = await dataplane.infer(core)
         return encode_infer_response(name, out.model_version, request,
-                                     output_tensors(out, out.output_specs, requested))
+                                     output_tensors(out, out.output_specs, requested), core.request.request_id)
 
     async def index(req: Request) -> Response:
         body = _loads(req.body) if req.body else {}
