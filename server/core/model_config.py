@@ -43,12 +43,12 @@ class MonitoringConfig:
     min_window: int = 50  # fewest requests a time-closed window must hold to be analysed
     baseline_requests: int = 1000  # without a reference profile: the first requests become the baseline
     max_features: int = 50  # most features (inputs + predictions) monitored per version
-    bins: int = 10  # quantile bins per numeric feature in a profile
+    bins: int = 5  # quantile bins per numeric feature in a profile (benchmarks/DRIFT.md: 5 halves the noise)
     components: int = 5  # projection components of embeddings / penultimate activations
     layer: str | None = None  # the module whose output is the penultimate activation (None: found)
     method: str = "psi"  # psi | jensenshannon | wasserstein (per-feature distance)
     threshold: float | None = None  # per-feature distance threshold (None: the method's default)
-    drift_share: float = 0.5  # a window drifted when this share of its input features drifted ...
+    drift_share: float = 0.0  # a window drifted when this share of its input features drifted (0: any one) ...
     prediction_drift: str = "any"  # ... or (any) a prediction feature drifted; share: predictions count in the share; ignore
     episode_windows: int = 3  # n: the last n windows are looked at ...
     episode_drifted: int = 2  # k: ... and an episode opens when k of them drifted

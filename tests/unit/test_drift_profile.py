@@ -41,9 +41,9 @@ def test_build_profile_has_the_plans_format():
     assert names[:2] == ["predicted_class", "confidence"]  # predictions first: always kept
     assert names[2:5] == ["embedding[0]", "embedding[1]", "embedding[2]"] and names[5:] == ["age", "color"]
     age = next(f for f in p["features"] if f["name"] == "age")
-    assert age["edges"][0] == -math.inf and age["edges"][-1] == math.inf and len(age["edges"]) == 11
-    assert len(age["proportions"]) == 10 and sum(age["proportions"]) == pytest.approx(1)
-    assert all(0.08 < x < 0.12 for x in age["proportions"])  # quantile bins: about equal mass
+    assert age["edges"][0] == -math.inf and age["edges"][-1] == math.inf and len(age["edges"]) == 6
+    assert len(age["proportions"]) == 5 and sum(age["proportions"]) == pytest.approx(1)
+    assert all(0.17 < x < 0.23 for x in age["proportions"])  # quantile bins: about equal mass
     assert age["mean"] == pytest.approx(50, abs=1.5) and age["std"] == pytest.approx(10, abs=1)
     color = next(f for f in p["features"] if f["name"] == "color")
     assert color["type"] == "categorical" and color["categories"] == ["red", "blue"]
@@ -88,7 +88,7 @@ def test_save_and_load_round_trip(tmp_path):
     (lambda p: p.update(task="ranking"), "'task' must be one of"),
     (lambda p: p["features"][1].update(edges=[0.0, 1.0] + p["features"][1]["edges"][2:]),
      "feature 'confidence': 'edges' must start with -Infinity"),
-    (lambda p: p["features"][1].update(proportions=[1.0]), "feature 'confidence': 11 edges need 10 proportions"),
+    (lambda p: p["features"][1].update(proportions=[1.0]), "feature 'confidence': 6 edges need 5 proportions"),
     (lambda p: p["features"][0].update(categories=["0", "0"]), "feature 'predicted_class': 'categories' must be"),
     (lambda p: p["features"][0].update(kind="output"), "feature 'predicted_class': 'kind' must be"),
     (lambda p: p["features"][1].update(std=float("nan")), "feature 'confidence': 'std' must be a finite"),

@@ -72,7 +72,7 @@ def test_chi_square_flags_a_real_shift_and_not_noise():
 
 def test_small_window_rule_and_thresholds():
     assert stats.small_window(100, 10) and not stats.small_window(500, 10)
-    assert stats.threshold_for("psi", None) == 0.1 and stats.threshold_for("psi", 0.3) == 0.3
+    assert stats.threshold_for("psi", None) == 0.3 and stats.threshold_for("psi", 0.5) == 0.5
     with pytest.raises(ValueError, match="unknown drift method 'ks'"):
         stats.threshold_for("ks", None)
 

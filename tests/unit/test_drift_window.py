@@ -66,11 +66,19 @@ def test_in_distribution_windows_do_not_drift(layout):
 
 
 def test_a_shifted_input_ranks_first_and_drifts_the_window_only_with_enough_share(layout):
-    r = analyze(layout, layout.count(obs(500, 4, shift=1.0)), 500, 1.0, CFG)
+    r = analyze(layout, layout.count(obs(500, 4, shift=1.0)), 500, 1.0, replace(CFG, drift_share=0.5))
     assert r.features[0].name == "x" and r.features[0].drifted and r.features[0].score > 0.3
     assert r.score == r.features[0].score
     assert not r.drifted  # 1 of 5 inputs < drift_share 0.5, predictions unchanged
     assert analyze(layout, layout.count(obs(500, 4, shift=1.0)), 500, 1.0, replace(CFG, drift_share=0.2)).drifted
+    assert analyze(layout, layout.count(obs(500, 4, shift=1.0)), 500, 1.0, CFG).drifted  # default 0: any one input
+
+
+def test_drift_share_zero_still_needs_one_drifted_input():
+    assert not drifted_window([False, False], [False], 0.0)
+    assert drifted_window([False, True], [False], 0.0)
+    assert not drifted_window([False, False], [False], 0.0, "share")
+    assert not drifted_window([], [], 0.0)
 
 
 def test_a_prediction_shift_alone_drifts_the_window(layout):

@@ -98,8 +98,8 @@ def test_a_shifted_feature_opens_one_episode_and_ranks_first(archive, monitor):
     assert drift["detected"] and drift["episodes"] == 1
     assert drift["episode"]["id"] == 1 and drift["episode"]["open"] and drift["episode"]["ended"] is None
     top = drift["features"][0]
-    assert top["name"] == "x" and top["drifted"] and top["kind"] == "input" and top["threshold"] == 0.1
-    assert top["reference"]["edges"][0] is None and len(top["current"]["proportions"]) == 10
+    assert top["name"] == "x" and top["drifted"] and top["kind"] == "input" and top["threshold"] == 0.3
+    assert top["reference"]["edges"][0] is None and len(top["current"]["proportions"]) == 5
     assert [h["drifted"] for h in s["history"]] == [False, False, True, True, True, True]
     text = m.render()
     assert 'osprey_drift_detected{model="m",version="1"} 1.0' in text
