@@ -8,7 +8,8 @@ Each round runs ``--batches`` batches on each runner (order alternating between 
 way an instance loop does (``run``, then ``flush(force=False)`` after each handoff, a forced
 flush at the end; a tree whose ``flush`` takes no argument flushes after every batch) and
 counts ``time.thread_time()``: the difference per batch is capture's cost on the instance
-thread. The observations then go through a real :class:`monitoring.monitor.Monitor` (drift
+thread (noisy: a difference of two large numbers); ``flush`` is the part measured directly, the
+thread time spent building and handing over observations. The observations then go through a real :class:`monitoring.monitor.Monitor` (drift
 binning, windows, the quality part's prediction log), its pass run in this thread and timed
 the same way: the background thread's cost per batch. Medians over rounds. ``OSPREY_TREE=DIR``
 measures another checkout's code (e.g. main's, before a change) with this script.
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                      monitor.observe if side == "on" else None) for side in ("on", "off")}
         lazy = "force" in inspect.signature(runners["on"].flush).parameters
         for n in args.batch:
-            cpu = {"on": [], "off": [], "monitor": []}
+            cpu = {"on": [], "off": [], "monitor": [], "flush": []}
             obs = []
             for r in range(args.rounds):
                 for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
@@ -86,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
                     monitor._pass(force=True)
                     before = len(monitor._queue)
                     t0 = time.thread_time()
+                    flushing = 0.0
                     for b in batches:
                         runner.run(b)
+                        t1 = time.thread_time()
                         runner.flush(force=False) if lazy else runner.flush()
+                        flushing += time.thread_time() - t1
+                    t1 = time.thread_time()
                     runner.flush()
+                    flushing += time.thread_time() - t1
                     cpu[side].append((time.thread_time() - t0) / len(batches))
+                    if side == "on":
+                        cpu["flush"].append(flushing / len(batches))
                     if side == "on":
                         obs.append(len(monitor._queue) - before)
                         t0 = time.thread_time()
@@ -99,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             on, off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
             mon = statistics.median(cpu["monitor"])
             row = {"tree": args.tag, "model": m.name, "batch": n, "cpu_us_per_batch_off": round(1e6 * off, 1),
-                   "capture_us_per_batch": round(1e6 * (on - off), 1), "monitor_us_per_batch": round(1e6 * mon, 1),
+                   "capture_us_per_batch": round(1e6 * (on - off), 1),
+                   "flush_us_per_batch": round(1e6 * statistics.median(cpu["flush"]), 1),
+                   "monitor_us_per_batch": round(1e6 * mon, 1),
                    "total_us_per_row": round(1e6 * (on - off + mon) / n, 2),
                    "observations_per_batch": round(statistics.median(obs) / args.batches, 3)}
             print(json.dumps(row), flush=True)
