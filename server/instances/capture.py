@@ -1,5 +1,5 @@
-"""Capture for the monitor, in the instance's own thread or child process: per sampled batch,
-one :class:`~server.core.capture.Observation`, handed to ``observe``.
+"""Capture for the monitor, in the instance's own thread or child process: sampled batches,
+amortized into few :class:`~server.core.capture.Observation` objects, handed to ``observe``.
 
 :class:`BatchCapture` sits in a :class:`~server.instances.runner.BatchRunner` (only when the
 server setting ``monitoring`` and the model's ``monitoring.enabled`` are on). For each batch
@@ -7,17 +7,31 @@ the handler runs, :meth:`~BatchCapture.begin` draws which requests are sampled
 (``monitoring.sample_rate``, per request); a batch with none sampled runs untouched. For a
 sampled one the handler's :class:`~handlers.monitoring.Tap` is armed while ``handle`` runs
 (references to the model's inputs, outputs and penultimate activations: no copies), and
-what it kept is queued. :meth:`~BatchCapture.flush` -- called by the instance *after* the
-batch's answers were handed back, so the features never delay them -- computes the
-features vectorized on the whole batch, keeps the sampled rows and calls ``observe``.
+:meth:`~BatchCapture.end` appends those references to a small pending list: a constant cost
+per batch, nothing computed.
+
+**Amortized.** :meth:`~BatchCapture.flush` builds ONE observation from all the pending
+batches at once (their inference calls' small tensors concatenated, so each handler hook, each
+numpy step and the Observation itself run once for all their rows, vectorized). The instance
+calls it *after* a handoff's answers were handed back, so features never delay answers:
+``flush(force=False)`` builds only when :meth:`~BatchCapture.due` -- :data:`MAX_ROWS` requests
+pending, :data:`MAX_BATCHES` batches, about :data:`MAX_BYTES` of tensors held, or the oldest
+pending batch ended :data:`MAX_DELAY_S` ago -- and the instance's loop flushes everything when
+no work came for :data:`IDLE_S` (an idle instance), and when it stops. So a prediction reaches
+the monitor (and the feedback join) at most about ``MAX_DELAY_S`` (0.5 s) after its answer,
+plus the monitor's own tick (0.1 s); memory held is bounded by those limits. A handler that
+writes every batch into the same tensor (a static buffer reused in place) is detected (the
+new batch's tensor shares memory with a pending one): the pending batches it overwrote are
+dropped and that capture builds every batch right after it from then on (logged once).
 
 Rows: one per row the model saw. A built-in request holding several examples (a list of
 records, texts, images) gives several rows, each carrying that request's id
 (``request_ids`` then repeats it). A batch that failed as a whole is not observed (its
-requests are re-run one by one, and those are).
+requests are re-run one by one, and those are). An observation's ``time`` is when the last
+of its batches ended.
 
 Failures never reach a request: a handler hook that raises (or a capture that cannot make
-sense of the batch) is logged once per version and handed over as
+sense of the batches) is logged once per version and handed over as
 ``Observation(error=...)`` (the monitor then says it is degraded); ``observe`` raising is
 logged once and ignored.
 
@@ -43,11 +57,18 @@ from server.core.capture import Observation
 from server.core.errors import OspreyError
 from server.core.model_config import ModelConfig, MonitoringConfig
 
-__all__ = ["BatchCapture", "run_reference", "ReferenceRun", "RowError"]
+__all__ = ["BatchCapture", "run_reference", "ReferenceRun", "RowError", "MAX_ROWS", "MAX_DELAY_S", "IDLE_S"]
 
 log = logging.getLogger("osprey.monitoring")
 
 Observe = Callable[[Observation], None]
+
+MAX_ROWS = 256  # requests pending that make a flush due
+MAX_BATCHES = 64  # batches pending that make a flush due
+MAX_BYTES = 64 << 20  # bytes of inputs, outputs and activations held (references) that make a flush due
+MAX_DELAY_S = 0.5  # the oldest pending batch ended this long ago: a flush is due
+IDLE_S = 0.02  # the instance's loop flushes everything when no work came for this long
+MERGE_BYTES = 8 << 20  # inference calls' tensors are concatenated (one hook call) up to this size
 
 _WARNED: set[tuple[str, str]] = set()  # versions whose failing hook was logged (once per version in this process)
 
@@ -63,6 +84,11 @@ class BatchCapture:
         self._rng = np.random.default_rng(seed)
         self._sampled: np.ndarray | None = None  # the batch being run: its sampled requests (None: all)
         self._pending: list[tuple] = []
+        self._rows = 0  # requests in the pending batches
+        self._bytes = 0  # bytes of the tensors they hold
+        self._since = 0.0  # monotonic time the oldest pending batch ended
+        self._ptrs: dict[int, int] = {}  # data pointer of a held tensor -> its pending batch's index
+        self._eager = False  # the handler reuses its buffers in place: build every batch at once
         self._warned = False
         self._observe_failed = False
         self._setup_error = self.tap.layer_error
@@ -90,20 +116,79 @@ class BatchCapture:
 
     def end(self, results: list | None, request_ids: list[str]) -> None:
         """The handler returned (``results``, one per request) or failed (None): disarm, and
-        queue what the tap kept for :meth:`flush`."""
+        keep references to what the tap kept for :meth:`flush` (constant cost)."""
         calls, acts, row_map = self.tap.disarm()
-        if results is not None:
-            self._pending.append((calls, acts, row_map, results, request_ids, self._sampled, time.time()))
-        self._sampled = None
+        sampled, self._sampled = self._sampled, None
+        if results is None:
+            return
+        if not self._pending:
+            self._since = time.monotonic()
+        index = len(self._pending)
+        self._pending.append((calls, acts, row_map, results, request_ids, sampled, time.time()))
+        self._rows += len(request_ids)
+        size = 0
+        for t in _tensors(calls, acts):
+            try:
+                ptr, n = _pointer(t)
+            except Exception:  # something tensor-like that cannot say: count nothing
+                continue
+            size += n
+            if ptr:
+                seen = self._ptrs.get(ptr)
+                if seen is not None and seen != index:
+                    self._reused(seen)
+                    return
+                self._ptrs[ptr] = index
+        self._bytes += size
+
+    def _reused(self, first: int) -> None:
+        """A batch's tensor shares memory with pending batch ``first``'s: the handler reuses a
+        buffer in place, so the pending batches from ``first`` on (all but the new one) were
+        overwritten. Drop them; from now on build each batch right after it ran."""
+        new = self._pending.pop()
+        lost = len(self._pending) - first
+        del self._pending[first:]
+        if not self._eager:
+            self._eager = True
+            log.warning("model %s version %s: the handler reuses its tensors in place across batches; monitoring "
+                        "builds each batch's observation right after it (%d pending batch(es) dropped)",
+                        self.name, self.version, lost)
+        self.flush()
+        self._pending.append(new)
+        self._rows = len(new[4])
+        self._since = time.monotonic()
+
+    def due(self) -> bool:
+        """Enough is pending (rows, batches, bytes held, or age) for :meth:`flush` to build now."""
+        return bool(self._pending) and (
+            self._eager or self._rows >= MAX_ROWS or len(self._pending) >= MAX_BATCHES or
+            self._bytes >= MAX_BYTES or time.monotonic() - self._since >= MAX_DELAY_S)
+
+    def wait(self) -> float | None:
+        """Seconds until what is pending is due by age (0: due now); None when nothing is."""
+        if not self._pending:
+            return None
+        return 0.0 if self._eager else max(0.0, self._since + MAX_DELAY_S - time.monotonic())
 
     # --- after the answers were handed back -------------------------------------------
-    def flush(self) -> None:
-        """Compute and hand over the observations of the batches run since the last flush."""
+    def flush(self, force: bool = True) -> None:
+        """Build and hand over one observation from the batches run since the last flush
+        (``force=False``: only when :meth:`due`)."""
+        if not self._pending or not (force or self.due()):
+            return
         pending, self._pending = self._pending, []
-        if self._setup_error and pending:  # said once, beside the first observation
+        self._rows = self._bytes = 0
+        self._ptrs = {}
+        if self._setup_error:  # said once, beside the first observation
             why, self._setup_error = self._setup_error, None
             self._hand_over(Observation(self.name, self.version, [], pending[0][-1], error=why))
-        for item in pending:
+        if len(pending) == 1:
+            groups = pending
+        elif all(item[0] for item in pending) or not any(item[0] for item in pending):
+            groups = [_merge(pending)]  # alike: one observation for all
+        else:  # some batches called inference, others not: each on its own (rare)
+            groups = pending
+        for item in groups:
             obs = self._observation(item)
             if obs is not None:
                 self._hand_over(obs)
@@ -184,6 +269,82 @@ class BatchCapture:
                            outputs=outputs, classes=cap.classes)
 
 
+def _tensors(calls: list, acts: list):
+    """The top-level tensors/arrays a batch's references hold (inputs, outputs, activations)."""
+    for inputs, outputs in calls:
+        if hasattr(inputs, "shape"):
+            yield inputs
+        if hasattr(outputs, "shape"):
+            yield outputs
+    for a in acts:
+        if hasattr(a, "shape"):
+            yield a
+
+
+def _pointer(t: Any) -> tuple[int, int]:
+    """(address of the first element, bytes) of a tensor or array (address 0 when empty)."""
+    if isinstance(t, np.ndarray):
+        return (t.__array_interface__["data"][0] if t.size else 0), t.nbytes
+    n = t.numel() * t.element_size()
+    return (t.data_ptr() if n else 0), n
+
+
+def _same_rows(parts: list) -> bool:
+    """Tensors (or arrays) of one kind, dtype, device and row shape, small enough to join."""
+    first = parts[0]
+    if not hasattr(first, "shape") or len(first.shape) < 1:
+        return False
+    kind, shape, dtype = type(first), tuple(first.shape[1:]), first.dtype
+    device = getattr(first, "device", None)
+    total = 0
+    for p in parts:
+        if type(p) is not kind or len(p.shape) < 1 or tuple(p.shape[1:]) != shape or p.dtype != dtype or \
+                getattr(p, "device", None) != device:
+            return False
+        total += _pointer(p)[1]
+    return total <= MERGE_BYTES
+
+
+def _join(parts: list) -> Any:
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    import torch
+
+    with torch.no_grad():
+        return torch.cat(parts)
+
+
+def _merge(items: list[tuple]) -> tuple:
+    """Several pending batches as one: their inference calls (inputs and outputs of one row
+    shape concatenated into one call, so each hook runs once), activations, row maps (shifted
+    to the joined requests), results, request ids and samples, and the last end time."""
+    calls = [c for item in items for c in item[0]]
+    acts = [a for item in items for a in item[1]]
+    if len(calls) > 1:
+        ins, outs = [c[0] for c in calls], [c[1] for c in calls]
+        if _same_rows(ins) and _same_rows(outs):
+            calls = [(_join(ins), _join(outs))]
+    if len(acts) > 1 and _same_rows(acts):
+        acts = [_join(acts)]
+    row_map = None
+    if any(item[2] is not None for item in items):
+        maps, offset = [], 0
+        for item in items:
+            n = len(item[4])
+            maps.append(np.arange(n, dtype=np.int64) + offset if item[2] is None
+                        else np.asarray(item[2], dtype=np.int64) + offset)
+            offset += n
+        row_map = np.concatenate(maps)
+    results = [r for item in items for r in item[3]]
+    ids = [i for item in items for i in item[4]]
+    if all(item[5] is None for item in items):
+        sampled = None
+    else:
+        sampled = np.concatenate([np.ones(len(item[4]), dtype=bool) if item[5] is None else item[5]
+                                  for item in items])
+    return calls, acts, row_map, results, ids, sampled, max(item[6] for item in items)
+
+
 def make_capture(name: str, version: str, target: Any, config: ModelConfig, observe: Observe | None) -> BatchCapture | None:
     """The capture of a loaded handler, or None (monitoring off, or it cannot be set up:
     logged, serving goes on)."""
@@ -258,10 +419,11 @@ def run_reference(archive: Any, bodies: Sequence[Any], *, config: ModelConfig | 
     for start in range(0, len(bodies), size):
         batch = [_request(i, names[i], bodies[i], archive.name) for i in range(start, min(start + size, len(bodies)))]
         outcomes = runner.run(batch)
-        runner.flush()
+        runner.flush(force=False)  # a few batches per observation, as an instance does
         for i, outcome in enumerate(outcomes, start):
             if isinstance(outcome, OspreyError):
                 run.errors.append(RowError(i, names[i], outcome.message))
             else:
                 run.rows += 1
+    runner.flush()
     return run

@@ -94,12 +94,26 @@ def main(conn, spec: dict) -> None:
             a = arenas[name] = Arena.attach(name)
         return a
 
+    def hand_over(force: bool) -> None:
+        runner.flush(force)
+        if observations:
+            send(("observations", observations))  # pickled: only sampled rows, float32 embeddings
+            observations.clear()
+
     while True:
         try:
+            wait = runner.flush_wait()  # monitoring: batches pending, flush them if no work comes
+            if wait is not None and not conn.poll(wait):
+                hand_over(True)  # idle (or due by age)
+                continue
             msg = conn.recv()
         except (EOFError, OSError):  # the parent is gone
             break
         if msg is None:
+            try:
+                hand_over(True)
+            except (OSError, ValueError):
+                pass
             break
         _, in_name, out_name, dropped, batches = msg
         for name in dropped:  # arenas the parent replaced by larger ones
@@ -121,9 +135,6 @@ def main(conn, spec: dict) -> None:
         timings = [(b[0].timings.started, b[0].timings.finished, b[0].timings.stages) if b else None for b in works]
         send(("done", wired, timings))
         del works, outcomes, wired
-        runner.flush()  # after the answers: features never delay them
-        if observations:
-            send(("observations", observations))  # pickled: only sampled rows, float32 embeddings
-            observations.clear()
+        hand_over(False)  # after the answers, when enough is pending: features never delay them
     for a in arenas.values():
         a.close()

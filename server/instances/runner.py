@@ -30,6 +30,8 @@ from server.core.types import InferenceResponse
 from server.core.model_config import ModelConfig
 from server.instances.service import Service, make_service
 
+IDLE_S = 0.02  # = server.instances.capture.IDLE_S (not imported here: capture loads only when monitoring is on)
+
 __all__ = ["BatchRunner", "Outcome", "error_for", "load_runner", "declared_specs"]
 
 log = logging.getLogger("osprey.instances")
@@ -56,14 +58,26 @@ class BatchRunner:
         self.name, self.version, self.service, self.context = name, version, service, context
         self.capture = capture  # a server.instances.capture.BatchCapture when the model is monitored
 
-    def flush(self) -> None:
-        """Hand the monitor the observations of the batches run since the last flush (call it
-        after their answers were handed back: the features never delay them); never raises."""
+    def flush(self, force: bool = True) -> None:
+        """Hand the monitor the observation of the batches run since the last flush (call it
+        after their answers were handed back: the features never delay them); ``force=False``
+        builds only when enough is pending (see :mod:`server.instances.capture`). Never raises."""
         if self.capture is not None:
             try:
-                self.capture.flush()
+                self.capture.flush(force)
             except Exception:  # capture never fails serving
                 log.exception("model %s: monitoring capture failed", self.name)
+
+    def flush_wait(self) -> float | None:
+        """How long an instance's loop may wait for work before it flushes what is pending:
+        None when nothing is (wait as long as you like), else at most
+        :data:`~server.instances.capture.IDLE_S` (an idle instance flushes) and never past the
+        moment it is due by age."""
+        capture = self.capture
+        if capture is None:
+            return None
+        wait = capture.wait()
+        return None if wait is None else min(wait, IDLE_S)
 
     @property
     def accepts_tensors(self) -> bool:

@@ -134,8 +134,14 @@ class ModelInstance:
             return
         event(log, "instance_started", model=self.name, version=self.version, index=self.index, kind="thread")
         while True:
-            job = self._jobs.get()
+            wait = self.runner.flush_wait()  # monitoring: batches pending, flush them if no work comes
+            try:
+                job = self._jobs.get() if wait is None else self._jobs.get(timeout=wait)
+            except queue.Empty:  # idle (or the pending batches are due): hand them over now
+                self.runner.flush()
+                continue
             if job is None:
+                self.runner.flush()
                 break
             batches, loop, on_done = job
             outcomes = self.runner.run_handoff(batches)
@@ -146,7 +152,7 @@ class ModelInstance:
                 loop.call_soon_threadsafe(on_done, self, batches, outcomes)
             except RuntimeError:  # loop closed during shutdown
                 break
-            self.runner.flush()  # monitoring: after the answers are on their way
+            self.runner.flush(force=False)  # monitoring, when enough is pending: after the answers left
 
     def run(self, batch: list[Ticket]) -> list[Outcome]:
         """Handle one batch in the calling thread (the runner's logic; for tests and tools)."""

@@ -13,6 +13,7 @@ import logging
 import pickle
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -677,9 +678,8 @@ def test_run_reference_returns_observations_and_names_the_rows_refused(tabular):
     assert [(e.index, e.name) for e in got.errors] == [(5, "ref.jsonl:6")]
     assert "missing feature 'bp'" in str(got.errors[0])
     assert str(got.errors[0]).startswith("ref.jsonl:6: ")
-    assert len(got.observations) == 2  # batches of 4, every row sampled
-    assert sum(len(o) for o in got.observations) == 6
-    assert got.observations[1].request_ids == ["ref.jsonl:5", "ref.jsonl:7"]
+    assert len(got.observations) == 1  # two batches of 4, every row sampled: one observation of both
+    assert got.observations[0].request_ids == [n for n in names if n != "ref.jsonl:6"]
 
 
 def test_run_reference_takes_image_bytes_and_tensors(store):
@@ -694,8 +694,9 @@ def test_run_reference_takes_image_bytes_and_tensors(store):
 def test_run_reference_hands_back_a_failing_hook_as_an_error_observation(store):
     got = run_reference(build(store, "broken_ref", "broken_hook.py"), [[1, 2], [3, 4]])
     assert got.rows == 2 and got.errors == []
-    assert len(got.observations) == 2  # batchSize 1: one batch per row
-    assert all("hook bug" in o.error for o in got.observations)
+    assert len(got.observations) == 1  # batchSize 1, both batches built at once: one error for both
+    assert "hook bug" in got.observations[0].error
+    assert got.observations[0].request_ids == ["row 0", "row 1"]
 
 
 def test_a_bf16_model_gives_float_features_and_float32_embeddings(store):
@@ -707,3 +708,103 @@ def test_a_bf16_model_gives_float_features_and_float32_embeddings(store):
     assert obs.features["age"].dtype == np.float64 and abs(obs.features["age"][0] - 61) < 0.5  # bf16 input
     assert obs.embedding.dtype == np.float32 and obs.outputs.dtype == np.float32
     assert abs(obs.outputs.sum() - 1) < 1e-3
+
+
+# --- amortized capture: references per batch, one observation for many -------------------
+def test_several_batches_give_one_observation_with_all_their_rows(tabular):
+    """Batches only keep references; a flush builds ONE observation of all of them, the same
+    rows and values as one observation per batch would have."""
+    recs = [{"age": 61 + i, "bmi": 30.5 - i, "bp": 101 + 2 * i} for i in range(7)]
+    batches = [recs[:3], recs[3:4], recs[4:]]
+    each: list[Observation] = []
+    one_each = runner_for(tabular, each)
+    for k, b in enumerate(batches):
+        run(one_each, b, prefix=f"b{k}-")  # flushed after every batch: one observation each
+    assert len(each) == 3
+    observed: list[Observation] = []
+    runner = runner_for(tabular, observed)
+    for k, b in enumerate(batches):
+        runner.run([ticket(f"b{k}-{i}", r) for i, r in enumerate(b)])
+        runner.flush(force=False)  # what an instance does after a handoff: nothing is due yet
+    assert observed == [] and runner.capture.wait() is not None and not runner.capture.due()
+    runner.flush()  # idle (or stopping): everything pending, at once
+    assert len(observed) == 1 and runner.capture.wait() is None
+    obs = observed[0]
+    assert obs.request_ids == [i for o in each for i in o.request_ids] == \
+        [f"b{k}-{i}" for k, b in enumerate(batches) for i in range(len(b))]
+    for name in each[0].features:
+        np.testing.assert_allclose(obs.features[name], np.concatenate([o.features[name] for o in each]), rtol=1e-6)
+    for name in each[0].predictions:
+        want = np.concatenate([o.predictions[name] for o in each])
+        if want.dtype == object:
+            assert list(obs.predictions[name]) == list(want)
+        else:
+            np.testing.assert_allclose(obs.predictions[name], want, rtol=1e-5)
+    np.testing.assert_allclose(obs.outputs, np.concatenate([o.outputs for o in each]), rtol=1e-5)
+    np.testing.assert_allclose(obs.embedding, np.concatenate([o.embedding for o in each]), rtol=1e-5)
+    assert obs.categorical == each[0].categorical and obs.classes == each[0].classes
+    assert obs.time == max(o.time for o in observed)
+
+
+def test_a_flush_is_due_at_max_rows_and_after_max_delay(tabular, monkeypatch):
+    from server.instances import capture as cap
+
+    observed: list[Observation] = []
+    runner = runner_for(tabular, observed)
+    rec = {"age": 61, "bmi": 30.5, "bp": 101}
+    per = 32
+    for k in range(cap.MAX_ROWS // per):
+        assert observed == []
+        runner.run([ticket(f"b{k}-{i}", rec) for i in range(per)])
+        runner.flush(force=False)
+    assert len(observed) == 1 and len(observed[0]) == cap.MAX_ROWS  # due by rows: built after the last
+    runner.run([ticket("late", rec)])
+    runner.flush(force=False)
+    assert len(observed) == 1 and 0 < runner.capture.wait() <= cap.MAX_DELAY_S
+    clock = time.monotonic() + cap.MAX_DELAY_S + 0.01
+    monkeypatch.setattr(cap.time, "monotonic", lambda: clock)
+    assert runner.capture.due() and runner.capture.wait() == 0.0
+    runner.flush(force=False)  # due by age
+    assert len(observed) == 2 and observed[1].request_ids == ["late"]
+
+
+files_handler["static_buffer.py"] = '''
+    import torch
+
+
+    class StaticBuffer:
+        """Writes every batch into the same preallocated tensors (as CUDA graphs do)."""
+        monitor_task = "regression"
+        monitor_layer = False
+
+        def initialize(self, context):
+            self.x = torch.zeros(4, 2)
+            self.y = torch.zeros(4, 1)
+
+        def inference(self, x):
+            self.y[: len(x)] = x.sum(dim=1, keepdim=True)
+            return self.y[: len(x)]
+
+        def monitor_features(self, inputs, outputs):
+            return {"s": inputs.sum(dim=1)}
+
+        def handle(self, data, context):
+            x = self.x[: len(data)]
+            x.copy_(torch.tensor([row["body"] for row in data], dtype=torch.float32))
+            return self.inference(x)[:, 0].tolist()
+'''
+
+
+def test_a_handler_reusing_its_tensors_in_place_is_built_batch_by_batch(store, caplog):
+    observed: list[Observation] = []
+    runner = runner_for(build(store, "static", "static_buffer.py"), observed)
+    with caplog.at_level(logging.WARNING, logger="osprey.monitoring"):
+        for k in range(4):
+            runner.run([ticket(f"b{k}", [k, 1])])
+            runner.flush(force=False)
+    runner.flush()
+    # the first batch was overwritten by the second before anything was built: dropped; then one each
+    assert [o.request_ids for o in observed] == [["b1"], ["b2"], ["b3"]]
+    assert [float(o.features["s"][0]) for o in observed] == [2.0, 3.0, 4.0]
+    assert [float(o.predictions["prediction"][0]) for o in observed] == [2.0, 3.0, 4.0]
+    assert sum("reuses its tensors in place" in r.getMessage() for r in caplog.records) == 1
