@@ -185,7 +185,8 @@ class BatchCapture:
         if len(pending) == 1:
             groups = pending
         elif all(item[0] for item in pending) or not any(item[0] for item in pending):
-            groups = [_merge(pending)]  # alike: one observation for all
+            merged = _merge(pending)  # alike: one observation for all ...
+            groups = pending if merged is None else [merged]  # ... unless their tensors' shapes differ
         else:  # some batches called inference, others not: each on its own (rare)
             groups = pending
         for item in groups:
@@ -314,17 +315,22 @@ def _join(parts: list) -> Any:
         return torch.cat(parts)
 
 
-def _merge(items: list[tuple]) -> tuple:
+def _merge(items: list[tuple]) -> tuple | None:
     """Several pending batches as one: their inference calls (inputs and outputs of one row
     shape concatenated into one call, so each hook runs once), activations, row maps (shifted
-    to the joined requests), results, request ids and samples, and the last end time."""
+    to the joined requests), results, request ids and samples, and the last end time. None
+    when their tensors cannot be joined (e.g. texts padded to a different length per batch):
+    then each batch is built on its own, as hooks expect one call's tensors per batch."""
     calls = [c for item in items for c in item[0]]
     acts = [a for item in items for a in item[1]]
     if len(calls) > 1:
         ins, outs = [c[0] for c in calls], [c[1] for c in calls]
-        if _same_rows(ins) and _same_rows(outs):
-            calls = [(_join(ins), _join(outs))]
-    if len(acts) > 1 and _same_rows(acts):
+        if not (_same_rows(ins) and _same_rows(outs)):
+            return None
+        calls = [(_join(ins), _join(outs))]
+    if len(acts) > 1:
+        if not _same_rows(acts):
+            return None
         acts = [_join(acts)]
     row_map = None
     if any(item[2] is not None for item in items):

@@ -367,6 +367,21 @@ def test_text_embedding_gives_the_sentence_embedding(store):
     np.testing.assert_array_equal(obs.features["length"], [2, 1, 3])
 
 
+
+def test_texts_padded_to_different_lengths_in_two_batches_are_built_batch_by_batch(store):
+    """Pending batches whose tensors cannot be joined (padding differs per batch) are built one
+    by one, not merged: the minilm example's profile failed on exactly that."""
+    archive = build(store, "emb2", "text_embedding", "Encoder", files={"vocab.txt": VOCAB},
+                    config={"handler": {"model_inputs": ["input_ids", "attention_mask"]}})
+    observed: list[Observation] = []
+    runner = runner_for(archive, observed)
+    runner.run([ticket("a0", "the ball")])  # no flush between: both batches pending
+    runner.run([ticket("b0", "the vote party the goal scored"), ticket("b1", "goal")])
+    runner.flush()
+    assert [o.error for o in observed] == [None] * len(observed)
+    assert [i for o in observed for i in o.request_ids] == ["a0", "b0", "b1"]
+    np.testing.assert_array_equal(np.concatenate([o.features["length"] for o in observed]), [2, 6, 1])
+
 # --- autoencoder, generator, tensor ---------------------------------------------------
 def test_anomaly_reconstruction_error(store):
     archive = build(store, "ae", "anomaly", "AutoEncoder",
