@@ -7,8 +7,12 @@
  * causes (no coordinated omission); service time (from the actual send) and the driver's own
  * lateness are reported beside it. Prints the same JSON as benchmarks/openloop.py.
  *
+ * With OBJECTIVE_MS (optional), "ok_within" counts the 200 answers whose latency (from the
+ * scheduled send) was at most that: the goodput. "refused" describes the 503 answers: how
+ * many, how many carried Retry-After, and their latency.
+ *
  * Built by benchmarks/run.py with `cc -O2 -o openloop openloop.c -lm`.
- * usage: openloop HOST PORT PATH BODYFILE CONTENT_TYPE RATE DURATION_S WARMUP_S MAXCONNS SEED
+ * usage: openloop HOST PORT PATH BODYFILE CONTENT_TYPE RATE DURATION_S WARMUP_S MAXCONNS SEED [OBJECTIVE_MS]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -59,15 +63,19 @@ static void pct_json(FILE *out, double *v, long n) {
     fprintf(out, "\"mean_ms\": %.4f, \"max_ms\": %.4f}", sum / n * 1000, v[n - 1] * 1000);
 }
 
-/* 1 when conn holds one whole response (consumed from its buffer), 0 when more is needed. */
-static int parse(conn_t *c, int *status) {
+/* 1 when conn holds one whole response (consumed from its buffer), 0 when more is needed;
+ * *retry: the response carries a Retry-After header. */
+static int parse(conn_t *c, int *status, int *retry) {
     char *end = memmem(c->buf, c->len, "\r\n\r\n", 4);
     if (!end) return 0;
     size_t head = end - c->buf + 4, total;
     *status = c->len >= 12 ? atoi(c->buf + 9) : 0;
+    *retry = 0;
     char *cl = NULL;
     for (char *p = c->buf; p < end; p++) {
-        if ((*p == 'c' || *p == 'C') && strncasecmp(p, "content-length:", 15) == 0) { cl = p + 15; break; }
+        if (p[0] != '\n') continue;
+        if (!cl && strncasecmp(p + 1, "content-length:", 15) == 0) cl = p + 16;
+        else if (strncasecmp(p + 1, "retry-after:", 12) == 0) *retry = 1;
     }
     if (cl) {
         total = head + strtoul(cl, NULL, 10);
@@ -85,13 +93,14 @@ static int parse(conn_t *c, int *status) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 11) {
-        fprintf(stderr, "usage: %s HOST PORT PATH BODYFILE CONTENT_TYPE RATE DURATION WARMUP MAXCONNS SEED\n", argv[0]);
+    if (argc != 11 && argc != 12) {
+        fprintf(stderr, "usage: %s HOST PORT PATH BODYFILE CONTENT_TYPE RATE DURATION WARMUP MAXCONNS SEED [OBJECTIVE_MS]\n", argv[0]);
         return 2;
     }
     const char *host = argv[1], *path = argv[3], *ctype = argv[5];
     int port = atoi(argv[2]), maxconns = atoi(argv[9]);
     double rate = atof(argv[6]), duration = atof(argv[7]), warmup = atof(argv[8]);
+    double objective = argc == 12 ? atof(argv[11]) / 1000.0 : -1;  /* seconds; < 0: none */
     srand48(atol(argv[10]));
 
     FILE *bf = fopen(argv[4], "rb");
@@ -119,6 +128,7 @@ int main(int argc, char **argv) {
     }
     double *sent = calloc(n, sizeof(double)), *done = calloc(n, sizeof(double));
     int *status = calloc(n, sizeof(int));
+    char *retried = calloc(n, 1);  /* the answer carried Retry-After */
     long *fifo = malloc(n * sizeof(long)), fhead = 0, ftail = 0;
 
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(port)};
@@ -210,10 +220,11 @@ int main(int argc, char **argv) {
                     break;
                 }
                 c->len += got;
-                int st;
-                if (c->busy && parse(c, &st)) {
+                int st, ra;
+                if (c->busy && parse(c, &st, &ra)) {
                     done[c->req] = now_s();
                     status[c->req] = st;
+                    retried[c->req] = ra;
                     finished++;
                     outstanding--;
                     c->busy = 0;
@@ -225,8 +236,8 @@ int main(int argc, char **argv) {
     }
     /* results: requests scheduled after the warm-up */
     double t0 = start + warmup, *lat = malloc(n * sizeof(double)), *svc = malloc(n * sizeof(double)),
-           *late = malloc(n * sizeof(double));
-    long measured = 0, ok = 0, nl = 0, unfinished = 0;
+           *late = malloc(n * sizeof(double)), *ref = malloc(n * sizeof(double));
+    long measured = 0, ok = 0, nl = 0, unfinished = 0, within = 0, nref = 0, nretry = 0;
     for (long i = 0; i < n; i++) {
         if (sched[i] < t0) continue;
         measured++;
@@ -235,7 +246,11 @@ int main(int argc, char **argv) {
         if (status[i] == 200) {
             lat[ok] = done[i] - sched[i];
             svc[ok] = done[i] - sent[i];
+            if (lat[ok] <= objective) within++;
             ok++;
+        } else if (status[i] == 503) {
+            ref[nref++] = done[i] - sched[i];
+            nretry += retried[i];
         }
     }
     printf("{\"mode\": \"open\", \"driver\": \"openloop.c\", \"rate\": %.3f, \"duration_s\": %.3f, \"sent\": %ld, \"ok\": %ld, "
@@ -263,6 +278,10 @@ int main(int argc, char **argv) {
         if (sched[i] >= t0 && done[i] != 0 && status[i] >= 0 && status[i] < 600) codes[status[i]]++;
     for (int cde = 0, first = 1; cde < 600; cde++)
         if (codes[cde]) { printf("%s\"%d\": %d", first ? "" : ", ", cde, codes[cde]); first = 0; }
+    printf("}, ");
+    if (objective >= 0) printf("\"objective_ms\": %.3f, \"ok_within\": %ld, ", objective * 1000, within);
+    printf("\"refused\": {\"count\": %ld, \"retry_after\": %ld, \"latency\": ", nref, nretry);
+    pct_json(stdout, ref, nref);
     printf("}, \"service\": ");
     pct_json(stdout, svc, ok);
     printf(", \"lateness\": ");

@@ -31,7 +31,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-__all__ = ["percentiles", "main"]
+__all__ = ["percentiles", "summarize_answers", "main"]
 
 
 def percentiles(values: list[float], pcts=(50, 90, 99, 99.9)) -> dict:
@@ -44,6 +44,30 @@ def percentiles(values: list[float], pcts=(50, 90, 99, 99.9)) -> dict:
         out[f"p{str(p).replace('.', '_')}_ms"] = v[k] * 1000
     out["mean_ms"] = sum(v) / len(v) * 1000
     out["max_ms"] = v[-1] * 1000
+    return out
+
+
+def summarize_answers(records, objective_ms: float | None = None) -> dict:
+    """From ``(scheduled, sent, done, status, retry_after)`` records (answered ones): the answers by
+    status code, the 503 refusals (how many, how many with Retry-After, their latency from the
+    scheduled send) and, with an objective, ``ok_within``: the 200s answered within it. The
+    same keys as openloop.c prints."""
+    status: dict[str, int] = {}
+    refused = []
+    retry = within = 0
+    limit = None if objective_ms is None else objective_ms / 1000
+    for sched, _sent, done, code, ra in records:
+        status[str(code)] = status.get(str(code), 0) + 1
+        if code == 503:
+            refused.append(done - sched)
+            retry += bool(ra)
+        elif code == 200 and limit is not None and done - sched <= limit:
+            within += 1
+    out = {"status": dict(sorted(status.items(), key=lambda kv: int(kv[0]))),
+           "refused": {"count": len(refused), "retry_after": retry, "latency": percentiles(refused)}}
+    if limit is not None:
+        out["objective_ms"] = objective_ms
+        out["ok_within"] = within
     return out
 
 
@@ -91,7 +115,7 @@ class Conn(asyncio.Protocol):
         else:
             del buf[:body_start]
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(status)
+            self.waiter.set_result((status, b"\r\nretry-after:" in head))
 
     def request(self, payload: bytes) -> asyncio.Future:
         self.waiter = asyncio.get_running_loop().create_future()
@@ -139,21 +163,22 @@ class Driver:
                 w.set_result(None)
                 break
 
-    async def one(self) -> tuple[int, float, float]:
+    async def one(self) -> tuple[int, float, float, bool]:
+        """(status, sent, done, whether the answer carried Retry-After); status 0: no answer."""
         try:
             c = await self._conn()
         except OSError:
             now = time.perf_counter()
-            return 0, now, now
+            return 0, now, now, False
         sent = time.perf_counter()
         try:
-            status = await c.request(self.payload)
+            status, retry = await c.request(self.payload)
         except ConnectionError:
             self.opened -= 1
-            return 0, sent, time.perf_counter()
+            return 0, sent, time.perf_counter(), False
         done = time.perf_counter()
         self._release(c)
-        return status, sent, done
+        return status, sent, done, retry
 
 
 async def open_loop(args, body: bytes) -> dict:
@@ -161,7 +186,7 @@ async def open_loop(args, body: bytes) -> dict:
     for c in [await d._conn() for _ in range(min(args.preopen, args.max_conns))]:
         d._release(c)
     rng = random.Random(args.seed)
-    records: list[tuple[float, float, float, int]] = []
+    records: list[tuple[float, float, float, int, bool]] = []
     tasks = set()
     start = time.perf_counter() + 0.05
     t = start
@@ -169,9 +194,9 @@ async def open_loop(args, body: bytes) -> dict:
     measure_from = start + args.warmup
 
     async def fire(sched: float):
-        status, sent, done = await d.one()
+        status, sent, done, retry = await d.one()
         if sched >= measure_from:
-            records.append((sched, sent, done, status))
+            records.append((sched, sent, done, status, retry))
 
     while t < end:
         wait = t - time.perf_counter()
@@ -193,6 +218,7 @@ async def open_loop(args, body: bytes) -> dict:
            "errors": len(records) - len(ok), "connections": d.opened, "unfinished": len(tasks),
            "achieved_rps": len(ok) / args.duration if args.duration else 0.0}
     out.update(percentiles(lat))
+    out.update(summarize_answers(records, args.objective_ms))
     out["service"] = percentiles(service)
     out["lateness"] = percentiles(lateness)
     return out
@@ -209,7 +235,7 @@ async def closed_loop(args, body: bytes) -> dict:
         nonlocal errors
         d._release(await d._conn())
         while True:
-            status, sent, done = await d.one()
+            status, sent, done, _ = await d.one()
             if done >= t_end:
                 return
             if sent >= t_end_warm:
@@ -237,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-conns", type=int, default=512)
     p.add_argument("--preopen", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--objective-ms", type=float, default=None,
+                   help="open loop: also count the 200 answers within this latency (ok_within: the goodput)")
     args = p.parse_args(argv)
     if (args.rate is None) == (args.closed is None):
         p.error("give exactly one of --rate and --closed")

@@ -169,3 +169,99 @@ def test_c_open_loop_driver_matches_the_python_one(tmp_path):
     assert 100 < out["ok"] < 320
     assert out["p50_ms"] <= out["p99_ms"] <= out["max_ms"]
     assert out["p50_ms"] >= out["service"]["p50_ms"]
+
+
+def test_overload_capacities_parse_and_refuse_nonsense():
+    from benchmarks.overload import parse_capacities
+
+    assert parse_capacities("mlp=4000, digits_cnn=1500.5") == {"mlp": 4000.0, "digits_cnn": 1500.5}
+    assert parse_capacities(None) == {} and parse_capacities("") == {}
+    for bad in ("mlp", "=5", "mlp=0", "mlp=-3", "mlp=fast"):
+        with pytest.raises(ValueError):
+            parse_capacities(bad)
+
+
+def test_overload_summary_counts_goodput_within_the_objective_and_refusals():
+    from benchmarks.overload import summary
+
+    # 60 s window at 2x of 1000/s: 1,500 answered 200s, of which 1,200 within the objective
+    r = {"sent": 120_000, "ok": 90_000, "ok_within": 54_000, "objective_ms": 1000.0, "unfinished": 3,
+         "status": {"200": 90_000, "503": 29_000, "504": 990, "0": 7}, "p50_ms": 80.0, "p99_ms": 2400.0,
+         "refused": {"count": 29_000, "retry_after": 28_710, "latency": {"p50_ms": 1.5, "p99_ms": 9.0}},
+         "wall_s": 92.0, "lateness": {"p99_ms": 0.2}}
+    s = summary(r, 60.0, 2.0, 1000.0)
+    assert s["offered_rps"] == 2000.0
+    assert s["goodput_rps"] == 900.0 and s["goodput_ratio"] == 0.9  # within the objective, per window second
+    assert s["ok_rps"] == 1000.0  # all 200s over the 90 s it took to answer them
+    assert s["refused_rps"] == pytest.approx(483.3) and s["refused_retry_after"] == 0.99
+    assert (s["refused_p50_ms"], s["refused_p99_ms"]) == (1.5, 9.0)
+    assert s["other"] == 990 and s["unanswered"] == 10  # 504s apart; connection errors + never answered
+
+
+def test_overload_summary_of_an_older_driver_output_counts_every_200():
+    from benchmarks.overload import summary
+
+    s = summary({"sent": 100, "ok": 90, "status": {"200": 90, "503": 10}}, 1.0, 0.0, 100.0)
+    assert s["goodput_rps"] == 90.0 and s["refused_rps"] == 10.0 and s["refused_retry_after"] is None
+
+
+def test_open_loop_drivers_count_goodput_and_retry_after(tmp_path):
+    """Both drivers: ok_within against an objective, 503s with Retry-After counted apart."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks.openloop import summarize_answers
+
+    recs = [(0.0, 0.0, 0.05, 200, False), (1.0, 1.0, 3.0, 200, False), (2.0, 2.0, 2.001, 503, True),
+            (3.0, 3.0, 3.002, 503, False), (4.0, 4.0, 4.0, 0, False)]
+    out = summarize_answers(recs, 1000.0)
+    assert out["ok_within"] == 1 and out["objective_ms"] == 1000.0
+    assert out["status"] == {"0": 1, "200": 2, "503": 2}
+    assert out["refused"]["count"] == 2 and out["refused"]["retry_after"] == 1
+    assert "ok_within" not in summarize_answers(recs)
+
+    class Refusing(_Server):
+        def run(self):
+            async def handle(reader, writer):
+                n = 0
+                try:
+                    while True:
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+                        n += 1
+                        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" if n % 2 else
+                                     b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\ncontent-length: 0\r\n\r\n")
+                        await writer.drain()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    writer.close()
+
+            async def main():
+                async with await asyncio.start_server(handle, sock=self.sock) as server:
+                    await server.serve_forever()
+
+            asyncio.run(main())
+
+    server = Refusing()
+    server.start()
+    body = tmp_path / "body.json"
+    body.write_text("[1]")
+    outs = []
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        exe = tmp_path / "openloop"
+        subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).resolve().parents[2] / "benchmarks" / "openloop.c"),
+                        "-lm"], check=True)
+        proc = subprocess.run([str(exe), "127.0.0.1", str(server.port), "/p", str(body), "application/json",
+                               "200", "1", "0", "1", "1", "1000"], capture_output=True, text=True, timeout=60)
+        outs.append(json.loads(proc.stdout))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.openloop", "--url", f"http://127.0.0.1:{server.port}/p",
+                           "--body", str(body), "--rate", "200", "--duration", "1", "--warmup", "0",
+                           "--max-conns", "1", "--preopen", "1", "--objective-ms", "1000"],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    outs.append(json.loads(proc.stdout))
+    for out in outs:  # one connection: answers alternate 200 and 503 (Retry-After)
+        assert out["unfinished"] == 0 and out["objective_ms"] == 1000.0
+        assert out["ok_within"] == out["ok"] > 50
+        assert abs(out["refused"]["count"] - out["ok"]) <= 1 and out["refused"]["retry_after"] == out["refused"]["count"]
+        assert out["status"]["503"] == out["refused"]["count"]
