@@ -8,10 +8,12 @@ different sizes (1e-4 where the server runs on a GPU).
 from __future__ import annotations
 
 import base64
+import time
 import json
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from examples.digits_cnn import digit_png, png_to_grid
@@ -86,6 +88,17 @@ def test_digits_cnn_served_answers_samples_and_batches_match_singles(osprey):
     r = httpx.post(url, content=b"certainly not a png", timeout=30)
     assert r.status_code == 400 and "image" in r.json()["message"]
     assert httpx.put(url, content=png, timeout=30).status_code == 200
+
+    # monitored with no configuration, against the profile `osprey examples` put in the archive
+    sent = 10 + 2 + 64 * 2 + 1
+    deadline = time.monotonic() + 60
+    while True:
+        st = httpx.get(f"{srv.inference}/monitoring/digits_cnn", timeout=30).json()
+        if st["requests"] >= sent or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # polling the monitor's state, not timing anything
+    assert st["reference"] == "archive" and st["requests"] >= sent and st["degraded"] is None
+    assert st["quality"]["baseline"]["accuracy"] == pytest.approx(0.98, abs=0.02)  # training.json's held-out
 
 
 def test_osprey_examples_cli_lists_builds_and_refuses_unknown(tmp_path):
