@@ -108,6 +108,10 @@ async def false_alarms(c: Client, store: Path, model: str, windows: int) -> dict
     for w in range(windows):
         sent += len(await c.predict(model, drift_data.bodies(model, store, WINDOW, seed=1000 + w), ctype))
     st = await c.settled(model, sent)
+    deadline = time.monotonic() + 30
+    while len(st.get("history", [])) < windows and time.monotonic() < deadline:  # the last window's close
+        await asyncio.sleep(0.1)
+        st = await c.status(model)
     history = st.get("history", [])
     return {"model": model, "windows": len(history), "requests": sent,
             "drifted_windows": sum(1 for h in history if h.get("drifted")),
