@@ -87,6 +87,17 @@ def test_in_distribution_traffic_opens_no_episode(archive, monitor):
     json.dumps(s, allow_nan=False)  # valid JSON: no infinity in the edges
 
 
+def test_an_observation_of_many_batches_closes_windows_of_the_window_size(archive, monitor):
+    """Capture hands over one observation for many batches: 2,000 rows in one observation
+    still close four windows of 500, not one of 2,000."""
+    versions = Versions()
+    versions.add("m", "1", archive)
+    m = monitor(versions)
+    feed(m, [obs(2000, 7)])
+    s = m.status("m", "1")
+    assert s["requests"] == 2000 and s["windows"] == 4 and len(s["history"]) == 4
+
+
 def test_a_shifted_feature_opens_one_episode_and_ranks_first(archive, monitor):
     versions = Versions()
     versions.add("m", "1", archive, replace(CFG, drift_share=0.2))
