@@ -59,6 +59,7 @@ class QualityPart(Protocol):
 QualityFactory = Callable[[str, str, Any, Any, Store], "QualityPart | None"]
 
 FEEDBACK_WAIT_S = 2.0  # longest a feedback call waits for queued observations to be recorded
+CAPTURE_DELAY_S = 0.6  # an instance hands a prediction over at most this long after answering it
 
 _FAMILIES = {  # name -> (type, help)
     "osprey_drift_score": ("gauge", "Drift score of a feature in the last closed window (the version's method)."),
@@ -95,6 +96,7 @@ class Monitor:
         self.queue_size, self.tick, self.refresh_s, self.retry_s = queue_size, tick, refresh, retry
         self.dropped = 0
         self._queue: deque[Observation] = deque()
+        self._last_observed = float("-inf")  # monotonic time of the last observation taken
         self._versions: dict[tuple[str, str], VersionMonitor | None] = {}  # None: off or unknown
         self._lock = threading.Lock()  # guards _versions
         self._cond = threading.Condition()
@@ -115,6 +117,7 @@ class Monitor:
             self.dropped += 1
             return
         self._queue.append(obs)
+        self._last_observed = time.monotonic()
 
     # -- versions ------------------------------------------------------------------------------------
     def _ensure(self, model: str, version: str) -> VersionMonitor | None:
@@ -226,8 +229,16 @@ class Monitor:
         vm = await asyncio.to_thread(self._ensure, model, version)
         if vm is None or vm.quality is None:
             return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
-        if self._queue:  # predictions handed over but not yet recorded: record them first, so a
-            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)  # label right after its answer joins
+        # A label may come right after its answer: instances hand their predictions over within
+        # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor
+        # records what is queued on its next pass. While predictions are flowing, wait that long
+        # and record what is queued before joining, so such a label joins instead of counting
+        # as unmatched (feedback is not latency-bound; an idle version joins at once).
+        if time.monotonic() - self._last_observed < CAPTURE_DELAY_S + 0.5:
+            await asyncio.sleep(CAPTURE_DELAY_S)
+            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
+        elif self._queue:
+            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         return await asyncio.to_thread(vm.quality.feedback, items)
 
     def forget(self, model: str, version: str) -> None:
