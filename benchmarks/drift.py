@@ -1,7 +1,7 @@
 """Drift detection, false alarms and live quality of Osprey's monitor (benchmarks/DRIFT.md).
 
     python -m benchmarks.drift                       # everything, writes benchmarks/DRIFT.md
-    python -m benchmarks.drift --windows 10 --quick  # a short run (no Evidently)
+    python -m benchmarks.drift --windows 10          # a short run
 
 One real ``osprey serve`` with the examples (built by ``osprey examples``, profiles included),
 monitoring at its defaults (windows of 500, episode after 2 of 3 drifted windows, PSI):
@@ -13,12 +13,8 @@ monitoring at its defaults (windows of 500, episode after 2 of 3 drifted windows
    one clean window of held-out traffic, then shifted traffic in steps of 100 requests until
    the episode opens: requests after the shift began (goal: within 1,000); for tabular shifts,
    the shifted feature's rank among the input features.
-3. **Evidently, the same windows of the same features** (``--evidently``, default on): the
-   features the monitor watched, computed by the model's own handler in this process through
-   the same capture code, are given to Evidently's default DataDriftPreset (installed only in
-   the benchmark's own venv, benchmarks/.work/venv-evidently): drifted windows on the clean
-   traffic and windows until the first drifted one on the shifted traffic, with the same
-   2-of-3 episode rule applied to its per-window verdicts.
+3. **Evidently** on the same windows of the same features is ``benchmarks/drift_offline.py``
+   (it replays these windows offline; Evidently stays out of the server's environment).
 4. **Live quality** (digits_cnn): labels for 1,000 requests through ``POST /feedback``: live
    accuracy vs held-out accuracy; then a window with 30% of the labels corrupted:
    ``quality degraded`` within one window.
@@ -210,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", default=str(ROOT / "model_store"))
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
-    ap.add_argument("--no-evidently", action="store_true")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "drift.json"))
     args = ap.parse_args(argv)
     store = Path(args.store)
