@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from server.core.errors import ErrorKind, OspreyError, show
+from server.core.retraining_config import RetrainingConfig, parse_retraining
 
 __all__ = ["ModelConfig", "MonitoringConfig", "TensorSpec", "parse_model_config", "parse_monitoring", "number",
            "LIMITS"]
@@ -78,6 +79,7 @@ class ModelConfig:
     jit_optimize: bool | None = None  # TorchScript profiling executor; None: off on CPU, on on GPU
     isolation: str | None = None  # thread | process; None: the server's instance_isolation
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    retraining: RetrainingConfig | None = None  # the retraining: section (None: no retraining)
     raw: Mapping[str, Any] = field(default_factory=dict)  # everything, for the handler
 
 
@@ -206,6 +208,7 @@ def parse_model_config(raw: Mapping[str, Any] | None, *, overrides: Mapping[str,
         jit_optimize=jit_optimize,
         isolation=isolation,
         monitoring=parse_monitoring(cfg.get("monitoring"), source),
+        retraining=parse_retraining(cfg.get("retraining"), source),
         raw=cfg,
     )
 
