@@ -88,8 +88,9 @@ class Monitor:
     def __init__(self, settings: Any, resolve: Callable[[str, str], Any],
                  quality_factory: QualityFactory | None = None, *, store: Store | None = None,
                  clock: Callable[[], float] = time.time, queue_size: int = 10_000, tick: float = 0.1,
-                 refresh: float = 1.0, retry: float = 1.0, start: bool = True):
+                 refresh: float = 1.0, retry: float = 1.0, start: bool = True, dataset: Any = None):
         self.settings, self.resolve, self.quality_factory = settings, resolve, quality_factory
+        self.dataset = dataset  # monitoring.dataset.LabelledData (inputs held for labels), or None
         self.store = store if store is not None else open_store(getattr(settings, "redis_url", ""))
         self.clock = clock
         self.enabled = bool(getattr(settings, "monitoring", True))
@@ -171,6 +172,8 @@ class Monitor:
                 self._retry_at[key] = now + self.retry_s  # a dead store is retried once per retry_s
 
     def _pass(self, force: bool) -> None:
+        if self.dataset is not None:
+            self.dataset.process()
         touched: set[tuple[str, str]] = set()
         while True:
             try:
@@ -227,6 +230,15 @@ class Monitor:
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
         vm = await asyncio.to_thread(self._ensure, model, version)
+        if self.dataset is not None:
+            mv = self.resolve(model, version)
+            retraining = getattr(getattr(mv, "config", None), "retraining", None)
+            if retraining is not None and retraining.enabled:
+                # the inputs were held when the answers left (on the loop): no capture delay to wait
+                try:
+                    await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
+                except Exception:
+                    log.exception("event=dataset_join_failed model=%s version=%s", model, version)
         if vm is None or vm.quality is None:
             return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
         # A label may come right after its answer: instances hand their predictions over within

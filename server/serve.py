@@ -26,6 +26,7 @@ from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
 from server.core.registry import Registry
+from server.core.types import InferenceResponse
 from server.instances import forget_model_folder, instance_factory, return_device_memory
 from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
@@ -86,13 +87,29 @@ def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str 
 
 
 def _monitor(settings: Settings, resolve):
-    """The drift/feedback/quality monitor; its quality part per version from monitoring.quality."""
+    """The drift/feedback/quality monitor; its quality part per version from monitoring.quality,
+    and the labelled production data retraining jobs read (monitoring.dataset)."""
+    from monitoring.dataset import LabelledData
     from monitoring.monitor import Monitor
     from monitoring.quality import quality_factory
 
     def quality(model, version, config, model_dir, store):
         return quality_factory(model, version, config, model_dir, settings.redis_url or None)
-    return Monitor(settings, resolve, quality)
+    redis = None
+    if settings.redis_url:
+        import redis as redis_lib
+
+        redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return Monitor(settings, resolve, quality, dataset=LabelledData(settings.model_store, redis=redis))
+
+
+def _holder(dataset):
+    """The request observer that holds answered inputs of models with retraining (O(1))."""
+    def hold(mv, ticket, outcome) -> None:
+        if mv is not None and mv.config.retraining is not None and type(outcome) is InferenceResponse \
+                and outcome.status == 200:
+            dataset.hold(mv, ticket.request)
+    return hold
 
 
 class Server:
@@ -114,6 +131,8 @@ class Server:
         observers = [self.metrics.observe] if settings.request_metrics else []
         if self.access_log is not None:
             observers.append(self.access_log)
+        if self.monitor is not None and self.monitor.dataset is not None:
+            observers.append(_holder(self.monitor.dataset))
         self.dataplane = DataPlane(self.registry, observers,
                                    [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
         self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)

@@ -1,0 +1,255 @@
+"""Labelled production data for retraining: inputs held until their labels come, then kept.
+
+For a model with a ``retraining:`` section, every answered request's inputs (what its handler
+received: the TorchServe fields as bytes, or the Open Inference tensors) are *held* under the
+request id for ``monitoring.feedback_ttl``; a feedback label for that id *joins* it, and the
+pair becomes a row of the model's training data::
+
+    {"rid": str, "ts": float, "version": str, "inputs": {name: bytes | numpy array}, "label": ...}
+
+``hold`` is the request side (the data plane's observer, on the event loop): a ``deque.append``
+of a reference to the request, nothing copied. ``process`` (the monitor's background thread)
+turns held requests into pickled inputs and stores them; ``join`` (the feedback path, a worker
+thread) moves the labelled ones into the rows. :func:`read_rows` is what a training job reads,
+in the server's child process or on a worker machine.
+
+Where it lives: without Redis, held inputs are in this process (bounded by count and bytes per
+model, oldest dropped first) and rows in an append-only pickle file per model under the model
+store (``.osprey/datasets/MODEL.pkl``, trimmed to ``retraining.max_rows``). With Redis
+(``redis_url``), held inputs are keys with the TTL (so a label sent to any replica joins) and
+rows one capped list per model, so every replica and every worker read the same data. Redis down:
+holds are dropped and counted (serving never waits), rows already kept stay.
+
+The rows are pickled by this server and read by its own jobs (same trust as the model store).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+import threading
+import time
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from server.core.capture import FeedbackItem
+
+__all__ = ["LabelledData", "read_rows", "dataset_path", "MAX_HELD"]
+
+log = logging.getLogger("osprey.monitoring.dataset")
+
+MAX_HELD = 20_000  # requests waiting in the hand-over deque before new ones are dropped (counted)
+_PREFIX = "osprey:dataset"
+
+
+def dataset_path(root: str | os.PathLike, model: str) -> Path:
+    """The rows file of ``model`` under the model store's ``.osprey/datasets``."""
+    return Path(root) / ".osprey" / "datasets" / f"{model}.pkl"
+
+
+def _inputs(request: Any) -> dict[str, Any]:
+    """What the handler received, as plain picklable data (bytes copied once, off the loop)."""
+    if request.tensors:
+        return {name: np.array(value, copy=True) for name, value in request.tensors.items()}
+    return {name: bytes(f.value) for name, f in request.fields.items()}
+
+
+class _Held:
+    """Held inputs of one model in this process: rid -> (expires, version, pickled inputs)."""
+
+    def __init__(self) -> None:
+        self.items: OrderedDict[str, tuple[float, str, bytes]] = OrderedDict()
+        self.bytes = 0
+
+    def put(self, rid: str, expires: float, version: str, blob: bytes, max_count: int, max_bytes: int) -> int:
+        old = self.items.pop(rid, None)
+        if old is not None:
+            self.bytes -= len(old[2])
+        self.items[rid] = (expires, version, blob)
+        self.bytes += len(blob)
+        dropped = 0
+        while self.items and (len(self.items) > max_count or self.bytes > max_bytes):
+            _, (_, _, b) = self.items.popitem(last=False)
+            self.bytes -= len(b)
+            dropped += 1
+        return dropped
+
+    def take(self, rid: str, now: float) -> tuple[str, bytes] | None:
+        item = self.items.pop(rid, None)
+        if item is None:
+            return None
+        self.bytes -= len(item[2])
+        return None if item[0] < now else (item[1], item[2])
+
+    def expire(self, now: float) -> None:
+        while self.items:
+            rid, (expires, _, blob) = next(iter(self.items.items()))
+            if expires >= now:
+                break
+            self.items.popitem(last=False)
+            self.bytes -= len(blob)
+
+
+class LabelledData:
+    """Held inputs and labelled rows for every model with ``retraining`` (see the module doc).
+
+    ``root`` is the model store (rows files go under it); ``redis`` a Redis client or None."""
+
+    def __init__(self, root: str | os.PathLike, redis: Any = None, clock=time.time, rng: random.Random | None = None):
+        self.root, self.redis, self.clock = Path(root), redis, clock
+        self._rng = rng or random.Random()
+        self._queue: deque = deque()
+        self._held: dict[str, _Held] = {}
+        self._lock = threading.Lock()  # process / join / rows-file writes
+        self.dropped = 0  # holds dropped: hand-over full, over the bounds, or Redis down
+        self.rows_added: dict[str, int] = {}
+
+    # -- request side (event loop) ------------------------------------------------------------
+    def hold(self, model_version: Any, request: Any) -> None:
+        """Keep a reference to an answered request of a model with retraining: O(1)."""
+        cfg = model_version.config.retraining
+        if cfg is None or not cfg.enabled:
+            return
+        if cfg.capture_share < 1.0 and self._rng.random() >= cfg.capture_share:
+            return
+        if len(self._queue) >= MAX_HELD:
+            self.dropped += 1
+            return
+        self._queue.append((model_version.name, model_version.version, model_version.config, request, self.clock()))
+
+    # -- background thread -----------------------------------------------------------------------
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def process(self) -> None:
+        """Store what ``hold`` queued (the monitor's background thread, and before a join)."""
+        with self._lock:
+            batch = []
+            while True:
+                try:
+                    batch.append(self._queue.popleft())
+                except IndexError:
+                    break
+            if not batch:
+                return
+            now = self.clock()
+            pipe = self.redis.pipeline(transaction=False) if self.redis is not None else None
+            for model, version, config, request, ts in batch:
+                try:
+                    blob = pickle.dumps({"ts": ts, "inputs": _inputs(request)}, protocol=5)
+                except Exception as exc:  # an input that cannot be kept is not worth failing anything
+                    log.warning("event=dataset_hold_failed model=%s reason=%s", model, exc)
+                    self.dropped += 1
+                    continue
+                ttl = float(config.monitoring.feedback_ttl)
+                cfg = config.retraining
+                if pipe is not None:
+                    pipe.set(f"{_PREFIX}:held:{model}:{request.request_id}", version.encode() + b"\0" + blob,
+                             px=max(int(ttl * 1000), 1))
+                else:
+                    held = self._held.setdefault(model, _Held())
+                    self.dropped += held.put(request.request_id, now + ttl, version, blob, cfg.max_held,
+                                             int(cfg.max_held_mb * 1024 * 1024))
+            if pipe is not None:
+                try:
+                    pipe.execute()
+                except Exception as exc:
+                    self.dropped += len(batch)
+                    log.warning("event=dataset_redis_down dropped=%d reason=%s", len(batch), exc)
+            else:
+                for held in self._held.values():
+                    held.expire(now)
+
+    def join(self, model: str, version: str | None, items: Sequence[FeedbackItem], max_rows: int) -> int:
+        """Labels for held inputs become rows; returns how many joined (a worker thread)."""
+        self.process()
+        now = self.clock()
+        rows = []
+        if self.redis is not None:
+            keys = [f"{_PREFIX}:held:{model}:{it.request_id}" for it in items]
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for k in keys:
+                    pipe.getdel(k)
+                found = pipe.execute()
+            except Exception as exc:
+                log.warning("event=dataset_join_failed model=%s reason=%s", model, exc)
+                return 0
+            for it, value in zip(items, found):
+                if value:
+                    served, _, blob = value.partition(b"\0")
+                    rows.append(self._row(it, served.decode(), blob))
+        else:
+            with self._lock:
+                held = self._held.get(model)
+                for it in items:
+                    got = held.take(it.request_id, now) if held is not None else None
+                    if got is not None:
+                        rows.append(self._row(it, got[0], got[1]))
+        if rows:
+            self._append(model, rows, max_rows)
+            self.rows_added[model] = self.rows_added.get(model, 0) + len(rows)
+        return len(rows)
+
+    @staticmethod
+    def _row(item: FeedbackItem, version: str, blob: bytes) -> dict[str, Any]:
+        held = pickle.loads(blob)
+        return {"rid": item.request_id, "ts": held["ts"], "version": version, "inputs": held["inputs"],
+                "label": item.label}
+
+    def _append(self, model: str, rows: list[dict], max_rows: int) -> None:
+        if self.redis is not None:
+            key = f"{_PREFIX}:rows:{model}"
+            try:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.rpush(key, *[pickle.dumps(r, protocol=5) for r in rows])
+                pipe.ltrim(key, -max_rows, -1)
+                pipe.execute()
+            except Exception as exc:
+                log.warning("event=dataset_rows_lost model=%s rows=%d reason=%s", model, len(rows), exc)
+            return
+        path = dataset_path(self.root, model)
+        with self._lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as f:
+                for r in rows:
+                    pickle.dump(r, f, protocol=5)
+            count = self.rows_added.get(model, 0) + len(rows)
+            if count > max_rows * 1.25:  # trim now and then, not per join
+                kept = read_rows(model, root=self.root)[-max_rows:]
+                tmp = path.with_suffix(".tmp")
+                with open(tmp, "wb") as f:
+                    for r in kept:
+                        pickle.dump(r, f, protocol=5)
+                os.replace(tmp, path)
+                self.rows_added[model] = len(kept) - len(rows)
+
+    def forget(self, model: str) -> None:
+        with self._lock:
+            self._held.pop(model, None)
+
+
+def read_rows(model: str, *, root: str | os.PathLike | None = None, redis: Any = None,
+              limit: int | None = None) -> list[dict[str, Any]]:
+    """The model's labelled rows, oldest first (the last ``limit`` when given)."""
+    if redis is not None:
+        start = -limit if limit else 0
+        return [pickle.loads(b) for b in redis.lrange(f"{_PREFIX}:rows:{model}", start, -1)]
+    path = dataset_path(root, model)
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    with open(path, "rb") as f:
+        while True:
+            try:
+                out.append(pickle.load(f))
+            except EOFError:
+                break
+            except (pickle.UnpicklingError, ValueError):  # a torn last record (killed mid-write)
+                break
+    return out[-limit:] if limit else out

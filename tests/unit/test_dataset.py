@@ -1,0 +1,114 @@
+"""Labelled production data: inputs held for their labels, joined by request id, read by jobs."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from monitoring.dataset import LabelledData, dataset_path, read_rows
+from server.core.capture import FeedbackItem
+from server.core.model_config import parse_model_config
+from server.core.types import Field, Protocol, new_request
+from tests.redis_server import redis_server  # noqa: F401 (fixture)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def version(name="m", v="1.0", retraining=True, **kw):
+    raw = {"retraining": retraining}
+    if kw:
+        raw["retraining"] = kw
+    raw["monitoring"] = {"feedback_ttl": 60}
+    return SimpleNamespace(name=name, version=v, config=parse_model_config(raw))
+
+
+def body(rid, data=b"png-bytes"):
+    return new_request(Protocol.REST, "m", request_id=rid, fields={"body": Field(memoryview(data))}).request
+
+
+def items(*pairs):
+    return [FeedbackItem(rid, label, i) for i, (rid, label) in enumerate(pairs)]
+
+
+def test_labels_join_held_inputs_into_rows_in_a_file_under_the_model_store(tmp_path):
+    clock = Clock()
+    data = LabelledData(tmp_path, clock=clock)
+    mv = version()
+    data.hold(mv, body("a", b"first"))
+    oip = new_request(Protocol.REST_V2, "m", request_id="b",
+                      tensors={"x": np.arange(4, dtype=np.float32)}).request
+    data.hold(mv, oip)
+    data.hold(version(retraining=False), body("c"))  # no retraining section: nothing held
+    assert data.pending() == 2
+    assert data.join("m", "1.0", items(("a", 3), ("b", 7), ("c", 1), ("zz", 0)), max_rows=100) == 2
+    rows = read_rows("m", root=tmp_path)
+    assert [(r["rid"], r["label"], r["version"]) for r in rows] == [("a", 3, "1.0"), ("b", 7, "1.0")]
+    assert rows[0]["inputs"] == {"body": b"first"} and rows[0]["ts"] == 1000.0
+    np.testing.assert_array_equal(rows[1]["inputs"]["x"], np.arange(4, dtype=np.float32))
+    assert dataset_path(tmp_path, "m").exists()
+    # a label joins once: a second one for the same id finds nothing held
+    assert data.join("m", "1.0", items(("a", 4)), max_rows=100) == 0
+
+
+def test_held_inputs_expire_after_the_feedback_ttl_and_are_bounded(tmp_path):
+    clock = Clock()
+    data = LabelledData(tmp_path, clock=clock)
+    data.hold(version(), body("old"))
+    data.process()
+    clock.t += 61  # past feedback_ttl
+    assert data.join("m", None, items(("old", 1)), max_rows=100) == 0
+    small = version(max_held=3)
+    for i in range(5):
+        data.hold(small, body(f"r{i}"))
+    data.process()
+    assert data.dropped == 2
+    assert data.join("m", None, items(*[(f"r{i}", i) for i in range(5)]), max_rows=100) == 3
+
+
+def test_rows_are_capped_at_max_rows_keeping_the_newest(tmp_path):
+    data = LabelledData(tmp_path, clock=Clock())
+    mv = version()
+    for i in range(30):
+        data.hold(mv, body(f"r{i}"))
+        data.join("m", None, items((f"r{i}", i)), max_rows=10)
+    rows = read_rows("m", root=tmp_path)
+    assert len(rows) <= 13 and rows[-1]["label"] == 29
+    assert [r["label"] for r in read_rows("m", root=tmp_path, limit=10)] == list(range(20, 30))
+
+
+def test_a_torn_last_record_is_ignored(tmp_path):
+    data = LabelledData(tmp_path, clock=Clock())
+    data.hold(version(), body("a"))
+    data.join("m", None, items(("a", 1)), max_rows=100)
+    with open(dataset_path(tmp_path, "m"), "ab") as f:
+        f.write(b"\x80\x05\x95garbage")  # a write cut short by SIGKILL
+    assert [r["rid"] for r in read_rows("m", root=tmp_path)] == ["a"]
+
+
+def test_with_redis_a_label_sent_to_another_replica_joins_and_every_reader_sees_the_rows(tmp_path, redis_server):  # noqa: F811
+    import redis
+
+    one = LabelledData(tmp_path / "a", redis=redis.Redis.from_url(redis_server.url))
+    two = LabelledData(tmp_path / "b", redis=redis.Redis.from_url(redis_server.url))
+    one.hold(version(), body("x", b"img"))
+    one.process()
+    assert two.join("m", "1.0", items(("x", 5), ("y", 1)), max_rows=100) == 1
+    rows = read_rows("m", redis=redis.Redis.from_url(redis_server.url))
+    assert [(r["rid"], r["label"], r["inputs"]) for r in rows] == [("x", 5, {"body": b"img"})]
+
+
+def test_with_redis_down_holds_are_dropped_and_counted_never_raised(tmp_path, redis_server):  # noqa: F811
+    import redis
+
+    data = LabelledData(tmp_path, redis=redis.Redis.from_url(redis_server.url, socket_timeout=0.5))
+    redis_server.stop()
+    data.hold(version(), body("x"))
+    data.process()
+    assert data.dropped == 1
+    assert data.join("m", None, items(("x", 1)), max_rows=10) == 0
