@@ -1,0 +1,48 @@
+"""Starting retraining jobs over REST, on the management port (management token).
+
+``POST /models/{model}/retrain[?version=V&reason=TEXT]`` -> 202 with the job (or 200 with the
+job already queued or running for the model). Unknown model: 404; a model without a training
+entry point: 400 saying so.
+
+``POST /alerts``: Alertmanager's webhook (``webhook_configs: [{url: http://HOST:8081/alerts}]``).
+Firing OspreyDriftDetected / OspreyQualityDegraded alerts start the same job the monitor would
+(one per model and episode, within the model's cooldown); other alerts are ignored. Answers 200
+with ``{"jobs": [...], "ignored": n, "errors": [...]}``; a body that is not Alertmanager's JSON
+is a 400 naming what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from server.core.errors import ErrorKind, OspreyError
+from server.protocols.rest.asgi import Request, Response, Router, json_response
+
+__all__ = ["add_trigger_routes"]
+
+
+def _job_json(job: Any) -> dict:
+    return job.as_dict() if hasattr(job, "as_dict") else dict(job)
+
+
+def add_trigger_routes(router: Router, triggers: Any) -> None:
+    async def retrain(req: Request) -> Response:
+        q = req.query
+        version = q.get("version") or None
+        reason = q.get("reason") or ""
+        job, created = await triggers.manual(req.params["model"], version, reason=reason)
+        return json_response({"created": created, "job": _job_json(job)}, 202 if created else 200)
+
+    async def alerts(req: Request) -> Response:
+        if not req.body:
+            raise OspreyError(ErrorKind.BAD_INPUT, "the alerts body is empty: expected Alertmanager's webhook JSON")
+        try:
+            payload = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"the alerts body is not valid JSON: {exc}") from None
+        return json_response(await triggers.alert(payload), 200)
+
+    router.add(("POST",), "/models/{model}/retrain", retrain)
+    router.add(("POST",), "/alerts", alerts)

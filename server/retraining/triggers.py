@@ -1,0 +1,272 @@
+"""What starts a retraining job: drift episodes, degraded quality, alerts, and people.
+
+Exactly one job per model per episode, whichever replica saw it and however often it fires:
+
+- every trigger names an *episode* (``drift:1.0:3`` is version 1.0's third drift episode, a
+  number shared by the replicas through the monitor's store), and the queue keeps one job per
+  (model, episode);
+- automatic triggers (drift, quality, latency, alert) also take the model's *cooldown*
+  (``SET NX`` with the cooldown as expiry, in Redis when the server has one), so a second
+  episode within the cooldown, or the same episode seen under another name (an alert),
+  starts nothing;
+- a trigger that cannot be delivered (Redis down) is kept and retried on the next poll: the
+  episode key makes the retry safe.
+
+:class:`Triggers` polls the monitor's status of every default version with ``retraining`` once
+per ``poll_s`` (a snapshot: no Redis round trip on the loop) and fires on the transitions: a
+drift episode opening, quality turning degraded, the latency objective breached for
+``latency_for_s``. ``manual`` and ``alert`` are the management API's entry points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from server.core.errors import ErrorKind, OspreyError, show
+from server.core.retraining_config import RetrainingConfig
+
+__all__ = ["Triggers", "Cooldown", "Trigger", "entry_point_of", "ALERTS"]
+
+log = logging.getLogger("osprey.retraining")
+
+#: Alertmanager alert names that start a job, and the trigger each one is
+ALERTS = {"OspreyDriftDetected": "drift", "OspreyQualityDegraded": "quality"}
+
+
+@dataclass
+class Trigger:
+    model: str
+    version: str
+    trigger: str  # drift | quality | latency | manual | alert
+    episode: str
+    params: dict = field(default_factory=dict)
+    automatic: bool = True  # takes the cooldown
+
+
+def entry_point_of(mv: Any) -> str | None:
+    """The training entry point of a model version: retraining.entry_point, else training.json's."""
+    cfg = mv.config.retraining
+    if cfg is not None and cfg.entry_point:
+        return cfg.entry_point
+    path = Path(mv.archive.model_dir) / "training.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ep = data.get("entry_point") if isinstance(data, dict) else None
+    return ep if isinstance(ep, str) and ":" in ep else None
+
+
+class Cooldown:
+    """``take(model, seconds)``: True for the first caller within ``seconds`` (shared through
+    Redis when ``redis`` is given; raises when Redis cannot answer, so the trigger is kept)."""
+
+    def __init__(self, redis: Any = None, clock: Callable[[], float] = time.monotonic):
+        self.redis, self.clock = redis, clock
+        self._until: dict[str, float] = {}
+
+    def take(self, model: str, seconds: float) -> bool:
+        if seconds <= 0:
+            return True
+        if self.redis is not None:
+            return bool(self.redis.set(f"osprey:retraining:cooldown:{model}", b"1", nx=True,
+                                       px=max(int(seconds * 1000), 1)))
+        now = self.clock()
+        if self._until.get(model, 0.0) > now:
+            return False
+        self._until[model] = now + seconds
+        return True
+
+
+class Triggers:
+    """Turns transitions, alerts and requests into jobs (see the module doc).
+
+    ``registry`` gives versions (``get``, ``all_versions``, ``default_version``); ``monitor``
+    is the server's Monitor or None; ``queue`` a ``server.retraining.queue.JobQueue``;
+    ``latency_breached(model, version) -> bool`` (optional) says whether the version is over
+    its latency objective now."""
+
+    def __init__(self, registry: Any, monitor: Any, queue: Any, cooldown: Cooldown, *, poll_s: float = 1.0,
+                 latency_breached: Callable[[str, str], bool] | None = None, latency_for_s: float = 300.0,
+                 params: dict | None = None):
+        self.registry, self.monitor, self.queue, self.cooldown = registry, monitor, queue, cooldown
+        self.poll_s = poll_s
+        self.latency_breached, self.latency_for_s = latency_breached, latency_for_s
+        self.params = dict(params or {})  # added to every job (e.g. where the model store is)
+        self._seen: dict[tuple[str, str, str], Any] = {}  # (model, version, kind) -> last state seen
+        self._breach_since: dict[tuple[str, str], float] = {}
+        self.pending: list[Trigger] = []  # not delivered yet (queue or Redis down)
+        self.fired: dict[str, int] = {}  # trigger kind -> jobs created (for metrics)
+        self._task: asyncio.Task | None = None
+
+    # -- entry points ---------------------------------------------------------------------------------
+    def _version(self, model: str, version: str | None = None) -> tuple[Any, RetrainingConfig]:
+        mv = self.registry.get(model, version)  # NOT_FOUND (404) for an unknown model or version
+        if entry_point_of(mv) is None:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"model {model} version {mv.version} has no training entry point: "
+                                                   "set retraining.entry_point in its model-config.yaml or "
+                                                   "entry_point in the archive's training.json")
+        return mv, mv.config.retraining or RetrainingConfig()
+
+    async def manual(self, model: str, version: str | None = None, *, reason: str = "") -> tuple[Any, bool]:
+        """``osprey retrain`` / ``POST /models/{model}/retrain``: a job now (no cooldown), unless
+        one is already queued or running for the model: then that one (created False)."""
+        mv, cfg = self._version(model, version)
+        if cfg is not None and not cfg.enabled:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"retraining is disabled for model {model} "
+                                                   "(retraining.enabled: false)")
+        for job in await self.queue.list(model):
+            if str(getattr(job.state, "value", job.state)) in ("queued", "running"):
+                return job, False
+        episode = f"manual:{uuid.uuid4().hex[:12]}"
+        return await self._submit(Trigger(model, mv.version, "manual", episode,
+                                          {"reason": reason} if reason else {}, automatic=False))
+
+    async def alert(self, payload: Any) -> dict[str, Any]:
+        """Alertmanager's webhook JSON: firing OspreyDriftDetected / OspreyQualityDegraded alerts
+        start the same job the monitor would (same episode when this server knows it)."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("alerts"), list):
+            raise OspreyError(ErrorKind.BAD_INPUT, "expected Alertmanager's webhook JSON: an object with an "
+                                                   f"\"alerts\" list, got {show(payload)}")
+        out: dict[str, Any] = {"jobs": [], "ignored": 0, "errors": []}
+        for i, a in enumerate(payload["alerts"]):
+            labels = a.get("labels") if isinstance(a, dict) else None
+            if not isinstance(labels, dict) or a.get("status", "firing") != "firing" \
+                    or labels.get("alertname") not in ALERTS:
+                out["ignored"] += 1
+                continue
+            model = labels.get("model")
+            if not isinstance(model, str) or not model:
+                out["errors"].append(f"alerts[{i}]: {labels.get('alertname')} has no model label")
+                continue
+            try:
+                mv, cfg = self._version(model, labels.get("version") or None)
+            except OspreyError as exc:
+                out["errors"].append(f"alerts[{i}]: {exc.message}")
+                continue
+            if "alert" not in cfg.triggers or not cfg.enabled:
+                out["ignored"] += 1
+                continue
+            kind = ALERTS[labels["alertname"]]
+            episode = await self._episode_of(mv, kind) or \
+                f"alert:{a.get('fingerprint') or labels['alertname']}:{a.get('startsAt', '')}"
+            job, created = await self._submit(Trigger(model, mv.version, "alert", episode,
+                                                      {"alert": labels["alertname"]}), cfg)
+            if job is not None:
+                out["jobs"].append({"id": job.id, "model": model, "created": created})
+        return out
+
+    async def _episode_of(self, mv: Any, kind: str) -> str | None:
+        """The episode key the monitor's trigger uses for this version's current state, if open."""
+        if self.monitor is None:
+            return None
+        try:
+            status = await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
+        except Exception:
+            return None
+        return self._episodes(mv.version, status).get(kind)
+
+    @staticmethod
+    def _episodes(version: str, status: dict) -> dict[str, str]:
+        out = {}
+        drift = status.get("drift") or {}
+        if drift.get("detected"):
+            out["drift"] = f"drift:{version}:{drift.get('episodes', 0)}"
+        quality = status.get("quality") or {}
+        if quality.get("degraded"):
+            # named by the quality window it turned degraded in (shared counts with Redis): the
+            # cooldown keeps a later window of the same slump from starting a second job
+            out["quality"] = f"quality:{version}:{int(quality.get('windows') or 0)}"
+        return out
+
+    # -- delivery ----------------------------------------------------------------------------------------
+    async def _submit(self, t: Trigger, cfg: RetrainingConfig | None = None) -> tuple[Any, bool]:
+        cfg = cfg or self.registry.get(t.model, t.version).config.retraining or RetrainingConfig()
+        try:
+            if t.automatic and not await asyncio.to_thread(self.cooldown.take, t.model, cfg.cooldown_s):
+                log.info("event=retrain_trigger_cooling model=%s trigger=%s episode=%s", t.model, t.trigger, t.episode)
+                return None, False
+            job, created = await self.queue.submit(t.model, t.version, t.trigger, t.episode,
+                                                   {**self.params, **t.params})
+        except OspreyError:
+            raise
+        except Exception as exc:  # Redis down: keep it, deliver on a later poll (the episode dedups)
+            if t not in self.pending:
+                self.pending.append(t)
+            log.warning("event=retrain_trigger_kept model=%s trigger=%s episode=%s reason=%s",
+                        t.model, t.trigger, t.episode, exc)
+            if not t.automatic:
+                raise OspreyError(ErrorKind.UNAVAILABLE, f"the job queue is unavailable ({exc}); the request is "
+                                                         "kept and will be queued when it is back") from None
+            return None, False
+        if created:
+            self.fired[t.trigger] = self.fired.get(t.trigger, 0) + 1
+            log.info("event=retrain_job_queued model=%s version=%s trigger=%s episode=%s job=%s",
+                     t.model, t.version, t.trigger, t.episode, job.id)
+        return job, created
+
+    async def poll(self) -> None:
+        """One pass: retry kept triggers, then look for new transitions."""
+        kept, self.pending = self.pending, []
+        for t in kept:
+            await self._submit(t)
+        if self.monitor is None:
+            return
+        for mv in list(self.registry.all_versions()):
+            cfg = mv.config.retraining
+            if cfg is None or not cfg.enabled:
+                continue
+            try:
+                if self.registry.default_version(mv.name) != mv.version:
+                    continue
+            except OspreyError:
+                continue
+            try:
+                status = await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
+            except Exception:
+                continue
+            episodes = self._episodes(mv.version, status)
+            for kind in ("drift", "quality"):
+                key = (mv.name, mv.version, kind)
+                current = episodes.get(kind)
+                if kind in cfg.triggers and current is not None and self._seen.get(key) != current:
+                    await self._submit(Trigger(mv.name, mv.version, kind, current), cfg)
+                self._seen[key] = current
+            if "latency" in cfg.triggers and self.latency_breached is not None:
+                await self._latency(mv, cfg)
+
+    async def _latency(self, mv: Any, cfg: RetrainingConfig) -> None:
+        key = (mv.name, mv.version)
+        now = time.monotonic()
+        if not self.latency_breached(mv.name, mv.version):
+            self._breach_since.pop(key, None)
+            return
+        since = self._breach_since.setdefault(key, now)
+        if now - since >= self.latency_for_s:
+            await self._submit(Trigger(mv.name, mv.version, "latency", f"latency:{mv.version}:{int(since)}"), cfg)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        async def run() -> None:
+            while True:
+                try:
+                    await self.poll()
+                except Exception:
+                    log.exception("event=retrain_poll_failed")
+                await asyncio.sleep(self.poll_s)
+        self._task = asyncio.get_running_loop().create_task(run(), name="osprey-retraining-triggers")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
