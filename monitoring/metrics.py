@@ -17,7 +17,11 @@ What is recorded where:
 * at scrape time, read from the live registry (no cost on the request path): queue depth
   and capacity, requests in flight, instances ready and wanted, instance start times, model
   load duration, ``osprey_model_info{model,version,handler,device,precision}``, the latency
-  objective; process CPU and memory; per-GPU memory and utilization when NVML answers;
+  objective; routing: ``osprey_model_default_version_info{model,version}`` (1 for each
+  model's default), ``osprey_traffic_share{model,version}`` (share of the requests naming no
+  version, from the canary weights), ``osprey_shadow_requests_total{model,version,result}``
+  (shadow copies: agree, disagree, error, dropped); process CPU and memory; per-GPU memory and
+  utilization when NVML answers;
 * handler metrics from ``context.metrics`` (:mod:`monitoring.handler_metrics`).
 
 Labels are bounded: model and version come from the registry (a request for an unknown
@@ -312,7 +316,30 @@ class ServingMetrics:
             info.child(mv.name, mv.version, str(mv.handler), device, self._precision(mv))[0] = 1
         self._prune({(mv.name, mv.version) for mv in versions}, {mv.name for mv in versions},
                     {id(mv) for mv in versions})
-        return "".join(f.render() for f in (*g.values(), starts, restarts, abandoned, info))
+        return "".join(f.render() for f in (*g.values(), starts, restarts, abandoned, info,
+                                            *self._routing(versions)))
+
+    def _routing(self, versions: list) -> tuple:
+        """Default version, traffic shares and shadow results, read from the registry."""
+        default = Gauge("osprey_model_default_version_info", "The version answering requests that name none "
+                        "(always 1)", ("model", "version"))
+        share = Gauge("osprey_traffic_share", "Share of the requests naming no version that the version gets "
+                      "(canary weights; 1 for the default without weights)", ("model", "version"))
+        shadow = Counter("osprey_shadow_requests_total", "Copies of the default's requests run on a shadow version, "
+                         "by result (agree, disagree, error, dropped)", ("model", "version", "result"))
+        traffic = getattr(self.registry, "traffic", None)
+        for name in sorted({mv.name for mv in versions}) if traffic is not None else ():
+            try:
+                t = traffic(name)
+            except Exception:  # unregistered meanwhile
+                continue
+            default.child(name, t["default"])[0] = 1
+            for version, value in t["shares"].items():
+                share.child(name, version)[0] = value
+        for mv in versions:
+            for result, n in getattr(mv, "shadow_results", {}).items():
+                shadow.child(mv.name, mv.version, result)[0] = n
+        return default, share, shadow
 
     def _precision(self, mv: Any) -> str:
         cached = self._precisions.get(id(mv))

@@ -1,4 +1,4 @@
-"""The ``osprey`` command: serve, stop, package, profile, examples, monitor report."""
+"""The ``osprey`` command: serve, stop, package, profile, examples, monitor report, rollback."""
 
 from __future__ import annotations
 
@@ -110,6 +110,29 @@ def _monitor_parser(sub) -> None:
 
     p = sub.add_parser("monitor", help="drift and live quality of served models")
     add_report_parser(p.add_subparsers(dest="monitor_command", required=True))
+
+
+def _rollback_parser(sub) -> None:
+    from server.management_client import add_client_arguments
+
+    p = sub.add_parser("rollback", help="make a model's previous default version the default again",
+                       description="POST /models/MODEL/rollback on the management port: the previous default "
+                                   "version becomes the default again and canary weights are cleared.")
+    p.add_argument("model", metavar="MODEL", help="the model's name")
+    add_client_arguments(p)
+
+
+def cmd_rollback(args) -> int:
+    from server.management_client import ManagementError, call, management_key, quote
+
+    try:
+        answer = call("POST", args.management, f"/models/{quote(args.model)}/rollback",
+                      token=management_key(args.token, args.key_file), timeout=args.timeout)
+    except ManagementError as exc:
+        print(f"osprey rollback: {exc}", file=sys.stderr)
+        return 1
+    print(answer.get("status") or answer)
+    return 0
 
 
 def _settings_from(args):
@@ -266,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     _profile_parser(sub)
     _examples_parser(sub)
     _monitor_parser(sub)
+    _rollback_parser(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
-            "profile": cmd_profile, "monitor": cmd_monitor}[args.command](args)
+            "profile": cmd_profile, "monitor": cmd_monitor, "rollback": cmd_rollback}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,14 @@ version that answered and its declared outputs), so no adapter looks the model u
 after inference: a version unregistered meanwhile never turns an answer into a 404.
 Deadlines, queueing and batching live in the batcher; what every request passes through
 once (metrics, access log, later capture for drift and feedback joins) is an *observer*:
-a callable ``(model_version | None, ticket, outcome)`` called when a request ends.
+a callable ``(model_version | None, ticket, outcome)`` called when a request ends; the
+first one keeps each version's live counters (:func:`server.core.stats.count`,
+:meth:`DataPlane.version_stats`).
+
+A request that names no version goes to the model's default, or, while the model has canary
+weights or a shadow (``Registry.routes``, :mod:`server.core.routing`), to the version its
+weights draw; a request the default answered is then copied to the shadow version once the
+answer is in hand (:mod:`server.core.shadow`): the client never waits for the copy.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 from server.core.capture import FeedbackItem, FeedbackResult, MonitorPort
 from server.core.errors import ErrorKind, OspreyError
+from server.core import shadow as shadows
 from server.core.registry import ModelVersion, Registry
+from server.core.stats import count
 from server.core.types import InferenceResponse, Protocol, Ticket
 
 __all__ = ["DataPlane", "Observer", "RefusalObserver"]
@@ -38,10 +47,11 @@ class DataPlane:
                  refusal_observers: Iterable[RefusalObserver] = (), monitor: MonitorPort | None = None):
         self.registry = registry
         self.monitor = monitor  # drift, feedback and live quality (server.serve wires it), or None: off
-        self.observers: list[Observer] = list(observers)
+        self.observers: list[Observer] = [count, *observers]
         self.refusal_observers: list[RefusalObserver] = list(refusal_observers)
         self.started = True  # False while the startup models are loading
         self._refusing_until = 0.0  # monotonic: admission checks run until then (see refusing)
+        self._shadow_tasks: set[asyncio.Task] = set()  # shadow copies running (held until they end)
 
     # --- admission ------------------------------------------------------------------
     def refusing(self) -> bool:
@@ -80,8 +90,16 @@ class DataPlane:
     # --- inference ------------------------------------------------------------------
     async def infer(self, ticket: Ticket) -> InferenceResponse:
         req = ticket.request
+        routes = self.registry.routes  # empty unless some model has canary weights or a shadow
+        copy = shadow = None
         try:
-            mv = self.registry.get(req.model, req.version)
+            if routes and not req.version:
+                mv = self.registry.route(req.model)
+                shadow = self.registry.shadow_for(mv)
+                if shadow is not None:
+                    copy = shadows.copy_of(ticket, shadow.version)  # before the champion can touch its inputs
+            else:
+                mv = self.registry.get(req.model, req.version)
         except OspreyError as exc:
             self._notify(None, ticket, exc)
             raise
@@ -103,6 +121,10 @@ class DataPlane:
         response.model_version = mv.version
         response.output_specs = ticket.output_specs
         self._notify(mv, ticket, response)
+        if copy is not None:
+            task = asyncio.get_running_loop().create_task(shadows.run_copy(shadow, copy, response))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
         return response
 
     def _notify(self, mv: ModelVersion | None, ticket: Ticket, outcome: Any) -> None:
@@ -129,6 +151,12 @@ class DataPlane:
 
     def model(self, name: str, version: str | None = None) -> ModelVersion:
         return self.registry.get(name, version)
+
+    def version_stats(self, name: str, version: str) -> dict[str, Any]:
+        """Live counters of one version since it was registered: ``{requests, errors,
+        latency_sum_s, latency_count}`` (see :class:`server.core.stats.VersionStats`; shadow
+        copies count on the shadow version). NOT_FOUND for an unknown model or version."""
+        return self.registry.get(name, version).stats.as_dict()
 
     # --- monitoring: feedback labels and status -----------------------------------------
     def _monitored(self, model: str, version: str | None) -> ModelVersion:

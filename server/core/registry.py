@@ -31,6 +31,9 @@ from server.core.batching import Batcher
 from server.core.events import event
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
+from server.core.routing import Routing, Split, check_weights, remember
+from server.core.shadow import RESULTS
+from server.core.stats import VersionStats
 from server.core.signature import Signature, signature_of
 from server.core.instance import Instance, InstanceFactory, InstanceStatus
 from server.settings import Settings
@@ -72,6 +75,8 @@ class ModelVersion:
     restarts: int = 0  # instances restarted (osprey_instance_restarts_total)
     abandoned: list = field(default_factory=list)  # hung thread instances that have not ended yet
     abandoned_total: int = 0  # osprey_instances_abandoned_total
+    stats: VersionStats = field(default_factory=VersionStats)  # live counters (DataPlane.version_stats)
+    shadow_results: dict = field(default_factory=dict)  # result -> copies, once it has been a shadow
 
     @property
     def handler(self) -> str:
@@ -94,6 +99,13 @@ class ModelVersion:
 class _Model:
     versions: dict[str, ModelVersion] = field(default_factory=dict)
     default: str = ""
+    previous: list[str] = field(default_factory=list)  # earlier defaults, most recent last (rollback)
+
+
+def _workers(mv: ModelVersion) -> str:
+    """``workers: READY/LOADING`` or ``no workers`` (why a version cannot take traffic)."""
+    states = sorted({str(i.status) for i in mv.instances})
+    return f"workers: {'/'.join(states)}" if states else "no workers"
 
 
 def _version_key(v: str) -> tuple:
@@ -107,6 +119,9 @@ class Registry:
         self.settings = settings
         self.loop = loop
         self.models: dict[str, _Model] = {}
+        # models with canary weights or a shadow, and only those: a request to any other model,
+        # or to any model while this is empty, is routed as before (see route)
+        self.routes: dict[str, Routing] = {}
         self._new_instance = instance_factory
         self._on_batch = on_batch
         self._loading: dict[tuple[str, str], ModelVersion] = {}  # registering, not yet listed
@@ -511,22 +526,155 @@ class Registry:
 
     def set_default(self, name: str, version: str) -> None:
         """Send requests that name no version to ``version``: only once it can serve them
-        (a version still loading, failed or without workers is refused, 409)."""
+        (a version still loading, failed or without workers is refused, 409). The old default
+        is remembered for :meth:`rollback`. Canary weights are left as they are (they name
+        versions, not roles: promotion is set_default, then set_traffic(name, None)); a shadow
+        that becomes the default stops being the shadow."""
+        model = self._model(name)
+        mv = self._version(model, name, version)
+        if not mv.ready:
+            raise OspreyError(ErrorKind.CONFLICT, f"Model {name} version {version} is not ready to serve "
+                                                  f"({_workers(mv)}); it can become the default once a worker is READY")
+        old, model.default = model.default, version
+        if old != version:
+            remember(model.previous, old, version)
+            r = self.routes.get(name)
+            if r is not None and r.shadow == version:
+                r.shadow = None
+                self._tidy(name)
+            event(log, "default_version_changed", model=name, old=old, new=version)
+
+    # --- traffic: canary weights, shadow, rollback (server.core.routing) --------------
+    def _model(self, name: str) -> _Model:
         model = self.models.get(name)
         if model is None:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name}")
+        return model
+
+    @staticmethod
+    def _version(model: _Model, name: str, version: str) -> ModelVersion:
         mv = model.versions.get(version)
         if mv is None:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model version {version} does not exist for model {name}",
                               type_name="ModelVersionNotFoundException")
-        if not mv.ready:
-            states = sorted({i.status for i in mv.instances})
-            state = "/".join(states) if states else "no workers"
-            raise OspreyError(ErrorKind.CONFLICT, f"Model {name} version {version} is not ready to serve "
-                                                  f"(workers: {state}); it can become the default once a worker is READY")
-        old, model.default = model.default, version
+        return mv
+
+    def _tidy(self, name: str) -> None:
+        r = self.routes.get(name)
+        if r is not None and r.empty:
+            del self.routes[name]
+
+    def route(self, name: str) -> ModelVersion:
+        """The version answering a request to ``name`` that named none: drawn by the model's
+        weights, else the default. A drawn version that cannot serve now (no READY worker,
+        crash loop) gives way to the default. The data plane calls this only while
+        :attr:`routes` is not empty."""
+        model = self._model(name)
+        r = self.routes.get(name)
+        if r is not None:
+            version = r.pick()
+            if version is not None and version != model.default:
+                mv = model.versions.get(version)
+                if mv is not None and mv.ready:
+                    return mv
+        return model.versions[model.default]
+
+    def shadow_for(self, mv: ModelVersion) -> ModelVersion | None:
+        """The shadow version of ``mv``'s model when ``mv`` is its default, else None."""
+        r = self.routes.get(mv.name)
+        if r is None or r.shadow is None:
+            return None
+        model = self.models.get(mv.name)
+        if model is None or model.default != mv.version or model.versions.get(mv.version) is not mv:
+            return None
+        return model.versions.get(r.shadow)
+
+    def set_traffic(self, name: str, weights: dict[str, float] | None) -> dict[str, Any]:
+        """Route requests to ``name`` that name no version by ``weights`` ({version: weight},
+        numbers >= 0, not all zero; each version registered (404) and READY (409)). None or
+        {}: all to the default. Returns :meth:`traffic`."""
+        model = self._model(name)
+        checked = check_weights(name, weights)
+        for version in checked:
+            mv = self._version(model, name, version)
+            if not mv.ready:
+                raise OspreyError(ErrorKind.CONFLICT, f"Model {name} version {version} is not ready to serve "
+                                                      f"({_workers(mv)}); it can take traffic once a worker is READY")
+        r = self.routes.get(name) or Routing()
+        r.split = Split(checked) if checked else None
+        self.routes[name] = r
+        self._tidy(name)
+        event(log, "traffic_changed", model=name, default=model.default,
+              weights=",".join(f"{v}:{w:g}" for v, w in checked.items()) or "default")
+        return self.traffic(name)
+
+    def traffic(self, name: str) -> dict[str, Any]:
+        """``{"model", "default", "weights", "shares", "shadow", "shadow_results", "previous",
+        "stats"}``:
+        the weights as set, each version's share of the requests that name no version, the
+        shadow version (or None) and its copies' results (agree, disagree, error, dropped),
+        the earlier defaults, most recent first, and each version's live counters."""
+        model = self._model(name)
+        r = self.routes.get(name)
+        split = r.split if r is not None else None
+        shadow = r.shadow if r is not None else None
+        return {"model": name, "default": model.default, "weights": dict(split.weights) if split else {},
+                "shares": split.shares() if split else {model.default: 1.0}, "shadow": shadow,
+                "shadow_results": dict(model.versions[shadow].shadow_results) if shadow else {},
+                "previous": self.default_history(name),
+                "stats": {v: mv.stats.as_dict() for v, mv in model.versions.items()}}
+
+    def set_shadow(self, name: str, version: str | None) -> dict[str, Any]:
+        """Copy every request the default answers to ``version`` (registered, 404; READY and not
+        the default, 409); None stops the copies. Returns :meth:`traffic`."""
+        model = self._model(name)
+        r = self.routes.get(name) or Routing()
+        if version is not None:
+            mv = self._version(model, name, version)
+            if version == model.default:
+                raise OspreyError(ErrorKind.CONFLICT, f"Model {name} version {version} is the default version: "
+                                                      "a shadow must be another version")
+            if not mv.ready:
+                raise OspreyError(ErrorKind.CONFLICT, f"Model {name} version {version} is not ready to serve "
+                                                      f"({_workers(mv)}); it can be the shadow once a worker is READY")
+            for result in RESULTS:
+                mv.shadow_results.setdefault(result, 0)
+        old, r.shadow = r.shadow, version
+        self.routes[name] = r
+        self._tidy(name)
         if old != version:
-            event(log, "default_version_changed", model=name, old=old, new=version)
+            event(log, "shadow_changed", model=name, old=old, new=version)
+        return self.traffic(name)
+
+    def default_history(self, name: str) -> list[str]:
+        """The earlier default versions still registered, most recent first."""
+        return self._model(name).previous[::-1]
+
+    def rollback(self, name: str) -> str:
+        """Make the most recent earlier default the default again and clear the canary weights;
+        returns that version. CONFLICT (409) when there is none, or when it is not READY. The
+        version rolled back from is not remembered: a second rollback goes one further back."""
+        model = self._model(name)
+        if not model.previous:
+            raise OspreyError(ErrorKind.CONFLICT, f"Model {name} has no earlier default version to roll back to "
+                                                  f"(version {model.default} is the only default it has had, or the "
+                                                  "earlier ones were unregistered)")
+        version = model.previous[-1]
+        mv = model.versions[version]  # unregister takes a version out of the history
+        if not mv.ready:
+            raise OspreyError(ErrorKind.CONFLICT, f"Cannot roll back model {name} to version {version}: it is not "
+                                                  f"ready to serve ({_workers(mv)})")
+        old = model.default
+        model.previous.pop()
+        model.default = version
+        r = self.routes.get(name)
+        if r is not None:
+            r.split = None
+            if r.shadow == version:
+                r.shadow = None
+            self._tidy(name)
+        event(log, "default_version_rolled_back", model=name, old=old, new=version)
+        return version
 
     async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
         mv = self.get(name, version)
@@ -536,8 +684,17 @@ class Registry:
         del model.versions[mv.version]
         if not model.versions:
             del self.models[name]
-        elif model.default == mv.version:
-            model.default = max(model.versions, key=_version_key)
+            self.routes.pop(name, None)
+        else:
+            if model.default == mv.version:
+                model.default = max(model.versions, key=_version_key)
+            model.previous[:] = [v for v in model.previous if v != mv.version and v != model.default]
+            r = self.routes.get(name)
+            if r is not None:
+                r.forget(mv.version)
+                if r.shadow == model.default:
+                    r.shadow = None
+                self._tidy(name)
         # new requests are 404 from here on; what was queued or running is answered first
         running = mv.batcher.in_flight  # running batches end and are answered even after their instance stops
         answered, left = await self._finish_queued(mv)

@@ -11,12 +11,13 @@ import os
 import time
 from typing import Any
 
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import ErrorKind, OspreyError, show
 from server.core.instance import InstanceStatus
 from server.core.registry import ModelVersion, Registry
 
 __all__ = ["require_model_api", "describe", "describe_models", "list_models", "register", "scale",
-           "unregister", "set_default", "PROCESSING"]
+           "unregister", "set_default", "traffic", "set_traffic", "set_shadow", "clear_shadow", "rollback",
+           "PROCESSING"]
 
 PROCESSING = {"status": "Processing worker updates..."}
 _WORKER_STATUS = {InstanceStatus.READY: "READY", InstanceStatus.STOPPED: "UNLOADING",
@@ -87,7 +88,8 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
 def describe_models(registry: Registry, name: str, version: str | None) -> list[dict[str, Any]]:
     """``GET /models/{m}[/{v}|/all]``: a JSON array, as TorchServe answers."""
     versions = registry.versions(name) if version == "all" else [registry.get(name, version)]
-    return [describe(mv) for mv in versions]
+    routing = registry.traffic(name)  # Osprey's: default, canary weights and shares, shadow, earlier defaults
+    return [{**describe(mv), "routing": routing} for mv in versions]
 
 
 def list_models(registry: Registry, limit: int, token: int) -> dict[str, Any]:
@@ -131,3 +133,53 @@ async def unregister(registry: Registry, enabled: bool, name: str, version: str 
 def set_default(registry: Registry, name: str, version: str) -> dict[str, Any]:
     registry.set_default(name, version)
     return {"status": f"Default version successfully updated for model \"{name}\" to \"{version}\""}
+
+
+# --- traffic: canary weights, shadow, rollback (Osprey's own, not TorchServe's) ---------
+def _body_object(body: Any, fields: tuple[str, ...], example: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"request body must be a JSON object like {example}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"unknown field(s) {', '.join(map(repr, unknown))} in the request body; "
+                                               f"expected {example}")
+    return body
+
+
+def traffic(registry: Registry, name: str) -> dict[str, Any]:
+    """``GET /models/{m}/traffic``: default, weights, shares, shadow, previous defaults."""
+    return registry.traffic(name)
+
+
+def set_traffic(registry: Registry, name: str, body: Any) -> dict[str, Any]:
+    """``PUT /models/{m}/traffic`` with ``{"weights": {"1.0": 90, "2.0": 10}}``; ``{}`` or null
+    weights send everything to the default again."""
+    example = '{"weights": {"1.0": 90, "2.0": 10}}'
+    body = _body_object(body, ("weights",), example)
+    if "weights" not in body:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"field 'weights' is required: {example}, or {{\"weights\": {{}}}} "
+                                               "to send every request to the default version")
+    return registry.set_traffic(name, body["weights"])
+
+
+def set_shadow(registry: Registry, name: str, body: Any) -> dict[str, Any]:
+    """``PUT /models/{m}/shadow`` with ``{"version": "2.0"}``."""
+    example = '{"version": "2.0"}'
+    version = _body_object(body, ("version",), example).get("version")
+    if not isinstance(version, str) or not version:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"field 'version' must be a version string, got {show(version)} "
+                                               f"(e.g. {example}; DELETE /models/{name}/shadow stops the copies)")
+    return registry.set_shadow(name, version)
+
+
+def clear_shadow(registry: Registry, name: str) -> dict[str, Any]:
+    """``DELETE /models/{m}/shadow``."""
+    return registry.set_shadow(name, None)
+
+
+def rollback(registry: Registry, name: str) -> dict[str, Any]:
+    """``POST /models/{m}/rollback``: the previous default becomes the default again."""
+    old = registry.default_version(name)
+    version = registry.rollback(name)
+    return {"status": f"Model \"{name}\" rolled back from version \"{old}\" to \"{version}\"",
+            "model": name, "default": version, "previous": old}

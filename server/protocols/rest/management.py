@@ -1,5 +1,7 @@
 """TorchServe's management API (port 8081): register, scale, describe, list, unregister,
-set-default; same parameters, status codes and JSON bodies."""
+set-default; same parameters, status codes and JSON bodies. Also Osprey's traffic routes:
+``GET/PUT /models/{m}/traffic``, ``PUT/DELETE /models/{m}/shadow``, ``POST /models/{m}/rollback``
+(a version named traffic, shadow or rollback cannot be described or scaled by URL)."""
 
 from __future__ import annotations
 
@@ -85,6 +87,40 @@ def _bool(params: dict, key: str, default: bool) -> bool:
     raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be true or false, got {value!r}")
 
 
+def _json_body(req: Request) -> Any:
+    """The request body as JSON (whatever its content type says); BAD_INPUT when it is not."""
+    if not req.body:
+        raise OspreyError(ErrorKind.BAD_INPUT, "a JSON request body is required")
+    try:
+        return orjson.loads(req.body)
+    except orjson.JSONDecodeError as exc:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"request body is not valid JSON: {exc}") from None
+
+
+def _add_traffic_routes(router: Router, registry: Registry) -> None:
+    """Canary weights, shadow and rollback (server.core.routing): Osprey's own routes."""
+    async def get_traffic(req: Request) -> Response:
+        return json_response(api.traffic(registry, req.params["model"]))
+
+    async def put_traffic(req: Request) -> Response:
+        return json_response(api.set_traffic(registry, req.params["model"], _json_body(req)))
+
+    async def put_shadow(req: Request) -> Response:
+        return json_response(api.set_shadow(registry, req.params["model"], _json_body(req)))
+
+    async def delete_shadow(req: Request) -> Response:
+        return json_response(api.clear_shadow(registry, req.params["model"]))
+
+    async def rollback(req: Request) -> Response:
+        return json_response(api.rollback(registry, req.params["model"]))
+
+    router.add("GET", "/models/{model}/traffic", get_traffic)
+    router.add("PUT", "/models/{model}/traffic", put_traffic)
+    router.add("PUT", "/models/{model}/shadow", put_shadow)
+    router.add("DELETE", "/models/{model}/shadow", delete_shadow)
+    router.add("POST", "/models/{model}/rollback", rollback)
+
+
 def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
                           rotate_key: Callable[[str, str], bool] | None = None) -> None:
     async def list_models(req: Request) -> Response:
@@ -129,6 +165,7 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
     router.add("GET", "/models", list_models)
     router.add("POST", "/models", register)
     router.add("GET", "/models/{model}", describe)
+    _add_traffic_routes(router, registry)  # before /models/{model}/{version}: these words are not versions
     router.add("GET", "/models/{model}/{version}", describe)
     router.add("PUT", "/models/{model}", scale)
     router.add("PUT", "/models/{model}/{version}", scale)
