@@ -1,72 +1,41 @@
-"""A small client for the server's management and inference APIs, used by jobs and the CLI.
+"""The server's management API as a retraining job uses it.
 
 A retraining job runs in a worker process (a child of the server, or ``osprey worker`` on
 another machine): it registers the challenger, moves traffic and reads live numbers through
 the same management API an operator uses, so every step is visible, authorised and logged
-like a person's. Standard library only (urllib): the worker needs nothing else to talk to us.
+like a person's (``server.management_client``: standard library only).
 """
 
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any
+
+from server.management_client import ManagementError, call
 
 __all__ = ["ServerClient", "ApiError"]
 
-
-class ApiError(Exception):
-    """The server answered an error (``status``, its message), or could not be reached (status 0)."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}" if status else message)
-        self.status, self.message = status, message
+ApiError = ManagementError  # .status: the HTTP status, or None when the server could not be reached
 
 
 class ServerClient:
+    """The management API (and the inference API's monitoring JSON) for one server."""
+
     def __init__(self, management_url: str, inference_url: str | None = None, token: str | None = None,
                  inference_token: str | None = None, timeout: float = 120.0):
         self.management = management_url.rstrip("/")
         self.inference = (inference_url or "").rstrip("/")
         self.token, self.inference_token, self.timeout = token, inference_token, timeout
 
-    def _call(self, base: str, token: str | None, method: str, path: str, body: Any = None,
-              query: dict | None = None) -> Any:
-        url = base + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                msg = json.loads(raw).get("message") or raw.decode(errors="replace")
-            except (ValueError, AttributeError):
-                msg = raw.decode(errors="replace")
-            raise ApiError(e.code, msg) from None
-        except (urllib.error.URLError, OSError) as e:
-            raise ApiError(0, f"cannot reach {base}: {getattr(e, 'reason', e)}") from None
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return raw.decode(errors="replace")
-
     def manage(self, method: str, path: str, body: Any = None, query: dict | None = None) -> Any:
-        return self._call(self.management, self.token, method, path, body, query)
+        if query:
+            path += "?" + urllib.parse.urlencode(query)
+        return call(method, self.management, path, token=self.token, body=body, timeout=self.timeout)
 
     def infer_api(self, method: str, path: str, body: Any = None) -> Any:
         if not self.inference:
-            raise ApiError(0, "no inference URL given")
-        return self._call(self.inference, self.inference_token, method, path, body)
+            raise ManagementError("no inference URL given")
+        return call(method, self.inference, path, token=self.inference_token, body=body, timeout=self.timeout)
 
     # -- the calls a job makes ----------------------------------------------------------------
     def versions(self, model: str) -> list[dict]:

@@ -2,6 +2,7 @@
 
     server.serve / server.cli          wiring (may import anything)
     server.protocols (rest, grpc)      adapters: the core, never instances or handlers
+    server.retraining                  jobs, training, gate, promotion: the core, instances and monitoring below
     server.instances                   the only importers of handlers/; the core below
     server.core                        no protocol, instance, handler or monitoring code
     server.settings                    one typed settings object (a leaf)
@@ -20,6 +21,7 @@ FORBIDDEN = {
     "server/core": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers", "monitoring"),
     "server/instances": ("server.protocols", "server.serve", "server.cli", "monitoring"),
     "server/protocols": ("server.instances", "server.serve", "server.cli", "handlers"),
+    "server/retraining": ("server.protocols", "server.serve", "server.cli", "handlers"),
     "monitoring": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers"),
 }
 
