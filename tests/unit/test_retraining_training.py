@@ -132,9 +132,11 @@ def test_search_trains_each_draw_and_keeps_the_best_on_validation(digits, invert
     rows = [{"rid": f"u{i}", "ts": 0.0, "inputs": {"body": digit_png(images[i])}, "label": int(labels[i])}
             for i in range(60)]
     seen = []
-    search = {"trials": 2, "method": "grid", "space": {"keep": [False, True]}}
-    res = run_training(archive, rows, tmp_path / "out", entry_point="train_pick:retrain", search=search,
-                       progress=lambda f, m="": seen.append((f, m)))
+    from server.core.retraining_config import parse_retraining
+
+    config = parse_retraining({"entry_point": "train_pick:retrain",  # the model-config.yaml section, parsed
+                               "search": {"trials": 2, "method": "grid", "space": {"keep": [False, True]}}})
+    res = run_training(archive, rows, tmp_path / "out", config=config, progress=lambda f, m="": seen.append((f, m)))
     assert res.hyperparameters == {"keep": True}
     assert [t["hyperparameters"] for t in res.trials] == [{"keep": False}, {"keep": True}]
     assert res.trials[1]["validation"]["accuracy"] > res.trials[0]["validation"]["accuracy"]
