@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from monitoring.quality.metrics import HIGHER_IS_BETTER, classification_metrics, regression_metrics
+from server.core.retraining_config import GateConfig
 
 from .data import RowError, golden_rows, request_body, resolve_labels
 from .entry import reference_encoder
@@ -54,18 +55,9 @@ CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "l
 REGRESSION_METRICS = ("mse", "mae", "r2")
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    metric: str | None = None
-    min_improvement: float = 0.01
-    max_regression: float = 0.02
-    max_latency_ratio: float = 1.5
-    max_size_ratio: float = 2.0
-
-
 def gate_config(cfg: Any = None) -> GateConfig:
-    """A :class:`GateConfig` from None, a dict, or any object with those attributes
-    (the lead's ``RetrainingConfig.gate``)."""
+    """A :class:`~server.core.retraining_config.GateConfig` from None, a dict, or any object
+    with those attributes (``RetrainingConfig.gate``)."""
     if cfg is None:
         return GateConfig()
     if isinstance(cfg, GateConfig):

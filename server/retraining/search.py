@@ -14,24 +14,18 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
 from typing import Any
+
+from server.core.retraining_config import SearchConfig
 
 __all__ = ["SearchConfig", "search_config", "draws"]
 
 MAX_TRIALS = 100
 
 
-@dataclass(frozen=True)
-class SearchConfig:
-    trials: int = 0
-    method: str = "random"
-    space: dict = field(default_factory=dict)
-    seed: int = 0
-
-
 def search_config(cfg: Any = None) -> SearchConfig:
-    """A checked :class:`SearchConfig` from None, a dict or an object with those attributes."""
+    """A checked :class:`~server.core.retraining_config.SearchConfig` from None, a dict or an
+    object with those attributes (``RetrainingConfig.search``; ranges are allowed here)."""
     if cfg is None:
         return SearchConfig()
     if isinstance(cfg, dict):
