@@ -9,7 +9,8 @@ and inside the archive, what later work (drift monitoring, retraining) needs:
 - ``reference.npz``: a sample of training inputs (``inputs``, in the units a client sends,
   e.g. natural feature units or 0..16 pixel values), the model's outputs on them
   (``outputs``) and the targets (``targets``);
-- ``training.json``: the training entry point (``module:function``) and its settings.
+- ``training.json``: the training entry point (``module:function``: the example's
+  ``retrain(ctx)``, see :mod:`server.retraining.training`) and its settings.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 import yaml
 
 __all__ = ["Example", "ExampleResult", "seed_everything", "split", "fit", "predict", "classification_metrics",
-           "regression_metrics", "package_example", "write_reference", "MODEL_FILES"]
+           "regression_metrics", "package_example", "write_reference", "reference_sample", "MODEL_FILES"]
 
 #: Python sources of the example networks, copied into archives as ``--model-file``.
 MODEL_FILES = Path(__file__).resolve().parent / "networks"
@@ -91,6 +92,19 @@ def write_reference(work: Path, inputs: np.ndarray, outputs: np.ndarray, targets
     return path
 
 
+def reference_sample(inputs: np.ndarray, targets: np.ndarray, outputs: np.ndarray | None = None,
+                     limit: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """Up to ``limit`` rows of a retraining's training data (inputs as clients send them, targets,
+    the new model's outputs): a retrain entry point's ``"reference"``, the new version's
+    reference.npz and drift reference."""
+    n = len(inputs)
+    idx = np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+    out = {"inputs": np.asarray(inputs)[idx], "targets": np.asarray(targets)[idx]}
+    if outputs is not None:
+        out["outputs"] = np.asarray(outputs)[idx]
+    return out
+
+
 def package_example(*, name: str, out: Path, work: Path, handler: str, serialized_file: Path | None,
                     model_file: Path | None = None, extra_files: list[Path] = (), config: dict | None = None,
                     metrics: dict, training: dict, version: str = "1.0") -> Path:
@@ -120,8 +134,10 @@ def package_example(*, name: str, out: Path, work: Path, handler: str, serialize
 
 
 def fit(model: Any, inputs: tuple, target: Any, loss_fn: Callable, *, epochs: int, batch_size: int = 64,
-        lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0) -> Any:
+        lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0,
+        on_epoch: Callable[[int, int], Any] | None = None) -> Any:
     """Plain Adam minibatch training on in-memory tensors; returns the model in eval mode.
+    ``on_epoch(done, epochs)`` is called after each epoch (a retraining job's progress).
 
     Runs on one thread: these models are small, and a second OpenMP thread only waits for a
     busy core (measured: 10x slower steps on a loaded 2-core machine).
@@ -132,20 +148,20 @@ def fit(model: Any, inputs: tuple, target: Any, loss_fn: Callable, *, epochs: in
     torch.set_num_threads(1)
     try:
         return _fit(model, inputs, target, loss_fn, epochs=epochs, batch_size=batch_size, lr=lr,
-                    weight_decay=weight_decay, seed=seed)
+                    weight_decay=weight_decay, seed=seed, on_epoch=on_epoch)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(model: Any, inputs: tuple, target: Any, loss_fn: Callable, *, epochs: int, batch_size: int,
-         lr: float, weight_decay: float, seed: int) -> Any:
+         lr: float, weight_decay: float, seed: int, on_epoch: Callable[[int, int], Any] | None = None) -> Any:
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     n = len(target) if target is not None else len(inputs[0])
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
@@ -154,6 +170,8 @@ def _fit(model: Any, inputs: tuple, target: Any, loss_fn: Callable, *, epochs: i
             loss = loss_fn(out, target[idx] if target is not None else inputs[0][idx])
             loss.backward()
             opt.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, epochs)
     return model.eval()
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ExampleResult, classification_metrics, fit, package_example, predict, seed_everything, split, write_reference
+from .common import (ExampleResult, classification_metrics, fit, package_example, predict, reference_sample,
+                     seed_everything, split, write_reference)
 from .networks.digits_cnn import DigitsCNN
 
-__all__ = ["NAME", "HANDLER_CONFIG", "load_data", "train", "build", "digit_png", "png_to_grid"]
+__all__ = ["NAME", "HANDLER_CONFIG", "load_data", "train", "retrain", "retrain_digits", "build", "digit_png", "png_to_grid"]
 
 NAME = "digits_cnn"
 SEED = 0
@@ -47,6 +48,56 @@ def train(images: np.ndarray, labels: np.ndarray, *, seed: int = SEED, epochs: i
     x = torch.from_numpy(images[:, None] / 16.0).float()
     y = torch.from_numpy(labels)
     return fit(model, (x,), y, torch.nn.functional.cross_entropy, epochs=epochs, batch_size=32, lr=2e-3, seed=seed)
+
+
+def retrain(ctx) -> dict:
+    """Retraining entry point (``server.retraining.training``): a fresh DigitsCNN trained on the
+    archive's reference digits plus the labelled production rows (decoded by the archive's own
+    handler: ``ctx.dataset``), each production row counted ``row_weight`` times.
+
+    Hyperparameters: ``epochs`` (12), ``lr`` (2e-3), ``row_weight`` (2), ``seed``. Writes
+    TorchScript (what the archive's handler loads) and returns it with the training data as
+    the new reference (8x8 grids in 0..16, as :func:`reference_request` sends them)."""
+    import torch
+
+    def save(model, out_dir: Path) -> Path:
+        path = out_dir / "digits_cnn.pt"
+        torch.jit.script(model).save(str(path))
+        return path
+
+    return retrain_digits(ctx, DigitsCNN, save, epochs=EPOCHS, lr=2e-3)
+
+
+def retrain_digits(ctx, make_model, save, *, epochs: int, lr: float) -> dict:
+    """Shared by the digits classifiers: train ``make_model()`` on the reference digits plus
+    the production rows; ``save(model, out_dir) -> weights path``."""
+    import torch
+
+    hp = ctx.hyperparameters
+    epochs, lr = int(hp.get("epochs", epochs)), float(hp.get("lr", lr))
+    weight, seed = max(1, int(hp.get("row_weight", 2))), int(hp.get("seed", ctx.seed))
+    grids = np.asarray(ctx.reference["inputs"], dtype=np.float32)  # N x 8 x 8 in 0..16
+    labels = np.asarray(ctx.reference["targets"], dtype=np.int64)
+    n_ref = len(grids)
+    if ctx.rows:
+        x, y = ctx.dataset(ctx.rows)  # the handler's view: N x 1 x 8 x 8 in 0..1, class indices
+        grids = np.concatenate([grids, x[:, 0].numpy() * 16.0])
+        labels = np.concatenate([labels, y.numpy()])
+    repeat = np.concatenate([np.arange(n_ref)] + [np.arange(n_ref, len(grids))] * weight)
+    ctx.log(f"{ctx.manifest['model']['modelName']}: training on {n_ref} reference digits and "
+            f"{len(grids) - n_ref} production rows (x{weight}), {epochs} epochs")
+    seed_everything(seed)
+    to_x = lambda g: torch.from_numpy(g[:, None] / 16.0).float()  # noqa: E731
+    model = fit(make_model(), (to_x(grids[repeat]),), torch.from_numpy(labels[repeat]),
+                torch.nn.functional.cross_entropy, epochs=epochs, batch_size=32, lr=lr, seed=seed,
+                on_epoch=lambda done, total: ctx.progress(done / total, f"epoch {done}/{total}"))
+    metrics = {}
+    if ctx.validation:
+        xv, yv = ctx.dataset(ctx.validation)
+        metrics = classification_metrics(yv.numpy(), predict(model, xv).argmax(1).numpy())
+    path = save(model, ctx.out_dir)
+    probs = torch.softmax(predict(model, to_x(grids)), 1).numpy()
+    return {"weights": path, "metrics": metrics, "reference": reference_sample(grids, labels, probs, seed=seed)}
 
 
 def digit_png(grid: np.ndarray, scale: int = SAMPLE_SCALE) -> bytes:
@@ -103,7 +154,7 @@ def build(out: Path, work: Path) -> ExampleResult:
         extra_files=[work / "index_to_name.json", work / "reference.npz"],
         config={"batchSize": 16, "maxBatchDelay": 5, "handler": HANDLER_CONFIG},
         metrics=metrics,
-        training={"entry_point": "examples.digits_cnn:train", "data": "sklearn.datasets.load_digits",
+        training={"entry_point": "examples.digits_cnn:retrain", "data": "sklearn.datasets.load_digits",
                   "seed": SEED, "epochs": EPOCHS, "heldout_fraction": 0.2, "format": "torchscript",
                   "samples": written})
     return ExampleResult(archive, metrics, {"samples": written})

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .common import ExampleResult, classification_metrics, fit, package_example, predict, seed_everything, split, write_reference
-from .digits_cnn import HANDLER_CONFIG, load_data
+from .digits_cnn import HANDLER_CONFIG, load_data, retrain_digits
 from .networks import digits_lstm as network
 
-__all__ = ["NAME", "train", "build"]
+__all__ = ["NAME", "train", "retrain", "build"]
 
 NAME = "digits_lstm"
 SEED = 0
@@ -32,6 +32,20 @@ def train(images: np.ndarray, labels: np.ndarray, *, seed: int = SEED, epochs: i
     x = torch.from_numpy(images[:, None] / 16.0).float()
     return fit(model, (x,), torch.from_numpy(labels), torch.nn.functional.cross_entropy, epochs=epochs,
                batch_size=32, lr=5e-3, seed=seed)
+
+
+def retrain(ctx) -> dict:
+    """Retraining entry point (``server.retraining.training``): a fresh DigitsLSTM on the
+    reference digits plus the labelled production rows (as ``examples.digits_cnn.retrain``);
+    hyperparameters ``epochs`` (20), ``lr`` (5e-3), ``row_weight`` (2). Writes a state_dict."""
+    import torch
+
+    def save(model, out_dir: Path) -> Path:
+        path = out_dir / "digits_lstm.pt"
+        torch.save(model.state_dict(), path)
+        return path
+
+    return retrain_digits(ctx, network.DigitsLSTM, save, epochs=EPOCHS, lr=5e-3)
 
 
 def build(out: Path, work: Path) -> ExampleResult:
@@ -50,7 +64,7 @@ def build(out: Path, work: Path) -> ExampleResult:
         name=NAME, out=out, work=work, handler="image_classifier", serialized_file=work / "digits_lstm.pt",
         model_file=Path(network.__file__), extra_files=[work / "index_to_name.json", work / "reference.npz"],
         config={"batchSize": 16, "maxBatchDelay": 5, "handler": HANDLER_CONFIG}, metrics=metrics,
-        training={"entry_point": "examples.digits_lstm:train", "data": "sklearn.datasets.load_digits",
+        training={"entry_point": "examples.digits_lstm:retrain", "data": "sklearn.datasets.load_digits",
                   "seed": SEED, "epochs": EPOCHS, "heldout_fraction": 0.2, "format": "eager state_dict"})
     return ExampleResult(archive, metrics)
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import (ExampleResult, classification_metrics, fit, package_example, predict, regression_metrics,
-                     seed_everything, split, write_reference)
+from .common import (ExampleResult, classification_metrics, fit, package_example, predict, reference_sample,
+                     regression_metrics, seed_everything, split, write_reference)
 from .networks import cancer_mlp as cancer_net
 from .networks import diabetes_mlp as diabetes_net
 
-__all__ = ["CANCER", "DIABETES", "train_cancer", "train_diabetes", "build_cancer", "build_diabetes"]
+__all__ = ["CANCER", "DIABETES", "train_cancer", "train_diabetes", "retrain_cancer", "retrain_diabetes",
+           "build_cancer", "build_diabetes"]
 
 SEED = 0
 CANCER = "cancer_mlp"
@@ -60,6 +61,73 @@ def train_diabetes(x: np.ndarray, y: np.ndarray, *, seed: int = SEED, epochs: in
                torch.nn.functional.mse_loss, epochs=epochs, batch_size=32, lr=1e-3, weight_decay=1e-2, seed=seed)
 
 
+def _retraining_data(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(natural-unit inputs, targets, standardized inputs, row-weighted index, features.json)
+    of the archive's reference rows plus the labelled production rows (decoded and
+    standardized by the archive's own handler: ``ctx.dataset``). The archive's features.json
+    (mean, scale) is kept, so the new weights fit its handler as they are."""
+    spec = json.loads((ctx.archive_dir / "features.json").read_text())
+    mean, scale = np.asarray(spec["mean"], np.float32), np.asarray(spec["scale"], np.float32)
+    x = np.asarray(ctx.reference["inputs"], np.float32)
+    y = np.asarray(ctx.reference["targets"])
+    n_ref = len(x)
+    if ctx.rows:
+        xs, ys = ctx.dataset(ctx.rows)  # standardized features, labels (class indices or values)
+        x = np.concatenate([x, xs.numpy() * scale + mean])
+        y = np.concatenate([y, ys.numpy().reshape(-1).astype(y.dtype)])
+    weight = max(1, int(ctx.hyperparameters.get("row_weight", 2)))
+    repeat = np.concatenate([np.arange(n_ref)] + [np.arange(n_ref, len(x))] * weight)
+    ctx.log(f"{ctx.manifest['model']['modelName']}: training on {n_ref} reference rows and {len(x) - n_ref} "
+            f"production rows (x{weight})")
+    return x, y, (x - mean) / scale, repeat, spec
+
+
+def retrain_cancer(ctx) -> dict:
+    """Retraining entry point (``server.retraining.training``) of ``cancer_mlp``: a fresh
+    CancerMLP on the reference rows plus the production rows (``row_weight`` times each);
+    hyperparameters ``epochs`` (60), ``lr`` (1e-3), ``weight_decay`` (1e-4), ``row_weight`` (2).
+    Writes a state_dict (the archive's model file is kept)."""
+    import torch
+
+    hp = ctx.hyperparameters
+    x, y, xs, repeat, _ = _retraining_data(ctx)
+    epochs, seed = int(hp.get("epochs", 60)), int(hp.get("seed", ctx.seed))
+    seed_everything(seed)
+    model = fit(cancer_net.CancerMLP(), (torch.from_numpy(xs[repeat]).float(),), torch.from_numpy(y[repeat]).long(),
+                torch.nn.functional.cross_entropy, epochs=epochs, batch_size=32, lr=float(hp.get("lr", 1e-3)),
+                weight_decay=float(hp.get("weight_decay", 1e-4)), seed=seed,
+                on_epoch=lambda done, total: ctx.progress(done / total, f"epoch {done}/{total}"))
+    path = ctx.out_dir / "cancer_mlp.pt"
+    torch.save(model.state_dict(), path)
+    probs = torch.softmax(predict(model, torch.from_numpy(xs).float()), 1).numpy()
+    return {"weights": path, "reference": reference_sample(x, y, probs, seed=seed)}
+
+
+def retrain_diabetes(ctx) -> dict:
+    """Retraining entry point of ``diabetes_mlp``: a fresh DiabetesMLP on the reference rows
+    plus the production rows, the target standardized with features.json's ``target``;
+    hyperparameters ``epochs`` (20), ``lr`` (1e-3), ``weight_decay`` (1e-2), ``row_weight`` (2).
+    Writes a ``torch.export`` program (.pt2, dynamic batch up to ``MAX_RECORDS``)."""
+    import torch
+
+    hp = ctx.hyperparameters
+    x, y, xs, repeat, spec = _retraining_data(ctx)
+    t_mean, t_scale = float(spec["target"]["mean"]), float(spec["target"]["scale"])
+    ys = ((y.astype(np.float32) - t_mean) / t_scale).reshape(-1, 1)
+    epochs, seed = int(hp.get("epochs", 20)), int(hp.get("seed", ctx.seed))
+    seed_everything(seed)
+    model = fit(diabetes_net.DiabetesMLP(), (torch.from_numpy(xs[repeat]).float(),), torch.from_numpy(ys[repeat]),
+                torch.nn.functional.mse_loss, epochs=epochs, batch_size=32, lr=float(hp.get("lr", 1e-3)),
+                weight_decay=float(hp.get("weight_decay", 1e-2)), seed=seed,
+                on_epoch=lambda done, total: ctx.progress(0.9 * done / total, f"epoch {done}/{total}"))
+    batch = torch.export.Dim("batch", min=1, max=MAX_RECORDS)
+    program = torch.export.export(model, (torch.zeros(2, xs.shape[1]),), dynamic_shapes=({0: batch},))
+    path = ctx.out_dir / "diabetes_mlp.pt2"
+    torch.export.save(program, str(path))
+    fitted = predict(model, torch.from_numpy(xs).float()).numpy().reshape(-1) * t_scale + t_mean
+    return {"weights": path, "reference": reference_sample(x, y.astype(np.float32), fitted, seed=seed)}
+
+
 def build_cancer(out: Path, work: Path) -> ExampleResult:
     import torch
     from sklearn.datasets import load_breast_cancer
@@ -84,7 +152,7 @@ def build_cancer(out: Path, work: Path) -> ExampleResult:
         model_file=Path(cancer_net.__file__),
         extra_files=[work / "features.json", work / "index_to_name.json", work / "reference.npz"],
         config={"batchSize": 32, "maxBatchDelay": 5}, metrics=metrics,
-        training={"entry_point": "examples.tabular:train_cancer", "data": "sklearn.datasets.load_breast_cancer",
+        training={"entry_point": "examples.tabular:retrain_cancer", "data": "sklearn.datasets.load_breast_cancer",
                   "seed": SEED, "heldout_fraction": 0.2, "format": "eager state_dict",
                   "inputs": "standardized with features.json mean/scale"})
     return ExampleResult(archive, metrics)
@@ -118,7 +186,7 @@ def build_diabetes(out: Path, work: Path) -> ExampleResult:
         name=DIABETES, out=out, work=work, handler="tabular", serialized_file=work / "diabetes_mlp.pt2",
         extra_files=[work / "features.json", work / "reference.npz"],
         config={"batchSize": 32, "maxBatchDelay": 5, "handler": {"max_examples": MAX_RECORDS}}, metrics=metrics,
-        training={"entry_point": "examples.tabular:train_diabetes", "data": "sklearn.datasets.load_diabetes(scaled=False)",
+        training={"entry_point": "examples.tabular:retrain_diabetes", "data": "sklearn.datasets.load_diabetes(scaled=False)",
                   "seed": SEED, "heldout_fraction": 0.2, "format": "torch.export (.pt2)",
                   "inputs": "natural units, standardized with features.json mean/scale; target likewise"})
     return ExampleResult(archive, metrics)

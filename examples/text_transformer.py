@@ -15,7 +15,7 @@ from .common import ExampleResult, classification_metrics, fit, package_example,
 from .networks import text_transformer as network
 from .textgen import generate
 
-__all__ = ["NAME", "train_tokenizer", "train", "build", "HANDLER_CONFIG"]
+__all__ = ["NAME", "train_tokenizer", "train", "retrain", "build", "HANDLER_CONFIG"]
 
 NAME = "text_transformer"
 SEED = 0
@@ -59,6 +59,55 @@ def train(texts: list[str], labels: list[int], tokenizer, *, seed: int = SEED, e
                batch_size=64, lr=2e-3, seed=seed)
 
 
+def _row_text(row: dict) -> str:
+    """A production row's text, as a client sent it: plain text (bytes or str), a JSON string
+    or ``{"text": ...}``."""
+    inputs = row["inputs"]
+    body = inputs.get("data", inputs.get("body"))
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8")
+    if isinstance(body, dict):
+        body = body.get("text", "")
+    return str(body)
+
+
+def retrain(ctx) -> dict:
+    """Retraining entry point (``server.retraining.training``): a fresh TextTransformer on the
+    reference texts plus the labelled production rows (``row_weight`` times each), tokenized
+    with the archive's own tokenizer.json (kept, so the handler reads the new weights as it
+    is); hyperparameters ``epochs`` (6), ``lr`` (2e-3), ``row_weight`` (2). Writes safetensors."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer
+
+    hp = ctx.hyperparameters
+    tok = Tokenizer.from_file(str(ctx.archive_dir / "tokenizer.json"))
+    texts = [str(t) for t in ctx.reference["inputs"]]
+    labels = [int(y) for y in ctx.reference["targets"]]
+    n_ref = len(texts)
+    if ctx.rows:
+        texts += [_row_text(r) for r in ctx.rows]
+        labels += [int(y) for y in ctx.labels(ctx.rows)]
+    weight, seed = max(1, int(hp.get("row_weight", 2))), int(hp.get("seed", ctx.seed))
+    order = list(range(n_ref)) + list(range(n_ref, len(texts))) * weight
+    epochs = int(hp.get("epochs", EPOCHS))
+    ctx.log(f"text_transformer: training on {n_ref} reference texts and {len(texts) - n_ref} production rows "
+            f"(x{weight}), {epochs} epochs")
+    seed_everything(seed)
+    model = network.TextTransformer(vocab_size=2048, classes=len(ctx.classes or []) or max(labels) + 1)
+    ids, mask = _encode(tok, [texts[i] for i in order])
+    model = fit(model, (ids, mask), torch.tensor([labels[i] for i in order]), torch.nn.functional.cross_entropy,
+                epochs=epochs, batch_size=64, lr=float(hp.get("lr", 2e-3)), seed=seed,
+                on_epoch=lambda done, total: ctx.progress(done / total, f"epoch {done}/{total}"))
+    path = ctx.out_dir / "text_transformer.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with torch.inference_mode():
+        probs = torch.softmax(model(*_encode(tok, texts)), 1).numpy()
+    from .common import reference_sample
+
+    return {"weights": path, "reference": reference_sample(np.asarray(texts), np.asarray(labels), probs, seed=seed)}
+
+
 def build(out: Path, work: Path) -> ExampleResult:
     import torch
     from safetensors.torch import save_file
@@ -84,7 +133,7 @@ def build(out: Path, work: Path) -> ExampleResult:
         serialized_file=work / "text_transformer.safetensors", model_file=Path(network.__file__),
         extra_files=[work / "tokenizer.json", work / "index_to_name.json", work / "reference.npz"],
         config={"batchSize": 16, "maxBatchDelay": 5, "handler": HANDLER_CONFIG}, metrics=metrics,
-        training={"entry_point": "examples.text_transformer:train", "data": "examples.textgen:generate",
+        training={"entry_point": "examples.text_transformer:retrain", "data": "examples.textgen:generate",
                   "seed": SEED, "epochs": EPOCHS, "n_texts": N_TEXTS, "heldout_fraction": 0.2,
                   "format": "eager safetensors", "tokenizer": "WordPiece (tokenizers), trained on the training texts"})
     return ExampleResult(archive, metrics)

@@ -46,7 +46,7 @@ def test_digits_cnn_metrics_written_next_to_the_archive():
     held = info["heldout"]
     assert set(held) >= {"accuracy", "precision", "recall", "f1"}
     assert held["accuracy"] >= 0.95 and held["f1"] >= 0.95
-    assert info["entry_point"] == "examples.digits_cnn:train"
+    assert info["entry_point"] == "examples.digits_cnn:retrain"
 
 
 def test_digits_cnn_served_answers_samples_and_batches_match_singles(osprey):
@@ -124,11 +124,11 @@ def test_osprey_examples_cli_lists_builds_and_refuses_unknown(tmp_path):
     assert "1/1 cancer_mlp done" in built.stderr  # the progress bar
     assert (tmp_path / "cancer_mlp.mar").is_file()
     info = json.loads((tmp_path / "cancer_mlp.metrics.json").read_text())
-    assert info["heldout"]["accuracy"] >= 0.9 and info["entry_point"] == "examples.tabular:train_cancer"
+    assert info["heldout"]["accuracy"] >= 0.9 and info["entry_point"] == "examples.tabular:retrain_cancer"
     import zipfile
 
     with zipfile.ZipFile(tmp_path / "cancer_mlp.mar") as zf:
         members = set(zf.namelist())
         assert {"reference.npz", "training.json", "features.json", "MAR-INF/MANIFEST.json"} <= members
         training = json.loads(zf.read("training.json"))
-    assert training["entry_point"] == "examples.tabular:train_cancer"
+    assert training["entry_point"] == "examples.tabular:retrain_cancer"

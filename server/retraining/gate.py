@@ -1,0 +1,254 @@
+"""The gate: a challenger replaces the champion only when it is better on fresh data and no
+worse on the golden set, no slower and no much larger.
+
+Both models run through their archive's handler in this process (the serving code path:
+:mod:`server.retraining.serving`) on the same rows:
+
+- the **holdout**: labelled production rows held back from training (never trained or
+  searched on);
+- the **golden set**: the champion's frozen ``reference.npz`` (inputs and targets), each input
+  sent as a client sends it.
+
+The metric (``gate.metric``; default ``accuracy`` for classifiers, ``mse`` for regression; also
+``f1``, ``precision``, ``recall``, ``roc_auc``, ``log_loss``, ``mae``, ``r2``) is computed the way
+live quality is (:mod:`monitoring.quality.metrics`, labels read as feedback is). Changes are
+absolute for scores in [0, 1] (accuracy 0.80 -> 0.82 is +0.02) and relative for errors
+(mse 100 -> 90 is an improvement of 0.10), as quality tolerances are. The challenger passes
+only if every check holds:
+
+1. holdout: improvement >= ``min_improvement``;
+2. golden: regression (minus the improvement) <= ``max_regression``;
+3. no holdout row the champion answers is refused by the challenger;
+4. latency of one batch of 1 and of 32 requests (median of a few runs, the two models taking
+   turns): challenger <= ``max_latency_ratio`` x champion's, or at most
+   :data:`LATENCY_SLACK_S` slower (timer noise on sub-millisecond models);
+5. archive size (bytes of its files) <= ``max_size_ratio`` x champion's.
+
+Each failed check is a reason naming its numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from monitoring.quality.metrics import HIGHER_IS_BETTER, classification_metrics, regression_metrics
+from server.core.retraining_config import GateConfig
+
+from .data import RowError, golden_rows, request_body, resolve_labels
+from .entry import reference_encoder
+from .serving import LoadedModel, Predictions, archive_size, predict_rows, time_batches
+
+__all__ = ["GateConfig", "GateResult", "gate_config", "evaluate", "score", "score_rows", "improvement",
+           "default_metric", "LATENCY_SLACK_S"]
+
+log = logging.getLogger("osprey.retraining")
+
+LATENCY_SLACK_S = 0.001
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("mse", "mae", "r2")
+
+
+def gate_config(cfg: Any = None) -> GateConfig:
+    """A :class:`~server.core.retraining_config.GateConfig` from None, a dict, or any object
+    with those attributes (``RetrainingConfig.gate``)."""
+    if cfg is None:
+        return GateConfig()
+    if isinstance(cfg, GateConfig):
+        return cfg
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
+    if isinstance(cfg, dict):
+        unknown = set(cfg) - set(GateConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"gate: unknown setting {sorted(unknown)[0]!r}; known: "
+                             f"{', '.join(GateConfig.__dataclass_fields__)}")
+    d = GateConfig()
+    out = {}
+    for name in ("min_improvement", "max_regression", "max_latency_ratio", "max_size_ratio"):
+        v = get(name, getattr(d, name))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"gate.{name} must be a number, got {v!r}")
+        out[name] = float(v)
+    metric = get("metric", None)
+    if metric is not None and metric not in CLASSIFICATION_METRICS + REGRESSION_METRICS:
+        raise ValueError(f"gate.metric {metric!r} is not one of {', '.join(CLASSIFICATION_METRICS + REGRESSION_METRICS)}")
+    return GateConfig(metric=metric, **out)
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    numbers: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_metric(task: str | None) -> str:
+    return "mse" if task == "regression" else "accuracy"
+
+
+def improvement(metric: str, champion: float, challenger: float) -> float:
+    """How much better the challenger is: absolute for scores, relative for errors."""
+    if metric in HIGHER_IS_BETTER:
+        return challenger - champion
+    if champion > 0:
+        return (champion - challenger) / champion
+    return champion - challenger
+
+
+def _f(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> dict[str, Any]:
+    """The metrics of ``pred`` on ``rows[i]`` for ``i`` in ``indices`` (rows it answered)."""
+    ys, outs = [], []
+    task = pred.task
+    for i in indices:
+        out = pred.outputs.get(i)
+        if out is None:
+            continue
+        label = rows[i].get("label")
+        if len(out) > 1:  # a request holding several examples: one label per example
+            if not isinstance(label, (list, tuple)) or len(label) != len(out):
+                raise RowError(f"row {rows[i].get('rid', i)}: its request holds {len(out)} examples; "
+                               f"its label must be a list of {len(out)}")
+            labels = list(label)
+        else:
+            labels = [label]
+        width = out.shape[-1] if out.ndim > 1 else 1
+        ys += resolve_labels([{"rid": rows[i].get("rid", i), "label": y} for y in labels], task, pred.classes,
+                             width=width)
+        outs += list(out)
+    if not ys:
+        return {"rows": 0}
+    outputs = np.stack(outs)
+    if task == "regression":
+        metrics = regression_metrics(np.asarray(ys, dtype=np.float64), outputs)
+    elif task == "classification":
+        metrics = classification_metrics(np.asarray(ys, dtype=np.int64), outputs)
+    else:
+        raise ValueError(f"the handler's task is {task!r}: only classification and regression models are gated")
+    return {"rows": len(ys), **metrics}
+
+
+def score_rows(archive: str | Path, rows: Sequence[dict]) -> dict[str, Any]:
+    """One model's metrics on labelled rows, through its handler (``refused``: rows it refused)."""
+    pred = predict_rows(archive, rows)
+    return {**score(pred, rows, range(len(rows))), "refused": len(pred.errors), "task": pred.task}
+
+
+def _golden(model: LoadedModel, golden: Any) -> list[dict]:
+    if golden is None:
+        try:
+            training = json.loads((model.model_dir / "training.json").read_text())
+        except (OSError, ValueError):
+            training = {}
+        return golden_rows(model.model_dir, reference_encoder(model.model_dir, training))
+    return list(golden)
+
+
+def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows: Sequence[dict],
+             golden: Sequence[dict] | None = None, gate_cfg: Any = None, *, repeats: int = 5,
+             log: Callable[[str], Any] | None = None) -> GateResult:
+    """Judge the challenger against the champion (archive folders or files).
+
+    ``golden``: labelled rows; None for the champion's ``reference.npz`` (inputs sent as its
+    training module's ``reference_request`` makes them, targets as labels); [] for none."""
+    cfg = gate_config(gate_cfg)
+    say = log or (lambda msg: None)
+    reasons: list[str] = []
+    holdout = list(holdout_rows)
+    champ, chal = LoadedModel(champion_dir), None
+    try:
+        chal = LoadedModel(challenger_dir)
+        gold = _golden(champ, golden)
+        rows = holdout + gold
+        n_hold = len(holdout)
+        say(f"gate: scoring champion and challenger on {n_hold} held-out rows and {len(gold)} golden rows")
+        p_champ = predict_rows(champ.archive, rows)
+        p_chal = predict_rows(chal.archive, rows)
+        task = p_champ.task or p_chal.task
+        metric = cfg.metric or default_metric(task)
+        allowed = REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
+        if metric not in allowed:
+            raise ValueError(f"gate.metric {metric!r} does not fit a {task} model (use {', '.join(allowed)})")
+        numbers: dict[str, Any] = {"metric": metric, "task": task,
+                                   "direction": "higher" if metric in HIGHER_IS_BETTER else "lower",
+                                   "config": asdict(cfg)}
+
+        def part(name: str, idx: range) -> dict[str, Any]:
+            both = [i for i in idx if i in p_champ.outputs and i in p_chal.outputs]
+            s_champ, s_chal = score(p_champ, rows, both), score(p_chal, rows, both)
+            out = {"rows": len(idx), "scored": len(both), "champion": s_champ, "challenger": s_chal,
+                   "refused": {"champion": sum(i in p_champ.errors for i in idx),
+                               "challenger": sum(i in p_chal.errors for i in idx)}}
+            a, b = s_champ.get(metric), s_chal.get(metric)
+            out["change"] = None if a is None or b is None else round(improvement(metric, a, b), 6)
+            newly = [i for i in idx if i in p_chal.errors and i not in p_champ.errors]
+            if newly:
+                i = newly[0]
+                reasons.append(f"{name}: the challenger refused {len(newly)} row(s) the champion answers "
+                               f"(row {rows[i].get('rid', i)}: {p_chal.errors[i]})")
+            return out
+
+        # 1. fresh data
+        if not holdout:
+            reasons.append("holdout: no held-out labelled rows to compare the models on")
+            numbers["holdout"] = {"rows": 0}
+        else:
+            hold = part("holdout", range(n_hold))
+            numbers["holdout"] = hold
+            if hold["change"] is None:
+                reasons.append(f"holdout: {metric} could not be computed on {hold['scored']} rows")
+            elif hold["change"] < cfg.min_improvement:
+                reasons.append(f"holdout: {metric} {_f(hold['champion'][metric])} -> {_f(hold['challenger'][metric])} "
+                               f"(change {hold['change']:+.4f}) does not improve by at least {cfg.min_improvement}")
+        # 2. golden set
+        if gold:
+            g = part("golden", range(n_hold, len(rows)))
+            numbers["golden"] = g
+            if g["change"] is None:
+                reasons.append(f"golden: {metric} could not be computed on {g['scored']} rows")
+            elif -g["change"] > cfg.max_regression:
+                reasons.append(f"golden: {metric} {_f(g['champion'][metric])} -> {_f(g['challenger'][metric])} "
+                               f"regresses by {-g['change']:.4f} (at most {cfg.max_regression} allowed)")
+        else:
+            numbers["golden"] = {"rows": 0, "note": "no golden set (reference.npz without inputs and targets)"}
+        # 3. latency
+        bodies = [request_body(r, i) for i, r in enumerate(rows[:64]) if i in p_champ.outputs]
+        say(f"gate: timing batches of 1 and 32 ({repeats} runs each)")
+        t_champ, t_chal = time_batches([champ, chal], bodies, (1, 32), repeats)
+        lat = {}
+        for size in (1, 32):
+            a, b = t_champ.get(size), t_chal.get(size)
+            if a is None or b is None:
+                continue
+            ratio = b / a if a > 0 else float("inf")
+            lat[str(size)] = {"champion_s": round(a, 6), "challenger_s": round(b, 6), "ratio": round(ratio, 3)}
+            if ratio > cfg.max_latency_ratio and b - a > LATENCY_SLACK_S:
+                reasons.append(f"latency: a batch of {size} takes {b * 1000:.2f} ms, {ratio:.2f}x the champion's "
+                               f"{a * 1000:.2f} ms (at most {cfg.max_latency_ratio}x allowed)")
+        numbers["latency"] = lat
+        # 4. size
+        s_a, s_b = archive_size(champ.model_dir), archive_size(chal.model_dir)
+        ratio = s_b / s_a if s_a else float("inf")
+        numbers["size_bytes"] = {"champion": s_a, "challenger": s_b, "ratio": round(ratio, 3)}
+        if ratio > cfg.max_size_ratio:
+            reasons.append(f"size: the challenger's archive is {s_b} bytes, {ratio:.2f}x the champion's {s_a} "
+                           f"(at most {cfg.max_size_ratio}x allowed)")
+        result = GateResult(not reasons, numbers, reasons)
+        say("gate: passed" if result.passed else "gate: rejected: " + "; ".join(reasons))
+        return result
+    finally:
+        champ.close()
+        if chal is not None:
+            chal.close()
