@@ -19,7 +19,7 @@ __all__ = ["RetrainingConfig", "GateConfig", "PromotionConfig", "SearchConfig", 
 
 TRIGGERS = ("drift", "quality", "latency", "manual", "alert")
 POLICIES = ("canary", "shadow", "direct")
-METRICS = ("accuracy", "f1", "precision", "recall", "mse", "mae")
+METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc", "log_loss", "mse", "mae", "r2")
 WEEK_S = 7 * 24 * 3600
 
 
@@ -39,8 +39,9 @@ class GateConfig:
     """What a challenger must do to replace the champion (same data for both)."""
 
     metric: str | None = None  # None: accuracy for classifiers, mse for regression
-    min_improvement: float = 0.01  # on the held-back fresh labelled rows (absolute, in the metric's units)
-    max_regression: float = 0.02  # on the golden set (the archive's reference data)
+    # on the held-back fresh labelled rows; scores (accuracy, f1...) absolute, errors (mse, mae) relative
+    min_improvement: float = 0.01
+    max_regression: float = 0.02  # on the golden set (the archive's reference data), measured the same way
     max_latency_ratio: float = 1.5  # challenger / champion latency at batch 1 and batch 32
     max_size_ratio: float = 2.0  # challenger / champion archive size
 

@@ -1,0 +1,205 @@
+"""One retraining job, from labelled data to a new default version: the task a worker runs.
+
+``run(job)`` (the default ``task`` of every retraining job) in steps, each a line in the job
+record:
+
+1. **champion**: the version the trigger named, its archive from the model store (as the
+   server registered it) and its ``retraining:`` settings;
+2. **data**: the labelled production rows the monitor kept (``monitoring.dataset``); fewer
+   than ``min_labels``: the job ends ``rejected`` saying how many there are; a share
+   (``holdout``) is held back for the gate, never seen by training or the search;
+3. **training**: the archive's entry point (``train(ctx)``), or the best of a bounded search;
+4. **gate**: the challenger is packaged in the job's folder and scored against the champion on
+   the held-back rows and the golden set, plus latency and size (``server.retraining.gate``);
+   failing: ``rejected`` with the numbers, nothing changes in serving;
+5. **publish**: the archive moves into the model store (``MODEL-vVERSION-JOB.mar``, one
+   atomic rename) and is registered beside the champion through the management API;
+6. **promotion**: canary, shadow or direct, then probation (``server.retraining.promotion``).
+
+Reruns (a worker killed mid-job): a version this job registered before and that is not the
+default is unregistered first, and the job's folder is fresh, so a dead run leaves no
+half-registered version behind. Cancelled (SIGTERM to the job's process): a challenger in
+canary or shadow is taken out of traffic before the process ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import zlib
+from pathlib import Path
+from typing import Any
+
+from server.core.model_config import parse_model_config
+from server.core.retraining_config import RetrainingConfig
+from server.retraining.client import ApiError, ServerClient
+from server.retraining.promotion import promote
+
+__all__ = ["run", "published_name"]
+
+
+class Cancelled(BaseException):
+    """SIGTERM: the job was cancelled (or its worker is stopping)."""
+
+
+def published_name(model: str, version: str, job_id: str) -> str:
+    return f"{model}-v{version}-{job_id[:12]}.mar"
+
+
+def _archive_path(model_store: Path, url: str) -> Path:
+    p = Path(url)
+    return p if p.is_absolute() else model_store / url
+
+
+def _quality_reader(client: ServerClient, model: str, metric: str | None, min_labels: int):
+    def quality(version: str) -> float | None:
+        status = client.monitoring(model, version) or {}
+        q = status.get("quality") or {}
+        if not q or int(q.get("window", {}).get("labels") or 0) < min_labels:
+            return None
+        metrics = q.get("metrics") or {}
+        name = metric if metric in metrics else next(iter(metrics), None)
+        value = metrics.get(name) if name else None
+        return float(value) if isinstance(value, (int, float)) else None
+    return quality
+
+
+def run(job: Any) -> dict[str, Any]:
+    def on_term(signum, frame):
+        raise Cancelled()
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (an in-process test runner): cancel then kills
+        pass
+    from monitoring.dataset import read_rows
+    from server.retraining.data import split_rows
+    from server.retraining.gate import evaluate
+    from server.retraining.package import next_version, stage, write_version
+    from server.retraining.training import run_training
+
+    p, rec = job.params, job.record
+    model, champion = rec.model, rec.version
+    store = Path(p["model_store"])
+    client = ServerClient(p["management_url"], p.get("inference_url"), p.get("token"), p.get("inference_token"))
+
+    # 1. champion ------------------------------------------------------------------------------
+    described = client.versions(model)
+    by_version = {str(d.get("modelVersion")): d for d in described}
+    if champion not in by_version:
+        return {"state": "failed", "message": f"version {champion} of {model} is no longer registered"}
+    # a dead run of this job may have registered its challenger: take it out (unless it is serving)
+    default = next((str(d["modelVersion"]) for d in described if d.get("isDefault")), champion)
+    for v, d in by_version.items():
+        if rec.id[:12] in str(d.get("modelUrl", "")) and v != default:
+            job.step("cleanup", f"unregistering {v}, registered by an earlier run of this job")
+            client.set_traffic(model, None)
+            client.unregister(model, v)
+    archive = _archive_path(store, str(by_version[champion]["modelUrl"]))
+    cfg = _retraining_of(archive)
+    job.step("champion", f"{model} {champion} from {archive.name}")
+    job.progress(0.05, "champion found")
+
+    # 2. data ----------------------------------------------------------------------------------
+    redis = None
+    if p.get("redis_url"):
+        import redis as redis_lib
+
+        redis = redis_lib.Redis.from_url(p["redis_url"])
+    rows = read_rows(model, root=store, redis=redis)
+    if len(rows) < cfg.min_labels:
+        return {"state": "rejected", "message": f"{len(rows)} labelled production rows for {model}; "
+                                                f"retraining needs min_labels {cfg.min_labels}"}
+    seed = zlib.crc32(rec.id.encode())
+    train_rows, holdout = split_rows(rows, cfg.holdout, seed=seed)
+    job.step("data", f"{len(rows)} labelled rows: {len(train_rows)} for training, {len(holdout)} held out for the gate")
+    job.progress(0.1, "data ready")
+
+    # 3. training ------------------------------------------------------------------------------
+    result = run_training(archive, train_rows, job.work_dir / "train", config=cfg, seed=seed,
+                          progress=lambda f, m="": job.progress(0.1 + 0.6 * float(f), m or "training"),
+                          log=job.log)
+    job.step("training", f"{result.entry_point}: weights {Path(result.weights).name}"
+             + (f", validation {result.metrics}" if result.metrics else ""))
+
+    # 4. gate ----------------------------------------------------------------------------------
+    job.progress(0.75, "gate")
+    staged = stage(archive, result.weights, job.work_dir / "challenger", config_overrides=result.config,
+                   reference=result.reference)
+    verdict = evaluate(archive, staged, holdout, None, cfg.gate, log=job.log)
+    numbers = verdict.numbers
+    if not verdict.passed:
+        job.step("gate failed", "; ".join(verdict.reasons))
+        return {"state": "rejected", "gate": numbers, "message": "gate: " + "; ".join(verdict.reasons)}
+    job.step("gate passed", _gate_line(numbers))
+    new_version = next_version(champion, taken=by_version)
+    candidate = write_version(archive, result.weights, new_version,
+                              job.work_dir / published_name(model, new_version, rec.id), result.config,
+                              metrics=(numbers.get("holdout") or {}).get("challenger"), reference=result.reference,
+                              log=job.log)
+
+    # 5. publish -------------------------------------------------------------------------------
+    target = store / candidate.name
+    os.replace(candidate, target) if candidate.stat().st_dev == store.stat().st_dev else \
+        _copy_then_rename(candidate, target)
+    job.progress(0.85, "registering")
+    try:
+        client.register(target.name, model)
+    except ApiError as exc:
+        return {"state": "failed", "gate": numbers, "message": f"the challenger did not register: {exc}"}
+    job.step("registered", f"{model} {new_version} from {target.name}")
+
+    # 6. promotion ----------------------------------------------------------------------------
+    metric = numbers.get("metric")
+    try:
+        out = promote(client, model, champion, new_version, cfg.promotion, step=job.step,
+                      quality=_quality_reader(client, model, metric, max(cfg.promotion.min_requests // 4, 20)),
+                      cancelled=job.cancelled)
+    except Cancelled:
+        _take_out(client, model, new_version)
+        raise
+    numbers = {**numbers, "promotion": out.numbers}
+    if out.result == "rejected":
+        _take_out(client, model, new_version)
+        return {"state": "rejected", "gate": numbers, "challenger": new_version,
+                "message": f"{cfg.promotion.policy}: " + "; ".join(out.reasons)}
+    if out.result == "rolled_back":
+        return {"state": "rejected", "gate": numbers, "challenger": new_version,
+                "message": "rolled back in probation: " + "; ".join(out.reasons)}
+    job.progress(1.0, "promoted")
+    return {"state": "succeeded", "gate": numbers, "challenger": new_version,
+            "message": f"{model} {new_version} is the default"}
+
+
+def _retraining_of(archive: Path) -> RetrainingConfig:
+    """The archive's retraining settings (defaults when its model-config has no section)."""
+    from server.core.archive import open_archive
+
+    opened = open_archive(archive)
+    try:
+        return parse_model_config(opened.config).retraining or RetrainingConfig()
+    finally:
+        opened.cleanup()
+
+
+def _gate_line(numbers: dict) -> str:
+    held = numbers.get("holdout") or {}
+    metric = numbers.get("metric", "metric")
+    champ, chal = (held.get("champion") or {}).get(metric), (held.get("challenger") or {}).get(metric)
+    return f"{metric} on fresh held-out rows {champ} -> {chal}" if champ is not None else "passed"
+
+
+def _take_out(client: ServerClient, model: str, version: str) -> None:
+    try:
+        client.set_traffic(model, None)
+        client.set_shadow(model, None)
+        client.unregister(model, version)
+    except ApiError:
+        pass
+
+
+def _copy_then_rename(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(dst.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
