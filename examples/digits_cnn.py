@@ -27,6 +27,12 @@ SEED = 0
 EPOCHS = 12
 SAMPLE_SCALE = 4  # 8x8 -> 32x32 sample PNGs
 
+# The retraining loop's settings for this example (model-config.yaml ``retraining:``): a canary of
+# 20% judged on 100 requests over at least 5 s, then 30 s of probation; the rest defaults.
+RETRAINING = {"min_labels": 200, "cooldown": 600,
+              "promotion": {"policy": "canary", "canary_share": 0.2, "min_requests": 100, "min_seconds": 5,
+                            "max_seconds": 300, "probation": 30}}
+
 HANDLER_CONFIG = {"mode": "L", "resize": [8, 8], "resample": "box", "scale": 255.0,
                   "mean": [0.0], "std": [1.0], "topk": 3}
 
@@ -152,7 +158,7 @@ def build(out: Path, work: Path) -> ExampleResult:
     archive = package_example(
         name=NAME, out=out, work=work, handler="image_classifier", serialized_file=work / "digits_cnn.pt",
         extra_files=[work / "index_to_name.json", work / "reference.npz"],
-        config={"batchSize": 16, "maxBatchDelay": 5, "handler": HANDLER_CONFIG},
+        config={"batchSize": 16, "maxBatchDelay": 5, "handler": HANDLER_CONFIG, "retraining": RETRAINING},
         metrics=metrics,
         training={"entry_point": "examples.digits_cnn:retrain", "data": "sklearn.datasets.load_digits",
                   "seed": SEED, "epochs": EPOCHS, "heldout_fraction": 0.2, "format": "torchscript",
