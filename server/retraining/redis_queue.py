@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
 from server.core.errors import ErrorKind, OspreyError
 from server.retraining.jobs import JobRecord, JobState
 from server.retraining.queue import (finished_conflict, new_record, not_found, retry_delay, timeout_of,
@@ -160,6 +162,18 @@ return 1
 """
 
 
+# saq's sweep listing, also saying whether this worker got the sweep lock
+_SWEEP_LIST = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SETEX', KEYS[1], ARGV[1], 1)
+  local out = {}
+  for i, v in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do out[i] = {v, redis.call('GET', v)} end
+  return {1, out}
+end
+return {0, {}}
+"""
+
+
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
 
@@ -173,6 +187,7 @@ def dedup_key(model: str, episode: str) -> str:
 
 
 ALL_JOBS = f"{PREFIX}:jobs"
+REDIS_DOWN = (OSError, ConnectionError, RedisConnectionError, RedisTimeoutError)
 
 
 def _encode(record: JobRecord, fields=None) -> list[str]:
@@ -250,7 +265,7 @@ class RedisJobQueue:
             await self.saq.enqueue(self._saq_job(record))
         except OspreyError:
             raise
-        except (OSError, ConnectionError, _redis_errors()) as exc:
+        except REDIS_DOWN as exc:
             raise _unavailable(exc) from None
         log.info("retraining job %s queued: model %s, trigger %s, episode %s", record.id, model, trigger, episode)
         return record, True
@@ -258,7 +273,7 @@ class RedisJobQueue:
     async def get(self, job_id: str) -> JobRecord | None:
         try:
             return _decode(await self.redis.hgetall(job_key(job_id)))
-        except (OSError, ConnectionError, _redis_errors()) as exc:
+        except REDIS_DOWN as exc:
             raise _unavailable(exc) from None
 
     async def list(self, model: str | None = None, limit: int = 100) -> list[JobRecord]:
@@ -272,14 +287,14 @@ class RedisJobQueue:
             gone = [i for i, raw in zip(ids, raws) if not raw]
             if gone:  # expired records
                 await self.redis.zrem(index, *gone)
-        except (OSError, ConnectionError, _redis_errors()) as exc:
+        except REDIS_DOWN as exc:
             raise _unavailable(exc) from None
         return [r for r in (_decode(raw) for raw in raws) if r is not None]
 
     async def cancel(self, job_id: str) -> JobRecord:
         try:
             answer = await self._scripts["cancel"](keys=[job_key(job_id)], args=[json.dumps(time.time())])
-        except (OSError, ConnectionError, _redis_errors()) as exc:
+        except REDIS_DOWN as exc:
             raise _unavailable(exc) from None
         what = answer[0].decode()
         if what == "missing":
@@ -455,10 +470,7 @@ class _RetryLater(Exception):
     """Raised to saq so that it queues the job again after ``job.retry_delay`` seconds."""
 
 
-def _redis_errors() -> tuple:
-    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
 
-    return (RedisConnectionError, RedisTimeoutError)
 
 
 def _make_saq_queue(owner: RedisJobQueue):
@@ -466,10 +478,53 @@ def _make_saq_queue(owner: RedisJobQueue):
     from saq.queue.redis import RedisQueue
 
     class OspreySaqQueue(RedisQueue):
-        """saq's Redis queue, telling the job records when a sweep gives a run up."""
+        """saq's Redis queue, telling the job records when a sweep gives a run up.
+
+        Its sweep is saq's with one change: saq sweeps every job on the active list whose status
+        is not ``active``, which includes a job a worker has just moved there (BLMOVE) and not yet
+        marked active: a live job swept and run twice (seen in tests: a worker's first sweep
+        met its first dequeue). Here such a job is swept only when this worker's previous sweep
+        saw it not started too, a sweep interval earlier. A job whose heartbeat is stale is
+        swept at once, as in saq.
+        """
+
+        _unstarted: set = set()
+        _list_script = None
 
         async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
-            return await super().sweep(lock, abort=SWEEP_ABORT_WAIT_S)
+            if self._list_script is None:
+                self._list_script = self.redis.register_script(_SWEEP_LIST)
+            acquired, id_jobs = await self._list_script(keys=[self._sweep, self._active], args=[lock],
+                                                        client=self.redis)
+            if not acquired:
+                return []
+            swept, unstarted = [], set()
+            for job_id, job_bytes in id_jobs:
+                job = self.deserialize(job_bytes)
+                if job is None:
+                    swept.append(job_id)
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        await pipe.lrem(self._active, 0, job_id).zrem(self._incomplete, job_id).execute()
+                    continue
+                if job.status == Status.ACTIVE and not job.stuck:
+                    continue
+                if not job.stuck:
+                    unstarted.add(job_id)
+                    if job_id not in self._unstarted:
+                        continue  # its worker may be about to mark it active: look again next time
+                log.info("sweeping job %s (%s)", job.key, "no heartbeat" if job.stuck else "never started")
+                swept.append(job_id)
+                await self.abort(job, error=self.swept_error_message)
+                try:
+                    await job.refresh(SWEEP_ABORT_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
+                if job.retryable:
+                    await self.retry(job, error=self.swept_error_message)
+                else:
+                    await self.finish(job, Status.ABORTED, error=self.swept_error_message)
+            self._unstarted = unstarted
+            return [j.decode() if isinstance(j, bytes) else j for j in swept]
 
         async def retry(self, job, error: str | None) -> None:
             if error == self.swept_error_message:

@@ -410,3 +410,58 @@ def test_rest_routes_and_osprey_jobs_cli(tmp_path):
     finally:
         host.terminate()
         host.wait(20)
+
+
+async def test_redis_worker_sigterm_requeues_its_job_for_another_worker(tmp_path, rq, workers):
+    first = workers("first")
+    d, gate = tmp_path / "m", tmp_path / "gate"
+    record, _ = await rq.submit("digits", "1.0", "drift", "drift:1", params(d, gate=str(gate)))
+    await await_for(lambda: _state_with(rq, record.id, lambda r: r.progress == 0.5), 60, "the first run")
+    child = int((d / "pid-1").read_text())
+    first.stop()  # SIGTERM: its job is stopped and queued again
+    assert first.proc.returncode == 0 and not alive(child)
+    requeued = await rq.get(record.id)
+    assert requeued.state is JobState.QUEUED and requeued.message == "its worker stopped; queued to run again"
+    second = workers("second")
+    rerun = await await_for(lambda: _state_with(rq, record.id, lambda r: r.attempts == 2 and r.progress == 0.5),
+                            60, "the rerun")
+    assert rerun.worker.endswith(f":{second.pid}")
+    gate.touch()
+    done = await await_for(lambda: _state_with(rq, record.id, lambda r: r.terminal), 60, "the job to finish")
+    assert done.state is JobState.SUCCEEDED and len(runs(d)) == 2
+
+
+async def test_redis_job_past_its_timeout_is_stopped_and_failed(tmp_path, rq, workers):
+    workers("a")
+    d, gate = tmp_path / "m", tmp_path / "never"
+    record, _ = await rq.submit("digits", "1.0", "drift", "drift:1",
+                                params(d, gate=str(gate), timeout_s=1.5, ignore_term=True))
+    done = await await_for(lambda: _state_with(rq, record.id, lambda r: r.terminal), 60, "the timeout")
+    assert done.state is JobState.FAILED and done.attempts == 1
+    assert done.message == "timed out after 1.5 s (params timeout_s); its process was stopped"
+    assert not alive(int((d / "pid-1").read_text()))
+
+
+async def test_redis_down_is_a_clear_unavailable_error(tmp_path, rq, redis_server):
+    record, _ = await rq.submit("digits", "1.0", "drift", "drift:1", params(tmp_path))
+    redis_server.stop()
+    for call in (rq.submit("digits", "1.0", "drift", "drift:2", params(tmp_path)), rq.get(record.id), rq.list()):
+        with pytest.raises(OspreyError) as err:
+            await call
+        assert err.value.kind is ErrorKind.UNAVAILABLE and "Redis is unreachable" in err.value.message
+    redis_server.start()  # an empty Redis (the test's keeps nothing on disk): submits work again
+    again, created = await rq.submit("digits", "1.0", "drift", "drift:1", params(tmp_path))
+    assert created and (await rq.get(again.id)).state is JobState.QUEUED
+
+
+def test_worker_command_refuses_bad_arguments(tmp_path):
+    def worker(*args):
+        return subprocess.run([sys.executable, "-m", "server.cli", "worker", *args], cwd=tmp_path, env=env(),
+                              capture_output=True, text=True, timeout=60)
+
+    out = worker("--redis", "localhost:6379", "--model-store", str(tmp_path))
+    assert out.returncode == 2 and "must be a URL like redis://HOST:6379/0" in out.stderr
+    out = worker("--redis", "redis://127.0.0.1:1/0", "--concurrency", "0", "--model-store", str(tmp_path))
+    assert out.returncode == 2 and "--concurrency must be at least 1" in out.stderr
+    out = worker("--redis", "redis://127.0.0.1:1/0", "--model-store", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "is not a folder" in out.stderr
