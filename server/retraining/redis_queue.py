@@ -400,13 +400,13 @@ class RedisJobQueue:
             nonlocal last_beat, last_write, superseded
             now = time.monotonic()
             try:
-                if now - last_beat >= heartbeat_every:
-                    await saq_job.update()  # the heartbeat: saq's sweep leaves a job with a fresh one alone
-                    last_beat = now
                 fields = RUN_FIELDS if now - last_write >= WRITE_EVERY_S else ()
-                ok, cancel = await write(fields)
+                ok, cancel = await write(fields)  # refused once another run has taken the job over
                 if fields:
                     last_write = now
+                if ok and now - last_beat >= heartbeat_every:
+                    await saq_job.update()  # the heartbeat: saq's sweep leaves a job with a fresh one alone
+                    last_beat = now
             except Exception as exc:  # noqa: BLE001 - Redis away: the job goes on; the sweep decides
                 log.warning("job %s: cannot reach Redis (%s); the run goes on", job_id, exc)
                 return None

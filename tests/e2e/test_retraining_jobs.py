@@ -465,3 +465,29 @@ def test_worker_command_refuses_bad_arguments(tmp_path):
     assert out.returncode == 2 and "--concurrency must be at least 1" in out.stderr
     out = worker("--redis", "redis://127.0.0.1:1/0", "--model-store", str(tmp_path / "nope"))
     assert out.returncode == 2 and "is not a folder" in out.stderr
+
+
+async def test_redis_a_run_given_up_for_lost_that_comes_back_is_stopped_not_doubled(tmp_path, rq, workers):
+    """A worker frozen (SIGSTOP) past its heartbeat: its job reruns elsewhere; thawed, the stale
+    run finds its writes refused, stops its process and leaves the record to the new run."""
+    frozen = workers("frozen")
+    d, gate = tmp_path / "m", tmp_path / "gate"
+    record, _ = await rq.submit("digits", "1.0", "drift", "drift:1", params(d, gate=str(gate)))
+    await await_for(lambda: _state_with(rq, record.id, lambda r: r.progress == 0.5), 60, "the first run")
+    stale_child = int((d / "pid-1").read_text())
+    live = workers("live")
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        rerun = await await_for(lambda: _state_with(rq, record.id, lambda r: r.attempts == 2 and r.progress == 0.5),
+                                60, "the rerun while the first worker is frozen")
+        assert rerun.worker.endswith(f":{live.pid}") and alive(stale_child)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    wait_for(lambda: not alive(stale_child), 30, "the stale run to stop its process")
+    assert (await rq.get(record.id)).state is JobState.RUNNING  # the live run's, untouched
+    gate.touch()
+    done = await await_for(lambda: _state_with(rq, record.id, lambda r: r.terminal), 60, "the job to finish")
+    assert done.state is JobState.SUCCEEDED and done.attempts == 2 and done.worker.endswith(f":{live.pid}")
+    assert len(runs(d)) == 2
+    assert b"was taken over by another run" in frozen.log_path.read_bytes()
+    assert (await rq.saq.job(record.id)).status.value == "complete"
