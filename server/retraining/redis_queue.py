@@ -490,6 +490,22 @@ def _make_saq_queue(owner: RedisJobQueue):
 
         _unstarted: set = set()
         _list_script = None
+        _down_since: float | None = None
+
+        async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0):
+            # saq's worker loop asks again at once when dequeue fails: with Redis away that spins
+            try:
+                job = await super().dequeue(timeout, poll_interval)
+            except REDIS_DOWN as exc:
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    log.warning("the job queue's Redis is unreachable (%s); retrying every second", exc)
+                await asyncio.sleep(1.0)
+                return None
+            if self._down_since is not None:
+                log.info("the job queue's Redis is back after %.0f s", time.monotonic() - self._down_since)
+                self._down_since = None
+            return job
 
         async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
             if self._list_script is None:

@@ -491,3 +491,23 @@ async def test_redis_a_run_given_up_for_lost_that_comes_back_is_stopped_not_doub
     assert len(runs(d)) == 2
     assert b"was taken over by another run" in frozen.log_path.read_bytes()
     assert (await rq.saq.job(record.id)).status.value == "complete"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_redis_down_the_worker_waits_quietly_and_takes_jobs_when_it_is_back(tmp_path, rq, workers,
+                                                                                 redis_server):
+    w = workers("a")
+    redis_server.stop()
+    before = _cpu_seconds(w.pid)
+    wait_for(lambda: b"Redis is unreachable" in w.log_path.read_bytes(), 30, "the worker to notice")
+    time.sleep(2)  # a measuring window, not synchronisation: saq's loop would spin here without the pause
+    assert _cpu_seconds(w.pid) - before < 1.0
+    redis_server.start()
+    d = tmp_path / "m"
+    record, _ = await rq.submit("digits", "1.0", "drift", "drift:1", params(d))
+    done = await await_for(lambda: _state_with(rq, record.id, lambda r: r.terminal), 60, "the job after Redis is back")
+    assert done.state is JobState.SUCCEEDED
