@@ -40,6 +40,7 @@ class Outcome:
     error: str | None = None
     result: dict = field(default_factory=dict)
     reason: str = ""  # for "stopped": what stopped it (cancelled, timeout, superseded, shutdown)
+    returned: bool = False  # the task returned (its result says succeeded, rejected or failed)
 
 
 def runner_name() -> str:
@@ -71,10 +72,12 @@ def outcome_of(final: dict | None, returncode: int | None) -> Outcome:
     if final is not None and "result" in final:
         result = dict(final["result"])
         state = result.pop("state", "succeeded")
-        if state not in ("succeeded", "rejected"):
-            return Outcome("failed", message=f"the job returned state {state!r}; it must be succeeded or rejected",
-                           error=f"bad state {state!r}")
-        return Outcome(state, message=str(result.get("message") or state), result=result)
+        if state not in ("succeeded", "rejected", "failed"):
+            return Outcome("failed", message=f"the job returned state {state!r}; it must be succeeded, rejected "
+                                             "or failed", error=f"bad state {state!r}")
+        message = str(result.get("message") or state)
+        return Outcome(state, message=message, result=result, error=message if state == "failed" else None,
+                       returned=True)
     if final is not None and "error" in final:
         return Outcome("retry" if final.get("retryable") else "failed", message=str(final.get("message", "")),
                        error=str(final.get("error", "")))
@@ -179,7 +182,7 @@ def finish_record(record: JobRecord, outcome: Outcome, now: float | None = None)
     """Apply a final outcome (succeeded, rejected, failed) to the record."""
     now = time.time() if now is None else now
     record.finished = now
-    if outcome.kind in ("succeeded", "rejected"):
+    if outcome.returned:  # succeeded, rejected, or failed by the task's own judgement
         record.state = JobState(outcome.kind)
         result = dict(outcome.result)
         if isinstance(result.get("gate"), dict):
@@ -192,7 +195,7 @@ def finish_record(record: JobRecord, outcome: Outcome, now: float | None = None)
         record.result = result
         if outcome.kind == "succeeded":
             record.progress = 1.0
-        record.error = None
+        record.error = outcome.error
     else:
         record.state = JobState.FAILED
         record.message = outcome.message

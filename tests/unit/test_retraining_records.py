@@ -9,7 +9,7 @@ import pytest
 from server.core.errors import ErrorKind, OspreyError
 from server.retraining.jobs import LOG_TAIL_LINES, MAX_LINE_CHARS, MAX_STEPS, JobRecord, JobState
 from server.retraining.queue import new_record, resolve_task, retry_delay
-from server.retraining.runner import outcome_of
+from server.retraining.runner import finish_record, outcome_of
 
 
 def test_record_round_trips_through_json():
@@ -72,5 +72,12 @@ def test_task_names_and_backoff():
 def test_outcomes():
     assert outcome_of({"result": {"state": "rejected", "gate": {}}}, 0).kind == "rejected"
     assert outcome_of({"result": {"state": "weird"}}, 0).kind == "failed"
+    plain = JobRecord(id="x", model="m", version="1", trigger="manual", episode="e")
+    finish_record(plain, outcome_of({"result": {}}, 0))
+    assert plain.state is JobState.SUCCEEDED and plain.progress == 1.0 and plain.error is None
+    judged = JobRecord(id="y", model="m", version="1", trigger="manual", episode="e")
+    finish_record(judged, outcome_of({"result": {"state": "failed", "message": "version 1 is gone", "gate": {"a": 1}}}, 0))
+    assert judged.state is JobState.FAILED and judged.message == "version 1 is gone" and judged.gate == {"a": 1}
+    assert judged.error == "version 1 is gone"
     assert outcome_of({"error": "tb", "message": "m", "retryable": True}, 0).kind == "retry"
     assert "killed by signal 9" in outcome_of(None, -9).message
