@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 from server.core.errors import ErrorKind, OspreyError
 from server.retraining.jobs import JobRecord
 
-__all__ = ["JobQueue", "JobContext", "RetryableError", "job_queue", "resolve_task", "work_dir_for",
+__all__ = ["JobQueue", "JobContext", "RetryableError", "QueueUnavailable", "job_queue", "resolve_task", "work_dir_for",
            "jobs_dir_for", "DEFAULT_TASK", "new_record", "retry_delay", "not_found", "finished_conflict",
            "TRIGGERS"]
 
@@ -50,13 +50,20 @@ class RetryableError(Exception):
     is run again after a backoff, up to ``max_attempts`` runs in all."""
 
 
+class QueueUnavailable(ConnectionError):
+    """``submit`` could not reach the queue's store (Redis): nothing was queued. A plain exception,
+    not an OspreyError, so a caller that keeps triggers (triggers.py) keeps this one and submits it
+    again later; the episode dedups. ``get``/``list``/``cancel`` raise OspreyError UNAVAILABLE (503)."""
+
+
 class JobQueue(Protocol):
     async def start(self) -> None:
         """Begin running jobs (embedded: resumes the jobs a crashed server left); idempotent."""
 
     async def submit(self, model: str, version: str, trigger: str, episode: str,
                      params: dict) -> tuple[JobRecord, bool]:
-        """(record, created): the job for (model, episode), created and queued unless one exists."""
+        """(record, created): the job for (model, episode), created and queued unless one exists.
+        QueueUnavailable when the store cannot be reached; OspreyError BAD_INPUT for bad arguments."""
 
     async def get(self, job_id: str) -> JobRecord | None: ...
 

@@ -53,8 +53,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from server.core.errors import ErrorKind, OspreyError
 from server.retraining.jobs import JobRecord, JobState
-from server.retraining.queue import (finished_conflict, new_record, not_found, retry_delay, timeout_of,
-                                     work_dir_for)
+from server.retraining.queue import (QueueUnavailable, finished_conflict, new_record, not_found, retry_delay,
+                                     timeout_of, work_dir_for)
 from server.retraining.runner import finish_record, prepare_work_dir, run_attempt, runner_name
 
 __all__ = ["RedisJobQueue", "SAQ_QUEUE", "SAQ_FUNCTION", "PREFIX"]
@@ -266,7 +266,7 @@ class RedisJobQueue:
         except OspreyError:
             raise
         except REDIS_DOWN as exc:
-            raise _unavailable(exc) from None
+            raise QueueUnavailable(f"the retraining queue's Redis is unreachable: {exc}") from None
         log.info("retraining job %s queued: model %s, trigger %s, episode %s", record.id, model, trigger, episode)
         return record, True
 
