@@ -175,6 +175,8 @@ def cmd_worker(args) -> int:
 
 
 def _jobs_parser(sub) -> None:
+    from server.management_client import add_client_arguments
+
     p = sub.add_parser("jobs", help="retraining jobs: list, show, cancel (through the management API)")
     jsub = p.add_subparsers(dest="jobs_command", required=True)
     for name, what in (("list", "list jobs, the newest first"), ("show", "one job: its record, steps and log tail"),
@@ -185,14 +187,8 @@ def _jobs_parser(sub) -> None:
             q.add_argument("--limit", type=int, default=50, help="at most this many (default %(default)s)")
         else:
             q.add_argument("job_id", metavar="ID")
-        q.add_argument("--url", default="http://127.0.0.1:8081",
-                       help="the server's management address (default: %(default)s)")
-        auth = q.add_mutually_exclusive_group()
-        auth.add_argument("--token", help="the management key (Authorization: Bearer)")
-        auth.add_argument("--key-file", help="the server's key_file.json; its management key is sent "
-                                             "(default: ./key_file.json when it exists)")
+        add_client_arguments(q)
         q.add_argument("--json", action="store_true", help="print the JSON the server answered")
-        q.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the server")
 
 
 def cmd_jobs(args) -> int:
