@@ -1,4 +1,4 @@
-"""The ``osprey`` command: serve, stop, package, profile, examples, monitor report, rollback."""
+"""The ``osprey`` command: serve, stop, package, profile, examples, monitor report, rollback, worker, jobs."""
 
 from __future__ import annotations
 
@@ -133,6 +133,68 @@ def cmd_rollback(args) -> int:
         return 1
     print(answer.get("status") or answer)
     return 0
+
+
+def _worker_parser(sub) -> None:
+    p = sub.add_parser("worker", help="run retraining jobs from the Redis queue",
+                       description="Take retraining jobs from the Redis queue the servers share and run them, "
+                                   "each in a child process. Needs the servers' model store (shared storage "
+                                   "when on another machine). SIGTERM requeues the jobs it runs.")
+    p.add_argument("--redis", required=True, metavar="URL", help="the servers' Redis (their redis_url)")
+    p.add_argument("--concurrency", type=int, help="jobs run at once (default: retraining_concurrency, 1)")
+    p.add_argument("--model-store", help="the servers' model store folder (default: the model_store setting)")
+    p.add_argument("--ts-config", "--config", dest="ts_config", help="a config.properties with retraining_* settings")
+    p.add_argument("--log-level", default="INFO")
+
+
+def cmd_worker(args) -> int:
+    from server.settings import load_settings
+
+    if args.concurrency is not None and args.concurrency < 1:
+        print("osprey worker: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    if not args.redis.startswith(("redis://", "rediss://", "unix://")):
+        print(f"osprey worker: --redis {args.redis!r} must be a URL like redis://HOST:6379/0", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(args.ts_config, overrides={"model_store": args.model_store, "redis_url": args.redis,
+                                                            "retraining_concurrency": args.concurrency})
+    except ValueError as exc:
+        print(f"osprey worker: {exc}", file=sys.stderr)
+        return 2
+    if not Path(settings.model_store).is_dir():
+        print(f"osprey worker: model store {settings.model_store!r} is not a folder (--model-store)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio
+
+    from server.retraining.worker import run_worker
+
+    return asyncio.run(run_worker(settings, settings.redis_url, settings.model_store,
+                                  settings.retraining_concurrency))
+
+
+def _jobs_parser(sub) -> None:
+    from server.management_client import add_client_arguments
+
+    p = sub.add_parser("jobs", help="retraining jobs: list, show, cancel (through the management API)")
+    jsub = p.add_subparsers(dest="jobs_command", required=True)
+    for name, what in (("list", "list jobs, the newest first"), ("show", "one job: its record, steps and log tail"),
+                       ("cancel", "cancel a queued or running job")):
+        q = jsub.add_parser(name, help=what)
+        if name == "list":
+            q.add_argument("--model", help="only this model's jobs")
+            q.add_argument("--limit", type=int, default=50, help="at most this many (default %(default)s)")
+        else:
+            q.add_argument("job_id", metavar="ID")
+        add_client_arguments(q)
+        q.add_argument("--json", action="store_true", help="print the JSON the server answered")
+
+
+def cmd_jobs(args) -> int:
+    from server.retraining.cli_client import jobs_command
+
+    return jobs_command(args)
 
 
 def _settings_from(args):
@@ -290,9 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     _examples_parser(sub)
     _monitor_parser(sub)
     _rollback_parser(sub)
+    _worker_parser(sub)
+    _jobs_parser(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
-            "profile": cmd_profile, "monitor": cmd_monitor, "rollback": cmd_rollback}[args.command](args)
+            "profile": cmd_profile, "monitor": cmd_monitor, "rollback": cmd_rollback,
+            "worker": cmd_worker, "jobs": cmd_jobs}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,15 @@ class Settings:
     # Redis for state shared between replicas (drift windows and episodes, predictions kept for
     # feedback joins, quality windows); empty: this process keeps it (nothing to install)
     redis_url: str = ""
+    # retraining jobs (server/retraining): with redis_url on a saq queue run by `osprey worker`,
+    # without it by this server in child processes, records under <model_store>/.osprey/jobs
+    retraining_concurrency: int = 1  # jobs one process runs at once (embedded; `osprey worker --concurrency`)
+    # seconds a running job (Redis) may go without a heartbeat before it is taken for lost and run
+    # again elsewhere (its worker beats every third of it); a live job is never run twice
+    retraining_heartbeat: float = 30.0
+    retraining_sweep_interval: float = 10.0  # seconds between a worker's checks for lost jobs
+    retraining_cancel_grace: float = 5.0  # seconds a stopped job's process has after SIGTERM, then SIGKILL
+    retraining_job_ttl: float = 30 * 86400.0  # seconds a finished job's record stays in Redis (0: forever)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -210,6 +219,13 @@ def load_settings(
                          "or a positive number of seconds")
     if settings.instance_isolation not in ("thread", "process"):
         raise ValueError(f"setting instance_isolation: {settings.instance_isolation!r} must be thread or process")
+    if settings.retraining_concurrency < 1:
+        raise ValueError(f"setting retraining_concurrency: {settings.retraining_concurrency!r} must be at least 1")
+    for name in ("retraining_heartbeat", "retraining_sweep_interval"):
+        if getattr(settings, name) <= 0:
+            raise ValueError(f"setting {name}: {getattr(settings, name)!r} must be a positive number of seconds")
+    if settings.retraining_cancel_grace < 0 or settings.retraining_job_ttl < 0:
+        raise ValueError("settings retraining_cancel_grace and retraining_job_ttl must not be negative")
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")
