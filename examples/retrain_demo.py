@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             if status != 200:
                 return None, None, None
             top = max(json.loads(body).items(), key=lambda kv: kv[1])[0]
-            return headers.get("x-request-id"), top, headers.get("x-osprey-model-version", "")
+            return headers.get("x-request-id"), top, None
         out = list(pool.map(one, grids))
         ids = [o[0] for o in out]
         right = [o[1] == str(int(y)) for o, y in zip(out, labels) if o[0]]
@@ -191,13 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         while n < args.max_requests:
             rnd += 1
             grids, labels = shift_digits(data["images"], data["labels"], "inverted", 100, seed=100 + rnd)
-            ids, right, versions = send(grids, labels)
+            ids, right, _ = send(grids, labels)
             n += len(grids)
             if pending is not None:
                 feedback(*pending)  # the previous round's labels arrive now
             pending = (ids, labels)
-            default = _json("GET", f"{stack.management}/models/{MODEL}/traffic")["default"]
-            (after if default != "1.0" and job is not None and job["state"] == "succeeded" else before).extend(right)
+            steps_before = {s["step"] for s in (job or {}).get("steps", [])}  # as the round began
             if episode_at is None:
                 status = _json("GET", f"{stack.inference}/monitoring/{MODEL}/1.0")
                 if status["drift"]["detected"]:
@@ -213,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                     job_id = jobs[0]["id"]
                     say(f"job {job_id} queued (trigger {jobs[0]['trigger']}, episode {jobs[0]['episode']})")
                     if tqdm is not None:
-                        bar = tqdm(total=100, desc="retraining", unit="%", leave=False)
+                        bar = tqdm(total=100, desc="retraining", unit="%", leave=False,
+                                   disable=not sys.stdout.isatty())
             if job_id is not None:
                 job = _json("GET", f"{stack.management}/retraining/jobs/{job_id}")
                 if bar is not None:
@@ -223,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 for s in job.get("steps", [])[seen_steps:]:
                     (bar.write if bar is not None else print)(f"         job step: {s['step']}: {s.get('detail', '')}")
                 seen_steps = len(job.get("steps", []))
+            # a round answered by 1.0 alone counts as before; one that began with the new version the
+            # default counts as after; rounds that saw the canary (a mix of both) count as neither
+            steps_now = {s["step"] for s in (job or {}).get("steps", [])}
+            if "promoted" in steps_before:
+                after.extend(right)
+            elif not steps_now & {"canary", "shadow", "promoted"}:
+                before.extend(right)
+            if job is not None:
                 if job["state"] in ("succeeded", "rejected", "failed", "cancelled"):
                     if job["state"] != "succeeded" or len(after) >= 400:
                         break

@@ -135,6 +135,55 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def _retrain_parser(sub) -> None:
+    from server.management_client import add_client_arguments
+
+    p = sub.add_parser("retrain", help="queue a retraining job for a model now",
+                       description="POST /models/MODEL/retrain on the management port: one job (unless one is "
+                                   "already queued or running for the model, which is shown instead). Follow it "
+                                   "with `osprey jobs show ID`.")
+    p.add_argument("model", metavar="MODEL", help="the model's name")
+    p.add_argument("--version", help="the version to retrain (default: the default version)")
+    p.add_argument("--reason", help="a note kept in the job record")
+    add_client_arguments(p)
+
+
+def cmd_retrain(args) -> int:
+    import urllib.parse
+
+    from server.management_client import ManagementError, call, management_key, quote
+
+    query = {k: v for k, v in (("version", args.version), ("reason", args.reason)) if v}
+    path = f"/models/{quote(args.model)}/retrain" + ("?" + urllib.parse.urlencode(query) if query else "")
+    try:
+        answer = call("POST", args.management, path, token=management_key(args.token, args.key_file),
+                      timeout=args.timeout)
+    except ManagementError as exc:
+        print(f"osprey retrain: {exc}", file=sys.stderr)
+        return 1
+    job = answer.get("job", {})
+    what = "queued" if answer.get("created") else f"already {job.get('state')}"
+    print(f"job {job.get('id')} {what} for {job.get('model')} {job.get('version')} (trigger {job.get('trigger')})")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run a story end to end (needs `osprey examples` first)")
+    d = p.add_subparsers(dest="demo", required=True)
+    r = d.add_parser("retrain", help="digits_cnn meets inverted digits: drift, a retraining job, a canary, "
+                                     "a new default, accuracy before and after")
+    r.add_argument("--store", default="model_store", help="where `osprey examples` wrote digits_cnn.mar")
+    r.add_argument("--redis", action="store_true", help="a Redis queue and an `osprey worker` (redis-server needed)")
+    r.add_argument("--keep", action="store_true", help="keep the demo's folder (logs, model store)")
+
+
+def cmd_demo(args) -> int:
+    from examples.retrain_demo import main as demo
+
+    argv = ["--store", args.store] + (["--redis"] if args.redis else []) + (["--keep"] if args.keep else [])
+    return demo(argv)
+
+
 def _worker_parser(sub) -> None:
     p = sub.add_parser("worker", help="run retraining jobs from the Redis queue",
                        description="Take retraining jobs from the Redis queue the servers share and run them, "
@@ -352,12 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     _examples_parser(sub)
     _monitor_parser(sub)
     _rollback_parser(sub)
+    _retrain_parser(sub)
+    _demo_parser(sub)
     _worker_parser(sub)
     _jobs_parser(sub)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
             "profile": cmd_profile, "monitor": cmd_monitor, "rollback": cmd_rollback,
-            "worker": cmd_worker, "jobs": cmd_jobs}[args.command](args)
+            "worker": cmd_worker, "jobs": cmd_jobs, "retrain": cmd_retrain, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":

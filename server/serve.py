@@ -33,6 +33,11 @@ from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.monitoring import add_monitoring_routes
+from server.protocols.rest.retraining import add_retraining_routes
+from server.protocols.rest.triggers import add_trigger_routes
+from server.retraining.metrics import JobMetrics
+from server.retraining.queue import job_queue
+from server.retraining.triggers import Cooldown, Triggers
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
 
@@ -112,6 +117,19 @@ def _holder(dataset):
     return hold
 
 
+def _reachable(address: str) -> str:
+    """A listen address as a URL a local process can call (0.0.0.0 / [::] -> loopback)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"http://{address}")
+    host = parts.hostname or "127.0.0.1"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
+
+
 class Server:
     """Everything one Osprey process runs."""
 
@@ -146,6 +164,15 @@ class Server:
         self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
                               rotate_key=self.keys.rotate if self.keys else None)
+        # retraining: the job queue (Redis with redis_url, else child processes of this server),
+        # the triggers that fill it, and the management routes for both
+        self.jobs = job_queue(settings, Path(settings.model_store))
+        self.triggers = Triggers(self.registry, self.monitor, self.jobs, Cooldown(self._redis_client()),
+                                 params=self._job_params())
+        self.job_metrics = JobMetrics(self.jobs)
+        self.triggers.on_poll = self.job_metrics.refresh
+        add_retraining_routes(self.management_app, self.jobs)
+        add_trigger_routes(self.management_app, self.triggers)
         self.metrics_app = Router(max_body=1024)
         self.metrics_app.add("GET", "/metrics", self._metrics)
         if self.keys is not None:
@@ -154,6 +181,22 @@ class Server:
         self._servers: list[uvicorn.Server] = []
         self._grpc: list = []
         self.stopping = asyncio.Event()
+
+    def _redis_client(self):
+        if not self.settings.redis_url:
+            return None
+        import redis as redis_lib
+
+        return redis_lib.Redis.from_url(self.settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+    def _job_params(self) -> dict:
+        """What every retraining job needs to reach this server and its data (see pipeline.run)."""
+        s = self.settings
+        params = {"model_store": str(Path(s.model_store).resolve()), "redis_url": s.redis_url,
+                  "management_url": _reachable(s.management_address), "inference_url": _reachable(s.inference_address)}
+        if self.keys is not None:
+            params["key_file"] = str((Path(s.workdir) / s.key_file).resolve())
+        return params
 
     def _monitored(self, model: str, version: str):
         """The monitor's view of the registry (its background thread asks): the version, or None."""
@@ -175,6 +218,7 @@ class Server:
         body = self.metrics.render()
         if self.monitor is not None:
             body += self.monitor.render().encode()
+        body += self.job_metrics.render().encode()
         return Response(body, 200, CONTENT_TYPE)
 
     async def start(self) -> None:
@@ -200,6 +244,8 @@ class Server:
             self._servers.append(server)
         if start_grpc is not None:
             self._grpc = await start_grpc(self)
+        await self.jobs.start()
+        self.triggers.start()
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
                  s.management_address, s.metrics_address)
 
@@ -286,6 +332,8 @@ class Server:
             # a moment for those 503s to be written; requests still running in a model are cut
             server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
+        await self.triggers.close()
+        await self.jobs.close()  # embedded: running jobs stop and are queued again for the next start
         await self.registry.close()
         if self.monitor is not None:
             await asyncio.to_thread(self.monitor.close)

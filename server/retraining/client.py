@@ -43,9 +43,10 @@ class ServerClient:
         out = self.manage("GET", f"/models/{urllib.parse.quote(model)}/all")
         return out if isinstance(out, list) else [out]
 
-    def register(self, url: str, model: str, workers: int = 1) -> Any:
-        return self.manage("POST", "/models", query={"url": url, "model_name": model, "initial_workers": workers,
-                                                     "synchronous": "true"})
+    def register_challenger(self, job_id: str, archive: str) -> Any:
+        """The job's own archive (``MODEL-vVERSION-JOB.mar`` in the model store), model API on or off."""
+        return self.manage("POST", f"/retraining/jobs/{urllib.parse.quote(job_id)}/challenger",
+                           query={"archive": archive})
 
     def unregister(self, model: str, version: str) -> Any:
         return self.manage("DELETE", f"/models/{urllib.parse.quote(model)}/{urllib.parse.quote(version)}")

@@ -80,7 +80,7 @@ def run(job: Any) -> dict[str, Any]:
     p, rec = job.params, job.record
     model, champion = rec.model, rec.version
     store = Path(p["model_store"])
-    client = ServerClient(p["management_url"], p.get("inference_url"), p.get("token"), p.get("inference_token"))
+    client = ServerClient(p["management_url"], p.get("inference_url"), *_tokens(p))
 
     # 1. champion ------------------------------------------------------------------------------
     described = client.versions(model)
@@ -143,7 +143,7 @@ def run(job: Any) -> dict[str, Any]:
         _copy_then_rename(candidate, target)
     job.progress(0.85, "registering")
     try:
-        client.register(target.name, model)
+        client.register_challenger(rec.id, target.name)
     except ApiError as exc:
         return {"state": "failed", "gate": numbers, "message": f"the challenger did not register: {exc}"}
     job.step("registered", f"{model} {new_version} from {target.name}")
@@ -168,6 +168,21 @@ def run(job: Any) -> dict[str, Any]:
     job.progress(1.0, "promoted")
     return {"state": "succeeded", "gate": numbers, "challenger": new_version,
             "message": f"{model} {new_version} is the default"}
+
+
+def _tokens(params: dict) -> tuple[str | None, str | None]:
+    """(management, inference) keys: read from the server's key file now (keys can be rotated
+    while a job runs), else as given."""
+    path = params.get("key_file")
+    if path:
+        import json
+
+        try:
+            keys = json.loads(Path(path).read_text())
+            return keys["management"]["key"], keys["inference"]["key"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return params.get("token"), params.get("inference_token")
 
 
 def _retraining_of(archive: Path) -> RetrainingConfig:

@@ -105,6 +105,7 @@ class Triggers:
         self.pending: list[Trigger] = []  # not delivered yet (queue or Redis down)
         self.fired: dict[str, int] = {}  # trigger kind -> jobs created (for metrics)
         self._task: asyncio.Task | None = None
+        self.on_poll: Callable[[], Any] | None = None  # an async callable after each poll (job metrics)
 
     # -- entry points ---------------------------------------------------------------------------------
     def _version(self, model: str, version: str | None = None) -> tuple[Any, RetrainingConfig]:
@@ -162,6 +163,22 @@ class Triggers:
             if job is not None:
                 out["jobs"].append({"id": job.id, "model": model, "created": created})
         return out
+
+    async def register_challenger(self, job_id: str, archive: str) -> Any:
+        """Register the challenger a running job wrote into the model store (its
+        ``MODEL-vVERSION-JOB.mar``): the job's own way in, which works with the model API
+        off, because it can register nothing but what that job produced."""
+        job = await self.queue.get(job_id)
+        if job is None:
+            raise OspreyError(ErrorKind.NOT_FOUND, f"no retraining job {job_id}")
+        if str(getattr(job.state, "value", job.state)) != "running":
+            raise OspreyError(ErrorKind.CONFLICT, f"job {job_id} is {getattr(job.state, 'value', job.state)}: "
+                                                  "only a running job registers its challenger")
+        name = Path(str(archive)).name
+        if name != archive or not name.startswith(f"{job.model}-v") or not name.endswith(f"-{job.id[:12]}.mar"):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"archive {show(archive)} is not one job {job_id} wrote "
+                                                   f"(expected {job.model}-vVERSION-{job.id[:12]}.mar in the model store)")
+        return await self.registry.register(name, model_name=job.model, initial_workers=1, synchronous=True)
 
     async def _episode_of(self, mv: Any, kind: str) -> str | None:
         """The episode key the monitor's trigger uses for this version's current state, if open."""
@@ -258,6 +275,8 @@ class Triggers:
             while True:
                 try:
                     await self.poll()
+                    if self.on_poll is not None:
+                        await self.on_poll()
                 except Exception:
                     log.exception("event=retrain_poll_failed")
                 await asyncio.sleep(self.poll_s)

@@ -4,6 +4,10 @@
 job already queued or running for the model). Unknown model: 404; a model without a training
 entry point: 400 saying so.
 
+``POST /retraining/jobs/{id}/challenger?archive=NAME``: a running job registers the archive it
+wrote into the model store (``MODEL-vVERSION-JOB.mar``, nothing else); works with the model
+API off, since it cannot register anything a job did not produce.
+
 ``POST /alerts``: Alertmanager's webhook (``webhook_configs: [{url: http://HOST:8081/alerts}]``).
 Firing OspreyDriftDetected / OspreyQualityDegraded alerts start the same job the monitor would
 (one per model and episode, within the model's cooldown); other alerts are ignored. Answers 200
@@ -44,5 +48,12 @@ def add_trigger_routes(router: Router, triggers: Any) -> None:
             raise OspreyError(ErrorKind.BAD_INPUT, f"the alerts body is not valid JSON: {exc}") from None
         return json_response(await triggers.alert(payload), 200)
 
+    async def challenger(req: Request) -> Response:
+        archive = req.query.get("archive") or ""
+        mv = await triggers.register_challenger(req.params["id"], archive)
+        return json_response({"status": f"Model \"{mv.name}\" Version: {mv.version} registered for job "
+                                        f"{req.params['id']}", "model": mv.name, "version": mv.version}, 200)
+
     router.add(("POST",), "/models/{model}/retrain", retrain)
+    router.add(("POST",), "/retraining/jobs/{id}/challenger", challenger)
     router.add(("POST",), "/alerts", alerts)
