@@ -57,7 +57,7 @@ from server.core.capture import Observation
 from server.core.errors import OspreyError
 from server.core.model_config import ModelConfig, MonitoringConfig
 
-__all__ = ["BatchCapture", "run_reference", "ReferenceRun", "RowError", "MAX_ROWS", "MAX_DELAY_S", "IDLE_S"]
+__all__ = ["BatchCapture", "run_reference", "reference_ticket", "ReferenceRun", "RowError", "MAX_ROWS", "MAX_DELAY_S", "IDLE_S"]
 
 log = logging.getLogger("osprey.monitoring")
 
@@ -382,7 +382,8 @@ class ReferenceRun:
     rows: int = 0  # rows answered
 
 
-def _request(i: int, rid: str, body: Any, model: str):
+def reference_ticket(rid: str, body: Any, model: str):
+    """A ticket holding ``body`` as a client sends it: tensors, bytes, text, or JSON."""
     from server.core.types import Field, InferenceRequest, Protocol, Ticket
 
     if isinstance(body, dict) and body and all(isinstance(v, np.ndarray) for v in body.values()):
@@ -423,7 +424,7 @@ def run_reference(archive: Any, bodies: Sequence[Any], *, config: ModelConfig | 
                          config, gpu_id, None, observe=run.observations.append)
     size = max(1, int(batch_size or config.batch_size or 1))
     for start in range(0, len(bodies), size):
-        batch = [_request(i, names[i], bodies[i], archive.name) for i in range(start, min(start + size, len(bodies)))]
+        batch = [reference_ticket(names[i], bodies[i], archive.name) for i in range(start, min(start + size, len(bodies)))]
         outcomes = runner.run(batch)
         runner.flush(force=False)  # a few batches per observation, as an instance does
         for i, outcome in enumerate(outcomes, start):

@@ -149,20 +149,9 @@ class LoadedModel:
 
 def request_for(i: int, body: Any, model: str):
     """A ticket holding ``body`` as a client would send it (as ``run_reference`` builds them)."""
-    import orjson
+    from server.instances.capture import reference_ticket
 
-    from server.core.types import Field, InferenceRequest, Protocol, Ticket
-
-    rid = f"gate-{i}"
-    if isinstance(body, dict) and body and all(isinstance(v, np.ndarray) for v in body.values()):
-        return Ticket(InferenceRequest(model, None, rid, Protocol.REST, tensors=dict(body)))
-    if isinstance(body, (bytes, bytearray, memoryview)):
-        f = Field(bytes(body), "application/octet-stream")
-    elif isinstance(body, str):
-        f = Field(body.encode("utf-8"), "text/plain; charset=utf-8")
-    else:
-        f = Field(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), "application/json")
-    return Ticket(InferenceRequest(model, None, rid, Protocol.REST, fields={"body": f}))
+    return reference_ticket(f"gate-{i}", body, model)
 
 
 def time_batches(models: Sequence[LoadedModel], bodies: Sequence[Any], sizes: Sequence[int] = (1, 32),
