@@ -178,6 +178,21 @@ class ServingMetrics:
                 f.remove(lambda lab: lab["ModelName"] == mv.name)
         self.handler.forget(mv.name, names)
 
+    def over_objective(self, model: str, version: str) -> tuple[int, int] | None:
+        """(requests, of them slower than the p99 latency objective) a version has answered so
+        far, over every protocol; None without an objective. Read on the loop (the retraining
+        triggers' latency watch takes differences between polls)."""
+        if not self.objectives:
+            return None
+        edge = self.request_seconds.bounds.index(max(self.objectives))
+        n = over = 0
+        for key, child in list(self.request_seconds.children.items()):
+            if key[0] == model and key[1] == version:
+                counts = child.counts
+                n += sum(counts)
+                over += sum(counts[edge + 1:])
+        return n, over
+
     def observe(self, mv: Any, ticket: Any, outcome: Any) -> None:
         """Data plane observer: one finished request (answered, failed or cancelled)."""
         now = time.monotonic()

@@ -37,7 +37,7 @@ from server.protocols.rest.retraining import add_retraining_routes
 from server.protocols.rest.triggers import add_trigger_routes
 from server.retraining.metrics import JobMetrics
 from server.retraining.queue import job_queue
-from server.retraining.triggers import Cooldown, Triggers
+from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
 
@@ -168,7 +168,8 @@ class Server:
         # the triggers that fill it, and the management routes for both
         self.jobs = job_queue(settings, Path(settings.model_store))
         self.triggers = Triggers(self.registry, self.monitor, self.jobs, Cooldown(self._redis_client()),
-                                 params=self._job_params())
+                                 params=self._job_params(), latency_breached=LatencyWatch(self.metrics.over_objective)
+                                 if settings.request_metrics else None)
         self.job_metrics = JobMetrics(self.jobs)
         self.triggers.on_poll = self.job_metrics.refresh
         add_retraining_routes(self.management_app, self.jobs)

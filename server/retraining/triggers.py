@@ -32,7 +32,7 @@ from typing import Any, Callable
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.retraining_config import RetrainingConfig
 
-__all__ = ["Triggers", "Cooldown", "Trigger", "entry_point_of", "ALERTS"]
+__all__ = ["Triggers", "Cooldown", "Trigger", "LatencyWatch", "entry_point_of", "ALERTS"]
 
 log = logging.getLogger("osprey.retraining")
 
@@ -83,6 +83,31 @@ class Cooldown:
             return False
         self._until[model] = now + seconds
         return True
+
+
+class LatencyWatch:
+    """``watch(model, version) -> bool``: over the requests since the last call, is the p99
+    above the latency objective (more than 1% slower than it, over at least ``min_requests``)?
+    ``counts(model, version)`` gives (requests, slower than the objective) so far, or None."""
+
+    def __init__(self, counts: Callable[[str, str], tuple[int, int] | None], min_requests: int = 100,
+                 share: float = 0.01):
+        self.counts, self.min_requests, self.share = counts, min_requests, share
+        self._last: dict[tuple[str, str], tuple[int, int]] = {}
+        self._verdict: dict[tuple[str, str], bool] = {}
+
+    def __call__(self, model: str, version: str) -> bool:
+        now = self.counts(model, version)
+        key = (model, version)
+        if now is None:
+            return False
+        n0, o0 = self._last.get(key, (0, 0))
+        n, over = now[0] - n0, now[1] - o0
+        if n < self.min_requests:  # too few since the last verdict: keep it, keep counting
+            return self._verdict.get(key, False)
+        self._last[key] = now
+        self._verdict[key] = over > self.share * n
+        return self._verdict[key]
 
 
 class Triggers:

@@ -173,3 +173,40 @@ def test_alertmanager_webhook_starts_the_monitors_job_for_the_same_episode(tmp_p
         with pytest.raises(OspreyError) as e:
             run(t.alert(bad))
         assert e.value.kind is ErrorKind.BAD_INPUT and "Alertmanager" in e.value.message
+
+
+def test_the_latency_watch_judges_the_requests_since_its_last_verdict():
+    from server.retraining.triggers import LatencyWatch
+
+    counts = {"n": 0, "over": 0}
+    watch = LatencyWatch(lambda m, v: (counts["n"], counts["over"]), min_requests=100)
+    counts.update(n=50, over=50)
+    assert watch("m", "1.0") is False  # too few requests to judge
+    counts.update(n=200, over=60)  # 150 since the start, 60 slow: breached
+    assert watch("m", "1.0") is True
+    counts.update(n=250, over=60)  # 50 more: too few, the verdict stands
+    assert watch("m", "1.0") is True
+    counts.update(n=400, over=61)  # 200 more, 1 slow (0.5%): fine again
+    assert watch("m", "1.0") is False
+
+
+def test_a_latency_breach_sustained_for_latency_for_s_starts_one_job(tmp_path):
+    t, _, queue, _ = make(tmp_path, {"triggers": ["latency"], "cooldown": 0})
+    breached = {"now": True}
+    t.latency_breached = lambda m, v: breached["now"]
+    t.latency_for_s = 0.0
+    run(t.poll())
+    run(t.poll())
+    jobs = run(queue.list("m"))
+    assert [j.trigger for j in jobs] == ["latency"]
+
+
+def test_serving_metrics_count_the_requests_slower_than_the_p99_objective():
+    from monitoring.metrics import ServingMetrics
+
+    metrics = ServingMetrics(objectives=(0.5,))
+    for proto, seconds in (("rest", 0.1), ("rest", 0.7), ("grpc", 0.5), ("grpc", 2.0)):
+        metrics.request_seconds.child("m", "1.0", proto).observe(seconds)
+    metrics.request_seconds.child("m", "2.0", "rest").observe(9.0)
+    assert metrics.over_objective("m", "1.0") == (4, 2)  # 0.5 s is within the objective (le is inclusive)
+    assert ServingMetrics(objectives=()).over_objective("m", "1.0") is None
