@@ -24,7 +24,9 @@ def test_promtool_check_rules():
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("OspreyLatencyP99AboveObjective", "OspreyHighErrorRatio", "OspreyQueueSaturated",
                  "OspreyModelNotReady", "OspreyInstanceRestarted", "OspreyGarbageCollectorPausing",
-                 "OspreyDriftDetected", "OspreyQualityDegraded"):
+                 "OspreyDriftDetected", "OspreyQualityDegraded", "OspreyRetrainingJobFailed",
+                 "OspreyRetrainingJobStuck", "OspreyRetrainingJobNotStarted", "OspreyModelRolledBack",
+                 "OspreyDefaultVersionChanged"):
         assert f"alert: {name}" in (PROM_DIR / "alerts.yml").read_text()
 
 
@@ -74,6 +76,24 @@ def test_quality_rule_tests_catch_a_rule_that_never_resolves(tmp_path):
     r = _rule_tests_with(tmp_path, "max by (model, version) (osprey_quality_degraded) == 1",
                          "max_over_time(osprey_quality_degraded[1h]) == 1")
     assert r.returncode != 0 and "OspreyQualityDegraded" in r.stdout + r.stderr
+
+
+def test_failed_job_rule_tests_catch_a_rule_that_misses_the_first_failure(tmp_path):
+    """increase() of osprey_retraining_jobs_total sees nothing when a model's first job fails
+    (the series appears already at 1): the rule tests say so."""
+    r = _rule_tests_with(
+        tmp_path,
+        'time() - max by (model) (osprey_retraining_last_finished_timestamp_seconds{result="failed"}) < 3600',
+        'max by (model) (increase(osprey_retraining_jobs_total{result="failed"}[1h])) > 0')
+    assert r.returncode != 0 and "OspreyRetrainingJobFailed" in r.stdout + r.stderr
+
+
+def test_default_version_rule_tests_catch_a_notice_for_new_models(tmp_path):
+    """Without the `and on (model) ... offset 15m` a new model (or a fresh Prometheus) reads as a change."""
+    r = _rule_tests_with(
+        tmp_path,
+        "\n          and on (model) max by (model) (osprey_model_default_version_info offset 15m)", "")
+    assert r.returncode != 0 and "OspreyDefaultVersionChanged" in r.stdout + r.stderr
 
 
 def _all_panels(panels):
