@@ -20,7 +20,8 @@ What is recorded where:
   objective; routing: ``osprey_model_default_version_info{model,version}`` (1 for each
   model's default), ``osprey_traffic_share{model,version}`` (share of the requests naming no
   version, from the canary weights), ``osprey_shadow_requests_total{model,version,result}``
-  (shadow copies: agree, disagree, error, dropped); process CPU and memory; per-GPU memory and
+  (shadow copies: agree, disagree, error, dropped), ``osprey_model_rollbacks_total{model}``
+  (rollbacks of the default, by hand or in probation); process CPU and memory; per-GPU memory and
   utilization when NVML answers;
 * handler metrics from ``context.metrics`` (:mod:`monitoring.handler_metrics`).
 
@@ -342,19 +343,25 @@ class ServingMetrics:
                       "(canary weights; 1 for the default without weights)", ("model", "version"))
         shadow = Counter("osprey_shadow_requests_total", "Copies of the default's requests run on a shadow version, "
                          "by result (agree, disagree, error, dropped)", ("model", "version", "result"))
+        rollbacks = Counter("osprey_model_rollbacks_total", "Rollbacks of the default version to the previous "
+                            "one (by hand or automatic in probation), since the model was registered", ("model",))
         traffic = getattr(self.registry, "traffic", None)
+        count = getattr(self.registry, "rollbacks", None)
         for name in sorted({mv.name for mv in versions}) if traffic is not None else ():
             try:
                 t = traffic(name)
+                n = count(name) if count is not None else None
             except Exception:  # unregistered meanwhile
                 continue
             default.child(name, t["default"])[0] = 1
             for version, value in t["shares"].items():
                 share.child(name, version)[0] = value
+            if n is not None:  # 0 from registration on, so that the first rollback is an increase
+                rollbacks.child(name)[0] = n
         for mv in versions:
             for result, n in getattr(mv, "shadow_results", {}).items():
                 shadow.child(mv.name, mv.version, result)[0] = n
-        return default, share, shadow
+        return default, share, shadow, rollbacks
 
     def _precision(self, mv: Any) -> str:
         cached = self._precisions.get(id(mv))

@@ -100,6 +100,7 @@ class _Model:
     versions: dict[str, ModelVersion] = field(default_factory=dict)
     default: str = ""
     previous: list[str] = field(default_factory=list)  # earlier defaults, most recent last (rollback)
+    rollbacks: int = 0  # rollbacks done (osprey_model_rollbacks_total)
 
 
 def _workers(mv: ModelVersion) -> str:
@@ -650,6 +651,10 @@ class Registry:
         """The earlier default versions still registered, most recent first."""
         return self._model(name).previous[::-1]
 
+    def rollbacks(self, name: str) -> int:
+        """How many times :meth:`rollback` moved the model's default back since it was registered."""
+        return self._model(name).rollbacks
+
     def rollback(self, name: str) -> str:
         """Make the most recent earlier default the default again and clear the canary weights;
         returns that version. CONFLICT (409) when there is none, or when it is not READY. The
@@ -667,6 +672,7 @@ class Registry:
         old = model.default
         model.previous.pop()
         model.default = version
+        model.rollbacks += 1
         r = self.routes.get(name)
         if r is not None:
             r.split = None

@@ -9,7 +9,11 @@ Redis or the disk. Counts come from the records, which the queue keeps for
   (succeeded, rejected, failed, cancelled);
 - ``osprey_retraining_jobs{model,state}``: jobs queued and running now;
 - ``osprey_retraining_job_duration_seconds{model,result}``: a summary (sum and count) of the
-  finished jobs' run time.
+  finished jobs' run time;
+- ``osprey_retraining_last_finished_timestamp_seconds{model,result}``: when the latest job of
+  that result finished (epoch seconds). The alert on failed jobs reads it (``time() - x < 3600``)
+  rather than ``increase()`` of the counter, which misses the first failure of a model (the
+  series appears already at 1) and counts a record expiring (``retraining_job_ttl``) as a reset.
 
 Traffic (default version, canary share, shadow results) is rendered by the serving metrics.
 """
@@ -43,12 +47,15 @@ class JobMetrics:
         now: Counter = Counter()
         dur_sum: Counter = Counter()
         dur_n: Counter = Counter()
+        last: dict = {}
         for job in self._snapshot:
             state = str(getattr(job.state, "value", job.state))
             if state in ("queued", "running"):
                 now[(job.model, state)] += 1
                 continue
             done[(job.model, job.trigger, state)] += 1
+            if job.finished:
+                last[(job.model, state)] = max(last.get((job.model, state), 0.0), float(job.finished))
             if job.started and job.finished:
                 dur_sum[(job.model, state)] += max(job.finished - job.started, 0.0)
                 dur_n[(job.model, state)] += 1
@@ -72,4 +79,10 @@ class JobMetrics:
         if lines:
             out.append(render_family("osprey_retraining_job_duration_seconds", "summary",
                                      "Run time of finished retraining jobs.", lines))
+        lines = [f'osprey_retraining_last_finished_timestamp_seconds{{model="{escape(m)}",result="{r}"}} '
+                 f'{fmt(t)}\n' for (m, r), t in sorted(last.items())]
+        if lines:
+            out.append(render_family("osprey_retraining_last_finished_timestamp_seconds", "gauge",
+                                     "When the latest retraining job of the model with that result finished "
+                                     "(epoch seconds).", lines))
         return "".join(out)

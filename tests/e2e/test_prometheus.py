@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from monitoring.gpu import GPU_METRICS
+from server.retraining.jobs import JobRecord, JobState
+from server.retraining.queue import jobs_dir_for
 
 from tests.models import handler_archive
 from tests.prometheus_helpers import (DASHBOARD, PrometheusProcess, dashboard_exprs, metric_names_in,
@@ -62,6 +64,12 @@ class Slow(BaseHandler):
 MONITORING = {"window": 20, "baseline_requests": 40, "min_labels": 10, "quality_window": 10}
 LABELS = 20
 
+RETRAINING_METRICS = {"osprey_retraining_jobs_total", "osprey_retraining_jobs",
+                      "osprey_retraining_job_duration_seconds_sum", "osprey_retraining_job_duration_seconds_count",
+                      "osprey_retraining_last_finished_timestamp_seconds"}
+# a shadow's results appear once a version is some model's shadow (tests/e2e/test_traffic.py)
+SHADOW_METRICS = {"osprey_shadow_requests_total"}
+
 MONITORING_METRICS = {"osprey_drift_detected", "osprey_drift_episodes_total", "osprey_drift_score",
                       "osprey_monitored_requests_total", "osprey_feedback_total", "osprey_quality",
                       "osprey_quality_degraded"}
@@ -75,6 +83,14 @@ def scraped(osprey, store, tmp_path):
     handler_archive(store, "slow", SLOW_HANDLER,
                     config={"batchSize": 8, "maxBatchDelay": 50, "minWorkers": 1, "maxWorkers": 1,
                             "deviceType": "cpu", "monitoring": MONITORING})
+    # a finished retraining job in the embedded queue's records (a server reads those it finds
+    # on its model store): the job families are served, as after any job
+    jobs = jobs_dir_for(store)
+    jobs.mkdir(parents=True, exist_ok=True)
+    record = JobRecord(id="0123456789abcdef", model="slow", version="1.0", trigger="manual", episode="manual:test",
+                       state=JobState.FAILED, started=time.time() - 30, finished=time.time() - 20,
+                       message="a job that ran before this server started")
+    (jobs / f"{record.id}.json").write_text(record.to_json())
     server = osprey(models=["slow=slow.mar"], store=store, extra_args=["--no-grpc"])
     prom = PrometheusProcess(tmp_path / "prom", [server.metrics.split("//", 1)[1]])
     try:
@@ -182,9 +198,16 @@ def test_promql_sees_burst_counts_latency_and_batching(scraped):
     # every dashboard query parses and runs here, and names only metrics Osprey exports (the
     # drift and quality row's once the version was monitored, a window closed and labels arrived)
     _monitored(server, answers)
-    with urllib.request.urlopen(f"{server.metrics}/metrics") as r:
-        exported = scraped_sample_names(r.read().decode())
-    exported |= set(GPU_METRICS) | {"up"}  # GPU ones only appear where NVML finds a GPU
+    deadline = time.monotonic() + 20
+    while True:  # the job families: from the records, read at the triggers' next poll (1 s)
+        with urllib.request.urlopen(f"{server.metrics}/metrics") as r:
+            exported = scraped_sample_names(r.read().decode())
+        if RETRAINING_METRICS <= exported or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert RETRAINING_METRICS <= exported, sorted(RETRAINING_METRICS - exported)
+    assert {"osprey_model_default_version_info", "osprey_traffic_share", "osprey_model_rollbacks_total"} <= exported
+    exported |= set(GPU_METRICS) | SHADOW_METRICS | {"up"}  # GPU ones only appear where NVML finds a GPU
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = dashboard_exprs(dashboard)
     assert len(exprs) >= 20
@@ -201,7 +224,7 @@ def test_promql_sees_burst_counts_latency_and_batching(scraped):
     assert not unknown, f"dashboard panels name metrics Osprey does not export: {unknown}"
     # the drift and quality panels find the model's series
     for title, expr in exprs:
-        if metric_names_in(expr) & MONITORING_METRICS:
+        if metric_names_in(expr) & (MONITORING_METRICS | RETRAINING_METRICS):
             concrete = (expr.replace("$__rate_interval", "30s").replace('"$model"', '"slow"')
                         .replace('"$version"', '".*"'))
             deadline = time.monotonic() + 20

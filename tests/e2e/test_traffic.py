@@ -184,6 +184,7 @@ class _Load:
 
 def test_canary_promotion_and_rollback_under_load_fail_no_request(srv):
     m = srv.management
+    assert _metric(srv, "osprey_model_rollbacks_total", model="roll") == 0  # from registration on
     load = _Load(f"{srv.inference}/predictions/roll")
     try:
         load.more("1.0")
@@ -208,6 +209,7 @@ def test_canary_promotion_and_rollback_under_load_fail_no_request(srv):
         cli = subprocess.run([sys.executable, "-m", "server.cli", "rollback", "roll", "--management", m],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert cli.returncode == 1 and "HTTP 409" in cli.stderr and "no earlier default" in cli.stderr
+        assert _metric(srv, "osprey_model_rollbacks_total", model="roll") == 2  # the refused ones do not count
     finally:
         answers = load.stop()
     failed = [a for a in answers if a[0] != 200]

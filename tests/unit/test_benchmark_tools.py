@@ -265,3 +265,33 @@ def test_open_loop_drivers_count_goodput_and_retry_after(tmp_path):
         assert out["ok_within"] == out["ok"] > 50
         assert abs(out["refused"]["count"] - out["ok"]) <= 1 and out["refused"]["retry_after"] == out["refused"]["count"]
         assert out["status"]["503"] == out["refused"]["count"]
+
+
+def test_retraining_cost_archive_keeps_the_example_but_triggers_and_gate(tmp_path):
+    """benchmarks.retraining_cost serves digits_cnn with manual triggers only and a gate no
+    challenger passes; every other file and setting is the example's."""
+    import zipfile
+
+    import yaml
+
+    from benchmarks.retraining_cost import _digits_archive, _durations
+    from server.core.model_config import parse_model_config
+
+    src = tmp_path / "src.mar"
+    cfg = {"batchSize": 16, "retraining": {"min_labels": 200, "promotion": {"policy": "canary"}}}
+    with zipfile.ZipFile(src, "w") as zf:
+        zf.writestr("model-config.yaml", yaml.safe_dump(cfg))
+        zf.writestr("MAR-INF/MANIFEST.json", "{}")
+    store = tmp_path / "store"
+    store.mkdir()
+    out = _digits_archive(src, store)
+    with zipfile.ZipFile(out) as zf:
+        assert sorted(zf.namelist()) == ["MAR-INF/MANIFEST.json", "model-config.yaml"]
+        got = yaml.safe_load(zf.read("model-config.yaml"))
+    r = parse_model_config(got).retraining
+    assert got["batchSize"] == 16 and r.min_labels == 200 and r.promotion.policy == "canary"
+    assert r.triggers == ("manual",) and r.gate.min_improvement == 2.0
+    rec = {"id": "j", "state": "rejected", "started": 10.0, "finished": 25.5,
+           "steps": [{"step": "data", "ts": 11.0}, {"step": "training", "ts": 20.0}]}
+    assert _durations(rec) == {"id": "j", "state": "rejected", "started": 10.0, "finished": 25.5, "job_s": 15.5,
+                               "training_s": 9.0}

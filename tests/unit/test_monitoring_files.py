@@ -24,7 +24,9 @@ def test_promtool_check_rules():
     assert r.returncode == 0, r.stdout + r.stderr
     for name in ("OspreyLatencyP99AboveObjective", "OspreyHighErrorRatio", "OspreyQueueSaturated",
                  "OspreyModelNotReady", "OspreyInstanceRestarted", "OspreyGarbageCollectorPausing",
-                 "OspreyDriftDetected", "OspreyQualityDegraded"):
+                 "OspreyDriftDetected", "OspreyQualityDegraded", "OspreyRetrainingJobFailed",
+                 "OspreyRetrainingJobStuck", "OspreyRetrainingJobNotStarted", "OspreyModelRolledBack",
+                 "OspreyDefaultVersionChanged"):
         assert f"alert: {name}" in (PROM_DIR / "alerts.yml").read_text()
 
 
@@ -76,6 +78,24 @@ def test_quality_rule_tests_catch_a_rule_that_never_resolves(tmp_path):
     assert r.returncode != 0 and "OspreyQualityDegraded" in r.stdout + r.stderr
 
 
+def test_failed_job_rule_tests_catch_a_rule_that_misses_the_first_failure(tmp_path):
+    """increase() of osprey_retraining_jobs_total sees nothing when a model's first job fails
+    (the series appears already at 1): the rule tests say so."""
+    r = _rule_tests_with(
+        tmp_path,
+        'time() - max by (model) (osprey_retraining_last_finished_timestamp_seconds{result="failed"}) < 3600',
+        'max by (model) (increase(osprey_retraining_jobs_total{result="failed"}[1h])) > 0')
+    assert r.returncode != 0 and "OspreyRetrainingJobFailed" in r.stdout + r.stderr
+
+
+def test_default_version_rule_tests_catch_a_notice_for_new_models(tmp_path):
+    """Without the `and on (model) ... offset 15m` a new model (or a fresh Prometheus) reads as a change."""
+    r = _rule_tests_with(
+        tmp_path,
+        "\n          and on (model) max by (model) (osprey_model_default_version_info offset 15m)", "")
+    assert r.returncode != 0 and "OspreyDefaultVersionChanged" in r.stdout + r.stderr
+
+
 def _all_panels(panels):
     for p in panels:
         yield p
@@ -93,7 +113,8 @@ def test_dashboard_has_the_panels_and_selectors():
                   "batch size distribution", "queue depth", "rejections", "instances ready", "cpu",
                   "memory", "gpu memory", "gpu utilization", "drift detected per version",
                   "top drift scores by feature", "drift episodes", "monitored requests", "feedback rate by result",
-                  "live quality"):
+                  "live quality", "retraining jobs by result", "retraining jobs queued and running",
+                  "retraining job duration", "default version", "canary traffic share", "shadow results"):
         assert topic in titles, f"no panel about {topic}"
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -189,6 +210,65 @@ def test_drift_row_queries_give_one_series_per_version_on_monitor_shaped_series(
     (tmp_path / "row_test.yml").write_text(json.dumps({
         "rule_files": ["empty.yml"], "evaluation_interval": "1m",
         "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in DRIFT_ROW_SERIES],
+                   "promql_expr_test": tests}]}))
+    r = subprocess.run([require("promtool"), "test", "rules", "row_test.yml"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# Series shaped as the server exports them: two replicas reading the same job records (same
+# job families), each with its own routing (digits_cnn: canary 2.0 at 20%, shadow 3.0 on
+# replica a only); "other" is not selected by $model.
+RETRAINING_ROW_SERIES = [
+    *[(f'osprey_retraining_jobs_total{{model="digits_cnn", trigger="drift", result="{r}", instance="{i}"}}', v)
+      for r, v in (("succeeded", "1x10"), ("rejected", "0 1 2 2 2 2 2 2 2 2 2")) for i in "ab"],
+    *[(f'osprey_retraining_jobs{{model="digits_cnn", state="{s}", instance="{i}"}}', v)
+      for s, v in (("queued", "0x10"), ("running", "1x10")) for i in "ab"],
+    *[(f'osprey_retraining_job_duration_seconds_{k}{{model="digits_cnn", result="rejected", instance="{i}"}}', v)
+      for k, v in (("sum", "50x10"), ("count", "2x10")) for i in "ab"],
+    ('osprey_retraining_jobs_total{model="other", trigger="manual", result="failed", instance="a"}', "3x10"),
+    ('osprey_model_default_version_info{model="digits_cnn", version="1.0", instance="a"}', "1x10"),
+    ('osprey_model_default_version_info{model="digits_cnn", version="1.0", instance="b"}', "1x10"),
+    ('osprey_model_default_version_info{model="other", version="1", instance="a"}', "1x10"),
+    ('osprey_traffic_share{model="digits_cnn", version="1.0", instance="a"}', "0.8x10"),
+    ('osprey_traffic_share{model="digits_cnn", version="2.0", instance="a"}', "0.2x10"),
+    ('osprey_traffic_share{model="digits_cnn", version="1.0", instance="b"}', "0.8x10"),
+    ('osprey_traffic_share{model="digits_cnn", version="2.0", instance="b"}', "0.2x10"),
+    ('osprey_shadow_requests_total{model="digits_cnn", version="3.0", result="agree", instance="a"}', "0+120x10"),
+    ('osprey_shadow_requests_total{model="digits_cnn", version="3.0", result="disagree", instance="a"}', "0+6x10"),
+    ('osprey_shadow_requests_total{model="digits_cnn", version="3.0", result="agree", instance="b"}', "0+60x10"),
+]
+D = 'model="digits_cnn"'
+RETRAINING_ROW_EXPECTED = {
+    ("Retraining jobs by result", "A"): [(f'{D}, trigger="drift", result="succeeded"', 1),
+                                         (f'{D}, trigger="drift", result="rejected"', 2)],
+    ("Retraining jobs queued and running", "A"): [(f'{D}, state="queued"', 0), (f'{D}, state="running"', 1)],
+    ("Retraining job duration (mean of the jobs kept), by result", "A"): [(f'{D}, result="rejected"', 25)],
+    ("Default version", "A"): [(f'{D}, version="1.0"', 1)],
+    ("Canary traffic share", "A"): [(f'{D}, version="1.0"', 0.8), (f'{D}, version="2.0"', 0.2)],
+    ("Shadow results", "A"): [(f'{D}, version="3.0", result="agree"', 3), (f'{D}, version="3.0", result="disagree"', 0.1)],
+}
+
+
+def test_retraining_row_queries_give_one_series_per_model_on_server_shaped_series(tmp_path):
+    """promtool evaluates each retraining-row query (Grafana's variables filled in): job
+    families once per model however many replicas report them, routing per version."""
+    dash = json.loads(DASHBOARD.read_text())
+    row = next(p for p in dash["panels"] if p["type"] == "row" and p["title"].lower().startswith("retraining"))
+    assert row.get("collapsed") and row["panels"]
+    targets = [(p["title"], t["refId"], t["expr"]) for p in row["panels"] for t in p.get("targets", [])]
+    assert {(title, ref) for title, ref, _ in targets} == set(RETRAINING_ROW_EXPECTED)
+    tests = []
+    for title, ref, expr in targets:
+        concrete = (expr.replace('"$model"', '"digits_cnn"').replace('"$version"', '".*"')
+                    .replace("$__rate_interval", "2m"))
+        tests.append({"expr": concrete, "eval_time": "10m",
+                      "exp_samples": [{"labels": "{" + labels + "}", "value": value}
+                                      for labels, value in RETRAINING_ROW_EXPECTED[(title, ref)]]})
+    (tmp_path / "empty.yml").write_text("groups: []\n")
+    (tmp_path / "row_test.yml").write_text(json.dumps({
+        "rule_files": ["empty.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in RETRAINING_ROW_SERIES],
                    "promql_expr_test": tests}]}))
     r = subprocess.run([require("promtool"), "test", "rules", "row_test.yml"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)

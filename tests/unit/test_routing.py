@@ -191,6 +191,7 @@ def test_set_default_keeps_weights_and_rollback_clears_them(registry):
     assert registry.rollback("m") == "1.0"
     e = _error(registry.rollback, "m")
     assert e.kind is ErrorKind.CONFLICT and "no earlier default" in e.message
+    assert registry.rollbacks("m") == 2  # osprey_model_rollbacks_total; the refused one does not count
 
 
 def test_rollback_to_a_version_that_is_not_ready_is_refused_and_changes_nothing(registry):
