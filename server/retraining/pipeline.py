@@ -88,7 +88,7 @@ def run(job: Any) -> dict[str, Any]:
     if champion not in by_version:
         return {"state": "failed", "message": f"version {champion} of {model} is no longer registered"}
     # a dead run of this job may have registered its challenger: take it out (unless it is serving)
-    default = next((str(d["modelVersion"]) for d in described if d.get("isDefault")), champion)
+    default = str(client.traffic(model).get("default") or champion)  # describe does not say which is the default
     for v, d in by_version.items():
         if rec.id[:12] in str(d.get("modelUrl", "")) and v != default:
             job.step("cleanup", f"unregistering {v}, registered by an earlier run of this job")
