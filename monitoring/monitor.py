@@ -97,7 +97,7 @@ class Monitor:
         self.queue_size, self.tick, self.refresh_s, self.retry_s = queue_size, tick, refresh, retry
         self.dropped = 0
         self._queue: deque[Observation] = deque()
-        self._last_observed = float("-inf")  # monotonic time of the last observation taken
+        self._last_observed = float("-inf")  # monotonic time of the last observation taken or answer sent
         self._versions: dict[tuple[str, str], VersionMonitor | None] = {}  # None: off or unknown
         self._lock = threading.Lock()  # guards _versions
         self._cond = threading.Condition()
@@ -118,6 +118,12 @@ class Monitor:
             self.dropped += 1
             return
         self._queue.append(obs)
+        self._last_observed = time.monotonic()
+
+    def answered(self, mv: Any, ticket: Any, outcome: Any) -> None:
+        """A request observer (the data plane's, O(1)): an answer left now. Its observation
+        reaches :meth:`observe` up to CAPTURE_DELAY_S later, so a label sent right after the
+        answer must wait for it even when nothing was observed for a while (see feedback)."""
         self._last_observed = time.monotonic()
 
     # -- versions ------------------------------------------------------------------------------------

@@ -149,6 +149,8 @@ class Server:
         observers = [self.metrics.observe] if settings.request_metrics else []
         if self.access_log is not None:
             observers.append(self.access_log)
+        if self.monitor is not None:
+            observers.append(self.monitor.answered)  # a label right after its answer waits for its observation
         if self.monitor is not None and self.monitor.dataset is not None:
             observers.append(_holder(self.monitor.dataset))
         self.dataplane = DataPlane(self.registry, observers,

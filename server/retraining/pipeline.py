@@ -88,12 +88,15 @@ def run(job: Any) -> dict[str, Any]:
     if champion not in by_version:
         return {"state": "failed", "message": f"version {champion} of {model} is no longer registered"}
     # a dead run of this job may have registered its challenger: take it out (unless it is serving)
-    default = next((str(d["modelVersion"]) for d in described if d.get("isDefault")), champion)
-    for v, d in by_version.items():
-        if rec.id[:12] in str(d.get("modelUrl", "")) and v != default:
-            job.step("cleanup", f"unregistering {v}, registered by an earlier run of this job")
+    default = str(client.traffic(model).get("default") or champion)  # describe does not say which is the default
+    for v, d in list(by_version.items()):
+        url = str(d.get("modelUrl", ""))
+        if rec.id[:12] in url and v != default:
+            job.step("cleanup", f"unregistering {v} and removing {Path(url).name}, left by an earlier run of this job")
             client.set_traffic(model, None)
             client.unregister(model, v)
+            _archive_path(store, url).unlink(missing_ok=True)
+            del by_version[v]  # its version number is free again
     archive = _archive_path(store, str(by_version[champion]["modelUrl"]))
     cfg = _retraining_of(archive)
     job.step("champion", f"{model} {champion} from {archive.name}")
