@@ -89,9 +89,14 @@ def run(job: Any) -> dict[str, Any]:
         return {"state": "failed", "message": f"version {champion} of {model} is no longer registered"}
     # a dead run of this job may have registered its challenger: take it out (unless it is serving)
     default = str(client.traffic(model).get("default") or champion)  # describe does not say which is the default
+    mine = {v for v, d in by_version.items() if rec.id[:12] in str(d.get("modelUrl", ""))}
+    if default in mine:  # an earlier run got as far as promoting (it died in probation): that stands
+        job.step("done earlier", f"{model} {default}, registered by an earlier run of this job, is the default")
+        return {"state": "succeeded", "challenger": default,
+                "message": f"{model} {default} is the default (promoted by an earlier run of this job)"}
     for v, d in list(by_version.items()):
         url = str(d.get("modelUrl", ""))
-        if rec.id[:12] in url and v != default:
+        if v in mine:
             job.step("cleanup", f"unregistering {v} and removing {Path(url).name}, left by an earlier run of this job")
             client.set_traffic(model, None)
             client.unregister(model, v)

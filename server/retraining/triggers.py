@@ -148,7 +148,14 @@ class Triggers:
         if cfg is not None and not cfg.enabled:
             raise OspreyError(ErrorKind.BAD_INPUT, f"retraining is disabled for model {model} "
                                                    "(retraining.enabled: false)")
-        for job in await self.queue.list(model):
+        try:
+            jobs = await self.queue.list(model)
+        except OspreyError:
+            raise
+        except Exception as exc:
+            raise OspreyError(ErrorKind.UNAVAILABLE, f"the job queue is unavailable ({exc}); nothing was queued: "
+                                                     "try again when it is back") from None
+        for job in jobs:
             if str(getattr(job.state, "value", job.state)) in ("queued", "running"):
                 return job, False
         episode = f"manual:{uuid.uuid4().hex[:12]}"
@@ -239,14 +246,15 @@ class Triggers:
                                                    {**self.params, **t.params})
         except OspreyError:
             raise
-        except Exception as exc:  # Redis down: keep it, deliver on a later poll (the episode dedups)
+        except Exception as exc:
+            if not t.automatic:  # a person is told, and retries: keeping it too could make two jobs
+                raise OspreyError(ErrorKind.UNAVAILABLE, f"the job queue is unavailable ({exc}); nothing was "
+                                                         "queued: try again when it is back") from None
+            # Redis down: keep it, deliver on a later poll (the episode dedups)
             if t not in self.pending:
                 self.pending.append(t)
             log.warning("event=retrain_trigger_kept model=%s trigger=%s episode=%s reason=%s",
                         t.model, t.trigger, t.episode, exc)
-            if not t.automatic:
-                raise OspreyError(ErrorKind.UNAVAILABLE, f"the job queue is unavailable ({exc}); the request is "
-                                                         "kept and will be queued when it is back") from None
             return None, False
         if created:
             self.fired[t.trigger] = self.fired.get(t.trigger, 0) + 1

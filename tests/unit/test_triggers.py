@@ -145,7 +145,8 @@ def test_manual_retrain_reuses_a_queued_job_and_names_what_is_wrong(tmp_path):
     q2.down = True
     with pytest.raises(OspreyError) as e:
         run(t2.manual("m"))
-    assert e.value.kind is ErrorKind.UNAVAILABLE and "kept" in e.value.message
+    assert e.value.kind is ErrorKind.UNAVAILABLE and "nothing was queued" in e.value.message
+    assert t2.pending == []  # a person retries: kept as well, it could become a second job
 
 
 def test_a_model_without_an_entry_point_cannot_be_retrained(tmp_path):
