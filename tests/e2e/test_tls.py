@@ -107,6 +107,9 @@ def test_https_on_inference_management_and_metrics(server, pki):
         assert r.status_code == 200 and r.json() == {"status": "Healthy"}
         r = c.post(f"{server.inference}/predictions/echo", content=b"over tls")
         assert r.status_code == 200 and r.content == b"OVER TLS"
+        big = b"x" * 1_000_000  # an answer past the join limit goes out as several writes over TLS
+        r = c.post(f"{server.inference}/predictions/echo", content=big)
+        assert r.status_code == 200 and r.content == big.upper()
         r = c.get(f"{server.management}/models")
         assert r.status_code == 200 and [m["modelName"] for m in r.json()["models"]] == ["echo"]
         r = c.get(f"{server.metrics}/metrics")
