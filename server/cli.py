@@ -32,6 +32,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-inference-port", type=int)
     p.add_argument("--grpc-management-port", type=int)
     p.add_argument("--no-grpc", action="store_true", help="do not start the gRPC listeners")
+    p.add_argument("--certificate-file", help="PEM certificate (chain) for https:// addresses and gRPC over TLS")
+    p.add_argument("--private-key-file", help="its PEM private key (unencrypted; keep it mode 0600)")
+    p.add_argument("--keystore", help="a PKCS#12 keystore instead (password: keystore_pass / OSPREY_KEYSTORE_PASS)")
+    p.add_argument("--enable-grpc-ssl", action="store_true", default=None, help="serve both gRPC ports over TLS")
     p.add_argument("--pid-file", default=None, help=f"where the server's pid is written (default {DEFAULT_PID_FILE})")
     p.add_argument("--log-file", help="log to this file (background mode default: logs/osprey.log)")
     p.add_argument("--log-level", default="INFO")
@@ -259,6 +263,10 @@ def _settings_from(args):
         "grpc_inference_port": args.grpc_inference_port,
         "grpc_management_port": args.grpc_management_port,
         "enable_grpc": False if args.no_grpc else None,
+        "certificate_file": args.certificate_file,
+        "private_key_file": args.private_key_file,
+        "keystore": args.keystore,
+        "enable_grpc_ssl": args.enable_grpc_ssl,
         "pid_file": args.pid_file or DEFAULT_PID_FILE,
     }
     return load_settings(args.ts_config, overrides=overrides)
@@ -285,8 +293,11 @@ def _read_pid(path: str) -> int | None:
 
 
 def cmd_serve(args) -> int:
+    from server.tls import load_material
+
     try:
         settings = _settings_from(args)
+        load_material(settings)  # TLS asked for without a usable key and certificate: refused here, fast
     except ValueError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from server.retraining.queue import job_queue
 from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
+from server.tls import Tls, TlsError, is_https
 
 __all__ = ["Server", "run", "parse_model_specs", "StartupError"]
 
@@ -183,6 +184,7 @@ class Server:
             self.keys.attach("management", self.management_app)
         self._servers: list[uvicorn.Server] = []
         self._grpc: list = []
+        self.tls: Tls | None = None  # set by start(): the key and certificate of https and gRPC over TLS
         self.stopping = asyncio.Event()
 
     def _redis_client(self):
@@ -226,6 +228,10 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
+        try:  # before anything listens: a missing or broken key refuses the start, naming the setting
+            self.tls = Tls.from_settings(s)
+        except TlsError as exc:
+            raise StartupError(str(exc)) from None
         start_grpc = _grpc_starter() if s.enable_grpc else None  # before anything listens
         for address, app in ((s.inference_address, self.inference_app),
                              (s.management_address, self.management_app),
@@ -236,6 +242,8 @@ class Server:
                                     server_header=False, date_header=False, timeout_keep_alive=s.keep_alive_timeout,
                                     backlog=2048, proxy_headers=False)
             config.load()
+            if is_https(address):  # plain http listeners are untouched (config.ssl stays None)
+                config.ssl = self.tls.context()
             server = uvicorn.Server(config)
             server.lifespan = config.lifespan_class(config)
             try:
@@ -369,6 +377,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
         print(f"osprey: {exc}", file=sys.stderr, flush=True)
         await server.stop(drain_timeout=0)
         return 1
+    if server.tls is not None:  # SIGHUP: read the key and certificate again, for new connections
+        loop.add_signal_handler(signal.SIGHUP, server.tls.reload)
     if settings.pid_file:
         _write_pid(settings.pid_file)
     server.dataplane.started = False

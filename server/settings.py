@@ -47,6 +47,14 @@ class Settings:
     disable_token_authorization: bool = False
     token_auth_status: int = 401  # TorchServe answers 400; set 400 to match it
     key_file: str = "key_file.json"
+    # TLS (server/tls.py): an https:// address above, and enable_grpc_ssl for both gRPC ports, are
+    # served with this key and certificate chain: PEM files, or a PKCS#12 keystore (which wins)
+    private_key_file: str = ""
+    certificate_file: str = ""
+    keystore: str = ""
+    keystore_pass: str = "changeit"  # TorchServe's default
+    keystore_type: str = "PKCS12"  # JKS is refused with how to convert it
+    enable_grpc_ssl: bool = False
     enable_model_api: bool = False
     allowed_urls: tuple[str, ...] = ("file://.*",)
     pid_file: str = ""
@@ -123,11 +131,20 @@ def parse_properties(text: str) -> dict[str, str]:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``http://127.0.0.1:8080`` -> ("127.0.0.1", 8080)."""
+    """``http://127.0.0.1:8080`` -> ("127.0.0.1", 8080); ``https://HOST`` alone is port 443."""
     parts = urlsplit(address if "://" in address else f"http://{address}")
-    if parts.hostname is None or parts.port is None:
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"address {address!r} must be http://HOST:PORT or https://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None and scheme == "https" and parts.hostname and not parts.netloc.endswith(":"):
+        port = 443  # TorchServe's default for https
+    if parts.hostname is None or port is None:
         raise ValueError(f"address {address!r} must look like http://HOST:PORT")
-    return parts.hostname, parts.port
+    return parts.hostname, port
 
 
 def _coerce(name: str, value: Any) -> Any:

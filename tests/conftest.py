@@ -60,13 +60,13 @@ class OspreyProcess:
 
     def __init__(self, workdir: Path, store: Path, models: list[str], *, token_auth: bool = False,
                  model_api: bool = True, extra_args: list[str] | None = None, config: dict | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, scheme: str = "http"):
         self.workdir = workdir
         self.store = store
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt")}
-        self.inference = f"http://127.0.0.1:{self.ports['inference']}"
-        self.management = f"http://127.0.0.1:{self.ports['management']}"
-        self.metrics = f"http://127.0.0.1:{self.ports['metrics']}"
+        self.inference = f"{scheme}://127.0.0.1:{self.ports['inference']}"  # scheme https: TLS (tests/e2e/test_tls.py)
+        self.management = f"{scheme}://127.0.0.1:{self.ports['management']}"
+        self.metrics = f"{scheme}://127.0.0.1:{self.ports['metrics']}"
         self.grpc = f"127.0.0.1:{self.ports['grpc']}"
         self.grpc_management = f"127.0.0.1:{self.ports['grpc_mgmt']}"
         args = [sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(store),

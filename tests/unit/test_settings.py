@@ -6,7 +6,8 @@ import pytest
 
 from server.core.model_config import parse_model_config
 from server.core.errors import OspreyError
-from server.settings import load_settings, parse_properties
+from server.settings import load_settings, parse_address, parse_properties
+from server.tls import tls_users
 
 
 def test_torchserve_config_properties_are_read(tmp_path):
@@ -56,6 +57,25 @@ def test_unregister_timeout_from_properties_and_environment(tmp_path):
     assert load_settings(props, env={"OSPREY_UNREGISTER_TIMEOUT": "0"}).unregister_timeout == 0.0
     with pytest.raises(ValueError, match="unregister_timeout"):
         load_settings(env={"OSPREY_UNREGISTER_TIMEOUT": "-1"})
+
+
+def test_tls_keys_and_https_addresses(tmp_path):
+    """TorchServe's TLS keys are settings of their own; https:// addresses and enable_grpc_ssl ask for TLS."""
+    props = tmp_path / "c.properties"
+    props.write_text("inference_address=https://127.0.0.1:8443\nmanagement_address=https://127.0.0.1\n"
+                     "keystore=ks.p12\nkeystore_type=PKCS12\nenable_grpc_ssl=true\n")
+    s = load_settings(props, env={"OSPREY_KEYSTORE_PASS": "pw"})
+    assert (s.keystore, s.keystore_pass, s.keystore_type, s.enable_grpc_ssl) == ("ks.p12", "pw", "PKCS12", True)
+    assert load_settings(env={}).keystore_pass == "changeit"  # TorchServe's default
+    assert tls_users(s) == ["inference_address", "management_address", "enable_grpc_ssl"]
+    assert tls_users(s.replace(enable_grpc=False)) == ["inference_address", "management_address"]
+    assert tls_users(load_settings(env={})) == []
+    assert parse_address("https://127.0.0.1:8443") == ("127.0.0.1", 8443)
+    assert parse_address("https://127.0.0.1") == ("127.0.0.1", 443)  # TorchServe's default https port
+    with pytest.raises(ValueError, match="http://HOST:PORT"):
+        parse_address("http://127.0.0.1")
+    with pytest.raises(ValueError, match="https://HOST:PORT"):
+        parse_address("ftp://127.0.0.1:21")
 
 
 def test_properties_continuation_and_colons():

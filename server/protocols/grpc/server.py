@@ -5,6 +5,8 @@
 health checking (``grpc.health.v1``: SERVING once the startup models are ready) and server
 reflection. With token auth on, every call but health and reflection needs metadata
 ``authorization: Bearer <key>`` (the inference key on 7070, the management key on 7071).
+With ``enable_grpc_ssl`` both ports serve TLS with the server's key and certificate
+(``server/tls.py``; a SIGHUP reload reaches the next connections).
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def _options(settings: Any) -> list[tuple[str, Any]]:
 
 
 async def _serve(bind: str, settings: Any, add: list[tuple[Callable, Any]], names: list[str],
-                 ready: Callable[[], bool], interceptors: list) -> tuple[grpc.aio.Server, asyncio.Task]:
+                 ready: Callable[[], bool], interceptors: list,
+                 credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, asyncio.Task]:
     server = grpc.aio.server(interceptors=interceptors, options=_options(settings))
     for adder, servicer in add:
         adder(servicer, server)
@@ -140,7 +143,8 @@ async def _serve(bind: str, settings: Any, add: list[tuple[Callable, Any]], name
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     try:
-        bound = server.add_insecure_port(bind)
+        bound = server.add_secure_port(bind, credentials) if credentials is not None \
+            else server.add_insecure_port(bind)
     except RuntimeError:  # grpc >= 1.60 raises where older versions returned 0
         bound = 0
     if bound == 0:
@@ -155,6 +159,10 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     s, dp, keys = server.settings, server.dataplane, server.keys
 
     draining = Draining()
+    tls = server.tls if s.enable_grpc_ssl else None  # enable_grpc_ssl: both ports on TLS (server/tls.py)
+
+    def credentials():
+        return tls.grpc_credentials() if tls is not None else None
 
     def auth(kind: str) -> list:  # then every RPC's errors become its status, in one place
         return [draining] + ([TokenAuth(lambda: keys.keys[kind])] if keys is not None else []) + [ErrorStatus()]
@@ -169,17 +177,18 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
          OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api)),
         # osprey.Monitoring: feedback labels and monitoring status (DataPlane.feedback / .monitoring)
         (osprey_monitoring_pb2_grpc.add_MonitoringServicer_to_server, MonitoringServicer(dp)),
-    ], inference_names, dp.ready, auth("inference"))
+    ], inference_names, dp.ready, auth("inference"), credentials())
     try:
         management, t2 = await _serve(s.grpc_management_bind, s, [
             (management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server,
              ManagementServicer(dp.registry, enable_model_api=s.enable_model_api)),
-        ], management_names, dp.ready, auth("management"))
+        ], management_names, dp.ready, auth("management"), credentials())
     except OSError:
         t1.cancel()
         await inference.stop(None)
         raise
     inference._osprey_tasks = management._osprey_tasks = (t1, t2)  # kept alive with the servers
     inference.osprey_draining = management.osprey_draining = draining  # Server.stop begins the drain
-    log.info("gRPC: inference %s, management %s", s.grpc_inference_bind, s.grpc_management_bind)
+    log.info("gRPC%s: inference %s, management %s", " over TLS" if tls is not None else "",
+             s.grpc_inference_bind, s.grpc_management_bind)
     return [inference, management]
