@@ -28,7 +28,10 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 from google.protobuf import empty_pb2
 
-from server.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2, inference_pb2_grpc
+# the OIP stubs from tritonclient, as the other tests: importing the server's own generated copy
+# of grpc_service.proto too would register the same proto file twice in this process
+from tritonclient.grpc import service_pb2 as grpc_service_pb2, service_pb2_grpc as grpc_service_pb2_grpc
+from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
 from server.protocols.grpc.generated import management_pb2, management_pb2_grpc
 from tests.conftest import ROOT, free_port
 from tests.oip_archives import echo_archive
