@@ -112,7 +112,8 @@ def _check_runtime(runtime: str | None) -> None:
     if runtime == "LSP":
         raise OspreyError(ErrorKind.BAD_INPUT, "Runtime LSP (TorchServe's C++ backend) is not supported; "
                                                "Osprey runs Python handlers (runtime python or python3)")
-    raise OspreyError(ErrorKind.BAD_INPUT, f"Invalid RuntimeType value: {show(runtime)}")  # TorchServe's words
+    shown = runtime if len(runtime) <= 64 and runtime.isprintable() else show(runtime)
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Invalid RuntimeType value: {shown}")  # TorchServe's words
 
 
 async def register(registry: Registry, enabled: bool, url: str | None, *, synchronous: bool,
