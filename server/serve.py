@@ -156,7 +156,8 @@ class Server:
             observers.append(_holder(self.monitor.dataset))
         self.dataplane = DataPlane(self.registry, observers,
                                    [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
-        self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file)
+        self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file,
+                                                                           settings.token_expiration_min)
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
         add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
@@ -165,6 +166,7 @@ class Server:
         # DataPlane.monitor, None while monitoring is off)
         add_monitoring_routes(self.inference_app, self.dataplane)
         self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
+        self.management_app.ignore_trailing_slash = True  # DELETE /models/m/ unregisters m, as in TorchServe
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
                               rotate_key=self.keys.rotate if self.keys else None)
         # retraining: the job queue (Redis with redis_url, else child processes of this server),

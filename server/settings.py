@@ -1,7 +1,10 @@
 """One typed settings object.
 
-Precedence: command line > environment (``OSPREY_<FIELD>``, and TorchServe's ``TS_<KEY>``
-when ``enable_envvars_config=true``) > TorchServe ``config.properties`` > defaults.
+Precedence: TorchServe's ``TS_<KEY>`` environment variables when config.properties says
+``enable_envvars_config=true`` > command line > ``OSPREY_<FIELD>`` environment variables >
+TorchServe ``config.properties`` > defaults. TorchServe applies its ``TS_`` variables after its
+command-line flags, so there they win over the flags too (``TS_DISABLE_TOKEN_AUTHORIZATION=false``
+turns token authorization on even with ``--disable-token-auth``); Osprey does the same.
 Pure data: reading settings has no side effects.
 """
 
@@ -29,6 +32,9 @@ class Settings:
     model_store: str = "model_store"
     load_models: tuple[str, ...] = ()
     job_queue_size: int = 100
+    # workers a model gets when neither its model-config.yaml (minWorkers) nor the call names a
+    # number. 0 is TorchServe's "not configured": the register API then starts no workers
+    # ("registered with 0 initial workers"), as TorchServe does, and startup loads start 1.
     default_workers_per_model: int = 1
     max_workers_per_model: int = 64  # most instances (threads) one model version may run
     default_response_timeout: float = 120.0  # seconds
@@ -45,7 +51,12 @@ class Settings:
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
     disable_token_authorization: bool = False
-    token_auth_status: int = 401  # TorchServe answers 400; set 400 to match it
+    # a missing, wrong or expired token is answered 401, the status HTTP defines for it; TorchServe
+    # answers 400 (its clients and tests expect that): token_auth_status=400 matches it
+    token_auth_status: int = 401
+    # minutes a management or inference key lives (TorchServe's token_expiration_min; its default is
+    # 60); 0, Osprey's default, keeps keys until they are rotated with /token or the server restarts
+    token_expiration_min: float = 0.0
     key_file: str = "key_file.json"
     # TLS (server/tls.py): an https:// address above, and enable_grpc_ssl for both gRPC ports, are
     # served with this key and certificate chain: PEM files, or a PKCS#12 keystore (which wins)
@@ -195,13 +206,12 @@ def _from_properties(props: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def _from_env(env: Mapping[str, str], ts_env: bool) -> dict[str, Any]:
+def _from_env(env: Mapping[str, str], prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in _FIELDS:
-        for prefix in ("OSPREY_",) + (("TS_",) if ts_env else ()):
-            key = prefix + name.upper()
-            if key in env:
-                out[name] = _coerce(name, env[key])
+        key = prefix + name.upper()
+        if key in env:
+            out[name] = _coerce(name, env[key])
     return out
 
 
@@ -221,10 +231,12 @@ def load_settings(
         props = parse_properties(path.read_text())
         values.update(_from_properties(props))
     ts_env = props.get("enable_envvars_config", "false").lower() == "true"
-    values.update(_from_env(env, ts_env))
+    values.update(_from_env(env, "OSPREY_"))
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _coerce(key, value)
+    if ts_env:  # after the command line, as in TorchServe (see the module's docstring)
+        values.update(_from_env(env, "TS_"))
     settings = Settings(**values)
     for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
         parse_address(addr)

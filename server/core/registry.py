@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import re
 import time
 import dataclasses
@@ -188,7 +189,14 @@ class Registry:
                                                 "while its workers were starting")
 
     def resolve_url(self, url: str) -> Path:
-        """An archive in the model store (by file name), or a file:// path allowed by allowed_urls."""
+        """An archive in the model store (by file name), or a file:// path allowed by allowed_urls.
+
+        The model store is the operator's own folder: an archive there may be a symbolic link to
+        an archive elsewhere, and it is followed, as TorchServe does. What keeps a caller inside
+        the store is the URL itself: it may not climb out with ``..`` nor name a path outside it
+        (checked on the text, before any link is followed). Extracting the archive's members stays
+        safe whatever the link points at (server.core.archive refuses absolute, ``..`` and link
+        members)."""
         if not isinstance(url, str):
             raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url must be a string, got {type(url).__name__}")
         if "\x00" in url:
@@ -196,6 +204,8 @@ class Registry:
         if len(url) > MAX_URL_CHARS:
             raise OspreyError(ErrorKind.BAD_INPUT,
                               f"Parameter url is {len(url)} characters long; at most {MAX_URL_CHARS} are allowed")
+        if re.match(r"^https?://", url, re.I):
+            self._refuse_download(url)
         if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
             raise OspreyError(ErrorKind.BAD_INPUT,
                               f"Model URL {url!r}: downloading archives is not supported; put the archive in the model store")
@@ -203,14 +213,30 @@ class Registry:
             if not any(re.fullmatch(p, url) for p in self.settings.allowed_urls):
                 raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {url!r} is not allowed by allowed_urls")
             return Path(url[7:])
-        store = Path(self.settings.model_store).resolve()
-        try:
-            path = (store / url).resolve()
-        except (OSError, ValueError) as exc:  # e.g. a symlink loop
-            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} is not a usable path: {_reason(exc)}") from None
+        store = Path(os.path.abspath(self.settings.model_store))
+        if ".." in re.split(r"[/\\]", url):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} points outside the model store")
+        path = Path(os.path.normpath(store / url))  # no ".." left: normpath only drops "." and "//"
         if store != path and store not in path.parents:
             raise OspreyError(ErrorKind.BAD_INPUT, f"Model URL {show(url)} points outside the model store")
         return path
+
+    def _refuse_download(self, url: str) -> None:
+        """Osprey does not download archives. TorchServe, given an http(s) URL, first looks for
+        the file it would download into the model store and answers 500 "Model file already
+        exists NAME" when it is there (ApiUtils: a FileAlreadyExistsException turned into an
+        InternalServerException). That status is a quirk, matched here because TorchServe's own
+        tests (re-registering a model by its URL) expect it; otherwise the caller is told to put
+        the archive in the model store (400, by resolve_url)."""
+        name = re.split(r"[?#]", url, maxsplit=1)[0].rstrip().rsplit("/", 1)[-1]
+        if not name or name in (".", ".."):
+            return
+        try:
+            there = (Path(self.settings.model_store) / name).exists()
+        except (OSError, ValueError):
+            return
+        if there:
+            raise OspreyError(ErrorKind.INTERNAL, f"Model file already exists {name}")
 
     def _check_name(self, name: Any) -> str:
         if not isinstance(name, str):
@@ -227,7 +253,17 @@ class Registry:
                        batch_size: int | None = None, max_batch_delay: float | None = None,
                        initial_workers: int | None = None, response_timeout: float | None = None,
                        startup_timeout: float | None = None, synchronous: bool = True,
-                       loaded_at_startup: bool = False) -> ModelVersion:
+                       loaded_at_startup: bool = False, runtime: str | None = None,
+                       default_workers: int | None = None) -> ModelVersion:
+        """Open the archive at ``url``, check the call's numbers, start the version's workers
+        (or, ``synchronous=False``, start them in the background) and list it.
+
+        Workers: ``initial_workers``, else the archive's minWorkers, else ``default_workers``
+        (the TorchServe register API passes default_workers_per_model, which may be 0: no
+        workers), else default_workers_per_model or 1. ``startup_timeout=0`` is accepted, as
+        TorchServe accepts it; no worker can load in no time, so a synchronous register that
+        would start workers fails at once with TorchServe's 500 (its answer: a worker start
+        that timed out), and the version is not kept."""
         if not url:
             raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
         path = self.resolve_url(url)
@@ -244,7 +280,7 @@ class Registry:
             response_timeout = number("", "response_timeout", response_timeout, float, minimum=0.001,
                                       maximum=LIMITS["responseTimeout"])
         if startup_timeout is not None:
-            startup_timeout = number("", "startup_timeout", startup_timeout, float, minimum=0.001,
+            startup_timeout = number("", "startup_timeout", startup_timeout, float, minimum=0,
                                      maximum=LIMITS["startupTimeout"])
         if initial_workers is not None:
             initial_workers = self._started_workers("initial_workers", initial_workers)
@@ -260,22 +296,33 @@ class Registry:
             name = self._check_name(model_name or archive.name)
             if handler:
                 archive.manifest["model"]["handler"] = handler
+            if runtime:
+                archive.manifest["runtime"] = runtime
             version = archive.version
             model = self.models.get(name)
             if (model and version in model.versions) or (name, version) in self._loading:
                 raise OspreyError(ErrorKind.CONFLICT, f"Model version {version} is already registered for model {name}")
             overrides = {"batchSize": batch_size, "maxBatchDelay": max_batch_delay,
-                         "responseTimeout": response_timeout, "startupTimeout": startup_timeout}
+                         "responseTimeout": response_timeout, "startupTimeout": startup_timeout or None}
             source = f"{Path(url).name}: model-config"
             if initial_workers is not None:
                 overrides["minWorkers"] = initial_workers
                 configured = archive.config.get("maxWorkers")
                 overrides["maxWorkers"] = initial_workers if configured is None else max(
                     initial_workers, number(source, "maxWorkers", configured))
+            if default_workers is None:
+                default_workers = self.settings.default_workers_per_model or 1
             config = parse_model_config(
-                archive.config, overrides=overrides, default_workers=self.settings.default_workers_per_model,
+                archive.config, overrides=overrides, default_workers=max(default_workers, 0),
                 default_response_timeout=self.settings.default_response_timeout,
                 default_queue_size=self.settings.job_queue_size, source=source, worker_cap=self.max_workers)
+            if startup_timeout == 0:
+                config = dataclasses.replace(config, startup_timeout_s=0.0)
+                if synchronous and config.min_workers > 0:
+                    # TorchServe: the workers time out at once, "Failed to start workers", 500
+                    raise OspreyError(ErrorKind.INTERNAL, f"Failed to start workers for model {name} version: "
+                                                          f"{version} (startup_timeout is 0: no worker can load "
+                                                          "in no time)")
         except BaseException:
             archive.cleanup()
             raise

@@ -19,7 +19,8 @@ __all__ = ["require_model_api", "describe", "describe_models", "list_models", "r
            "unregister", "set_default", "traffic", "set_traffic", "set_shadow", "clear_shadow", "rollback",
            "PROCESSING"]
 
-PROCESSING = {"status": "Processing worker updates..."}
+PROCESSING = {"status": "Processing worker updates..."}  # answered 202 (REST)
+RUNTIMES = ("python", "python3")  # TorchServe's RuntimeType values Osprey runs ("LSP", its C++ backend, is not one)
 _WORKER_STATUS = {InstanceStatus.READY: "READY", InstanceStatus.STOPPED: "UNLOADING",
                   InstanceStatus.LOADING: "LOADING", InstanceStatus.FAILED: "FAILED"}
 
@@ -93,10 +94,11 @@ def describe_models(registry: Registry, name: str, version: str | None) -> list[
 
 
 def list_models(registry: Registry, limit: int, token: int) -> dict[str, Any]:
-    """``GET /models?limit=&next_page_token=``: at most 100 a page."""
-    if limit <= 0 or token < 0:
-        raise OspreyError(ErrorKind.BAD_INPUT, "limit must be positive and next_page_token not negative")
-    page, nxt = registry.list_page(min(limit, 100), token)
+    """``GET /models?limit=&next_page_token=``: at most 100 a page. As in TorchServe, a limit
+    below 0 or above 100 is 100 and a negative token is 0 (limit=0: an empty page)."""
+    if limit < 0 or limit > 100:
+        limit = 100
+    page, nxt = registry.list_page(limit, max(token, 0))
     body: dict[str, Any] = {}
     if nxt is not None:
         body["nextPageToken"] = str(nxt)
@@ -104,10 +106,42 @@ def list_models(registry: Registry, limit: int, token: int) -> dict[str, Any]:
     return body
 
 
+def _check_runtime(runtime: str | None) -> None:
+    if runtime is None or runtime in RUNTIMES:
+        return
+    if runtime == "LSP":
+        raise OspreyError(ErrorKind.BAD_INPUT, "Runtime LSP (TorchServe's C++ backend) is not supported; "
+                                               "Osprey runs Python handlers (runtime python or python3)")
+    shown = runtime if len(runtime) <= 64 and runtime.isprintable() else show(runtime)
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Invalid RuntimeType value: {shown}")  # TorchServe's words
+
+
 async def register(registry: Registry, enabled: bool, url: str | None, *, synchronous: bool,
+                   runtime: str | None = None, initial_workers: int | None = None,
                    **options: Any) -> dict[str, Any]:
+    """``POST /models``. ``url`` None: not given (400); "" given empty (404 "empty url", as
+    TorchServe answers; gRPC cannot tell the two apart and its "" is "not given").
+
+    Workers, as TorchServe decides them: ``initial_workers``, else the archive's minWorkers,
+    else default_workers_per_model, where 0 (TorchServe's "not configured") starts none and
+    answers 200 "registered with 0 initial workers. Use scale workers API..." even when
+    ``synchronous`` is false (nothing is left to do in the background). A negative
+    ``initial_workers`` is taken as not given with a default of 0, as TorchServe takes it.
+    An asynchronous register that starts workers answers :data:`PROCESSING` (202)."""
     require_model_api(enabled)
-    mv = await registry.register(url or "", synchronous=synchronous, **options)
+    if url is None:
+        raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
+    if url == "":
+        raise OspreyError(ErrorKind.NOT_FOUND, "empty url")
+    _check_runtime(runtime)
+    default_workers = registry.settings.default_workers_per_model
+    if isinstance(initial_workers, int) and not isinstance(initial_workers, bool) and initial_workers < 0:
+        initial_workers, default_workers = None, 0
+    mv = await registry.register(url, synchronous=synchronous, runtime=runtime, initial_workers=initial_workers,
+                                 default_workers=default_workers, **options)
+    if mv.config.min_workers == 0:
+        return {"status": f"Model \"{mv.name}\" Version: {mv.version} registered with 0 initial workers. "
+                          "Use scale workers API to add workers for the model."}
     if not synchronous:
         return PROCESSING
     return {"status": f"Model \"{mv.name}\" Version: {mv.version} registered with "
@@ -116,11 +150,25 @@ async def register(registry: Registry, enabled: bool, url: str | None, *, synchr
 
 async def scale(registry: Registry, name: str, version: str | None, min_worker: int | None,
                 max_worker: int | None, *, synchronous: bool) -> dict[str, Any]:
-    mv, lo, hi = registry.plan_scale(name, version, min_worker, max_worker)  # errors now, not later
+    """``PUT /models/{m}[/{v}]``. A negative ``min_worker`` is answered 500, as TorchServe
+    answers it (its quirk: an IndexOutOfBoundsException in its worker manager, not a rule it
+    checks); a synchronous scale whose workers fail to start is 500 "Failed to start workers
+    for model M version: V" (TorchServe's words; V is "null" when the call named no version),
+    followed by why."""
+    if min_worker is not None and min_worker < 0:
+        raise OspreyError(ErrorKind.INTERNAL, f"Cannot scale model {name} to {min_worker} workers: "
+                                              "min_worker must not be negative")
+    _, lo, hi = registry.plan_scale(name, version, min_worker, max_worker)  # errors now, not later
     if not synchronous:
         registry.scale_in_background(name, version, lo, hi)
         return PROCESSING
-    await registry.scale(name, version, lo, hi)
+    try:
+        await registry.scale(name, version, lo, hi)
+    except OspreyError as exc:
+        if exc.kind is ErrorKind.NOT_FOUND:  # unregistered meanwhile
+            raise
+        raise OspreyError(ErrorKind.INTERNAL, f"Failed to start workers for model {name} version: "
+                                              f"{version or 'null'} ({exc.message})") from None
     return {"status": f"Workers scaled to {lo} for model: {name}"}
 
 

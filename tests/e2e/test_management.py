@@ -83,7 +83,7 @@ def test_handler_that_fails_to_initialize_is_refused_with_its_error(srv):
 
 
 @pytest.mark.parametrize("url, status, words", [
-    ("", 400, "Parameter url is required."),
+    ("", 404, "empty url"),  # TorchServe's answer to url= given empty (no url at all: 400, below)
     ("missing.mar", 404, "Model not found at: missing.mar"),
     ("corrupt.mar", 400, "corrupt.mar"),
     ("slip.mar", 400, "escape"),
@@ -97,6 +97,11 @@ def test_bad_registrations_are_refused_clearly_and_disturb_nothing(srv, url, sta
     assert words in r.json()["message"]
     assert not (srv.store.parent / "escape.py").exists()
     assert httpx.post(f"{srv.inference}/predictions/m1", json=ROW).status_code == 200
+
+
+def test_register_without_url_is_400(srv):
+    r = httpx.post(f"{srv.management}/models", params={"model_name": "x"})
+    assert r.status_code == 400 and r.json()["message"] == "Parameter url is required."
 
 
 def test_list_is_paginated(srv):

@@ -92,3 +92,27 @@ def test_model_config_merges_overrides_and_names_bad_keys():
         parse_model_config({"minWorkers": 3, "maxWorkers": 1})
     with pytest.raises(OspreyError, match="datatype"):
         parse_model_config({"inputs": [{"name": "x", "datatype": "FLOAT", "shape": [-1, 3]}]})
+
+
+def test_ts_environment_wins_over_the_command_line_as_in_torchserve(tmp_path):
+    """TorchServe applies TS_ variables (with enable_envvars_config=true) after its flags."""
+    props = tmp_path / "c.properties"
+    props.write_text("enable_envvars_config=true\ndisable_token_authorization=false\n")
+    flag = {"disable_token_authorization": True}  # --disable-token-auth
+    assert not load_settings(props, env={"TS_DISABLE_TOKEN_AUTHORIZATION": "false"},
+                             overrides=flag).disable_token_authorization
+    assert load_settings(props, env={"TS_DISABLE_TOKEN_AUTHORIZATION": "true"}).disable_token_authorization
+    assert load_settings(props, env={}, overrides=flag).disable_token_authorization
+    # without enable_envvars_config TS_ variables are not read; OSPREY_ ones stay below the flags
+    props.write_text("disable_token_authorization=false\n")
+    assert load_settings(props, env={"TS_DISABLE_TOKEN_AUTHORIZATION": "false"},
+                         overrides=flag).disable_token_authorization
+    assert load_settings(props, env={"OSPREY_DISABLE_TOKEN_AUTHORIZATION": "false"},
+                         overrides=flag).disable_token_authorization
+
+
+def test_token_expiration_min(tmp_path):
+    props = tmp_path / "c.properties"
+    props.write_text("token_expiration_min=0.25\n")
+    assert load_settings(props, env={}).token_expiration_min == 0.25
+    assert load_settings(None, env={}).token_expiration_min == 0.0

@@ -38,8 +38,9 @@ class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
     async def RegisterModel(self, request, context):
         r = request
         return _msg(await api.register(
-            self.registry, self.enable_model_api, r.url, synchronous=r.synchronous, model_name=r.model_name or None,
-            handler=r.handler or None, batch_size=r.batch_size or None, max_batch_delay=r.max_batch_delay or None,
+            self.registry, self.enable_model_api, r.url or None, synchronous=r.synchronous,
+            model_name=r.model_name or None, runtime=r.runtime or None, handler=r.handler or None,
+            batch_size=r.batch_size or None, max_batch_delay=r.max_batch_delay or None,
             initial_workers=r.initial_workers or None, response_timeout=r.response_timeout or None,
             startup_timeout=r.startup_timeout or None))
 

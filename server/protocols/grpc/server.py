@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import Any, Callable
 
@@ -40,15 +39,15 @@ _DENIED = "Token Authorization failed. Token either incorrect, expired, or not p
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Checks ``authorization: Bearer <key>`` against the current key of one kind."""
+    """Checks ``authorization: Bearer <key>`` with ``valid`` (the current, unexpired key of one kind)."""
 
-    def __init__(self, current_key: Callable[[], str]):
-        self.current_key = current_key
+    def __init__(self, valid: Callable[[str], bool]):
+        self.valid = valid
 
     def _ok(self, metadata) -> bool:
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str) and value[:7].lower() == "bearer ":
-                return secrets.compare_digest(value[7:].strip(), self.current_key())
+                return self.valid(value[7:].strip())
         return False
 
     async def intercept_service(self, continuation, details):
@@ -165,7 +164,7 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
         return tls.grpc_credentials() if tls is not None else None
 
     def auth(kind: str) -> list:  # then every RPC's errors become its status, in one place
-        return [draining] + ([TokenAuth(lambda: keys.keys[kind])] if keys is not None else []) + [ErrorStatus()]
+        return [draining] + ([TokenAuth(lambda token: keys.check(kind, token))] if keys is not None else []) + [ErrorStatus()]
 
     inference_names = [inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name,
                        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,

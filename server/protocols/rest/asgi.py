@@ -13,6 +13,7 @@ import asyncio
 import http
 import logging
 import re
+import time
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs
 
@@ -122,7 +123,10 @@ class Router:
                  errors: ErrorStyle = torchserve_error):
         self.max_body = max_body
         self.token = token
+        self.token_expires: float | None = None  # wall-clock time the token stops being accepted (auth.Keys)
         self.auth_status = auth_status
+        # ``/models/m/`` matches as ``/models/m`` (TorchServe splits the path and drops empty tails)
+        self.ignore_trailing_slash = False
         self.default_errors = errors
         self._static: dict[str, list[Route]] = {}
         self._patterns: list[tuple[re.Pattern, Route]] = []
@@ -144,6 +148,8 @@ class Router:
 
     def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
         found = False
+        if self.ignore_trailing_slash and len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/") or "/"
         for route in self._static.get(path, ()):
             found = True
             if method in route.methods:
@@ -227,8 +233,12 @@ class Router:
         for k, v in raw_headers:
             if k.lower() == b"authorization":
                 auth = v.decode("latin-1")
-                return auth[:7].lower() == "bearer " and auth[7:].strip() == self.token
+                return auth[:7].lower() == "bearer " and self._current(auth[7:].strip())
         return False
+
+    def _current(self, token: str) -> bool:
+        """``token`` is this router's key and it has not expired."""
+        return token == self.token and (self.token_expires is None or time.time() < self.token_expires)
 
     def _style_for(self, path: str) -> ErrorStyle:
         for prefix, style in self.fallback_errors:
@@ -298,7 +308,7 @@ class Router:
 
     def _check_token(self, req: Request) -> None:
         auth = req.headers.get("authorization", "")
-        if auth[:7].lower() != "bearer " or auth[7:].strip() != self.token:
+        if auth[:7].lower() != "bearer " or not self._current(auth[7:].strip()):
             raise OspreyError(ErrorKind.UNAUTHORIZED,
                               "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
                               status=self.auth_status)

@@ -41,6 +41,11 @@ def _str(params: dict, key: str) -> str | None:
     return value
 
 
+# Text that is not a number at all is taken as "not given", and text that is not "true" as
+# false: TorchServe reads its query parameters so (NettyUtils.getIntParameter falls back to the
+# default, Boolean.parseBoolean), and its clients and tests send batch_size=dd,
+# max_batch_delay=junk, synchronous=-1 or synchronous=Nan expecting that. A number out of range
+# (batch_size=0, NaN, infinity) and a JSON value of the wrong type are still refused, 400.
 def _int(params: dict, key: str, default: int | None = None) -> int | None:
     """A whole number (ranges are the registry's to check: it names the limit)."""
     value = params.get(key)
@@ -54,7 +59,7 @@ def _int(params: dict, key: str, default: int | None = None) -> int | None:
         try:
             return int(value.strip())
         except ValueError:
-            pass
+            return default
     raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {show(value)}")
 
 
@@ -63,6 +68,11 @@ def _float(params: dict, key: str) -> float | None:
     value = params.get(key)
     if value is None or value == "":
         return None
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return None  # not a number at all: not given
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError
@@ -80,11 +90,9 @@ def _bool(params: dict, key: str, default: bool) -> bool:
         return default
     if isinstance(value, bool):
         return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be true or false, got {value!r}")
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be true or false, got {show(value)}")
 
 
 def _json_body(req: Request) -> Any:
@@ -129,13 +137,14 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
 
     async def register(req: Request) -> Response:
         p = _params(req)
-        synchronous = _bool(p, "synchronous", True)
+        url = "" if p.get("url") == "" else _str(p, "url")  # given empty: 404 "empty url", as in TorchServe
         body = await api.register(
-            registry, enable_model_api, _str(p, "url"), synchronous=synchronous, model_name=_str(p, "model_name"),
+            registry, enable_model_api, url, synchronous=_bool(p, "synchronous", True),
+            model_name=_str(p, "model_name"), runtime=_str(p, "runtime"),
             handler=_str(p, "handler"), batch_size=_int(p, "batch_size"), max_batch_delay=_float(p, "max_batch_delay"),
             initial_workers=_int(p, "initial_workers"), response_timeout=_float(p, "response_timeout"),
             startup_timeout=_float(p, "startup_timeout"))
-        return json_response(body, status=200 if synchronous else 202)
+        return json_response(body, status=202 if body is api.PROCESSING else 200)
 
     async def describe(req: Request) -> Response:
         return json_response(api.describe_models(registry, req.params["model"], req.params.get("version")))
@@ -145,7 +154,7 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
         synchronous = _bool(p, "synchronous", False)
         body = await api.scale(registry, req.params["model"], req.params.get("version"), _int(p, "min_worker"),
                                _int(p, "max_worker"), synchronous=synchronous)
-        return json_response(body, status=200 if synchronous else 202)
+        return json_response(body, status=202 if body is api.PROCESSING else 200)
 
     async def unregister(req: Request) -> Response:
         return json_response(await api.unregister(registry, enable_model_api, req.params["model"],
@@ -155,8 +164,16 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
         return json_response(api.set_default(registry, req.params["model"], req.params["version"]))
 
     async def token(req: Request) -> Response:
+        """``GET`` (TorchServe's clients) or ``POST /token?type=inference|management`` with the API
+        key: a new key of that type, written to the key file; 200 with no JSON in the body, as
+        TorchServe answers. A wrong key or type is the token failure (401, or 400 with
+        token_auth_status=400, TorchServe's status)."""
+        if rotate_key is None:  # token authorization is off: TorchServe has no such resource then
+            raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {req.path} is not found, please refer to "
+                                                   "API document.", type_name="ResourceNotFoundException")
         kind = req.query.get("type", "")
-        if rotate_key is None or not rotate_key(kind, req.headers.get("authorization", "")[7:].strip()):
+        auth = req.headers.get("authorization", "")
+        if auth[:7].lower() != "bearer " or not rotate_key(kind, auth[7:].strip()):
             raise OspreyError(ErrorKind.UNAUTHORIZED,
                               "Token Authentication failed. Token either incorrect, expired, or not provided correctly",
                               status=router.auth_status)
@@ -172,4 +189,4 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
     router.add("DELETE", "/models/{model}", unregister)
     router.add("DELETE", "/models/{model}/{version}", unregister)
     router.add("PUT", "/models/{model}/{version}/set-default", set_default)
-    router.add("POST", "/token", token, auth=False)
+    router.add(("GET", "POST"), "/token", token, auth=False)
