@@ -104,6 +104,10 @@ class Settings:
     retraining_sweep_interval: float = 10.0  # seconds between a worker's checks for lost jobs
     retraining_cancel_grace: float = 5.0  # seconds a stopped job's process has after SIGTERM, then SIGKILL
     retraining_job_ttl: float = 30 * 86400.0  # seconds a finished job's record stays in Redis (0: forever)
+    # added to a job process's niceness (0..19): on a machine that also serves, the scheduler
+    # gives serving the CPU first (benchmarks/CHANGES.md: MLP at c=32 kept 0.61 of its
+    # throughput under a digits_cnn job at nice 0)
+    retraining_nice: int = 10
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -253,6 +257,8 @@ def load_settings(
     for name in ("retraining_heartbeat", "retraining_sweep_interval"):
         if getattr(settings, name) <= 0:
             raise ValueError(f"setting {name}: {getattr(settings, name)!r} must be a positive number of seconds")
+    if not 0 <= settings.retraining_nice <= 19:
+        raise ValueError(f"setting retraining_nice: {settings.retraining_nice!r} must be from 0 to 19")
     if settings.retraining_cancel_grace < 0 or settings.retraining_job_ttl < 0:
         raise ValueError("settings retraining_cancel_grace and retraining_job_ttl must not be negative")
     for name in ("metric_buckets", "latency_objectives"):

@@ -50,6 +50,11 @@ def _die_with_parent(parent: int) -> None:
 def main() -> int:
     spec = json.loads(sys.stdin.read())
     _die_with_parent(int(spec["parent"]))
+    if spec.get("nice"):
+        try:
+            os.nice(int(spec["nice"]))  # training yields the CPU to serving on the same machine
+        except OSError:
+            pass
     events = os.fdopen(os.dup(1), "w", buffering=1)  # the event channel: the original stdout
     os.dup2(2, 1)  # print() and C code writing to fd 1 land in stderr, the log
     sys.stdout = sys.stderr

@@ -325,7 +325,7 @@ class EmbeddedJobQueue:
             return None
 
         outcome = await run_attempt(record, work, self.model_store, tick=tick, timeout_s=timeout_of(record.params),
-                                    grace_s=self.grace_s, poll_s=RUN_POLL_S)
+                                    grace_s=self.grace_s, poll_s=RUN_POLL_S, nice=self.settings.retraining_nice)
         if outcome.kind == "stopped" and outcome.reason == "cancelled":
             self._cancelled(record, "cancelled while running; its process was stopped")
         elif outcome.kind == "stopped":  # the server is stopping

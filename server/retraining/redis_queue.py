@@ -419,7 +419,8 @@ class RedisJobQueue:
 
         try:
             outcome = await run_attempt(record, work, self.model_store, tick=tick, timeout_s=timeout_of(record.params),
-                                        grace_s=self.settings.retraining_cancel_grace, poll_s=RUN_POLL_S)
+                                        grace_s=self.settings.retraining_cancel_grace, poll_s=RUN_POLL_S,
+                                        nice=self.settings.retraining_nice)
         except asyncio.CancelledError:  # the worker is stopping (SIGTERM): the job goes back to the queue
             record.state = JobState.QUEUED
             record.message = "its worker stopped; queued to run again"

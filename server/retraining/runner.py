@@ -107,10 +107,11 @@ async def _stop(proc: asyncio.subprocess.Process, grace_s: float) -> None:
 
 async def run_attempt(record: JobRecord, work_dir: Path, model_store: Path, *,
                       tick: Callable[[], Awaitable[str | None]], timeout_s: float, grace_s: float,
-                      poll_s: float = 0.25, on_start: Callable[[int], None] | None = None) -> Outcome:
-    """Run the job once in a child process; the record's progress, steps and log change as it runs."""
+                      poll_s: float = 0.25, on_start: Callable[[int], None] | None = None, nice: int = 0) -> Outcome:
+    """Run the job once in a child process; the record's progress, steps and log change as it runs.
+    ``nice``: added to the child's niceness, so that serving on the same machine goes first."""
     spec = {"record": record.as_dict(), "work_dir": str(work_dir), "model_store": str(model_store),
-            "parent": os.getpid()}
+            "parent": os.getpid(), "nice": int(nice)}
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # the child imports server.* like this process
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
