@@ -44,7 +44,7 @@ $(KSERVE_VENV)/.installed:
 	touch $@
 
 test: setup system-packages $(KSERVE_VENV)/.installed
-	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python $(BIN)/python -m pytest -q
+	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'
