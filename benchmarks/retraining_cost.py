@@ -54,8 +54,6 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -67,30 +65,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.load import hey  # noqa: E402
 from benchmarks.models import BenchModel, build_models  # noqa: E402
 from benchmarks.systems import Osprey  # noqa: E402
+from examples.retrain_demo import http_call, json_call  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "retraining_cost"
 MODEL = "digits_cnn"
 TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
 
 
-# --- HTTP ----------------------------------------------------------------------------------
-def _call(method: str, url: str, body: bytes | None = None, ctype: str = "application/json",
-          timeout: float = 30) -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers={"content-type": ctype} if body else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
-
-
-def _json(method: str, url: str, body: object = None) -> dict:
-    status, _, raw = _call(method, url, None if body is None else json.dumps(body).encode())
-    if status >= 400:
-        raise RuntimeError(f"{method} {url}: {status} {raw[:300]!r}")
-    return json.loads(raw) if raw else {}
-
-
+# --- machine ---------------------------------------------------------------------------
 def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -137,11 +119,11 @@ class Jobs:
         self.current: str | None = None
 
     def submit(self) -> str:
-        out = _json("POST", f"{self.management}/models/{MODEL}/retrain?reason=benchmark")
+        out = json_call("POST", f"{self.management}/models/{MODEL}/retrain?reason=benchmark")
         return out["job"]["id"]
 
     def get(self, job_id: str) -> dict:
-        rec = _json("GET", f"{self.management}/retraining/jobs/{job_id}")
+        rec = json_call("GET", f"{self.management}/retraining/jobs/{job_id}")
         self.records[job_id] = rec
         return rec
 
@@ -186,7 +168,7 @@ class Jobs:
             self._thread.join()
         rec = self.get(self.current)
         if rec["state"] not in TERMINAL:
-            _call("DELETE", f"{self.management}/retraining/jobs/{self.current}")
+            http_call("DELETE", f"{self.management}/retraining/jobs/{self.current}")
             self.wait(self.current, TERMINAL, timeout=60)
 
 
@@ -214,13 +196,13 @@ def _labelled_rows(srv: Osprey, heldout: Path, n: int) -> int:
     url = srv.predict_url(MODEL)
 
     def one(g):
-        status, headers, _ = _call("POST", url, digit_png(g), "image/png")
+        status, headers, _ = http_call("POST", url, digit_png(g), "image/png")
         return headers.get("x-request-id") if status == 200 else None
 
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(one, grids))
     items = [{"request_id": i, "label": str(int(y))} for i, y in zip(ids, labels) if i]
-    _call("POST", f"{srv.inference}/feedback/{MODEL}", json.dumps({"feedback": items}).encode())
+    http_call("POST", f"{srv.inference}/feedback/{MODEL}", json.dumps({"feedback": items}).encode())
     return len(items)
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["main", "http_call", "json_call"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "digits_cnn"
@@ -50,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(method: str, url: str, body: bytes | None = None, ctype: str = "application/json",
+def http_call(method: str, url: str, body: bytes | None = None, ctype: str = "application/json",
           timeout: float = 60) -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, data=body, method=method, headers={"content-type": ctype} if body else {})
     try:
@@ -60,8 +60,8 @@ def _http(method: str, url: str, body: bytes | None = None, ctype: str = "applic
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
-def _json(method: str, url: str, body: object = None) -> object:
-    status, _, raw = _http(method, url, None if body is None else json.dumps(body).encode())
+def json_call(method: str, url: str, body: object = None) -> object:
+    status, _, raw = http_call(method, url, None if body is None else json.dumps(body).encode())
     if status >= 400:
         raise RuntimeError(f"{method} {url}: {status} {raw[:300]!r}")
     return json.loads(raw) if raw else None
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def send(grids: np.ndarray, labels: np.ndarray) -> tuple[list[str], list[bool], list[str]]:
         def one(g):
-            status, headers, body = _http("POST", url, digit_png(g), "image/png")
+            status, headers, body = http_call("POST", url, digit_png(g), "image/png")
             if status != 200:
                 return None, None, None
             top = max(json.loads(body).items(), key=lambda kv: kv[1])[0]
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     def feedback(ids: list[str], labels: np.ndarray) -> None:
         items = [{"request_id": i, "label": str(int(y))} for i, y in zip(ids, labels) if i]
         if items:
-            _http("POST", f"{stack.inference}/feedback/{MODEL}", json.dumps({"feedback": items}).encode())
+            http_call("POST", f"{stack.inference}/feedback/{MODEL}", json.dumps({"feedback": items}).encode())
 
     try:
         grids, labels = shift_digits(data["images"], data["labels"], "none", 400, seed=1)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             pending = (ids, labels)
             steps_before = {s["step"] for s in (job or {}).get("steps", [])}  # as the round began
             if episode_at is None:
-                status = _json("GET", f"{stack.inference}/monitoring/{MODEL}/1.0")
+                status = json_call("GET", f"{stack.inference}/monitoring/{MODEL}/1.0")
                 if status["drift"]["detected"]:
                     episode_at = n
                     top = sorted(status["drift"]["features"], key=lambda f: -f.get("score", 0))[:3]
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"top features {', '.join(f['name'] for f in top)}); live accuracy so far "
                         f"{np.mean(before):.3f}")
             if job_id is None:
-                jobs = _json("GET", f"{stack.management}/retraining/jobs?model={MODEL}")
+                jobs = json_call("GET", f"{stack.management}/retraining/jobs?model={MODEL}")
                 jobs = jobs.get("jobs", jobs) if isinstance(jobs, dict) else jobs
                 if jobs:
                     job_id = jobs[0]["id"]
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                         bar = tqdm(total=100, desc="retraining", unit="%", leave=False,
                                    disable=not sys.stdout.isatty())
             if job_id is not None:
-                job = _json("GET", f"{stack.management}/retraining/jobs/{job_id}")
+                job = json_call("GET", f"{stack.management}/retraining/jobs/{job_id}")
                 if bar is not None:
                     bar.n = int(100 * float(job.get("progress") or 0))
                     bar.set_postfix_str(job.get("phase") or job["state"])

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["Gate", "wait_until", "pending", "hold"]
+__all__ = ["Gate", "wait_until", "pending", "hold", "alive"]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "the condition") -> None:
@@ -61,3 +61,15 @@ class Gate:
 
     def open(self) -> None:
         self.path.touch()
+
+
+def alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie nobody reaped yet counts as gone)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -26,6 +26,7 @@ from server.retraining.redis_queue import RedisJobQueue
 from server.settings import Settings
 
 from ..conftest import ROOT, free_port
+from ..gates import alive
 from ..redis_server import redis_server  # noqa: F401 - fixture
 
 FAST = {"OSPREY_RETRAINING_HEARTBEAT": "2", "OSPREY_RETRAINING_SWEEP_INTERVAL": "1",
@@ -57,17 +58,6 @@ async def await_for(check, timeout: float = 60.0, what: str = "condition", poll:
 def runs(d: Path) -> list[dict]:
     path = d / "runs.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def env() -> dict:

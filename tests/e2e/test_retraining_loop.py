@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 
 from tests.builtin_models import example_store, variant
+from tests.gates import alive
 from tests.conftest import ROOT, OspreyProcess
 
 FAST = {"OSPREY_RETRAINING_HEARTBEAT": "2", "OSPREY_RETRAINING_SWEEP_INTERVAL": "1",
@@ -64,17 +65,6 @@ def wait_for(check, timeout: float = 60.0, what: str = "the condition", poll: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(poll)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def job(srv, job_id: str) -> dict:
