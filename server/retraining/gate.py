@@ -19,7 +19,7 @@ only if every check holds:
 1. holdout: improvement >= ``min_improvement``;
 2. golden: regression (minus the improvement) <= ``max_regression``;
 3. no holdout row the champion answers is refused by the challenger;
-4. latency of one batch of 1 and of 32 requests (median of a few runs, the two models taking
+4. latency of one batch of 1 and of 32 requests (the fastest of 7 runs, the two models taking
    turns): challenger <= ``max_latency_ratio`` x champion's, or at most
    :data:`LATENCY_SLACK_S` slower (timer noise on sub-millisecond models);
 5. archive size (bytes of its files) <= ``max_size_ratio`` x champion's.
@@ -157,7 +157,7 @@ def _golden(model: LoadedModel, golden: Any) -> list[dict]:
 
 
 def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows: Sequence[dict],
-             golden: Sequence[dict] | None = None, gate_cfg: Any = None, *, repeats: int = 5,
+             golden: Sequence[dict] | None = None, gate_cfg: Any = None, *, repeats: int = 7,
              log: Callable[[str], Any] | None = None) -> GateResult:
     """Judge the challenger against the champion (archive folders or files).
 
