@@ -181,6 +181,15 @@ def test_fuzz_no_server_errors(srv, port):
     assert not failures, "\n\n".join(failures)
 
 
+def test_negative_min_worker_of_an_unknown_model_is_404(srv):
+    """Found by the fuzzing: TorchServe looks the model up before its worker manager fails on a
+    negative min_worker (500), so an unknown model or version is 404 first."""
+    m = srv.management
+    assert httpx.put(f"{m}/models/nosuch", params={"min_worker": -1}).status_code == 404
+    assert httpx.put(f"{m}/models/tiny/9.9", params={"min_worker": -1}).status_code == 404
+    assert httpx.put(f"{m}/models/tiny", params={"min_worker": -1}).status_code == 500
+
+
 def test_alive_after_fuzzing(srv):
     assert srv.proc.poll() is None
     assert httpx.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
