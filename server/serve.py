@@ -33,6 +33,7 @@ from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.monitoring import add_monitoring_routes
+from server.protocols.rest.openapi import Doc, add_api_description
 from server.protocols.rest.retraining import add_retraining_routes
 from server.protocols.rest.triggers import add_trigger_routes
 from server.retraining.metrics import JobMetrics
@@ -180,7 +181,17 @@ class Server:
         add_retraining_routes(self.management_app, self.jobs)
         add_trigger_routes(self.management_app, self.triggers)
         self.metrics_app = Router(max_body=1024)
-        self.metrics_app.add("GET", "/metrics", self._metrics)
+        self.metrics_app.add("GET", "/metrics", self._metrics, doc=Doc(
+            "Prometheus metrics (text exposition format)",
+            responses={200: ("The metrics", {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}})},
+            tags=("Metrics",)))
+        # OPTIONS / and GET /api-description on each port: its OpenAPI description, generated from
+        # the routes above (added last: it describes what is registered)
+        add_api_description(self.inference_app, "Osprey inference API", "TorchServe's inference API, KServe v1, "
+                            "the Open Inference Protocol (v2), feedback and monitoring")
+        add_api_description(self.management_app, "Osprey management API", "TorchServe's management API, traffic, "
+                            "token rotation and retraining")
+        add_api_description(self.metrics_app, "Osprey metrics API", "Prometheus metrics")
         if self.keys is not None:
             self.keys.attach("inference", self.inference_app)
             self.keys.attach("management", self.management_app)

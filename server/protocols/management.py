@@ -156,6 +156,7 @@ async def scale(registry: Registry, name: str, version: str | None, min_worker: 
     for model M version: V" (TorchServe's words; V is "null" when the call named no version),
     followed by why."""
     if min_worker is not None and min_worker < 0:
+        registry.get(name, version)  # an unknown model or version is 404 first, as in TorchServe
         raise OspreyError(ErrorKind.INTERNAL, f"Cannot scale model {name} to {min_worker} workers: "
                                               "min_worker must not be negative")
     _, lo, hi = registry.plan_scale(name, version, min_worker, max_worker)  # errors now, not later

@@ -135,12 +135,18 @@ class Router:
         # admission checks run only while this says requests are being refused somewhere (set by
         # the routes that admit: DataPlane.refusing); otherwise a full queue is found at submit
         self.refusing: Callable[[], bool] = lambda: True
+        # (pattern, methods, Doc or None, route) in the order added: the API description
+        # (server/protocols/rest/openapi.py) is built from it; matching never reads it
+        self.described: list[tuple[str, tuple[str, ...], Any, Route]] = []
 
     def add(self, methods: str | tuple[str, ...], pattern: str, handler: Handler, *,
             errors: ErrorStyle | None = None, auth: bool = True, max_body: int | None = None,
-            admit: Admit | None = None) -> None:
+            admit: Admit | None = None, doc: Any = None) -> None:
+        """Serve ``pattern`` (``{name}`` matches one segment, ``{name:path}`` the rest) with
+        ``handler``; ``doc`` (an openapi.Doc) describes the route in the port's API description."""
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
         route = Route(methods, handler, errors or self.default_errors, auth, max_body, admit)
+        self.described.append((pattern, methods, doc, route))
         if "{" in pattern:
             self._patterns.append((_compile(pattern), route))
         else:

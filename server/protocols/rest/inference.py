@@ -11,6 +11,28 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.types import Protocol, Ticket, new_request
 from server.protocols.rest.asgi import Request, Response, Router, json_response
 from server.protocols.rest.forms import fields_from_body
+from server.protocols.rest.openapi import JSON, TS_ERROR, Doc
+
+PING = {"type": "object", "properties": {"status": {"type": "string", "enum": ["Healthy", "Unhealthy"]}},
+        "required": ["status"]}
+# what a handler is given and answers: any body (JSON, raw bytes, a form), any content type
+ANY_BODY = {"application/json": {}, "application/octet-stream": {"type": "string", "format": "binary"},
+            "text/plain": {"type": "string"}}
+ANSWER = {"application/json": {"schema": {}}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+# TorchServe's status for a handler that raised (or answered a list of the wrong length) and
+# for a full queue; a handler's PredictionException gives its own code
+PREDICTION_FAILED = ("Prediction failed, or the model's queue is full (Retry-After)", JSON(TS_ERROR))
+_MODEL = {"model": "A registered model's name", "version": "A version of the model",
+          "rest": "Further path segments, given to the handler as request header url_path"}
+
+
+def _predict_doc(explain: bool, path: str) -> Doc:
+    what = "Explanations" if explain else "Predictions"
+    version = "" if "version" not in path else (" of that version" if "rest" not in path else
+                                                  ", with the rest of the path as header url_path")
+    return Doc(f"{what} from the model{version} (the handler's answer)", body=ANY_BODY,
+               responses={200: ("The handler's answer", ANSWER), 503: PREDICTION_FAILED}, path_params=_MODEL,
+               tags=(what,))
 
 __all__ = ["add_inference_routes"]
 
@@ -49,10 +71,11 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
 
     for prefix, explain in (("/predictions", False), ("/explanations", True)):
         handler = predictor(explain)
-        router.add(PREDICT_METHODS, prefix + "/{model}", handler, admit=admit)
-        router.add(PREDICT_METHODS, prefix + "/{model}/{version}", handler, admit=admit)
-        router.add(PREDICT_METHODS, prefix + "/{model}/{version}/{rest:path}", handler, admit=admit)
-    router.add(("GET",), "/ping", ping)
+        for path in (prefix + "/{model}", prefix + "/{model}/{version}", prefix + "/{model}/{version}/{rest:path}"):
+            router.add(PREDICT_METHODS, path, handler, admit=admit, doc=_predict_doc(explain, path))
+    router.add(("GET",), "/ping", ping, doc=Doc(
+        "Health: Healthy while every model has its minimum of live workers",
+        responses={200: ("Healthy", JSON(PING)), 500: ("Unhealthy", JSON(PING))}, tags=("Health",)))
 
     async def v1_predict(req: Request) -> Response:  # KServe v1: /v1/models/{m}:predict
         model, _, verb = req.params["target"].rpartition(":")
@@ -68,4 +91,7 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
         if verb in ("predict", "explain") and model:
             dataplane.admit(model, None)
 
-    router.add(("POST",), "/v1/models/{target}", v1_predict, admit=v1_admit)
+    router.add(("POST",), "/v1/models/{target}", v1_predict, admit=v1_admit, doc=Doc(
+        "KServe v1: /v1/models/{model}:predict or :explain", body=ANY_BODY,
+        responses={200: ("The handler's answer", ANSWER), 503: PREDICTION_FAILED},
+        path_params={"target": "The model's name, then :predict or :explain"}, tags=("KServe v1",)))

@@ -13,6 +13,48 @@ from server.core.errors import ErrorKind, OspreyError, show
 from server.core.registry import Registry
 from server.protocols import management as api
 from server.protocols.rest.asgi import Request, Response, Router, json_response
+from server.protocols.rest.openapi import JSON, STATUS, TS_ERROR, Doc, query
+
+_NAMES = {"model": "A registered model's name", "version": "A version of the model (describe: or all)"}
+_TAG = ("Management",)
+_TRAFFIC_TAG = ("Traffic",)
+
+REGISTER_PARAMS = (
+    query("url", description="The archive: a .mar file (or folder) in the model store"),
+    query("model_name", description="The name to register under (default: the archive's)"),
+    query("runtime", description="The handler's runtime (python)"),
+    query("handler", description="The handler, overriding the archive's"),
+    query("batch_size", "integer", "The most requests in one batch"),
+    query("max_batch_delay", "number", "The longest wait in milliseconds to fill a batch"),
+    query("initial_workers", "integer", "Workers to start"),
+    query("synchronous", "boolean", "Answer once the workers are up (default true)"),
+    query("response_timeout", "number", "Seconds a prediction may take"),
+    query("startup_timeout", "number", "Seconds a worker may take to load the model"),
+)
+# the same fields as a JSON body
+REGISTER_BODY = {"type": "object", "properties": {
+    p.name: {"type": p.type} for p in REGISTER_PARAMS}}
+SCALE_PARAMS = (query("min_worker", "integer", "The fewest workers"), query("max_worker", "integer", "The most workers"),
+                query("synchronous", "boolean", "Answer once the workers are up (default false)"))
+SCALE_BODY = {"type": "object", "properties": {p.name: {"type": p.type} for p in SCALE_PARAMS}}
+_WORKER = {"type": "object", "properties": {"id": {"type": "string"}, "startTime": {"type": "string"},
+                                            "status": {"type": "string"}, "memoryUsage": {"type": "integer"},
+                                            "pid": {"type": "integer"}, "gpu": {"type": "boolean"},
+                                            "gpuUsage": {"type": "string"}}}
+DESCRIPTION = {"type": "array", "items": {"type": "object", "properties": {
+    "modelName": {"type": "string"}, "modelVersion": {"type": "string"}, "modelUrl": {"type": "string"},
+    "runtime": {"type": "string"}, "minWorkers": {"type": "integer"}, "maxWorkers": {"type": "integer"},
+    "batchSize": {"type": "integer"}, "maxBatchDelay": {"type": "integer"}, "loadedAtStartup": {"type": "boolean"},
+    "workers": {"type": "array", "items": _WORKER}}, "required": ["modelName", "modelVersion"]}}
+MODEL_LIST = {"type": "object", "properties": {
+    "nextPageToken": {"type": "string"},
+    "models": {"type": "array", "items": {"type": "object", "properties": {
+        "modelName": {"type": "string"}, "modelUrl": {"type": "string"}}}}}, "required": ["models"]}
+TRAFFIC_BODY = {"type": "object", "properties": {"weights": {"type": "object", "additionalProperties": {"type": "number"},
+                                                             "nullable": True}},
+                "required": ["weights"]}
+SHADOW_BODY = {"type": "object", "properties": {"version": {"type": "string"}}, "required": ["version"]}
+_OBJ = JSON({"type": "object"})
 
 __all__ = ["add_management_routes"]
 
@@ -122,11 +164,19 @@ def _add_traffic_routes(router: Router, registry: Registry) -> None:
     async def rollback(req: Request) -> Response:
         return json_response(api.rollback(registry, req.params["model"]))
 
-    router.add("GET", "/models/{model}/traffic", get_traffic)
-    router.add("PUT", "/models/{model}/traffic", put_traffic)
-    router.add("PUT", "/models/{model}/shadow", put_shadow)
-    router.add("DELETE", "/models/{model}/shadow", delete_shadow)
-    router.add("POST", "/models/{model}/rollback", rollback)
+    def doc(summary: str, body: dict | None = None) -> Doc:
+        return Doc(summary, body=JSON(body) if body else None, body_required=body is not None,
+                   responses={200: ("The model's traffic", _OBJ)}, path_params=_NAMES, tags=_TRAFFIC_TAG)
+
+    router.add("GET", "/models/{model}/traffic", get_traffic,
+               doc=doc("Traffic: the default version, canary weights and shares, shadow, previous defaults"))
+    router.add("PUT", "/models/{model}/traffic", put_traffic,
+               doc=doc('Set canary weights: {"weights": {"1.0": 90, "2.0": 10}}', TRAFFIC_BODY))
+    router.add("PUT", "/models/{model}/shadow", put_shadow,
+               doc=doc('Copy requests to a shadow version: {"version": "2.0"}', SHADOW_BODY))
+    router.add("DELETE", "/models/{model}/shadow", delete_shadow, doc=doc("Stop the shadow copies"))
+    router.add("POST", "/models/{model}/rollback", rollback,
+               doc=doc("Make the previous default version the default again"))
 
 
 def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
@@ -179,14 +229,39 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
                               status=router.auth_status)
         return Response(b"\n", 200, "application/json")
 
-    router.add("GET", "/models", list_models)
-    router.add("POST", "/models", register)
-    router.add("GET", "/models/{model}", describe)
+    status = JSON(STATUS)
+    listing = Doc("List the registered models", params=(
+        query("limit", "integer", "The most models in one page (default 100)"),
+        query("next_page_token", "integer", "Where the page starts (the last page's nextPageToken)")),
+        responses={200: ("A page of models", JSON(MODEL_LIST))}, tags=_TAG)
+    # the 500s are TorchServe's answers, matched (server/protocols/management.py, registry.py)
+    error = JSON(TS_ERROR)
+    registering = Doc("Register a model from the model store (with --enable-model-api)", params=REGISTER_PARAMS,
+                      body=JSON(REGISTER_BODY), responses={
+                          200: ("Registered", status), 202: ("Registering (synchronous=false)", status),
+                          500: ("As TorchServe: an http(s) url whose file is already in the model store "
+                                "(\"Model file already exists\"), or startup_timeout=0 with workers to start", error)},
+                      tags=_TAG)
+    describing = Doc("Describe a model (its default version, a version, or all)", path_params=_NAMES,
+                     responses={200: ("The versions described", JSON(DESCRIPTION))}, tags=_TAG)
+    scaling = Doc("Scale a model's workers", params=SCALE_PARAMS, body=JSON(SCALE_BODY), path_params=_NAMES,
+                  responses={200: ("Scaled", status), 202: ("Scaling (synchronous=false)", status),
+                             500: ("As TorchServe: a negative min_worker, or workers that failed to start "
+                                   "(synchronous)", error)}, tags=_TAG)
+    unregistering = Doc("Unregister a model or one version (with --enable-model-api)", path_params=_NAMES,
+                        responses={200: ("Unregistered", status)}, tags=_TAG)
+    router.add("GET", "/models", list_models, doc=listing)
+    router.add("POST", "/models", register, doc=registering)
+    router.add("GET", "/models/{model}", describe, doc=describing)
     _add_traffic_routes(router, registry)  # before /models/{model}/{version}: these words are not versions
-    router.add("GET", "/models/{model}/{version}", describe)
-    router.add("PUT", "/models/{model}", scale)
-    router.add("PUT", "/models/{model}/{version}", scale)
-    router.add("DELETE", "/models/{model}", unregister)
-    router.add("DELETE", "/models/{model}/{version}", unregister)
-    router.add("PUT", "/models/{model}/{version}/set-default", set_default)
-    router.add(("GET", "POST"), "/token", token, auth=False)
+    router.add("GET", "/models/{model}/{version}", describe, doc=describing)
+    router.add("PUT", "/models/{model}", scale, doc=scaling)
+    router.add("PUT", "/models/{model}/{version}", scale, doc=scaling)
+    router.add("DELETE", "/models/{model}", unregister, doc=unregistering)
+    router.add("DELETE", "/models/{model}/{version}", unregister, doc=unregistering)
+    router.add("PUT", "/models/{model}/{version}/set-default", set_default, doc=Doc(
+        "Make a version the model's default", path_params=_NAMES, responses={200: ("Done", status)}, tags=_TAG))
+    router.add(("GET", "POST"), "/token", token, auth=False, doc=Doc(
+        "Rotate a key (with the API key as bearer token): a new key of that type in the key file",
+        params=(query("type", description="Which key", enum=("inference", "management")),),
+        responses={200: ("Rotated", None)}, tags=("Token authorization",)))

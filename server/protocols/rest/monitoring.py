@@ -23,6 +23,7 @@ from server.core.capture import FeedbackItem, FeedbackResult
 from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError, show
 from server.protocols.rest.asgi import Request, Response, Router, json_response
+from server.protocols.rest.openapi import JSON, Doc
 
 __all__ = ["add_monitoring_routes", "parse_feedback", "check_label", "feedback_answer", "plain_json"]
 
@@ -123,7 +124,21 @@ def add_monitoring_routes(router: Router, dataplane: DataPlane) -> None:
         status = await dataplane.monitoring(p["model"], p.get("version"))
         return Response(orjson.dumps(status, default=plain_json, option=_STATUS_OPTIONS), 200, "application/json")
 
-    router.add(("POST",), "/feedback/{model}", feedback)
-    router.add(("POST",), "/feedback/{model}/{version}", feedback)
-    router.add(("GET",), "/monitoring/{model}", monitoring)
-    router.add(("GET",), "/monitoring/{model}/{version}", monitoring)
+    names = {"model": "A registered model's name", "version": "A version of the model"}
+    item = {"type": "object", "properties": {"request_id": {"type": "string"}, "label": {}},
+            "required": ["request_id", "label"]}
+    feedback_body = {"oneOf": [item, {"type": "array", "items": item},
+                               {"type": "object", "properties": {"feedback": {"type": "array", "items": item}},
+                                "required": ["feedback"]}]}
+    counts = {"type": "object", "properties": {"accepted": {"type": "integer"}, "unmatched": {"type": "integer"},
+                                               "invalid": {"type": "integer"},
+                                               "errors": {"type": "array", "items": {"type": "string"}}}}
+    feedback_doc = Doc("Labels for earlier answers, joined on their x-request-id", body=JSON(feedback_body),
+                       body_required=True, responses={200: ("The counts", JSON(counts))}, path_params=names,
+                       tags=("Monitoring",))
+    monitoring_doc = Doc("The version's monitoring status: drift, quality, feedback", path_params=names,
+                         responses={200: ("The status", JSON({"type": "object"}))}, tags=("Monitoring",))
+    router.add(("POST",), "/feedback/{model}", feedback, doc=feedback_doc)
+    router.add(("POST",), "/feedback/{model}/{version}", feedback, doc=feedback_doc)
+    router.add(("GET",), "/monitoring/{model}", monitoring, doc=monitoring_doc)
+    router.add(("GET",), "/monitoring/{model}/{version}", monitoring, doc=monitoring_doc)

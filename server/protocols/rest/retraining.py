@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from server.core.errors import ErrorKind, OspreyError
 from server.protocols.rest.asgi import Request, Response, Router, json_response
+from server.protocols.rest.openapi import JSON, Doc, query
+
+JOB = {"type": "object", "properties": {"id": {"type": "string"}, "model": {"type": "string"},
+                                        "state": {"type": "string"}}}
+_TAG = ("Retraining",)
 
 __all__ = ["add_retraining_routes"]
 
@@ -48,6 +53,15 @@ def add_retraining_routes(router: Router, queue) -> None:
         record = await queue.cancel(req.params["id"])
         return json_response(record.as_dict())
 
-    router.add("GET", "/retraining/jobs", list_jobs)
-    router.add("GET", "/retraining/jobs/{id}", show_job)
-    router.add("DELETE", "/retraining/jobs/{id}", cancel_job)
+    ids = {"id": "A retraining job's id"}
+    router.add("GET", "/retraining/jobs", list_jobs, doc=Doc(
+        "Retraining jobs, the newest first", params=(
+            query("model", description="Only this model's jobs"),
+            query("limit", "integer", f"The most jobs (1 to {MAX_LIMIT}, default 100)")),
+        responses={200: ("The jobs", JSON({"type": "object", "properties": {"jobs": {"type": "array", "items": JOB}},
+                                           "required": ["jobs"]}))}, tags=_TAG))
+    router.add("GET", "/retraining/jobs/{id}", show_job, doc=Doc(
+        "A retraining job's whole record", path_params=ids, responses={200: ("The job", JSON(JOB))}, tags=_TAG))
+    router.add("DELETE", "/retraining/jobs/{id}", cancel_job, doc=Doc(
+        "Cancel a queued or running job (409 once it has finished)", path_params=ids,
+        responses={200: ("The job as it is now", JSON(JOB))}, tags=_TAG))

@@ -23,6 +23,9 @@ import orjson
 
 from server.core.errors import ErrorKind, OspreyError
 from server.protocols.rest.asgi import Request, Response, Router, json_response
+from server.protocols.rest.openapi import JSON, Doc, query
+
+_TAG = ("Retraining",)
 
 __all__ = ["add_trigger_routes"]
 
@@ -54,6 +57,23 @@ def add_trigger_routes(router: Router, triggers: Any) -> None:
         return json_response({"status": f"Model \"{mv.name}\" Version: {mv.version} registered for job "
                                         f"{req.params['id']}", "model": mv.name, "version": mv.version}, 200)
 
-    router.add(("POST",), "/models/{model}/retrain", retrain)
-    router.add(("POST",), "/retraining/jobs/{id}/challenger", challenger)
-    router.add(("POST",), "/alerts", alerts)
+    started = JSON({"type": "object", "properties": {"created": {"type": "boolean"}, "job": {"type": "object"}},
+                    "required": ["created", "job"]})
+    router.add(("POST",), "/models/{model}/retrain", retrain, doc=Doc(
+        "Start a retraining job for the model (its archive needs a training entry point)",
+        params=(query("version", description="The version to retrain (default: the default version)"),
+                query("reason", description="Why, kept in the job's record")),
+        responses={202: ("Job queued", started), 200: ("A job was already queued or running", started)},
+        path_params={"model": "A registered model's name"}, tags=_TAG))
+    router.add(("POST",), "/retraining/jobs/{id}/challenger", challenger, doc=Doc(
+        "A running job registers the archive it wrote (MODEL-vVERSION-JOB.mar)",
+        params=(query("archive", description="The archive's file name in the model store", required=True),),
+        responses={200: ("Registered", JSON({"type": "object", "properties": {
+            "status": {"type": "string"}, "model": {"type": "string"}, "version": {"type": "string"}}}))},
+        path_params={"id": "The running job's id"}, tags=_TAG))
+    router.add(("POST",), "/alerts", alerts, doc=Doc(
+        "Alertmanager's webhook: firing OspreyDriftDetected / OspreyQualityDegraded alerts start retraining",
+        body=JSON({"type": "object", "properties": {"alerts": {"type": "array", "items": {"type": "object"}}}}),
+        body_required=True,
+        responses={200: ("What was done", JSON({"type": "object", "properties": {
+            "jobs": {"type": "array"}, "ignored": {"type": "integer"}, "errors": {"type": "array"}}}))}, tags=_TAG))

@@ -18,6 +18,34 @@ from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, o
 from server.core.tensors import DTYPES, bad_input, decode_bytes, decode_json, decode_raw, encode_raw, to_json_data
 from server.core.types import Protocol, new_request
 from server.protocols.rest.asgi import Request, Response, Router, oip_error
+from server.protocols.rest.openapi import JSON, OIP_ERROR, Doc, Param
+
+_TENSOR = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                            "shape": {"type": "array", "items": {"type": "integer"}},
+                                            "parameters": {"type": "object"}, "data": {}},
+           "required": ["name", "datatype", "shape"]}
+INFER_REQUEST = {"type": "object", "properties": {
+    "id": {"type": "string"}, "parameters": {"type": "object"},
+    "inputs": {"type": "array", "items": _TENSOR, "minItems": 1},
+    "outputs": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"},
+                                                                             "parameters": {"type": "object"}},
+                                           "required": ["name"]}}},
+    "required": ["inputs"]}
+INFER_RESPONSE = {"type": "object", "properties": {
+    "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+    "parameters": {"type": "object"}, "outputs": {"type": "array", "items": _TENSOR}},
+    "required": ["model_name", "outputs"]}
+_TENSOR_META = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                                 "shape": {"type": "array", "items": {"type": "integer"}}}}
+MODEL_METADATA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+    "platform": {"type": "string"}, "inputs": {"type": "array", "items": _TENSOR_META},
+    "outputs": {"type": "array", "items": _TENSOR_META}}, "required": ["name", "platform", "inputs", "outputs"]}
+SERVER_METADATA_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "version": {"type": "string"}, "extensions": {"type": "array", "items": {"type": "string"}}},
+    "required": ["name", "version", "extensions"]}
+_NAMES = {"model": "A model's name", "version": "A version of the model"}
+_TAG = ("Open Inference Protocol",)
 
 __all__ = ["add_v2_routes", "parse_infer_body", "encode_infer_response"]
 
@@ -182,8 +210,8 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
     registry = dataplane.registry
     router.fallback_errors.append(("/v2", oip_error))
 
-    def add(methods, pattern, handler, auth=True, admit=None):
-        router.add(methods, pattern, handler, errors=oip_error, auth=auth, admit=admit)
+    def add(methods, pattern, handler, auth=True, admit=None, doc=None):
+        router.add(methods, pattern, handler, errors=oip_error, auth=auth, admit=admit, doc=doc)
 
     router.refusing = dataplane.refusing  # admission runs only while requests are being refused
 
@@ -243,14 +271,37 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         await unload_model(registry, req.params["model"], enable_model_api)
         return _json({})
 
-    add("GET", "/v2", server_metadata)
+    def doc(summary: str, ok: dict | None = None, alt: tuple[int, str] | None = None, extra: dict | None = None,
+            **kw) -> Doc:
+        responses = {200: ("OK", ok), **(extra or {})}
+        if alt:
+            responses[alt[0]] = (alt[1], ok)
+        return Doc(summary, responses=responses, path_params=_NAMES, tags=_TAG, **kw)
+
+    readiness = {"type": "object", "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}},
+                 "required": ["ready"]}
+    add("GET", "/v2", server_metadata, doc=doc("Server metadata", JSON(SERVER_METADATA_SCHEMA)))
     # server health answers without a token, so load balancers and Kubernetes probes work
-    add("GET", "/v2/health/live", live, auth=False)
-    add("GET", "/v2/health/ready", ready, auth=False)
+    add("GET", "/v2/health/live", live, auth=False, doc=doc("Server liveness", JSON(
+        {"type": "object", "properties": {"live": {"type": "boolean"}}, "required": ["live"]})))
+    add("GET", "/v2/health/ready", ready, auth=False, doc=doc("Server readiness: every model ready", JSON(readiness),
+                                                              (503, "Not ready")))
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-        add("GET", base, metadata)
-        add("GET", base + "/ready", model_ready)
-        add("POST", base + "/infer", infer, admit=admit)
-    add("POST", "/v2/repository/index", index)
-    add("POST", "/v2/repository/models/{model}/load", load)
-    add("POST", "/v2/repository/models/{model}/unload", unload)
+        add("GET", base, metadata, doc=doc("Model metadata: its inputs and outputs", JSON(MODEL_METADATA)))
+        add("GET", base + "/ready", model_ready, doc=doc("Model readiness", JSON(readiness), (503, "Not ready")))
+        add("POST", base + "/infer", infer, admit=admit, doc=doc(
+            "Inference (JSON, or the binary tensor data extension with Inference-Header-Content-Length)",
+            {**JSON(INFER_RESPONSE), "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            body={**JSON(INFER_REQUEST), "application/octet-stream": {"type": "string", "format": "binary"}},
+            extra={503: ("The model failed, or its queue is full (Retry-After)", JSON(OIP_ERROR))},
+            body_required=True, params=(Param("Inference-Header-Content-Length", "integer", where="header",
+                                              description="Bytes of JSON before the binary data"),)))
+    add("POST", "/v2/repository/index", index, doc=doc(
+        "The model repository's models and their states", JSON({"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"},
+            "reason": {"type": "string"}}}}),
+        body=JSON({"type": "object", "properties": {"ready": {"type": "boolean"}}})))
+    add("POST", "/v2/repository/models/{model}/load", load, doc=doc(
+        "Load a model from the model store (with --enable-model-api)", JSON({"type": "object"})))
+    add("POST", "/v2/repository/models/{model}/unload", unload, doc=doc(
+        "Unload a model (with --enable-model-api)", JSON({"type": "object"})))
