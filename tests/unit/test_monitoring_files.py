@@ -194,26 +194,32 @@ DRIFT_ROW_EXPECTED = {
 }
 
 
-def test_drift_row_queries_give_one_series_per_version_on_monitor_shaped_series(tmp_path):
-    """promtool evaluates each drift-row query (Grafana's variables filled in) on series shaped as
-    the Monitor exports them; every query of the row has an expectation."""
-    targets = _drift_row_targets()
-    assert {(title, ref) for title, ref, _ in targets} == set(DRIFT_ROW_EXPECTED)
+def _promtool_row(tmp_path, targets, expected, series) -> None:
+    """promtool evaluates each query of a dashboard row (Grafana's variables filled in) on
+    ``series`` and must find ``expected[(title, refId)]`` for every one."""
     tests = []
     for title, ref, expr in targets:
         concrete = (expr.replace('"$model"', '"digits_cnn"').replace('"$version"', '".*"')
                     .replace("$__rate_interval", "2m"))
         tests.append({"expr": concrete, "eval_time": "10m",
                       "exp_samples": [{"labels": "{" + labels + "}", "value": value}
-                                      for labels, value in DRIFT_ROW_EXPECTED[(title, ref)]]})
+                                      for labels, value in expected[(title, ref)]]})
     (tmp_path / "empty.yml").write_text("groups: []\n")
     (tmp_path / "row_test.yml").write_text(json.dumps({
         "rule_files": ["empty.yml"], "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in DRIFT_ROW_SERIES],
+        "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in series],
                    "promql_expr_test": tests}]}))
     r = subprocess.run([require("promtool"), "test", "rules", "row_test.yml"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_drift_row_queries_give_one_series_per_version_on_monitor_shaped_series(tmp_path):
+    """promtool evaluates each drift-row query (Grafana's variables filled in) on series shaped as
+    the Monitor exports them; every query of the row has an expectation."""
+    targets = _drift_row_targets()
+    assert {(title, ref) for title, ref, _ in targets} == set(DRIFT_ROW_EXPECTED)
+    _promtool_row(tmp_path, targets, DRIFT_ROW_EXPECTED, DRIFT_ROW_SERIES)
 
 
 # Series shaped as the server exports them: two replicas reading the same job records (same
@@ -258,18 +264,4 @@ def test_retraining_row_queries_give_one_series_per_model_on_server_shaped_serie
     assert row.get("collapsed") and row["panels"]
     targets = [(p["title"], t["refId"], t["expr"]) for p in row["panels"] for t in p.get("targets", [])]
     assert {(title, ref) for title, ref, _ in targets} == set(RETRAINING_ROW_EXPECTED)
-    tests = []
-    for title, ref, expr in targets:
-        concrete = (expr.replace('"$model"', '"digits_cnn"').replace('"$version"', '".*"')
-                    .replace("$__rate_interval", "2m"))
-        tests.append({"expr": concrete, "eval_time": "10m",
-                      "exp_samples": [{"labels": "{" + labels + "}", "value": value}
-                                      for labels, value in RETRAINING_ROW_EXPECTED[(title, ref)]]})
-    (tmp_path / "empty.yml").write_text("groups: []\n")
-    (tmp_path / "row_test.yml").write_text(json.dumps({
-        "rule_files": ["empty.yml"], "evaluation_interval": "1m",
-        "tests": [{"interval": "1m", "input_series": [{"series": s, "values": v} for s, v in RETRAINING_ROW_SERIES],
-                   "promql_expr_test": tests}]}))
-    r = subprocess.run([require("promtool"), "test", "rules", "row_test.yml"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
+    _promtool_row(tmp_path, targets, RETRAINING_ROW_EXPECTED, RETRAINING_ROW_SERIES)
