@@ -11,7 +11,10 @@ Both models run through their archive's handler in this process (the serving cod
 
 The metric (``gate.metric``; default ``accuracy`` for classifiers, ``mse`` for regression; also
 ``f1``, ``precision``, ``recall``, ``roc_auc``, ``log_loss``, ``mae``, ``r2``) is computed the way
-live quality is (:mod:`monitoring.quality.metrics`, labels read as feedback is). Changes are
+live quality is (:mod:`monitoring.quality.metrics`, labels read as feedback is). An autoencoder
+(the ``anomaly`` handler, task ``autoencoder``) is judged by ``reconstruction_error``: the mean
+of the handler's per-example reconstruction error on the rows' inputs, lower is better; its
+labels are not used (the quality monitor keeps none for autoencoders either). Changes are
 absolute for scores in [0, 1] (accuracy 0.80 -> 0.82 is +0.02) and relative for errors
 (mse 100 -> 90 is an improvement of 0.10), as quality tolerances are. The challenger passes
 only if every check holds:
@@ -53,6 +56,8 @@ log = logging.getLogger("osprey.retraining")
 LATENCY_SLACK_S = 0.001
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("mse", "mae", "r2")
+AUTOENCODER_METRICS = ("reconstruction_error",)  # lower is better (not in HIGHER_IS_BETTER)
+ALL_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS + AUTOENCODER_METRICS
 
 
 def gate_config(cfg: Any = None) -> GateConfig:
@@ -76,8 +81,8 @@ def gate_config(cfg: Any = None) -> GateConfig:
             raise ValueError(f"gate.{name} must be a number, got {v!r}")
         out[name] = float(v)
     metric = get("metric", None)
-    if metric is not None and metric not in CLASSIFICATION_METRICS + REGRESSION_METRICS:
-        raise ValueError(f"gate.metric {metric!r} is not one of {', '.join(CLASSIFICATION_METRICS + REGRESSION_METRICS)}")
+    if metric is not None and metric not in ALL_METRICS:
+        raise ValueError(f"gate.metric {metric!r} is not one of {', '.join(ALL_METRICS)}")
     return GateConfig(metric=metric, **out)
 
 
@@ -92,7 +97,15 @@ class GateResult:
 
 
 def default_metric(task: str | None) -> str:
+    if task == "autoencoder":
+        return "reconstruction_error"
     return "mse" if task == "regression" else "accuracy"
+
+
+def allowed_metrics(task: str | None) -> tuple[str, ...]:
+    if task == "autoencoder":
+        return AUTOENCODER_METRICS
+    return REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
 
 
 def improvement(metric: str, champion: float, challenger: float) -> float:
@@ -112,6 +125,12 @@ def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> di
     """The metrics of ``pred`` on ``rows[i]`` for ``i`` in ``indices`` (rows it answered)."""
     ys, outs = [], []
     task = pred.task
+    if task == "autoencoder":  # outputs: each example's reconstruction error; labels not used
+        errs = [np.asarray(pred.outputs[i], dtype=np.float64).reshape(-1) for i in indices if i in pred.outputs]
+        if not errs:
+            return {"rows": 0}
+        errs = np.concatenate(errs)
+        return {"rows": len(errs), "reconstruction_error": round(float(errs.mean()), 8)}
     for i in indices:
         out = pred.outputs.get(i)
         if out is None:
@@ -136,7 +155,8 @@ def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> di
     elif task == "classification":
         metrics = classification_metrics(np.asarray(ys, dtype=np.int64), outputs)
     else:
-        raise ValueError(f"the handler's task is {task!r}: only classification and regression models are gated")
+        raise ValueError(f"the handler's task is {task!r}: only classification, regression and autoencoder "
+                         "models are gated")
     return {"rows": len(ys), **metrics}
 
 
@@ -178,7 +198,7 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
         p_chal = predict_rows(chal.archive, rows)
         task = p_champ.task or p_chal.task
         metric = cfg.metric or default_metric(task)
-        allowed = REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
+        allowed = allowed_metrics(task)
         if metric not in allowed:
             raise ValueError(f"gate.metric {metric!r} does not fit a {task} model (use {', '.join(allowed)})")
         numbers: dict[str, Any] = {"metric": metric, "task": task,
