@@ -229,10 +229,6 @@ class LabelledData:
                 os.replace(tmp, path)
                 self.rows_added[model] = len(kept) - len(rows)
 
-    def forget(self, model: str) -> None:
-        with self._lock:
-            self._held.pop(model, None)
-
 
 def read_rows(model: str, *, root: str | os.PathLike | None = None, redis: Any = None,
               limit: int | None = None) -> list[dict[str, Any]]:

@@ -147,8 +147,7 @@ def run(job: Any) -> dict[str, Any]:
 
     # 5. publish -------------------------------------------------------------------------------
     target = store / candidate.name
-    os.replace(candidate, target) if candidate.stat().st_dev == store.stat().st_dev else \
-        _copy_then_rename(candidate, target)
+    os.replace(candidate, target)  # one rename: the job's work folder is on the model store
     job.progress(0.85, "registering")
     try:
         client.register_challenger(rec.id, target.name)
@@ -218,11 +217,3 @@ def _take_out(client: ServerClient, model: str, version: str) -> None:
         client.unregister(model, version)
     except ApiError:
         pass
-
-
-def _copy_then_rename(src: Path, dst: Path) -> None:
-    import shutil
-
-    tmp = dst.with_name(dst.name + ".part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
