@@ -9,6 +9,7 @@ batch-size histogram.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import re
 import shutil
@@ -24,11 +25,12 @@ __all__ = ["example_store", "concurrent_posts", "mean_batch_size", "variant"]
 _lock = threading.Lock()
 _built: set[str] = set()
 _root: Path | None = None
+SHARED_ENV = "OSPREY_TEST_EXAMPLES_SHARED"
 
 
 def example_store(*names: str) -> Path:
     global _root
-    from examples.build import EXAMPLES, build_one
+    from examples.build import EXAMPLES
 
     with _lock:
         if _root is None and os.environ.get("OSPREY_TEST_EXAMPLES"):
@@ -38,11 +40,46 @@ def example_store(*names: str) -> Path:
         if _root is None:
             _root = Path(tempfile.mkdtemp(prefix="osprey-test-examples-"))
             atexit.register(shutil.rmtree, _root, True)
-        for name in names:
-            if name not in _built:
-                build_one(name, _root)
-                _built.add(name)
+        missing = [n for n in names if n not in _built]
+        if missing:
+            shared = os.environ.get(SHARED_ENV)
+            if shared:
+                _build_shared(Path(shared), missing, _root)
+            else:
+                from examples.build import build_one
+
+                for name in missing:
+                    build_one(name, _root)
+            _built.update(missing)
         return _root
+
+
+def _build_shared(shared: Path, names: list[str], store: Path) -> None:
+    """Train the examples once per test run for every pytest-xdist worker (the folder is made
+    and removed by tests/conftest.py), then hard-link them into this process's own store:
+    servers write job records and datasets under their store, which workers must not share.
+    Builds are serialized across processes (two examples may write the same sample file)."""
+    from examples.build import build_one
+
+    with open(shared / ".build.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for name in names:
+                done = shared / f".built-{name}"
+                if not done.exists():
+                    build_one(name, shared)
+                    done.touch()
+            for src in shared.rglob("*"):
+                dst = store / src.relative_to(shared)
+                if src.name.startswith(".") or dst.exists():
+                    continue
+                if src.is_dir():
+                    dst.mkdir(parents=True, exist_ok=True)
+                else:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    os.link(src, dst)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def concurrent_posts(url: str, bodies: list, *, headers: dict | None = None, workers: int = 16) -> list[httpx.Response]:

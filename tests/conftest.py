@@ -143,6 +143,28 @@ class ServerPool:
             proc.stop()
 
 
+def pytest_configure(config):
+    """The controlling process (not an xdist worker) makes the folder every worker builds the
+    example archives into, once per run (tests/builtin_models.py); removed at the end."""
+    from tests.builtin_models import SHARED_ENV
+
+    if hasattr(config, "workerinput") or os.environ.get(SHARED_ENV):
+        return
+    import tempfile
+
+    os.environ[SHARED_ENV] = tempfile.mkdtemp(prefix="osprey-test-examples-")
+    config._osprey_examples = os.environ[SHARED_ENV]
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    folder = getattr(config, "_osprey_examples", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.environ.pop("OSPREY_TEST_EXAMPLES_SHARED", None)
+
+
 @pytest.fixture
 def osprey(tmp_path):
     """Start servers: ``osprey(models=[...], store=path, ...)``; all are stopped afterwards."""
