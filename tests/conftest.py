@@ -87,7 +87,8 @@ class OspreyProcess:
         args += extra_args or []
         self.log_path = workdir / "server.log"
         self._log = open(self.log_path, "wb")
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+        full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
         self.proc = subprocess.Popen(args, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout: float = 60.0) -> "OspreyProcess":
