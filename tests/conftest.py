@@ -60,7 +60,7 @@ class OspreyProcess:
 
     def __init__(self, workdir: Path, store: Path, models: list[str], *, token_auth: bool = False,
                  model_api: bool = True, extra_args: list[str] | None = None, config: dict | None = None,
-                 env: dict | None = None, scheme: str = "http"):
+                 env: dict | None = None, scheme: str = "http", prefix: list[str] | None = None):
         self.workdir = workdir
         self.store = store
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc", "grpc_mgmt")}
@@ -69,7 +69,7 @@ class OspreyProcess:
         self.metrics = f"{scheme}://127.0.0.1:{self.ports['metrics']}"
         self.grpc = f"127.0.0.1:{self.ports['grpc']}"
         self.grpc_management = f"127.0.0.1:{self.ports['grpc_mgmt']}"
-        args = [sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(store),
+        args = [*(prefix or []), sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(store),
                 "--inference-address", self.inference, "--management-address", self.management,
                 "--metrics-address", self.metrics, "--grpc-inference-port", str(self.ports["grpc"]),
                 "--grpc-management-port", str(self.ports["grpc_mgmt"]),
