@@ -8,8 +8,9 @@ changes, so alerts keep reaching ``/alerts`` across Osprey restarts and key rota
 
     python management_token.py KEY_FILE OUT [--interval SECONDS]
 
-The copy is written atomically, readable by other users (Alertmanager's image runs as
-``nobody``): keep OUT on a volume only Alertmanager mounts (deploy/compose.yaml does).
+The copy is written atomically and readable by other users (Alertmanager's image runs as
+``nobody``); the key file, with the API key that makes new keys, stays 0600. deploy/compose.yaml
+writes the copy next to the key file, on the volume Alertmanager mounts read-only.
 It runs until SIGTERM; it is standard library only, so any Python image can run it.
 """
 

@@ -440,18 +440,25 @@ def test_compose_alertmanager_routes_drift_and_quality_to_osprey_alerts(compose,
     url = urlsplit(hook["url"])
     assert (url.hostname, url.port, url.path) == ("osprey", parse_address(settings.management_address)[1], "/alerts")
     assert '"/alerts"' in (ROOT / "server" / "protocols" / "rest" / "triggers.py").read_text()
-    # the bearer token file is the one the management-token service writes, on a shared volume
+    # the bearer token file is the one the management-token service writes, on a volume both mount
     token_file = hook["http_config"]["authorization"]["credentials_file"]
     keeper = compose["services"]["management-token"]
-    assert keeper["command"][-1] == token_file
-    shared = {(s, t) for s, t, bind in mounts(service) if not bind} & {
-        (s, t) for s, t, bind in mounts(keeper) if not bind}
-    assert any(token_file.startswith(t + "/") for s, t in shared), "the token file is on no volume both mount"
-    key_file = keeper["command"][-2]
-    assert key_file == settings.key_file
-    assert ("keys", str(Path(key_file).parent)) in {(s, t) for s, t, bind in mounts(compose["services"]["osprey"])}
+    assert _on_volume(service, token_file) == _on_volume(keeper, keeper["command"][-1])
+    assert _on_volume(keeper, keeper["command"][-2]) == _on_volume(compose["services"]["osprey"], settings.key_file)
+    # the keeper runs as the image's user: the volume's folder must be one the image makes for it
+    # (a new named volume takes the owner of the folder it is mounted on)
+    made = next(a for s, w, a in dockerfile if w == "RUN" and "install -d -o osprey -g osprey" in a)
+    assert f" {Path(keeper['command'][-1]).parent}" in made.split("install -d -o osprey -g osprey", 1)[1] + " "
     script = keeper["command"][1]
     assert any(t == script for s, t, bind in mounts(keeper) if bind)
+
+
+def _on_volume(service: dict, path: str) -> tuple[str, str]:
+    """``(volume, path inside it)`` of a container path on one of the service's named volumes."""
+    for source, target, bind in mounts(service):
+        if not bind and path.startswith(target.rstrip("/") + "/"):
+            return source, path[len(target.rstrip("/")) + 1:]
+    raise AssertionError(f"{path} is on no named volume of the service")
 
 
 def test_compose_grafana_provisions_prometheus_and_the_dashboard(compose):
