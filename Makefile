@@ -8,19 +8,56 @@ STORE  ?= model_store
 # which the tests drive as a real client.
 KSERVE_VENV ?= .venv-kserve
 
-.PHONY: setup examples serve stop test system-packages bench bench-quick bench-packages
+.PHONY: setup install-torch examples serve stop test system-packages bench bench-quick bench-packages
 
-# A virtual environment with torch pinned to the CPU wheel first (an unpinned torch pulls a
-# multi-GB CUDA build), then Osprey and its test tools.
-$(BIN)/.installed: pyproject.toml
+# torch is the one package whose wheel depends on the machine. On PyPI the Linux torch is the
+# CUDA build (a multi-GB download); without a GPU the CPU build from PyTorch's index does.
+#   make setup                    CPU wheels, unless nvidia-smi sees a GPU (then PyPI's CUDA build)
+#   make setup TORCH_CUDA=cu128   that CUDA build from PyTorch's index (cu126, cu128, ...)
+#   make setup TORCH_INDEX=URL    any other index (a mirror); TORCH_INDEX=pypi: the default index only
+# The chosen index is added with --extra-index-url and only when it answers, so a machine that
+# reaches only the default index (or its own mirror) installs from there as before.
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC    ?= torch==$(TORCH_VERSION)
+TORCH_CUDA    ?=
+TORCH_INDEX   ?=
+PYTORCH_WHL   := https://download.pytorch.org/whl
+
+$(BIN)/python:
+	@echo "==> creating the virtual environment $(VENV) ($(PYTHON))"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
+
+install-torch: $(BIN)/python
+	@index="$(TORCH_INDEX)"; why="TORCH_INDEX"; \
+	if [ -z "$$index" ]; then \
+	  if [ -n "$(TORCH_CUDA)" ]; then index="$(PYTORCH_WHL)/$(TORCH_CUDA)"; why="TORCH_CUDA=$(TORCH_CUDA)"; \
+	  elif nvidia-smi -L >/dev/null 2>&1; then index=pypi; why="a GPU is present: PyPI's Linux torch is the CUDA build"; \
+	  else index="$(PYTORCH_WHL)/cpu"; why="no GPU (nvidia-smi -L)"; fi; \
+	fi; \
+	if [ "$$index" = pypi ]; then \
+	  echo "==> installing $(TORCH_SPEC) from the default index ($$why)"; \
+	  $(BIN)/pip install "$(TORCH_SPEC)"; \
+	elif $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' \
+	     "$${index%/}/torch/" >/dev/null 2>&1; then \
+	  echo "==> installing $(TORCH_SPEC) with $$index as an extra index ($$why)"; \
+	  $(BIN)/pip install --extra-index-url "$$index" "$(TORCH_SPEC)"; \
+	else \
+	  echo "==> $$index does not answer ($$why): installing $(TORCH_SPEC) from the default index"; \
+	  $(BIN)/pip install "$(TORCH_SPEC)"; \
+	fi
+
+# A virtual environment with torch first (above: an unpinned torch pulls the CUDA build), then
+# Osprey and its test tools.
+$(BIN)/.installed: pyproject.toml | $(BIN)/python
+	@$(MAKE) --no-print-directory install-torch
+	@echo "==> installing Osprey with its test tools: pip install -e '.[test]' (pyproject.toml)"
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
 setup: $(BIN)/.installed
 
 $(STORE)/digits_cnn.mar: | $(BIN)/.installed
+	@echo "==> training and packaging the example models into $(STORE) (osprey examples)"
 	$(BIN)/osprey examples --out $(STORE)
 
 examples: $(STORE)/digits_cnn.mar
@@ -33,12 +70,17 @@ serve: examples
 stop:
 	$(BIN)/osprey stop
 
-# Real services the tests talk to (Prometheus, promtool, redis-server), from Debian's packages.
+# Real services and tools the tests use, from Debian's packages: Prometheus and promtool,
+# redis-server, amtool (the Compose stack's Alertmanager config), tini (the image's PID 1).
+SYSTEM_PACKAGES := prometheus redis-server prometheus-alertmanager tini
 system-packages:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus redis-server)
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null && \
+	  command -v amtool >/dev/null && command -v tini >/dev/null || \
+	  (echo "==> installing Debian packages: $(SYSTEM_PACKAGES)" && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES))
 
 $(KSERVE_VENV)/.installed:
+	@echo "==> installing kserve==0.21.0 (the tests' KServe client) into its own environment $(KSERVE_VENV)"
 	$(PYTHON) -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
 	touch $@
