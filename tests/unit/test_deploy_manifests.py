@@ -535,3 +535,25 @@ def test_kserve_runtime_serves_the_inference_service(tmp_path, monkeypatch):
     assert not s.workdir.startswith("/mnt/models")
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == port
+
+
+def test_readme_commands_match_the_manifests():
+    """The commands the READMEs give act on these manifests: a sed that matches nothing would
+    deploy the placeholder image without a word."""
+    readme, deploy_readme = (ROOT / "README.md").read_text(), (ROOT / "deploy" / "README.md").read_text()
+    runtime_text = (KSERVE / "cluster-serving-runtime.yaml").read_text()
+    patterns = re.findall(r"sed 's#([^#]+)#[^#]*#' deploy/kserve/cluster-serving-runtime.yaml", readme)
+    assert patterns
+    for pattern in patterns:
+        assert re.search(pattern, runtime_text), pattern
+    isvc = _one(_kserve(), "InferenceService", "digits-cnn")
+    assert f"storageUri: {isvc['spec']['predictor']['model']['storageUri']}" in readme
+    assert re.search(r"aws s3 cp \S+ " + re.escape(isvc["spec"]["predictor"]["model"]["storageUri"]), readme)
+    assert f"inferenceservice/{isvc['metadata']['name']}" in readme
+    objects = _rendered("overlays/cpu")
+    store = parse_properties(_one(objects, "ConfigMap", "osprey-config")["data"]["config.properties"])["model_store"]
+    assert f":{store}/digits_cnn.mar" in deploy_readme
+    server = _one(objects, "Deployment", "osprey")["spec"]["template"]
+    assert "-l app.kubernetes.io/component=server" in deploy_readme
+    assert server["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    assert "$POD_IP:8081" in deploy_readme and "POD_IP" in _env(server["spec"]["containers"][0])
