@@ -330,12 +330,17 @@ def test_references_resolve(target):
 
 def _parse(args: list[str], monkeypatch) -> object:
     """The container's args through Osprey's own parser (``osprey`` is args[0])."""
-    seen = {}
+    seen = []
+
+    def capture(parsed) -> int:  # in place of running the command
+        seen.append(parsed)
+        return 0
+
     for name in ("cmd_serve", "cmd_worker"):
-        monkeypatch.setattr(cli, name, lambda a, name=name: seen.setdefault("args", a) and 0)
+        monkeypatch.setattr(cli, name, capture)
     assert args[0] == "osprey"
-    cli.main(args[1:])
-    return seen["args"]
+    assert cli.main(args[1:]) == 0
+    return seen[0]
 
 
 def _env(container: dict, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -415,7 +420,8 @@ def test_server_and_worker_see_one_configuration(target, tmp_path, monkeypatch):
     store = _mount_of(server, template, s.model_store)
     assert store["persistentVolumeClaim"]["claimName"] == "osprey-model-store"
     assert "emptyDir" in _mount_of(server, template, s.workdir)
-    assert "emptyDir" in _mount_of(server, template, cli.DEFAULT_PID_FILE)
+    pid_file = str(Path(_env(server).get("TMPDIR", "/tmp")) / Path(cli.DEFAULT_PID_FILE).name)  # in the pod
+    assert "emptyDir" in _mount_of(server, template, pid_file)
     assert "emptyDir" in _mount_of(server, template, _env(server)["HOME"])
     # the shared Redis
     host, port = parse_address(s.redis_url.replace("redis://", "http://"))
