@@ -21,13 +21,17 @@ TorchServe subclasses, plain classes; all optional):
   array: replaces the penultimate activations), and prediction features
   (``reconstruction_error``, ``prediction``, ``prediction[...]``, ``predicted_class``,
   ``confidence``, ``entropy``): they go to the observation's predictions.
-- ``monitor_task``: ``"classification" | "regression" | "autoencoder" | "embedding"`` or
-  None (an attribute or a method of no argument). Defined (even as None), it is taken as
-  it is; undefined, the task is inferred (below).
+- ``monitor_task``: ``"classification" | "regression" | "autoencoder" | "embedding" |
+  "generator"`` or None (an attribute or a method of no argument). Defined (even as None),
+  it is taken as it is; undefined, the task is inferred (below). ``generator``: a
+  conditional generator whose outputs (from ``monitor_outputs``) are the asked classes as
+  one-hot rows (n, C): a feedback label is the class a viewer recognised in the sample.
 - ``monitor_logits = True``: the outputs of a classifier are logits (softmax them without
   checking whether they already are probabilities).
 - ``monitor_outputs(self, outputs) -> array``: the raw outputs as class probabilities (n, C)
-  or values ((n,) / (n, k)); without it the rules below apply.
+  or values ((n,) / (n, k)); without it the rules below apply. Defined with two parameters,
+  ``monitor_outputs(self, outputs, inputs)``, it also gets what ``inference`` was called
+  with (the generator reads the asked classes there).
 - ``monitor_layer``: the module whose output is the penultimate activation (as
   ``monitoring.layer``, which wins), or False for no forward hook (a handler giving its own
   ``embedding``).
@@ -53,7 +57,8 @@ TorchServe subclasses, plain classes; all optional):
 ``anomaly``        ``mean``, ``contrast`` of the model input; ``reconstruction_error`` (also the
                    observation's ``outputs``); the last Linear layer's input
 ``generator``      ``latent_norm`` (RMS of the latent vector), ``class`` (categorical, for a
-                   conditional model); no predictions (task None); no embedding
+                   conditional model); no prediction features; outputs: the asked class
+                   one-hot (task ``generator``; unconditional: task None); no embedding
 ``tensor``         none; predictions by the rules below (regression values of a narrow
                    output, probabilities...); the last Linear layer's input
 =================  ==========================================================================
@@ -328,6 +333,17 @@ def _script_penultimate(model: Any) -> Any:
         torch._C._set_graph_executor_optimize(optimized)
 
 
+def _positional(fn: Any) -> int:
+    """How many named positional parameters ``fn`` has (a bound method: without self); 1 if unknown."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -351,6 +367,7 @@ class Tap:
         self._task = task() if callable(task) else task
         self._features = getattr(target, "monitor_features", None)
         self._outputs = getattr(target, "monitor_outputs", None)
+        self._outputs_inputs = self._outputs is not None and _positional(self._outputs) >= 2
         self._logits = bool(getattr(target, "monitor_logits", False))  # outputs are logits: no need to look
         self._class_cache: dict[int, tuple[str, ...] | None] = {}
         inference = getattr(target, "inference", None)
@@ -490,7 +507,8 @@ class Tap:
         if calls:
             raw_parts = [main_output(out) for _, out in calls]
             if self._outputs is not None:
-                parts = [self._outputs(out) for _, out in calls]
+                parts = [self._outputs(out, inp) if self._outputs_inputs else self._outputs(out)
+                         for inp, out in calls]
                 outputs = None if any(p is None for p in parts) else _concat([as_array(p) for p in parts])
             elif all(hasattr(r, "shape") for r in raw_parts):
                 raw = _concat([as_array(r) for r in raw_parts])

@@ -20,7 +20,8 @@ and missing classes are drawn with it too). One image is answered as ``image/png
 (or ``"format": "json"``) as ``{"images": [base64 PNG, ...], "seed", "classes"}``. More than
 ``max_samples`` images, or latent values that are not finite or beyond ``latent_limit`` (a
 decoder answers those with a blank image), are a 400 before anything is drawn. The seed
-used is in the ``x-osprey-seed`` header. Open Inference Protocol: inputs ``latent`` (FP32,
+used is in the ``x-osprey-seed`` header (and, for one image of a conditional model, its
+class in ``x-osprey-class``). Open Inference Protocol: inputs ``latent`` (FP32,
 N x latent_dim) and, if conditional, ``class`` (INT64, N); output ``image`` (FP32, pixels in 0..1).
 """
 
@@ -171,9 +172,23 @@ class GeneratorHandler(BuiltinHandler):
         return {"image": img.cpu().numpy()}
 
     # --- monitoring (handlers/monitoring.py): what was asked for; a generated image has no
-    # prediction to drift on
-    monitor_task = None
+    # prediction to drift on. A conditional generator's "prediction" for feedback is the class
+    # it was asked to draw: a label is the class a viewer recognised in the sample, and live
+    # quality is how often the two agree (monitoring.quality, task "generator").
     monitor_layer = False  # the decoder's hidden layer is a function of the latent: nothing more to watch
+
+    @property
+    def monitor_task(self) -> str | None:
+        return "generator" if getattr(self, "num_classes", 0) else None
+
+    def monitor_outputs(self, outputs: Any, inputs: Any) -> Any:
+        """The asked classes as one-hot rows (n, num_classes); None for an unconditional model."""
+        if not self.num_classes or not isinstance(inputs, tuple) or len(inputs) < 2:
+            return None
+        cls = inputs[1].detach().cpu().numpy().astype(np.int64)
+        out = np.zeros((len(cls), self.num_classes), dtype=np.float32)
+        out[np.arange(len(cls)), cls] = 1.0
+        return out
 
     def monitor_features(self, inputs: Any, outputs: Any) -> dict:
         """``latent_norm`` (the latent vector's RMS: 1 for standard normal draws) and, for a
@@ -203,6 +218,8 @@ class GeneratorHandler(BuiltinHandler):
         seed = examples[0]["seed"]
         if self.context is not None and self.context.request_processor is not None:
             self.context.set_response_header(idx, "x-osprey-seed", str(seed))
+            if self.num_classes and not examples[0]["many"]:  # one PNG: which class was drawn
+                self.context.set_response_header(idx, "x-osprey-class", str(examples[0]["cls"]))
         pngs = [self._png(img) for img in outputs["image"]]
         if not examples[0]["many"]:
             self.context.set_response_content_type(idx, "image/png")

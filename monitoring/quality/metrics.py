@@ -135,7 +135,10 @@ def _numeric_metrics(raw: Any) -> dict[str, float]:
         return {}
     out = {}
     for k, v in raw.items():
-        name = {"auc": "roc_auc", "logloss": "log_loss"}.get(str(k).lower(), str(k).lower())
+        # judged_accuracy: a generator's samples recognised as the asked class by the archive's
+        # judge (the gate's scorer): the baseline of how often viewers recognise it
+        name = {"auc": "roc_auc", "logloss": "log_loss", "judged_accuracy": "accuracy"}.get(str(k).lower(),
+                                                                                          str(k).lower())
         if name in KNOWN and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[name] = float(v)
     return out

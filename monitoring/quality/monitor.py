@@ -16,7 +16,10 @@ The drift Monitor owns one :class:`QualityMonitor` per version (made by
 
 Labels: a classification label is a class, by name (``obs.classes``; a number matches the
 class named by its decimal form first) or by index; a regression label is a number (a list of
-numbers for a model with several outputs). Wrong-type labels are counted invalid with an error
+numbers for a model with several outputs). For a conditional generator (task ``generator``:
+its outputs are the asked classes, one-hot) a label is the class a viewer (or a downstream
+classifier) recognised in the sample; quality is accuracy, precision, recall and F1 of the
+recognised classes against the asked ones. Wrong-type labels are counted invalid with an error
 line naming the item; labels for unknown, expired or already labelled ids are counted
 unmatched. Nothing a client sends is fatal.
 
@@ -55,7 +58,10 @@ BUFFER_ROWS = 10_000  # predictions kept in this process while Redis is down
 RETRY_S = 2.0  # after a Redis failure, do not try again for this long (buffer meanwhile)
 REFRESH_S = 5.0  # record() refreshes the cached metrics at most this often
 RESULTS = ("matched", "unmatched", "invalid")
-_CLASSIFICATION, _REGRESSION = b"c", b"r"
+_CLASSIFICATION, _REGRESSION, _GENERATOR = b"c", b"r", b"g"
+# a conditional generator: its "prediction" is the asked class (one-hot), a label the class a
+# viewer recognised in the sample; the metrics are the ones that mean something there
+GENERATOR_METRICS = ("accuracy", "precision", "recall", "f1")
 
 
 class QualityPart(Protocol):
@@ -190,7 +196,8 @@ class QualityMonitor:
     def _record(self, obs: Observation) -> None:
         if obs.error or obs.outputs is None or not obs.request_ids:
             return
-        kind = {"classification": _CLASSIFICATION, "regression": _REGRESSION}.get(obs.task or "")
+        kind = {"classification": _CLASSIFICATION, "regression": _REGRESSION,
+                "generator": _GENERATOR}.get(obs.task or "")
         if kind is None:
             return  # autoencoders, embeddings: nothing a label can be checked against
         outputs = np.asarray(obs.outputs, dtype=np.float32)
@@ -341,6 +348,10 @@ class QualityMonitor:
         if kind == "c":
             y = np.array([e["y"] for e in entries], dtype=np.int64)
             return classification_metrics(y, outputs), len(entries), "classification"
+        if kind == "g":  # asked class (one-hot) vs the class recognised
+            y = np.array([e["y"] for e in entries], dtype=np.int64)
+            metrics = classification_metrics(y, outputs)
+            return {k: metrics[k] for k in GENERATOR_METRICS}, len(entries), "generator"
         y = np.array([e["y"] for e in entries], dtype=np.float64).reshape(len(entries), -1)
         return regression_metrics(y, outputs), len(entries), "regression"
 

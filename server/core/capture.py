@@ -21,7 +21,7 @@ import numpy as np
 __all__ = ["Observation", "MonitorPort", "FeedbackItem", "FeedbackResult", "TASKS"]
 
 #: what a model's outputs mean, for prediction drift and for live quality
-TASKS = ("classification", "regression", "autoencoder", "embedding")
+TASKS = ("classification", "regression", "autoencoder", "embedding", "generator")
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Observation:
     # projects them on a basis fitted on the reference (a few components become features)
     embedding: np.ndarray | None = None
     task: str | None = None  # one of TASKS, or None when the outputs say nothing usable
-    # for feedback joins: (n, C) class probabilities (classification); (n,) or (n, k) values (regression)
+    # for feedback joins: (n, C) class probabilities (classification); (n,) or (n, k) values
+    # (regression); (n, C) one-hot asked classes (generator)
     outputs: np.ndarray | None = None
     classes: tuple[str, ...] | None = None  # class labels in output-index order, when known
     error: str | None = None  # the handler's monitoring hook failed: why (features then empty)

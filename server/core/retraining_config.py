@@ -45,6 +45,9 @@ class GateConfig:
     max_regression: float = 0.02  # on the golden set (the archive's reference data), measured the same way
     max_latency_ratio: float = 1.5  # challenger / champion latency at batch 1 and batch 32
     max_size_ratio: float = 2.0  # challenger / champion archive size
+    # "module:function" judging models whose answers no label checks (generators): see
+    # server/retraining/scoring.py; None: training.json's "scorer", if any
+    scorer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,11 @@ def _gate(where: str, raw: Any) -> GateConfig:
         w = f"{where}.{key}"
         if key == "metric":
             out[key] = None if value is None else _choice(w, value, METRICS)
+        elif key == "scorer":
+            if value is not None and (not isinstance(value, str) or value.count(":") != 1
+                                      or not all(p.strip() for p in value.split(":"))):
+                raise _bad(w, f"must be 'module:function' (e.g. examples.digits_vae:judge), got {show(value)}")
+            out[key] = value
         elif key in ("min_improvement", "max_regression"):
             out[key] = _num(w, value, float, -1e6, 1e6)
         else:

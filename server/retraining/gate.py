@@ -14,7 +14,13 @@ The metric (``gate.metric``; default ``accuracy`` for classifiers, ``mse`` for r
 live quality is (:mod:`monitoring.quality.metrics`, labels read as feedback is). An autoencoder
 (the ``anomaly`` handler, task ``autoencoder``) is judged by ``reconstruction_error``: the mean
 of the handler's per-example reconstruction error on the rows' inputs, lower is better; its
-labels are not used (the quality monitor keeps none for autoencoders either). Changes are
+labels are not used (the quality monitor keeps none for autoencoders either). A model whose
+answers hold nothing a label can be checked against (a conditional generator, task
+``generator``) is judged by its archive's **scorer** (:mod:`server.retraining.scoring`): both
+models' answers, as clients receive them, go to the champion's judge (digits_vae:
+``judged_accuracy``, the share of samples a classifier trained on real digits recognises as
+the asked class, higher is better); the metric is the scorer's, the mean of its per-row
+values. A generator without a scorer is an error naming what to add. Changes are
 absolute for scores in [0, 1] (accuracy 0.80 -> 0.82 is +0.02) and relative for errors
 (mse 100 -> 90 is an improvement of 0.10), as quality tolerances are. The challenger passes
 only if every check holds:
@@ -46,9 +52,10 @@ from server.core.retraining_config import GateConfig
 
 from .data import RowError, golden_rows, request_body, resolve_labels
 from .entry import reference_encoder
-from .serving import LoadedModel, Predictions, archive_size, predict_rows, time_batches
+from .scoring import Scorer, load_scorer, missing_scorer, scorer_spec
+from .serving import LoadedModel, Predictions, archive_size, predict_rows, score_answers, time_batches
 
-__all__ = ["GateConfig", "GateResult", "gate_config", "evaluate", "score", "score_rows", "improvement",
+__all__ = ["GateConfig", "GateResult", "gate_config", "evaluate", "score", "score_rows", "scorer_of", "improvement",
            "default_metric", "LATENCY_SLACK_S"]
 
 log = logging.getLogger("osprey.retraining")
@@ -83,7 +90,10 @@ def gate_config(cfg: Any = None) -> GateConfig:
     metric = get("metric", None)
     if metric is not None and metric not in ALL_METRICS:
         raise ValueError(f"gate.metric {metric!r} is not one of {', '.join(ALL_METRICS)}")
-    return GateConfig(metric=metric, **out)
+    scorer = get("scorer", None)
+    if scorer is not None and (not isinstance(scorer, str) or scorer.count(":") != 1):
+        raise ValueError(f"gate.scorer must be 'module:function', got {scorer!r}")
+    return GateConfig(metric=metric, scorer=scorer, **out)
 
 
 @dataclass
@@ -108,9 +118,10 @@ def allowed_metrics(task: str | None) -> tuple[str, ...]:
     return REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
 
 
-def improvement(metric: str, champion: float, challenger: float) -> float:
-    """How much better the challenger is: absolute for scores, relative for errors."""
-    if metric in HIGHER_IS_BETTER:
+def improvement(metric: str, champion: float, challenger: float, higher: bool | None = None) -> float:
+    """How much better the challenger is: absolute for scores, relative for errors
+    (``higher``: the metric's direction when it is a scorer's, else known by name)."""
+    if higher if higher is not None else metric in HIGHER_IS_BETTER:
         return challenger - champion
     if champion > 0:
         return (champion - challenger) / champion
@@ -125,6 +136,9 @@ def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> di
     """The metrics of ``pred`` on ``rows[i]`` for ``i`` in ``indices`` (rows it answered)."""
     ys, outs = [], []
     task = pred.task
+    if pred.scores is not None:  # a scorer's value per row (generators): their mean
+        value, n = pred.scores.mean([i for i in indices if i in pred.outputs])
+        return {"rows": n, pred.scores.metric: value} if n else {"rows": 0}
     if task == "autoencoder":  # outputs: each example's reconstruction error; labels not used
         errs = [np.asarray(pred.outputs[i], dtype=np.float64).reshape(-1) for i in indices if i in pred.outputs]
         if not errs:
@@ -160,10 +174,31 @@ def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> di
     return {"rows": len(ys), **metrics}
 
 
-def score_rows(archive: str | Path, rows: Sequence[dict]) -> dict[str, Any]:
-    """One model's metrics on labelled rows, through its handler (``refused``: rows it refused)."""
-    pred = predict_rows(archive, rows)
-    return {**score(pred, rows, range(len(rows))), "refused": len(pred.errors), "task": pred.task}
+def scorer_of(model: LoadedModel, cfg: Any = None) -> Scorer | None:
+    """The archive's scorer (``gate.scorer``, else training.json ``"scorer"``), judging with the
+    files of ``model`` (the champion's); None when it names none."""
+    try:
+        training = json.loads((model.model_dir / "training.json").read_text())
+    except (OSError, ValueError):
+        training = {}
+    spec = scorer_spec(training, gate_config(cfg).scorer)
+    return load_scorer(model.model_dir, spec) if spec else None
+
+
+def score_rows(archive: str | Path, rows: Sequence[dict], gate_cfg: Any = None) -> dict[str, Any]:
+    """One model's metrics on labelled rows, through its handler (``refused``: rows it refused);
+    a model with a scorer: the scorer's metric (and ``higher_is_better``)."""
+    with LoadedModel(archive) as model:
+        scorer = scorer_of(model, gate_cfg)
+        if scorer is None:
+            pred = predict_rows(model.archive, rows)
+            missing_scorer(model.archive.name, pred.task)
+        else:
+            pred = score_answers(model, rows, scorer)
+    out = {**score(pred, rows, range(len(rows))), "refused": len(pred.errors), "task": pred.task}
+    if pred.scores is not None:
+        out.update(metric=pred.scores.metric, higher_is_better=pred.scores.higher_is_better)
+    return out
 
 
 def _golden(model: LoadedModel, golden: Any) -> list[dict]:
@@ -194,16 +229,29 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
         rows = holdout + gold
         n_hold = len(holdout)
         say(f"gate: scoring champion and challenger on {n_hold} held-out rows and {len(gold)} golden rows")
-        p_champ = predict_rows(champ.archive, rows)
-        p_chal = predict_rows(chal.archive, rows)
+        scorer = scorer_of(champ, cfg)  # the champion's judge scores both
+        if scorer is None:
+            p_champ = predict_rows(champ.archive, rows)
+            p_chal = predict_rows(chal.archive, rows)
+        else:
+            say(f"gate: judging both models' answers with {scorer.spec}")
+            p_champ, p_chal = score_answers(champ, rows, scorer), score_answers(chal, rows, scorer)
         task = p_champ.task or p_chal.task
-        metric = cfg.metric or default_metric(task)
-        allowed = allowed_metrics(task)
-        if metric not in allowed:
-            raise ValueError(f"gate.metric {metric!r} does not fit a {task} model (use {', '.join(allowed)})")
-        numbers: dict[str, Any] = {"metric": metric, "task": task,
-                                   "direction": "higher" if metric in HIGHER_IS_BETTER else "lower",
+        missing_scorer(champ.archive.name, None if scorer is not None else task)
+        if scorer is not None:
+            metric, higher = p_champ.scores.metric, p_champ.scores.higher_is_better
+            if cfg.metric is not None and cfg.metric != metric:
+                raise ValueError(f"gate.metric {cfg.metric!r} does not fit: {scorer.spec} scores {metric}")
+        else:
+            metric = cfg.metric or default_metric(task)
+            higher = metric in HIGHER_IS_BETTER
+            allowed = allowed_metrics(task)
+            if metric not in allowed:
+                raise ValueError(f"gate.metric {metric!r} does not fit a {task} model (use {', '.join(allowed)})")
+        numbers: dict[str, Any] = {"metric": metric, "task": task, "direction": "higher" if higher else "lower",
                                    "config": asdict(cfg)}
+        if scorer is not None:
+            numbers["scorer"] = scorer.spec
 
         def part(name: str, idx: range) -> dict[str, Any]:
             both = [i for i in idx if i in p_champ.outputs and i in p_chal.outputs]
@@ -212,7 +260,7 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
                    "refused": {"champion": sum(i in p_champ.errors for i in idx),
                                "challenger": sum(i in p_chal.errors for i in idx)}}
             a, b = s_champ.get(metric), s_chal.get(metric)
-            out["change"] = None if a is None or b is None else round(improvement(metric, a, b), 6)
+            out["change"] = None if a is None or b is None else round(improvement(metric, a, b, higher), 6)
             newly = [i for i in idx if i in p_chal.errors and i not in p_champ.errors]
             if newly:
                 i = newly[0]

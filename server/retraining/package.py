@@ -58,14 +58,16 @@ def _merge(base: dict, over: Mapping) -> dict:
 
 def stage(champion: str | os.PathLike, weights: str | os.PathLike, dest: str | os.PathLike, *,
           version: str | None = None, config_overrides: Mapping | None = None, metrics: Mapping | None = None,
-          reference: Mapping[str, np.ndarray] | None = None, info: Mapping | None = None) -> Path:
+          reference: Mapping[str, np.ndarray] | None = None, info: Mapping | None = None,
+          files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Lay out the new version in the empty (or new) folder ``dest``; returns it.
 
     ``champion``: the champion's archive (folder or file); ``weights``: the serialized model
     the training entry point wrote; ``metrics``: the new version's held-out numbers (for
     training.json); ``reference``: arrays for a new reference.npz (``inputs``, and
     ``targets`` / ``outputs`` when known); ``info``: extra facts for training.json
-    ``retrained`` (rows, entry point, hyperparameters...)."""
+    ``retrained`` (rows, entry point, hyperparameters...); ``files``: other files of the new
+    version (plain name -> file), replacing the champion's."""
     weights = Path(weights)
     if not weights.is_file() or weights.stat().st_size == 0:
         raise PackageError(f"weights file {weights} does not exist or is empty")
@@ -89,6 +91,12 @@ def stage(champion: str | os.PathLike, weights: str | os.PathLike, dest: str | o
         (dest / old).unlink(missing_ok=True)
     shutil.copyfile(weights, dest / name)
     model["serializedFile"] = name
+    for fname, src in (files or {}).items():
+        if Path(fname).name != fname or fname in ("", ".", "..", name, MANIFEST_PATH.split("/")[0]):
+            raise PackageError(f"file name {fname!r} must be a plain name other than the weights' and MAR-INF")
+        if not Path(src).is_file():
+            raise PackageError(f"file {fname!r}: {src} is not a file")
+        shutil.copyfile(src, dest / fname)
     if version is not None:
         model["modelVersion"] = str(version)
     manifest["createdOn"] = time.strftime("%d/%m/%Y %H:%M:%S")
@@ -157,7 +165,7 @@ def _profile(archive: Path, folder: Path, say: Callable[[str], Any]) -> bool:
 def write_version(champion_archive: str | os.PathLike, weights: str | os.PathLike, new_version: str,
                   out_path: str | os.PathLike, config_overrides: Mapping | None = None, *,
                   metrics: Mapping | None = None, reference: Mapping[str, np.ndarray] | None = None,
-                  info: Mapping | None = None, profile: bool = True,
+                  info: Mapping | None = None, profile: bool = True, files: Mapping | None = None,
                   log: Callable[[str], Any] | None = None) -> Path:
     """Write the champion's next version to ``out_path`` (a .mar); returns ``out_path``.
 
@@ -171,7 +179,8 @@ def write_version(champion_archive: str | os.PathLike, weights: str | os.PathLik
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".osprey-version-", dir=out.parent) as tmp:
         folder = stage(champion_archive, weights, Path(tmp) / "archive", version=new_version,
-                       config_overrides=config_overrides, metrics=metrics, reference=reference, info=info)
+                       config_overrides=config_overrides, metrics=metrics, reference=reference, info=info,
+                       files=files)
         had_profile = (folder / PROFILE_NAME).is_file()
         rebuild = profile and (reference is not None or had_profile)
         if rebuild:

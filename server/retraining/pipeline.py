@@ -132,7 +132,7 @@ def run(job: Any) -> dict[str, Any]:
     # 4. gate ----------------------------------------------------------------------------------
     job.progress(0.75, "gate")
     staged = stage(archive, result.weights, job.work_dir / "challenger", config_overrides=result.config,
-                   reference=result.reference)
+                   reference=result.reference, files=result.files)
     verdict = evaluate(archive, staged, holdout, None, cfg.gate, log=job.log)
     numbers = verdict.numbers
     if not verdict.passed:
@@ -143,7 +143,7 @@ def run(job: Any) -> dict[str, Any]:
     candidate = write_version(archive, result.weights, new_version,
                               job.work_dir / published_name(model, new_version, rec.id), result.config,
                               metrics=(numbers.get("holdout") or {}).get("challenger"), reference=result.reference,
-                              log=job.log)
+                              files=result.files, log=job.log)
 
     # 5. publish -------------------------------------------------------------------------------
     target = store / candidate.name

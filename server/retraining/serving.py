@@ -22,7 +22,8 @@ from server.core.model_config import ModelConfig, parse_model_config
 
 from .data import RowError, handler_row, request_body
 
-__all__ = ["LoadedModel", "Predictions", "predict_rows", "archive_size", "time_batches", "request_for"]
+__all__ = ["LoadedModel", "Predictions", "predict_rows", "score_answers", "archive_size", "time_batches",
+           "request_for"]
 
 
 def _open(path: str | Path) -> ModelArchive:
@@ -90,7 +91,8 @@ class LoadedModel:
 
     def preprocess(self, rows: Sequence[dict], chunk: int = 1024) -> Any:
         """The handler's preprocessing of the rows' inputs: the model input tensor (float32
-        on the CPU; one example per row unless a row's request held several)."""
+        on the CPU; one example per row unless a row's request held several); a tuple of
+        tensors for a model of several inputs (a conditional generator: latents, classes)."""
         import torch
 
         target = self.handler
@@ -118,6 +120,10 @@ class LoadedModel:
         else:
             raise RowError(f"handler {self.archive.handler!r} has no preprocess (a function handler): decode the "
                            "rows' inputs in the training code instead of ctx.preprocess")
+        if all(isinstance(p, tuple) and all(isinstance(t, torch.Tensor) for t in p) for p in parts):
+            # a model of several inputs (a conditional generator's z and classes): each joined
+            cols = [torch.cat(c) if len(parts) > 1 else c[0] for c in zip(*parts)]
+            return tuple(c.detach().cpu().float() if c.is_floating_point() else c.detach().cpu() for c in cols)
         if not all(isinstance(p, torch.Tensor) for p in parts):
             return parts[0] if len(parts) == 1 else parts
         x = torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -134,6 +140,23 @@ class LoadedModel:
         if bad:
             raise ValueError(f"{self.archive.name}: {len(bad)} of {len(batch)} timing requests failed: {bad[0].message}")
         return took
+
+    def answer(self, rows: Sequence[dict], batch_size: int = 32) -> tuple[list[Any], dict[int, str]]:
+        """The rows' requests run through the runner, in batches: (each row's
+        :class:`~server.core.types.InferenceResponse` as a client gets it, None where refused;
+        row index -> why it was refused)."""
+        answers: list[Any] = [None] * len(rows)
+        errors: dict[int, str] = {}
+        size = max(1, int(batch_size))
+        for start in range(0, len(rows), size):
+            idx = range(start, min(start + size, len(rows)))
+            batch = [request_for(i, request_body(rows[i], i), self.archive.name) for i in idx]
+            for i, outcome in zip(idx, self.runner.run(batch)):
+                if isinstance(outcome, OspreyError):
+                    errors[i] = outcome.message
+                else:
+                    answers[i] = outcome
+        return answers, errors
 
     def close(self) -> None:
         self._runner = None
@@ -184,6 +207,18 @@ class Predictions:
     classes: tuple[str, ...] | None = None
     outputs: dict[int, np.ndarray] = field(default_factory=dict)  # row index -> output rows (k, ...) of that request
     errors: dict[int, str] = field(default_factory=dict)  # row index -> why the handler refused it
+    scores: Any = None  # scoring.Scores: a scorer's value per row (generators), else None
+
+
+def score_answers(model: LoadedModel, rows: Sequence[dict], scorer: Any, batch_size: int = 32) -> Predictions:
+    """The model's answers to the rows judged by ``scorer`` (:class:`~.scoring.Scorer`): a
+    row it answered and the scorer scored has ``outputs[i] = [value]``."""
+    answers, errors = model.answer(rows, batch_size)
+    scores = scorer(rows, answers)
+    pred = Predictions(task=model.task, errors=errors, scores=scores)
+    pred.outputs = {i: np.asarray([v], dtype=np.float64) for i, v in enumerate(scores.values)
+                    if v is not None and answers[i] is not None}
+    return pred
 
 
 def predict_rows(archive: str | Path | ModelArchive, rows: Sequence[dict], batch_size: int = 32) -> Predictions:

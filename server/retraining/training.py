@@ -39,9 +39,13 @@ file, a ``torch.export`` .pt2, ONNX), as a dict (or a :class:`TrainResult`)::
     {"weights": ctx.out_dir / "model.pt",       # required
      "config": {"batchSize": 32},               # optional: model-config.yaml overrides
      "metrics": {"accuracy": 0.93},             # optional: its own validation numbers
-     "reference": {"inputs": x, "targets": y, "outputs": p}}   # optional: the training data
+     "reference": {"inputs": x, "targets": y, "outputs": p},   # optional: the training data
                                                 # used, as clients send it: the new version's
                                                 # reference.npz and drift reference
+     "files": {"encoder.pt": ctx.out_dir / "encoder.pt"}}    # optional: other files of the
+                                                # new version's archive (a plain file name ->
+                                                # the file), replacing the champion's: e.g. the
+                                                # part of a model that is trained but not served
 
 An example (``examples/digits_cnn.py``)::
 
@@ -56,6 +60,8 @@ An example (``examples/digits_cnn.py``)::
 
 Osprey then loads the weights through the archive's handler (a model that cannot load fails
 the job, naming why), scores them on ``ctx.validation`` and, with a search, keeps the best trial.
+A model whose answers hold no prediction (a generator) is scored by its archive's scorer
+(:mod:`server.retraining.scoring`); one that names none fails the job before training.
 An entry point that raises fails the job with its traceback; one that returns nothing or no
 weights file fails it saying so.
 '''
@@ -79,6 +85,7 @@ from server.core.model_config import ModelConfig
 
 from .data import RowError, read_reference, resolve_labels, split_rows
 from .entry import EntryPointError, TrainingError, entry_point_of, resolve_entry_point
+from .scoring import missing_scorer, scorer_spec
 from .search import draws
 
 __all__ = ["TrainContext", "TrainResult", "TrainingError", "EntryPointError", "run_training"]
@@ -182,6 +189,7 @@ class TrainResult:
     config: dict | None = None
     metrics: dict = field(default_factory=dict)  # the entry point's own numbers
     reference: dict | None = None  # arrays for the new reference.npz (inputs, targets, outputs)
+    files: dict = field(default_factory=dict)  # other archive files: name -> path (replacing the champion's)
     validation: dict = field(default_factory=dict)  # scored by Osprey through the handler on ctx.validation
     hyperparameters: dict = field(default_factory=dict)
     trials: list[dict] = field(default_factory=list)
@@ -194,6 +202,7 @@ class TrainResult:
         d = asdict(self)
         d["weights"] = str(self.weights)
         d["reference"] = None if self.reference is None else {k: list(np.shape(v)) for k, v in self.reference.items()}
+        d["files"] = {k: str(v) for k, v in self.files.items()}
         return d
 
 
@@ -219,12 +228,12 @@ def _result(spec: str, value: Any) -> TrainResult:
             raise TrainingError(f"training entry point {spec} returned a dict without \"weights\" "
                                 f"(keys: {', '.join(map(str, value)) or 'none'}); \"weights\" is the path of the "
                                 "new serialized model")
-        unknown = set(value) - {"weights", "config", "metrics", "reference"}
+        unknown = set(value) - {"weights", "config", "metrics", "reference", "files"}
         if unknown:
             raise TrainingError(f"training entry point {spec} returned unknown key {sorted(unknown)[0]!r}: "
-                                "known: weights, config, metrics, reference")
+                                "known: weights, config, metrics, reference, files")
         res = TrainResult(weights=value["weights"], config=value.get("config"), metrics=dict(value.get("metrics") or {}),
-                          reference=value.get("reference"))
+                          reference=value.get("reference"), files=_files(spec, value.get("files")))
     else:
         raise TrainingError(f"training entry point {spec} returned a {type(value).__name__}: it must return a dict "
                             "with \"weights\" (the path of the new serialized model) or a TrainResult")
@@ -244,6 +253,25 @@ def _result(spec: str, value: Any) -> TrainResult:
     return res
 
 
+def _files(spec: str, files: Any) -> dict[str, Path]:
+    """The entry point's other archive files, checked: plain names -> existing files."""
+    if files is None:
+        return {}
+    if not isinstance(files, Mapping):
+        raise TrainingError(f"training entry point {spec}: \"files\" must map file names to paths, "
+                            f"got a {type(files).__name__}")
+    out = {}
+    for name, path in files.items():
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise TrainingError(f"training entry point {spec}: \"files\" key {name!r} must be a plain file name")
+        if name in ("MAR-INF", "MANIFEST.json"):
+            raise TrainingError(f"training entry point {spec}: \"files\" cannot replace {name}")
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+            raise TrainingError(f"training entry point {spec}: \"files\" {name!r}: {path} is not a file")
+        out[name] = Path(path)
+    return out
+
+
 def _call(fn: Callable, spec: str, ctx: TrainContext) -> TrainResult:
     try:
         value = fn(ctx)
@@ -255,7 +283,8 @@ def _call(fn: Callable, spec: str, ctx: TrainContext) -> TrainResult:
     return _result(spec, value)
 
 
-def _check_and_score(archive_dir: Path, res: TrainResult, validation: list[dict], work: Path, spec: str) -> dict:
+def _check_and_score(archive_dir: Path, res: TrainResult, validation: list[dict], work: Path, spec: str,
+                     gate_cfg: Any = None) -> dict:
     """Load the new weights through the archive's handler (a model that cannot load is an
     error naming why) and score them on the validation rows ({} without any)."""
     from .gate import score_rows
@@ -265,7 +294,7 @@ def _check_and_score(archive_dir: Path, res: TrainResult, validation: list[dict]
     folder = Path(tempfile.mkdtemp(prefix="stage-", dir=work))
     try:
         try:
-            stage(archive_dir, res.weights, folder, config_overrides=res.config)
+            stage(archive_dir, res.weights, folder, config_overrides=res.config, files=res.files)
         except PackageError as exc:
             raise TrainingError(f"training entry point {spec}: {exc}") from None
         try:
@@ -276,7 +305,7 @@ def _check_and_score(archive_dir: Path, res: TrainResult, validation: list[dict]
                                 f"{res.weights.name}: {type(exc).__name__}: {exc}") from None
         if not validation:
             return {}
-        return score_rows(folder, validation)
+        return score_rows(folder, validation, gate_cfg)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -349,7 +378,14 @@ def run_training(archive_dir: str | os.PathLike, rows: Sequence[dict], out_dir: 
         runs = trial_hps or [{}]
         results: list[tuple[TrainResult, dict]] = []
         ctx_model = None
+        gate_cfg = _get(config, "gate")
         try:
+            if scorer_spec(training, _get(gate_cfg, "scorer")) is None:
+                # a model only a scorer can judge (a generator) and none named: say so before training
+                from .serving import LoadedModel
+
+                ctx_model = LoadedModel(adir)
+                missing_scorer(opened.name, ctx_model.task)
             for n, hp in enumerate(runs):
                 trial_dir = out / f"trial-{n}" if trial_hps else out
                 trial_dir.mkdir(parents=True, exist_ok=True)
@@ -367,11 +403,11 @@ def run_training(archive_dir: str | os.PathLike, rows: Sequence[dict], out_dir: 
                     res = _call(fn, spec, ctx)
                 finally:
                     ctx_model = ctx._model  # the loaded champion is shared by the trials
-                res.validation = _check_and_score(adir, res, val_rows, work, spec)
+                res.validation = _check_and_score(adir, res, val_rows, work, spec, gate_cfg)
                 res.hyperparameters = {**base_hp, **hp}
                 results.append((res, hp))
                 task = res.validation.get("task")
-                m = metric or default_metric(task)
+                m = metric or res.validation.get("metric") or default_metric(task)  # a scorer's, or by task
                 value = res.validation.get(m, res.metrics.get(m))
                 shown = f"{m}={value:.4f}" if isinstance(value, (int, float)) else "no validation score"
                 say(f"{'trial ' + str(n + 1) + '/' + str(len(runs)) + ' ' + str(hp) + ': ' if trial_hps else ''}{shown}")
@@ -383,13 +419,15 @@ def run_training(archive_dir: str | os.PathLike, rows: Sequence[dict], out_dir: 
         best = 0
         if len(results) > 1:
             task = next((r.validation.get("task") for r, _ in results if r.validation.get("task")), None)
-            m = metric or default_metric(task)
+            scored = next((r.validation for r, _ in results if r.validation.get("metric")), {})
+            m = metric or scored.get("metric") or default_metric(task)
+            higher = scored.get("higher_is_better") if m == scored.get("metric") else None
             values = [r.validation.get(m, r.metrics.get(m)) for r, _ in results]
             if all(v is None for v in values):
                 raise TrainingError(f"search: no trial has a validation {m} (no validation rows, and the entry "
                                     f"point reports no \"{m}\" in its metrics)")
             for i, v in enumerate(values):
-                if v is not None and (values[best] is None or improvement(m, values[best], v) > 0):
+                if v is not None and (values[best] is None or improvement(m, values[best], v, higher) > 0):
                     best = i
             say(f"search: kept trial {best + 1} {results[best][1]} ({m}={values[best]:.4f})")
         kept = results[best][0]

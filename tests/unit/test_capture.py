@@ -102,6 +102,16 @@ class Generator(nn.Module):
 
     def forward(self, z):
         return torch.sigmoid(self.fc(z)).reshape(len(z), 4, 4)
+
+
+class CondGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.label = nn.Embedding(5, 2)
+        self.fc = nn.Linear(3 + 2, 16)
+
+    def forward(self, z, cls):
+        return torch.sigmoid(self.fc(torch.cat([z, self.label(cls)], dim=1))).reshape(len(z), 4, 4)
 '''
 
 
@@ -408,6 +418,19 @@ def test_generator_features_and_no_predictions(store):
     assert obs.request_ids == ["r0", "r0", "r1"]
     assert obs.features["latent_norm"][2] == pytest.approx(1.0)
     assert obs.embedding is None
+
+
+def test_conditional_generator_outputs_the_asked_classes_for_feedback(store):
+    archive = build(store, "cgen", "generator", "CondGenerator",
+                    config={"handler": {"latent_dim": 3, "num_classes": 5}})
+    observed: list[Observation] = []
+    runner = runner_for(archive, observed)
+    out = run(runner, [{"seed": 1, "num_samples": 2, "class": [4, 0], "format": "json"}, {"seed": 2, "class": 3}])
+    assert out[1].headers["x-osprey-class"] == "3" and out[1].content_type == "image/png"
+    obs = observed[0]
+    assert obs.task == "generator" and obs.predictions == {}
+    np.testing.assert_array_equal(obs.outputs, np.eye(5, dtype=np.float32)[[4, 0, 3]])
+    assert list(obs.features["class"]) == ["4", "0", "3"] and obs.request_ids == ["r0", "r0", "r1"]
 
 
 TENSOR_CFG = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],

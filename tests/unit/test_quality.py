@@ -119,6 +119,38 @@ def test_outputs_without_a_task_to_judge_are_not_kept():
     assert q.feedback(items([("a", 1), ("b", 1), ("c", 1)])).unmatched == 3
 
 
+def test_a_generator_is_judged_on_the_class_viewers_recognise_in_its_samples(tmp_path):
+    """Task generator: the kept prediction is the asked class (one-hot); a label is the class a
+    viewer recognised; quality is accuracy / precision / recall / F1 of recognised vs asked,
+    against the archive's judged_accuracy as the accuracy baseline."""
+    (tmp_path / "training.json").write_text(json.dumps({"heldout_metrics": {
+        "judged_accuracy": 0.99, "reconstruction_mse": 0.03}}))
+    q = quality_factory("m", "1", MonitoringConfig(min_labels=10, quality_window=20), tmp_path, "")
+    assert q.baseline == {"accuracy": 0.99}
+    asked = np.arange(20) % 10
+    q.record(obs([f"g{i}" for i in range(20)], np.eye(10, dtype=np.float32)[asked], task="generator", classes=None))
+    recognised = np.where(asked == 8, 3, asked)  # every "8" asked for looks like a "3"
+    r = q.feedback(items([(f"g{i}", str(recognised[i]) if i % 2 else int(recognised[i])) for i in range(20)]
+                         + [("g0", 4)]))
+    assert (r.accepted, r.unmatched, r.invalid) == (20, 1, 0)
+    bad = q.feedback(items([("nope", "eight")]))
+    assert bad.unmatched == 1
+    st = q.status()
+    assert st["task"] == "generator" and set(st["metrics"]) == {"accuracy", "precision", "recall", "f1"}
+    assert st["metrics"]["accuracy"] == pytest.approx(0.9)
+    assert st["metrics"]["f1"] == pytest.approx(f1_score(recognised, asked, average="macro"), abs=1e-6)
+    assert st["degraded"] is True and st["degraded_metrics"][0]["metric"] == "accuracy"
+    assert st["estimated"] is None  # one-hot asked classes are no confidence
+
+
+def test_a_generator_label_that_is_not_a_class_is_invalid():
+    q = monitor()
+    q.record(obs(["a", "b"], np.eye(10, dtype=np.float32)[[3, 5]], task="generator", classes=None))
+    r = q.feedback(items([("a", 12), ("b", "five")]))
+    assert (r.accepted, r.invalid) == (0, 2)
+    assert "label 12 is not a class of this model: it has 10 classes" in r.errors[0]
+
+
 # --- metrics and the judgement ---------------------------------------------------------
 def test_classification_metrics_match_scikit_learn():
     p = probs(400, classes=4, seed=3, sharp=0.5)

@@ -21,12 +21,13 @@ def test_a_full_section_is_read_with_its_yaml_names():
         "triggers": ["drift", "latency", "drift"], "cooldown": 60, "min_labels": 50, "holdout": 0.25,
         "entry_point": "examples.digits_cnn:retrain", "hyperparameters": {"epochs": 3},
         "search": {"trials": 3, "method": "grid", "space": {"lr": [0.001, 0.003]}},
-        "gate": {"metric": "f1", "min_improvement": 0.02, "max_regression": 0.01},
+        "gate": {"metric": "f1", "min_improvement": 0.02, "max_regression": 0.01, "scorer": "mine:judge"},
         "promotion": {"policy": "shadow", "canary_share": 0.2, "min_requests": 10, "probation": 20},
         "backoff": 1, "timeout": 120}}).retraining
     assert cfg.triggers == ("drift", "latency") and cfg.cooldown_s == 60 and cfg.min_labels == 50
     assert cfg.search.space == {"lr": (0.001, 0.003)} and cfg.search.method == "grid"
-    assert cfg.gate.metric == "f1" and cfg.promotion.policy == "shadow" and cfg.promotion.probation_s == 20
+    assert cfg.gate.metric == "f1" and cfg.gate.scorer == "mine:judge" and cfg.promotion.policy == "shadow"
+    assert cfg.promotion.probation_s == 20
     assert cfg.backoff_s == 1 and cfg.timeout_s == 120
 
 
@@ -41,6 +42,7 @@ def test_a_full_section_is_read_with_its_yaml_names():
     ({"search": {"trials": 2}}, "has trials but no space"),
     ({"search": {"trials": 2, "space": {"lr": []}}}, "retraining.search.space.lr"),
     ({"entry_point": "no_colon"}, "retraining.entry_point"),
+    ({"gate": {"scorer": "judge"}}, "retraining.gate.scorer must be 'module:function'"),
     ({"min_labels": "many"}, "retraining.min_labels"),
     ({"min_labels": 2.5}, "retraining.min_labels"),
     ("yes", "retraining must be a mapping"),
