@@ -14,8 +14,9 @@ thread) moves the labelled ones into the rows. :func:`read_rows` is what a train
 in the server's child process or on a worker machine.
 
 Where it lives: without Redis, held inputs are in this process (bounded by count and bytes per
-model, oldest dropped first) and rows in an append-only pickle file per model under the model
-store (``.osprey/datasets/MODEL.pkl``, trimmed to ``retraining.max_rows``). With Redis
+model, oldest dropped first) and rows in an append-only pickle file per model in the server's
+state folder (setting ``state_dir``, by default the model store's ``.osprey``:
+``datasets/MODEL.pkl``, trimmed to ``retraining.max_rows``). With Redis
 (``redis_url``), held inputs are keys with the TTL (so a label sent to any replica joins) and
 rows one capped list per model, so every replica and every worker read the same data. Redis down:
 holds are dropped and counted (serving never waits), rows already kept stay.
@@ -47,9 +48,10 @@ MAX_HELD = 20_000  # requests waiting in the hand-over deque before new ones are
 _PREFIX = "osprey:dataset"
 
 
-def dataset_path(root: str | os.PathLike, model: str) -> Path:
-    """The rows file of ``model`` under the model store's ``.osprey/datasets``."""
-    return Path(root) / ".osprey" / "datasets" / f"{model}.pkl"
+def dataset_path(root: str | os.PathLike, model: str, state_dir: str | os.PathLike | None = None) -> Path:
+    """The rows file of ``model``: ``datasets/`` in ``state_dir``, by default the model store
+    ``root``'s ``.osprey``."""
+    return (Path(state_dir) if state_dir else Path(root) / ".osprey") / "datasets" / f"{model}.pkl"
 
 
 def _inputs(request: Any) -> dict[str, Any]:
@@ -98,10 +100,13 @@ class _Held:
 class LabelledData:
     """Held inputs and labelled rows for every model with ``retraining`` (see the module doc).
 
-    ``root`` is the model store (rows files go under it); ``redis`` a Redis client or None."""
+    ``root`` is the model store and ``state_dir`` the server's state folder (rows files go under
+    it; default ``root/.osprey``); ``redis`` a Redis client or None."""
 
-    def __init__(self, root: str | os.PathLike, redis: Any = None, clock=time.time, rng: random.Random | None = None):
+    def __init__(self, root: str | os.PathLike, redis: Any = None, clock=time.time, rng: random.Random | None = None,
+                 state_dir: str | os.PathLike | None = None):
         self.root, self.redis, self.clock = Path(root), redis, clock
+        self.state_dir = state_dir
         self._rng = rng or random.Random()
         self._queue: deque = deque()
         self._held: dict[str, _Held] = {}
@@ -213,7 +218,7 @@ class LabelledData:
             except Exception as exc:
                 log.warning("event=dataset_rows_lost model=%s rows=%d reason=%s", model, len(rows), exc)
             return
-        path = dataset_path(self.root, model)
+        path = dataset_path(self.root, model, self.state_dir)
         with self._lock:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "ab") as f:
@@ -221,7 +226,7 @@ class LabelledData:
                     pickle.dump(r, f, protocol=5)
             count = self.rows_added.get(model, 0) + len(rows)
             if count > max_rows * 1.25:  # trim now and then, not per join
-                kept = read_rows(model, root=self.root)[-max_rows:]
+                kept = read_rows(model, root=self.root, state_dir=self.state_dir)[-max_rows:]
                 tmp = path.with_suffix(".tmp")
                 with open(tmp, "wb") as f:
                     for r in kept:
@@ -231,12 +236,12 @@ class LabelledData:
 
 
 def read_rows(model: str, *, root: str | os.PathLike | None = None, redis: Any = None,
-              limit: int | None = None) -> list[dict[str, Any]]:
+              limit: int | None = None, state_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
     """The model's labelled rows, oldest first (the last ``limit`` when given)."""
     if redis is not None:
         start = -limit if limit else 0
         return [pickle.loads(b) for b in redis.lrange(f"{_PREFIX}:rows:{model}", start, -1)]
-    path = dataset_path(root, model)
+    path = dataset_path(root, model, state_dir)
     out: list[dict[str, Any]] = []
     if not path.exists():
         return out

@@ -41,6 +41,7 @@ from server.retraining.queue import job_queue
 from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
+from server.state import job_url, resolve_state_dir
 from server.tls import Tls, TlsError, is_https
 
 __all__ = ["Server", "run", "parse_model_specs", "StartupError"]
@@ -107,7 +108,8 @@ def _monitor(settings: Settings, resolve):
         import redis as redis_lib
 
         redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    return Monitor(settings, resolve, quality, dataset=LabelledData(settings.model_store, redis=redis))
+    return Monitor(settings, resolve, quality, dataset=LabelledData(settings.model_store, redis=redis,
+                                                                            state_dir=settings.state_dir or None))
 
 
 def _holder(dataset):
@@ -119,23 +121,11 @@ def _holder(dataset):
     return hold
 
 
-def _reachable(address: str) -> str:
-    """A listen address as a URL a local process can call (0.0.0.0 / [::] -> loopback)."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(address if "://" in address else f"http://{address}")
-    host = parts.hostname or "127.0.0.1"
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{parts.port}" if parts.port else f"{parts.scheme}://{host}"
-
-
 class Server:
     """Everything one Osprey process runs."""
 
     def __init__(self, settings: Settings):
+        settings = resolve_state_dir(settings)  # <model_store>/.osprey, or <workdir>/.osprey on a read-only store
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
@@ -157,8 +147,8 @@ class Server:
             observers.append(_holder(self.monitor.dataset))
         self.dataplane = DataPlane(self.registry, observers,
                                    [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
-        self.keys = None if settings.disable_token_authorization else Keys(Path(settings.workdir) / settings.key_file,
-                                                                           settings.token_expiration_min)
+        self.keys = Keys.from_settings(settings)  # supplied keys are shared through Redis with redis_url
+        self._key_watch: asyncio.Task | None = None
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
         add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
@@ -169,7 +159,7 @@ class Server:
         self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         self.management_app.ignore_trailing_slash = True  # DELETE /models/m/ unregisters m, as in TorchServe
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
-                              rotate_key=self.keys.rotate if self.keys else None)
+                              rotate_key=self.keys.rotate_shared if self.keys else None)
         # retraining: the job queue (Redis with redis_url, else child processes of this server),
         # the triggers that fill it, and the management routes for both
         self.jobs = job_queue(settings, Path(settings.model_store))
@@ -210,8 +200,9 @@ class Server:
     def _job_params(self) -> dict:
         """What every retraining job needs to reach this server and its data (see pipeline.run)."""
         s = self.settings
-        params = {"model_store": str(Path(s.model_store).resolve()), "redis_url": s.redis_url,
-                  "management_url": _reachable(s.management_address), "inference_url": _reachable(s.inference_address)}
+        params = {"model_store": str(Path(s.model_store).resolve()), "redis_url": s.redis_url, "state_dir": s.state_dir,
+                  "management_url": job_url(s.management_address, s.advertised_host),
+                  "inference_url": job_url(s.inference_address, s.advertised_host)}
         if self.keys is not None:
             params["key_file"] = str((Path(s.workdir) / s.key_file).resolve())
         return params
@@ -270,6 +261,8 @@ class Server:
             self._grpc = await start_grpc(self)
         await self.jobs.start()
         self.triggers.start()
+        if self.keys is not None and self.keys.store is not None:
+            self._key_watch = self.loop.create_task(self.keys.watch())  # keys rotated through other replicas
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
                  s.management_address, s.metrics_address)
 
@@ -357,6 +350,11 @@ class Server:
             server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
         await self.triggers.close()
+        if self._key_watch is not None:
+            self._key_watch.cancel()
+            await asyncio.gather(self._key_watch, return_exceptions=True)
+        if self.keys is not None:
+            self.keys.close()
         await self.jobs.close()  # embedded: running jobs stop and are queued again for the next start
         await self.registry.close()
         if self.monitor is not None:

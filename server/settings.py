@@ -11,7 +11,9 @@ Pure data: reading settings has no side effects.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -108,6 +110,20 @@ class Settings:
     # gives serving the CPU first (benchmarks/CHANGES.md: MLP at c=32 kept 0.61 of its
     # throughput under a digits_cnn job at nice 0)
     retraining_nice: int = 10
+    # --- deployment on several hosts (Kubernetes, KServe) ---
+    # token keys the operator supplies (e.g. from a Kubernetes Secret) instead of random ones
+    # made at each start: all three or none. Every replica then accepts the same keys, and with
+    # redis_url a /token rotation through any replica reaches every replica (server/protocols/auth.py)
+    inference_key: str = field(default="", repr=False)
+    management_key: str = field(default="", repr=False)
+    api_key: str = field(default="", repr=False)
+    # the host (name or IP) retraining jobs call this server back at, on its management and
+    # inference ports: in Kubernetes the pod IP (downward API status.podIP). Empty: the listen
+    # address's host, 0.0.0.0 and :: as 127.0.0.1 (a worker on this machine only)
+    advertised_host: str = ""
+    # Osprey's own files: retraining job records and work folders (embedded queue), labelled rows.
+    # Empty: <model_store>/.osprey, or <workdir>/.osprey when the model store is read-only
+    state_dir: str = ""
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -264,4 +280,41 @@ def load_settings(
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")
+    _check_deployment(settings)
     return settings
+
+
+_KEY_SETTINGS = ("inference_key", "management_key", "api_key")
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # a name or an IPv4 address
+
+
+def _host_ok(host: str) -> bool:
+    if ":" in host:  # IPv6, bracketed or not
+        try:
+            ipaddress.IPv6Address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST.fullmatch(host))
+
+
+def _check_deployment(settings: Settings) -> None:
+    """Supplied keys (all three, usable in a Bearer header) and the advertised host."""
+    given = [n for n in _KEY_SETTINGS if getattr(settings, n)]
+    if given and len(given) < 3:
+        missing = [n for n in _KEY_SETTINGS if n not in given]
+        raise ValueError(f"settings {', '.join(_KEY_SETTINGS)} go together (OSPREY_INFERENCE_KEY, "
+                         f"OSPREY_MANAGEMENT_KEY, OSPREY_API_KEY): {', '.join(given)} set, {', '.join(missing)} missing")
+    for name in given:
+        value = getattr(settings, name)  # never quoted in a message: it is a secret
+        if len(value) < 8 or not all(33 <= ord(ch) < 127 for ch in value):
+            raise ValueError(f"setting {name}: a key must be at least 8 printable ASCII characters without "
+                             f"spaces (it is sent as 'Authorization: Bearer KEY'); the one given has {len(value)} characters"
+                             + ("" if value.isprintable() and " " not in value else ", spaces or control characters among them"))
+    if given and len({getattr(settings, n) for n in _KEY_SETTINGS}) < 3:
+        raise ValueError(f"settings {', '.join(_KEY_SETTINGS)}: the three keys must differ (the inference key must "
+                         "not open the management API, nor either one make new keys)")
+    host = settings.advertised_host
+    if host and (not _host_ok(host) or host.strip("[]") in ("0.0.0.0", "::")):
+        raise ValueError(f"setting advertised_host: {host!r} must be a host name or IP address that other hosts "
+                         "can reach this server at (no scheme, no port; not 0.0.0.0 or ::)")

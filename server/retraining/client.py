@@ -69,10 +69,18 @@ class ServerClient:
         return self.manage("POST", f"/models/{urllib.parse.quote(model)}/rollback")
 
     def monitoring(self, model: str, version: str) -> dict | None:
-        """The monitoring JSON of a version (None when there is no inference URL or it is off)."""
+        """The monitoring JSON of a version: None when there is no inference URL, or monitoring is
+        off for the version or on the server (404, 503 saying so). Any other failure (the server
+        cannot be reached at that URL, a refused token, an error) raises ApiError naming the URL:
+        a promotion must not go on as if no labels had come."""
         if not self.inference:
             return None
         try:
             return self.infer_api("GET", f"/monitoring/{urllib.parse.quote(model)}/{urllib.parse.quote(version)}")
-        except ApiError:
-            return None
+        except ApiError as exc:
+            if exc.status == 404 or (exc.status == 503 and "monitoring is off" in str(exc)):
+                return None
+            hint = ("; a job on another host calls the server at its advertised_host setting "
+                    "(OSPREY_ADVERTISED_HOST, in Kubernetes the pod IP)") if exc.status is None else ""
+            raise ApiError(f"live quality of {model} {version} could not be read from the server's inference API "
+                           f"at {self.inference}: {exc}{hint}", exc.status) from None

@@ -1,6 +1,6 @@
-"""Retraining jobs without Redis: run by the server itself, records in files on the model store.
+"""Retraining jobs without Redis: run by the server itself, records in files in its state folder.
 
-Layout under ``<model_store>/.osprey/jobs/``::
+Layout under ``<state_dir>/jobs/`` (setting ``state_dir``, by default ``<model_store>/.osprey``)::
 
     {id}.json        the JobRecord (written whole: a temporary file, then os.replace)
     {id}.lock        flock'ed by the process running the job (the kernel drops it when that process dies)
@@ -65,7 +65,8 @@ class EmbeddedJobQueue:
 
         self.settings = settings or Settings()
         self.model_store = Path(model_store)
-        self.dir = jobs_dir_for(self.model_store)
+        self.state_dir = self.settings.state_dir or None  # None: <model_store>/.osprey
+        self.dir = jobs_dir_for(self.model_store, self.state_dir)
         self.concurrency = max(1, concurrency or self.settings.retraining_concurrency)
         self.grace_s = self.settings.retraining_cancel_grace
         self._runs: dict[str, _Run] = {}
@@ -310,7 +311,7 @@ class EmbeddedJobQueue:
         record.add_step("started", f"attempt {record.attempts} on {record.worker}"
                         + (" (the process that ran it before died)" if lost else ""))
         self._write(record)
-        work = prepare_work_dir(work_dir_for(self.model_store, record.id))
+        work = prepare_work_dir(work_dir_for(self.model_store, record.id, self.state_dir))
         last_write = time.monotonic()
 
         async def tick() -> str | None:

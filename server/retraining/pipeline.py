@@ -24,7 +24,9 @@ canary or shadow is taken out of traffic before the process ends.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import signal
 import zlib
 from pathlib import Path
@@ -34,6 +36,7 @@ from server.core.model_config import parse_model_config
 from server.core.retraining_config import RetrainingConfig
 from server.retraining.client import ApiError, ServerClient
 from server.retraining.promotion import promote
+from server.state import store_writable
 
 __all__ = ["run", "published_name"]
 
@@ -51,9 +54,13 @@ def _archive_path(model_store: Path, url: str) -> Path:
     return p if p.is_absolute() else model_store / url
 
 
-def _quality_reader(client: ServerClient, model: str, metric: str | None, min_labels: int):
+def _quality_reader(client: ServerClient, model: str, metric: str | None, min_labels: int, log=lambda line: None):
     def quality(version: str) -> float | None:
-        status = client.monitoring(model, version) or {}
+        try:
+            status = client.monitoring(model, version) or {}
+        except ApiError as exc:  # loud: the job's log, then its error (the promotion stops)
+            log(f"ERROR {exc}")
+            raise
         q = status.get("quality") or {}
         if not q or int(q.get("window", {}).get("labels") or 0) < min_labels:
             return None
@@ -105,6 +112,9 @@ def run(job: Any) -> dict[str, Any]:
     archive = _archive_path(store, str(by_version[champion]["modelUrl"]))
     cfg = _retraining_of(archive)
     job.step("champion", f"{model} {champion} from {archive.name}")
+    read_only = store_writable(store)  # before any training: the new version could not be published
+    if read_only is not None:
+        return {"state": "failed", "message": _read_only_message(store, read_only)}
     job.progress(0.05, "champion found")
 
     # 2. data ----------------------------------------------------------------------------------
@@ -113,7 +123,7 @@ def run(job: Any) -> dict[str, Any]:
         import redis as redis_lib
 
         redis = redis_lib.Redis.from_url(p["redis_url"])
-    rows = read_rows(model, root=store, redis=redis)
+    rows = read_rows(model, root=store, redis=redis, state_dir=p.get("state_dir") or None)
     if len(rows) < cfg.min_labels:
         return {"state": "rejected", "message": f"{len(rows)} labelled production rows for {model}; "
                                                 f"retraining needs min_labels {cfg.min_labels}"}
@@ -147,7 +157,10 @@ def run(job: Any) -> dict[str, Any]:
 
     # 5. publish -------------------------------------------------------------------------------
     target = store / candidate.name
-    os.replace(candidate, target)  # one rename: the job's work folder is on the model store
+    try:
+        _publish(candidate, target)
+    except OSError as exc:
+        return {"state": "failed", "gate": numbers, "message": _read_only_message(store, exc)}
     job.progress(0.85, "registering")
     try:
         client.register_challenger(rec.id, target.name)
@@ -159,10 +172,15 @@ def run(job: Any) -> dict[str, Any]:
     metric = numbers.get("metric")
     try:
         out = promote(client, model, champion, new_version, cfg.promotion, step=job.step,
-                      quality=_quality_reader(client, model, metric, max(cfg.promotion.min_requests // 4, 20)),
+                      quality=_quality_reader(client, model, metric, max(cfg.promotion.min_requests // 4, 20),
+                                              log=job.log),
                       cancelled=job.cancelled)
     except Cancelled:
         _take_out(client, model, new_version)
+        raise
+    except ApiError:  # e.g. live quality unreadable: the job fails with that error; serving as it was
+        if not _is_default(client, model, new_version):
+            _take_out(client, model, new_version)
         raise
     numbers = {**numbers, "promotion": out.numbers}
     if out.result == "rejected":
@@ -178,8 +196,9 @@ def run(job: Any) -> dict[str, Any]:
 
 
 def _tokens(params: dict) -> tuple[str | None, str | None]:
-    """(management, inference) keys: read from the server's key file now (keys can be rotated
-    while a job runs), else as given."""
+    """(management, inference) keys: read now (keys can be rotated after the job was queued)
+    from the server's key file (a job on the server's host), else from Redis where the servers
+    share supplied keys (a worker elsewhere), else as given."""
     path = params.get("key_file")
     if path:
         import json
@@ -189,6 +208,18 @@ def _tokens(params: dict) -> tuple[str | None, str | None]:
             return keys["management"]["key"], keys["inference"]["key"]
         except (OSError, ValueError, KeyError, TypeError):
             pass
+    if params.get("redis_url"):
+        from server.core.shared_keys import RedisKeyStore
+
+        store = RedisKeyStore(params["redis_url"], timeout=5.0)
+        try:
+            shared = store.read()
+        except Exception:  # Redis unreachable: the calls below fail naming the server if a key was needed
+            shared = None
+        finally:
+            store.close()
+        if shared is not None:
+            return shared["management"], shared["inference"]
     return params.get("token"), params.get("inference_token")
 
 
@@ -208,6 +239,38 @@ def _gate_line(numbers: dict) -> str:
     metric = numbers.get("metric", "metric")
     champ, chal = (held.get("champion") or {}).get(metric), (held.get("challenger") or {}).get(metric)
     return f"{metric} on fresh held-out rows {champ} -> {chal}" if champ is not None else "passed"
+
+
+def _is_default(client: ServerClient, model: str, version: str) -> bool:
+    try:
+        return str(client.traffic(model).get("default")) == version
+    except ApiError:
+        return False
+
+
+def _publish(candidate: Path, target: Path) -> None:
+    """The archive into the model store under its final name, all at once: one rename when the
+    job's folder is on the store's filesystem (the default state_dir), else a copy beside the
+    target and a rename."""
+    try:
+        os.replace(candidate, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(candidate, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    candidate.unlink(missing_ok=True)
+
+
+def _read_only_message(store: Path, exc: OSError) -> str:
+    return (f"the model store {store} is not writable ({exc.strerror or exc}): retraining publishes the new "
+            "version into the model store, so it needs the store writable (mount it read-write where the servers "
+            "and the retraining worker run); serving from a read-only store works")
 
 
 def _take_out(client: ServerClient, model: str, version: str) -> None:

@@ -7,7 +7,8 @@ backoff, cancel, a rerun of a job whose runner died):
   jobs on a saq queue, run by ``osprey worker`` processes on any machine that sees Redis and
   the model store;
 - :class:`~server.retraining.embedded.EmbeddedJobQueue` (the default): records in files under
-  ``<model_store>/.osprey/jobs/``, jobs run by the server itself.
+  ``<state_dir>/jobs/`` (setting ``state_dir``, by default ``<model_store>/.osprey``), jobs run
+  by the server itself.
 
 Either way a job runs in a child process (``server.retraining.child``) so that a cancel or a
 timeout can stop it, and a child that dies is a failed job, not a dead worker. The job body is
@@ -34,7 +35,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.retraining.jobs import JobRecord
 
 __all__ = ["JobQueue", "JobContext", "RetryableError", "QueueUnavailable", "job_queue", "resolve_task", "work_dir_for",
-           "jobs_dir_for", "DEFAULT_TASK", "new_record", "retry_delay", "not_found", "finished_conflict",
+           "jobs_dir_for", "state_dir_for", "DEFAULT_TASK", "new_record", "retry_delay", "not_found", "finished_conflict",
            "TRIGGERS"]
 
 DEFAULT_TASK = "server.retraining.pipeline:run"
@@ -167,13 +168,19 @@ def timeout_of(params: dict) -> float:
     return float(params.get("timeout_s", DEFAULT_TIMEOUT_S))
 
 
-def jobs_dir_for(model_store: Path | str) -> Path:
-    return Path(model_store) / ".osprey" / "jobs"
+def state_dir_for(model_store: Path | str, state_dir: Path | str | None = None) -> Path:
+    """The state folder: ``state_dir`` when set, else ``<model_store>/.osprey`` (server/state.py)."""
+    return Path(state_dir) if state_dir else Path(model_store) / ".osprey"
 
 
-def work_dir_for(model_store: Path | str, job_id: str) -> Path:
-    """A job's work folder (emptied before each run): on the model store, which workers share."""
-    return Path(model_store) / ".osprey" / "work" / job_id
+def jobs_dir_for(model_store: Path | str, state_dir: Path | str | None = None) -> Path:
+    return state_dir_for(model_store, state_dir) / "jobs"
+
+
+def work_dir_for(model_store: Path | str, job_id: str, state_dir: Path | str | None = None) -> Path:
+    """A job's work folder (emptied before each run), in the state folder: by default on the
+    model store, which workers share, so a retrained archive is published with one rename."""
+    return state_dir_for(model_store, state_dir) / "work" / job_id
 
 
 def not_found(job_id: str) -> OspreyError:

@@ -385,7 +385,7 @@ class RedisJobQueue:
             return {"skipped": what}
         attempt = int(answer[1])
         record = await self.get(job_id)
-        work = prepare_work_dir(work_dir_for(self.model_store, job_id))
+        work = prepare_work_dir(work_dir_for(self.model_store, job_id, self.settings.state_dir or None))
         log.info("job %s: attempt %d (model %s, trigger %s)", job_id, attempt, record.model, record.trigger)
         heartbeat_every = max(0.2, (saq_job.heartbeat or 30) / 3)
         last_beat = last_write = time.monotonic()

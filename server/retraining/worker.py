@@ -38,7 +38,10 @@ def build_worker(jobs: RedisJobQueue, concurrency: int, settings):
 
 
 async def run_worker(settings, redis_url: str, model_store: Path | str, concurrency: int | None = None) -> int:
+    from server.state import resolve_state_dir
+
     concurrency = concurrency or settings.retraining_concurrency
+    settings = resolve_state_dir(settings)  # the jobs' work folders: <model_store>/.osprey unless state_dir says
     jobs = RedisJobQueue(redis_url, model_store, settings=settings)
     worker = build_worker(jobs, concurrency, settings)
     loop = asyncio.get_running_loop()

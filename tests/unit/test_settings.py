@@ -116,3 +116,57 @@ def test_token_expiration_min(tmp_path):
     props.write_text("token_expiration_min=0.25\n")
     assert load_settings(props, env={}).token_expiration_min == 0.25
     assert load_settings(None, env={}).token_expiration_min == 0.0
+
+
+def test_supplied_keys_advertised_host_and_state_dir(tmp_path):
+    keys = {"OSPREY_INFERENCE_KEY": "infer-key-1", "OSPREY_MANAGEMENT_KEY": "mgmt-key-1", "OSPREY_API_KEY": "api-key-01"}
+    s = load_settings(env={**keys, "OSPREY_ADVERTISED_HOST": "10.1.2.3", "OSPREY_STATE_DIR": "/var/lib/osprey/state"})
+    assert (s.inference_key, s.management_key, s.api_key) == ("infer-key-1", "mgmt-key-1", "api-key-01")
+    assert s.advertised_host == "10.1.2.3" and s.state_dir == "/var/lib/osprey/state"
+    assert "infer-key-1" not in repr(s)  # secrets stay out of logs and tracebacks
+    props = tmp_path / "config.properties"
+    props.write_text("advertised_host=osprey-0.osprey.ml.svc\nstate_dir=/data/state\n")
+    assert load_settings(props, env={}).advertised_host == "osprey-0.osprey.ml.svc"
+    with pytest.raises(ValueError, match="go together.*api_key missing"):
+        load_settings(env={k: v for k, v in keys.items() if k != "OSPREY_API_KEY"})
+    with pytest.raises(ValueError, match="setting management_key: a key must be at least 8") as err:
+        load_settings(env={**keys, "OSPREY_MANAGEMENT_KEY": "short"})
+    assert "short" not in str(err.value)  # a secret is never quoted
+    with pytest.raises(ValueError, match="without spaces"):
+        load_settings(env={**keys, "OSPREY_MANAGEMENT_KEY": "has a space"})
+    with pytest.raises(ValueError, match="must differ"):
+        load_settings(env={**keys, "OSPREY_API_KEY": "infer-key-1"})
+    for bad in ("http://10.1.2.3", "10.1.2.3:8081", "0.0.0.0", "::", "a b"):
+        with pytest.raises(ValueError, match="setting advertised_host"):
+            load_settings(env={"OSPREY_ADVERTISED_HOST": bad})
+    assert load_settings(env={"OSPREY_ADVERTISED_HOST": "fd00::5"}).advertised_host == "fd00::5"
+
+
+def test_job_urls_use_the_advertised_host():
+    from server.state import job_url
+
+    assert job_url("http://0.0.0.0:8081") == "http://127.0.0.1:8081"  # no setting: this machine only
+    assert job_url("http://0.0.0.0:8081", "10.1.2.3") == "http://10.1.2.3:8081"
+    assert job_url("https://127.0.0.1:8443", "osprey-0.ml") == "https://osprey-0.ml:8443"
+    assert job_url("http://[::]:8080", "fd00::5") == "http://[fd00::5]:8080"
+    assert job_url("http://10.9.9.9:8080") == "http://10.9.9.9:8080"
+
+
+def test_state_dir_is_the_stores_unless_it_is_read_only(tmp_path, caplog):
+    from server.settings import Settings
+    from server.state import resolve_state_dir
+
+    store, work = tmp_path / "store", tmp_path / "work"
+    store.mkdir()
+    s = resolve_state_dir(Settings(model_store=str(store), workdir=str(work)))
+    assert s.state_dir == str(store / ".osprey") and (store / ".osprey").is_dir()
+    given = resolve_state_dir(Settings(model_store=str(store), state_dir=str(tmp_path / "elsewhere")))
+    assert given.state_dir == str(tmp_path / "elsewhere")
+    # a store where .osprey cannot be made (a file of that name stands in for a read-only store here;
+    # tests/e2e/test_read_only_store.py serves from a real read-only mount)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / ".osprey").write_text("")
+    s = resolve_state_dir(Settings(model_store=str(blocked), workdir=str(work)))
+    assert s.state_dir == str(work / ".osprey")
+    assert [r.message for r in caplog.records if "is not writable" in r.message] != []

@@ -5,7 +5,8 @@ set-default; same parameters, status codes and JSON bodies. Also Osprey's traffi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import inspect
+from typing import Any, Awaitable, Callable
 
 import orjson
 
@@ -180,7 +181,7 @@ def _add_traffic_routes(router: Router, registry: Registry) -> None:
 
 
 def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
-                          rotate_key: Callable[[str, str], bool] | None = None) -> None:
+                          rotate_key: Callable[[str, str], bool | Awaitable[bool]] | None = None) -> None:
     async def list_models(req: Request) -> Response:
         p = _params(req)
         return json_response(api.list_models(registry, _int(p, "limit", 100), _int(p, "next_page_token", 0)))
@@ -223,7 +224,10 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
                                                    "API document.", type_name="ResourceNotFoundException")
         kind = req.query.get("type", "")
         auth = req.headers.get("authorization", "")
-        if auth[:7].lower() != "bearer " or not rotate_key(kind, auth[7:].strip()):
+        rotated = auth[:7].lower() == "bearer " and rotate_key(kind, auth[7:].strip())
+        if inspect.isawaitable(rotated):  # keys shared through Redis (auth.Keys.rotate_shared)
+            rotated = await rotated
+        if not rotated:
             raise OspreyError(ErrorKind.UNAUTHORIZED,
                               "Token Authentication failed. Token either incorrect, expired, or not provided correctly",
                               status=router.auth_status)
