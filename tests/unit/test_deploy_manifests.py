@@ -343,11 +343,27 @@ def _parse(args: list[str], monkeypatch) -> object:
     return seen[0]
 
 
+@functools.lru_cache(maxsize=None)
+def _secrets() -> dict[str, dict[str, str]]:
+    """Secret name -> its values, as the base renders them (the overlays keep them)."""
+    import base64
+
+    return {o["metadata"]["name"]: {**{k: base64.b64decode(v).decode() for k, v in o.get("data", {}).items()},
+                                    **o.get("stringData", {})}
+            for o in _rendered("base") if o["kind"] == "Secret"}
+
+
 def _env(container: dict, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The container's environment as Kubernetes sets it: $(VAR) of an earlier variable expanded."""
+    """The container's environment as Kubernetes sets it: $(VAR) of an earlier variable expanded,
+    the pod IP from the downward API, a Secret's value (which must exist)."""
     env: dict[str, str] = dict(extra or {})
     for e in container.get("env", []):
         if "valueFrom" in e:
+            ref = e["valueFrom"].get("secretKeyRef")
+            if ref is not None:
+                assert ref["key"] in _secrets().get(ref["name"], {}), f"{e['name']}: no Secret {ref['name']}/{ref['key']}"
+                env[e["name"]] = _secrets()[ref["name"]][ref["key"]]
+                continue
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP", e
             env[e["name"]] = POD_IP
             continue
@@ -404,8 +420,11 @@ def test_server_and_worker_see_one_configuration(target, tmp_path, monkeypatch):
     args, s = _settings(server, objects, tmp_path, monkeypatch)
     assert args.foreground  # in the background the container's main process would exit at once
     ports = _port_names(template)
-    assert parse_address(s.inference_address) == (POD_IP, ports["http"])
-    assert parse_address(s.management_address) == (POD_IP, ports["management"])
+    # listening on every address (kubectl port-forward dials the pod's localhost), called back by
+    # retraining jobs in the worker's pod at the pod IP
+    assert parse_address(s.inference_address) == ("0.0.0.0", ports["http"])
+    assert parse_address(s.management_address) == ("0.0.0.0", ports["management"])
+    assert s.advertised_host == POD_IP
     assert parse_address(s.metrics_address)[1] == ports["metrics"]
     assert (s.grpc_inference_port, s.grpc_management_port) == (ports["grpc"], ports["grpc-management"])
     assert s.enable_grpc and s.grpc_inference_address == "0.0.0.0"
@@ -427,8 +446,16 @@ def test_server_and_worker_see_one_configuration(target, tmp_path, monkeypatch):
     host, port = parse_address(s.redis_url.replace("redis://", "http://"))
     redis = _one(objects, "Service", host)
     assert port in [p["port"] for p in redis["spec"]["ports"]]
-    # token authorization off: the management ports are open only to the Osprey pods
-    assert s.disable_token_authorization
+    # token authorization on, with the Secret's keys in every replica (shared through Redis);
+    # the management ports are besides open only to the Osprey pods
+    assert not s.disable_token_authorization
+    secret = _secrets()["osprey-keys"]
+    assert (s.inference_key, s.management_key, s.api_key) == (
+        secret["inference-key"], secret["management-key"], secret["api-key"])
+    from server.protocols.auth import Keys
+
+    keys = Keys.from_settings(s.replace(workdir=str(tmp_path), redis_url=""))
+    assert keys.keys == {"inference": s.inference_key, "management": s.management_key, "API": s.api_key}
     policy = _one(objects, "NetworkPolicy", "osprey-server")["spec"]
     for rule in policy["ingress"]:
         names = {p["port"] for p in rule["ports"]}
@@ -520,9 +547,9 @@ def test_kserve_runtime_serves_the_inference_service(tmp_path, monkeypatch):
     assert model["runtime"] == "osprey"
     assert any(f["name"] == model["modelFormat"]["name"] for f in runtime["supportedModelFormats"])
     assert model["protocolVersion"] in runtime["protocolVersions"]
-    # KServe mounts the downloaded storage read-only unless told otherwise, and Osprey keeps its
-    # .osprey folder in the model store: a read-only store stops it at start
-    assert isvc["metadata"]["annotations"]["storage.kserve.io/readonly"] == "false"
+    # KServe mounts the downloaded storage read-only (its default, kept): Osprey serves from a
+    # read-only store (tests/e2e/test_read_only_store.py) and keeps its files in the workdir
+    assert "storage.kserve.io/readonly" not in isvc["metadata"].get("annotations", {})
 
     container = runtime["containers"][0]
     assert container["name"] == "kserve-container"  # the container KServe's storage initializer serves
@@ -562,4 +589,23 @@ def test_readme_commands_match_the_manifests():
     server = _one(objects, "Deployment", "osprey")["spec"]["template"]
     assert "-l app.kubernetes.io/component=server" in deploy_readme
     assert server["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
-    assert "$POD_IP:8081" in deploy_readme and "POD_IP" in _env(server["spec"]["containers"][0])
+    container = server["spec"]["containers"][0]
+    assert "POD_IP" in _env(container)
+    # the key file the README's exec command reads is where the server writes it
+    args, s = _settings_for_readme(container, objects)
+    assert f"--key-file {Path(s.workdir) / s.key_file}" in deploy_readme
+    # the README's sed replaces each placeholder key of the Secret
+    secret_text = (K8S / "base" / "secret.yaml").read_text()
+    loop = re.search(r'for k in ([\w ]+); do\n\s+sed -i "s#([^#]+)#[^#]*#" (\S+)', deploy_readme)
+    assert loop and loop.group(3) == "deploy/kubernetes/base/secret.yaml"
+    for k in loop.group(1).split():
+        assert f": {loop.group(2).replace('$k', k)}\n" in secret_text, k
+    assert set(_secrets()["osprey-keys"]) == {f"{k}-key" for k in loop.group(1).split()}
+
+
+def _settings_for_readme(container: dict, objects: list[dict]):
+    """(args, Settings) of a server container with the ConfigMap's config.properties, without pytest's fixtures."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, pytest.MonkeyPatch.context() as mp:
+        return _settings(container, objects, Path(folder), mp)
