@@ -63,6 +63,7 @@ class Keys:
         self.store = store if supplied else None
         self._seed = None
         self._store_down: str | None = None  # the error while Redis cannot be reached (logged once)
+        self._rotations = 0  # rotations through this server (a shared read that began before one is stale)
         if self.store is not None:
             from server.core.shared_keys import seed_of
 
@@ -142,12 +143,14 @@ class Keys:
                                                      f"({self.store.url}): {exc}; the key was not rotated",
                               retry_after=1) from None
         self._set(kind, key, expires)
+        self._rotations += 1
         self.write()
         return True
 
     def _set(self, kind: str, key: str, expires: float | None) -> None:
-        self.keys[kind], self.expires[kind] = key, expires
-        if kind in self.routers:
+        self.keys[kind] = key
+        if kind in self.routers:  # management, inference (the API key never expires)
+            self.expires[kind] = expires
             self._publish(kind)
 
     # -- shared keys (supplied keys with redis_url) ----------------------------------------------
@@ -177,8 +180,9 @@ class Keys:
             return
         while True:
             await asyncio.sleep(interval)
+            rotations = self._rotations
             shared = await asyncio.to_thread(self._read_shared)
-            if shared is not None:
+            if shared is not None and rotations == self._rotations:  # else read before a rotation here: stale
                 self._take(*shared)
 
     def _read_shared(self, force: bool = False):
