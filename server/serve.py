@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 
 from server.core import heap
 from monitoring.access_log import AccessLog
+from monitoring.metrics_log import MetricsLog
+from monitoring.ts_metrics_config import load_metrics_config
+from server.log_files import LogFiles
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError
@@ -138,7 +142,16 @@ class Server:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
+        # TorchServe's log files (access, model, server; metrics in metrics_mode=log), or None
+        self.log_files = LogFiles.from_settings(settings)
+        metrics_log = MetricsLog(socket.gethostname(), self.log_files.put) \
+            if self.log_files is not None and settings.metrics_mode == "log" else None
+        auto = settings.model_metrics_auto_detect.lower()
+        self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives,
+                                      ts_config=load_metrics_config(settings.metrics_config) if settings.metrics_config
+                                      else None, metrics_log=metrics_log,
+                                      system_metrics=not settings.disable_system_metrics,
+                                      auto_detect=None if not auto else auto == "true")
         # drift, feedback and live quality: instances hand it one Observation per sampled batch
         self.monitor = _monitor(settings, self._monitored) if settings.monitoring else None
         observe = self.monitor.observe if self.monitor is not None else None
@@ -192,6 +205,8 @@ class Server:
         add_api_description(self.management_app, "Osprey management API", "TorchServe's management API, traffic, "
                             "token rotation and retraining")
         add_api_description(self.metrics_app, "Osprey metrics API", "Prometheus metrics")
+        for app in (self.inference_app, self.management_app, self.metrics_app):
+            app.on_response = self._answered
         if self.keys is not None:
             self.keys.attach("inference", self.inference_app)
             self.keys.attach("management", self.management_app)
@@ -199,6 +214,12 @@ class Server:
         self._grpc: list = []
         self.tls: Tls | None = None  # set by start(): the key and certificate of https and gRPC over TLS
         self.stopping = asyncio.Event()
+
+    def _answered(self, scope: dict, status: int, started: float) -> None:
+        """Router hook: every HTTP answer on every port (TorchServe's Requests2XX/4XX/5XX and access log)."""
+        self.metrics.http_response(status)
+        if self.log_files is not None:
+            self.log_files.access(scope, status, started)
 
     def _redis_client(self):
         if not self.settings.redis_url:
@@ -270,6 +291,11 @@ class Server:
             self._grpc = await start_grpc(self)
         await self.jobs.start()
         self.triggers.start()
+        if self.log_files is not None:
+            self.log_files.start(self.loop)
+            if self.metrics.log is not None:
+                self.metrics.log.start(self.loop)
+            self.metrics.ts.start(self.loop, s.metric_time_interval, self.registry.all_versions)
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
                  s.management_address, s.metrics_address)
 
@@ -363,6 +389,11 @@ class Server:
             await asyncio.to_thread(self.monitor.close)
         if self.access_log is not None:
             self.access_log.close()
+        self.metrics.ts.close()
+        if self.metrics.log is not None:
+            self.metrics.log.close()
+        if self.log_files is not None:
+            self.log_files.close()
 
     def _outstanding(self) -> tuple[int, int]:
         """(requests queued, requests running) over every model."""

@@ -73,6 +73,24 @@ class Settings:
     access_log: str = "off"  # off | on | sample:<fraction>
     access_log_file: str = ""  # empty: standard output
     request_metrics: bool = True  # per-request/per-batch Prometheus metrics (scrape-time gauges stay on)
+    # TorchServe's metrics (monitoring/ts_metrics.py): /metrics always serves them (and Osprey's);
+    # metrics_mode=log also writes them as TorchServe's lines to ts_metrics.log and model_metrics.log.
+    # TorchServe's default is log; Osprey's is prometheus (no per-request file writes unless asked).
+    metrics_mode: str = "prometheus"  # prometheus | log
+    metrics_config: str = ""  # TorchServe metrics yaml naming the metrics exported; empty: TorchServe's default
+    # handler metrics metrics_config does not declare are exported too (TorchServe's key); unset
+    # (empty): on without metrics_config, off with one, as TorchServe
+    model_metrics_auto_detect: str = ""
+    metric_time_interval: float = 60.0  # seconds between system metrics lines in log mode (TorchServe's key)
+    disable_system_metrics: bool = False  # no CPUUtilization, MemoryUsed, ... (TorchServe's key)
+    # TorchServe's log files (server/log_files.py): access_log.log, model_log.log, ts_log.log here
+    # (environment LOG_LOCATION when unset); empty and no LOG_LOCATION: none are written
+    log_location: str = ""
+    # ts_metrics.log and model_metrics.log (metrics_mode=log) here; empty: METRICS_LOCATION, else
+    # log_location, else "logs" (TorchServe's default)
+    metrics_location: str = ""
+    log_max_bytes: int = 100 * 1024 * 1024  # a log file is rotated at this size (TorchServe: 100 MB) ...
+    log_backup_count: int = 5  # ... keeping this many gzipped older files (TorchServe: 5)
     metric_buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                          1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # latency histogram edges, seconds
     latency_objectives: tuple[float, ...] = (0.5,)  # seconds; each is a bucket edge, the largest the p99 objective
@@ -241,6 +259,9 @@ def load_settings(
             values[key] = _coerce(key, value)
     if ts_env:  # after the command line, as in TorchServe (see the module's docstring)
         values.update(_from_env(env, "TS_"))
+    for key, var in (("log_location", "LOG_LOCATION"), ("metrics_location", "METRICS_LOCATION")):
+        if not values.get(key) and env.get(var):  # TorchServe's log4j2 reads these whatever the config says
+            values[key] = env[var]
     settings = Settings(**values)
     for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
         parse_address(addr)
@@ -261,6 +282,16 @@ def load_settings(
         raise ValueError(f"setting retraining_nice: {settings.retraining_nice!r} must be from 0 to 19")
     if settings.retraining_cancel_grace < 0 or settings.retraining_job_ttl < 0:
         raise ValueError("settings retraining_cancel_grace and retraining_job_ttl must not be negative")
+    if settings.metrics_config:  # a missing or broken file refuses the start, naming it
+        from monitoring.ts_metrics_config import load_metrics_config
+
+        load_metrics_config(settings.metrics_config)
+    if settings.metrics_mode not in ("prometheus", "log"):
+        raise ValueError(f"setting metrics_mode: {settings.metrics_mode!r} must be prometheus or log")
+    if settings.model_metrics_auto_detect.lower() not in ("", "true", "false"):
+        raise ValueError(f"setting model_metrics_auto_detect: {settings.model_metrics_auto_detect!r} must be true or false")
+    if settings.log_max_bytes < 1024 or settings.log_backup_count < 0:
+        raise ValueError("settings log_max_bytes (at least 1024) and log_backup_count (0 or more) are out of range")
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")
