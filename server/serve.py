@@ -45,6 +45,7 @@ from server.retraining.queue import job_queue
 from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
+from server.shared_routing import SharedRouting
 from server.tls import Tls, TlsError, is_https
 
 __all__ = ["Server", "run", "parse_model_specs", "StartupError"]
@@ -54,6 +55,9 @@ log = logging.getLogger("osprey.serve")
 # module -> the distribution that installs it, for the message when gRPC cannot start
 _PIP_NAMES = {"grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
               "google": "protobuf", "google.protobuf": "protobuf", "google.rpc": "googleapis-common-protos"}
+
+
+SETTLE_TIMEOUT_S = 300.0  # most time a starting replica waits for the shared routing's versions to load
 
 
 class StartupError(Exception):
@@ -186,6 +190,10 @@ class Server:
         # retraining: the job queue (Redis with redis_url, else child processes of this server),
         # the triggers that fill it, and the management routes for both
         self.jobs = job_queue(settings, Path(settings.model_store))
+        # with redis_url, the replicas share each model's routing (default, canary, shadow, versions)
+        self.shared = SharedRouting(self.registry, settings.redis_url, settings.routing_sync_interval) \
+            if settings.redis_url else None
+        self.registry.shared = self.shared
         self.triggers = Triggers(self.registry, self.monitor, self.jobs, Cooldown(self._redis_client()),
                                  params=self._job_params(), latency_breached=LatencyWatch(self.metrics.over_objective)
                                  if settings.request_metrics else None)
@@ -296,6 +304,8 @@ class Server:
             if self.metrics.log is not None:
                 self.metrics.log.start(self.loop)
             self.metrics.ts.start(self.loop, s.metric_time_interval, self.registry.all_versions)
+        if self.shared is not None:
+            await self.shared.start()
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
                  s.management_address, s.metrics_address)
 
@@ -382,6 +392,8 @@ class Server:
             # a moment for those 503s to be written; requests still running in a model are cut
             server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
+        if self.shared is not None:  # before the registry closes: a stopping replica unpublishes nothing
+            await self.shared.close()
         await self.triggers.close()
         await self.jobs.close()  # embedded: running jobs stop and are queued again for the next start
         await self.registry.close()
@@ -428,6 +440,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     server.dataplane.started = False
     server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
     loaded = await server.load_models(models)
+    if server.shared is not None:  # ready only once the replicas' shared routing is applied here
+        await server.shared.settle(SETTLE_TIMEOUT_S)
     heap.freeze()
     server.registry.heap_settled = True
     server.dataplane.started = True

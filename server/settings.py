@@ -113,6 +113,11 @@ class Settings:
     # Redis for state shared between replicas (drift windows and episodes, predictions kept for
     # feedback joins, quality windows); empty: this process keeps it (nothing to install)
     redis_url: str = ""
+    # with redis_url, the replicas also share each model's routing (versions and their archives,
+    # default, canary weights, shadow): a change made through any replica is published at once and
+    # every replica checks the shared revision this often (seconds), so a missed message or a
+    # restarted replica converges (server/shared_routing.py)
+    routing_sync_interval: float = 1.0
     # retraining jobs (server/retraining): with redis_url on a saq queue run by `osprey worker`,
     # without it by this server in child processes, records under <model_store>/.osprey/jobs
     retraining_concurrency: int = 1  # jobs one process runs at once (embedded; `osprey worker --concurrency`)
@@ -275,7 +280,7 @@ def load_settings(
         raise ValueError(f"setting instance_isolation: {settings.instance_isolation!r} must be thread or process")
     if settings.retraining_concurrency < 1:
         raise ValueError(f"setting retraining_concurrency: {settings.retraining_concurrency!r} must be at least 1")
-    for name in ("retraining_heartbeat", "retraining_sweep_interval"):
+    for name in ("retraining_heartbeat", "retraining_sweep_interval", "routing_sync_interval"):
         if getattr(settings, name) <= 0:
             raise ValueError(f"setting {name}: {getattr(settings, name)!r} must be a positive number of seconds")
     if not 0 <= settings.retraining_nice <= 19:
