@@ -71,11 +71,13 @@ stop:
 	$(BIN)/osprey stop
 
 # Real services and tools the tests use, from Debian's packages: Prometheus and promtool,
-# redis-server, amtool (the Compose stack's Alertmanager config), tini (the image's PID 1).
-SYSTEM_PACKAGES := prometheus redis-server prometheus-alertmanager tini
+# redis-server, amtool (the Compose stack's Alertmanager config), tini (the image's PID 1),
+# HAProxy (the load balancer in front of the replicas; Debian puts it in /usr/sbin).
+SYSTEM_PACKAGES := prometheus redis-server prometheus-alertmanager tini haproxy
 system-packages:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null && \
-	  command -v amtool >/dev/null && command -v tini >/dev/null || \
+	  command -v amtool >/dev/null && command -v tini >/dev/null && \
+	  { command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null || \
 	  (echo "==> installing Debian packages: $(SYSTEM_PACKAGES)" && apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,7 +135,8 @@ class HAProxy:
     server's state."""
 
     def __init__(self, workdir: Path, replicas: list[Replica]):
-        self.binary = require("haproxy")
+        self.binary = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists()
+                                                  else require("haproxy"))
         self.workdir = workdir
         self.ports = {"inference": free_port(), "management": free_port()}
         self.inference = f"http://127.0.0.1:{self.ports['inference']}"
@@ -193,7 +195,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     store = root / "store"
     store.mkdir()
-    for v in ("1.0", "2.0"):
+    for v in ("1.0", "2.0", "3.0"):
         handler_archive(store, "echo", ECHO, version=v, config={"batchSize": 1})
         (store / "echo.mar").rename(store / f"echo{v}.mar")
     # drift, feedback and retraining triggers (a job is queued on Redis; no worker runs it here)
@@ -338,6 +340,16 @@ def test_a_version_promoted_or_rolled_back_through_any_replica_reaches_every_rep
     for rep in replicas:
         t = httpx.get(f"{rep.management}/models/echo/traffic", timeout=10).json()
         assert t["default"] == "1.0" and t["shadow"] is None and t["weights"] == {}, (rep.name, t)
+    # a version registered through one replica and unregistered through another leaves every replica
+    r = httpx.post(f"{replicas[0].management}/models", params={"url": "echo3.0.mar", "model_name": "echo"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    _until_every(replicas, "echo 3.0 READY", lambda rep: httpx.get(
+        f"{rep.inference}/v2/models/echo/versions/3.0/ready", timeout=10).status_code == 200)
+    r = httpx.delete(f"{replicas[1].management}/models/echo/3.0", timeout=60)
+    assert r.status_code == 200, r.text
+    _until_every(replicas, "echo 3.0 gone", lambda rep: httpx.get(
+        f"{rep.management}/models/echo/3.0", timeout=10).status_code == 404)
     # promoted again for what follows: a replica restarted later must come back with 2.0
     r = httpx.put(f"{lb.management}/models/echo/2.0/set-default", timeout=60)
     assert r.status_code == 200, r.text
