@@ -42,7 +42,9 @@ import time
 from typing import Any, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError, RedisError, TimeoutError as RedisTimeout
 
 from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
@@ -131,7 +133,10 @@ class SharedRouting:
     def __init__(self, registry: Registry, url: str, interval: float = 1.0):
         self.registry = registry
         self.interval = interval
-        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        # a connection Redis closed (it restarted) is retried on a new one rather than failing a call
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+                                             retry_on_error=[RedisConnectionError, RedisTimeout])
         # pub/sub waits for messages without a read timeout; its own connection
         self._sub = aioredis.Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=30)
         self._cas = self.redis.register_script(_CAS)
@@ -324,8 +329,9 @@ class SharedRouting:
                 await self._update(name, add)
             self._poke.set()
             return [mv.version for mv in local_only]  # applied on the next round, at the new revision
-        missing = [v for v in doc["versions"] if v not in reg.models.get(name, _NoModel).versions]
-        if name in reg.models and rev:
+        model = reg.models.get(name)
+        missing = [v for v in doc["versions"] if model is None or v not in model.versions]
+        if model is not None and rev:
             missing += reg.adopt(name, doc)
         missing = sorted(set(missing))
         if not missing:
@@ -459,7 +465,3 @@ class SharedRouting:
                 raise
             except (RedisError, OSError):
                 await asyncio.sleep(self.interval)
-
-
-class _NoModel:
-    versions: dict = {}

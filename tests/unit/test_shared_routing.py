@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -21,8 +22,6 @@ from server.core.stats import VersionStats
 from server.settings import Settings
 from server.shared_routing import PREFIX, SharedRouting, with_version, without_version
 from tests.redis_server import redis_server  # noqa: F401 (fixture)
-
-from types import SimpleNamespace
 
 
 def _version(version: str, created: float = 0.0):
@@ -132,3 +131,49 @@ def test_the_document_rules_for_versions_registered_and_unregistered():
     assert doc["default"] == "1.0" and doc["previous"] == [] and doc["weights"] == {}
     without_version(doc, "1.0", 9.0)
     assert doc["versions"] == {} and doc["default"] == ""
+
+
+async def test_redis_down_refuses_a_change_naming_redis_and_an_emptied_redis_is_filled_again(tmp_path, redis_server):  # noqa: F811
+    a, sa = _replica(tmp_path, redis_server.url, "a")
+    b, sb = _replica(tmp_path, redis_server.url, "b")
+    try:
+        await sa.reconcile()
+        await sa.change("m", lambda: a.set_default("m", "2.0"))
+        await sb.reconcile()
+        redis_server.stop()
+        with pytest.raises(OspreyError) as e:
+            await sa.change("m", lambda: a.set_default("m", "3.0"))
+        assert e.value.kind is ErrorKind.UNAVAILABLE and "shared routing state in Redis is unavailable" in e.value.message
+        assert a.traffic("m")["default"] == "2.0" and b.traffic("m")["default"] == "2.0"  # serving goes on
+        redis_server.start()  # the same port, empty (no persistence): the replicas publish what they have
+        for _ in range(3):
+            await sa.reconcile()
+            await sb.reconcile()
+        _, doc = _doc(redis_server.url)
+        assert doc["default"] == "2.0" and sorted(doc["versions"]) == ["1.0", "2.0", "3.0"]
+        await sb.change("m", lambda: b.set_default("m", "3.0"))
+        await sa.reconcile()
+        assert a.traffic("m")["default"] == "3.0"
+    finally:
+        await sa.close()
+        await sb.close()
+
+
+def test_adopt_applies_only_what_this_replica_can_serve_and_names_the_rest(tmp_path):
+    loop = asyncio.new_event_loop()
+    try:
+        reg = Registry(Settings(workdir=str(tmp_path)), loop, instance_factory=None)
+        reg.models["m"] = _Model(versions={v: _version(v) for v in ("1.0", "2.0")}, default="1.0")
+        reg.models["m"].versions["2.0"].ready = False  # still loading here
+        missing = reg.adopt("m", {"default": "2.0", "previous": ["1.0"], "weights": {"1.0": 1, "9.0": 1},
+                                  "shadow": "9.0"})
+        assert sorted(set(missing)) == ["2.0", "9.0"]
+        t = reg.traffic("m")  # the default stays until 2.0 can serve; unknown versions take no traffic
+        assert (t["default"], t["weights"], t["shadow"], t["previous"]) == ("1.0", {"1.0": 1.0}, None, [])
+        reg.models["m"].versions["2.0"].ready = True
+        assert reg.adopt("m", {"default": "2.0", "previous": ["1.0"], "weights": {}, "shadow": "1.0"}) == []
+        t = reg.traffic("m")
+        assert (t["default"], t["weights"], t["shadow"], t["previous"]) == ("2.0", {}, "1.0", ["1.0"])
+        assert reg.route("m").version == "2.0" and reg.shadow_for(reg.models["m"].versions["2.0"]).version == "1.0"
+    finally:
+        loop.close()
