@@ -368,7 +368,8 @@ class SharedRouting:
         finally:
             self._quiet.discard((name, version))
         self._failed.pop((name, version), None)
-        if mv.version != version:
+        if mv.version != version:  # not tried again until the retry delay: the archive is not what was shared
+            self._failed[(name, version)] = time.monotonic()
             log.error("shared routing: %s holds model %s version %s, not %s as the shared state says",
                       item.get("url"), name, mv.version, version)
         event(log, "shared_version_registered", model=name, version=mv.version, url=item.get("url"))
