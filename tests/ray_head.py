@@ -141,7 +141,7 @@ class RayHead:
                 p.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, left = psutil.wait_procs(procs, timeout=10)
+        _, left = psutil.wait_procs(procs, timeout=5)
         for p in left:
             try:
                 p.kill()

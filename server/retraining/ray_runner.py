@@ -44,7 +44,7 @@ import httpx
 
 from server.retraining.child import EVENT_MARK
 from server.retraining.jobs import JobRecord
-from server.retraining.runner import Outcome, apply_event, outcome_of
+from server.retraining.runner import Outcome, apply_event, outcome_of, remote_spec
 
 __all__ = ["RayJobs", "RayUnavailable", "run_attempt_ray", "submission_id", "spec_path", "RAY_TERMINAL"]
 
@@ -215,10 +215,7 @@ async def _run(ray: RayJobs, record: JobRecord, work_dir: Path, model_store: Pat
         info = await ray.info(sub_id)
         attached = info is not None
         if not attached:
-            slim = record.as_dict()
-            slim["log_tail"], slim["steps"] = [], []  # the task needs the job, not its history
-            _write_spec(spec, {"record": slim, "work_dir": str(work_dir), "model_store": str(model_store),
-                               "nice": 0})
+            _write_spec(spec, remote_spec(record, work_dir, model_store))
             runtime_env = json.loads(settings.ray_runtime_env) if settings.ray_runtime_env else {}
             submitted = await ray.submit(sub_id, entrypoint_for(settings, spec), runtime_env,
                                          {"osprey_job": record.id, "model": record.model, "trigger": record.trigger})

@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 from server.retraining.jobs import JobRecord, JobState
 
-__all__ = ["Outcome", "run_attempt", "attempt_runner", "prepare_work_dir", "runner_name"]
+__all__ = ["Outcome", "run_attempt", "attempt_runner", "remote_spec", "prepare_work_dir", "runner_name"]
 
 log = logging.getLogger("osprey.retraining")
 
@@ -179,6 +179,14 @@ async def run_attempt(record: JobRecord, work_dir: Path, model_store: Path, *,
     if reason:
         return Outcome("stopped", reason=reason, message=reason)
     return outcome_of(final, proc.returncode)
+
+
+def remote_spec(record: JobRecord, work_dir: Path | str, model_store: Path | str) -> dict:
+    """What ``python -m server.retraining.child --spec FILE`` reads: the job (without its log and
+    steps: the task needs the job, not its history), its work folder and the model store."""
+    slim = record.as_dict()
+    slim["log_tail"], slim["steps"] = [], []
+    return {"record": slim, "work_dir": str(work_dir), "model_store": str(model_store), "nice": 0}
 
 
 def attempt_runner(settings) -> Callable[..., Awaitable[Outcome]]:

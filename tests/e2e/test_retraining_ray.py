@@ -114,7 +114,8 @@ async def cluster(tmp_path, redis_server, ray_head):
     """(queue, start_worker, ray client): the server side of a Redis queue whose workers send jobs to Ray."""
     store = tmp_path / "store"
     store.mkdir()
-    q = RedisJobQueue(redis_server.url, store, settings=Settings(retraining_cancel_grace=1))
+    q = RedisJobQueue(redis_server.url, store, settings=Settings(retraining_heartbeat=2, retraining_sweep_interval=1,
+                                                             retraining_cancel_grace=1))
     ray = RayJobs(ray_head.address)
     started: list[Worker] = []
 
