@@ -207,13 +207,11 @@ async def run_attempt_ray(record: JobRecord, work_dir: Path, model_store: Path, 
         await ray.close()
 
 
-async def _run(ray: RayJobs, record: JobRecord, work_dir: Path, model_store: Path, settings, tick,
-               timeout_s: float, grace_s: float, poll_s: float) -> Outcome:
-    sub_id = submission_id(record)
-    spec = spec_path(model_store, sub_id)
+async def _submit(ray: RayJobs, record: JobRecord, sub_id: str, spec: Path, work_dir: Path, model_store: Path,
+                  settings) -> tuple[Outcome | None, bool]:
+    """Submit the job, or find it submitted already: (an Outcome if that failed, whether it was there)."""
     try:
-        info = await ray.info(sub_id)
-        attached = info is not None
+        attached = await ray.info(sub_id) is not None
         if not attached:
             _write_spec(spec, remote_spec(record, work_dir, model_store))
             runtime_env = json.loads(settings.ray_runtime_env) if settings.ray_runtime_env else {}
@@ -221,42 +219,75 @@ async def _run(ray: RayJobs, record: JobRecord, work_dir: Path, model_store: Pat
                                          {"osprey_job": record.id, "model": record.model, "trigger": record.trigger})
             attached = not submitted  # another run submitted it between the two calls
     except RayUnavailable as exc:
-        return Outcome("retry", message=str(exc), error=str(exc))
+        return Outcome("retry", message=str(exc), error=str(exc)), False
     except ValueError as exc:
-        return Outcome("failed", message=str(exc), error=str(exc))
+        return Outcome("failed", message=str(exc), error=str(exc)), False
     if attached:
         record.add_step("ray", f"following Ray job {sub_id}, submitted earlier (a job id runs once on Ray)")
     else:
         record.add_step("ray", f"submitted to the Ray cluster at {settings.ray_address} as job {sub_id}")
     log.info("retraining job %s: %s Ray job %s", record.id, "following" if attached else "submitted", sub_id)
+    return None, attached
 
-    reader = _LogReader(record, attached)
-    status, message = "PENDING", ""
-    started = time.time()
-    next_read = 0.0
-    reason = ""
-    while True:
-        now = time.monotonic()
-        if now >= next_read:
-            next_read = now + settings.ray_poll_interval
+
+class _Follow:
+    """Submits (or finds) the Ray job, then reads its status and log until it has ended. It runs
+    beside the loop that calls ``tick``, so a slow dashboard never holds up the job's heartbeat."""
+
+    def __init__(self, ray: RayJobs, record: JobRecord, sub_id: str, settings):
+        self.ray, self.record, self.sub_id, self.settings = ray, record, sub_id, settings
+        self.status, self.message = "PENDING", ""
+        self.started: float | None = None  # when the run began on Ray (epoch s), once known
+        self.reader: _LogReader | None = None
+        self.failed: Outcome | None = None
+
+    async def run(self, work_dir: Path, model_store: Path, spec: Path) -> None:
+        self.failed, attached = await _submit(self.ray, self.record, self.sub_id, spec, work_dir, model_store,
+                                              self.settings)
+        if self.failed is not None:
+            return
+        self.reader = _LogReader(self.record, attached)
+        while True:
             try:
-                info = await ray.info(sub_id) or {}
-                status, message = str(info.get("status", "PENDING")), str(info.get("message") or "")
+                info = await self.ray.info(self.sub_id) or {}
+                self.message = str(info.get("message") or "")
                 if info.get("start_time"):
-                    started = float(info["start_time"]) / 1000.0  # the run began on Ray then, even if followed later
-                reader.feed(await ray.logs(sub_id), final=status in RAY_TERMINAL)
+                    self.started = float(info["start_time"]) / 1000.0
+                status = str(info.get("status", "PENDING"))
+                self.reader.feed(await self.ray.logs(self.sub_id), final=status in RAY_TERMINAL)
+                self.status = status  # after the log: a terminal status comes with the result line read
             except (RayUnavailable, ValueError) as exc:  # the dashboard away a moment: the job goes on
-                log.warning("retraining job %s: cannot read Ray job %s (%s)", record.id, sub_id, exc)
-        if status in RAY_TERMINAL:
-            break
-        if time.time() - started >= timeout_s:
-            reason = "timeout"
-        else:
-            reason = await tick() or ""
-        if reason:
-            break
-        await asyncio.sleep(poll_s)
+                log.warning("retraining job %s: cannot read Ray job %s (%s)", self.record.id, self.sub_id, exc)
+            if self.status in RAY_TERMINAL:
+                return
+            await asyncio.sleep(self.settings.ray_poll_interval)
 
+
+async def _run(ray: RayJobs, record: JobRecord, work_dir: Path, model_store: Path, settings, tick,
+               timeout_s: float, grace_s: float, poll_s: float) -> Outcome:
+    sub_id = submission_id(record)
+    spec = spec_path(model_store, sub_id)
+    follow = _Follow(ray, record, sub_id, settings)
+    follower = asyncio.ensure_future(follow.run(work_dir, model_store, spec))
+    began = time.time()
+    reason = ""
+    try:
+        while not follower.done():
+            await asyncio.wait([follower], timeout=poll_s)
+            if follower.done():
+                break
+            if time.time() - (follow.started or began) >= timeout_s:
+                reason = "timeout"
+            else:
+                reason = await tick() or ""
+            if reason:
+                break
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+    if follow.failed is not None:
+        return follow.failed
+    reader = follow.reader or _LogReader(record, True)
     if reason in ("cancelled", "timeout"):
         await _stop(ray, sub_id, record, reader, grace_s)
         spec.unlink(missing_ok=True)
@@ -267,12 +298,12 @@ async def _run(ray: RayJobs, record: JobRecord, work_dir: Path, model_store: Pat
     if reason:  # superseded or shutdown: the Ray job goes on; whoever runs the job next follows it
         return Outcome("stopped", reason=reason, message=reason)
     spec.unlink(missing_ok=True)
-    if status == "STOPPED" and reader.final is None:
+    if follow.status == "STOPPED" and reader.final is None:
         return Outcome("stopped", reason="cancelled", message=f"Ray job {sub_id} was stopped")
     if reader.final is not None:
         return outcome_of(reader.final, 0)
-    return Outcome("failed", message=f"Ray job {sub_id} {status.lower()} before it returned: {message}".strip(),
-                   error=message or status)
+    return Outcome("failed", message=f"Ray job {sub_id} {follow.status.lower()} before it returned: "
+                                     f"{follow.message}".strip(), error=follow.message or follow.status)
 
 
 async def _stop(ray: RayJobs, sub_id: str, record: JobRecord, reader: _LogReader, grace_s: float) -> None:
