@@ -7,6 +7,9 @@ STORE  ?= model_store
 # The KServe SDK pins protobuf/grpcio versions of its own: it gets a virtualenv of its own,
 # which the tests drive as a real client.
 KSERVE_VENV ?= .venv-kserve
+# Ray (retraining jobs on a Ray cluster, tests/e2e/test_retraining_ray.py) pins packages of its
+# own too; the tests start a real local head from this virtualenv.
+RAY_VENV ?= .venv-ray
 
 .PHONY: setup install-torch examples serve stop test system-packages bench bench-quick bench-packages
 
@@ -87,8 +90,14 @@ $(KSERVE_VENV)/.installed:
 	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
 	touch $@
 
-test: setup system-packages $(KSERVE_VENV)/.installed
-	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python $(BIN)/python -m pytest -q -n 2 --dist loadfile
+$(RAY_VENV)/.installed:
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install -q 'ray[default]==2.60.0'
+	touch $@
+
+test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed
+	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
+	  $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'

@@ -131,6 +131,15 @@ class Settings:
     # gives serving the CPU first (benchmarks/CHANGES.md: MLP at c=32 kept 0.61 of its
     # throughput under a digits_cnn job at nice 0)
     retraining_nice: int = 10
+    # where a job's process runs: "local" (a child process of the worker or server that took the
+    # job) or "ray" (submitted to a Ray cluster through its Jobs API, server/retraining/ray_runner.py;
+    # the cluster's nodes need Osprey installed and the model store mounted at the same path)
+    retraining_executor: str = "local"
+    ray_address: str = ""  # the Ray dashboard's HTTP address (its Jobs API), e.g. http://127.0.0.1:8265
+    # Ray's runtime_env for each job, as JSON (env_vars, a container image, pip, ...); "" for none
+    ray_runtime_env: str = ""
+    ray_python: str = "python3"  # the command that runs a Python with Osprey on the Ray cluster's nodes
+    ray_poll_interval: float = 1.0  # seconds between reads of a running Ray job's status and log
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -285,6 +294,27 @@ def load_settings(
             raise ValueError(f"setting {name}: {getattr(settings, name)!r} must be a positive number of seconds")
     if not 0 <= settings.retraining_nice <= 19:
         raise ValueError(f"setting retraining_nice: {settings.retraining_nice!r} must be from 0 to 19")
+    if settings.retraining_executor not in ("local", "ray"):
+        raise ValueError(f"setting retraining_executor: {settings.retraining_executor!r} must be local or ray")
+    if settings.retraining_executor == "ray":
+        if not settings.ray_address:
+            raise ValueError("setting retraining_executor=ray needs ray_address, the Ray dashboard's address "
+                             "(e.g. http://127.0.0.1:8265)")
+        parse_address(settings.ray_address)
+        if not settings.ray_python.strip():
+            raise ValueError("setting ray_python must name the Python command on the Ray cluster's nodes")
+    if settings.ray_runtime_env:
+        import json
+
+        try:
+            runtime_env = json.loads(settings.ray_runtime_env)
+        except ValueError as exc:
+            raise ValueError(f"setting ray_runtime_env is not JSON: {exc}") from None
+        if not isinstance(runtime_env, dict):
+            raise ValueError("setting ray_runtime_env must be a JSON object (Ray's runtime_env), "
+                             f"got {settings.ray_runtime_env!r}")
+    if settings.ray_poll_interval <= 0:
+        raise ValueError(f"setting ray_poll_interval: {settings.ray_poll_interval!r} must be a positive number of seconds")
     if settings.retraining_cancel_grace < 0 or settings.retraining_job_ttl < 0:
         raise ValueError("settings retraining_cancel_grace and retraining_job_ttl must not be negative")
     if settings.metrics_config:  # a missing or broken file refuses the start, naming it
