@@ -91,6 +91,7 @@ $(KSERVE_VENV)/.installed:
 	touch $@
 
 $(RAY_VENV)/.installed:
+	@echo "==> installing ray[default]==2.60.0 (a real local Ray head for the Ray runner's tests) into its own environment $(RAY_VENV)"
 	$(PYTHON) -m venv $(RAY_VENV)
 	$(RAY_VENV)/bin/pip install -q 'ray[default]==2.60.0'
 	touch $@
