@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import ExampleResult, classification_metrics, package_example, reference_sample, seed_everything, write_reference
+from .common import (ExampleResult, classification_metrics, package_example, reference_sample, seed_everything,
+                     write_reference)
 from .networks import bert_encoder as network
 from .textgen import generate
 

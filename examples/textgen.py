@@ -73,7 +73,8 @@ _COMMON = ["the", "a", "and", "with", "today", "tomorrow", "tonight", "late", "e
            "be", "very", "really", "for", "in", "at", "after", "before", "again", "expected", "needs", "better"]
 
 
-def generate(n: int, seed: int = 0, topics: dict[str, list[str]] | None = None) -> tuple[list[str], list[int], list[str]]:
+def generate(n: int, seed: int = 0,
+             topics: dict[str, list[str]] | None = None) -> tuple[list[str], list[int], list[str]]:
     """``n`` sentences, their topic ids, and the topic names (in id order); ``topics``: the
     topic words (default :data:`TOPICS`)."""
     rng = random.Random(seed)
