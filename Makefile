@@ -7,6 +7,9 @@ STORE  ?= model_store
 # The KServe SDK pins protobuf/grpcio versions of its own: it gets a virtualenv of its own,
 # which the tests drive as a real client.
 KSERVE_VENV ?= .venv-kserve
+# Ray (retraining jobs on a Ray cluster, tests/e2e/test_retraining_ray.py) pins packages of its
+# own too; the tests start a real local head from this virtualenv.
+RAY_VENV ?= .venv-ray
 
 .PHONY: setup install-torch examples serve stop test system-packages bench bench-quick bench-packages
 
@@ -71,11 +74,13 @@ stop:
 	$(BIN)/osprey stop
 
 # Real services and tools the tests use, from Debian's packages: Prometheus and promtool,
-# redis-server, amtool (the Compose stack's Alertmanager config), tini (the image's PID 1).
-SYSTEM_PACKAGES := prometheus redis-server prometheus-alertmanager tini
+# redis-server, amtool (the Compose stack's Alertmanager config), tini (the image's PID 1),
+# HAProxy (the load balancer in front of the replicas; Debian puts it in /usr/sbin).
+SYSTEM_PACKAGES := prometheus redis-server prometheus-alertmanager tini haproxy
 system-packages:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v redis-server >/dev/null && \
-	  command -v amtool >/dev/null && command -v tini >/dev/null || \
+	  command -v amtool >/dev/null && command -v tini >/dev/null && \
+	  { command -v haproxy || test -x /usr/sbin/haproxy; } >/dev/null || \
 	  (echo "==> installing Debian packages: $(SYSTEM_PACKAGES)" && apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES))
 
@@ -85,8 +90,15 @@ $(KSERVE_VENV)/.installed:
 	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
 	touch $@
 
-test: setup system-packages $(KSERVE_VENV)/.installed
-	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python $(BIN)/python -m pytest -q -n 2 --dist loadfile
+$(RAY_VENV)/.installed:
+	@echo "==> installing ray[default]==2.60.0 (a real local Ray head for the Ray runner's tests) into its own environment $(RAY_VENV)"
+	$(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install -q 'ray[default]==2.60.0'
+	touch $@
+
+test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed
+	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
+	  $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'

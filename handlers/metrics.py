@@ -46,6 +46,9 @@ class HandlerMetrics:
         self._lock = threading.Lock()
         self.values: dict[str, float] = {}
         self._sink = sink
+        # the running batch's request ids ({index: id}, set by the instance per batch): the
+        # requestID of TorchServe's model_metrics.log lines
+        self.request_ids: dict[int, str] | None = None
 
     def _emit(self, name: str, value: float, unit: str, kind: MetricTypes, dimensions: Any) -> None:
         try:
@@ -61,7 +64,11 @@ class HandlerMetrics:
         if self._sink is not None:
             dims = _dims(dimensions)
             dims.setdefault("ModelName", self.model_name)
-            self._sink(name, value, unit, kind_name, dims)
+            ids = self.request_ids
+            if ids:
+                self._sink(name, value, unit, kind_name, dims, ",".join(ids.values()))
+            else:
+                self._sink(name, value, unit, kind_name, dims)
 
     def add_metric(self, name: str, value: float, unit: str = "", idx: Any = None,
                    dimensions: Any = None, metric_type: MetricTypes = MetricTypes.COUNTER) -> None:

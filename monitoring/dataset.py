@@ -1,11 +1,13 @@
 """Labelled production data for retraining: inputs held until their labels come, then kept.
 
 For a model with a ``retraining:`` section, every answered request's inputs (what its handler
-received: the TorchServe fields as bytes, or the Open Inference tensors) are *held* under the
+received: the TorchServe fields decoded as TorchServe decodes them -- JSON as the object, text
+as str, anything else as bytes --, or the Open Inference tensors) are *held* under the
 request id for ``monitoring.feedback_ttl``; a feedback label for that id *joins* it, and the
 pair becomes a row of the model's training data::
 
-    {"rid": str, "ts": float, "version": str, "inputs": {name: bytes | numpy array}, "label": ...}
+    {"rid": str, "ts": float, "version": str, "inputs": {name: bytes | str | JSON value | numpy array},
+     "label": ...}
 
 ``hold`` is the request side (the data plane's observer, on the event loop): a ``deque.append``
 of a reference to the request, nothing copied. ``process`` (the monitor's background thread)
@@ -39,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from server.core.capture import FeedbackItem
+from server.core.codecs import decode_field
 
 __all__ = ["LabelledData", "read_rows", "dataset_path", "MAX_HELD"]
 
@@ -55,10 +58,16 @@ def dataset_path(root: str | os.PathLike, model: str, state_dir: str | os.PathLi
 
 
 def _inputs(request: Any) -> dict[str, Any]:
-    """What the handler received, as plain picklable data (bytes copied once, off the loop)."""
+    """What the handler received, as plain picklable data (copied once, off the loop). Fields are
+    decoded as the handler gets them: raw bytes would lose the content type, and a JSON text
+    request (``{"text": ...}``) replayed as bytes would reach a text handler as that JSON text."""
     if request.tensors:
         return {name: np.array(value, copy=True) for name, value in request.tensors.items()}
-    return {name: bytes(f.value) for name, f in request.fields.items()}
+    out = {}
+    for name, f in request.fields.items():
+        value = decode_field(f)
+        out[name] = bytes(value) if isinstance(value, (bytearray, memoryview)) else value
+    return out
 
 
 class _Held:

@@ -48,14 +48,12 @@ class GpuCollector:
                 self._v2 = False
         return self.nvml.nvmlDeviceGetMemoryInfo(handle)
 
-    def collect(self):
+    def readings(self) -> list[tuple[int, float, float, float]]:
+        """``(index, memory used bytes, memory total bytes, utilization percent)`` per GPU."""
         if not self.active:
             return []
         nv = self.nvml
-        used = GaugeMetricFamily("osprey_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
-        total = GaugeMetricFamily("osprey_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
-        util = GaugeMetricFamily("osprey_gpu_utilization_ratio",
-                                 "Fraction of the last sample period the GPU was busy (0-1)", labels=["gpu"])
+        out = []
         for i in range(self.count):
             try:
                 handle = nv.nvmlDeviceGetHandleByIndex(i)
@@ -64,7 +62,18 @@ class GpuCollector:
             except Exception as exc:  # a GPU fell off the bus: report the others
                 log.warning("GPU %d: NVML query failed: %s", i, exc)
                 continue
-            used.add_metric([str(i)], float(mem.used))
-            total.add_metric([str(i)], float(mem.total))
-            util.add_metric([str(i)], rates.gpu / 100.0)
+            out.append((i, float(mem.used), float(mem.total), float(rates.gpu)))
+        return out
+
+    def collect(self):
+        if not self.active:
+            return []
+        used = GaugeMetricFamily("osprey_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("osprey_gpu_memory_total_bytes", "GPU memory in all", labels=["gpu"])
+        util = GaugeMetricFamily("osprey_gpu_utilization_ratio",
+                                 "Fraction of the last sample period the GPU was busy (0-1)", labels=["gpu"])
+        for i, mem_used, mem_total, busy in self.readings():
+            used.add_metric([str(i)], mem_used)
+            total.add_metric([str(i)], mem_total)
+            util.add_metric([str(i)], busy / 100.0)
         return [used, total, util]

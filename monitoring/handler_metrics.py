@@ -8,6 +8,9 @@ Counters add up, gauges keep the last value, histograms use TorchServe's default
 Handlers call in from their instance threads, so this one collector takes a lock.
 A metric keeps the label names it was first seen with (missing ones are empty, extra ones
 dropped); names that would shadow Osprey's own (``osprey_``, ``ts_``, ``process_``) are refused.
+A metric declared in TorchServe's metrics configuration (``metrics_config``, model_metrics) has
+the declared type, unit and label names (declared order, ``Hostname`` last, as TorchServe); the
+handler's dimensions fill them by name.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from typing import Any
 
 from .families import Counter, Gauge, Histogram
 
@@ -51,21 +55,27 @@ class HandlerMetricsCollector:
             self._refused.add(name)
             log.warning("handler metric %r is not exported: %s", name, why)
 
-    def record(self, name: str, value: float, unit: str, kind: str, dims: dict[str, str]) -> None:
+    def record(self, name: str, value: float, unit: str, kind: str, dims: dict[str, str], spec: Any = None) -> None:
         metric = _metric_name(name)
         if metric.startswith(_RESERVED):
             return self._refuse(name, "the name is reserved for Osprey's own metrics")
-        labels = {"ModelName": dims.get("ModelName", ""), "Level": dims.get("Level", "Model"),
-                  "Hostname": self.hostname}
-        for k, v in dims.items():
-            if k not in labels:
-                labels[_label_name(k)] = v
+        if spec is not None:  # declared (monitoring.ts_metrics_config.MetricSpec)
+            kind, unit = spec.kind, spec.unit
+            labels = {_label_name(k): self.hostname if k == "Hostname" else dims.get(k, "Model" if k == "Level" else "")
+                      for k in spec.dimensions}
+        else:
+            labels = {"ModelName": dims.get("ModelName", ""), "Level": dims.get("Level", "Model"),
+                      "Hostname": self.hostname}
+            for k, v in dims.items():
+                if k not in labels:
+                    labels[_label_name(k)] = v
         with self._lock:
             fam = self.families.get(metric)
             if fam is None:
                 if len(self.families) >= MAX_METRICS:
                     return self._refuse(name, f"more than {MAX_METRICS} handler metrics")
-                doc = f"Handler metric {name} ({kind}, unit: {unit or 'none'})"
+                doc = (f"Torchserve prometheus {kind} metric with unit: {unit}" if spec is not None
+                       else f"Handler metric {name} ({kind}, unit: {unit or 'none'})")
                 names = tuple(labels)
                 if kind == "counter":
                     fam = Counter(metric, doc, names)

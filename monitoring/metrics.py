@@ -23,7 +23,12 @@ What is recorded where:
   (shadow copies: agree, disagree, error, dropped), ``osprey_model_rollbacks_total{model}``
   (rollbacks of the default, by hand or in probation); process CPU and memory; per-GPU memory and
   utilization when NVML answers;
-* handler metrics from ``context.metrics`` (:mod:`monitoring.handler_metrics`).
+* handler metrics from ``context.metrics`` (:mod:`monitoring.handler_metrics`);
+* the rest of TorchServe's default metric set (:mod:`monitoring.ts_metrics`: Requests2XX/4XX/5XX
+  per HTTP answer, QueueTime and WorkerThreadTime per batch, WorkerLoadTime and the system
+  metrics at scrape time). TorchServe's metrics configuration (``metrics_config``, else its
+  default) decides which TorchServe metrics exist and how handler metrics are typed; with
+  ``metrics_mode=log`` they are also written as TorchServe's log lines (:mod:`monitoring.metrics_log`).
 
 Labels are bounded: model and version come from the registry (a request for an unknown
 model is counted with empty model and version), protocol and code from the server; never a
@@ -45,6 +50,9 @@ from .families import Counter, Gauge, Histogram
 from .gc_metrics import gc_collector
 from .gpu import GpuCollector
 from .handler_metrics import HandlerMetricsCollector
+from .metrics_log import MetricsLog, ts_value
+from .ts_metrics import TorchServeMetrics, ts_help
+from .ts_metrics_config import MetricsConfig, load_metrics_config
 
 __all__ = ["ServingMetrics", "DEFAULT_BUCKETS", "BATCH_BUCKETS", "CONTENT_TYPE", "metric_buckets"]
 
@@ -95,8 +103,17 @@ class _Series:
 
 class ServingMetrics:
     def __init__(self, buckets: Iterable[float] = DEFAULT_BUCKETS, objectives: Iterable[float] = (),
-                 hostname: str | None = None, registry: CollectorRegistry | None = None):
+                 hostname: str | None = None, registry: CollectorRegistry | None = None,
+                 ts_config: MetricsConfig | None = None, metrics_log: MetricsLog | None = None,
+                 system_metrics: bool = True, auto_detect: bool | None = None):
+        """``ts_config``: TorchServe's metrics configuration (its default when None); handler
+        metrics it does not declare are exported as first seen when ``auto_detect`` (TorchServe's
+        ``model_metrics_auto_detect``; by default on when no configuration was given, off with
+        one, as TorchServe). ``metrics_log``: metrics_mode=log's line writer, or None."""
         self.hostname = hostname or socket.gethostname()
+        self.ts_config = ts_config or load_metrics_config()
+        self.auto_detect = ts_config is None if auto_detect is None else auto_detect
+        self.log = metrics_log
         self.objectives = tuple(sorted(float(o) for o in objectives))
         self.buckets = metric_buckets(buckets, self.objectives)
         b = self.buckets
@@ -123,10 +140,11 @@ class ServingMetrics:
                                   "Torchserve prometheus counter metric with unit: Microseconds", ts)
         self.ts_queue = Counter("ts_queue_latency_microseconds",
                                 "Torchserve prometheus counter metric with unit: Microseconds", ts)
-        self.ts_handler_time = Gauge("HandlerTime", "Torchserve prometheus gauge metric with unit: ms",
+        model_specs = self.ts_config.model_metrics
+        self.ts_handler_time = Gauge("HandlerTime", ts_help("gauge", getattr(model_specs.get("HandlerTime"), "unit", "ms")),
                                      ("ModelName", "Level", "Hostname"))
-        self.ts_prediction_time = Gauge("PredictionTime", "Torchserve prometheus gauge metric with unit: ms",
-                                        ("ModelName", "Level", "Hostname"))
+        self.ts_prediction_time = Gauge("PredictionTime", ts_help("gauge", getattr(model_specs.get("PredictionTime"), "unit",
+                                                                                   "ms")), ("ModelName", "Level", "Hostname"))
         self._families = (self.requests, self.request_seconds, self.queue_seconds, self.stage_seconds,
                           self.batch_size, self.rejected, self.expired)
         self._ts_families = (self.ts_requests, self.ts_latency, self.ts_queue, self.ts_handler_time,
@@ -138,6 +156,11 @@ class ServingMetrics:
         self.gpu = GpuCollector()
         if self.gpu.active:
             self.process_registry.register(self.gpu)
+        self.ts = TorchServeMetrics(self.ts_config, self.hostname, self.gpu, metrics_log, system_metrics)
+        self._ts_rendered = tuple(f for f in self._ts_families if f.name in self.ts_config.ts_metrics
+                                  or f.name in model_specs)
+        self._units = {n: s.unit for n, s in (*self.ts_config.ts_metrics.items(), *model_specs.items())}
+        self.http_response = self.ts.http_response  # every HTTP answer on every port (the routers call it)
         self.registry: Any = None
         self._series: dict[int, _Series] = {}
         self._precisions: dict[int, tuple[weakref.ref, str | None]] = {}
@@ -224,10 +247,13 @@ class ServingMetrics:
         duration.observe(total)
         ts_count[0] += 1
         ts_latency[0] += total * 1e6
+        wait = None
         if t.dispatched:
             wait = t.dispatched - t.received
             s.queue.observe(wait)
             ts_queue[0] += wait * 1e6
+        if self.log is not None:
+            self._log_request(mv.name, req.version, total, wait)
         if status >= 500:
             kind = getattr(outcome, "kind", None)
             if kind is not None:
@@ -235,6 +261,19 @@ class ServingMetrics:
                     s.rejected[0] += 1
                 elif kind.value == _DEADLINE:
                     s.expired[0] += 1
+
+    def _log_request(self, name: str, version: str | None, total: float, wait: float | None) -> None:
+        """metrics_mode=log: TorchServe's lines for one request (ts_metrics.log)."""
+        dims = f"model_name:{name},model_version:{version or 'default'}"
+        units, lg = self._units, self.log
+        if "ts_inference_requests_total" in units:
+            lg.frontend("ts_inference_requests_total", units["ts_inference_requests_total"], "1.0", dims)
+        if "ts_inference_latency_microseconds" in units:
+            lg.frontend("ts_inference_latency_microseconds", units["ts_inference_latency_microseconds"],
+                        repr(round(total * 1e6, 3)), dims)
+        if wait is not None and "ts_queue_latency_microseconds" in units:
+            lg.frontend("ts_queue_latency_microseconds", units["ts_queue_latency_microseconds"],
+                        repr(round(wait * 1e6, 3)), dims)
 
     def refused(self, mv: Any, protocol: str, error: Any) -> None:
         """Data plane refusal observer: a request refused at admission (queue full, no instance)
@@ -264,11 +303,25 @@ class ServingMetrics:
             handle = t.finished - t.started
             self._stage(s, "handle").observe(handle)
             s.handler_time[0] = s.prediction_time[0] = handle * 1000.0
+            self.ts.batch((t.dispatched - t.received) * 1000.0 if t.dispatched and t.received else 0.0,
+                          (t.started - t.dispatched) * 1000.0 if t.dispatched else 0.0)
+            if self.log is not None:
+                self._log_batch(mv.name, batch, handle)
         if t.stages:
             for stage, seconds in t.stages.items():
                 child = s.stages.get(stage) or self._stage(s, stage)
                 if child is not None:
                     child.observe(seconds)
+
+    def _log_batch(self, name: str, batch: list, handle: float) -> None:
+        """metrics_mode=log: the backend's PredictionTime and HandlerTime lines (model_metrics.log)."""
+        ids = ",".join(t.request.request_id for t in batch)
+        value = repr(round(handle * 1000.0, 2))
+        dims = f"ModelName:{name},Level:Model"
+        for metric in ("PredictionTime", "HandlerTime"):
+            unit = self._units.get(metric)
+            if unit is not None:
+                self.log.model(metric, unit, value, dims, ids)
 
     def _stage(self, s: _Series, stage: str):
         child = s.stages.get(stage)
@@ -279,11 +332,21 @@ class ServingMetrics:
         return child
 
     # --- handler metrics (instance threads) -----------------------------------------
-    def handler_metric(self, name: str, value: float, unit: str, kind: str, dims: dict) -> None:
-        """``context.metrics`` sink."""
+    def handler_metric(self, name: str, value: float, unit: str, kind: str, dims: dict,
+                       request_ids: str | None = None) -> None:
+        """``context.metrics`` sink (instance threads). A metric the configuration declares under
+        model_metrics takes its declared type, unit and dimensions; others are exported only with
+        auto-detection on (see __init__)."""
         if name in ("HandlerTime", "PredictionTime"):
             return  # Osprey records these itself, per batch, as TorchServe does
-        self.handler.record(name, value, unit, kind, dims)
+        spec = self.ts_config.model_metrics.get(name)
+        if spec is None and not self.auto_detect:
+            return
+        self.handler.record(name, value, unit, kind, dims, spec)
+        if self.log is not None:
+            names = spec.dimensions if spec is not None else (*dims, "Hostname")
+            d = ",".join(f"{k}:{dims.get(k, 'Model' if k == 'Level' else '')}" for k in names if k != "Hostname")
+            self.log.model(name, spec.unit if spec is not None else unit, ts_value(value), d, request_ids or "")
 
     # --- scrape ---------------------------------------------------------------------
     def _live(self) -> str:
@@ -390,7 +453,8 @@ class ServingMetrics:
         live = self._live()  # first: it also forgets versions that left the registry
         parts = [f.render() for f in self._families]
         parts.append(live)
-        parts.extend(f.render() for f in self._ts_families)
+        parts.extend(f.render() for f in self._ts_rendered)
+        parts.append(self.ts.render(self.registry.all_versions() if self.registry is not None else ()))
         parts.append(self.handler.render())
         parts.append(self.gc.render())
         return "".join(parts).encode() + generate_latest(self.process_registry)

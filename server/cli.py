@@ -230,7 +230,7 @@ def cmd_worker(args) -> int:
 def _jobs_parser(sub) -> None:
     from server.management_client import add_client_arguments
 
-    p = sub.add_parser("jobs", help="retraining jobs: list, show, cancel (through the management API)")
+    p = sub.add_parser("jobs", help="retraining jobs: list, show, cancel, k8s-manifest (through the management API)")
     jsub = p.add_subparsers(dest="jobs_command", required=True)
     for name, what in (("list", "list jobs, the newest first"), ("show", "one job: its record, steps and log tail"),
                        ("cancel", "cancel a queued or running job")):
@@ -242,6 +242,15 @@ def _jobs_parser(sub) -> None:
             q.add_argument("job_id", metavar="ID")
         add_client_arguments(q)
         q.add_argument("--json", action="store_true", help="print the JSON the server answered")
+    q = jsub.add_parser("k8s-manifest", help="print a Kubernetes Job (and its ConfigMap) that runs one job",
+                        description="Read the job from the management API and print "
+                                    "deploy/kubernetes/retraining-job.yaml filled in for it: a Job named "
+                                    "osprey-retrain-ID running the one-job entry point, for `kubectl create -f -`.")
+    q.add_argument("job_id", metavar="ID")
+    q.add_argument("--image", required=True, help="the Osprey container image (Osprey and the model's packages)")
+    q.add_argument("--claim", required=True, help="the PersistentVolumeClaim of the servers' model store")
+    q.add_argument("--template", help="another template (default: deploy/kubernetes/retraining-job.yaml)")
+    add_client_arguments(q)
 
 
 def cmd_jobs(args) -> int:

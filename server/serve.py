@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 
 from server.core import heap
 from monitoring.access_log import AccessLog
+from monitoring.metrics_log import MetricsLog
+from monitoring.ts_metrics_config import load_metrics_config
+from server.log_files import LogFiles
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError
@@ -41,6 +45,7 @@ from server.retraining.queue import job_queue
 from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
 from server.settings import Settings, parse_address
+from server.shared_routing import SharedRouting
 from server.state import job_url, resolve_state_dir
 from server.tls import Tls, TlsError, is_https
 
@@ -51,6 +56,9 @@ log = logging.getLogger("osprey.serve")
 # module -> the distribution that installs it, for the message when gRPC cannot start
 _PIP_NAMES = {"grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
               "google": "protobuf", "google.protobuf": "protobuf", "google.rpc": "googleapis-common-protos"}
+
+
+SETTLE_TIMEOUT_S = 300.0  # most time a starting replica waits for the shared routing's versions to load
 
 
 class StartupError(Exception):
@@ -128,7 +136,16 @@ class Server:
         settings = resolve_state_dir(settings)  # <model_store>/.osprey, or <workdir>/.osprey on a read-only store
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives)
+        # TorchServe's log files (access, model, server; metrics in metrics_mode=log), or None
+        self.log_files = LogFiles.from_settings(settings)
+        metrics_log = MetricsLog(socket.gethostname(), self.log_files.put) \
+            if self.log_files is not None and settings.metrics_mode == "log" else None
+        auto = settings.model_metrics_auto_detect.lower()
+        self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives,
+                                      ts_config=load_metrics_config(settings.metrics_config) if settings.metrics_config
+                                      else None, metrics_log=metrics_log,
+                                      system_metrics=not settings.disable_system_metrics,
+                                      auto_detect=None if not auto else auto == "true")
         # drift, feedback and live quality: instances hand it one Observation per sampled batch
         self.monitor = _monitor(settings, self._monitored) if settings.monitoring else None
         observe = self.monitor.observe if self.monitor is not None else None
@@ -163,6 +180,10 @@ class Server:
         # retraining: the job queue (Redis with redis_url, else child processes of this server),
         # the triggers that fill it, and the management routes for both
         self.jobs = job_queue(settings, Path(settings.model_store))
+        # with redis_url, the replicas share each model's routing (default, canary, shadow, versions)
+        self.shared = SharedRouting(self.registry, settings.redis_url, settings.routing_sync_interval) \
+            if settings.redis_url else None
+        self.registry.shared = self.shared
         self.triggers = Triggers(self.registry, self.monitor, self.jobs, Cooldown(self._redis_client()),
                                  params=self._job_params(), latency_breached=LatencyWatch(self.metrics.over_objective)
                                  if settings.request_metrics else None)
@@ -182,6 +203,8 @@ class Server:
         add_api_description(self.management_app, "Osprey management API", "TorchServe's management API, traffic, "
                             "token rotation and retraining")
         add_api_description(self.metrics_app, "Osprey metrics API", "Prometheus metrics")
+        for app in (self.inference_app, self.management_app, self.metrics_app):
+            app.on_response = self._answered
         if self.keys is not None:
             self.keys.attach("inference", self.inference_app)
             self.keys.attach("management", self.management_app)
@@ -189,6 +212,12 @@ class Server:
         self._grpc: list = []
         self.tls: Tls | None = None  # set by start(): the key and certificate of https and gRPC over TLS
         self.stopping = asyncio.Event()
+
+    def _answered(self, scope: dict, status: int, started: float) -> None:
+        """Router hook: every HTTP answer on every port (TorchServe's Requests2XX/4XX/5XX and access log)."""
+        self.metrics.http_response(status)
+        if self.log_files is not None:
+            self.log_files.access(scope, status, started)
 
     def _redis_client(self):
         if not self.settings.redis_url:
@@ -261,6 +290,13 @@ class Server:
             self._grpc = await start_grpc(self)
         await self.jobs.start()
         self.triggers.start()
+        if self.log_files is not None:
+            self.log_files.start(self.loop)
+            if self.metrics.log is not None:
+                self.metrics.log.start(self.loop)
+            self.metrics.ts.start(self.loop, s.metric_time_interval, self.registry.all_versions)
+        if self.shared is not None:
+            await self.shared.start()
         if self.keys is not None and self.keys.store is not None:
             self._key_watch = self.loop.create_task(self.keys.watch())  # keys rotated through other replicas
         log.info("listening: inference %s, management %s, metrics %s", s.inference_address,
@@ -349,6 +385,8 @@ class Server:
             # a moment for those 503s to be written; requests still running in a model are cut
             server.config.timeout_graceful_shutdown = max(left, 0.5 if timeout > 0 else 0.05)
             await server.shutdown()
+        if self.shared is not None:  # before the registry closes: a stopping replica unpublishes nothing
+            await self.shared.close()
         await self.triggers.close()
         if self._key_watch is not None:
             self._key_watch.cancel()
@@ -361,6 +399,11 @@ class Server:
             await asyncio.to_thread(self.monitor.close)
         if self.access_log is not None:
             self.access_log.close()
+        self.metrics.ts.close()
+        if self.metrics.log is not None:
+            self.metrics.log.close()
+        if self.log_files is not None:
+            self.log_files.close()
 
     def _outstanding(self) -> tuple[int, int]:
         """(requests queued, requests running) over every model."""
@@ -395,6 +438,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     server.dataplane.started = False
     server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
     loaded = await server.load_models(models)
+    if server.shared is not None:  # ready only once the replicas' shared routing is applied here
+        await server.shared.settle(SETTLE_TIMEOUT_S)
     heap.freeze()
     server.registry.heap_settled = True
     server.dataplane.started = True

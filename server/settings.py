@@ -75,6 +75,24 @@ class Settings:
     access_log: str = "off"  # off | on | sample:<fraction>
     access_log_file: str = ""  # empty: standard output
     request_metrics: bool = True  # per-request/per-batch Prometheus metrics (scrape-time gauges stay on)
+    # TorchServe's metrics (monitoring/ts_metrics.py): /metrics always serves them (and Osprey's);
+    # metrics_mode=log also writes them as TorchServe's lines to ts_metrics.log and model_metrics.log.
+    # TorchServe's default is log; Osprey's is prometheus (no per-request file writes unless asked).
+    metrics_mode: str = "prometheus"  # prometheus | log
+    metrics_config: str = ""  # TorchServe metrics yaml naming the metrics exported; empty: TorchServe's default
+    # handler metrics metrics_config does not declare are exported too (TorchServe's key); unset
+    # (empty): on without metrics_config, off with one, as TorchServe
+    model_metrics_auto_detect: str = ""
+    metric_time_interval: float = 60.0  # seconds between system metrics lines in log mode (TorchServe's key)
+    disable_system_metrics: bool = False  # no CPUUtilization, MemoryUsed, ... (TorchServe's key)
+    # TorchServe's log files (server/log_files.py): access_log.log, model_log.log, ts_log.log here
+    # (environment LOG_LOCATION when unset); empty and no LOG_LOCATION: none are written
+    log_location: str = ""
+    # ts_metrics.log and model_metrics.log (metrics_mode=log) here; empty: METRICS_LOCATION, else
+    # log_location, else "logs" (TorchServe's default)
+    metrics_location: str = ""
+    log_max_bytes: int = 100 * 1024 * 1024  # a log file is rotated at this size (TorchServe: 100 MB) ...
+    log_backup_count: int = 5  # ... keeping this many gzipped older files (TorchServe: 5)
     metric_buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                          1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # latency histogram edges, seconds
     latency_objectives: tuple[float, ...] = (0.5,)  # seconds; each is a bucket edge, the largest the p99 objective
@@ -97,6 +115,11 @@ class Settings:
     # Redis for state shared between replicas (drift windows and episodes, predictions kept for
     # feedback joins, quality windows); empty: this process keeps it (nothing to install)
     redis_url: str = ""
+    # with redis_url, the replicas also share each model's routing (versions and their archives,
+    # default, canary weights, shadow): a change made through any replica is published at once and
+    # every replica checks the shared revision this often (seconds), so a missed message or a
+    # restarted replica converges (server/shared_routing.py)
+    routing_sync_interval: float = 1.0
     # retraining jobs (server/retraining): with redis_url on a saq queue run by `osprey worker`,
     # without it by this server in child processes, records under <model_store>/.osprey/jobs
     retraining_concurrency: int = 1  # jobs one process runs at once (embedded; `osprey worker --concurrency`)
@@ -110,6 +133,15 @@ class Settings:
     # gives serving the CPU first (benchmarks/CHANGES.md: MLP at c=32 kept 0.61 of its
     # throughput under a digits_cnn job at nice 0)
     retraining_nice: int = 10
+    # where a job's process runs: "local" (a child process of the worker or server that took the
+    # job) or "ray" (submitted to a Ray cluster through its Jobs API, server/retraining/ray_runner.py;
+    # the cluster's nodes need Osprey installed and the model store mounted at the same path)
+    retraining_executor: str = "local"
+    ray_address: str = ""  # the Ray dashboard's HTTP address (its Jobs API), e.g. http://127.0.0.1:8265
+    # Ray's runtime_env for each job, as JSON (env_vars, a container image, pip, ...); "" for none
+    ray_runtime_env: str = ""
+    ray_python: str = "python3"  # the command that runs a Python with Osprey on the Ray cluster's nodes
+    ray_poll_interval: float = 1.0  # seconds between reads of a running Ray job's status and log
     # --- deployment on several hosts (Kubernetes, KServe) ---
     # token keys the operator supplies (e.g. from a Kubernetes Secret) instead of random ones
     # made at each start: all three or none. Every replica then accepts the same keys, and with
@@ -257,6 +289,9 @@ def load_settings(
             values[key] = _coerce(key, value)
     if ts_env:  # after the command line, as in TorchServe (see the module's docstring)
         values.update(_from_env(env, "TS_"))
+    for key, var in (("log_location", "LOG_LOCATION"), ("metrics_location", "METRICS_LOCATION")):
+        if not values.get(key) and env.get(var):  # TorchServe's log4j2 reads these whatever the config says
+            values[key] = env[var]
     settings = Settings(**values)
     for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
         parse_address(addr)
@@ -270,13 +305,44 @@ def load_settings(
         raise ValueError(f"setting instance_isolation: {settings.instance_isolation!r} must be thread or process")
     if settings.retraining_concurrency < 1:
         raise ValueError(f"setting retraining_concurrency: {settings.retraining_concurrency!r} must be at least 1")
-    for name in ("retraining_heartbeat", "retraining_sweep_interval"):
+    for name in ("retraining_heartbeat", "retraining_sweep_interval", "routing_sync_interval"):
         if getattr(settings, name) <= 0:
             raise ValueError(f"setting {name}: {getattr(settings, name)!r} must be a positive number of seconds")
     if not 0 <= settings.retraining_nice <= 19:
         raise ValueError(f"setting retraining_nice: {settings.retraining_nice!r} must be from 0 to 19")
+    if settings.retraining_executor not in ("local", "ray"):
+        raise ValueError(f"setting retraining_executor: {settings.retraining_executor!r} must be local or ray")
+    if settings.retraining_executor == "ray":
+        if not settings.ray_address:
+            raise ValueError("setting retraining_executor=ray needs ray_address, the Ray dashboard's address "
+                             "(e.g. http://127.0.0.1:8265)")
+        parse_address(settings.ray_address)
+        if not settings.ray_python.strip():
+            raise ValueError("setting ray_python must name the Python command on the Ray cluster's nodes")
+    if settings.ray_runtime_env:
+        import json
+
+        try:
+            runtime_env = json.loads(settings.ray_runtime_env)
+        except ValueError as exc:
+            raise ValueError(f"setting ray_runtime_env is not JSON: {exc}") from None
+        if not isinstance(runtime_env, dict):
+            raise ValueError("setting ray_runtime_env must be a JSON object (Ray's runtime_env), "
+                             f"got {settings.ray_runtime_env!r}")
+    if settings.ray_poll_interval <= 0:
+        raise ValueError(f"setting ray_poll_interval: {settings.ray_poll_interval!r} must be a positive number of seconds")
     if settings.retraining_cancel_grace < 0 or settings.retraining_job_ttl < 0:
         raise ValueError("settings retraining_cancel_grace and retraining_job_ttl must not be negative")
+    if settings.metrics_config:  # a missing or broken file refuses the start, naming it
+        from monitoring.ts_metrics_config import load_metrics_config
+
+        load_metrics_config(settings.metrics_config)
+    if settings.metrics_mode not in ("prometheus", "log"):
+        raise ValueError(f"setting metrics_mode: {settings.metrics_mode!r} must be prometheus or log")
+    if settings.model_metrics_auto_detect.lower() not in ("", "true", "false"):
+        raise ValueError(f"setting model_metrics_auto_detect: {settings.model_metrics_auto_detect!r} must be true or false")
+    if settings.log_max_bytes < 1024 or settings.log_backup_count < 0:
+        raise ValueError("settings log_max_bytes (at least 1024) and log_backup_count (0 or more) are out of range")
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")

@@ -9,7 +9,7 @@ import yaml
 
 from server.core.archive import write_archive
 
-__all__ = ["make_mlp", "mlp_archive", "handler_archive", "MLP_HANDLER", "RECORDING_HANDLER"]
+__all__ = ["make_mlp", "mlp_archive", "handler_archive", "MLP_HANDLER", "RECORDING_HANDLER", "METRICS_HANDLER"]
 
 # A module-level handle that loads the TorchScript MLP on initialization (TorchServe calls
 # handle(None, context) once) and answers one output row per request.
@@ -56,6 +56,38 @@ class Recorder:
             out.append({"id": body.get("id") if isinstance(body, dict) else body,
                         "request_id": context.get_request_id(i), "batch": len(data)})
         return out
+'''
+
+
+# Writes to stdout and to a logger, and reports custom metrics through TorchServe's
+# context.metrics API (declared in tests/fixtures/torchserve_metrics/custom.yaml, except
+# "Undeclared"); a body {"fail": true} makes it raise. The same archive is served by real
+# TorchServe in tests/fixtures/torchserve_metrics/record.py.
+METRICS_HANDLER = '''
+import logging
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+
+log = logging.getLogger("tsm_handler")
+
+def handle(data, context):
+    if data is None:
+        return None
+    print("tsm handler got a batch of", len(data), flush=True)
+    log.info("tsm handler logged a batch of %d", len(data))
+    m = context.metrics
+    # dimensions in the order custom.yaml declares them: TorchServe labels values by position
+    dims = [Dimension("ModelName", context.model_name), Dimension("Level", "Model"), Dimension("Kind", "demo")]
+    m.add_counter("InferenceCount", len(data), None, dims)
+    m.add_time("PreprocessTime", 1.5, None, "ms")
+    m.add_size("PayloadSize", 0.25, None, "MB")
+    m.add_percent("Confidence", 87.5, None, [], MetricTypes.HISTOGRAM)
+    m.add_metric("Undeclared", 3, "count", None, [], MetricTypes.GAUGE)
+    for row in data:
+        body = row.get("body")
+        if isinstance(body, dict) and body.get("fail"):
+            raise ValueError("asked to fail")
+    return [{"ok": True} for _ in data]
 '''
 
 

@@ -32,14 +32,14 @@ from server.core.batching import Batcher
 from server.core.events import event
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
-from server.core.routing import Routing, Split, check_weights, remember
+from server.core.routing import HISTORY, Routing, Split, check_weights, remember
 from server.core.shadow import RESULTS
 from server.core.stats import VersionStats
 from server.core.signature import Signature, signature_of
 from server.core.instance import Instance, InstanceFactory, InstanceStatus
 from server.settings import Settings
 
-__all__ = ["ModelVersion", "Registry"]
+__all__ = ["ModelVersion", "Registry", "newest_version"]
 
 log = logging.getLogger("osprey.registry")
 
@@ -114,6 +114,11 @@ def _version_key(v: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\-]", v))
 
 
+def newest_version(versions) -> str:
+    """The highest of ``versions`` (1.10 after 1.9): the default once the default is unregistered."""
+    return max(versions, key=_version_key)
+
+
 class Registry:
     def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop, instance_factory: InstanceFactory,
                  on_batch: Callable[[ModelVersion, list], None] | None = None,
@@ -135,6 +140,9 @@ class Registry:
         self._release_task: asyncio.Task | None = None
         self.work_root = Path(settings.workdir) / ".osprey" / "models"
         self.extractions = ExtractionArea(self.work_root)  # this server's folder under work_root
+        # with redis_url: server.shared_routing.SharedRouting, told of each version registered and
+        # unregistered here (it publishes them to the replicas' shared state); None: this process alone
+        self.shared: Any = None
 
     # --- lookups --------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -353,6 +361,8 @@ class Registry:
             model.default = version
         event(log, "model_registered", model=name, version=version, workers=len(mv.instances),
               batch_size=config.batch_size, isolation=mv.isolation)
+        if self.shared is not None:
+            self.shared.registered(mv)
         return mv
 
     def _background(self, coro) -> None:
@@ -698,6 +708,54 @@ class Registry:
         """The earlier default versions still registered, most recent first."""
         return self._model(name).previous[::-1]
 
+    def routing_state(self, name: str) -> dict[str, Any]:
+        """The model's routing as the replicas share it: ``default``, ``previous`` (oldest
+        first), ``weights`` and ``shadow`` (server.shared_routing)."""
+        model = self._model(name)
+        r = self.routes.get(name)
+        return {"default": model.default, "previous": list(model.previous),
+                "weights": dict(r.split.weights) if r is not None and r.split is not None else {},
+                "shadow": r.shadow if r is not None else None}
+
+    def adopt(self, name: str, state: dict[str, Any]) -> list[str]:
+        """Apply routing decided on another replica (:meth:`routing_state`'s shape). Only versions
+        registered here and READY take part: a default, weight or shadow naming another version is
+        left out for now and named in the returned list (empty: all of ``state`` applied). The
+        checks of set_default/set_traffic/set_shadow were made where the change was asked for."""
+        model = self._model(name)
+        missing: list[str] = []
+
+        def usable(version: str) -> bool:
+            mv = model.versions.get(version)
+            if mv is None or not mv.ready:
+                missing.append(version)
+                return False
+            return True
+
+        default = state.get("default") or model.default
+        if default != model.default and usable(default):
+            old, model.default = model.default, default
+            event(log, "default_version_changed", model=name, old=old, new=default, source="shared")
+        model.previous[:] = [v for v in state.get("previous") or () if v in model.versions
+                             and v != model.default][-HISTORY:]
+        weights = {v: float(w) for v, w in (state.get("weights") or {}).items() if usable(v)}
+        shadow = state.get("shadow")
+        if shadow is not None and (shadow == model.default or not usable(shadow)):
+            shadow = None
+        r = self.routes.get(name) or Routing()
+        before = (dict(r.split.weights) if r.split is not None else {}, r.shadow)
+        r.split = Split(weights) if any(weights.values()) else None
+        if shadow is not None:
+            for result in RESULTS:
+                model.versions[shadow].shadow_results.setdefault(result, 0)
+        r.shadow = shadow
+        self.routes[name] = r
+        self._tidy(name)
+        if before != (dict(r.split.weights) if r.split is not None else {}, r.shadow):
+            event(log, "traffic_changed", model=name, default=model.default, source="shared",
+                  weights=",".join(f"{v}:{w:g}" for v, w in weights.items()) or "default", shadow=shadow)
+        return missing
+
     def rollbacks(self, name: str) -> int:
         """How many times :meth:`rollback` moved the model's default back since it was registered."""
         return self._model(name).rollbacks
@@ -735,6 +793,8 @@ class Registry:
         if mv.version == model.default and len(model.versions) > 1 and not force:
             raise OspreyError(ErrorKind.FORBIDDEN, f"Cannot remove default version for model {name}")
         del model.versions[mv.version]
+        if self.shared is not None:
+            self.shared.unregistered(name, mv.version)
         if not model.versions:
             del self.models[name]
             self.routes.pop(name, None)

@@ -20,7 +20,7 @@ __all__ = ["RetrainingConfig", "GateConfig", "PromotionConfig", "SearchConfig", 
 TRIGGERS = ("drift", "quality", "latency", "manual", "alert")
 POLICIES = ("canary", "shadow", "direct")
 METRICS = ("accuracy", "f1", "precision", "recall", "roc_auc", "log_loss", "mse", "mae", "r2",
-           "reconstruction_error")
+           "reconstruction_error", "centroid_accuracy")
 WEEK_S = 7 * 24 * 3600
 
 

@@ -66,8 +66,8 @@ def main(conn, spec: dict) -> None:
         with lock:
             conn.send(msg)
 
-    def metric(name, value, unit, kind, dims) -> None:
-        send(("metric", name, value, unit, kind, dims))
+    def metric(name, value, unit, kind, dims, request_ids=None) -> None:
+        send(("metric", name, value, unit, kind, dims, request_ids))
 
     if spec.get("torch_threads"):
         import torch

@@ -282,6 +282,7 @@ class ProcessInstance:
                     self.started_s = time.monotonic() - self._t0
                     if self.status == InstanceStatus.LOADING:  # not stopped or timed out meanwhile
                         self.status = InstanceStatus.READY
+                        self.load_seconds = time.time() - self.start_time  # TorchServe's WorkerLoadTime
                     event(log, "instance_started", model=self.name, version=self.version, index=self.index,
                           kind="process", pid=self.pid, seconds=round(self.started_s, 3))
                     self._loaded.set()

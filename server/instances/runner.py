@@ -155,6 +155,8 @@ class BatchRunner:
         ctx = self.context
         tensors = self.accepts_tensors
         ctx.request_ids = {i: r.request.request_id for i, r in enumerate(batch)}
+        if isinstance(ctx.metrics, HandlerMetrics):
+            ctx.metrics.request_ids = ctx.request_ids
         ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
         ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
         ctx.stage_times = {}

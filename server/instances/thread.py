@@ -56,6 +56,8 @@ class ModelInstance:
         self._observe = observe  # the monitor's observe (called from this instance's thread), or None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=f"osprey-{name}-{version}-{index}", daemon=True)
+        # TorchServe's worker name: what this thread prints goes to model_log.log as W-9000-m_1.0-stdout
+        self._thread.osprey_worker = f"W-{self.id}-{name}_{version}"  # type: ignore[attr-defined]
         self._loaded = LoadSignal()
 
     @property
@@ -124,6 +126,7 @@ class ModelInstance:
                                       self._observe)
             if self.status == InstanceStatus.LOADING:  # stopped or timed out while loading: it ends below
                 self.status = InstanceStatus.READY
+                self.load_seconds = time.time() - self.start_time  # TorchServe's WorkerLoadTime
         except BaseException as exc:  # reported at registration, never raised on the loop
             log.exception("model %s instance %d failed to load", self.name, self.index)
             self.error = f"{type(exc).__name__}: {exc}"

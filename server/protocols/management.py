@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.instance import InstanceStatus
@@ -179,8 +179,17 @@ async def unregister(registry: Registry, enabled: bool, name: str, version: str 
     return {"status": f"Model \"{name}\" unregistered"}
 
 
-def set_default(registry: Registry, name: str, version: str) -> dict[str, Any]:
-    registry.set_default(name, version)
+async def _routing_change(registry: Registry, name: str, change: Callable[[], Any]) -> Any:
+    """A change of a model's routing: made here, or, with replicas sharing their routing in
+    Redis (``registry.shared``), made on top of the shared state and published to every replica
+    before the call is answered (server.shared_routing)."""
+    if registry.shared is None:
+        return change()
+    return await registry.shared.change(name, change)
+
+
+async def set_default(registry: Registry, name: str, version: str) -> dict[str, Any]:
+    await _routing_change(registry, name, lambda: registry.set_default(name, version))
     return {"status": f"Default version successfully updated for model \"{name}\" to \"{version}\""}
 
 
@@ -200,7 +209,7 @@ def traffic(registry: Registry, name: str) -> dict[str, Any]:
     return registry.traffic(name)
 
 
-def set_traffic(registry: Registry, name: str, body: Any) -> dict[str, Any]:
+async def set_traffic(registry: Registry, name: str, body: Any) -> dict[str, Any]:
     """``PUT /models/{m}/traffic`` with ``{"weights": {"1.0": 90, "2.0": 10}}``; ``{}`` or null
     weights send everything to the default again."""
     example = '{"weights": {"1.0": 90, "2.0": 10}}'
@@ -208,27 +217,29 @@ def set_traffic(registry: Registry, name: str, body: Any) -> dict[str, Any]:
     if "weights" not in body:
         raise OspreyError(ErrorKind.BAD_INPUT, f"field 'weights' is required: {example}, or {{\"weights\": {{}}}} "
                                                "to send every request to the default version")
-    return registry.set_traffic(name, body["weights"])
+    weights = body["weights"]
+    return await _routing_change(registry, name, lambda: registry.set_traffic(name, weights))
 
 
-def set_shadow(registry: Registry, name: str, body: Any) -> dict[str, Any]:
+async def set_shadow(registry: Registry, name: str, body: Any) -> dict[str, Any]:
     """``PUT /models/{m}/shadow`` with ``{"version": "2.0"}``."""
     example = '{"version": "2.0"}'
     version = _body_object(body, ("version",), example).get("version")
     if not isinstance(version, str) or not version:
         raise OspreyError(ErrorKind.BAD_INPUT, f"field 'version' must be a version string, got {show(version)} "
                                                f"(e.g. {example}; DELETE /models/{name}/shadow stops the copies)")
-    return registry.set_shadow(name, version)
+    return await _routing_change(registry, name, lambda: registry.set_shadow(name, version))
 
 
-def clear_shadow(registry: Registry, name: str) -> dict[str, Any]:
+async def clear_shadow(registry: Registry, name: str) -> dict[str, Any]:
     """``DELETE /models/{m}/shadow``."""
-    return registry.set_shadow(name, None)
+    return await _routing_change(registry, name, lambda: registry.set_shadow(name, None))
 
 
-def rollback(registry: Registry, name: str) -> dict[str, Any]:
+async def rollback(registry: Registry, name: str) -> dict[str, Any]:
     """``POST /models/{m}/rollback``: the previous default becomes the default again."""
-    old = registry.default_version(name)
-    version = registry.rollback(name)
+    def change() -> tuple[str, str]:
+        return registry.default_version(name), registry.rollback(name)
+    old, version = await _routing_change(registry, name, change)
     return {"status": f"Model \"{name}\" rolled back from version \"{old}\" to \"{version}\"",
             "model": name, "default": version, "previous": old}

@@ -9,6 +9,12 @@ moved there before the task is imported), which the parent keeps as log lines.
 The child dies with its parent (PR_SET_PDEATHSIG on Linux, and a watch on the parent pid), so
 a worker killed with SIGKILL leaves no job running behind it. SIGTERM only sets
 ``JobContext.cancelled()``; the parent sends SIGKILL after a grace period.
+
+``python -m server.retraining.child --spec FILE`` is the same job run on a cluster (Ray Jobs,
+ray_runner.py): the job comes from a file on the shared model store instead of stdin, there is
+no parent to die with (the cluster's job supervisor stops it), the work folder is emptied here,
+and the job's stdout and stderr are one log that the cluster keeps, so each event line is
+marked with ``EVENT_MARK`` to tell it from what the task prints.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from server.retraining.jobs import JobRecord
 from server.retraining.queue import JobContext, RetryableError, resolve_task
+
+EVENT_MARK = "@osprey-event "  # starts each event line in a job's log (--spec mode)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -47,9 +56,26 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def main() -> int:
-    spec = json.loads(sys.stdin.read())
-    _die_with_parent(int(spec["parent"]))
+def read_spec(argv: list[str]) -> tuple[dict, str]:
+    """(the job's spec, the mark before each event line): from stdin, or ``--spec FILE``."""
+    if not argv:
+        return json.loads(sys.stdin.read()), ""
+    if len(argv) != 2 or argv[0] != "--spec":
+        raise SystemExit("usage: python -m server.retraining.child [--spec FILE]")
+    try:
+        spec = json.loads(open(argv[1]).read())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"server.retraining.child: cannot read the job spec {argv[1]}: {exc}") from None
+    from server.retraining.runner import prepare_work_dir
+
+    os.chdir(prepare_work_dir(Path(spec["work_dir"])))
+    return spec, EVENT_MARK
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec, mark = read_spec(sys.argv[1:] if argv is None else argv)
+    if spec.get("parent"):
+        _die_with_parent(int(spec["parent"]))
     if spec.get("nice"):
         try:
             os.nice(int(spec["nice"]))  # training yields the CPU to serving on the same machine
@@ -63,7 +89,7 @@ def main() -> int:
     def emit(event: dict) -> None:
         line = json.dumps(event, default=str)
         with lock:
-            events.write(line + "\n")
+            events.write(mark + line + "\n")
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -1,4 +1,4 @@
-"""``osprey jobs list|show|cancel``: the management API's retraining routes, printed for people.
+"""``osprey jobs list|show|cancel|k8s-manifest``: the management API's retraining routes, printed for people.
 
 It talks to a server's management port rather than reading Redis or the job files: one path for both backends, the
 server's token guards it, and with the embedded queue only the server can stop a job it runs.
@@ -81,6 +81,18 @@ def jobs_command(args) -> int:
             data = call("GET", args.management, f"/retraining/jobs?{urllib.parse.urlencode(query)}", token=token,
                         timeout=args.timeout)
             print(json.dumps(data, indent=2)) if args.json else print_list(data.get("jobs", []))
+            return 0
+        if args.jobs_command == "k8s-manifest":
+            from server.retraining.jobs import JobRecord
+            from server.retraining.k8s_job import render_job
+
+            data = call("GET", args.management, f"/retraining/jobs/{quote(args.job_id)}", token=token,
+                        timeout=args.timeout)
+            try:
+                print(render_job(JobRecord.from_dict(data), args.image, args.claim, args.template), end="")
+            except (ValueError, OSError, KeyError) as exc:
+                print(f"osprey jobs k8s-manifest: {exc}", file=sys.stderr)
+                return 2
             return 0
         data = call("DELETE" if args.jobs_command == "cancel" else "GET", args.management,
                     f"/retraining/jobs/{quote(args.job_id)}", token=token, timeout=args.timeout)

@@ -135,8 +135,21 @@ def golden_rows(model_dir: str | Path, to_request: Any = None, limit: int | None
 def resolve_labels(rows: Sequence[dict], task: str | None, classes: Sequence[str] | None,
                    width: int | None = None) -> list[Any]:
     """Each row's label as the quality monitor reads feedback: a class index (classification,
-    by name or index) or the value(s) (regression); :class:`RowError` naming the row otherwise."""
+    by name or index) or the value(s) (regression); for an embedding model, the input's class
+    as text (:func:`server.retraining.centroids.label_key`); :class:`RowError` naming the row
+    otherwise."""
     from monitoring.quality.monitor import resolve_label
+
+    if task == "embedding":
+        from .centroids import label_key
+
+        keys = []
+        for i, row in enumerate(rows):
+            try:
+                keys.append(label_key(row.get("label")))
+            except ValueError as exc:
+                raise RowError(f"row {_rid(row, i)}: {exc} (an embedding model's label is the input's class)") from None
+        return keys
 
     kind = b"r" if task == "regression" else b"c"
     out = []

@@ -33,7 +33,7 @@ from pathlib import Path
 from server.retraining.jobs import JobRecord, JobState
 from server.retraining.queue import (finished_conflict, jobs_dir_for, new_record, not_found, retry_delay,
                                      timeout_of, work_dir_for)
-from server.retraining.runner import finish_record, prepare_work_dir, run_attempt, runner_name
+from server.retraining.runner import attempt_runner, finish_record, runner_name
 
 __all__ = ["EmbeddedJobQueue"]
 
@@ -64,6 +64,7 @@ class EmbeddedJobQueue:
         from server.settings import Settings
 
         self.settings = settings or Settings()
+        self._run_attempt = attempt_runner(self.settings)
         self.model_store = Path(model_store)
         self.state_dir = self.settings.state_dir or None  # None: <model_store>/.osprey
         self.dir = jobs_dir_for(self.model_store, self.state_dir)
@@ -311,7 +312,7 @@ class EmbeddedJobQueue:
         record.add_step("started", f"attempt {record.attempts} on {record.worker}"
                         + (" (the process that ran it before died)" if lost else ""))
         self._write(record)
-        work = prepare_work_dir(work_dir_for(self.model_store, record.id, self.state_dir))
+        work = work_dir_for(self.model_store, record.id, self.state_dir)  # emptied by the run (on the cluster, by the job)
         last_write = time.monotonic()
 
         async def tick() -> str | None:
@@ -325,7 +326,7 @@ class EmbeddedJobQueue:
                 return "shutdown"
             return None
 
-        outcome = await run_attempt(record, work, self.model_store, tick=tick, timeout_s=timeout_of(record.params),
+        outcome = await self._run_attempt(record, work, self.model_store, tick=tick, timeout_s=timeout_of(record.params),
                                     grace_s=self.grace_s, poll_s=RUN_POLL_S, nice=self.settings.retraining_nice)
         if outcome.kind == "stopped" and outcome.reason == "cancelled":
             self._cancelled(record, "cancelled while running; its process was stopped")

@@ -20,7 +20,12 @@ answers hold nothing a label can be checked against (a conditional generator, ta
 models' answers, as clients receive them, go to the champion's judge (digits_vae:
 ``judged_accuracy``, the share of samples a classifier trained on real digits recognises as
 the asked class, higher is better); the metric is the scorer's, the mean of its per-row
-values. A generator without a scorer is an error naming what to add. Changes are
+values. A generator without a scorer is an error naming what to add. An embedding model (the
+``text_embedding`` handler, task ``embedding``) is judged by ``centroid_accuracy``
+(:mod:`server.retraining.centroids`): its labels are the inputs' classes (a text's topic), class
+centroids come from the golden set embedded by the model under test, and a row is right when
+its nearest centroid is its own class (golden rows: leave-one-out; no golden set: the scored
+rows' own centroids, leave-one-out); higher is better. Changes are
 absolute for scores in [0, 1] (accuracy 0.80 -> 0.82 is +0.02) and relative for errors
 (mse 100 -> 90 is an improvement of 0.10), as quality tolerances are. The challenger passes
 only if every check holds:
@@ -50,6 +55,7 @@ import numpy as np
 from monitoring.quality.metrics import HIGHER_IS_BETTER, classification_metrics, regression_metrics
 from server.core.retraining_config import GateConfig
 
+from .centroids import centroid_score
 from .data import RowError, golden_rows, request_body, resolve_labels
 from .entry import reference_encoder
 from .scoring import Scorer, load_scorer, missing_scorer, scorer_spec
@@ -64,7 +70,9 @@ LATENCY_SLACK_S = 0.001
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("mse", "mae", "r2")
 AUTOENCODER_METRICS = ("reconstruction_error",)  # lower is better (not in HIGHER_IS_BETTER)
-ALL_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS + AUTOENCODER_METRICS
+EMBEDDING_METRICS = ("centroid_accuracy",)  # higher is better
+ALL_METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS + AUTOENCODER_METRICS + EMBEDDING_METRICS
+HIGHER = tuple(HIGHER_IS_BETTER) + EMBEDDING_METRICS  # the named metrics scored higher-is-better
 
 
 def gate_config(cfg: Any = None) -> GateConfig:
@@ -109,19 +117,23 @@ class GateResult:
 def default_metric(task: str | None) -> str:
     if task == "autoencoder":
         return "reconstruction_error"
+    if task == "embedding":
+        return "centroid_accuracy"
     return "mse" if task == "regression" else "accuracy"
 
 
 def allowed_metrics(task: str | None) -> tuple[str, ...]:
     if task == "autoencoder":
         return AUTOENCODER_METRICS
+    if task == "embedding":
+        return EMBEDDING_METRICS
     return REGRESSION_METRICS if task == "regression" else CLASSIFICATION_METRICS
 
 
 def improvement(metric: str, champion: float, challenger: float, higher: bool | None = None) -> float:
     """How much better the challenger is: absolute for scores, relative for errors
     (``higher``: the metric's direction when it is a scorer's, else known by name)."""
-    if higher if higher is not None else metric in HIGHER_IS_BETTER:
+    if higher if higher is not None else metric in HIGHER:
         return challenger - champion
     if champion > 0:
         return (champion - challenger) / champion
@@ -132,13 +144,17 @@ def _f(x: Any) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
-def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> dict[str, Any]:
-    """The metrics of ``pred`` on ``rows[i]`` for ``i`` in ``indices`` (rows it answered)."""
+def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int],
+          anchors: Sequence[int] | None = None) -> dict[str, Any]:
+    """The metrics of ``pred`` on ``rows[i]`` for ``i`` in ``indices`` (rows it answered);
+    ``anchors``: for an embedding model, the rows whose classes' centroids it is judged by."""
     ys, outs = [], []
     task = pred.task
     if pred.scores is not None:  # a scorer's value per row (generators): their mean
         value, n = pred.scores.mean([i for i in indices if i in pred.outputs])
         return {"rows": n, pred.scores.metric: value} if n else {"rows": 0}
+    if task == "embedding":
+        return centroid_score(pred.outputs, rows, indices, anchors)
     if task == "autoencoder":  # outputs: each example's reconstruction error; labels not used
         errs = [np.asarray(pred.outputs[i], dtype=np.float64).reshape(-1) for i in indices if i in pred.outputs]
         if not errs:
@@ -169,8 +185,8 @@ def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> di
     elif task == "classification":
         metrics = classification_metrics(np.asarray(ys, dtype=np.int64), outputs)
     else:
-        raise ValueError(f"the handler's task is {task!r}: only classification, regression and autoencoder "
-                         "models are gated")
+        raise ValueError(f"the handler's task is {task!r}: only classification, regression, autoencoder "
+                         "and embedding models (and models with a scorer) are gated")
     return {"rows": len(ys), **metrics}
 
 
@@ -187,15 +203,23 @@ def scorer_of(model: LoadedModel, cfg: Any = None) -> Scorer | None:
 
 def score_rows(archive: str | Path, rows: Sequence[dict], gate_cfg: Any = None) -> dict[str, Any]:
     """One model's metrics on labelled rows, through its handler (``refused``: rows it refused);
-    a model with a scorer: the scorer's metric (and ``higher_is_better``)."""
+    a model with a scorer: the scorer's metric (and ``higher_is_better``); an embedding model:
+    centroids from its archive's golden set, as in :func:`evaluate`."""
+    rows, anchors = list(rows), None
+    n = len(rows)
     with LoadedModel(archive) as model:
         scorer = scorer_of(model, gate_cfg)
         if scorer is None:
             pred = predict_rows(model.archive, rows)
             missing_scorer(model.archive.name, pred.task)
+            gold = _golden(model, None) if pred.task == "embedding" else []
+            if gold:
+                anchors = range(n, n + len(gold))
+                pred.outputs.update({n + i: v for i, v in predict_rows(model.archive, gold).outputs.items()})
+                rows = rows + gold
         else:
             pred = score_answers(model, rows, scorer)
-    out = {**score(pred, rows, range(len(rows))), "refused": len(pred.errors), "task": pred.task}
+    out = {**score(pred, rows, range(n), anchors), "refused": len(pred.errors), "task": pred.task}
     if pred.scores is not None:
         out.update(metric=pred.scores.metric, higher_is_better=pred.scores.higher_is_better)
     return out
@@ -244,7 +268,7 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
                 raise ValueError(f"gate.metric {cfg.metric!r} does not fit: {scorer.spec} scores {metric}")
         else:
             metric = cfg.metric or default_metric(task)
-            higher = metric in HIGHER_IS_BETTER
+            higher = metric in HIGHER
             allowed = allowed_metrics(task)
             if metric not in allowed:
                 raise ValueError(f"gate.metric {metric!r} does not fit a {task} model (use {', '.join(allowed)})")
@@ -253,9 +277,12 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
         if scorer is not None:
             numbers["scorer"] = scorer.spec
 
+        # an embedding model's class centroids: the golden rows both models answered
+        anchors = [i for i in range(n_hold, len(rows)) if i in p_champ.outputs and i in p_chal.outputs] or None
+
         def part(name: str, idx: range) -> dict[str, Any]:
             both = [i for i in idx if i in p_champ.outputs and i in p_chal.outputs]
-            s_champ, s_chal = score(p_champ, rows, both), score(p_chal, rows, both)
+            s_champ, s_chal = score(p_champ, rows, both, anchors), score(p_chal, rows, both, anchors)
             out = {"rows": len(idx), "scored": len(both), "champion": s_champ, "challenger": s_chal,
                    "refused": {"champion": sum(i in p_champ.errors for i in idx),
                                "challenger": sum(i in p_chal.errors for i in idx)}}

@@ -55,7 +55,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.retraining.jobs import JobRecord, JobState
 from server.retraining.queue import (QueueUnavailable, finished_conflict, new_record, not_found, retry_delay,
                                      timeout_of, work_dir_for)
-from server.retraining.runner import finish_record, prepare_work_dir, run_attempt, runner_name
+from server.retraining.runner import attempt_runner, finish_record, runner_name
 
 __all__ = ["RedisJobQueue", "SAQ_QUEUE", "SAQ_FUNCTION", "PREFIX"]
 
@@ -217,6 +217,7 @@ class RedisJobQueue:
         from server.settings import Settings
 
         self.settings = settings or Settings()
+        self._run_attempt = attempt_runner(self.settings)
         self.url = redis_url
         self.model_store = Path(model_store)
         self.redis = aioredis.from_url(redis_url)
@@ -385,7 +386,7 @@ class RedisJobQueue:
             return {"skipped": what}
         attempt = int(answer[1])
         record = await self.get(job_id)
-        work = prepare_work_dir(work_dir_for(self.model_store, job_id, self.settings.state_dir or None))
+        work = work_dir_for(self.model_store, job_id, self.settings.state_dir or None)  # emptied by the run (on the cluster, by the job)
         log.info("job %s: attempt %d (model %s, trigger %s)", job_id, attempt, record.model, record.trigger)
         heartbeat_every = max(0.2, (saq_job.heartbeat or 30) / 3)
         last_beat = last_write = time.monotonic()
@@ -418,7 +419,7 @@ class RedisJobQueue:
             return "shutdown" if self.stopping else None
 
         try:
-            outcome = await run_attempt(record, work, self.model_store, tick=tick, timeout_s=timeout_of(record.params),
+            outcome = await self._run_attempt(record, work, self.model_store, tick=tick, timeout_s=timeout_of(record.params),
                                         grace_s=self.settings.retraining_cancel_grace, poll_s=RUN_POLL_S,
                                         nice=self.settings.retraining_nice)
         except asyncio.CancelledError:  # the worker is stopping (SIGTERM): the job goes back to the queue

@@ -24,7 +24,7 @@ from typing import Awaitable, Callable
 
 from server.retraining.jobs import JobRecord, JobState
 
-__all__ = ["Outcome", "run_attempt", "prepare_work_dir", "runner_name"]
+__all__ = ["Outcome", "run_attempt", "attempt_runner", "remote_spec", "prepare_work_dir", "runner_name"]
 
 log = logging.getLogger("osprey.retraining")
 
@@ -109,7 +109,9 @@ async def run_attempt(record: JobRecord, work_dir: Path, model_store: Path, *,
                       tick: Callable[[], Awaitable[str | None]], timeout_s: float, grace_s: float,
                       poll_s: float = 0.25, on_start: Callable[[int], None] | None = None, nice: int = 0) -> Outcome:
     """Run the job once in a child process; the record's progress, steps and log change as it runs.
+    The work folder is emptied first (what an earlier, dead run left is gone).
     ``nice``: added to the child's niceness, so that serving on the same machine goes first."""
+    prepare_work_dir(work_dir)
     spec = {"record": record.as_dict(), "work_dir": str(work_dir), "model_store": str(model_store),
             "parent": os.getpid(), "nice": int(nice)}
     env = dict(os.environ)
@@ -177,6 +179,26 @@ async def run_attempt(record: JobRecord, work_dir: Path, model_store: Path, *,
     if reason:
         return Outcome("stopped", reason=reason, message=reason)
     return outcome_of(final, proc.returncode)
+
+
+def remote_spec(record: JobRecord, work_dir: Path | str, model_store: Path | str) -> dict:
+    """What ``python -m server.retraining.child --spec FILE`` reads: the job (without its log and
+    steps: the task needs the job, not its history), its work folder and the model store."""
+    slim = record.as_dict()
+    slim["log_tail"], slim["steps"] = [], []
+    return {"record": slim, "work_dir": str(work_dir), "model_store": str(model_store), "nice": 0}
+
+
+def attempt_runner(settings) -> Callable[..., Awaitable[Outcome]]:
+    """The function that runs one attempt, by ``settings.retraining_executor``: ``run_attempt``
+    (a local child process) or the Ray cluster's (ray_runner.py); both take the same arguments."""
+    if settings.retraining_executor == "ray":
+        import functools
+
+        from server.retraining.ray_runner import run_attempt_ray
+
+        return functools.partial(run_attempt_ray, settings=settings)
+    return run_attempt
 
 
 def finish_record(record: JobRecord, outcome: Outcome, now: float | None = None) -> None:

@@ -206,6 +206,7 @@ class Predictions:
     task: str | None = None
     classes: tuple[str, ...] | None = None
     outputs: dict[int, np.ndarray] = field(default_factory=dict)  # row index -> output rows (k, ...) of that request
+    # (class probabilities, values, reconstruction errors, or an embedding model's embeddings)
     errors: dict[int, str] = field(default_factory=dict)  # row index -> why the handler refused it
     scores: Any = None  # scoring.Scores: a scorer's value per row (generators), else None
 
@@ -241,11 +242,13 @@ def predict_rows(archive: str | Path | ModelArchive, rows: Sequence[dict], batch
         for obs in run.observations:
             if obs.error:
                 raise ValueError(f"{opened.source}: the handler's monitoring hook failed: {obs.error}")
-            if obs.outputs is None:
+            # an embedding model's answer is its embedding (the quality monitor keeps no outputs for it)
+            answer = obs.embedding if obs.task == "embedding" else obs.outputs
+            if answer is None:
                 continue
             pred.task = pred.task or obs.task
             pred.classes = pred.classes or obs.classes
-            outs = np.asarray(obs.outputs)
+            outs = np.asarray(answer)
             for j, name in enumerate(obs.request_ids):
                 collected.setdefault(int(name.split("|", 1)[0]), []).append(outs[j])
         pred.outputs = {i: np.stack(v) for i, v in collected.items()}

@@ -27,7 +27,8 @@ argument, a :class:`TrainContext`::
     ctx.preprocess(rows) -> Tensor       the archive's own handler preprocessing of the rows'
                                          inputs (the serving code path): the model input tensor
     ctx.labels(rows) -> list             the rows' labels as the model's targets: class
-                                         indices (by name or index) or numbers
+                                         indices (by name or index) or numbers; for an
+                                         embedding model, the input's class as text
     ctx.dataset(rows) -> (x, y)          both, aligned: x the model input tensor, y int64
                                          class indices or float32 values
     ctx.task, ctx.classes                "classification" / "regression", class names

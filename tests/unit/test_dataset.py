@@ -56,6 +56,27 @@ def test_labels_join_held_inputs_into_rows_in_a_file_under_the_model_store(tmp_p
     assert data.join("m", "1.0", items(("a", 4)), max_rows=100) == 0
 
 
+def test_rows_keep_json_and_text_bodies_as_the_handler_received_them(tmp_path):
+    """A JSON request is kept as its object and a text one as str (TorchServe's decoding), so a
+    training job or the gate replays them as the same kind of request: as raw bytes, a text
+    model would read ``{"text": ...}`` as the text itself."""
+    from server.instances.capture import reference_ticket
+    from server.retraining.data import request_body
+
+    data = LabelledData(tmp_path, clock=Clock())
+    fields = {"j": Field(b'{"text": "rain again"}', "application/json"),
+              "t": Field("lluvia".encode(), "text/plain; charset=utf-8")}
+    for rid, f in fields.items():
+        data.hold(version(), new_request(Protocol.REST, "m", request_id=rid, fields={"body": f}).request)
+    assert data.join("m", "1.0", items(("j", "weather"), ("t", "weather")), max_rows=100) == 2
+    rows = {r["rid"]: r for r in read_rows("m", root=tmp_path)}
+    assert rows["j"]["inputs"] == {"body": {"text": "rain again"}} and rows["t"]["inputs"] == {"body": "lluvia"}
+    for rid, f in fields.items():  # replayed: the same content type and bytes as the client's request
+        replayed = reference_ticket(rid, request_body(rows[rid]), "m").request.fields["body"]
+        assert replayed.content_type.split(";")[0] == f.content_type.split(";")[0]
+        assert bytes(replayed.value).replace(b" ", b"") == bytes(f.value).replace(b" ", b"")
+
+
 def test_held_inputs_expire_after_the_feedback_ttl_and_are_bounded(tmp_path):
     clock = Clock()
     data = LabelledData(tmp_path, clock=clock)

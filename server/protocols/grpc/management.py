@@ -51,7 +51,7 @@ class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
                                     synchronous=r.synchronous))
 
     async def SetDefault(self, request, context):
-        return _msg(api.set_default(self.registry, request.model_name, request.model_version))
+        return _msg(await api.set_default(self.registry, request.model_name, request.model_version))
 
     async def UnregisterModel(self, request, context):
         return _msg(await api.unregister(self.registry, self.enable_model_api, request.model_name,

@@ -132,12 +132,16 @@ class Router:
         self._patterns: list[tuple[re.Pattern, Route]] = []
         self.fallback_errors: list[tuple[str, ErrorStyle]] = []  # (path prefix, style) for 404/405
         self._refusals: dict[tuple, tuple[bytes, bytes]] = {}  # pre-encoded refusals (see refusal)
+        self._refused_status = 503  # the status of the refusal _admit made last
         # admission checks run only while this says requests are being refused somewhere (set by
         # the routes that admit: DataPlane.refusing); otherwise a full queue is found at submit
         self.refusing: Callable[[], bool] = lambda: True
         # (pattern, methods, Doc or None, route) in the order added: the API description
         # (server/protocols/rest/openapi.py) is built from it; matching never reads it
         self.described: list[tuple[str, tuple[str, ...], Any, Route]] = []
+        # called after every answer, refusals included: (scope, status, time.monotonic() at
+        # arrival); TorchServe's Requests2XX/4XX/5XX counters and its access log (server/serve.py)
+        self.on_response: Callable[[dict, int, float], None] | None = None
 
     def add(self, methods: str | tuple[str, ...], pattern: str, handler: Handler, *,
             errors: ErrorStyle | None = None, auth: bool = True, max_body: int | None = None,
@@ -191,6 +195,8 @@ class Router:
         answer = self._admit(route, params, keep_alive)
         if answer is not None:
             scope["osprey.route"] = None
+            if self.on_response is not None:
+                self.on_response(scope, self._refused_status, time.monotonic())
         return answer
 
     def early_refusal(self, path: str) -> bytes | None:
@@ -202,7 +208,11 @@ class Router:
         if route is None or route.admit is None or (route.auth and self.token is not None):
             return None
         answer = self._admit(route, params, True)
-        return b"" if answer is None else answer
+        if answer is None:
+            return b""
+        if self.on_response is not None:
+            self.on_response({"type": "http", "method": "POST", "path": path}, self._refused_status, time.monotonic())
+        return answer
 
     def _admit(self, route: Route, params: dict[str, str], keep_alive: bool) -> bytes | None:
         """Run the route's admission check: None if admitted, else the whole refusal (bytes encoded
@@ -216,6 +226,7 @@ class Router:
                 if len(self._refusals) > 4096:  # messages name models: bounded by models x styles, but be safe
                     self._refusals.clear()
                 parts = self._refusals[key] = self._encode_refusal(route.errors(err), keep_alive)
+            self._refused_status = err.status
             return parts[0] + next_request_id().encode() + parts[1]
         return None
 
@@ -264,6 +275,7 @@ class Router:
                     return
         if kind != "http":
             return
+        started = time.monotonic()
         method = scope["method"]
         path = scope["path"]
         matched = scope.get("osprey.route")
@@ -311,6 +323,8 @@ class Router:
             err = OspreyError(ErrorKind.INTERNAL, "Internal server error")
             response = (route.errors if route is not None else self.default_errors)(err)
         await self._send(send, req, response, method == "HEAD")
+        if self.on_response is not None:
+            self.on_response(scope, response.status, started)
 
     def _check_token(self, req: Request) -> None:
         auth = req.headers.get("authorization", "")

@@ -154,16 +154,16 @@ def _add_traffic_routes(router: Router, registry: Registry) -> None:
         return json_response(api.traffic(registry, req.params["model"]))
 
     async def put_traffic(req: Request) -> Response:
-        return json_response(api.set_traffic(registry, req.params["model"], _json_body(req)))
+        return json_response(await api.set_traffic(registry, req.params["model"], _json_body(req)))
 
     async def put_shadow(req: Request) -> Response:
-        return json_response(api.set_shadow(registry, req.params["model"], _json_body(req)))
+        return json_response(await api.set_shadow(registry, req.params["model"], _json_body(req)))
 
     async def delete_shadow(req: Request) -> Response:
-        return json_response(api.clear_shadow(registry, req.params["model"]))
+        return json_response(await api.clear_shadow(registry, req.params["model"]))
 
     async def rollback(req: Request) -> Response:
-        return json_response(api.rollback(registry, req.params["model"]))
+        return json_response(await api.rollback(registry, req.params["model"]))
 
     def doc(summary: str, body: dict | None = None) -> Doc:
         return Doc(summary, body=JSON(body) if body else None, body_required=body is not None,
@@ -212,7 +212,7 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
                                                   req.params.get("version")))
 
     async def set_default(req: Request) -> Response:
-        return json_response(api.set_default(registry, req.params["model"], req.params["version"]))
+        return json_response(await api.set_default(registry, req.params["model"], req.params["version"]))
 
     async def token(req: Request) -> Response:
         """``GET`` (TorchServe's clients) or ``POST /token?type=inference|management`` with the API

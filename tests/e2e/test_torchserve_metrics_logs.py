@@ -1,0 +1,148 @@
+"""TorchServe's metrics and log files, compared with what real TorchServe 0.12 wrote.
+
+tests/fixtures/torchserve_metrics holds a recording of TorchServe serving the same archive
+(tests/models.py METRICS_HANDLER) with the same metrics_config (custom.yaml) and the same four
+requests: two good, one for an unknown model (404), one the handler fails (503). Osprey must
+expose the same metric families (names, types, HELP texts, label names, the request counts) on
+/metrics and write log lines of the same shapes (times, hosts, ids, ports and durations aside).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.models import METRICS_HANDLER, handler_archive
+
+FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "torchserve_metrics"
+CUSTOM = FIXTURE / "custom.yaml"
+_SAMPLE = re.compile(r'^([A-Za-z_:][\w:]*)(?:\{(.*?),?\})? (\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _families(text: str) -> dict[str, dict]:
+    """name -> {"type", "help", "samples": [(sample name, {labels}, value)]} (label order kept)."""
+    fams: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name, _, doc = line[7:].partition(" ")
+            current = fams.setdefault(name, {"samples": []})
+            current["help"] = doc
+        elif line.startswith("# TYPE "):
+            name, _, kind = line[7:].partition(" ")
+            fams.setdefault(name, {"samples": []})["type"] = kind
+        elif line and not line.startswith("#"):
+            m = _SAMPLE.match(line)
+            assert m, f"not a sample line: {line!r}"
+            labels = dict(_LABEL.findall(m.group(2) or ""))
+            base = re.sub(r"_(bucket|count|sum)$", "", m.group(1))
+            fam = fams.get(m.group(1)) or fams.get(base)
+            fam["samples"].append((m.group(1), labels, float(m.group(3))))
+    return fams
+
+
+def _requests(server) -> list[int]:
+    codes = [httpx.post(f"{server.inference}/predictions/tsm", json={"x": 1}).status_code,
+             httpx.post(f"{server.inference}/predictions/tsm", json={"x": 2}).status_code,
+             httpx.post(f"{server.inference}/predictions/nosuchmodel", json={"x": 3}).status_code,
+             httpx.post(f"{server.inference}/predictions/tsm", json={"fail": True}).status_code]
+    assert codes == [200, 200, 404, 503]
+    return codes
+
+
+def _start(osprey, store, tmp_path, **config):
+    handler_archive(store, "tsm", METRICS_HANDLER)
+    return osprey(models=["tsm=tsm.mar"], store=store, extra_args=["--no-grpc"],
+                  config={"metrics_config": str(CUSTOM), "log_location": str(tmp_path / "logs"), **config})
+
+
+# TorchServe counts the warm-up request its recording script polled with as one of the two good ones
+_COUNTS = {"Requests2XX": 2.0, "Requests4XX": 1.0, "Requests5XX": 1.0, "ts_inference_requests_total": 3.0,
+           "InferenceCount": 3.0, "PayloadSize": 0.25, "PreprocessTime": 1.5}
+
+
+def test_metrics_port_serves_torchserve_families_as_recorded(osprey, store, tmp_path):
+    server = _start(osprey, store, tmp_path)
+    _requests(server)
+    ours = _families(httpx.get(f"{server.metrics}/metrics").text)
+    theirs = _families((FIXTURE / "prometheus" / "metrics.txt").read_text())
+    for name, fam in theirs.items():
+        assert name in ours, f"TorchServe exports {name}, Osprey does not"
+        assert ours[name]["type"] == fam["type"], name
+        assert ours[name]["help"] == fam["help"], name
+        their_labels = {tuple(labels) for _, labels, _ in fam["samples"]}
+        our_labels = {tuple(labels) for _, labels, _ in ours[name]["samples"]}
+        assert their_labels <= our_labels, f"{name}: label names {their_labels} (TorchServe) vs {our_labels}"
+        for sample, labels, value in fam["samples"]:
+            if sample in _COUNTS or name == "Confidence" and sample.endswith("_count"):
+                mine = [v for s, lab, v in ours[name]["samples"] if s == sample
+                        and {k: v for k, v in lab.items() if k != "Hostname"} == {k: v for k, v in labels.items() if k != "Hostname"}]
+                assert mine == [value], f"{sample}{labels}: TorchServe {value}, Osprey {mine}"
+    # metrics_config leaves these out, and the handler's undeclared metric is not exported
+    for absent in ("MemoryAvailable", "DiskAvailable", "Undeclared"):
+        assert absent not in ours
+    assert ours["Requests2XX"]["samples"][0][1]["Level"] == "Host"
+    assert ours["WorkerLoadTime"]["samples"][0][1]["WorkerName"] == "W-9000-tsm_1.0"
+    assert 0 <= ours["MemoryUtilization"]["samples"][0][2] <= 100
+    # Osprey's own metrics are still there
+    assert "osprey_requests_total" in ours
+    # the scrape itself is an answer too (TorchServe counts every port's answers)
+    again = _families(httpx.get(f"{server.metrics}/metrics").text)
+    assert again["Requests2XX"]["samples"][0][2] == 3.0
+
+
+def _shape(line: str) -> str:
+    """A log line with what differs between runs taken out."""
+    line = re.sub(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3}", "T", line)
+    line = re.sub(r"(\.\w+:)[-\d.E]+\|", r"\1V|", line)  # metric values
+    line = re.sub(r"hostname:[^,|]+", "hostname:H", line)
+    line = re.sub(r"requestID:[\w,-]*,timestamp:\d+", "requestID:R,timestamp:E", line)
+    line = re.sub(r"timestamp:\d+", "timestamp:E", line)
+    line = re.sub(r"W-\d+-", "W-N-", line)
+    line = re.sub(r"/127\.0\.0\.1:\d+ ", "/127.0.0.1:P ", line)
+    line = re.sub(r'(HTTP/1\.1" \d+) \d+$', r"\1 MS", line)
+    return line.rstrip("\n")
+
+
+def _wait_for(path: Path, needles: list[str], timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if all(n in text for n in needles):
+            return text
+        time.sleep(0.1)  # the files are written about twice a second
+    raise AssertionError(f"{path.name} lacks {[n for n in needles if n not in text]}:\n{text}")
+
+
+def test_log_mode_and_log_files_write_torchserve_lines(osprey, store, tmp_path):
+    server = _start(osprey, store, tmp_path, metrics_mode="log", metric_time_interval="1")
+    _requests(server)
+    logs = tmp_path / "logs"
+    recorded = FIXTURE / "log"
+
+    def compare(name: str, keep=lambda line: True, needles=()) -> str:
+        theirs = {_shape(x) for x in (recorded / name).read_text().splitlines() if keep(x)}
+        text = _wait_for(logs / name, list(needles))
+        ours = {_shape(x) for x in text.splitlines()}
+        missing = theirs - ours
+        assert not missing, f"{name}: TorchServe wrote lines of these shapes, Osprey not:\n" + "\n".join(
+            sorted(missing)) + "\nOsprey wrote:\n" + "\n".join(sorted(ours))
+        return text
+
+    ts_metrics = compare("ts_metrics.log", needles=["Requests5XX", "CPUUtilization", "WorkerLoadTime",
+                                                     "WorkerThreadTime"])
+    assert "MemoryAvailable" not in ts_metrics  # custom.yaml leaves it out
+    model_metrics = compare("model_metrics.log", needles=["PredictionTime", "Confidence"])
+    assert "Undeclared" not in model_metrics
+    compare("access_log.log", keep=lambda x: "/metrics" not in x, needles=["503"])
+    compare("model_log.log", keep=lambda x: "tsm handler" in x, needles=["tsm handler logged"])
+    ts_log = _wait_for(logs / "ts_log.log", ["MODEL_LOG"])
+    for line in ts_log.splitlines():
+        if re.match(r"^\d{4}-", line):
+            assert re.match(r"^\S+ \[(INFO |WARN |DEBUG|ERROR|FATAL)\] \S+ \S+ - ", line), line
