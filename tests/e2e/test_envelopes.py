@@ -197,3 +197,16 @@ def test_an_answer_without_parts_is_not_chunked(servers):
     resp = httpx.post(f"{srv.inference}/predictions/stream", json={"parts": []}, timeout=30)
     assert resp.status_code == 200 and resp.text == "world "
     assert resp.headers["content-length"] == "6" and "transfer-encoding" not in resp.headers
+
+
+def test_a_client_leaving_mid_stream_leaves_the_model_serving(servers, tmp_path):
+    srv = servers("body")
+    gate = Gate(tmp_path)
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{srv.inference}/predictions/stream", json={"parts": ["p0 ", "p1 "], "gates": [gate.value]}) as resp:
+        assert next(resp.iter_raw()) == b"p0 "
+    gate.wait_entered()
+    gate.path.touch()  # the handler sends its next part and answers with nobody listening
+    resp, chunks = _chunks(srv, "/predictions/stream", JSON, json.dumps({"parts": ["x "]}).encode())
+    assert chunks == [b"x ", b"world "]  # the one instance is free again: the abandoned answer ended
+    assert httpx.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
