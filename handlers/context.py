@@ -130,7 +130,7 @@ class Context:
 
     # --- Osprey: intermediate responses for streaming ---------------------------------
     def send_intermediate(self, idx: int, data: Any) -> None:
-        """Send one intermediate response for request ``idx`` (gRPC StreamPredictions)."""
+        """Send one intermediate response for request ``idx`` (gRPC StreamPredictions, a chunk of a REST answer)."""
         writer = self.stream_writers.get(idx)
         if writer is None:
             raise RuntimeError("this request was not made with a streaming call")

@@ -3,7 +3,8 @@
 TorchServe's ``send_intermediate_predict_response(ret, req_id_map, message, code, context)``
 writes a predict response in its worker wire format to ``context.cl_socket``. Here that
 "socket" decodes the frame and hands each request's body to its stream writer
-(``context.send_intermediate``), so such handlers stream over gRPC StreamPredictions.
+(``context.send_intermediate``), so such handlers stream over gRPC StreamPredictions and as
+a chunked answer over REST (server/protocols/rest/chunked.py).
 
 Frame (big-endian int32 lengths): code, message, then per request: request id, content
 type, HTTP status, reason phrase, header count and (key, value) pairs, body; -1 ends it.
@@ -72,7 +73,7 @@ class IntermediateSocket:
             idx = index.get(item["request_id"])
             if idx is None:
                 continue
-            if idx in ctx.stream_writers:  # a call that can't stream (REST) gets the final answer only
+            if idx in ctx.stream_writers:  # a call that can't stream (gRPC Predictions) gets the final answer only
                 ctx.send_intermediate(idx, item["body"])
             # TorchServe marks streamed answers with this header; the final answer carries none.
             ctx.get_response_headers(idx).pop("ts_stream_next", None)

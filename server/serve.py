@@ -169,7 +169,7 @@ class Server:
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         add_inference_routes(self.inference_app, self.dataplane)
         add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
-                      enable_model_api=settings.enable_model_api)
+                      enable_model_api=settings.enable_model_api, envelope=settings.service_envelope)
         # feedback labels and monitoring status (DataPlane.feedback / .monitoring; the monitor itself is
         # DataPlane.monitor, None while monitoring is off)
         add_monitoring_routes(self.inference_app, self.dataplane)

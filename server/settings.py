@@ -69,6 +69,11 @@ class Settings:
     keystore_type: str = "PKCS12"  # JKS is refused with how to convert it
     enable_grpc_ssl: bool = False
     enable_model_api: bool = False
+    # TorchServe's request envelope around every (TorchServe-style) handler's entry point: body,
+    # json, kserve, kservev2 (kfserving / kfservingv2, its earlier names, mean the last two); with
+    # kservev2, /v2/models/{m}/infer|explain hand such handlers the KServe v2 body (TorchServe's
+    # answers) instead of decoding it as Open Inference Protocol tensors. Empty: none (handlers/envelopes.py)
+    service_envelope: str = ""
     allowed_urls: tuple[str, ...] = ("file://.*",)
     pid_file: str = ""
     log_file: str = ""
@@ -293,6 +298,11 @@ def load_settings(
         if not values.get(key) and env.get(var):  # TorchServe's log4j2 reads these whatever the config says
             values[key] = env[var]
     settings = Settings(**values)
+    from server.instances import canonical_envelope
+
+    envelope = canonical_envelope(settings.service_envelope)
+    if envelope != settings.service_envelope:
+        settings = settings.replace(service_envelope=envelope)
     for addr in (settings.inference_address, settings.management_address, settings.metrics_address):
         parse_address(addr)
     from monitoring.access_log import parse_access_log

@@ -10,7 +10,16 @@ from typing import Callable
 
 from server.core.instance import InstanceFactory
 
-__all__ = ["thread_factory", "process_factory", "instance_factory", "forget_model_folder", "return_device_memory"]
+__all__ = ["thread_factory", "process_factory", "instance_factory", "forget_model_folder", "return_device_memory",
+           "canonical_envelope"]
+
+
+def canonical_envelope(name: str) -> str:
+    """A ``service_envelope`` setting as the envelope it names ('' for none; TorchServe's older
+    kfserving names mapped); ValueError naming the choices (handlers/envelopes.py)."""
+    from handlers.envelopes import canonical_envelope as canonical
+
+    return canonical(name)
 
 
 def forget_model_folder(model_dir: str) -> None:
@@ -30,23 +39,25 @@ def return_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def thread_factory(metrics_sink: Callable | None = None, observe: Callable | None = None) -> InstanceFactory:
+def thread_factory(metrics_sink: Callable | None = None, observe: Callable | None = None,
+                   envelope: str = "") -> InstanceFactory:
     from server.instances.service import gpu_for
     from server.instances.thread import ModelInstance
 
     def make(name, version, archive, config, index):
-        return ModelInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink, observe)
+        return ModelInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink, observe,
+                             envelope)
     return make
 
 
 def process_factory(metrics_sink: Callable | None = None, torch_threads: int = 0,
-                    observe: Callable | None = None) -> InstanceFactory:
+                    observe: Callable | None = None, envelope: str = "") -> InstanceFactory:
     from server.instances.process import ProcessInstance
     from server.instances.service import gpu_for
 
     def make(name, version, archive, config, index):
         return ProcessInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink,
-                               torch_threads, observe)
+                               torch_threads, observe, envelope)
     return make
 
 
@@ -60,8 +71,9 @@ def instance_factory(settings, metrics_sink: Callable | None = None, observe: Ca
     models with ``monitoring.enabled: false`` are never captured."""
     if not getattr(settings, "monitoring", True):
         observe = None
-    threads = thread_factory(metrics_sink, observe)
-    processes = process_factory(metrics_sink, settings.torch_threads, observe)
+    envelope = getattr(settings, "service_envelope", "")  # every handler's entry point is wrapped in it
+    threads = thread_factory(metrics_sink, observe, envelope)
+    processes = process_factory(metrics_sink, settings.torch_threads, observe, envelope)
 
     def make(name, version, archive, config, index):
         kind = config.isolation or settings.instance_isolation

@@ -110,8 +110,9 @@ class ProcessInstance:
 
     def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig, index: int,
                  gpu_id: int | None, metrics_sink: Callable | None = None, torch_threads: int = 0,
-                 observe: Callable | None = None):
+                 observe: Callable | None = None, envelope: str = ""):
         self.name, self.version, self.archive, self.config = name, version, archive, config
+        self.envelope = envelope  # the server's service_envelope (handlers/envelopes.py), '' for none
         self.index = index
         self.id = str(next(_ids))
         self.gpu_id = gpu_id
@@ -236,7 +237,7 @@ class ProcessInstance:
         spec = {"name": self.name, "version": self.version, "model_dir": str(self.archive.model_dir),
                 "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
                 "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
-                "monitor": self._observe is not None,
+                "monitor": self._observe is not None, "envelope": self.envelope,
                 "log_level": logging.getLogger().getEffectiveLevel()}
         try:
             self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)

@@ -208,14 +208,16 @@ class BatchRunner:
 
 
 def load_runner(name: str, version: str, model_dir: str, handler: str, manifest: dict, config: ModelConfig,
-                gpu_id: int | None, metrics_sink: Callable | None, observe: Callable | None = None) -> BatchRunner:
-    """Resolve and initialize the handler in the calling thread (the one that will run it).
+                gpu_id: int | None, metrics_sink: Callable | None, observe: Callable | None = None,
+                envelope: str = "") -> BatchRunner:
+    """Resolve and initialize the handler in the calling thread (the one that will run it), in
+    the request ``envelope`` the server's ``service_envelope`` names (handlers/envelopes.py).
     With ``observe`` (the monitor's, or a child's collector) and ``config.monitoring.enabled``,
     sampled batches are captured (:mod:`server.instances.capture`)."""
     prepare_instance_thread(config.jit_optimize, gpu_id is not None)
     context = Context(name, model_dir, manifest, config.batch_size, gpu_id, __version__, True,
                       HandlerMetrics(name, metrics_sink), dict(config.raw))
-    service = make_service(model_dir, handler)
+    service = make_service(model_dir, handler, envelope)
     if service.initialize is not None:
         service.initialize(context)
     warmup = getattr(service.target, "warmup", None)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from handlers.builtin import BUILTIN_HANDLERS, builtin_handler_class
 from handlers.context import Context
+from handlers.envelopes import wrap_handle
 from handlers.loading import import_handler_module, list_classes
 
 from server.core.model_config import ModelConfig
@@ -34,8 +35,11 @@ class Service:
     accepts_tensors: bool = False
 
 
-def make_service(model_dir: str, handler: str) -> Service:
-    """Resolve a manifest ``handler`` the way TorchServe does (plus Osprey's built-ins)."""
+def make_service(model_dir: str, handler: str, envelope: str = "") -> Service:
+    """Resolve a manifest ``handler`` the way TorchServe does (plus Osprey's built-ins); with
+    ``envelope`` (the server's ``service_envelope``), its entry point is wrapped in that request
+    envelope (handlers/envelopes.py), as TorchServe's model loader does, unless the handler takes
+    tensors itself."""
     module_name, _, fn = handler.partition(":")
     if module_name.endswith(".py"):
         module_name = module_name[:-3]
@@ -55,7 +59,7 @@ def make_service(model_dir: str, handler: str) -> Service:
         func = getattr(module, fn, None)
         if callable(func) and not isinstance(func, type):
             # TorchServe initializes a module-level entry point by calling it with no data.
-            return Service(lambda ctx, _f=func: _f(None, ctx), func, module)
+            return Service(lambda ctx, _f=func: _f(None, ctx), wrap_handle(func, envelope), module)
         classes = list_classes(module)
         with_fn = [c for c in classes if hasattr(c, fn)]
         if len(with_fn) == 1:
@@ -64,8 +68,9 @@ def make_service(model_dir: str, handler: str) -> Service:
             raise ValueError(f"handler {handler!r} must define a function {fn}(data, context) or exactly one "
                              f"class with {fn}(); found {len(with_fn)} such classes")
     obj = cls()
-    return Service(getattr(obj, "initialize", None), getattr(obj, fn), obj,
-                   bool(getattr(obj, "accepts_tensors", False)))
+    tensors = bool(getattr(obj, "accepts_tensors", False))
+    handle = getattr(obj, fn)
+    return Service(getattr(obj, "initialize", None), handle if tensors else wrap_handle(handle, envelope), obj, tensors)
 
 
 def gpu_for(config: ModelConfig, index: int) -> int | None:

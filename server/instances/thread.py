@@ -40,8 +40,9 @@ class ModelInstance:
 
     def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig,
                  index: int, gpu_id: int | None, metrics_sink: Callable | None = None,
-                 observe: Callable | None = None):
+                 observe: Callable | None = None, envelope: str = ""):
         self.name, self.version, self.archive, self.config = name, version, archive, config
+        self.envelope = envelope  # the server's service_envelope (handlers/envelopes.py), '' for none
         self.index = index
         self.id = str(next(_ids))
         self.gpu_id = gpu_id
@@ -123,7 +124,7 @@ class ModelInstance:
         try:
             self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
                                       self.archive.manifest, self.config, self.gpu_id, self._metrics_sink,
-                                      self._observe)
+                                      self._observe, self.envelope)
             if self.status == InstanceStatus.LOADING:  # stopped or timed out while loading: it ends below
                 self.status = InstanceStatus.READY
                 self.load_seconds = time.time() - self.start_time  # TorchServe's WorkerLoadTime

@@ -92,8 +92,9 @@ def test_stream_predictions_with_torchserve_intermediate_responses(server, ts_st
         parts = [r.prediction for r in stub.StreamPredictions(
             inf_pb.PredictionsRequest(model_name="streamer", input={"body": b"abc"}))]
         assert parts == [b"part0:abc", b"part1:abc", b"part2:abc", b"done:abc"]
-        # Over REST the same handler gives the final answer only.
-        assert httpx.post(server.inference + "/predictions/streamer", content=b"abc").text == "done:abc"
+        # Over REST the same parts are the chunks of a chunked answer, then the final one (TorchServe 0.12)
+        rest = httpx.post(server.inference + "/predictions/streamer", content=b"abc")
+        assert rest.headers["transfer-encoding"] == "chunked" and rest.text == "part0:abcpart1:abcpart2:abcdone:abc"
         replies = list(stub.StreamPredictions2(iter([
             inf_pb.PredictionsRequest(model_name="echo", input={"body": b"one"}, sequence_id="s1"),
             inf_pb.PredictionsRequest(model_name="nope", input={"body": b"two"}, sequence_id="s1"),

@@ -92,7 +92,7 @@ def test_every_registered_route_is_described():
 
     inference, management = Router(max_body=1), Router(max_body=1)
     add_inference_routes(inference, Plane())
-    add_v2_routes(inference, Plane(), model_store=".", enable_model_api=True)
+    add_v2_routes(inference, Plane(), model_store=".", enable_model_api=True, envelope="kservev2")  # + explain
     add_monitoring_routes(inference, Plane())
     add_api_description(inference, "i", "i")
     add_management_routes(management, None, enable_model_api=True, rotate_key=lambda kind, key: False)

@@ -22,16 +22,16 @@ import orjson
 from server.core.errors import ErrorKind, OspreyError
 from server.core.types import next_request_id
 
-__all__ = ["Request", "Response", "Router", "json_response", "torchserve_error", "oip_error"]
+__all__ = ["Request", "Response", "Sent", "Router", "json_response", "torchserve_error", "oip_error"]
 
 log = logging.getLogger("osprey.rest")
 
 
 class Request:
     __slots__ = ("scope", "method", "path", "headers", "body", "params", "request_id",
-                 "_query", "_receive")
+                 "_query", "_receive", "send")
 
-    def __init__(self, scope: dict, receive: Callable, params: dict[str, str]):
+    def __init__(self, scope: dict, receive: Callable, params: dict[str, str], send: Callable | None = None):
         self.scope = scope
         self.method: str = scope["method"]
         self.path: str = scope["path"]
@@ -41,6 +41,9 @@ class Request:
         self.request_id = next_request_id()
         self._query: dict[str, str] | None = None
         self._receive = receive
+        # the ASGI send: a route that answers in parts (server/protocols/rest/chunked.py) writes
+        # its answer itself and returns a Sent
+        self.send = send
 
     @property
     def query(self) -> dict[str, str]:
@@ -69,6 +72,13 @@ class Response:
     def __init__(self, body: bytes = b"", status: int = 200, content_type: str = "application/json",
                  headers: dict[str, str] | None = None):
         self.body, self.status, self.content_type, self.headers = body, status, content_type, headers
+
+
+class Sent(Response):
+    """A route's answer that the route has already written itself (a chunked answer): the router
+    sends nothing more; ``status`` is what was sent (access log, request counters)."""
+
+    __slots__ = ()
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -285,7 +295,7 @@ class Router:
                 route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
         else:
             route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
-        req = Request(scope, receive, params)
+        req = Request(scope, receive, params, send)
         try:
             if route is None:
                 if path_known:
@@ -322,7 +332,8 @@ class Router:
             log.exception("unhandled error for %s %s", method, path)
             err = OspreyError(ErrorKind.INTERNAL, "Internal server error")
             response = (route.errors if route is not None else self.default_errors)(err)
-        await self._send(send, req, response, method == "HEAD")
+        if not isinstance(response, Sent):
+            await self._send(send, req, response, method == "HEAD")
         if self.on_response is not None:
             self.on_response(scope, response.status, started)
 

@@ -30,6 +30,10 @@ requests that arrive on kept-alive connections during the drain are still served
 ``Connection: close``). :meth:`OneWriteHttpToolsProtocol.idle` tells when a connection has
 nothing in progress, so that the server closes it last.
 
+An answer already under way (a chunked, streamed one) is abandoned with the ASGI message
+:data:`ABORT`: the connection closes without the answer's end, so the client knows it is
+incomplete.
+
 Everything else (parsing, keep-alive, pipelining, ``Expect: 100-continue``, flow control,
 the 500 for an application error) is uvicorn's own code, untouched.
 """
@@ -40,8 +44,10 @@ import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-__all__ = ["OneWriteHttpToolsProtocol", "http_protocol"]
+__all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT"]
 
+# the ASGI message (an Osprey extension) that abandons an answer already started: see _OneWriteCycle.send
+ABORT = "osprey.response.abort"
 JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
 
 
@@ -92,6 +98,16 @@ class _OneWriteCycle(RequestResponseCycle):
 
     async def send(self, message) -> None:
         transport = self.transport
+        if message["type"] == ABORT:
+            # an answer under way cannot be completed (a streamed answer whose request failed):
+            # close the connection without ending it, so the client sees it incomplete, as
+            # TorchServe does; the response counts as done (uvicorn logs no error for it)
+            self.keep_alive = False
+            self.response_complete = True
+            self.message_event.set()
+            transport.close()
+            self.on_response()
+            return
         if message["type"] == "http.response.start":
             transport.held = True
             try:

@@ -1,15 +1,20 @@
 """TorchServe's inference API (port 8080): /ping, /predictions, /explanations.
 
 Translates HTTP into the core's request (:func:`~server.core.types.new_request`), calls the data plane,
-and writes the answer back. Nothing else: queueing, batching and deadlines are the core's.
+and writes the answer back. Nothing else: queueing, batching and deadlines are the core's. A
+handler that sends intermediate responses gets them to the client as the chunks of a chunked
+answer (:mod:`server.protocols.rest.chunked`), as TorchServe does.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError
 from server.core.types import Protocol, Ticket, new_request
 from server.protocols.rest.asgi import Request, Response, Router, json_response
+from server.protocols.rest.chunked import ChunkedAnswer
 from server.protocols.rest.forms import fields_from_body
 from server.protocols.rest.openapi import JSON, TS_ERROR, Doc
 
@@ -34,7 +39,7 @@ def _predict_doc(explain: bool, path: str) -> Doc:
                responses={200: ("The handler's answer", ANSWER), 503: PREDICTION_FAILED}, path_params=_MODEL,
                tags=(what,))
 
-__all__ = ["add_inference_routes"]
+__all__ = ["add_inference_routes", "answer", "to_core_request"]
 
 PREDICT_METHODS = ("POST", "PUT", "GET")
 
@@ -50,6 +55,23 @@ def to_core_request(req: Request, model: str, version: str | None, *, explain: b
                        client=req.connection())
 
 
+async def answer(dataplane: DataPlane, req: Request, core: Ticket) -> Response:
+    """The data plane's answer to ``core``; chunked when the handler streams intermediate parts."""
+    chunks = core.stream = ChunkedAnswer(req, asyncio.get_running_loop())
+    try:
+        out = await dataplane.infer(core)
+    except OspreyError as err:
+        if chunks.started:
+            return await chunks.fail(err)
+        raise
+    except BaseException:
+        chunks.abandon()
+        raise
+    if chunks.started:
+        return await chunks.finish(out.body)
+    return Response(out.body, out.status, out.content_type, out.headers or None)
+
+
 def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
     async def ping(req: Request) -> Response:
         if dataplane.healthy():
@@ -60,8 +82,7 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
         async def predict(req: Request) -> Response:
             p = req.params
             core = to_core_request(req, p["model"], p.get("version"), explain=explain, url_path=p.get("rest", ""))
-            out = await dataplane.infer(core)
-            return Response(out.body, out.status, out.content_type, out.headers or None)
+            return await answer(dataplane, req, core)
         return predict
 
     router.refusing = dataplane.refusing  # admission runs only while requests are being refused
@@ -83,8 +104,7 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {req.path} is not found, please refer to API document.",
                               type_name="ResourceNotFoundException")
         core = to_core_request(req, model, None, explain=verb == "explain")
-        out = await dataplane.infer(core)
-        return Response(out.body, out.status, out.content_type, out.headers or None)
+        return await answer(dataplane, req, core)
 
     def v1_admit(params: dict) -> None:
         model, _, verb = params["target"].rpartition(":")

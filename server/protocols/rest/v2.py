@@ -3,6 +3,12 @@
 Health, server and model metadata, readiness, infer with the binary tensor data extension
 (``Inference-Header-Content-Length``: JSON header, then raw input bytes viewed in place),
 and the repository extension (index, load, unload). Every error is ``{"error": ...}``.
+
+With ``service_envelope=kservev2`` (TorchServe's KServe v2 envelope), ``/v2/models/{m}/infer``
+and ``/v2/models/{m}/explain`` serve a TorchServe-style handler as TorchServe does: the body
+goes to the handler's envelope as it came (handlers/envelopes.py reads it and writes the
+answer), errors are TorchServe's ``{"code", "type", "message"}``. A handler that takes tensors
+itself is still served by this protocol (infer; explain is not part of it).
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, o
                                   timeout_of, unload_model)
 from server.core.tensors import DTYPES, bad_input, decode_bytes, decode_json, decode_raw, encode_raw, to_json_data
 from server.core.types import Protocol, new_request
-from server.protocols.rest.asgi import Request, Response, Router, oip_error
-from server.protocols.rest.openapi import JSON, OIP_ERROR, Doc, Param
+from server.core.errors import ErrorKind, OspreyError
+from server.protocols.rest.asgi import Request, Response, Router, oip_error, torchserve_error
+from server.protocols.rest.inference import answer, to_core_request
+from server.protocols.rest.openapi import JSON, OIP_ERROR, TS_ERROR, Doc, Param
 
 _TENSOR = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
                                             "shape": {"type": "array", "items": {"type": "integer"}},
@@ -206,8 +214,10 @@ def encode_infer_response(model: str, version: str, request: dict, outputs: list
                     {_HEADER: str(len(header))})
 
 
-def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, enable_model_api: bool) -> None:
+def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, enable_model_api: bool,
+                  envelope: str = "") -> None:
     registry = dataplane.registry
+    kservev2 = envelope == "kservev2"
     router.fallback_errors.append(("/v2", oip_error))
 
     def add(methods, pattern, handler, auth=True, admit=None, doc=None):
@@ -236,7 +246,26 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         ok = dataplane.model_ready(name, req.params.get("version"))
         return _json({"name": name, "ready": ok}, 200 if ok else 503)
 
+    async def enveloped(req: Request, explain: bool) -> Response:
+        """TorchServe's KServe v2 envelope: the body to the handler as it came, its answer back."""
+        try:
+            core = to_core_request(req, req.params["model"], req.params.get("version"), explain=explain)
+            return await answer(dataplane, req, core)
+        except OspreyError as err:
+            return torchserve_error(err)
+
+    def takes_tensors(req: Request) -> bool:
+        return dataplane.model(req.params["model"], req.params.get("version")).accepts_tensors
+
+    async def explain(req: Request) -> Response:
+        if takes_tensors(req):
+            raise OspreyError(ErrorKind.NOT_FOUND, f"model {req.params['model']} takes tensors: explain is served "
+                                                   "for TorchServe-style handlers only (service_envelope=kservev2)")
+        return await enveloped(req, True)
+
     async def infer(req: Request) -> Response:
+        if kservev2 and not takes_tensors(req):
+            return await enveloped(req, False)
         received = time.monotonic()
         name, version = req.params["model"], req.params.get("version")
         header = req.headers.get(_HEADER)
@@ -296,6 +325,11 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
             extra={503: ("The model failed, or its queue is full (Retry-After)", JSON(OIP_ERROR))},
             body_required=True, params=(Param("Inference-Header-Content-Length", "integer", where="header",
                                               description="Bytes of JSON before the binary data"),)))
+        if kservev2:
+            add("POST", base + "/explain", explain, admit=admit, doc=doc(
+                "Explanations in KServe v2 JSON (service_envelope=kservev2; TorchServe-style handlers)",
+                JSON(INFER_RESPONSE), body=JSON(INFER_REQUEST), body_required=True,
+                extra={503: ("The model failed, or its queue is full (Retry-After)", JSON(TS_ERROR))}))
     add("POST", "/v2/repository/index", index, doc=doc(
         "The model repository's models and their states", JSON({"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"},

@@ -1,0 +1,129 @@
+"""Streaming a handler's intermediate responses over HTTP: a chunked answer.
+
+A handler that sends intermediate responses (TorchServe's ``send_intermediate_predict_response``,
+or ``context.send_intermediate``) on a REST predictions call gets them to the client as they
+come, as TorchServe 0.12 does: the answer goes out with ``Transfer-Encoding: chunked``, one chunk
+per intermediate response, then the final answer as the last chunk.
+
+:class:`ChunkedAnswer` is the request's ``Ticket.stream``. Nothing happens unless the handler
+streams: the route awaits the data plane as for any request, and an answer without
+intermediate parts is an ordinary one (with a Content-Length). The first part starts the answer
+(status 200, the request id; the content type of the parts as TorchServe leaves it: none) and a
+writer task on the event loop sends each part as it arrives; when the data plane answers, the
+route hands the final body to :meth:`ChunkedAnswer.finish`, which sends it after the parts and
+ends the answer. The parts reach the loop before the final answer does (both are posted from
+the instance's thread, or the reader thread of a process instance, in order), so the final
+chunk is always the last.
+
+A request that fails after parts went out cannot change its status any more: the connection is
+closed without the answer's end (:data:`~server.protocols.rest.http_protocol.ABORT`), so the
+client sees an incomplete answer, as TorchServe 0.12 does (it resets the connection). A client
+that goes away ends the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any
+
+import orjson
+
+from server.core.codecs import encode_body
+from server.core.errors import OspreyError
+from server.protocols.rest.asgi import Request, Sent
+from server.protocols.rest.http_protocol import ABORT
+
+__all__ = ["ChunkedAnswer"]
+
+log = logging.getLogger("osprey.rest")
+
+
+class ChunkedAnswer:
+    """``Ticket.stream`` of a REST call: intermediate parts become the chunks of its answer."""
+
+    __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer")
+
+    def __init__(self, req: Request, loop: asyncio.AbstractEventLoop):
+        self._req = req
+        self._loop = loop
+        self._parts: deque[bytes] | None = None  # made by the first part: most calls never stream
+        self._end: tuple[bool, bytes] | None = None  # (abort?, last chunk) once the request has ended
+        self._wake: asyncio.Event | None = None
+        self._writer: asyncio.Task | None = None
+
+    @property
+    def started(self) -> bool:
+        """An intermediate part arrived: the answer is (being) sent in chunks."""
+        return self._writer is not None
+
+    def __call__(self, data: Any) -> None:
+        """One intermediate response, from the handler's thread: bytes raw, str as UTF-8, anything
+        else as JSON (the final answer's encoding)."""
+        if not isinstance(data, (bytes, bytearray)):
+            data = encode_body(data)[0]
+        if not data:  # HTTP has no empty chunk (a zero-length chunk ends the answer): nothing to send
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._part, bytes(data))
+        except RuntimeError:  # the loop has closed (shutdown): nobody to send it to
+            pass
+
+    def _part(self, data: bytes) -> None:  # on the loop
+        if self._end is not None:  # a late part (the request has ended): dropped
+            return
+        if self._writer is None:
+            self._parts = deque()
+            self._wake = asyncio.Event()
+            self._writer = self._loop.create_task(self._write())
+        self._parts.append(data)
+        self._wake.set()
+
+    async def _write(self) -> None:
+        req, parts, wake = self._req, self._parts, self._wake
+        send = req.send
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"x-request-id", req.request_id.encode("latin-1"))]})
+        while True:
+            while parts:
+                await send({"type": "http.response.body", "body": parts.popleft(), "more_body": True})
+            if self._end is not None:
+                abort, last = self._end
+                if abort:
+                    try:
+                        await send({"type": ABORT})
+                        return
+                    except RuntimeError:  # an ASGI server without Osprey's extension: end with the error
+                        pass
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+                return
+            wake.clear()
+            await wake.wait()
+
+    async def finish(self, final: bytes) -> Sent:
+        """Send ``final`` as the last chunk (after every part) and end the answer; the route
+        returns what this returns."""
+        return await self._close(False, bytes(final), 200)
+
+    async def fail(self, err: OspreyError) -> Sent:
+        """The request failed after parts went out: its status cannot change any more. Send the
+        parts still waiting, then close the connection without ending the answer (the client
+        sees it incomplete), as TorchServe does."""
+        log.warning("request %s failed after its answer began streaming (%d %s): closing the connection",
+                    self._req.request_id, err.status, err.message)
+        body = orjson.dumps({"code": err.status, "type": err.type_name, "message": err.message})
+        return await self._close(True, body, err.status)
+
+    async def _close(self, abort: bool, last: bytes, status: int) -> Sent:
+        self._end = (abort, last)
+        self._wake.set()
+        await self._writer
+        return Sent(b"", status, "")
+
+    def abandon(self) -> None:
+        """The request ends without an answer (its task was cancelled, its client went away):
+        stop the writer."""
+        self._end = (True, b"")
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
