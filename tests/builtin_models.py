@@ -58,28 +58,44 @@ def _build_shared(shared: Path, names: list[str], store: Path) -> None:
     """Train the examples once per test run for every pytest-xdist worker (the folder is made
     and removed by tests/conftest.py), then hard-link them into this process's own store:
     servers write job records and datasets under their store, which workers must not share.
-    Builds are serialized across processes (two examples may write the same sample file)."""
+    Each example is built in a folder of its own under its own lock (two workers build two
+    examples at once), then its files are linked into the shared folder under a short global
+    lock (two examples may write the same sample file)."""
     from examples.build import build_one
 
-    with open(shared / ".build.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            for name in names:
-                done = shared / f".built-{name}"
-                if not done.exists():
-                    build_one(name, shared)
-                    done.touch()
-            for src in shared.rglob("*"):
-                dst = store / src.relative_to(shared)
-                if src.name.startswith(".") or dst.exists():
-                    continue
-                if src.is_dir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                else:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    os.link(src, dst)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    for name in names:
+        with open(shared / f".lock-{name}", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                own = shared / f".build-{name}"
+                if not (own / ".done").exists():
+                    shutil.rmtree(own, ignore_errors=True)
+                    own.mkdir()
+                    build_one(name, own)
+                    (own / ".done").touch()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        with open(shared / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                _link_tree(own, shared)
+                _link_tree(shared, store)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _link_tree(src_root: Path, dst_root: Path) -> None:
+    """Hard-link every file under ``src_root`` missing under ``dst_root`` (dot names skipped)."""
+    for src in src_root.rglob("*"):
+        rel = src.relative_to(src_root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        dst = dst_root / rel
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        elif not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(src, dst)
 
 
 def concurrent_posts(url: str, bodies: list, *, headers: dict | None = None, workers: int = 16) -> list[httpx.Response]:

