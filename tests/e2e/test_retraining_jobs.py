@@ -28,6 +28,7 @@ from server.settings import Settings
 from ..conftest import ROOT, free_port
 from ..gates import alive
 from ..redis_server import redis_server  # noqa: F401 - fixture
+from ..worker_process import WorkerProcess
 
 FAST = {"OSPREY_RETRAINING_HEARTBEAT": "2", "OSPREY_RETRAINING_SWEEP_INTERVAL": "1",
         "OSPREY_RETRAINING_CANCEL_GRACE": "1"}
@@ -64,36 +65,6 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), **FAST}
 
 
-class WorkerProcess:
-    def __init__(self, tmp: Path, redis_url: str, store: Path, name: str, concurrency: int = 1):
-        self.log_path = tmp / f"worker-{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--redis", redis_url,
-                                      "--model-store", str(store), "--concurrency", str(concurrency)],
-                                     cwd=tmp, env=env(), stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or b"Osprey worker ready" in self.log_path.read_bytes(),
-                 60, f"worker {name} to start")
-        assert self.proc.poll() is None, self.log_path.read_text()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
 @pytest.fixture
 def workers(tmp_path, redis_server):
     started: list[WorkerProcess] = []
@@ -101,7 +72,7 @@ def workers(tmp_path, redis_server):
     store.mkdir(exist_ok=True)
 
     def start(name: str = "w", concurrency: int = 1) -> WorkerProcess:
-        w = WorkerProcess(tmp_path, redis_server.url, store, name, concurrency)
+        w = WorkerProcess(tmp_path, redis_server.url, store, name, concurrency=concurrency, env=FAST).wait_ready()
         started.append(w)
         return w
 

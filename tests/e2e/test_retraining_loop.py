@@ -492,33 +492,6 @@ def test_challenger_degrading_live_quality_in_probation_is_rolled_back_under_loa
 
 # ------------------------------------------------------------- Redis: two replicas and osprey worker
 
-class Worker:
-    """A real ``osprey worker`` process on the stack's Redis and model store."""
-
-    def __init__(self, root: Path, redis_url: str, store: Path, name: str):
-        self.log_path = root / f"worker-{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--redis", redis_url,
-                                      "--model-store", str(store)], cwd=root, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT), **FAST})
-
-    def wait_ready(self) -> "Worker":
-        wait_for(lambda: self.proc.poll() is not None or b"Osprey worker ready" in self.log_path.read_bytes(), 60,
-                 "a worker to start")
-        assert self.proc.poll() is None, self.log_path.read_text()
-        return self
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
 DRIFT_MONITORING = {"window": 50, "min_window": 20, "episode_windows": 2, "episode_drifted": 2}
 
 
@@ -527,6 +500,7 @@ def stack(tmp_path_factory):
     """A redis-server, two server replicas sharing it and one model store (``stack.a``,
     ``stack.b``), and one ``osprey worker`` (``stack.workers``; ``stack.worker(name)`` starts another)."""
     from tests.redis_server import RedisProcess
+    from tests.worker_process import WorkerProcess
 
     root = tmp_path_factory.mktemp("loop-redis")
     store, marks = root / "store", root / "marks"
@@ -551,8 +525,8 @@ def stack(tmp_path_factory):
     s = Stack()
     s.root, s.store, s.marks, s.redis, s.workers = root, store, marks, redis, workers
 
-    def worker(name: str) -> Worker:
-        w = Worker(root, redis.url, store, name)
+    def worker(name: str) -> WorkerProcess:
+        w = WorkerProcess(root, redis.url, store, name, env=FAST)
         workers.append(w)
         return w.wait_ready()
 
@@ -563,7 +537,7 @@ def stack(tmp_path_factory):
             work.mkdir()
             servers.append(OspreyProcess(work, store, ["c_drift=c_drift", "c_kill=c_kill", "c_down=c_down"],
                                          extra_args=["--no-grpc"], env={**FAST, "OSPREY_REDIS_URL": redis.url}))
-        w = Worker(root, redis.url, store, "first")
+        w = WorkerProcess(root, redis.url, store, "first", env=FAST)
         workers.append(w)
         for srv in servers:
             srv.wait_ready(180)
@@ -658,7 +632,7 @@ def test_worker_sigkilled_mid_job_reruns_it_on_another_and_leaves_no_half_regist
     job_id = r.json()["job"]["id"]
     by_pid = {w.proc.pid: w for w in stack.workers}
 
-    def runner(record: dict) -> Worker:
+    def runner(record: dict):
         return by_pid[int(record["worker"].rsplit(":", 1)[1])]
 
     # 1. killed in training (the entry point waits for the gate file)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from ..conftest import ROOT
 from ..gates import alive
 from ..ray_head import LOOPBACK_ENV, RayHead, non_loopback, ray_python
 from ..redis_server import redis_server  # noqa: F401 - fixture
+from ..worker_process import WorkerProcess
 
 TASKS = "tests.retraining_tasks"
 FAST = {"OSPREY_RETRAINING_HEARTBEAT": "2", "OSPREY_RETRAINING_SWEEP_INTERVAL": "1",
@@ -82,33 +81,6 @@ def runs(d: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-class Worker:
-    def __init__(self, tmp: Path, redis_url: str, store: Path, name: str, extra_env: dict):
-        self.log_path = tmp / f"worker-{name}.log"
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **FAST, **extra_env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--redis", redis_url,
-                                      "--model-store", str(store)], cwd=tmp, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        wait_for(lambda: self.proc.poll() is not None or b"Osprey worker ready" in self.log_path.read_bytes(),
-                 60, f"worker {name} to start")
-        assert self.proc.poll() is None, self.log_path.read_text()
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
 @pytest.fixture
 async def cluster(tmp_path, redis_server, ray_head):
     """(queue, start_worker, ray client): the server side of a Redis queue whose workers send jobs to Ray."""
@@ -117,10 +89,10 @@ async def cluster(tmp_path, redis_server, ray_head):
     q = RedisJobQueue(redis_server.url, store, settings=Settings(retraining_heartbeat=2, retraining_sweep_interval=1,
                                                              retraining_cancel_grace=1))
     ray = RayJobs(ray_head.address)
-    started: list[Worker] = []
+    started: list[WorkerProcess] = []
 
-    def start(name: str = "w") -> Worker:
-        w = Worker(tmp_path, redis_server.url, store, name, ray_settings(ray_head))
+    def start(name: str = "w") -> WorkerProcess:
+        w = WorkerProcess(tmp_path, redis_server.url, store, name, env={**FAST, **ray_settings(ray_head)}).wait_ready()
         started.append(w)
         return w
 
