@@ -653,11 +653,11 @@ def test_instance_factory_passes_observe_unless_the_server_turns_monitoring_off(
 
     seen = {}
 
-    def fake_thread_factory(sink=None, observe=None):
+    def fake_thread_factory(sink=None, observe=None, envelope=""):
         seen["thread"] = observe
         return lambda *a: None
 
-    def fake_process_factory(sink=None, threads=0, observe=None):
+    def fake_process_factory(sink=None, threads=0, observe=None, envelope=""):
         seen["process"] = observe
         return lambda *a: None
 
