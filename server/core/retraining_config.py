@@ -45,6 +45,9 @@ class GateConfig:
     max_regression: float = 0.02  # on the golden set (the archive's reference data), measured the same way
     max_latency_ratio: float = 1.5  # challenger / champion latency at batch 1 and batch 32
     max_size_ratio: float = 2.0  # challenger / champion archive size
+    # with min_improvement >= 0: the share of bootstrap resamples of the holdout rows in which the
+    # challenger must come out better (0: no such check); a one-row difference is not evidence
+    confidence: float = 0.9
     # "module:function" judging models whose answers no label checks (generators): see
     # server/retraining/scoring.py; None: training.json's "scorer", if any
     scorer: str | None = None
@@ -160,6 +163,8 @@ def _gate(where: str, raw: Any) -> GateConfig:
             out[key] = value
         elif key in ("min_improvement", "max_regression"):
             out[key] = _num(w, value, float, -1e6, 1e6)
+        elif key == "confidence":
+            out[key] = _num(w, value, float, 0.0, 0.999)
         else:
             out[key] = _num(w, value, float, 1.0, 1000.0)
     return GateConfig(**out)

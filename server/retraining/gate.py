@@ -30,7 +30,10 @@ absolute for scores in [0, 1] (accuracy 0.80 -> 0.82 is +0.02) and relative for 
 (mse 100 -> 90 is an improvement of 0.10), as quality tolerances are. The challenger passes
 only if every check holds:
 
-1. holdout: improvement >= ``min_improvement``;
+1. holdout: improvement >= ``min_improvement`` and, when ``min_improvement`` >= 0, the
+   challenger better in at least ``confidence`` (default 0.9) of 400 bootstrap resamples of
+   the holdout rows (paired: both models scored on the same resampled rows), so that a
+   difference of a row or two on a small holdout is not taken for an improvement;
 2. golden: regression (minus the improvement) <= ``max_regression``;
 3. no holdout row the champion answers is refused by the challenger;
 4. latency of one batch of 1 and of 32 requests (the fastest of 7 runs, the two models taking
@@ -90,7 +93,7 @@ def gate_config(cfg: Any = None) -> GateConfig:
                              f"{', '.join(GateConfig.__dataclass_fields__)}")
     d = GateConfig()
     out = {}
-    for name in ("min_improvement", "max_regression", "max_latency_ratio", "max_size_ratio"):
+    for name in ("min_improvement", "max_regression", "max_latency_ratio", "max_size_ratio", "confidence"):
         v = get(name, getattr(d, name))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"gate.{name} must be a number, got {v!r}")
@@ -138,6 +141,28 @@ def improvement(metric: str, champion: float, challenger: float, higher: bool | 
     if champion > 0:
         return (champion - challenger) / champion
     return champion - challenger
+
+
+RESAMPLES = 400
+
+
+def better_share(p_champ: Predictions, p_chal: Predictions, rows: Sequence[dict], both: Sequence[int],
+                 anchors: Sequence[int] | None, metric: str, higher: bool, resamples: int = RESAMPLES,
+                 seed: int = 0) -> float:
+    """The share of bootstrap resamples of the rows ``both`` (drawn with replacement, the same
+    rows for both models) on which the challenger's ``metric`` beats the champion's. A
+    resample where the metric cannot be computed (one class only, for roc_auc) counts as no."""
+    if not both:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    pool = np.asarray(both)
+    wins = 0
+    for _ in range(resamples):
+        idx = pool[rng.integers(0, len(pool), len(pool))].tolist()
+        a, b = score(p_champ, rows, idx, anchors).get(metric), score(p_chal, rows, idx, anchors).get(metric)
+        if a is not None and b is not None and improvement(metric, a, b, higher) > 0:
+            wins += 1
+    return wins / resamples
 
 
 def _f(x: Any) -> str:
@@ -307,6 +332,15 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
             elif hold["change"] < cfg.min_improvement:
                 reasons.append(f"holdout: {metric} {_f(hold['champion'][metric])} -> {_f(hold['challenger'][metric])} "
                                f"(change {hold['change']:+.4f}) does not improve by at least {cfg.min_improvement}")
+            elif cfg.min_improvement >= 0 and cfg.confidence > 0:
+                both = [i for i in range(n_hold) if i in p_champ.outputs and i in p_chal.outputs]
+                share = better_share(p_champ, p_chal, rows, both, anchors, metric, higher)
+                hold["better_in_resamples"] = round(share, 4)
+                if share < cfg.confidence:
+                    reasons.append(f"holdout: {metric} {_f(hold['champion'][metric])} -> "
+                                   f"{_f(hold['challenger'][metric])} is better in only {share:.0%} of "
+                                   f"{RESAMPLES} bootstrap resamples of the {len(both)} held-out rows (at least "
+                                   f"{cfg.confidence:.0%} required): more labelled rows, or a lower gate.confidence")
         # 2. golden set
         if gold:
             g = part("golden", range(n_hold, len(rows)))

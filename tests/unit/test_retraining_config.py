@@ -43,6 +43,7 @@ def test_a_full_section_is_read_with_its_yaml_names():
     ({"search": {"trials": 2, "space": {"lr": []}}}, "retraining.search.space.lr"),
     ({"entry_point": "no_colon"}, "retraining.entry_point"),
     ({"gate": {"scorer": "judge"}}, "retraining.gate.scorer must be 'module:function'"),
+    ({"gate": {"confidence": 1.5}}, "retraining.gate.confidence"),
     ({"min_labels": "many"}, "retraining.min_labels"),
     ({"min_labels": 2.5}, "retraining.min_labels"),
     ("yes", "retraining must be a mapping"),

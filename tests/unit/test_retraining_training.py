@@ -308,3 +308,32 @@ def test_next_version_and_bad_rows_are_named():
     rest, held = split_rows([{"rid": str(i)} for i in range(10)], 0.3, seed=0)
     assert len(held) == 3 and len(rest) == 7 and {r["rid"] for r in rest + held} == {str(i) for i in range(10)}
     assert split_rows([{"rid": str(i)} for i in range(10)], 0.3, seed=0) == (rest, held)  # seeded
+
+
+def test_an_improvement_of_a_row_or_two_is_not_evidence_but_a_clear_one_is():
+    """The gate's paired bootstrap: on 60 held-out rows, a challenger right on 2 more rows than
+    the champion (+0.033 accuracy, above min_improvement) is better in too few resamples to
+    pass; one right on 20 more is better in all of them."""
+    from server.retraining.gate import better_share
+    from server.retraining.serving import Predictions
+
+    labels = ["a" if i % 2 else "b" for i in range(60)]
+    rows = [{"rid": str(i), "inputs": {}, "label": y} for i, y in enumerate(labels)]
+
+    def model(right: set[int]) -> Predictions:
+        out = {}
+        for i, y in enumerate(labels):
+            guess = y if i in right else ("b" if y == "a" else "a")
+            out[i] = np.asarray([[0.9, 0.1] if guess == "a" else [0.1, 0.9]])
+        return Predictions(task="classification", classes=("a", "b"), outputs=out)
+
+    champion = model(set(range(28)))
+    barely = model(set(range(30)))
+    clearly = model(set(range(48)))
+    both = list(range(60))
+    share_barely = better_share(champion, barely, rows, both, None, "accuracy", True)
+    share_clearly = better_share(champion, clearly, rows, both, None, "accuracy", True)
+    assert share_barely < 0.9, share_barely
+    assert share_clearly == 1.0, share_clearly
+    # deterministic: the same rows give the same share
+    assert better_share(champion, barely, rows, both, None, "accuracy", True) == share_barely
