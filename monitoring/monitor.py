@@ -236,17 +236,19 @@ class Monitor:
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
         vm = await asyncio.to_thread(self._ensure, model, version)
+        kept = 0
         if self.dataset is not None:
             mv = self.resolve(model, version)
             retraining = getattr(getattr(mv, "config", None), "retraining", None)
             if retraining is not None and retraining.enabled:
                 # the inputs were held when the answers left (on the loop): no capture delay to wait
                 try:
-                    await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
+                    kept = await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
                 except Exception:
                     log.exception("event=dataset_join_failed model=%s version=%s", model, version)
         if vm is None or vm.quality is None:
-            return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
+            return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"],
+                                  kept=kept)
         # A label may come right after its answer: instances hand their predictions over within
         # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor
         # records what is queued on its next pass. While predictions are flowing, wait that long
@@ -257,7 +259,9 @@ class Monitor:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         elif self._queue:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
-        return await asyncio.to_thread(vm.quality.feedback, items)
+        result = await asyncio.to_thread(vm.quality.feedback, items)
+        result.kept = kept
+        return result
 
     def forget(self, model: str, version: str) -> None:
         with self._lock:

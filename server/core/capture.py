@@ -65,9 +65,15 @@ class FeedbackResult:
     unmatched: int = 0
     invalid: int = 0
     errors: list[str] = field(default_factory=list)  # one line per invalid item, naming it
+    # labels joined to their request's held inputs as training rows (models with retraining on),
+    # whether or not live quality could use them (embedding models keep no predictions)
+    kept: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "unmatched": self.unmatched, "invalid": self.invalid}
+        out = {"accepted": self.accepted, "unmatched": self.unmatched, "invalid": self.invalid}
+        if self.kept:
+            out["kept"] = self.kept
+        return out
 
 
 class MonitorPort(Protocol):

@@ -310,3 +310,21 @@ def test_an_embedding_of_the_wrong_width_is_named_and_clears_when_it_fits_again(
                                               "embedding has 3 columns, the profile's projection 8")
     feed(m, [obs(50, 2)])
     assert m.status("m", "1")["degraded"] is None
+
+
+def test_feedback_kept_as_a_training_row_says_so_even_without_quality(archive, monitor, tmp_path):
+    """An embedding model keeps no predictions for live quality, but with retraining on a label
+    joins its request's held inputs as a training row: the answer counts it as ``kept``."""
+    from monitoring.dataset import LabelledData
+    from tests.unit.test_dataset import body, version
+
+    mv = version()  # model m 1.0 with a retraining section
+    data = LabelledData(tmp_path)
+    data.hold(mv, body("held"))
+    versions = Versions()
+    versions.add("m", "1.0", archive)
+    versions.known[("m", "1.0")].config.retraining = mv.config.retraining
+    m = monitor(versions, dataset=data)
+    items = [FeedbackItem("held", "sports", 0), FeedbackItem("never-answered", "food", 1)]
+    result = asyncio.run(m.feedback("m", "1.0", items))
+    assert result.as_dict() == {"accepted": 0, "unmatched": 2, "invalid": 0, "kept": 1}
