@@ -2,7 +2,10 @@
 JSON checked against a live TorchServe 0.12.0 on this machine; where its answer is a quirk,
 a 500 from an exception, the server's code says so), for REST and gRPC alike; archives in
 the model store that are symbolic links; token expiry, rotation over GET /token, the 400
-setting (the TS_ environment override of --disable-token-auth: tests/unit/test_settings.py).
+setting (the TS_ environment override of --disable-token-auth: tests/unit/test_settings.py);
+the messages and codes of relative-path URLs, 404/405 bodies and gRPC re-registration (asked
+of TorchServe by tests/fixtures/torchserve_messages/record.py; the model API off is in
+tests/e2e/test_management.py).
 
 Two servers: one configured as TorchServe's own test config is (default_workers_per_model
 not set, so the register API starts no workers) and one with tokens.
