@@ -13,7 +13,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-__all__ = ["ErrorKind", "OspreyError", "HTTP_STATUS", "TYPE_NAME", "from_status", "show"]
+__all__ = ["ErrorKind", "OspreyError", "HTTP_STATUS", "TYPE_NAME", "from_status", "show",
+           "METHOD_NOT_ALLOWED_TEXT", "NOT_FOUND_TEXT"]
 
 
 class ErrorKind(enum.Enum):
@@ -70,6 +71,12 @@ TYPE_NAME = {
     ErrorKind.INTERNAL: "InternalServerException",
 }
 
+# TorchServe's bodies for a method a route does not take and for a path no route has: fixed
+# texts, compared verbatim by its clients' tests (its MethodNotAllowedException and
+# ResourceNotFoundException), so they name neither the method nor the path
+METHOD_NOT_ALLOWED_TEXT = "Requested method is not allowed, please refer to API document."
+NOT_FOUND_TEXT = "Requested resource is not found, please refer to API document."
+
 _BY_STATUS = {}
 for _kind, _status in HTTP_STATUS.items():
     _BY_STATUS.setdefault(_status, _kind)
@@ -83,16 +90,22 @@ def from_status(status: int) -> ErrorKind:
 
 
 class OspreyError(Exception):
-    """A failure with a kind; ``status`` overrides the kind's HTTP status when set."""
+    """A failure with a kind; ``status`` overrides the kind's HTTP status when set.
+
+    ``grpc`` is ``(status code name, message)`` for the rare answer whose gRPC status does not
+    follow from its HTTP status (TorchServe's model API guard: REST 405, gRPC PERMISSION_DENIED);
+    the gRPC adapter answers it instead of the mapped status and ``message``."""
 
     def __init__(self, kind: ErrorKind, message: str, *, status: int | None = None,
-                 retry_after: float | None = None, type_name: str | None = None):
+                 retry_after: float | None = None, type_name: str | None = None,
+                 grpc: tuple[str, str] | None = None):
         super().__init__(message)
         self.kind = kind
         self._type_name = type_name
         self.message = message
         self.status = status if status is not None else HTTP_STATUS[kind]
         self.retry_after = retry_after
+        self.grpc = grpc
 
     @property
     def type_name(self) -> str:

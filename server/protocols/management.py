@@ -11,13 +11,13 @@ import os
 import time
 from typing import Any, Callable
 
-from server.core.errors import ErrorKind, OspreyError, show
+from server.core.errors import METHOD_NOT_ALLOWED_TEXT, ErrorKind, OspreyError, show
 from server.core.instance import InstanceStatus
 from server.core.registry import ModelVersion, Registry
 
 __all__ = ["require_model_api", "describe", "describe_models", "list_models", "register", "scale",
            "unregister", "set_default", "traffic", "set_traffic", "set_shadow", "clear_shadow", "rollback",
-           "PROCESSING"]
+           "PROCESSING", "MODEL_API_OFF"]
 
 PROCESSING = {"status": "Processing worker updates..."}  # answered 202 (REST)
 RUNTIMES = ("python", "python3")  # TorchServe's RuntimeType values Osprey runs ("LSP", its C++ backend, is not one)
@@ -25,11 +25,18 @@ _WORKER_STATUS = {InstanceStatus.READY: "READY", InstanceStatus.STOPPED: "UNLOAD
                   InstanceStatus.LOADING: "LOADING", InstanceStatus.FAILED: "FAILED"}
 
 
-def require_model_api(enabled: bool) -> None:
-    """Registering and unregistering over the network is off unless --enable-model-api."""
+MODEL_API_OFF = "Model API disabled: start the server with --enable-model-api (enable_model_api=true)"
+
+
+def require_model_api(enabled: bool, message: str = METHOD_NOT_ALLOWED_TEXT) -> None:
+    """Registering and unregistering over the network is off unless --enable-model-api.
+
+    Answered as TorchServe 0.12 answers it: over REST 405 with its fixed MethodNotAllowedException
+    text (its clients compare the body verbatim), over gRPC PERMISSION_DENIED "Model API
+    disabled" (its words, then how to turn it on). ``message``: the REST text for APIs that
+    are not TorchServe's (the Open Inference Protocol's repository load/unload)."""
     if not enabled:
-        raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
-                          "Model API is disabled: start the server with --enable-model-api (enable_model_api=true)")
+        raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED, message, grpc=("PERMISSION_DENIED", MODEL_API_OFF))
 
 
 def _number(value: float) -> float | int:
@@ -137,8 +144,16 @@ async def register(registry: Registry, enabled: bool, url: str | None, *, synchr
     default_workers = registry.settings.default_workers_per_model
     if isinstance(initial_workers, int) and not isinstance(initial_workers, bool) and initial_workers < 0:
         initial_workers, default_workers = None, 0
-    mv = await registry.register(url, synchronous=synchronous, runtime=runtime, initial_workers=initial_workers,
-                                 default_workers=default_workers, **options)
+    try:
+        mv = await registry.register(url, synchronous=synchronous, runtime=runtime, initial_workers=initial_workers,
+                                     default_workers=default_workers, **options)
+    except OspreyError as exc:
+        if exc.kind is ErrorKind.CONFLICT and exc.grpc is None:
+            # A version already registered: REST 409, as in TorchServe. Its gRPC API answers
+            # UNKNOWN with no message (a quirk: its ManagementImpl lets the ConflictStatusException
+            # escape); the status is matched, the message is kept.
+            exc.grpc = ("UNKNOWN", exc.message)
+        raise
     if mv.config.min_workers == 0:
         return {"status": f"Model \"{mv.name}\" Version: {mv.version} registered with 0 initial workers. "
                           "Use scale workers API to add workers for the model."}

@@ -19,7 +19,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.tensors import as_array, bad_input
 from server.core.signature import BYTES_OUTPUT
 from server.core.types import InferenceResponse
-from server.protocols.management import require_model_api
+from server.protocols.management import MODEL_API_OFF, require_model_api
 
 __all__ = ["SERVER_METADATA", "model_metadata", "timeout_of",
            "output_tensors", "repository_index", "archive_for",
@@ -130,14 +130,14 @@ def archive_for(model_store: str, name: str) -> str:
 
 async def load_model(registry: Any, model_store: str, name: str, enabled: bool) -> None:
     """Repository load: register model ``name`` from the model store (no-op if loaded)."""
-    require_model_api(enabled)
+    require_model_api(enabled, MODEL_API_OFF)
     if name not in registry.models:
         await registry.register(archive_for(model_store, name), model_name=name)
 
 
 async def unload_model(registry: Any, name: str, enabled: bool) -> None:
     """Repository unload: unregister every version of ``name``."""
-    require_model_api(enabled)
+    require_model_api(enabled, MODEL_API_OFF)
     default = registry.default_version(name)
     for mv in registry.versions(name):  # the default version goes last
         if mv.version != default:

@@ -117,9 +117,10 @@ def test_every_management_rpc(server, ts_stubs):
         msg = json.loads(stub.RegisterModel(m_pb.RegisterModelRequest(
             url="echo2.mar", model_name="echo2", initial_workers=1, batch_size=2, synchronous=True)).msg)
         assert msg == {"status": 'Model "echo2" Version: 1.0 registered with 1 initial workers'}
-        with pytest.raises(grpc.RpcError) as exc:  # already registered: 409 -> FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as exc:  # already registered: UNKNOWN, TorchServe 0.12's quirk (REST: 409)
             stub.RegisterModel(m_pb.RegisterModelRequest(url="echo2.mar", model_name="echo2", synchronous=True))
-        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert exc.value.code() == grpc.StatusCode.UNKNOWN
+        assert exc.value.details() == "Model version 1.0 is already registered for model echo2"
         msg = json.loads(stub.ScaleWorker(m_pb.ScaleWorkerRequest(
             model_name="echo2", min_worker=2, max_worker=2, synchronous=True)).msg)
         assert msg == {"status": "Workers scaled to 2 for model: echo2"}

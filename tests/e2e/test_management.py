@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
+import grpc
 import httpx
 import pytest
 
+from server.protocols.grpc.generated import management_pb2 as mpb
+from server.protocols.grpc.generated import management_pb2_grpc as mpb_grpc
 from tests.models import handler_archive, mlp_archive
 
 ROW = [float(i) for i in range(16)]
@@ -88,7 +92,8 @@ def test_handler_that_fails_to_initialize_is_refused_with_its_error(srv):
     ("corrupt.mar", 400, "corrupt.mar"),
     ("slip.mar", 400, "escape"),
     ("nomanifest.mar", 400, "MANIFEST"),
-    ("../../etc/passwd", 400, "outside the model store"),
+    ("../../etc/passwd", 404, "Relative path is not allowed in url: ../../etc/passwd"),  # TorchServe's words
+    ("/etc/passwd", 404, "Model not found at: /etc/passwd"),
     ("https://example.com/x.mar", 400, "not supported"),
 ])
 def test_bad_registrations_are_refused_clearly_and_disturb_nothing(srv, url, status, words):
@@ -151,11 +156,35 @@ def test_versions_default_and_set_default(srv):
 
 
 def test_model_api_is_off_by_default(osprey, store):
-    mlp_archive(store)
-    srv = osprey([], store, model_api=False)
-    r = httpx.post(f"{srv.management}/models", params={"url": "mlp.mar"})
-    assert r.status_code == 405 and "enable-model-api" in r.json()["message"]
+    """Off, register and unregister answer as TorchServe 0.12 answers (recorded): REST 405 with
+    its fixed body, gRPC PERMISSION_DENIED "Model API disabled" (before the model is looked up);
+    describing, scaling and the default version stay on."""
+    noop = "def handle(data, context):\n    return None if data is None else [1 for _ in data]\n"
+    handler_archive(store, "mlp", noop)  # no torch in the worker: a cheap start
+    handler_archive(store, "other", noop)
+    srv = osprey(["mlp=mlp.mar"], store, model_api=False)
+    ts_405 = {"code": 405, "type": "MethodNotAllowedException",
+              "message": "Requested method is not allowed, please refer to API document."}
+    r = httpx.post(f"{srv.management}/models", params={"url": "other.mar"})
+    assert (r.status_code, r.json()) == (405, ts_405)
+    r = httpx.delete(f"{srv.management}/models/mlp")
+    assert (r.status_code, r.json()) == (405, ts_405)
     assert httpx.get(f"{srv.management}/models").status_code == 200
+    assert httpx.put(f"{srv.management}/models/mlp", params={"min_worker": 1}).status_code == 202
+    with grpc.insecure_channel(srv.grpc_management) as channel:
+        stub = mpb_grpc.ManagementAPIsServiceStub(channel)
+        for call, request in [(stub.RegisterModel, mpb.RegisterModelRequest(url="other.mar")),
+                              (stub.UnregisterModel, mpb.UnregisterModelRequest(model_name="mlp")),
+                              (stub.UnregisterModel, mpb.UnregisterModelRequest(model_name="zz"))]:
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.details().startswith("Model API disabled")
+        described = json.loads(stub.DescribeModel(mpb.DescribeModelRequest(model_name="mlp"), timeout=30).msg)
+        assert described[0]["modelName"] == "mlp"
+        assert stub.ScaleWorker(mpb.ScaleWorkerRequest(model_name="mlp", min_worker=1), timeout=30).msg
+        assert "Default version successfully updated" in stub.SetDefault(
+            mpb.SetDefaultRequest(model_name="mlp", model_version="1.0"), timeout=30).msg
 
 
 def test_token_auth(osprey, store):

@@ -2,7 +2,10 @@
 JSON checked against a live TorchServe 0.12.0 on this machine; where its answer is a quirk,
 a 500 from an exception, the server's code says so), for REST and gRPC alike; archives in
 the model store that are symbolic links; token expiry, rotation over GET /token, the 400
-setting (the TS_ environment override of --disable-token-auth: tests/unit/test_settings.py).
+setting (the TS_ environment override of --disable-token-auth: tests/unit/test_settings.py);
+the messages and codes of relative-path URLs, 404/405 bodies and gRPC re-registration (asked
+of TorchServe by tests/fixtures/torchserve_messages/record.py; the model API off is in
+tests/e2e/test_management.py).
 
 Two servers: one configured as TorchServe's own test config is (default_workers_per_model
 not set, so the register API starts no workers) and one with tokens.
@@ -22,7 +25,8 @@ from server.protocols.grpc.generated import management_pb2_grpc as mpb_grpc
 from tests.models import handler_archive
 
 NOOP = "def handle(data, context):\n    return None if data is None else [1 for _ in data]\n"
-NAMES = ("inv", "rt", "dd", "junk", "neg", "asyn", "zero", "st0", "st0w", "page", "slash", "nan", "dup", "grpc1")
+NAMES = ("inv", "rt", "dd", "junk", "neg", "asyn", "zero", "st0", "st0w", "page", "slash", "nan", "dup", "grpc1",
+         "abs", "again")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +185,58 @@ def test_archives_that_are_symbolic_links_are_followed_and_extracted_safely(ts):
     assert r.status_code == 400 and "escape" in r.json()["message"]
     assert not (ts.root / "escape.py").exists() and not (ts.root.parent / "escape.py").exists()
     r = post(ts, url="../elsewhere/linked.mar", model_name="out")
-    assert r.status_code == 400 and "outside the model store" in r.json()["message"]
+    assert (r.status_code, r.json()["message"]) == (404, "Relative path is not allowed in url: ../elsewhere/linked.mar")
+
+
+# --- messages and codes: TorchServe 0.12's answers, recorded on this machine ---------------
+TS_405 = {"code": 405, "type": "MethodNotAllowedException",
+          "message": "Requested method is not allowed, please refer to API document."}
+TS_404 = {"code": 404, "type": "ResourceNotFoundException",
+          "message": "Requested resource is not found, please refer to API document."}
+
+
+def relative(url: str) -> dict:
+    return {"code": 404, "type": "ModelNotFoundException", "message": f"Relative path is not allowed in url: {url}"}
+
+
+def test_urls_that_climb_out_are_404_relative_path_as_torchserve(ts):
+    # TorchServe 0.12: any ".." in the url, a path or an http(s)/file URL, is refused first
+    for url in ("../sub/up.mar", "../store/abs.mar", "..", "..\\sub\\up.mar",
+                "https://torchserve.s3.amazonaws.com/mar_files/../mar_files/densenet161.mar",
+                f"file://{ts.root}/store/../elsewhere/linked.mar"):
+        r = post(ts, url=url)
+        assert (r.status_code, r.json()) == (404, relative(url)), url
+    r = post(ts, url=str(ts.root / "elsewhere" / "linked.mar"))  # absolute, outside the store
+    assert r.status_code == 404 and r.json()["message"].startswith(f"Model not found at: {ts.root}/elsewhere/linked.mar")
+    r = post(ts, url=str(ts.root / "store" / "abs.mar"))  # absolute, in the store: TorchServe registers it
+    assert (r.status_code, r.json()) == (200, zero("abs"))
+
+
+def test_405_and_404_bodies_are_torchserve_texts(ts):
+    m = ts.management
+    for method, url in [("DELETE", f"{m}/models"), ("PUT", f"{m}/models"), ("PATCH", f"{m}/models/zero"),
+                        ("POST", f"{m}/models/zero"), ("POST", f"{m}/models/zero/1.0")]:
+        r = httpx.request(method, url)
+        assert (r.status_code, r.json()) == (405, TS_405), (method, url)
+    for url in (f"{m}/nope", f"{ts.inference}/nope"):
+        r = httpx.get(url)
+        assert (r.status_code, r.json()) == (404, TS_404), url
+
+
+def test_grpc_reregistration_and_relative_paths(ts):
+    with grpc.insecure_channel(ts.grpc_management) as channel:
+        stub = mpb_grpc.ManagementAPIsServiceStub(channel)
+        assert "registered with 0 initial workers" in stub.RegisterModel(
+            mpb.RegisterModelRequest(url="again.mar", synchronous=True), timeout=30).msg
+        with pytest.raises(grpc.RpcError) as info:  # TorchServe 0.12: UNKNOWN, no details (its quirk)
+            stub.RegisterModel(mpb.RegisterModelRequest(url="again.mar", synchronous=True), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNKNOWN
+        assert info.value.details() == "Model version 1.0 is already registered for model again"
+        url = "https://torchserve.s3.amazonaws.com/mar_files/../mar_files/densenet161.mar"
+        with pytest.raises(grpc.RpcError) as info:  # TorchServe's test_gRPC_allowed_urls_relative_path
+            stub.RegisterModel(mpb.RegisterModelRequest(url=url, model_name="densenet161-relative-path"), timeout=30)
+        assert (info.value.code(), info.value.details()) == (grpc.StatusCode.NOT_FOUND, relative(url)["message"])
+    assert post(ts, url="again.mar").status_code == 409  # REST: 409, as in TorchServe
 
 
 # --- tokens ---------------------------------------------------------------------------------

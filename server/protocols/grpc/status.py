@@ -45,6 +45,9 @@ def grpc_code(status: int) -> grpc.StatusCode:
 
 async def abort(context: grpc.aio.ServicerContext, err: OspreyError) -> None:
     """End the call with ``err``'s status (raises)."""
+    if err.grpc is not None:  # an answer whose gRPC status is not the HTTP one's (OspreyError.grpc)
+        code, message = err.grpc
+        await context.abort(grpc.StatusCode[code], message)
     await context.abort(grpc_code(err.status), err.message)
 
 

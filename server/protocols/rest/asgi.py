@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import METHOD_NOT_ALLOWED_TEXT, NOT_FOUND_TEXT, ErrorKind, OspreyError
 from server.core.types import next_request_id
 
 __all__ = ["Request", "Response", "Sent", "Router", "json_response", "torchserve_error", "oip_error"]
@@ -299,10 +299,8 @@ class Router:
         try:
             if route is None:
                 if path_known:
-                    raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED,
-                                      f"Requested method {method} is not allowed for {path}, please refer to API document.")
-                raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {path} is not found, please refer to API document.",
-                                  type_name="ResourceNotFoundException")
+                    raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED, METHOD_NOT_ALLOWED_TEXT)  # TorchServe's text
+                raise OspreyError(ErrorKind.NOT_FOUND, NOT_FOUND_TEXT, type_name="ResourceNotFoundException")
             if route.auth and self.token is not None:
                 self._check_token(req)
             if route.admit is not None and matched is None and self.refusing():  # refuse before the body

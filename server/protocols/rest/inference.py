@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from server.core.dataplane import DataPlane
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import NOT_FOUND_TEXT, ErrorKind, OspreyError
 from server.core.types import Protocol, Ticket, new_request
 from server.protocols.rest.asgi import Request, Response, Router, json_response
 from server.protocols.rest.chunked import ChunkedAnswer
@@ -101,7 +101,7 @@ def add_inference_routes(router: Router, dataplane: DataPlane) -> None:
     async def v1_predict(req: Request) -> Response:  # KServe v1: /v1/models/{m}:predict
         model, _, verb = req.params["target"].rpartition(":")
         if verb not in ("predict", "explain") or not model:
-            raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {req.path} is not found, please refer to API document.",
+            raise OspreyError(ErrorKind.NOT_FOUND, NOT_FOUND_TEXT,
                               type_name="ResourceNotFoundException")
         core = to_core_request(req, model, None, explain=verb == "explain")
         return await answer(dataplane, req, core)

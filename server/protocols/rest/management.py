@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from server.core.errors import ErrorKind, OspreyError, show
+from server.core.errors import NOT_FOUND_TEXT, ErrorKind, OspreyError, show
 from server.core.registry import Registry
 from server.protocols import management as api
 from server.protocols.rest.asgi import Request, Response, Router, json_response
@@ -220,8 +220,7 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
         TorchServe answers. A wrong key or type is the token failure (401, or 400 with
         token_auth_status=400, TorchServe's status)."""
         if rotate_key is None:  # token authorization is off: TorchServe has no such resource then
-            raise OspreyError(ErrorKind.NOT_FOUND, f"Requested resource {req.path} is not found, please refer to "
-                                                   "API document.", type_name="ResourceNotFoundException")
+            raise OspreyError(ErrorKind.NOT_FOUND, NOT_FOUND_TEXT, type_name="ResourceNotFoundException")
         kind = req.query.get("type", "")
         auth = req.headers.get("authorization", "")
         rotated = auth[:7].lower() == "bearer " and rotate_key(kind, auth[7:].strip())
