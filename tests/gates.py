@@ -19,6 +19,18 @@ from typing import Callable
 __all__ = ["Gate", "wait_until", "pending", "hold", "alive"]
 
 
+def wait_for(check: Callable[[], object], timeout: float = 60.0, what: str = "condition", poll: float = 0.05):
+    """Poll ``check`` until it returns something true, and return that; an AssertionError naming
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "the condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -26,7 +26,7 @@ from server.retraining.redis_queue import RedisJobQueue
 from server.settings import Settings
 
 from ..conftest import ROOT, free_port
-from ..gates import alive
+from ..gates import alive, wait_for
 from ..redis_server import redis_server  # noqa: F401 - fixture
 from ..worker_process import WorkerProcess
 
@@ -34,16 +34,6 @@ FAST = {"OSPREY_RETRAINING_HEARTBEAT": "2", "OSPREY_RETRAINING_SWEEP_INTERVAL": 
         "OSPREY_RETRAINING_CANCEL_GRACE": "1"}
 SETTINGS = Settings(retraining_heartbeat=2, retraining_sweep_interval=1, retraining_cancel_grace=1)
 TASKS = "tests.retraining_tasks"
-
-
-def wait_for(check, timeout: float = 60.0, what: str = "condition", poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 async def await_for(check, timeout: float = 60.0, what: str = "condition", poll: float = 0.05):

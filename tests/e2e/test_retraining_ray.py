@@ -26,7 +26,7 @@ from server.retraining.redis_queue import RedisJobQueue
 from server.settings import Settings
 
 from ..conftest import ROOT
-from ..gates import alive
+from ..gates import alive, wait_for
 from ..ray_head import LOOPBACK_ENV, RayHead, non_loopback, ray_python
 from ..redis_server import redis_server  # noqa: F401 - fixture
 from ..worker_process import WorkerProcess
@@ -52,16 +52,6 @@ def ray_settings(head: RayHead) -> dict:
     return {"OSPREY_RETRAINING_EXECUTOR": "ray", "OSPREY_RAY_ADDRESS": head.address,
             "OSPREY_RAY_PYTHON": sys.executable, "OSPREY_RAY_RUNTIME_ENV": json.dumps(runtime_env),
             "OSPREY_RAY_POLL_INTERVAL": "0.25"}
-
-
-def wait_for(check, timeout: float = 60.0, what: str = "condition", poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 async def await_record(q: RedisJobQueue, job_id: str, check, timeout: float = 90.0, what: str = "the job"):
