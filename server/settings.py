@@ -361,6 +361,7 @@ def load_settings(
 
 
 _KEY_SETTINGS = ("inference_key", "management_key", "api_key")
+_PLACEHOLDER_PREFIX = "replace-me-"  # the published Secret's values (deploy/kubernetes/base/secret.yaml)
 _HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # a name or an IPv4 address
 
 
@@ -387,6 +388,11 @@ def _check_deployment(settings: Settings) -> None:
             raise ValueError(f"setting {name}: a key must be at least 8 printable ASCII characters without "
                              f"spaces (it is sent as 'Authorization: Bearer KEY'); the one given has {len(value)} characters"
                              + ("" if value.isprintable() and " " not in value else ", spaces or control characters among them"))
+    public = [n for n in given if getattr(settings, n).startswith(_PLACEHOLDER_PREFIX)]
+    if public:
+        raise ValueError(f"setting {', '.join(public)}: still the placeholder from deploy/kubernetes/base/secret.yaml "
+                         "(published with Osprey, so anyone can use it); put your own keys in the Secret "
+                         "(deploy/README.md shows a command that makes them)")
     if given and len({getattr(settings, n) for n in _KEY_SETTINGS}) < 3:
         raise ValueError(f"settings {', '.join(_KEY_SETTINGS)}: the three keys must differ (the inference key must "
                          "not open the management API, nor either one make new keys)")

@@ -344,13 +344,34 @@ def _parse(args: list[str], monkeypatch) -> object:
 
 
 @functools.lru_cache(maxsize=None)
-def _secrets() -> dict[str, dict[str, str]]:
+def _published_secrets() -> dict[str, dict[str, str]]:
     """Secret name -> its values, as the base renders them (the overlays keep them)."""
     import base64
 
     return {o["metadata"]["name"]: {**{k: base64.b64decode(v).decode() for k, v in o.get("data", {}).items()},
                                     **o.get("stringData", {})}
             for o in _rendered("base") if o["kind"] == "Secret"}
+
+
+@functools.lru_cache(maxsize=None)
+def _secrets() -> dict[str, dict[str, str]]:
+    """The Secrets after the README's step that puts the operator's own keys in place of the
+    published placeholders (which the server refuses: test_published_placeholder_keys_are_refused)."""
+    return {name: {k: re.sub(r"^replace-me-(\w+)-key$", lambda m: f"{m.group(1)}-{'0123456789abcdef' * 2}", v)
+                   for k, v in values.items()}
+            for name, values in _published_secrets().items()}
+
+
+def test_published_placeholder_keys_are_refused():
+    """A cluster applied without replacing the Secret's public placeholder keys does not start
+    with them: the server's settings name which keys are still the placeholders."""
+    container = _one(_rendered("overlays/cpu"), "Deployment", "osprey")["spec"]["template"]["spec"]["containers"][0]
+    env = _env(container)
+    raw = _published_secrets()["osprey-keys"]
+    env.update({"OSPREY_INFERENCE_KEY": raw["inference-key"], "OSPREY_MANAGEMENT_KEY": raw["management-key"],
+                "OSPREY_API_KEY": raw["api-key"]})
+    with pytest.raises(ValueError, match="inference_key, management_key, api_key: still the placeholder"):
+        load_settings(env=env)
 
 
 def _env(container: dict, extra: dict[str, str] | None = None) -> dict[str, str]:

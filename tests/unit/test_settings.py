@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from server.core.model_config import parse_model_config
@@ -136,6 +139,12 @@ def test_supplied_keys_advertised_host_and_state_dir(tmp_path):
         load_settings(env={**keys, "OSPREY_MANAGEMENT_KEY": "has a space"})
     with pytest.raises(ValueError, match="must differ"):
         load_settings(env={**keys, "OSPREY_API_KEY": "infer-key-1"})
+    # the Kubernetes Secret's published placeholders are refused, named, never quoted
+    secret = (Path(__file__).parents[2] / "deploy/kubernetes/base/secret.yaml").read_text()
+    placeholder = re.search(r"inference-key: (\S+)", secret).group(1)
+    with pytest.raises(ValueError, match="setting inference_key: still the placeholder") as err:
+        load_settings(env={**keys, "OSPREY_INFERENCE_KEY": placeholder})
+    assert placeholder not in str(err.value)
     for bad in ("http://10.1.2.3", "10.1.2.3:8081", "0.0.0.0", "::", "a b"):
         with pytest.raises(ValueError, match="setting advertised_host"):
             load_settings(env={"OSPREY_ADVERTISED_HOST": bad})
