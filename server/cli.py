@@ -20,6 +20,7 @@ DEFAULT_PID_FILE = os.path.join(tempfile.gettempdir(), ".osprey.pid")
 def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve models over REST and gRPC")
     p.add_argument("--model-store", help="folder holding model archives")
+    p.add_argument("--workflow-store", help="folder holding workflow archives (.war; default: the model store)")
     p.add_argument("--models", nargs="+", default=[], metavar="NAME=FILE",
                    help="models to load at startup: NAME=FILE, FILE or 'all'")
     p.add_argument("--ts-config", "--config", dest="ts_config", help="TorchServe config.properties")
@@ -264,6 +265,7 @@ def _settings_from(args):
 
     overrides = {
         "model_store": args.model_store,
+        "workflow_store": args.workflow_store,
         "disable_token_authorization": args.disable_token_auth,
         "enable_model_api": args.enable_model_api,
         "inference_address": args.inference_address,

@@ -44,6 +44,8 @@ from server.retraining.metrics import JobMetrics
 from server.retraining.queue import job_queue
 from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
+from server.protocols.rest.workflows import add_workflow_inference_routes, add_workflow_management_routes
+from server.workflows.manager import Workflows
 from server.settings import Settings, parse_address
 from server.shared_routing import SharedRouting
 from server.state import job_url, resolve_state_dir
@@ -177,6 +179,10 @@ class Server:
         self.management_app.ignore_trailing_slash = True  # DELETE /models/m/ unregisters m, as in TorchServe
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
                               rotate_key=self.keys.rotate_shared if self.keys else None)
+        # TorchServe's workflows: a .war's nodes run as models of the registry, its DAG over the data plane
+        self.workflows = Workflows(self.registry, self.dataplane, settings.workflow_store or settings.model_store)
+        add_workflow_management_routes(self.management_app, self.workflows)
+        add_workflow_inference_routes(self.inference_app, self.workflows)
         # retraining: the job queue (Redis with redis_url, else child processes of this server),
         # the triggers that fill it, and the management routes for both
         self.jobs = job_queue(settings, Path(settings.model_store))
@@ -395,6 +401,7 @@ class Server:
             self.keys.close()
         await self.jobs.close()  # embedded: running jobs stop and are queued again for the next start
         await self.registry.close()
+        await self.workflows.close()
         if self.monitor is not None:
             await asyncio.to_thread(self.monitor.close)
         if self.access_log is not None:

@@ -32,6 +32,8 @@ class Settings:
     grpc_management_port: int = 7071
     enable_grpc: bool = True
     model_store: str = "model_store"
+    # where POST /workflows finds .war files (TorchServe's workflow_store); empty: the model store
+    workflow_store: str = ""
     load_models: tuple[str, ...] = ()
     job_queue_size: int = 100
     # workers a model gets when neither its model-config.yaml (minWorkers) nor the call names a

@@ -36,7 +36,8 @@ try:
 except ImportError:  # pragma: no cover - not on Linux/macOS: no owner marks, no stale cleanup
     fcntl = None
 
-__all__ = ["ModelArchive", "ExtractionArea", "open_archive", "write_archive", "ARCHIVER_VERSION", "MANIFEST_PATH"]
+__all__ = ["ModelArchive", "ExtractionArea", "open_archive", "write_archive", "extract_zip", "ARCHIVER_VERSION",
+           "MANIFEST_PATH"]
 
 log = logging.getLogger("osprey.archive")
 
@@ -88,6 +89,12 @@ def _check_member(source: str, name: str) -> PurePosixPath:
     if ".." in p.parts:
         raise _bad(source, f"member {name!r} would escape the target folder")
     return p
+
+
+def extract_zip(source: str, path: Path, dest: Path, max_size: int) -> None:
+    """Extract the zip at ``path`` into ``dest`` safely (no member outside it, no links, at
+    most ``max_size`` bytes); BAD_INPUT naming ``source`` and what is wrong."""
+    _extract_zip(source, path, dest, max_size)
 
 
 def _extract_zip(source: str, path: Path, dest: Path, max_size: int) -> None:

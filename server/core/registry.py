@@ -78,6 +78,7 @@ class ModelVersion:
     abandoned_total: int = 0  # osprey_instances_abandoned_total
     stats: VersionStats = field(default_factory=VersionStats)  # live counters (DataPlane.version_stats)
     shadow_results: dict = field(default_factory=dict)  # result -> copies, once it has been a shadow
+    workflow: str | None = None  # the workflow that registered it as one of its nodes (server.workflows), or None
 
     @property
     def handler(self) -> str:
@@ -253,6 +254,10 @@ class Registry:
         if there:
             raise OspreyError(ErrorKind.INTERNAL, f"Model file already exists {name}")
 
+    def check_name(self, name: Any) -> str:
+        """``name`` if it may name a model (BAD_INPUT saying why not)."""
+        return self._check_name(name)
+
     def _check_name(self, name: Any) -> str:
         if not isinstance(name, str):
             raise OspreyError(ErrorKind.BAD_INPUT, f"Model name must be a string, got {type(name).__name__}")
@@ -269,7 +274,8 @@ class Registry:
                        initial_workers: int | None = None, response_timeout: float | None = None,
                        startup_timeout: float | None = None, synchronous: bool = True,
                        loaded_at_startup: bool = False, runtime: str | None = None,
-                       default_workers: int | None = None) -> ModelVersion:
+                       default_workers: int | None = None, path: Path | None = None,
+                       workflow: str | None = None) -> ModelVersion:
         """Open the archive at ``url``, check the call's numbers, start the version's workers
         (or, ``synchronous=False``, start them in the background) and list it.
 
@@ -279,9 +285,10 @@ class Registry:
         TorchServe accepts it; no worker can load in no time, so a synchronous register that
         would start workers fails at once with TorchServe's 500 (its answer: a worker start
         that timed out), and the version is not kept."""
-        if not url:
-            raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
-        path = self.resolve_url(url)
+        if path is None:  # ``path``: an archive the server made itself (a workflow's function node), not a url
+            if not url:
+                raise OspreyError(ErrorKind.BAD_INPUT, "Parameter url is required.")
+            path = self.resolve_url(url)
         if model_name is not None:
             self._check_name(model_name)
         if handler is not None and (not isinstance(handler, str) or "\x00" in handler or len(handler) > MAX_URL_CHARS):
@@ -347,7 +354,7 @@ class Registry:
                           hang_after_s=config.response_timeout_s + max(self.settings.hang_grace, 0.0))
         mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup,
                           signature=signature_of(config, None, False),
-                          isolation=config.isolation or self.settings.instance_isolation)
+                          isolation=config.isolation or self.settings.instance_isolation, workflow=workflow)
         batcher.on_hung = functools.partial(self._hung, mv)
         if self._on_batch is not None:
             batcher.on_batch = functools.partial(self._on_batch, mv)
@@ -368,7 +375,7 @@ class Registry:
             model.default = version
         event(log, "model_registered", model=name, version=version, workers=len(mv.instances),
               batch_size=config.batch_size, isolation=mv.isolation)
-        if self.shared is not None:
+        if self.shared is not None and workflow is None:  # a workflow's nodes are this replica's own
             self.shared.registered(mv)
         return mv
 
@@ -800,7 +807,7 @@ class Registry:
         if mv.version == model.default and len(model.versions) > 1 and not force:
             raise OspreyError(ErrorKind.FORBIDDEN, f"Cannot remove default version for model {name}")
         del model.versions[mv.version]
-        if self.shared is not None:
+        if self.shared is not None and mv.workflow is None:
             self.shared.unregistered(name, mv.version)
         if not model.versions:
             del self.models[name]

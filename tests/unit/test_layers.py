@@ -3,6 +3,7 @@
     server.serve / server.cli          wiring (may import anything)
     server.protocols (rest, grpc)      adapters: the core, never instances or handlers
     server.retraining                  jobs, training, gate, promotion: the core, instances and monitoring below
+    server.workflows                   TorchServe workflows (.war, DAG over the data plane): the core below
     server.instances                   the only importers of handlers/; the core below
     server.core                        no protocol, instance, handler or monitoring code
     server.settings                    one typed settings object (a leaf)
@@ -18,7 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 FORBIDDEN = {
-    "server/core": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers", "monitoring"),
+    "server/core": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers", "monitoring",
+                    "server.workflows"),
+    "server/workflows": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers",
+                         "monitoring", "server.retraining"),
     "server/instances": ("server.protocols", "server.serve", "server.cli", "monitoring"),
     "server/protocols": ("server.instances", "server.serve", "server.cli", "handlers"),
     "server/retraining": ("server.protocols", "server.serve", "server.cli", "handlers"),
