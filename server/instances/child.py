@@ -77,7 +77,8 @@ def main(conn, spec: dict) -> None:
     try:
         runner = load_runner(spec["name"], spec["version"], spec["model_dir"], spec["handler"], spec["manifest"],
                              spec["config"], spec["gpu_id"], metric,
-                             observations.append if spec.get("monitor") else None, spec.get("envelope", ""))
+                             observations.append if spec.get("monitor") else None, spec.get("envelope", ""),
+                             spec.get("packages"), True)  # this process is the model's own: its packages first
         target = runner.service.target
         send(("ready", runner.accepts_tensors, _specs(target), model_precision(target), os.getpid()))
     except BaseException as exc:

@@ -238,6 +238,7 @@ class ProcessInstance:
                 "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
                 "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
                 "monitor": self._observe is not None, "envelope": self.envelope,
+                "packages": str(self.archive.deps_dir) if self.archive.deps_dir else None,
                 "log_level": logging.getLogger().getEffectiveLevel()}
         try:
             self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
