@@ -5,7 +5,9 @@ file                what                            line
 ==================  ==============================  =======================================
 access_log.log      every HTTP answer, every port   ``%d{ISO8601} - /IP:PORT "METHOD URI HTTP/1.1" STATUS MS``
 model_log.log       handler output (print, logging  ``%d{ISO8601} [%-5p] W-9000-m_1.0-stdout MODEL_LOG - msg``
-                    from the handler's thread)
+                    from the handler's thread; a
+                    process instance's child sends
+                    them to its reader thread)
 ts_log.log          the server's own log (and the   ``%d{ISO8601} [%-5p] THREAD LOGGER - msg``
                     model log lines, as TorchServe)
 ts_metrics.log      metrics_mode=log, frontend      ``%d{ISO8601} - Name.Unit:value|#dims|#hostname:H,timestamp:T``

@@ -146,3 +146,40 @@ def test_log_mode_and_log_files_write_torchserve_lines(osprey, store, tmp_path):
     for line in ts_log.splitlines():
         if re.match(r"^\d{4}-", line):
             assert re.match(r"^\S+ \[(INFO |WARN |DEBUG|ERROR|FATAL)\] \S+ \S+ - ", line), line
+
+
+# prints and logs when it loads and for each batch (tests of model_log.log for both instance kinds)
+_TALKING_HANDLER = '''
+import logging
+import sys
+
+log = logging.getLogger("talking_handler")
+
+
+def handle(data, context):
+    if data is None:
+        print(context.model_name, "loaded")
+        return None
+    print(context.model_name, "printed", len(data))
+    print(context.model_name, "to stderr", file=sys.stderr)
+    log.warning("%s logged %d", context.model_name, len(data))
+    return [1 for _ in data]
+'''
+
+
+def test_process_instances_print_and_log_into_model_log_as_thread_instances_do(osprey, store, tmp_path):
+    handler_archive(store, "talkt", _TALKING_HANDLER, config={"isolation": "thread"})
+    handler_archive(store, "talkp", _TALKING_HANDLER, config={"isolation": "process"})
+    server = osprey(models=["talkt=talkt.mar", "talkp=talkp.mar"], store=store, extra_args=["--no-grpc"],
+                    config={"log_location": str(tmp_path / "logs")})
+    for model in ("talkt", "talkp"):
+        assert httpx.post(f"{server.inference}/predictions/{model}", content=b"x").status_code == 200
+    needles = [f"{m} {what}" for m in ("talkt", "talkp") for what in ("loaded", "printed 1", "to stderr", "logged 1")]
+    text = _wait_for(tmp_path / "logs" / "model_log.log", needles)
+    lines = {m: sorted(_shape(x).replace(m, "M") for x in text.splitlines() if f" {m} " in x or f"- {m} " in x)
+             for m in ("talkt", "talkp")}
+    assert lines["talkp"] == lines["talkt"]  # the same lines, in TorchServe's shape, from either kind
+    assert lines["talkp"] == sorted([
+        "T [INFO ] W-N-M_1.0-stdout MODEL_LOG - M loaded", "T [INFO ] W-N-M_1.0-stdout MODEL_LOG - M printed 1",
+        "T [WARN ] W-N-M_1.0-stderr MODEL_LOG - M to stderr", "T [WARN ] W-N-M_1.0-stdout MODEL_LOG - M logged 1"])
+    assert "talkp printed" not in server.log()  # not also on the server's own output
