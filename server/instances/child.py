@@ -27,9 +27,10 @@ log = logging.getLogger("osprey.instances")
 
 
 
-def _stream(send, batch: int, row: int, data) -> None:
-    """An intermediate response of request ``row`` of ``batch``, sent to the parent."""
-    send(("stream", batch, row, data))
+def _stream(send, batch: int, row: int, data, headers: dict | None = None) -> None:
+    """An intermediate response of request ``row`` of ``batch`` (and the response headers set so
+    far), sent to the parent."""
+    send(("stream", batch, row, data, headers))
 
 def _specs(target) -> tuple:
     def plain(specs):

@@ -277,7 +277,7 @@ class ProcessInstance:
                 if kind == "done":
                     self._finish(msg[1], msg[2])
                 elif kind == "stream":
-                    self._stream(msg[1], msg[2], msg[3])
+                    self._stream(msg[1], msg[2], msg[3], msg[4])
                 elif kind == "observations":
                     self._observations(msg[1])
                 elif kind == "metric":
@@ -380,14 +380,14 @@ class ProcessInstance:
                     log.exception("model %s version %s: the monitor refused an observation (logged once)",
                                   self.name, self.version)
 
-    def _stream(self, bi: int, ri: int, data: Any) -> None:
+    def _stream(self, bi: int, ri: int, data: Any, headers: dict | None) -> None:
         job = self._job
         if job is None:
             return
         writer = job[3][bi][ri]
         if writer is not None:
             try:
-                writer(data)
+                writer(data, headers) if headers else writer(data)
             except Exception:
                 log.exception("model %s: an intermediate response could not be sent", self.name)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.envelope_models import CASES, ECHO_HANDLER, JSON, STREAM_HANDLER
+from tests.envelope_models import CASES, ECHO_HANDLER, JSON, STREAM_HANDLER, STREAM_HEADER_HANDLER
 from tests.gates import Gate
 from tests.models import handler_archive
 
@@ -210,3 +210,19 @@ def test_a_client_leaving_mid_stream_leaves_the_model_serving(servers, tmp_path)
     resp, chunks = _chunks(srv, "/predictions/stream", JSON, json.dumps({"parts": ["x "]}).encode())
     assert chunks == [b"x ", b"world "]  # the one instance is free again: the abandoned answer ended
     assert httpx.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
+
+
+def test_a_streamed_answer_keeps_the_headers_the_handler_set_as_torchserve(osprey, tmp_path):
+    want = json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "torchserve_model_deps"
+                       / "recorded.json").read_text())["on"]["stream answer"]
+    store = tmp_path / "store"
+    handler_archive(store, "streamh", STREAM_HEADER_HANDLER)
+    handler_archive(store, "streamhp", STREAM_HEADER_HANDLER, config={"isolation": "process"})
+    srv = osprey(models=["streamh=streamh.mar", "streamhp=streamhp.mar"], store=store, extra_args=["--no-grpc"])
+    for model in ("streamh", "streamhp"):  # a thread instance, a process instance
+        resp, chunks = _chunks(srv, f"/predictions/{model}", {}, b"x")
+        assert resp.status_code == want["status"] == 200
+        assert [c.decode() for c in chunks] == want["chunks"] == ["a ", "b ", "end"]
+        for name in ("content-type", "transfer-encoding", "x-osprey-note"):
+            assert resp.headers.get(name) == want["headers"][name], (model, name)
+        assert "ts_stream_next" not in resp.headers and "content-length" not in resp.headers
