@@ -179,7 +179,8 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     inference, t1 = await _serve(s.grpc_inference_bind, s, [
         (inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, InferenceServicer(dp)),
         (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-         OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api)),
+         OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api,
+                               envelope=s.service_envelope)),
         # osprey.Monitoring: feedback labels and monitoring status (DataPlane.feedback / .monitoring)
         (osprey_monitoring_pb2_grpc.add_MonitoringServicer_to_server, MonitoringServicer(dp)),
     ], inference_names, dp.ready, auth("inference"), credentials())
