@@ -130,11 +130,20 @@ class Context:
 
     # --- Osprey: intermediate responses for streaming ---------------------------------
     def send_intermediate(self, idx: int, data: Any) -> None:
-        """Send one intermediate response for request ``idx`` (gRPC StreamPredictions, a chunk of a REST answer)."""
+        """Send one intermediate response for request ``idx`` (gRPC StreamPredictions, a chunk of a REST answer).
+        The response headers set for it so far go along: a chunked REST answer starts with those
+        of its first part (set_response_header, set_response_content_type), as TorchServe's does."""
         writer = self.stream_writers.get(idx)
         if writer is None:
             raise RuntimeError("this request was not made with a streaming call")
-        writer(data)
+        headers = None
+        if self.request_processor and idx < len(self.request_processor):
+            headers = {str(k): str(v) for k, v in self.get_response_headers(idx).items()
+                       if str(k).lower() != "ts_stream_next"}  # TorchServe's own marker, never sent
+        if headers:
+            writer(data, headers)
+        else:
+            writer(data)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Context) and self.__dict__ == other.__dict__

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["import_handler_module", "forget_folder", "load_model", "model_class_from_file", "list_classes",
+__all__ = ["import_handler_module", "forget_folder", "add_package_folder", "load_model", "model_class_from_file", "list_classes",
            "Optimizations", "optimizations_from", "optimize", "OnnxModel", "CompiledModel"]
 
 log = logging.getLogger("osprey.loading")
@@ -55,6 +55,20 @@ def _claim_folder(model_dir: str) -> None:
         file = getattr(mod, "__file__", None) if mod is not None else None
         if mod is not None and (file is None or not os.path.abspath(file).startswith(os.path.abspath(model_dir) + os.sep)):
             del sys.modules[name]
+
+
+def add_package_folder(folder: str, first: bool) -> None:
+    """Put a folder of installed packages (a model's requirements, pip --target) on the import
+    path: ``first`` (a model's own process) ahead of the interpreter's own packages, else last
+    (one interpreter shared by every model: it may add packages, never replace any)."""
+    with _IMPORT_LOCK:
+        if folder in sys.path:
+            return
+        if first:
+            sys.path.insert(0, folder)
+        else:
+            sys.path.append(folder)
+        importlib.invalidate_caches()
 
 
 def forget_folder(model_dir: str) -> None:

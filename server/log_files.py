@@ -4,8 +4,11 @@
 file                what                            line
 ==================  ==============================  =======================================
 access_log.log      every HTTP answer, every port   ``%d{ISO8601} - /IP:PORT "METHOD URI HTTP/1.1" STATUS MS``
+                    and every gRPC call             ``... "gRPC SERVICE/METHOD HTTP/2.0" GRPC_CODE MS``
 model_log.log       handler output (print, logging  ``%d{ISO8601} [%-5p] W-9000-m_1.0-stdout MODEL_LOG - msg``
-                    from the handler's thread)
+                    from the handler's thread; a
+                    process instance's child sends
+                    them to its reader thread)
 ts_log.log          the server's own log (and the   ``%d{ISO8601} [%-5p] THREAD LOGGER - msg``
                     model log lines, as TorchServe)
 ts_metrics.log      metrics_mode=log, frontend      ``%d{ISO8601} - Name.Unit:value|#dims|#hostname:H,timestamp:T``
@@ -216,6 +219,13 @@ class LogFiles:
         now = time.time()
         buf.append(f'{iso8601(now)} - {remote} "{scope["method"]} {uri.decode("latin-1")} '
                    f'HTTP/{scope.get("http_version", "1.1")}" {status} {int((time.monotonic() - started) * 1000)}\n')
+
+    def grpc_access(self, peer: str, method: str, code: int, started: float) -> None:
+        """gRPC hook (server/protocols/grpc/access.py): one ended call, TorchServe's gRPC line."""
+        buf = self._buffers.get("access_log")
+        if buf is not None:
+            buf.append(f'{iso8601(time.time())} - {peer} "gRPC {method} HTTP/2.0" {code} '
+                       f'{int((time.monotonic() - started) * 1000)}\n')
 
     def close(self) -> None:
         if self._timer is not None:

@@ -255,6 +255,8 @@ class Server:
         if self.monitor is not None:
             self.monitor.forget(mv.name, mv.version)
         forget_model_folder(str(mv.archive.model_dir))
+        if mv.archive.deps_dir is not None:  # thread instances put its packages on this process's path
+            forget_model_folder(str(mv.archive.deps_dir))
         # next loop turn: after the registry's collection, which follows in the same step
         self.loop.call_soon(return_device_memory)
 

@@ -163,6 +163,13 @@ class Settings:
     # Osprey's own files: retraining job records and work folders (embedded queue), labelled rows.
     # Empty: <model_store>/.osprey, or <workdir>/.osprey when the model store is read-only
     state_dir: str = ""
+    # TorchServe's key: a model archive's requirements.txt (torch-model-archiver --requirements-file)
+    # is pip-installed for that model when it is registered, into <state_dir>/deps/<model>/<version>/
+    # <hash>/ (reused while requirements.txt and the files it names are unchanged); off: ignored,
+    # with one log line. Such a model's instances run as processes unless its model-config.yaml
+    # says isolation: thread (server/core/model_deps.py, README "Per-model Python packages")
+    install_py_dep_per_model: bool = False
+    py_dep_install_timeout: float = 600.0  # seconds pip may take for one model's requirements
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -358,6 +365,9 @@ def load_settings(
     for name in ("metric_buckets", "latency_objectives"):
         if any(not 0 < float(v) < float("inf") for v in getattr(settings, name)):
             raise ValueError(f"setting {name}: every value must be a positive number of seconds")
+    if settings.py_dep_install_timeout <= 0:
+        raise ValueError(f"setting py_dep_install_timeout: {settings.py_dep_install_timeout!r} must be a positive "
+                         "number of seconds")
     _check_deployment(settings)
     return settings
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["ECHO_HANDLER", "STREAM_HANDLER", "CASES", "JSON"]
+__all__ = ["ECHO_HANDLER", "STREAM_HANDLER", "STREAM_HEADER_HANDLER", "CASES", "JSON"]
 
 # Answers one item per item the envelope hands it, so each answer shows what the envelope
 # passed: raw bytes as text, a KServe v2 input as a tensor (integers doubled, floats halved on
@@ -135,3 +135,21 @@ CASES: dict[str, list[tuple[str, str, str, dict, bytes]]] = {
         ("stream_then_fail", "POST", "/predictions/stream", JSON, json.dumps({"parts": ["a "], "fail": True}).encode()),
     ],
 }
+
+
+# streams two parts after setting a response header and the content type (TorchServe 0.12 starts
+# the chunked answer with them: tests/fixtures/torchserve_model_deps/recorded.json "stream answer")
+STREAM_HEADER_HANDLER = '''
+from ts.handler_utils.utils import send_intermediate_predict_response
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    context.set_response_header(0, "X-Osprey-Note", "kept")
+    context.set_response_content_type(0, "text/plain")
+    for part in ("a ", "b "):
+        send_intermediate_predict_response([part], context.request_ids, "Intermediate Prediction success", 200,
+                                           context)
+    return ["end"]
+'''

@@ -60,6 +60,8 @@ class ModelArchive:
     config: dict[str, Any] = field(default_factory=dict)
     owns_dir: bool = False  # True when model_dir is a temporary extraction to delete
     extract_dir: Path | None = None  # the extraction folder (model_dir or its parent)
+    # where the archive's requirements.txt was installed (install_py_dep_per_model), else None
+    deps_dir: Path | None = None
 
     @property
     def model(self) -> dict[str, Any]:
@@ -76,6 +78,10 @@ class ModelArchive:
     @property
     def handler(self) -> str:
         return self.model.get("handler", "")
+
+    @property
+    def requirements_file(self) -> str:
+        return self.model.get("requirementsFile") or ""
 
     def cleanup(self) -> None:
         if self.owns_dir:

@@ -31,6 +31,7 @@ from server.core.archive import ExtractionArea, ModelArchive, open_archive
 from server.core.batching import Batcher
 from server.core.events import event
 from server.core.errors import ErrorKind, OspreyError, show
+from server.core.model_deps import install_requirements
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
 from server.core.routing import HISTORY, Routing, Split, check_weights, remember
 from server.core.shadow import RESULTS
@@ -348,6 +349,10 @@ class Registry:
         except BaseException:
             archive.cleanup()
             raise
+        if archive.requirements_file and config.isolation is None and self.settings.install_py_dep_per_model:
+            # its packages go first on the import path of its own processes, never into the one
+            # interpreter all thread instances share (README "Per-model Python packages")
+            config = dataclasses.replace(config, isolation="process")
         batcher = Batcher(name, version, batch_size=config.batch_size,
                           max_batch_delay_s=config.max_batch_delay_ms / 1000,
                           queue_size=config.job_queue_size, loop=self.loop,
@@ -360,6 +365,7 @@ class Registry:
             batcher.on_batch = functools.partial(self._on_batch, mv)
         self._loading[(name, version)] = mv
         try:
+            await self._install_requirements(mv)
             if synchronous:
                 await self._start_instances(mv, config.min_workers)
             else:
@@ -378,6 +384,32 @@ class Registry:
         if self.shared is not None and workflow is None:  # a workflow's nodes are this replica's own
             self.shared.registered(mv)
         return mv
+
+    async def _install_requirements(self, mv: ModelVersion) -> None:
+        """The archive's requirements.txt, installed for this version when install_py_dep_per_model
+        is on (before any instance starts, as TorchServe installs them before its workers); else
+        one log line saying it is not."""
+        archive = mv.archive
+        if archive.config.get("useVenv") is True:
+            log.warning("model %s version %s: model-config.yaml says useVenv: true; Osprey has no per-model virtual "
+                        "environments: its requirements (with install_py_dep_per_model) go to a folder of its own, "
+                        "first on its process instances' import path", mv.name, mv.version)
+        if not archive.requirements_file:
+            return
+        if not self.settings.install_py_dep_per_model:
+            log.info("model %s version %s: its archive names %s, which is not installed (install_py_dep_per_model "
+                     "is off)", mv.name, mv.version, archive.requirements_file)
+            return
+        root = Path(self.settings.state_dir or Path(self.settings.workdir) / ".osprey") / "deps"
+        archive.deps_dir = await install_requirements(mv.name, mv.version, archive.model_dir,
+                                                      archive.requirements_file, root,
+                                                      self.settings.py_dep_install_timeout)
+        if mv.isolation == "thread":
+            log.warning("model %s version %s runs thread instances (its model-config.yaml says isolation: thread): "
+                        "the packages of its requirements.txt are added at the end of the import path of the one "
+                        "interpreter every thread instance shares, so they add packages but never replace ones "
+                        "the server or another model imported; isolation: process keeps them to its own processes",
+                        mv.name, mv.version)
 
     def _background(self, coro) -> None:
         task = self.loop.create_task(coro)

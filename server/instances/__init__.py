@@ -51,13 +51,13 @@ def thread_factory(metrics_sink: Callable | None = None, observe: Callable | Non
 
 
 def process_factory(metrics_sink: Callable | None = None, torch_threads: int = 0,
-                    observe: Callable | None = None, envelope: str = "") -> InstanceFactory:
+                    observe: Callable | None = None, envelope: str = "", forward_output: bool = False) -> InstanceFactory:
     from server.instances.process import ProcessInstance
     from server.instances.service import gpu_for
 
     def make(name, version, archive, config, index):
         return ProcessInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink,
-                               torch_threads, observe, envelope)
+                               torch_threads, observe, envelope, forward_output)
     return make
 
 
@@ -73,7 +73,10 @@ def instance_factory(settings, metrics_sink: Callable | None = None, observe: Ca
         observe = None
     envelope = getattr(settings, "service_envelope", "")  # every handler's entry point is wrapped in it
     threads = thread_factory(metrics_sink, observe, envelope)
-    processes = process_factory(metrics_sink, settings.torch_threads, observe, envelope)
+    # with TorchServe's log files (log_location), a child's print and logging go through the server
+    # to model_log.log; without them it writes to the server's stdout and stderr itself
+    processes = process_factory(metrics_sink, settings.torch_threads, observe, envelope,
+                                bool(getattr(settings, "log_location", "")))
 
     def make(name, version, archive, config, index):
         kind = config.isolation or settings.instance_isolation

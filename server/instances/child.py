@@ -27,9 +27,10 @@ log = logging.getLogger("osprey.instances")
 
 
 
-def _stream(send, batch: int, row: int, data) -> None:
-    """An intermediate response of request ``row`` of ``batch``, sent to the parent."""
-    send(("stream", batch, row, data))
+def _stream(send, batch: int, row: int, data, headers: dict | None = None) -> None:
+    """An intermediate response of request ``row`` of ``batch`` (and the response headers set so
+    far), sent to the parent."""
+    send(("stream", batch, row, data, headers))
 
 def _specs(target) -> tuple:
     def plain(specs):
@@ -55,16 +56,70 @@ def _steady_malloc() -> None:
         pass
 
 
+class _ToParent:
+    """sys.stdout / sys.stderr of a child whose output the server writes to its log files: whole
+    lines go to the parent (``output`` messages), which writes them as this instance's
+    (TorchServe's ``W-...-stdout MODEL_LOG`` lines in model_log.log), as a thread instance's."""
+
+    def __init__(self, send, suffix: str):
+        self._send, self.suffix, self._partial = send, suffix, ""
+        self.encoding, self.errors = "utf-8", "replace"
+
+    def write(self, text: str) -> int:
+        buf = self._partial + text
+        cut = buf.rfind("\n") + 1
+        self._partial = buf[cut:]
+        if cut:
+            self._send(("output", self.suffix, buf[:cut]))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            text, self._partial = self._partial + "\n", ""
+            self._send(("output", self.suffix, text))
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise OSError("a process instance's output goes to the server's log files, not to a file descriptor")
+
+
+class _LogToParent(logging.Handler):
+    """The child's log records go to the parent (``log`` messages), which hands them to its own
+    logging under the same logger name: a handler's loggers reach model_log.log, Osprey's ts_log.log."""
+
+    def __init__(self, send):
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            self._send(("log", record.levelno, record.name, message, record.created))
+        except Exception:
+            self.handleError(record)
+
+
 def main(conn, spec: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it drains first)
     _steady_malloc()
-    logging.basicConfig(level=spec.get("log_level", logging.INFO), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s [pid {os.getpid()}]: %(message)s")
     lock = threading.Lock()
 
     def send(msg) -> None:
         with lock:
             conn.send(msg)
+
+    if spec.get("forward_output"):
+        root = logging.getLogger()
+        root.setLevel(spec.get("log_level", logging.INFO))
+        root.addHandler(_LogToParent(send))
+        sys.stdout, sys.stderr = _ToParent(send, "stdout"), _ToParent(send, "stderr")
+    else:
+        logging.basicConfig(level=spec.get("log_level", logging.INFO), stream=sys.stderr,
+                            format=f"%(asctime)s %(levelname)s %(name)s [pid {os.getpid()}]: %(message)s")
 
     def metric(name, value, unit, kind, dims, request_ids=None) -> None:
         send(("metric", name, value, unit, kind, dims, request_ids))
@@ -77,7 +132,8 @@ def main(conn, spec: dict) -> None:
     try:
         runner = load_runner(spec["name"], spec["version"], spec["model_dir"], spec["handler"], spec["manifest"],
                              spec["config"], spec["gpu_id"], metric,
-                             observations.append if spec.get("monitor") else None, spec.get("envelope", ""))
+                             observations.append if spec.get("monitor") else None, spec.get("envelope", ""),
+                             spec.get("packages"), True)  # this process is the model's own: its packages first
         target = runner.service.target
         send(("ready", runner.accepts_tensors, _specs(target), model_precision(target), os.getpid()))
     except BaseException as exc:

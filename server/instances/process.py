@@ -24,6 +24,7 @@ import itertools
 import logging
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -110,8 +111,11 @@ class ProcessInstance:
 
     def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig, index: int,
                  gpu_id: int | None, metrics_sink: Callable | None = None, torch_threads: int = 0,
-                 observe: Callable | None = None, envelope: str = ""):
+                 observe: Callable | None = None, envelope: str = "", forward_output: bool = False):
         self.name, self.version, self.archive, self.config = name, version, archive, config
+        # the server writes TorchServe's log files: the child's print and logging come here and
+        # are written from this instance's reader thread, as a thread instance's (model_log.log)
+        self.forward_output = forward_output
         self.envelope = envelope  # the server's service_envelope (handlers/envelopes.py), '' for none
         self.index = index
         self.id = str(next(_ids))
@@ -139,6 +143,8 @@ class ProcessInstance:
         self._killed = False
         self._loaded = LoadSignal()
         self._thread = threading.Thread(target=self._main, name=f"osprey-proc-{name}-{version}-{index}", daemon=True)
+        # TorchServe's worker name: the child's output written by this thread is W-20000-m_1.0-stdout
+        self._thread.osprey_worker = f"W-{self.id}-{name}_{version}"  # type: ignore[attr-defined]
 
     # --- lifecycle (called from the loop) -------------------------------------------
     def start(self) -> None:
@@ -238,6 +244,8 @@ class ProcessInstance:
                 "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
                 "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
                 "monitor": self._observe is not None, "envelope": self.envelope,
+                "packages": str(self.archive.deps_dir) if self.archive.deps_dir else None,
+                "forward_output": self.forward_output,
                 "log_level": logging.getLogger().getEffectiveLevel()}
         try:
             self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
@@ -269,7 +277,7 @@ class ProcessInstance:
                 if kind == "done":
                     self._finish(msg[1], msg[2])
                 elif kind == "stream":
-                    self._stream(msg[1], msg[2], msg[3])
+                    self._stream(msg[1], msg[2], msg[3], msg[4])
                 elif kind == "observations":
                     self._observations(msg[1])
                 elif kind == "metric":
@@ -278,6 +286,10 @@ class ProcessInstance:
                             self._metrics_sink(*msg[1:])
                         except Exception:
                             log.exception("model %s: handler metric %r not recorded", self.name, msg[1])
+                elif kind == "output":
+                    self._output(msg[1], msg[2])
+                elif kind == "log":
+                    self._log(*msg[1:])
                 elif kind == "ready":
                     _, self._accepts_tensors, self._specs, self._precision, self.pid = msg
                     self.started_s = time.monotonic() - self._t0
@@ -338,6 +350,22 @@ class ProcessInstance:
         except RuntimeError:  # the loop has closed (shutdown)
             pass
 
+    def _output(self, stream: str, text: str) -> None:
+        """The child's stdout or stderr lines, written in this thread (the log files' streams
+        route a model instance's thread's output to model_log.log)."""
+        try:
+            (sys.stderr if stream == "stderr" else sys.stdout).write(text)
+        except Exception:
+            pass  # never lose the reader over a stream that cannot be written
+
+    def _log(self, level: int, name: str, message: str, created: float) -> None:
+        """A log record of the child, handed to this process's logging under its logger's name."""
+        logger = logging.getLogger(name)
+        if logger.isEnabledFor(level):
+            record = logger.makeRecord(name, level, "(process instance)", 0, message, None, None)
+            record.created = created
+            logger.handle(record)
+
     def _observations(self, observations: list) -> None:
         """The child's monitoring observations of a handoff: to the monitor (an O(1) append)."""
         observe = self._observe
@@ -352,14 +380,14 @@ class ProcessInstance:
                     log.exception("model %s version %s: the monitor refused an observation (logged once)",
                                   self.name, self.version)
 
-    def _stream(self, bi: int, ri: int, data: Any) -> None:
+    def _stream(self, bi: int, ri: int, data: Any, headers: dict | None) -> None:
         job = self._job
         if job is None:
             return
         writer = job[3][bi][ri]
         if writer is not None:
             try:
-                writer(data)
+                writer(data, headers) if headers else writer(data)
             except Exception:
                 log.exception("model %s: an intermediate response could not be sent", self.name)
 

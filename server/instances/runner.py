@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from handlers.context import Context, RequestProcessor
 from handlers.instance_thread import prepare_instance_thread
+from handlers.loading import add_package_folder
 from handlers.metrics import HandlerMetrics
 
 from server import __version__
@@ -209,12 +210,14 @@ class BatchRunner:
 
 def load_runner(name: str, version: str, model_dir: str, handler: str, manifest: dict, config: ModelConfig,
                 gpu_id: int | None, metrics_sink: Callable | None, observe: Callable | None = None,
-                envelope: str = "") -> BatchRunner:
+                envelope: str = "", packages: str | None = None, packages_first: bool = False) -> BatchRunner:
     """Resolve and initialize the handler in the calling thread (the one that will run it), in
     the request ``envelope`` the server's ``service_envelope`` names (handlers/envelopes.py).
     With ``observe`` (the monitor's, or a child's collector) and ``config.monitoring.enabled``,
     sampled batches are captured (:mod:`server.instances.capture`)."""
     prepare_instance_thread(config.jit_optimize, gpu_id is not None)
+    if packages:  # the model's requirements.txt, installed (install_py_dep_per_model)
+        add_package_folder(packages, packages_first)
     context = Context(name, model_dir, manifest, config.batch_size, gpu_id, __version__, True,
                       HandlerMetrics(name, metrics_sink), dict(config.raw))
     service = make_service(model_dir, handler, envelope)

@@ -124,7 +124,8 @@ class ModelInstance:
         try:
             self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
                                       self.archive.manifest, self.config, self.gpu_id, self._metrics_sink,
-                                      self._observe, self.envelope)
+                                      self._observe, self.envelope,
+                                      str(self.archive.deps_dir) if self.archive.deps_dir else None, False)
             if self.status == InstanceStatus.LOADING:  # stopped or timed out while loading: it ends below
                 self.status = InstanceStatus.READY
                 self.load_seconds = time.time() - self.start_time  # TorchServe's WorkerLoadTime

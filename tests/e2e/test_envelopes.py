@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.envelope_models import CASES, ECHO_HANDLER, JSON, STREAM_HANDLER
+from tests.envelope_models import CASES, ECHO_HANDLER, JSON, STREAM_HANDLER, STREAM_HEADER_HANDLER
 from tests.gates import Gate
 from tests.models import handler_archive
 
@@ -210,3 +210,79 @@ def test_a_client_leaving_mid_stream_leaves_the_model_serving(servers, tmp_path)
     resp, chunks = _chunks(srv, "/predictions/stream", JSON, json.dumps({"parts": ["x "]}).encode())
     assert chunks == [b"x ", b"world "]  # the one instance is free again: the abandoned answer ended
     assert httpx.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
+
+
+def test_a_streamed_answer_keeps_the_headers_the_handler_set_as_torchserve(osprey, tmp_path):
+    want = json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "torchserve_model_deps"
+                       / "recorded.json").read_text())["on"]["stream answer"]
+    store = tmp_path / "store"
+    handler_archive(store, "streamh", STREAM_HEADER_HANDLER)
+    handler_archive(store, "streamhp", STREAM_HEADER_HANDLER, config={"isolation": "process"})
+    srv = osprey(models=["streamh=streamh.mar", "streamhp=streamhp.mar"], store=store, extra_args=["--no-grpc"])
+    for model in ("streamh", "streamhp"):  # a thread instance, a process instance
+        resp, chunks = _chunks(srv, f"/predictions/{model}", {}, b"x")
+        assert resp.status_code == want["status"] == 200
+        assert [c.decode() for c in chunks] == want["chunks"] == ["a ", "b ", "end"]
+        for name in ("content-type", "transfer-encoding", "x-osprey-note"):
+            assert resp.headers.get(name) == want["headers"][name], (model, name)
+        assert "ts_stream_next" not in resp.headers and "content-length" not in resp.headers
+
+
+def _oip_values(out) -> tuple:
+    """(name, datatype, shape, values) of an OIP gRPC output, whether in contents (TorchServe)
+    or in raw_output_contents (Osprey)."""
+    name, dt, shape, values = out["name"], out["datatype"], [int(s) for s in out["shape"]], out.get("values")
+    if values is None:
+        contents = next(iter(out["contents"].values()))
+        values = [float(v) if dt.startswith("FP") else int(v) for v in contents] if dt != "BYTES" else contents
+    return name, dt, shape, values
+
+
+def test_kservev2_oip_grpc_model_infer_to_a_torchserve_handler_answers_as_torchserve(osprey, tmp_path):
+    """TorchServe's OIP gRPC service (ts_open_inference_protocol=true) hands a TorchServe-style
+    handler the KServe v2 JSON body it makes of the request; Osprey's ModelInfer does the same
+    under service_envelope=kservev2 (it answered 400 before: the handler got no body)."""
+    import grpc
+
+    from server.core.tensors import decode_raw
+    from server.protocols.grpc.generated import grpc_service_pb2 as pb
+    from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+
+    want = json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "torchserve_model_deps"
+                       / "recorded.json").read_text())["kservev2"]
+    store = tmp_path / "store"
+    handler_archive(store, "echo", ECHO_HANDLER)
+    srv = osprey(models=["echo=echo.mar"], store=store, config={"service_envelope": "kservev2"})
+    tensor = pb.ModelInferRequest.InferInputTensor
+    cases = {
+        "int32": pb.ModelInferRequest(model_name="echo", id="r1", inputs=[tensor(
+            name="x", datatype="INT32", shape=[3], contents=pb.InferTensorContents(int_contents=[1, 2, 3]))]),
+        "fp32 2x2": pb.ModelInferRequest(model_name="echo", id="r2", inputs=[tensor(
+            name="y", datatype="FP32", shape=[2, 2], contents=pb.InferTensorContents(fp32_contents=[1.0, 2.0, 3.0, 4.0]))]),
+        "two inputs": pb.ModelInferRequest(model_name="echo", id="r3", inputs=[
+            tensor(name="a", datatype="INT64", shape=[2], contents=pb.InferTensorContents(int64_contents=[5, 6])),
+            tensor(name="b", datatype="BYTES", shape=[1], contents=pb.InferTensorContents(bytes_contents=[b"hi"]))]),
+    }
+    with grpc.insecure_channel(srv.grpc) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        for label, req in cases.items():
+            resp = stub.ModelInfer(req, timeout=30)
+            assert (resp.model_name, resp.model_version, resp.id) == ("echo", "1.0", req.id), label
+            ours = [_oip_values({"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
+                                 "values": decode_raw(o.name, o.datatype, list(o.shape), raw).ravel().tolist()})
+                    for o, raw in zip(resp.outputs, resp.raw_output_contents)]
+            theirs = [_oip_values(o) for o in want[label]["outputs"]]
+            if label == "two inputs":
+                # TorchServe hands the handler a BYTES input as the base64 of its bytes (its JSON of a
+                # ByteString), so its echo answers base64 of base64; Osprey hands it the text, as REST does
+                assert theirs[1] == ("b", "BYTES", [1], ["ImFHaz0i"]) and ours[1] == ("b", "BYTES", [1], [b"hi"])
+                ours, theirs = ours[:1], theirs[:1]
+            assert ours == theirs, label
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.ModelInfer(pb.ModelInferRequest(model_name="zz", id="r4", inputs=cases["int32"].inputs), timeout=30)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "zz" in missing.value.details()
+    # the same request over REST /v2/models/echo/infer: the same values (TorchServe answered them too)
+    rest = httpx.post(f"{srv.inference}/v2/models/echo/infer", json={"id": "r1", "inputs": [
+        {"name": "x", "datatype": "INT32", "shape": [3], "data": [1, 2, 3]}]}, timeout=30).json()
+    assert rest["outputs"] == json.loads(want["rest v2 int32"]["body"])["outputs"] == [
+        {"name": "x", "datatype": "INT64", "data": [2, 4, 6], "shape": [3]}]

@@ -146,3 +146,82 @@ def test_log_mode_and_log_files_write_torchserve_lines(osprey, store, tmp_path):
     for line in ts_log.splitlines():
         if re.match(r"^\d{4}-", line):
             assert re.match(r"^\S+ \[(INFO |WARN |DEBUG|ERROR|FATAL)\] \S+ \S+ - ", line), line
+
+
+# prints and logs when it loads and for each batch (tests of model_log.log for both instance kinds)
+_TALKING_HANDLER = '''
+import logging
+import sys
+
+log = logging.getLogger("talking_handler")
+
+
+def handle(data, context):
+    if data is None:
+        print(context.model_name, "loaded")
+        return None
+    print(context.model_name, "printed", len(data))
+    print(context.model_name, "to stderr", file=sys.stderr)
+    log.warning("%s logged %d", context.model_name, len(data))
+    return [1 for _ in data]
+'''
+
+
+def test_process_instances_print_and_log_into_model_log_as_thread_instances_do(osprey, store, tmp_path):
+    handler_archive(store, "talkt", _TALKING_HANDLER, config={"isolation": "thread"})
+    handler_archive(store, "talkp", _TALKING_HANDLER, config={"isolation": "process"})
+    server = osprey(models=["talkt=talkt.mar", "talkp=talkp.mar"], store=store, extra_args=["--no-grpc"],
+                    config={"log_location": str(tmp_path / "logs")})
+    for model in ("talkt", "talkp"):
+        assert httpx.post(f"{server.inference}/predictions/{model}", content=b"x").status_code == 200
+    needles = [f"{m} {what}" for m in ("talkt", "talkp") for what in ("loaded", "printed 1", "to stderr", "logged 1")]
+    text = _wait_for(tmp_path / "logs" / "model_log.log", needles)
+    lines = {m: sorted(_shape(x).replace(m, "M") for x in text.splitlines() if f" {m} " in x or f"- {m} " in x)
+             for m in ("talkt", "talkp")}
+    assert lines["talkp"] == lines["talkt"]  # the same lines, in TorchServe's shape, from either kind
+    assert lines["talkp"] == sorted([
+        "T [INFO ] W-N-M_1.0-stdout MODEL_LOG - M loaded", "T [INFO ] W-N-M_1.0-stdout MODEL_LOG - M printed 1",
+        "T [WARN ] W-N-M_1.0-stderr MODEL_LOG - M to stderr", "T [WARN ] W-N-M_1.0-stdout MODEL_LOG - M logged 1"])
+    assert "talkp printed" not in server.log()  # not also on the server's own output
+
+
+def _grpc_line(line: str) -> str:
+    """A gRPC access log line with its time, port and duration taken out."""
+    line = re.sub(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3} -|<time>) ", "T - ", line)
+    line = re.sub(r"/127\.0\.0\.1:\d+ ", "/127.0.0.1:P ", line)
+    return re.sub(r'(HTTP/2\.0" \d+) \d+$', r"\1 MS", line)
+
+
+def test_grpc_calls_are_in_the_access_log_as_torchserve_writes_them(osprey, store, tmp_path):
+    import json
+
+    import grpc
+
+    from server.protocols.grpc.generated import inference_pb2 as pb
+    from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
+    from server.protocols.grpc.generated import management_pb2 as mpb
+    from server.protocols.grpc.generated import management_pb2_grpc as mpb_grpc
+
+    handler_archive(store, "echo", "def handle(data, context):\n    return None if data is None else [1 for _ in data]\n")
+    server = osprey(models=["echo=echo.mar"], store=store, config={"log_location": str(tmp_path / "logs")})
+    with grpc.insecure_channel(server.grpc) as ch:
+        stub = pb_grpc.InferenceAPIsServiceStub(ch)
+        stub.Predictions(pb.PredictionsRequest(model_name="echo", input={"data": b"x"}), timeout=30)
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.Predictions(pb.PredictionsRequest(model_name="zz", input={"data": b"x"}), timeout=30)
+        list(stub.StreamPredictions(pb.PredictionsRequest(model_name="echo", input={"data": b"x"}), timeout=30))
+    with grpc.insecure_channel(server.grpc_management) as ch:
+        mpb_grpc.ManagementAPIsServiceStub(ch).ListModels(mpb.ListModelsRequest(), timeout=30)
+    service = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
+    text = _wait_for(tmp_path / "logs" / "access_log.log", [f"{service}/StreamPredictions", "ListModels"])
+    ours = [_grpc_line(x) for x in text.splitlines() if '"gRPC ' in x]
+    recorded = json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "torchserve_model_deps"
+                           / "recorded.json").read_text())["on"]["access_log grpc lines"]
+    theirs = [_grpc_line(x) for x in recorded]
+    # the good Predictions and StreamPredictions calls: the very lines TorchServe writes
+    assert ours[0] == theirs[0] == f'T - /127.0.0.1:P "gRPC {service}/Predictions HTTP/2.0" 0 MS'
+    assert ours[2] == theirs[2]
+    # the failed call carries the code the client got (TorchServe answers an unknown model INTERNAL, 13)
+    assert ours[1] == f'T - /127.0.0.1:P "gRPC {service}/Predictions HTTP/2.0" {missing.value.code().value[0]} MS'
+    assert ours[3] == 'T - /127.0.0.1:P "gRPC org.pytorch.serve.grpc.management.ManagementAPIsService/ListModels ' \
+                      'HTTP/2.0" 0 MS'

@@ -4,7 +4,10 @@ Health, metadata, ModelInfer, Triton's ModelStreamInfer (requests on one stream 
 concurrently and answer as they finish; an error travels as ``error_message``, with the
 request's ``id`` in ``infer_response``, and the stream stays open) and the repository
 calls. ``raw_input_contents`` are viewed with ``np.frombuffer``; outputs always go back as
-``raw_output_contents``. A client mistake is INVALID_ARGUMENT naming it; anything
+``raw_output_contents``. With ``service_envelope=kservev2``, ModelInfer to a TorchServe-style
+handler sends it the KServe v2 JSON body TorchServe 0.12's own OIP gRPC service makes of the
+request, and reads its JSON answer back (:func:`kservev2_body`, :func:`kservev2_outputs`);
+ModelStreamInfer serves such handlers as plain OIP (TorchServe's OIP gRPC has no stream call). A client mistake is INVALID_ARGUMENT naming it; anything
 unexpected is INTERNAL with a logged traceback, never UNKNOWN or a missing answer (the
 servicer raises; :class:`~server.protocols.grpc.status.ErrorStatus` answers).
 """
@@ -16,19 +19,21 @@ import time
 from typing import Any
 
 import numpy as np
+import orjson
 
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
 from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, output_tensors, repository_index,
                                   timeout_of, unload_model)
-from server.core.tensors import DTYPES, bad_input, decode_raw, element_count, encode_raw
-from server.core.types import InferenceResponse, Protocol, Ticket, new_request
+from server.core.errors import ErrorKind
+from server.core.tensors import DTYPES, bad_input, decode_json, decode_raw, element_count, encode_raw, to_json_data
+from server.core.types import Field, InferenceResponse, Protocol, Ticket, new_request
 from server.protocols.grpc.generated import grpc_service_pb2 as pb
 from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import unexpected
 from server.protocols.grpc.streams import StreamSink
 
-__all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response"]
+__all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response", "kservev2_body", "kservev2_outputs"]
 
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
              "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
@@ -104,12 +109,60 @@ def encode_response(request, version: str, outputs: list) -> pb.ModelInferRespon
     return resp
 
 
+def kservev2_body(request) -> bytes:
+    """A ModelInferRequest as the KServe v2 JSON body TorchServe 0.12 makes of it for its handler
+    (``OpenInferenceProtocolImpl.modelInfer``: id, model_name, inputs with name, shape, datatype
+    and the data as one flat list); raw_input_contents are read too, BYTES go as UTF-8 strings
+    (what a REST client sends), input parameters as ``parameters``."""
+    tensors, meta = decode_inputs(request)
+    inputs = []
+    for name, arr in tensors.items():
+        datatype = next(i.datatype for i in request.inputs if i.name == name)
+        entry: dict[str, Any] = {"name": name, "shape": list(arr.shape), "datatype": datatype,
+                                 "data": to_json_data(arr, datatype)}
+        if meta and meta.get(name):
+            entry["parameters"] = meta[name]
+        inputs.append(entry)
+    body: dict[str, Any] = {"id": request.id, "model_name": request.model_name, "inputs": inputs}
+    if request.outputs:
+        body["outputs"] = [{"name": o.name} for o in request.outputs]
+    return orjson.dumps(body)
+
+
+def kservev2_outputs(body: bytes, model: str) -> list[tuple[str, np.ndarray, str]]:
+    """The handler's KServe v2 JSON answer (the envelope's) as (name, array, datatype) outputs."""
+    def broken(why: str) -> OspreyError:
+        return OspreyError(ErrorKind.INTERNAL, f"model {model}: the handler's KServe v2 answer {why} "
+                                               "(service_envelope=kservev2)")
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise broken("is not JSON") from None
+    outputs = answer.get("outputs") if isinstance(answer, dict) else None
+    if not isinstance(outputs, list):
+        raise broken("has no 'outputs' list")
+    out = []
+    for o in outputs:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str) or not isinstance(o.get("datatype"), str):
+            raise broken(f"has an output without a name and datatype: {str(o)[:100]}")
+        data = o.get("data", [])
+        shape = o.get("shape") or [len(data) if isinstance(data, list) else 1]
+        try:
+            out.append((o["name"], decode_json(o["name"], o["datatype"], list(shape), data), o["datatype"]))
+        except OspreyError as exc:
+            raise broken(f"does not hold its output: {exc.message}") from None
+    return out
+
+
 class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, *, model_store: str, enable_model_api: bool):
+    def __init__(self, dataplane: DataPlane, *, model_store: str, enable_model_api: bool, envelope: str = ""):
         self.dataplane = dataplane
         self.registry = dataplane.registry
         self.model_store = model_store
         self.enable_model_api = enable_model_api
+        # service_envelope=kservev2: ModelInfer to a TorchServe-style handler goes through its KServe
+        # v2 envelope, as REST /v2/models/{m}/infer does and as TorchServe's OIP gRPC does
+        self.kservev2 = envelope == "kservev2"
 
     # --- health and metadata ----------------------------------------------------------
     async def ServerLive(self, request, context):
@@ -147,7 +200,31 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _encode(request, version: str, out: InferenceResponse, specs: list | None, requested) -> pb.ModelInferResponse:
         return encode_response(request, version, output_tensors(out, specs or [], requested))
 
+    def _enveloped(self, request) -> bool:
+        """kservev2 and a TorchServe-style handler (one that takes tensors is served as OIP)."""
+        return self.kservev2 and not self.dataplane.model(request.model_name, request.model_version or None).accepts_tensors
+
+    async def _infer_enveloped(self, request, context) -> pb.ModelInferResponse:
+        """TorchServe's path: the request as a KServe v2 JSON body to the handler's envelope, its
+        JSON answer back as the response (values as REST /v2/models/{m}/infer answers them)."""
+        received = time.monotonic()
+        if self.dataplane.refusing():
+            self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC_V2)
+        body = kservev2_body(request)
+        core = new_request(Protocol.GRPC_V2, request.model_name, request.model_version or None, request_id=request.id,
+                           fields={"body": Field(body, "application/json")},
+                           headers={"explain": "False", "url_path": "", "body": {"content-type": "application/json"}},
+                           received=received,
+                           timeouts=(context.time_remaining(), timeout_of(_params(request.parameters))))
+        context.set_trailing_metadata((("x-request-id", core.request.request_id),))
+        out = await self.dataplane.infer(core)
+        resp = encode_response(request, out.model_version, kservev2_outputs(out.body, request.model_name))
+        resp.id = core.request.request_id
+        return resp
+
     async def ModelInfer(self, request, context):
+        if self._enveloped(request):
+            return await self._infer_enveloped(request, context)
         core = self._core(request, context)
         # the request id (the client's id, else the one made here) in trailing metadata and in
         # the response's id: the id feedback joins on

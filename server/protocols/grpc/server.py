@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.protocols.grpc.access import GrpcAccess
 from server.protocols.grpc.generated import grpc_service_pb2, grpc_service_pb2_grpc, inference_pb2, inference_pb2_grpc
 from server.protocols.grpc.generated import management_pb2, management_pb2_grpc
 from server.protocols.grpc.management import ManagementServicer
@@ -163,8 +164,13 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     def credentials():
         return tls.grpc_credentials() if tls is not None else None
 
+    # TorchServe's access log (access_log.log) gets a line per call, outermost: the code the client got
+    files = getattr(server, "log_files", None)
+    access = [GrpcAccess(files.grpc_access)] if files is not None and "access_log" in files.paths else []
+
     def auth(kind: str) -> list:  # then every RPC's errors become its status, in one place
-        return [draining] + ([TokenAuth(lambda token: keys.check(kind, token))] if keys is not None else []) + [ErrorStatus()]
+        return access + [draining] + ([TokenAuth(lambda token: keys.check(kind, token))] if keys is not None else []) \
+            + [ErrorStatus()]
 
     inference_names = [inference_pb2.DESCRIPTOR.services_by_name["InferenceAPIsService"].full_name,
                        grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
@@ -173,7 +179,8 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     inference, t1 = await _serve(s.grpc_inference_bind, s, [
         (inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server, InferenceServicer(dp)),
         (grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-         OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api)),
+         OpenInferenceServicer(dp, model_store=s.model_store, enable_model_api=s.enable_model_api,
+                               envelope=s.service_envelope)),
         # osprey.Monitoring: feedback labels and monitoring status (DataPlane.feedback / .monitoring)
         (osprey_monitoring_pb2_grpc.add_MonitoringServicer_to_server, MonitoringServicer(dp)),
     ], inference_names, dp.ready, auth("inference"), credentials())

@@ -26,8 +26,9 @@ class StreamSink:
         self._queue: asyncio.Queue = asyncio.Queue()
         self.raw = raw  # hand items over as the handler gave them (tensors), not encoded
 
-    def __call__(self, data: Any) -> None:
-        """Called from the handler thread: bytes raw, str as UTF-8, anything else JSON."""
+    def __call__(self, data: Any, headers: dict | None = None) -> None:
+        """Called from the handler thread: bytes raw, str as UTF-8, anything else JSON (gRPC has
+        no place for the handler's response ``headers``)."""
         if not self.raw and not isinstance(data, (bytes, bytearray)):
             data = encode_body(data)[0]
         self._loop.call_soon_threadsafe(self._queue.put_nowait, data)

@@ -8,7 +8,8 @@ per intermediate response, then the final answer as the last chunk.
 :class:`ChunkedAnswer` is the request's ``Ticket.stream``. Nothing happens unless the handler
 streams: the route awaits the data plane as for any request, and an answer without
 intermediate parts is an ordinary one (with a Content-Length). The first part starts the answer
-(status 200, the request id; the content type of the parts as TorchServe leaves it: none) and a
+(status 200, the request id, and the response headers the handler had set for the request when
+it sent its first part, content type included, as TorchServe 0.12 does; none when it set none) and a
 writer task on the event loop sends each part as it arrives; when the data plane answers, the
 route hands the final body to :meth:`ChunkedAnswer.finish`, which sends it after the parts and
 ends the answer. The parts reach the loop before the final answer does (both are posted from
@@ -39,11 +40,14 @@ __all__ = ["ChunkedAnswer"]
 
 log = logging.getLogger("osprey.rest")
 
+# headers the server sets for a chunked answer itself; a handler's are not sent
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "x-request-id", "ts_stream_next"})
+
 
 class ChunkedAnswer:
     """``Ticket.stream`` of a REST call: intermediate parts become the chunks of its answer."""
 
-    __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer")
+    __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer", "_headers")
 
     def __init__(self, req: Request, loop: asyncio.AbstractEventLoop):
         self._req = req
@@ -52,28 +56,32 @@ class ChunkedAnswer:
         self._end: tuple[bool, bytes] | None = None  # (abort?, last chunk) once the request has ended
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task | None = None
+        self._headers: list[tuple[bytes, bytes]] = []  # the handler's, as set when the first part came
 
     @property
     def started(self) -> bool:
         """An intermediate part arrived: the answer is (being) sent in chunks."""
         return self._writer is not None
 
-    def __call__(self, data: Any) -> None:
+    def __call__(self, data: Any, headers: dict | None = None) -> None:
         """One intermediate response, from the handler's thread: bytes raw, str as UTF-8, anything
-        else as JSON (the final answer's encoding)."""
+        else as JSON (the final answer's encoding); ``headers``: the response headers the handler
+        had set for the request by then (the first part's start the answer)."""
         if not isinstance(data, (bytes, bytearray)):
             data = encode_body(data)[0]
         if not data:  # HTTP has no empty chunk (a zero-length chunk ends the answer): nothing to send
             return
         try:
-            self._loop.call_soon_threadsafe(self._part, bytes(data))
+            self._loop.call_soon_threadsafe(self._part, bytes(data), headers)
         except RuntimeError:  # the loop has closed (shutdown): nobody to send it to
             pass
 
-    def _part(self, data: bytes) -> None:  # on the loop
+    def _part(self, data: bytes, headers: dict | None) -> None:  # on the loop
         if self._end is not None:  # a late part (the request has ended): dropped
             return
         if self._writer is None:
+            self._headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+                             if k.lower() not in _FRAMING]
             self._parts = deque()
             self._wake = asyncio.Event()
             self._writer = self._loop.create_task(self._write())
@@ -84,7 +92,7 @@ class ChunkedAnswer:
         req, parts, wake = self._req, self._parts, self._wake
         send = req.send
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"x-request-id", req.request_id.encode("latin-1"))]})
+                    "headers": [*self._headers, (b"x-request-id", req.request_id.encode("latin-1"))]})
         while True:
             while parts:
                 await send({"type": "http.response.body", "body": parts.popleft(), "more_body": True})
