@@ -10,7 +10,11 @@ replica reads the same state. Operations per version (model, version):
   emptied) and only that caller scores it.
 - ``close_due``: the same, for a window open ``window_seconds`` with >= ``min_window`` rows.
 - ``commit``: read-modify-write of the episode state plus one history entry, atomically.
+  ``update`` must not change the state it is given (it returns a new one).
 - ``read``: (state, history, monitored rows) for status.
+
+States and history entries are never changed once stored, only replaced, so the process
+store hands out the objects it keeps, without copies; readers must not change them.
 - ``baseline_rows`` / ``get_profile`` / ``put_profile``: a version without a profile counts
   baseline rows together and adopts the first profile published (first one wins).
 
@@ -21,7 +25,6 @@ answer; callers buffer and report the monitoring degraded, serving never waits f
 
 from __future__ import annotations
 
-import copy
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -131,16 +134,16 @@ class LocalStore:
     def commit(self, model, version, update):
         with self._lock:
             v = self._v(model, version)
-            state, entry = update(copy.deepcopy(v.state))
+            state, entry = update(v.state)
             v.state = state
             if entry is not None:
                 v.history = (v.history + [entry])[-HISTORY:]
-            return copy.deepcopy(state)
+            return state
 
     def read(self, model, version):
         with self._lock:
             v = self._v(model, version)
-            return copy.deepcopy(v.state), list(v.history), v.requests
+            return v.state, list(v.history), v.requests
 
     def baseline_rows(self, model, version, add):
         with self._lock:

@@ -12,7 +12,6 @@ the same one; :func:`advance` is pure.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 __all__ = ["new_state", "advance"]
@@ -24,7 +23,9 @@ def new_state() -> dict[str, Any]:
 
 def advance(state: dict[str, Any] | None, drifted: bool, ended: float, config: Any) -> dict[str, Any]:
     """The state after one more closed window (``drifted`` or clean) that ended at ``ended``."""
-    s = copy.deepcopy(state) if state else new_state()
+    # a shallow copy is enough: every key below is assigned a new value, never changed in place
+    # (so the state passed in, which the store and status readers share, is never touched)
+    s = dict(state) if state else new_state()
     n, k, m = int(config.episode_windows), int(config.episode_drifted), int(config.episode_clean)
     s["windows"] += 1
     s["recent"] = (s["recent"] + [bool(drifted)])[-n:]

@@ -76,7 +76,15 @@ class Layout:
     def count(self, obs: Observation) -> np.ndarray:
         """Bin counts of one observation in the flat layout: each feature's bin indices shifted
         by its offset, then one bincount for all (not one per feature), categories by dict."""
-        slots = []
+        return self.count_slots(self.slots(obs))
+
+    def slots(self, obs: Observation) -> np.ndarray:
+        """Each row's flat slot for each of its values, (rows, values per row); -1 for a value
+        that is not counted (NaN). Binned once per observation: row ranges of it are then
+        counted with :meth:`count_slots` (the monitor counts an observation in window chunks).
+        A column whose length is not a multiple of the rows is counted as a whole (one row)."""
+        n = len(obs)
+        parts = []
         for name, col in self.columns(obs).items():
             i = self._index.get(name)
             if i is None:
@@ -84,18 +92,28 @@ class Layout:
             col = np.asarray(col).reshape(-1)
             if self.numeric[i]:
                 x = col.astype(np.float64, copy=False)
-                if np.isnan(x).any():
-                    x = x[~np.isnan(x)]
-                idx = np.searchsorted(self._inner[name], x, side="right")
+                idx = np.searchsorted(self._inner[name], x, side="right") + self._offset[i]
+                nan = np.isnan(x)
+                if nan.any():
+                    idx[nan] = -1
             else:
                 cats = self._cats[name]
                 other = len(cats)
                 idx = np.fromiter((cats.get(v if type(v) is str else str(v), other) for v in col.tolist()),
-                                  dtype=np.int64, count=len(col))
-            slots.append(idx + self._offset[i])
-        if not slots:
-            return np.zeros(self.length, dtype=np.int64)
-        return np.bincount(np.concatenate(slots), minlength=self.length).astype(np.int64, copy=False)
+                                  dtype=np.int64, count=len(col)) + self._offset[i]
+            parts.append(idx)
+        if not parts:
+            return np.empty((n, 0), dtype=np.int64)
+        if n and all(len(p) % n == 0 for p in parts):
+            return np.concatenate([p.reshape(n, -1) for p in parts], axis=1)
+        return np.concatenate(parts).reshape(1, -1)
+
+    def count_slots(self, slots: np.ndarray) -> np.ndarray:
+        """Flat bin counts of rows of :meth:`slots`."""
+        flat = slots.reshape(-1)
+        if flat.size and flat.min() < 0:
+            flat = flat[flat >= 0]
+        return np.bincount(flat, minlength=self.length).astype(np.int64, copy=False)
 
     def matrix(self, flat: np.ndarray) -> np.ndarray:
         """(features, max_bins) counts from a flat vector, padded with zeros."""

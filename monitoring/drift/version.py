@@ -14,8 +14,6 @@ successful flush sends them in order, so the windows catch up. A failing capture
 
 from __future__ import annotations
 
-import dataclasses
-
 import logging
 import threading
 from collections import deque
@@ -121,17 +119,20 @@ class VersionMonitor:
             self._collect_baseline(obs)
             return
         limit = max(1, int(self.config.window) // CHUNKS_PER_WINDOW)
-        # an observation may hold many batches (capture is amortized): counted in slices of at
-        # most a chunk, so that a window closes within a chunk of its size, not an observation's
+        # an observation may hold many batches (capture is amortized): binned once, then
+        # counted in slices of at most a chunk, so that a window closes within a chunk of its
+        # size, not an observation's
+        try:
+            slots = self.layout.slots(obs)
+        except (ProfileError, ValueError, TypeError) as e:
+            self._problem("features", f"features do not match the profile: {e}")
+            return
+        self._clear("features")
+        if len(slots) != n:  # columns that are not one value set per row: the whole as one chunk
+            limit = n
         for start in range(0, n, limit):
-            part = obs if n <= limit else _rows(obs, start, min(n, start + limit))
-            try:
-                counts = self.layout.count(part)
-            except (ProfileError, ValueError, TypeError) as e:
-                self._problem("features", f"features do not match the profile: {e}")
-                return
-            self._clear("features")
-            rows = len(part)
+            counts = self.layout.count_slots(slots if limit >= n else slots[start:start + limit])
+            rows = min(n, start + limit) - start
             if self.pending and self.pending[-1][1] + rows <= limit:
                 self.pending[-1][0] += counts
                 self.pending[-1][1] += rows
@@ -304,13 +305,3 @@ class VersionMonitor:
         return {"scores": [(f["name"], f["score"]) for f in last.get("features", [])][: int(self.config.max_features)],
                 "detected": bool(episode and episode["open"]), "episodes": int(state.get("episodes", 0)),
                 "requests": self.local_rows, "degraded": degraded}
-
-
-def _rows(obs: Observation, start: int, stop: int) -> Observation:
-    """Rows ``start:stop`` of an observation (views, no copies)."""
-    def cut(cols: dict) -> dict:
-        return {k: v[start:stop] for k, v in cols.items()}
-    return dataclasses.replace(
-        obs, request_ids=obs.request_ids[start:stop], features=cut(obs.features), predictions=cut(obs.predictions),
-        embedding=None if obs.embedding is None else obs.embedding[start:stop],
-        outputs=None if obs.outputs is None else obs.outputs[start:stop])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
+from itertools import islice, repeat
 from typing import Any, Protocol
 
 import orjson
@@ -72,13 +73,21 @@ class MemoryStore:
             del pred[rid]
 
     def put(self, rows, now, expires, max_rows):
+        # one C-level update for the whole batch of rows (a Python loop per row cost about
+        # 2 us a row here, a tenth of all monitoring); ids seen again, rare, then move to the end
+        if not rows:
+            return
+        ids, blobs = zip(*rows)
         with self._lock:
             pred = self._pred
-            for rid, row in rows:
-                pred.pop(rid, None)  # an id seen again: the newest prediction, at the end
-                pred[rid] = (expires, row)
-            while len(pred) > max_rows:
-                pred.popitem(last=False)
+            fresh = pred.keys().isdisjoint(ids)
+            pred.update(zip(ids, zip(repeat(expires), blobs)))
+            if not fresh:  # an id seen again: the newest prediction, at the end
+                for rid in dict.fromkeys(ids):
+                    pred.move_to_end(rid)
+            excess = len(pred) - max_rows
+            if excess > 0:
+                deque(map(pred.__delitem__, list(islice(pred, excess))), maxlen=0)
             self._expire(now)
 
     def get(self, rids, now):

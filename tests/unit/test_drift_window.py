@@ -50,6 +50,25 @@ def test_unseen_categories_and_nan_values(layout):
     assert m[layout.names.index("x")].sum() == 7  # NaN rows are not binned
 
 
+def test_an_observation_binned_once_counts_the_same_in_row_chunks(layout):
+    o = obs(250, 4)
+    o.features["x"][[5, 77]] = np.nan
+    slots = layout.slots(o)
+    assert slots.shape[0] == 250
+    chunks = [layout.count_slots(slots[i:i + 50]) for i in range(0, 250, 50)]
+    assert (sum(chunks) == layout.count(o)).all()
+    assert layout.matrix(chunks[1])[layout.names.index("x")].sum() == 49  # the NaN at row 77 is not counted
+    # the monitor closes windows by row count from such chunks (window 100: chunks of 10 rows)
+    store, vm_cfg = LocalStore(), MonitoringConfig(components=2, window=100)
+    from monitoring.drift.version import VersionMonitor
+
+    vm = VersionMonitor("m", "1", vm_cfg, None, store, clock=lambda: 1.0)
+    vm._adopt(layout.profile, "archive")
+    vm.record(o)
+    assert [rows for _, rows in vm.pending] == [10] * 25
+    assert vm.flush() and store.read("m", "1")[0]["windows"] == 2
+
+
 def test_missing_features_are_not_scored_and_do_not_drift(layout):
     o = obs(600, 3)
     del o.features["z"]

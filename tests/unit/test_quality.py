@@ -343,3 +343,17 @@ def test_classes_that_do_not_match_the_outputs_are_not_used_for_names():
     q.record(obs(["a", "b"], probs(2, classes=4), classes=("x", "y")))  # top-k names, say: not one per output
     r = q.feedback(items([("a", 3), ("b", "x")]))
     assert (r.accepted, r.invalid) == (1, 1) and "class index 0..3" in r.errors[0]
+
+
+def test_the_prediction_log_keeps_the_newest_rows_within_its_bound_and_ttl():
+    from monitoring.quality.store import MemoryStore
+
+    store = MemoryStore()
+    store.put([(f"r{i}", b"%d" % i) for i in range(5)], now=0.0, expires=100.0, max_rows=4)
+    assert store.get(["r0", "r1", "r4"], now=1.0) == [None, b"1", b"4"]  # the oldest trimmed
+    store.put([("r1", b"again"), ("r5", b"5")], now=2.0, expires=200.0, max_rows=4)  # r1 seen again: newest
+    assert store.get(["r1", "r2", "r3"], now=3.0) == [b"again", None, b"3"]
+    assert store.kept(now=150.0) == 2  # r3 and r4 expired; r1 (sent again) and r5 kept
+    assert store.claim(["r1", "r1", "r9"]) == [True, False, False]
+    store.put([], now=151.0, expires=300.0, max_rows=4)
+    assert store.kept(now=151.0) == 1
