@@ -59,7 +59,7 @@ def _image(body, mode, size):
     from PIL import Image
 
     img = Image.open(io.BytesIO(_image_bytes(body))).convert(mode).resize(size)
-    x = torch.tensor(list(img.getdata()), dtype=torch.float32) / 255.0
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).to(torch.float32) / 255.0
     channels = 1 if mode == "L" else 3
     return x.reshape(size[1], size[0], channels).permute(2, 0, 1)
 
