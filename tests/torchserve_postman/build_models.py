@@ -164,6 +164,41 @@ def _pack(path: Path, name: str, task: str, model: torch.nn.Module, labels: list
         z.writestr("postman_model.json", json.dumps({"task": task, "labels": labels}))
 
 
+# densenet_wf.war as pytorch/serve's own densenet workflow spec describes it
+# (frontend/server/src/test/resources/densenet_workflow.yaml), its model the densenet161
+# stand-in from the model store; the pre- and post-processing nodes pass the data through.
+WORKFLOW_SPEC = """models:
+    min-workers: 1
+    max-workers: 2
+    batch-size: 3
+    max-batch-delay: 5000
+
+    densenet:
+      url: densenet161.mar
+
+dag:
+  pre_processing: [densenet]
+  densenet: [post_processing]
+"""
+WORKFLOW_HANDLER = """def pre_processing(data, context):
+    return data
+
+
+def post_processing(data, context):
+    return data
+"""
+
+
+def _pack_workflow(path: Path) -> None:
+    manifest = {"createdOn": "01/01/2025 00:00:00", "archiverVersion": "0.2.15",
+                "workflow": {"workflowName": "densenet", "specFile": "densenet_workflow.yaml",
+                             "handler": "densenet_workflow_handler.py"}}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("WAR-INF/MANIFEST.json", json.dumps(manifest, indent=2))
+        z.writestr("densenet_workflow.yaml", WORKFLOW_SPEC)
+        z.writestr("densenet_workflow_handler.py", WORKFLOW_HANDLER)
+
+
 def build(out: Path) -> Path:
     """Builds every archive into out/mar_files and copies them into out/store."""
     sys.path.insert(0, str(HERE))
@@ -183,6 +218,9 @@ def build(out: Path) -> Path:
             _pack(mar_files / f"{name}.mar", name, "text_label", *_text(labels, expected.get(name, labels[0])))
     finally:
         sys.path.remove(str(HERE))
+    war_files = out / "war_files"
+    war_files.mkdir(exist_ok=True)
+    _pack_workflow(war_files / "densenet_wf.war")
     store = out / "store"
     store.mkdir(exist_ok=True)
     for path in mar_files.glob("*.mar"):
