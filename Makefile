@@ -90,14 +90,25 @@ $(KSERVE_VENV)/.installed:
 	$(KSERVE_VENV)/bin/pip install -q kserve==0.21.0
 	touch $@
 
+# newman (npm), pinned: runs TorchServe's own Postman API collections against Osprey
+# (tests/e2e/test_torchserve_postman.py); installed into its own folder, never globally.
+NEWMAN_VERSION ?= 6.2.2
+NEWMAN_DIR     ?= .newman
+$(NEWMAN_DIR)/node_modules/.bin/newman:
+	@command -v npm >/dev/null || (echo "==> installing Node.js and npm (Debian packages) for newman" && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm)
+	@echo "==> installing newman@$(NEWMAN_VERSION) into $(NEWMAN_DIR) (TorchServe's Postman API tests)"
+	npm install --prefix $(NEWMAN_DIR) --no-audit --no-fund newman@$(NEWMAN_VERSION)
+
 $(RAY_VENV)/.installed:
 	@echo "==> installing ray[default]==2.60.0 (a real local Ray head for the Ray runner's tests) into its own environment $(RAY_VENV)"
 	$(PYTHON) -m venv $(RAY_VENV)
 	$(RAY_VENV)/bin/pip install -q 'ray[default]==2.60.0'
 	touch $@
 
-test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed
+test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed $(NEWMAN_DIR)/node_modules/.bin/newman
 	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
+	  OSPREY_NEWMAN_DIR=$(abspath $(NEWMAN_DIR)) \
 	  $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench-packages: setup

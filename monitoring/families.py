@@ -37,11 +37,11 @@ def fmt(value: float) -> str:
     return repr(float(value))
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "", end: str = "") -> str:
     parts = [f'{n}="{escape(v)}"' for n, v in zip(names, values)]
     if extra:
         parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+    return "{" + ",".join(parts) + end + "}" if parts else ""
 
 
 def render_family(name: str, kind: str, doc: str, lines: Iterable[str]) -> str:
@@ -50,12 +50,18 @@ def render_family(name: str, kind: str, doc: str, lines: Iterable[str]) -> str:
 
 
 class Counter:
-    """A counter family; ``child(*labels)`` is a one-element list to add to."""
+    """A counter family; ``child(*labels)`` is a one-element list to add to.
+
+    ``torchserve=True`` writes each label set as TorchServe 0.12 writes it (its Prometheus
+    Java client ends it with a comma: ``{Level="Host",Hostname="h",}``, which Prometheus
+    reads as the same labels): clients of TorchServe match those lines by text, its own
+    Postman API tests among them (tests/e2e/test_torchserve_postman.py)."""
 
     kind = "counter"
 
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str]):
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str], *, torchserve: bool = False):
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.end = "," if torchserve else ""
         self.children: dict[tuple[str, ...], list[float]] = {}
 
     def child(self, *values: str) -> list[float]:
@@ -69,7 +75,7 @@ class Counter:
             del self.children[key]
 
     def render(self) -> str:
-        lines = (f"{self.name}{_labels(self.labelnames, k)} {fmt(c[0])}\n" for k, c in self.children.items())
+        lines = (f"{self.name}{_labels(self.labelnames, k, end=self.end)} {fmt(c[0])}\n" for k, c in self.children.items())
         return render_family(self.name, self.kind, self.doc, lines)
 
 

@@ -135,11 +135,11 @@ class ServingMetrics:
                                ("model", "version"))
         ts = ("model_name", "model_version", "hostname")
         self.ts_requests = Counter("ts_inference_requests_total",
-                                   "Torchserve prometheus counter metric with unit: Count", ts)
+                                   "Torchserve prometheus counter metric with unit: Count", ts, torchserve=True)
         self.ts_latency = Counter("ts_inference_latency_microseconds",
-                                  "Torchserve prometheus counter metric with unit: Microseconds", ts)
+                                  "Torchserve prometheus counter metric with unit: Microseconds", ts, torchserve=True)
         self.ts_queue = Counter("ts_queue_latency_microseconds",
-                                "Torchserve prometheus counter metric with unit: Microseconds", ts)
+                                "Torchserve prometheus counter metric with unit: Microseconds", ts, torchserve=True)
         model_specs = self.ts_config.model_metrics
         self.ts_handler_time = Gauge("HandlerTime", ts_help("gauge", getattr(model_specs.get("HandlerTime"), "unit", "ms")),
                                      ("ModelName", "Level", "Hostname"))

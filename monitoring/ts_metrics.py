@@ -56,7 +56,7 @@ class TorchServeMetrics:
                                   ("WorkerThreadTime", Gauge, _HOST)):
             spec = config.frontend(name)
             if spec is not None:
-                fams[name] = cls(name, ts_help(cls.kind, spec.unit), labels)
+                fams[name] = cls(name, ts_help(cls.kind, spec.unit), labels, torchserve=True)
         self.families = fams
         host = ("Host", hostname)
         self._status = {k: fams[f"Requests{k}XX"].child(*host) if f"Requests{k}XX" in fams else None for k in (2, 4, 5)}
@@ -106,7 +106,7 @@ class TorchServeMetrics:
         out = [f.render() for f in self.families.values()]
         spec = self.config.frontend("WorkerLoadTime")
         if spec is not None:
-            g = Gauge("WorkerLoadTime", ts_help("gauge", spec.unit), ("WorkerName", "Level", "Hostname"))
+            g = Gauge("WorkerLoadTime", ts_help("gauge", spec.unit), ("WorkerName", "Level", "Hostname"), torchserve=True)
             for mv in versions:
                 for inst in list(mv.instances):
                     seconds = getattr(inst, "load_seconds", None)
@@ -123,7 +123,7 @@ class TorchServeMetrics:
         fams = {}
         for n in wanted:
             labels = ("Level", "DeviceId", "Hostname") if n.startswith("GPU") else _HOST
-            fams[n] = Gauge(n, ts_help("gauge", self.unit(n)), labels)
+            fams[n] = Gauge(n, ts_help("gauge", self.unit(n)), labels, torchserve=True)
         if self.system:
             for name, value, labels in self._read():
                 fam = fams.get(name)

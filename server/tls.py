@@ -206,7 +206,19 @@ def _load_into(ctx: ssl.SSLContext, material: TlsMaterial) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(material.chain_pem + sealed)
-        ctx.load_cert_chain(path, password=password)
+        try:
+            ctx.load_cert_chain(path, password=password)
+        except ssl.SSLError as exc:
+            raise TlsError(f"{material.source}: OpenSSL refuses this key or certificate: {exc.reason or exc}"
+                           f"{_WHY.get(exc.reason, '')}") from None
+
+
+# what OpenSSL's refusals mean at its default security level (TorchServe's Java TLS accepts them)
+_WHY = {
+    "EE_KEY_TOO_SMALL": " (an RSA or DSA key under 2048 bits, or an EC key under 224 bits; "
+                        "make a larger key, e.g. `openssl req -x509 -newkey rsa:2048 ...`)",
+    "CA_MD_TOO_SMALL": " (the certificate is signed with MD5 or SHA-1; sign it with SHA-256)",
+}
 
 
 def server_context(material: TlsMaterial) -> ssl.SSLContext:

@@ -265,3 +265,25 @@ def test_sighup_reloads_the_certificate_for_new_connections(server, pki, tmp_pat
     with _client(new["ca"]) as c:
         assert c.get(f"{server.inference}/ping").status_code == 200
     assert server.proc.poll() is None
+
+
+def test_a_key_openssl_refuses_is_named_with_why(tmp_path):
+    """TorchServe's own test key (1024-bit RSA) works on its Java TLS; OpenSSL 3 refuses it at
+    its default security level. The refusal names the files and says what to do."""
+    from server import tls
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    cert = (x509.CertificateBuilder().subject_name(_name("small")).issuer_name(_name("small"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    material = tls._from_pem(str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
+    with pytest.raises(tls.TlsError) as err:
+        tls.server_context(material)
+    message = str(err.value)
+    assert f"private_key_file={tmp_path / 'key.pem'}" in message
+    assert "EE_KEY_TOO_SMALL" in message and "2048 bits" in message
