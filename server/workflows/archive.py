@@ -85,6 +85,18 @@ def resolve_war(store: str, url: str | None) -> Path:
         raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter url is not a usable file name: {show(url)}")
     if ".." in re.split(r"[/\\]", url):
         raise _not_found(f"Relative path is not allowed in url: {shown}")
+    if re.match(r"^https?://", url, re.I):
+        # TorchServe downloads into the workflow store and first refuses a file already there:
+        # 500 "... already exists NAME" (a FileAlreadyExistsException answered as an internal
+        # error, as for models: server.core.registry._refuse_download). The status is a quirk,
+        # kept because TorchServe's own tests (re-registering a workflow by its URL) expect it.
+        name = re.split(r"[?#]", url, maxsplit=1)[0].rstrip().rsplit("/", 1)[-1]
+        try:
+            there = bool(name) and name not in (".", "..") and (Path(store) / name).exists()
+        except (OSError, ValueError):
+            there = False
+        if there:
+            raise OspreyError(ErrorKind.INTERNAL, f"Workflow file already exists {name}")
     if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I):
         raise OspreyError(ErrorKind.BAD_INPUT, f"Workflow URL {shown}: downloading archives is not supported; "
                                                "put the .war in the workflow store (the model store unless "

@@ -29,17 +29,9 @@ pytestmark = pytest.mark.skipif(
     reason=f"newman (node) is not installed: `make test` installs it, or "
            f"npm install --prefix {runs.NEWMAN_DIR} newman@{runs.NEWMAN_VERSION}")
 
-WORKFLOWS = "workflow API (/workflows, .war archives): built on its own branch, not merged yet"
-
 # Tests TorchServe 0.12 passes here that Osprey does not (yet), each by its full name (as
-# runs.results names it) with its reason. The workflow run's other TorchServe passes (an
-# unknown workflow or a malformed URL: 404) pass on Osprey already, as any unknown path does.
-EXPECTED_FAILURES: dict[str, str] = {
-    f"workflow #{name} | workflow management request | Successful  request": WORKFLOWS
-    for name in ("00 Register Densenet Workflow - Happy Path", "01 List Workflow - Happy Path",
-                 "02 Describe Workflow - Happy Path", "03 Re Register Densenet Workflow - Conflict",
-                 "04 Unregister Workflow - Happy Path", "05 Register Densenet Workflow - Invalid URL")
-}
+# runs.results names it) with its reason. None at present: keep it so, or name the reason.
+EXPECTED_FAILURES: dict[str, str] = {}
 
 
 def _expected_failure(name: str) -> str | None:

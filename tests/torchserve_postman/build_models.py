@@ -223,8 +223,8 @@ def build(out: Path) -> Path:
     _pack_workflow(war_files / "densenet_wf.war")
     store = out / "store"
     store.mkdir(exist_ok=True)
-    for path in mar_files.glob("*.mar"):
-        shutil.copy(path, store / path.name)
+    for path in [*mar_files.glob("*.mar"), war_files / "densenet_wf.war"]:
+        shutil.copy(path, store / path.name)  # the store is also the workflow store
     return out
 
 
