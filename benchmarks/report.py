@@ -310,7 +310,7 @@ def _peer_startup_lines(data: dict) -> list[str]:
     summ = [p for p in peer_summary(data) if not p["system"].endswith("_grpc")]
     if not summ:
         return []
-    L = ["Osprey against each Python peer, same models, each started alone on the idle machine:", "",
+    L = ["Osprey against each Python peer, same models, each started in turn (the servers started before it idle beside it):", "",
          "| peer | all models answering s | Osprey s | peer/Osprey | RSS idle MiB | Osprey MiB | peer/Osprey |",
          "|---|---|---|---|---|---|---|"]
     for p in summ:
@@ -329,7 +329,9 @@ def _peers_section(data: dict) -> list[str]:
          "torch pinned first, then the peer's pinned release) and serves the models unpacked from the same archives "
          "(same TorchScript file, same batchSize and maxBatchDelay, the same preprocessing code as the archives' "
          "handler files, `benchmarks/peers/common.py`), with its server file in `benchmarks/peers/`. Every point "
-         "runs on each system back to back.", ""]
+         "runs on each system back to back. No peer writes an access log line per request (Osprey writes none): "
+         "MLServer `debug: false` (its default is true), Ray Serve `enable_access_log: False`, BentoML "
+         "`logging.access.enabled: False`, LitServe at log level warning; everything else is each peer's default.", ""]
     summ = {p["system"]: p for p in peer_summary(data)}
     for name, info in peers.items():
         L.append(f"### {info.get('label', name)} (`{name}`, installed {info.get('version') or '?'})")
@@ -550,7 +552,7 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
                          + ", ".join(f"{s['rss_mib']:.0f}" for s in runs) + " MiB")
     L += ["", "RSS is the whole process tree: Osprey's one process; TorchServe's JVM plus its Python workers "
           "(its Python launcher not counted); FastAPI's uvicorn process; each Python peer's whole tree (MLServer's "
-          "server and its inference worker, LitServe's server and its inference worker, Ray's driver, GCS, raylet "
+          "server and its inference worker, LitServe's API server and inference worker processes, Ray's driver, GCS, raylet "
           "and actors, BentoML's supervisor and its service worker).", ""]
     L += _peer_startup_lines(data)
 

@@ -1,18 +1,20 @@
-"""One command for the whole benchmark: Osprey vs TorchServe 0.12 vs FastAPI vs the raw ceiling.
+"""One command for the whole benchmark: Osprey vs TorchServe 0.12, the Python peers (MLServer,
+LitServe, Ray Serve, BentoML), FastAPI and the raw ceiling.
 
-    .venv/bin/python -m benchmarks.run            # full run (about 30 minutes on 2 cores)
-    .venv/bin/python -m benchmarks.run --quick    # tiny MLP only, under 2 minutes
+    .venv/bin/python -m benchmarks.run            # full run (about 70 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run --quick    # tiny MLP only, every system, about 5 minutes
 
 Steps: build the models (same archive files for every server); measure the raw ceiling
 (forward passes in a loop at batch 1..64, no server); install TorchServe 0.12 into
-``benchmarks/.work/tsvenv`` unless present; then for each system start the real server,
+``benchmarks/.work/tsvenv`` unless present, and each Python peer into ``benchmarks/.work/peer-NAME``
+(``benchmarks/peerenv.py``); then for each system start the real server,
 record start-up time and resident memory, drive each model with ``hey`` (closed loop at
 each concurrency, warm-up first), an exact closed-loop run at concurrency 1 with the
 benchmark's own driver, and the open loop: first the system's open-loop capacity, the
 highest Poisson rate it holds with the open-loop driver itself (short probes stepping down
 from its best closed-loop throughput), then a full-length run at 70% of that; stop it.
 Osprey is also driven over gRPC: closed loop with ``benchmarks/grpc_driver.py`` (Python
-grpc.aio) and, at concurrency 1, with the C++ client ``benchmarks/grpc_c1`` (plus the same
+grpc.aio; MLServer's gRPC port the same way, point by point beside it) and, at concurrency 1, with the C++ client ``benchmarks/grpc_c1`` (plus the same
 client against its own C++ server: the client + transport floor); where a setting exists,
 Osprey also runs with metrics off. Writes ``benchmarks/results/latest.json``, the plots, and
 ``benchmarks/RESULTS.md`` (``benchmarks/report.py``).
@@ -568,7 +570,7 @@ def install_peers(names: list[str], work: Path, result: dict, notes: list[str]) 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Osprey vs TorchServe vs FastAPI vs the raw ceiling")
-    ap.add_argument("--quick", action="store_true", help="tiny MLP only, short runs (under 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="tiny MLP only, short runs (about 5 minutes)")
     ap.add_argument("--work", default=str(HERE / ".work"), help="scratch folder (venvs, archives, logs)")
     ap.add_argument("--out", default=str(HERE / "results"), help="where latest.json and the plots go")
     ap.add_argument("--report", default=str(HERE / "RESULTS.md"), help="the Markdown report to write")
