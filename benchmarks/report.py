@@ -534,13 +534,14 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
                              + ("**yes**" if pr["held"] else "no: " + (pr.get("why") or "")) + " |")
             L.append("")
 
-    L += ["## Start-up and memory", "", "| system | models | first answer s | all models answering s | RSS idle MiB | RSS after load MiB |",
-          "|---|---|---|---|---|---|"]
+    L += ["## Start-up and memory", "", "| system | models | first answer s | all models answering s | RSS idle MiB | "
+          "RSS after load MiB | CPU while idle, % of a core |", "|---|---|---|---|---|---|---|"]
     mem = {(m["system"], m["when"]): m["rss_mib"] for m in data.get("memory", [])}
+    idle = {m["system"]: m.get("idle_cpu_pct") for m in data.get("memory", []) if m["when"] == "idle, models loaded"}
     for s in data.get("startup", []):
         L.append(f"| {SYSTEM_LABEL.get(s['system'], s['system'])} | {s['models']} | {s['first_answer_s']:.2f} | "
                  f"{s['all_models_s']:.2f} | {_f(mem.get((s['system'], 'idle, models loaded')))} | "
-                 f"{_f(mem.get((s['system'], 'after load')))} |")
+                 f"{_f(mem.get((s['system'], 'after load')))} | {_f(idle.get(s['system']), '{:.1f}')} |")
     single = data.get("startup_single", [])
     if single:
         L += ["", "One tiny MLP only, process start to first answer (each run):", ""]
@@ -553,7 +554,9 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
     L += ["", "RSS is the whole process tree: Osprey's one process; TorchServe's JVM plus its Python workers "
           "(its Python launcher not counted); FastAPI's uvicorn process; each Python peer's whole tree (MLServer's "
           "server and its inference worker, LitServe's API server and inference worker processes, Ray's driver, GCS, raylet "
-          "and actors, BentoML's supervisor and its service worker).", ""]
+          "and actors, BentoML's supervisor and its service worker). CPU while idle: the whole tree's CPU time over 2 s "
+          "right after its start with no request coming (its background threads and daemons); every server stays up "
+          "while the others are measured, so this is what each takes from the others' points.", ""]
     L += _peer_startup_lines(data)
 
     ceil = data.get("ceiling", {})

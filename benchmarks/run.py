@@ -418,7 +418,7 @@ def started(system: str, server: Server, result: dict, notes: list[str]) -> None
         f"all {len(server.models)} models {server.startup.get('all_models_s', 0):.2f} s, RSS {server.rss_mb():.0f} MiB")
     result["startup"].append({"system": system, "models": [m.name for m in server.models], **server.startup})
     result["memory"].append({"system": system, "when": "idle, models loaded", "models": [m.name for m in server.models],
-                             "rss_mib": server.rss_mb()})
+                             "rss_mib": server.rss_mb(), "idle_cpu_pct": round(server.idle_cpu_pct(), 2)})
 
 
 def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict, result: dict,

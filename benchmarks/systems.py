@@ -27,7 +27,8 @@ import psutil
 
 from .models import BenchModel
 
-__all__ = ["free_port", "Osprey", "TorchServe", "FastAPIApp", "ConstantApp", "tree_rss_mb", "post"]
+__all__ = ["free_port", "Osprey", "TorchServe", "FastAPIApp", "ConstantApp", "tree_rss_mb", "tree_cpu_s", "post",
+           "PEER_SERVERS"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +53,23 @@ def tree_rss_mb(pid: int) -> float:
         except psutil.NoSuchProcess:
             pass
     return total / 2**20
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def post(url: str, body: bytes, content_type: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -97,6 +115,13 @@ class Server:
 
     def rss_mb(self) -> float:
         return tree_rss_mb(self.rss_pid)
+
+    def idle_cpu_pct(self, seconds: float = 2.0) -> float:
+        """CPU the whole process tree uses while no request comes (background threads and daemons), in % of
+        one core: what an idle server takes from the others while they are measured."""
+        before, t0 = tree_cpu_s(self.proc.pid), time.monotonic()
+        time.sleep(seconds)
+        return 100.0 * (tree_cpu_s(self.proc.pid) - before) / (time.monotonic() - t0)
 
     def start(self, timeout: float = 240.0) -> "Server":
         self.work.mkdir(parents=True, exist_ok=True)

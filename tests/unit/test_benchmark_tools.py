@@ -375,7 +375,7 @@ def test_report_sets_each_peer_beside_osprey(tmp_path):
     data["startup"] = [{"system": "osprey", "models": 2, "first_answer_s": 1.0, "all_models_s": 1.5},
                        {"system": "mlserver", "models": 2, "first_answer_s": 6.0, "all_models_s": 6.0}]
     data["memory"] = [{"system": "osprey", "when": "idle, models loaded", "rss_mib": 300.0},
-                      {"system": "mlserver", "when": "idle, models loaded", "rss_mib": 600.0}]
+                      {"system": "mlserver", "when": "idle, models loaded", "rss_mib": 600.0, "idle_cpu_pct": 3.25}]
     data["peers"] = {"mlserver": {"label": "MLServer 1.7", "version": "1.7.1", "models": ["mlp"],
                                   "batching": {"mlp": {"batch_size": 32, "delay_ms": 5.0}},
                                   "requests": {"mlp": {"url_path": "/v2/models/mlp/infer", "content_type": "application/json",
@@ -398,5 +398,6 @@ def test_report_sets_each_peer_beside_osprey(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "Osprey/MLServer" in text and "Osprey gRPC/MLServer gRPC" in text and "15.00x" in text
     assert "| MLServer 1.7 REST | 6.00 | 1.50 | 4.00x | 600 | 300 | 2.00x |" in text   # start-up and memory
+    assert "| MLServer 1.7 REST | 2 | 6.00 | 6.00 | 600 | – | 3.2 |" in text           # and its CPU while idle
     assert "Protocol: the Open Inference Protocol only" in text                       # what it does differently
     assert "Not measured: could not be installed: no network" in text                 # a peer that could not run
