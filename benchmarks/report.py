@@ -21,9 +21,17 @@ __all__ = ["generate", "goals"]
 HERE = Path(__file__).resolve().parent
 SYSTEM_LABEL = {"osprey": "Osprey REST", "osprey_grpc": "Osprey gRPC", "torchserve": "TorchServe 0.12",
                 "fastapi": "FastAPI", "uvicorn_constant": "uvicorn constant", "osprey_nometrics": "Osprey (metrics off)",
-                "osprey_grpc_live": "Osprey gRPC ServerLive"}
+                "osprey_grpc_live": "Osprey gRPC ServerLive", "mlserver": "MLServer 1.7 REST",
+                "mlserver_grpc": "MLServer 1.7 gRPC", "litserve": "LitServe 0.2", "rayserve": "Ray Serve 2.60",
+                "bentoml": "BentoML 1.4"}
+# The Python peers (issue 15): a column each, and Osprey / peer beside it (gRPC against Osprey's gRPC).
+PEERS = ("mlserver", "mlserver_grpc", "litserve", "rayserve", "bentoml")
+PEER_SHORT = {"mlserver": "MLServer", "mlserver_grpc": "MLServer gRPC", "litserve": "LitServe",
+              "rayserve": "Ray Serve", "bentoml": "BentoML"}
 SHORT = {"osprey": "Osprey", "osprey_grpc": "Osprey\ngRPC", "torchserve": "TorchServe", "fastapi": "FastAPI",
-         "uvicorn_constant": "const.", "osprey_grpc_live": "gRPC\nlive", "osprey_nometrics": "no metrics"}
+         "uvicorn_constant": "const.", "osprey_grpc_live": "gRPC\nlive", "osprey_nometrics": "no metrics",
+         "mlserver": "MLServer", "mlserver_grpc": "MLServer\ngRPC", "litserve": "LitServe", "rayserve": "Ray\nServe",
+         "bentoml": "BentoML"}
 MODEL_LABEL = {"mlp": "tiny MLP, batchSize 32 / 5 ms", "mlp_nb": "tiny MLP, batching off (batchSize 1)",
                "cnn": "ResNet-18-sized CNN, batchSize 32 / 5 ms", "digits_cnn": "digits_cnn (`osprey examples`), batchSize 16 / 5 ms",
                "digits_cnn_builtin": "digits_cnn as built (built-in image_classifier)"}
@@ -271,14 +279,93 @@ def plots(data: dict, out: Path) -> list[str]:
     return made
 
 
+# --- the Python peers -------------------------------------------------------------------
+def peer_summary(data: dict) -> list[dict]:
+    """Per peer that ran: Osprey / peer on the best-of-run throughput per model, start-up and idle RSS."""
+    startup = {s["system"]: s for s in data.get("startup", [])}
+    mem = {m["system"]: m["rss_mib"] for m in data.get("memory", []) if m["when"] == "idle, models loaded"}
+    out = []
+    for peer in PEERS:
+        rows = [r for r in data.get("closed", []) if r.get("system") == peer]
+        if not rows and peer not in startup:
+            continue
+        mine = "osprey_grpc" if peer.endswith("_grpc") else "osprey"
+        by_model = {}
+        for m in sorted({r["model"] for r in rows}):
+            pairs = [(_row(data, mine, m, r["concurrency"]), r) for r in rows if r["model"] == m]
+            ratios = [_ratio(o and o.get("rps"), r.get("rps")) for o, r in pairs]
+            ratios = [x for x in ratios if x is not None]
+            if ratios:
+                by_model[m] = {"min": min(ratios), "max": max(ratios),
+                               "c32": _ratio((_row(data, mine, m, 32) or {}).get("rps"), (_row(data, peer, m, 32) or {}).get("rps"))}
+        base = peer.removesuffix("_grpc")
+        s, o = startup.get(base), startup.get("osprey")
+        out.append({"system": peer, "ratios": by_model,
+                    "startup_s": s and s.get("all_models_s"), "osprey_startup_s": o and o.get("all_models_s"),
+                    "rss_mib": mem.get(base), "osprey_rss_mib": mem.get("osprey")})
+    return out
+
+
+def _peer_startup_lines(data: dict) -> list[str]:
+    summ = [p for p in peer_summary(data) if not p["system"].endswith("_grpc")]
+    if not summ:
+        return []
+    L = ["Osprey against each Python peer, same models, each started in turn (the servers started before it idle beside it):", "",
+         "| peer | all models answering s | Osprey s | peer/Osprey | RSS idle MiB | Osprey MiB | peer/Osprey |",
+         "|---|---|---|---|---|---|---|"]
+    for p in summ:
+        L.append(f"| {SYSTEM_LABEL[p['system']]} | {_f(p['startup_s'], '{:.2f}')} | {_f(p['osprey_startup_s'], '{:.2f}')} | "
+                 f"{_x(_ratio(p['startup_s'], p['osprey_startup_s']))} | {_f(p['rss_mib'])} | {_f(p['osprey_rss_mib'])} | "
+                 f"{_x(_ratio(p['rss_mib'], p['osprey_rss_mib']))} |")
+    return L + [""]
+
+
+def _peers_section(data: dict) -> list[str]:
+    peers = data.get("peers") or {}
+    if not peers:
+        return []
+    L = ["## The Python peers: how each was set up, and what it does differently", "",
+         "Each peer is installed by the benchmark into its own virtual environment (`benchmarks/peerenv.py`: "
+         "torch pinned first, then the peer's pinned release) and serves the models unpacked from the same archives "
+         "(same TorchScript file, same batchSize and maxBatchDelay, the same preprocessing code as the archives' "
+         "handler files, `benchmarks/peers/common.py`), with its server file in `benchmarks/peers/`. Every point "
+         "runs on each system back to back. No peer writes an access log line per request (Osprey writes none): "
+         "MLServer `debug: false` (its default is true), Ray Serve `enable_access_log: False`, BentoML "
+         "`logging.access.enabled: False`, LitServe at log level warning; everything else is each peer's default.", ""]
+    summ = {p["system"]: p for p in peer_summary(data)}
+    for name, info in peers.items():
+        L.append(f"### {info.get('label', name)} (`{name}`, installed {info.get('version') or '?'})")
+        L.append("")
+        if info.get("error"):
+            L += [f"Not measured: {info['error']}", ""]
+            continue
+        batching = ", ".join(f"{m} {b['batch_size']} / {b['delay_ms']:g} ms" for m, b in (info.get("batching") or {}).items())
+        L.append(f"- Models: {', '.join(info.get('models') or [])}; batching (max batch / delay): {batching or '–'}")
+        reqs = info.get("requests") or {}
+        if reqs:
+            L.append("- Requests: " + "; ".join(f"{m} `POST {r['url_path']}` ({r['content_type']}, {r['body_bytes']} bytes)"
+                                                for m, r in reqs.items()))
+        for d in info.get("differences") or []:
+            L.append(f"- {d}")
+        for sysname in (name, f"{name}_grpc"):
+            p = summ.get(sysname)
+            if p and p["ratios"]:
+                L.append(f"- Osprey{' gRPC' if sysname.endswith('_grpc') else ''} / {SYSTEM_LABEL[sysname]} req/s: "
+                         + "; ".join(f"{m} {_x(r['min'])}-{_x(r['max'])} over the concurrencies"
+                                     + (f" ({_x(r['c32'])} at c=32)" if r.get("c32") else "") for m, r in p["ratios"].items()))
+        L.append("")
+    return L
+
+
 # --- markdown -------------------------------------------------------------------------
 def _model_table(data: dict, m: str) -> list[str]:
     conc = sorted({r["concurrency"] for r in data["closed"] if r["model"] == m})
     has = lambda s: any(r["system"] == s and r["model"] == m for r in data["closed"])
     ceil, bs = _ceiling_best(data, m)
-    cols = [s for s in ("osprey", "osprey_grpc", "torchserve", "fastapi") if has(s)]
+    cols = [s for s in ("osprey", "osprey_grpc", "torchserve", "fastapi", *PEERS) if has(s)]
     head = ["c"] + [f"{SYSTEM_LABEL[s]} req/s" for s in cols]
     ratios = [("torchserve", "Osprey/TorchServe"), ("fastapi", "Osprey/FastAPI")]
+    ratios += [(s, f"Osprey{' gRPC' if s.endswith('_grpc') else ''}/{PEER_SHORT[s]}") for s in PEERS]
     ratios = [(s, lbl) for s, lbl in ratios if s in cols]
     head += [lbl for _, lbl in ratios]
     if ceil:
@@ -290,7 +377,8 @@ def _model_table(data: dict, m: str) -> list[str]:
         cells = [str(c)] + [_f((_row(data, s, m, c) or {}).get("rps")) for s in cols]
         for s, _ in ratios:
             other = _row(data, s, m, c)
-            cells.append(_x(_ratio(o and o["rps"], other and other["rps"])))
+            mine = _row(data, "osprey_grpc", m, c) if s.endswith("_grpc") else o
+            cells.append(_x(_ratio(mine and mine["rps"], other and other["rps"])))
         if ceil:
             share = _ratio(o and o["rps"], ceil)
             cells.append(_f(share and 100 * share, "{:.0f}%" if share and share >= 0.01 else "{:.2f}%"))
@@ -340,6 +428,8 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
     if cst:
         L += ["Python HTTP ceiling (bare uvicorn ASGI app answering a constant, same body and `hey`): "
               + ", ".join(f"c={r['concurrency']}: {r['rps']:.0f} req/s, p50 {r.get('p50_ms', 0):.2f} ms" for r in cst), ""]
+
+    L += _peers_section(data)
 
     ex = data.get("exact_c1", [])
     if ex:
@@ -444,24 +534,30 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
                              + ("**yes**" if pr["held"] else "no: " + (pr.get("why") or "")) + " |")
             L.append("")
 
-    L += ["## Start-up and memory", "", "| system | models | first answer s | all models answering s | RSS idle MiB | RSS after load MiB |",
-          "|---|---|---|---|---|---|"]
+    L += ["## Start-up and memory", "", "| system | models | first answer s | all models answering s | RSS idle MiB | "
+          "RSS after load MiB | CPU while idle, % of a core |", "|---|---|---|---|---|---|---|"]
     mem = {(m["system"], m["when"]): m["rss_mib"] for m in data.get("memory", [])}
+    idle = {m["system"]: m.get("idle_cpu_pct") for m in data.get("memory", []) if m["when"] == "idle, models loaded"}
     for s in data.get("startup", []):
         L.append(f"| {SYSTEM_LABEL.get(s['system'], s['system'])} | {s['models']} | {s['first_answer_s']:.2f} | "
                  f"{s['all_models_s']:.2f} | {_f(mem.get((s['system'], 'idle, models loaded')))} | "
-                 f"{_f(mem.get((s['system'], 'after load')))} |")
+                 f"{_f(mem.get((s['system'], 'after load')))} | {_f(idle.get(s['system']), '{:.1f}')} |")
     single = data.get("startup_single", [])
     if single:
         L += ["", "One tiny MLP only, process start to first answer (each run):", ""]
-        for sysname in ("osprey", "torchserve"):
+        for sysname in ("osprey", "torchserve", *PEERS):
             runs = [s for s in single if s["system"] == sysname]
             if runs:
                 L.append(f"- {SYSTEM_LABEL[sysname]}: " + ", ".join(f"{s['first_answer_s']:.2f} s" for s in runs)
                          + f" (median {statistics.median(s['first_answer_s'] for s in runs):.2f} s); RSS "
                          + ", ".join(f"{s['rss_mib']:.0f}" for s in runs) + " MiB")
     L += ["", "RSS is the whole process tree: Osprey's one process; TorchServe's JVM plus its Python workers "
-          "(its Python launcher not counted); FastAPI's uvicorn process.", ""]
+          "(its Python launcher not counted); FastAPI's uvicorn process; each Python peer's whole tree (MLServer's "
+          "server and its inference worker, LitServe's API server and inference worker processes, Ray's driver, GCS, raylet "
+          "and actors, BentoML's supervisor and its service worker). CPU while idle: the whole tree's CPU time over 2 s "
+          "right after its start with no request coming (its background threads and daemons); every server stays up "
+          "while the others are measured, so this is what each takes from the others' points.", ""]
+    L += _peer_startup_lines(data)
 
     ceil = data.get("ceiling", {})
     if ceil:

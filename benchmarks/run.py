@@ -1,18 +1,20 @@
-"""One command for the whole benchmark: Osprey vs TorchServe 0.12 vs FastAPI vs the raw ceiling.
+"""One command for the whole benchmark: Osprey vs TorchServe 0.12, the Python peers (MLServer,
+LitServe, Ray Serve, BentoML), FastAPI and the raw ceiling.
 
-    .venv/bin/python -m benchmarks.run            # full run (about 30 minutes on 2 cores)
-    .venv/bin/python -m benchmarks.run --quick    # tiny MLP only, under 2 minutes
+    .venv/bin/python -m benchmarks.run            # full run (about 70 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run --quick    # tiny MLP only, every system, about 5 minutes
 
 Steps: build the models (same archive files for every server); measure the raw ceiling
 (forward passes in a loop at batch 1..64, no server); install TorchServe 0.12 into
-``benchmarks/.work/tsvenv`` unless present; then for each system start the real server,
+``benchmarks/.work/tsvenv`` unless present, and each Python peer into ``benchmarks/.work/peer-NAME``
+(``benchmarks/peerenv.py``); then for each system start the real server,
 record start-up time and resident memory, drive each model with ``hey`` (closed loop at
 each concurrency, warm-up first), an exact closed-loop run at concurrency 1 with the
 benchmark's own driver, and the open loop: first the system's open-loop capacity, the
 highest Poisson rate it holds with the open-loop driver itself (short probes stepping down
 from its best closed-loop throughput), then a full-length run at 70% of that; stop it.
 Osprey is also driven over gRPC: closed loop with ``benchmarks/grpc_driver.py`` (Python
-grpc.aio) and, at concurrency 1, with the C++ client ``benchmarks/grpc_c1`` (plus the same
+grpc.aio; MLServer's gRPC port the same way, point by point beside it) and, at concurrency 1, with the C++ client ``benchmarks/grpc_c1`` (plus the same
 client against its own C++ server: the client + transport floor); where a setting exists,
 Osprey also runs with metrics off. Writes ``benchmarks/results/latest.json``, the plots, and
 ``benchmarks/RESULTS.md`` (``benchmarks/report.py``).
@@ -37,7 +39,7 @@ from urllib.parse import urlsplit
 
 from . import load
 from .models import BenchModel, build_models
-from .systems import ConstantApp, FastAPIApp, Osprey, Server, TorchServe, tree_rss_mb
+from .systems import PEER_SERVERS, ConstantApp, FastAPIApp, Osprey, Server, TorchServe, tree_rss_mb
 
 __all__ = ["main"]
 
@@ -137,7 +139,8 @@ def conc_for(system: str, m: BenchModel, p: dict) -> list[int]:
 
 def closed_point(system: str, server: Server, m: BenchModel, c: int, p: dict) -> dict:
     duration = p["cnn_duration"] if m.kind == "cnn" else p["duration"]
-    r = load.hey(server.predict_url(m.name), str(m.body), m.content_type, c, duration, p["warmup"])
+    body, content_type = server.request_for(m)
+    r = load.hey(server.predict_url(m.name), str(body), content_type, c, duration, p["warmup"])
     r.update(system=system, model=m.name, protocol="rest", concurrency=c, tool="hey")
     log(f"  {system:18s} {m.name:18s} c={c:<4d} {r['rps']:9.1f} req/s  p50 {r.get('p50_ms', 0):7.2f} ms"
         f"  p99 {r.get('p99_ms', 0):7.2f} ms  errors {r['errors']}")
@@ -149,8 +152,9 @@ def closed_rows(system: str, server: Server, models: list[BenchModel], p: dict) 
 
 
 def exact_c1(system: str, server: Server, m: BenchModel, p: dict) -> dict:
+    body, content_type = server.request_for(m)
     r = run_json([sys.executable, "-m", "benchmarks.openloop", "--url", server.predict_url(m.name),
-                  "--body", str(m.body), "--content-type", m.content_type, "--closed", "1",
+                  "--body", str(body), "--content-type", content_type, "--closed", "1",
                   "--duration", str(p["exact_c1"]), "--warmup", "1"], timeout=p["exact_c1"] + 120)
     r.update(system=system, model=m.name, protocol="rest", concurrency=1, tool="openloop --closed 1")
     log(f"  {system:18s} {m.name:10s} exact c=1: p50 {r.get('p50_ms', 0):.3f} ms p99 {r.get('p99_ms', 0):.3f} ms")
@@ -185,13 +189,14 @@ P99_TIMES_C1 = 50.0
 def open_run(server: Server, m: BenchModel, rate: float, duration: float, warmup: float, p: dict) -> dict:
     """One open-loop run (Poisson at ``rate``): the driver's JSON plus ``wall_s``, its wall-clock time."""
     url = server.predict_url(m.name)
+    body, content_type = server.request_for(m)
     if p.get("openloop_bin"):
         parts = urlsplit(url)
-        cmd = [p["openloop_bin"], parts.hostname, str(parts.port), parts.path, str(m.body), m.content_type,
+        cmd = [p["openloop_bin"], parts.hostname, str(parts.port), parts.path, str(body), content_type,
                f"{rate:.1f}", f"{duration:g}", f"{warmup:g}", "512", "1"]
     else:
-        cmd = [sys.executable, "-m", "benchmarks.openloop", "--url", url, "--body", str(m.body),
-               "--content-type", m.content_type, "--rate", f"{rate:.1f}", "--duration", f"{duration:g}",
+        cmd = [sys.executable, "-m", "benchmarks.openloop", "--url", url, "--body", str(body),
+               "--content-type", content_type, "--rate", f"{rate:.1f}", "--duration", f"{duration:g}",
                "--warmup", f"{warmup:g}"]
     t0 = time.monotonic()
     r = run_json(cmd, timeout=duration + warmup + 180)
@@ -310,26 +315,29 @@ def run_json_group(cmd: list[str], timeout: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def grpc_rows(server: Osprey, models: list[BenchModel], p: dict, notes: list[str]) -> list[dict]:
-    """Osprey over gRPC (Open Inference Protocol ModelInfer, FP32 1x16) with benchmarks/grpc_driver.py,
-    plus ServerLive at c=1 (the transport floor); a marked gap when the driver is missing."""
+def grpc_rows(targets: list[tuple[str, Server]], models: list[BenchModel], p: dict, notes: list[str]) -> list[dict]:
+    """Each target over gRPC (Open Inference Protocol ModelInfer, FP32 1x16) with benchmarks/grpc_driver.py,
+    every point on each target back to back (Osprey as ``osprey_grpc``, MLServer as ``mlserver_grpc``), plus
+    Osprey's ServerLive at c=1 (the transport floor); a marked gap when the driver is missing."""
     driver = HERE / "grpc_driver.py"
     if not driver.exists():
         notes.append("gRPC rows missing: benchmarks/grpc_driver.py does not exist yet")
         return []
     rows = []
-    points = [(m, c, "oip") for m in models for c in p["concurrency"]] + [(models[0], 1, "live")] if models else []
-    for m, c, api in points:
+    points = [(m, c, "oip", system, server) for m in models for c in p["concurrency"] for system, server in targets]
+    points += [(models[0], 1, "live", system, server) for system, server in targets
+               if system == "osprey_grpc"] if models else []
+    for m, c, api, system, server in points:
         cmd = [sys.executable, str(driver), "--target", server.grpc, "--api", api, "--model", m.name,
                "--input", "INPUT0:FP32:1," + ",".join(map(str, m.input_shape)), "-c", str(c),
                "-p", str(1 if c < 8 else 2), "-d", str(p["duration"]), "--warmup", str(p["warmup"])]
         try:
             r = run_json_group(cmd, timeout=p["duration"] + p["warmup"] + 120)
         except Exception as exc:  # leave a marked gap, keep going
-            notes.append(f"gRPC {api} {m.name} c={c} missing: {str(exc)[:300]}")
+            notes.append(f"gRPC {system} {api} {m.name} c={c} missing: {str(exc)[:300]}")
             continue
         lat = r.get("latency_ms", {})
-        row = {"system": "osprey_grpc" if api == "oip" else "osprey_grpc_live", "model": m.name, "protocol": "grpc",
+        row = {"system": system if api == "oip" else f"{system}_live", "model": m.name, "protocol": "grpc",
                "concurrency": c, "tool": "grpc_driver (" + api + ")", "rps": r.get("throughput_rps") or 0.0,
                "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "mean_ms": lat.get("mean"),
                "n": r.get("requests"), "errors": r.get("errors"), "command": " ".join(cmd[1:]), "raw": r}
@@ -410,7 +418,7 @@ def started(system: str, server: Server, result: dict, notes: list[str]) -> None
         f"all {len(server.models)} models {server.startup.get('all_models_s', 0):.2f} s, RSS {server.rss_mb():.0f} MiB")
     result["startup"].append({"system": system, "models": [m.name for m in server.models], **server.startup})
     result["memory"].append({"system": system, "when": "idle, models loaded", "models": [m.name for m in server.models],
-                             "rss_mib": server.rss_mb()})
+                             "rss_mib": server.rss_mb(), "idle_cpu_pct": round(server.idle_cpu_pct(), 2)})
 
 
 def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict, result: dict,
@@ -458,12 +466,15 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
                                  "rss_mib": server.rss_mb()})
 
 
-def startup_repeats(work: Path, model: BenchModel, ts_bin: Path | None, repeats: int, result: dict) -> None:
+def startup_repeats(work: Path, model: BenchModel, ts_bin: Path | None, repeats: int, result: dict,
+                    peer_python: dict[str, Path] | None = None) -> None:
     """Start each server with only the tiny MLP, several times: process start to first answer."""
     for i in range(repeats):
         kinds = [("osprey", lambda w: Osprey(w, [model]))]
         if ts_bin is not None:
             kinds.append(("torchserve", lambda w: TorchServe(w, [model], ts_bin)))
+        for peer, python in (peer_python or {}).items():
+            kinds.append((peer, lambda w, peer=peer, python=python: PEER_SERVERS[peer](w, [model], python)))
         for name, make in kinds:
             server = make(work / f"startup-{name}-{i}")
             try:
@@ -530,14 +541,40 @@ def profile_osprey(work: Path, model: BenchModel, seconds: float, out_dir: Path,
 
 
 # --- main -----------------------------------------------------------------------------
+# mlserver_grpc: MLServer's gRPC port, driven by grpc_driver.py beside Osprey's gRPC
+ALL_SYSTEMS = ("osprey", "osprey_grpc", "torchserve", "fastapi", "uvicorn_constant", "ceiling",
+               "mlserver", "mlserver_grpc", "litserve", "rayserve", "bentoml")
+
+
+def peers_wanted(systems: set[str]) -> list[str]:
+    """The peers to start: each named one, and MLServer also when only its gRPC is asked for."""
+    return [name for name in PEER_SERVERS if name in systems or f"{name}_grpc" in systems]
+
+
+def install_peers(names: list[str], work: Path, result: dict, notes: list[str]) -> dict[str, Path]:
+    """Each peer's venv (created on demand, reused when present): name -> its python."""
+    from .peerenv import PEERS, ensure_peer, installed_version
+
+    pythons = {}
+    for name in names:
+        venv = work / f"peer-{name}"
+        try:
+            pythons[name] = ensure_peer(name, venv, log=log)
+            result["peers"][name] = {"label": PEERS[name].label, "version": installed_version(venv, PEERS[name]),
+                                     "packages": list(PEERS[name].packages)}
+        except Exception as exc:
+            notes.append(f"{name} rows missing: {str(exc)[:800]}")
+            result["peers"][name] = {"label": PEERS[name].label, "error": f"could not be installed: {str(exc)[:300]}"}
+    return pythons
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Osprey vs TorchServe vs FastAPI vs the raw ceiling")
-    ap.add_argument("--quick", action="store_true", help="tiny MLP only, short runs (under 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="tiny MLP only, short runs (about 5 minutes)")
     ap.add_argument("--work", default=str(HERE / ".work"), help="scratch folder (venvs, archives, logs)")
     ap.add_argument("--out", default=str(HERE / "results"), help="where latest.json and the plots go")
     ap.add_argument("--report", default=str(HERE / "RESULTS.md"), help="the Markdown report to write")
-    ap.add_argument("--systems", default="osprey,osprey_grpc,torchserve,fastapi,uvicorn_constant,ceiling",
-                    help="comma-separated subset")
+    ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma-separated subset of " + ",".join(ALL_SYSTEMS))
     ap.add_argument("--cnn-side", type=int, default=112,
                     help="CNN input is 3xSxS float32 (112: about 20 ms a sample here, enough requests per point)")
     ap.add_argument("--job-queue-size", type=int, default=1000,
@@ -575,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                              "loadavg_start": load_start},
                     "models": {}, "ceiling": {}, "closed": [], "exact_c1": [], "open": [], "grpc_c1": [], "startup": [],
                     "startup_single": [], "memory": [], "variants": [], "overload": [], "profile": None, "notes": notes, "loadavg": [],
-                    "config": {}}
+                    "config": {}, "peers": {}}
     log(f"building models in {work} ({result['meta']['mode']} run)")
     models = build_models(work, cnn_side=args.cnn_side, with_cnn=p["with_cnn"], with_digits=p["with_digits"], log=notes)
     result["models"] = {n: m.as_json() for n, m in models.items()}
@@ -606,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             result["meta"]["machine"]["torchserve"] = "0.12.0"
         except Exception as exc:
             notes.append(f"TorchServe rows missing: {exc}")
+
+    peer_python = install_peers(peers_wanted(systems), work, result, notes)
 
     def guarded(name: str, fn) -> None:
         try:
@@ -640,6 +679,18 @@ def main(argv: list[str] | None = None) -> int:
                 servers["fastapi"] = FastAPIApp(work / "fastapi", fm).start()
                 started("fastapi", servers["fastapi"], result, notes)
             guarded("fastapi start", start_fastapi)
+        for peer, python in peer_python.items():
+            def start_peer(peer=peer, python=python):
+                server = PEER_SERVERS[peer](work / peer, served, python).start()
+                servers[peer] = server
+                started(peer, server, result, notes)
+                result["peers"][peer].update(server.describe_peer())
+            try:
+                start_peer()
+            except Exception as exc:
+                traceback.print_exc()
+                notes.append(f"{peer} start failed: {type(exc).__name__}: {str(exc)[:500]}")
+                result["peers"][peer]["error"] = f"did not start: {str(exc)[:300]}"
         if "uvicorn_constant" in systems:
             def start_constant():
                 servers["uvicorn_constant"] = ConstantApp(work / "constant", [models["mlp"]]).start()
@@ -653,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
                     servers[tag].config = cfg
                     p["variant_tags"].append(tag)
                 guarded(f"variant {tag} start", start_variant)
-        rest = {k: v for k, v in servers.items() if k != "osprey" or "osprey" in systems}
+        rest = {k: v for k, v in servers.items() if k not in ("osprey", "mlserver") or k in systems}
         guarded("closed/open loop", lambda: drive_all(rest, models, p, result, notes))
         if args.overload > 0 and "osprey" in servers:
             from .overload import overload
@@ -661,9 +712,13 @@ def main(argv: list[str] | None = None) -> int:
             over = [m for m in servers["osprey"].models if m.name in ("mlp", "digits_cnn")]
             guarded("overload", lambda: result["overload"].extend(
                 overload({"osprey": servers["osprey"]}, over, seconds=args.overload, binary=p["openloop_bin"])))
+        targets = [(f"{name}_grpc", servers[name]) for name in ("osprey", "mlserver")
+                   if f"{name}_grpc" in systems and name in servers]
+        if targets:
+            grpc_models = [m for m in targets[0][1].models if m.kind == "mlp" and m.batching]
+            guarded("grpc", lambda: result["closed"].extend(grpc_rows(targets, grpc_models, p, notes)))
         if "osprey_grpc" in systems and "osprey" in servers:
             grpc_models = [m for m in servers["osprey"].models if m.kind == "mlp" and m.batching]
-            guarded("grpc", lambda: result["closed"].extend(grpc_rows(servers["osprey"], grpc_models, p, notes)))
             if grpc_bin and grpc_models:
                 guarded("grpc c=1 (C++ client)", lambda: result["grpc_c1"].extend(
                     grpc_cpp_rows(grpc_bin, servers["osprey"], grpc_models[0], p, notes)))
@@ -672,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     if p["startup_repeats"] and "osprey" in systems:
-        guarded("startup", lambda: startup_repeats(work, models["mlp"], ts_bin, p["startup_repeats"], result))
+        guarded("startup", lambda: startup_repeats(work, models["mlp"], ts_bin, p["startup_repeats"], result,
+                                                        peer_python))
 
     if p["profile_s"] and not args.no_profile and "osprey" in systems:
         guarded("profile", lambda: profile_osprey(work, models["mlp"], p["profile_s"], out, result))

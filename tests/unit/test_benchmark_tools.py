@@ -295,3 +295,109 @@ def test_retraining_cost_archive_keeps_the_example_but_triggers_and_gate(tmp_pat
            "steps": [{"step": "data", "ts": 11.0}, {"step": "training", "ts": 20.0}]}
     assert _durations(rec) == {"id": "j", "state": "rejected", "started": 10.0, "finished": 25.5, "job_s": 15.5,
                                "training_s": 9.0}
+
+
+# --- the Python peers (issue 15): what they are given and how the report sets them beside Osprey ---
+def test_peer_spec_comes_from_the_archive_every_server_loads(tmp_path):
+    """A peer serves the archive's own TorchScript file with the archive's batching and, for an image
+    model, its labels and `handler:` preprocessing (read from model-config.yaml, not restated)."""
+    import zipfile
+
+    from benchmarks.models import BenchModel
+    from benchmarks.peerspec import archive_spec
+
+    mar = tmp_path / "digits.mar"
+    with zipfile.ZipFile(mar, "w") as zf:
+        zf.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "digits", "serializedFile": "d.pt",
+                                                                   "handler": "h.py", "configFile": "model-config.yaml"}}))
+        zf.writestr("d.pt", b"weights")
+        zf.writestr("index_to_name.json", json.dumps({"0": "zero"}))
+        zf.writestr("model-config.yaml", "batchSize: 16\nmaxBatchDelay: 7\nhandler:\n  resize: [8, 8]\n  topk: 3\n")
+    m = BenchModel("digits", mar, tmp_path / "x.png", "image/png", "digits")
+    spec = archive_spec(m, tmp_path / "out")
+    assert (spec["batch_size"], spec["delay_ms"]) == (16, 7.0)
+    assert spec["labels"] == {"0": "zero"} and spec["preprocess"] == {"resize": [8, 8], "topk": 3}
+    assert open(spec["weights"], "rb").read() == b"weights"
+
+
+def test_oip_and_multipart_bodies_carry_the_same_input(tmp_path):
+    import base64
+
+    import numpy as np
+
+    from benchmarks.models import BenchModel
+    from benchmarks.peerspec import multipart, oip_json
+
+    mlp = BenchModel("mlp", tmp_path / "a.mar", tmp_path / "b", "application/json", "mlp", input_shape=(16,))
+    row = [0.1 * i for i in range(16)]
+    assert oip_json(mlp, json.dumps(row).encode()) == {
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": row}]}
+    cnn = BenchModel("cnn", tmp_path / "a.mar", tmp_path / "b", "application/octet-stream", "cnn", input_shape=(3, 2, 2))
+    raw = np.arange(12, dtype=np.float32)
+    inp = oip_json(cnn, raw.tobytes())["inputs"][0]
+    assert inp["shape"] == [1, 3, 2, 2] and inp["data"] == raw.tolist()
+    digits = BenchModel("d", tmp_path / "a.mar", tmp_path / "b", "image/png", "digits")
+    inp = oip_json(digits, b"\x89PNG..")["inputs"][0]
+    assert inp["datatype"] == "BYTES" and base64.b64decode(inp["data"][0]) == b"\x89PNG.."
+
+    body, ctype = multipart("request", "x.png", b"\x89PNG\r\n", "image/png")
+    assert ctype == "multipart/form-data; boundary=osprey-bench-boundary"
+    # the file's bytes are framed by the boundary exactly once, untouched
+    assert body.count(b"--osprey-bench-boundary") == 2 and b"\r\n\r\n\x89PNG\r\n\r\n--osprey-bench-boundary--" in body
+
+
+def test_peer_envs_pin_torch_before_the_peer():
+    from benchmarks.peerenv import PEERS, install_steps
+    from benchmarks.tsenv import TORCH_PIN
+
+    for peer in PEERS.values():
+        first, second = install_steps(peer)
+        assert first == [TORCH_PIN]                      # torch alone, before anything can pull another
+        assert TORCH_PIN in second and set(peer.packages) <= set(second)
+        assert all("==" in p or "<" in p for p in peer.packages)  # every peer release pinned
+
+
+def test_every_peer_is_in_the_default_run():
+    from benchmarks.run import ALL_SYSTEMS, peers_wanted
+    from benchmarks.systems import PEER_SERVERS
+
+    assert set(peers_wanted(set(ALL_SYSTEMS))) == set(PEER_SERVERS) == {"mlserver", "litserve", "rayserve", "bentoml"}
+    assert peers_wanted({"osprey", "mlserver_grpc"}) == ["mlserver"]  # its gRPC needs the server started
+
+
+def test_report_sets_each_peer_beside_osprey(tmp_path):
+    from benchmarks.report import generate, peer_summary
+
+    data = _data(9000, 2000, 1.0, 2.5, 1000)
+    row = lambda s, m, c, rps: {"system": s, "model": m, "concurrency": c, "rps": rps, "p50_ms": 1.0, "p99_ms": 2.0}
+    data["closed"] += [row("mlserver", "mlp", 32, 600), row("mlserver", "mlp", 1, 400), row("rayserve", "mlp", 32, 450),
+                       row("osprey_grpc", "mlp", 32, 8000), row("mlserver_grpc", "mlp", 32, 1000)]
+    data["startup"] = [{"system": "osprey", "models": 2, "first_answer_s": 1.0, "all_models_s": 1.5},
+                       {"system": "mlserver", "models": 2, "first_answer_s": 6.0, "all_models_s": 6.0}]
+    data["memory"] = [{"system": "osprey", "when": "idle, models loaded", "rss_mib": 300.0},
+                      {"system": "mlserver", "when": "idle, models loaded", "rss_mib": 600.0, "idle_cpu_pct": 3.25}]
+    data["peers"] = {"mlserver": {"label": "MLServer 1.7", "version": "1.7.1", "models": ["mlp"],
+                                  "batching": {"mlp": {"batch_size": 32, "delay_ms": 5.0}},
+                                  "requests": {"mlp": {"url_path": "/v2/models/mlp/infer", "content_type": "application/json",
+                                                       "body_bytes": 160}},
+                                  "differences": ["Protocol: the Open Inference Protocol only"]},
+                     "bentoml": {"label": "BentoML 1.4", "error": "could not be installed: no network"}}
+    by = {p["system"]: p for p in peer_summary(data)}
+    assert by["mlserver"]["ratios"]["mlp"]["c32"] == pytest.approx(15.0)   # 9000 / 600
+    assert by["mlserver_grpc"]["ratios"]["mlp"]["c32"] == pytest.approx(8.0)  # Osprey's gRPC / MLServer's gRPC
+    assert by["mlserver"]["startup_s"] == 6.0 and by["rayserve"]["ratios"]["mlp"]["c32"] == pytest.approx(20.0)
+
+    data.update(meta={"date": "2026-11-29 00:00 UTC", "mode": "quick", "duration_s": 60, "command": "x",
+                      "plan": {"duration": 3, "cnn_duration": 3},
+                      "machine": {"nproc": 2, "cpu_model": "test", "mem_mib": 1, "kernel": "k", "python": "3",
+                                  "torch": "2", "torch_threads": 2, "osprey_commit": "abc"}},
+                models={}, notes=[], variants=[], startup_single=[], loadavg=[])
+    src = tmp_path / "latest.json"
+    src.write_text(json.dumps(data))
+    generate(src, tmp_path / "RESULTS.md", tmp_path)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Osprey/MLServer" in text and "Osprey gRPC/MLServer gRPC" in text and "15.00x" in text
+    assert "| MLServer 1.7 REST | 6.00 | 1.50 | 4.00x | 600 | 300 | 2.00x |" in text   # start-up and memory
+    assert "| MLServer 1.7 REST | 2 | 6.00 | 6.00 | 600 | – | 3.2 |" in text           # and its CPU while idle
+    assert "Protocol: the Open Inference Protocol only" in text                       # what it does differently
+    assert "Not measured: could not be installed: no network" in text                 # a peer that could not run
