@@ -158,6 +158,9 @@ def test_a_failing_node_fails_the_request_500_with_torchservess_words(srv):
     ("", 404, torchserve("POST /workflows {'url': ''}")["body"]["message"]),
     ("../x.war", 404, torchserve("POST /workflows {'url': '../x.war'}")["body"]["message"]),
     (None, 400, torchserve("POST /workflows")["body"]["message"]),
+    # no downloads; a URL whose file is in the store gets TorchServe's 500 (its re-register test)
+    ("http://127.0.0.1:9/absent.war", 400, "downloading archives is not supported"),
+    ("https://example.invalid/war_files/seq.war", 500, "Workflow file already exists seq.war"),
 ])
 def test_bad_workflow_archives_are_refused_clearly_and_leave_nothing_behind(srv, url, status, words):
     before = _models(srv)
