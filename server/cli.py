@@ -39,6 +39,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--pid-file", default=None, help=f"where the server's pid is written (default {DEFAULT_PID_FILE})")
     p.add_argument("--log-file", help="log to this file (background mode default: logs/osprey.log)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ready-line", help=argparse.SUPPRESS)  # also printed when ready (osprey torchserve's)
 
 
 def _package_parser(sub) -> None:
@@ -49,7 +50,7 @@ def _package_parser(sub) -> None:
                                    "load; the flags are torch-model-archiver's.")
     p.add_argument("--model-name", required=True,
                    help="the model's name: the archive is NAME.mar and the model is served as NAME")
-    p.add_argument("--version", default="1.0", help="the model's version (default: %(default)s)")
+    p.add_argument("--version", "-v", default="1.0", help="the model's version (default: %(default)s)")
     p.add_argument("--model-file", help="a Python file defining the model's architecture (eager-mode models)")
     p.add_argument("--serialized-file",
                    help="the model's weights or whole model (a state_dict or TorchScript .pt/.pth file)")
@@ -60,8 +61,11 @@ def _package_parser(sub) -> None:
     p.add_argument("--requirements-file", "-r", help="a requirements.txt naming the Python packages the model needs")
     p.add_argument("--config-file", "-c", help="a model-config YAML file (batchSize, maxBatchDelay, workers, ...)")
     p.add_argument("--export-path", default=".", help="the folder to write the archive to (default: current folder)")
-    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip"],
-                   help="default/zip: NAME.mar (a zip); tgz: NAME.tar.gz; no-archive: a folder NAME/")
+    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip-store", "zip"],
+                   help="default/zip: NAME.mar (a zip); zip-store: NAME.mar uncompressed; tgz: NAME.tar.gz; "
+                        "no-archive: a folder NAME/")
+    p.add_argument("--runtime", default="python", choices=["python", "python3", "LSP"],
+                   help="the manifest's runtime (default: %(default)s; LSP, TorchServe's C++ backend, is refused)")
     p.add_argument("--force", "-f", action="store_true", help="overwrite an archive that already exists")
     p.add_argument("--reference-data", metavar="PATH",
                    help="a sample of requests as clients send them (a folder of files, .jsonl of bodies, .csv of "
@@ -323,7 +327,7 @@ def cmd_serve(args) -> int:
 
     specs = list(args.models) or list(settings.load_models)
     models = parse_model_specs(specs, settings.model_store)
-    return run(settings, models)
+    return run(settings, models, ready_line=args.ready_line)
 
 
 def _serve_background(args, settings) -> int:
@@ -378,7 +382,8 @@ def cmd_package(args) -> int:
                              serialized_file=args.serialized_file, model_file=args.model_file,
                              extra_files=[f for f in args.extra_files.split(",") if f],
                              requirements_file=args.requirements_file, config_file=args.config_file,
-                             export_path=args.export_path, archive_format=args.archive_format, force=args.force)
+                             export_path=args.export_path, archive_format=args.archive_format, force=args.force,
+                             runtime=args.runtime)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"osprey package: {exc}", file=sys.stderr)
         return 1
@@ -399,6 +404,12 @@ def cmd_examples(args) -> int:
             print(f"{name:20s} {family}")
         return 0
     return build_examples(args.out, only=args.only)
+
+
+def cmd_torchserve(args) -> int:
+    from server.torchserve_cli import run
+
+    return run(args)
 
 
 def cmd_monitor(args) -> int:
@@ -425,10 +436,13 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _worker_parser(sub)
     _jobs_parser(sub)
+    from server.torchserve_cli import add_parser as _torchserve_parser
+
+    _torchserve_parser(sub, DEFAULT_PID_FILE)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
             "profile": cmd_profile, "monitor": cmd_monitor, "rollback": cmd_rollback,
-            "worker": cmd_worker, "jobs": cmd_jobs, "retrain": cmd_retrain, "demo": cmd_demo}[args.command](args)
+            "worker": cmd_worker, "jobs": cmd_jobs, "retrain": cmd_retrain, "demo": cmd_demo, "torchserve": cmd_torchserve}[args.command](args)
 
 
 if __name__ == "__main__":
