@@ -40,6 +40,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--log-file", help="log to this file (background mode default: logs/osprey.log)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--ready-line", help=argparse.SUPPRESS)  # also printed when ready (osprey torchserve's)
+    p.add_argument("--torchserve-defaults", action="store_true", help=argparse.SUPPRESS)  # osprey torchserve's
 
 
 def _package_parser(sub) -> None:
@@ -282,7 +283,10 @@ def _settings_from(args):
         "enable_grpc_ssl": args.enable_grpc_ssl,
         "pid_file": args.pid_file or DEFAULT_PID_FILE,
     }
-    return load_settings(args.ts_config, overrides=overrides)
+    from server.torchserve_cli import TORCHSERVE_DEFAULTS
+
+    return load_settings(args.ts_config, overrides=overrides,
+                         defaults=TORCHSERVE_DEFAULTS if getattr(args, "torchserve_defaults", False) else None)
 
 
 def _pid_alive(pid: int) -> bool:

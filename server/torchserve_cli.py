@@ -13,6 +13,7 @@ of TorchServe 0.12's ``ts/arg_parser.py`` is accepted; what it does maps onto ``
 - ``--stop``: SIGTERM to the pid in the pid file, ``./key_file.json`` removed, the pid file
   removed; with ``--foreground`` it waits (up to 60 s) for the server to exit.
 - The messages scripts read are TorchServe's ("TorchServe is not currently running.", ...).
+- The settings whose defaults differ take TorchServe's (TORCHSERVE_DEFAULTS below).
 - ``--log-config``, ``--cpp-log-config`` (log4j2 / C++ backend logging) and ``--plugins-path``
   (Java plugin jars) mean nothing to Osprey: each is named on standard error as ignored.
   ``--workflow-store`` too: Osprey serves no workflows. ``--no-config-snapshots`` is what Osprey
@@ -30,11 +31,17 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["add_parser", "run", "READY_LINE", "TS_VERSION"]
+__all__ = ["add_parser", "run", "READY_LINE", "TS_VERSION", "TORCHSERVE_DEFAULTS"]
 
 TS_VERSION = "0.12.0"
 READY_LINE = "Model server started."  # what TorchServe's frontend prints when ready; ts.launcher waits for it
 STOP_WAIT_S = 60.0  # torchserve --stop --foreground waits this long, as TorchServe does
+# Settings whose defaults differ between TorchServe 0.12 and `osprey serve`: started as
+# `torchserve`, Osprey takes TorchServe's (config.properties, TS_/OSPREY_ variables and flags
+# still win): its log files in ./logs, its metrics log files, 400 for a bad or missing token,
+# keys that expire after 60 minutes.
+TORCHSERVE_DEFAULTS = {"log_location": "logs", "metrics_mode": "log", "token_auth_status": 400,
+                       "token_expiration_min": 60.0}
 
 _IGNORED = {
     "log_config": ("--log-config", "a log4j2 file: Osprey logs with Python logging (log_location and "
@@ -143,7 +150,8 @@ def _start(args) -> int:
     if not os.path.isdir(model_store):
         return _fail(f"--model-store directory not found: {model_store}")
     argv = [sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", model_store,
-            "--pid-file", args.pid_file, "--ready-line", READY_LINE]
+            "--pid-file", args.pid_file, "--ready-line", READY_LINE,
+            "--torchserve-defaults"]
     if ts_config:
         argv += ["--ts-config", ts_config]
     if args.models:
