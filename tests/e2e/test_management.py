@@ -226,3 +226,21 @@ def test_a_model_slower_to_load_than_its_startup_timeout_is_refused_and_others_s
     assert r.status_code == 503, r.text
     assert "did not load within 1 s (startupTimeout)" in r.json()["message"]
     assert httpx.post(f"{srv.inference}/predictions/m1", json=[1.0] * 16, timeout=30).status_code == 200
+
+
+def test_a_background_load_past_its_startup_timeout_is_logged_in_torchserves_words_too(srv):
+    """synchronous=false: nobody waits for the answer, so the log says it, with the two lines
+    TorchServe logs ("Backend worker error", then its exception's line), which scripts and
+    TorchServe's test_startup_timeout wait for; the version is unregistered."""
+    from tests.gates import wait_until
+
+    r = httpx.post(f"{srv.management}/models", params={"url": "slowload.mar", "model_name": "slowbg",
+                                                        "synchronous": "false"}, timeout=30)
+    assert r.status_code == 202, r.text
+    wait_until(lambda: "Backend worker error" in srv.log(), timeout=30)
+    lines = srv.log().splitlines()
+    at = next(i for i, line in enumerate(lines) if "Backend worker error" in line)
+    assert "model slowbg version 1.0 failed to load" in lines[at] and "within 1 s (startupTimeout)" in lines[at]
+    assert lines[at + 1] == ("org.pytorch.serve.wlm.WorkerInitializationException: "
+                             "Backend worker did not respond in given time; unregistering it")
+    wait_until(lambda: httpx.get(f"{srv.management}/models/slowbg").status_code == 404, timeout=30)
