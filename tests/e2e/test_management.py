@@ -204,6 +204,12 @@ def test_token_auth(osprey, store):
     assert httpx.get(f"{srv.metrics}/metrics").status_code == 200  # metrics need no key
     assert httpx.get(f"{srv.inference}/v2/health/ready").json() == {"ready": True}  # nor probes
     assert httpx.get(f"{srv.inference}/ping").status_code == 401  # TorchServe's ping does
+    # the token before the route, as TorchServe: unknown paths and methods are a token failure too
+    assert httpx.post(f"{srv.management}/workflows", params={"url": "x.war"}).status_code == 401
+    assert httpx.post(f"{srv.inference}/wfpredict/x").status_code == 401
+    assert httpx.delete(f"{srv.management}/models").status_code == 401
+    assert httpx.post(f"{srv.management}/workflows", headers=mgmt).status_code == 404
+    assert httpx.delete(f"{srv.management}/models", headers=mgmt).status_code == 405
     assert httpx.get(f"{srv.inference}/v2/models/mlp").status_code == 401
     # the API key rotates the inference key
     r = httpx.post(f"{srv.management}/token", params={"type": "inference"},
