@@ -39,9 +39,10 @@ STOP_WAIT_S = 60.0  # torchserve --stop --foreground waits this long, as TorchSe
 # Settings whose defaults differ between TorchServe 0.12 and `osprey serve`: started as
 # `torchserve`, Osprey takes TorchServe's (config.properties, TS_/OSPREY_ variables and flags
 # still win): its log files in ./logs, its metrics log files, 400 for a bad or missing token,
-# keys that expire after 60 minutes.
+# keys that expire after 60 minutes, no workers for a model registered without a number of them
+# (TorchServe's default_workers_per_model is 0, "not configured": "registered with 0 initial workers").
 TORCHSERVE_DEFAULTS = {"log_location": "logs", "metrics_mode": "log", "token_auth_status": 400,
-                       "token_expiration_min": 60.0}
+                       "token_expiration_min": 60.0, "default_workers_per_model": 0}
 
 _IGNORED = {
     "log_config": ("--log-config", "a log4j2 file: Osprey logs with Python logging (log_location and "
