@@ -428,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osprey", description="Osprey model server")
     parser.add_argument("--version", action="version", version=f"osprey {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    args_given = sys.argv[1:] if argv is None else argv
+    if args_given[:1] == ["torchserve"]:  # scripts call it often (stop, start): skip the other
+        from server.torchserve_cli import add_parser  # commands' parsers and their imports (~1 s)
+
+        add_parser(sub, DEFAULT_PID_FILE)
+        return cmd_torchserve(parser.parse_args(argv))
     _serve_parser(sub)
     stop = sub.add_parser("stop", help="stop a server started in the background")
     stop.add_argument("--pid-file", default=DEFAULT_PID_FILE)
