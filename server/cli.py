@@ -40,6 +40,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--pid-file", default=None, help=f"where the server's pid is written (default {DEFAULT_PID_FILE})")
     p.add_argument("--log-file", help="log to this file (background mode default: logs/osprey.log)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--ready-line", help=argparse.SUPPRESS)  # also printed when ready (osprey torchserve's)
+    p.add_argument("--torchserve-defaults", action="store_true", help=argparse.SUPPRESS)  # osprey torchserve's
 
 
 def _package_parser(sub) -> None:
@@ -50,7 +52,7 @@ def _package_parser(sub) -> None:
                                    "load; the flags are torch-model-archiver's.")
     p.add_argument("--model-name", required=True,
                    help="the model's name: the archive is NAME.mar and the model is served as NAME")
-    p.add_argument("--version", default="1.0", help="the model's version (default: %(default)s)")
+    p.add_argument("--version", "-v", default="1.0", help="the model's version (default: %(default)s)")
     p.add_argument("--model-file", help="a Python file defining the model's architecture (eager-mode models)")
     p.add_argument("--serialized-file",
                    help="the model's weights or whole model (a state_dict or TorchScript .pt/.pth file)")
@@ -61,8 +63,11 @@ def _package_parser(sub) -> None:
     p.add_argument("--requirements-file", "-r", help="a requirements.txt naming the Python packages the model needs")
     p.add_argument("--config-file", "-c", help="a model-config YAML file (batchSize, maxBatchDelay, workers, ...)")
     p.add_argument("--export-path", default=".", help="the folder to write the archive to (default: current folder)")
-    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip"],
-                   help="default/zip: NAME.mar (a zip); tgz: NAME.tar.gz; no-archive: a folder NAME/")
+    p.add_argument("--archive-format", default="default", choices=["default", "tgz", "no-archive", "zip-store", "zip"],
+                   help="default/zip: NAME.mar (a zip); zip-store: NAME.mar uncompressed; tgz: NAME.tar.gz; "
+                        "no-archive: a folder NAME/")
+    p.add_argument("--runtime", default="python", choices=["python", "python3", "LSP"],
+                   help="the manifest's runtime (default: %(default)s; LSP, TorchServe's C++ backend, is refused)")
     p.add_argument("--force", "-f", action="store_true", help="overwrite an archive that already exists")
     p.add_argument("--reference-data", metavar="PATH",
                    help="a sample of requests as clients send them (a folder of files, .jsonl of bodies, .csv of "
@@ -280,7 +285,10 @@ def _settings_from(args):
         "enable_grpc_ssl": args.enable_grpc_ssl,
         "pid_file": args.pid_file or DEFAULT_PID_FILE,
     }
-    return load_settings(args.ts_config, overrides=overrides)
+    from server.torchserve_cli import TORCHSERVE_DEFAULTS
+
+    return load_settings(args.ts_config, overrides=overrides,
+                         defaults=TORCHSERVE_DEFAULTS if getattr(args, "torchserve_defaults", False) else None)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -325,7 +333,7 @@ def cmd_serve(args) -> int:
 
     specs = list(args.models) or list(settings.load_models)
     models = parse_model_specs(specs, settings.model_store)
-    return run(settings, models)
+    return run(settings, models, ready_line=args.ready_line)
 
 
 def _serve_background(args, settings) -> int:
@@ -380,7 +388,8 @@ def cmd_package(args) -> int:
                              serialized_file=args.serialized_file, model_file=args.model_file,
                              extra_files=[f for f in args.extra_files.split(",") if f],
                              requirements_file=args.requirements_file, config_file=args.config_file,
-                             export_path=args.export_path, archive_format=args.archive_format, force=args.force)
+                             export_path=args.export_path, archive_format=args.archive_format, force=args.force,
+                             runtime=args.runtime)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"osprey package: {exc}", file=sys.stderr)
         return 1
@@ -403,6 +412,12 @@ def cmd_examples(args) -> int:
     return build_examples(args.out, only=args.only)
 
 
+def cmd_torchserve(args) -> int:
+    from server.torchserve_cli import run
+
+    return run(args)
+
+
 def cmd_monitor(args) -> int:
     from monitoring.report import run
 
@@ -415,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="osprey", description="Osprey model server")
     parser.add_argument("--version", action="version", version=f"osprey {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    args_given = sys.argv[1:] if argv is None else argv
+    if args_given[:1] == ["torchserve"]:  # scripts call it often (stop, start): skip the other
+        from server.torchserve_cli import add_parser  # commands' parsers and their imports (~1 s)
+
+        add_parser(sub, DEFAULT_PID_FILE)
+        return cmd_torchserve(parser.parse_args(argv))
     _serve_parser(sub)
     stop = sub.add_parser("stop", help="stop a server started in the background")
     stop.add_argument("--pid-file", default=DEFAULT_PID_FILE)
@@ -427,10 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(sub)
     _worker_parser(sub)
     _jobs_parser(sub)
+    from server.torchserve_cli import add_parser as _torchserve_parser
+
+    _torchserve_parser(sub, DEFAULT_PID_FILE)
     args = parser.parse_args(argv)
     return {"serve": cmd_serve, "stop": cmd_stop, "package": cmd_package, "examples": cmd_examples,
             "profile": cmd_profile, "monitor": cmd_monitor, "rollback": cmd_rollback,
-            "worker": cmd_worker, "jobs": cmd_jobs, "retrain": cmd_retrain, "demo": cmd_demo}[args.command](args)
+            "worker": cmd_worker, "jobs": cmd_jobs, "retrain": cmd_retrain, "demo": cmd_demo, "torchserve": cmd_torchserve}[args.command](args)
 
 
 if __name__ == "__main__":

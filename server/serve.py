@@ -93,7 +93,7 @@ def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str 
         for item in (s.strip() for s in spec.split(",")):
             if not item:
                 continue
-            if item == "all":
+            if item.lower() == "all":  # TorchServe: ALL, all, any case
                 store = Path(model_store)
                 for p in sorted(store.iterdir()) if store.is_dir() else ():
                     if p.name.endswith((".mar", ".tar.gz", ".tgz")) or (p / "MAR-INF").is_dir():
@@ -427,7 +427,7 @@ def _write_pid(path: str) -> None:
     Path(path).write_text(str(os.getpid()))
 
 
-async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int:
+async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None) -> int:
     t0 = time.monotonic()
     server = Server(settings)
     loop = asyncio.get_running_loop()
@@ -454,6 +454,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     server.dataplane.started = True
     log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)
     print(f"Osprey ready: {loaded}/{len(models)} models, inference at {settings.inference_address}", flush=True)
+    if ready_line:  # `osprey torchserve`: the line TorchServe prints when ready, which its scripts wait for
+        print(ready_line, flush=True)
     await server.stopping.wait()
     log.info("stopping")
     await server.stop()
@@ -465,7 +467,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]]) -> int
     return 0
 
 
-def run(settings: Settings, models: list[tuple[str | None, str]]) -> int:
+def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None) -> int:
     if settings.switch_interval > 0:
         sys.setswitchinterval(settings.switch_interval)
     if settings.torch_threads:
@@ -475,6 +477,6 @@ def run(settings: Settings, models: list[tuple[str | None, str]]) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_main(settings, models))
+        return uvloop.run(_main(settings, models, ready_line))
     except ImportError:
-        return asyncio.run(_main(settings, models))
+        return asyncio.run(_main(settings, models, ready_line))

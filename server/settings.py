@@ -285,8 +285,10 @@ def load_settings(
     config_file: str | os.PathLike | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build Settings from a config.properties file, the environment and overrides."""
+    """Build Settings from a config.properties file, the environment and overrides; ``defaults``
+    replace Settings' own defaults (what none of the others sets)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     props: dict[str, str] = {}
@@ -306,6 +308,8 @@ def load_settings(
     for key, var in (("log_location", "LOG_LOCATION"), ("metrics_location", "METRICS_LOCATION")):
         if not values.get(key) and env.get(var):  # TorchServe's log4j2 reads these whatever the config says
             values[key] = env[var]
+    for key, value in (defaults or {}).items():
+        values.setdefault(key, _coerce(key, value))
     settings = Settings(**values)
     from server.instances import canonical_envelope
 

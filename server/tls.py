@@ -99,6 +99,15 @@ def _material(key, certs: list, source: str, key_setting: str, cert_setting: str
     if leaf is None:
         raise TlsError(f"settings {key_setting} and {cert_setting}: the private key does not belong to the "
                        f"certificate ({certs[0].subject.rfc4514_string()}); give the key the certificate was made for")
+    bits = getattr(key, "key_size", None)
+    from cryptography.hazmat.primitives.asymmetric import dsa, rsa
+
+    if isinstance(key, (rsa.RSAPrivateKey, dsa.DSAPrivateKey)) and bits < 2048:
+        # OpenSSL's default security level refuses it at the first handshake ("ee key too small")
+        raise TlsError(f"{source}: the {bits}-bit {'RSA' if isinstance(key, rsa.RSAPrivateKey) else 'DSA'} key is "
+                       "too small; OpenSSL (and so Osprey) serves TLS with keys of at least 2048 bits (TorchServe's "
+                       "Java accepts smaller ones): make a new key and certificate, e.g. `openssl req -x509 "
+                       "-newkey rsa:2048 -nodes -keyout key.pem -out cert.pem -days 365 -subj /CN=HOST`")
     chain = [leaf] + [c for c in certs if c is not leaf]  # the server's own certificate first
     not_after = leaf.not_valid_after_utc
     if not_after < datetime.now(timezone.utc):

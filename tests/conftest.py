@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# TorchServe's own pytest modules (copied, with their own conftest): run by
+# tests/e2e/test_torchserve_pytest.py in a pytest process of their own, never collected here
+collect_ignore = ["torchserve_pytest"]
 
 
 _GIVEN: set[int] = set()

@@ -347,12 +347,16 @@ def write_archive(*, model_name: str, version: str = "1.0", handler: str,
                   serialized_file: str | None = None, model_file: str | None = None,
                   extra_files: list[str] | None = None, requirements_file: str | None = None,
                   config_file: str | None = None, export_path: str = ".",
-                  archive_format: str = "default", force: bool = False) -> Path:
-    """Write an archive like torch-model-archiver 0.12 does; return its path."""
+                  archive_format: str = "default", force: bool = False, runtime: str = "python") -> Path:
+    """Write an archive like torch-model-archiver 0.12 does; return its path. ``zip-store`` is its
+    uncompressed .mar; ``runtime`` python or python3 (LSP, its C++ backend, is refused)."""
     if not model_name or any(c in model_name for c in "/\\") or model_name.startswith("."):
         raise ValueError(f"model name {model_name!r} must be a plain name")
-    if archive_format not in ("default", "zip", "tgz", "no-archive"):
-        raise ValueError(f"archive format {archive_format!r}: use default, tgz or no-archive")
+    if archive_format not in ("default", "zip", "zip-store", "tgz", "no-archive"):
+        raise ValueError(f"archive format {archive_format!r}: use default, zip-store, tgz or no-archive")
+    if runtime not in ("python", "python3"):
+        raise ValueError(f"runtime {runtime!r}: Osprey serves Python handlers (python or python3); LSP is "
+                         "TorchServe's C++ backend, which Osprey does not run")
     export = Path(export_path)
     export.mkdir(parents=True, exist_ok=True)
     target = {"tgz": export / f"{model_name}.tar.gz", "no-archive": export / model_name}.get(
@@ -386,7 +390,7 @@ def write_archive(*, model_name: str, version: str = "1.0", handler: str,
             model["configFile"] = _copy_into(Path(config_file), staging)
         manifest = {
             "createdOn": time.strftime("%d/%m/%Y %H:%M:%S"),
-            "runtime": "python",
+            "runtime": runtime,
             "model": model,
             "archiverVersion": ARCHIVER_VERSION,
         }
@@ -399,7 +403,8 @@ def write_archive(*, model_name: str, version: str = "1.0", handler: str,
             with tarfile.open(target, "w:gz") as tf:
                 tf.add(staging, arcname=model_name)
         else:
-            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+            compression = zipfile.ZIP_STORED if archive_format == "zip-store" else zipfile.ZIP_DEFLATED
+            with zipfile.ZipFile(target, "w", compression) as zf:
                 for file in sorted(staging.rglob("*")):
                     if file.is_file():
                         zf.write(file, file.relative_to(staging).as_posix())

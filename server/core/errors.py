@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-__all__ = ["ErrorKind", "OspreyError", "HTTP_STATUS", "TYPE_NAME", "from_status", "show",
-           "METHOD_NOT_ALLOWED_TEXT", "NOT_FOUND_TEXT"]
+__all__ = ["ErrorKind", "OspreyError", "StartupTimeout", "TS_STARTUP_TIMEOUT_LINE", "HTTP_STATUS", "TYPE_NAME",
+           "from_status", "show", "METHOD_NOT_ALLOWED_TEXT", "NOT_FOUND_TEXT"]
 
 
 class ErrorKind(enum.Enum):
@@ -122,3 +122,13 @@ def show(value: Any, limit: int = 60) -> str:
         return text
     size = f" ({len(value)} characters)" if isinstance(value, str) else ""
     return text[:limit] + "..." + size
+
+
+# what TorchServe logs when a worker does not load within startupTimeout (a "Backend worker
+# error" line, then this one); scripts and TorchServe's own tests wait for these lines
+TS_STARTUP_TIMEOUT_LINE = ("org.pytorch.serve.wlm.WorkerInitializationException: "
+                           "Backend worker did not respond in given time")
+
+
+class StartupTimeout(OspreyError):
+    """A model instance did not load within its startupTimeout."""

@@ -30,7 +30,7 @@ from server.core import heap
 from server.core.archive import ExtractionArea, ModelArchive, open_archive
 from server.core.batching import Batcher
 from server.core.events import event
-from server.core.errors import ErrorKind, OspreyError, show
+from server.core.errors import TS_STARTUP_TIMEOUT_LINE, ErrorKind, OspreyError, StartupTimeout, show
 from server.core.model_deps import install_requirements
 from server.core.model_config import LIMITS, ModelConfig, number, parse_model_config
 from server.core.routing import HISTORY, Routing, Split, check_weights, remember
@@ -427,6 +427,8 @@ class Registry:
                 log.info("model %s version %s was unregistered before it finished loading", mv.name, mv.version)
                 return
             message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, StartupTimeout):  # in TorchServe's words too (a second line), which scripts read
+                message = f"Backend worker error: {message}\n{TS_STARTUP_TIMEOUT_LINE}"
             log.error("model %s version %s failed to load: %s; unregistering it", mv.name, mv.version, message)
             model = self.models.get(mv.name)
             if model is not None and model.versions.get(mv.version) is mv:

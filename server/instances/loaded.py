@@ -7,7 +7,7 @@ import asyncio
 import threading
 from typing import Any, Callable
 
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import ErrorKind, OspreyError, StartupTimeout
 from server.core.instance import InstanceStatus
 
 __all__ = ["LoadSignal", "raise_unless_ready"]
@@ -56,7 +56,7 @@ class LoadSignal(threading.Event):
 def raise_unless_ready(inst: Any, loaded: bool, timeout: float) -> None:
     """The registry's answer once waiting has ended: nothing if ``inst`` is READY, else why not."""
     if not loaded:
-        raise OspreyError(ErrorKind.UNAVAILABLE, f"model {inst.name} did not load within {timeout:g} s (startupTimeout)")
+        raise StartupTimeout(ErrorKind.UNAVAILABLE, f"model {inst.name} did not load within {timeout:g} s (startupTimeout)")
     if inst.status == InstanceStatus.STOPPED:
         raise OspreyError(ErrorKind.UNAVAILABLE, f"model {inst.name} was stopped while loading")
     if inst.status != InstanceStatus.READY:

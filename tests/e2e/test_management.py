@@ -204,6 +204,12 @@ def test_token_auth(osprey, store):
     assert httpx.get(f"{srv.metrics}/metrics").status_code == 200  # metrics need no key
     assert httpx.get(f"{srv.inference}/v2/health/ready").json() == {"ready": True}  # nor probes
     assert httpx.get(f"{srv.inference}/ping").status_code == 401  # TorchServe's ping does
+    # the token before the route, as TorchServe: unknown paths and methods are a token failure too
+    assert httpx.post(f"{srv.management}/workflows", params={"url": "x.war"}).status_code == 401
+    assert httpx.post(f"{srv.inference}/wfpredict/x").status_code == 401
+    assert httpx.delete(f"{srv.management}/models").status_code == 401
+    assert httpx.post(f"{srv.management}/workflows", headers=mgmt).status_code == 404
+    assert httpx.delete(f"{srv.management}/models", headers=mgmt).status_code == 405
     assert httpx.get(f"{srv.inference}/v2/models/mlp").status_code == 401
     # the API key rotates the inference key
     r = httpx.post(f"{srv.management}/token", params={"type": "inference"},
@@ -226,3 +232,21 @@ def test_a_model_slower_to_load_than_its_startup_timeout_is_refused_and_others_s
     assert r.status_code == 503, r.text
     assert "did not load within 1 s (startupTimeout)" in r.json()["message"]
     assert httpx.post(f"{srv.inference}/predictions/m1", json=[1.0] * 16, timeout=30).status_code == 200
+
+
+def test_a_background_load_past_its_startup_timeout_is_logged_in_torchserves_words_too(srv):
+    """synchronous=false: nobody waits for the answer, so the log says it, with the two lines
+    TorchServe logs ("Backend worker error", then its exception's line), which scripts and
+    TorchServe's test_startup_timeout wait for; the version is unregistered."""
+    from tests.gates import wait_until
+
+    r = httpx.post(f"{srv.management}/models", params={"url": "slowload.mar", "model_name": "slowbg",
+                                                        "synchronous": "false"}, timeout=30)
+    assert r.status_code == 202, r.text
+    wait_until(lambda: "Backend worker error" in srv.log(), timeout=30)
+    lines = srv.log().splitlines()
+    at = next(i for i, line in enumerate(lines) if "Backend worker error" in line)
+    assert "model slowbg version 1.0 failed to load" in lines[at] and "within 1 s (startupTimeout)" in lines[at]
+    assert lines[at + 1] == ("org.pytorch.serve.wlm.WorkerInitializationException: "
+                             "Backend worker did not respond in given time; unregistering it")
+    wait_until(lambda: httpx.get(f"{srv.management}/models/slowbg").status_code == 404, timeout=30)

@@ -267,23 +267,23 @@ def test_sighup_reloads_the_certificate_for_new_connections(server, pki, tmp_pat
     assert server.proc.poll() is None
 
 
-def test_a_key_openssl_refuses_is_named_with_why(tmp_path):
-    """TorchServe's own test key (1024-bit RSA) works on its Java TLS; OpenSSL 3 refuses it at
-    its default security level. The refusal names the files and says what to do."""
-    from server import tls
+def test_a_key_openssl_refuses_as_too_small_is_named_before_the_server_starts(tmp_path):
+    """TorchServe's own test key is 1024-bit RSA: Java serves it, OpenSSL refuses it at the first
+    handshake. Osprey says so at start, naming the files and how to make a key it can serve."""
+    from server.settings import load_settings
+    from server.tls import TlsError, load_material
 
     now = datetime.datetime.now(datetime.timezone.utc)
     key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    cert = (x509.CertificateBuilder().subject_name(_name("small")).issuer_name(_name("small"))
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+    cert = (x509.CertificateBuilder().subject_name(_name("old")).issuer_name(_name("old"))
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.TraditionalOpenSSL,
                                                          serialization.NoEncryption()))
     (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    material = tls._from_pem(str(tmp_path / "key.pem"), str(tmp_path / "cert.pem"))
-    with pytest.raises(tls.TlsError) as err:
-        tls.server_context(material)
-    message = str(err.value)
-    assert f"private_key_file={tmp_path / 'key.pem'}" in message
-    assert "EE_KEY_TOO_SMALL" in message and "2048 bits" in message
+    settings = load_settings(None, env={}, overrides={
+        "inference_address": "https://127.0.0.1:8443", "private_key_file": str(tmp_path / "key.pem"),
+        "certificate_file": str(tmp_path / "cert.pem")})
+    with pytest.raises(TlsError, match=r"key\.pem.*the 1024-bit RSA key is too small.*at least 2048 bits"):
+        load_material(settings)

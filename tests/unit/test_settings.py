@@ -179,3 +179,19 @@ def test_state_dir_is_the_stores_unless_it_is_read_only(tmp_path, caplog):
     s = resolve_state_dir(Settings(model_store=str(blocked), workdir=str(work)))
     assert s.state_dir == str(work / ".osprey")
     assert [r.message for r in caplog.records if "is not writable" in r.message] != []
+
+
+def test_defaults_give_way_to_config_environment_and_flags(tmp_path):
+    """`osprey torchserve` starts the server with TorchServe's defaults (TORCHSERVE_DEFAULTS):
+    they replace Osprey's own, never a value config.properties, the environment or a flag set."""
+    from server.torchserve_cli import TORCHSERVE_DEFAULTS
+
+    s = load_settings(None, env={}, defaults=TORCHSERVE_DEFAULTS)
+    assert (s.log_location, s.metrics_mode, s.token_auth_status, s.token_expiration_min) == ("logs", "log", 400, 60.0)
+    cfg = tmp_path / "config.properties"
+    cfg.write_text("token_expiration_min=0.25\nmetrics_mode=prometheus\n")
+    s = load_settings(cfg, env={"LOG_LOCATION": "/var/log/ts", "OSPREY_TOKEN_AUTH_STATUS": "401"},
+                      defaults=TORCHSERVE_DEFAULTS)
+    assert (s.log_location, s.metrics_mode, s.token_auth_status, s.token_expiration_min) == (
+        "/var/log/ts", "prometheus", 401, 0.25)
+    assert load_settings(None, env={}).token_auth_status == 401  # `osprey serve` keeps Osprey's

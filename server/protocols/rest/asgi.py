@@ -298,6 +298,8 @@ class Router:
         req = Request(scope, receive, params, send)
         try:
             if route is None:
+                if self.token is not None:  # as TorchServe, the token before the route: without a key
+                    self._check_token(req)  # nobody learns which paths and methods exist
                 if path_known:
                     raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED, METHOD_NOT_ALLOWED_TEXT)  # TorchServe's text
                 raise OspreyError(ErrorKind.NOT_FOUND, NOT_FOUND_TEXT, type_name="ResourceNotFoundException")

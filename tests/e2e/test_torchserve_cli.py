@@ -1,0 +1,112 @@
+"""``osprey torchserve``: TorchServe 0.12's ``torchserve`` command line (server/torchserve_cli.py),
+and ``osprey package`` with the torch-model-archiver flags it lacked (--runtime, -v, zip-store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import httpx
+
+from server.cli import _pid_alive
+from tests.conftest import ROOT, free_port
+from tests.models import MLP_HANDLER, make_mlp
+
+
+def _env(tmp_path):
+    # a private TMPDIR: the pid file (TorchServe's place, tempdir/.osprey.pid here) is this test's own
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
+
+
+def torchserve(*args, cwd, timeout=60):  # a process of its own, as scripts run it
+    return subprocess.run([sys.executable, "-m", "server.cli", "torchserve", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env(cwd))
+
+
+def _main(capsys, *argv):
+    from server.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_refusals_use_torchserves_messages(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("server.cli.DEFAULT_PID_FILE", str(tmp_path / ".osprey.pid"))
+    monkeypatch.delenv("TS_CONFIG_FILE", raising=False)
+    ts = ("torchserve",)
+    assert _main(capsys, *ts, "--start") == (1, "Missing mandatory parameter --model-store\n", "")
+    assert _main(capsys, *ts, "--start", "--model-store", "nowhere") == (
+        1, "--model-store directory not found: nowhere\n", "")
+    assert _main(capsys, *ts, "--start", "--model-store", ".", "--ts-config", "none.properties") == (
+        1, "--ts-config file not found: none.properties\n", "")
+    monkeypatch.setenv("TS_CONFIG_FILE", "env.properties")  # TorchServe's variable wins over --ts-config
+    assert _main(capsys, *ts, "--model-store", ".", "--ts-config", "none.properties")[1] == (
+        "--ts-config file not found: env.properties\n")
+    assert _main(capsys, *ts, "--stop") == (0, "TorchServe is not currently running.\n", "")
+    code, _, err = _main(capsys, *ts, "--start", "--stop")  # one of -v/--start/--stop, as in TorchServe
+    assert code == 2 and "not allowed with argument" in err
+    code, out, _ = _main(capsys, *ts, "-v")
+    assert code == 0 and out.startswith("TorchServe Version is 0.12.0 (Osprey ")
+
+
+def test_start_in_background_then_stop_as_the_torchserve_harness_does(tmp_path):
+    """ts.launcher.start: Popen(torchserve --start ...), read its output until "Model server started";
+    ts.launcher.stop: torchserve --stop --foreground, which returns once the server is gone."""
+    store = tmp_path / "store"
+    make_mlp(tmp_path / "mlp.pt")
+    (tmp_path / "handler.py").write_text(MLP_HANDLER)
+    # TorchServe's flags for the archiver: --runtime, -v, --archive-format zip-store (ts_scripts/marsgen.py)
+    r = subprocess.run([sys.executable, "-m", "server.cli", "package", "--model-name", "mlp", "-v", "2.0",
+                        "--serialized-file", "mlp.pt", "--handler", "handler.py", "--runtime", "python",
+                        "--archive-format", "zip-store", "--export-path", str(store), "--force"],
+                       cwd=tmp_path, capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert r.returncode == 0, r.stderr
+    with zipfile.ZipFile(store / "mlp.mar") as zf:
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+        assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "2.0"
+    ports = [free_port() for _ in range(5)]
+    (tmp_path / "config.properties").write_text(
+        f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
+        f"metrics_address=http://127.0.0.1:{ports[2]}\ngrpc_inference_port={ports[3]}\n"
+        f"grpc_management_port={ports[4]}\n")
+    cmd = [sys.executable, "-m", "server.cli", "torchserve", "--start", "--ncs", "--model-store", "store",
+           "--ts-config", "config.properties", "--models", "mlp=mlp.mar", "--plugins-path", "plugins"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(timeout=30) == 0  # returns at once: the server runs on, writing to the same pipe
+        lines = []
+        for line in proc.stdout:  # as ts.launcher.start reads it
+            lines.append(line.decode())
+            if "Model server started" in lines[-1]:
+                break
+        out = "".join(lines)
+        assert "--plugins-path Java plugin jars: Osprey loads no Java plugins; ignored" in out
+        pid = int((tmp_path / ".osprey.pid").read_text())
+        key = json.loads((tmp_path / "key_file.json").read_text())["inference"]["key"]  # token auth is on
+        answer = httpx.post(f"http://127.0.0.1:{ports[0]}/predictions/mlp", json=[1.0] * 16,
+                            headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200 and len(answer.json()) == 4
+        again = torchserve("--start", "--model-store", "store", cwd=tmp_path)
+        assert again.returncode == 1
+        assert again.stdout == "TorchServe is already running, please use torchserve --stop to stop TorchServe.\n"
+    finally:
+        stop = torchserve("--stop", "--foreground", cwd=tmp_path)
+    assert stop.returncode == 0 and stop.stdout == ""  # TorchServe's --stop --foreground prints nothing
+    assert not _pid_alive(pid)
+    assert not (tmp_path / ".osprey.pid").exists() and not (tmp_path / "key_file.json").exists()
+    proc.stdout.close()
+
+
+def test_package_refuses_the_lsp_runtime(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "handler.py").write_text(MLP_HANDLER)
+    code, _, err = _main(capsys, "package", "--model-name", "m", "--handler", "handler.py", "--runtime", "LSP")
+    assert code == 1 and "LSP is TorchServe's C++ backend" in err and not (tmp_path / "m.mar").exists()

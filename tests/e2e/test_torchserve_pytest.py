@@ -1,0 +1,99 @@
+"""TorchServe 0.12's own pytest API tests (tests/torchserve_pytest, copied from pytorch/serve) run
+against Osprey: every test that passed on TorchServe 0.12 here (baseline_torchserve.json, recorded
+by tests/torchserve_pytest/run_modules.py) must pass on Osprey.
+
+Each module runs in a pytest process of its own (its setup starts and stops the server through
+`torchserve --start/--stop`, here `osprey torchserve`), in a network namespace of its own when
+the machine allows one (their ports are fixed: 8080-8082, 7070-7071), else one module at a time.
+
+Tests that fail on TorchServe 0.12 here are not asked of Osprey; they need what this machine has
+not got: test_gRPC_inference_api's test_inference_apis and test_inference_stream_apis (models at
+https:// URLs, and the trained weights' answers), test_inference_stream2_apis (pip install of
+lru-dict at registration), test_gRPC_allowed_urls' allowed S3 download; others are timing
+assertions the loaded machine missed (see baseline_torchserve.json).
+
+Cost: the modules start a server 60-odd times. On the 2-core machine this was written on, under a
+load average of about 10 from other jobs, the modules took on Osprey (seconds): url_path 88,
+model_config 106, send_intermediate_prediction_response 81, startup_timeout 36, model_control_mode
+224, token_authorization 183, gRPC_model_control 119, gRPC_token_authorization 77,
+gRPC_management_apis 62, gRPC_inference_api 28, gRPC_allowed_urls 25, metrics 405, metrics_kf
+141 -- about 26 minutes in all (auto_recover, 98, is not run: its one test is xfail), a quarter
+of that or less on an idle machine. Every module over 60 s is kept.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+HERE = ROOT / "tests" / "torchserve_pytest"
+sys.path.insert(0, str(HERE))
+import run_modules  # noqa: E402  (tests/torchserve_pytest/run_modules.py)
+
+BASELINE = json.loads((HERE / "baseline_torchserve.json").read_text())
+# tests that pass on TorchServe and not (yet) on Osprey: test id -> the exact reason. They are
+# not run (deselected): some of them wait for a log line that never comes.
+XFAIL: dict[str, str] = {
+    "test_auto_recover.py::test_tp_inference":
+        "a request past responseTimeout: TorchServe answers 500 and logs its Java frontend's worker-recovery "
+        "lines ('Number or consecutive unsuccessful inference 1', 'Worker disconnected', 'Retry worker', "
+        "'Auto recovery start timestamp', 'Auto recovery succeeded, reset recoveryStartTS'), which the test "
+        "waits for; Osprey answers 504 (Gateway Timeout) and replaces the hung instance with log lines of its own",
+    **{f"test_token_authorization.py::{t}": "Osprey serves no TorchServe workflows (no /workflows, /wfpredict)"
+       for t in ("test_workflow", "test_workflow_inference")},
+    **{f"{m}::{t}": "Osprey writes no config snapshots (TorchServe's logs/config/*-startup.cfg, "
+                                "*-snapshot.cfg, *-shutdown.cfg)"
+       for t in ("test_logs_startup_cfg_created_snapshot_enabled", "test_metrics_startup_cfg_created_snapshot_enabled",
+                 "test_log_location_var_snapshot_enabled", "test_metrics_location_var_snapshot_enabled",
+                 "test_log_location_and_metric_location_vars_snapshot_enabled",
+                 "test_metrics_location_var_snapshot_enabled_rdonly_dir")
+       for m in ("test_metrics.py", "test_metrics_kf.py")},
+    **{f"{m}::test_log_location_var_snapshot_disabled_custom_path_read_only":
+       "ts_metrics.log/model_metrics.log follow LOG_LOCATION in Osprey (metrics_location falls back to "
+       "log_location); TorchServe writes them to METRICS_LOCATION or ./logs whatever LOG_LOCATION says"
+       for m in ("test_metrics.py", "test_metrics_kf.py")},
+    "test_metrics.py::test_metrics_log_mode":
+        "with TS_METRICS_CONFIG=examples/custom_metrics/metrics.yaml in log mode, Osprey's ts_metrics.log has no "
+        "ts_inference_requests_total / ts_inference_latency_microseconds / ts_queue_latency_microseconds lines "
+        "(not investigated further yet)",
+    "test_gRPC_inference_api.py::test_inference_stream2_apis":
+        "the stateful example's requirements.txt (lru-dict) is pip-installed by TorchServe at registration "
+        "(install_py_dep_per_model=true); Osprey installs no per-model requirements: 'No module named lru'",
+}
+
+
+@pytest.fixture(scope="module")
+def netns():
+    return run_modules.private_network()
+
+
+@pytest.mark.parametrize("module", run_modules.MODULES)
+def test_module_passes_what_torchserve_passes(module, netns, tmp_path):
+    wanted = sorted(t for t, outcome in BASELINE["tests"].items()
+                    if t.startswith(f"{module}::") and outcome == "passed")
+    if not wanted:
+        pytest.skip(f"no test of {module} passed on TorchServe 0.12 here")
+    if all(t in XFAIL for t in wanted):
+        pytest.xfail("; ".join(f"{t}: {XFAIL[t]}" for t in wanted))
+    path_first = run_modules.osprey_bin(tmp_path / "bin")
+    lock = open(Path(tempfile.gettempdir()) / "osprey-torchserve-pytest.lock", "w")
+    try:
+        if not netns:  # the machine's own ports: one module at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        known = [t for t in wanted if t in XFAIL]
+        got, seconds, log = run_modules.run_module(module, path_first, tmp_path, timeout=600, netns=netns,
+                                                   deselect=known)
+    finally:
+        lock.close()
+    failing = [t for t in wanted if got.get(t) != "passed" and t not in XFAIL]
+    assert not failing, (f"passed on TorchServe 0.12, not on Osprey ({seconds:.0f} s): "
+                         + ", ".join(f"{t} ({got.get(t, 'not run')})" for t in failing) + "\n" + log[-6000:])
+    if known:
+        pytest.xfail("; ".join(f"{t}: {XFAIL[t]}" for t in known))
