@@ -11,7 +11,7 @@ KSERVE_VENV ?= .venv-kserve
 # own too; the tests start a real local head from this virtualenv.
 RAY_VENV ?= .venv-ray
 
-.PHONY: setup install-torch examples serve stop test system-packages bench bench-quick bench-packages
+.PHONY: setup install-torch examples serve stop test test-torchserve system-packages bench bench-quick bench-packages
 
 # torch is the one package whose wheel depends on the machine. On PyPI the Linux torch is the
 # CUDA build (a multi-GB download); without a GPU the CPU build from PyTorch's index does.
@@ -110,6 +110,10 @@ test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed $(N
 	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
 	  OSPREY_NEWMAN_DIR=$(abspath $(NEWMAN_DIR)) \
 	  $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# every TorchServe pytest API module (the suite runs the quicker ones): about 7 minutes idle
+test-torchserve: setup
+	OSPREY_TORCHSERVE_PYTEST=all $(BIN)/python -m pytest -q tests/e2e/test_torchserve_pytest.py
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'
