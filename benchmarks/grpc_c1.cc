@@ -16,6 +16,12 @@
 //   grpc_c1 --target 127.0.0.1:7070 --api live --requests 3000 --warmup 200
 //   grpc_c1 --target 127.0.0.1:7070 --api infer --model mlp --input INPUT0:FP32:1,16 --requests 3000
 //
+// With --concurrency C (> 1) it is a closed-loop load driver instead: C threads, each sending a call
+// and waiting for its answer, spread over --channels K channels (each its own HTTP/2 connection),
+// for --duration S seconds after --warmup W calls per thread; same JSON line, latency over all
+// threads (the Python driver at c=32 spends more CPU than the server it loads, on 2 cores):
+//   grpc_c1 --target 127.0.0.1:7070 --api infer --model mlp --concurrency 32 --channels 2 --duration 5
+//
 // `grpc_c1 --serve 127.0.0.1:0` is instead a minimal C++ server of the same service (ServerLive,
 // and ModelInfer echoing its inputs); it prints {"serving": ..., "port": P} and runs until
 // killed. The client against it gives the floor (client + transport + the least a server can
@@ -23,6 +29,7 @@
 //
 // Built by benchmarks/grpc_c1.py (protoc + grpc_cpp_plugin on protos/grpc_service.proto).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -33,6 +40,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sys/resource.h>
@@ -51,6 +59,9 @@ struct Args {
   long requests = 1000;
   long warmup = 100;
   double deadline_s = 30.0;
+  long concurrency = 1;   // > 1: closed-loop load from this many threads
+  long channels = 1;      // the threads share this many channels (connections), round robin
+  double duration_s = 0;  // with --concurrency: seconds of timed calls per thread
   std::string serve;  // --serve host:port: be the floor server instead of a client
 };
 
@@ -58,6 +69,7 @@ struct Args {
   std::fprintf(stderr,
                "grpc_c1: %s\nusage: grpc_c1 --target host:port --api live|infer [--model NAME] "
                "[--input NAME:DTYPE:d0,d1,...] [--requests N] [--warmup W] [--deadline S]\n"
+               "       [--concurrency C --channels K --duration S]\n"
                "       grpc_c1 --serve host:port   (the floor server: see the file's comment)\n",
                msg);
   std::exit(2);
@@ -77,11 +89,16 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--warmup") a.warmup = std::strtol(v.c_str(), nullptr, 10);
     else if (k == "--deadline") a.deadline_s = std::strtod(v.c_str(), nullptr);
     else if (k == "--serve") a.serve = v;
+    else if (k == "--concurrency") a.concurrency = std::strtol(v.c_str(), nullptr, 10);
+    else if (k == "--channels") a.channels = std::strtol(v.c_str(), nullptr, 10);
+    else if (k == "--duration") a.duration_s = std::strtod(v.c_str(), nullptr);
     else usage(("unknown option " + k).c_str());
   }
   if (a.api != "live" && a.api != "infer") usage("--api must be live or infer");
   if (a.api == "infer" && a.model.empty()) usage("--api infer needs --model");
   if (a.requests < 1 || a.warmup < 0) usage("--requests must be >= 1 and --warmup >= 0");
+  if (a.concurrency < 1 || a.channels < 1) usage("--concurrency and --channels must be >= 1");
+  if (a.concurrency > 1 && a.duration_s <= 0) usage("--concurrency > 1 needs --duration S (seconds, > 0)");
   return a;
 }
 
@@ -180,25 +197,21 @@ int serve(const std::string& address) {
   return 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  Args a = parse_args(argc, argv);
-  if (!a.serve.empty()) return serve(a.serve);
-  grpc::ChannelArguments ch_args;
-  ch_args.SetMaxReceiveMessageSize(-1);
-  ch_args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);  // no call here is retried; skips the retry filter
-  auto channel = grpc::CreateCustomChannel(a.target, grpc::InsecureChannelCredentials(), ch_args);
-  auto stub = inference::GRPCInferenceService::NewStub(channel);
-
+struct Caller {
+  const Args& a;
+  std::unique_ptr<inference::GRPCInferenceService::Stub> stub;
   inference::ServerLiveRequest live_req;
   inference::ModelInferRequest infer_req;
-  if (a.api == "infer") {
-    infer_req.set_model_name(a.model);
-    add_input(&infer_req, a.input);
+
+  Caller(const Args& args, const std::shared_ptr<grpc::Channel>& channel)
+      : a(args), stub(inference::GRPCInferenceService::NewStub(channel)) {
+    if (a.api == "infer") {
+      infer_req.set_model_name(a.model);
+      add_input(&infer_req, a.input);
+    }
   }
 
-  auto call = [&](std::string* error) -> bool {
+  bool call(std::string* error) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() +
                      std::chrono::microseconds(static_cast<long>(a.deadline_s * 1e6)));
@@ -220,34 +233,104 @@ int main(int argc, char** argv) {
     }
     if (!st.ok() && error) *error = "status " + std::to_string(st.error_code()) + ": " + st.error_message();
     return st.ok();
-  };
+  }
+};
+
+std::shared_ptr<grpc::Channel> make_channel(const Args& a, int index) {
+  grpc::ChannelArguments ch_args;
+  ch_args.SetMaxReceiveMessageSize(-1);
+  ch_args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);  // no call here is retried; skips the retry filter
+  ch_args.SetInt("osprey.channel_index", index);  // distinct args: a connection of its own per channel
+  ch_args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  return grpc::CreateCustomChannel(a.target, grpc::InsecureChannelCredentials(), ch_args);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a = parse_args(argc, argv);
+  if (!a.serve.empty()) return serve(a.serve);
+  std::vector<std::shared_ptr<grpc::Channel>> channels;
+  for (long i = 0; i < std::min(a.channels, a.concurrency); ++i) channels.push_back(make_channel(a, static_cast<int>(i)));
+  std::vector<std::unique_ptr<Caller>> callers;
+  for (long t = 0; t < a.concurrency; ++t)
+    callers.push_back(std::make_unique<Caller>(a, channels[static_cast<size_t>(t) % channels.size()]));
 
   std::string err;
-  if (!call(&err)) {
-    std::fprintf(stderr, "grpc_c1: first %s call to %s failed: %s\n", a.api.c_str(), a.target.c_str(),
-                 err.c_str());
-    return 1;
+  for (auto& c : callers) {
+    if (!c->call(&err)) {
+      std::fprintf(stderr, "grpc_c1: first %s call to %s failed: %s\n", a.api.c_str(), a.target.c_str(),
+                   err.c_str());
+      return 1;
+    }
   }
   long errors = 0;
-  for (long i = 1; i < a.warmup; ++i)
-    if (!call(nullptr)) ++errors;  // warm-up failures are counted too: they mean a sick server
-
   std::vector<double> lat;
-  lat.reserve(static_cast<size_t>(a.requests));
-  double cpu_start = cpu_seconds();
-  auto t_start = std::chrono::steady_clock::now();
-  for (long i = 0; i < a.requests; ++i) {
-    auto t0 = std::chrono::steady_clock::now();
-    bool ok = call(nullptr);
-    auto t1 = std::chrono::steady_clock::now();
-    if (ok) lat.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
-    else ++errors;
+  double cpu_start = 0, elapsed = 0;
+  long calls = 0;
+  if (a.concurrency == 1) {
+    Caller& c = *callers[0];
+    for (long i = 1; i < a.warmup; ++i)
+      if (!c.call(nullptr)) ++errors;  // warm-up failures are counted too: they mean a sick server
+    lat.reserve(static_cast<size_t>(a.requests));
+    cpu_start = cpu_seconds();
+    auto t_start = std::chrono::steady_clock::now();
+    for (long i = 0; i < a.requests; ++i) {
+      auto t0 = std::chrono::steady_clock::now();
+      bool ok = c.call(nullptr);
+      auto t1 = std::chrono::steady_clock::now();
+      if (ok) lat.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      else ++errors;
+    }
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    calls = a.requests;
+  } else {
+    // every thread warms up, then all time calls in the same window [t_start, t_end)
+    std::vector<std::vector<double>> per(callers.size());
+    std::vector<long> errs(callers.size(), 0);
+    std::atomic<long> warmed{0};
+    std::chrono::steady_clock::time_point t_start, t_end;
+    std::atomic<bool> go{false};
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < callers.size(); ++t) {
+      threads.emplace_back([&, t] {
+        Caller& c = *callers[t];
+        for (long i = 1; i < a.warmup; ++i)
+          if (!c.call(nullptr)) ++errs[t];
+        warmed.fetch_add(1);
+        while (!go.load(std::memory_order_acquire)) {  // the others still warming: keep the load on
+          if (!c.call(nullptr)) ++errs[t];
+        }
+        per[t].reserve(100000);
+        while (true) {
+          auto t0 = std::chrono::steady_clock::now();
+          if (t0 >= t_end) break;
+          bool ok = c.call(nullptr);
+          auto t1 = std::chrono::steady_clock::now();
+          if (t1 > t_end) break;  // answered after the window: neither counted nor timed
+          if (ok) per[t].push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+          else ++errs[t];
+        }
+      });
+    }
+    while (warmed.load() < static_cast<long>(callers.size())) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    t_start = std::chrono::steady_clock::now();
+    t_end = t_start + std::chrono::microseconds(static_cast<long>(a.duration_s * 1e6));
+    cpu_start = cpu_seconds();
+    go.store(true, std::memory_order_release);
+    for (auto& th : threads) th.join();
+    elapsed = std::chrono::duration<double>(t_end - t_start).count();
+    for (size_t t = 0; t < per.size(); ++t) {
+      lat.insert(lat.end(), per[t].begin(), per[t].end());
+      errors += errs[t];
+    }
+    calls = static_cast<long>(lat.size()) + errors;
   }
-  double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  double cpu_us = (cpu_seconds() - cpu_start) * 1e6 / static_cast<double>(a.requests);
+  double cpu_us = calls ? (cpu_seconds() - cpu_start) * 1e6 / static_cast<double>(calls) : 0.0;
 
-  std::printf("{\"api\": \"%s\", \"target\": \"%s\", \"requests\": %ld, \"errors\": %ld, \"latency_ms\": {",
-              a.api.c_str(), a.target.c_str(), a.requests, errors);
+  std::printf("{\"api\": \"%s\", \"target\": \"%s\", \"concurrency\": %ld, \"channels\": %zu, "
+              "\"requests\": %ld, \"errors\": %ld, \"latency_ms\": {",
+              a.api.c_str(), a.target.c_str(), a.concurrency, channels.size(), calls, errors);
   if (!lat.empty()) {
     std::vector<double> s = lat;
     std::sort(s.begin(), s.end());

@@ -17,6 +17,9 @@ benchmark runs without it. ``run(...)`` runs the binary and returns its JSON as 
     python -m benchmarks.grpc_c1 --target 127.0.0.1:7070 --api infer --model mlp \
         --input INPUT0:FP32:1,16 --requests 3000
     python -m benchmarks.grpc_c1 --floor --api infer --requests 3000
+    # closed loop, 32 threads over 2 connections, 5 s
+    python -m benchmarks.grpc_c1 --target 127.0.0.1:7070 --api infer --model mlp --concurrency 32 \
+        --channels 2 --duration 5 --warmup 50
 """
 
 from __future__ import annotations
@@ -79,13 +82,18 @@ def build(work_dir: Path | str = DEFAULT_WORK) -> Path | None:
 
 
 def run(binary: Path | str, target: str, api: str = "live", model: str = "", input_spec: str = "INPUT0:FP32:1,16",
-        requests: int = 1000, warmup: int = 100, timeout: float | None = None) -> dict:
-    """Run the client once; its JSON line as a dict. Raises RuntimeError when it fails."""
+        requests: int = 1000, warmup: int = 100, timeout: float | None = None, *, concurrency: int = 1,
+        channels: int = 1, duration: float = 0.0) -> dict:
+    """Run the client once; its JSON line as a dict. Raises RuntimeError when it fails. With
+    ``concurrency`` > 1 it is a closed loop of that many threads over ``channels`` connections for
+    ``duration`` seconds (``warmup`` calls per thread first); ``requests`` is then unused."""
     cmd = [str(binary), "--target", target, "--api", api, "--requests", str(requests), "--warmup", str(warmup)]
     if api == "infer":
         cmd += ["--model", model, "--input", input_spec]
-    if timeout is None:
-        timeout = 60 + 0.1 * (requests + warmup)  # 100 ms a call is far beyond any c=1 latency here
+    if concurrency > 1:
+        cmd += ["--concurrency", str(concurrency), "--channels", str(channels), "--duration", str(duration)]
+    if timeout is None:  # 100 ms a call is far beyond any c=1 latency here
+        timeout = 60 + (duration + 0.1 * warmup if concurrency > 1 else 0.1 * (requests + warmup))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise RuntimeError(f"grpc_c1 {api} failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input", default="INPUT0:FP32:1,16", help="NAME:DTYPE:d0,d1,...")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--duration", type=float, default=0.0, help="seconds (with --concurrency > 1)")
     ap.add_argument("--work-dir", default=str(DEFAULT_WORK))
     ap.add_argument("--floor", action="store_true", help="measure against the binary's own C++ server instead")
     args = ap.parse_args(argv)
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor:
         print(json.dumps(floor(exe, args.api, args.input, args.requests, args.warmup)))
     else:
-        print(json.dumps(run(exe, args.target, args.api, args.model, args.input, args.requests, args.warmup)))
+        print(json.dumps(run(exe, args.target, args.api, args.model, args.input, args.requests, args.warmup,
+                             concurrency=args.concurrency, channels=args.channels, duration=args.duration)))
     return 0
 
 
