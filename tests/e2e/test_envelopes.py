@@ -245,8 +245,7 @@ def test_kservev2_oip_grpc_model_infer_to_a_torchserve_handler_answers_as_torchs
     import grpc
 
     from server.core.tensors import decode_raw
-    from server.protocols.grpc.generated import grpc_service_pb2 as pb
-    from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
+    from tests.oip_stubs import pb, pb_grpc  # one copy of grpc_service.proto per process (see there)
 
     want = json.loads((Path(__file__).resolve().parent.parent / "fixtures" / "torchserve_model_deps"
                        / "recorded.json").read_text())["kservev2"]

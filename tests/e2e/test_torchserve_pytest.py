@@ -47,8 +47,6 @@ XFAIL: dict[str, str] = {
         "lines ('Number or consecutive unsuccessful inference 1', 'Worker disconnected', 'Retry worker', "
         "'Auto recovery start timestamp', 'Auto recovery succeeded, reset recoveryStartTS'), which the test "
         "waits for; Osprey answers 504 (Gateway Timeout) and replaces the hung instance with log lines of its own",
-    **{f"test_token_authorization.py::{t}": "Osprey serves no TorchServe workflows (no /workflows, /wfpredict)"
-       for t in ("test_workflow", "test_workflow_inference")},
     **{f"{m}::{t}": "Osprey writes no config snapshots (TorchServe's logs/config/*-startup.cfg, "
                                 "*-snapshot.cfg, *-shutdown.cfg)"
        for t in ("test_logs_startup_cfg_created_snapshot_enabled", "test_metrics_startup_cfg_created_snapshot_enabled",
@@ -65,15 +63,17 @@ XFAIL: dict[str, str] = {
         "ts_inference_requests_total / ts_inference_latency_microseconds / ts_queue_latency_microseconds lines "
         "(not investigated further yet)",
     "test_gRPC_inference_api.py::test_inference_stream2_apis":
-        "the stateful example's requirements.txt (lru-dict) is pip-installed by TorchServe at registration "
-        "(install_py_dep_per_model=true); Osprey installs no per-model requirements: 'No module named lru'",
+        "the stateful example's requirements.txt (lru-dict) is pip-installed at registration "
+        "(install_py_dep_per_model=true) from PyPI, which the module's private network namespace cannot reach "
+        "(Osprey runs pip and answers pip's 'No matching distribution found for lru-dict'); TorchServe's "
+        "baseline run had the network",
 }
 
 
-# The suite's own run (`make test`, CI) takes the modules that start few servers; `make
+# The suite's own run (`make test`, CI) takes four modules that start few servers (about 45 s;
+# the suite is near its 15-minute budget); `make
 # test-torchserve` (OSPREY_TORCHSERVE_PYTEST=all) runs every module (see the cost above).
-CI_MODULES = ["test_url_path.py", "test_send_intermediate_prediction_response.py", "test_startup_timeout.py",
-              "test_gRPC_token_authorization.py", "test_gRPC_management_apis.py", "test_gRPC_inference_api.py",
+CI_MODULES = ["test_url_path.py", "test_send_intermediate_prediction_response.py", "test_gRPC_inference_api.py",
               "test_gRPC_allowed_urls.py"]
 MODULES = run_modules.MODULES if os.environ.get("OSPREY_TORCHSERVE_PYTEST") == "all" else CI_MODULES
 

@@ -657,7 +657,7 @@ def test_instance_factory_passes_observe_unless_the_server_turns_monitoring_off(
         seen["thread"] = observe
         return lambda *a: None
 
-    def fake_process_factory(sink=None, threads=0, observe=None, envelope=""):
+    def fake_process_factory(sink=None, threads=0, observe=None, envelope="", forward_output=False):
         seen["process"] = observe
         return lambda *a: None
 
