@@ -21,6 +21,8 @@ from typing import Callable
 
 import grpc
 
+from server.protocols.grpc.status import WrappingInterceptor
+
 __all__ = ["GrpcAccess", "peer_address"]
 
 
@@ -45,23 +47,15 @@ def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> int:
     return code.value[0] if isinstance(code, grpc.StatusCode) else int(code)
 
 
-class GrpcAccess(grpc.aio.ServerInterceptor):
+class GrpcAccess(WrappingInterceptor):
     """Calls ``write(peer, method, code, started)`` when each call ends (``started``: monotonic)."""
 
     def __init__(self, write: Callable[[str, str, int, float], None]):
+        super().__init__()
         self.write = write
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        cached = self._wrapped.get(details.method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, details.method.lstrip("/"))
-        self._wrapped[details.method] = (handler, wrapped)
-        return wrapped
+    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return self._wrap(handler, method.lstrip("/"))
 
     def _done(self, context, method: str, started: float, exc: BaseException | None) -> None:
         try:

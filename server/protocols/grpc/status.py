@@ -21,7 +21,7 @@ import grpc
 
 from server.core.errors import ErrorKind, OspreyError
 
-__all__ = ["GRPC_STATUS", "grpc_code", "abort", "unexpected", "ErrorStatus"]
+__all__ = ["GRPC_STATUS", "grpc_code", "abort", "unexpected", "ErrorStatus", "WrappingInterceptor"]
 
 log = logging.getLogger("osprey.grpc")
 
@@ -101,12 +101,15 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer)
 
 
-class ErrorStatus(grpc.aio.ServerInterceptor):
-    """Every RPC's exception becomes its status: an OspreyError its own (:func:`grpc_code`),
-    anything else INTERNAL with a short message, its traceback logged once. Never UNKNOWN."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """An interceptor that wraps each method's handler once (``wrap_handler``) and reuses the
+    wrapped one while the servicer hands out the same handler: no new closure per call."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -115,6 +118,14 @@ class ErrorStatus(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap(handler, details.method)
+        wrapped = self.wrap_handler(handler, details.method)
         self._wrapped[details.method] = (handler, wrapped)
         return wrapped
+
+
+class ErrorStatus(WrappingInterceptor):
+    """Every RPC's exception becomes its status: an OspreyError its own (:func:`grpc_code`),
+    anything else INTERNAL with a short message, its traceback logged once. Never UNKNOWN."""
+
+    def wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return _wrap(handler, method)
