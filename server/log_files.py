@@ -16,8 +16,8 @@ model_metrics.log   metrics_mode=log, handlers      same, with ``requestID:``
 ==================  ==============================  =======================================
 
 access/model/ts logs go to ``log_location`` (or the ``LOG_LOCATION`` environment variable),
-the metrics logs to ``metrics_location`` (``METRICS_LOCATION``, else the log location, else
-``logs``). Each file is rotated at ``log_max_bytes`` (TorchServe: 100 MB) and
+the metrics logs to ``metrics_location`` (``METRICS_LOCATION``, else ``logs``: as in
+TorchServe's log4j2.xml, whatever the log location says). Each file is rotated at ``log_max_bytes`` (TorchServe: 100 MB) and
 ``log_backup_count`` older files are kept gzipped (``access_log.log.1.gz`` ...; TorchServe names
 them by date, ``access_log.29-Nov.log.gz``, and also rotates daily: Osprey rotates by size only).
 
@@ -162,7 +162,7 @@ class LogFiles:
         metrics_logs = s.metrics_mode == "log"
         if not server_logs and not metrics_logs:
             return None
-        return cls(s.log_location, s.metrics_location or s.log_location or "logs", max_bytes=s.log_max_bytes,
+        return cls(s.log_location, s.metrics_location or "logs", max_bytes=s.log_max_bytes,
                    backups=s.log_backup_count, server_logs=server_logs, metrics_logs=metrics_logs)
 
     # --- writing --------------------------------------------------------------------------

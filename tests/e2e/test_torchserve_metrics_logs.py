@@ -58,7 +58,8 @@ def _requests(server) -> list[int]:
 def _start(osprey, store, tmp_path, **config):
     handler_archive(store, "tsm", METRICS_HANDLER)
     return osprey(models=["tsm=tsm.mar"], store=store, extra_args=["--no-grpc"],
-                  config={"metrics_config": str(CUSTOM), "log_location": str(tmp_path / "logs"), **config})
+                  config={"metrics_config": str(CUSTOM), "log_location": str(tmp_path / "logs"),
+                          "metrics_location": str(tmp_path / "logs"), **config})
 
 
 # TorchServe counts the warm-up request its recording script polled with as one of the two good ones

@@ -54,10 +54,6 @@ XFAIL: dict[str, str] = {
                  "test_log_location_and_metric_location_vars_snapshot_enabled",
                  "test_metrics_location_var_snapshot_enabled_rdonly_dir")
        for m in ("test_metrics.py", "test_metrics_kf.py")},
-    **{f"{m}::test_log_location_var_snapshot_disabled_custom_path_read_only":
-       "ts_metrics.log/model_metrics.log follow LOG_LOCATION in Osprey (metrics_location falls back to "
-       "log_location); TorchServe writes them to METRICS_LOCATION or ./logs whatever LOG_LOCATION says"
-       for m in ("test_metrics.py", "test_metrics_kf.py")},
     "test_metrics.py::test_metrics_log_mode":
         "with TS_METRICS_CONFIG=examples/custom_metrics/metrics.yaml in log mode, Osprey's ts_metrics.log has no "
         "ts_inference_requests_total / ts_inference_latency_microseconds / ts_queue_latency_microseconds lines "
