@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -44,6 +45,21 @@ log = logging.getLogger("osprey.archive")
 MANIFEST_PATH = "MAR-INF/MANIFEST.json"
 ARCHIVER_VERSION = "0.12.0"
 MAX_MEMBERS = 100_000
+
+
+def download_target_in_store(store: str | os.PathLike, url: str) -> str | None:
+    """The file name an http(s) ``url`` would be downloaded as, when a file of that name is
+    already in ``store``; else None. TorchServe, given such a URL, refuses a file already there
+    with 500 "... already exists NAME" (a FileAlreadyExistsException answered as an internal
+    error) before downloading anything: a quirk its own tests (re-registering by URL) expect,
+    kept for models and workflows alike. Osprey downloads nothing either way."""
+    name = re.split(r"[?#]", url, maxsplit=1)[0].rstrip().rsplit("/", 1)[-1]
+    if not name or name in (".", ".."):
+        return None
+    try:
+        return name if (Path(store) / name).exists() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _bad(source: str, why: str) -> OspreyError:

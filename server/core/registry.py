@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from server.core import heap
-from server.core.archive import ExtractionArea, ModelArchive, open_archive
+from server.core.archive import ExtractionArea, ModelArchive, download_target_in_store, open_archive
 from server.core.batching import Batcher
 from server.core.events import event
 from server.core.errors import TS_STARTUP_TIMEOUT_LINE, ErrorKind, OspreyError, StartupTimeout, show
@@ -221,7 +221,10 @@ class Registry:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Relative path is not allowed in url: "
                                                    f"{url if len(url) <= 200 else show(url)}")
         if re.match(r"^https?://", url, re.I):
-            self._refuse_download(url)
+            # Osprey downloads nothing; a file already in the store gets TorchServe's 500 (see there)
+            name = download_target_in_store(self.settings.model_store, url)
+            if name is not None:
+                raise OspreyError(ErrorKind.INTERNAL, f"Model file already exists {name}")
         if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
             raise OspreyError(ErrorKind.BAD_INPUT,
                               f"Model URL {url!r}: downloading archives is not supported; put the archive in the model store")
@@ -237,23 +240,6 @@ class Registry:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found at: {url if len(url) <= 200 else show(url)} "
                                                    "(it is outside the model store)")
         return path
-
-    def _refuse_download(self, url: str) -> None:
-        """Osprey does not download archives. TorchServe, given an http(s) URL, first looks for
-        the file it would download into the model store and answers 500 "Model file already
-        exists NAME" when it is there (ApiUtils: a FileAlreadyExistsException turned into an
-        InternalServerException). That status is a quirk, matched here because TorchServe's own
-        tests (re-registering a model by its URL) expect it; otherwise the caller is told to put
-        the archive in the model store (400, by resolve_url)."""
-        name = re.split(r"[?#]", url, maxsplit=1)[0].rstrip().rsplit("/", 1)[-1]
-        if not name or name in (".", ".."):
-            return
-        try:
-            there = (Path(self.settings.model_store) / name).exists()
-        except (OSError, ValueError):
-            return
-        if there:
-            raise OspreyError(ErrorKind.INTERNAL, f"Model file already exists {name}")
 
     def check_name(self, name: Any) -> str:
         """``name`` if it may name a model (BAD_INPUT saying why not)."""

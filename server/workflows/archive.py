@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.core.archive import extract_zip
+from server.core.archive import download_target_in_store, extract_zip
 from server.core.errors import ErrorKind, OspreyError, show
 
 __all__ = ["WorkflowArchive", "resolve_war", "open_war", "MANIFEST_PATH"]
@@ -86,16 +86,9 @@ def resolve_war(store: str, url: str | None) -> Path:
     if ".." in re.split(r"[/\\]", url):
         raise _not_found(f"Relative path is not allowed in url: {shown}")
     if re.match(r"^https?://", url, re.I):
-        # TorchServe downloads into the workflow store and first refuses a file already there:
-        # 500 "... already exists NAME" (a FileAlreadyExistsException answered as an internal
-        # error, as for models: server.core.registry._refuse_download). The status is a quirk,
-        # kept because TorchServe's own tests (re-registering a workflow by its URL) expect it.
-        name = re.split(r"[?#]", url, maxsplit=1)[0].rstrip().rsplit("/", 1)[-1]
-        try:
-            there = bool(name) and name not in (".", "..") and (Path(store) / name).exists()
-        except (OSError, ValueError):
-            there = False
-        if there:
+        # no download; a file already in the store gets TorchServe's 500, as for models
+        name = download_target_in_store(store, url)
+        if name is not None:
             raise OspreyError(ErrorKind.INTERNAL, f"Workflow file already exists {name}")
     if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I):
         raise OspreyError(ErrorKind.BAD_INPUT, f"Workflow URL {shown}: downloading archives is not supported; "

@@ -57,10 +57,10 @@ TRAFFIC_BODY = {"type": "object", "properties": {"weights": {"type": "object", "
 SHADOW_BODY = {"type": "object", "properties": {"version": {"type": "string"}}, "required": ["version"]}
 _OBJ = JSON({"type": "object"})
 
-__all__ = ["add_management_routes"]
+__all__ = ["add_management_routes", "query_params", "str_param", "int_param", "float_param"]
 
 
-def _params(req: Request) -> dict[str, Any]:
+def query_params(req: Request) -> dict[str, Any]:
     """Query parameters, or the same fields as a JSON body."""
     params: dict[str, Any] = dict(req.query)
     if req.body and req.content_type.startswith("application/json"):
@@ -74,7 +74,7 @@ def _params(req: Request) -> dict[str, Any]:
     return params
 
 
-def _str(params: dict, key: str) -> str | None:
+def str_param(params: dict, key: str) -> str | None:
     """A text parameter; a JSON body may not give a number, list or object instead."""
     value = params.get(key)
     if value is None or value == "":
@@ -89,7 +89,7 @@ def _str(params: dict, key: str) -> str | None:
 # default, Boolean.parseBoolean), and its clients and tests send batch_size=dd,
 # max_batch_delay=junk, synchronous=-1 or synchronous=Nan expecting that. A number out of range
 # (batch_size=0, NaN, infinity) and a JSON value of the wrong type are still refused, 400.
-def _int(params: dict, key: str, default: int | None = None) -> int | None:
+def int_param(params: dict, key: str, default: int | None = None) -> int | None:
     """A whole number (ranges are the registry's to check: it names the limit)."""
     value = params.get(key)
     if value is None or value == "":
@@ -106,7 +106,7 @@ def _int(params: dict, key: str, default: int | None = None) -> int | None:
     raise OspreyError(ErrorKind.BAD_INPUT, f"Parameter {key} must be an integer, got {show(value)}")
 
 
-def _float(params: dict, key: str) -> float | None:
+def float_param(params: dict, key: str) -> float | None:
     """A finite number (NaN and infinity are refused here, ranges by the registry)."""
     value = params.get(key)
     if value is None or value == "":
@@ -183,28 +183,28 @@ def _add_traffic_routes(router: Router, registry: Registry) -> None:
 def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
                           rotate_key: Callable[[str, str], bool | Awaitable[bool]] | None = None) -> None:
     async def list_models(req: Request) -> Response:
-        p = _params(req)
-        return json_response(api.list_models(registry, _int(p, "limit", 100), _int(p, "next_page_token", 0)))
+        p = query_params(req)
+        return json_response(api.list_models(registry, int_param(p, "limit", 100), int_param(p, "next_page_token", 0)))
 
     async def register(req: Request) -> Response:
-        p = _params(req)
-        url = "" if p.get("url") == "" else _str(p, "url")  # given empty: 404 "empty url", as in TorchServe
+        p = query_params(req)
+        url = "" if p.get("url") == "" else str_param(p, "url")  # given empty: 404 "empty url", as in TorchServe
         body = await api.register(
             registry, enable_model_api, url, synchronous=_bool(p, "synchronous", True),
-            model_name=_str(p, "model_name"), runtime=_str(p, "runtime"),
-            handler=_str(p, "handler"), batch_size=_int(p, "batch_size"), max_batch_delay=_float(p, "max_batch_delay"),
-            initial_workers=_int(p, "initial_workers"), response_timeout=_float(p, "response_timeout"),
-            startup_timeout=_float(p, "startup_timeout"))
+            model_name=str_param(p, "model_name"), runtime=str_param(p, "runtime"),
+            handler=str_param(p, "handler"), batch_size=int_param(p, "batch_size"), max_batch_delay=float_param(p, "max_batch_delay"),
+            initial_workers=int_param(p, "initial_workers"), response_timeout=float_param(p, "response_timeout"),
+            startup_timeout=float_param(p, "startup_timeout"))
         return json_response(body, status=202 if body is api.PROCESSING else 200)
 
     async def describe(req: Request) -> Response:
         return json_response(api.describe_models(registry, req.params["model"], req.params.get("version")))
 
     async def scale(req: Request) -> Response:
-        p = _params(req)
+        p = query_params(req)
         synchronous = _bool(p, "synchronous", False)
-        body = await api.scale(registry, req.params["model"], req.params.get("version"), _int(p, "min_worker"),
-                               _int(p, "max_worker"), synchronous=synchronous)
+        body = await api.scale(registry, req.params["model"], req.params.get("version"), int_param(p, "min_worker"),
+                               int_param(p, "max_worker"), synchronous=synchronous)
         return json_response(body, status=202 if body is api.PROCESSING else 200)
 
     async def unregister(req: Request) -> Response:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from server.protocols.rest.asgi import Request, Response, Router, json_response
 from server.protocols.rest.forms import fields_from_body
-from server.protocols.rest.management import _float, _int, _params, _str
+from server.protocols.rest.management import float_param, int_param, query_params, str_param
 from server.protocols.rest.openapi import JSON, STATUS, TS_ERROR, Doc, query
 from server.workflows.manager import Workflows
 
@@ -32,15 +32,15 @@ REGISTER_PARAMS = (
 
 def add_workflow_management_routes(router: Router, workflows: Workflows) -> None:
     async def register(req: Request) -> Response:
-        p = _params(req)
-        url = "" if p.get("url") == "" else _str(p, "url")
-        return json_response(await workflows.register(url, _str(p, "workflow_name"),
-                                                      response_timeout=_float(p, "response_timeout"),
-                                                      startup_timeout=_float(p, "startup_timeout")))
+        p = query_params(req)
+        url = "" if p.get("url") == "" else str_param(p, "url")
+        return json_response(await workflows.register(url, str_param(p, "workflow_name"),
+                                                      response_timeout=float_param(p, "response_timeout"),
+                                                      startup_timeout=float_param(p, "startup_timeout")))
 
     async def listing(req: Request) -> Response:
-        p = _params(req)
-        return json_response(workflows.list(_int(p, "limit", 100), _int(p, "next_page_token", 0)))
+        p = query_params(req)
+        return json_response(workflows.list(int_param(p, "limit", 100), int_param(p, "next_page_token", 0)))
 
     async def describe(req: Request) -> Response:
         return json_response(workflows.describe(req.params["workflow"]))
