@@ -59,44 +59,57 @@ def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def classification_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float | None]:
-    """``y``: (n,) class indices; ``outputs``: (n, C) probabilities or scores."""
-    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
-
+def classification_metrics(y: np.ndarray, outputs: np.ndarray, only: str | None = None) -> dict[str, float | None]:
+    """``y``: (n,) class indices; ``outputs``: (n, C) probabilities or scores. ``only``: that one
+    metric (the others are not computed: the gate's bootstrap asks for one metric hundreds of times)."""
     y = np.asarray(y, dtype=np.int64)
     outputs = np.asarray(outputs, dtype=np.float64)
     n_classes = outputs.shape[1]
     pred = outputs.argmax(axis=1)
-    out: dict[str, float | None] = {"accuracy": _round(accuracy_score(y, pred))}
-    p, r, f, _ = precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
-    out.update(precision=_round(p), recall=_round(r), f1=_round(f))
-    if n_classes == 2:
-        out["roc_auc"] = _round(binary_auc(y == 1, outputs[:, 1])) if len(np.unique(y)) == 2 else None
-    else:  # one-vs-rest, macro over the classes that have both positives and negatives here
-        aucs = [binary_auc(y == c, outputs[:, c]) for c in range(n_classes) if 0 < np.sum(y == c) < len(y)]
-        out["roc_auc"] = _round(np.mean(aucs)) if aucs else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if are_probabilities(outputs):
-            probs = np.clip(outputs, 1e-15, 1.0)
-            probs /= probs.sum(axis=1, keepdims=True)
-            out["log_loss"] = _round(log_loss(y, probs, labels=list(range(n_classes))))
-        else:
-            out["log_loss"] = None
-    return out
+    out: dict[str, float | None] = {}
+    if only in (None, "accuracy"):
+        out["accuracy"] = _round(np.mean(pred == y)) if len(y) else None
+    if only in (None, "precision", "recall", "f1"):
+        from sklearn.metrics import precision_recall_fscore_support
+
+        p, r, f, _ = precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+        out.update(precision=_round(p), recall=_round(r), f1=_round(f))
+    if only in (None, "roc_auc"):
+        if n_classes == 2:
+            out["roc_auc"] = _round(binary_auc(y == 1, outputs[:, 1])) if len(np.unique(y)) == 2 else None
+        else:  # one-vs-rest, macro over the classes that have both positives and negatives here
+            aucs = [binary_auc(y == c, outputs[:, c]) for c in range(n_classes) if 0 < np.sum(y == c) < len(y)]
+            out["roc_auc"] = _round(np.mean(aucs)) if aucs else None
+    if only in (None, "log_loss"):
+        from sklearn.metrics import log_loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if are_probabilities(outputs):
+                probs = np.clip(outputs, 1e-15, 1.0)
+                probs /= probs.sum(axis=1, keepdims=True)
+                out["log_loss"] = _round(log_loss(y, probs, labels=list(range(n_classes))))
+            else:
+                out["log_loss"] = None
+    return {k: v for k, v in out.items() if only is None or k == only}
 
 
-def regression_metrics(y: np.ndarray, outputs: np.ndarray) -> dict[str, float | None]:
-    """``y`` and ``outputs``: (n,) or (n, k) values."""
+def regression_metrics(y: np.ndarray, outputs: np.ndarray, only: str | None = None) -> dict[str, float | None]:
+    """``y`` and ``outputs``: (n,) or (n, k) values. ``only``: that one metric."""
     from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
     y = np.asarray(y, dtype=np.float64)
     outputs = np.asarray(outputs, dtype=np.float64).reshape(y.shape)
-    out = {"mse": _round(mean_squared_error(y, outputs)), "mae": _round(mean_absolute_error(y, outputs))}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        constant = len(y) < 2 or bool(np.all(np.ptp(y, axis=0) == 0))
-        out["r2"] = None if constant else _round(r2_score(y, outputs))
+    out: dict[str, float | None] = {}
+    if only in (None, "mse"):
+        out["mse"] = _round(mean_squared_error(y, outputs))
+    if only in (None, "mae"):
+        out["mae"] = _round(mean_absolute_error(y, outputs))
+    if only in (None, "r2"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            constant = len(y) < 2 or bool(np.all(np.ptp(y, axis=0) == 0))
+            out["r2"] = None if constant else _round(r2_score(y, outputs))
     return out
 
 

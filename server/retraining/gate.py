@@ -36,9 +36,11 @@ only if every check holds:
    difference of a row or two on a small holdout is not taken for an improvement;
 2. golden: regression (minus the improvement) <= ``max_regression``;
 3. no holdout row the champion answers is refused by the challenger;
-4. latency of one batch of 1 and of 32 requests (the fastest of 7 runs, the two models taking
-   turns): challenger <= ``max_latency_ratio`` x champion's, or at most
-   :data:`LATENCY_SLACK_S` slower (timer noise on sub-millisecond models);
+4. latency of one batch of 1 and of 32 requests (the fastest of at least 7 runs and 0.25 s,
+   the two models taking turns; a size that fails is timed again and each model keeps its
+   fastest, so one burst of load on the machine does not reject a model):
+   challenger <= ``max_latency_ratio`` x champion's, or at most :data:`LATENCY_SLACK_S` slower
+   (timer noise on sub-millisecond models);
 5. archive size (bytes of its files) <= ``max_size_ratio`` x champion's.
 
 Each failed check is a reason naming its numbers.
@@ -70,6 +72,15 @@ __all__ = ["GateConfig", "GateResult", "gate_config", "evaluate", "score", "scor
 log = logging.getLogger("osprey.retraining")
 
 LATENCY_SLACK_S = 0.001
+
+
+def _too_slow(a: float | None, b: float | None, max_ratio: float) -> bool:
+    """Whether the challenger's ``b`` seconds break the latency check against the champion's ``a``."""
+    if a is None or b is None:
+        return False
+    return (b / a if a > 0 else float("inf")) > max_ratio and b - a > LATENCY_SLACK_S
+
+
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("mse", "mae", "r2")
 AUTOENCODER_METRICS = ("reconstruction_error",)  # lower is better (not in HIGHER_IS_BETTER)
@@ -151,18 +162,74 @@ def better_share(p_champ: Predictions, p_chal: Predictions, rows: Sequence[dict]
                  seed: int = 0) -> float:
     """The share of bootstrap resamples of the rows ``both`` (drawn with replacement, the same
     rows for both models) on which the challenger's ``metric`` beats the champion's. A
-    resample where the metric cannot be computed (one class only, for roc_auc) counts as no."""
+    resample where the metric cannot be computed (one class only, for roc_auc) counts as no.
+
+    Classification and regression: each model's labels and outputs are resolved once, and each
+    resample computes ``metric`` alone on the drawn rows (the values :func:`score` gives; all
+    metrics per resample cost 20 ms, 16 s for one gate)."""
     if not both:
         return 0.0
     rng = np.random.default_rng(seed)
     pool = np.asarray(both)
+    fast = (p_champ.scores is None and p_chal.scores is None
+            and p_champ.task == p_chal.task and p_champ.task in ("classification", "regression"))
+    if fast:
+        ex_a = _examples(p_champ, rows, both)
+        ex_b = _examples(p_chal, rows, both)
+        position = {row: k for k, row in enumerate(both)}
     wins = 0
     for _ in range(resamples):
         idx = pool[rng.integers(0, len(pool), len(pool))].tolist()
-        a, b = score(p_champ, rows, idx, anchors).get(metric), score(p_chal, rows, idx, anchors).get(metric)
+        if fast:
+            picks = [position[i] for i in idx]
+            a = _metric_of(p_champ.task, metric, ex_a, picks)
+            b = _metric_of(p_chal.task, metric, ex_b, picks)
+        else:
+            a, b = score(p_champ, rows, idx, anchors).get(metric), score(p_chal, rows, idx, anchors).get(metric)
         if a is not None and b is not None and improvement(metric, a, b, higher) > 0:
             wins += 1
     return wins / resamples
+
+
+def _examples(pred: Predictions, rows: Sequence[dict], indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list]:
+    """(labels, outputs, per index its examples' positions) of the rows ``indices``, resolved once."""
+    ys, outs, where = [], [], []
+    for i in indices:
+        y, o = _labelled(pred, rows, i)
+        where.append(list(range(len(ys), len(ys) + len(y))))
+        ys += y
+        outs += o
+    return np.asarray(ys), (np.stack(outs) if outs else np.empty((0,))), where
+
+
+def _metric_of(task: str, metric: str, examples: tuple[np.ndarray, np.ndarray, list], picks: Sequence[int]) -> Any:
+    ys, outs, where = examples
+    sel = [e for k in picks for e in where[k]]
+    if not sel:
+        return None
+    if task == "regression":
+        return regression_metrics(ys[sel].astype(np.float64), outs[sel], only=metric).get(metric)
+    return classification_metrics(ys[sel].astype(np.int64), outs[sel], only=metric).get(metric)
+
+
+def _labelled(pred: Predictions, rows: Sequence[dict], i: int) -> tuple[list, list]:
+    """Row ``i``'s labels (resolved for the model's task and classes) and output rows, one per
+    example of its request; ([], []) when the model did not answer it."""
+    out = pred.outputs.get(i)
+    if out is None:
+        return [], []
+    label = rows[i].get("label")
+    if len(out) > 1:  # a request holding several examples: one label per example
+        if not isinstance(label, (list, tuple)) or len(label) != len(out):
+            raise RowError(f"row {rows[i].get('rid', i)}: its request holds {len(out)} examples; "
+                           f"its label must be a list of {len(out)}")
+        labels = list(label)
+    else:
+        labels = [label]
+    width = out.shape[-1] if out.ndim > 1 else 1
+    ys = resolve_labels([{"rid": rows[i].get("rid", i), "label": y} for y in labels], pred.task, pred.classes,
+                        width=width)
+    return list(ys), list(out)
 
 
 def _f(x: Any) -> str:
@@ -187,21 +254,9 @@ def score(pred: Predictions, rows: Sequence[dict], indices: Sequence[int],
         errs = np.concatenate(errs)
         return {"rows": len(errs), "reconstruction_error": round(float(errs.mean()), 8)}
     for i in indices:
-        out = pred.outputs.get(i)
-        if out is None:
-            continue
-        label = rows[i].get("label")
-        if len(out) > 1:  # a request holding several examples: one label per example
-            if not isinstance(label, (list, tuple)) or len(label) != len(out):
-                raise RowError(f"row {rows[i].get('rid', i)}: its request holds {len(out)} examples; "
-                               f"its label must be a list of {len(out)}")
-            labels = list(label)
-        else:
-            labels = [label]
-        width = out.shape[-1] if out.ndim > 1 else 1
-        ys += resolve_labels([{"rid": rows[i].get("rid", i), "label": y} for y in labels], task, pred.classes,
-                             width=width)
-        outs += list(out)
+        y, o = _labelled(pred, rows, i)
+        ys += y
+        outs += o
     if not ys:
         return {"rows": 0}
     outputs = np.stack(outs)
@@ -354,8 +409,15 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
             numbers["golden"] = {"rows": 0, "note": "no golden set (reference.npz without inputs and targets)"}
         # 3. latency
         bodies = [request_body(r, i) for i, r in enumerate(rows[:64]) if i in p_champ.outputs]
-        say(f"gate: timing batches of 1 and 32 ({repeats} runs each)")
+        say(f"gate: timing batches of 1 and 32 (at least {repeats} runs each)")
         t_champ, t_chal = time_batches([champ, chal], bodies, (1, 32), repeats)
+        slow = [n for n in (1, 32) if _too_slow(t_champ.get(n), t_chal.get(n), cfg.max_latency_ratio)]
+        if slow:  # a rejection is confirmed by a second, later timing: each model's fastest of both
+            say(f"gate: timing batches of {', '.join(map(str, slow))} again to confirm the challenger is slower")
+            again_champ, again_chal = time_batches([champ, chal], bodies, slow, repeats)
+            for n in slow:
+                t_champ[n] = min(t_champ[n], again_champ[n])
+                t_chal[n] = min(t_chal[n], again_chal[n])
         lat = {}
         for size in (1, 32):
             a, b = t_champ.get(size), t_chal.get(size)
@@ -363,7 +425,7 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
                 continue
             ratio = b / a if a > 0 else float("inf")
             lat[str(size)] = {"champion_s": round(a, 6), "challenger_s": round(b, 6), "ratio": round(ratio, 3)}
-            if ratio > cfg.max_latency_ratio and b - a > LATENCY_SLACK_S:
+            if _too_slow(a, b, cfg.max_latency_ratio):
                 reasons.append(f"latency: a batch of {size} takes {b * 1000:.2f} ms, {ratio:.2f}x the champion's "
                                f"{a * 1000:.2f} ms (at most {cfg.max_latency_ratio}x allowed)")
         numbers["latency"] = lat

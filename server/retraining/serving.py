@@ -177,11 +177,15 @@ def request_for(i: int, body: Any, model: str):
 
 
 def time_batches(models: Sequence[LoadedModel], bodies: Sequence[Any], sizes: Sequence[int] = (1, 32),
-                 repeats: int = 7) -> list[dict[int, float]]:
-    """Seconds per batch of each size, for each model: the fastest of ``repeats`` runs (after a
-    warm-up run each). The models take turns, in alternating order, so load on the machine falls
-    on them alike; the fastest run is what the model itself costs, which a busy machine can only
-    add to (a median of 5 on a loaded 2-core machine once put the same model at 1.5x itself)."""
+                 repeats: int = 7, min_seconds: float = 0.25, max_runs: int = 400) -> list[dict[int, float]]:
+    """Seconds per batch of each size, for each model: the fastest of at least ``repeats`` runs
+    (after a warm-up run each), more while the runs of that size have taken under ``min_seconds``
+    in all (at most ``max_runs`` each). The models take turns, in alternating order, so load on
+    the machine falls on them alike; the fastest run is what the model itself costs, which a
+    busy machine can only add to (a median of 5 on a loaded 2-core machine once put the same
+    model at 1.5x itself). The time floor matters for fast models: 7 turns of a 2 ms batch last
+    30 ms, and one burst of other work that long can cover every run of one model but not the
+    other's first (the fastest of 7 once put the same digits_cnn at 3.2x itself)."""
     if not bodies:
         return [{} for _ in models]
     out: list[dict[int, float]] = [{} for _ in models]
@@ -190,10 +194,13 @@ def time_batches(models: Sequence[LoadedModel], bodies: Sequence[Any], sizes: Se
         for m in models:
             m.run(batch)  # warm-up
         runs: list[list[float]] = [[] for _ in models]
-        for r in range(repeats):
+        t0 = time.perf_counter()
+        r = 0
+        while r < repeats or (time.perf_counter() - t0 < min_seconds and r < max_runs):
             order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
             for j in order:
                 runs[j].append(models[j].run(batch))
+            r += 1
         for j in range(len(models)):
             out[j][size] = min(runs[j])
     return out

@@ -75,7 +75,8 @@ def test_serve_says_which_address_is_taken_and_exits(tmp_path, taken):
                    "--management-address", f"http://127.0.0.1:{ports['management']}",
                    "--metrics-address", f"http://127.0.0.1:{ports['metrics']}",
                    "--grpc-inference-port", str(ports["grpc"]),
-                   "--grpc-management-port", str(ports["grpc_management"]), cwd=tmp_path, timeout=60)
+                   "--grpc-management-port", str(ports["grpc_management"]),
+                   "--pid-file", str(tmp_path / "osprey.pid"), cwd=tmp_path, timeout=60)
     finally:
         holder.close()
     assert r.returncode == 1, r.stdout + r.stderr

@@ -337,3 +337,61 @@ def test_an_improvement_of_a_row_or_two_is_not_evidence_but_a_clear_one_is():
     assert share_clearly == 1.0, share_clearly
     # deterministic: the same rows give the same share
     assert better_share(champion, barely, rows, both, None, "accuracy", True) == share_barely
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_each_bootstrap_resample_scores_the_metric_as_the_whole_gate_does(task):
+    """The bootstrap computes one metric per resample from labels resolved once: the same value
+    as the gate's full scoring of the same drawn rows (repeats included), for every metric."""
+    from server.retraining.gate import _examples, _metric_of, score
+    from server.retraining.serving import Predictions
+
+    rng = np.random.default_rng(3)
+    n = 50
+    if task == "classification":
+        classes = ("a", "b", "c")
+        logits = rng.normal(size=(n, 3))
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        rows = [{"rid": str(i), "inputs": {}, "label": classes[int(rng.integers(0, 3))]} for i in range(n)]
+        pred = Predictions(task=task, classes=classes, outputs={i: probs[i:i + 1] for i in range(n)})
+        metrics = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+    else:
+        values = rng.normal(size=n)
+        rows = [{"rid": str(i), "inputs": {}, "label": float(values[i] + rng.normal())} for i in range(n)]
+        pred = Predictions(task=task, outputs={i: values[i:i + 1] for i in range(n)})
+        metrics = ("mse", "mae", "r2")
+    both = list(range(0, n, 2)) + [1, 3]
+    examples = _examples(pred, rows, both)
+    for _ in range(5):
+        picks = rng.integers(0, len(both), len(both)).tolist()
+        full = score(pred, rows, [both[k] for k in picks])
+        for metric in metrics:
+            assert _metric_of(task, metric, examples, picks) == full[metric], metric
+
+
+def test_a_slower_challenger_is_rejected_on_latency_and_an_identical_one_is_not(tmp_path):
+    """The latency check compares the fastest runs, the models taking turns, and times a failing
+    size again before it rejects: an identical challenger passes it on a busy machine, one that
+    sleeps 5 ms in forward() is rejected with its numbers."""
+    store = example_store("cancer_mlp")
+    champ = _extract(store / "cancer_mlp.mar", tmp_path / "champion")
+    same = _extract(store / "cancer_mlp.mar", tmp_path / "same")
+    source = (champ / "cancer_mlp.py").read_text()
+    slow = _copy_with(champ, tmp_path / "slow", {"cancer_mlp.py": source + (
+        "\n\nimport time\n_forward = CancerMLP.forward\n\n"
+        "def _slow_forward(self, x):\n    time.sleep(0.005)\n    return _forward(self, x)\n\n"
+        "CancerMLP.forward = _slow_forward\n")})
+    names = ["malignant", "benign"]
+    hold = _tabular_rows(store, "cancer", lambda y: names[int(y)])[:64]
+    cfg = {"min_improvement": -1.0}  # quality cannot improve: only latency and size are judged here
+
+    identical = evaluate(champ, same, hold, gate_cfg=cfg)
+    assert identical.passed, identical.reasons
+    assert set(identical.numbers["latency"]) == {"1", "32"}
+
+    slower = evaluate(champ, slow, hold, gate_cfg=cfg)
+    assert not slower.passed
+    assert [r for r in slower.reasons if not r.startswith("latency: ")] == []
+    assert any(r.startswith("latency: a batch of 1 takes") and "(at most 1.5x allowed)" in r for r in slower.reasons)
+    lat = slower.numbers["latency"]["1"]
+    assert lat["challenger_s"] >= 0.005 and lat["ratio"] > 1.5
