@@ -54,10 +54,6 @@ XFAIL: dict[str, str] = {
                  "test_log_location_and_metric_location_vars_snapshot_enabled",
                  "test_metrics_location_var_snapshot_enabled_rdonly_dir")
        for m in ("test_metrics.py", "test_metrics_kf.py")},
-    "test_metrics.py::test_metrics_log_mode":
-        "with TS_METRICS_CONFIG=examples/custom_metrics/metrics.yaml in log mode, Osprey's ts_metrics.log has no "
-        "ts_inference_requests_total / ts_inference_latency_microseconds / ts_queue_latency_microseconds lines "
-        "(not investigated further yet)",
     "test_gRPC_inference_api.py::test_inference_stream2_apis":
         "the stateful example's requirements.txt (lru-dict) is pip-installed at registration "
         "(install_py_dep_per_model=true) from PyPI, which the module's private network namespace cannot reach "
