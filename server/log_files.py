@@ -170,6 +170,8 @@ class _Stream:
             out = _line(now, self.level, f"{worker}-{self.suffix}", "MODEL_LOG", line)
             self.files.put("model_log", out)
             self.files.put("ts_log", out)
+            if self.files.console:  # model_log_console: TorchServe's console has these lines too
+                self.inner.write(out)
         return len(text)
 
     def flush(self) -> None:
@@ -181,7 +183,8 @@ class _Stream:
 
 class LogFiles:
     def __init__(self, log_location: str, metrics_location: str, *, max_bytes: int, backups: int,
-                 server_logs: bool = True, metrics_logs: bool = False):
+                 server_logs: bool = True, metrics_logs: bool = False, console: bool = False):
+        self.console = console  # handler output also to the real stdout/stderr (model_log_console)
         self.paths: dict[str, Path] = {}
         if server_logs:
             for name in ("access_log", "model_log", "ts_log"):
@@ -223,7 +226,8 @@ class LogFiles:
         if not server_logs and not metrics_logs:
             return None
         return cls(s.log_location, s.metrics_location or "logs", max_bytes=s.log_max_bytes,
-                   backups=s.log_backup_count, server_logs=server_logs, metrics_logs=metrics_logs)
+                   backups=s.log_backup_count, server_logs=server_logs, metrics_logs=metrics_logs,
+                   console=s.model_log_console)
 
     # --- writing --------------------------------------------------------------------------
     def put(self, file: str, text: str) -> None:
