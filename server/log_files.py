@@ -87,9 +87,32 @@ class _DirectFile(logging.handlers.RotatingFileHandler):
     backups, gzip the renamed file into ``.1.gz``) on the writer thread, in rollover order."""
 
     def __init__(self, path: Path, later: Any, **kw: Any):
+        self._size = 0
         super().__init__(path, **kw)
         self._later = later
         self._rotations = 0
+
+    def _open(self):
+        stream = super()._open()
+        self._size = os.fstat(stream.fileno()).st_size
+        return stream
+
+    def write(self, text: str) -> None:
+        """Append ``text`` and flush it, rolling over first when it would pass maxBytes. The size
+        is counted here: the stdlib's shouldRollover seeks to the end and stats the file twice per
+        record, which cost more than the write itself; no LogRecord or formatting either."""
+        size = len(text.encode("utf-8"))
+        with self.lock:
+            try:
+                if self.maxBytes > 0 and self._size > 0 and self._size + size >= self.maxBytes:
+                    self.doRollover()
+                if self.stream is None:
+                    self.stream = self._open()
+                self.stream.write(text)
+                self.stream.flush()
+                self._size += size
+            except Exception:
+                self.handleError(logging.LogRecord("osprey.files", logging.ERROR, "", 0, text[:200], None, None))
 
     def doRollover(self) -> None:
         if self.backupCount <= 0:
@@ -244,7 +267,7 @@ class LogFiles:
         if h is None:
             return self.put(file, text)
         if text:
-            h.handle(logging.LogRecord("osprey.files", logging.INFO, "", 0, text, None, None))
+            h.write(text)
 
     def _later(self, job: Any) -> None:
         """Run ``job`` on the writer thread (after what is queued before it)."""
