@@ -254,6 +254,7 @@ class ServingMetrics:
             ts_queue[0] += wait * 1e6
         if self.log is not None:
             self._log_request(mv.name, req.version, total, wait)
+            self.log.flush()  # before the answer leaves: a client that reads the file then finds them
         if status >= 500:
             kind = getattr(outcome, "kind", None)
             if kind is not None:

@@ -9,10 +9,14 @@ TorchServe (log4j2 pattern ``%d{ISO8601} - %m%n``) writes one line per metric ev
 logged as the increment, gauges as the value. Osprey writes the same lines (units and dimensions
 from the metrics configuration, see :mod:`monitoring.ts_metrics_config`).
 
-The request path only appends a line to a deque (thread-safe: handler metrics come from
-instance threads); the lines reach their file in one write about every ``flush_every`` seconds
-and when the server stops, through ``write(file, text)`` (the server's log files writer,
-which does the disk I/O on its own thread).
+Lines are appended to a deque (thread-safe: handler metrics come from instance threads) and
+reach their file in one ``write(file, text)`` per file: when a request is done, before its answer
+leaves (:meth:`MetricsLog.flush`, called by the request observer: its ts_inference_* lines, the
+batch's QueueTime/WorkerThreadTime and the handler's model metrics are then in the files, as
+TorchServe, which writes each line as it is logged, has them when its answer arrives), about every
+``flush_every`` seconds for the rest (system metrics, Requests2XX/4XX/5XX, which are counted as
+an answer is sent) and when the server stops. ``write`` is the server's log files'
+``write_now`` (server/log_files.py): the write happens before it returns.
 """
 
 from __future__ import annotations

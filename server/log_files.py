@@ -21,16 +21,24 @@ TorchServe's log4j2.xml, whatever the log location says). Each file is rotated a
 ``log_backup_count`` older files are kept gzipped (``access_log.log.1.gz`` ...; TorchServe names
 them by date, ``access_log.29-Nov.log.gz``, and also rotates daily: Osprey rotates by size only).
 
-Nothing here writes to disk on the caller's thread: lines are queued and one writer thread
-(stdlib :class:`logging.handlers.QueueListener`) writes them through
-:class:`~logging.handlers.RotatingFileHandler` objects. The event loop's lines (access log,
-metrics) are buffered and handed over about twice a second in one piece per file.
+access_log.log, model_log.log and ts_log.log are not written on the caller's thread: lines are
+queued and one writer thread (stdlib :class:`logging.handlers.QueueListener`) writes them through
+:class:`~logging.handlers.RotatingFileHandler` objects; the event loop's access log lines are
+buffered and handed over about twice a second in one piece per file.
+
+The metrics files are written on the caller's thread (:meth:`LogFiles.write_now`, one write of
+what :class:`monitoring.metrics_log.MetricsLog` gathered): a request's metric lines are in
+ts_metrics.log and model_metrics.log before its answer leaves, as TorchServe's synchronous log4j2
+appenders have them (scripts and TorchServe's own tests read the file right after an answer).
+Rotating one of them only renames it on the caller's thread; shifting the older backups and
+gzipping it is done by the writer thread, one rotation after another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import gzip
 import logging
 import logging.handlers
@@ -49,6 +57,7 @@ __all__ = ["LogFiles"]
 
 _LEVELS = {"WARNING": "WARN ", "CRITICAL": "FATAL", "INFO": "INFO ", "DEBUG": "DEBUG", "ERROR": "ERROR"}
 FILES = ("access_log", "model_log", "ts_log", "ts_metrics", "model_metrics")
+DIRECT = ("ts_metrics", "model_metrics")  # written on the caller's thread (LogFiles.write_now)
 
 
 def _gzip_rotator(source: str, dest: str) -> None:
@@ -70,6 +79,72 @@ class _FileOf(logging.Filter):
 
 def _line(record_time: float, level: str, thread: str, logger: str, message: str) -> str:
     return f"{iso8601(record_time)} [{_LEVELS.get(level, level[:5].ljust(5))}] {thread} {logger} - {message}\n"
+
+
+class _DirectFile(logging.handlers.RotatingFileHandler):
+    """A file written on the caller's thread (the handler's lock orders the callers). A rollover
+    renames the full file aside and reopens at once; ``later(job)`` runs the slow part (shift the
+    backups, gzip the renamed file into ``.1.gz``) on the writer thread, in rollover order."""
+
+    def __init__(self, path: Path, later: Any, **kw: Any):
+        self._size = 0
+        super().__init__(path, **kw)
+        self._later = later
+        self._rotations = 0
+
+    def _open(self):
+        stream = super()._open()
+        self._size = os.fstat(stream.fileno()).st_size
+        return stream
+
+    def write(self, text: str) -> None:
+        """Append ``text`` and flush it, rolling over first when it would pass maxBytes. The size
+        is counted here: the stdlib's shouldRollover seeks to the end and stats the file twice per
+        record, which cost more than the write itself; no LogRecord or formatting either."""
+        size = len(text.encode("utf-8"))
+        with self.lock:
+            try:
+                if self.maxBytes > 0 and self._size > 0 and self._size + size >= self.maxBytes:
+                    self.doRollover()
+                if self.stream is None:
+                    self.stream = self._open()
+                self.stream.write(text)
+                self.stream.flush()
+                self._size += size
+            except Exception:
+                self.handleError(logging.LogRecord("osprey.files", logging.ERROR, "", 0, text[:200], None, None))
+
+    def doRollover(self) -> None:
+        if self.backupCount <= 0:
+            return super().doRollover()
+        if self.stream:
+            self.stream.close()
+            self.stream = None
+        self._rotations += 1
+        aside = f"{self.baseFilename}.rotating-{os.getpid()}-{self._rotations}"
+        if os.path.exists(self.baseFilename):
+            os.rename(self.baseFilename, aside)
+            self._later(functools.partial(self._shift_and_gzip, aside))
+        self.stream = self._open()
+
+    def _shift_and_gzip(self, aside: str) -> None:  # on the writer thread
+        for i in range(self.backupCount - 1, 0, -1):
+            src = self.rotation_filename(f"{self.baseFilename}.{i}")
+            if os.path.exists(src):
+                os.replace(src, self.rotation_filename(f"{self.baseFilename}.{i + 1}"))
+        _gzip_rotator(aside, self.rotation_filename(self.baseFilename + ".1"))
+
+
+class _Jobs(logging.Handler):
+    """On the writer thread: runs the callables queued as records (``osprey_job``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        job = getattr(record, "osprey_job", None)
+        if job is not None:
+            try:
+                job()
+            except Exception:
+                self.handleError(record)
 
 
 class _Route(logging.Handler):
@@ -118,6 +193,8 @@ class _Stream:
             out = _line(now, self.level, f"{worker}-{self.suffix}", "MODEL_LOG", line)
             self.files.put("model_log", out)
             self.files.put("ts_log", out)
+            if self.files.console:  # model_log_console: TorchServe's console has these lines too
+                self.inner.write(out)
         return len(text)
 
     def flush(self) -> None:
@@ -129,27 +206,36 @@ class _Stream:
 
 class LogFiles:
     def __init__(self, log_location: str, metrics_location: str, *, max_bytes: int, backups: int,
-                 server_logs: bool = True, metrics_logs: bool = False):
+                 server_logs: bool = True, metrics_logs: bool = False, console: bool = False):
+        self.console = console  # handler output also to the real stdout/stderr (model_log_console)
         self.paths: dict[str, Path] = {}
         if server_logs:
             for name in ("access_log", "model_log", "ts_log"):
                 self.paths[name] = Path(log_location) / f"{name}.log"
         if metrics_logs:
-            for name in ("ts_metrics", "model_metrics"):
+            for name in DIRECT:
                 self.paths[name] = Path(metrics_location) / f"{name}.log"
-        handlers = []
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        handlers: list[logging.Handler] = []
+        self._direct: dict[str, _DirectFile] = {}
         for name, path in self.paths.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            h = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+            if name in DIRECT:
+                h = _DirectFile(path, self._later, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+                self._direct[name] = h
+            else:
+                h = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
+                                                         encoding="utf-8")
+                h.addFilter(_FileOf(name))
+                handlers.append(h)
             h.namer = lambda default: default + ".gz"
             h.rotator = _gzip_rotator
             h.terminator = ""  # lines carry their own newlines
             h.setFormatter(logging.Formatter("%(message)s"))
-            h.addFilter(_FileOf(name))
-            handlers.append(h)
-        self._handlers = handlers
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._listener = logging.handlers.QueueListener(self._queue, *handlers, respect_handler_level=False)
+        jobs = _Jobs()
+        jobs.addFilter(_FileOf("_jobs"))
+        self._handlers = [*handlers, *self._direct.values()]
+        self._listener = logging.handlers.QueueListener(self._queue, *handlers, jobs, respect_handler_level=False)
         self._listener.start()
         self._buffers: dict[str, collections.deque] = {n: collections.deque() for n in self.paths}
         self._timer: asyncio.TimerHandle | None = None
@@ -163,7 +249,8 @@ class LogFiles:
         if not server_logs and not metrics_logs:
             return None
         return cls(s.log_location, s.metrics_location or "logs", max_bytes=s.log_max_bytes,
-                   backups=s.log_backup_count, server_logs=server_logs, metrics_logs=metrics_logs)
+                   backups=s.log_backup_count, server_logs=server_logs, metrics_logs=metrics_logs,
+                   console=s.model_log_console)
 
     # --- writing --------------------------------------------------------------------------
     def put(self, file: str, text: str) -> None:
@@ -172,6 +259,21 @@ class LogFiles:
             record = logging.LogRecord("osprey.files", logging.INFO, "", 0, text, None, None)
             record.osprey_file = file
             self._queue.put(record)
+
+    def write_now(self, file: str, text: str) -> None:
+        """Write ``text`` (whole lines) to a metrics file before returning (any thread; see the
+        module docstring); other files are queued as by :meth:`put`."""
+        h = self._direct.get(file)
+        if h is None:
+            return self.put(file, text)
+        if text:
+            h.write(text)
+
+    def _later(self, job: Any) -> None:
+        """Run ``job`` on the writer thread (after what is queued before it)."""
+        record = logging.LogRecord("osprey.files", logging.INFO, "", 0, "", None, None)
+        record.osprey_file, record.osprey_job = "_jobs", job
+        self._queue.put(record)
 
     def buffer(self, file: str, line: str) -> None:
         """Keep ``line`` for ``file`` until the next flush (the event loop's lines)."""

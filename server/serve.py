@@ -140,7 +140,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         # TorchServe's log files (access, model, server; metrics in metrics_mode=log), or None
         self.log_files = LogFiles.from_settings(settings)
-        metrics_log = MetricsLog(socket.gethostname(), self.log_files.put) \
+        metrics_log = MetricsLog(socket.gethostname(), self.log_files.write_now) \
             if self.log_files is not None and settings.metrics_mode == "log" else None
         auto = settings.model_metrics_auto_detect.lower()
         self.metrics = ServingMetrics(buckets=settings.metric_buckets, objectives=settings.latency_objectives,

@@ -98,6 +98,9 @@ class Settings:
     # ts_metrics.log and model_metrics.log (metrics_mode=log) here; empty: METRICS_LOCATION, else
     # log_location, else "logs" (TorchServe's default)
     metrics_location: str = ""
+    # with log files on, what handlers print also goes to the server's standard output as its
+    # model_log.log lines (TorchServe's console has them); off: only to model_log.log
+    model_log_console: bool = False
     log_max_bytes: int = 100 * 1024 * 1024  # a log file is rotated at this size (TorchServe: 100 MB) ...
     log_backup_count: int = 5  # ... keeping this many gzipped older files (TorchServe: 5)
     metric_buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -116,6 +119,10 @@ class Settings:
     crash_loop_restarts: int = 5  # this many crashes of one model version within crash_loop_window ...
     crash_loop_window: float = 60.0  # ... seconds: stop restarting, the version is unhealthy
     hang_grace: float = 1.0  # seconds past responseTimeout a busy instance is replaced (process killed, thread abandoned)
+    # how lost and replaced instances are reported (server/core/worker_lines.py): osprey (structured
+    # event= lines; a request past responseTimeout is answered 504) or torchserve (TorchServe 0.12's
+    # 'Worker disconnected', 'Retry worker', 'Auto recovery ...' lines; 500 "Worker died.")
+    worker_lifecycle: str = "osprey"
     max_abandoned_threads: int = 4  # hung threads one model version may leave behind before it is unhealthy
     # drift, feedback and live quality (per model: model-config.yaml ``monitoring:``); off here turns it off for all
     monitoring: bool = True
@@ -360,6 +367,8 @@ def load_settings(
         from monitoring.ts_metrics_config import load_metrics_config
 
         load_metrics_config(settings.metrics_config)
+    if settings.worker_lifecycle not in ("osprey", "torchserve"):
+        raise ValueError(f"setting worker_lifecycle: {settings.worker_lifecycle!r} must be osprey or torchserve")
     if settings.metrics_mode not in ("prometheus", "log"):
         raise ValueError(f"setting metrics_mode: {settings.metrics_mode!r} must be prometheus or log")
     if settings.model_metrics_auto_detect.lower() not in ("", "true", "false"):

@@ -40,9 +40,12 @@ STOP_WAIT_S = 60.0  # torchserve --stop --foreground waits this long, as TorchSe
 # `torchserve`, Osprey takes TorchServe's (config.properties, TS_/OSPREY_ variables and flags
 # still win): its log files in ./logs, its metrics log files, 400 for a bad or missing token,
 # keys that expire after 60 minutes, no workers for a model registered without a number of them
-# (TorchServe's default_workers_per_model is 0, "not configured": "registered with 0 initial workers").
+# (TorchServe's default_workers_per_model is 0, "not configured": "registered with 0 initial workers"),
+# TorchServe's worker lines and 500 "Worker died." for a request past responseTimeout, whose worker
+# is replaced at once (no hang grace), and handler output on the console as well as in model_log.log.
 TORCHSERVE_DEFAULTS = {"log_location": "logs", "metrics_mode": "log", "token_auth_status": 400,
-                       "token_expiration_min": 60.0, "default_workers_per_model": 0}
+                       "token_expiration_min": 60.0, "default_workers_per_model": 0,
+                       "worker_lifecycle": "torchserve", "hang_grace": 0.0, "model_log_console": True}
 
 _IGNORED = {
     "log_config": ("--log-config", "a log4j2 file: Osprey logs with Python logging (log_location and "

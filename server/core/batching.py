@@ -88,7 +88,8 @@ class Batcher:
     def __init__(self, name: str, version: str, *, batch_size: int, max_batch_delay_s: float,
                  queue_size: int, loop: asyncio.AbstractEventLoop,
                  on_batch: Callable[[list[Ticket]], None] | None = None,
-                 hang_after_s: float | None = None, on_hung: Callable | None = None):
+                 hang_after_s: float | None = None, on_hung: Callable | None = None,
+                 running_timeout: Callable[[], OspreyError] | None = None):
         self.name, self.version = name, version
         self.batch_size = max(1, int(batch_size))
         self.max_batch_delay_s = max(0.0, float(max_batch_delay_s))
@@ -109,6 +110,10 @@ class Batcher:
         self._full_timer: asyncio.TimerHandle | None = None  # ends the window, logs the line
         self.hang_after_s = hang_after_s
         self.on_hung = on_hung
+        # the error a request still running at its deadline is answered (server/core/worker_lines.py)
+        self.running_timeout = running_timeout or (lambda: OspreyError(
+            ErrorKind.DEADLINE, "Request timed out while running (deadline exceeded)"))
+        self.hung_in_a_row = 0  # handoffs reported hung since one last finished (TorchServe's failedInfReqs)
         self.restarting = 0  # instances the registry is restarting: requests may queue for them
         self._running: dict = {}  # instance -> [handoff (list of batches), start time, reported hung]
         self._watchdog: asyncio.TimerHandle | None = None  # checks running handoffs while there are any
@@ -249,7 +254,7 @@ class Batcher:
             if r.deadline is None or r.future.done():
                 continue
             if r.deadline <= now + 0.0005:
-                r.future.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out while running (deadline exceeded)"))
+                r.future.set_exception(self.running_timeout())
             else:
                 pending.append(r.deadline)
         if pending:
@@ -389,6 +394,7 @@ class Batcher:
         for inst, entry in list(self._running.items()):
             if not entry[2] and now - entry[1] >= self.hang_after_s and self.on_hung is not None:
                 entry[2] = True
+                self.hung_in_a_row += 1
                 try:
                     self.on_hung(inst, now - entry[1])
                 except Exception:
@@ -418,6 +424,7 @@ class Batcher:
         if entry is None or entry[0] is not batches:  # the instance was lost meanwhile: already answered
             return
         del self._running[inst]
+        self.hung_in_a_row = 0
         for batch, batch_outcomes in zip(batches, outcomes):
             timer = self._batch_timers.pop(id(batch), None)
             if timer is not None:

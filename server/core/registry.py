@@ -38,6 +38,7 @@ from server.core.shadow import RESULTS
 from server.core.stats import VersionStats
 from server.core.signature import Signature, signature_of
 from server.core.instance import Instance, InstanceFactory, InstanceStatus
+from server.core.worker_lines import worker_lines
 from server.settings import Settings
 
 __all__ = ["ModelVersion", "Registry", "newest_version"]
@@ -132,6 +133,8 @@ class Registry:
         # or to any model while this is empty, is routed as before (see route)
         self.routes: dict[str, Routing] = {}
         self._new_instance = instance_factory
+        # the lines (and timeout answer) of lost and replaced instances: Osprey's or TorchServe's
+        self.lines = worker_lines(settings.worker_lifecycle, log)
         self._on_batch = on_batch
         self._loading: dict[tuple[str, str], ModelVersion] = {}  # registering, not yet listed
         self._tasks: set[asyncio.Task] = set()
@@ -342,7 +345,8 @@ class Registry:
         batcher = Batcher(name, version, batch_size=config.batch_size,
                           max_batch_delay_s=config.max_batch_delay_ms / 1000,
                           queue_size=config.job_queue_size, loop=self.loop,
-                          hang_after_s=config.response_timeout_s + max(self.settings.hang_grace, 0.0))
+                          hang_after_s=config.response_timeout_s + max(self.settings.hang_grace, 0.0),
+                          running_timeout=self.lines.running_timeout)
         mv = ModelVersion(name, version, url, archive, config, batcher, loaded_at_startup=loaded_at_startup,
                           signature=signature_of(config, None, False),
                           isolation=config.isolation or self.settings.instance_isolation, workflow=workflow)
@@ -534,6 +538,7 @@ class Registry:
         known = inst in mv.instances and self._held(mv)
         if known:
             mv.instances.remove(inst)
+            self.lines.lost(mv, inst, reason)
             self._schedule_restart(mv, inst.index, reason, crash=crash)
         mv.batcher.lose(inst, OspreyError(
             ErrorKind.UNAVAILABLE, f"Model \"{mv.name}\" version {mv.version}: the worker running this request "
@@ -551,7 +556,7 @@ class Registry:
                 event(log, "model_unhealthy", logging.ERROR, model=mv.name, version=mv.version, reason=mv.unhealthy)
                 return
             delay = min(s.instance_restart_backoff * 2 ** (len(mv.crashes) - 1), s.instance_restart_backoff_max)
-        event(log, "instance_restarting", model=mv.name, version=mv.version, index=index, delay_s=round(delay, 3))
+        self.lines.restarting(mv, index, delay)
         mv.batcher.restarting += 1
         self._background(self._restart(mv, index, delay))
 
@@ -577,15 +582,14 @@ class Registry:
                     mv.instances.remove(inst)
                 if self._held(mv):
                     message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
-                    log.warning("model %s version %s: restarting instance %d failed: %s", mv.name, mv.version,
-                                index, message)
+                    self.lines.restart_failed(mv, index, message)
                     self._schedule_restart(mv, index, f"restart failed: {message}", crash=True)
                 return
             if not self._held(mv) or inst not in mv.instances:  # unregistered, or lost again already
                 inst.stop()
                 return
             mv.restarts += 1
-            event(log, "instance_restarted", model=mv.name, version=mv.version, index=index)
+            self.lines.restarted(mv, index)
             mv.batcher.add_instance(inst)
         finally:
             mv.batcher.restarting -= 1
@@ -596,15 +600,14 @@ class Registry:
     def _hung(self, mv: ModelVersion, inst: Instance, seconds: float) -> None:
         """The batcher saw ``inst`` busy past responseTimeout plus the grace: replace it."""
         reason = (f"busy {seconds:.1f} s, past the model's responseTimeout of {mv.config.response_timeout_s:g} s")
+        in_a_row = mv.batcher.hung_in_a_row
         if inst.kill():  # a process: killed; its reader reports it lost too (then ignored)
-            event(log, "instance_hung", logging.WARNING, model=mv.name, version=mv.version, index=inst.index,
-                  reason=reason, action="killed")
+            self.lines.hung(mv, inst, in_a_row, reason, "killed")
             self._lost(mv, inst, f"killed: {reason}", crash=True)
             return
         mv.abandoned = [i for i in mv.abandoned if not i.ended] + [inst]
         mv.abandoned_total += 1
-        event(log, "instance_hung", logging.WARNING, model=mv.name, version=mv.version, index=inst.index,
-              reason=reason, action="abandoned", abandoned_alive=len(mv.abandoned))
+        self.lines.hung(mv, inst, in_a_row, reason, "abandoned", abandoned_alive=len(mv.abandoned))
         if len(mv.abandoned) >= max(1, self.settings.max_abandoned_threads):
             mv.unhealthy = (f"{len(mv.abandoned)} hung threads abandoned (limit max_abandoned_threads); "
                             "not starting more")

@@ -291,6 +291,32 @@ def test_a_hung_handler_answers_504_and_a_fresh_instance_serves_the_next_request
     assert httpx.get(f"{srv.inference}/ping", timeout=30).status_code == 200
 
 
+def test_torchserve_lifecycle_answers_worker_died_and_logs_torchserves_recovery_lines(osprey, store):
+    """worker_lifecycle=torchserve (what `osprey torchserve` sets): a request past responseTimeout
+    is answered as TorchServe answers it and the replacement is logged in its frontend's words
+    (TorchServe's test_auto_recover waits for them; operators grep 'Worker disconnected'). A thread
+    instance, the default (a process one takes the same route: killed, then lost)."""
+    handler_archive(store, "hanger", CRASHY, config={"isolation": "thread", "responseTimeout": 1})
+    srv = osprey(["hanger.mar"], store, config={"hang_grace": 0, "worker_lifecycle": "torchserve"})
+    _post(srv, "hanger", {"id": "warm"})
+    r = _post(srv, "hanger", {"id": "hung", "hang": 20})
+    assert (r.status_code, r.json()) == (500, {"code": 500, "type": "InternalServerException",
+                                               "message": "Worker died."})
+    wait_until(lambda: "Auto recovery succeeded, reset recoveryStartTS" in srv.log(), 30, "the recovery line")
+    log = srv.log()
+    wanted = [r"ERROR \S+: Number or consecutive unsuccessful inference 1\n",
+              r"INFO \S+: \d+ Worker disconnected\. WORKER_MODEL_LOADED\n",
+              r"INFO \S+: Auto recovery start timestamp: \d{13}\n",
+              r"INFO \S+: Retry worker: \d+ in [\d.]+ seconds\.\n",
+              r"INFO \S+: Auto recovery succeeded, reset recoveryStartTS\n"]
+    at = [re.search(w, log) for w in wanted]
+    assert all(at), [w for w, m in zip(wanted, at) if m is None]
+    assert [m.start() for m in at] == sorted(m.start() for m in at)  # in TorchServe's order
+    assert "event=instance_hung" not in log and "event=instance_restart" not in log
+    assert "Auto recovery failed again" not in log
+    assert _comes_back(srv, "hanger")["id"] == "after"
+
+
 # --- the boundary itself, in this process --------------------------------------------------
 def test_payloads_round_trip_through_an_arena_or_the_pipe():
     from server.instances.wire import SHM_MIN, Arena, pack_bytes, pack_tensors, unpack_bytes, unpack_tensors

@@ -226,3 +226,19 @@ def test_grpc_calls_are_in_the_access_log_as_torchserve_writes_them(osprey, stor
     assert ours[1] == f'T - /127.0.0.1:P "gRPC {service}/Predictions HTTP/2.0" {missing.value.code().value[0]} MS'
     assert ours[3] == 'T - /127.0.0.1:P "gRPC org.pytorch.serve.grpc.management.ManagementAPIsService/ListModels ' \
                       'HTTP/2.0" 0 MS'
+
+
+def test_log_mode_request_lines_are_in_the_files_when_the_answer_arrives(osprey, store, tmp_path):
+    """A request's ts_inference_* lines, its batch's QueueTime/WorkerThreadTime and the handler's
+    model metrics are written before its answer leaves (TorchServe's appenders write each line as
+    it is logged; its test_metrics_log_mode reads ts_metrics.log right after an answer): read at
+    once, never polled."""
+    server = _start(osprey, store, tmp_path, metrics_mode="log", metric_time_interval="60")
+    logs = tmp_path / "logs"
+    for n in (1, 2):
+        assert httpx.post(f"{server.inference}/predictions/tsm", json={"x": n}).status_code == 200
+        ts_metrics = (logs / "ts_metrics.log").read_text()
+        for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds",
+                     "ts_queue_latency_microseconds", "QueueTime", "WorkerThreadTime"):
+            assert ts_metrics.count(f"{name}.") == n, f"{name}: {ts_metrics}"
+        assert (logs / "model_metrics.log").read_text().count("PredictionTime.ms:") == n

@@ -17,8 +17,8 @@ load average of about 10 from other jobs, the modules took on Osprey (seconds): 
 model_config 106, send_intermediate_prediction_response 81, startup_timeout 36, model_control_mode
 224, token_authorization 183, gRPC_model_control 119, gRPC_token_authorization 77,
 gRPC_management_apis 62, gRPC_inference_api 28, gRPC_allowed_urls 25, metrics 405, metrics_kf
-141 -- about 26 minutes in all (auto_recover, 98, is not run: its one test is xfail), a quarter
-of that or less on an idle machine. Every module over 60 s is kept.
+141 -- about 26 minutes in all, a quarter of that or less on an idle machine (auto_recover, its one
+test, took 21 s alone on a loaded machine). Every module over 60 s is kept.
 """
 
 from __future__ import annotations
@@ -42,11 +42,6 @@ BASELINE = json.loads((HERE / "baseline_torchserve.json").read_text())
 # tests that pass on TorchServe and not (yet) on Osprey: test id -> the exact reason. They are
 # not run (deselected): some of them wait for a log line that never comes.
 XFAIL: dict[str, str] = {
-    "test_auto_recover.py::test_tp_inference":
-        "a request past responseTimeout: TorchServe answers 500 and logs its Java frontend's worker-recovery "
-        "lines ('Number or consecutive unsuccessful inference 1', 'Worker disconnected', 'Retry worker', "
-        "'Auto recovery start timestamp', 'Auto recovery succeeded, reset recoveryStartTS'), which the test "
-        "waits for; Osprey answers 504 (Gateway Timeout) and replaces the hung instance with log lines of its own",
     **{f"{m}::{t}": "Osprey writes no config snapshots (TorchServe's logs/config/*-startup.cfg, "
                                 "*-snapshot.cfg, *-shutdown.cfg)"
        for t in ("test_logs_startup_cfg_created_snapshot_enabled", "test_metrics_startup_cfg_created_snapshot_enabled",
@@ -54,10 +49,6 @@ XFAIL: dict[str, str] = {
                  "test_log_location_and_metric_location_vars_snapshot_enabled",
                  "test_metrics_location_var_snapshot_enabled_rdonly_dir")
        for m in ("test_metrics.py", "test_metrics_kf.py")},
-    "test_metrics.py::test_metrics_log_mode":
-        "with TS_METRICS_CONFIG=examples/custom_metrics/metrics.yaml in log mode, Osprey's ts_metrics.log has no "
-        "ts_inference_requests_total / ts_inference_latency_microseconds / ts_queue_latency_microseconds lines "
-        "(not investigated further yet)",
     "test_gRPC_inference_api.py::test_inference_stream2_apis":
         "the stateful example's requirements.txt (lru-dict) is pip-installed at registration "
         "(install_py_dep_per_model=true) from PyPI, which the module's private network namespace cannot reach "

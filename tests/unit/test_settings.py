@@ -195,3 +195,11 @@ def test_defaults_give_way_to_config_environment_and_flags(tmp_path):
     assert (s.log_location, s.metrics_mode, s.token_auth_status, s.token_expiration_min) == (
         "/var/log/ts", "prometheus", 401, 0.25)
     assert load_settings(None, env={}).token_auth_status == 401  # `osprey serve` keeps Osprey's
+    # TorchServe's worker lines and 500 "Worker died." (server/core/worker_lines.py), no hang grace,
+    # handler output on the console; `osprey serve` keeps its event= lines and 504
+    s = load_settings(None, env={}, defaults=TORCHSERVE_DEFAULTS)
+    assert (s.worker_lifecycle, s.hang_grace, s.model_log_console) == ("torchserve", 0.0, True)
+    s = load_settings(None, env={})
+    assert (s.worker_lifecycle, s.hang_grace, s.model_log_console) == ("osprey", 1.0, False)
+    with pytest.raises(ValueError, match="setting worker_lifecycle: 'java' must be osprey or torchserve"):
+        load_settings(None, env={"OSPREY_WORKER_LIFECYCLE": "java"})
