@@ -145,6 +145,19 @@ class Registry:
         # with redis_url: server.shared_routing.SharedRouting, told of each version registered and
         # unregistered here (it publishes them to the replicas' shared state); None: this process alone
         self.shared: Any = None
+        # told (no arguments, synchronously) after each change a management call can make:
+        # register, unregister, scale, set_default, rollback (server.snapshots writes TorchServe's
+        # config snapshot then); workflows' own nodes are left out. It must not raise into the
+        # change: what it raises is logged
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change()
+        except Exception:
+            log.exception("the model change observer failed (the change itself is made)")
 
     # --- lookups --------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -369,6 +382,8 @@ class Registry:
               batch_size=config.batch_size, isolation=mv.isolation)
         if self.shared is not None and workflow is None:  # a workflow's nodes are this replica's own
             self.shared.registered(mv)
+        if workflow is None:
+            self._changed()
         return mv
 
     async def _install_requirements(self, mv: ModelVersion) -> None:
@@ -511,6 +526,8 @@ class Registry:
             if lo != len(live):
                 event(log, "model_scaled", model=mv.name, version=mv.version, workers_before=len(live), workers=lo,
                       **({"answered_first": answered} if lo == 0 else {}))
+        if mv.workflow is None:
+            self._changed()
         return mv
 
     def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
@@ -635,6 +652,7 @@ class Registry:
                 r.shadow = None
                 self._tidy(name)
             event(log, "default_version_changed", model=name, old=old, new=version)
+        self._changed()  # also when it already was the default, as TorchServe writes its snapshot then too
 
     # --- traffic: canary weights, shadow, rollback (server.core.routing) --------------
     def _model(self, name: str) -> _Model:
@@ -819,6 +837,7 @@ class Registry:
                 r.shadow = None
             self._tidy(name)
         event(log, "default_version_rolled_back", model=name, old=old, new=version)
+        self._changed()
         return version
 
     async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
@@ -853,6 +872,8 @@ class Registry:
         self._stop(mv)
         event(log, "model_unregistered", model=name, version=mv.version, drained=answered, failed=left)
         self._release_heap_after(stopped, mv)
+        if mv.workflow is None:
+            self._changed()
         return mv
 
     async def _finish_queued(self, mv: ModelVersion) -> tuple[int, int]:

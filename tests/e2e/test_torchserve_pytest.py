@@ -47,13 +47,6 @@ XFAIL: dict[str, str] = {
         "lines ('Number or consecutive unsuccessful inference 1', 'Worker disconnected', 'Retry worker', "
         "'Auto recovery start timestamp', 'Auto recovery succeeded, reset recoveryStartTS'), which the test "
         "waits for; Osprey answers 504 (Gateway Timeout) and replaces the hung instance with log lines of its own",
-    **{f"{m}::{t}": "Osprey writes no config snapshots (TorchServe's logs/config/*-startup.cfg, "
-                                "*-snapshot.cfg, *-shutdown.cfg)"
-       for t in ("test_logs_startup_cfg_created_snapshot_enabled", "test_metrics_startup_cfg_created_snapshot_enabled",
-                 "test_log_location_var_snapshot_enabled", "test_metrics_location_var_snapshot_enabled",
-                 "test_log_location_and_metric_location_vars_snapshot_enabled",
-                 "test_metrics_location_var_snapshot_enabled_rdonly_dir")
-       for m in ("test_metrics.py", "test_metrics_kf.py")},
     "test_metrics.py::test_metrics_log_mode":
         "with TS_METRICS_CONFIG=examples/custom_metrics/metrics.yaml in log mode, Osprey's ts_metrics.log has no "
         "ts_inference_requests_total / ts_inference_latency_microseconds / ts_queue_latency_microseconds lines "
