@@ -23,8 +23,11 @@ version with its workers and settings, its default version the default again; as
 archive that is no longer in the model store refuses the start (TorchServe's rule), naming it.
 
 A file is written whole under a temporary name and renamed into place, so a reader never sees
-half of one. Writing one takes well under a millisecond (a few kB; the ``osprey torchserve``
-e2e test measures it) and happens on management changes only, never on an inference request.
+half of one. It is written on the event loop before the change is answered (TorchServe's
+harness reads logs/config right after the answer), on management changes only, never on an
+inference request: measured on the 2-core development machine under a load average of 9, about
+1 ms for 2 model versions (0.9 kB), 3 ms for 40 (13 kB), 13 ms for 200 (64 kB), most of it
+javaproperties' escaping of the JSON.
 It never fails the change it records: a folder that cannot be written is logged once (and again
 only after a snapshot was written in between); TorchServe logs "Error while saving snapshot"
 and answers the call as usual too.
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import javaproperties
+import orjson
 
 __all__ = ["snapshot_dir", "last_snapshot", "read_snapshot", "missing_archives", "given_properties",
            "SnapshotModel", "Snapshot", "SnapshotWriter", "restore_models", "MODEL_SNAPSHOT"]
@@ -82,7 +86,7 @@ def last_snapshot(folder: Path) -> Path | None:
     snapshot and shutdown alike), or None. Files whose names hold no time are not snapshots."""
     try:
         entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # none there, or not readable: TorchServe starts without one too
         return None
     dated = [(t, e.name) for e in entries if e.is_file() and (t := _time_of(e.name)) is not None]
     return folder / max(dated)[1] if dated else None
@@ -262,7 +266,8 @@ class SnapshotWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
             name, ms = self._name(kind)
             doc = {"name": name, "modelCount": sum(len(v) for v in models.values()), "created": ms, "models": models}
-            props = {**self.properties, MODEL_SNAPSHOT: json.dumps(doc, indent=2)}
+            # Gson's pretty printing, as TorchServe writes it (orjson: the stdlib's indenting encoder is pure Python)
+            props = {**self.properties, MODEL_SNAPSHOT: orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()}
             text = javaproperties.dumps(props, comments=COMMENT, timestamp=ms / 1000)
             path = self.folder / name
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.folder)

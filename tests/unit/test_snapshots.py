@@ -52,3 +52,12 @@ def test_archives_no_longer_in_the_model_store_are_named(tmp_path):
     snap = read_snapshot(FIXTURES / "20261130020303075-shutdown.cfg")
     (tmp_path / "noop.mar").write_bytes(b"")
     assert [m.mar_name for m in missing_archives(snap, str(tmp_path))] == ["noop2.mar"]
+
+
+def test_only_the_torchserve_command_writes_snapshots_by_default():
+    from server.settings import load_settings
+    from server.torchserve_cli import TORCHSERVE_DEFAULTS
+
+    assert load_settings(None, env={}).config_snapshots is False  # osprey serve
+    assert load_settings(None, env={}, defaults=TORCHSERVE_DEFAULTS).config_snapshots is True
+    assert load_settings(None, env={"OSPREY_CONFIG_SNAPSHOTS": "true"}).config_snapshots is True
