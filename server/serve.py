@@ -457,10 +457,10 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
         _write_pid(settings.pid_file)
     server.dataplane.started = False
     server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
-    loaded = await server.load_models(models)
+    loaded, wanted = await server.load_models(models), len(models)
     if restore is not None:  # a start that took the last config snapshot as its configuration
         restored, listed = await restore_models(server.registry, restore)
-        loaded, models = loaded + restored, [*models, *([None] * listed)]
+        loaded, wanted = loaded + restored, wanted + listed
     if server.shared is not None:  # ready only once the replicas' shared routing is applied here
         await server.shared.settle(SETTLE_TIMEOUT_S)
     heap.freeze()
@@ -468,8 +468,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     if server.snapshots is not None:
         server.snapshots.start()  # <time>-startup.cfg, with the models loaded
     server.dataplane.started = True
-    log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)
-    print(f"Osprey ready: {loaded}/{len(models)} models, inference at {settings.inference_address}", flush=True)
+    log.info("ready: %d of %d models loaded in %.2f s", loaded, wanted, time.monotonic() - t0)
+    print(f"Osprey ready: {loaded}/{wanted} models, inference at {settings.inference_address}", flush=True)
     if ready_line:  # `osprey torchserve`: the line TorchServe prints when ready, which its scripts wait for
         print(ready_line, flush=True)
     await server.stopping.wait()
