@@ -151,8 +151,9 @@ class Registry:
         # change: what it raises is logged
         self.on_change: Callable[[], None] | None = None
 
-    def _changed(self) -> None:
-        if self.on_change is None:
+    def _changed(self, mv: ModelVersion | None = None) -> None:
+        """Tell on_change of a change (of ``mv``: not when it is a workflow's node)."""
+        if self.on_change is None or (mv is not None and mv.workflow is not None):
             return
         try:
             self.on_change()
@@ -382,8 +383,7 @@ class Registry:
               batch_size=config.batch_size, isolation=mv.isolation)
         if self.shared is not None and workflow is None:  # a workflow's nodes are this replica's own
             self.shared.registered(mv)
-        if workflow is None:
-            self._changed()
+        self._changed(mv)
         return mv
 
     async def _install_requirements(self, mv: ModelVersion) -> None:
@@ -526,8 +526,7 @@ class Registry:
             if lo != len(live):
                 event(log, "model_scaled", model=mv.name, version=mv.version, workers_before=len(live), workers=lo,
                       **({"answered_first": answered} if lo == 0 else {}))
-        if mv.workflow is None:
-            self._changed()
+        self._changed(mv)
         return mv
 
     def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
@@ -872,8 +871,7 @@ class Registry:
         self._stop(mv)
         event(log, "model_unregistered", model=name, version=mv.version, drained=answered, failed=left)
         self._release_heap_after(stopped, mv)
-        if mv.workflow is None:
-            self._changed()
+        self._changed(mv)
         return mv
 
     async def _finish_queued(self, mv: ModelVersion) -> tuple[int, int]:
