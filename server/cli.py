@@ -40,6 +40,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--pid-file", default=None, help=f"where the server's pid is written (default {DEFAULT_PID_FILE})")
     p.add_argument("--log-file", help="log to this file (background mode default: logs/osprey.log)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--config-snapshots", action=argparse.BooleanOptionalAction, default=None,
+                   help="write TorchServe's config snapshots to <log_location>/config and, started without "
+                        "--ts-config, restore the last one's models (setting config_snapshots; default off)")
     p.add_argument("--ready-line", help=argparse.SUPPRESS)  # also printed when ready (osprey torchserve's)
     p.add_argument("--torchserve-defaults", action="store_true", help=argparse.SUPPRESS)  # osprey torchserve's
 
@@ -265,10 +268,9 @@ def cmd_jobs(args) -> int:
     return jobs_command(args)
 
 
-def _settings_from(args):
-    from server.settings import load_settings
-
-    overrides = {
+def _overrides(args) -> dict:
+    """The settings the command line gives (None: not given)."""
+    return {
         "model_store": args.model_store,
         "workflow_store": args.workflow_store,
         "disable_token_authorization": args.disable_token_auth,
@@ -284,11 +286,58 @@ def _settings_from(args):
         "keystore": args.keystore,
         "enable_grpc_ssl": args.enable_grpc_ssl,
         "pid_file": args.pid_file or DEFAULT_PID_FILE,
+        "config_snapshots": getattr(args, "config_snapshots", None),
     }
+
+
+def _settings_from(args, properties=None):
+    """``properties``: a config snapshot's configuration, read in place of --ts-config."""
+    from server.settings import load_settings
     from server.torchserve_cli import TORCHSERVE_DEFAULTS
 
-    return load_settings(args.ts_config, overrides=overrides,
+    return load_settings(args.ts_config, overrides=_overrides(args), properties=properties,
                          defaults=TORCHSERVE_DEFAULTS if getattr(args, "torchserve_defaults", False) else None)
+
+
+def _config_snapshot(args, settings):
+    """With config snapshots on and no --ts-config: (the settings of the last snapshot, the snapshot),
+    as TorchServe starts from it; else (settings, None). ValueError: a snapshot that cannot be
+    used (unreadable, or naming an archive the model store no longer has)."""
+    from server.snapshots import last_snapshot, missing_archives, read_snapshot, snapshot_dir
+
+    if not settings.config_snapshots or args.ts_config:
+        return settings, None
+    path = last_snapshot(snapshot_dir(settings))
+    if path is None:
+        return settings, None
+    snapshot = read_snapshot(path)
+    settings = _settings_from(args, properties=snapshot.properties)
+    missing = missing_archives(snapshot, settings.model_store)
+    if missing:
+        m = missing[0]
+        raise ValueError(f"config snapshot {path}: the archive {m.mar_name} of model {m.name} version {m.version} is "
+                         f"not in the model store {settings.model_store} (as TorchServe, a start from a snapshot "
+                         "needs every archive it names); put it back, start with --ts-config, or turn snapshots "
+                         "off (--ncs, --no-config-snapshots)")
+    return settings, snapshot
+
+
+def _recorded_properties(args, snapshot) -> dict:
+    """The configuration config snapshots record: the config file's (or restored snapshot's)
+    keys and the settings the command line gave (TorchServe's own ``prop``)."""
+    from server.settings import parse_properties
+    from server.snapshots import given_properties
+
+    if snapshot is not None:
+        config, config_file = snapshot.properties, None
+    elif args.ts_config:
+        config, config_file = parse_properties(Path(args.ts_config).read_text()), args.ts_config
+    else:
+        config, config_file = {}, None
+    given = {k: v for k, v in _overrides(args).items() if k not in ("pid_file", "config_snapshots")}
+    if args.models:
+        given["load_models"] = args.models
+    return given_properties(config, given, config_file)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -316,6 +365,7 @@ def cmd_serve(args) -> int:
 
     try:
         settings = _settings_from(args)
+        settings, snapshot = _config_snapshot(args, settings)
         load_material(settings)  # TLS asked for without a usable key and certificate: refused here, fast
     except ValueError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
@@ -331,9 +381,17 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.serve import parse_model_specs, run
 
-    specs = list(args.models) or list(settings.load_models)
+    if snapshot is not None:  # TorchServe: the snapshot's models, not --models / load_models
+        specs = []
+        if args.models:
+            logging.getLogger("osprey.snapshots").warning(
+                "starting from config snapshot %s: its models are loaded, not --models %s (as TorchServe does; "
+                "start with --ncs or --ts-config to load those)", snapshot.path, " ".join(args.models))
+    else:
+        specs = list(args.models) or list(settings.load_models)
     models = parse_model_specs(specs, settings.model_store)
-    return run(settings, models, ready_line=args.ready_line)
+    config = _recorded_properties(args, snapshot) if settings.config_snapshots else None
+    return run(settings, models, ready_line=args.ready_line, restore=snapshot, config_properties=config)
 
 
 def _serve_background(args, settings) -> int:

@@ -48,6 +48,7 @@ from server.protocols.rest.workflows import add_workflow_inference_routes, add_w
 from server.workflows.manager import Workflows
 from server.settings import Settings, parse_address
 from server.shared_routing import SharedRouting
+from server.snapshots import Snapshot, SnapshotWriter, restore_models, snapshot_dir
 from server.state import job_url, resolve_state_dir
 from server.tls import Tls, TlsError, is_https
 
@@ -134,7 +135,9 @@ def _holder(dataset):
 class Server:
     """Everything one Osprey process runs."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, config_properties: dict[str, str] | None = None):
+        """``config_properties``: the configuration as given (config file keys, command-line
+        settings), which config snapshots record (server.snapshots)."""
         settings = resolve_state_dir(settings)  # <model_store>/.osprey, or <workdir>/.osprey on a read-only store
         self.settings = settings
         self.loop = asyncio.get_running_loop()
@@ -156,6 +159,11 @@ class Server:
                                  on_batch=self.metrics.observe_batch if settings.request_metrics else None,
                                  on_release=self._released)
         self.metrics.watch(self.registry)
+        # TorchServe's config snapshots: written from the startup snapshot on (see _main)
+        self.snapshots = SnapshotWriter(snapshot_dir(settings), config_properties or {}, self.registry) \
+            if settings.config_snapshots else None
+        if self.snapshots is not None:
+            self.registry.on_change = self.snapshots.changed
         self.access_log = AccessLog.from_settings(settings, self.loop)
         observers = [self.metrics.observe] if settings.request_metrics else []
         if self.access_log is not None:
@@ -402,6 +410,8 @@ class Server:
         if self.keys is not None:
             self.keys.close()
         await self.jobs.close()  # embedded: running jobs stop and are queued again for the next start
+        if self.snapshots is not None:  # the models as they are now, before they are unloaded (TorchServe's order)
+            self.snapshots.stop()
         await self.registry.close()
         await self.workflows.close()
         if self.monitor is not None:
@@ -427,9 +437,10 @@ def _write_pid(path: str) -> None:
     Path(path).write_text(str(os.getpid()))
 
 
-async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None) -> int:
+async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None,
+                restore: Snapshot | None = None, config_properties: dict[str, str] | None = None) -> int:
     t0 = time.monotonic()
-    server = Server(settings)
+    server = Server(settings, config_properties)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stopping.set)
@@ -446,14 +457,19 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
         _write_pid(settings.pid_file)
     server.dataplane.started = False
     server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
-    loaded = await server.load_models(models)
+    loaded, wanted = await server.load_models(models), len(models)
+    if restore is not None:  # a start that took the last config snapshot as its configuration
+        restored, listed = await restore_models(server.registry, restore)
+        loaded, wanted = loaded + restored, wanted + listed
     if server.shared is not None:  # ready only once the replicas' shared routing is applied here
         await server.shared.settle(SETTLE_TIMEOUT_S)
     heap.freeze()
     server.registry.heap_settled = True
+    if server.snapshots is not None:
+        server.snapshots.start()  # <time>-startup.cfg, with the models loaded
     server.dataplane.started = True
-    log.info("ready: %d of %d models loaded in %.2f s", loaded, len(models), time.monotonic() - t0)
-    print(f"Osprey ready: {loaded}/{len(models)} models, inference at {settings.inference_address}", flush=True)
+    log.info("ready: %d of %d models loaded in %.2f s", loaded, wanted, time.monotonic() - t0)
+    print(f"Osprey ready: {loaded}/{wanted} models, inference at {settings.inference_address}", flush=True)
     if ready_line:  # `osprey torchserve`: the line TorchServe prints when ready, which its scripts wait for
         print(ready_line, flush=True)
     await server.stopping.wait()
@@ -467,7 +483,10 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     return 0
 
 
-def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None) -> int:
+def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None,
+        restore: Snapshot | None = None, config_properties: dict[str, str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. ``restore``: a config snapshot whose models are registered at
+    start (server.snapshots); ``config_properties``: the configuration the snapshots record."""
     if settings.switch_interval > 0:
         sys.setswitchinterval(settings.switch_interval)
     if settings.torch_threads:
@@ -477,6 +496,6 @@ def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: st
     try:
         import uvloop
 
-        return uvloop.run(_main(settings, models, ready_line))
+        return uvloop.run(_main(settings, models, ready_line, restore, config_properties))
     except ImportError:
-        return asyncio.run(_main(settings, models, ready_line))
+        return asyncio.run(_main(settings, models, ready_line, restore, config_properties))

@@ -101,6 +101,13 @@ class Settings:
     # with log files on, what handlers print also goes to the server's standard output as its
     # model_log.log lines (TorchServe's console has them); off: only to model_log.log
     model_log_console: bool = False
+    # TorchServe's config snapshots (server/snapshots.py): <log_location, else logs>/config/
+    # <time>-startup.cfg at start, -snapshot.cfg after each management change, -shutdown.cfg at
+    # stop; a start without a config file restores the models of the last one. On for
+    # `osprey torchserve` (as in TorchServe; --ncs turns it off), off for `osprey serve`, whose
+    # configuration is what it is given (config.properties, environment, --models), not what
+    # API calls made of the previous run
+    config_snapshots: bool = False
     log_max_bytes: int = 100 * 1024 * 1024  # a log file is rotated at this size (TorchServe: 100 MB) ...
     log_backup_count: int = 5  # ... keeping this many gzipped older files (TorchServe: 5)
     metric_buckets: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -293,18 +300,20 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    properties: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build Settings from a config.properties file, the environment and overrides; ``defaults``
-    replace Settings' own defaults (what none of the others sets)."""
+    replace Settings' own defaults (what none of the others sets). ``properties``: a config's
+    keys already read (a config snapshot restored, server/snapshots.py), in place of a file."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
-    props: dict[str, str] = {}
+    props: dict[str, str] = dict(properties or {})
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise ValueError(f"config file {str(path)!r} does not exist")
         props = parse_properties(path.read_text())
-        values.update(_from_properties(props))
+    values.update(_from_properties(props))
     ts_env = props.get("enable_envvars_config", "false").lower() == "true"
     values.update(_from_env(env, "OSPREY_"))
     for key, value in (overrides or {}).items():

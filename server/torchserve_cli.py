@@ -16,8 +16,11 @@ of TorchServe 0.12's ``ts/arg_parser.py`` is accepted; what it does maps onto ``
 - The settings whose defaults differ take TorchServe's (TORCHSERVE_DEFAULTS below).
 - ``--log-config``, ``--cpp-log-config`` (log4j2 / C++ backend logging) and ``--plugins-path``
   (Java plugin jars) mean nothing to Osprey: each is named on standard error as ignored.
-  ``--workflow-store`` too: Osprey serves no workflows. ``--no-config-snapshots`` is what Osprey
-  always does (it writes no config snapshots).
+  ``--workflow-store`` too: Osprey serves no workflows.
+- Config snapshots are on, as in TorchServe (server/snapshots.py): ``logs/config/`` (or
+  ``$LOG_LOCATION/config``) gets ``*-startup.cfg``, ``*-snapshot.cfg`` after each management
+  change and ``*-shutdown.cfg``, and a start without ``--ts-config`` / ``TS_CONFIG_FILE`` restores
+  the last one's models; ``--ncs`` / ``--no-config-snapshots`` turns both off.
 - A missing or wrong ``--ts-config`` / ``--model-store`` is refused with TorchServe's messages.
 """
 
@@ -42,10 +45,12 @@ STOP_WAIT_S = 60.0  # torchserve --stop --foreground waits this long, as TorchSe
 # keys that expire after 60 minutes, no workers for a model registered without a number of them
 # (TorchServe's default_workers_per_model is 0, "not configured": "registered with 0 initial workers"),
 # TorchServe's worker lines and 500 "Worker died." for a request past responseTimeout, whose worker
-# is replaced at once (no hang grace), and handler output on the console as well as in model_log.log.
+# is replaced at once (no hang grace), handler output on the console as well as in model_log.log,
+# and config snapshots written and restored (--ncs turns them off).
 TORCHSERVE_DEFAULTS = {"log_location": "logs", "metrics_mode": "log", "token_auth_status": 400,
                        "token_expiration_min": 60.0, "default_workers_per_model": 0,
-                       "worker_lifecycle": "torchserve", "hang_grace": 0.0, "model_log_console": True}
+                       "worker_lifecycle": "torchserve", "hang_grace": 0.0, "model_log_console": True,
+                       "config_snapshots": True}
 
 _IGNORED = {
     "log_config": ("--log-config", "a log4j2 file: Osprey logs with Python logging (log_location and "
@@ -76,7 +81,7 @@ def add_parser(sub, default_pid_file: str) -> None:
     p.add_argument("--foreground", action="store_true",
                    help="with --start: stay in the foreground; with --stop: wait until the server exited")
     p.add_argument("--no-config-snapshots", "--ncs", dest="no_config_snapshots", action="store_true",
-                   help="accepted: Osprey never writes config snapshots")
+                   help="write no config snapshots (logs/config/*.cfg) and do not start from the last one")
     p.add_argument("--plugins-path", "--ppath", dest="plugins_path", help="accepted, ignored (Java plugin jars)")
     p.add_argument("--disable-token-auth", "--dt", dest="token_auth", action="store_true",
                    help="serve without token authorization")
@@ -164,6 +169,8 @@ def _start(args) -> int:
         argv.append("--disable-token-auth")
     if args.model_mode:
         argv.append("--enable-model-api")
+    if args.no_config_snapshots:
+        argv.append("--no-config-snapshots")
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)  # this Osprey, wherever the command runs from
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

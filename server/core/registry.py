@@ -148,6 +148,20 @@ class Registry:
         # with redis_url: server.shared_routing.SharedRouting, told of each version registered and
         # unregistered here (it publishes them to the replicas' shared state); None: this process alone
         self.shared: Any = None
+        # told (no arguments, synchronously) after each change a management call can make:
+        # register, unregister, scale, set_default, rollback (server.snapshots writes TorchServe's
+        # config snapshot then); workflows' own nodes are left out. It must not raise into the
+        # change: what it raises is logged
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self, mv: ModelVersion | None = None) -> None:
+        """Tell on_change of a change (of ``mv``: not when it is a workflow's node)."""
+        if self.on_change is None or (mv is not None and mv.workflow is not None):
+            return
+        try:
+            self.on_change()
+        except Exception:
+            log.exception("the model change observer failed (the change itself is made)")
 
     # --- lookups --------------------------------------------------------------------
     def get(self, name: str, version: str | None = None) -> ModelVersion:
@@ -373,6 +387,7 @@ class Registry:
               batch_size=config.batch_size, isolation=mv.isolation)
         if self.shared is not None and workflow is None:  # a workflow's nodes are this replica's own
             self.shared.registered(mv)
+        self._changed(mv)
         return mv
 
     async def _install_requirements(self, mv: ModelVersion) -> None:
@@ -515,6 +530,7 @@ class Registry:
             if lo != len(live):
                 event(log, "model_scaled", model=mv.name, version=mv.version, workers_before=len(live), workers=lo,
                       **({"answered_first": answered} if lo == 0 else {}))
+        self._changed(mv)
         return mv
 
     def scale_in_background(self, name: str, version: str | None, min_worker: int | None,
@@ -638,6 +654,7 @@ class Registry:
                 r.shadow = None
                 self._tidy(name)
             event(log, "default_version_changed", model=name, old=old, new=version)
+        self._changed()  # also when it already was the default, as TorchServe writes its snapshot then too
 
     # --- traffic: canary weights, shadow, rollback (server.core.routing) --------------
     def _model(self, name: str) -> _Model:
@@ -822,6 +839,7 @@ class Registry:
                 r.shadow = None
             self._tidy(name)
         event(log, "default_version_rolled_back", model=name, old=old, new=version)
+        self._changed()
         return version
 
     async def unregister(self, name: str, version: str | None = None, *, force: bool = False) -> ModelVersion:
@@ -856,6 +874,7 @@ class Registry:
         self._stop(mv)
         event(log, "model_unregistered", model=name, version=mv.version, drained=answered, failed=left)
         self._release_heap_after(stopped, mv)
+        self._changed(mv)
         return mv
 
     async def _finish_queued(self, mv: ModelVersion) -> tuple[int, int]:

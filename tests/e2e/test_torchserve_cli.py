@@ -102,6 +102,7 @@ def test_start_in_background_then_stop_as_the_torchserve_harness_does(tmp_path):
     assert stop.returncode == 0 and stop.stdout == ""  # TorchServe's --stop --foreground prints nothing
     assert not _pid_alive(pid)
     assert not (tmp_path / ".osprey.pid").exists() and not (tmp_path / "key_file.json").exists()
+    assert (tmp_path / "logs" / "ts_log.log").exists() and not (tmp_path / "logs" / "config").exists()  # --ncs
     proc.stdout.close()
 
 

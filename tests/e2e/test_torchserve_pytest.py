@@ -42,13 +42,6 @@ BASELINE = json.loads((HERE / "baseline_torchserve.json").read_text())
 # tests that pass on TorchServe and not (yet) on Osprey: test id -> the exact reason. They are
 # not run (deselected): some of them wait for a log line that never comes.
 XFAIL: dict[str, str] = {
-    **{f"{m}::{t}": "Osprey writes no config snapshots (TorchServe's logs/config/*-startup.cfg, "
-                                "*-snapshot.cfg, *-shutdown.cfg)"
-       for t in ("test_logs_startup_cfg_created_snapshot_enabled", "test_metrics_startup_cfg_created_snapshot_enabled",
-                 "test_log_location_var_snapshot_enabled", "test_metrics_location_var_snapshot_enabled",
-                 "test_log_location_and_metric_location_vars_snapshot_enabled",
-                 "test_metrics_location_var_snapshot_enabled_rdonly_dir")
-       for m in ("test_metrics.py", "test_metrics_kf.py")},
     "test_gRPC_inference_api.py::test_inference_stream2_apis":
         "the stateful example's requirements.txt (lru-dict) is pip-installed at registration "
         "(install_py_dep_per_model=true) from PyPI, which the module's private network namespace cannot reach "
