@@ -66,15 +66,21 @@ class Draining(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self.active = False
+        self.seen = 0.0  # monotonic time of the last call received
         self.last_call = 0.0  # monotonic time of the last call refused while draining
 
     def begin(self) -> None:
+        # clients that called just before the drain may call again at once: the drain lingers
+        # (DRAIN_LINGER_S) to refuse them; a server no gRPC client used lately stops without it
         self.active = True
-        self.last_call = time.monotonic()
+        self.last_call = self.seen
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not self.active or details.method.startswith(_OPEN):
+        if not self.active:
+            self.seen = time.monotonic()
+            return handler
+        if handler is None or details.method.startswith(_OPEN):
             return handler
         self.last_call = time.monotonic()
         return _aborting(handler, grpc.StatusCode.UNAVAILABLE, "Server is shutting down; retry on another replica")
