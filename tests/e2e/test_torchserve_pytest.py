@@ -8,9 +8,11 @@ the machine allows one (their ports are fixed: 8080-8082, 7070-7071), else one m
 
 Tests that fail on TorchServe 0.12 here are not asked of Osprey; they need what this machine has
 not got: test_gRPC_inference_api's test_inference_apis and test_inference_stream_apis (models at
-https:// URLs, and the trained weights' answers), test_inference_stream2_apis (pip install of
-lru-dict at registration), test_gRPC_allowed_urls' allowed S3 download; others are timing
-assertions the loaded machine missed (see baseline_torchserve.json).
+https:// URLs, and the trained weights' answers), test_gRPC_allowed_urls' allowed S3 download;
+others are timing assertions the loaded machine missed (see baseline_torchserve.json).
+test_inference_stream2_apis registers a model whose requirements.txt (lru-dict) the server
+pip-installs: the private network has no PyPI, so the package is downloaded beforehand and the
+server's pip installs it from that folder (PIP_NO_INDEX, PIP_FIND_LINKS), as from a mirror.
 
 Cost: the modules start a server 60-odd times. On the 2-core machine this was written on, under a
 load average of about 10 from other jobs, the modules took on Osprey (seconds): url_path 88,
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,21 +42,14 @@ import run_modules  # noqa: E402  (tests/torchserve_pytest/run_modules.py)
 BASELINE = json.loads((HERE / "baseline_torchserve.json").read_text())
 # tests that pass on TorchServe and not (yet) on Osprey: test id -> the exact reason. They are
 # not run (deselected): some of them wait for a log line that never comes.
-XFAIL: dict[str, str] = {
-    "test_gRPC_inference_api.py::test_inference_stream2_apis":
-        "the stateful example's requirements.txt (lru-dict) is pip-installed at registration "
-        "(install_py_dep_per_model=true) from PyPI, which the module's private network namespace cannot reach "
-        "(Osprey runs pip and answers pip's 'No matching distribution found for lru-dict'); TorchServe's "
-        "baseline run had the network",
-}
+XFAIL: dict[str, str] = {}
 
 
-# The suite's own run (`make test`, CI) takes four modules that start few servers (about 45 s;
-# the suite is near its 15-minute budget); `make
-# test-torchserve` (OSPREY_TORCHSERVE_PYTEST=all) runs every module (see the cost above).
-CI_MODULES = ["test_url_path.py", "test_send_intermediate_prediction_response.py", "test_gRPC_inference_api.py",
-              "test_gRPC_allowed_urls.py"]
-MODULES = run_modules.MODULES if os.environ.get("OSPREY_TORCHSERVE_PYTEST") == "all" else CI_MODULES
+# Every module runs in the suite (`make test`, CI). The two metrics modules, a third of the time,
+# are parametrized in test_torchserve_pytest_metrics.py, so that pytest-xdist (--dist loadfile)
+# runs them beside the others.
+METRICS_MODULES = ["test_metrics.py", "test_metrics_kf.py"]
+MODULES = [m for m in run_modules.MODULES if m not in METRICS_MODULES]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +57,21 @@ def netns():
     return run_modules.private_network()
 
 
+@pytest.fixture(scope="module")
+def wheels(netns, tmp_path_factory):
+    """What the examples' requirements.txt name, downloaded once: in the private network the
+    server's pip installs them from here (an offline mirror); on the machine's own network it
+    reaches PyPI as TorchServe's baseline run did."""
+    return run_modules.wheelhouse(tmp_path_factory.mktemp("wheels")) if netns else None
+
+
 @pytest.mark.parametrize("module", MODULES)
-def test_module_passes_what_torchserve_passes(module, netns, tmp_path):
+def test_module_passes_what_torchserve_passes(module, netns, wheels, tmp_path):
+    check_module(module, netns, wheels, tmp_path)
+
+
+def check_module(module: str, netns: list[str], wheels: Path | None, tmp_path: Path) -> None:
+    """Run ``module`` on Osprey: every test of it that passed on TorchServe passes (XFAIL aside)."""
     wanted = sorted(t for t, outcome in BASELINE["tests"].items()
                     if t.startswith(f"{module}::") and outcome == "passed")
     if not wanted:
@@ -78,7 +85,7 @@ def test_module_passes_what_torchserve_passes(module, netns, tmp_path):
             fcntl.flock(lock, fcntl.LOCK_EX)
         known = [t for t in wanted if t in XFAIL]
         got, seconds, log = run_modules.run_module(module, path_first, tmp_path, timeout=600, netns=netns,
-                                                   deselect=known)
+                                                   deselect=known, wheels=wheels)
     finally:
         lock.close()
     failing = [t for t in wanted if got.get(t) != "passed" and t not in XFAIL]

@@ -75,6 +75,22 @@ def private_network() -> list[str]:
     return prefix if ok else []
 
 
+def wheelhouse(dest: Path) -> Path:
+    """The packages the examples' requirements.txt files name (the stateful example's lru-dict),
+    downloaded from PyPI into ``dest`` here, where PyPI is reachable: the modules run in a network
+    namespace without it, where the server's pip (install_py_dep_per_model) installs them from
+    this folder (PIP_NO_INDEX, PIP_FIND_LINKS), as from an offline mirror."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = sorted((HERE / "examples").rglob("requirements.txt"))
+    for req in files:
+        out = subprocess.run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input",
+                              "-q", "-d", str(dest), "-r", str(req)], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"pip download -r {req.relative_to(HERE)} failed (PyPI is needed once, as for "
+                               f"`make setup`):\n{out.stdout[-1500:]}{out.stderr[-1500:]}")
+    return dest
+
+
 def suite_copy(work: Path) -> Path:
     """A copy of this folder under ``work`` to run from: the modules write next to themselves
     (key_file.json, logs/, the stand-ins), so two runs never share those files."""
@@ -87,8 +103,9 @@ def suite_copy(work: Path) -> Path:
 
 
 def run_module(module: str, path_first: Path, work: Path, timeout: float, netns: list[str] = (),
-               deselect: list[str] = ()) -> tuple[dict[str, str], float, str]:
-    """Run one module from a copy of this folder in ``work``; ``deselect``: test ids (module::name) not to run."""
+               deselect: list[str] = (), wheels: Path | None = None) -> tuple[dict[str, str], float, str]:
+    """Run one module from a copy of this folder in ``work``; ``deselect``: test ids (module::name) not to run;
+    ``wheels``: a :func:`wheelhouse` the server's pip installs from instead of PyPI."""
     suite = suite_copy(work)
     tests = suite / "test" / "pytest"
     junit = work / f"{module}.xml"
@@ -104,6 +121,8 @@ def run_module(module: str, path_first: Path, work: Path, timeout: float, netns:
            "PYTHONPATH": str(suite / "standins")}
     for key in [k for k in env if k.startswith(("TS_", "LOG_LOCATION", "METRICS_LOCATION"))]:
         del env[key]
+    if wheels is not None:
+        env.update(PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheels))
     cmd = [*netns, sys.executable, "-m", "pytest", "-c", str(suite / "pytest.ini"), "--rootdir", str(tests),
            f"--junitxml={junit}", "-q", module, *(f"--deselect={t}" for t in deselect)]
     t0 = time.monotonic()
@@ -130,10 +149,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix=f"ts-pytest-{args.server}-"))
     path_first = Path(args.ts_bin) if args.server == "torchserve" else osprey_bin(work / "bin")
     netns = private_network()
+    wheels = wheelhouse(work / "wheels") if netns and args.server == "osprey" else None
     results: dict[str, str] = {}
     seconds: dict[str, float] = {}
     for module in args.modules:
-        got, took, log = run_module(module, path_first, work, args.timeout, netns)
+        got, took, log = run_module(module, path_first, work, args.timeout, netns, wheels=wheels)
         results.update(got)
         seconds[module] = round(took, 1)
         (work / f"{module}.log").write_text(log)
