@@ -23,6 +23,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -50,16 +51,44 @@ _context = None
 _live: set = set()  # arenas to unlink if the server exits without stopping its instances
 
 
+# The fork server listens on a Unix socket in multiprocessing's temporary folder (TMPDIR/pymp-*/
+# listener-*), and a Unix socket's path may have at most 107 bytes: under a long TMPDIR (a CI
+# job's or a test's private one) it could not start ("AF_UNIX path too long").
+_SOCKET_PATH_MAX = 107
+_SOCKET_NAME_LEN = len("/pymp-xxxxxxxx/listener-xxxxxxxx")
+
+
 def _mp():
     global _context
     if _context is None:
         try:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["torch", "server.instances.child"])
+            _short_socket_folder()
         except ValueError:
             ctx = multiprocessing.get_context("spawn")
         _context = ctx
     return _context
+
+
+def _short_socket_folder() -> None:
+    """Where TMPDIR is too long for the fork server's socket, make multiprocessing's temporary
+    folder (created once, then reused by this process) under /tmp instead; everything else the
+    server writes stays under TMPDIR."""
+    import tempfile
+    from multiprocessing import util
+
+    if len(tempfile.gettempdir()) + _SOCKET_NAME_LEN <= _SOCKET_PATH_MAX:
+        return
+    short = "/tmp" if os.access("/tmp", os.W_OK) else None
+    if short is None:
+        return  # nothing shorter to use: the fork server's start names the problem
+    saved, tempfile.tempdir = tempfile.tempdir, short
+    try:
+        folder = util.get_temp_dir()  # created now, cached for the fork server
+    finally:
+        tempfile.tempdir = saved
+    log.info("TMPDIR is too long for a Unix socket path: the process instances' fork server listens in %s", folder)
 
 
 @atexit.register

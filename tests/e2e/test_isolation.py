@@ -142,9 +142,14 @@ def test_process_instances_run_in_their_own_process(srv):
     assert _describe(srv, "echo_thread")["workers"][0]["pid"] == srv.proc.pid
 
 
-def test_a_process_model_that_served_scales_down_and_unregisters_and_its_process_ends(osprey, store):
+def test_a_process_model_that_served_scales_down_and_unregisters_and_its_process_ends(osprey, store, tmp_path):
+    """Under a TMPDIR too long for a Unix socket's path (a CI job's private one), too: the fork
+    server's socket goes to a short folder."""
     handler_archive(store, "gone", CRASHY, config=PROC)
-    srv = osprey([], store)
+    long_tmp = tmp_path / ("t" * 40) / ("m" * 40)
+    long_tmp.mkdir(parents=True)
+    assert len(str(long_tmp)) + len("/pymp-xxxxxxxx/listener-xxxxxxxx") > 107
+    srv = osprey([], store, env={"TMPDIR": str(long_tmp)})
     m = srv.management
     assert httpx.post(f"{m}/models", params={"url": "gone.mar", "initial_workers": 2}, timeout=120).status_code == 200
     pids = {_post(srv, "gone", {"id": i}).json()["pid"] for i in range(4)}
