@@ -113,7 +113,7 @@ test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed $(N
 
 # TorchServe's own pytest API modules alone (the suite runs them too): about 4 minutes idle on 2 cores
 test-torchserve: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests/e2e/test_torchserve_pytest.py tests/e2e/test_torchserve_pytest_metrics.py
+	$(BIN)/python -m pytest -q tests/e2e/test_torchserve_pytest.py
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'

@@ -14,22 +14,18 @@ test_inference_stream2_apis registers a model whose requirements.txt (lru-dict) 
 pip-installs: the private network has no PyPI, so the package is downloaded beforehand and the
 server's pip installs it from that folder (PIP_NO_INDEX, PIP_FIND_LINKS), as from a mirror.
 
-Cost: the modules start a server 60-odd times. On the 2-core machine this was written on, under a
-load average of about 10 from other jobs, the modules took on Osprey (seconds): url_path 88,
-model_config 106, send_intermediate_prediction_response 81, startup_timeout 36, model_control_mode
-224, token_authorization 183, gRPC_model_control 119, gRPC_token_authorization 77,
-gRPC_management_apis 62, gRPC_inference_api 28, gRPC_allowed_urls 25, metrics 405, metrics_kf
-141 -- about 26 minutes in all, a quarter of that or less on an idle machine (auto_recover, its one
-test, took 21 s alone on a loaded machine). Every module over 60 s is kept.
+Cost: the modules start a server 60-odd times. On an idle 2-core machine all 14 took 417 s one
+at a time (test_metrics 84, test_token_authorization 79, test_model_control_mode 65,
+test_metrics_kf 54, test_startup_timeout 26, the others 8-20 each) and 178 s three at a time
+(LANES), as the suite runs them.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
+import os
 import sys
-import tempfile
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -45,11 +41,12 @@ BASELINE = json.loads((HERE / "baseline_torchserve.json").read_text())
 XFAIL: dict[str, str] = {}
 
 
-# Every module runs in the suite (`make test`, CI). The two metrics modules, a third of the time,
-# are parametrized in test_torchserve_pytest_metrics.py, so that pytest-xdist (--dist loadfile)
-# runs them beside the others.
-METRICS_MODULES = ["test_metrics.py", "test_metrics_kf.py"]
-MODULES = [m for m in run_modules.MODULES if m not in METRICS_MODULES]
+# Every module runs in the suite (`make test`, CI), LANES at a time, each in its own network
+# namespace: most of a module's time is waiting (its servers' starts and stops, its own sleeps:
+# test_token_authorization waits for keys to expire, test_startup_timeout for a slow load), so
+# modules overlap well even on 2 cores. Without a private network: one at a time (fixed ports).
+MODULES = list(run_modules.MODULES)
+LANES = int(os.environ.get("OSPREY_TORCHSERVE_PYTEST_LANES", "3"))
 
 
 @pytest.fixture(scope="module")
@@ -65,31 +62,41 @@ def wheels(netns, tmp_path_factory):
     return run_modules.wheelhouse(tmp_path_factory.mktemp("wheels")) if netns else None
 
 
+def _wanted(module: str) -> list[str]:
+    return sorted(t for t, outcome in BASELINE["tests"].items() if t.startswith(f"{module}::") and outcome == "passed")
+
+
+@pytest.fixture(scope="module")
+def outcomes(netns, wheels, tmp_path_factory) -> dict[str, tuple[dict[str, str], float, str]]:
+    """Every module with a test TorchServe passed, run on Osprey: module -> (outcomes, seconds, log)."""
+    root = tmp_path_factory.mktemp("ts-pytest")
+    path_first = run_modules.osprey_bin(root / "bin")
+    todo = [m for m in MODULES if _wanted(m) and not all(t in XFAIL for t in _wanted(m))]
+
+    def run(module: str):
+        work = root / module.removesuffix(".py")
+        work.mkdir()
+        known = [t for t in _wanted(module) if t in XFAIL]
+        return run_modules.run_module(module, path_first, work, timeout=600, netns=netns, deselect=known,
+                                      wheels=wheels)
+
+    # the longest first, so that the lanes end together
+    todo.sort(key=lambda m: -BASELINE.get("seconds", {}).get(m, 0.0))
+    with ThreadPoolExecutor(LANES if netns else 1) as pool:
+        return dict(zip(todo, pool.map(run, todo)))
+
+
 @pytest.mark.parametrize("module", MODULES)
-def test_module_passes_what_torchserve_passes(module, netns, wheels, tmp_path):
-    check_module(module, netns, wheels, tmp_path)
-
-
-def check_module(module: str, netns: list[str], wheels: Path | None, tmp_path: Path) -> None:
-    """Run ``module`` on Osprey: every test of it that passed on TorchServe passes (XFAIL aside)."""
-    wanted = sorted(t for t, outcome in BASELINE["tests"].items()
-                    if t.startswith(f"{module}::") and outcome == "passed")
+def test_module_passes_what_torchserve_passes(module, outcomes):
+    wanted = _wanted(module)
     if not wanted:
         pytest.skip(f"no test of {module} passed on TorchServe 0.12 here")
     if all(t in XFAIL for t in wanted):
         pytest.xfail("; ".join(f"{t}: {XFAIL[t]}" for t in wanted))
-    path_first = run_modules.osprey_bin(tmp_path / "bin")
-    lock = open(Path(tempfile.gettempdir()) / "osprey-torchserve-pytest.lock", "w")
-    try:
-        if not netns:  # the machine's own ports: one module at a time
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        known = [t for t in wanted if t in XFAIL]
-        got, seconds, log = run_modules.run_module(module, path_first, tmp_path, timeout=600, netns=netns,
-                                                   deselect=known, wheels=wheels)
-    finally:
-        lock.close()
+    got, seconds, log = outcomes[module]
     failing = [t for t in wanted if got.get(t) != "passed" and t not in XFAIL]
     assert not failing, (f"passed on TorchServe 0.12, not on Osprey ({seconds:.0f} s): "
                          + ", ".join(f"{t} ({got.get(t, 'not run')})" for t in failing) + "\n" + log[-6000:])
+    known = [t for t in wanted if t in XFAIL]
     if known:
         pytest.xfail("; ".join(f"{t}: {XFAIL[t]}" for t in known))
