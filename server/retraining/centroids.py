@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .data import RowError
+from .data import RowError, example_labels
 
 __all__ = ["METRIC", "label_key", "centroid_accuracy", "centroid_score"]
 
@@ -85,15 +85,8 @@ def _examples(outputs: Mapping[int, np.ndarray], rows: Sequence[dict], indices: 
         if out is None:
             continue
         out = np.asarray(out).reshape(len(out), -1)
-        label = rows[i].get("label")
         rid = rows[i].get("rid", i)
-        if len(out) > 1:  # a request holding several texts: one label per text
-            if not isinstance(label, (list, tuple)) or len(label) != len(out):
-                raise RowError(f"row {rid}: its request holds {len(out)} examples; its label must be a list "
-                               f"of {len(out)}")
-            labels = list(label)
-        else:
-            labels = list(label) if isinstance(label, (list, tuple)) and len(label) == 1 else [label]
+        labels = example_labels(rows[i], i, len(out), unwrap_one=True)  # several texts: one label each
         try:
             got = [label_key(y) for y in labels]
         except ValueError as exc:

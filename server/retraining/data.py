@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["RowError", "request_body", "handler_row", "read_rows", "split_rows", "read_reference",
+__all__ = ["RowError", "example_labels", "request_body", "handler_row", "read_rows", "split_rows", "read_reference",
            "golden_rows", "resolve_labels"]
 
 
@@ -130,6 +130,20 @@ def golden_rows(model_dir: str | Path, to_request: Any = None, limit: int | None
         rows.append({"rid": f"golden-{i}", "ts": 0.0, "inputs": {"body": body},
                      "label": y.tolist() if isinstance(y, np.ndarray) else (y.item() if hasattr(y, "item") else y)})
     return rows
+
+
+def example_labels(row: dict, i: int, n: int, unwrap_one: bool = False) -> list:
+    """The labels of row ``i``'s ``n`` examples: a request holding several examples carries a list
+    of ``n`` labels (RowError naming the row otherwise); one example, its label (``unwrap_one``:
+    a list of one label is that label)."""
+    label = row.get("label")
+    if n > 1:
+        if not isinstance(label, (list, tuple)) or len(label) != n:
+            raise RowError(f"row {row.get('rid', i)}: its request holds {n} examples; its label must be a list of {n}")
+        return list(label)
+    if unwrap_one and isinstance(label, (list, tuple)) and len(label) == 1:
+        return list(label)
+    return [label]
 
 
 def resolve_labels(rows: Sequence[dict], task: str | None, classes: Sequence[str] | None,

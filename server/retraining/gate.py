@@ -61,7 +61,7 @@ from monitoring.quality.metrics import HIGHER_IS_BETTER, classification_metrics,
 from server.core.retraining_config import GateConfig
 
 from .centroids import centroid_score
-from .data import RowError, golden_rows, request_body, resolve_labels
+from .data import example_labels, golden_rows, request_body, resolve_labels
 from .entry import reference_encoder
 from .scoring import Scorer, load_scorer, missing_scorer, scorer_spec
 from .serving import LoadedModel, Predictions, archive_size, predict_rows, score_answers, time_batches
@@ -218,14 +218,7 @@ def _labelled(pred: Predictions, rows: Sequence[dict], i: int) -> tuple[list, li
     out = pred.outputs.get(i)
     if out is None:
         return [], []
-    label = rows[i].get("label")
-    if len(out) > 1:  # a request holding several examples: one label per example
-        if not isinstance(label, (list, tuple)) or len(label) != len(out):
-            raise RowError(f"row {rows[i].get('rid', i)}: its request holds {len(out)} examples; "
-                           f"its label must be a list of {len(out)}")
-        labels = list(label)
-    else:
-        labels = [label]
+    labels = example_labels(rows[i], i, len(out))
     width = out.shape[-1] if out.ndim > 1 else 1
     ys = resolve_labels([{"rid": rows[i].get("rid", i), "label": y} for y in labels], pred.task, pred.classes,
                         width=width)
