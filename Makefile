@@ -109,7 +109,7 @@ $(RAY_VENV)/.installed:
 test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed $(NEWMAN_DIR)/node_modules/.bin/newman
 	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
 	  OSPREY_NEWMAN_DIR=$(abspath $(NEWMAN_DIR)) \
-	  $(BIN)/python -m pytest -q -n 2 --dist loadfile
+	  $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # TorchServe's own pytest API modules alone (the suite runs them too): about 4 minutes idle on 2 cores
 test-torchserve: setup

@@ -47,7 +47,6 @@ from server.protocols.rest.v2 import add_v2_routes
 from server.protocols.rest.workflows import add_workflow_inference_routes, add_workflow_management_routes
 from server.workflows.manager import Workflows
 from server.settings import Settings, parse_address
-from server.shared_routing import SharedRouting
 from server.snapshots import Snapshot, SnapshotWriter, restore_models, snapshot_dir
 from server.state import job_url, resolve_state_dir
 from server.tls import Tls, TlsError, is_https
@@ -195,8 +194,11 @@ class Server:
         # the triggers that fill it, and the management routes for both
         self.jobs = job_queue(settings, Path(settings.model_store))
         # with redis_url, the replicas share each model's routing (default, canary, shadow, versions)
-        self.shared = SharedRouting(self.registry, settings.redis_url, settings.routing_sync_interval) \
-            if settings.redis_url else None
+        self.shared = None
+        if settings.redis_url:  # imported only then: redis-py takes ~0.3 s of a start to import
+            from server.shared_routing import SharedRouting
+
+            self.shared = SharedRouting(self.registry, settings.redis_url, settings.routing_sync_interval)
         self.registry.shared = self.shared
         self.triggers = Triggers(self.registry, self.monitor, self.jobs, Cooldown(self._redis_client()),
                                  params=self._job_params(), latency_breached=LatencyWatch(self.metrics.over_objective)
