@@ -109,13 +109,13 @@ def test_register_unregister_cycles_keep_resident_memory_flat(osprey, isolation)
     """Register / infer / unregister cycles of minilm_embedding (90 MB of weights), no
     /metrics scraper: the resident memory of the server (with its instance processes and
     fork server) ends within 150 MB of where it was after the first cycle. Thread instances:
-    30 cycles (the leak this guards against grew it 95 MB a cycle; 30 catch any leak of 5 MB
-    a cycle or more). Process instances: 10 cycles (a process instance that outlived its
+    20 cycles (the leak this guards against grew it 95 MB a cycle; 20 catch any leak of 8 MB
+    a cycle or more). Process instances: 6 cycles (a process instance that outlived its
     model would hold about 600 MB; the weights are loaded in the instance's process)."""
     from tests.builtin_models import example_store
 
     srv = osprey([], example_store("minilm_embedding"), env={"OSPREY_INSTANCE_ISOLATION": isolation})
-    cycles, rss = (30 if isolation == "thread" else 10), []
+    cycles, rss = (20 if isolation == "thread" else 6), []
     released = "event=model_released model=minilm_embedding version=1.0"
     with httpx.Client(timeout=120) as c:
         for i in range(cycles):

@@ -72,13 +72,14 @@ def outcomes(netns, wheels, tmp_path_factory) -> dict[str, tuple[dict[str, str],
     root = tmp_path_factory.mktemp("ts-pytest")
     path_first = run_modules.osprey_bin(root / "bin")
     todo = [m for m in MODULES if _wanted(m) and not all(t in XFAIL for t in _wanted(m))]
+    mars = run_modules.build_mars(path_first, root / "shared")
 
     def run(module: str):
         work = root / module.removesuffix(".py")
         work.mkdir()
         known = [t for t in _wanted(module) if t in XFAIL]
         return run_modules.run_module(module, path_first, work, timeout=600, netns=netns, deselect=known,
-                                      wheels=wheels)
+                                      wheels=wheels, mars=mars)
 
     # the longest first, so that the lanes end together
     todo.sort(key=lambda m: -BASELINE.get("seconds", {}).get(m, 0.0))

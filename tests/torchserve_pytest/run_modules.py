@@ -91,6 +91,26 @@ def wheelhouse(dest: Path) -> Path:
     return dest
 
 
+def build_mars(path_first: Path, work: Path) -> Path:
+    """The archives ts_scripts/marsgen.py builds (with the archiver first on ``path_first``), built
+    once into ``work``/mars for every module to link (run_module's ``mars``), as TorchServe's CI
+    builds them once in the one pytest process that runs every module (each module here runs in
+    a process of its own, and building them took about 7 s of CPU each time)."""
+    suite = suite_copy(work)
+    store = work / "mars"
+    store.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PATH": f"{path_first}{os.pathsep}{os.environ['PATH']}", "MARSGEN_STORE": str(store),
+           "PYTHONPATH": f"{suite / 'standins'}{os.pathsep}{suite}"}
+    code = ("from ts_scripts import marsgen as mg\n"
+            "mg.generate_mars(model_store_dir=mg.MODEL_STORE_DIR)\n"
+            "assert len(mg.mar_set) == len(mg.MODELS), sorted(mg.mar_set)\n"
+            "open(mg.os.path.join(mg.MODEL_STORE_DIR, mg.COMPLETE), 'w').close()\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=suite, env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"building the modules' archives failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return store
+
+
 def suite_copy(work: Path) -> Path:
     """A copy of this folder under ``work`` to run from: the modules write next to themselves
     (key_file.json, logs/, the stand-ins), so two runs never share those files."""
@@ -103,7 +123,8 @@ def suite_copy(work: Path) -> Path:
 
 
 def run_module(module: str, path_first: Path, work: Path, timeout: float, netns: list[str] = (),
-               deselect: list[str] = (), wheels: Path | None = None) -> tuple[dict[str, str], float, str]:
+               deselect: list[str] = (), wheels: Path | None = None,
+               mars: Path | None = None) -> tuple[dict[str, str], float, str]:
     """Run one module from a copy of this folder in ``work``; ``deselect``: test ids (module::name) not to run;
     ``wheels``: a :func:`wheelhouse` the server's pip installs from instead of PyPI."""
     suite = suite_copy(work)
@@ -114,7 +135,8 @@ def run_module(module: str, path_first: Path, work: Path, timeout: float, netns:
     # module before them has), so a module run alone would stop at "--model-store directory not found"
     (tmp / "workspace" / "model_store").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": f"{path_first}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp),
-           "MARSGEN_STORE": str(work / "model_store_gen"),  # built by this run's archiver
+           # built by this run's archiver, or once for every module (build_mars)
+           "MARSGEN_STORE": str(mars or work / "model_store_gen"),
            # no third-party pytest plugins (hypothesis and schemathesis take ~10 s to import; unused here)
            "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
            # the examples' handlers import standin_vision (no torchvision here): on the servers' path

@@ -54,10 +54,18 @@ def delete_model_store_gen_dir():
 mar_set = set()
 
 
+COMPLETE = ".complete"  # written once every archive is built: a later process reuses them
+
+
 def gen_mar(model_store=None):
     print(f"## Starting gen_mar: {model_store}\n")
     if len(mar_set) == 0:
-        generate_mars(model_store_dir=MODEL_STORE_DIR)
+        if os.path.exists(os.path.join(MODEL_STORE_DIR, COMPLETE)):
+            # built beforehand (run_modules.py builds them once for every module it runs, as
+            # TorchServe's CI builds them once in the one pytest process that runs them all)
+            mar_set.update(f"{m['model_name']}.mar" for m in MODELS)
+        else:
+            generate_mars(model_store_dir=MODEL_STORE_DIR)
 
     if model_store is not None and os.path.exists(model_store):
         print("## Create symlink for mar files\n")
