@@ -111,9 +111,11 @@ test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed $(N
 	  OSPREY_NEWMAN_DIR=$(abspath $(NEWMAN_DIR)) \
 	  $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
-# TorchServe's own pytest API modules alone (the suite runs them too): about 4 minutes idle on 2 cores
-test-torchserve: setup
-	$(BIN)/python -m pytest -q tests/e2e/test_torchserve_pytest.py
+# TorchServe's own pytest API modules and Postman runs alone, with the two kserve re-runs the
+# suite leaves out (test_metrics_kf.py, Postman management_kf): about 5 minutes idle on 2 cores
+test-torchserve: setup $(NEWMAN_DIR)/node_modules/.bin/newman
+	OSPREY_TORCHSERVE_ALL=1 OSPREY_NEWMAN_DIR=$(abspath $(NEWMAN_DIR)) $(BIN)/python -m pytest -q \
+	  tests/e2e/test_torchserve_pytest.py tests/e2e/test_torchserve_postman.py
 
 bench-packages: setup
 	$(BIN)/pip install -q -e '.[bench]'

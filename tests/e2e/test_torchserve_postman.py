@@ -54,8 +54,8 @@ def outcomes(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("postman")
     out = build_models.build(root / "built")
     with runs.file_server(out) as files_url, ThreadPoolExecutor(LANES) as pool:
-        done = pool.map(lambda run: _run_on_osprey(run, root / run.name, out, files_url), runs.RUNS)
-        return {run.name: outcome for run, outcome in zip(runs.RUNS, done)}
+        done = pool.map(lambda run: _run_on_osprey(run, root / run.name, out, files_url), RUNS)
+        return {run.name: outcome for run, outcome in zip(RUNS, done)}
 
 
 # runs at a time: a run is mostly waiting (its server's start, newman's requests one after another,
@@ -114,7 +114,13 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(5)
 
 
-@pytest.mark.parametrize("run", runs.RUNS, ids=[r.name for r in runs.RUNS])
+# The suite (CI) runs every collection; management_kf, the management collection again against a
+# server with service_envelope=kserve (which changes no management answer), runs with
+# OSPREY_TORCHSERVE_ALL=1 (`make test-torchserve`): the suite is near its time budget.
+RUNS = [r for r in runs.RUNS if os.environ.get("OSPREY_TORCHSERVE_ALL") == "1" or r.name != "management_kf"]
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
 def test_collection_passes_what_torchserve_passes(run, outcomes):
     outcome = outcomes[run.name]
     assert "error" not in outcome, outcome.get("error")
