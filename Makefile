@@ -106,8 +106,11 @@ $(RAY_VENV)/.installed:
 	$(RAY_VENV)/bin/pip install -q 'ray[default]==2.60.0'
 	touch $@
 
+# PYTHONDONTWRITEBYTECODE emptied: where the environment sets it (this machine's does), every
+# server, worker and TorchServe-test process the suite starts compiled Osprey's modules again
+# (about 0.3 s of CPU a start, hundreds of starts)
 test: setup system-packages $(KSERVE_VENV)/.installed $(RAY_VENV)/.installed $(NEWMAN_DIR)/node_modules/.bin/newman
-	OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
+	PYTHONDONTWRITEBYTECODE= OSPREY_KSERVE_PYTHON=$(abspath $(KSERVE_VENV))/bin/python OSPREY_RAY_PYTHON=$(abspath $(RAY_VENV))/bin/python \
 	  OSPREY_NEWMAN_DIR=$(abspath $(NEWMAN_DIR)) \
 	  $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
