@@ -49,6 +49,8 @@ from typing import Any, Iterable, Mapping
 import javaproperties
 import orjson
 
+from server.protocols.management import worker_settings
+
 __all__ = ["snapshot_dir", "last_snapshot", "read_snapshot", "missing_archives", "given_properties",
            "SnapshotModel", "Snapshot", "SnapshotWriter", "restore_models", "MODEL_SNAPSHOT"]
 
@@ -190,10 +192,6 @@ def given_properties(config: Mapping[str, str], overrides: Mapping[str, Any],
     return props
 
 
-def _number(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
 def model_state(registry) -> dict[str, dict[str, dict[str, Any]]]:
     """TorchServe's Model.getModelState for every version of every model (workflow nodes left
     out, as TorchServe leaves them out)."""
@@ -203,16 +201,10 @@ def model_state(registry) -> dict[str, dict[str, dict[str, Any]]]:
         for version, mv in list(model.versions.items()):
             if mv.workflow is not None:
                 continue
-            cfg = mv.config
             versions[version] = {
                 "defaultVersion": version == model.default,
                 "marName": mv.url,
-                "minWorkers": cfg.min_workers,
-                "maxWorkers": cfg.max_workers,
-                "batchSize": cfg.batch_size,
-                "maxBatchDelay": _number(cfg.max_batch_delay_ms),
-                "responseTimeout": _number(cfg.response_timeout_s),
-                "startupTimeout": _number(cfg.startup_timeout_s),
+                **worker_settings(mv.config),
                 "runtimeType": mv.archive.manifest.get("runtime", "python"),
             }
         if versions:

@@ -43,6 +43,18 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
+def worker_settings(cfg: Any) -> dict[str, Any]:
+    """A version's workers and batching as TorchServe names them (describe, config snapshots)."""
+    return {
+        "minWorkers": cfg.min_workers,
+        "maxWorkers": cfg.max_workers,
+        "batchSize": cfg.batch_size,
+        "maxBatchDelay": _number(cfg.max_batch_delay_ms),
+        "responseTimeout": _number(cfg.response_timeout_s),
+        "startupTimeout": _number(cfg.startup_timeout_s),
+    }
+
+
 def describe(mv: ModelVersion) -> dict[str, Any]:
     """One model version as TorchServe's describe API shows it."""
     cfg = mv.config
@@ -62,12 +74,7 @@ def describe(mv: ModelVersion) -> dict[str, Any]:
         "modelVersion": mv.version,
         "modelUrl": mv.url,
         "runtime": mv.archive.manifest.get("runtime", "python"),
-        "minWorkers": cfg.min_workers,
-        "maxWorkers": cfg.max_workers,
-        "batchSize": cfg.batch_size,
-        "maxBatchDelay": _number(cfg.max_batch_delay_ms),
-        "responseTimeout": _number(cfg.response_timeout_s),
-        "startupTimeout": _number(cfg.startup_timeout_s),
+        **worker_settings(cfg),
         "maxRetryTimeoutInSec": 300,
         "clientTimeoutInMills": int(cfg.client_timeout_ms or 0),
         "parallelType": "",
