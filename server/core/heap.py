@@ -7,6 +7,14 @@ collection on the benchmark machine, two of them in 20 s of load. ``gc.freeze()`
 the objects that exist into a permanent generation the collector skips; full collections
 then walk only what was allocated since (2.6-7 ms measured under the same load).
 
+Young collections are rarer too (:data:`GEN0_THRESHOLD`): CPython's default collects the
+youngest generation every 700 net allocations, and a server allocates that many in a few
+requests. Each such collection cost 0.5-1.3 ms of held GIL in the server under load (it walks
+the young objects of every thread, batches' tensors and the monitor's buffers included, and
+frees the request path's cycles): 2 us of every tiny-MLP request with monitoring off and 6-9
+us with it on, at c=32 (gc callbacks, session 10, benchmarks/DRIFT.md). Every 10,000 it was
+0.1 and 0.5 us, and the memory it lets wait is a few MB of young objects at most.
+
 Freezing excludes objects from the *cyclic* collector only; reference counting still frees
 them. What a removed model leaves in reference cycles is returned by :func:`release`, which
 unfreezes, collects once and freezes again: one full collection on the event loop (tens of
@@ -31,9 +39,11 @@ import gc
 import logging
 import time
 
-__all__ = ["freeze", "release", "trim"]
+__all__ = ["freeze", "release", "trim", "GEN0_THRESHOLD"]
 
 log = logging.getLogger("osprey.heap")
+
+GEN0_THRESHOLD = 10_000  # net allocations between young collections (CPython's default: 700)
 
 
 def freeze() -> None:
@@ -42,6 +52,9 @@ def freeze() -> None:
     t0 = time.perf_counter()
     gc.collect()
     gc.freeze()
+    young, older, oldest = gc.get_threshold()
+    if 0 < young < GEN0_THRESHOLD:  # 0: the collector was turned off on purpose; higher: the user's own
+        gc.set_threshold(GEN0_THRESHOLD, older, oldest)
     log.debug("heap frozen: %d objects in %.1f ms", gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
 
 
