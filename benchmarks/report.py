@@ -108,7 +108,7 @@ def _grpc_c1(data: dict, target: str, api: str) -> dict | None:
 
 # --- goals ----------------------------------------------------------------------------
 def goals(data: dict) -> list[dict]:
-    """Each goal of issue 6: target, measured value, met (True/False/None = not measured)."""
+    """Each goal of issues 6 and 15: target, measured value, met (True/False/None = not measured)."""
     out = []
 
     def add(goal, target, value, met, detail=""):
@@ -170,6 +170,34 @@ def goals(data: dict) -> list[dict]:
     add("CNN at saturation vs TorchServe", ">= 1.5x TorchServe", _x(r), None if r is None else r >= 1.5,
         f"{_f(ob and ob['rps'], '{:.1f}')} vs {_f(tb and tb['rps'], '{:.1f}')} req/s (best concurrency of each)")
 
+    r = _ratio(ob and ob["rps"], ceil)
+    add("CNN at saturation vs raw ceiling (issue 15)", ">= 95% of the ceiling at its best batch",
+        _f(r and 100 * r, "{:.0f}%"), None if r is None else r >= 0.95,
+        f"{_f(ob and ob['rps'], '{:.1f}')} req/s vs {_f(ceil, '{:.1f}')}/s at batch {bs}")
+
+    og, orest = _row(data, "osprey_grpc", "mlp", 32), _row(data, "osprey", "mlp", 32)
+    r = _ratio(og and og["rps"], orest and orest["rps"])
+    add("gRPC ModelInfer, tiny MLP, c=32, vs REST (issue 15)", ">= 80% of REST's throughput",
+        _f(r and 100 * r, "{:.0f}%"), None if r is None else r >= 0.8,
+        f"{_f(og and og['rps'])} vs {_f(orest and orest['rps'])} req/s"
+        + (f" ({og['tool']} against hey)" if og and og.get("tool") else ""))
+    pairs = []
+    for c in sorted({x["concurrency"] for x in data.get("closed", []) if x.get("system") == "osprey_grpc"}):
+        a, b = _row(data, "osprey_grpc", "mlp", c), _row(data, "mlserver_grpc", "mlp", c)
+        if a and b and b.get("rps"):
+            pairs.append((c, a["rps"], b["rps"]))
+    if pairs:
+        worst = min(pairs, key=lambda x: x[1] / x[2])
+        add("gRPC ahead of MLServer's gRPC at every concurrency (issue 15)", "> 1x at each", _x(worst[1] / worst[2])
+            + f" (worst, c={worst[0]})", all(a > b for _, a, b in pairs),
+            ", ".join(f"c={c}: {a:.0f} vs {b:.0f} req/s" for c, a, b in pairs))
+    else:
+        add("gRPC ahead of MLServer's gRPC at every concurrency (issue 15)", "> 1x at each", "–", None,
+            "no MLServer gRPC rows in this run")
+    add("Front ends on more cores: tiny MLP REST (issue 15)", ">= 0.7 x N up to 8 cores", "–", None,
+        "not measured by this run: it needs a host with 8+ cores (this one has "
+        f"{(data.get('meta', {}).get('machine') or {}).get('nproc', '?')})")
+
     tails = [(m, _open(data, "osprey", m)) for m in ("mlp", "mlp_nb", "cnn", "digits_cnn")]
     tails = [(m, r) for m, r in tails if r and r.get("p50_ms")]
     if tails:
@@ -186,13 +214,16 @@ def goals(data: dict) -> list[dict]:
         floor_txt = ""
         if floor and floor.get("p50_ms"):
             fwhy = overloaded(data, "uvicorn_constant", "mlp", floor)
+            if not met and fwhy is None and all(j[2] is None for j in judged):
+                # issue 15: where the platform floor itself cannot meet 3x, within 1.5x of its ratio
+                met = worst[1] <= 1.5 * floor["p99_ms"] / floor["p50_ms"]
             floor_txt = (f"; the Python HTTP ceiling (bare uvicorn app answering a constant, same driver and rule): "
                          f"{floor['p99_ms'] / floor['p50_ms']:.1f}x at {floor.get('rate', 0):.0f}/s (p50 "
                          f"{floor['p50_ms']:.2f} ms, p99 {floor['p99_ms']:.2f} ms)" + (f" ({fwhy})" if fwhy else ""))
-        add("Tail: p99 at 70% of capacity", "within 3x p50", f"{worst[1]:.1f}x ({worst[0]}, worst)", met,
+        add("Tail: p99 at 70% of capacity", "within 3x p50 (or 1.5x the bare uvicorn app's ratio)", f"{worst[1]:.1f}x ({worst[0]}, worst)", met,
             ", ".join(j[3] for j in judged) + floor_txt)
     else:
-        add("Tail: p99 at 70% of capacity", "within 3x p50", "–", None)
+        add("Tail: p99 at 70% of capacity", "within 3x p50 (or 1.5x the bare uvicorn app's ratio)", "–", None)
 
     starts = [s for s in data.get("startup", []) if s["system"] == "osprey"]
     singles = [s["first_answer_s"] for s in data.get("startup_single", []) if s["system"] == "osprey"]
@@ -406,7 +437,7 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
          f"{meta['plan']['duration']:g} s per point, {meta['plan']['cnn_duration']:g} s for the CNN), sharing the "
          "machine's cores with the server. Ratios within one run hold; absolute numbers move with the machine.", ""]
 
-    L += ["## Goals (issue 6), computed from this run", "", "| goal | target | measured | met | detail |",
+    L += ["## Goals (issues 6 and 15), computed from this run", "", "| goal | target | measured | met | detail |",
           "|---|---|---|---|---|"]
     for g in goals(data):
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]

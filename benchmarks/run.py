@@ -316,29 +316,51 @@ def run_json_group(cmd: list[str], timeout: float) -> dict:
 
 
 def grpc_rows(targets: list[tuple[str, Server]], models: list[BenchModel], p: dict, notes: list[str]) -> list[dict]:
-    """Each target over gRPC (Open Inference Protocol ModelInfer, FP32 1x16) with benchmarks/grpc_driver.py,
-    every point on each target back to back (Osprey as ``osprey_grpc``, MLServer as ``mlserver_grpc``), plus
-    Osprey's ServerLive at c=1 (the transport floor); a marked gap when the driver is missing."""
+    """Each target over gRPC (Open Inference Protocol ModelInfer, FP32 1x16), every point on each target
+    back to back (Osprey as ``osprey_grpc``, MLServer as ``mlserver_grpc``), plus Osprey's ServerLive at c=1
+    (the transport floor). ModelInfer is driven by the C++ client (benchmarks/grpc_c1: closed loop of C
+    threads, tens of µs of client CPU a call, as hey is for REST) where it was built, else by
+    benchmarks/grpc_driver.py (Python grpc.aio, whose client costs about as much CPU as the server on
+    2 cores, so its rows understate every server); a marked gap when neither exists."""
+    from . import grpc_c1
+
+    binary = p.get("grpc_c1_bin")
     driver = HERE / "grpc_driver.py"
-    if not driver.exists():
-        notes.append("gRPC rows missing: benchmarks/grpc_driver.py does not exist yet")
-        return []
     rows = []
     points = [(m, c, "oip", system, server) for m in models for c in p["concurrency"] for system, server in targets]
     points += [(models[0], 1, "live", system, server) for system, server in targets
                if system == "osprey_grpc"] if models else []
+    if not binary and not driver.exists():
+        notes.append("gRPC rows missing: neither benchmarks/grpc_c1 nor benchmarks/grpc_driver.py can run")
+        return []
     for m, c, api, system, server in points:
-        cmd = [sys.executable, str(driver), "--target", server.grpc, "--api", api, "--model", m.name,
-               "--input", "INPUT0:FP32:1," + ",".join(map(str, m.input_shape)), "-c", str(c),
-               "-p", str(1 if c < 8 else 2), "-d", str(p["duration"]), "--warmup", str(p["warmup"])]
+        spec = "INPUT0:FP32:1," + ",".join(map(str, m.input_shape))
+        channels = 1 if c < 8 else 2
+        if binary and api == "oip":  # C requests in flight from C threads; at c=1 a count of calls
+            calls = dict(requests=p["grpc_c1_requests"], warmup=p["grpc_c1_warmup"]) if c == 1 else \
+                dict(requests=1, warmup=20, concurrency=c, channels=channels, duration=p["duration"])
+            cmd = [str(binary), "--target", server.grpc, "--api", "infer", "--model", m.name, "--input", spec] + \
+                [x for k, v in calls.items() for x in (f"--{k}", str(v))]
+            tool = "grpc_c1 (C++ client, infer)"
+
+            def measure(m=m, server=server, spec=spec, calls=calls):
+                return grpc_c1.run(binary, server.grpc, "infer", m.name, spec, **calls)
+        else:
+            cmd = [sys.executable, str(driver), "--target", server.grpc, "--api", api, "--model", m.name,
+                   "--input", spec, "-c", str(c), "-p", str(channels), "-d", str(p["duration"]),
+                   "--warmup", str(p["warmup"])]
+            tool = "grpc_driver (" + api + ")"
+
+            def measure(cmd=cmd):
+                return run_json_group(cmd, timeout=p["duration"] + p["warmup"] + 120)
         try:
-            r = run_json_group(cmd, timeout=p["duration"] + p["warmup"] + 120)
+            r = measure()
         except Exception as exc:  # leave a marked gap, keep going
             notes.append(f"gRPC {system} {api} {m.name} c={c} missing: {str(exc)[:300]}")
             continue
         lat = r.get("latency_ms", {})
         row = {"system": system if api == "oip" else f"{system}_live", "model": m.name, "protocol": "grpc",
-               "concurrency": c, "tool": "grpc_driver (" + api + ")", "rps": r.get("throughput_rps") or 0.0,
+               "concurrency": c, "tool": tool, "rps": r.get("throughput_rps") or 0.0,
                "p50_ms": lat.get("p50"), "p90_ms": lat.get("p90"), "p99_ms": lat.get("p99"), "mean_ms": lat.get("mean"),
                "n": r.get("requests"), "errors": r.get("errors"), "command": " ".join(cmd[1:]), "raw": r}
         log(f"  {row['system']:18s} {m.name:18s} c={c:<4d} {row['rps']:9.1f} req/s  p50 {row['p50_ms'] or 0:7.2f} ms"
