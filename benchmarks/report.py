@@ -435,7 +435,10 @@ def markdown(data: dict, images: list[str], json_rel: str, img_rel: str) -> str:
          + " (above 2 means other work shared the 2 cores during the run)",
          "- Load: Debian's `hey` (closed loop, keep-alive, warm-up before every measurement; "
          f"{meta['plan']['duration']:g} s per point, {meta['plan']['cnn_duration']:g} s for the CNN), sharing the "
-         "machine's cores with the server. Ratios within one run hold; absolute numbers move with the machine.", ""]
+         "machine's cores with the server. Ratios within one run hold; absolute numbers move with the machine."
+         + (" Every server stays started, but only the one measured runs: the others' process trees are paused "
+            "(SIGSTOP) meanwhile, so that no idle server's background work takes CPU from it (their idle CPU is in "
+            "the start-up and memory table)." if meta.get("others_paused") else ""), ""]
 
     L += ["## Goals (issues 6 and 15), computed from this run", "", "| goal | target | measured | met | detail |",
           "|---|---|---|---|---|"]

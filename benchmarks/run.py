@@ -315,7 +315,8 @@ def run_json_group(cmd: list[str], timeout: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def grpc_rows(targets: list[tuple[str, Server]], models: list[BenchModel], p: dict, notes: list[str]) -> list[dict]:
+def grpc_rows(targets: list[tuple[str, Server]], models: list[BenchModel], p: dict, notes: list[str],
+              everyone: list[Server] = ()) -> list[dict]:
     """Each target over gRPC (Open Inference Protocol ModelInfer, FP32 1x16), every point on each target
     back to back (Osprey as ``osprey_grpc``, MLServer as ``mlserver_grpc``), plus Osprey's ServerLive at c=1
     (the transport floor). ModelInfer is driven by the C++ client (benchmarks/grpc_c1: closed loop of C
@@ -354,6 +355,8 @@ def grpc_rows(targets: list[tuple[str, Server]], models: list[BenchModel], p: di
             def measure(cmd=cmd):
                 return run_json_group(cmd, timeout=p["duration"] + p["warmup"] + 120)
         try:
+            if everyone:
+                only(everyone, server)
             r = measure()
         except Exception as exc:  # leave a marked gap, keep going
             notes.append(f"gRPC {system} {api} {m.name} c={c} missing: {str(exc)[:300]}")
@@ -443,15 +446,27 @@ def started(system: str, server: Server, result: dict, notes: list[str]) -> None
                              "rss_mib": server.rss_mb(), "idle_cpu_pct": round(server.idle_cpu_pct(), 2)})
 
 
+def only(servers, server: Server) -> None:
+    """Measure ``server`` alone: every other server's process tree is paused (SIGSTOP), this one
+    continues. All stay started, so the points still run on each system back to back."""
+    for other in servers:
+        if other is not server:
+            other.pause()
+    server.resume()
+
+
 def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict, result: dict,
               notes: list[str]) -> None:
     """Every measurement point runs on each system back to back, so that a change in the
-    machine's background load hits all systems alike and ratios stay meaningful."""
+    machine's background load hits all systems alike and ratios stay meaningful; the others are
+    paused meanwhile (:func:`only`)."""
+    everyone = list(servers.values())
     result["loadavg"].append({"phase": "closed loop", "before": loadavg()})
     for name, m in models.items():
         for c in sorted({c for s, srv in servers.items() if m in srv.models for c in conc_for(s, m, p)}):
             for system, server in servers.items():
                 if m in server.models and c in conc_for(system, m, p):
+                    only(everyone, server)
                     row = closed_point(system, server, m, c, p)
                     if system in p.get("variant_tags", ()):
                         row["config"] = server.config
@@ -466,6 +481,7 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
                     or system in p.get("variant_tags", ())):
                 continue
             try:
+                only(everyone, server)
                 result["exact_c1"].append(exact_c1(system, server, m, p))
             except Exception as exc:
                 notes.append(f"{system} {m.name}: exact c=1 run failed: {exc}")
@@ -477,12 +493,15 @@ def drive_all(servers: dict[str, Server], models: dict[str, BenchModel], p: dict
             if m not in server.models or system in p.get("variant_tags", ()) or (system == "uvicorn_constant" and name != "mlp"):
                 continue
             try:
+                only(everyone, server)
                 row = open_row(system, server, m, result, p)
                 if row:
                     result["open"].append(row)
             except Exception as exc:
                 notes.append(f"{system} {m.name}: open-loop run failed: {exc}")
     result["loadavg"][-1]["after"] = loadavg()
+    for server in everyone:
+        server.resume()
     for system, server in servers.items():
         result["memory"].append({"system": system, "when": "after load", "models": [m.name for m in server.models],
                                  "rss_mib": server.rss_mb()})
@@ -631,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"meta": {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                              "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                              "mode": "quick" if args.quick else "full", "plan": p, "machine": machine(),
-                             "loadavg_start": load_start},
+                             "loadavg_start": load_start, "others_paused": True},
                     "models": {}, "ceiling": {}, "closed": [], "exact_c1": [], "open": [], "grpc_c1": [], "startup": [],
                     "startup_single": [], "memory": [], "variants": [], "overload": [], "profile": None, "notes": notes, "loadavg": [],
                     "config": {}, "peers": {}}
@@ -683,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             def start_osprey():
                 servers["osprey"] = Osprey(work / "osprey", served, config=p["osprey_config"]).start()
                 started("osprey", servers["osprey"], result, notes)
+                servers["osprey"].pause()  # the next server starts, and is measured idle, on a quiet machine
             guarded("osprey start", start_osprey)
         if ts_bin is not None:
             def start_ts():
@@ -694,12 +714,14 @@ def main(argv: list[str] | None = None) -> int:
                 result["config"]["torchserve"] = {m.name: {k: server.describe(m.name).get(k) for k in
                                                            ("batchSize", "maxBatchDelay", "minWorkers", "maxWorkers")}
                                                   for m in server.models}
+                server.pause()
             guarded("torchserve start", start_ts)
         if "fastapi" in systems:
             def start_fastapi():
                 fm = [models[n] for n in p["fastapi_models"] if n in models]
                 servers["fastapi"] = FastAPIApp(work / "fastapi", fm).start()
                 started("fastapi", servers["fastapi"], result, notes)
+                servers["fastapi"].pause()
             guarded("fastapi start", start_fastapi)
         for peer, python in peer_python.items():
             def start_peer(peer=peer, python=python):
@@ -707,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
                 servers[peer] = server
                 started(peer, server, result, notes)
                 result["peers"][peer].update(server.describe_peer())
+                server.pause()
             try:
                 start_peer()
             except Exception as exc:
@@ -716,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         if "uvicorn_constant" in systems:
             def start_constant():
                 servers["uvicorn_constant"] = ConstantApp(work / "constant", [models["mlp"]]).start()
+                servers["uvicorn_constant"].pause()
             guarded("uvicorn_constant start", start_constant)
         if "osprey" in systems:  # Osprey variants run interleaved with everything else
             p["variant_tags"] = []
@@ -724,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
                     vm = [models[n] for n in p["variant_models"] if n in models]
                     servers[tag] = Osprey(work / tag, vm, config={**p["osprey_config"], **cfg}, tag=tag).start()
                     servers[tag].config = cfg
+                    servers[tag].pause()
                     p["variant_tags"].append(tag)
                 guarded(f"variant {tag} start", start_variant)
         rest = {k: v for k, v in servers.items() if k not in ("osprey", "mlserver") or k in systems}
@@ -732,16 +757,19 @@ def main(argv: list[str] | None = None) -> int:
             from .overload import overload
 
             over = [m for m in servers["osprey"].models if m.name in ("mlp", "digits_cnn")]
+            only(servers.values(), servers["osprey"])
             guarded("overload", lambda: result["overload"].extend(
                 overload({"osprey": servers["osprey"]}, over, seconds=args.overload, binary=p["openloop_bin"])))
         targets = [(f"{name}_grpc", servers[name]) for name in ("osprey", "mlserver")
                    if f"{name}_grpc" in systems and name in servers]
         if targets:
             grpc_models = [m for m in targets[0][1].models if m.kind == "mlp" and m.batching]
-            guarded("grpc", lambda: result["closed"].extend(grpc_rows(targets, grpc_models, p, notes)))
+            guarded("grpc", lambda: result["closed"].extend(grpc_rows(targets, grpc_models, p, notes,
+                                                                      list(servers.values()))))
         if "osprey_grpc" in systems and "osprey" in servers:
             grpc_models = [m for m in servers["osprey"].models if m.kind == "mlp" and m.batching]
             if grpc_bin and grpc_models:
+                only(servers.values(), servers["osprey"])
                 guarded("grpc c=1 (C++ client)", lambda: result["grpc_c1"].extend(
                     grpc_cpp_rows(grpc_bin, servers["osprey"], grpc_models[0], p, notes)))
     finally:
