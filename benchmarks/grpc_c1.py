@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["build", "run", "floor"]
+__all__ = ["build", "command", "run", "floor"]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -81,17 +81,26 @@ def build(work_dir: Path | str = DEFAULT_WORK) -> Path | None:
     return exe
 
 
+def command(binary: Path | str, target: str, api: str = "live", model: str = "", input_spec: str = "INPUT0:FP32:1,16",
+            requests: int = 1000, warmup: int = 100, *, concurrency: int = 1, channels: int = 1,
+            duration: float = 0.0) -> list[str]:
+    """The client's command line for :func:`run`'s arguments."""
+    cmd = [str(binary), "--target", target, "--api", api, "--requests", str(requests), "--warmup", str(warmup)]
+    if api == "infer":
+        cmd += ["--model", model, "--input", input_spec]
+    if concurrency > 1:
+        cmd += ["--concurrency", str(concurrency), "--channels", str(channels), "--duration", str(duration)]
+    return cmd
+
+
 def run(binary: Path | str, target: str, api: str = "live", model: str = "", input_spec: str = "INPUT0:FP32:1,16",
         requests: int = 1000, warmup: int = 100, timeout: float | None = None, *, concurrency: int = 1,
         channels: int = 1, duration: float = 0.0) -> dict:
     """Run the client once; its JSON line as a dict. Raises RuntimeError when it fails. With
     ``concurrency`` > 1 it is a closed loop of that many threads over ``channels`` connections for
     ``duration`` seconds (``warmup`` calls per thread first); ``requests`` is then unused."""
-    cmd = [str(binary), "--target", target, "--api", api, "--requests", str(requests), "--warmup", str(warmup)]
-    if api == "infer":
-        cmd += ["--model", model, "--input", input_spec]
-    if concurrency > 1:
-        cmd += ["--concurrency", str(concurrency), "--channels", str(channels), "--duration", str(duration)]
+    cmd = command(binary, target, api, model, input_spec, requests, warmup, concurrency=concurrency,
+                  channels=channels, duration=duration)
     if timeout is None:  # 100 ms a call is far beyond any c=1 latency here
         timeout = 60 + (duration + 0.1 * warmup if concurrency > 1 else 0.1 * (requests + warmup))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -340,8 +340,7 @@ def grpc_rows(targets: list[tuple[str, Server]], models: list[BenchModel], p: di
         if binary and api == "oip":  # C requests in flight from C threads; at c=1 a count of calls
             calls = dict(requests=p["grpc_c1_requests"], warmup=p["grpc_c1_warmup"]) if c == 1 else \
                 dict(requests=1, warmup=20, concurrency=c, channels=channels, duration=p["duration"])
-            cmd = [str(binary), "--target", server.grpc, "--api", "infer", "--model", m.name, "--input", spec] + \
-                [x for k, v in calls.items() for x in (f"--{k}", str(v))]
+            cmd = grpc_c1.command(binary, server.grpc, "infer", m.name, spec, **calls)
             tool = "grpc_c1 (C++ client, infer)"
 
             def measure(m=m, server=server, spec=spec, calls=calls):

@@ -123,7 +123,7 @@ class Server:
         time.sleep(seconds)
         return 100.0 * (tree_cpu_s(self.proc.pid) - before) / (time.monotonic() - t0)
 
-    paused: list = []  # the processes pause() stopped, until resume()
+    paused: list | tuple = ()  # the processes pause() stopped, until resume()
 
     def _tree(self) -> list:
         try:
@@ -149,7 +149,7 @@ class Server:
     def resume(self) -> None:
         """Continue what :meth:`pause` stopped (all processes at once, then a moment for the timers
         that came due to fire before anything is measured)."""
-        tree, self.paused = self.paused, []
+        tree, self.paused = self.paused, ()
         for proc in tree:
             try:
                 proc.send_signal(signal.SIGCONT)
