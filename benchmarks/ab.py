@@ -30,13 +30,15 @@ ROOT = HERE.parent
 class OspreyAt(Osprey):
     """Osprey from another checkout of the repository (its code on PYTHONPATH)."""
 
-    def __init__(self, tree: Path, *args, **kwargs):
+    def __init__(self, tree: Path, *args, extra_env: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tree = tree
+        self.extra_env = dict(extra_env or {})
 
     def command(self):
         cmd, env, cwd = super().command()
         env["PYTHONPATH"] = str(self.tree)
+        env.update(self.extra_env)
         return cmd, env, cwd
 
 
@@ -58,24 +60,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--work", default=str(HERE / ".work" / "ab"))
+    ap.add_argument("--old-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for OLD's server only (e.g. OSPREY_MONITORING=false); repeatable")
+    ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for NEW's server only; repeatable")
     args = ap.parse_args(argv)
+    envs = []
+    for given in (args.old_env, args.new_env):
+        env = {}
+        for item in given:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                ap.error(f"--old-env/--new-env takes KEY=VALUE, got {item!r}")
+            env[key] = value
+        envs.append(env)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     models = build_models(work / "models", with_cnn=False, with_digits=False)
     pair = [models["mlp"], models["mlp_nb"]]
-    sides = [checkout(args.old, work), checkout(args.new, work)]
-    results: dict[str, dict[str, list[float]]] = {sha: {m.name: [] for m in pair} for sha, _ in sides}
+    sides = []
+    for rev, env in ((args.old, envs[0]), (args.new, envs[1])):
+        sha, tree = checkout(rev, work)
+        # a side is its commit and its environment: the same commit with and without a setting is an A/B too
+        label = sha + "".join(f" {k}={v}" for k, v in env.items())
+        sides.append((label, sha, tree, env))
+    if sides[0][0] == sides[1][0]:
+        ap.error("OLD and NEW are the same commit with the same environment: nothing to compare")
+    results: dict[str, dict[str, list[float]]] = {label: {m.name: [] for m in pair} for label, *_ in sides}
     for r in range(args.rounds):
-        for sha, tree in (sides if r % 2 == 0 else sides[::-1]):
-            server = OspreyAt(tree, work / f"run-{sha}-{r}", pair, tag=f"osprey-{sha}").start()
+        for i, (label, sha, tree, env) in enumerate(sides if r % 2 == 0 else sides[::-1]):
+            server = OspreyAt(tree, work / f"run-{sha}-{r}-{i}", pair, tag=f"osprey-{sha}", extra_env=env).start()
             try:
                 for m in pair:
                     out = load.hey(server.predict_url(m.name), str(m.body), m.content_type, args.concurrency,
                                    args.seconds, 2.0)
-                    results[sha][m.name].append(round(out["rps"] or 0.0, 1))
+                    results[label][m.name].append(round(out["rps"] or 0.0, 1))
             finally:
                 server.stop()
-    (old, _), (new, _) = sides
+    old, new = sides[0][0], sides[1][0]
     lines = [f"| round | {old} mlp | {new} mlp | {old} mlp_nb | {new} mlp_nb |", "|---|---|---|---|---|"]
     for r in range(args.rounds):
         lines.append(f"| {r + 1} | " + " | ".join(f"{results[s][m][r]:,.0f}" for m in ("mlp", "mlp_nb")
@@ -88,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("| mean | " + " | ".join(cells) + " |")
     print(f"hey -z {args.seconds:g}s -c {args.concurrency}, {args.rounds} interleaved rounds")
     print("\n".join(lines))
-    out = HERE / "results" / f"ab-{old}-{new}.json"
+    name = "-".join(label.replace(" ", "_").replace("=", "-") for label in (old, new))
+    out = HERE / "results" / f"ab-{name}.json"
     out.write_text(json.dumps({"old": old, "new": new, "concurrency": args.concurrency, "seconds": args.seconds,
-                               "rps": results}, indent=1))
+                               "env": {label: env for label, _, _, env in sides}, "rps": results}, indent=1))
     return 0
 
 

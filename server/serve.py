@@ -485,12 +485,26 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     return 0
 
 
+def apply_omp_wait_policy(policy: str, environ=os.environ) -> bool:
+    """Set OMP_WAIT_POLICY for torch's OpenMP runtime (and the process instances, which inherit
+    the environment) unless the environment already has one; True when set. libgomp reads it
+    once, when torch is first imported: a process that already imported torch keeps its own."""
+    if not policy or "OMP_WAIT_POLICY" in environ:
+        return False
+    if "torch" in sys.modules:
+        log.info("omp_wait_policy=%s not applied: torch was imported before the server started", policy)
+        return False
+    environ["OMP_WAIT_POLICY"] = policy.upper()
+    return True
+
+
 def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: str | None = None,
         restore: Snapshot | None = None, config_properties: dict[str, str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. ``restore``: a config snapshot whose models are registered at
     start (server.snapshots); ``config_properties``: the configuration the snapshots record."""
     if settings.switch_interval > 0:
         sys.setswitchinterval(settings.switch_interval)
+    apply_omp_wait_policy(settings.omp_wait_policy)
     if settings.torch_threads:
         import torch
 

@@ -114,6 +114,12 @@ class Settings:
                                          1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # latency histogram edges, seconds
     latency_objectives: tuple[float, ...] = (0.5,)  # seconds; each is a bucket edge, the largest the p99 objective
     torch_threads: int = 0  # 0: leave torch's default
+    # how torch's OpenMP threads wait between parallel regions (libgomp's OMP_WAIT_POLICY, read
+    # once when torch loads): passive, they sleep at once; active, they spin on a core first
+    # (about 0.3 ms each time: on a small machine that core is taken from the event loop and the
+    # clients, and a tiny MLP's server answered 25-30% fewer requests); "" leaves torch's
+    # default. OMP_WAIT_POLICY in the environment wins over this setting.
+    omp_wait_policy: str = "passive"
     # GIL switch interval (s): short, so the event loop and model threads hand off quickly
     # (Python's default of 5 ms adds up to 5 ms to every handoff between busy threads).
     switch_interval: float = 0.0005
@@ -376,6 +382,9 @@ def load_settings(
         from monitoring.ts_metrics_config import load_metrics_config
 
         load_metrics_config(settings.metrics_config)
+    if settings.omp_wait_policy.lower() not in ("", "passive", "active"):
+        raise ValueError(f"setting omp_wait_policy: {settings.omp_wait_policy!r} must be passive, active or empty "
+                         "(torch's default)")
     if settings.worker_lifecycle not in ("osprey", "torchserve"):
         raise ValueError(f"setting worker_lifecycle: {settings.worker_lifecycle!r} must be osprey or torchserve")
     if settings.metrics_mode not in ("prometheus", "log"):
