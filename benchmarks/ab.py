@@ -1,13 +1,16 @@
 """Interleaved A/B of two Osprey commits on the same machine: did a change move the request path?
 
     .venv/bin/python -m benchmarks.ab OLD NEW [--rounds 3] [--seconds 6] [--concurrency 32]
+        [--models mlp,mlp_nb] [--old-env KEY=VALUE ...] [--new-env KEY=VALUE ...]
 
 Each commit is checked out into a detached worktree under ``benchmarks/.work/ab/``; both
-serve the same archives (the tiny MLP with batching on, ``mlp``, and off, ``mlp_nb``, built
-by ``benchmarks/models.py``). Rounds alternate the order (A B, then B A, ...) so a drift in
+serve the same archives (by default the tiny MLP with batching on, ``mlp``, and off,
+``mlp_nb``; also ``cnn`` and ``digits_cnn_builtin``; built by ``benchmarks/models.py``).
+``--old-env``/``--new-env`` give one side's server extra environment (a setting as
+``OSPREY_<FIELD>``), so a commit can be compared with itself under two settings. Rounds alternate the order (A B, then B A, ...) so a drift in
 the machine's load hits both sides alike; each point is ``hey -z SECONDS -c C`` after a
 2-second warm-up. Prints a Markdown table (req/s per round, means and the change) and
-writes the raw numbers to ``benchmarks/results/ab-OLD-NEW.json``. The machine is shared
+writes the raw numbers to ``benchmarks/results/ab-OLD-NEW.json`` (with the environments). The machine is shared
 and noisy: read only paired differences that hold in every round.
 """
 
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--work", default=str(HERE / ".work" / "ab"))
+    ap.add_argument("--models", default="mlp,mlp_nb",
+                    help="comma-separated: mlp, mlp_nb, cnn (ResNet-18-sized, slow), digits_cnn_builtin, digits_cnn")
     ap.add_argument("--old-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for OLD's server only (e.g. OSPREY_MONITORING=false); repeatable")
     ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE",
@@ -76,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         envs.append(env)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    models = build_models(work / "models", with_cnn=False, with_digits=False)
-    pair = [models["mlp"], models["mlp_nb"]]
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    models = build_models(work / "models", with_cnn="cnn" in names, with_digits=any(n.startswith("digits") for n in names))
+    unknown = [n for n in names if n not in models]
+    if unknown or not names:
+        ap.error(f"--models: {', '.join(unknown) or 'none given'}; known: {', '.join(models)}")
+    pair = [models[n] for n in names]
     sides = []
     for rev, env in ((args.old, envs[0]), (args.new, envs[1])):
         sha, tree = checkout(rev, work)
@@ -98,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
     old, new = sides[0][0], sides[1][0]
-    lines = [f"| round | {old} mlp | {new} mlp | {old} mlp_nb | {new} mlp_nb |", "|---|---|---|---|---|"]
+    lines = ["| round | " + " | ".join(f"{s} {m}" for m in names for s in (old, new)) + " |",
+             "|---|" + "---|" * (2 * len(names))]
     for r in range(args.rounds):
-        lines.append(f"| {r + 1} | " + " | ".join(f"{results[s][m][r]:,.0f}" for m in ("mlp", "mlp_nb")
+        lines.append(f"| {r + 1} | " + " | ".join(f"{results[s][m][r]:,.0f}" for m in names
                                                   for s in (old, new)) + " |")
     means = {s: {m: statistics.mean(v) for m, v in results[s].items()} for s in (old, new)}
     cells = []
-    for m in ("mlp", "mlp_nb"):
+    for m in names:
         change = (means[new][m] / means[old][m] - 1) * 100 if means[old][m] else float("nan")
         cells += [f"{means[old][m]:,.0f}", f"{means[new][m]:,.0f} ({change:+.0f}%)"]
     lines.append("| mean | " + " | ".join(cells) + " |")
