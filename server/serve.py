@@ -485,13 +485,13 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     return 0
 
 
-def apply_omp_wait_policy(policy: str, environ=os.environ) -> bool:
+def apply_omp_wait_policy(policy: str, environ=os.environ, modules=sys.modules) -> bool:
     """Set OMP_WAIT_POLICY for torch's OpenMP runtime (and the process instances, which inherit
     the environment) unless the environment already has one; True when set. libgomp reads it
     once, when torch is first imported: a process that already imported torch keeps its own."""
     if not policy or "OMP_WAIT_POLICY" in environ:
         return False
-    if "torch" in sys.modules:
+    if "torch" in modules:
         log.info("omp_wait_policy=%s not applied: torch was imported before the server started", policy)
         return False
     environ["OMP_WAIT_POLICY"] = policy.upper()

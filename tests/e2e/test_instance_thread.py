@@ -1,4 +1,5 @@
-"""Per-instance torch settings: TorchScript's optimizing executor off on CPU unless asked for.
+"""Per-instance torch settings: TorchScript's optimizing executor off on CPU unless asked for;
+torch's OpenMP threads wait passively (they do not spin on the cores the server needs).
 
 Under dynamic batching every batch size is a new input shape, and TorchScript's profiling
 executor recompiles a scripted model for each one (milliseconds each, holding the whole
@@ -8,6 +9,8 @@ model-config.yaml brings it back.
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 
@@ -16,12 +19,14 @@ from server.core.errors import OspreyError
 from tests.models import handler_archive, mlp_archive
 
 FLAG_HANDLER = '''
+import os
 import torch
 
 def handle(data, context):
     if data is None:
         return None
-    return [{"jit_optimize": torch._C._get_graph_executor_optimize()} for _ in data]
+    return [{"jit_optimize": torch._C._get_graph_executor_optimize(),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")} for _ in data]
 '''
 
 
@@ -33,16 +38,24 @@ def srv(osprey_module, tmp_path_factory):
     handler_archive(store, "flag_on", FLAG_HANDLER, config={**cpu, "jit_optimize": True})
     handler_archive(store, "flag_off", FLAG_HANDLER, config={**cpu, "jit_optimize": False})
     handler_archive(store, "flag_bad", FLAG_HANDLER, config={**cpu, "jit_optimize": "sometimes"})
+    handler_archive(store, "flag_process", FLAG_HANDLER, config={**cpu, "isolation": "process"})
     mlp_archive(store, config={"batchSize": 32, "maxBatchDelay": 5})
-    server = osprey_module(["flag_default.mar", "flag_on.mar", "flag_off.mar", "mlp.mar"], store)
+    server = osprey_module(["flag_default.mar", "flag_on.mar", "flag_off.mar", "flag_process.mar", "mlp.mar"], store)
     server.store = store
     return server
 
 
-def _flag(srv, name: str) -> bool:
+def _flag(srv, name: str, key: str = "jit_optimize"):
     r = httpx.post(f"{srv.inference}/predictions/{name}", json={"x": 1}, timeout=30)
     assert r.status_code == 200, r.text
-    return r.json()["jit_optimize"]
+    return r.json()[key]
+
+
+def test_torch_openmp_threads_wait_passively_in_thread_and_process_instances(srv):
+    # omp_wait_policy's default; an OMP_WAIT_POLICY the user exported wins
+    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert _flag(srv, "flag_default", "omp_wait_policy") == expected
+    assert _flag(srv, "flag_process", "omp_wait_policy") == expected  # the child inherits it
 
 
 def test_cpu_instances_run_torchscript_without_the_optimizing_executor(srv):

@@ -203,3 +203,23 @@ def test_defaults_give_way_to_config_environment_and_flags(tmp_path):
     assert (s.worker_lifecycle, s.hang_grace, s.model_log_console) == ("osprey", 1.0, False)
     with pytest.raises(ValueError, match="setting worker_lifecycle: 'java' must be osprey or torchserve"):
         load_settings(None, env={"OSPREY_WORKER_LIFECYCLE": "java"})
+
+
+def test_omp_wait_policy_defaults_to_passive_and_refuses_unknown_values():
+    assert load_settings(env={}).omp_wait_policy == "passive"
+    assert load_settings(env={"OSPREY_OMP_WAIT_POLICY": ""}).omp_wait_policy == ""  # torch's default
+    with pytest.raises(ValueError, match="omp_wait_policy: 'spin' must be passive, active or empty"):
+        load_settings(env={"OSPREY_OMP_WAIT_POLICY": "spin"})
+
+
+def test_omp_wait_policy_is_exported_unless_the_environment_has_one():
+    from server.serve import apply_omp_wait_policy
+
+    env: dict[str, str] = {}
+    assert apply_omp_wait_policy("passive", env, modules={}) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert apply_omp_wait_policy("passive", mine, modules={}) is False and mine == {"OMP_WAIT_POLICY": "ACTIVE"}
+    empty: dict[str, str] = {}
+    assert apply_omp_wait_policy("", empty, modules={}) is False and empty == {}
+    late: dict[str, str] = {}  # torch already loaded its OpenMP runtime: setting it now would be a lie
+    assert apply_omp_wait_policy("passive", late, modules={"torch": object()}) is False and late == {}
