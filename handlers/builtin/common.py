@@ -343,7 +343,10 @@ class BuiltinHandler(BaseHandler):
     # --- monitoring (handlers/monitoring.py) ------------------------------------------------
     @property
     def monitor_rows(self) -> np.ndarray:
-        """The request (index in ``data``) of each example of the last batch, in model order."""
+        """The request (index in ``data``) of each example of the last batch, in model order;
+        None when that is every request once, in order (most batches: nothing to compute)."""
+        if getattr(self, "_one_each", False):  # one example per request, in order: the identity
+            return None
         spans = getattr(self, "_spans", None) or {}
         n = len(spans)
         idx = np.fromiter(spans.keys(), np.int64, n)
@@ -358,14 +361,18 @@ class BuiltinHandler(BaseHandler):
         self._spans = spans
         results: list = [None] * len(data)
         examples: list = []
+        one_each = True
         for idx, row in enumerate(data):
             try:
                 got, is_tensors = self._examples(row)
             except PredictionException as exc:
                 results[idx] = self._reject(idx, exc)
+                one_each = False
                 continue
             spans[idx] = (len(examples), len(got), is_tensors)
+            one_each = one_each and len(got) == 1
             examples.extend(got)
+        self._one_each = one_each
         t1 = time.perf_counter()
         outputs, prep, infer = self._run(examples) if examples else ({}, 0.0, 0.0)
         t2 = time.perf_counter()

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -291,19 +292,24 @@ def _pointer(t: Any) -> tuple[int, int]:
 
 
 def _same_rows(parts: list) -> bool:
-    """Tensors (or arrays) of one kind, dtype, device and row shape, small enough to join."""
+    """Tensors (or arrays) of one kind, dtype and row shape, small enough to join (devices are
+    checked by the join itself). One pass of attribute reads per part: this runs on the
+    instance thread for every part of every flush."""
     first = parts[0]
-    if not hasattr(first, "shape") or len(first.shape) < 1:
+    shape = getattr(first, "shape", None)
+    if shape is None or len(shape) < 1:
         return False
-    kind, shape, dtype = type(first), tuple(first.shape[1:]), first.dtype
-    device = getattr(first, "device", None)
-    total = 0
+    kind, row, dtype = type(first), tuple(shape[1:]), first.dtype
+    rows = 0
     for p in parts:
-        if type(p) is not kind or len(p.shape) < 1 or tuple(p.shape[1:]) != shape or p.dtype != dtype or \
-                getattr(p, "device", None) != device:
+        if type(p) is not kind:
             return False
-        total += _pointer(p)[1]
-    return total <= MERGE_BYTES
+        s = p.shape
+        if len(s) < 1 or tuple(s[1:]) != row or p.dtype != dtype:
+            return False
+        rows += s[0]
+    itemsize = first.itemsize if isinstance(first, np.ndarray) else first.element_size()
+    return rows * math.prod(row) * itemsize <= MERGE_BYTES
 
 
 def _join(parts: list) -> Any:
@@ -323,15 +329,18 @@ def _merge(items: list[tuple]) -> tuple | None:
     then each batch is built on its own, as hooks expect one call's tensors per batch."""
     calls = [c for item in items for c in item[0]]
     acts = [a for item in items for a in item[1]]
-    if len(calls) > 1:
-        ins, outs = [c[0] for c in calls], [c[1] for c in calls]
-        if not (_same_rows(ins) and _same_rows(outs)):
-            return None
-        calls = [(_join(ins), _join(outs))]
-    if len(acts) > 1:
-        if not _same_rows(acts):
-            return None
-        acts = [_join(acts)]
+    try:
+        if len(calls) > 1:
+            ins, outs = [c[0] for c in calls], [c[1] for c in calls]
+            if not (_same_rows(ins) and _same_rows(outs)):
+                return None
+            calls = [(_join(ins), _join(outs))]
+        if len(acts) > 1:
+            if not _same_rows(acts):
+                return None
+            acts = [_join(acts)]
+    except RuntimeError:  # tensors on different devices (a model split across GPUs): not joined
+        return None
     row_map = None
     if any(item[2] is not None for item in items):
         maps, offset = [], 0
