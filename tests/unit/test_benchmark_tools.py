@@ -401,3 +401,11 @@ def test_report_sets_each_peer_beside_osprey(tmp_path):
     assert "| MLServer 1.7 REST | 2 | 6.00 | 6.00 | 600 | – | 3.2 |" in text           # and its CPU while idle
     assert "Protocol: the Open Inference Protocol only" in text                       # what it does differently
     assert "Not measured: could not be installed: no network" in text                 # a peer that could not run
+
+
+def test_ab_refuses_an_environment_entry_without_a_value(capsys):
+    from benchmarks import ab
+
+    with pytest.raises(SystemExit):
+        ab.main(["HEAD", "HEAD", "--new-env", "OSPREY_MONITORING"])
+    assert "--old-env/--new-env takes KEY=VALUE, got 'OSPREY_MONITORING'" in capsys.readouterr().err
