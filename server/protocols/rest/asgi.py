@@ -191,15 +191,17 @@ class Router:
         (queue full: 503 with Retry-After; no instance; unknown model) is answered from bytes
         encoded once per model and error, plus this request's id. A request that needs its token
         checked and fails the check is left to the usual path (401). The matched route is kept
-        in the scope so that :meth:`__call__` does not match it again.
+        in the scope so that :meth:`__call__` does not match it again. The admission check runs
+        only while requests are being refused (``refusing``), as in :meth:`__call__`: at full
+        speed it cost every request a registry lookup and the batcher's check for nothing.
         """
         method = scope["method"]
         if method == "HEAD":
             return None
         route, params, _ = self._match(method, scope["path"])
         scope["osprey.route"] = (route, params)
-        if route is None or route.admit is None or scope.get("osprey.admitted"):
-            return None
+        if route is None or route.admit is None or scope.get("osprey.admitted") or not self.refusing():
+            return None  # nothing refused lately: the batcher's submit finds a full queue (and opens the window)
         if route.auth and self.token is not None and not self._token_ok(scope["headers"]):
             return None
         answer = self._admit(route, params, keep_alive)
