@@ -7,11 +7,12 @@ Each commit is checked out into a detached worktree under ``benchmarks/.work/ab/
 serve the same archives (by default the tiny MLP with batching on, ``mlp``, and off,
 ``mlp_nb``; also ``cnn`` and ``digits_cnn_builtin``; built by ``benchmarks/models.py``).
 ``--old-env``/``--new-env`` give one side's server extra environment (a setting as
-``OSPREY_<FIELD>``), so a commit can be compared with itself under two settings. Rounds alternate the order (A B, then B A, ...) so a drift in
-the machine's load hits both sides alike; each point is ``hey -z SECONDS -c C`` after a
-2-second warm-up. Prints a Markdown table (req/s per round, means and the change) and
-writes the raw numbers to ``benchmarks/results/ab-OLD-NEW.json`` (with the environments). The machine is shared
-and noisy: read only paired differences that hold in every round.
+``OSPREY_<FIELD>``), so a commit can be compared with itself under two settings. Rounds
+alternate the order (A B, then B A, ...) so a drift in the machine's load hits both sides
+alike; each point is ``hey -z SECONDS -c C`` after a 2-second warm-up. Prints a Markdown
+table (req/s per round, means and the change) and writes the raw numbers, with the
+environments, to ``benchmarks/results/ab-OLD-NEW.json``. The machine is shared and noisy:
+read only paired differences that hold in every round.
 """
 
 from __future__ import annotations

@@ -342,7 +342,7 @@ class BuiltinHandler(BaseHandler):
 
     # --- monitoring (handlers/monitoring.py) ------------------------------------------------
     @property
-    def monitor_rows(self) -> np.ndarray:
+    def monitor_rows(self) -> np.ndarray | None:
         """The request (index in ``data``) of each example of the last batch, in model order;
         None when that is every request once, in order (most batches: nothing to compute)."""
         if getattr(self, "_one_each", False):  # one example per request, in order: the identity

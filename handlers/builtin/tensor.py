@@ -149,8 +149,9 @@ class TensorHandler(BaseHandler):
         return out
 
     @property
-    def monitor_rows(self) -> np.ndarray:
-        """Monitoring: the request of each row of the last batch (a tensor request may hold several)."""
+    def monitor_rows(self) -> np.ndarray | None:
+        """Monitoring: the request of each row of the last batch (a tensor request may hold several);
+        None when every request is one row."""
         sizes = getattr(self, "_sizes", None) or []
         if sizes.count(1) == len(sizes):  # one row each: the identity, nothing to compute
             return None
