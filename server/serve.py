@@ -173,6 +173,10 @@ class Server:
             observers.append(_holder(self.monitor.dataset))
         self.dataplane = DataPlane(self.registry, observers,
                                    [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
+        # not ready until _main has loaded the startup models and applied the shared routing: the
+        # listeners open in start(), before that, and a load balancer's readiness check arriving
+        # then must not find a server with no models "ready" (it would send requests that 404)
+        self.dataplane.started = False
         self.keys = Keys.from_settings(settings)  # supplied keys are shared through Redis with redis_url
         self._key_watch: asyncio.Task | None = None
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
@@ -457,7 +461,6 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
         loop.add_signal_handler(signal.SIGHUP, server.tls.reload)
     if settings.pid_file:
         _write_pid(settings.pid_file)
-    server.dataplane.started = False
     server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed
     loaded, wanted = await server.load_models(models), len(models)
     if restore is not None:  # a start that took the last config snapshot as its configuration
