@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, Callable, Protocol, Sequence
 
 from server.core.capture import FeedbackItem, FeedbackResult, Observation
+from server.core.osthread import name_os_thread
 
 from .drift.version import CHUNKS_PER_WINDOW, VersionMonitor
 from .families import escape, fmt, render_family
@@ -155,6 +156,7 @@ class Monitor:
 
     # -- background thread ------------------------------------------------------------------------------
     def _run(self) -> None:
+        name_os_thread("osprey-monitor")
         while True:
             self._wake.wait(self.tick)
             self._wake.clear()

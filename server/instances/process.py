@@ -33,6 +33,7 @@ from typing import Any, Callable
 from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
+from server.core.osthread import instance_thread_name, name_os_thread
 from server.core.instance import InstanceStatus
 from server.instances.loaded import LoadSignal, raise_unless_ready
 from server.core.types import Ticket
@@ -265,6 +266,7 @@ class ProcessInstance:
 
     # --- the parent-side thread: start the child, then read it ------------------------
     def _main(self) -> None:
+        name_os_thread(instance_thread_name(self.name, self.index, "p"))
         ctx = _mp()
         from server.instances import child
 

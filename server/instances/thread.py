@@ -23,6 +23,7 @@ from typing import Callable
 from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
+from server.core.osthread import instance_thread_name, name_os_thread
 from server.core.instance import InstanceStatus
 from server.instances.loaded import LoadSignal, raise_unless_ready
 from server.core.types import Ticket
@@ -121,6 +122,7 @@ class ModelInstance:
 
     # --- the thread ------------------------------------------------------------------
     def _main(self) -> None:
+        name_os_thread(instance_thread_name(self.name, self.index))
         try:
             self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
                                       self.archive.manifest, self.config, self.gpu_id, self._metrics_sink,

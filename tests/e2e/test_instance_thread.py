@@ -16,6 +16,7 @@ import pytest
 
 from server.core.model_config import parse_model_config
 from server.core.errors import OspreyError
+from server.core.osthread import instance_thread_name
 from tests.models import handler_archive, mlp_archive
 
 FLAG_HANDLER = '''
@@ -164,3 +165,22 @@ def test_gpu_instances_keep_the_optimizing_executor_and_answer_like_cpu(osprey, 
         assert {g["jit_optimize"] for g in got} == {flag}
         for g, e in zip(got, expected):
             assert g["y"] == pytest.approx(e, abs=1e-3)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_server_threads_carry_their_role_in_the_system_thread_name(srv):
+    """``top -H``, ``ps -L`` and per-thread CPU counters tell an instance's thread (``i:`` model,
+    index), the thread driving a process instance (``p:``) and the monitor's apart."""
+    _flag(srv, "flag_default")  # answered: every instance is running
+    pid = srv.proc.pid
+    names = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.add(f.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    expected = {"i:flag_defaul:0", "i:mlp:0", "p:flag_proces:0", "osprey-monitor"}  # 15 bytes at most
+    assert expected == {instance_thread_name("flag_default", 0), instance_thread_name("mlp", 0),
+                        instance_thread_name("flag_process", 0, "p"), "osprey-monitor"}
+    assert expected <= names, sorted(names)
