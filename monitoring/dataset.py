@@ -11,8 +11,10 @@ pair becomes a row of the model's training data::
 
 ``hold`` is the request side (the data plane's observer, on the event loop): a ``deque.append``
 of a reference to the request, nothing copied. ``process`` (the monitor's background thread)
-turns held requests into pickled inputs and stores them; ``join`` (the feedback path, a worker
-thread) moves the labelled ones into the rows. :func:`read_rows` is what a training job reads,
+keeps each held request's inputs as they arrived (bytes and content type, or tensors; pickled
+only for Redis) and stores them; ``join`` (the feedback path, a worker thread) decodes the
+labelled ones as the handler got them and moves them into the rows: most requests never get a
+label, so nothing is decoded or pickled for them in memory. :func:`read_rows` is what a training job reads,
 in the server's child process or on a worker machine.
 
 Where it lives: without Redis, held inputs are in this process (bounded by count and bytes per
@@ -42,6 +44,7 @@ import numpy as np
 
 from server.core.capture import FeedbackItem
 from server.core.codecs import decode_field
+from server.core.types import Field
 
 __all__ = ["LabelledData", "read_rows", "dataset_path", "MAX_HELD"]
 
@@ -57,53 +60,71 @@ def dataset_path(root: str | os.PathLike, model: str, state_dir: str | os.PathLi
     return (Path(state_dir) if state_dir else Path(root) / ".osprey") / "datasets" / f"{model}.pkl"
 
 
-def _inputs(request: Any) -> dict[str, Any]:
-    """What the handler received, as plain picklable data (copied once, off the loop). Fields are
-    decoded as the handler gets them: raw bytes would lose the content type, and a JSON text
-    request (``{"text": ...}``) replayed as bytes would reach a text handler as that JSON text."""
+def _raw(request: Any) -> tuple[dict[str, Any], int]:
+    """What the handler received, kept as it arrived (the monitor's thread, per request: no
+    decoding, no pickling): tensors copied (their buffer belongs to the request), fields as
+    ``(bytes, content type)``. Its size in bytes, for the held bound."""
     if request.tensors:
-        return {name: np.array(value, copy=True) for name, value in request.tensors.items()}
-    out = {}
+        out = {name: np.array(value, copy=True) for name, value in request.tensors.items()}
+        return out, sum(a.nbytes for a in out.values())
+    out, size = {}, 0
     for name, f in request.fields.items():
-        value = decode_field(f)
-        out[name] = bytes(value) if isinstance(value, (bytearray, memoryview)) else value
+        value = f.value if type(f.value) is bytes else bytes(f.value)
+        out[name] = (value, f.content_type)
+        size += len(value)
+    return out, size
+
+
+def _decoded(raw: dict[str, Any]) -> dict[str, Any]:
+    """Held inputs as the handler got them (when a label joins them, not per request): fields
+    decoded as TorchServe decodes them -- JSON as the object, text as str, anything else as
+    bytes --, tensors as they are. Raw bytes would lose the content type, and a JSON text request
+    (``{"text": ...}``) replayed as bytes would reach a text handler as that JSON text."""
+    out = {}
+    for name, value in raw.items():
+        if isinstance(value, tuple):
+            value = decode_field(Field(value[0], value[1]))
+            value = bytes(value) if isinstance(value, (bytearray, memoryview)) else value
+        out[name] = value
     return out
 
 
 class _Held:
-    """Held inputs of one model in this process: rid -> (expires, version, pickled inputs)."""
+    """Held inputs of one model in this process: rid -> (expires, version, (ts, raw inputs), size).
+    Kept as they arrived; decoded only when a label joins them."""
 
     def __init__(self) -> None:
-        self.items: OrderedDict[str, tuple[float, str, bytes]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[float, str, Any, int]] = OrderedDict()
         self.bytes = 0
 
-    def put(self, rid: str, expires: float, version: str, blob: bytes, max_count: int, max_bytes: int) -> int:
+    def put(self, rid: str, expires: float, version: str, held: Any, size: int, max_count: int,
+            max_bytes: int) -> int:
         old = self.items.pop(rid, None)
         if old is not None:
-            self.bytes -= len(old[2])
-        self.items[rid] = (expires, version, blob)
-        self.bytes += len(blob)
+            self.bytes -= old[3]
+        self.items[rid] = (expires, version, held, size)
+        self.bytes += size
         dropped = 0
         while self.items and (len(self.items) > max_count or self.bytes > max_bytes):
-            _, (_, _, b) = self.items.popitem(last=False)
-            self.bytes -= len(b)
+            _, (_, _, _, n) = self.items.popitem(last=False)
+            self.bytes -= n
             dropped += 1
         return dropped
 
-    def take(self, rid: str, now: float) -> tuple[str, bytes] | None:
+    def take(self, rid: str, now: float) -> tuple[str, Any] | None:
         item = self.items.pop(rid, None)
         if item is None:
             return None
-        self.bytes -= len(item[2])
+        self.bytes -= item[3]
         return None if item[0] < now else (item[1], item[2])
 
     def expire(self, now: float) -> None:
         while self.items:
-            rid, (expires, _, blob) = next(iter(self.items.items()))
+            rid, (expires, _, _, n) = next(iter(self.items.items()))
             if expires >= now:
                 break
             self.items.popitem(last=False)
-            self.bytes -= len(blob)
+            self.bytes -= n
 
 
 class LabelledData:
@@ -155,7 +176,9 @@ class LabelledData:
             pipe = self.redis.pipeline(transaction=False) if self.redis is not None else None
             for model, version, config, request, ts in batch:
                 try:
-                    blob = pickle.dumps({"ts": ts, "inputs": _inputs(request)}, protocol=5)
+                    raw, size = _raw(request)
+                    if pipe is not None:  # Redis holds bytes: pickled, still undecoded
+                        blob = pickle.dumps({"ts": ts, "raw": raw}, protocol=5)
                 except Exception as exc:  # an input that cannot be kept is not worth failing anything
                     log.warning("event=dataset_hold_failed model=%s reason=%s", model, exc)
                     self.dropped += 1
@@ -166,8 +189,10 @@ class LabelledData:
                     pipe.set(f"{_PREFIX}:held:{model}:{request.request_id}", version.encode() + b"\0" + blob,
                              px=max(int(ttl * 1000), 1))
                 else:
-                    held = self._held.setdefault(model, _Held())
-                    self.dropped += held.put(request.request_id, now + ttl, version, blob, cfg.max_held,
+                    held = self._held.get(model)
+                    if held is None:
+                        held = self._held[model] = _Held()
+                    self.dropped += held.put(request.request_id, now + ttl, version, (ts, raw), size, cfg.max_held,
                                              int(cfg.max_held_mb * 1024 * 1024))
             if pipe is not None:
                 try:
@@ -211,10 +236,16 @@ class LabelledData:
         return len(rows)
 
     @staticmethod
-    def _row(item: FeedbackItem, version: str, blob: bytes) -> dict[str, Any]:
-        held = pickle.loads(blob)
-        return {"rid": item.request_id, "ts": held["ts"], "version": version, "inputs": held["inputs"],
-                "label": item.label}
+    def _row(item: FeedbackItem, version: str, held: bytes | tuple) -> dict[str, Any]:
+        """A training row: ``held`` is this process's ``(ts, raw inputs)`` or Redis's pickled
+        ``{"ts", "raw"}`` (``{"ts", "inputs"}``: held decoded, by an earlier Osprey)."""
+        if isinstance(held, tuple):
+            ts, raw = held
+            inputs = _decoded(raw)
+        else:
+            d = pickle.loads(held)
+            ts, inputs = d["ts"], (_decoded(d["raw"]) if "raw" in d else d["inputs"])
+        return {"rid": item.request_id, "ts": ts, "version": version, "inputs": inputs, "label": item.label}
 
     def _append(self, model: str, rows: list[dict], max_rows: int) -> None:
         if self.redis is not None:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from server.core.capture import FeedbackItem, FeedbackResult, Observation
 from server.core.osthread import name_os_thread
+from server.core.types import InferenceResponse
 
 from .drift.version import CHUNKS_PER_WINDOW, VersionMonitor
 from .families import escape, fmt, render_family
@@ -122,10 +123,15 @@ class Monitor:
         self._last_observed = time.monotonic()
 
     def answered(self, mv: Any, ticket: Any, outcome: Any) -> None:
-        """A request observer (the data plane's, O(1)): an answer left now. Its observation
-        reaches :meth:`observe` up to CAPTURE_DELAY_S later, so a label sent right after the
-        answer must wait for it even when nothing was observed for a while (see feedback)."""
+        """A request observer (the data plane's, O(1), on the event loop): an answer left now.
+        Its observation reaches :meth:`observe` up to CAPTURE_DELAY_S later, so a label sent
+        right after the answer must wait for it even when nothing was observed for a while (see
+        feedback). A successful answer of a model with retraining has its request's inputs held
+        for its label (``dataset.hold``: a reference appended, nothing copied)."""
         self._last_observed = time.monotonic()
+        if (mv is not None and mv.config.retraining is not None and type(outcome) is InferenceResponse
+                and outcome.status == 200 and self.dataset is not None):
+            self.dataset.hold(mv, ticket.request)
 
     # -- versions ------------------------------------------------------------------------------------
     def _ensure(self, model: str, version: str) -> VersionMonitor | None:

@@ -30,7 +30,6 @@ from server.core.dataplane import DataPlane
 from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
 from server.core.registry import Registry
-from server.core.types import InferenceResponse
 from server.instances import forget_model_folder, instance_factory, return_device_memory
 from server.protocols.rest.http_protocol import http_protocol
 from server.protocols.rest.asgi import Request, Response, Router
@@ -122,15 +121,6 @@ def _monitor(settings: Settings, resolve):
                                                                             state_dir=settings.state_dir or None))
 
 
-def _holder(dataset):
-    """The request observer that holds answered inputs of models with retraining (O(1))."""
-    def hold(mv, ticket, outcome) -> None:
-        if mv is not None and mv.config.retraining is not None and type(outcome) is InferenceResponse \
-                and outcome.status == 200:
-            dataset.hold(mv, ticket.request)
-    return hold
-
-
 class Server:
     """Everything one Osprey process runs."""
 
@@ -168,9 +158,9 @@ class Server:
         if self.access_log is not None:
             observers.append(self.access_log)
         if self.monitor is not None:
-            observers.append(self.monitor.answered)  # a label right after its answer waits for its observation
-        if self.monitor is not None and self.monitor.dataset is not None:
-            observers.append(_holder(self.monitor.dataset))
+            # a label right after its answer waits for its observation; a model with retraining
+            # has the answered request's inputs held for its label (one observer for both)
+            observers.append(self.monitor.answered)
         self.dataplane = DataPlane(self.registry, observers,
                                    [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
         # not ready until _main has loaded the startup models and applied the shared routing: the

@@ -124,6 +124,25 @@ def test_with_redis_a_label_sent_to_another_replica_joins_and_every_reader_sees_
     assert [(r["rid"], r["label"], r["inputs"]) for r in rows] == [("x", 5, {"body": b"img"})]
 
 
+def test_with_redis_json_is_decoded_when_joined_and_entries_held_by_an_earlier_osprey_still_join(tmp_path, redis_server):  # noqa: F811
+    """Held inputs go to Redis as they arrived (bytes and content type) and are decoded when the
+    label comes; an entry an earlier Osprey held already decoded (a rolling upgrade) joins too."""
+    import pickle
+
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    data = LabelledData(tmp_path, redis=client)
+    data.hold(version(), new_request(Protocol.REST, "m", request_id="j", fields={
+        "body": Field(b'{"text": "rain"}', "application/json")}).request)
+    data.process()
+    client.set("osprey:dataset:held:m:old", b"1.0\0" + pickle.dumps({"ts": 5.0, "inputs": {"body": {"text": "snow"}}}))
+    assert data.join("m", "1.0", items(("j", "weather"), ("old", "weather")), max_rows=100) == 2
+    rows = {r["rid"]: r for r in read_rows("m", redis=client)}
+    assert rows["j"]["inputs"] == {"body": {"text": "rain"}}
+    assert rows["old"]["inputs"] == {"body": {"text": "snow"}} and rows["old"]["ts"] == 5.0
+
+
 def test_with_redis_down_holds_are_dropped_and_counted_never_raised(tmp_path, redis_server):  # noqa: F811
     import redis
 
