@@ -1,6 +1,6 @@
 """What monitoring costs the request path: the same server with monitoring on and off (issue 11).
 
-    .venv/bin/python -m benchmarks.monitoring_cost [--rounds 4] [--seconds 10] [--before TREE]
+    .venv/bin/python -m benchmarks.monitoring_cost [--rounds 4] [--seconds 10] [--starts 1] [--before TREE]
 
 Two ``osprey serve`` processes of this tree load the same models, one with monitoring at its
 defaults (sample_rate 1.0: every request's features captured, drift windows of 500, the
@@ -11,7 +11,13 @@ and their ratio, and the server's CPU time per answered request (``process_cpu_s
 over the run, divided by the answers): the difference is what monitoring costs per request
 on whichever thread it runs (instance thread for capture, the monitor's background thread for
 binning and windows), which is the cost when the server is CPU bound and a steadier number
-than throughput on this shared 2-core machine.
+than throughput on this shared 2-core machine. The same CPU time is split by thread, read from
+``/proc/<pid>/task`` (the server names its threads): ``loop`` (the event loop: the process's
+main thread), ``instance`` (``i:MODEL:N``), ``monitor`` (``osprey-monitor``) and ``other``.
+
+``--starts N`` runs the rounds on N fresh pairs of servers, one after the other: throughput
+moves by several percent between two starts of the same server (measured: ±2% on the MLP, ±5%
+on digits_cnn, identical servers), which one pair cannot tell from monitoring's cost.
 
 ``--before TREE`` adds a third server in the same rounds, monitoring on, running the code of
 another checkout (e.g. ``/work/main`` before a change, with ``benchmarks.ab.OspreyAt``): the
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -49,6 +56,37 @@ def _cpu_seconds(srv: Osprey) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
+def _thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
+    """Each thread of the server: tid -> (role, CPU seconds) (Linux; empty elsewhere)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # ended meanwhile
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        role = ("loop" if tid == str(pid) else "instance" if comm.startswith(("i:", "p:"))
+                else "monitor" if comm == "osprey-monitor" else "other")
+        out[tid] = (role, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    return out
+
+
+def _roles(before: dict, after: dict, n: int) -> dict[str, float]:
+    """CPU us per request by role between two :func:`_thread_cpu` readings (a thread that ended
+    meanwhile is left out, one that started counts whole)."""
+    out = {"loop": 0.0, "instance": 0.0, "monitor": 0.0, "other": 0.0}
+    for tid, (role, cpu) in after.items():
+        out[role] += cpu - before.get(tid, (role, 0.0))[1]
+    return {k: round(1e6 * v / n, 2) for k, v in out.items()}
+
+
 def _monitored(srv: Osprey, model: str) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{srv.ports['metrics']}/metrics", timeout=10).read().decode()
     m = re.search(rf'^osprey_monitored_requests_total{{model="{model}",version="[^"]+"}} ([\d.e+]+)$', text, re.M)
@@ -60,39 +98,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--starts", type=int, default=1, help="fresh servers this many times, the rounds on each")
     ap.add_argument("--before", default="", help="another checkout: a third side, monitoring on, its code")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "monitoring_cost.json"))
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     built = build_models(WORK, with_cnn=False, with_digits=True)
     models = [built["mlp"], built["digits_cnn_builtin"]]
-    sides = {"on": Osprey(WORK / "on", models, tag="monitoring-on"),
-             "off": Osprey(WORK / "off", models, config={"monitoring": "false"}, tag="monitoring-off")}
-    if args.before:
-        sides["before"] = OspreyAt(Path(args.before).resolve(), WORK / "before", models, tag="monitoring-before")
-    monitored_sides = [s for s in sides if s != "off"]
-    runs: dict = {m.name: {s: [] for s in sides} for m in models}
-    try:
-        for s in sides.values():
-            s.start(timeout=300)
-        names = list(sides)
-        for r in range(args.rounds):
-            order = names if r % 2 == 0 else names[::-1]
+
+    def make_sides() -> dict:
+        sides = {"on": Osprey(WORK / "on", models, tag="monitoring-on"),
+                 "off": Osprey(WORK / "off", models, config={"monitoring": "false"}, tag="monitoring-off")}
+        if args.before:
+            sides["before"] = OspreyAt(Path(args.before).resolve(), WORK / "before", models, tag="monitoring-before")
+        return sides
+    names = list(make_sides())
+    monitored_sides = [s for s in names if s != "off"]
+    runs: dict = {m.name: {s: [] for s in names} for m in models}
+    monitored = {(m.name, s): 0 for m in models for s in monitored_sides}
+    for start in range(args.starts):
+        sides = make_sides()
+        try:
+            for s in sides.values():
+                s.start(timeout=300)
+            for r in range(args.rounds):
+                order = names if r % 2 == 0 else names[::-1]
+                for m in models:
+                    for side in order:
+                        srv = sides[side]
+                        if r == 0:  # a warm-up, before the counters are read (its CPU is not the run's)
+                            hey(srv.predict_url(m.name), str(m.body), m.content_type, args.concurrency, 1, 0)
+                        cpu0, threads0 = _cpu_seconds(srv), _thread_cpu(srv.proc.pid)
+                        res = hey(srv.predict_url(m.name), str(m.body), m.content_type, args.concurrency,
+                                  args.seconds, warmup_s=0)
+                        cpu, threads1 = _cpu_seconds(srv) - cpu0, _thread_cpu(srv.proc.pid)
+                        n = max(1, res["n"])
+                        res["cpu_us_per_request"] = 1e6 * cpu / n
+                        res["threads_us_per_request"] = _roles(threads0, threads1, n)
+                        res["start"] = start
+                        runs[m.name][side].append(res)
+                        t = res["threads_us_per_request"]
+                        print(f"start {start + 1} round {r + 1} {m.name:20s} {side:6s} {res['rps']:8.0f} req/s "
+                              f"{res['cpu_us_per_request']:6.0f} us CPU/req (" +
+                              " ".join(f"{k} {v:.0f}" for k, v in t.items()) + f") errors {res['errors']}",
+                              file=sys.stderr)
             for m in models:
-                for side in order:
-                    srv = sides[side]
-                    cpu0 = _cpu_seconds(srv)
-                    res = hey(srv.predict_url(m.name), str(m.body), m.content_type, args.concurrency,
-                              args.seconds, warmup_s=1 if r == 0 else 0)
-                    cpu = _cpu_seconds(srv) - cpu0
-                    res["cpu_us_per_request"] = 1e6 * cpu / max(1, res["n"])
-                    runs[m.name][side].append(res)
-                    print(f"round {r + 1} {m.name:20s} {side:6s} {res['rps']:8.0f} req/s "
-                          f"{res['cpu_us_per_request']:6.0f} us CPU/req errors {res['errors']}", file=sys.stderr)
-        monitored = {(m.name, s): _monitored(sides[s], m.name) for m in models for s in monitored_sides}
-    finally:
-        for s in sides.values():
-            s.stop()
+                for s in monitored_sides:
+                    monitored[(m.name, s)] += _monitored(sides[s], m.name)
+        finally:
+            for s in sides.values():
+                s.stop()
     table = []
     for m in models:
         off = runs[m.name]["off"]
@@ -102,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             on = runs[m.name][side]
             rps_on = statistics.median(x["rps"] for x in on)
             cpu_on = statistics.median(x["cpu_us_per_request"] for x in on)
+            roles = sorted({k for x in on + off for k in x.get("threads_us_per_request", {})})
+            threads = {k: {"on": round(statistics.median(x["threads_us_per_request"].get(k, 0.0) for x in on), 1),
+                           "off": round(statistics.median(x["threads_us_per_request"].get(k, 0.0) for x in off), 1)}
+                       for k in roles}
             table.append({"model": m.name, "side": "this tree" if side == "on" else f"before ({args.before})",
+                          "threads_us_per_request": threads,
                           "rps_on": round(rps_on), "rps_off": round(rps_off),
                           "ratio": round(rps_on / rps_off, 3), "cpu_us_on": round(cpu_on, 1),
                           "cpu_us_off": round(cpu_off, 1), "cpu_us_monitoring": round(cpu_on - cpu_off, 1),
@@ -110,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                           "rps_on_all": [round(x["rps"]) for x in on], "rps_off_all": [round(x["rps"]) for x in off],
                           "monitored_requests": monitored[(m.name, side)]})
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-           "rounds": args.rounds, "seconds": args.seconds, "concurrency": args.concurrency, "models": table}
+           "starts": args.starts, "rounds": args.rounds, "seconds": args.seconds, "concurrency": args.concurrency, "models": table}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print("| model | monitored side | on req/s | off req/s | on/off | CPU us/req on | off | monitoring us/req (share) |")
@@ -118,6 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     for t in table:
         print(f"| {t['model']} | {t['side']} | {t['rps_on']} | {t['rps_off']} | {t['ratio']:.3f} | {t['cpu_us_on']} | "
               f"{t['cpu_us_off']} | {t['cpu_us_monitoring']} ({100 * t['cpu_share']:.1f}%) |")
+    print()
+    print("| model | monitored side | " + " | ".join(f"{k} us/req on / off (+)" for k in ("loop", "instance", "monitor", "other")) + " |")
+    print("|---|---|" + "---|" * 4)
+    for t in table:
+        th = t["threads_us_per_request"]
+        print(f"| {t['model']} | {t['side']} | " + " | ".join(
+            f"{th[k]['on']} / {th[k]['off']} ({th[k]['on'] - th[k]['off']:+.1f})" if k in th else "-"
+            for k in ("loop", "instance", "monitor", "other")) + " |")
     return 0
 
 
