@@ -120,6 +120,12 @@ class Settings:
     # answered 9% fewer requests batched, 28% fewer unbatched); "" leaves torch's default.
     # OMP_WAIT_POLICY in the environment wins over this setting.
     omp_wait_policy: str = "passive"
+    # threads of the BLAS library numpy brings (OpenBLAS), in the server process (thread
+    # instances, the monitor): its workers spin after each threaded product, on the cores the
+    # event loop needs (18 us of CPU per request of the tiny MLP when the monitor's projections
+    # went threaded). 0 leaves numpy's default; OPENBLAS_NUM_THREADS, MKL_NUM_THREADS or
+    # OMP_NUM_THREADS in the environment win over this setting.
+    numpy_blas_threads: int = 1
     # GIL switch interval (s): short, so the event loop and model threads hand off quickly
     # (Python's default of 5 ms adds up to 5 ms to every handoff between busy threads).
     switch_interval: float = 0.0005
@@ -382,6 +388,8 @@ def load_settings(
         from monitoring.ts_metrics_config import load_metrics_config
 
         load_metrics_config(settings.metrics_config)
+    if settings.numpy_blas_threads < 0:
+        raise ValueError(f"setting numpy_blas_threads: {settings.numpy_blas_threads} must be 0 (numpy's default) or more")
     if settings.omp_wait_policy.lower() not in ("", "passive", "active"):
         raise ValueError(f"setting omp_wait_policy: {settings.omp_wait_policy!r} must be passive, active or empty "
                          "(torch's default)")

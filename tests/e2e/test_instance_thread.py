@@ -26,8 +26,10 @@ import torch
 def handle(data, context):
     if data is None:
         return None
+    from threadpoolctl import threadpool_info
+    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
     return [{"jit_optimize": torch._C._get_graph_executor_optimize(),
-             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")} for _ in data]
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "numpy_blas": blas} for _ in data]
 '''
 
 
@@ -57,6 +59,16 @@ def test_torch_openmp_threads_wait_passively_in_thread_and_process_instances(srv
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert _flag(srv, "flag_default", "omp_wait_policy") == expected
     assert _flag(srv, "flag_process", "omp_wait_policy") == expected  # the child inherits it
+
+
+def test_numpy_blas_runs_one_thread_in_the_server_process(srv):
+    """numpy's OpenBLAS workers spin after each threaded product on the cores the event loop needs:
+    the server limits numpy's own BLAS to numpy_blas_threads (1) for its thread instances and the
+    monitor, unless the environment sets a BLAS thread count."""
+    if any(k in os.environ for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")):
+        pytest.skip("the environment sets a BLAS thread count, which wins")
+    assert set(_flag(srv, "flag_default", "numpy_blas")) <= {1}
+    assert _flag(srv, "flag_default", "numpy_blas")  # numpy's wheel brings its OpenBLAS: it is found
 
 
 def test_cpu_instances_run_torchscript_without_the_optimizing_executor(srv):

@@ -223,3 +223,29 @@ def test_omp_wait_policy_is_exported_unless_the_environment_has_one():
     assert apply_omp_wait_policy("", empty, modules={}) is False and empty == {}
     late: dict[str, str] = {}  # torch already loaded its OpenMP runtime: setting it now would be a lie
     assert apply_omp_wait_policy("passive", late, modules={"torch": object()}) is False and late == {}
+
+
+def test_numpy_blas_threads_defaults_to_one_and_refuses_negative_counts():
+    assert load_settings(env={}).numpy_blas_threads == 1
+    assert load_settings(env={"OSPREY_NUMPY_BLAS_THREADS": "0"}).numpy_blas_threads == 0  # numpy's default
+    with pytest.raises(ValueError, match="numpy_blas_threads: -2 must be 0"):
+        load_settings(env={"OSPREY_NUMPY_BLAS_THREADS": "-2"})
+
+
+def test_numpy_blas_threads_limits_numpy_own_blas_unless_the_environment_sets_a_count():
+    import numpy as np
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from server.serve import apply_numpy_blas_threads
+
+    def numpy_blas():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+
+    np.ones((2, 2)) @ np.ones((2, 2))  # numpy's BLAS is loaded
+    with threadpool_limits(limits=None):  # whatever this test sets is undone after it
+        assert apply_numpy_blas_threads(0, environ={}) == 0  # 0: numpy keeps its own
+        assert apply_numpy_blas_threads(1, environ={"OPENBLAS_NUM_THREADS": "4"}) == 0  # the user's count wins
+        assert apply_numpy_blas_threads(1, environ={"OMP_NUM_THREADS": "4"}) == 0
+        if numpy_blas():  # a numpy built against a system BLAS outside its package is left alone
+            assert apply_numpy_blas_threads(1, environ={}) == len(numpy_blas())
+            assert set(numpy_blas()) == {1}
