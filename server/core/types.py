@@ -20,13 +20,13 @@ __all__ = ["Field", "InferenceRequest", "InferenceResponse", "Protocol", "Ticket
            "next_request_id"]
 
 _ID_PREFIX = os.urandom(10).hex()
+_ID_HEAD = f"{_ID_PREFIX[:8]}-{_ID_PREFIX[8:12]}-{_ID_PREFIX[12:16]}-{_ID_PREFIX[16:20]}-"
 _ID_COUNTER = itertools.count(1)
 
 
 def next_request_id() -> str:
     """A UUID-shaped id, unique per process run: random prefix, then a counter (no syscall)."""
-    p, n = _ID_PREFIX, next(_ID_COUNTER)
-    return f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:20]}-{n:012x}"
+    return f"{_ID_HEAD}{next(_ID_COUNTER):012x}"
 
 
 @dataclass(slots=True)
