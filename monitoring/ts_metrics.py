@@ -49,7 +49,7 @@ class TorchServeMetrics:
         self.gpu = gpu
         self.log = metrics_log
         self.system = system
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         fams = {}
         for name, cls, labels in (("Requests2XX", Counter, _HOST), ("Requests4XX", Counter, _HOST),
                                   ("Requests5XX", Counter, _HOST), ("QueueTime", Gauge, _HOST),
@@ -140,12 +140,14 @@ class TorchServeMetrics:
 
     # --- log mode: system metrics every metric_time_interval seconds -------------------------
     def start(self, loop: asyncio.AbstractEventLoop, interval: float, versions: Any = None) -> None:
-        """Log mode: the system metrics every ``interval`` seconds (the first after a second), and
-        a WorkerLoadTime line for each worker that finished loading (looked for every second)."""
+        """Log mode: the system metrics every ``interval`` seconds, the first at once (TorchServe
+        collects them on a fixed-rate schedule with no initial delay, so its tests find them in
+        ts_metrics.log as soon as the server answers), and a WorkerLoadTime line for each worker
+        that finished loading (looked for every second)."""
         if self.log is None:
             return
         logged: set = set()
-        due = [loop.time() + min(interval, 1.0)]
+        due = [loop.time()]
 
         def tick() -> None:
             if self.system and interval > 0 and loop.time() >= due[0]:
@@ -158,7 +160,7 @@ class TorchServeMetrics:
                         logged.add(id(inst))
                         self.worker_loaded(mv.name, mv.version, inst, seconds)
             self._timer = loop.call_later(1.0, tick)
-        self._timer = loop.call_later(0.2, tick)
+        self._timer = loop.call_soon(tick)  # before the server says it is ready
 
     def log_system(self) -> None:
         for name, value, labels in self._read():

@@ -242,3 +242,6 @@ def test_log_mode_request_lines_are_in_the_files_when_the_answer_arrives(osprey,
                      "ts_queue_latency_microseconds", "QueueTime", "WorkerThreadTime"):
             assert ts_metrics.count(f"{name}.") == n, f"{name}: {ts_metrics}"
         assert (logs / "model_metrics.log").read_text().count("PredictionTime.ms:") == n
+        # the system metrics were logged once, at start (TorchServe's collector has no initial
+        # delay: its test_metrics reads them right after the first answer), not after a second
+        assert ts_metrics.count("CPUUtilization.") == 1 and ts_metrics.count("MemoryUsed.") == 1, ts_metrics
