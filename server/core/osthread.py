@@ -1,7 +1,9 @@
 """The operating system's name of the calling thread, so ``top -H``, ``ps -L``, py-spy and
 per-thread CPU counters (``/proc/<pid>/task/*/comm``) tell an instance's thread from the
 monitor's and the event loop's. Python 3.11 names its threads for itself only; Linux takes
-at most 15 bytes (``prctl(PR_SET_NAME)``). Elsewhere, or if it fails, nothing happens."""
+at most 15 bytes (``prctl(PR_SET_NAME)``). Elsewhere, or if it fails, nothing happens. A thread
+started by a named one inherits its name (torch's OpenMP workers started by an instance's
+thread show as that instance), so per-thread CPU counts them with the instance they work for."""
 
 from __future__ import annotations
 
