@@ -14,8 +14,8 @@ of a reference to the request, nothing copied. ``process`` (the monitor's backgr
 keeps each held request's inputs as they arrived (bytes and content type, or tensors; pickled
 only for Redis) and stores them; ``join`` (the feedback path, a worker thread) decodes the
 labelled ones as the handler got them and moves them into the rows: most requests never get a
-label, so nothing is decoded or pickled for them in memory. :func:`read_rows` is what a training job reads,
-in the server's child process or on a worker machine.
+label, so nothing is decoded or pickled for them in memory. :func:`read_rows` is what a
+training job reads, in the server's child process or on a worker machine.
 
 Where it lives: without Redis, held inputs are in this process (bounded by count and bytes per
 model, oldest dropped first) and rows in an append-only pickle file per model in the server's

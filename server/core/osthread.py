@@ -20,7 +20,7 @@ if sys.platform.startswith("linux"):
     try:
         _prctl = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).prctl
     except (OSError, AttributeError):
-        _prctl = None
+        pass
 
 
 def name_os_thread(name: str) -> bool:
