@@ -7,7 +7,8 @@ of TorchServe 0.12's ``ts/arg_parser.py`` is accepted; what it does maps onto ``
 - ``--start`` (or neither ``--start`` nor ``--stop``): starts ``osprey serve --foreground`` as a
   child process that inherits this one's standard output and error, writes its pid to the pid
   file and returns at once (TorchServe's Python launcher does the same with its Java server),
-  unless ``--foreground``, which waits for the server. The server prints ``Model server
+  unless ``--foreground``, which waits for the server and passes it SIGTERM, SIGINT and SIGHUP
+  (a supervisor that stops the command stops the server). The server prints ``Model server
   started.`` once it listens and its startup models are loaded, the line TorchServe's
   ``ts.launcher.start`` waits for.
 - ``--stop``: SIGTERM to the pid in the pid file, ``./key_file.json`` removed, the pid file
@@ -182,12 +183,30 @@ def _start(args) -> int:
     Path(args.pid_file).parent.mkdir(parents=True, exist_ok=True)
     Path(args.pid_file).write_text(str(proc.pid))
     if args.foreground:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            return proc.wait()
+        return _wait_forwarding(proc)
     return 0
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _wait_forwarding(proc: subprocess.Popen) -> int:
+    """Wait for the foreground server, passing it the signals that end this process: a
+    supervisor (systemd with ``KillMode=process``, supervisord, ``kill`` of the pid it started)
+    that stops ``torchserve --foreground`` stops the server, instead of leaving it running with
+    its ports. The server's exit status is this command's."""
+    def forward(signum: int, _frame) -> None:
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:  # it has ended meanwhile
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(args) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -111,3 +112,37 @@ def test_package_refuses_the_lsp_runtime(tmp_path, monkeypatch, capsys):
     (tmp_path / "handler.py").write_text(MLP_HANDLER)
     code, _, err = _main(capsys, "package", "--model-name", "m", "--handler", "handler.py", "--runtime", "LSP")
     assert code == 1 and "LSP is TorchServe's C++ backend" in err and not (tmp_path / "m.mar").exists()
+
+
+def test_stopping_the_foreground_command_stops_the_server(tmp_path):
+    """A supervisor that runs ``torchserve --start --foreground`` and stops it with SIGTERM to
+    that pid alone (systemd KillMode=process, supervisord, `kill`) stops the server too: the
+    command passes the signal on and exits with the server's status, leaving no server holding
+    the ports."""
+    (tmp_path / "store").mkdir()
+    ports = [free_port() for _ in range(5)]
+    (tmp_path / "config.properties").write_text(
+        f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
+        f"metrics_address=http://127.0.0.1:{ports[2]}\ngrpc_inference_port={ports[3]}\n"
+        f"grpc_management_port={ports[4]}\ndisable_token_authorization=true\n")
+    cmd = [sys.executable, "-m", "server.cli", "torchserve", "--start", "--foreground", "--ncs", "--model-store",
+           "store", "--ts-config", "config.properties"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own group: the signal reaches the command only
+    try:
+        for line in proc.stdout:
+            if b"Model server started" in line:
+                break
+        server = int((tmp_path / ".osprey.pid").read_text())
+        assert server != proc.pid and _pid_alive(server)
+        assert httpx.get(f"http://127.0.0.1:{ports[0]}/ping").status_code == 200
+        proc.send_signal(signal.SIGTERM)  # to the command, not to its group
+        assert proc.wait(timeout=60) == 0  # the server stopped cleanly, and the command with it
+        assert not _pid_alive(server)
+    finally:
+        try:  # the command and the server share the command's process group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        proc.stdout.close()
