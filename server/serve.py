@@ -478,16 +478,20 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     return 0
 
 
-def apply_omp_wait_policy(policy: str, environ=os.environ, modules=sys.modules) -> bool:
+def apply_omp_wait_policy(policy: str, environ=os.environ, modules=sys.modules, spin_count: int = 0) -> bool:
     """Set OMP_WAIT_POLICY for torch's OpenMP runtime (and the process instances, which inherit
-    the environment) unless the environment already has one; True when set. libgomp reads it
-    once, when torch is first imported: a process that already imported torch keeps its own."""
+    the environment) unless the environment already has one; True when set. With ``passive``,
+    ``spin_count`` (> 0) becomes GOMP_SPINCOUNT, the short spin before a thread sleeps, unless
+    the environment has one. libgomp reads both once, when torch is first imported: a process
+    that already imported torch keeps its own."""
     if not policy or "OMP_WAIT_POLICY" in environ:
         return False
     if "torch" in modules:
         log.info("omp_wait_policy=%s not applied: torch was imported before the server started", policy)
         return False
     environ["OMP_WAIT_POLICY"] = policy.upper()
+    if policy.lower() == "passive" and spin_count > 0 and "GOMP_SPINCOUNT" not in environ:
+        environ["GOMP_SPINCOUNT"] = str(spin_count)
     return True
 
 
@@ -521,7 +525,7 @@ def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: st
     start (server.snapshots); ``config_properties``: the configuration the snapshots record."""
     if settings.switch_interval > 0:
         sys.setswitchinterval(settings.switch_interval)
-    apply_omp_wait_policy(settings.omp_wait_policy)
+    apply_omp_wait_policy(settings.omp_wait_policy, spin_count=settings.omp_spin_count)
     apply_numpy_blas_threads(settings.numpy_blas_threads)
     if settings.torch_threads:
         import torch

@@ -1,5 +1,6 @@
 """Per-instance torch settings: TorchScript's optimizing executor off on CPU unless asked for;
-torch's OpenMP threads wait passively (they do not spin on the cores the server needs).
+torch's OpenMP threads wait passively (they do not spin on the cores the server needs) after a
+short spin that covers the gaps inside one forward pass.
 
 Under dynamic batching every batch size is a new input shape, and TorchScript's profiling
 executor recompiles a scripted model for each one (milliseconds each, holding the whole
@@ -29,7 +30,8 @@ def handle(data, context):
     from threadpoolctl import threadpool_info
     blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
     return [{"jit_optimize": torch._C._get_graph_executor_optimize(),
-             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "numpy_blas": blas} for _ in data]
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_spin": os.environ.get("GOMP_SPINCOUNT"),
+             "numpy_blas": blas} for _ in data]
 '''
 
 
@@ -59,6 +61,15 @@ def test_torch_openmp_threads_wait_passively_in_thread_and_process_instances(srv
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
     assert _flag(srv, "flag_default", "omp_wait_policy") == expected
     assert _flag(srv, "flag_process", "omp_wait_policy") == expected  # the child inherits it
+
+
+def test_passive_openmp_threads_spin_briefly_before_they_sleep(srv):
+    """omp_spin_count's default (1,000 loops, about 10 us) as GOMP_SPINCOUNT: the regions of one
+    forward pass do not each wake a sleeping thread; an exported GOMP_SPINCOUNT or policy wins."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        pytest.skip("the environment sets the OpenMP wait, which wins")
+    assert _flag(srv, "flag_default", "omp_spin") == "1000"
+    assert _flag(srv, "flag_process", "omp_spin") == "1000"
 
 
 def test_numpy_blas_runs_one_thread_in_the_server_process(srv):

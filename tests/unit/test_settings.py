@@ -225,6 +225,25 @@ def test_omp_wait_policy_is_exported_unless_the_environment_has_one():
     assert apply_omp_wait_policy("passive", late, modules={"torch": object()}) is False and late == {}
 
 
+def test_omp_spin_count_defaults_to_a_short_spin_and_goes_with_the_passive_policy_only():
+    from server.serve import apply_omp_wait_policy
+
+    assert load_settings(env={}).omp_spin_count == 1000
+    assert load_settings(env={"OSPREY_OMP_SPIN_COUNT": "0"}).omp_spin_count == 0
+    with pytest.raises(ValueError, match="omp_spin_count: -5 must be 0"):
+        load_settings(env={"OSPREY_OMP_SPIN_COUNT": "-5"})
+    env: dict[str, str] = {}
+    assert apply_omp_wait_policy("passive", env, modules={}, spin_count=1000)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+    at_once: dict[str, str] = {}  # 0: sleep at once, libgomp's passive default
+    assert apply_omp_wait_policy("passive", at_once, modules={}, spin_count=0) and at_once == {"OMP_WAIT_POLICY": "PASSIVE"}
+    active: dict[str, str] = {}  # active spins without end: a count would cut it short
+    assert apply_omp_wait_policy("active", active, modules={}, spin_count=1000) and active == {"OMP_WAIT_POLICY": "ACTIVE"}
+    mine = {"GOMP_SPINCOUNT": "50"}  # the user's own count wins
+    assert apply_omp_wait_policy("passive", mine, modules={}, spin_count=1000)
+    assert mine == {"GOMP_SPINCOUNT": "50", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def test_numpy_blas_threads_defaults_to_one_and_refuses_negative_counts():
     assert load_settings(env={}).numpy_blas_threads == 1
     assert load_settings(env={"OSPREY_NUMPY_BLAS_THREADS": "0"}).numpy_blas_threads == 0  # numpy's default
