@@ -1,6 +1,7 @@
 """What monitoring costs the request path: the same server with monitoring on and off (issue 11).
 
     .venv/bin/python -m benchmarks.monitoring_cost [--rounds 4] [--seconds 10] [--starts 1] [--before TREE]
+        [--setting KEY=VALUE ...]
 
 Two ``osprey serve`` processes of this tree load the same models, one with monitoring at its
 defaults (sample_rate 1.0: every request's features captured, drift windows of 500, the
@@ -100,17 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--starts", type=int, default=1, help="fresh servers this many times, the rounds on each")
     ap.add_argument("--before", default="", help="another checkout: a third side, monitoring on, its code")
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config.properties setting for every server (e.g. instance_isolation=process); repeatable")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "monitoring_cost.json"))
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     built = build_models(WORK, with_cnn=False, with_digits=True)
     models = [built["mlp"], built["digits_cnn_builtin"]]
 
+    both = {}
+    for kv in args.setting:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            ap.error(f"--setting {kv!r}: expected KEY=VALUE")
+        both[key] = value
+
     def make_sides() -> dict:
-        sides = {"on": Osprey(WORK / "on", models, tag="monitoring-on"),
-                 "off": Osprey(WORK / "off", models, config={"monitoring": "false"}, tag="monitoring-off")}
+        sides = {"on": Osprey(WORK / "on", models, config=dict(both), tag="monitoring-on"),
+                 "off": Osprey(WORK / "off", models, config={**both, "monitoring": "false"}, tag="monitoring-off")}
         if args.before:
-            sides["before"] = OspreyAt(Path(args.before).resolve(), WORK / "before", models, tag="monitoring-before")
+            sides["before"] = OspreyAt(Path(args.before).resolve(), WORK / "before", models, config=dict(both),
+                                       tag="monitoring-before")
         return sides
     names = list(make_sides())
     monitored_sides = [s for s in names if s != "off"]
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu_share": round((cpu_on - cpu_off) / cpu_off, 3),
                           "rps_on_all": [round(x["rps"]) for x in on], "rps_off_all": [round(x["rps"]) for x in off],
                           "monitored_requests": monitored[(m.name, side)]})
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "settings": both,
            "starts": args.starts, "rounds": args.rounds, "seconds": args.seconds, "concurrency": args.concurrency, "models": table}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
