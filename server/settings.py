@@ -121,7 +121,7 @@ class Settings:
     # OMP_WAIT_POLICY in the environment wins over this setting.
     omp_wait_policy: str = "passive"
     # with omp_wait_policy passive: how many busy-wait loops an OpenMP thread spins after a
-    # parallel region before it sleeps (libgomp's GOMP_SPINCOUNT; 1,000 is about 10 us here).
+    # parallel region before it sleeps (libgomp's GOMP_SPINCOUNT; 1,000 is about 10 us by libgomp's estimate).
     # It covers the gaps between the regions of one forward pass (a ResNet-18 runs dozens),
     # not the gaps between batches: sleeping at once (0) made each of those regions wake a
     # sleeping thread, and the ResNet-18-sized CNN's forward 40% slower (13.4 vs 9.7 ms).
