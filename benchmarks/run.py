@@ -549,6 +549,16 @@ def summarize_collapsed(path: Path, top: int = 25) -> dict:
     return {"samples": total, "threads": pct(threads), "self": pct(own), "inclusive": pct(incl)}
 
 
+def _shown(path: Path) -> str:
+    """A file the run wrote, as the report names it: relative to the repository when it is in it
+    (the default --out), else as given (an --out elsewhere)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def profile_osprey(work: Path, model: BenchModel, seconds: float, out_dir: Path, result: dict) -> None:
     """py-spy on Osprey while hey drives the tiny MLP at concurrency 32 (flamegraph + collapsed stacks)."""
     pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -570,8 +580,8 @@ def profile_osprey(work: Path, model: BenchModel, seconds: float, out_dir: Path,
                             *extra], capture_output=True, timeout=seconds + 60)
         dump = subprocess.run([pyspy, "dump", "--pid", str(server.proc.pid)], capture_output=True, text=True, timeout=30)
         hey_out, _ = hey_proc.communicate(timeout=3 * seconds + 90)
-        result["profile"] = {"flamegraph": str(svg.relative_to(ROOT)) if svg.exists() else None,
-                             "collapsed": str(raw.relative_to(ROOT)) if raw.exists() else None,
+        result["profile"] = {"flamegraph": _shown(svg) if svg.exists() else None,
+                             "collapsed": _shown(raw) if raw.exists() else None,
                              "summary": summarize_collapsed(raw) if raw.exists() else None,
                              "gil_summary": summarize_collapsed(gil) if gil.exists() else None,
                              "hey_during_profile": load.parse_hey(hey_out), "dump": dump.stdout[-4000:]}

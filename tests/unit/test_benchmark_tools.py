@@ -409,3 +409,12 @@ def test_ab_refuses_an_environment_entry_without_a_value(capsys):
     with pytest.raises(SystemExit):
         ab.main(["HEAD", "HEAD", "--new-env", "OSPREY_MONITORING"])
     assert "--old-env/--new-env takes KEY=VALUE, got 'OSPREY_MONITORING'" in capsys.readouterr().err
+
+
+def test_profile_files_are_named_relative_to_the_repository_or_as_given_outside_it(tmp_path):
+    """`benchmarks.run --out DIR` outside the repository: the profile's files are named as they
+    are (the run used to fail its profile step on a path the repository does not contain)."""
+    from benchmarks.run import ROOT, _shown
+
+    assert _shown(ROOT / "benchmarks" / "results" / "p.svg") == "benchmarks/results/p.svg"
+    assert _shown(tmp_path / "p.svg") == str(tmp_path / "p.svg")
