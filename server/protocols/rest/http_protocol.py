@@ -40,7 +40,6 @@ the 500 for an application error) is uvicorn's own code, untouched.
 
 from __future__ import annotations
 
-import os
 import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -52,49 +51,15 @@ ABORT = "osprey.response.abort"
 JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
 
 
-def plain_fd(transport) -> int:
-    """The socket a response may be written to directly (see :meth:`_HeldTransport.send`):
-    uvloop's plain TCP transport only (not TLS, whose transport has another class, nor asyncio's
-    own, whose ``write`` already lets the GIL go); -1 otherwise."""
-    kind = type(transport)
-    if kind.__name__ != "TCPTransport" or kind.__module__ != "uvloop.loop":
-        return -1
-    try:
-        return transport.get_extra_info("socket").fileno()
-    except Exception:
-        return -1
-
-
 class _HeldTransport:
     """A transport wrapper that holds writes while ``held`` and sends them joined on flush."""
 
-    __slots__ = ("transport", "held", "parts", "fd")
+    __slots__ = ("transport", "held", "parts")
 
-    def __init__(self, transport, fd: int = -1) -> None:
+    def __init__(self, transport) -> None:
         self.transport = transport
         self.held = False
         self.parts: list[bytes] = []
-        self.fd = fd  # plain_fd(transport), or -1: always through the transport
-
-    def send(self, data: bytes) -> None:
-        """One response out. uvloop's ``write`` makes its ``write(2)`` while holding the GIL
-        (on loopback the send itself runs the receiver's side of TCP: about a tenth of the event
-        loop's GIL time in a profile of the batch-1 MLP); ``os.write`` lets the model thread run
-        meanwhile. Only when nothing the transport holds is waiting (its order is kept) and it
-        is not closing (its descriptor is still this connection's); what the socket did not
-        take (full, an error) goes through the transport, which buffers it or meets the error
-        and closes as usual."""
-        transport = self.transport
-        if self.fd >= 0 and not transport.get_write_buffer_size() and not transport.is_closing():
-            try:
-                n = os.write(self.fd, data)
-            except OSError:  # would block, interrupted, or a broken connection: the transport's to handle
-                n = 0
-            if n == len(data):
-                return
-            if n:
-                data = memoryview(data)[n:]
-        transport.write(data)
 
     def write(self, data: bytes) -> None:
         if self.held:
@@ -109,9 +74,9 @@ class _HeldTransport:
             return
         self.parts = []
         if len(parts) == 1:
-            self.send(parts[0])
+            self.transport.write(parts[0])
         elif sum(map(len, parts)) <= JOIN_LIMIT:
-            self.send(b"".join(parts))
+            self.transport.write(b"".join(parts))
         else:  # a large body: writelines (with uvloop one vectored write, no copy; plain asyncio joins)
             self.transport.writelines(parts)
 
@@ -170,7 +135,6 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._in_body = False  # a request's body is arriving
         self._running = None  # the request cycle started last
         self._held = None  # the held transport of the last request cycle with a task
-        self._fd = plain_fd(transport)  # answers written to the socket directly (see _HeldTransport.send)
         self._early = getattr(self.app, "early_refusal", None)  # see _early_refusal
         self._refusing = getattr(self.app, "refusing", None)  # is anything being refused lately?
         self._admitted = False  # the request being parsed passed early_refusal's admission check
@@ -245,7 +209,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             if data is not None:
                 self._refuse(cycle, data)
                 return
-        cycle.transport = self._held = _HeldTransport(cycle.transport, self._fd)
+        cycle.transport = self._held = _HeldTransport(cycle.transport)
         cycle.__class__ = _OneWriteCycle
         super()._start_asgi_task(cycle, app)
 
