@@ -22,6 +22,17 @@ def _env(tmp_path):
     return {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)}
 
 
+def _config_properties(tmp_path, extra: str = "") -> list[int]:
+    """config.properties in ``tmp_path`` with free loopback ports for the five listeners (plus
+    ``extra`` lines); the ports, inference first."""
+    ports = [free_port() for _ in range(5)]
+    (tmp_path / "config.properties").write_text(
+        f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
+        f"metrics_address=http://127.0.0.1:{ports[2]}\ngrpc_inference_port={ports[3]}\n"
+        f"grpc_management_port={ports[4]}\n{extra}")
+    return ports
+
+
 def torchserve(*args, cwd, timeout=60):  # a process of its own, as scripts run it
     return subprocess.run([sys.executable, "-m", "server.cli", "torchserve", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=_env(cwd))
@@ -73,11 +84,7 @@ def test_start_in_background_then_stop_as_the_torchserve_harness_does(tmp_path):
     with zipfile.ZipFile(store / "mlp.mar") as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
         assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "2.0"
-    ports = [free_port() for _ in range(5)]
-    (tmp_path / "config.properties").write_text(
-        f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
-        f"metrics_address=http://127.0.0.1:{ports[2]}\ngrpc_inference_port={ports[3]}\n"
-        f"grpc_management_port={ports[4]}\n")
+    ports = _config_properties(tmp_path)
     cmd = [sys.executable, "-m", "server.cli", "torchserve", "--start", "--ncs", "--model-store", "store",
            "--ts-config", "config.properties", "--models", "mlp=mlp.mar", "--plugins-path", "plugins"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -120,11 +127,7 @@ def test_stopping_the_foreground_command_stops_the_server(tmp_path):
     command passes the signal on and exits with the server's status, leaving no server holding
     the ports."""
     (tmp_path / "store").mkdir()
-    ports = [free_port() for _ in range(5)]
-    (tmp_path / "config.properties").write_text(
-        f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
-        f"metrics_address=http://127.0.0.1:{ports[2]}\ngrpc_inference_port={ports[3]}\n"
-        f"grpc_management_port={ports[4]}\ndisable_token_authorization=true\n")
+    ports = _config_properties(tmp_path, "disable_token_authorization=true\n")
     cmd = [sys.executable, "-m", "server.cli", "torchserve", "--start", "--foreground", "--ncs", "--model-store",
            "store", "--ts-config", "config.properties"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
