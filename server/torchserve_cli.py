@@ -196,10 +196,7 @@ def _wait_forwarding(proc: subprocess.Popen) -> int:
     that stops ``torchserve --foreground`` stops the server, instead of leaving it running with
     its ports. The server's exit status is this command's."""
     def forward(signum: int, _frame) -> None:
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:  # it has ended meanwhile
-            pass
+        proc.send_signal(signum)  # Popen's: a no-op once the server has ended
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
