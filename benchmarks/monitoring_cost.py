@@ -14,11 +14,18 @@ on whichever thread it runs (instance thread for capture, the monitor's backgrou
 binning and windows), which is the cost when the server is CPU bound and a steadier number
 than throughput on this shared 2-core machine. The same CPU time is split by thread, read from
 ``/proc/<pid>/task`` (the server names its threads): ``loop`` (the event loop: the process's
-main thread), ``instance`` (``i:MODEL:N``), ``monitor`` (``osprey-monitor``) and ``other``.
+main thread), ``instance`` (``i:MODEL:N``), ``monitor`` (``osprey-monitor``), ``other``, and
+``monitor_process``: the monitor's own process with ``--setting monitor_isolation=process``
+(a child of the server named ``osprey-monitord``), whose CPU is added to the server's, and
+``child_processes``: process instances' children (``instance_isolation=process``), where
+capture then runs; the last table adds every process up (what a saturated machine pays).
 
 ``--starts N`` runs the rounds on N fresh pairs of servers, one after the other: throughput
 moves by several percent between two starts of the same server (measured: ±2% on the MLP, ±5%
 on digits_cnn, identical servers), which one pair cannot tell from monitoring's cost.
+
+``--also KEY=VALUE`` adds a side of this tree, monitoring on, with those settings on top of
+``--setting``: two ways of monitoring against the same ``off`` in the same rounds.
 
 ``--before TREE`` adds a third server in the same rounds, monitoring on, running the code of
 another checkout (e.g. ``/work/main`` before a change, with ``benchmarks.ab.OspreyAt``): the
@@ -49,6 +56,7 @@ from benchmarks.models import build_models  # noqa: E402
 from benchmarks.systems import Osprey  # noqa: E402
 
 WORK = ROOT / "benchmarks" / ".work" / "monitoring_cost"
+ROLES = ("loop", "instance", "monitor", "other", "monitor_process", "child_processes")
 
 
 def _cpu_seconds(srv: Osprey) -> float:
@@ -76,13 +84,40 @@ def _thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
         role = ("loop" if tid == str(pid) else "instance" if comm.startswith(("i:", "p:"))
                 else "monitor" if comm == "osprey-monitor" else "other")
         out[tid] = (role, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    # the server's descendant processes: a monitor in its own process (monitor_isolation=process,
+    # named osprey-monitord: its CPU is monitoring's) and process instances' children
+    for pid_ in _descendants(pid):
+        try:
+            with open(f"/proc/{pid_}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        role = "monitor_process" if comm == "osprey-monitord" else "child_processes"
+        out[f"process {pid_}"] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _descendants(pid: int) -> list[str]:
+    out, todo = [], [str(pid)]
+    while todo:
+        p = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = f.read().split()
+                out += kids
+                todo += kids
+        except OSError:
+            continue
     return out
 
 
 def _roles(before: dict, after: dict, n: int) -> dict[str, float]:
     """CPU us per request by role between two :func:`_thread_cpu` readings (a thread that ended
     meanwhile is left out, one that started counts whole)."""
-    out = {"loop": 0.0, "instance": 0.0, "monitor": 0.0, "other": 0.0}
+    out = {role: 0.0 for role in ROLES}
     for tid, (role, cpu) in after.items():
         out[role] += cpu - before.get(tid, (role, 0.0))[1]
     return {k: round(1e6 * v / n, 2) for k, v in out.items()}
@@ -103,18 +138,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--before", default="", help="another checkout: a third side, monitoring on, its code")
     ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                     help="a config.properties setting for every server (e.g. instance_isolation=process); repeatable")
+    ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                    help="a third side: this tree, monitoring on, with these settings on top of --setting "
+                         "(e.g. monitor_isolation=thread against --setting monitor_isolation=process); repeatable")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "monitoring_cost.json"))
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     built = build_models(WORK, with_cnn=False, with_digits=True)
     models = [built["mlp"], built["digits_cnn_builtin"]]
 
-    both = {}
-    for kv in args.setting:
-        key, sep, value = kv.partition("=")
-        if not sep or not key:
-            ap.error(f"--setting {kv!r}: expected KEY=VALUE")
-        both[key] = value
+    def pairs(flag: str, items: list[str]) -> dict:
+        out = {}
+        for kv in items:
+            key, sep, value = kv.partition("=")
+            if not sep or not key:
+                ap.error(f"{flag} {kv!r}: expected KEY=VALUE")
+            out[key] = value
+        return out
+    both, also = pairs("--setting", args.setting), pairs("--also", args.also)
 
     def make_sides() -> dict:
         sides = {"on": Osprey(WORK / "on", models, config=dict(both), tag="monitoring-on"),
@@ -122,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.before:
             sides["before"] = OspreyAt(Path(args.before).resolve(), WORK / "before", models, config=dict(both),
                                        tag="monitoring-before")
+        if also:
+            sides["also"] = Osprey(WORK / "also", models, config={**both, **also}, tag="monitoring-also")
         return sides
     names = list(make_sides())
     monitored_sides = [s for s in names if s != "off"]
@@ -146,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                         n = max(1, res["n"])
                         res["cpu_us_per_request"] = 1e6 * cpu / n
                         res["threads_us_per_request"] = _roles(threads0, threads1, n)
+                        # the monitor's own process (monitor_isolation=process) counts with the server
+                        res["cpu_us_per_request"] += res["threads_us_per_request"]["monitor_process"]
+                        # every process of the server (process instances' children included)
+                        res["all_cpu_us_per_request"] = sum(res["threads_us_per_request"].values())
                         res["start"] = start
                         runs[m.name][side].append(res)
                         t = res["threads_us_per_request"]
@@ -172,12 +219,16 @@ def main(argv: list[str] | None = None) -> int:
             threads = {k: {"on": round(statistics.median(x["threads_us_per_request"].get(k, 0.0) for x in on), 1),
                            "off": round(statistics.median(x["threads_us_per_request"].get(k, 0.0) for x in off), 1)}
                        for k in roles}
-            table.append({"model": m.name, "side": "this tree" if side == "on" else f"before ({args.before})",
+            label = {"on": "this tree", "also": "this tree, " + ", ".join(f"{k}={v}" for k, v in also.items())}.get(
+                side, f"before ({args.before})")
+            table.append({"model": m.name, "side": label,
                           "threads_us_per_request": threads,
                           "rps_on": round(rps_on), "rps_off": round(rps_off),
                           "ratio": round(rps_on / rps_off, 3), "cpu_us_on": round(cpu_on, 1),
                           "cpu_us_off": round(cpu_off, 1), "cpu_us_monitoring": round(cpu_on - cpu_off, 1),
                           "cpu_share": round((cpu_on - cpu_off) / cpu_off, 3),
+                          "all_cpu_us_on": round(statistics.median(x["all_cpu_us_per_request"] for x in on), 1),
+                          "all_cpu_us_off": round(statistics.median(x["all_cpu_us_per_request"] for x in off), 1),
                           "rps_on_all": [round(x["rps"]) for x in on], "rps_off_all": [round(x["rps"]) for x in off],
                           "monitored_requests": monitored[(m.name, side)]})
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "settings": both,
@@ -190,13 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {t['model']} | {t['side']} | {t['rps_on']} | {t['rps_off']} | {t['ratio']:.3f} | {t['cpu_us_on']} | "
               f"{t['cpu_us_off']} | {t['cpu_us_monitoring']} ({100 * t['cpu_share']:.1f}%) |")
     print()
-    print("| model | monitored side | " + " | ".join(f"{k} us/req on / off (+)" for k in ("loop", "instance", "monitor", "other")) + " |")
-    print("|---|---|" + "---|" * 4)
+    print("| model | monitored side | " + " | ".join(f"{k} us/req on / off (+)" for k in ROLES) + " |")
+    print("|---|---|" + "---|" * len(ROLES))
     for t in table:
         th = t["threads_us_per_request"]
         print(f"| {t['model']} | {t['side']} | " + " | ".join(
             f"{th[k]['on']} / {th[k]['off']} ({th[k]['on'] - th[k]['off']:+.1f})" if k in th else "-"
-            for k in ("loop", "instance", "monitor", "other")) + " |")
+            for k in ROLES) + " |")
+    print()
+    print("| model | monitored side | every process's CPU us/req on / off (+, share) |")
+    print("|---|---|---|")
+    for t in table:
+        a, b = t["all_cpu_us_on"], t["all_cpu_us_off"]
+        print(f"| {t['model']} | {t['side']} | {a} / {b} ({a - b:+.1f}, {100 * (a - b) / b:.1f}%) |")
     return 0
 
 

@@ -242,14 +242,28 @@ class Monitor:
                           "features": []},
                 "quality": None, "history": []}
 
-    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
+                       answered_at: float | None = None) -> FeedbackResult:
+        """``answered_at``: the monotonic time the server last sent an answer, when that is
+        known elsewhere (a monitor in its own process: the front end's :meth:`answered`)."""
         vm = await asyncio.to_thread(self._ensure, model, version)
+        # A label may come right after its answer: instances hand their predictions over within
+        # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor
+        # records what is queued on its next pass. While predictions are flowing, wait that long
+        # and record what is queued before joining, so such a label joins instead of counting
+        # as unmatched (feedback is not latency-bound; an idle version joins at once). A process
+        # instance sending to a monitor process hands its held inputs over with the same delay.
+        last = self._last_observed if answered_at is None else max(self._last_observed, answered_at)
+        if time.monotonic() - last < CAPTURE_DELAY_S + 0.5:
+            await asyncio.sleep(CAPTURE_DELAY_S)
+            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
+        elif self._queue:
+            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         kept = 0
         if self.dataset is not None:
             mv = self.resolve(model, version)
             retraining = getattr(getattr(mv, "config", None), "retraining", None)
             if retraining is not None and retraining.enabled:
-                # the inputs were held when the answers left (on the loop): no capture delay to wait
                 try:
                     kept = await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
                 except Exception:
@@ -257,16 +271,6 @@ class Monitor:
         if vm is None or vm.quality is None:
             return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"],
                                   kept=kept)
-        # A label may come right after its answer: instances hand their predictions over within
-        # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor
-        # records what is queued on its next pass. While predictions are flowing, wait that long
-        # and record what is queued before joining, so such a label joins instead of counting
-        # as unmatched (feedback is not latency-bound; an idle version joins at once).
-        if time.monotonic() - self._last_observed < CAPTURE_DELAY_S + 0.5:
-            await asyncio.sleep(CAPTURE_DELAY_S)
-            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
-        elif self._queue:
-            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         result = await asyncio.to_thread(vm.quality.feedback, items)
         result.kept = kept
         return result
@@ -287,8 +291,14 @@ class Monitor:
         self.store.close()
 
     # -- Prometheus ------------------------------------------------------------------------------------
-    def render(self) -> str:
-        """Text exposition of the drift families (and the quality parts' lines)."""
+    async def exposition(self) -> str:
+        """:meth:`render` for the metrics endpoint (a monitor in its own process is asked)."""
+        return self.render()
+
+    def render(self, dropped_elsewhere: int = 0) -> str:
+        """Text exposition of the drift families (and the quality parts' lines);
+        ``dropped_elsewhere``: observations dropped before they reached this monitor (the front
+        end of a monitor in its own process), counted in osprey_monitoring_dropped_total."""
         lines: dict[str, list[str]] = {name: [] for name in _FAMILIES}
 
         def add(name: str, labels: str, value: float) -> None:
@@ -310,7 +320,7 @@ class Monitor:
                         lines.setdefault(name, []).append(line if line.endswith("\n") else line + "\n")
                 except Exception:
                     log.exception("event=quality_render_failed model=%s version=%s", model, version)
-        add("osprey_monitoring_dropped_total", "", float(self.dropped))
+        add("osprey_monitoring_dropped_total", "", float(self.dropped + dropped_elsewhere))
         out = []
         for name, body in lines.items():
             if body:

@@ -22,6 +22,7 @@ from monitoring.metrics import CONTENT_TYPE, ServingMetrics
 
 from server.core import heap
 from monitoring.access_log import AccessLog
+from monitoring.build import open_monitor
 from monitoring.metrics_log import MetricsLog
 from monitoring.ts_metrics_config import load_metrics_config
 from server.log_files import LogFiles
@@ -103,24 +104,6 @@ def parse_model_specs(specs: Iterable[str], model_store: str) -> list[tuple[str 
     return out
 
 
-def _monitor(settings: Settings, resolve):
-    """The drift/feedback/quality monitor; its quality part per version from monitoring.quality,
-    and the labelled production data retraining jobs read (monitoring.dataset)."""
-    from monitoring.dataset import LabelledData
-    from monitoring.monitor import Monitor
-    from monitoring.quality import quality_factory
-
-    def quality(model, version, config, model_dir, store):
-        return quality_factory(model, version, config, model_dir, settings.redis_url or None)
-    redis = None
-    if settings.redis_url:
-        import redis as redis_lib
-
-        redis = redis_lib.Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    return Monitor(settings, resolve, quality, dataset=LabelledData(settings.model_store, redis=redis,
-                                                                            state_dir=settings.state_dir or None))
-
-
 class Server:
     """Everything one Osprey process runs."""
 
@@ -141,10 +124,11 @@ class Server:
                                       system_metrics=not settings.disable_system_metrics,
                                       auto_detect=None if not auto else auto == "true")
         # drift, feedback and live quality: instances hand it one Observation per sampled batch
-        self.monitor = _monitor(settings, self._monitored) if settings.monitoring else None
+        self.monitor = open_monitor(settings, self._monitored) if settings.monitoring else None
         observe = self.monitor.observe if self.monitor is not None else None
         self.registry = Registry(settings, self.loop, instance_factory(settings, self.metrics.handler_metric,
-                                                                       observe=observe),
+                                                                       observe=observe,
+                                                                       monitor_link=getattr(self.monitor, "link", None)),
                                  on_batch=self.metrics.observe_batch if settings.request_metrics else None,
                                  on_release=self._released)
         self.metrics.watch(self.registry)
@@ -267,7 +251,7 @@ class Server:
     async def _metrics(self, req: Request) -> Response:
         body = self.metrics.render()
         if self.monitor is not None:
-            body += self.monitor.render().encode()
+            body += (await self.monitor.exposition()).encode()
         body += self.job_metrics.render().encode()
         return Response(body, 200, CONTENT_TYPE)
 

@@ -152,6 +152,11 @@ class Settings:
     max_abandoned_threads: int = 4  # hung threads one model version may leave behind before it is unhealthy
     # drift, feedback and live quality (per model: model-config.yaml ``monitoring:``); off here turns it off for all
     monitoring: bool = True
+    # where the monitor's analysis runs: "thread" (a background thread of this process) or
+    # "process" (a child process of its own: the analysis, the prediction log and the inputs
+    # held for retraining leave the serving interpreter, and process instances send their
+    # observations straight to it)
+    monitor_isolation: str = "thread"
     # Redis for state shared between replicas (drift windows and episodes, predictions kept for
     # feedback joins, quality windows); empty: this process keeps it (nothing to install)
     redis_url: str = ""
@@ -361,6 +366,8 @@ def load_settings(
                          "or a positive number of seconds")
     if settings.instance_isolation not in ("thread", "process"):
         raise ValueError(f"setting instance_isolation: {settings.instance_isolation!r} must be thread or process")
+    if settings.monitor_isolation not in ("thread", "process"):
+        raise ValueError(f"setting monitor_isolation: {settings.monitor_isolation!r} must be thread or process")
     if settings.retraining_concurrency < 1:
         raise ValueError(f"setting retraining_concurrency: {settings.retraining_concurrency!r} must be at least 1")
     for name in ("retraining_heartbeat", "retraining_sweep_interval", "routing_sync_interval"):

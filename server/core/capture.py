@@ -18,7 +18,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-__all__ = ["Observation", "MonitorPort", "FeedbackItem", "FeedbackResult", "TASKS"]
+__all__ = ["Observation", "MonitorPort", "FeedbackItem", "FeedbackResult", "TASKS", "VersionRef", "HeldInputs",
+           "held_inputs"]
 
 #: what a model's outputs mean, for prediction drift and for live quality
 TASKS = ("classification", "regression", "autoencoder", "embedding", "generator")
@@ -50,6 +51,49 @@ class Observation:
 
     def __len__(self) -> int:
         return len(self.request_ids)
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """What the monitor needs of a registered model version, picklable: a monitor in its own
+    process (setting ``monitor_isolation=process``) gets this instead of the registry's
+    ModelVersion (``name``, ``version``, ``config``, ``archive.model_dir``)."""
+
+    name: str
+    version: str
+    config: Any  # server.core.model_config.ModelConfig
+    model_dir: str
+
+    @property
+    def archive(self) -> Any:
+        from types import SimpleNamespace
+        from pathlib import Path
+
+        return SimpleNamespace(model_dir=Path(self.model_dir))
+
+
+@dataclass
+class HeldInputs:
+    """An answered request's inputs kept for its label (retraining's production data), as the
+    handler received them: tensors copied, fields as ``(bytes, content type)``; ``size`` in bytes."""
+
+    request_id: str
+    raw: dict[str, Any]
+    size: int
+
+
+def held_inputs(request: Any) -> HeldInputs:
+    """The inputs of ``request`` (an InferenceRequest) as they arrived, owned (no decoding, no
+    pickling): tensors copied (their buffer belongs to the request), fields' bytes."""
+    if request.tensors:
+        out = {name: np.array(value, copy=True) for name, value in request.tensors.items()}
+        return HeldInputs(request.request_id, out, sum(a.nbytes for a in out.values()))
+    out, size = {}, 0
+    for name, f in request.fields.items():
+        value = f.value if type(f.value) is bytes else bytes(f.value)
+        out[name] = (value, f.content_type)
+        size += len(value)
+    return HeldInputs(request.request_id, out, size)
 
 
 @dataclass(frozen=True)

@@ -51,24 +51,28 @@ def thread_factory(metrics_sink: Callable | None = None, observe: Callable | Non
 
 
 def process_factory(metrics_sink: Callable | None = None, torch_threads: int = 0,
-                    observe: Callable | None = None, envelope: str = "", forward_output: bool = False) -> InstanceFactory:
+                    observe: Callable | None = None, envelope: str = "", forward_output: bool = False,
+                    monitor_link: tuple | None = None) -> InstanceFactory:
     from server.instances.process import ProcessInstance
     from server.instances.service import gpu_for
 
     def make(name, version, archive, config, index):
         return ProcessInstance(name, version, archive, config, index, gpu_for(config, index), metrics_sink,
-                               torch_threads, observe, envelope, forward_output)
+                               torch_threads, observe, envelope, forward_output, monitor_link)
     return make
 
 
-def instance_factory(settings, metrics_sink: Callable | None = None, observe: Callable | None = None) -> InstanceFactory:
+def instance_factory(settings, metrics_sink: Callable | None = None, observe: Callable | None = None,
+                     monitor_link: tuple | None = None) -> InstanceFactory:
     """Threads or processes, chosen per model version (config.isolation, else settings.instance_isolation).
 
     ``observe`` is the monitor's ``observe(obs)`` (a constant-cost, thread-safe append), or None
     to capture nothing; it is also None-ed here when the server setting ``monitoring`` is off.
     Thread instances call it from their own thread, process instances from the thread that
     reads their child (the child computes the observation and sends it after its answers);
-    models with ``monitoring.enabled: false`` are never captured."""
+    models with ``monitoring.enabled: false`` are never captured. ``monitor_link`` (address,
+    key) is a monitor process's socket: process instances then send their observations (and
+    inputs held for retraining) there themselves (server.instances.monitor_link)."""
     if not getattr(settings, "monitoring", True):
         observe = None
     envelope = getattr(settings, "service_envelope", "")  # every handler's entry point is wrapped in it
@@ -76,7 +80,7 @@ def instance_factory(settings, metrics_sink: Callable | None = None, observe: Ca
     # with TorchServe's log files (log_location), a child's print and logging go through the server
     # to model_log.log; without them it writes to the server's stdout and stderr itself
     processes = process_factory(metrics_sink, settings.torch_threads, observe, envelope,
-                                bool(getattr(settings, "log_location", "")))
+                                bool(getattr(settings, "log_location", "")), monitor_link if observe else None)
 
     def make(name, version, archive, config, index):
         kind = config.isolation or settings.instance_isolation

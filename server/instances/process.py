@@ -141,8 +141,10 @@ class ProcessInstance:
 
     def __init__(self, name: str, version: str, archive: ModelArchive, config: ModelConfig, index: int,
                  gpu_id: int | None, metrics_sink: Callable | None = None, torch_threads: int = 0,
-                 observe: Callable | None = None, envelope: str = "", forward_output: bool = False):
+                 observe: Callable | None = None, envelope: str = "", forward_output: bool = False,
+                 monitor_link: tuple | None = None):
         self.name, self.version, self.archive, self.config = name, version, archive, config
+        self._monitor_link = monitor_link  # a monitor process's (address, key): the child sends there
         # the server writes TorchServe's log files: the child's print and logging come here and
         # are written from this instance's reader thread, as a thread instance's (model_log.log)
         self.forward_output = forward_output
@@ -275,6 +277,7 @@ class ProcessInstance:
                 "handler": self.archive.handler, "manifest": self.archive.manifest, "config": self.config,
                 "gpu_id": self.gpu_id, "index": self.index, "torch_threads": self._torch_threads,
                 "monitor": self._observe is not None, "envelope": self.envelope,
+                "monitor_link": self._monitor_link if self._observe is not None else None,
                 "packages": str(self.archive.deps_dir) if self.archive.deps_dir else None,
                 "forward_output": self.forward_output,
                 "log_level": logging.getLogger().getEffectiveLevel()}

@@ -657,17 +657,22 @@ def test_instance_factory_passes_observe_unless_the_server_turns_monitoring_off(
         seen["thread"] = observe
         return lambda *a: None
 
-    def fake_process_factory(sink=None, threads=0, observe=None, envelope="", forward_output=False):
+    def fake_process_factory(sink=None, threads=0, observe=None, envelope="", forward_output=False, link=None):
         seen["process"] = observe
+        seen["link"] = link
         return lambda *a: None
 
     monkeypatch.setattr(inst, "thread_factory", fake_thread_factory)
     monkeypatch.setattr(inst, "process_factory", fake_process_factory)
     marker = object()
     inst.instance_factory(Settings(), None, marker)
-    assert seen == {"thread": marker, "process": marker}
-    inst.instance_factory(Settings(monitoring=False), None, marker)
-    assert seen == {"thread": None, "process": None}
+    assert seen == {"thread": marker, "process": marker, "link": None}
+    # a monitor process's socket reaches process instances (their children send there) ...
+    inst.instance_factory(Settings(), None, marker, monitor_link=("/tmp/m.sock", b"key"))
+    assert seen == {"thread": marker, "process": marker, "link": ("/tmp/m.sock", b"key")}
+    # ... unless monitoring is off
+    inst.instance_factory(Settings(monitoring=False), None, marker, monitor_link=("/tmp/m.sock", b"key"))
+    assert seen == {"thread": None, "process": None, "link": None}
 
 
 def test_penultimate_layer_by_name_and_a_wrong_name_falls_back(tabular):

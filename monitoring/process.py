@@ -1,0 +1,190 @@
+"""The monitor process (setting ``monitor_isolation=process``): the whole monitor, out of the
+serving interpreter.
+
+The server's front end is one Python interpreter whose event loop already needs about a core
+(benchmarks/DRIFT.md): the monitor's analysis (binning, windows, the prediction log for
+feedback joins, the inputs held for retraining) and the observations' transfer are GIL time
+taken from it. Here the same :class:`~monitoring.monitor.Monitor` that ``monitoring.build``
+assembles runs in a child process of the server, with its own GIL:
+
+- the server (:class:`~monitoring.remote.RemoteMonitor`) talks to it over the pipe it was
+  started with: version descriptions, observations of thread instances, inputs held for
+  retraining, and calls (status, feedback, metrics exposition, drain) answered by id;
+- a process instance's child connects on its own to the Unix socket this process listens on
+  (``address``, authenticated with ``authkey``) and sends its version, its observations and
+  its held inputs there (``server.instances.monitor_link``): they never pass through the
+  front end.
+
+Data messages are O(1) appends to the monitor's queues, read by one thread per connection;
+calls run on an asyncio loop of their own so a feedback call waiting for capture does not hold
+up a metrics scrape. The process ends when the server's end of the pipe closes (the server
+exited, however it exited) or on ``("close",)``, after the monitor flushed its store.
+
+Versions: the monitor resolves a version from the :class:`~server.core.capture.VersionRef`
+last sent for it (by the server before the first call or observation naming it, by a child
+when it connects); ``forget`` drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from multiprocessing.connection import Listener
+from typing import Any
+
+from server.core.capture import VersionRef
+from server.core.osthread import name_os_thread
+
+__all__ = ["main", "PROCESS_NAME"]
+
+log = logging.getLogger("osprey.monitoring")
+
+PROCESS_NAME = "osprey-monitord"  # the process's name in ps/top (its main thread's)
+
+
+class _Host:
+    """The monitor and the versions it can resolve, fed by every connection."""
+
+    def __init__(self, settings: Any):
+        from monitoring.build import build_monitor
+
+        self.versions: dict[tuple[str, str], VersionRef] = {}
+        self.monitor = build_monitor(settings, self.resolve)
+        self.lost = 0  # observations the children's links dropped (monitor unreachable)
+
+    def resolve(self, model: str, version: str) -> VersionRef | None:
+        return self.versions.get((model, version))
+
+    def data(self, msg: tuple) -> None:
+        """A data message: O(1) per item, never raises for a malformed one (logged)."""
+        kind = msg[0]
+        if kind == "observe":
+            for obs in msg[1]:
+                self.monitor.observe(obs)
+            if len(msg) > 2 and msg[2]:
+                self.lost += int(msg[2])
+        elif kind == "hold":
+            _, model, version, items, ts = msg
+            ref = self.versions.get((model, version))
+            if ref is not None and self.monitor.dataset is not None:
+                self.monitor.dataset.hold_inputs(ref, items, ts)
+        elif kind == "version":
+            ref: VersionRef = msg[1]
+            self.versions[(ref.name, ref.version)] = ref
+        elif kind == "forget":
+            _, model, version = msg
+            self.versions.pop((model, version), None)
+            self.monitor.forget(model, version)
+        else:
+            log.warning("event=monitor_process_unknown_message kind=%r", kind)
+
+    async def call(self, method: str, args: tuple) -> Any:
+        m = self.monitor
+        if method == "status":
+            return await asyncio.to_thread(m.status, *args)
+        if method == "feedback":
+            return await m.feedback(*args)
+        if method == "render":
+            return await asyncio.to_thread(m.render, self.lost + int(args[0]))
+        if method == "drain":
+            return await asyncio.to_thread(m.drain, *args)
+        raise ValueError(f"no monitor call {method!r}")
+
+
+def _serve_link(host: _Host, conn) -> None:
+    """One process instance's child: data messages until it goes away."""
+    name_os_thread("osprey-mon-link")
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                host.data(msg)
+            except Exception:
+                log.exception("event=monitor_link_message_failed")
+    finally:
+        conn.close()
+
+
+def _accept(host: _Host, listener: Listener) -> None:
+    name_os_thread("osprey-mon-accept")
+    while True:
+        try:
+            conn = listener.accept()
+        except OSError:  # closed: the process is ending
+            return
+        except Exception:  # a client that failed authentication: refuse it, go on
+            log.warning("event=monitor_link_refused", exc_info=True)
+            continue
+        threading.Thread(target=_serve_link, args=(host, conn), name="osprey-mon-link", daemon=True).start()
+
+
+def main(conn, settings: Any, address: str, authkey: bytes) -> None:
+    """The process: ``conn`` is the server's end of the pipe (calls and data), ``address`` the
+    Unix socket path process instances connect to."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle (it closes this)
+    name_os_thread(PROCESS_NAME)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [monitor pid {os.getpid()}]: "
+                                                   "%(message)s")
+    try:
+        from monitoring.monitor import Monitor  # noqa: F401  (imports before "ready")
+
+        host = _Host(settings)
+        if os.path.exists(address):  # a previous monitor process's socket
+            os.unlink(address)
+        listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    except BaseException as exc:
+        log.exception("the monitor process failed to start")
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="osprey-mon-calls", daemon=True).start()
+    threading.Thread(target=_accept, args=(host, listener), name="osprey-mon-accept", daemon=True).start()
+    send_lock = threading.Lock()
+
+    def reply(call_id: int, ok: bool, value: Any) -> None:
+        with send_lock:
+            try:
+                conn.send(("reply", call_id, ok, value))
+            except (OSError, ValueError):  # the server is gone
+                pass
+
+    async def run_call(call_id: int, method: str, args: tuple) -> None:
+        try:
+            value = await host.call(method, args)
+        except BaseException as exc:  # the server raises it in the caller
+            reply(call_id, False, (type(exc).__name__, str(exc)))
+            return
+        reply(call_id, True, value)
+
+    with send_lock:
+        conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the server exited
+                break
+            kind = msg[0]
+            if kind == "close":
+                break
+            if kind == "call":
+                asyncio.run_coroutine_threadsafe(run_call(*msg[1:]), loop)
+                continue
+            try:
+                host.data(msg)
+            except Exception:
+                log.exception("event=monitor_message_failed kind=%r", kind)
+    finally:
+        listener.close()
+        try:
+            os.unlink(address)
+        except OSError:
+            pass
+        host.monitor.close()  # flushes what the store buffered
+        loop.call_soon_threadsafe(loop.stop)

@@ -1,0 +1,370 @@
+"""The server's side of a monitor in its own process (setting ``monitor_isolation=process``).
+
+:class:`RemoteMonitor` is the :class:`~server.core.capture.MonitorPort` the data plane and the
+instances see; the monitor itself (``monitoring.process``) runs in a child process, so its
+analysis never takes the serving interpreter's GIL. On the request side everything stays
+O(1): ``observe`` (a thread instance's batch) and ``answered`` (the data plane's observer, on
+the event loop) append to one bounded deque; the thread ``osprey-monitor`` sends what
+accumulated every ``tick`` as one message (and takes a thread instance's held inputs out of
+their requests, for models with retraining). Process instances do not come through here at
+all: their children send observations and held inputs to the monitor process's socket
+(:attr:`link`, ``server.instances.monitor_link``).
+
+Calls (``status``, ``feedback``, the metrics exposition, ``drain``) go through the same queue,
+so a call sees every observation handed over before it, and are answered by id on a reader
+thread.
+
+**Failure.** If the monitor process dies, serving does not notice: observations are dropped
+and counted (osprey_monitoring_dropped_total), ``status`` and ``feedback`` answer 503 naming
+what happened, the metrics endpoint serves everything but the monitoring families, and the
+process is started again after ``restart_backoff`` seconds (doubling while it keeps failing,
+up to 30 s). What the monitor kept in memory (windows, episodes, the prediction log, held
+inputs) is lost with it unless ``redis_url`` keeps it in Redis; a version's reference profile
+is read again from its archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import Any, Callable, Sequence
+
+from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_inputs
+from server.core.errors import ErrorKind, OspreyError
+from server.core.osthread import name_os_thread
+from server.core.types import InferenceResponse
+
+__all__ = ["RemoteMonitor"]
+
+log = logging.getLogger("osprey.monitoring")
+
+CALL_TIMEOUT_S = 30.0  # status / drain: longest wait for the monitor process's answer
+FEEDBACK_TIMEOUT_S = 60.0
+SCRAPE_TIMEOUT_S = 5.0
+MAX_BACKOFF_S = 30.0
+
+
+class RemoteMonitor:
+    """The monitor in a child process, behind the same interface as ``monitoring.monitor.Monitor``."""
+
+    enabled = True
+    dataset = None  # labelled production data: kept in the monitor process
+
+    def __init__(self, settings: Any, resolve: Callable[[str, str], Any], *, queue_size: int = 10_000,
+                 tick: float = 0.05, start_timeout: float = 120.0, restart_backoff: float = 1.0):
+        self.settings, self.resolve = settings, resolve
+        self.queue_size, self.tick = queue_size, tick
+        self.start_timeout, self.restart_backoff = start_timeout, restart_backoff
+        self._dir = tempfile.mkdtemp(prefix="osprey-mon-")
+        self.address = os.path.join(self._dir, "monitor.sock")
+        self.authkey = os.urandom(32)
+        # what a process instance's child connects with (server.instances.monitor_link)
+        self.link = (self.address, self.authkey)
+        self.dropped = 0  # observations (and held inputs) dropped here: queue full, or the process down
+        self.restarts = 0
+        self.pid: int | None = None
+        self._out: deque = deque()
+        self._calls: dict[int, Future] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # _calls, _conn, _state
+        self._wake = threading.Event()
+        self._conn = None
+        self._proc = None
+        self._state = "starting"  # starting | up | down
+        self._why = "the monitor process is starting"
+        self._sent: set[tuple[str, str]] = set()  # versions the running process was told about
+        self._last_answered = float("-inf")
+        self._closed = False
+        self._rng = random.Random()
+        self._thread = threading.Thread(target=self._run, name="osprey-monitor", daemon=True)
+        self._thread.start()
+
+    # -- request side: O(1) ------------------------------------------------------------------------
+    def observe(self, obs: Observation) -> None:
+        if len(self._out) >= self.queue_size:
+            self.dropped += 1
+            return
+        self._out.append(("obs", obs))
+
+    def answered(self, mv: Any, ticket: Any, outcome: Any) -> None:
+        """The data plane's observer: an answer left now. A thread instance's successful answer
+        of a model with retraining has its request queued for its inputs to be held (a
+        process instance's child holds its own)."""
+        self._last_answered = time.monotonic()
+        if mv is None or type(outcome) is not InferenceResponse or outcome.status != 200:
+            return
+        cfg = mv.config.retraining
+        if cfg is None or not cfg.enabled or (mv.config.isolation or self.settings.instance_isolation) == "process":
+            return
+        if cfg.capture_share < 1.0 and self._rng.random() >= cfg.capture_share:
+            return
+        if len(self._out) >= self.queue_size:
+            self.dropped += 1
+            return
+        self._out.append(("hold", mv, ticket.request, time.time()))
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def _call(self, method: str, *args: Any) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed or self._state == "down":
+                fut.set_exception(self._unavailable())
+                return fut
+            call_id = next(self._ids)
+            self._calls[call_id] = fut
+            self._out.append(("call", call_id, method, args))
+        self._wake.set()
+        return fut
+
+    def _unavailable(self) -> OspreyError:
+        why = "the server is stopping" if self._closed else self._why
+        return OspreyError(ErrorKind.UNAVAILABLE, f"monitoring is unavailable: {why}")
+
+    def _wait(self, fut: Future, timeout: float) -> Any:
+        try:
+            return fut.result(timeout)
+        except FutureTimeout:
+            raise OspreyError(ErrorKind.UNAVAILABLE, f"monitoring is unavailable: the monitor process did not "
+                                                     f"answer within {timeout:g} s") from None
+
+    def status(self, model: str, version: str) -> dict[str, Any]:
+        """The monitoring JSON (a worker thread: it waits for the monitor process)."""
+        return self._wait(self._call("status", model, version), CALL_TIMEOUT_S)
+
+    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        fut = self._call("feedback", model, version, list(items), self._last_answered)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), FEEDBACK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise OspreyError(ErrorKind.UNAVAILABLE, "monitoring is unavailable: the monitor process did not "
+                                                     f"answer within {FEEDBACK_TIMEOUT_S:g} s") from None
+
+    async def exposition(self) -> str:
+        """The monitoring families for /metrics; empty while the monitor process is down (the
+        rest of the endpoint is served as always)."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._call("render", self.dropped)), SCRAPE_TIMEOUT_S)
+        except (OspreyError, asyncio.TimeoutError):
+            return ""
+
+    def render(self) -> str:
+        try:
+            return self._wait(self._call("render", self.dropped), SCRAPE_TIMEOUT_S)
+        except OspreyError:
+            return ""
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Test hook: everything handed over before this call analysed (see Monitor.drain)."""
+        return bool(self._wait(self._call("drain", timeout), timeout + CALL_TIMEOUT_S))
+
+    def forget(self, model: str, version: str) -> None:
+        self._out.append(("forget", model, version))
+        self._wake.set()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- the thread: start, send, restart ---------------------------------------------------------------
+    def _run(self) -> None:
+        name_os_thread("osprey-monitor")
+        backoff, retry_at = self.restart_backoff, 0.0
+        while True:
+            if self._closed:
+                self._stop()
+                return
+            if self._conn is None:
+                if time.monotonic() < retry_at:
+                    self._discard()
+                    self._wake.wait(min(self.tick, retry_at - time.monotonic()))
+                    self._wake.clear()
+                    continue
+                if self._start():
+                    backoff = self.restart_backoff
+                else:
+                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, MAX_BACKOFF_S)
+                continue
+            self._wake.wait(self.tick)
+            self._wake.clear()
+            self._send()
+
+    def _start(self) -> bool:
+        ctx = multiprocessing.get_context("spawn")
+        from monitoring import process
+
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=process.main, args=(child, self.settings, self.address, self.authkey),
+                           name="osprey-monitor", daemon=True)
+        try:
+            proc.start()
+            child.close()
+            if not parent.poll(self.start_timeout):
+                raise RuntimeError(f"it did not start within {self.start_timeout:g} s")
+            msg = parent.recv()
+            if msg[0] != "ready":
+                raise RuntimeError(msg[1])
+        except Exception as exc:
+            if proc.is_alive():
+                proc.kill()
+            with self._lock:
+                self._state, self._why = "down", f"the monitor process failed to start ({exc}); retrying"
+            log.error("event=monitor_process_failed reason=%s", exc)
+            self._fail_calls()
+            return False
+        with self._lock:
+            self._conn, self._proc, self.pid = parent, proc, msg[1]
+            self._state, self._why = "up", ""
+            self._sent = set()
+        if self.restarts:
+            log.warning("event=monitor_process_restarted pid=%s restarts=%d", self.pid, self.restarts)
+        threading.Thread(target=self._read, args=(parent, proc), name="osprey-mon-reader", daemon=True).start()
+        return True
+
+    def _read(self, conn, proc) -> None:
+        name_os_thread("osprey-mon-reader")
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if msg[0] == "reply":
+                _, call_id, ok, value = msg
+                with self._lock:
+                    fut = self._calls.pop(call_id, None)
+                if fut is None:
+                    continue
+                if ok:
+                    fut.set_result(value)
+                elif value[0] == "KeyError":
+                    fut.set_exception(KeyError(value[1]))
+                else:
+                    fut.set_exception(OspreyError(ErrorKind.INTERNAL, f"the monitor failed: {value[0]}: {value[1]}"))
+        if self._closed:
+            return
+        proc.join(1.0)
+        code = proc.exitcode
+        with self._lock:
+            if self._conn is not conn:
+                return
+            self._conn = None
+            self._state = "down"
+            self._why = (f"the monitor process (pid {self.pid}) exited with code {code}; it is being restarted, "
+                         "and what it kept in memory is lost")
+            self.restarts += 1
+        log.error("event=monitor_process_exited pid=%s code=%s restarts=%d", self.pid, code, self.restarts)
+        self._fail_calls()
+        self._wake.set()
+
+    def _fail_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, {}
+        for fut in calls.values():
+            if not fut.done():
+                fut.set_exception(self._unavailable())
+
+    def _discard(self) -> None:
+        """The process is down: what was handed over is dropped (counted), calls fail."""
+        while True:
+            try:
+                item = self._out.popleft()
+            except IndexError:
+                break
+            if item[0] in ("obs", "hold"):
+                self.dropped += 1
+        self._fail_calls()
+
+    def _version(self, model: str, version: str, out: list) -> None:
+        """Tell the process about a version before anything naming it (once per process)."""
+        key = (model, version)
+        if key in self._sent:
+            return
+        mv = self.resolve(model, version)
+        if mv is None:
+            return
+        out.append(("version", VersionRef(mv.name, mv.version, mv.config, str(mv.archive.model_dir))))
+        self._sent.add(key)
+
+    def _send(self) -> None:
+        """Everything queued, in order: observations and held inputs grouped into one message
+        each between calls."""
+        msgs: list[tuple] = []
+        observations: list[Observation] = []
+        holds: dict[tuple[str, str], list] = {}
+
+        def flush_data() -> None:
+            if observations:
+                msgs.append(("observe", list(observations)))
+                observations.clear()
+            for (model, version), items in holds.items():
+                msgs.append(("hold", model, version, items, time.time()))
+            holds.clear()
+
+        while True:
+            try:
+                item = self._out.popleft()
+            except IndexError:
+                break
+            kind = item[0]
+            if kind == "obs":
+                obs = item[1]
+                self._version(obs.model, obs.version, msgs)
+                observations.append(obs)
+            elif kind == "hold":
+                _, mv, request, _ts = item
+                self._version(mv.name, mv.version, msgs)
+                try:
+                    holds.setdefault((mv.name, mv.version), []).append(held_inputs(request))
+                except Exception as exc:  # an input that cannot be kept is not worth failing anything
+                    log.warning("event=dataset_hold_failed model=%s reason=%s", mv.name, exc)
+                    self.dropped += 1
+            elif kind == "call":
+                flush_data()
+                _, call_id, method, args = item
+                if method in ("status", "feedback"):
+                    self._version(args[0], args[1], msgs)
+                msgs.append(("call", call_id, method, args))
+            elif kind == "forget":
+                flush_data()
+                self._sent.discard((item[1], item[2]))
+                msgs.append(item)
+        flush_data()
+        conn = self._conn
+        for i, msg in enumerate(msgs):
+            try:
+                conn.send(msg)
+            except (OSError, ValueError, AttributeError):  # the process died: the reader restarts it
+                self.dropped += sum(len(m[1]) if m[0] == "observe" else len(m[3]) if m[0] == "hold" else 0
+                                    for m in msgs[i:])
+                return
+
+    def _stop(self) -> None:
+        """Close: what is queued is sent, then the process is told to end (it flushes its store)."""
+        conn, proc = self._conn, self._proc
+        if conn is not None:
+            self._send()
+            try:
+                conn.send(("close",))
+            except (OSError, ValueError):
+                pass
+        if proc is not None:
+            proc.join(20)
+            if proc.is_alive():
+                log.warning("event=monitor_process_killed pid=%s reason=did not stop within 20 s", self.pid)
+                proc.kill()
+                proc.join(5)
+        if conn is not None:
+            conn.close()
+        self._fail_calls()

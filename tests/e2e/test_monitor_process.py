@@ -1,0 +1,175 @@
+"""The monitor in its own process (setting ``monitor_isolation=process``), against a real server.
+
+One ``osprey serve`` with that setting serves a thread-instance classifier, a process-instance
+classifier, and a process-instance classifier with retraining on (its answered inputs held for
+their labels). The same behaviour the in-process monitor has (tests/e2e/test_monitoring.py)
+holds through the monitor process: drift episodes, the JSON, Prometheus families, feedback
+joins and live quality, labelled rows kept for retraining, and process instances' children
+sending their observations to the monitor process themselves. Killing the monitor process
+leaves serving alone: predictions keep answering, the monitoring API answers 503 naming it,
+and a new monitor process takes over. Every wait is on state, never a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from monitoring.process import PROCESS_NAME
+from tests.conftest import ROOT, OspreyProcess
+from tests.e2e.test_monitoring import BASELINE, _drift_through, _post_feedback, _requests, send_rest
+from tests.monitoring_models import classifier_archive, metric_lines, rows, wait_monitoring
+
+RETRAINING = {"triggers": [], "min_labels": 10}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("monitor-process")
+    store = root / "store"
+    store.mkdir()
+    classifier_archive(store, "clf_rest")
+    classifier_archive(store, "clf_proc", isolation="process")
+    classifier_archive(store, "clf_keep", isolation="process", retraining=RETRAINING)
+    classifier_archive(store, "clf_keep_t", retraining=RETRAINING)
+    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_proc", "clf_keep", "clf_keep_t")]
+    (root / "srv").mkdir()
+    proc = OspreyProcess(root / "srv", store, models, config={"monitor_isolation": "process"},
+                         extra_args=["--no-grpc"])
+    try:
+        proc.wait_ready(120)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _monitor_pids(server_pid: int) -> list[int]:
+    """The server's children named as the monitor process names itself."""
+    out = []
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        children = (task / "children").read_text().split() if (task / "children").exists() else []
+        for pid in children:
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == PROCESS_NAME:
+                    out.append(int(pid))
+            except OSError:
+                continue
+    return out
+
+
+def _wait(predicate, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_monitor_runs_in_a_child_process_of_the_server(srv):
+    pids = _wait(lambda: _monitor_pids(srv.proc.pid), "the monitor process")
+    assert len(pids) == 1 and pids[0] != srv.proc.pid
+    # the server's own threads: no analysis thread of the in-process monitor beside its link
+    names = {(t / "comm").read_text().strip() for t in Path(f"/proc/{srv.proc.pid}/task").iterdir()}
+    assert "osprey-monitor" in names and PROCESS_NAME not in names
+
+
+def test_drift_through_rest_with_thread_instances(srv):
+    _drift_through(srv, "clf_rest", lambda data: send_rest(srv.inference, "clf_rest", data))
+    assert metric_lines(srv.metrics, "osprey_drift_detected", "clf_rest") == {'{model="clf_rest",version="1.0"}': 1.0}
+    assert metric_lines(srv.metrics, "osprey_drift_episodes_total", "clf_rest") == {
+        '{model="clf_rest",version="1.0"}': 1.0}
+
+
+def test_feedback_joins_and_live_quality_through_the_monitor_process(srv):
+    sent = send_rest(srv.inference, "clf_proc", rows(60, seed=6))
+    s = wait_monitoring(srv.inference, "clf_proc", _requests(60))
+    assert s["requests"] == 60 and s["baseline_progress"] == {"rows": 60, "needed": BASELINE}
+    assert s["degraded"] is None
+    r = _post_feedback(srv, "clf_proc", [{"request_id": rid, "label": cls} for rid, cls in sent[:20]] +
+                       [{"request_id": "never-sent", "label": 1}, {"request_id": sent[20][0], "label": "x"}])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {k: body[k] for k in ("accepted", "unmatched", "invalid")} == {"accepted": 20, "unmatched": 1, "invalid": 1}
+    assert body["errors"] == [f"feedback[21] (request_id '{sent[20][0]}'): label 'x' is not a class of this model "
+                              "(a class index 0..2)"]
+    q = httpx.get(f"{srv.inference}/monitoring/clf_proc").json()["quality"]
+    assert q["labels"] == 20 and q["metrics"]["accuracy"] == 1.0
+    assert metric_lines(srv.metrics, "osprey_monitored_requests_total", "clf_proc") == {
+        '{model="clf_proc",version="1.0"}': 60.0}
+    feedback = metric_lines(srv.metrics, "osprey_feedback_total", "clf_proc")
+    assert feedback['{model="clf_proc",version="1.0",result="matched"}'] == 20.0
+
+
+@pytest.mark.parametrize("model", ["clf_keep", "clf_keep_t"])
+def test_labelled_inputs_are_kept_for_retraining(srv, model):
+    """Process instances' children hold their answered inputs in the monitor process; thread
+    instances' are held through the server's link: a label joins them either way."""
+    sent = send_rest(srv.inference, model, rows(12, seed=9))
+    wait_monitoring(srv.inference, model, _requests(12))
+    r = _post_feedback(srv, model, [{"request_id": rid, "label": cls} for rid, cls in sent])
+    assert r.status_code == 200 and r.json() == {"accepted": 12, "unmatched": 0, "invalid": 0, "kept": 12}, r.text
+    # the rows file the retraining job reads, written by the monitor process
+    rows_file = Path(srv.store) / ".osprey" / "datasets" / f"{model}.pkl"
+    assert rows_file.is_file() and rows_file.stat().st_size > 0
+
+
+def test_killing_the_monitor_process_leaves_serving_alone(srv):
+    old = _wait(lambda: _monitor_pids(srv.proc.pid), "the monitor process")[0]
+    os.kill(old, signal.SIGKILL)
+    # serving goes on while it is down and after
+    for answer in send_rest(srv.inference, "clf_rest", rows(20, seed=11)):
+        assert answer[0]
+    # the monitoring API names what happened until the new process answers; then it answers again
+    seen_503 = []
+
+    def back():
+        r = httpx.get(f"{srv.inference}/monitoring/clf_proc", timeout=30)
+        if r.status_code == 503:
+            seen_503.append(r.json()["message"])
+            return None
+        return r if r.status_code == 200 else None
+    _wait(back, "the monitoring API answering again")
+    for message in seen_503:
+        assert message.startswith("monitoring is unavailable: the monitor process"), message
+    new = _monitor_pids(srv.proc.pid)
+    assert new and old not in new
+    # the new process monitors new traffic (what the old one kept in memory is gone)
+    send_rest(srv.inference, "clf_proc", rows(30, seed=12))
+    s = wait_monitoring(srv.inference, "clf_proc", _requests(30))
+    assert s["requests"] == 30, s["requests"]
+    assert "event=monitor_process_exited" in srv.log()
+    assert srv.proc.poll() is None
+
+
+def test_the_server_stops_its_monitor_process(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    classifier_archive(store, "clf")
+    proc = OspreyProcess(tmp_path, store, ["clf=clf.mar"], config={"monitor_isolation": "process"},
+                         extra_args=["--no-grpc"])
+    try:
+        proc.wait_ready(120)
+        pid = _wait(lambda: _monitor_pids(proc.proc.pid), "the monitor process")[0]
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        _wait(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+              "the monitor process to end", timeout=30)
+    finally:
+        proc.stop()
+
+
+def test_a_bad_monitor_isolation_setting_is_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", str(tmp_path),
+                        "--no-grpc"], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OSPREY_MONITOR_ISOLATION": "fork"})
+    assert r.returncode != 0
+    assert "setting monitor_isolation: 'fork' must be thread or process" in r.stderr + r.stdout
