@@ -52,6 +52,7 @@ CALL_TIMEOUT_S = 30.0  # status / drain: longest wait for the monitor process's 
 FEEDBACK_TIMEOUT_S = 60.0
 SCRAPE_TIMEOUT_S = 5.0
 MAX_BACKOFF_S = 30.0
+STABLE_S = 30.0  # a monitor process that ran this long resets the restart backoff
 
 
 class RemoteMonitor:
@@ -84,6 +85,9 @@ class RemoteMonitor:
         self._why = "the monitor process is starting"
         self._sent: set[tuple[str, str]] = set()  # versions the running process was told about
         self._last_answered = float("-inf")
+        self._retry_at = 0.0  # monotonic time the next start may happen
+        self._backoff = restart_backoff
+        self._started_at = 0.0  # monotonic time the running process said ready
         self._closed = False
         self._rng = random.Random()
         self._thread = threading.Thread(target=self._run, name="osprey-monitor", daemon=True)
@@ -181,25 +185,31 @@ class RemoteMonitor:
     # -- the thread: start, send, restart ---------------------------------------------------------------
     def _run(self) -> None:
         name_os_thread("osprey-monitor")
-        backoff, retry_at = self.restart_backoff, 0.0
         while True:
             if self._closed:
                 self._stop()
                 return
             if self._conn is None:
-                if time.monotonic() < retry_at:
+                if time.monotonic() < self._retry_at:
                     self._discard()
-                    self._wake.wait(min(self.tick, retry_at - time.monotonic()))
+                    self._wake.wait(max(0.0, min(self.tick, self._retry_at - time.monotonic())))
                     self._wake.clear()
                     continue
-                if self._start():
-                    backoff = self.restart_backoff
-                else:
-                    retry_at, backoff = time.monotonic() + backoff, min(backoff * 2, MAX_BACKOFF_S)
+                if not self._start():
+                    self._back_off()
                 continue
             self._wake.wait(self.tick)
             self._wake.clear()
             self._send()
+
+    def _back_off(self) -> None:
+        """The next start after the current backoff, which doubles (up to MAX_BACKOFF_S) while
+        starts fail or processes die young, and is reset by one that ran STABLE_S."""
+        now = time.monotonic()
+        if self._started_at and now - self._started_at >= STABLE_S:
+            self._backoff = self.restart_backoff
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
     def _start(self) -> bool:
         ctx = multiprocessing.get_context("spawn")
@@ -228,6 +238,7 @@ class RemoteMonitor:
             self._conn, self._proc, self.pid = parent, proc, msg[1]
             self._state, self._why = "up", ""
             self._sent = set()
+            self._started_at = time.monotonic()
         if self.restarts:
             log.warning("event=monitor_process_restarted pid=%s restarts=%d", self.pid, self.restarts)
         threading.Thread(target=self._read, args=(parent, proc), name="osprey-mon-reader", daemon=True).start()
@@ -264,6 +275,7 @@ class RemoteMonitor:
             self._why = (f"the monitor process (pid {self.pid}) exited with code {code}; it is being restarted, "
                          "and what it kept in memory is lost")
             self.restarts += 1
+            self._back_off()
         log.error("event=monitor_process_exited pid=%s code=%s restarts=%d", self.pid, code, self.restarts)
         self._fail_calls()
         self._wake.set()
