@@ -184,7 +184,8 @@ def main(conn, settings: Any, address: str, authkey: bytes) -> None:
         listener.close()
         try:
             os.unlink(address)
-        except OSError:
+            os.rmdir(os.path.dirname(address))  # the server's temporary folder, if the server is gone
+        except OSError:  # (the server removes it itself when it stops)
             pass
         host.monitor.close()  # flushes what the store buffered
         loop.call_soon_threadsafe(loop.stop)

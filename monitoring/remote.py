@@ -39,6 +39,7 @@ from collections import deque
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
+from monitoring.families import fmt, render_family
 from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_inputs
 from server.core.errors import ErrorKind, OspreyError
 from server.core.osthread import name_os_thread
@@ -52,6 +53,7 @@ CALL_TIMEOUT_S = 30.0  # status / drain: longest wait for the monitor process's 
 FEEDBACK_TIMEOUT_S = 60.0
 SCRAPE_TIMEOUT_S = 5.0
 MAX_BACKOFF_S = 30.0
+_DROPPED_DOC = "Observations dropped because the monitor's queue was full."
 STABLE_S = 30.0  # a monitor process that ran this long resets the restart backoff
 
 
@@ -154,12 +156,20 @@ class RemoteMonitor:
                                                      f"answer within {FEEDBACK_TIMEOUT_S:g} s") from None
 
     async def exposition(self) -> str:
-        """The monitoring families for /metrics; empty while the monitor process is down (the
-        rest of the endpoint is served as always)."""
+        """The monitoring families for /metrics, and the monitor process's own: up (0 while it
+        is down: the drift and quality families are then left out, the rest of the endpoint is
+        served as always), restarts, and what was dropped here meanwhile."""
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(self._call("render", self.dropped)), SCRAPE_TIMEOUT_S)
+            text = await asyncio.wait_for(asyncio.wrap_future(self._call("render", self.dropped)), SCRAPE_TIMEOUT_S)
+            up = 1.0
         except (OspreyError, asyncio.TimeoutError):
-            return ""
+            text, up = render_family("osprey_monitoring_dropped_total", "counter", _DROPPED_DOC,
+                                     [f"osprey_monitoring_dropped_total {fmt(float(self.dropped))}\n"]), 0.0
+        return (text + render_family("osprey_monitor_process_up", "gauge", "1 while the monitor's own process "
+                                     "(monitor_isolation=process) answers, else 0.", [f"osprey_monitor_process_up {fmt(up)}\n"])
+                + render_family("osprey_monitor_process_restarts_total", "counter",
+                                "Times the monitor's own process exited and was started again.",
+                                [f"osprey_monitor_process_restarts_total {fmt(float(self.restarts))}\n"]))
 
     def render(self) -> str:
         try:

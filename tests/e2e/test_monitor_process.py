@@ -64,6 +64,13 @@ def _monitor_pids(server_pid: int) -> list[int]:
     return out
 
 
+def _gauge(srv, name: str) -> float:
+    text = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name}: {values}"
+    return values[0]
+
+
 def _wait(predicate, what: str, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -80,6 +87,7 @@ def test_the_monitor_runs_in_a_child_process_of_the_server(srv):
     # the server's own threads: no analysis thread of the in-process monitor beside its link
     names = {(t / "comm").read_text().strip() for t in Path(f"/proc/{srv.proc.pid}/task").iterdir()}
     assert "osprey-monitor" in names and PROCESS_NAME not in names
+    assert _gauge(srv, "osprey_monitor_process_up") == 1 and _gauge(srv, "osprey_monitor_process_restarts_total") == 0
 
 
 def test_drift_through_rest_with_thread_instances(srv):
@@ -148,6 +156,7 @@ def test_killing_the_monitor_process_leaves_serving_alone(srv):
     assert s["requests"] == 30, s["requests"]
     assert "event=monitor_process_exited" in srv.log()
     assert srv.proc.poll() is None
+    assert _gauge(srv, "osprey_monitor_process_up") == 1 and _gauge(srv, "osprey_monitor_process_restarts_total") == 1
 
 
 def test_the_server_stops_its_monitor_process(tmp_path):
