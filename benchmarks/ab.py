@@ -46,6 +46,17 @@ class OspreyAt(Osprey):
         return cmd, env, cwd
 
 
+def key_values(items: list[str], flag: str, error) -> dict[str, str]:
+    """``KEY=VALUE`` command-line items as a dict; ``error(message)`` for one without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            error(f"{flag} takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
 def checkout(rev: str, work: Path) -> tuple[str, Path]:
     sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
@@ -71,15 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for NEW's server only; repeatable")
     args = ap.parse_args(argv)
-    envs = []
-    for given in (args.old_env, args.new_env):
-        env = {}
-        for item in given:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                ap.error(f"--old-env/--new-env takes KEY=VALUE, got {item!r}")
-            env[key] = value
-        envs.append(env)
+    envs = [key_values(given, "--old-env/--new-env", ap.error) for given in (args.old_env, args.new_env)]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     names = [n.strip() for n in args.models.split(",") if n.strip()]

@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ab import OspreyAt  # noqa: E402
+from benchmarks.ab import OspreyAt, key_values  # noqa: E402
 from benchmarks.load import hey  # noqa: E402
 from benchmarks.models import build_models  # noqa: E402
 from benchmarks.systems import Osprey  # noqa: E402
@@ -147,15 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     built = build_models(WORK, with_cnn=False, with_digits=True)
     models = [built["mlp"], built["digits_cnn_builtin"]]
 
-    def pairs(flag: str, items: list[str]) -> dict:
-        out = {}
-        for kv in items:
-            key, sep, value = kv.partition("=")
-            if not sep or not key:
-                ap.error(f"{flag} {kv!r}: expected KEY=VALUE")
-            out[key] = value
-        return out
-    both, also = pairs("--setting", args.setting), pairs("--also", args.also)
+    both, also = key_values(args.setting, "--setting", ap.error), key_values(args.also, "--also", ap.error)
 
     def make_sides() -> dict:
         sides = {"on": Osprey(WORK / "on", models, config=dict(both), tag="monitoring-on"),
