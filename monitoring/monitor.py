@@ -98,6 +98,9 @@ class Monitor:
         self.enabled = bool(getattr(settings, "monitoring", True))
         self.queue_size, self.tick, self.refresh_s, self.retry_s = queue_size, tick, refresh, retry
         self.dropped = 0
+        # longest an instance takes to hand a prediction over after answering it (a monitor in
+        # its own process adds the hop there: monitoring.process)
+        self.capture_delay = CAPTURE_DELAY_S
         self._queue: deque[Observation] = deque()
         self._last_observed = float("-inf")  # monotonic time of the last observation taken or answer sent
         self._versions: dict[tuple[str, str], VersionMonitor | None] = {}  # None: off or unknown
@@ -254,8 +257,8 @@ class Monitor:
         # as unmatched (feedback is not latency-bound; an idle version joins at once). A process
         # instance sending to a monitor process hands its held inputs over with the same delay.
         last = self._last_observed if answered_at is None else max(self._last_observed, answered_at)
-        if time.monotonic() - last < CAPTURE_DELAY_S + 0.5:
-            await asyncio.sleep(CAPTURE_DELAY_S)
+        if time.monotonic() - last < self.capture_delay + 0.5:
+            await asyncio.sleep(self.capture_delay)
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         elif self._queue:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
@@ -295,10 +298,10 @@ class Monitor:
         """:meth:`render` for the metrics endpoint (a monitor in its own process is asked)."""
         return self.render()
 
-    def render(self, dropped_elsewhere: int = 0) -> str:
-        """Text exposition of the drift families (and the quality parts' lines);
-        ``dropped_elsewhere``: observations dropped before they reached this monitor (the front
-        end of a monitor in its own process), counted in osprey_monitoring_dropped_total."""
+    def render(self, with_dropped: bool = True) -> str:
+        """Text exposition of the drift families (and the quality parts' lines); without
+        osprey_monitoring_dropped_total when ``with_dropped`` is false (a monitor in its own
+        process: the server keeps that counter's running total, see monitoring.remote)."""
         lines: dict[str, list[str]] = {name: [] for name in _FAMILIES}
 
         def add(name: str, labels: str, value: float) -> None:
@@ -320,7 +323,8 @@ class Monitor:
                         lines.setdefault(name, []).append(line if line.endswith("\n") else line + "\n")
                 except Exception:
                     log.exception("event=quality_render_failed model=%s version=%s", model, version)
-        add("osprey_monitoring_dropped_total", "", float(self.dropped + dropped_elsewhere))
+        if with_dropped:
+            add("osprey_monitoring_dropped_total", "", float(self.dropped))
         out = []
         for name, body in lines.items():
             if body:

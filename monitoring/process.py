@@ -28,6 +28,7 @@ when it connects); ``forget`` drops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ __all__ = ["main", "PROCESS_NAME"]
 log = logging.getLogger("osprey.monitoring")
 
 PROCESS_NAME = "osprey-monitord"  # the process's name in ps/top (its main thread's)
+HOP_S = 0.2  # the extra time a prediction may take to get here
 
 
 class _Host:
@@ -53,6 +55,9 @@ class _Host:
 
         self.versions: dict[tuple[str, str], VersionRef] = {}
         self.monitor = build_monitor(settings, self.resolve)
+        # a prediction reaches this process one hop later than an in-process monitor (the
+        # server's send tick, or a child's link): a label sent right after its answer waits that too
+        self.monitor.capture_delay += HOP_S
         self.lost = 0  # observations the children's links dropped (monitor unreachable)
 
     def resolve(self, model: str, version: str) -> VersionRef | None:
@@ -87,8 +92,9 @@ class _Host:
             return await asyncio.to_thread(m.status, *args)
         if method == "feedback":
             return await m.feedback(*args)
-        if method == "render":
-            return await asyncio.to_thread(m.render, self.lost + int(args[0]))
+        if method == "render":  # (the families, what this process dropped: the server keeps the total)
+            text = await asyncio.to_thread(m.render, False)
+            return text, m.dropped + self.lost
         if method == "drain":
             return await asyncio.to_thread(m.drain, *args)
         raise ValueError(f"no monitor call {method!r}")
@@ -111,14 +117,16 @@ def _serve_link(host: _Host, conn) -> None:
         conn.close()
 
 
-def _accept(host: _Host, listener: Listener) -> None:
+def _accept(host: _Host, listener: Listener, closing: threading.Event) -> None:
     name_os_thread("osprey-mon-accept")
     while True:
         try:
-            conn = listener.accept()
-        except OSError:  # closed: the process is ending
-            return
-        except Exception:  # a client that failed authentication: refuse it, go on
+            conn = listener.accept()  # (the key's handshake runs in here)
+        except Exception:
+            if closing.is_set():  # the listener was closed: the process is ending
+                return
+            # a client that failed the handshake or left during it, or no file descriptor to
+            # spare: refuse that one, go on accepting (the children's links retry)
             log.warning("event=monitor_link_refused", exc_info=True)
             continue
         threading.Thread(target=_serve_link, args=(host, conn), name="osprey-mon-link", daemon=True).start()
@@ -127,7 +135,10 @@ def _accept(host: _Host, listener: Listener) -> None:
 def main(conn, settings: Any, address: str, authkey: bytes) -> None:
     """The process: ``conn`` is the server's end of the pipe (calls and data), ``address`` the
     Unix socket path process instances connect to."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle (it closes this)
+    # Ctrl-C and SIGTERM to the whole group are the server's to handle: it drains, then closes
+    # this process (which ends anyway when the server's end of the pipe closes)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     name_os_thread(PROCESS_NAME)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [monitor pid {os.getpid()}]: "
                                                    "%(message)s")
@@ -137,14 +148,15 @@ def main(conn, settings: Any, address: str, authkey: bytes) -> None:
         host = _Host(settings)
         if os.path.exists(address):  # a previous monitor process's socket
             os.unlink(address)
-        listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        listener = Listener(address, family="AF_UNIX", backlog=64, authkey=authkey)
     except BaseException as exc:
         log.exception("the monitor process failed to start")
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="osprey-mon-calls", daemon=True).start()
-    threading.Thread(target=_accept, args=(host, listener), name="osprey-mon-accept", daemon=True).start()
+    closing = threading.Event()
+    threading.Thread(target=_accept, args=(host, listener, closing), name="osprey-mon-accept", daemon=True).start()
     send_lock = threading.Lock()
 
     def reply(call_id: int, ok: bool, value: Any) -> None:
@@ -181,11 +193,10 @@ def main(conn, settings: Any, address: str, authkey: bytes) -> None:
             except Exception:
                 log.exception("event=monitor_message_failed kind=%r", kind)
     finally:
-        listener.close()
-        try:
-            os.unlink(address)
-            os.rmdir(os.path.dirname(address))  # the server's temporary folder, if the server is gone
-        except OSError:  # (the server removes it itself when it stops)
-            pass
+        closing.set()
+        listener.close()  # (removes the socket file)
+        for remove in (os.unlink, os.rmdir):  # and the server's temporary folder, if the server is gone
+            with contextlib.suppress(OSError):  # (the server removes it itself when it stops)
+                remove(address if remove is os.unlink else os.path.dirname(address))
         host.monitor.close()  # flushes what the store buffered
         loop.call_soon_threadsafe(loop.stop)

@@ -87,6 +87,8 @@ class RemoteMonitor:
         self._why = "the monitor process is starting"
         self._sent: set[tuple[str, str]] = set()  # versions the running process was told about
         self._last_answered = float("-inf")
+        self._process_dropped = 0  # what the running monitor process says it dropped
+        self._dropped_carried = 0  # what the processes before it had dropped
         self._retry_at = 0.0  # monotonic time the next start may happen
         self._backoff = restart_backoff
         self._started_at = 0.0  # monotonic time the running process said ready
@@ -120,62 +122,80 @@ class RemoteMonitor:
         self._out.append(("hold", mv, ticket.request, time.time()))
 
     # -- calls -----------------------------------------------------------------------------------------
-    def _call(self, method: str, *args: Any) -> Future:
+    def _call(self, method: str, *args: Any) -> tuple[int, Future]:
+        """Queue a call; (its id, its future). The future is marked running, so a caller that
+        stops waiting (asyncio.wait_for cancels what it wraps) cannot cancel it under the
+        reader thread, which settles it when the answer comes."""
         fut: Future = Future()
+        fut.set_running_or_notify_cancel()
         with self._lock:
+            call_id = next(self._ids)
             if self._closed or self._state == "down":
                 fut.set_exception(self._unavailable())
-                return fut
-            call_id = next(self._ids)
+                return call_id, fut
             self._calls[call_id] = fut
             self._out.append(("call", call_id, method, args))
         self._wake.set()
-        return fut
+        return call_id, fut
+
+    def _forget_call(self, call_id: int) -> None:
+        with self._lock:
+            self._calls.pop(call_id, None)
+
+    def _late(self, call_id: int, timeout: float) -> OspreyError:
+        self._forget_call(call_id)  # its answer, if it still comes, is dropped
+        return OspreyError(ErrorKind.UNAVAILABLE, f"monitoring is unavailable: the monitor process did not answer "
+                                                  f"within {timeout:g} s")
 
     def _unavailable(self) -> OspreyError:
         why = "the server is stopping" if self._closed else self._why
         return OspreyError(ErrorKind.UNAVAILABLE, f"monitoring is unavailable: {why}")
 
-    def _wait(self, fut: Future, timeout: float) -> Any:
+    def _wait(self, call: tuple[int, Future], timeout: float) -> Any:
+        call_id, fut = call
         try:
             return fut.result(timeout)
         except FutureTimeout:
-            raise OspreyError(ErrorKind.UNAVAILABLE, f"monitoring is unavailable: the monitor process did not "
-                                                     f"answer within {timeout:g} s") from None
+            raise self._late(call_id, timeout) from None
+
+    async def _await(self, call: tuple[int, Future], timeout: float) -> Any:
+        call_id, fut = call
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except asyncio.TimeoutError:
+            raise self._late(call_id, timeout) from None
 
     def status(self, model: str, version: str) -> dict[str, Any]:
         """The monitoring JSON (a worker thread: it waits for the monitor process)."""
         return self._wait(self._call("status", model, version), CALL_TIMEOUT_S)
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        fut = self._call("feedback", model, version, list(items), self._last_answered)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), FEEDBACK_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise OspreyError(ErrorKind.UNAVAILABLE, "monitoring is unavailable: the monitor process did not "
-                                                     f"answer within {FEEDBACK_TIMEOUT_S:g} s") from None
+        return await self._await(self._call("feedback", model, version, list(items), self._last_answered),
+                                 FEEDBACK_TIMEOUT_S)
 
     async def exposition(self) -> str:
         """The monitoring families for /metrics, and the monitor process's own: up (0 while it
         is down: the drift and quality families are then left out, the rest of the endpoint is
         served as always), restarts, and what was dropped here meanwhile."""
         try:
-            text = await asyncio.wait_for(asyncio.wrap_future(self._call("render", self.dropped)), SCRAPE_TIMEOUT_S)
+            text, there = await self._await(self._call("render"), SCRAPE_TIMEOUT_S)
+            self._process_dropped = there
             up = 1.0
-        except (OspreyError, asyncio.TimeoutError):
-            text, up = render_family("osprey_monitoring_dropped_total", "counter", _DROPPED_DOC,
-                                     [f"osprey_monitoring_dropped_total {fmt(float(self.dropped))}\n"]), 0.0
-        return (text + render_family("osprey_monitor_process_up", "gauge", "1 while the monitor's own process "
+        except OspreyError:
+            text, up = "", 0.0
+        # one running total across monitor processes: this side's drops, and theirs (kept when one exits)
+        dropped = self.dropped + self._dropped_carried + self._process_dropped
+        return (text + render_family("osprey_monitoring_dropped_total", "counter", _DROPPED_DOC,
+                                     [f"osprey_monitoring_dropped_total {fmt(float(dropped))}\n"])
+                + render_family("osprey_monitor_process_up", "gauge", "1 while the monitor's own process "
                                      "(monitor_isolation=process) answers, else 0.", [f"osprey_monitor_process_up {fmt(up)}\n"])
                 + render_family("osprey_monitor_process_restarts_total", "counter",
                                 "Times the monitor's own process exited and was started again.",
                                 [f"osprey_monitor_process_restarts_total {fmt(float(self.restarts))}\n"]))
 
     def render(self) -> str:
-        try:
-            return self._wait(self._call("render", self.dropped), SCRAPE_TIMEOUT_S)
-        except OspreyError:
-            return ""
+        """:meth:`exposition` from a thread that is not an event loop's."""
+        return asyncio.run(self.exposition())
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Test hook: everything handed over before this call analysed (see Monitor.drain)."""
@@ -210,7 +230,10 @@ class RemoteMonitor:
                 continue
             self._wake.wait(self.tick)
             self._wake.clear()
-            self._send()
+            try:
+                self._send()
+            except Exception:  # never let the thread die: nothing would reach the monitor again
+                log.exception("event=monitor_send_failed")
 
     def _back_off(self) -> None:
         """The next start after the current backoff, which doubles (up to MAX_BACKOFF_S) while
@@ -218,6 +241,7 @@ class RemoteMonitor:
         now = time.monotonic()
         if self._started_at and now - self._started_at >= STABLE_S:
             self._backoff = self.restart_backoff
+        self._started_at = 0.0  # the failed starts that may follow did not run at all
         self._retry_at = now + self._backoff
         self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
 
@@ -231,14 +255,22 @@ class RemoteMonitor:
         try:
             proc.start()
             child.close()
-            if not parent.poll(self.start_timeout):
-                raise RuntimeError(f"it did not start within {self.start_timeout:g} s")
+            deadline = time.monotonic() + self.start_timeout
+            while not parent.poll(0.1):
+                if self._closed:
+                    raise RuntimeError("the server is stopping")
+                if not proc.is_alive():
+                    raise RuntimeError(f"it exited with code {proc.exitcode} while starting")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"it did not start within {self.start_timeout:g} s")
             msg = parent.recv()
             if msg[0] != "ready":
                 raise RuntimeError(msg[1])
         except Exception as exc:
             if proc.is_alive():
                 proc.kill()
+            proc.join(5)
+            parent.close()
             with self._lock:
                 self._state, self._why = "down", f"the monitor process failed to start ({exc}); retrying"
             log.error("event=monitor_process_failed reason=%s", exc)
@@ -265,14 +297,14 @@ class RemoteMonitor:
                 _, call_id, ok, value = msg
                 with self._lock:
                     fut = self._calls.pop(call_id, None)
-                if fut is None:
+                if fut is None:  # its caller stopped waiting
                     continue
                 if ok:
-                    fut.set_result(value)
+                    _settle(fut, value)
                 elif value[0] == "KeyError":
-                    fut.set_exception(KeyError(value[1]))
+                    _settle(fut, error=KeyError(value[1]))
                 else:
-                    fut.set_exception(OspreyError(ErrorKind.INTERNAL, f"the monitor failed: {value[0]}: {value[1]}"))
+                    _settle(fut, error=OspreyError(ErrorKind.INTERNAL, f"the monitor failed: {value[0]}: {value[1]}"))
         if self._closed:
             return
         proc.join(1.0)
@@ -282,6 +314,8 @@ class RemoteMonitor:
                 return
             self._conn = None
             self._state = "down"
+            self._dropped_carried += self._process_dropped  # its count ends with it: keep the total
+            self._process_dropped = 0
             self._why = (f"the monitor process (pid {self.pid}) exited with code {code}; it is being restarted, "
                          "and what it kept in memory is lost")
             self.restarts += 1
@@ -294,8 +328,13 @@ class RemoteMonitor:
         with self._lock:
             calls, self._calls = self._calls, {}
         for fut in calls.values():
-            if not fut.done():
-                fut.set_exception(self._unavailable())
+            _settle(fut, error=self._unavailable())
+
+    def _fail_call(self, call_id: int, error: BaseException) -> None:
+        with self._lock:
+            fut = self._calls.pop(call_id, None)
+        if fut is not None:
+            _settle(fut, error=error)
 
     def _discard(self) -> None:
         """The process is down: what was handed over is dropped (counted), calls fail."""
@@ -366,11 +405,21 @@ class RemoteMonitor:
         conn = self._conn
         for i, msg in enumerate(msgs):
             try:
+                if conn is None:
+                    raise OSError("the monitor process is down")
                 conn.send(msg)
-            except (OSError, ValueError, AttributeError):  # the process died: the reader restarts it
-                self.dropped += sum(len(m[1]) if m[0] == "observe" else len(m[3]) if m[0] == "hold" else 0
-                                    for m in msgs[i:])
+            except (OSError, ValueError):  # the process died: the reader restarts it, and fails the calls
+                self.dropped += sum(_rows(m) for m in msgs[i:])
+                for m in msgs[i:]:
+                    if m[0] == "call":
+                        self._fail_call(m[1], self._unavailable())
                 return
+            except Exception as exc:  # this message cannot be sent (not picklable): the others go on
+                log.exception("event=monitor_message_unsendable kind=%s", msg[0])
+                self.dropped += _rows(msg)
+                if msg[0] == "call":
+                    self._fail_call(msg[1], OspreyError(ErrorKind.INTERNAL, f"the monitor call could not be sent: "
+                                                                            f"{type(exc).__name__}: {exc}"))
 
     def _stop(self) -> None:
         """Close: what is queued is sent, then the process is told to end (it flushes its store)."""
@@ -390,3 +439,23 @@ class RemoteMonitor:
         if conn is not None:
             conn.close()
         self._fail_calls()
+
+
+def _settle(fut: Future, value: Any = None, error: BaseException | None = None) -> None:
+    """Set a call's outcome once (the reader and a failure path may race for it)."""
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+    except Exception:  # already settled
+        pass
+
+
+def _rows(msg: tuple) -> int:
+    """Observations and held inputs a message carries (what its loss drops)."""
+    if msg[0] == "observe":
+        return len(msg[1])
+    if msg[0] == "hold":
+        return len(msg[3])
+    return 0
