@@ -256,21 +256,23 @@ class Monitor:
         # and record what is queued before joining, so such a label joins instead of counting
         # as unmatched (feedback is not latency-bound; an idle version joins at once). A process
         # instance sending to a monitor process hands its held inputs over with the same delay.
+        retraining = None
+        if self.dataset is not None:
+            retraining = getattr(getattr(self.resolve(model, version), "config", None), "retraining", None)
+            retraining = retraining if retraining is not None and retraining.enabled else None
+        joins = retraining is not None or (vm is not None and vm.quality is not None)  # else: answered at once
         last = self._last_observed if answered_at is None else max(self._last_observed, answered_at)
-        if time.monotonic() - last < self.capture_delay + 0.5:
+        if joins and time.monotonic() - last < self.capture_delay + 0.5:
             await asyncio.sleep(self.capture_delay)
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
-        elif self._queue:
+        elif joins and self._queue:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         kept = 0
-        if self.dataset is not None:
-            mv = self.resolve(model, version)
-            retraining = getattr(getattr(mv, "config", None), "retraining", None)
-            if retraining is not None and retraining.enabled:
-                try:
-                    kept = await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
-                except Exception:
-                    log.exception("event=dataset_join_failed model=%s version=%s", model, version)
+        if retraining is not None:
+            try:
+                kept = await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
+            except Exception:
+                log.exception("event=dataset_join_failed model=%s version=%s", model, version)
         if vm is None or vm.quality is None:
             return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"],
                                   kept=kept)
