@@ -24,8 +24,10 @@ import pytest
 
 from monitoring.process import PROCESS_NAME
 from tests.conftest import ROOT, OspreyProcess
-from tests.e2e.test_monitoring import BASELINE, _drift_through, _post_feedback, _requests, send_rest
+from tests.e2e.test_monitoring import (BASELINE, REPLICA_MONITORING, _drift_through, _post_feedback, _requests,
+                                      send_rest)
 from tests.monitoring_models import classifier_archive, metric_lines, rows, wait_monitoring
+from tests.redis_server import RedisProcess
 
 RETRAINING = {"triggers": [], "min_labels": 10}
 
@@ -206,3 +208,40 @@ def test_a_bad_monitor_isolation_setting_is_refused(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OSPREY_MONITOR_ISOLATION": "fork"})
     assert r.returncode != 0
     assert "setting monitor_isolation: 'fork' must be thread or process" in r.stderr + r.stdout
+
+
+def test_with_redis_a_new_monitor_process_carries_on_where_the_killed_one_stopped(tmp_path):
+    """What the monitor keeps in Redis (windows, the prediction log) outlives its process: after
+    a SIGKILL the new process reports the windows already closed, and a label for a prediction
+    answered before the kill still joins."""
+    store = tmp_path / "store"
+    store.mkdir()
+    classifier_archive(store, "clf", monitoring=REPLICA_MONITORING)
+    redis = RedisProcess(tmp_path / "redis").start()
+    proc = OspreyProcess(tmp_path, store, ["clf=clf.mar"], extra_args=["--no-grpc"],
+                         config={"monitor_isolation": "process", "redis_url": redis.url})
+    try:
+        proc.wait_ready(120)
+        sent = send_rest(proc.inference, "clf", rows(60, seed=21))  # the baseline of 60 ...
+        wait_monitoring(proc.inference, "clf", lambda s: s["baseline_progress"] == {"rows": 60, "needed": 60})
+        sent += send_rest(proc.inference, "clf", rows(60, seed=22))  # ... then a window of 50
+        before = wait_monitoring(proc.inference, "clf", lambda s: s["windows"] >= 1 and s["requests"] >= 120)
+        assert before["reference"] == "baseline" and before["degraded"] is None
+        old = _wait(lambda: _monitor_pids(proc.proc.pid), "the monitor process")[0]
+        os.kill(old, signal.SIGKILL)
+
+        def restarted():
+            pids = _monitor_pids(proc.proc.pid)
+            if not pids or old in pids:
+                return None
+            r = httpx.get(f"{proc.inference}/monitoring/clf", timeout=30)
+            # its first answer may precede its first read of Redis (as a new replica's): wait for that
+            return r.json() if r.status_code == 200 and r.json()["windows"] else None
+        after = _wait(restarted, "a new monitor process reporting the windows kept in Redis")
+        assert after["windows"] == before["windows"] and after["history"] == before["history"]
+        assert after["reference"] == "baseline"  # the shared profile, not a new baseline
+        r = _post_feedback(proc, "clf", [{"request_id": rid, "label": cls} for rid, cls in sent[:5]])
+        assert r.status_code == 200 and r.json() == {"accepted": 5, "unmatched": 0, "invalid": 0}, r.text
+    finally:
+        proc.stop()
+        redis.stop()
