@@ -65,37 +65,38 @@ def _cpu_seconds(srv: Osprey) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
+def _stat(path: str) -> tuple[str, float] | None:
+    """(name, CPU seconds: utime + stime) of a /proc stat file; None when it has ended."""
+    try:
+        with open(path) as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return stat[stat.index("(") + 1:stat.rindex(")")], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _thread_cpu(pid: int) -> dict[str, tuple[str, float]]:
     """Each thread of the server: tid -> (role, CPU seconds) (Linux; empty elsewhere)."""
     out = {}
-    tick = os.sysconf("SC_CLK_TCK")
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                stat = f.read()
-        except OSError:  # ended meanwhile
+        got = _stat(f"/proc/{pid}/task/{tid}/stat")
+        if got is None:  # ended meanwhile
             continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+        comm, cpu = got
         role = ("loop" if tid == str(pid) else "instance" if comm.startswith(("i:", "p:"))
                 else "monitor" if comm == "osprey-monitor" else "other")
-        out[tid] = (role, (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+        out[tid] = (role, cpu)
     # the server's descendant processes: a monitor in its own process (monitor_isolation=process,
     # named osprey-monitord: its CPU is monitoring's) and process instances' children
-    for pid_ in _descendants(pid):
-        try:
-            with open(f"/proc/{pid_}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        role = "monitor_process" if comm == "osprey-monitord" else "child_processes"
-        out[f"process {pid_}"] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    for child in _descendants(pid):
+        got = _stat(f"/proc/{child}/stat")
+        if got is not None:
+            out[f"process {child}"] = ("monitor_process" if got[0] == "osprey-monitord" else "child_processes", got[1])
     return out
 
 

@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from server.core.capture import FeedbackItem, HeldInputs, held_inputs
+from server.core.capture import FeedbackItem, HeldInputs, held_inputs, retraining_holds
 from server.core.codecs import decode_field
 from server.core.types import Field
 
@@ -149,10 +149,7 @@ class LabelledData:
     # -- request side (event loop) ------------------------------------------------------------
     def hold(self, model_version: Any, request: Any) -> None:
         """Keep a reference to an answered request of a model with retraining: O(1)."""
-        cfg = model_version.config.retraining
-        if cfg is None or not cfg.enabled:
-            return
-        if cfg.capture_share < 1.0 and self._rng.random() >= cfg.capture_share:
+        if not retraining_holds(model_version.config.retraining, self._rng):
             return
         if len(self._queue) >= MAX_HELD:
             self.dropped += 1

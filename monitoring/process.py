@@ -143,8 +143,6 @@ def main(conn, settings: Any, address: str, authkey: bytes) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [monitor pid {os.getpid()}]: "
                                                    "%(message)s")
     try:
-        from monitoring.monitor import Monitor  # noqa: F401  (imports before "ready")
-
         host = _Host(settings)
         if os.path.exists(address):  # a previous monitor process's socket
             os.unlink(address)

@@ -40,7 +40,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
 from monitoring.families import fmt, render_family
-from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_inputs
+from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_inputs, retraining_holds
 from server.core.errors import ErrorKind, OspreyError
 from server.core.osthread import name_os_thread
 from server.core.types import InferenceResponse
@@ -59,9 +59,6 @@ STABLE_S = 30.0  # a monitor process that ran this long resets the restart backo
 
 class RemoteMonitor:
     """The monitor in a child process, behind the same interface as ``monitoring.monitor.Monitor``."""
-
-    enabled = True
-    dataset = None  # labelled production data: kept in the monitor process
 
     def __init__(self, settings: Any, resolve: Callable[[str, str], Any], *, queue_size: int = 10_000,
                  tick: float = 0.05, start_timeout: float = 120.0, restart_backoff: float = 1.0):
@@ -111,10 +108,8 @@ class RemoteMonitor:
         self._last_answered = time.monotonic()
         if mv is None or type(outcome) is not InferenceResponse or outcome.status != 200:
             return
-        cfg = mv.config.retraining
-        if cfg is None or not cfg.enabled or (mv.config.isolation or self.settings.instance_isolation) == "process":
-            return
-        if cfg.capture_share < 1.0 and self._rng.random() >= cfg.capture_share:
+        if ((mv.config.isolation or self.settings.instance_isolation) == "process"
+                or not retraining_holds(mv.config.retraining, self._rng)):
             return
         if len(self._out) >= self.queue_size:
             self.dropped += 1
@@ -192,10 +187,6 @@ class RemoteMonitor:
                 + render_family("osprey_monitor_process_restarts_total", "counter",
                                 "Times the monitor's own process exited and was started again.",
                                 [f"osprey_monitor_process_restarts_total {fmt(float(self.restarts))}\n"]))
-
-    def render(self) -> str:
-        """:meth:`exposition` from a thread that is not an event loop's."""
-        return asyncio.run(self.exposition())
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Test hook: everything handed over before this call analysed (see Monitor.drain)."""

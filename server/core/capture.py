@@ -14,12 +14,14 @@ back beside its batch's answers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 __all__ = ["Observation", "MonitorPort", "FeedbackItem", "FeedbackResult", "TASKS", "VersionRef", "HeldInputs",
-           "held_inputs"]
+           "held_inputs", "retraining_holds"]
 
 #: what a model's outputs mean, for prediction drift and for live quality
 TASKS = ("classification", "regression", "autoencoder", "embedding", "generator")
@@ -66,9 +68,6 @@ class VersionRef:
 
     @property
     def archive(self) -> Any:
-        from types import SimpleNamespace
-        from pathlib import Path
-
         return SimpleNamespace(model_dir=Path(self.model_dir))
 
 
@@ -80,6 +79,12 @@ class HeldInputs:
     request_id: str
     raw: dict[str, Any]
     size: int
+
+
+def retraining_holds(cfg: Any, rng: Any) -> bool:
+    """Whether an answered request of a model with retraining config ``cfg`` (or None) has its
+    inputs held for its label: retraining on, and drawn into ``capture_share``."""
+    return cfg is not None and cfg.enabled and (cfg.capture_share >= 1.0 or rng.random() < cfg.capture_share)
 
 
 def held_inputs(request: Any) -> HeldInputs:

@@ -15,21 +15,17 @@ import functools
 import logging
 import os
 import signal
-import sys
 import random
+import sys
 import threading
-import time
 
-from server.core.capture import held_inputs
+from server.core.capture import held_inputs, retraining_holds
 from server.core.types import InferenceResponse
 from server.instances.monitor_link import open_link
 from server.instances.runner import declared_specs, load_runner, model_precision
 from server.instances.wire import Arena, outcome_to_wire, work_from_wire
 
 __all__ = ["main"]
-
-HOLD_BATCH = 256  # held inputs that make a message due (else they go with the next observations) ...
-HOLD_DELAY_S = 0.5  # ... or when the oldest was taken this long ago (as capture's MAX_DELAY_S)
 
 log = logging.getLogger("osprey.instances")
 
@@ -162,53 +158,35 @@ def main(conn, spec: dict) -> None:
     link = open_link(spec)
     retraining = spec["config"].retraining if link is not None else None
     if retraining is not None and not retraining.enabled:
-        retraining = None
+        retraining = None  # nothing is held: no pass over the answers
     rng = random.Random()
-    held: list = []  # inputs held for labels, sent with the observations (few messages, not one per job)
-    held_since = [0.0]  # monotonic time the oldest of them was taken
 
     def hand_over(force: bool) -> None:
         runner.flush(force)
-        sent = bool(observations)
         if observations:
             if link is not None:
                 link.observations(observations)
             else:
                 send(("observations", observations))  # pickled: only sampled rows, float32 embeddings
             observations.clear()
-        if held and (force or sent or len(held) >= HOLD_BATCH or time.monotonic() - held_since[0] >= HOLD_DELAY_S):
-            link.hold(list(held), time.time())
-            held.clear()
-
-    def flush_wait() -> float | None:
-        """Seconds until pending observations or held inputs are due (None: nothing pending)."""
-        wait = runner.flush_wait()
-        if held:
-            due = max(0.0, held_since[0] + HOLD_DELAY_S - time.monotonic())
-            wait = due if wait is None else min(wait, due)
-        return wait
 
     def hold(works: list, outcomes: list) -> None:
         """A model with retraining: the answered requests' inputs, for their labels (taken out
         of the arena now: it is reused by the next job)."""
-        share = retraining.capture_share
         items = []
         for batch, answers in zip(works, outcomes):
             for ticket, outcome in zip(batch, answers):
-                if type(outcome) is InferenceResponse and outcome.status == 200 and (
-                        share >= 1.0 or rng.random() < share):
+                if type(outcome) is InferenceResponse and outcome.status == 200 and retraining_holds(retraining, rng):
                     try:
                         items.append(held_inputs(ticket.request))
                     except Exception as exc:
                         log.warning("event=dataset_hold_failed model=%s reason=%s", spec["name"], exc)
         if items:
-            if not held:
-                held_since[0] = time.monotonic()
-            held.extend(items)
+            link.hold(items)
 
     while True:
         try:
-            wait = flush_wait()  # monitoring: batches (or held inputs) pending, flush them if no work comes
+            wait = runner.flush_wait()  # monitoring: batches pending, flush them if no work comes
             if wait is not None and not conn.poll(wait):
                 hand_over(True)  # idle (or due by age)
                 continue

@@ -3,7 +3,7 @@
 The child computes its batches' observations (``server.instances.capture``) and, for a model
 with retraining, takes its answered requests' inputs; with a monitor in its own process it
 sends both there itself (``monitoring.process``), so they never pass through the server's
-front end. :meth:`MonitorLink.post` is an O(1) append; a thread of the child sends, so a slow
+front end. Posting is an O(1) append; a thread of the child sends, so a slow
 or dead monitor never delays an answer. Unreachable monitor: what was posted is dropped and
 counted, the count travels with the next observations that get through, and the link tries to
 connect again at most once per :data:`RETRY_S`.
@@ -27,6 +27,8 @@ log = logging.getLogger("osprey.instances")
 
 RETRY_S = 1.0
 MAX_QUEUED = 256  # messages waiting to be sent before new ones are dropped
+HOLD_BATCH = 256  # held inputs that make a message due (else they go with the next observations) ...
+HOLD_DELAY_S = 0.5  # ... or once the oldest waited this long (as capture's MAX_DELAY_S)
 
 
 class MonitorLink:
@@ -34,6 +36,9 @@ class MonitorLink:
         self.address, self.authkey, self.ref = address, authkey, ref
         self.lost = 0  # rows dropped since the last message that got through
         self._queue: deque = deque()
+        self._held: list = []  # held inputs not yet posted, and when the oldest came
+        self._held_since = 0.0
+        self._held_lock = threading.Lock()
         self._wake = threading.Event()
         self._conn = None
         self._retry_at = 0.0
@@ -44,9 +49,30 @@ class MonitorLink:
 
     def observations(self, observations: list) -> None:
         self._post(("observe", list(observations)), sum(len(o) for o in observations))
+        self._post_held()  # the inputs held meanwhile go with them
 
-    def hold(self, items: list, ts: float) -> None:
-        self._post(("hold", self.ref.name, self.ref.version, items, ts), len(items))
+    def hold(self, items: list) -> None:
+        """Inputs held for labels: gathered, and posted with the next observations, when
+        HOLD_BATCH are waiting, or once the oldest waited HOLD_DELAY_S (few messages, not one
+        per job)."""
+        with self._held_lock:
+            if not self._held:
+                self._held_since = time.monotonic()
+            self._held.extend(items)
+            full = len(self._held) >= HOLD_BATCH
+        if full:
+            self._post_held()
+
+    def _post_held(self) -> None:
+        with self._held_lock:
+            held, self._held = self._held, []
+        if held:
+            self._post(("hold", self.ref.name, self.ref.version, held, time.time()), len(held))
+
+    def _held_due(self) -> float | None:
+        """Seconds until the held inputs are due by age (None: none held)."""
+        with self._held_lock:
+            return max(0.0, self._held_since + HOLD_DELAY_S - time.monotonic()) if self._held else None
 
     def _post(self, msg: tuple, rows: int) -> None:
         if len(self._queue) >= MAX_QUEUED:
@@ -57,6 +83,7 @@ class MonitorLink:
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued (waiting up to ``timeout``), then disconnect."""
+        self._post_held()
         self._closed = True
         self._wake.set()
         self._thread.join(timeout)
@@ -83,8 +110,11 @@ class MonitorLink:
     def _run(self) -> None:
         name_os_thread("osprey-mon-link")
         while True:
-            self._wake.wait(RETRY_S)
+            due = self._held_due()
+            self._wake.wait(RETRY_S if due is None else min(RETRY_S, due))
             self._wake.clear()
+            if self._held_due() == 0.0:
+                self._post_held()
             tries = 0
             while self._queue:
                 msg, rows = self._queue[0]
