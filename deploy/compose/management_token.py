@@ -21,8 +21,16 @@ import json
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
+
+
+class Stopped(Exception):
+    """Raised by the SIGTERM/SIGINT handler to end the loop wherever it is.
+
+    The handler raises rather than setting a threading.Event: Event.set takes the event's lock,
+    which the main thread may already hold inside Event.wait when the signal is handled there,
+    and then the process never exits."""
 
 
 def management_key(key_file: Path) -> str:
@@ -55,9 +63,10 @@ def _stamp(path: Path):
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def run(key_file: Path, out: Path, interval: float, stop: threading.Event) -> None:
+def run(key_file: Path, out: Path, interval: float) -> None:
+    """Copies the management key whenever the key file changes; returns only by an exception."""
     seen, problem = None, None
-    while not stop.is_set():
+    while True:
         stamp = _stamp(key_file)
         if stamp is None:
             message = f"waiting for {key_file} (Osprey writes it when it starts)"
@@ -73,7 +82,7 @@ def run(key_file: Path, out: Path, interval: float, stop: threading.Event) -> No
         if message and message != problem:
             print(message, file=sys.stderr, flush=True)
         problem = message
-        stop.wait(interval)
+        time.sleep(interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.interval <= 0:
         parser.error(f"--interval must be a positive number of seconds, got {args.interval}")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    run(args.key_file, args.out, args.interval, stop)
+    def stop(signum, frame):
+        raise Stopped()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        run(args.key_file, args.out, args.interval)
+    except Stopped:
+        pass
     return 0
 
 
