@@ -142,11 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
                     help="a third side: this tree, monitoring on, with these settings on top of --setting "
                          "(e.g. monitor_isolation=thread against --setting monitor_isolation=process); repeatable")
+    ap.add_argument("--models", default="mlp,digits_cnn_builtin",
+                    help="comma-separated, from benchmarks/models.py (default mlp,digits_cnn_builtin; mlp_nb is the "
+                         "batch-1 path)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "monitoring_cost.json"))
     args = ap.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
-    built = build_models(WORK, with_cnn=False, with_digits=True)
-    models = [built["mlp"], built["digits_cnn_builtin"]]
+    wanted = [n.strip() for n in args.models.split(",") if n.strip()]
+    built = build_models(WORK, with_cnn=False, with_digits=any(n.startswith("digits") for n in wanted))
+    unknown = [n for n in wanted if n not in built]
+    if unknown or not wanted:
+        ap.error(f"--models: {', '.join(unknown) or 'none given'}; known: {', '.join(built)}")
+    models = [built[n] for n in wanted]
 
     both, also = key_values(args.setting, "--setting", ap.error), key_values(args.also, "--also", ap.error)
 
