@@ -246,8 +246,30 @@ def test_management_token_follows_restarts_and_rotation(tmp_path):
         assert _wait_for_file(out, proc, old=second) == restarted.keys["management"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
+        _wait_or_explain(proc, 30)
     assert proc.returncode == 0
+
+
+def _wait_or_explain(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait for ``proc``; if it is still there after ``timeout`` s, fail with what the kernel says it
+    is doing (state, wait channel, threads' kernel stacks where readable) and what it printed."""
+    try:
+        proc.wait(timeout)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    seen = []
+    for name in ("status", "wchan", "stack"):
+        try:
+            text = Path(f"/proc/{proc.pid}/{name}").read_text()
+        except OSError as exc:
+            text = f"({exc})"
+        seen.append(f"--- /proc/{proc.pid}/{name}\n" + "\n".join(
+            line for line in text.splitlines() if name != "status" or line.startswith(("State", "SigCgt", "Threads"))))
+    proc.kill()
+    out, err = proc.communicate(10)
+    raise AssertionError(f"still running {timeout} s after SIGTERM\n" + "\n".join(seen) +
+                         f"\n--- stdout\n{out[-2000:]}\n--- stderr\n{err[-2000:]}")
 
 
 def test_management_token_refuses_a_bad_interval(tmp_path):
