@@ -201,16 +201,19 @@ class VersionMonitor:
         last = {"rows": result.rows, "ended": ended, "score": result.score, "drifted": result.drifted,
                 "small": result.small, "features": _features_out(result), "current": result.current}
 
+        opened = False  # this commit opened the episode (the store may run update more than once)
+
         def update(state: dict | None):
+            nonlocal opened
             new = episodes.advance(state, result.drifted, ended, self.config)
             new["last"] = last
+            opened = new["episodes"] > (state or {}).get("episodes", 0)
             entry = {"window": new["windows"], "ended": ended, "score": result.score, "drifted": result.drifted,
                      "features": {f.name: f.score for f in result.features}, "quality": quality}
             return new, entry
 
-        before = self.snapshot[0] or {}
         state = self.store.commit(self.model, self.version, update)
-        if state["episodes"] > before.get("episodes", 0) and state["episode"] and state["episode"]["open"]:
+        if opened and state["episode"] and state["episode"]["open"]:
             log.warning("event=drift_episode_opened model=%s version=%s episode=%s top_feature=%s", self.model,
                         self.version, state["episode"]["id"], result.features[0].name if result.features else "")
 

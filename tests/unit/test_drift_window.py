@@ -196,3 +196,25 @@ def test_default_thresholds_raise_no_episode_on_40_in_distribution_windows_again
         drifted += r.drifted
         state = episodes.advance(state, r.drifted, float(w), cfg)
     assert drifted <= 1 and state["episodes"] == 0
+
+
+def test_an_episode_is_logged_once_when_many_drifted_windows_close_in_one_pass(layout, caplog):
+    """One alert per episode: windows that close in the same flush after the episode opened (the
+    version's snapshot is re-read only between passes) do not log it again."""
+    from monitoring.drift.version import VersionMonitor
+
+    store = LocalStore()
+    vm = VersionMonitor("m", "1", MonitoringConfig(components=2, window=100), None, store, clock=lambda: 1.0)
+    vm._adopt(layout.profile, "archive")
+    vm.record(obs(400, 7, shift=3.0))  # four drifted windows of 100 rows: the second opens the episode
+    with caplog.at_level("WARNING", logger="osprey.monitoring"):
+        assert vm.flush()
+    state = store.read("m", "1")[0]
+    assert state["windows"] == 4 and state["episodes"] == 1 and state["episode"]["open"]
+    opened = [r for r in caplog.records if "event=drift_episode_opened" in r.getMessage()]
+    assert len(opened) == 1, [r.getMessage() for r in opened]
+    vm.refresh()
+    vm.record(obs(300, 8, shift=3.0))  # the same episode goes on: nothing more to log
+    with caplog.at_level("WARNING", logger="osprey.monitoring"):
+        assert vm.flush()
+    assert len([r for r in caplog.records if "event=drift_episode_opened" in r.getMessage()]) == 1
