@@ -58,6 +58,7 @@ BUFFER_ROWS = 10_000  # predictions kept in this process while Redis is down
 RETRY_S = 2.0  # after a Redis failure, do not try again for this long (buffer meanwhile)
 REFRESH_S = 5.0  # record() refreshes the cached metrics at most this often
 RESULTS = ("matched", "unmatched", "invalid")
+FLOAT32_MAX = 3.4028234663852886e38
 _CLASSIFICATION, _REGRESSION, _GENERATOR = b"c", b"r", b"g"
 # a conditional generator: its "prediction" is the asked class (one-hot), a label the class a
 # viewer recognised in the sample; the metrics are the ones that mean something there
@@ -90,6 +91,9 @@ def resolve_label(label: Any, kind: bytes, width: int, classes: Sequence[str] | 
                 return None, f"label {show(label)} is not a number; this model is a regression"
             if not math.isfinite(v):
                 return None, f"label {show(label)} is not a finite number"
+            if abs(v) > FLOAT32_MAX:  # squared errors of such values overflow: a window's metrics would be lost
+                return None, (f"label {show(label)} is out of range: a regression label must be within "
+                              f"+/-{FLOAT32_MAX:.4g} (float32, as the model's predictions are)")
         return ([float(v) for v in values] if isinstance(label, list) else float(label)), None
     # classification: a class by name or by index
     names = list(classes) if classes else None

@@ -92,6 +92,16 @@ def test_wrong_type_labels_are_invalid_naming_the_item_and_keep_the_prediction()
     assert "is a string; this model is a regression" in r.errors[0]
     assert "feedback[1] (request_id 'y')" in r.errors[1]
 
+    # a huge but finite label would overflow the window's squared errors (mse and r2 lost for
+    # every label in it): refused by name, and the window's metrics stay numbers
+    big = monitor()
+    big.record(obs(["p", "q", "r", "s"], [1.0, 2.0, 3.0, 4.0], task="regression", classes=None))
+    r = big.feedback(items([("p", 1e200), ("q", -3.5e38), ("r", 3.0e38), ("s", 2.0)]))
+    assert (r.accepted, r.invalid) == (2, 2)
+    assert "feedback[0] (request_id 'p'): label 1e+200 is out of range" in r.errors[0] and "float32" in r.errors[0]
+    assert "feedback[1] (request_id 'q')" in r.errors[1]
+    assert all(isinstance(v, float) for v in big.status()["metrics"].values())
+
 
 def test_classes_unknown_labels_by_index_and_binary_booleans():
     q = monitor()
