@@ -35,6 +35,8 @@ DTYPES: dict[str, np.dtype] = {
 warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning,
                         module=__name__)
 _BY_DTYPE = {v: k for k, v in DTYPES.items() if k != "BF16"}
+_FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
+_F32 = np.dtype(np.float32)
 _LEN = struct.Struct("<I")
 MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32  # numpy's limit on array dimensions
 
@@ -114,8 +116,14 @@ def decode_raw(name: str, datatype: str, shape: list[int], buf: bytes | memoryvi
 
 
 def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
-    """JSON ``data`` (flat or nested, row-major) -> an array of ``shape``."""
+    """JSON ``data`` (flat or nested, row-major) -> an array of ``shape``.
+
+    Values must be of the datatype's kind, as Triton checks them: numbers for FP*, whole
+    numbers for INT*/UINT* (1.0 passes, 0.7 is refused, never truncated), booleans (or 0/1)
+    for BOOL, strings for BYTES; anything else is refused naming the element."""
     count = element_count(name, shape)
+    if data is None or isinstance(data, (dict, str)) and datatype != "BYTES":
+        raise bad_input(f"input '{name}': data must be a list of {datatype} values, got {_kind(data)}")
     if datatype == "BYTES":
         try:
             flat = np.asarray(data, dtype=object).ravel()
@@ -123,20 +131,95 @@ def decode_json(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
             raise bad_input(f"input '{name}': data is not a list of BYTES values ({exc})") from None
         arr = np.empty(flat.size, dtype=object)
         for i, item in enumerate(flat):
-            arr[i] = item.encode("utf-8") if isinstance(item, str) else bytes(item) if isinstance(item, (bytes, bytearray)) else str(item).encode()
+            if isinstance(item, str):
+                arr[i] = item.encode("utf-8")
+            elif isinstance(item, (bytes, bytearray)):
+                arr[i] = bytes(item)
+            else:
+                raise bad_input(f"input '{name}': BYTES data must be strings; element {i} is {_kind(item)}")
     else:
         dtype = DTYPES.get(datatype)
         if dtype is None:
             raise bad_input(f"input '{name}': unknown datatype {datatype!r}; expected one of {', '.join(DTYPES)}, BYTES")
         try:
-            arr = np.asarray(data, dtype=np.float32 if datatype == "BF16" else dtype).ravel()
-        except OverflowError as exc:  # an integer outside the datatype's range
-            raise bad_input(f"input '{name}': data holds a value out of range for {datatype} ({exc})") from None
+            raw = np.asarray(data).ravel()
         except (TypeError, ValueError) as exc:
             raise bad_input(f"input '{name}': data is not a list of {datatype} values ({exc})") from None
+        arr = _typed(name, datatype, dtype, raw, data)
     if arr.size != count:
         raise bad_input(f"input '{name}': shape {list(shape)} needs {count} elements, data has {arr.size}")
     return arr.reshape(shape)
+
+
+def _kind(value: Any) -> str:
+    """How an error names a JSON value that is of the wrong kind."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"{value[:40]!r} (a string)"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return repr(value)[:40]
+
+
+def _first(name: str, raw: np.ndarray, bad: np.ndarray, what: str) -> OspreyError:
+    i = int(np.flatnonzero(bad)[0])
+    return bad_input(f"input '{name}': element {i} is {_kind(raw[i].item() if raw.dtype != object else raw[i])}; "
+                     f"{what}")
+
+
+def _typed(name: str, datatype: str, dtype: np.dtype, raw: np.ndarray, data: Any) -> np.ndarray:
+    """``raw`` (what JSON gave, numpy's own dtype for it) as ``datatype``, or a 400 naming the element."""
+    kind = raw.dtype.kind
+    if kind in "fiu" and datatype in _FLOATS:  # the common case first: numbers for a float type
+        return raw.astype(dtype if datatype != "BF16" else _F32)
+    target = _F32 if datatype == "BF16" else dtype
+    if datatype == "BOOL":
+        if kind == "b":
+            return raw
+        if kind in "iu":
+            bad = (raw != 0) & (raw != 1)
+            if not bad.any():
+                return raw.astype(np.bool_)
+            raise _first(name, raw, bad, "BOOL takes true, false, 0 or 1")
+        what = "BOOL takes true, false, 0 or 1"
+    elif target.kind == "f":
+        if kind in "fiu":
+            return raw.astype(target)
+        what = f"{datatype} takes numbers"
+    else:  # INT*, UINT*
+        whole = f"{datatype} takes whole numbers"
+        if kind == "f":
+            bad = ~np.isfinite(raw) | (raw != np.floor(raw))
+            if bad.any():
+                raise _first(name, raw, bad, whole)
+        if kind in "fiu":
+            info = np.iinfo(target)
+            out = (raw < info.min) | (raw > info.max)
+            if out.any():
+                raise _first(name, raw, out, f"out of range for {datatype} ({info.min}..{info.max})")
+            return raw.astype(target)
+        if kind == "O" and all(type(v) is int for v in raw):  # beyond int64: numpy says which
+            try:
+                return np.asarray(data, dtype=target).ravel()
+            except OverflowError as exc:
+                raise bad_input(f"input '{name}': data holds a value out of range for {datatype} ({exc})") from None
+        what = whole
+    if kind != "O":  # strings, or booleans where numbers belong (numpy made [1, "a"] all strings):
+        raw = np.asarray(data, dtype=object).ravel()  # the values as sent, so the first wrong one is named
+    if raw.size:
+        number = (int, float) if datatype != "BOOL" else (bool,)
+        bad = np.fromiter((isinstance(v, bool) is (datatype != "BOOL") or not isinstance(v, number) for v in raw),
+                          dtype=bool, count=raw.size)
+        if bad.any():
+            raise _first(name, raw, bad, what)
+        if kind == "O":
+            return np.asarray(raw.tolist(), dtype=target)
+    return raw.astype(target)  # empty
 
 
 def datatype_of(arr: np.ndarray) -> str:

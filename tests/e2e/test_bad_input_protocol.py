@@ -122,10 +122,14 @@ def _tmlp(**changes) -> dict:
     (_tmlp(input={"shape": [1] * 100, "data": [1.0]}), ("input 'INPUT0'", "100 dimensions", "at most")),
     ({"inputs": [GOOD_TMLP["inputs"][0], GOOD_TMLP["inputs"][0]]}, ("input 'INPUT0'", "more than once")),
     (_tmlp(input={"parameters": {"binary_data_size": 64}}), ("input 'INPUT0'", "no binary data")),
+    (_tmlp(input={"datatype": "INT32", "data": [0.7] * 16}), ("input 'INPUT0'", "element 0 is 0.7", "whole numbers")),
+    (_tmlp(input={"data": ["1.5"] * 16}), ("input 'INPUT0'", "element 0 is '1.5' (a string)", "FP32 takes numbers")),
+    (_tmlp(input={"data": None}), ("input 'INPUT0'", "data must be a list of FP32 values, got null")),
 ], ids=["input-params-list", "input-params-str", "request-params-str", "request-params-list",
         "output-params-str", "outputs-str", "outputs-dict", "outputs-item-str", "binary_data-str",
         "binary_data_output-int", "content_type-int", "int8-overflow", "uint8-negative", "int64-overflow",
-        "100-dims", "duplicate-input", "binary-size-without-binary"])
+        "100-dims", "duplicate-input", "binary-size-without-binary", "int32-fraction", "fp32-strings",
+        "data-null"])
 def test_rest_json_client_mistakes_are_400_naming_the_problem(http, clean_log, body, needles):
     _bad(http.post("/v2/models/tmlp/infer", json=body), *needles)
 

@@ -87,8 +87,38 @@ def test_json_data_flat_or_nested_and_bytes_as_text():
     arr = decode_json("t", "BYTES", [2], ["a", "b\u00e9"])
     assert list(arr) == [b"a", "b\u00e9".encode()]
     assert to_json_data(arr, "BYTES") == ["a", "b\u00e9"]
-    with pytest.raises(OspreyError, match="'x': data is not a list of INT32"):
+    with pytest.raises(OspreyError, match="'x': element 0 is 'nope' \\(a string\\); INT32 takes whole numbers"):
         decode_json("x", "INT32", [1], ["nope"])
+
+
+@pytest.mark.parametrize("datatype, data, message", [
+    ("INT32", [1, 0.7], "element 1 is 0.7; INT32 takes whole numbers"),  # never truncated to 0
+    ("INT8", [300], r"element 0 is 300; out of range for INT8 \(-128..127\)"),
+    ("UINT8", [-1], r"element 0 is -1; out of range for UINT8"),
+    ("INT32", [1, "a"], r"element 1 is 'a' \(a string\); INT32 takes whole numbers"),
+    ("INT32", [True, False], r"element 0 is true \(a boolean\); INT32 takes whole numbers"),
+    ("FP32", ["1.5", 2], r"element 0 is '1.5' \(a string\); FP32 takes numbers"),
+    ("FP32", [None, 1.0], "element 0 is null; FP32 takes numbers"),
+    ("BOOL", ["x", "y"], r"element 0 is 'x' \(a string\); BOOL takes true, false, 0 or 1"),
+    ("BOOL", [0, 2], "element 1 is 2; BOOL takes true, false, 0 or 1"),
+    ("BYTES", [None, "a"], "BYTES data must be strings; element 0 is null"),
+    ("BYTES", ["a", {"a": 1}], "BYTES data must be strings; element 1 is an object"),
+    ("FP32", None, "data must be a list of FP32 values, got null"),
+])
+def test_json_data_of_the_wrong_kind_is_refused_naming_the_element(datatype, data, message):
+    """As Triton checks JSON tensor data: a value is never cast into another kind (a 0.7 into
+    INT32's 0, a string into a float, "x" into True, null into "None")."""
+    with pytest.raises(OspreyError, match=f"input 'x': {message}") as err:
+        decode_json("x", datatype, [2] if isinstance(data, list) and len(data) == 2 else [1], data)
+    assert err.value.kind.name == "BAD_INPUT"
+
+
+def test_json_data_that_fits_its_datatype_without_loss_is_taken():
+    assert decode_json("x", "INT32", [2], [1.0, 2.0]).tolist() == [1, 2]  # whole numbers written as floats
+    assert decode_json("x", "BOOL", [2], [0, 1]).tolist() == [False, True]
+    assert decode_json("x", "FP32", [2], [1, 2.5]).dtype == np.float32
+    assert decode_json("x", "UINT64", [1], [2**64 - 1]).tolist() == [2**64 - 1]
+    assert decode_json("x", "BYTES", [1, 1], [["a"]]).tolist() == [[b"a"]]
 
 
 def test_tensors_reach_a_bytes_handler_as_fields():
