@@ -268,15 +268,23 @@ class BuiltinHandler(BaseHandler):
         raise NotImplementedError
 
     # --- helpers ----------------------------------------------------------------------
-    def input_tensor(self, tensors: dict[str, np.ndarray], names: tuple[str, ...]) -> tuple[str, np.ndarray]:
-        """The one input tensor this handler takes, by one of ``names`` (or the only one)."""
-        for name in names:
-            if name in tensors:
-                return name, np.asarray(tensors[name])
-        if len(tensors) == 1:
-            name, value = next(iter(tensors.items()))
-            return name, np.asarray(value)
-        raise InvalidInput(f"expected an input tensor named {' or '.join(names)}, got {', '.join(tensors) or 'none'}")
+    def input_tensor(self, tensors: dict[str, np.ndarray], names: tuple[str, ...],
+                     also: tuple[str, ...] = ()) -> tuple[str, np.ndarray]:
+        """The one input tensor this handler takes, by one of ``names`` (the names its metadata
+        gives; several are alternatives, e.g. an encoded image or the preprocessed tensor).
+        ``also``: other inputs the caller reads itself. Any other input is refused by name, as
+        is more than one of the alternatives: nothing a request sends is silently ignored."""
+        extra = [n for n in tensors if n not in names and n not in also]
+        takes = " or ".join(map(repr, names))
+        if extra:
+            raise InvalidInput(f"unknown input(s) {', '.join(map(repr, extra))}; this model takes {takes}"
+                               + (f" (with {', '.join(map(repr, also))})" if also else ""))
+        given = [n for n in names if n in tensors]
+        if len(given) > 1:
+            raise InvalidInput(f"inputs {' and '.join(map(repr, given))} are alternatives; send one of them")
+        if not given:
+            raise InvalidInput(f"expected an input tensor named {takes}, got {', '.join(map(repr, tensors)) or 'none'}")
+        return given[0], np.asarray(tensors[given[0]])
 
     def _examples(self, row: Any) -> tuple[list, bool]:
         tensors = row.get("tensors") if isinstance(row, dict) else None

@@ -140,7 +140,7 @@ class GeneratorHandler(BuiltinHandler):
         return list(values)
 
     def examples_from_tensors(self, tensors: dict) -> list:
-        name, raw = ("latent", tensors["latent"]) if "latent" in tensors else self.input_tensor(tensors, ("latent",))
+        name, raw = self.input_tensor(tensors, ("latent",), also=("class",) if self.num_classes else ())
         with np.errstate(over="ignore", invalid="ignore"):
             z = numeric_tensor(name, raw).astype(np.float32, copy=False)
         z = self._latent(z, f"input '{name}'")

@@ -318,6 +318,36 @@ def test_tabular_bytes_tensor_is_400_naming_the_datatype(srv):
     assert good.status_code == 200, good.text
 
 
+@pytest.mark.parametrize("model, inputs, needles", [
+    ("text_transformer", [{"name": "foo", "datatype": "BYTES", "shape": [1], "data": ["rain"]}],
+     ("unknown input(s) 'foo'", "this model takes 'text'")),
+    ("diabetes_mlp", [{"name": "foo", "datatype": "FP32", "shape": [1, 10], "data": [0.01] * 10}],
+     ("unknown input(s) 'foo'", "'input'")),
+    ("digits_cnn", [{"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64},
+                    {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+     ("inputs 'image' and 'input' are alternatives", "send one")),
+    ("digits_vae", [{"name": "latent", "datatype": "FP32", "shape": [1, 8], "data": [0.1] * 8},
+                    {"name": "class", "datatype": "INT64", "shape": [1], "data": [1]},
+                    {"name": "noise", "datatype": "FP32", "shape": [1], "data": [1.0]}],
+     ("unknown input(s) 'noise'", "'latent'", "'class'")),
+], ids=["text-unknown-name", "tabular-unknown-name", "image-both-alternatives", "generator-extra"])
+def test_an_input_the_model_does_not_take_is_400_naming_it(srv, model, inputs, needles):
+    """Nothing a request sends is silently ignored: an input under a name the model's metadata
+    does not give, or both of two alternatives, is refused by name (as Triton does)."""
+    message = oip_error(oip(srv, model, inputs))
+    for needle in needles:
+        assert needle in message, message
+    takes = [m["name"] for m in httpx.get(f"{srv.inference}/v2/models/{model}", timeout=10).json()["inputs"]]
+    if model == "digits_cnn":  # one of the two alternatives
+        good = inputs[:1]
+    elif model == "digits_vae":  # latent and class, without the unknown one
+        good = inputs[:2]
+    else:  # the same tensor under the name the metadata gives
+        good = [{**inputs[0], "name": takes[0]}]
+    r = oip(srv, model, good)
+    assert r.status_code == 200, r.text
+
+
 # --- 6. values no float32 holds; empty text ---------------------------------------------------
 def test_tabular_feature_beyond_float32_is_400_naming_it(srv):
     record = records(srv, 1)[0]
