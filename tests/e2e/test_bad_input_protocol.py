@@ -157,6 +157,8 @@ def test_rest_binary_duplicate_input_and_100_dims(http, clean_log):
     _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers), "input 'INPUT0'", "more than once")
     body, headers = _binary([dict(spec, shape=[1] * 100, parameters={"binary_data_size": 4})], RAW[:4])
     _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers), "input 'INPUT0'", "100 dimensions")
+    body, headers = _binary([dict(spec, data=[0.5] * 16)], RAW)  # which one would the model get?
+    _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers), "input 'INPUT0'", "data twice")
     good, headers = _binary([spec], RAW)
     r = http.post("/v2/models/tmlp/infer", content=good, headers=headers)
     assert r.status_code == 200 and len(r.json()["outputs"][0]["data"]) == 4
@@ -279,6 +281,10 @@ def test_grpc_client_mistakes_are_invalid_argument(stub, clean_log):
     _invalid(stub, dup, "input 'INPUT0'", "more than once")
     _invalid(stub, _grpc_tmlp(parameters={"content_type": pb.InferParameter(int64_param=5)}),
              "input 'INPUT0'", "content_type")
+    _invalid(stub, _grpc_tmlp(contents=pb.InferTensorContents(fp32_contents=[0.5] * 16)),
+             "input 'INPUT0'", "data twice", "raw_input_contents")
+    _invalid(stub, _grpc_tmlp(datatype="INT64", raw=None, contents=pb.InferTensorContents(fp32_contents=[0.5] * 16)),
+             "input 'INPUT0'", "INT64 data is read from contents.int64_contents", "contents.fp32_contents")
     out = stub.ModelInfer(_grpc_tmlp(), timeout=30)
     assert np.frombuffer(out.raw_output_contents[0], np.float32).shape == (4,)
 

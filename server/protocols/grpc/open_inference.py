@@ -57,6 +57,10 @@ def _from_contents(inp) -> np.ndarray:
     values = getattr(inp.contents, field)
     count = element_count(name, shape)
     if len(values) != count:
+        others = [f.name for f, v in inp.contents.ListFields() if f.name != field and len(v)]
+        if others:
+            raise bad_input(f"input '{name}': {dt} data is read from contents.{field}; the request filled "
+                            f"{', '.join('contents.' + o for o in others)}")
         raise bad_input(f"input '{name}': shape {shape} needs {count} elements, contents hold {len(values)}")
     if dt == "BYTES":
         arr = np.empty(count, dtype=object)
@@ -89,6 +93,9 @@ def decode_inputs(request) -> tuple[dict[str, np.ndarray], dict | None]:
                 inp.parameters["content_type"].WhichOneof("parameter_choice") != "string_param":
             raise bad_input(f"input '{inp.name}': parameter 'content_type' must be a string_param")
         if raw:
+            if inp.HasField("contents") and inp.contents.ListFields():
+                raise bad_input(f"input '{inp.name}' carries its data twice, in contents and in "
+                                f"raw_input_contents; send one")
             tensors[inp.name] = decode_raw(inp.name, inp.datatype, list(inp.shape), raw[i])
         else:
             tensors[inp.name] = _from_contents(inp)

@@ -129,6 +129,9 @@ def parse_infer_body(body: bytes, header_length: str | None, default_input: dict
             if binary is None:
                 raise bad_input(f"input '{name}': binary_data_size is set but the request has no binary data "
                                 f"(no Inference-Header-Content-Length header)")
+            if "data" in item:
+                raise bad_input(f"input '{name}' carries its data twice, in 'data' and as binary data "
+                                f"(binary_data_size); send one")
             if offset + size > len(binary):
                 raise bad_input(f"input '{name}': binary_data_size {size} runs past the binary data of the body "
                                 f"({len(binary) - offset} bytes left)")
