@@ -266,7 +266,7 @@ class Server:
                              (s.management_address, self.management_app),
                              (s.metrics_address, self.metrics_app)):
             host, port = parse_address(address)
-            config = uvicorn.Config(app, host=host, port=port, lifespan="off", http=http_protocol(s.request_read_timeout),
+            config = uvicorn.Config(app, host=host, port=port, lifespan="off", http=http_protocol(s.request_read_timeout, s.max_header_size),
                                     loop="none", log_level="warning", access_log=False,
                                     server_header=False, date_header=False, timeout_keep_alive=s.keep_alive_timeout,
                                     backlog=2048, proxy_headers=False)

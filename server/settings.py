@@ -48,6 +48,8 @@ class Settings:
     max_request_size: int = 6553500
     # seconds a request's head may take to arrive, and its body may stall between reads (408 then)
     request_read_timeout: float = 60.0
+    # bytes a request's line and headers may take together (431, or 414 for the line alone)
+    max_header_size: int = 65536
     # seconds a shutdown (SIGTERM) may take to answer what was accepted: listeners close at once,
     # queued and running requests finish, kept-alive connections close after their next answer
     drain_timeout: float = 30.0
@@ -361,6 +363,8 @@ def load_settings(
     from monitoring.access_log import parse_access_log
 
     parse_access_log(settings.access_log)
+    if settings.max_header_size < 1024:
+        raise ValueError(f"setting max_header_size: {settings.max_header_size!r} must be at least 1024 bytes")
     if settings.unregister_timeout < 0:
         raise ValueError(f"setting unregister_timeout: {settings.unregister_timeout!r} must be 0 (no limit) "
                          "or a positive number of seconds")

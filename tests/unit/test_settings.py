@@ -268,3 +268,10 @@ def test_numpy_blas_threads_limits_numpy_own_blas_unless_the_environment_sets_a_
         if numpy_blas():  # a numpy built against a system BLAS outside its package is left alone
             assert apply_numpy_blas_threads(1, environ={}) == len(numpy_blas())
             assert set(numpy_blas()) == {1}
+
+
+def test_max_header_size_defaults_to_64_kib_and_refuses_a_tiny_limit():
+    assert load_settings(env={}).max_header_size == 65536
+    assert load_settings(env={"OSPREY_MAX_HEADER_SIZE": "8192"}).max_header_size == 8192
+    with pytest.raises(ValueError, match="max_header_size: 100 must be at least 1024 bytes"):
+        load_settings(env={"OSPREY_MAX_HEADER_SIZE": "100"})

@@ -49,6 +49,7 @@ __all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT"]
 # the ASGI message (an Osprey extension) that abandons an answer already started: see _OneWriteCycle.send
 ABORT = "osprey.response.abort"
 JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
+LINGER_S = 2.0  # after a 414/431, seconds the rest of the client's request is read and dropped
 
 
 class _HeldTransport:
@@ -127,6 +128,11 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     which answers 408 to a request that arrives too slowly."""
 
     read_timeout = 60.0  # seconds; 0 or less: no read timeout (set by :func:`http_protocol`)
+    max_header_size = 65536  # bytes of request line and headers (set by :func:`http_protocol`)
+    _head_size = 0  # bytes of the head's line and headers parsed so far
+    _head_raw = 0  # bytes received while the head was incomplete (after its first read)
+    _head_too_large: bytes | None = None  # the answer to send instead of the parser's generic 400
+    _discarding = False  # the head was too large: what the client still sends is dropped
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -152,6 +158,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:  # after a 414/431: read and dropped until the connection closes
+            return
         self.last_active = time.monotonic()
         if (self._early is not None and data[:6] == b"POST /" and self._refusing() and not self.draining
                 and not self.pipeline
@@ -175,6 +183,16 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
                     self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                         self.timeout_keep_alive_handler)
                 return
+        if self._head_deadline:  # a head still arriving: the parser holds a header whole until it ends
+            self._head_raw += len(data)
+            if self._head_raw > self.max_header_size + 65536:  # the limit, and a read's worth of body
+                try:
+                    self._too_large(431, "RequestHeaderFieldsTooLargeException",
+                                    f"request headers larger than {self.max_header_size} bytes "
+                                    "(setting max_header_size)")
+                except ValueError:
+                    self.send_400_response("")
+                return
         super().data_received(data)
         if self.read_timeout > 0 and not self.transport.is_closing():
             self._arm_read_timer()
@@ -182,6 +200,48 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_deadline = time.monotonic() + self.read_timeout
+        self._head_size = self._head_raw = 0
+
+    # --- the head's size: the parser keeps every header in memory until the head is complete ----
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        if self._head_size > self.max_header_size:
+            self._too_large(414, "URITooLongException", f"request line longer than {self.max_header_size} bytes "
+                                                         "(setting max_header_size)")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.max_header_size:
+            self._too_large(431, "RequestHeaderFieldsTooLargeException",
+                            f"request headers larger than {self.max_header_size} bytes (setting max_header_size)")
+        super().on_header(name, value)
+
+    def _too_large(self, status: int, kind: str, message: str) -> None:
+        """Stop parsing this connection: the answer goes out from :meth:`send_400_response`,
+        which uvicorn calls for the parser error this raises."""
+        body = b'{"code": %d, "type": "%s", "message": "%s"}' % (status, kind.encode(), message.encode())
+        reason = b"URI Too Long" if status == 414 else b"Request Header Fields Too Large"
+        self._head_too_large = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
+        raise ValueError(message)
+
+    def send_400_response(self, msg: str) -> None:
+        answer, self._head_too_large = self._head_too_large, None
+        if answer is None:
+            super().send_400_response(msg)
+            return
+        self._cancel_read_timer()
+        self.transport.write(answer)
+        # a lingering close: the client may still be sending the rest of its head; closing with
+        # unread data would reset the connection and lose the answer on its way, so the answer
+        # is followed by FIN and what arrives is read and dropped, for at most LINGER_S
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def on_headers_complete(self) -> None:
         self._head_deadline = 0.0
@@ -330,10 +390,11 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def http_protocol(read_timeout: float = 60.0):
+def http_protocol(read_timeout: float = 60.0, max_header_size: int = 65536):
     """The protocol for uvicorn's ``http=``: Osprey's where the installed uvicorn has the hook
     it relies on (``HttpToolsProtocol._start_asgi_task``, a cycle class without slots), else
-    uvicorn's own httptools protocol (two writes per response, no read timeout)."""
+    uvicorn's own httptools protocol (two writes per response, no read timeout, no head limit)."""
     if callable(getattr(HttpToolsProtocol, "_start_asgi_task", None)) and "__slots__" not in vars(RequestResponseCycle):
-        return type("OspreyHttpProtocol", (OneWriteHttpToolsProtocol,), {"read_timeout": float(read_timeout)})
+        return type("OspreyHttpProtocol", (OneWriteHttpToolsProtocol,),
+                    {"read_timeout": float(read_timeout), "max_header_size": int(max_header_size)})
     return "httptools"

@@ -1,0 +1,83 @@
+"""A request's line and headers are bounded (setting ``max_header_size``): past it the client
+gets 431 (414 for the request line alone) as a JSON error naming the setting, the connection
+closes after the answer, and the server goes on serving. Without the bound, the HTTP parser
+keeps a header whole in memory however long it grows (a 30 MB header was served).
+
+Against the real server with ``max_header_size=16384``, on raw sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from tests.models import mlp_archive
+
+ROW = json.dumps([float(i) for i in range(16)]).encode()
+LIMIT = 16384
+
+
+@pytest.fixture(scope="module")
+def srv(osprey_module, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    mlp_archive(store)
+    return osprey_module(["mlp.mar"], store, config={"max_header_size": LIMIT})
+
+
+def _exchange(srv, raw: bytes) -> bytes:
+    """Send ``raw`` (as far as the server reads it) and return all it answers until it closes."""
+    host, port = srv.inference.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        try:
+            sock.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        out = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def _error(answer: bytes, status: int) -> str:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    assert b"connection: close" in head.lower()
+    err = json.loads(body)
+    assert err["code"] == status and "max_header_size" in err["message"], err
+    return err["message"]
+
+
+def _still_serves(srv) -> None:
+    r = httpx.post(f"{srv.inference}/predictions/mlp", content=ROW, timeout=30,
+                   headers={"content-type": "application/json", "x-big": "b" * (LIMIT // 2)})
+    assert r.status_code == 200, r.text
+
+
+def test_one_header_over_the_limit_is_431(srv):
+    answer = _exchange(srv, b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nX-Foo: " + b"a" * (LIMIT * 2)
+                       + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(ROW), ROW))
+    assert "request headers larger than 16384 bytes" in _error(answer, 431)
+    _still_serves(srv)
+
+
+def test_a_huge_header_is_refused_while_it_arrives_not_held_whole(srv):
+    answer = _exchange(srv, b"GET /ping HTTP/1.1\r\nHost: a\r\nX-Foo: " + b"a" * 30_000_000 + b"\r\n\r\n")
+    _error(answer, 431)
+    _still_serves(srv)
+
+
+def test_many_small_headers_over_the_limit_are_431(srv):
+    headers = b"".join(b"X-H%d: v\r\n" % i for i in range(3000))
+    _error(_exchange(srv, b"GET /ping HTTP/1.1\r\nHost: a\r\n" + headers + b"\r\n"), 431)
+    _still_serves(srv)
+
+
+def test_a_request_line_over_the_limit_is_414(srv):
+    answer = _exchange(srv, b"GET /" + b"p" * (LIMIT + 100) + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert "request line longer than 16384 bytes" in _error(answer, 414)
+    _still_serves(srv)
