@@ -125,11 +125,13 @@ def _tmlp(**changes) -> dict:
     (_tmlp(input={"datatype": "INT32", "data": [0.7] * 16}), ("input 'INPUT0'", "element 0 is 0.7", "whole numbers")),
     (_tmlp(input={"data": ["1.5"] * 16}), ("input 'INPUT0'", "element 0 is '1.5' (a string)", "FP32 takes numbers")),
     (_tmlp(input={"data": None}), ("input 'INPUT0'", "data must be a list of FP32 values, got null")),
+    (_tmlp(id=5), ("'id' must be a string", "int")),
+    (_tmlp(id={"a": 1}), ("'id' must be a string", "dict")),
 ], ids=["input-params-list", "input-params-str", "request-params-str", "request-params-list",
         "output-params-str", "outputs-str", "outputs-dict", "outputs-item-str", "binary_data-str",
         "binary_data_output-int", "content_type-int", "int8-overflow", "uint8-negative", "int64-overflow",
         "100-dims", "duplicate-input", "binary-size-without-binary", "int32-fraction", "fp32-strings",
-        "data-null"])
+        "data-null", "id-int", "id-object"])
 def test_rest_json_client_mistakes_are_400_naming_the_problem(http, clean_log, body, needles):
     _bad(http.post("/v2/models/tmlp/infer", json=body), *needles)
 
@@ -447,3 +449,11 @@ def test_rest_handler_answer_of_the_wrong_type_names_the_output(http, clean_log)
 @pytest.mark.parametrize("name", ["x" * 5000, "a%00b", "a%5Cb"])
 def test_repository_load_of_a_name_that_is_no_file_name_is_refused(http, clean_log, name):
     _bad(http.post(f"/v2/repository/models/{name}/load"), "model name")
+
+
+@pytest.mark.parametrize("path", ["/v2/repository/index", "/v2/repository/models/tmlp/load",
+                                  "/v2/repository/models/tmlp/unload"])
+def test_repository_requests_with_a_body_that_is_not_a_json_object_are_refused(http, clean_log, path):
+    """Before anything is loaded or unloaded: a body is either a JSON object or nothing."""
+    _bad(http.post(path, content=b"{bad", headers={"content-type": "application/json"}), "not valid JSON")
+    _bad(http.post(path, json=[1]), "must be a JSON object")

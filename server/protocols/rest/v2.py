@@ -167,6 +167,9 @@ def _check_request(request: dict) -> None:
     """Request- and output-level fields a response is built from, checked before inference runs."""
     params = _parameters(request, "the request")
     _check_flag(params, "binary_data_output", "the request")
+    rid = request.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise bad_input(f"'id' must be a string, got {type(rid).__name__}")
     outputs = request.get("outputs")
     if outputs is None:
         return
@@ -288,18 +291,26 @@ def add_v2_routes(router: Router, dataplane: DataPlane, *, model_store: str, ena
         return encode_infer_response(name, out.model_version, request,
                                      output_tensors(out, out.output_specs, requested), core.request.request_id)
 
-    async def index(req: Request) -> Response:
+    def repository_body(req: Request) -> dict:
         body = _loads(req.body) if req.body else {}
+        if not isinstance(body, dict):
+            raise bad_input("the request body must be a JSON object (the repository extension's request)")
+        return body
+
+    async def index(req: Request) -> Response:
+        body = repository_body(req)
         models = repository_index(registry, model_store)
-        if isinstance(body, dict) and body.get("ready"):
+        if body.get("ready"):
             models = [m for m in models if m["state"] == "READY"]
         return _json(models)
 
     async def load(req: Request) -> Response:
+        repository_body(req)
         await load_model(registry, model_store, req.params["model"], enable_model_api)
         return _json({})
 
     async def unload(req: Request) -> Response:
+        repository_body(req)
         await unload_model(registry, req.params["model"], enable_model_api)
         return _json({})
 
