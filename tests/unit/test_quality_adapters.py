@@ -175,8 +175,11 @@ def test_label_values():
     lst.list_value.values.add(number_value=1.0)
     lst.list_value.values.add(number_value=2.5)
     assert label_of(lst, "x") == [1, 2.5]
-    for bad in (v(null_value=0), v(struct_value=struct_pb2.Struct())):
-        with pytest.raises(OspreyError, match="'label' must be"):
+    obj = v()
+    obj.struct_value.fields["a"].number_value = 1
+    for bad, named in ((v(null_value=0), "got null"), (v(struct_value=struct_pb2.Struct()), "got dict"),
+                       (obj, "got dict")):
+        with pytest.raises(OspreyError, match=f"'label' must be .*, {named}"):
             label_of(bad, "feedback[0]")
 
 

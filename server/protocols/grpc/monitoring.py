@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from server.core.capture import FeedbackItem
 from server.core.dataplane import DataPlane
@@ -51,8 +51,10 @@ def label_of(value: struct_pb2.Value, where: str) -> Any:
             raise _bad(f"{where}: a list 'label' must hold numbers only")
     elif kind is None:
         raise _bad(f"{where} has no 'label'")
+    elif kind == "struct_value":
+        label = json_format.MessageToDict(value.struct_value)  # an object: refused by check_label, naming it
     else:
-        label = None  # null or a struct: refused by check_label, naming it
+        label = None  # null: refused by check_label, naming it
     check_label(label, where)
     return label
 
