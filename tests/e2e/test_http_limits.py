@@ -81,3 +81,18 @@ def test_a_request_line_over_the_limit_is_414(srv):
     answer = _exchange(srv, b"GET /" + b"p" * (LIMIT + 100) + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert "request line longer than 16384 bytes" in _error(answer, 414)
     _still_serves(srv)
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\n", "Content-Length"),
+    (b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n[]", "header value"),
+    (b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n",
+     "Transfer-Encoding"),
+], ids=["negative-length", "control-char", "length-and-chunked"])
+def test_a_request_the_parser_refuses_gets_a_json_400_naming_what_it_found(srv, raw, needle):
+    head, _, body = _exchange(srv, raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    err = json.loads(body)
+    assert err["code"] == 400 and err["message"].startswith("Invalid HTTP request received: "), err
+    assert needle.lower() in err["message"].lower(), err
+    _still_serves(srv)

@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import time
 
+import httptools
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 __all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT"]
@@ -87,6 +89,29 @@ class _HeldTransport:
 
     def __getattr__(self, name: str):
         return getattr(self.transport, name)
+
+
+class _NamedErrors:
+    """The httptools parser, keeping the text of the error it raised (uvicorn answers a parser
+    error with a fixed message; Osprey's answer names what the parser found)."""
+
+    __slots__ = ("parser", "error")
+
+    def __init__(self, parser) -> None:
+        self.parser = parser
+        self.error: str | None = None
+
+    def feed_data(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise
+        except httptools.HttpParserError as exc:
+            self.error = str(exc)  # the parser's own words ("Invalid header value char"), never a callback's
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.parser, name)
 
 
 class _OneWriteCycle(RequestResponseCycle):
@@ -136,6 +161,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.parser = _NamedErrors(self.parser)
         self._read_timer = None
         self._head_deadline = 0.0  # while a request's head is arriving: when it must be complete
         self._in_body = False  # a request's body is arriving
@@ -227,10 +253,15 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         raise ValueError(message)
 
     def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser refused, as Osprey's JSON error naming what
+        the parser found (``Invalid header value char``, ...); the connection then closes."""
         answer, self._head_too_large = self._head_too_large, None
         if answer is None:
-            super().send_400_response(msg)
-            return
+            why = getattr(self.parser, "error", None)
+            message = f"{msg.rstrip('.')}: {why}" if why else msg
+            body = orjson.dumps({"code": 400, "type": "BadRequestException", "message": message})
+            answer = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
         self._cancel_read_timer()
         self.transport.write(answer)
         # a lingering close: the client may still be sending the rest of its head; closing with
