@@ -96,11 +96,12 @@ class TabularHandler(BuiltinHandler):
             return
         raw = ~np.isfinite(rows)
         if raw.any():
-            col = int(np.argwhere(raw)[0][-1])
-            raise InvalidInput(f"feature {self.features[col]!r} must be a finite number within float32's range "
-                               "(about +-3.4e38)")
-        col = int(np.argwhere(~np.isfinite(scaled))[0][-1])
-        raise InvalidInput(f"feature {self.features[col]!r} is out of range: standardized, it is not a finite float32")
+            row, col = (int(x) for x in np.argwhere(raw)[0])
+            raise InvalidInput(f"{_record(row, len(rows))}feature {self.features[col]!r} must be a finite number "
+                               "within float32's range (about +-3.4e38)")
+        row, col = (int(x) for x in np.argwhere(~np.isfinite(scaled))[0])
+        raise InvalidInput(f"{_record(row, len(rows))}feature {self.features[col]!r} is out of range: standardized, "
+                           "it is not a finite float32")
 
     def _values(self, rec: Any) -> Any:
         """One record's values in feature order, as sent (numbers are checked per request)."""
@@ -122,7 +123,11 @@ class TabularHandler(BuiltinHandler):
     def _matrix(self, recs: list) -> np.ndarray:
         """The records as one N x features float32 array, checked once per request: a value
         that is no number, or no finite float32 (also standardized), is a 400 naming its feature."""
-        values = [self._values(r) for r in recs]
+        try:
+            values = [self._values(r) for r in recs]
+        except InvalidInput as exc:  # which record: looked for only on failure
+            i = next(i for i, r in enumerate(recs) if _fails(self._values, r))
+            raise InvalidInput(f"{_record(i, len(recs))}{exc}") from None
         n = len(self.features)
         rows = None
         if set(map(type, itertools.chain.from_iterable(values))) <= {int, float}:  # plain JSON numbers
@@ -131,8 +136,13 @@ class TabularHandler(BuiltinHandler):
             except OverflowError:  # an integer too large for any float: named below
                 pass
         if rows is None:  # strings, booleans, nulls, huge integers: value by value, naming the first bad one
-            rows = np.asarray([[self._number(f, v) for f, v in zip(self.features, row)] for row in values],
-                              dtype=np.float64)
+            checked = []
+            for i, row in enumerate(values):
+                try:
+                    checked.append([self._number(f, v) for f, v in zip(self.features, row)])
+                except InvalidInput as exc:
+                    raise InvalidInput(f"{_record(i, len(values))}{exc}") from None
+            rows = np.asarray(checked, dtype=np.float64)
         with np.errstate(over="ignore"):
             rows = rows.reshape(len(values), n).astype(np.float32)
         self._check_range(rows)
@@ -203,3 +213,16 @@ class TabularHandler(BuiltinHandler):
         else:
             answers = [topk_labels(p, self.labels, self.topk) for p in outputs["probabilities"]]
         return answers if examples[0][1] else answers[0]
+
+
+def _record(i: int, n: int) -> str:
+    """How an error names the record it is about, in a request holding several."""
+    return f"record {i}: " if n > 1 else ""
+
+
+def _fails(check, value) -> bool:
+    try:
+        check(value)
+    except InvalidInput:
+        return True
+    return False

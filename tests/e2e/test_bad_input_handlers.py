@@ -247,6 +247,21 @@ def test_tabular_more_records_than_the_model_takes_is_400_naming_the_limit(srv):
     assert "at most 4096 records" in oip_error(r)
 
 
+def test_tabular_error_in_a_request_of_many_records_names_the_record(srv):
+    recs = records(srv, 3000)
+    recs[1234] = {**recs[1234], "bmi": "x"}
+    assert_400(post(srv, "diabetes_mlp", recs)[0], "record 1234: feature 'bmi' must be a number, got 'x'")
+    recs = records(srv, 50)
+    recs[7] = {k: v for k, v in recs[7].items() if k != "age"}
+    assert_400(post(srv, "diabetes_mlp", recs)[0], "record 7: missing feature 'age'")
+    data = [0.01] * 40
+    data[3 * 10 + 2] = 1e39  # beyond float32: record 3
+    assert "record 3: feature" in oip_error(oip(srv, "diabetes_mlp", [
+        {"name": "input", "datatype": "FP64", "shape": [4, 10], "data": data}]))
+    one = records(srv, 1)[0]
+    assert_400(post(srv, "diabetes_mlp", {**one, "bmi": "x"})[0], "feature 'bmi' must be a number")  # alone: no index
+
+
 def test_tabular_batches_holding_more_records_than_the_limit_are_served(srv):
     """Requests of 2,100 records each, sent at once: any two batched together exceed the
     exported program's 4,096; every one is answered, as it is alone."""
