@@ -246,7 +246,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def _too_large(self, status: int, kind: str, message: str) -> None:
         """Stop parsing this connection: the answer goes out from :meth:`send_400_response`,
         which uvicorn calls for the parser error this raises."""
-        body = b'{"code": %d, "type": "%s", "message": "%s"}' % (status, kind.encode(), message.encode())
+        body = orjson.dumps({"code": status, "type": kind, "message": message})
         reason = b"URI Too Long" if status == 414 else b"Request Header Fields Too Large"
         self._head_too_large = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
                                 b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
