@@ -66,7 +66,7 @@ def test_one_header_over_the_limit_is_431(srv):
 
 
 def test_a_huge_header_is_refused_while_it_arrives_not_held_whole(srv):
-    answer = _exchange(srv, b"GET /ping HTTP/1.1\r\nHost: a\r\nX-Foo: " + b"a" * 30_000_000 + b"\r\n\r\n")
+    answer = _exchange(srv, b"GET /ping HTTP/1.1\r\nHost: a\r\nX-Foo: " + b"a" * 3_000_000 + b"\r\n\r\n")
     _error(answer, 431)
     _still_serves(srv)
 
