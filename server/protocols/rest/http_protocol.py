@@ -91,29 +91,6 @@ class _HeldTransport:
         return getattr(self.transport, name)
 
 
-class _NamedErrors:
-    """The httptools parser, keeping the text of the error it raised (uvicorn answers a parser
-    error with a fixed message; Osprey's answer names what the parser found)."""
-
-    __slots__ = ("parser", "error")
-
-    def __init__(self, parser) -> None:
-        self.parser = parser
-        self.error: str | None = None
-
-    def feed_data(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise
-        except httptools.HttpParserError as exc:
-            self.error = str(exc)  # the parser's own words ("Invalid header value char"), never a callback's
-            raise
-
-    def __getattr__(self, name: str):
-        return getattr(self.parser, name)
-
-
 class _OneWriteCycle(RequestResponseCycle):
     """uvicorn's request cycle; its ``send`` holds the header block until the first body message.
 
@@ -161,7 +138,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.parser = _NamedErrors(self.parser)
+        self._parser_error: str | None = None  # what the parser said about the request it refused
         self._read_timer = None
         self._head_deadline = 0.0  # while a request's head is arriving: when it must be complete
         self._in_body = False  # a request's body is arriving
@@ -194,7 +171,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             if answer == b"":  # admitted: parsed as usual below, and not asked again (see refusal)
                 self._admitted = True
                 try:
-                    super().data_received(data)
+                    self._feed(data)
                 finally:
                     self._admitted = False
                 if self.read_timeout > 0 and not self.transport.is_closing():
@@ -219,9 +196,26 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
                 except ValueError:
                     self.send_400_response("")
                 return
-        super().data_received(data)
+        self._feed(data)
         if self.read_timeout > 0 and not self.transport.is_closing():
             self._arm_read_timer()
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received``, keeping the text of a parser error for the answer."""
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+        except httptools.HttpParserError as exc:
+            self._parser_error = str(exc)  # the parser's own words ("Invalid header value char")
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -229,19 +223,23 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = self._head_raw = 0
 
     # --- the head's size: the parser keeps every header in memory until the head is complete ----
+    # uvicorn's on_url and on_header, with the count (written out: these run for every header)
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
         if self._head_size > self.max_header_size:
             self._too_large(414, "URITooLongException", f"request line longer than {self.max_header_size} bytes "
                                                          "(setting max_header_size)")
-        super().on_url(url)
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.max_header_size:
             self._too_large(431, "RequestHeaderFieldsTooLargeException",
                             f"request headers larger than {self.max_header_size} bytes (setting max_header_size)")
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def _too_large(self, status: int, kind: str, message: str) -> None:
         """Stop parsing this connection: the answer goes out from :meth:`send_400_response`,
@@ -257,7 +255,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         the parser found (``Invalid header value char``, ...); the connection then closes."""
         answer, self._head_too_large = self._head_too_large, None
         if answer is None:
-            why = getattr(self.parser, "error", None)
+            why, self._parser_error = self._parser_error, None
             message = f"{msg.rstrip('.')}: {why}" if why else msg
             body = orjson.dumps({"code": 400, "type": "BadRequestException", "message": message})
             answer = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
