@@ -9,12 +9,12 @@ Against the real server with ``max_header_size=16384``, on raw sockets.
 from __future__ import annotations
 
 import json
-import socket
 
 import httpx
 import pytest
 
 from tests.models import mlp_archive
+from tests.raw_http import connect, read_all
 
 ROW = json.dumps([float(i) for i in range(16)]).encode()
 LIMIT = 16384
@@ -29,18 +29,12 @@ def srv(osprey_module, tmp_path_factory):
 
 def _exchange(srv, raw: bytes) -> bytes:
     """Send ``raw`` (as far as the server reads it) and return all it answers until it closes."""
-    host, port = srv.inference.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with connect(srv, timeout=30) as sock:
         try:
             sock.sendall(raw)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        out = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
+        return read_all(sock)
 
 
 def _error(answer: bytes, status: int) -> str:
@@ -68,20 +62,14 @@ def test_one_header_over_the_limit_is_431(srv):
 def test_a_huge_header_is_refused_while_it_arrives_not_held_whole(srv):
     """The header never ends: the answer can only come from the bytes counted as they arrive
     (the parser reports a header when it is complete)."""
-    host, port = srv.inference.split("//")[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=15) as sock:
+    with connect(srv) as sock:
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: a\r\nX-Foo: ")
-        answer = b""
         try:
             for _ in range(64):  # up to 4 MB, 64 KiB a send, until the server answers
                 sock.sendall(b"a" * 65536)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_all(sock)
     _error(answer, 431)
     _still_serves(srv)
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.models import mlp_archive
+from tests.raw_http import connect, read_all
 
 ROW = json.dumps([float(i) for i in range(16)]).encode()
 
@@ -26,32 +27,16 @@ def srv(osprey_module, tmp_path_factory):
     return osprey_module(["mlp.mar"], store, config={"request_read_timeout": 1, "keep_alive_timeout": 2})
 
 
-def _connect(srv) -> socket.socket:
-    host, port = srv.inference.split("//")[1].split(":")
-    sock = socket.create_connection((host, int(port)), timeout=15)
-    return sock
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    out = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return out
-        out += chunk
-
-
 def _still_serves(srv) -> None:
     assert httpx.post(f"{srv.inference}/predictions/mlp", content=ROW, timeout=30,
                       headers={"content-type": "application/json"}).status_code == 200
 
 
 def test_headers_that_never_finish_get_408_and_the_connection_closes(srv):
-    with _connect(srv) as sock:
+    with connect(srv) as sock:
         t0 = time.monotonic()
         sock.sendall(b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\n")
-        answer = _read_all(sock)
+        answer = read_all(sock)
         waited = time.monotonic() - t0
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b"request headers not received within 1 s" in answer
@@ -60,7 +45,7 @@ def test_headers_that_never_finish_get_408_and_the_connection_closes(srv):
 
 
 def test_trickling_header_bytes_does_not_extend_the_deadline(srv):
-    with _connect(srv) as sock:
+    with connect(srv) as sock:
         t0 = time.monotonic()
         sock.sendall(b"POST /predictions/mlp HTTP/1.1\r\n")
         sock.settimeout(0.3)
@@ -83,43 +68,43 @@ def test_trickling_header_bytes_does_not_extend_the_deadline(srv):
 
 
 def test_a_body_that_stalls_gets_408(srv):
-    with _connect(srv) as sock:
+    with connect(srv) as sock:
         sock.sendall(b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(ROW) + ROW[:10])
-        answer = _read_all(sock)
+        answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request body not received within 1 s" in answer
     _still_serves(srv)
     assert "Traceback" not in srv.log()  # the handler-less end of a request is not an error
 
 
 def test_a_slow_but_steady_upload_is_served(srv):
-    with _connect(srv) as sock:
+    with connect(srv) as sock:
         sock.sendall(b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(ROW))
         for i in range(0, len(ROW), len(ROW) // 4 + 1):  # about 2 s in all, never 1 s without data
             sock.sendall(ROW[i:i + len(ROW) // 4 + 1])
             time.sleep(0.5)
-        answer = _read_all(sock)
+        answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert len(json.loads(answer.split(b"\r\n\r\n", 1)[1])) == 4
 
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_keep_alive_timeout(srv):
-    with _connect(srv) as sock:
+    with connect(srv) as sock:
         t0 = time.monotonic()
-        assert _read_all(sock) == b""
+        assert read_all(sock) == b""
         assert 1.5 < time.monotonic() - t0 < 12
     _still_serves(srv)
 
 
 def test_bare_line_breaks_do_not_keep_a_connection_open(srv):
     """The parser skips CRLFs before a request without starting one: still an idle connection."""
-    with _connect(srv) as sock:
+    with connect(srv) as sock:
         t0 = time.monotonic()
         sock.sendall(b"\r\n")
         time.sleep(0.5)
         sock.sendall(b"\r\n")
-        assert _read_all(sock) == b""
+        assert read_all(sock) == b""
         assert time.monotonic() - t0 < 12
 
 
