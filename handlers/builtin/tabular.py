@@ -123,11 +123,12 @@ class TabularHandler(BuiltinHandler):
     def _matrix(self, recs: list) -> np.ndarray:
         """The records as one N x features float32 array, checked once per request: a value
         that is no number, or no finite float32 (also standardized), is a 400 naming its feature."""
-        try:
-            values = [self._values(r) for r in recs]
-        except InvalidInput as exc:  # which record: looked for only on failure
-            i = next(i for i, r in enumerate(recs) if _fails(self._values, r))
-            raise InvalidInput(f"{_record(i, len(recs))}{exc}") from None
+        values = []
+        for i, r in enumerate(recs):
+            try:
+                values.append(self._values(r))
+            except InvalidInput as exc:
+                raise InvalidInput(f"{_record(i, len(recs))}{exc}") from None
         n = len(self.features)
         rows = None
         if set(map(type, itertools.chain.from_iterable(values))) <= {int, float}:  # plain JSON numbers
@@ -218,11 +219,3 @@ class TabularHandler(BuiltinHandler):
 def _record(i: int, n: int) -> str:
     """How an error names the record it is about, in a request holding several."""
     return f"record {i}: " if n > 1 else ""
-
-
-def _fails(check, value) -> bool:
-    try:
-        check(value)
-    except InvalidInput:
-        return True
-    return False

@@ -177,49 +177,41 @@ def _typed(name: str, datatype: str, dtype: np.dtype, raw: np.ndarray, data: Any
     kind = raw.dtype.kind
     if kind in "fiu" and datatype in _FLOATS:  # the common case first: numbers for a float type
         return raw.astype(dtype if datatype != "BF16" else _F32)
-    target = _F32 if datatype == "BF16" else dtype
     if datatype == "BOOL":
+        what = "BOOL takes true, false, 0 or 1"
         if kind == "b":
             return raw
         if kind in "iu":
             bad = (raw != 0) & (raw != 1)
-            if not bad.any():
-                return raw.astype(np.bool_)
-            raise _first(name, raw, bad, "BOOL takes true, false, 0 or 1")
-        what = "BOOL takes true, false, 0 or 1"
-    elif target.kind == "f":
-        if kind in "fiu":
-            return raw.astype(target)
+            if bad.any():
+                raise _first(name, raw, bad, what)
+            return raw.astype(np.bool_)
+    elif datatype in _FLOATS:
         what = f"{datatype} takes numbers"
     else:  # INT*, UINT*
-        whole = f"{datatype} takes whole numbers"
+        what = f"{datatype} takes whole numbers"
         if kind == "f":
             bad = ~np.isfinite(raw) | (raw != np.floor(raw))
             if bad.any():
-                raise _first(name, raw, bad, whole)
+                raise _first(name, raw, bad, what)
         if kind in "fiu":
-            info = np.iinfo(target)
+            info = np.iinfo(dtype)
             out = (raw < info.min) | (raw > info.max)
             if out.any():
                 raise _first(name, raw, out, f"out of range for {datatype} ({info.min}..{info.max})")
-            return raw.astype(target)
-        if kind == "O" and all(type(v) is int for v in raw):  # beyond int64: numpy says which
-            try:
-                return np.asarray(data, dtype=target).ravel()
-            except OverflowError as exc:
-                raise bad_input(f"input '{name}': data holds a value out of range for {datatype} ({exc})") from None
-        what = whole
-    if kind != "O":  # strings, or booleans where numbers belong (numpy made [1, "a"] all strings):
-        raw = np.asarray(data, dtype=object).ravel()  # the values as sent, so the first wrong one is named
-    if raw.size:
-        number = (int, float) if datatype != "BOOL" else (bool,)
-        bad = np.fromiter((isinstance(v, bool) is (datatype != "BOOL") or not isinstance(v, number) for v in raw),
-                          dtype=bool, count=raw.size)
-        if bad.any():
-            raise _first(name, raw, bad, what)
-        if kind == "O":
-            return np.asarray(raw.tolist(), dtype=target)
-    return raw.astype(target)  # empty
+            return raw.astype(dtype)
+    # strings, nulls, booleans where numbers belong, integers beyond int64: the values as sent
+    # (numpy made [1, "a"] all strings), so that the first wrong one is named
+    values = raw if kind == "O" else np.asarray(data, dtype=object).ravel()
+    want = bool if datatype == "BOOL" else (int, float)
+    bad = np.fromiter((isinstance(v, bool) is (datatype != "BOOL") or not isinstance(v, want) for v in values),
+                      dtype=bool, count=values.size)
+    if bad.any():
+        raise _first(name, values, bad, what)
+    try:
+        return np.asarray(values.tolist(), dtype=_F32 if datatype == "BF16" else dtype)
+    except OverflowError as exc:  # an integer numpy holds only as an object
+        raise bad_input(f"input '{name}': data holds a value out of range for {datatype} ({exc})") from None
 
 
 def datatype_of(arr: np.ndarray) -> str:

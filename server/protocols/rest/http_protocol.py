@@ -189,12 +189,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self._head_deadline:  # a head still arriving: the parser holds a header whole until it ends
             self._head_raw += len(data)
             if self._head_raw > self.max_header_size + 65536:  # the limit, and a read's worth of body
-                try:
-                    self._too_large(431, "RequestHeaderFieldsTooLargeException",
-                                    f"request headers larger than {self.max_header_size} bytes "
-                                    "(setting max_header_size)")
-                except ValueError:
-                    self.send_400_response("")
+                self._too_large(line=False)
+                self.send_400_response("")
                 return
         self._feed(data)
         if self.read_timeout > 0 and not self.transport.is_closing():
@@ -227,28 +223,32 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
         if self._head_size > self.max_header_size:
-            self._too_large(414, "URITooLongException", f"request line longer than {self.max_header_size} bytes "
-                                                         "(setting max_header_size)")
+            self._too_large(line=True)
+            raise ValueError("request line too long")  # the parser stops; uvicorn calls send_400_response
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self.max_header_size:
-            self._too_large(431, "RequestHeaderFieldsTooLargeException",
-                            f"request headers larger than {self.max_header_size} bytes (setting max_header_size)")
+            self._too_large(line=False)
+            raise ValueError("request headers too large")  # as in on_url
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
         self.headers.append((name, value))
 
-    def _too_large(self, status: int, kind: str, message: str) -> None:
-        """Stop parsing this connection: the answer goes out from :meth:`send_400_response`,
-        which uvicorn calls for the parser error this raises."""
-        body = orjson.dumps({"code": status, "type": kind, "message": message})
-        reason = b"URI Too Long" if status == 414 else b"Request Header Fields Too Large"
+    def _too_large(self, line: bool) -> None:
+        """The head is over ``max_header_size``: the answer :meth:`send_400_response` sends
+        instead of the parser's 400 (414 when the request line alone is, else 431)."""
+        if line:
+            status, reason, kind, what = 414, b"URI Too Long", "URITooLongException", "request line longer"
+        else:
+            status, reason, kind, what = (431, b"Request Header Fields Too Large", "RequestHeaderFieldsTooLargeException",
+                                          "request headers larger")
+        body = orjson.dumps({"code": status, "type": kind,
+                             "message": f"{what} than {self.max_header_size} bytes (setting max_header_size)"})
         self._head_too_large = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
                                 b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
-        raise ValueError(message)
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser refused, as Osprey's JSON error naming what
