@@ -267,17 +267,28 @@ class Monitor:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         elif joins and self._queue:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
-        kept = 0
+        quality = vm.quality if vm is not None else None
+        if quality is None:
+            result = FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
+        else:
+            result = await asyncio.to_thread(quality.feedback, items)
         if retraining is not None:
-            try:
-                kept = await asyncio.to_thread(self.dataset.join, model, version, items, retraining.max_rows)
-            except Exception:
-                log.exception("event=dataset_join_failed model=%s version=%s", model, version)
-        if vm is None or vm.quality is None:
-            return FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"],
-                                  kept=kept)
-        result = await asyncio.to_thread(vm.quality.feedback, items)
-        result.kept = kept
+            # only labels the model can take become training rows: one refused here (a class the
+            # model does not have) would fail every retraining that read it
+            fresh = [it for it in items if it.index not in result.rejected]
+            if quality is not None and fresh:  # labels with no kept prediction: judged by the model's outputs
+                refused = await asyncio.to_thread(quality.check_labels, fresh)
+                if refused:
+                    fresh = [it for it in fresh if it.index not in refused]
+                    for index, why in sorted(refused.items()):
+                        result.rejected.add(index)
+                        result.errors.append(f"feedback[{index}]: {why}; not kept for retraining")
+            if fresh:
+                try:
+                    result.kept = await asyncio.to_thread(self.dataset.join, model, version, fresh,
+                                                          retraining.max_rows)
+                except Exception:
+                    log.exception("event=dataset_join_failed model=%s version=%s", model, version)
         return result
 
     def forget(self, model: str, version: str) -> None:

@@ -297,6 +297,26 @@ class QualityMonitor:
                               f"monitoring state is unavailable for model {self.model} version {self.version}: "
                               f"{exc}; no label was recorded, send them again later", retry_after=RETRY_S) from None
 
+    def check_labels(self, items: Sequence[FeedbackItem]) -> dict[int, str]:
+        """{item index: why} for labels this model cannot take, judged by what its predictions
+        look like (task, classes, width) without a kept prediction: for labels that join
+        something else (inputs held for retraining). {} while no prediction was seen yet."""
+        try:
+            meta = self._meta or self.store.get_meta() or {}
+        except StoreUnavailable:
+            return {}
+        kind = {"classification": _CLASSIFICATION, "regression": _REGRESSION,
+                "generator": _GENERATOR}.get(meta.get("task") or "")
+        width = meta.get("width")
+        if kind is None or not isinstance(width, int):
+            return {}
+        out = {}
+        for item in items:
+            _, why = resolve_label(item.label, kind, width, meta.get("classes"))
+            if why is not None:
+                out[item.index] = why
+        return out
+
     def _feedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult:
         result = FeedbackResult()
         self._flush(raising=True)  # predictions of this process first: a label may be for one of them
@@ -313,6 +333,7 @@ class QualityMonitor:
             value, why = resolve_label(item.label, kind, len(outputs), classes)
             if why is not None:
                 result.invalid += 1
+                result.rejected.add(item.index)
                 result.errors.append(f"feedback[{item.index}] (request_id {show(item.request_id)}): {why}")
                 continue
             joined.append((pos, orjson.dumps({"k": kind.decode(), "y": value, "o": outputs.tolist()})))

@@ -117,6 +117,8 @@ class FeedbackResult:
     # labels joined to their request's held inputs as training rows (models with retraining on),
     # whether or not live quality could use them (embedding models keep no predictions)
     kept: int = 0
+    # the items (FeedbackItem.index) found invalid: their labels are not kept as training rows
+    rejected: set[int] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
         out = {"accepted": self.accepted, "unmatched": self.unmatched, "invalid": self.invalid}

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["RowError", "example_labels", "request_body", "handler_row", "read_rows", "split_rows", "read_reference",
-           "golden_rows", "resolve_labels"]
+           "golden_rows", "resolve_labels", "usable_rows"]
 
 
 class RowError(ValueError):
@@ -182,3 +182,28 @@ def resolve_labels(rows: Sequence[dict], task: str | None, classes: Sequence[str
             raise RowError(f"row {_rid(row, i)}: {why}")
         out.append(value)
     return out
+
+
+def usable_rows(rows: Sequence[dict], task: str | None, classes: Sequence[str] | None) -> tuple[list[dict], list[str]]:
+    """(the rows whose label this model can take, one line per row left out naming it and why).
+
+    A label is checked as :func:`resolve_labels` reads it (a request holding several examples:
+    each of its list's labels); a model whose task says nothing about its labels keeps every
+    row. Production rows are what clients sent: one wrong label must cost its row, not the
+    whole retraining."""
+    if task not in ("classification", "regression", "embedding"):
+        return list(rows), []
+    kept, dropped = [], []
+    for i, row in enumerate(rows):
+        label = row.get("label")
+        if isinstance(label, np.ndarray):
+            label = label.tolist()
+        several = isinstance(label, (list, tuple)) and task != "regression"
+        rid = _rid(row, i)
+        try:
+            resolve_labels([{"rid": rid, "label": y} for y in (label if several else [label])], task, classes)
+        except RowError as exc:
+            dropped.append(str(exc))
+            continue
+        kept.append(row)
+    return kept, dropped

@@ -79,9 +79,10 @@ def run(job: Any) -> dict[str, Any]:
     except ValueError:  # not the main thread (an in-process test runner): cancel then kills
         pass
     from monitoring.dataset import read_rows
-    from server.retraining.data import split_rows
+    from server.retraining.data import split_rows, usable_rows
     from server.retraining.gate import evaluate
     from server.retraining.package import next_version, stage, write_version
+    from server.retraining.serving import LoadedModel
     from server.retraining.training import run_training
 
     p, rec = job.params, job.record
@@ -124,6 +125,11 @@ def run(job: Any) -> dict[str, Any]:
 
         redis = redis_lib.Redis.from_url(p["redis_url"])
     rows = read_rows(model, root=store, redis=redis, state_dir=p.get("state_dir") or None)
+    with LoadedModel(archive) as loaded:  # what labels the champion takes (its task and classes)
+        task, classes = loaded.task, loaded.classes
+    rows, dropped = usable_rows(rows, task, classes)
+    if dropped:
+        job.step("data", f"left out {len(dropped)} row(s) whose label {model} cannot take, e.g. {dropped[0]}")
     if len(rows) < cfg.min_labels:
         return {"state": "rejected", "message": f"{len(rows)} labelled production rows for {model}; "
                                                 f"retraining needs min_labels {cfg.min_labels}"}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -287,6 +288,19 @@ def test_embedded_loop_digits_retrained_on_inverted_digits_promoted_under_load(e
     grids, labels = shift_digits(held["images"], held["labels"], "inverted", 300, seed=1)
     label(emb, "digits_cnn", [(digit_png(g), str(int(y))) for g, y in zip(grids, labels)],
           store_rows(emb.store, "digits_cnn"), workers=8)
+    # a label the model cannot take is refused and not kept as a training row ...
+    answer = predict(emb, "digits_cnn", digit_png(grids[0]))
+    r = httpx.post(f"{emb.inference}/feedback/digits_cnn", timeout=60,
+                   json={"request_id": answer.headers["x-request-id"], "label": "cat"})
+    assert r.status_code == 400 and "'cat' is not a class of this model" in r.json()["message"], r.text
+    assert "kept" not in r.json(), r.text
+    # ... and one kept by an older Osprey costs its row, not the retraining
+    from monitoring.dataset import dataset_path, read_rows
+
+    kept = read_rows("digits_cnn", root=emb.store)
+    assert len(kept) == 300 and {row["label"] for row in kept} <= {str(d) for d in range(10)}
+    with open(dataset_path(emb.store, "digits_cnn"), "ab") as f:
+        pickle.dump(dict(kept[0], rid="kept-by-an-older-osprey", label="cat"), f, protocol=5)
     stream, _ = shift_digits(held["images"], held["labels"], "inverted", 200, seed=2)
     pngs = [digit_png(g) for g in stream]
     load = Load(emb, "digits_cnn", lambda i: pngs[i % len(pngs)])
@@ -316,6 +330,10 @@ def test_embedded_loop_digits_retrained_on_inverted_digits_promoted_under_load(e
     assert canary["challenger"]["requests"] >= 30 and canary["challenger"]["errors"] == 0, canary
     for step in ("training", "gate passed", "registered", "canary", "canary passed", "promoted", "probation passed"):
         assert step in steps(done), steps(done)
+    left_out = [s["detail"] for s in done["steps"] if s["step"] == "data" and s["detail"].startswith("left out")]
+    assert left_out == ["left out 1 row(s) whose label digits_cnn cannot take, e.g. row kept-by-an-older-osprey: "
+                        "label 'cat' is not a class of this model (one of ['0', '1', '2', '3', '4', '5', '6', '7', "
+                        "'8', '9'])"], steps(done)
     assert versions(emb, "digits_cnn") == {"1.0": False, "2.0": True}
     assert published(emb.store, "digits_cnn") == [f"digits_cnn-v2.0-{done['id'][:12]}.mar"]
     # the drift reference moved: 2.0 is watched against its own profile, built from its training data

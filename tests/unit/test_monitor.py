@@ -328,3 +328,35 @@ def test_feedback_kept_as_a_training_row_says_so_even_without_quality(archive, m
     items = [FeedbackItem("held", "sports", 0), FeedbackItem("never-answered", "food", 1)]
     result = asyncio.run(m.feedback("m", "1.0", items))
     assert result.as_dict() == {"accepted": 0, "unmatched": 2, "invalid": 0, "kept": 1}
+
+
+def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, monitor, tmp_path):
+    """A label refused as invalid (a class the model does not have) must not become a training
+    row: once stored, every retraining that read it failed on it. Refused whether its
+    prediction is kept (the quality join finds it invalid) or not (judged by the model's outputs)."""
+    from monitoring.dataset import LabelledData, read_rows
+    from monitoring.quality import quality_factory
+    from tests.unit.test_dataset import body, version
+
+    mv = version()
+    data = LabelledData(tmp_path)
+    for rid in ("good", "cat", "unseen-cat", "unseen-good"):
+        data.hold(mv, body(rid))
+    versions = Versions()
+    versions.add("m", "1.0", archive)
+    versions.known[("m", "1.0")].config.retraining = mv.config.retraining
+    m = monitor(versions, dataset=data,
+                quality_factory=lambda model, version, cfg, model_dir, store: quality_factory(model, version, cfg,
+                                                                                              model_dir, None))
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]], dtype=np.float32)
+    feed(m, [replace(obs(2, 1, model="m", version="1.0"), request_ids=["good", "cat"], outputs=probs,
+                     task="classification", classes=("a", "b", "c"))])
+    items = [FeedbackItem("good", "a", 0), FeedbackItem("cat", "cat", 1), FeedbackItem("unseen-cat", "cat", 2),
+             FeedbackItem("unseen-good", "b", 3)]
+    result = asyncio.run(m.feedback("m", "1.0", items))
+    assert (result.accepted, result.invalid, result.unmatched, result.kept) == (1, 1, 2, 2)
+    assert result.rejected == {1, 2}
+    assert any(e.startswith("feedback[1]") and "'cat' is not a class" in e for e in result.errors), result.errors
+    assert any(e.startswith("feedback[2]") and "not kept for retraining" in e for e in result.errors), result.errors
+    rows = read_rows("m", root=tmp_path)
+    assert sorted((r["rid"], r["label"]) for r in rows) == [("good", "a"), ("unseen-good", "b")]

@@ -310,6 +310,25 @@ def test_next_version_and_bad_rows_are_named():
     assert split_rows([{"rid": str(i)} for i in range(10)], 0.3, seed=0) == (rest, held)  # seeded
 
 
+def test_rows_whose_label_the_model_cannot_take_are_left_out_and_named():
+    from server.retraining.data import usable_rows
+
+    digits = [str(i) for i in range(10)]
+    rows = [{"rid": "a", "label": "3"}, {"rid": "b", "label": "cat"}, {"rid": "c", "label": ["1", "2"]},
+            {"rid": "d", "label": ["1", 11]}, {"rid": "e", "label": 7}]
+    kept, dropped = usable_rows(rows, "classification", digits)
+    assert [r["rid"] for r in kept] == ["a", "c", "e"]
+    assert dropped == [f"row b: label 'cat' is not a class of this model (one of {digits})",
+                       "row d: label 11 is not a class of this model: it has 10 classes "
+                       f"({digits})"]
+    kept, dropped = usable_rows([{"rid": "r", "label": [1.5, 2]}, {"rid": "s", "label": "high"}], "regression", None)
+    assert [r["rid"] for r in kept] == ["r"] and dropped == [
+        "row s: label 'high' is a string; this model is a regression, send a number"]
+    kept, dropped = usable_rows([{"rid": "t", "label": ["a", "b"]}], "embedding", None)
+    assert len(kept) == 1 and dropped == []
+    assert usable_rows(rows, None, None) == (rows, [])  # a task that says nothing of its labels: all kept
+
+
 def test_an_improvement_of_a_row_or_two_is_not_evidence_but_a_clear_one_is():
     """The gate's paired bootstrap: on 60 held-out rows, a challenger right on 2 more rows than
     the champion (+0.033 accuracy, above min_improvement) is better in too few resamples to
