@@ -12,6 +12,7 @@ the Open Inference Protocol inputs and outputs (by default, those of model-confi
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -25,14 +26,26 @@ log = logging.getLogger("osprey.handler")
 
 
 def body_of(row: dict) -> Any:
-    """The payload of one request: its ``data`` or ``body`` field (form or raw body)."""
+    """The payload of one request: its ``data`` or ``body`` field (form or raw body). A body
+    sent as ``application/json`` that does not parse is a 400 naming why (the server hands it
+    over as bytes, as TorchServe does, with ``json_error`` set: server.core.codecs.NotJSON),
+    unless Python's ``json`` reads it (NaN and Infinity, which strict JSON has not): then the
+    parsed object, so that the handler names the number it refuses."""
     if "data" in row:
-        return row["data"]
-    if "body" in row:
-        return row["body"]
-    if len(row) == 1:
-        return next(iter(row.values()))
-    raise InvalidInput("request has no body")
+        value = row["data"]
+    elif "body" in row:
+        value = row["body"]
+    elif len(row) == 1:
+        value = next(iter(row.values()))
+    else:
+        raise InvalidInput("request has no body")
+    error = getattr(value, "json_error", None)
+    if error:
+        try:  # what Python's json takes beyond strict JSON (NaN, Infinity): the handler judges the numbers
+            return json.loads(bytes(value).decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise InvalidInput(f"the body is sent as application/json but is not valid JSON: {error}") from None
+    return value
 
 
 class BaseHandler:

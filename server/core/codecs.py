@@ -16,17 +16,31 @@ import orjson
 
 from server.core.types import Field
 
-__all__ = ["decode_field", "encode_body", "fields_from_tensors"]
+__all__ = ["decode_field", "encode_body", "fields_from_tensors", "NotJSON"]
+
+
+class NotJSON(bytearray):
+    """A field sent as ``application/json`` that does not parse. TorchServe hands such a body to
+    the handler as it came (a bytearray, "Forwarding encoded payload"), and so does Osprey: a
+    custom handler sees what it saw there. ``json_error`` says why it did not parse, so that
+    Osprey's own handlers answer 400 naming it instead of reading the text as text or bytes."""
+
+    json_error: str = ""
 
 
 def decode_field(f: Field) -> Any:
-    """TorchServe's decoding: JSON -> object, text/* -> str, anything else -> bytearray."""
+    """TorchServe's decoding: JSON -> object, text/* -> str, anything else -> bytearray (JSON
+    that does not parse: a :class:`NotJSON` bytearray)."""
     ct = f.content_type.split(";", 1)[0].strip().lower()
     if ct == "application/json":
         try:
             return orjson.loads(f.value)
-        except orjson.JSONDecodeError:
-            return bytearray(f.value)
+        except orjson.JSONDecodeError as exc:
+            raw = NotJSON(f.value)
+            why = str(exc)
+            raw.json_error = ("the body is empty" if not raw.strip() else
+                              f"nested too deeply ({why})" if why.startswith("depth limit") else why)
+            return raw
     if ct.startswith("text/"):
         try:
             return bytes(f.value).decode("utf-8")

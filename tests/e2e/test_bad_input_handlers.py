@@ -218,6 +218,20 @@ def test_deeply_nested_json_is_400_over_torchserve_grpc(srv):
         assert set(json.loads(ok.prediction)) == {"malignant", "benign"}
 
 
+@pytest.mark.parametrize("model, path, body", [
+    ("text_transformer", "/predictions/text_transformer", b'{"text": '),
+    ("text_transformer", "/v1/models/text_transformer:predict", b'{"instances":'),
+    ("digits_cnn", "/predictions/digits_cnn", b'{"data": "aGVsbG8='),
+    ("cancer_mlp", "/predictions/cancer_mlp", b'{"mean radius": 1,}'),
+])
+def test_a_json_body_that_does_not_parse_is_400_not_read_as_text(srv, model, path, body):
+    """Sent as application/json, a body cut short was classified as the text '{"text": ' (200)."""
+    r = httpx.post(srv.inference + path, content=body, headers=JSON, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text)
+    message = r.json().get("message") or r.json().get("error")
+    assert "sent as application/json but is not valid JSON" in message, message
+
+
 def test_nested_json_objects_are_400_for_text_and_image_handlers(srv):
     nested: dict = {"text": "hello"}
     for _ in range(900):  # within orjson's depth limit, so it reaches the handler as objects

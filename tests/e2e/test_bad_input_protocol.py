@@ -457,3 +457,13 @@ def test_repository_requests_with_a_body_that_is_not_a_json_object_are_refused(h
     """Before anything is loaded or unloaded: a body is either a JSON object or nothing."""
     _bad(http.post(path, content=b"{bad", headers={"content-type": "application/json"}), "not valid JSON")
     _bad(http.post(path, json=[1]), "must be a JSON object")
+
+
+@pytest.mark.parametrize("body, needle", [(b"[[1, 2,", "unexpected end of data"), (b"", "the body is empty"),
+                                          (b"{x", "expected a string key")])
+def test_a_json_body_that_does_not_parse_is_400_for_the_tensor_handler(http, clean_log, body, needle):
+    """Sent as application/json, such a body was read as bytes: a 1xN tensor of its characters
+    (a 503 from the model) or an empty one. TorchServe's handlers still get it as bytes."""
+    r = http.post("/predictions/tmlp", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "sent as application/json but is not valid JSON" in r.json()["message"] and needle in r.json()["message"]
