@@ -128,7 +128,7 @@ class TabularHandler(BuiltinHandler):
             try:
                 values.append(self._values(r))
             except InvalidInput as exc:
-                raise InvalidInput(f"{_record(i, len(recs))}{exc}") from None
+                raise InvalidInput(f"{_record(i, len(recs))}{exc.message}") from None
         n = len(self.features)
         rows = None
         if set(map(type, itertools.chain.from_iterable(values))) <= {int, float}:  # plain JSON numbers
@@ -142,7 +142,7 @@ class TabularHandler(BuiltinHandler):
                 try:
                     checked.append([self._number(f, v) for f, v in zip(self.features, row)])
                 except InvalidInput as exc:
-                    raise InvalidInput(f"{_record(i, len(values))}{exc}") from None
+                    raise InvalidInput(f"{_record(i, len(values))}{exc.message}") from None
             rows = np.asarray(checked, dtype=np.float64)
         with np.errstate(over="ignore"):
             rows = rows.reshape(len(values), n).astype(np.float32)

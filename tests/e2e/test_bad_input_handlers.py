@@ -276,6 +276,16 @@ def test_tabular_error_in_a_request_of_many_records_names_the_record(srv):
     assert_400(post(srv, "diabetes_mlp", {**one, "bmi": "x"})[0], "feature 'bmi' must be a number")  # alone: no index
 
 
+@pytest.mark.parametrize("body, message", [
+    ({}, "missing feature 'age' (and 9 more)"),
+    (dict(age="old", sex=1, bmi=0, bp=0, s1=0, s2=0, s3=0, s4=0, s5=0, s6=0), "feature 'age' must be a number, got 'old'"),
+])
+def test_tabular_error_message_is_the_message_alone(srv, body, message):
+    """Not TorchServe's PredictionException text ("... : 400"), which a re-wrap used to add."""
+    r, _ = post(srv, "diabetes_mlp", body)
+    assert r.status_code == 400 and r.json()["message"] == message, r.text
+
+
 def test_tabular_batches_holding_more_records_than_the_limit_are_served(srv):
     """Requests of 2,100 records each, sent at once: any two batched together exceed the
     exported program's 4,096; every one is answered, as it is alone."""
