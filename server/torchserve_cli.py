@@ -17,7 +17,8 @@ of TorchServe 0.12's ``ts/arg_parser.py`` is accepted; what it does maps onto ``
 - The settings whose defaults differ take TorchServe's (TORCHSERVE_DEFAULTS below).
 - ``--log-config``, ``--cpp-log-config`` (log4j2 / C++ backend logging) and ``--plugins-path``
   (Java plugin jars) mean nothing to Osprey: each is named on standard error as ignored.
-  ``--workflow-store`` too: Osprey serves no workflows.
+- ``--workflow-store`` is where ``POST /workflows`` finds ``.war`` files, as in TorchServe (a
+  missing folder is refused with its message).
 - Config snapshots are on, as in TorchServe (server/snapshots.py): ``logs/config/`` (or
   ``$LOG_LOCATION/config``) gets ``*-startup.cfg``, ``*-snapshot.cfg`` after each management
   change and ``*-shutdown.cfg``, and a start without ``--ts-config`` / ``TS_CONFIG_FILE`` restores
@@ -58,7 +59,6 @@ _IGNORED = {
                                    "access_log settings); ignored"),
     "cpp_log_config": ("--cpp-log-config", "the C++ backend's logging: Osprey has no C++ backend; ignored"),
     "plugins_path": ("--plugins-path", "Java plugin jars: Osprey loads no Java plugins; ignored"),
-    "workflow_store": ("--workflow-store", "Osprey does not serve TorchServe workflows (no /workflows API); ignored"),
 }
 
 
@@ -74,7 +74,8 @@ def add_parser(sub, default_pid_file: str) -> None:
     mode.add_argument("--stop", action="store_true", help="stop the server")
     p.add_argument("--ts-config", dest="ts_config", help="config.properties (also: environment TS_CONFIG_FILE)")
     p.add_argument("--model-store", dest="model_store", help="folder holding model archives")
-    p.add_argument("--workflow-store", dest="workflow_store", help="accepted; Osprey serves no workflows")
+    p.add_argument("--workflow-store", dest="workflow_store",
+                   help="folder holding workflow archives (.war; default: the model store)")
     p.add_argument("--models", metavar="MODEL_PATH1 MODEL_NAME=MODEL_PATH2...", nargs="+",
                    help="models to load at startup: [name=]archive in the model store, or all")
     p.add_argument("--log-config", dest="log_config", help="accepted, ignored (log4j2 configuration)")
@@ -159,11 +160,15 @@ def _start(args) -> int:
         return _fail("Missing mandatory parameter --model-store")
     if not os.path.isdir(model_store):
         return _fail(f"--model-store directory not found: {model_store}")
+    if args.workflow_store and not os.path.isdir(args.workflow_store):
+        return _fail(f"--workflow-store directory not found: {args.workflow_store}")
     argv = [sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", model_store,
             "--pid-file", args.pid_file, "--ready-line", READY_LINE,
             "--torchserve-defaults"]
     if ts_config:
         argv += ["--ts-config", ts_config]
+    if args.workflow_store:
+        argv += ["--workflow-store", args.workflow_store]
     if args.models:
         argv += ["--models", *args.models]
     if args.token_auth:

@@ -59,6 +59,8 @@ def test_refusals_use_torchserves_messages(tmp_path, monkeypatch, capsys):
         1, "--model-store directory not found: nowhere\n", "")
     assert _main(capsys, *ts, "--start", "--model-store", ".", "--ts-config", "none.properties") == (
         1, "--ts-config file not found: none.properties\n", "")
+    assert _main(capsys, *ts, "--start", "--model-store", ".", "--workflow-store", "nowhere") == (
+        1, "--workflow-store directory not found: nowhere\n", "")
     monkeypatch.setenv("TS_CONFIG_FILE", "env.properties")  # TorchServe's variable wins over --ts-config
     assert _main(capsys, *ts, "--model-store", ".", "--ts-config", "none.properties")[1] == (
         "--ts-config file not found: env.properties\n")
@@ -84,9 +86,15 @@ def test_start_in_background_then_stop_as_the_torchserve_harness_does(tmp_path):
     with zipfile.ZipFile(store / "mlp.mar") as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
         assert json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]["modelVersion"] == "2.0"
+    from tests.workflow_archives import SEQUENTIAL, node_models, war_archive
+
+    node_models(store)
+    (tmp_path / "wf").mkdir()
+    war_archive(tmp_path / "wf", "seq", SEQUENTIAL)
     ports = _config_properties(tmp_path)
     cmd = [sys.executable, "-m", "server.cli", "torchserve", "--start", "--ncs", "--model-store", "store",
-           "--ts-config", "config.properties", "--models", "mlp=mlp.mar", "--plugins-path", "plugins"]
+           "--ts-config", "config.properties", "--models", "mlp=mlp.mar", "--plugins-path", "plugins",
+           "--workflow-store", "wf", "--enable-model-api"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         assert proc.wait(timeout=30) == 0  # returns at once: the server runs on, writing to the same pipe
@@ -102,6 +110,15 @@ def test_start_in_background_then_stop_as_the_torchserve_harness_does(tmp_path):
         answer = httpx.post(f"http://127.0.0.1:{ports[0]}/predictions/mlp", json=[1.0] * 16,
                             headers={"Authorization": f"Bearer {key}"})
         assert answer.status_code == 200 and len(answer.json()) == 4
+        # the workflow store is where POST /workflows finds .war files, as in TorchServe
+        keys = json.loads((tmp_path / "key_file.json").read_text())
+        m_auth = {"Authorization": f"Bearer {keys['management']['key']}"}
+        r = httpx.post(f"http://127.0.0.1:{ports[1]}/workflows", params={"url": "seq.war"}, headers=m_auth,
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"http://127.0.0.1:{ports[0]}/wfpredict/seq", json=3, timeout=60,
+                       headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200 and r.json() == {"result": 7}, r.text
         again = torchserve("--start", "--model-store", "store", cwd=tmp_path)
         assert again.returncode == 1
         assert again.stdout == "TorchServe is already running, please use torchserve --stop to stop TorchServe.\n"
