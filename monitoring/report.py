@@ -388,24 +388,46 @@ def _window_quality(entry: dict) -> dict[str, float]:
             and k not in ("labels", "unmatched", "invalid", "window")} if isinstance(metrics, dict) else {}
 
 
+_UNIT_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "auc")  # name parts of metrics in [0, 1]
+
+
+def _unit_metric(name: str) -> bool:
+    return any(part in name for part in _UNIT_METRICS)
+
+
+def quality_panels(names) -> list[list[str]]:
+    """The quality plot's panels: the metrics in [0, 1], then the others (each panel sorted;
+    an empty one left out)."""
+    return [g for g in ([n for n in sorted(names) if _unit_metric(n)],
+                        [n for n in sorted(names) if not _unit_metric(n)]) if g]
+
+
 def _plot_quality(series: dict[str, list], baseline: dict, path: Path, title: str, xlabel: str,
                   time_axis: bool) -> None:
-    fig = _figure(9, 4.5)
-    ax = fig.add_subplot()
-    for name in sorted(series):
-        xs, ys = zip(*series[name])
-        if time_axis:
-            xs = [_dt.datetime.fromtimestamp(x, _dt.timezone.utc) for x in xs]
-        (line,) = ax.plot(xs, ys, marker="." if len(ys) < 60 else None, label=name)
-        base = baseline.get(name)
-        if isinstance(base, _NUMBER) and not isinstance(base, bool):
-            ax.axhline(float(base), color=line.get_color(), linestyle="--", linewidth=1,
-                       label=f"{name} baseline {float(base):.3g}")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("metric")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", ncols=2)
+    """Metrics in [0, 1] (accuracy, F1, AUC, ...) on one panel and the others (log loss, MSE,
+    MAE, R²) on their own, so that a log loss of 5 does not flatten an accuracy drop."""
+    groups = quality_panels(series)
+    fig = _figure(9, 4.5 if len(groups) == 1 else 7)
+    axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, names in zip(axes, groups):
+        for name in names:
+            xs, ys = zip(*series[name])
+            if time_axis:
+                xs = [_dt.datetime.fromtimestamp(x, _dt.timezone.utc) for x in xs]
+            (line,) = ax.plot(xs, ys, marker="." if len(ys) < 60 else None, label=name)
+            base = baseline.get(name)
+            if isinstance(base, _NUMBER) and not isinstance(base, bool):
+                ax.axhline(float(base), color=line.get_color(), linestyle="--", linewidth=1,
+                           label=f"{name} baseline {float(base):.3g}")
+        ax.set_ylabel("metric" if len(groups) == 1 else ("score (0-1)" if _unit_metric(names[0]) else "error / loss"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", ncols=2)
+    if not time_axis:
+        from matplotlib.ticker import MaxNLocator
+
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # windows are counted, not measured
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
     fig.savefig(path, format="png")
 
 

@@ -287,6 +287,24 @@ def test_labelled_windows_are_plotted_when_the_drift_windows_closed_before_the_l
     assert "quality-windows.png" in (tmp_path / "r" / "index.html").read_text()
 
 
+def test_scores_and_losses_are_plotted_on_panels_of_their_own(server, tmp_path):
+    """A log loss of 5 on the accuracy's axis flattened a drop from 0.98 to 0.67 into a line."""
+    from monitoring.report import quality_panels
+
+    assert quality_panels(["log_loss", "accuracy", "macro_f1", "roc_auc", "macro_precision"]) == [
+        ["accuracy", "macro_f1", "macro_precision", "roc_auc"], ["log_loss"]]
+    assert quality_panels(["mse", "r2", "mae"]) == [["mae", "mse", "r2"]]
+    assert quality_panels(["accuracy", "estimated_accuracy"]) == [["accuracy", "estimated_accuracy"]]
+    status = canned_status()
+    status["quality"]["history"] = [
+        {"window": w, "ended": 1_790_002_000.0 + w, "labels": 40,
+         "metrics": {"accuracy": a, "log_loss": 5.4 * (1 - a) + 0.1}, "degraded": a < 0.9}
+        for w, a in ((1, 0.98), (2, 0.67), (3, 0.7))]
+    server.serve_json("/monitoring/digits_cnn", status)
+    assert _report(server, tmp_path / "r") == 0
+    _assert_png(tmp_path / "r" / "quality-windows.png")
+
+
 def test_an_unreadable_key_file(server, tmp_path, capsys):
     bad = tmp_path / "keys.json"
     bad.write_text("{}")
