@@ -396,6 +396,19 @@ def test_retrain_unknown_model_is_404_and_a_model_without_entry_point_400(emb):
     out = osprey_cli("retrain", "c_noentry", "--management", emb.management)
     assert out.returncode == 1 and "has no training entry point" in out.stderr, out.stderr
     assert jobs(emb, "c_noentry") == [] and jobs(emb, "no_such_model") == []
+    # the same parameters as a JSON body: taken, never silently ignored
+    url = f"{emb.management}/models/digits_cnn/retrain"
+    before = len(jobs(emb, "digits_cnn"))
+    r = httpx.post(url, json={"version": "9.9"}, timeout=60)
+    assert r.status_code == 404 and "9.9" in r.json()["message"], r.text
+    for kwargs, needle in (({"content": b"{bad"}, "the retrain body is not valid JSON"),
+                           ({"json": {"versoin": "1.0"}}, "unknown key(s) 'versoin' in the retrain body"),
+                           ({"json": ["1.0"]}, "the retrain body must be a JSON object"),
+                           ({"json": {"reason": 5}}, "'reason' in the retrain body must be a string"),
+                           ({"json": {"version": "1.0"}, "params": {"version": "2.0"}}, "give it once")):
+        r = httpx.post(url, timeout=60, **kwargs)
+        assert r.status_code == 400 and needle in r.json()["message"], (kwargs, r.text)
+    assert len(jobs(emb, "digits_cnn")) == before
 
 
 @pytest.mark.parametrize("section, named", [

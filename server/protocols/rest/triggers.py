@@ -1,7 +1,8 @@
 """Starting retraining jobs over REST, on the management port (management token).
 
-``POST /models/{model}/retrain[?version=V&reason=TEXT]`` -> 202 with the job (or 200 with the
-job already queued or running for the model). Unknown model: 404; a model without a training
+``POST /models/{model}/retrain[?version=V&reason=TEXT]`` (or the same as a JSON body,
+``{"version": "V", "reason": "TEXT"}``) -> 202 with the job (or 200 with the job already queued
+or running for the model). Unknown model: 404; a model without a training
 entry point: 400 saying so.
 
 ``POST /retraining/jobs/{id}/challenger?archive=NAME``: a running job registers the archive it
@@ -34,11 +35,47 @@ def _job_json(job: Any) -> dict:
     return job.as_dict() if hasattr(job, "as_dict") else dict(job)
 
 
+def _retrain_body(body: bytes) -> dict[str, str]:
+    """The optional JSON body of a retrain call: ``{"version": "...", "reason": "..."}``, the same
+    as the query parameters; anything else is a 400 naming it (never silently ignored)."""
+    if not body or not bytes(body).strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"the retrain body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OspreyError(ErrorKind.BAD_INPUT, f"the retrain body must be a JSON object such as "
+                                               f"{{\"version\": \"1.0\", \"reason\": \"...\"}}, got {type(data).__name__}")
+    unknown = sorted(set(data) - {"version", "reason"})
+    if unknown:
+        raise OspreyError(ErrorKind.BAD_INPUT, f"unknown key(s) {', '.join(map(repr, unknown))} in the retrain body; "
+                                               f"it takes 'version' and 'reason'")
+    out = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "version":
+            value = str(value)
+        if not isinstance(value, str):
+            raise OspreyError(ErrorKind.BAD_INPUT, f"{key!r} in the retrain body must be a string, got "
+                                                   f"{type(value).__name__}")
+        if value:
+            out[key] = value
+    return out
+
+
 def add_trigger_routes(router: Router, triggers: Any) -> None:
     async def retrain(req: Request) -> Response:
         q = req.query
-        version = q.get("version") or None
-        reason = q.get("reason") or ""
+        given = {k: q[k] for k in ("version", "reason") if q.get(k)}
+        for key, value in _retrain_body(req.body).items():
+            if key in given and given[key] != value:
+                raise OspreyError(ErrorKind.BAD_INPUT, f"{key!r} is {given[key]!r} in the query and {value!r} in the "
+                                                       f"body; give it once")
+            given[key] = value
+        version = given.get("version") or None
+        reason = given.get("reason") or ""
         job, created = await triggers.manual(req.params["model"], version, reason=reason)
         return json_response({"created": created, "job": _job_json(job)}, 202 if created else 200)
 
@@ -63,6 +100,8 @@ def add_trigger_routes(router: Router, triggers: Any) -> None:
         "Start a retraining job for the model (its archive needs a training entry point)",
         params=(query("version", description="The version to retrain (default: the default version)"),
                 query("reason", description="Why, kept in the job's record")),
+        body=JSON({"type": "object", "additionalProperties": False, "properties": {
+            "version": {"type": "string"}, "reason": {"type": "string"}}}),
         responses={202: ("Job queued", started), 200: ("A job was already queued or running", started)},
         path_params={"model": "A registered model's name"}, tags=_TAG))
     router.add(("POST",), "/retraining/jobs/{id}/challenger", challenger, doc=Doc(
