@@ -438,6 +438,33 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def _unknown_handler(handler: str, extra_files: list[str]) -> str | None:
+    """Why ``--handler`` names nothing this machine knows (None when it does): not a file, not
+    a built-in handler, not a module among the extra files or importable here. Such an archive
+    still loads where the module is installed, as in TorchServe, so it is a warning."""
+    import difflib
+    import importlib.util
+
+    from server.instances.service import builtin_handler_names
+
+    module, _, _ = handler.partition(":")
+    if Path(module).is_file():
+        return None
+    names = builtin_handler_names()
+    if module in names or f"{module}.py" in {Path(f).name for f in extra_files}:
+        return None
+    for candidate in (module, f"ts.torch_handler.{module}"):  # TorchServe's built-ins, where it is installed
+        try:
+            if importlib.util.find_spec(candidate) is not None:
+                return None
+        except (ImportError, ValueError):
+            pass
+    close = difflib.get_close_matches(module, names, n=1)
+    return (f"handler {handler!r} is not a file, not a built-in handler ({', '.join(names)}), not a module in "
+            f"--extra-files and not importable here; the archive loads only where that module can be imported"
+            + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
 def cmd_package(args) -> int:
     from server.core.archive import write_archive
 
@@ -451,6 +478,9 @@ def cmd_package(args) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"osprey package: {exc}", file=sys.stderr)
         return 1
+    unknown = _unknown_handler(args.handler, [f for f in args.extra_files.split(",") if f])
+    if unknown:
+        print(f"osprey package: warning: {unknown}", file=sys.stderr)
     if args.reference_data:
         code = _profile(path, args.reference_data)
         if code:

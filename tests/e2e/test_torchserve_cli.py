@@ -138,6 +138,23 @@ def test_package_refuses_the_lsp_runtime(tmp_path, monkeypatch, capsys):
     assert code == 1 and "LSP is TorchServe's C++ backend" in err and not (tmp_path / "m.mar").exists()
 
 
+def test_package_warns_of_a_handler_nothing_here_knows(tmp_path, monkeypatch, capsys):
+    """A typo in --handler used to write the archive without a word; it loaded nowhere. Such a
+    name may still be a module installed where the archive is served, so the archive is
+    written, with a warning naming the built-ins and the closest one."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _main(capsys, "package", "--model-name", "m", "--handler", "image_clasifier")
+    assert code == 0 and (tmp_path / "m.mar").exists()
+    assert "warning: handler 'image_clasifier' is not a file, not a built-in handler (" in err
+    assert "did you mean 'image_classifier'?" in err
+    (tmp_path / "my_handler.py").write_text(MLP_HANDLER)
+    for handler, extra in (("image_classifier", ""), ("my_handler.py", ""), ("my_handler:handle", "my_handler.py"),
+                           ("json:loads", "")):
+        code, _, err = _main(capsys, "package", "--model-name", "m", "--handler", handler, "--extra-files", extra,
+                             "--force")
+        assert code == 0 and "warning" not in err, (handler, err)
+
+
 def test_stopping_the_foreground_command_stops_the_server(tmp_path):
     """A supervisor that runs ``torchserve --start --foreground`` and stops it with SIGTERM to
     that pid alone (systemd KillMode=process, supervisord, `kill`) stops the server too: the
