@@ -269,7 +269,8 @@ class Monitor:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         quality = vm.quality if vm is not None else None
         if quality is None:
-            result = FeedbackResult(unmatched=len(items), errors=[f"no quality monitoring for {model} {version}"])
+            result = FeedbackResult(errors=[f"no quality monitoring for {model} {version}"])
+            result.add_unmatched([it.request_id for it in items])
         else:
             result = await asyncio.to_thread(quality.feedback, items)
         if retraining is not None:

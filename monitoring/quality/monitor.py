@@ -327,7 +327,7 @@ class QualityMonitor:
         joined: list[tuple[int, bytes]] = []  # (item position, labelled entry)
         for pos, (item, row) in enumerate(zip(items, rows)):
             if row is None:
-                result.unmatched += 1
+                result.add_unmatched([rids[pos]])
                 continue
             kind, outputs = bytes(row[:1]), np.frombuffer(row[1:], dtype=np.float32)
             value, why = resolve_label(item.label, kind, len(outputs), classes)
@@ -340,7 +340,8 @@ class QualityMonitor:
         claimed = self.store.claim([rids[pos] for pos, _ in joined]) if joined else []
         entries = [entry for (_, entry), won in zip(joined, claimed) if won]
         result.accepted = len(entries)
-        result.unmatched += len(joined) - len(entries)  # labelled meanwhile (twice in one request, another replica)
+        # labelled meanwhile (twice in one request, another replica)
+        result.add_unmatched([rids[pos] for (pos, _), won in zip(joined, claimed) if not won])
         closed = 0
         if entries:
             total = self.store.add_labelled(entries, self.window)

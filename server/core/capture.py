@@ -119,12 +119,26 @@ class FeedbackResult:
     kept: int = 0
     # the items (FeedbackItem.index) found invalid: their labels are not kept as training rows
     rejected: set[int] = field(default_factory=set)
+    # the request ids of the first UNMATCHED_SHOWN unmatched items: which labels to look into
+    # (an id from another model, one past feedback_ttl, one labelled already)
+    unmatched_ids: list[str] = field(default_factory=list)
+
+    def add_unmatched(self, request_ids: Sequence[str]) -> None:
+        self.unmatched += len(request_ids)
+        room = UNMATCHED_SHOWN - len(self.unmatched_ids)
+        if room > 0:
+            self.unmatched_ids.extend(str(rid) for rid in request_ids[:room])
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"accepted": self.accepted, "unmatched": self.unmatched, "invalid": self.invalid}
+        out: dict[str, Any] = {"accepted": self.accepted, "unmatched": self.unmatched, "invalid": self.invalid}
         if self.kept:
             out["kept"] = self.kept
+        if self.unmatched_ids:
+            out["unmatched_ids"] = list(self.unmatched_ids)
         return out
+
+
+UNMATCHED_SHOWN = 20  # unmatched request ids an answer names (the count has them all)
 
 
 class MonitorPort(Protocol):

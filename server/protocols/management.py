@@ -7,6 +7,7 @@ TorchServe's JSON body as a dict (the REST adapter sends it, the gRPC adapter wr
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -25,6 +26,8 @@ _WORKER_STATUS = {InstanceStatus.READY: "READY", InstanceStatus.STOPPED: "UNLOAD
                   InstanceStatus.LOADING: "LOADING", InstanceStatus.FAILED: "FAILED"}
 
 
+log = logging.getLogger("osprey.management")
+
 MODEL_API_OFF = "Model API disabled: start the server with --enable-model-api (enable_model_api=true)"
 
 
@@ -36,7 +39,15 @@ def require_model_api(enabled: bool, message: str = METHOD_NOT_ALLOWED_TEXT) -> 
     disabled" (its words, then how to turn it on). ``message``: the REST text for APIs that
     are not TorchServe's (the Open Inference Protocol's repository load/unload)."""
     if not enabled:
+        global _OFF_LOGGED
+        if not _OFF_LOGGED:  # the REST answer is TorchServe's fixed text: the log says what to do
+            _OFF_LOGGED = True
+            log.warning("a request to register or unregister a model was refused (405 over REST): %s "
+                        "(logged once)", MODEL_API_OFF)
         raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED, message, grpc=("PERMISSION_DENIED", MODEL_API_OFF))
+
+
+_OFF_LOGGED = False
 
 
 def _number(value: float) -> float | int:

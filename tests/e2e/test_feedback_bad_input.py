@@ -87,7 +87,7 @@ def test_a_known_model_reaches_the_monitor(http):
     r = http.post("/feedback/tmlp", json={"request_id": "never-seen", "label": 1})
     assert r.status_code in (200, 503), r.text
     if r.status_code == 200:
-        assert r.json() == {"accepted": 0, "unmatched": 1, "invalid": 0}
+        assert r.json() == {"accepted": 0, "unmatched": 1, "invalid": 0, "unmatched_ids": ["never-seen"]}
     else:
         assert "monitoring" in r.json()["message"]
 

@@ -169,6 +169,9 @@ def test_model_api_is_off_by_default(osprey, store):
     assert (r.status_code, r.json()) == (405, ts_405)
     r = httpx.delete(f"{srv.management}/models/mlp")
     assert (r.status_code, r.json()) == (405, ts_405)
+    # TorchServe's body cannot say how to turn it on: the log does, once
+    assert srv.log().count("refused (405 over REST): Model API disabled: start the server with "
+                           "--enable-model-api") == 1, srv.log()[-2000:]
     assert httpx.get(f"{srv.management}/models").status_code == 200
     assert httpx.put(f"{srv.management}/models/mlp", params={"min_worker": 1}).status_code == 202
     with grpc.insecure_channel(srv.grpc_management) as channel:

@@ -320,6 +320,7 @@ def test_duplicates_and_unknown_ids_are_unmatched_wrong_labels_invalid_and_named
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["accepted"], body["unmatched"], body["invalid"]) == (1, 3, 2)
+    assert body["unmatched_ids"] == [dup, "no-such-request", c], body  # which labels to look into
     assert any(e.startswith(f"feedback[2] (request_id '{a}')") and "'cat'" in e for e in body["errors"]), body
     assert any(e.startswith(f"feedback[3] (request_id '{b}')") and "7" in e for e in body["errors"]), body
     # every item invalid: 400 naming it, the counts in the body; the prediction is not used up
@@ -363,6 +364,9 @@ def test_feedback_by_oip_ids_rest_v2_and_grpc_metadata(srv, channel):
     resp = stub.Feedback(mpb.FeedbackRequest(model_name="clf_ts", model_version="1.0",
                                              items=items(SENT["clf_ts"][:7])), timeout=10)
     assert (resp.accepted, resp.unmatched, resp.invalid) == (7, 0, 0)
+    resp = stub.Feedback(mpb.FeedbackRequest(model_name="clf_ts", model_version="1.0",
+                                             items=items(SENT["clf_ts"][:1] + [("no-such-request", 1)])), timeout=10)
+    assert (resp.accepted, resp.unmatched, list(resp.unmatched_ids)) == (0, 2, [SENT["clf_ts"][0][0], "no-such-request"])
     assert httpx.get(f"{srv.inference}/monitoring/clf_oip").json()["quality"]["labels"] == 15
     assert httpx.get(f"{srv.inference}/monitoring/clf_ts").json()["quality"]["labels"] == 7
 
@@ -504,7 +508,8 @@ def test_a_label_sent_to_one_replica_joins_a_prediction_made_on_the_other(replic
     r = _post_feedback(b, "clf", [{"request_id": rid, "label": cls} for rid, cls in sent_a])  # A's, to B
     assert r.json() == {"accepted": 10, "unmatched": 0, "invalid": 0}, r.text
     r = _post_feedback(a, "clf", [{"request_id": rid, "label": cls} for rid, cls in sent_b + sent_a[:2]])
-    assert r.json() == {"accepted": 10, "unmatched": 2, "invalid": 0}, r.text  # A's own: joined on B already
+    assert r.json() == {"accepted": 10, "unmatched": 2, "invalid": 0,  # A's own: joined on B already
+                        "unmatched_ids": [rid for rid, _ in sent_a[:2]]}, r.text
     qa, qb = (httpx.get(f"{s.inference}/monitoring/clf").json()["quality"] for s in (a, b))
     assert qa["labels"] == qb["labels"] == 20 and qa["unmatched"] == qb["unmatched"] == 2
     assert qa["store"] == "redis"

@@ -257,7 +257,7 @@ def test_feedback_without_a_quality_part_is_unmatched(archive, monitor):
     versions.add("m", "1", archive)
     m = monitor(versions)
     result = asyncio.run(m.feedback("m", "1", [FeedbackItem("x", 1, 0)]))
-    assert result.as_dict() == {"accepted": 0, "unmatched": 1, "invalid": 0}
+    assert result.as_dict() == {"accepted": 0, "unmatched": 1, "invalid": 0, "unmatched_ids": ["x"]}
 
 
 def test_a_window_also_closes_after_window_seconds_with_min_window_rows(archive, monitor):
@@ -327,7 +327,8 @@ def test_feedback_kept_as_a_training_row_says_so_even_without_quality(archive, m
     m = monitor(versions, dataset=data)
     items = [FeedbackItem("held", "sports", 0), FeedbackItem("never-answered", "food", 1)]
     result = asyncio.run(m.feedback("m", "1.0", items))
-    assert result.as_dict() == {"accepted": 0, "unmatched": 2, "invalid": 0, "kept": 1}
+    assert result.as_dict() == {"accepted": 0, "unmatched": 2, "invalid": 0, "kept": 1,
+                                "unmatched_ids": ["held", "never-answered"]}
 
 
 def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, monitor, tmp_path):

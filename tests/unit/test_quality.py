@@ -282,7 +282,8 @@ def test_redis_prediction_log_expires_and_is_bounded(redis_server):  # noqa: F81
     q = _replica(redis_server.url, feedback_ttl=0.3, max_predictions=5)
     q.record(obs([f"r{i}" for i in range(8)], probs(8)))
     assert q.status()["predictions_kept"] == 5
-    assert q.feedback(items([("r0", "cat"), ("r7", "cat")])).as_dict() == {"accepted": 1, "unmatched": 1, "invalid": 0}
+    assert q.feedback(items([("r0", "cat"), ("r7", "cat")])).as_dict() == {"accepted": 1, "unmatched": 1, "invalid": 0,
+                                                                           "unmatched_ids": ["r0"]}
     q.record(obs(["late"], probs(1)))
     time.sleep(0.5)
     assert q.feedback(items([("late", "cat")])).unmatched == 1

@@ -124,7 +124,7 @@ def test_rest_feedback_counts_and_names_invalid_items():
                 {"request_id": "a", "label": "no"}, {"request_id": "b", "label": "maybe"},
                 {"request_id": "zz", "label": "yes"}, {"request_id": "a", "label": "no"}]})
             assert r.status_code == 200, r.text
-            assert r.json() == {"accepted": 1, "unmatched": 2, "invalid": 1, "errors": [
+            assert r.json() == {"accepted": 1, "unmatched": 2, "invalid": 1, "unmatched_ids": ["zz", "a"], "errors": [
                 "feedback[1] (request_id 'b'): label 'maybe' is not a class of this model (one of ['no', 'yes'])"]}
             r = await c.post("/feedback/clf/2", json={"request_id": "b", "label": 1})
             assert r.json() == {"accepted": 1, "unmatched": 0, "invalid": 0}

@@ -80,7 +80,7 @@ class MonitoringServicer(pb_grpc.MonitoringServicer):
         if status != 200:
             raise OspreyError(ErrorKind.BAD_INPUT, body["message"])
         return pb.FeedbackResponse(accepted=result.accepted, unmatched=result.unmatched, invalid=result.invalid,
-                                   errors=result.errors)
+                                   errors=result.errors, unmatched_ids=result.unmatched_ids, kept=result.kept)
 
     async def ModelMonitoring(self, request, context):
         status = await self.dataplane.monitoring(request.model_name, request.model_version or None)

@@ -16,7 +16,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17osprey_monitoring.proto\x12\x06osprey\x1a\x1cgoogle/protobuf/struct.proto\"I\n\x0c\x46\x65\x65\x64\x62\x61\x63kItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05label\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"a\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x05items\x18\x03 \x03(\x0b\x32\x14.osprey.FeedbackItem\"X\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x11\n\tunmatched\x18\x02 \x01(\x05\x12\x0f\n\x07invalid\x18\x03 \x01(\x05\x12\x0e\n\x06\x65rrors\x18\x04 \x03(\t\"C\n\x16ModelMonitoringRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"P\n\x17ModelMonitoringResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct2\xa3\x01\n\nMonitoring\x12?\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x17.osprey.FeedbackRequest\x1a\x18.osprey.FeedbackResponse\"\x00\x12T\n\x0fModelMonitoring\x12\x1e.osprey.ModelMonitoringRequest\x1a\x1f.osprey.ModelMonitoringResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17osprey_monitoring.proto\x12\x06osprey\x1a\x1cgoogle/protobuf/struct.proto\"I\n\x0c\x46\x65\x65\x64\x62\x61\x63kItem\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05label\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\"a\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x05items\x18\x03 \x03(\x0b\x32\x14.osprey.FeedbackItem\"}\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x11\n\tunmatched\x18\x02 \x01(\x05\x12\x0f\n\x07invalid\x18\x03 \x01(\x05\x12\x0e\n\x06\x65rrors\x18\x04 \x03(\t\x12\x15\n\runmatched_ids\x18\x05 \x03(\t\x12\x0c\n\x04kept\x18\x06 \x01(\x05\"C\n\x16ModelMonitoringRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"P\n\x17ModelMonitoringResponse\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct2\xa3\x01\n\nMonitoring\x12?\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x17.osprey.FeedbackRequest\x1a\x18.osprey.FeedbackResponse\"\x00\x12T\n\x0fModelMonitoring\x12\x1e.osprey.ModelMonitoringRequest\x1a\x1f.osprey.ModelMonitoringResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -28,11 +28,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEEDBACKREQUEST']._serialized_start=140
   _globals['_FEEDBACKREQUEST']._serialized_end=237
   _globals['_FEEDBACKRESPONSE']._serialized_start=239
-  _globals['_FEEDBACKRESPONSE']._serialized_end=327
-  _globals['_MODELMONITORINGREQUEST']._serialized_start=329
-  _globals['_MODELMONITORINGREQUEST']._serialized_end=396
-  _globals['_MODELMONITORINGRESPONSE']._serialized_start=398
-  _globals['_MODELMONITORINGRESPONSE']._serialized_end=478
-  _globals['_MONITORING']._serialized_start=481
-  _globals['_MONITORING']._serialized_end=644
+  _globals['_FEEDBACKRESPONSE']._serialized_end=364
+  _globals['_MODELMONITORINGREQUEST']._serialized_start=366
+  _globals['_MODELMONITORINGREQUEST']._serialized_end=433
+  _globals['_MODELMONITORINGRESPONSE']._serialized_start=435
+  _globals['_MODELMONITORINGRESPONSE']._serialized_end=515
+  _globals['_MONITORING']._serialized_start=518
+  _globals['_MONITORING']._serialized_end=681
 # @@protoc_insertion_point(module_scope)

@@ -26,16 +26,20 @@ class FeedbackRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., items: _Optional[_Iterable[_Union[FeedbackItem, _Mapping]]] = ...) -> None: ...
 
 class FeedbackResponse(_message.Message):
-    __slots__ = ("accepted", "unmatched", "invalid", "errors")
+    __slots__ = ("accepted", "unmatched", "invalid", "errors", "unmatched_ids", "kept")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     UNMATCHED_FIELD_NUMBER: _ClassVar[int]
     INVALID_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    UNMATCHED_IDS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     unmatched: int
     invalid: int
     errors: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, accepted: _Optional[int] = ..., unmatched: _Optional[int] = ..., invalid: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+    unmatched_ids: _containers.RepeatedScalarFieldContainer[str]
+    kept: int
+    def __init__(self, accepted: _Optional[int] = ..., unmatched: _Optional[int] = ..., invalid: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ..., unmatched_ids: _Optional[_Iterable[str]] = ..., kept: _Optional[int] = ...) -> None: ...
 
 class ModelMonitoringRequest(_message.Message):
     __slots__ = ("model_name", "model_version")
