@@ -20,22 +20,25 @@ __all__ = ["decode_field", "encode_body", "fields_from_tensors", "NotJSON"]
 
 
 class NotJSON(bytearray):
-    """A field sent as ``application/json`` that does not parse. TorchServe hands such a body to
-    the handler as it came (a bytearray, "Forwarding encoded payload"), and so does Osprey: a
-    custom handler sees what it saw there. ``json_error`` says why it did not parse, so that
-    Osprey's own handlers answer 400 naming it instead of reading the text as text or bytes."""
+    """A field sent as ``application/json`` that does not parse, for a handler built on Osprey's
+    ``handlers.base.BaseHandler`` (the built-in ones): ``json_error`` says why, so that it
+    answers 400 naming it instead of reading the text as text or bytes. Any other handler gets
+    a plain bytearray, as TorchServe hands it ("Forwarding encoded payload")."""
 
     json_error: str = ""
 
 
-def decode_field(f: Field) -> Any:
-    """TorchServe's decoding: JSON -> object, text/* -> str, anything else -> bytearray (JSON
-    that does not parse: a :class:`NotJSON` bytearray)."""
+def decode_field(f: Field, mark_json: bool = False) -> Any:
+    """TorchServe's decoding: JSON -> object, text/* -> str, anything else -> bytearray. JSON
+    that does not parse is a bytearray, as there; with ``mark_json`` (Osprey's own handlers,
+    which answer 400 for it) a :class:`NotJSON` saying why."""
     ct = f.content_type.split(";", 1)[0].strip().lower()
     if ct == "application/json":
         try:
             return orjson.loads(f.value)
         except orjson.JSONDecodeError as exc:
+            if not mark_json:
+                return bytearray(f.value)
             raw = NotJSON(f.value)
             why = str(exc)
             raw.json_error = ("the body is empty" if not raw.strip() else

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from handlers.base import BaseHandler
 from handlers.context import Context, RequestProcessor
 from handlers.instance_thread import prepare_instance_thread
 from handlers.loading import add_package_folder
@@ -58,6 +59,9 @@ class BatchRunner:
     def __init__(self, name: str, version: str, service: Service, context: Context, capture: Any = None):
         self.name, self.version, self.service, self.context = name, version, service, context
         self.capture = capture  # a server.instances.capture.BatchCapture when the model is monitored
+        # Osprey's own handlers get JSON that does not parse marked with why (a 400 from them);
+        # any other handler gets the bytearray TorchServe hands it
+        self.marks_json = isinstance(service.target, BaseHandler)
 
     def flush(self, force: bool = True) -> None:
         """Hand the monitor the observation of the batches run since the last flush (call it
@@ -141,7 +145,8 @@ class BatchRunner:
             fields = w.fields
             if not tensors and w.tensors is not None and not fields:  # protocol tensors for a bytes handler
                 fields = fields_from_tensors(w.tensors, w.tensor_meta)
-            row = {k: decode_field(f) for k, f in fields.items()}
+            mark = self.marks_json
+            row = {k: decode_field(f, mark) for k, f in fields.items()}
         except OspreyError as err:
             return err
         except Exception:  # the front end let through what it should have refused: a server bug
