@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, Callable, Protocol, Sequence
 
 from server.core.capture import FeedbackItem, FeedbackResult, Observation
+from server.core.errors import show
 from server.core.osthread import name_os_thread
 from server.core.types import InferenceResponse
 
@@ -280,10 +281,12 @@ class Monitor:
             if quality is not None and fresh:  # labels with no kept prediction: judged by the model's outputs
                 refused = await asyncio.to_thread(quality.check_labels, fresh)
                 if refused:
+                    for it in fresh:
+                        if it.index in refused:
+                            result.rejected.add(it.index)
+                            result.errors.append(f"feedback[{it.index}] (request_id {show(it.request_id)}): "
+                                                 f"{refused[it.index]}; not kept for retraining")
                     fresh = [it for it in fresh if it.index not in refused]
-                    for index, why in sorted(refused.items()):
-                        result.rejected.add(index)
-                        result.errors.append(f"feedback[{index}]: {why}; not kept for retraining")
             if fresh:
                 try:
                     result.kept = await asyncio.to_thread(self.dataset.join, model, version, fresh,

@@ -358,6 +358,7 @@ def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, mo
     assert (result.accepted, result.invalid, result.unmatched, result.kept) == (1, 1, 2, 2)
     assert result.rejected == {1, 2}
     assert any(e.startswith("feedback[1]") and "'cat' is not a class" in e for e in result.errors), result.errors
-    assert any(e.startswith("feedback[2]") and "not kept for retraining" in e for e in result.errors), result.errors
+    assert any(e.startswith("feedback[2] (request_id 'unseen-cat')") and "not kept for retraining" in e
+               for e in result.errors), result.errors
     rows = read_rows("m", root=tmp_path)
     assert sorted((r["rid"], r["label"]) for r in rows) == [("good", "a"), ("unseen-good", "b")]
