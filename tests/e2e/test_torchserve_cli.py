@@ -59,8 +59,12 @@ def test_refusals_use_torchserves_messages(tmp_path, monkeypatch, capsys):
         1, "--model-store directory not found: nowhere\n", "")
     assert _main(capsys, *ts, "--start", "--model-store", ".", "--ts-config", "none.properties") == (
         1, "--ts-config file not found: none.properties\n", "")
-    assert _main(capsys, *ts, "--start", "--model-store", ".", "--workflow-store", "nowhere") == (
-        1, "--workflow-store directory not found: nowhere\n", "")
+    try:
+        assert _main(capsys, *ts, "--start", "--model-store", ".", "--workflow-store", "nowhere") == (
+            1, "--workflow-store directory not found: nowhere\n", "")
+    finally:  # a start that was not refused runs a server on TorchServe's default ports: stop it
+        if (tmp_path / ".osprey.pid").exists():
+            _main(capsys, *ts, "--stop", "--foreground")
     monkeypatch.setenv("TS_CONFIG_FILE", "env.properties")  # TorchServe's variable wins over --ts-config
     assert _main(capsys, *ts, "--model-store", ".", "--ts-config", "none.properties")[1] == (
         "--ts-config file not found: env.properties\n")
