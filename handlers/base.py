@@ -17,6 +17,8 @@ import logging
 import time
 from typing import Any
 
+import orjson
+
 from .errors import InvalidInput
 from .loading import Optimizations, load_model, optimizations_from, optimize
 
@@ -42,8 +44,10 @@ def body_of(row: dict) -> Any:
     error = getattr(value, "json_error", None)
     if error:
         try:  # what Python's json takes beyond strict JSON (NaN, Infinity): the handler judges the numbers
-            return json.loads(bytes(value).decode("utf-8"))
-        except (ValueError, RecursionError):
+            parsed = json.loads(bytes(value).decode("utf-8"))
+            orjson.dumps(parsed)  # ... but no lone surrogates or integers beyond 64 bits (NaN passes as null)
+            return parsed
+        except (ValueError, RecursionError, TypeError, orjson.JSONEncodeError):
             raise InvalidInput(f"the body is sent as application/json but is not valid JSON: {error}") from None
     return value
 
@@ -122,7 +126,7 @@ class BaseHandler:
             value = body_of(row)
             try:
                 rows.append(torch.as_tensor(value, dtype=torch.float32))
-            except (TypeError, ValueError, RuntimeError) as exc:
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
                 raise InvalidInput(f"request {i}: body is not a numeric array ({exc})") from None
         shapes = {tuple(r.shape) for r in rows}
         if len(shapes) > 1:

@@ -275,15 +275,17 @@ class Monitor:
         else:
             result = await asyncio.to_thread(quality.feedback, items)
         if retraining is not None:
-            # only labels the model can take become training rows: one refused here (a class the
-            # model does not have) would fail every retraining that read it
-            fresh = [it for it in items if it.index not in result.rejected]
-            if quality is not None and fresh:  # labels with no kept prediction: judged by the model's outputs
+            # only labels the model can take become training rows: one it cannot (a class the
+            # model does not have) would fail every retraining that read it. Judged per example
+            # (a request of several records takes a list), not by the quality join's one prediction
+            fresh = list(items)
+            if quality is not None:
                 refused = await asyncio.to_thread(quality.check_labels, fresh)
+                if refused is None:  # it cannot tell: what the quality join refused stays out
+                    refused = {i: "" for i in result.rejected}
                 if refused:
                     for it in fresh:
-                        if it.index in refused:
-                            result.rejected.add(it.index)
+                        if it.index in refused and it.index not in result.rejected:  # else named already
                             result.errors.append(f"feedback[{it.index}] (request_id {show(it.request_id)}): "
                                                  f"{refused[it.index]}; not kept for retraining")
                     fresh = [it for it in fresh if it.index not in refused]

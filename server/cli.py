@@ -451,13 +451,15 @@ def _unknown_handler(handler: str, extra_files: list[str]) -> str | None:
     if Path(module).is_file():
         return None
     names = builtin_handler_names()
-    if module in names or f"{module}.py" in {Path(f).name for f in extra_files}:
+    top = module.split(".")[0]
+    extras = {Path(f).name for f in extra_files}  # files and folders the archive holds beside the handler
+    if module in names or f"{top}.py" in extras or top in extras:
         return None
     for candidate in (module, f"ts.torch_handler.{module}"):  # TorchServe's built-ins, where it is installed
         try:
             if importlib.util.find_spec(candidate) is not None:
                 return None
-        except (ImportError, ValueError):
+        except Exception:  # importing a parent package failed: that says nothing about the archive
             pass
     close = difflib.get_close_matches(module, names, n=1)
     return (f"handler {handler!r} is not a file, not a built-in handler ({', '.join(names)}), not a module in "

@@ -75,7 +75,7 @@ class TensorHandler(BaseHandler):
         dtype = _NP.get(self.input_specs[0]["datatype"].upper(), np.float32) if self.input_specs else np.float32
         try:
             arr = np.asarray(body_of(row), dtype=dtype)[None]
-        except (TypeError, ValueError, RecursionError) as exc:
+        except (TypeError, ValueError, RecursionError, OverflowError) as exc:
             raise InvalidInput(f"body is not a numeric array ({exc})") from None
         if self.input_specs:
             self._check(self.input_specs[0], arr)

@@ -297,22 +297,28 @@ class QualityMonitor:
                               f"monitoring state is unavailable for model {self.model} version {self.version}: "
                               f"{exc}; no label was recorded, send them again later", retry_after=RETRY_S) from None
 
-    def check_labels(self, items: Sequence[FeedbackItem]) -> dict[int, str]:
-        """{item index: why} for labels this model cannot take, judged by what its predictions
-        look like (task, classes, width) without a kept prediction: for labels that join
-        something else (inputs held for retraining). {} while no prediction was seen yet."""
+    def check_labels(self, items: Sequence[FeedbackItem]) -> dict[int, str] | None:
+        """{item index: why} for labels this model cannot take as training rows, judged by what
+        its predictions look like (task, classes, width), not by a kept prediction: a list
+        whose every element is a label is one label per example of a request that held
+        several (which the quality join, one prediction per request, refuses). None when it
+        cannot tell: no prediction seen yet, the shared store down, a task labels do not fit."""
         try:
             meta = self._meta or self.store.get_meta() or {}
         except StoreUnavailable:
-            return {}
+            return None
         kind = {"classification": _CLASSIFICATION, "regression": _REGRESSION,
                 "generator": _GENERATOR}.get(meta.get("task") or "")
         width = meta.get("width")
         if kind is None or not isinstance(width, int):
-            return {}
+            return None
+        classes = meta.get("classes")
         out = {}
         for item in items:
-            _, why = resolve_label(item.label, kind, width, meta.get("classes"))
+            _, why = resolve_label(item.label, kind, width, classes)
+            if why is not None and isinstance(item.label, list) and item.label and all(
+                    resolve_label(y, kind, width, classes)[1] is None for y in item.label):
+                why = None  # one label per example
             if why is not None:
                 out[item.index] = why
         return out

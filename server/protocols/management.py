@@ -42,8 +42,7 @@ def require_model_api(enabled: bool, message: str = METHOD_NOT_ALLOWED_TEXT) -> 
         global _OFF_LOGGED
         if not _OFF_LOGGED:  # the REST answer is TorchServe's fixed text: the log says what to do
             _OFF_LOGGED = True
-            log.warning("a request to register or unregister a model was refused (405 over REST): %s "
-                        "(logged once)", MODEL_API_OFF)
+            log.warning("a request to register or unregister a model was refused: %s (logged once)", MODEL_API_OFF)
         raise OspreyError(ErrorKind.METHOD_NOT_ALLOWED, message, grpc=("PERMISSION_DENIED", MODEL_API_OFF))
 
 

@@ -218,7 +218,7 @@ def _labelled(pred: Predictions, rows: Sequence[dict], i: int) -> tuple[list, li
     out = pred.outputs.get(i)
     if out is None:
         return [], []
-    labels = example_labels(rows[i], i, len(out))
+    labels = example_labels(rows[i], i, len(out), unwrap_one=pred.task != "regression")
     width = out.shape[-1] if out.ndim > 1 else 1
     ys = resolve_labels([{"rid": rows[i].get("rid", i), "label": y} for y in labels], pred.task, pred.classes,
                         width=width)

@@ -161,8 +161,10 @@ class TrainContext:
 
         rows = list(rows)
         x = self.preprocess(rows)
-        labels = self.labels(rows)
-        if len(x) != len(labels):
+        if len(x) == len(rows):  # one example a row: a list of one label is that label (not for a regression)
+            labels = self.labels([dict(r, label=r["label"][0]) if self.task != "regression"
+                                  and isinstance(r.get("label"), list) and len(r["label"]) == 1 else r for r in rows])
+        else:
             expanded = []
             for r in rows:  # several examples per request: the label is a list of k
                 lab = r.get("label")

@@ -223,6 +223,7 @@ def test_deeply_nested_json_is_400_over_torchserve_grpc(srv):
     ("text_transformer", "/v1/models/text_transformer:predict", b'{"instances":'),
     ("digits_cnn", "/predictions/digits_cnn", b'{"data": "aGVsbG8='),
     ("cancer_mlp", "/predictions/cancer_mlp", b'{"mean radius": 1,}'),
+    ("text_transformer", "/predictions/text_transformer", b'{"text": "\\ud800 hello"}'),  # a lone surrogate
 ])
 def test_a_json_body_that_does_not_parse_is_400_not_read_as_text(srv, model, path, body):
     """Sent as application/json, a body cut short was classified as the text '{"text": ' (200)."""

@@ -460,7 +460,7 @@ def test_repository_requests_with_a_body_that_is_not_a_json_object_are_refused(h
 
 
 @pytest.mark.parametrize("body, needle", [(b"[[1, 2,", "unexpected end of data"), (b"", "the body is empty"),
-                                          (b"{x", "expected a string key")])
+                                          (b"{x", "expected a string key"), (b'["\\ud800"]', "no low surrogate")])
 def test_a_json_body_that_does_not_parse_is_400_for_the_tensor_handler(http, clean_log, body, needle):
     """Sent as application/json, such a body was read as bytes: a 1xN tensor of its characters
     (a 503 from the model) or an empty one. TorchServe's handlers still get it as bytes."""

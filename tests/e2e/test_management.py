@@ -170,7 +170,7 @@ def test_model_api_is_off_by_default(osprey, store):
     r = httpx.delete(f"{srv.management}/models/mlp")
     assert (r.status_code, r.json()) == (405, ts_405)
     # TorchServe's body cannot say how to turn it on: the log does, once
-    assert srv.log().count("refused (405 over REST): Model API disabled: start the server with "
+    assert srv.log().count("model was refused: Model API disabled: start the server with "
                            "--enable-model-api") == 1, srv.log()[-2000:]
     assert httpx.get(f"{srv.management}/models").status_code == 200
     assert httpx.put(f"{srv.management}/models/mlp", params={"min_worker": 1}).status_code == 202

@@ -405,6 +405,7 @@ def test_retrain_unknown_model_is_404_and_a_model_without_entry_point_400(emb):
                            ({"json": {"versoin": "1.0"}}, "unknown key(s) 'versoin' in the retrain body"),
                            ({"json": ["1.0"]}, "the retrain body must be a JSON object"),
                            ({"json": {"reason": 5}}, "'reason' in the retrain body must be a string"),
+                           ({"json": {"version": 1.10}}, "'version' in the retrain body must be a string"),
                            ({"json": {"version": "1.0"}, "params": {"version": "2.0"}}, "give it once")):
         r = httpx.post(url, timeout=60, **kwargs)
         assert r.status_code == 400 and needle in r.json()["message"], (kwargs, r.text)

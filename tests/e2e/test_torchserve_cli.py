@@ -152,8 +152,10 @@ def test_package_warns_of_a_handler_nothing_here_knows(tmp_path, monkeypatch, ca
     assert "warning: handler 'image_clasifier' is not a file, not a built-in handler (" in err
     assert "did you mean 'image_classifier'?" in err
     (tmp_path / "my_handler.py").write_text(MLP_HANDLER)
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "serving.py").write_text(MLP_HANDLER)
     for handler, extra in (("image_classifier", ""), ("my_handler.py", ""), ("my_handler:handle", "my_handler.py"),
-                           ("json:loads", "")):
+                           ("json:loads", ""), ("mypkg.serving:handle", "mypkg")):
         code, _, err = _main(capsys, "package", "--model-name", "m", "--handler", handler, "--extra-files", extra,
                              "--force")
         assert code == 0 and "warning" not in err, (handler, err)

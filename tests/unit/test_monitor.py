@@ -341,7 +341,7 @@ def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, mo
 
     mv = version()
     data = LabelledData(tmp_path)
-    for rid in ("good", "cat", "unseen-cat", "unseen-good"):
+    for rid in ("good", "cat", "unseen-cat", "unseen-good", "two-records"):
         data.hold(mv, body(rid))
     versions = Versions()
     versions.add("m", "1.0", archive)
@@ -349,16 +349,19 @@ def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, mo
     m = monitor(versions, dataset=data,
                 quality_factory=lambda model, version, cfg, model_dir, store: quality_factory(model, version, cfg,
                                                                                               model_dir, None))
-    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1]], dtype=np.float32)
-    feed(m, [replace(obs(2, 1, model="m", version="1.0"), request_ids=["good", "cat"], outputs=probs,
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
+    feed(m, [replace(obs(3, 1, model="m", version="1.0"), request_ids=["good", "cat", "two-records"], outputs=probs,
                      task="classification", classes=("a", "b", "c"))])
     items = [FeedbackItem("good", "a", 0), FeedbackItem("cat", "cat", 1), FeedbackItem("unseen-cat", "cat", 2),
-             FeedbackItem("unseen-good", "b", 3)]
+             FeedbackItem("unseen-good", "b", 3), FeedbackItem("two-records", ["c", "a"], 4)]
     result = asyncio.run(m.feedback("m", "1.0", items))
-    assert (result.accepted, result.invalid, result.unmatched, result.kept) == (1, 1, 2, 2)
-    assert result.rejected == {1, 2}
+    # a request of two records labelled with a list: not for live quality (one prediction per
+    # request is kept), but a training row, one label per record
+    assert (result.accepted, result.invalid, result.unmatched, result.kept) == (1, 2, 2, 3)
+    assert result.rejected == {1, 4}
     assert any(e.startswith("feedback[1]") and "'cat' is not a class" in e for e in result.errors), result.errors
     assert any(e.startswith("feedback[2] (request_id 'unseen-cat')") and "not kept for retraining" in e
                for e in result.errors), result.errors
     rows = read_rows("m", root=tmp_path)
-    assert sorted((r["rid"], r["label"]) for r in rows) == [("good", "a"), ("unseen-good", "b")]
+    assert sorted((r["rid"], r["label"]) for r in rows) == [("good", "a"), ("two-records", ["c", "a"]),
+                                                             ("unseen-good", "b")]

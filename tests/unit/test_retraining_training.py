@@ -265,6 +265,11 @@ def test_cancer_mlp_retrains_as_a_classifier(tmp_path):
     store = example_store("cancer_mlp")
     names = ["malignant", "benign"]
     rows = _tabular_rows(store, "cancer", lambda y: names[int(y)])  # feedback by class name
+    # requests of two records labelled with a list of two, and some labelled with a list of one
+    pairs = [{"rid": f"pair-{i}", "ts": 0.0, "inputs": {"body": [rows[2 * i]["inputs"]["body"],
+                                                                 rows[2 * i + 1]["inputs"]["body"]]},
+              "label": [rows[2 * i]["label"], rows[2 * i + 1]["label"]]} for i in range(10)]
+    rows = pairs + [dict(r, label=[r["label"]]) for r in rows[20:25]] + rows[25:]
     train, hold = split_rows(rows, 0.3, seed=0)
     res = run_training(store / "cancer_mlp.mar", train, tmp_path / "out")
     assert res.entry_point == "examples.tabular:retrain_cancer" and res.weights.name == "cancer_mlp.pt"

@@ -132,7 +132,8 @@ def add_monitoring_routes(router: Router, dataplane: DataPlane) -> None:
                                 "required": ["feedback"]}]}
     counts = {"type": "object", "properties": {"accepted": {"type": "integer"}, "unmatched": {"type": "integer"},
                                                "invalid": {"type": "integer"}, "kept": {"type": "integer"},
-                                               "errors": {"type": "array", "items": {"type": "string"}}}}
+                                               "errors": {"type": "array", "items": {"type": "string"}},
+                                               "unmatched_ids": {"type": "array", "items": {"type": "string"}}}}
     feedback_doc = Doc("Labels for earlier answers, joined on their x-request-id", body=JSON(feedback_body),
                        body_required=True, responses={200: ("The counts", JSON(counts))}, path_params=names,
                        tags=("Monitoring",))

@@ -55,9 +55,7 @@ def _retrain_body(body: bytes) -> dict[str, str]:
     for key, value in data.items():
         if value is None:
             continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "version":
-            value = str(value)
-        if not isinstance(value, str):
+        if not isinstance(value, str):  # a version as a number would lose digits: 1.10 is 1.1
             raise OspreyError(ErrorKind.BAD_INPUT, f"{key!r} in the retrain body must be a string, got "
                                                    f"{type(value).__name__}")
         if value:
