@@ -95,9 +95,11 @@ def run(coro):
     (b'[{"label": 1}]', "feedback[0] has no 'request_id'"),
     (b'[{"request_id": "", "label": 1}]', "feedback[0]: 'request_id' must be a non-empty string"),
     (b'{"request_id": "a"}', "feedback[0] (request_id 'a') has no 'label'"),
-    (b'{"request_id": "a", "label": null}', "'label' must be a string, a number, a boolean or a list of numbers, got null"),
+    (b'{"request_id": "a", "label": null}', "'label' must be a string, a number, a boolean or a list of them, got null"),
     (b'{"request_id": "a", "label": {"x": 1}}', "got dict"),
-    (b'{"request_id": "a", "label": [1, "b"]}', "got list"),
+    (b'{"request_id": "a", "label": [[1], 2]}', "got list"),
+    (b'{"request_id": "a", "label": []}', "got list"),
+    (b'{"request_id": "a", "label": [1, NaN]}', "not valid JSON"),
 ])
 def test_malformed_bodies_are_refused_naming_what_is_wrong(body, message):
     with pytest.raises(OspreyError) as exc:
@@ -109,6 +111,9 @@ def test_the_three_body_shapes():
     one = parse_feedback(b'{"request_id": "a", "label": "yes"}')
     many = parse_feedback(b'[{"request_id": "a", "label": "yes"}, {"request_id": 7, "label": 2.5}]')
     wrapped = parse_feedback(b'{"feedback": [{"request_id": "a", "label": [1, 2]}]}')
+    # one label per record of a request that held several: class names too
+    assert parse_feedback(b'{"request_id": "a", "label": ["benign", "malignant", 1]}')[0].label == [
+        "benign", "malignant", 1]
     assert one == [FeedbackItem("a", "yes", 0)]
     assert many == [FeedbackItem("a", "yes", 0), FeedbackItem("7", 2.5, 1)]
     assert wrapped == [FeedbackItem("a", [1, 2], 0)]

@@ -35,18 +35,21 @@ def _bad(message: str) -> OspreyError:
 
 
 def check_label(label: Any, where: str) -> None:
-    """A label is a string, a number, a boolean or a list of numbers (several regression outputs)."""
+    """A label is a string, a number or a boolean, or a list of them: several regression outputs,
+    or one label per record of a request that held several (not nested, not empty)."""
     if isinstance(label, (str, bool, int)):
         return
     if isinstance(label, float):
         if not math.isfinite(label):
             raise _bad(f"{where}: 'label' must be a finite number, got {label!r}")
         return
-    if isinstance(label, list) and label and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in label):
+    if isinstance(label, list) and label and all(isinstance(v, (str, bool, int, float)) for v in label):
+        bad = next((v for v in label if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise _bad(f"{where}: 'label' must hold finite numbers, got {bad!r}")
         return
     what = "null" if label is None else f"{type(label).__name__} {show(label)}"
-    raise _bad(f"{where}: 'label' must be a string, a number, a boolean or a list of numbers, got {what}")
+    raise _bad(f"{where}: 'label' must be a string, a number, a boolean or a list of them, got {what}")
 
 
 def parse_feedback(body: bytes) -> list[FeedbackItem]:
