@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,6 +38,7 @@ from . import grpc_c1
 from .ab import OspreyAt
 from .grpc_ab import point
 from .models import build_models
+from .procs import stop_group
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -145,13 +144,7 @@ class Floor:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 10)
 
 
 def main(argv: list[str] | None = None) -> int:

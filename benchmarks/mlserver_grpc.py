@@ -98,15 +98,9 @@ class MLServer:
         raise RuntimeError(f"mlserver not answering after {timeout} s; log {self.work / 'mlserver.log'}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            import signal
+        from .procs import stop_group
 
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 30)
 
 
 def measure(exe: Path, target: str, pgid: int, c: int, seconds: float) -> dict:
