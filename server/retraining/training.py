@@ -84,7 +84,7 @@ import numpy as np
 
 from server.core.model_config import ModelConfig
 
-from .data import RowError, read_reference, resolve_labels, split_rows
+from .data import RowError, example_labels, read_reference, resolve_labels, split_rows
 from .entry import EntryPointError, TrainingError, entry_point_of, resolve_entry_point
 from .scoring import missing_scorer, scorer_spec
 from .search import draws
@@ -162,8 +162,9 @@ class TrainContext:
         rows = list(rows)
         x = self.preprocess(rows)
         if len(x) == len(rows):  # one example a row: a list of one label is that label (not for a regression)
-            labels = self.labels([dict(r, label=r["label"][0]) if self.task != "regression"
-                                  and isinstance(r.get("label"), list) and len(r["label"]) == 1 else r for r in rows])
+            unwrap = self.task != "regression"
+            labels = self.labels([dict(r, label=example_labels(r, i, 1, unwrap_one=unwrap)[0])
+                                  for i, r in enumerate(rows)])
         else:
             expanded = []
             for r in rows:  # several examples per request: the label is a list of k
