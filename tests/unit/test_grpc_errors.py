@@ -57,7 +57,9 @@ def test_management_osprey_errors_keep_their_status(caplog):
     assert err.code() == grpc.StatusCode.NOT_FOUND and "nope" in err.details()
     err = asyncio.run(_call("RegisterModel", mpb.RegisterModelRequest(url="x.mar"), caplog))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "Model API disabled" in err.details()  # TorchServe's
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # (Osprey's loggers only: grpc.aio's poller may log "Event loop is closed" through asyncio
+    # when asyncio.run closes the loop under it, which is the test harness, not the server)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("osprey")]
 
 
 def test_a_response_stream_that_fails_midway_ends_internal_after_its_replies(caplog):
@@ -85,4 +87,4 @@ def test_a_response_stream_that_fails_midway_ends_internal_after_its_replies(cap
     caplog.set_level(logging.ERROR, logger="osprey.grpc")
     got, err = asyncio.run(run())
     assert got == [b"one"] and err.code() == grpc.StatusCode.INTERNAL and "(RuntimeError) in Stream;" in err.details()
-    assert len([r for r in caplog.records if r.exc_info]) == 1
+    assert len([r for r in caplog.records if r.exc_info and r.name == "osprey.grpc"]) == 1  # (see above)
