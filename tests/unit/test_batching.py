@@ -18,7 +18,8 @@ from server.core.types import InferenceRequest, InferenceResponse, Ticket
 
 
 class HandInstance:
-    """An instance whose batches finish when the test says so, each having run ``exec_s``.
+    """An instance whose batches finish when the test says so, each having run ``exec_s``
+    (seconds, or a function of the batch's size giving them).
 
     Like ``ModelInstance.run``, the batches of one handoff run one after another: each
     reports ``started``/``finished`` ``exec_s`` apart, the first starting at the handoff.
@@ -46,10 +47,11 @@ class HandInstance:
         batches, start, on_done = self._pending.pop(0)
         outcomes = []
         for batch in batches:
+            took = self.exec_s(len(batch)) if callable(self.exec_s) else self.exec_s
             for r in batch:
                 r.timings.started = start
-                r.timings.finished = start + self.exec_s
-            start += self.exec_s
+                r.timings.finished = start + took
+            start += took
             outcomes.append([outcome(r) if outcome else InferenceResponse(body=r.request.request_id.encode()) for r in batch])
         on_done(self, batches, outcomes)
 
@@ -236,6 +238,110 @@ async def test_hold_only_under_burst_and_bounded_by_delay():
     assert 0.18 < held < 1.0, held
     inst.finish()
     assert (await f).body == b"r1000"
+
+
+def compute_bound(size: int) -> float:
+    """Run time of a batch of ``size`` for a model that serves the most requests/s at 16
+    (the benchmark's ResNet-sized CNN on two cores: 89/s at 1, 178/s at 8, 189/s at 16, 172/s at 32)."""
+    rate = {1: 89.0, 8: 178.0, 16: 189.0, 32: 172.0}.get(size) or (89.0 + 100.0 * min(size, 16) / 16 if size < 16 else 180.0)
+    return size / rate
+
+
+async def until_handed(inst, n: int, limit: float = 5.0) -> None:
+    t0 = time.monotonic()
+    while len(inst.batches) < n and time.monotonic() - t0 < limit:
+        await asyncio.sleep(0.001)
+
+
+def closed_loop(b, inst, clients: int, rounds: int, first: int = 0) -> list:
+    """``clients`` clients that each send again as soon as they are answered (synchronously,
+    i.e. before any timer of the batcher can fire): ``rounds`` batches; the futures of the
+    requests still outstanding are returned. Request ids count from ``first``."""
+    ids = iter(range(first, first + 10**6))
+    out = [b.submit(req(next(ids))) for _ in range(clients)]
+    for _ in range(rounds):
+        inst.finish()
+        answered = [f for f in out if f.done()]
+        out = [f for f in out if not f.done()] + [b.submit(req(next(ids))) for _ in answered]
+    return out
+
+
+async def test_closed_loop_clients_of_a_compute_bound_model_leave_together_not_alternating():
+    # eight clients: without a hold, the one answered first comes back while the other seven
+    # run, and batches alternate 1 and 7 (the model's worst size and a worse one) for good
+    b, inst = with_instance(batch_size=32, delay=0.5, queue_size=1000, exec_s=compute_bound)
+    out = closed_loop(b, inst, clients=8, rounds=6)
+    sizes = [len(x) for x in inst.batches]
+    assert sizes[0] == 1 and sizes[-4:] == [8, 8, 8, 8], sizes
+    inst.finish()
+    assert all([(await f).body for f in out])
+
+
+async def test_a_hold_for_clients_that_do_not_come_back_ends_max_batch_delay_after_the_instance_frees_up():
+    b, inst = with_instance(batch_size=32, delay=0.2, queue_size=1000, exec_s=lambda size: 10 * compute_bound(size))
+    out = closed_loop(b, inst, clients=8, rounds=3)
+    assert len(inst.batches[-1]) == 8
+    lone = b.submit(req(100))  # a ninth client, while the 8 run
+    time.sleep(0.05)  # its request waits 50 ms in the queue before the instance frees up
+    freed = time.monotonic()
+    n = len(inst.batches)
+    inst.finish()  # the 8 are answered, and do not come back
+    assert len(inst.batches) == n, "left at once, without waiting for the clients just answered"
+    await until_handed(inst, n + 1)
+    held = inst.handed_at[n] - freed
+    assert len(inst.batches[n]) == 1 and 0.18 < held < 1.0, held  # counted from the freeing up
+    inst.finish()
+    assert (await lone).body == b"r100"
+    assert all([(await f).body for f in out])
+
+
+async def test_a_lone_client_never_waits_once_the_crowd_has_gone():
+    b, inst = with_instance(batch_size=32, delay=0.1, queue_size=1000, exec_s=lambda size: 10 * compute_bound(size))
+    out = closed_loop(b, inst, clients=8, rounds=3)
+    while not all(f.done() for f in out):  # the crowd leaves: answer what it has outstanding
+        await until_handed(inst, len(inst.batches) + (0 if inst._pending else 1))
+        inst.finish()
+    await asyncio.gather(*out)
+    # one client from now on: while the crowd is remembered (DEMAND_WINDOW dispatches) its
+    # requests may wait up to max_batch_delay for company; after that, none does
+    for i in range(20):
+        n = len(inst.batches)
+        f = b.submit(req(100 + i))
+        if i > 10:
+            assert len(inst.batches) == n + 1, f"request {i} of the lone client was held"
+        await until_handed(inst, n + 1)
+        inst.finish()
+        await f
+
+
+async def test_a_model_running_a_middle_size_fastest_gets_batches_of_that_size():
+    b, inst = with_instance(batch_size=32, delay=0.0, queue_size=1000, exec_s=compute_bound)
+    # the sizes measured as they come (work-conserving): 1, then 32, then 16
+    futures = [b.submit(req(i)) for i in range(33)]
+    inst.finish()
+    futures += [b.submit(req(100 + i)) for i in range(16)]  # while the 32 run
+    inst.finish()
+    futures += [b.submit(req(200 + i)) for i in range(32)]  # while the 16 run
+    inst.finish()
+    assert [len(x) for x in inst.batches] == [1, 32, 16, 16]  # 32 queued leave as two batches of 16
+    inst.finish()
+    assert [len(x) for x in inst.batches] == [1, 32, 16, 16, 16]
+    inst.finish()
+    assert len({(await f).body for f in futures}) == 81
+
+
+async def test_a_model_gaining_nothing_from_batching_never_holds():
+    b, inst = with_instance(batch_size=32, delay=5.0, queue_size=1000, exec_s=lambda size: size * 0.01)
+    out = closed_loop(b, inst, clients=8, rounds=3)
+    lone = b.submit(req(100))  # a ninth client, while the batch runs
+    n = len(inst.batches)
+    inst.finish()  # the clients answered do not come back at once
+    # what was queued left at once: a batch of 9 would serve no faster
+    assert len(inst.batches) == n + 1 and "r100" in [r.request.request_id for r in inst.batches[n]]
+    assert [len(x) for x in inst.batches][1:] == [8, 1, 7, 2]  # alternating costs this model nothing
+    inst.finish()
+    assert (await lone).body == b"r100"
+    assert all([(await f).body for f in out])
 
 
 async def test_scale_down_while_busy_retires_after_the_batch():
