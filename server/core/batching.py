@@ -123,6 +123,7 @@ class Batcher:
         self._sweeper: asyncio.TimerHandle | None = None  # queued deadlines
         self._batch_timers: dict[int, asyncio.TimerHandle] = {}  # running deadlines
         self._ewma_exec = 0.0
+        self.batching = self.batch_size > 1  # batchSize 1: no hold, nothing to learn
         self.curve = BatchCurve(self.batch_size)  # run time by batch size: what the hold aims at
         self._probe = 0  # a size the next dispatch tries (BatchCurve.probe), 0: none
         self._freed = 0.0  # when an instance last became idle
@@ -215,9 +216,10 @@ class Batcher:
         req.future = fut
         req.queued = 1
         self.queue.append(req)
-        outstanding = self.in_flight + len(self.queue) - self._dead
-        if outstanding > self._demand_now:
-            self._demand_now = outstanding
+        if self.batching:
+            outstanding = self.in_flight + len(self.queue) - self._dead
+            if outstanding > self._demand_now:
+                self._demand_now = outstanding
         if self.idle:
             self._dispatch()
         if self.queue and self._sweeper is None:
@@ -393,9 +395,10 @@ class Batcher:
             self.busy.add(inst)
             for batch in batches:
                 self.in_flight += len(batch)
-            self._demand.append(self._demand_now)
-            self._demand_now = self.in_flight + len(self.queue) - self._dead
-            self._probe = self.curve.probe(self._demand_each())
+            if self.batching:
+                self._demand.append(self._demand_now)
+                self._demand_now = self.in_flight + len(self.queue) - self._dead
+                self._probe = self.curve.probe(self._demand_each())
             self._running[inst] = [batches, now, False]
             if self._watchdog is None and self.hang_after_s is not None:
                 self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)
@@ -482,7 +485,8 @@ class Batcher:
                 t = batch[0].timings
                 took = t.finished - t.started
                 self._ewma_exec += 0.2 * (took - self._ewma_exec)
-                self.curve.observe(len(batch), took)
+                if self.batching:
+                    self.curve.observe(len(batch), took)
             for r, outcome in zip(batch, batch_outcomes):
                 fut = r.future
                 if not fut.done():
