@@ -16,7 +16,8 @@ the batch size the model runs best at:
   shared among the instances. A lone client's target is 1: its request never waits;
 - an idle instance with fewer than the target queued waits for more, when running the
   target as one batch is measurably faster than as two (HOLD_GAIN), for at most
-  ``min(max_batch_delay, the target's run time)``, counted from when it became idle or from
+  ``min(max_batch_delay, the target's run time)`` (never under HOLD_MIN_S: a model whose
+  batches run faster is served at once), counted from when it became idle or from
   the oldest queued arrival, whichever is later (TorchServe's worker, once free, likewise
   waits up to maxBatchDelay for its batch to fill). Without it, closed-loop clients that the
   last batch answered come back just after the instance has left with the one or two queued
@@ -69,6 +70,10 @@ MAX_BUNDLE = 32  # most batches in one handoff
 QUEUE_FULL_LOG_INTERVAL_S = 5.0  # at most one queue_full line per model version this often
 DEMAND_WINDOW = 8  # dispatches over which the most outstanding requests is remembered
 HOLD_GAIN = 1.05  # hold only if two batches (queued now, the rest later) take this much longer than one
+# No hold shorter than this: the loop's timers have millisecond resolution (uvloop), and for a
+# model whose batches run in under a millisecond (the benchmark's MLP: 0.4 ms, mostly waiting
+# for the GIL) holding measured 9% slower than sending at once (benchmarks/CHANGES.md, session 17)
+HOLD_MIN_S = 0.001
 
 
 class _Completions:
@@ -321,13 +326,13 @@ class Batcher:
         grows in proportion to the batch it never is."""
         queued = len(self.queue) - self._dead
         curve = self.curve
-        if queued >= (self._probe or curve.cap) or self.max_batch_delay_s <= 0 or not curve.best:
+        if queued >= (self._probe or curve.cap) or not curve.best or curve.est[curve.cap] < HOLD_MIN_S:
             return 0.0
         target = self.target()
         est = curve.est
-        if queued >= target or est[queued] + est[target - queued] < HOLD_GAIN * est[target]:
-            return 0.0
         limit = min(self.max_batch_delay_s, est[target])
+        if queued >= target or limit < HOLD_MIN_S or est[queued] + est[target - queued] < HOLD_GAIN * est[target]:
+            return 0.0
         return max(self.queue[0].timings.received, self._freed) + limit - now
 
     def _on_timer(self) -> None:

@@ -330,15 +330,19 @@ async def test_a_model_running_a_middle_size_fastest_gets_batches_of_that_size()
     assert len({(await f).body for f in futures}) == 81
 
 
-async def test_a_model_gaining_nothing_from_batching_never_holds():
-    b, inst = with_instance(batch_size=32, delay=5.0, queue_size=1000, exec_s=lambda size: size * 0.01)
+@pytest.mark.parametrize("exec_s", [lambda size: size * 0.01, lambda size: 0.0004],
+                         ids=["run time in proportion to the batch", "batches under a millisecond"])
+async def test_a_model_gaining_nothing_from_a_hold_never_holds(exec_s):
+    # batching gains nothing when the run time grows with the batch; holding gains nothing when
+    # batches run in less than the loop's timer resolution (the benchmark's MLP measured 9%
+    # slower with it)
+    b, inst = with_instance(batch_size=32, delay=5.0, queue_size=1000, exec_s=exec_s)
     out = closed_loop(b, inst, clients=8, rounds=3)
     lone = b.submit(req(100))  # a ninth client, while the batch runs
     n = len(inst.batches)
     inst.finish()  # the clients answered do not come back at once
     # what was queued left at once: a batch of 9 would serve no faster
     assert len(inst.batches) == n + 1 and "r100" in [r.request.request_id for r in inst.batches[n]]
-    assert [len(x) for x in inst.batches][1:] == [8, 1, 7, 2]  # alternating costs this model nothing
     inst.finish()
     assert (await lone).body == b"r100"
     assert all([(await f).body for f in out])
