@@ -1,6 +1,7 @@
 """What a model version's batches cost by size, learned from the batches it runs.
 
-The batcher aims its batches with this (server/core/batching.py): which size serves the
+The batcher aims its batches with this (server/core/batching.py), for a model whose batches
+run long enough to be worth aiming (``slow``: SLOW_S): which size serves the
 most requests per second (``best``), whether batches should stop short of ``batch_size``
 (``cap``: a compute-bound model can run a middle size faster than the largest; a
 ResNet-sized CNN on two cores serves 189 images/s at 16 and 172 at 32), and how long any
@@ -28,10 +29,15 @@ REFIT_EVERY = 8  # batches between two refits of best, cap and est
 PROBE_EVERY = 16  # dispatches between two probes
 STALE_AFTER = 512  # batches after which a size's run time counts only if no size has a newer one
 BEST_MARGIN = 1.05  # a middle size caps batches only when this much faster than every larger one
+# Batches faster than this (at the largest size measured) are not steered at all (no cap, no
+# probe): their run time is mostly the instance thread waiting for the GIL, not the model's
+# work, and the loop's timers have millisecond resolution. The benchmark's MLP (0.4 ms at any
+# size) measured 13% slower steered than left alone (benchmarks/CHANGES.md, session 17).
+SLOW_S = 0.001
 
 
 class BatchCurve:
-    __slots__ = ("max_size", "runs", "seen", "batches", "best", "best_rate", "cap", "est",
+    __slots__ = ("max_size", "runs", "seen", "batches", "best", "best_rate", "cap", "est", "slow",
                  "_until", "_grid", "_dispatches", "_probes")
 
     def __init__(self, max_size: int):
@@ -43,6 +49,7 @@ class BatchCurve:
         self.best = 0  # the size measured to serve the most requests/s; 0 until one is measured
         self.best_rate = 0.0
         self.cap = self.max_size  # most requests one batch should carry
+        self.slow = False  # batches run long enough (SLOW_S) for best, cap, est and probes to apply
         self.est = [0.0] * n  # run time (s) of each size: measured, else estimated
         self._until = REFIT_EVERY
         grid, size = [], 2
@@ -71,7 +78,7 @@ class BatchCurve:
         """Called once per dispatch: every PROBE_EVERY-th call, a size to try next (at most
         ``demand``, the requests one instance can expect), else 0."""
         self._dispatches += 1
-        if self._dispatches % PROBE_EVERY or not self.best:
+        if self._dispatches % PROBE_EVERY or not self.slow:
             return 0
         grid = [s for s in self._grid if s <= demand]
         if len(grid) < 2:
@@ -89,8 +96,10 @@ class BatchCurve:
         if not known:
             return
         self.best_rate, self.best = max((i / runs[i], i) for i in known)
+        self.slow = runs[known[-1]] >= SLOW_S
         above = [i / runs[i] for i in known if i > self.best]
-        self.cap = self.best if above and self.best_rate >= BEST_MARGIN * max(above) else self.max_size
+        steer = self.slow and above and self.best_rate >= BEST_MARGIN * max(above)
+        self.cap = self.best if steer else self.max_size
         est = self.est
         j = 0  # known[j] is the first measured size >= i
         for i in range(1, len(runs)):

@@ -16,13 +16,18 @@ the batch size the model runs best at:
   shared among the instances. A lone client's target is 1: its request never waits;
 - an idle instance with fewer than the target queued waits for more, when running the
   target as one batch is measurably faster than as two (HOLD_GAIN), for at most
-  ``min(max_batch_delay, the target's run time)`` (never under HOLD_MIN_S: a model whose
-  batches run faster is served at once), counted from when it became idle or from
-  the oldest queued arrival, whichever is later (TorchServe's worker, once free, likewise
+  ``min(max_batch_delay, the target's run time)`` (never under HOLD_MIN_S), counted from when
+  it became idle or from the oldest queued arrival, whichever is later (TorchServe's worker, once free, likewise
   waits up to maxBatchDelay for its batch to fill). Without it, closed-loop clients that the
   last batch answered come back just after the instance has left with the one or two queued
   meanwhile: batches alternate small and large, both off the best size;
 - a batch carries at most the best size when every larger one measured slower by BEST_MARGIN.
+
+A model whose batches run in under a millisecond (``BatchCurve.slow`` false: the benchmark's
+MLP) is not aimed: its run times are mostly its thread waiting for the GIL, and aiming it
+measured 13% slower. Its only hold is for a burst in progress: while recent batches were much
+larger than what is queued, an idle instance waits at most ``min(max_batch_delay, recent
+batch time)`` after the oldest queued request arrived.
 
 Everything here runs on the event loop; instances run batches in their own threads and
 call back :meth:`Batcher._done` on the loop. Cancelled or expired requests are dropped
@@ -70,10 +75,7 @@ MAX_BUNDLE = 32  # most batches in one handoff
 QUEUE_FULL_LOG_INTERVAL_S = 5.0  # at most one queue_full line per model version this often
 DEMAND_WINDOW = 8  # dispatches over which the most outstanding requests is remembered
 HOLD_GAIN = 1.05  # hold only if two batches (queued now, the rest later) take this much longer than one
-# No hold shorter than this: the loop's timers have millisecond resolution (uvloop), and for a
-# model whose batches run in under a millisecond (the benchmark's MLP: 0.4 ms, mostly waiting
-# for the GIL) holding measured 9% slower than sending at once (benchmarks/CHANGES.md, session 17)
-HOLD_MIN_S = 0.001
+HOLD_MIN_S = 0.001  # no aimed hold shorter than this: the loop's timers have millisecond resolution
 
 
 class _Completions:
@@ -128,6 +130,7 @@ class Batcher:
         self._sweeper: asyncio.TimerHandle | None = None  # queued deadlines
         self._batch_timers: dict[int, asyncio.TimerHandle] = {}  # running deadlines
         self._ewma_exec = 0.0
+        self._ewma_batch = 1.0  # recent batch sizes: the hold of a model whose batches run fast
         self.batching = self.batch_size > 1  # batchSize 1: no hold, nothing to learn
         self.curve = BatchCurve(self.batch_size)  # run time by batch size: what the hold aims at
         self._probe = 0  # a size the next dispatch tries (BatchCurve.probe), 0: none
@@ -326,8 +329,12 @@ class Batcher:
         grows in proportion to the batch it never is."""
         queued = len(self.queue) - self._dead
         curve = self.curve
-        if queued >= (self._probe or curve.cap) or not curve.best or curve.est[curve.cap] < HOLD_MIN_S:
+        if queued >= (self._probe or curve.cap) or self.max_batch_delay_s <= 0:
             return 0.0
+        if not curve.slow:  # fast batches: wait only while a burst is on, at most one batch's time
+            if self._ewma_batch < 2 * queued + 2:
+                return 0.0
+            return self.queue[0].timings.received + min(self.max_batch_delay_s, self._ewma_exec) - now
         target = self.target()
         est = curve.est
         limit = min(self.max_batch_delay_s, est[target])
@@ -400,6 +407,7 @@ class Batcher:
             self.busy.add(inst)
             for batch in batches:
                 self.in_flight += len(batch)
+                self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
             if self.batching:
                 self._demand.append(self._demand_now)
                 self._demand_now = self.in_flight + len(self.queue) - self._dead
