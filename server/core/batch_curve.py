@@ -71,8 +71,8 @@ class BatchCurve:
         self.seen[size] = self.batches
         self._until -= 1
         if fresh or self._until <= 0:
-            self._until = REFIT_EVERY
             self._refit()
+            self._until = REFIT_EVERY if self.slow else 8 * REFIT_EVERY  # fast batches: cheaper bookkeeping
 
     def probe(self, demand: int) -> int:
         """Called once per dispatch: every PROBE_EVERY-th call, a size to try next (at most

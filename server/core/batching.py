@@ -133,6 +133,7 @@ class Batcher:
         self._ewma_batch = 1.0  # recent batch sizes: the hold of a model whose batches run fast
         self.batching = self.batch_size > 1  # batchSize 1: no hold, nothing to learn
         self.curve = BatchCurve(self.batch_size)  # run time by batch size: what the hold aims at
+        self._aimed = False  # the curve says batches run long enough to aim (BatchCurve.slow)
         self._probe = 0  # a size the next dispatch tries (BatchCurve.probe), 0: none
         self._freed = 0.0  # when an instance last became idle
         self._demand_now = 0  # most requests outstanding (queued + running) since the last dispatch
@@ -224,7 +225,7 @@ class Batcher:
         req.future = fut
         req.queued = 1
         self.queue.append(req)
-        if self.batching:
+        if self._aimed:
             outstanding = self.in_flight + len(self.queue) - self._dead
             if outstanding > self._demand_now:
                 self._demand_now = outstanding
@@ -408,7 +409,7 @@ class Batcher:
             for batch in batches:
                 self.in_flight += len(batch)
                 self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
-            if self.batching:
+            if self._aimed:
                 self._demand.append(self._demand_now)
                 self._demand_now = self.in_flight + len(self.queue) - self._dead
                 self._probe = self.curve.probe(self._demand_each())
@@ -500,6 +501,7 @@ class Batcher:
                 self._ewma_exec += 0.2 * (took - self._ewma_exec)
                 if self.batching:
                     self.curve.observe(len(batch), took)
+                    self._aimed = self.curve.slow
             for r, outcome in zip(batch, batch_outcomes):
                 fut = r.future
                 if not fut.done():
@@ -518,7 +520,8 @@ class Batcher:
             inst.stop()
         elif inst.status == InstanceStatus.READY:
             self.idle.append(inst)
-            self._freed = time.monotonic()
+            if self._aimed:
+                self._freed = time.monotonic()
         self._dispatch()
 
     def release(self) -> None:
