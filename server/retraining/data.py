@@ -184,13 +184,16 @@ def resolve_labels(rows: Sequence[dict], task: str | None, classes: Sequence[str
     return out
 
 
-def usable_rows(rows: Sequence[dict], task: str | None, classes: Sequence[str] | None) -> tuple[list[dict], list[str]]:
+def usable_rows(rows: Sequence[dict], task: str | None, classes: Sequence[str] | None,
+                counts: Sequence[int | None] | None = None) -> tuple[list[dict], list[str]]:
     """(the rows whose label this model can take, one line per row left out naming it and why).
 
     A label is checked as :func:`resolve_labels` reads it (a request holding several examples:
     each of its list's labels); a model whose task says nothing about its labels keeps every
-    row. Production rows are what clients sent: one wrong label must cost its row, not the
-    whole retraining."""
+    row. ``counts``: how many examples each row's request holds, where the handler can tell
+    (:meth:`server.retraining.serving.LoadedModel.example_counts`; None for a row it cannot):
+    a row whose label is not one per example is left out too. Production rows are what
+    clients sent: one wrong label must cost its row, not the whole retraining."""
     if task not in ("classification", "regression", "embedding"):
         return list(rows), []
     kept, dropped = [], []
@@ -198,10 +201,16 @@ def usable_rows(rows: Sequence[dict], task: str | None, classes: Sequence[str] |
         label = row.get("label")
         if isinstance(label, np.ndarray):
             label = label.tolist()
-        several = isinstance(label, (list, tuple)) and task != "regression"
+        n = counts[i] if counts is not None else None
         rid = _rid(row, i)
         try:
-            resolve_labels([{"rid": rid, "label": y} for y in (label if several else [label])], task, classes)
+            if n is None:  # as many examples as the label says (a regression's list is one value)
+                labels = label if isinstance(label, (list, tuple)) and task != "regression" else [label]
+            elif n == 1 and task != "regression" and isinstance(label, (list, tuple)) and len(label) != 1:
+                raise RowError(f"row {rid}: its request holds one example but its label is a list of {len(label)}")
+            else:
+                labels = example_labels(dict(row, label=label, rid=rid), i, n, unwrap_one=task != "regression")
+            resolve_labels([{"rid": rid, "label": y} for y in labels], task, classes)
         except RowError as exc:
             dropped.append(str(exc))
             continue

@@ -126,9 +126,9 @@ def run(job: Any) -> dict[str, Any]:
         redis = redis_lib.Redis.from_url(p["redis_url"])
     rows = read_rows(model, root=store, redis=redis, state_dir=p.get("state_dir") or None)
     if len(rows) >= cfg.min_labels:  # (too few already: refused below without loading the model)
-        with LoadedModel(archive) as loaded:  # what labels the champion takes (its task and classes)
-            task, classes = loaded.task, loaded.classes
-        rows, dropped = usable_rows(rows, task, classes)
+        with LoadedModel(archive) as loaded:  # what labels the champion takes (task, classes, one per example)
+            task, classes, counts = loaded.task, loaded.classes, loaded.example_counts(rows)
+        rows, dropped = usable_rows(rows, task, classes, counts)
         if dropped:
             job.step("data", f"left out {len(dropped)} row(s) whose label {model} cannot take, e.g. {dropped[0]}")
     if len(rows) < cfg.min_labels:

@@ -89,6 +89,21 @@ class LoadedModel:
             return [str(x) for x in labels]
         return None
 
+    def example_counts(self, rows: Sequence[dict]) -> list[int | None] | None:
+        """How many examples each row's request holds (a request of several records, texts or
+        images holds several), for a built-in handler; None for a handler that cannot tell,
+        and for a row whose inputs it refuses (that row is named when the inputs are read)."""
+        target = self.handler
+        if not callable(getattr(target, "_examples", None)):
+            return None
+        counts: list[int | None] = []
+        for i, r in enumerate(rows):
+            try:
+                counts.append(len(target._examples(handler_row(r, i))[0]))
+            except Exception:
+                counts.append(None)
+        return counts
+
     def preprocess(self, rows: Sequence[dict], chunk: int = 1024) -> Any:
         """The handler's preprocessing of the rows' inputs: the model input tensor (float32
         on the CPU; one example per row unless a row's request held several); a tuple of

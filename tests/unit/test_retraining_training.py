@@ -334,6 +334,32 @@ def test_rows_whose_label_the_model_cannot_take_are_left_out_and_named():
     assert usable_rows(rows, None, None) == (rows, [])  # a task that says nothing of its labels: all kept
 
 
+def test_rows_whose_labels_are_not_one_per_example_are_left_out_and_named():
+    """A label per record: a request of one record labelled with a list of two, or one of two
+    records labelled with one label or three, would fail the whole retraining job when it reads
+    them; the champion's handler counts each request's examples, and those rows are left out."""
+    from server.retraining.data import usable_rows
+    from server.retraining.serving import LoadedModel
+
+    store = example_store("cancer_mlp")
+    names = ["malignant", "benign"]
+    one = _tabular_rows(store, "cancer", lambda y: names[int(y)])[:6]
+    pair = [one[0]["inputs"]["body"], one[1]["inputs"]["body"]]
+    rows = [one[2], dict(one[3], label=[one[3]["label"]]),  # a label, a list of one: kept
+            dict(one[4], label=["benign", "malignant"]),  # one record, two labels
+            {"rid": "pair-ok", "ts": 0.0, "inputs": {"body": pair}, "label": ["benign", "malignant"]},
+            {"rid": "pair-one", "ts": 0.0, "inputs": {"body": pair}, "label": "benign"},
+            {"rid": "pair-three", "ts": 0.0, "inputs": {"body": pair}, "label": ["benign", "benign", "malignant"]}]
+    with LoadedModel(store / "cancer_mlp.mar") as champion:
+        counts = champion.example_counts(rows)
+        assert counts == [1, 1, 1, 2, 2, 2]
+        kept, dropped = usable_rows(rows, champion.task, champion.classes, counts)
+    assert [r["rid"] for r in kept] == [one[2]["rid"], one[3]["rid"], "pair-ok"]
+    assert dropped == [f"row {one[4]['rid']}: its request holds one example but its label is a list of 2",
+                       "row pair-one: its request holds 2 examples; its label must be a list of 2",
+                       "row pair-three: its request holds 2 examples; its label must be a list of 2"]
+
+
 def test_an_improvement_of_a_row_or_two_is_not_evidence_but_a_clear_one_is():
     """The gate's paired bootstrap: on 60 held-out rows, a challenger right on 2 more rows than
     the champion (+0.033 accuracy, above min_improvement) is better in too few resamples to
