@@ -2,30 +2,25 @@
 
 Work-conserving at low load: whenever an instance is idle and requests are queued, the
 queued requests leave as one batch of up to ``batch_size``. While every instance is busy,
-arrivals queue up and leave together. The only wait ever added is a short *hold*, aimed at
-the batch size the model runs best at:
+arrivals queue up and leave together. The only wait ever added is a short *hold*, for the
+clients a batch has just answered:
 
-- the batcher measures each batch's run time by its size (server/core/batch_curve.py, which
-  also tries a size of its choosing one dispatch in PROBE_EVERY), and from it the size that
-  serves the most requests per second (``best``). A model whose per-request cost falls with
-  the batch (most) has its best at the largest size measured; a compute-bound one can run a
-  middle size faster than the largest (a ResNet-sized CNN on two cores: 189 images/s at 16,
-  172 at 32);
-- the *target* of a batch is that best size, at most the requests clients have had
-  outstanding lately (queued plus running, the most of the last DEMAND_WINDOW dispatches)
-  shared among the instances. A lone client's target is 1: its request never waits;
-- an idle instance with fewer than the target queued waits for more, when running the
-  target as one batch is measurably faster than as two (HOLD_GAIN), for at most
+- the *target* of a batch is the requests clients have had outstanding lately (queued plus
+  running, the most over the last DEMAND_WINDOW dispatches) shared among the instances, at
+  most ``batch_size``. A lone client's target is 1: its request never waits;
+- an idle instance with fewer than the target queued waits for more when running the target
+  as one batch is measurably faster than as two (HOLD_GAIN; run times by size are learned
+  from the batches themselves, server/core/batch_curve.py), for at most
   ``min(max_batch_delay, the target's run time)`` (never under HOLD_MIN_S), counted from when
-  it became idle or from the oldest queued arrival, whichever is later (TorchServe's worker, once free, likewise
-  waits up to maxBatchDelay for its batch to fill). Without it, closed-loop clients that the
-  last batch answered come back just after the instance has left with the one or two queued
-  meanwhile: batches alternate small and large, both off the best size;
-- a batch carries at most the best size when every larger one measured slower by BEST_MARGIN.
+  it became idle or from the oldest queued arrival, whichever is later (TorchServe's worker,
+  once free, likewise waits up to maxBatchDelay for its batch to fill);
+- without it, closed-loop clients that the last batch answered come back just after the
+  instance has left with the one or two queued meanwhile: batches alternate small and large
+  (1 and 7 for eight clients of the benchmark's CNN, 130 req/s; 8 and 8 with the hold, 160).
 
 A model whose batches run in under a millisecond (``BatchCurve.slow`` false: the benchmark's
 MLP) is not aimed: its run times are mostly its thread waiting for the GIL, and aiming it
-measured 13% slower. Its only hold is for a burst in progress: while recent batches were much
+measured 9-13% slower. Its only hold is for a burst in progress: while recent batches were much
 larger than what is queued, an idle instance waits at most ``min(max_batch_delay, recent
 batch time)`` after the oldest queued request arrived.
 
@@ -132,9 +127,8 @@ class Batcher:
         self._ewma_exec = 0.0
         self._ewma_batch = 1.0  # recent batch sizes: the hold of a model whose batches run fast
         self.batching = self.batch_size > 1  # batchSize 1: no hold, nothing to learn
-        self.curve = BatchCurve(self.batch_size)  # run time by batch size: what the hold aims at
+        self.curve = BatchCurve(self.batch_size)  # run time by batch size: whether a hold pays
         self._aimed = False  # the curve says batches run long enough to aim (BatchCurve.slow)
-        self._probe = 0  # a size the next dispatch tries (BatchCurve.probe), 0: none
         self._freed = 0.0  # when an instance last became idle
         self._demand_now = 0  # most requests outstanding (queued + running) since the last dispatch
         self._demand: collections.deque[int] = collections.deque(maxlen=DEMAND_WINDOW)
@@ -313,14 +307,11 @@ class Batcher:
         self._dead = 0
 
     # --- dispatch -------------------------------------------------------------------
-    def _demand_each(self) -> int:
-        """Requests each instance can expect: the most outstanding lately, shared among the instances."""
-        demand = max(self._demand_now, max(self._demand, default=0))
-        return -(-demand // max(1, len(self.idle) + len(self.busy)))
-
     def target(self) -> int:
-        """The batch size an idle instance waits for (see the module's docstring)."""
-        return self._probe or min(self.curve.cap, self._demand_each())
+        """The batch size an idle instance waits for (see the module's docstring): the most
+        requests outstanding lately, shared among the instances, at most batch_size."""
+        demand = max(self._demand_now, max(self._demand, default=0))
+        return min(self.batch_size, -(-demand // max(1, len(self.idle) + len(self.busy))))
 
     def _hold(self, now: float) -> float:
         """Seconds to keep waiting for more requests before sending a partial batch.
@@ -330,7 +321,7 @@ class Batcher:
         grows in proportion to the batch it never is."""
         queued = len(self.queue) - self._dead
         curve = self.curve
-        if queued >= (self._probe or curve.cap) or self.max_batch_delay_s <= 0:
+        if queued >= self.batch_size or self.max_batch_delay_s <= 0:
             return 0.0
         if not curve.slow:  # fast batches: wait only while a burst is on, at most one batch's time
             if self._ewma_batch < 2 * queued + 2:
@@ -360,11 +351,10 @@ class Batcher:
         return max(1, min(MAX_BUNDLE, int(BUNDLE_BUDGET_S / self._ewma_exec)))
 
     def _take(self, now: float) -> list[Ticket]:
-        """Up to batch_size live requests (the best size, when larger ones run slower) from the queue's head."""
+        """Up to batch_size live requests from the head of the queue."""
         batch: list[Ticket] = []
         queue = self.queue
-        cap = self._probe or self.curve.cap
-        while queue and len(batch) < cap:
+        while queue and len(batch) < self.batch_size:
             r = queue.popleft()
             if r.queued == 2:
                 self._dead -= 1
@@ -412,7 +402,6 @@ class Batcher:
             if self._aimed:
                 self._demand.append(self._demand_now)
                 self._demand_now = self.in_flight + len(self.queue) - self._dead
-                self._probe = self.curve.probe(self._demand_each())
             self._running[inst] = [batches, now, False]
             if self._watchdog is None and self.hang_after_s is not None:
                 self._watchdog = self.loop.call_later(self._watch_interval(), self._check_hung)

@@ -241,8 +241,8 @@ async def test_hold_only_under_burst_and_bounded_by_delay():
 
 
 def compute_bound(size: int) -> float:
-    """Run time of a batch of ``size`` for a model that serves the most requests/s at 16
-    (the benchmark's ResNet-sized CNN on two cores: 89/s at 1, 178/s at 8, 189/s at 16, 172/s at 32)."""
+    """Run time of a batch of ``size`` for a compute-bound model (the benchmark's ResNet-sized
+    CNN on two cores, raw: 89/s at 1, 178/s at 8, 189/s at 16, 172/s at 32)."""
     rate = {1: 89.0, 8: 178.0, 16: 189.0, 32: 172.0}.get(size) or (89.0 + 100.0 * min(size, 16) / 16 if size < 16 else 180.0)
     return size / rate
 
@@ -312,22 +312,6 @@ async def test_a_lone_client_never_waits_once_the_crowd_has_gone():
         await until_handed(inst, n + 1)
         inst.finish()
         await f
-
-
-async def test_a_model_running_a_middle_size_fastest_gets_batches_of_that_size():
-    b, inst = with_instance(batch_size=32, delay=0.0, queue_size=1000, exec_s=compute_bound)
-    # the sizes measured as they come (work-conserving): 1, then 32, then 16
-    futures = [b.submit(req(i)) for i in range(33)]
-    inst.finish()
-    futures += [b.submit(req(100 + i)) for i in range(16)]  # while the 32 run
-    inst.finish()
-    futures += [b.submit(req(200 + i)) for i in range(32)]  # while the 16 run
-    inst.finish()
-    assert [len(x) for x in inst.batches] == [1, 32, 16, 16]  # 32 queued leave as two batches of 16
-    inst.finish()
-    assert [len(x) for x in inst.batches] == [1, 32, 16, 16, 16]
-    inst.finish()
-    assert len({(await f).body for f in futures}) == 81
 
 
 @pytest.mark.parametrize("exec_s", [lambda size: size * 0.01, lambda size: 0.0004],
@@ -479,3 +463,28 @@ async def test_admit_with_no_instance_is_unavailable():
     with pytest.raises(OspreyError) as info:
         b.admit()
     assert info.value.kind is ErrorKind.UNAVAILABLE
+
+
+def test_batch_curve_estimates_sizes_not_measured_and_forgets_cold_ones():
+    from server.core.batch_curve import STALE_AFTER, BatchCurve
+
+    curve = BatchCurve(16)
+    curve.observe(1, 0.010)
+    assert curve.slow and curve.est[8] == pytest.approx(0.010)  # one size known: taken for every size
+    curve.observe(9, 0.050)
+    assert curve.est[5] == pytest.approx(0.030) and curve.est[9] == pytest.approx(0.050)  # between the two
+    assert curve.est[13] == pytest.approx(0.070)  # along their line beyond them
+    curve.observe(0, 1.0)
+    curve.observe(17, 1.0)  # sizes out of range are ignored
+    assert curve.batches == 2
+    # a cold first batch of 1 (50 ms) stops counting once newer sizes are measured long enough
+    cold = BatchCurve(16)
+    cold.observe(1, 0.050)
+    for _ in range(STALE_AFTER + 8):
+        cold.observe(4, 0.020)
+        cold.observe(8, 0.030)
+    assert cold.est[1] == pytest.approx(0.0125)  # along the line through 4 and 8, not the cold 50 ms
+    fast = BatchCurve(32)
+    for size in (1, 8, 32):
+        fast.observe(size, 0.0004)
+    assert not fast.slow  # under a millisecond: not aimed
