@@ -488,3 +488,6 @@ def test_batch_curve_estimates_sizes_not_measured_and_forgets_cold_ones():
     for size in (1, 8, 32):
         fast.observe(size, 0.0004)
     assert not fast.slow  # under a millisecond: not aimed
+    fast.observe(30, 0.002)  # one batch that waited for the GIL
+    fast._refit()
+    assert not fast.slow
