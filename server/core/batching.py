@@ -7,7 +7,10 @@ clients a batch has just answered:
 
 - the *target* of a batch is the requests clients have had outstanding lately (queued plus
   running, the most over the last DEMAND_WINDOW dispatches) shared among the instances, at
-  most ``batch_size``. A lone client's target is 1: its request never waits;
+  most ``batch_size``; half of that when two half batches run no slower than one whole, so
+  one half runs while the other's clients come back (32 clients of the benchmark's CNN:
+  batches of 16, 174 req/s, against 31 and 1 in turn, 162). A lone client's target is 1: its
+  request never waits;
 - an idle instance with fewer than the target queued waits for more when running the target
   as one batch is measurably faster than as two (HOLD_GAIN; run times by size are learned
   from the batches themselves, server/core/batch_curve.py), for at most
@@ -309,9 +312,16 @@ class Batcher:
     # --- dispatch -------------------------------------------------------------------
     def target(self) -> int:
         """The batch size an idle instance waits for (see the module's docstring): the most
-        requests outstanding lately, shared among the instances, at most batch_size."""
+        requests outstanding lately, shared among the instances, at most batch_size; half of
+        that when two half batches run no slower than one whole (then one half runs while the
+        other half's clients come back, where one whole batch would leave the instance idle
+        for their round trip)."""
         demand = max(self._demand_now, max(self._demand, default=0))
-        return min(self.batch_size, -(-demand // max(1, len(self.idle) + len(self.busy))))
+        target = min(self.batch_size, -(-demand // max(1, len(self.idle) + len(self.busy))))
+        half = (target + 1) // 2
+        if target >= 4 and 2 * self.curve.est[half] <= self.curve.est[target]:
+            return half
+        return target
 
     def _hold(self, now: float) -> float:
         """Seconds to keep waiting for more requests before sending a partial batch.

@@ -277,6 +277,25 @@ async def test_closed_loop_clients_of_a_compute_bound_model_leave_together_not_a
     assert all([(await f).body for f in out])
 
 
+@pytest.mark.parametrize("exec_s, settled", [
+    (compute_bound, [16, 16, 16, 16]),  # two batches of 16 run faster than one of 32: one runs while the other fills
+    (lambda size: 0.010 + 0.001 * size, [32, 32, 32, 32]),  # one of 32 runs faster than two of 16
+], ids=["a middle size runs faster", "the largest size runs faster"])
+async def test_thirty_two_closed_loop_clients_settle_at_the_batch_size_that_serves_them_best(exec_s, settled):
+    b, inst = with_instance(batch_size=32, delay=0.5, queue_size=1000, exec_s=exec_s)
+    out = closed_loop(b, inst, clients=16, rounds=6)  # the load ramps up: 16 clients first
+    while not all(f.done() for f in out):
+        await until_handed(inst, len(inst.batches) + (0 if inst._pending else 1))
+        inst.finish()
+    out = closed_loop(b, inst, clients=32, rounds=24, first=1000)
+    sizes = [len(x) for x in inst.batches]
+    assert sizes[-4:] == settled, sizes
+    while not all(f.done() for f in out):
+        await until_handed(inst, len(inst.batches) + (0 if inst._pending else 1))
+        inst.finish()
+    assert len({(await f).body for f in out}) == 32
+
+
 async def test_a_hold_for_clients_that_do_not_come_back_ends_max_batch_delay_after_the_instance_frees_up():
     b, inst = with_instance(batch_size=32, delay=0.2, queue_size=1000, exec_s=lambda size: 10 * compute_bound(size))
     out = closed_loop(b, inst, clients=8, rounds=3)
