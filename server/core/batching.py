@@ -319,9 +319,8 @@ class Batcher:
         demand = max(self._demand_now, max(self._demand, default=0))
         target = min(self.batch_size, -(-demand // max(1, len(self.idle) + len(self.busy))))
         half = (target + 1) // 2
-        if target >= 4 and 2 * self.curve.est[half] <= self.curve.est[target]:
-            return half
-        return target
+        est = self.curve.est
+        return half if target >= 4 and 2 * est[half] <= est[target] else target
 
     def _hold(self, now: float) -> float:
         """Seconds to keep waiting for more requests before sending a partial batch.
@@ -330,15 +329,14 @@ class Batcher:
         HOLD_GAIN times as long as running the target at once: for a model whose run time
         grows in proportion to the batch it never is."""
         queued = len(self.queue) - self._dead
-        curve = self.curve
         if queued >= self.batch_size or self.max_batch_delay_s <= 0:
             return 0.0
-        if not curve.slow:  # fast batches: wait only while a burst is on, at most one batch's time
+        if not self._aimed:  # fast batches: wait only while a burst is on, at most one batch's time
             if self._ewma_batch < 2 * queued + 2:
                 return 0.0
             return self.queue[0].timings.received + min(self.max_batch_delay_s, self._ewma_exec) - now
         target = self.target()
-        est = curve.est
+        est = self.curve.est
         limit = min(self.max_batch_delay_s, est[target])
         if queued >= target or limit < HOLD_MIN_S or est[queued] + est[target - queued] < HOLD_GAIN * est[target]:
             return 0.0

@@ -135,13 +135,15 @@ def golden_rows(model_dir: str | Path, to_request: Any = None, limit: int | None
 def example_labels(row: dict, i: int, n: int, unwrap_one: bool = False) -> list:
     """The labels of row ``i``'s ``n`` examples: a request holding several examples carries a list
     of ``n`` labels (RowError naming the row otherwise); one example, its label (``unwrap_one``:
-    a list of one label is that label)."""
+    a list of one label is that label, and a list of several a RowError)."""
     label = row.get("label")
     if n > 1:
         if not isinstance(label, (list, tuple)) or len(label) != n:
             raise RowError(f"row {row.get('rid', i)}: its request holds {n} examples; its label must be a list of {n}")
         return list(label)
-    if unwrap_one and isinstance(label, (list, tuple)) and len(label) == 1:
+    if unwrap_one and isinstance(label, (list, tuple)):
+        if len(label) != 1:
+            raise RowError(f"row {row.get('rid', i)}: its request holds one example but its label is a list of {len(label)}")
         return list(label)
     return [label]
 
@@ -206,8 +208,6 @@ def usable_rows(rows: Sequence[dict], task: str | None, classes: Sequence[str] |
         try:
             if n is None:  # as many examples as the label says (a regression's list is one value)
                 labels = label if isinstance(label, (list, tuple)) and task != "regression" else [label]
-            elif n == 1 and task != "regression" and isinstance(label, (list, tuple)) and len(label) != 1:
-                raise RowError(f"row {rid}: its request holds one example but its label is a list of {len(label)}")
             else:
                 labels = example_labels(dict(row, label=label, rid=rid), i, n, unwrap_one=task != "regression")
             resolve_labels([{"rid": rid, "label": y} for y in labels], task, classes)
