@@ -277,7 +277,8 @@ class Monitor:
         if retraining is not None:
             # only labels the model can take become training rows: one it cannot (a class the
             # model does not have) would fail every retraining that read it. Judged per example
-            # (a request of several records takes a list), not by the quality join's one prediction
+            # (a request of several records takes a list) from the model's outputs, not from the
+            # kept prediction, which may have expired while the held inputs have not
             fresh = list(items)
             if quality is not None:
                 refused = await asyncio.to_thread(quality.check_labels, fresh)

@@ -16,7 +16,10 @@ The drift Monitor owns one :class:`QualityMonitor` per version (made by
 
 Labels: a classification label is a class, by name (``obs.classes``; a number matches the
 class named by its decimal form first) or by index; a regression label is a number (a list of
-numbers for a model with several outputs). For a conditional generator (task ``generator``:
+numbers for a model with several outputs). A request that held several examples (a list of
+records, texts or images) is labelled with a list of as many labels, one per example, each
+joined to its own prediction; live quality counts examples, the feedback answer requests. For
+a conditional generator (task ``generator``:
 its outputs are the asked classes, one-hot) a label is the class a viewer (or a downstream
 classifier) recognised in the sample; quality is accuracy, precision, recall and F1 of the
 recognised classes against the asked ones. Wrong-type labels are counted invalid with an error
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import struct
 import threading
 import time
 from collections import deque
@@ -50,7 +54,7 @@ from server.core.capture import FeedbackItem, FeedbackResult, Observation
 from server.core.errors import ErrorKind, OspreyError, show
 from server.core.model_config import MonitoringConfig
 
-__all__ = ["QualityPart", "QualityMonitor", "quality_factory", "render_many", "resolve_label"]
+__all__ = ["QualityPart", "QualityMonitor", "quality_factory", "render_many", "resolve_label", "resolve_labels"]
 
 log = logging.getLogger("osprey.monitoring.quality")
 
@@ -146,18 +150,72 @@ FAMILIES = (
 
 
 def _rows(request_ids: Sequence[str], kind: bytes, outputs: np.ndarray) -> list[tuple[str, bytes]]:
-    """(request id, kind byte + the row's float32 outputs) per row with an id: every row's bytes
-    made in one numpy pass (a (n, 1 + 4C) byte matrix viewed as n fixed-size records), not a
-    slice and a concatenation per row."""
+    """(request id, kind byte + the row's float32 outputs) per request with an id: every row's
+    bytes made in one numpy pass (a (n, 1 + 4C) byte matrix viewed as n fixed-size records), not
+    a slice and a concatenation per row.
+
+    A request of several examples (a list of records, texts, images) gave the capture several
+    consecutive rows with its one id: they are kept together, as the kind byte in upper case, the
+    number of examples (uint32, little-endian) and their rows' float32 outputs (:func:`_unpack`)."""
     n, width = outputs.shape
+    ids = [rid if type(rid) is str else str(rid) for rid in request_ids]
+    if len(set(ids)) < n:
+        return _grouped(ids, kind, np.ascontiguousarray(outputs, dtype=np.float32))
     packed = np.empty((n, 1 + 4 * width), dtype=np.uint8)
     packed[:, 0] = kind[0]
     packed[:, 1:] = np.ascontiguousarray(outputs, dtype=np.float32).view(np.uint8).reshape(n, 4 * width)
     blobs = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(n).tolist()
-    ids = [rid if type(rid) is str else str(rid) for rid in request_ids]
     if all(ids):
         return list(zip(ids, blobs))
     return [(rid, blob) for rid, blob in zip(ids, blobs) if rid]
+
+
+def _grouped(ids: list[str], kind: bytes, outputs: np.ndarray) -> list[tuple[str, bytes]]:
+    """:func:`_rows` where ids repeat: one entry per run of consecutive rows with one id."""
+    starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+    out = []
+    for start, end in zip(starts, starts[1:] + [len(ids)]):
+        rid = ids[start]
+        if not rid:
+            continue
+        if end - start == 1:
+            out.append((rid, kind + outputs[start].tobytes()))
+        else:
+            out.append((rid, kind.upper() + struct.pack("<I", end - start) + outputs[start:end].tobytes()))
+    return out
+
+
+def _unpack(row: bytes) -> tuple[bytes, np.ndarray]:
+    """(kind byte, outputs of shape (examples, width)) of a kept prediction (:func:`_rows`)."""
+    kind = bytes(row[:1])
+    if kind.isupper():
+        (count,) = struct.unpack_from("<I", row, 1)
+        return kind.lower(), np.frombuffer(row, dtype=np.float32, offset=5).reshape(count, -1)
+    return kind, np.frombuffer(row, dtype=np.float32, offset=1).reshape(1, -1)
+
+
+def resolve_labels(label: Any, kind: bytes, examples: int, width: int,
+                   classes: Sequence[str] | None) -> tuple[list | None, str | None]:
+    """(one stored label per example, None) or (None, why it is invalid), for a request that
+    held ``examples`` examples: one label for one, a list of as many labels for several (a list
+    of one label also stands for one example)."""
+    if examples == 1:
+        value, why = resolve_label(label, kind, width, classes)
+        if why is not None and isinstance(label, list) and len(label) == 1:
+            value, inner = resolve_label(label[0], kind, width, classes)
+            why = why if inner is not None else None
+        return ([value], None) if why is None else (None, why)
+    if not isinstance(label, list):
+        return None, f"its request held {examples} examples; send a list of {examples} labels, one per example"
+    if len(label) != examples:
+        return None, f"its request held {examples} examples; the label is a list of {len(label)}"
+    values = []
+    for i, y in enumerate(label):
+        value, why = resolve_label(y, kind, width, classes)
+        if why is not None:
+            return None, f"example {i}: {why}"
+        values.append(value)
+    return values, None
 
 
 class QualityMonitor:
@@ -299,10 +357,10 @@ class QualityMonitor:
 
     def check_labels(self, items: Sequence[FeedbackItem]) -> dict[int, str] | None:
         """{item index: why} for labels this model cannot take as training rows, judged by what
-        its predictions look like (task, classes, width), not by a kept prediction: a list
-        whose every element is a label is one label per example of a request that held
-        several (which the quality join, one prediction per request, refuses). None when it
-        cannot tell: no prediction seen yet, the shared store down, a task labels do not fit."""
+        its predictions look like (task, classes, width), not by a kept prediction (which may
+        have expired while the held inputs have not): a list whose every element is a label is
+        one label per example of a request that held several. None when it cannot tell: no
+        prediction seen yet, the shared store down, a task labels do not fit."""
         try:
             meta = self._meta or self.store.get_meta() or {}
         except StoreUnavailable:
@@ -335,17 +393,18 @@ class QualityMonitor:
             if row is None:
                 result.add_unmatched([rids[pos]])
                 continue
-            kind, outputs = bytes(row[:1]), np.frombuffer(row[1:], dtype=np.float32)
-            value, why = resolve_label(item.label, kind, len(outputs), classes)
+            kind, outputs = _unpack(row)
+            values, why = resolve_labels(item.label, kind, *outputs.shape, classes)
             if why is not None:
                 result.invalid += 1
                 result.rejected.add(item.index)
                 result.errors.append(f"feedback[{item.index}] (request_id {show(item.request_id)}): {why}")
                 continue
-            joined.append((pos, orjson.dumps({"k": kind.decode(), "y": value, "o": outputs.tolist()})))
+            k = kind.decode()  # one labelled entry per example: quality is judged over examples
+            joined.append((pos, [orjson.dumps({"k": k, "y": y, "o": o}) for y, o in zip(values, outputs.tolist())]))
         claimed = self.store.claim([rids[pos] for pos, _ in joined]) if joined else []
-        entries = [entry for (_, entry), won in zip(joined, claimed) if won]
-        result.accepted = len(entries)
+        entries = [entry for (_, examples), won in zip(joined, claimed) if won for entry in examples]
+        result.accepted = sum(claimed)
         # labelled meanwhile (twice in one request, another replica)
         result.add_unmatched([rids[pos] for (pos, _), won in zip(joined, claimed) if not won])
         closed = 0

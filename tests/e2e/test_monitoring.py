@@ -371,6 +371,28 @@ def test_feedback_by_oip_ids_rest_v2_and_grpc_metadata(srv, channel):
     assert httpx.get(f"{srv.inference}/monitoring/clf_ts").json()["quality"]["labels"] == 7
 
 
+def test_a_request_of_several_rows_takes_one_label_per_row(srv):
+    """One OIP request holding 3 rows: its id joins a list of 3 labels, each to its own row's
+    prediction (live quality counts rows); one label alone is invalid, naming what it held."""
+    data = rows(3, seed=21)
+    tensor = {"name": "INPUT0", "datatype": "FP32", "shape": [3, 16], "data": data.ravel().tolist()}
+    before = httpx.get(f"{srv.inference}/monitoring/clf_oip").json()
+    r = httpx.post(f"{srv.inference}/v2/models/clf_oip/infer", json={"inputs": [tensor]}, timeout=30)
+    assert r.status_code == 200, r.text
+    rid, out = r.json()["id"], r.json()["outputs"][0]
+    assert out["shape"] == [3, CLASSES]
+    predicted = np.argmax(np.asarray(out["data"]).reshape(3, CLASSES), axis=1).tolist()
+    wait_monitoring(srv.inference, "clf_oip", _requests(before["requests"] + 3))
+    r = _post_feedback(srv, "clf_oip", [{"request_id": rid, "label": predicted[0]}])
+    assert r.status_code == 400 and "its request held 3 examples; send a list of 3 labels" in r.json()["message"], r.text
+    wrong = (predicted[2] + 1) % CLASSES
+    r = _post_feedback(srv, "clf_oip", [{"request_id": rid, "label": predicted[:2] + [wrong]}])
+    assert r.json() == {"accepted": 1, "unmatched": 0, "invalid": 0}, r.text
+    q = httpx.get(f"{srv.inference}/monitoring/clf_oip").json()["quality"]
+    assert q["labels"] == before["quality"]["labels"] + 1  # requests labelled
+    assert q["window"]["labels"] == before["quality"]["window"]["labels"] + 3  # rows judged
+
+
 # --- 4. a broken monitoring hook ---------------------------------------------------------------------
 def test_a_failing_monitoring_hook_leaves_predictions_alone(srv):
     data = np.random.default_rng(5).normal(size=(30, 3)).tolist()

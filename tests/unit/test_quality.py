@@ -103,6 +103,46 @@ def test_wrong_type_labels_are_invalid_naming_the_item_and_keep_the_prediction()
     assert all(isinstance(v, float) for v in big.status()["metrics"].values())
 
 
+def test_a_request_of_several_examples_is_labelled_with_one_label_per_example():
+    """A request holding several records (texts, images) gives the capture several rows with
+    its one id: the log keeps them all under that id, and a list of as many labels joins each
+    example to its own prediction (live quality counts examples); any other label is invalid,
+    naming the request and what it held."""
+    q = monitor(min_labels=1, quality_window=10)
+    out = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8],  # request "multi": 3 examples
+                    [0.7, 0.2, 0.1],                                   # request "one"
+                    [0.2, 0.7, 0.1], [0.2, 0.1, 0.7]], dtype=np.float32)  # request "pair": 2 examples
+    q.record(obs(["multi", "multi", "multi", "one", "pair", "pair"], out))
+    assert q.status()["predictions_kept"] == 3
+    r = q.feedback(items([("multi", ["cat", "dog", "cat"]), ("one", ["cat"]), ("pair", "dog")], start=5))
+    assert (r.accepted, r.unmatched, r.invalid) == (2, 0, 1)
+    assert r.errors == ["feedback[7] (request_id 'pair'): its request held 2 examples; send a list of 2 labels, "
+                        "one per example"]
+    st = q.status()
+    assert st["labels"] == 2 and st["window"]["labels"] == 4  # two requests, four examples judged
+    assert st["metrics"]["accuracy"] == pytest.approx(3 / 4)  # the third example of "multi" was a dog
+    r = q.feedback(items([("pair", ["dog"]), ("pair", ["dog", "lion"])]))
+    assert (r.accepted, r.invalid) == (0, 2)
+    assert "its request held 2 examples; the label is a list of 1" in r.errors[0]
+    assert "example 1: label 'lion' is not a class" in r.errors[1]
+    assert q.feedback(items([("pair", ["dog", "bird"])])).accepted == 1  # the invalid ones did not use it up
+    assert q.status()["window"]["labels"] == 6
+
+    reg = monitor(min_labels=1)
+    reg.record(obs(["a", "a", "b"], [1.0, 2.0, 3.0], task="regression", classes=None))
+    r = reg.feedback(items([("a", [1.5, 2.0]), ("b", 3.0)]))
+    assert (r.accepted, r.invalid) == (2, 0)
+    assert reg.status()["metrics"]["mae"] == pytest.approx(0.5 / 3, abs=1e-6)
+
+
+def test_several_examples_join_through_redis_on_another_replica(redis_server):  # noqa: F811
+    a, b = _replica(redis_server.url, min_labels=1), _replica(redis_server.url, min_labels=1)
+    a.record(obs(["m", "m", "s"], probs(3)))
+    r = b.feedback(items([("m", ["cat", "bird"]), ("s", "dog")]))
+    assert (r.accepted, r.invalid) == (2, 0)
+    assert b.status()["window"]["labels"] == 3
+
+
 def test_classes_unknown_labels_by_index_and_binary_booleans():
     q = monitor()
     q.record(obs(["a", "b", "c"], probs(3, classes=2), classes=None))
