@@ -149,18 +149,19 @@ FAMILIES = (
 )
 
 
-def _rows(request_ids: Sequence[str], kind: bytes, outputs: np.ndarray) -> list[tuple[str, bytes]]:
+def _rows(request_ids: Sequence[str], kind: bytes, outputs: np.ndarray,
+          request_rows: np.ndarray | None = None) -> list[tuple[str, bytes]]:
     """(request id, kind byte + the row's float32 outputs) per request with an id: every row's
     bytes made in one numpy pass (a (n, 1 + 4C) byte matrix viewed as n fixed-size records), not
     a slice and a concatenation per row.
 
-    A request of several examples (a list of records, texts, images) gave the capture several
-    consecutive rows with its one id: they are kept together, as the kind byte in upper case, the
+    A request of several examples (a list of records, texts, images: ``request_rows`` says
+    which request each row came from) is kept as one entry: the kind byte in upper case, the
     number of examples (uint32, little-endian) and their rows' float32 outputs (:func:`_unpack`)."""
     n, width = outputs.shape
     ids = [rid if type(rid) is str else str(rid) for rid in request_ids]
-    if len(set(ids)) < n:
-        return _grouped(ids, kind, np.ascontiguousarray(outputs, dtype=np.float32))
+    if request_rows is not None and n > 1 and bool((request_rows[1:] == request_rows[:-1]).any()):
+        return _grouped(ids, kind, np.ascontiguousarray(outputs, dtype=np.float32), request_rows)
     packed = np.empty((n, 1 + 4 * width), dtype=np.uint8)
     packed[:, 0] = kind[0]
     packed[:, 1:] = np.ascontiguousarray(outputs, dtype=np.float32).view(np.uint8).reshape(n, 4 * width)
@@ -170,9 +171,9 @@ def _rows(request_ids: Sequence[str], kind: bytes, outputs: np.ndarray) -> list[
     return [(rid, blob) for rid, blob in zip(ids, blobs) if rid]
 
 
-def _grouped(ids: list[str], kind: bytes, outputs: np.ndarray) -> list[tuple[str, bytes]]:
-    """:func:`_rows` where ids repeat: one entry per run of consecutive rows with one id."""
-    starts = [0] + [i for i in range(1, len(ids)) if ids[i] != ids[i - 1]]
+def _grouped(ids: list[str], kind: bytes, outputs: np.ndarray, request_rows: np.ndarray) -> list[tuple[str, bytes]]:
+    """:func:`_rows` where a request gave several rows: one entry per run of its consecutive rows."""
+    starts = [0, *(np.flatnonzero(request_rows[1:] != request_rows[:-1]) + 1).tolist()]
     out = []
     for start, end in zip(starts, starts[1:] + [len(ids)]):
         rid = ids[start]
@@ -272,7 +273,7 @@ class QualityMonitor:
                             self.model, self.version, outputs.shape, n)
                 self._warned_shape = True
             return
-        rows = _rows(obs.request_ids, kind, outputs)
+        rows = _rows(obs.request_ids, kind, outputs, obs.request_rows)
         width = outputs.shape[1]
         classes = list(obs.classes) if obs.classes and len(obs.classes) == width else None  # else: by index only
         meta = {"task": obs.task, "classes": classes, "width": width}

@@ -50,6 +50,10 @@ class Observation:
     outputs: np.ndarray | None = None
     classes: tuple[str, ...] | None = None  # class labels in output-index order, when known
     error: str | None = None  # the handler's monitoring hook failed: why (features then empty)
+    # (n,) int: the request (of this observation) each row came from, where a request may give
+    # several rows (a list of records, texts, images); None: one row per request. Rows of one
+    # request are consecutive; two requests can carry one id (a client's own OIP id)
+    request_rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.request_ids)

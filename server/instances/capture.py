@@ -234,13 +234,16 @@ class BatchCapture:
         if sampled is None:
             sel = None
             row_ids = list(ids) if req is None else [ids[i] for i in req.tolist()]
+            request_rows = req
         else:
+            given = req is not None
             if req is None:
                 req = np.arange(cap.rows)
             sel = np.flatnonzero(sampled[req])
             if not len(sel):
                 return None
             row_ids = [ids[i] for i in req[sel].tolist()]
+            request_rows = req[sel] if given else None
         wanted = set(self.config.features)
         categorical = set()
 
@@ -268,7 +271,7 @@ class BatchCapture:
             return None
         return Observation(self.name, self.version, row_ids, ended, features=features, predictions=predictions,
                            categorical=frozenset(categorical), embedding=embedding, task=cap.task,
-                           outputs=outputs, classes=cap.classes)
+                           outputs=outputs, classes=cap.classes, request_rows=request_rows)
 
 
 def _tensors(calls: list, acts: list):

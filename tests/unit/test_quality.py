@@ -32,9 +32,10 @@ class Clock:
         return self.t
 
 
-def obs(ids, outputs, task="classification", classes=CLASSES, t=None):
+def obs(ids, outputs, task="classification", classes=CLASSES, t=None, requests=None):
     return Observation("m", "1", list(ids), t if t is not None else time.time(), task=task,
-                       outputs=np.asarray(outputs, dtype=np.float32), classes=classes)
+                       outputs=np.asarray(outputs, dtype=np.float32), classes=classes,
+                       request_rows=None if requests is None else np.asarray(requests))
 
 
 def items(pairs, start=0):
@@ -112,7 +113,7 @@ def test_a_request_of_several_examples_is_labelled_with_one_label_per_example():
     out = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8],  # request "multi": 3 examples
                     [0.7, 0.2, 0.1],                                   # request "one"
                     [0.2, 0.7, 0.1], [0.2, 0.1, 0.7]], dtype=np.float32)  # request "pair": 2 examples
-    q.record(obs(["multi", "multi", "multi", "one", "pair", "pair"], out))
+    q.record(obs(["multi", "multi", "multi", "one", "pair", "pair"], out, requests=[0, 0, 0, 1, 2, 2]))
     assert q.status()["predictions_kept"] == 3
     r = q.feedback(items([("multi", ["cat", "dog", "cat"]), ("one", ["cat"]), ("pair", "dog")], start=5))
     assert (r.accepted, r.unmatched, r.invalid) == (2, 0, 1)
@@ -129,15 +130,21 @@ def test_a_request_of_several_examples_is_labelled_with_one_label_per_example():
     assert q.status()["window"]["labels"] == 6
 
     reg = monitor(min_labels=1)
-    reg.record(obs(["a", "a", "b"], [1.0, 2.0, 3.0], task="regression", classes=None))
+    reg.record(obs(["a", "a", "b"], [1.0, 2.0, 3.0], task="regression", classes=None, requests=[0, 0, 1]))
     r = reg.feedback(items([("a", [1.5, 2.0]), ("b", 3.0)]))
     assert (r.accepted, r.invalid) == (2, 0)
     assert reg.status()["metrics"]["mae"] == pytest.approx(0.5 / 3, abs=1e-6)
 
+    # two requests that carried one id (a client's own OIP id): the newer one's prediction is kept
+    dup = monitor(min_labels=1)
+    dup.record(obs(["same", "same"], [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]], requests=[0, 1]))
+    assert dup.feedback(items([("same", "dog")])).accepted == 1
+    assert dup.status()["metrics"]["accuracy"] == 1.0
+
 
 def test_several_examples_join_through_redis_on_another_replica(redis_server):  # noqa: F811
     a, b = _replica(redis_server.url, min_labels=1), _replica(redis_server.url, min_labels=1)
-    a.record(obs(["m", "m", "s"], probs(3)))
+    a.record(obs(["m", "m", "s"], probs(3), requests=[0, 0, 1]))
     r = b.feedback(items([("m", ["cat", "bird"]), ("s", "dog")]))
     assert (r.accepted, r.invalid) == (2, 0)
     assert b.status()["window"]["labels"] == 3
