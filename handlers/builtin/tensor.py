@@ -69,6 +69,10 @@ class TensorHandler(BaseHandler):
                     raise InvalidInput(f"input '{n}': needs a batch dimension")
                 if self.input_specs:
                     self._check(self.input_specs[i], a)
+            if len({a.shape[0] for a in arrays}) > 1:  # each input's rows are one request's examples
+                sizes = ", ".join(f"'{n}' {a.shape[0]}" for n, a in zip(names, arrays))
+                raise InvalidInput(f"inputs differ in their batch dimension (the first of the shape): {sizes}; "
+                                   f"every input of a request must hold the same number of examples")
             return arrays
         if len(names) != 1:
             raise InvalidInput(f"the model takes {len(names)} inputs; send them as Open Inference Protocol tensors")

@@ -39,6 +39,7 @@ _FLOATS = frozenset(("FP16", "FP32", "FP64", "BF16"))
 _F32 = np.dtype(np.float32)
 _LEN = struct.Struct("<I")
 MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32  # numpy's limit on array dimensions
+MAX_SPAN = 1 << 48  # most elements the non-zero dimensions of an empty shape may span (numpy refuses far less than 2**63)
 
 
 def bad_input(message: str) -> OspreyError:
@@ -51,7 +52,11 @@ def element_count(name: str, shape: Iterable[int]) -> int:
         raise bad_input(f"input '{name}': shape {shape} must be a list of non-negative integers")
     if len(shape) > MAX_DIMS:
         raise bad_input(f"input '{name}': shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported")
-    return math.prod(shape)
+    count = math.prod(shape)
+    if not count and math.prod(d for d in shape if d) > MAX_SPAN:  # no elements, but no array has such a shape
+        raise bad_input(f"input '{name}': shape {shape} is too large (its dimensions other than 0 multiply to "
+                        f"more than {MAX_SPAN})")
+    return count
 
 
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:

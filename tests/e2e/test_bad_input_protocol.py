@@ -8,12 +8,15 @@ be decoded fails alone, its batch-mates are answered."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gzip
 import json
 import queue
 import re
 import socket
 import struct
 import threading
+import zlib
 from urllib.parse import urlsplit
 
 import grpc
@@ -24,13 +27,13 @@ import pytest
 from server.core.archive import open_archive
 from server.protocols.rest.asgi import Router, oip_error
 from server.core.errors import ErrorKind, OspreyError
-from server.core.model_config import ModelConfig
+from server.core.model_config import ModelConfig, parse_model_config
 from server.instances.thread import ModelInstance
 from server.core.types import InferenceRequest, InferenceResponse, Protocol, Ticket
 
 from tests.gates import Gate, pending, wait_until
 from tests.models import RECORDING_HANDLER, handler_archive
-from tests.oip_archives import echo_archive, tensor_mlp_archive
+from tests.oip_archives import echo_archive, ops_archive, tensor_mlp_archive
 from tests.oip_stubs import pb, pb_grpc
 
 # A tensor handler that answers a string where its config declares an FP32 output: a
@@ -58,7 +61,9 @@ def srv(osprey_module, tmp_path_factory):
     echo_archive(store)
     handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 4, "maxBatchDelay": 20})
     handler_archive(store, "wrongout", WRONG_OUTPUT_HANDLER, config=WRONG_OUTPUT_CONFIG)
-    return osprey_module(["tmlp=tmlp.mar", "echo=echo.mar", "rec=rec.mar", "wrongout=wrongout.mar"], store)
+    ops_archive(store)
+    return osprey_module(["tmlp=tmlp.mar", "echo=echo.mar", "rec=rec.mar", "wrongout=wrongout.mar", "ops=ops.mar"],
+                         store)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +139,102 @@ def _tmlp(**changes) -> dict:
         "data-null", "id-int", "id-object"])
 def test_rest_json_client_mistakes_are_400_naming_the_problem(http, clean_log, body, needles):
     _bad(http.post("/v2/models/tmlp/infer", json=body), *needles)
+
+
+# --- inputs of one request, one batch dimension ------------------------------------------------
+def _ops_inputs(rows: dict[str, int]) -> list[dict]:
+    """JSON inputs of the ``ops`` model (A FP32, B INT64, C FP16; 3 columns), ``rows[name]`` rows each."""
+    kinds = {"A": "FP32", "B": "INT64", "C": "FP16"}
+    return [{"name": n, "datatype": kinds[n], "shape": [k, 3], "data": [1] * (3 * k)} for n, k in rows.items()]
+
+
+def test_inputs_of_one_request_must_hold_the_same_number_of_rows(http, stub, clean_log):
+    """The tensor handler joins requests along the batch dimension and hands each its rows back:
+    a request whose inputs disagree on it would take rows of its batch-mates. Refused, naming them."""
+    _bad(http.post("/v2/models/ops/infer", json={"inputs": _ops_inputs({"A": 2, "B": 1, "C": 2})}),
+         "inputs differ in their batch dimension", "'A' 2, 'B' 1, 'C' 2")
+    req = pb.ModelInferRequest(model_name="ops")
+    for n, dt, k, raw in (("A", "FP32", 1, np.ones((1, 3), np.float32)), ("B", "INT64", 2, np.ones((2, 3), np.int64)),
+                          ("C", "FP16", 1, np.ones((1, 3), np.float16))):
+        req.inputs.add(name=n, datatype=dt, shape=[k, 3])
+        req.raw_input_contents.append(raw.tobytes())
+    _invalid(stub, req, "inputs differ in their batch dimension", "'A' 1, 'B' 2, 'C' 1")
+    ok = http.post("/v2/models/ops/infer", json={"inputs": _ops_inputs({"A": 2, "B": 2, "C": 2})})
+    assert ok.status_code == 200 and [o["shape"] for o in ok.json()["outputs"]] == [[2, 3]] * 3, ok.text
+
+
+def test_a_request_of_mismatched_rows_fails_alone_and_its_batch_mates_get_their_own_rows(tmp_path):
+    """In one batch with a good request (the order of the reviewer's repro: the bad one first),
+    the bad one is refused and the good one gets exactly its own rows back."""
+    store = tmp_path / "store"
+    store.mkdir()
+    archive = open_archive(ops_archive(store), tmp_path / "work")
+    config = dataclasses.replace(parse_model_config(archive.config), batch_size=4, device_type="cpu")
+    inst = ModelInstance("ops", "1.0", archive, config, 0, None)
+
+    def req(rid: str, a: np.ndarray, b: np.ndarray) -> Ticket:
+        return Ticket(InferenceRequest(model="ops", version="1.0", request_id=rid, protocol=Protocol.REST_V2,
+                                       tensors={"A": a, "B": b, "C": np.ones((len(a), 3), np.float16)}))
+
+    async def run(batch):
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        inst.submit([batch], loop, lambda _i, _b, outcomes: done.set_result(outcomes[0]))
+        return await asyncio.wait_for(done, 30)
+
+    inst.start()
+    try:
+        assert inst._loaded.wait(30) and inst.status == "READY", inst.error
+        bad = req("bad", np.full((2, 3), 500, np.float32), np.full((1, 3), 1000, np.int64))
+        good = req("good", np.full((1, 3), 7, np.float32), np.full((2, 3), 3000, np.int64)[:1])
+        outcomes = asyncio.run(run([bad, good]))
+    finally:
+        inst.stop()
+    assert isinstance(outcomes[0], OspreyError) and outcomes[0].kind is ErrorKind.BAD_INPUT, outcomes[0]
+    assert "'A' 2, 'B' 1" in outcomes[0].message
+    answer = outcomes[1].tensors
+    assert answer["A2"].tolist() == [[15.0, 15.0, 15.0]] and answer["B2"].tolist() == [[8999, 8999, 8999]]
+
+
+# --- shapes and compressed bodies ---------------------------------------------------------------
+def test_an_empty_shape_with_a_huge_dimension_is_refused_not_an_internal_error(http, stub, clean_log):
+    huge = [0, 9223372036854775807]
+    _bad(http.post("/v2/models/tmlp/infer", json=_tmlp(input={"shape": huge, "data": []})),
+         "input 'INPUT0'", "is too large")
+    body, headers = _binary([{"name": "INPUT0", "datatype": "FP32", "shape": huge,
+                              "parameters": {"binary_data_size": 0}}], b"")
+    _bad(http.post("/v2/models/tmlp/infer", content=body, headers=headers), "input 'INPUT0'", "is too large")
+    _invalid(stub, _grpc_tmlp(shape=huge, raw=b""), "input 'INPUT0'", "is too large")
+    _invalid(stub, _grpc_tmlp(shape=huge, raw=None, contents=pb.InferTensorContents(fp32_contents=[])),
+             "input 'INPUT0'", "is too large")
+
+
+def test_compressed_bodies_are_read_as_tritonclient_sends_them(http, clean_log):
+    """Content-Encoding gzip or deflate (tritonclient's request_compression_algorithm): the
+    same answer as the plain body, Inference-Header-Content-Length counted uncompressed; an
+    unknown coding 415, data that does not inflate 400, one that inflates past
+    max_request_size 413, each naming it."""
+    plain = http.post("/v2/models/tmlp/infer", json=GOOD_TMLP)
+    assert plain.status_code == 200
+    raw = json.dumps(GOOD_TMLP).encode()
+    for coding, packed in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw)),
+                           ("deflate", zlib.compress(raw)[2:-4]), ("identity, gzip", gzip.compress(raw))):
+        r = http.post("/v2/models/tmlp/infer", content=packed,
+                      headers={"content-encoding": coding, "content-type": "application/json"})
+        assert r.status_code == 200 and r.json()["outputs"] == plain.json()["outputs"], (coding, r.text)
+    body, headers = _binary([{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16],
+                              "parameters": {"binary_data_size": 64}}], RAW)
+    r = http.post("/v2/models/tmlp/infer", content=gzip.compress(body), headers={**headers, "content-encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["outputs"] == plain.json()["outputs"], r.text
+    r = http.post("/v2/models/tmlp/infer", content=raw, headers={"content-encoding": "br"})
+    assert r.status_code == 415 and "Content-Encoding 'br' is not supported" in r.json()["error"], r.text
+    _bad(http.post("/v2/models/tmlp/infer", content=b"not gzip at all", headers={"content-encoding": "gzip"}),
+         "not valid gzip data")
+    _bad(http.post("/v2/models/tmlp/infer", content=gzip.compress(raw)[:-12], headers={"content-encoding": "gzip"}),
+         "truncated gzip data")
+    bomb = gzip.compress(b"0" * (7 << 20))  # 7 MiB of zeros in a few KiB: past max_request_size (6,553,500)
+    r = http.post("/v2/models/tmlp/infer", content=bomb, headers={"content-encoding": "gzip"})
+    assert r.status_code == 413 and "once decompressed" in r.json()["error"], r.text
 
 
 # --- REST: binary tensor data extension ----------------------------------------------------

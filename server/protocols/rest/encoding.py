@@ -1,0 +1,58 @@
+"""Request bodies sent compressed (``Content-Encoding``), as Triton's clients can send them.
+
+``tritonclient`` (``request_compression_algorithm="gzip"`` or ``"deflate"``) and other HTTP
+clients compress the whole body and say so in ``Content-Encoding``; the Open Inference
+Protocol's ``Inference-Header-Content-Length`` then counts the uncompressed JSON header, as on
+Triton. :func:`decoded` gives back the body as sent before compression, never more than the
+body limit (``max_request_size``: a small body that inflates past it is refused with 413, so a
+compression bomb costs at most the limit), and refuses an encoding it does not know (415) or
+data that does not decompress (400), naming it.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from server.core.errors import ErrorKind, OspreyError
+
+__all__ = ["decoded", "INLINE_BYTES"]
+
+INLINE_BYTES = 64 << 10  # compressed bodies up to this size are inflated on the event loop, larger ones in a thread
+
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # deflate: the zlib format (RFC 9110), raw deflate accepted too
+
+
+def codings(header: str) -> list[str]:
+    """The codings of a Content-Encoding header, in the order they were applied (identity left out)."""
+    return [c for c in (part.strip().lower() for part in header.split(",")) if c and c != "identity"]
+
+
+def decoded(body: bytes, header: str, limit: int) -> bytes:
+    """``body`` with the codings of ``header`` undone (last applied, first undone)."""
+    for coding in reversed(codings(header)):
+        wbits = _WBITS.get(coding)
+        if wbits is None:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"Content-Encoding {coding!r} is not supported; send the body "
+                                                   f"uncompressed, gzip or deflate", status=415)
+        body = _inflate(body, coding, wbits, limit)
+    return body
+
+
+def _inflate(body: bytes, coding: str, wbits: int, limit: int) -> bytes:
+    for bits in ((wbits, -15) if coding == "deflate" else (wbits,)):
+        d = zlib.decompressobj(bits)
+        try:
+            out = d.decompress(body, limit + 1)
+        except zlib.error as exc:
+            if bits != -15 and coding == "deflate":
+                continue  # not the zlib format: try raw deflate, which some clients send
+            raise OspreyError(ErrorKind.BAD_INPUT, f"the body is not valid {coding} data (Content-Encoding): "
+                                                   f"{exc}") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise OspreyError(ErrorKind.TOO_LARGE, f"Request body is larger than the {limit} bytes allowed "
+                                                   f"(max_request_size) once decompressed ({coding})")
+        if not d.eof:
+            raise OspreyError(ErrorKind.BAD_INPUT, f"the body is truncated {coding} data (Content-Encoding): "
+                                                   f"it ends before the compressed stream does")
+        return out
+    raise AssertionError("unreachable")
