@@ -12,6 +12,7 @@ import asyncio
 import enum
 import itertools
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,24 @@ _ID_COUNTER = itertools.count(1)
 def next_request_id() -> str:
     """A UUID-shaped id, unique per process run: random prefix, then a counter (no syscall)."""
     return f"{_ID_HEAD}{next(_ID_COUNTER):012x}"
+
+
+MAX_CLIENT_ID = 1024  # characters of a request id a client gives (the OIP "id")
+_CLIENT_ID = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+
+
+def client_id_problem(rid: str) -> str | None:
+    """Why a client's own request id (the OIP ``id``) cannot be used, or None. It is sent back as
+    a header (REST ``x-request-id``, gRPC trailing metadata) and feedback joins on it, so it must
+    be printable ASCII without spaces at either end (which headers drop), and not too long."""
+    if len(rid) > MAX_CLIENT_ID:
+        return f"'id' is {len(rid)} characters long; at most {MAX_CLIENT_ID} are allowed"
+    if not _CLIENT_ID.fullmatch(rid):
+        bad = next((c for c in rid if not " " <= c <= "~"), None)
+        why = f"it holds {bad!r}" if bad is not None else "it starts or ends with a space"
+        return (f"'id' {rid[:80]!r} cannot be sent back as a header ({why}); use printable ASCII "
+                f"without spaces at either end")
+    return None
 
 
 @dataclass(slots=True)

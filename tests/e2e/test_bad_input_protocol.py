@@ -196,6 +196,20 @@ def test_a_request_of_mismatched_rows_fails_alone_and_its_batch_mates_get_their_
     assert answer["A2"].tolist() == [[15.0, 15.0, 15.0]] and answer["B2"].tolist() == [[8999, 8999, 8999]]
 
 
+@pytest.mark.parametrize("rid, needle", [
+    ("\U0001f600", "cannot be sent back as a header"), ("a\r\nSet-Cookie: x=1", "cannot be sent back as a header"),
+    (" padded", "starts or ends with a space"), ("x" * 2000, "2000 characters long"),
+], ids=["emoji", "crlf", "space", "long"])
+def test_a_request_id_that_cannot_be_a_header_is_refused_before_the_model_runs(http, stub, clean_log, rid, needle):
+    """The OIP id is sent back as x-request-id (gRPC: trailing metadata) and feedback joins on
+    it: one that cannot be a header is refused naming it, not a 500 or a dropped connection
+    after the model ran."""
+    _bad(http.post("/v2/models/tmlp/infer", json=_tmlp(id=rid)), "'id'", needle)
+    _invalid(stub, _grpc_tmlp(rid=rid), "'id'", needle)
+    ok = http.post("/v2/models/tmlp/infer", json=_tmlp(id="client id 42"))
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == ok.json()["id"] == "client id 42", ok.text
+
+
 # --- shapes and compressed bodies ---------------------------------------------------------------
 def test_an_empty_shape_with_a_huge_dimension_is_refused_not_an_internal_error(http, stub, clean_log):
     huge = [0, 9223372036854775807]

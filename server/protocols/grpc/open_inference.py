@@ -27,7 +27,7 @@ from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, o
                                   timeout_of, unload_model)
 from server.core.errors import ErrorKind
 from server.core.tensors import DTYPES, bad_input, decode_json, decode_raw, element_count, encode_raw, to_json_data
-from server.core.types import Field, InferenceResponse, Protocol, Ticket, new_request
+from server.core.types import Field, InferenceResponse, Protocol, Ticket, client_id_problem, new_request
 from server.protocols.grpc.generated import grpc_service_pb2 as pb
 from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import unexpected
@@ -193,8 +193,15 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     # --- inference --------------------------------------------------------------------
+    @staticmethod
+    def _check_id(request) -> None:
+        problem = client_id_problem(request.id) if request.id else None
+        if problem is not None:
+            raise bad_input(problem)
+
     def _core(self, request, context) -> Ticket:
         received = time.monotonic()
+        self._check_id(request)
         # refused before the tensors are decoded (queue full, no instance, unknown model)
         if self.dataplane.refusing():  # refuse before decoding tensors while the queue is full
             self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC_V2)
@@ -215,6 +222,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """TorchServe's path: the request as a KServe v2 JSON body to the handler's envelope, its
         JSON answer back as the response (values as REST /v2/models/{m}/infer answers them)."""
         received = time.monotonic()
+        self._check_id(request)
         if self.dataplane.refusing():
             self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC_V2)
         body = kservev2_body(request)

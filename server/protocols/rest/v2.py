@@ -22,7 +22,7 @@ from server.core.dataplane import DataPlane
 from server.protocols.oip import (SERVER_METADATA, load_model, model_metadata, output_tensors, repository_index,
                                   timeout_of, unload_model)
 from server.core.tensors import DTYPES, bad_input, decode_bytes, decode_json, decode_raw, encode_raw, to_json_data
-from server.core.types import Protocol, new_request
+from server.core.types import Protocol, client_id_problem, new_request
 from server.core.errors import ErrorKind, OspreyError
 from server.protocols.rest.asgi import Request, Response, Router, oip_error, torchserve_error
 from server.protocols.rest.inference import answer, to_core_request
@@ -170,6 +170,9 @@ def _check_request(request: dict) -> None:
     rid = request.get("id")
     if rid is not None and not isinstance(rid, str):
         raise bad_input(f"'id' must be a string, got {type(rid).__name__}")
+    problem = client_id_problem(rid) if rid else None
+    if problem is not None:
+        raise bad_input(problem)
     outputs = request.get("outputs")
     if outputs is None:
         return
