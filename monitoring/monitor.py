@@ -281,9 +281,11 @@ class Monitor:
             # kept prediction, which may have expired while the held inputs have not
             fresh = list(items)
             if quality is not None:
-                refused = await asyncio.to_thread(quality.check_labels, fresh)
-                if refused is None:  # it cannot tell: what the quality join refused stays out
-                    refused = {i: "" for i in result.rejected}
+                # what the quality join refused against the kept prediction (a class the model does
+                # not have, a list whose length is not the request's examples) stays out; without
+                # a kept prediction (expired) the labels are judged by the model's outputs
+                refused = dict(await asyncio.to_thread(quality.check_labels, fresh) or {})
+                refused.update((i, "") for i in result.rejected)
                 if refused:
                     for it in fresh:
                         if it.index in refused and it.index not in result.rejected:  # else named already

@@ -341,7 +341,7 @@ def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, mo
 
     mv = version()
     data = LabelledData(tmp_path)
-    for rid in ("good", "cat", "unseen-cat", "unseen-good", "two-records"):
+    for rid in ("good", "cat", "unseen-cat", "unseen-good", "two-records", "one-record"):
         data.hold(mv, body(rid))
     versions = Versions()
     versions.add("m", "1.0", archive)
@@ -349,19 +349,27 @@ def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, mo
     m = monitor(versions, dataset=data,
                 quality_factory=lambda model, version, cfg, model_dir, store: quality_factory(model, version, cfg,
                                                                                               model_dir, None))
-    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32)
-    feed(m, [replace(obs(3, 1, model="m", version="1.0"), request_ids=["good", "cat", "two-records"], outputs=probs,
-                     task="classification", classes=("a", "b", "c"))])
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1]],
+                     dtype=np.float32)
+    feed(m, [replace(obs(5, 1, model="m", version="1.0"), request_ids=["good", "cat", "two-records", "two-records",
+                                                                       "one-record"],
+                     request_rows=np.array([0, 1, 2, 2, 3]), outputs=probs, task="classification",
+                     classes=("a", "b", "c"))])
     items = [FeedbackItem("good", "a", 0), FeedbackItem("cat", "cat", 1), FeedbackItem("unseen-cat", "cat", 2),
-             FeedbackItem("unseen-good", "b", 3), FeedbackItem("two-records", ["c", "a"], 4)]
+             FeedbackItem("unseen-good", "b", 3), FeedbackItem("two-records", ["c", "a"], 4),
+             FeedbackItem("one-record", ["b", "b"], 5)]
     result = asyncio.run(m.feedback("m", "1.0", items))
-    # a request of two records labelled with a list: not for live quality (one prediction per
-    # request is kept), but a training row, one label per record
-    assert (result.accepted, result.invalid, result.unmatched, result.kept) == (1, 2, 2, 3)
-    assert result.rejected == {1, 4}
+    # a request of two records labelled with a list: one label per record, for live quality
+    # and as a training row; a list of two for a request of one record is refused by both
+    assert (result.accepted, result.invalid, result.unmatched, result.kept) == (2, 2, 2, 3)
+    assert result.rejected == {1, 5}
     assert any(e.startswith("feedback[1]") and "'cat' is not a class" in e for e in result.errors), result.errors
     assert any(e.startswith("feedback[2] (request_id 'unseen-cat')") and "not kept for retraining" in e
                for e in result.errors), result.errors
     rows = read_rows("m", root=tmp_path)
     assert sorted((r["rid"], r["label"]) for r in rows) == [("good", "a"), ("two-records", ["c", "a"]),
                                                              ("unseen-good", "b")]
+    # the corrected label for the refused one is then joined and kept
+    again = asyncio.run(m.feedback("m", "1.0", [FeedbackItem("one-record", "b", 0)]))
+    assert (again.accepted, again.kept) == (1, 1)
+    assert ("one-record", "b") in [(r["rid"], r["label"]) for r in read_rows("m", root=tmp_path)]
