@@ -180,10 +180,17 @@ def test_label_values():
     lst.list_value.values.add(number_value=1.0)
     lst.list_value.values.add(number_value=2.5)
     assert label_of(lst, "x") == [1, 2.5]
+    names = v()  # one label per record of a request that held several, as REST's JSON takes them
+    for name in ("benign", "malignant"):
+        names.list_value.values.add(string_value=name)
+    names.list_value.values.add(bool_value=False)
+    assert label_of(names, "x") == ["benign", "malignant", False]
+    nested = v()
+    nested.list_value.values.add().list_value.values.add(number_value=1.0)
     obj = v()
     obj.struct_value.fields["a"].number_value = 1
     for bad, named in ((v(null_value=0), "got null"), (v(struct_value=struct_pb2.Struct()), "got dict"),
-                       (obj, "got dict")):
+                       (obj, "got dict"), (nested, "got list")):
         with pytest.raises(OspreyError, match=f"'label' must be .*, {named}"):
             label_of(bad, "feedback[0]")
 

@@ -35,27 +35,30 @@ def _number(x: float) -> int | float:
     return int(x) if x.is_integer() and abs(x) < 2**53 else x
 
 
-def label_of(value: struct_pb2.Value, where: str) -> Any:
-    """A ``google.protobuf.Value`` label as a plain string, number, boolean or list of numbers."""
+def _plain(value: struct_pb2.Value) -> Any:
+    """A ``google.protobuf.Value`` as the JSON value it stands for (whole numbers as int)."""
     kind = value.WhichOneof("kind")
     if kind == "string_value":
-        label = value.string_value
-    elif kind == "number_value":
-        label = _number(value.number_value)
-    elif kind == "bool_value":
-        label = value.bool_value
-    elif kind == "list_value":
-        label = [_number(v.number_value) if v.WhichOneof("kind") == "number_value" else v.WhichOneof("kind")
-                 for v in value.list_value.values]
-        if any(isinstance(v, str) or v is None for v in label):
-            raise _bad(f"{where}: a list 'label' must hold numbers only")
-    elif kind is None:
+        return value.string_value
+    if kind == "number_value":
+        return _number(value.number_value)
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "list_value":
+        return [_plain(v) for v in value.list_value.values]
+    if kind == "struct_value":
+        return json_format.MessageToDict(value.struct_value)
+    return None  # null (or unset inside a list)
+
+
+def label_of(value: struct_pb2.Value, where: str) -> Any:
+    """A ``google.protobuf.Value`` label as a plain string, number or boolean, or a list of them
+    (several regression outputs, or one label per record of a request that held several): the
+    labels REST's JSON takes, checked the same way."""
+    if value.WhichOneof("kind") is None:
         raise _bad(f"{where} has no 'label'")
-    elif kind == "struct_value":
-        label = json_format.MessageToDict(value.struct_value)  # an object: refused by check_label, naming it
-    else:
-        label = None  # null: refused by check_label, naming it
-    check_label(label, where)
+    label = _plain(value)
+    check_label(label, where)  # an object, null or a nested list: refused, naming it
     return label
 
 
