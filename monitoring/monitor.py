@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Protocol, Sequence
 
-from server.core.capture import FeedbackItem, FeedbackResult, Observation
+from server.core.capture import UNMATCHED_SHOWN, FeedbackItem, FeedbackResult, Observation
 from server.core.errors import show
 from server.core.osthread import name_os_thread
 from server.core.types import InferenceResponse
@@ -247,27 +247,67 @@ class Monitor:
                 "quality": None, "history": []}
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
-                       answered_at: float | None = None) -> FeedbackResult:
-        """``answered_at``: the monotonic time the server last sent an answer, when that is
-        known elsewhere (a monitor in its own process: the front end's :meth:`answered`)."""
-        vm = await asyncio.to_thread(self._ensure, model, version)
+                       answered_at: float | None = None, others: Sequence[str] = ()) -> FeedbackResult:
+        """Join labels to the predictions of ``version``. ``others``: more versions of the model
+        (a label sent without a version, while a canary or a traffic split serves several): each
+        label joins the version whose prediction log holds its request id, ``version`` those no
+        version holds. ``answered_at``: the monotonic time the server last sent an answer, when
+        that is known elsewhere (a monitor in its own process: the front end's :meth:`answered`)."""
+        versions = [version, *(v for v in others if v != version)]
         # A label may come right after its answer: instances hand their predictions over within
         # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor
         # records what is queued on its next pass. While predictions are flowing, wait that long
         # and record what is queued before joining, so such a label joins instead of counting
         # as unmatched (feedback is not latency-bound; an idle version joins at once). A process
         # instance sending to a monitor process hands its held inputs over with the same delay.
-        retraining = None
-        if self.dataset is not None:
-            retraining = getattr(getattr(self.resolve(model, version), "config", None), "retraining", None)
-            retraining = retraining if retraining is not None and retraining.enabled else None
-        joins = retraining is not None or (vm is not None and vm.quality is not None)  # else: answered at once
+        joins = False
+        for v in versions:
+            vm = await asyncio.to_thread(self._ensure, model, v)
+            joins = joins or self._retraining(model, v) is not None or (vm is not None and vm.quality is not None)
         last = self._last_observed if answered_at is None else max(self._last_observed, answered_at)
         if joins and time.monotonic() - last < self.capture_delay + 0.5:
             await asyncio.sleep(self.capture_delay)
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         elif joins and self._queue:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
+        if len(versions) == 1:
+            return await self._join(model, version, items)
+        groups = await asyncio.to_thread(self._route, model, versions, items)
+        results = [await self._join(model, v, group) for v, group in groups.items() if group]
+        return merged(results) if results else FeedbackResult()
+
+    def _retraining(self, model: str, version: str) -> Any:
+        """The version's enabled retraining section (its labels become training rows), or None."""
+        if self.dataset is None:
+            return None
+        retraining = getattr(getattr(self.resolve(model, version), "config", None), "retraining", None)
+        return retraining if retraining is not None and retraining.enabled else None
+
+    def _route(self, model: str, versions: list[str], items: Sequence[FeedbackItem]) -> dict[str, list[FeedbackItem]]:
+        """{version: its items}: each item to the first version whose prediction log holds its
+        request id; those no version holds (unknown, expired, or a version without quality) to
+        the first version, which answers them as unmatched."""
+        groups: dict[str, list[FeedbackItem]] = {v: [] for v in versions}
+        left = list(items)
+        for v in versions:
+            vm = self._ensure(model, v)
+            quality = vm.quality if vm is not None else None
+            if quality is None or not left or not hasattr(quality, "holds"):
+                continue
+            try:
+                held = quality.holds([str(it.request_id) for it in left])
+            except Exception:  # the store is down: the first version's join says so (503)
+                log.warning("event=feedback_route_failed model=%s version=%s", model, v, exc_info=True)
+                break
+            groups[v] += [it for it, h in zip(left, held) if h]
+            left = [it for it, h in zip(left, held) if not h]
+        groups[versions[0]] += left
+        return groups
+
+    async def _join(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
+        """Join ``items`` to ``version``'s predictions (live quality) and held inputs (retraining)."""
+        vm = await asyncio.to_thread(self._ensure, model, version)
+        retraining = self._retraining(model, version)
         quality = vm.quality if vm is not None else None
         if quality is None:
             result = FeedbackResult(errors=[f"no quality monitoring for {model} {version}"])
@@ -353,3 +393,18 @@ class Monitor:
                 kind, doc = _FAMILIES.get(name, ("untyped", name))
                 out.append(render_family(name, kind, doc, body))
         return "".join(out)
+
+
+def merged(results: Sequence[FeedbackResult]) -> FeedbackResult:
+    """One answer for labels joined to several versions (each result of its own items)."""
+    out = FeedbackResult()
+    for r in results:
+        out.accepted += r.accepted
+        out.invalid += r.invalid
+        out.kept += r.kept
+        out.errors += r.errors
+        out.rejected |= r.rejected
+        out.unmatched += r.unmatched
+        out.unmatched_ids += r.unmatched_ids[:max(0, UNMATCHED_SHOWN - len(out.unmatched_ids))]
+    return out
+

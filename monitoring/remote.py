@@ -164,9 +164,10 @@ class RemoteMonitor:
         """The monitoring JSON (a worker thread: it waits for the monitor process)."""
         return self._wait(self._call("status", model, version), CALL_TIMEOUT_S)
 
-    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        return await self._await(self._call("feedback", model, version, list(items), self._last_answered),
-                                 FEEDBACK_TIMEOUT_S)
+    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
+                       others: Sequence[str] = ()) -> FeedbackResult:
+        return await self._await(self._call("feedback", model, version, list(items), self._last_answered,
+                                            list(others)), FEEDBACK_TIMEOUT_S)
 
     async def exposition(self) -> str:
         """The monitoring families for /metrics, and the monitor process's own: up (0 while it

@@ -69,7 +69,7 @@ class JsonRows(BaseHandler):
 
 
 def _archive(store: Path, name: str, outputs: int, softmax: bool, monitoring: dict | None,
-             extra_config: dict | None, training: dict | None, handler: str = "tensor") -> Path:
+             extra_config: dict | None, training: dict | None, handler: str = "tensor", version: str = "1.0") -> Path:
     work = store.parent / f"build-{name}"
     work.mkdir(parents=True, exist_ok=True)
     _mlp(work / "mlp.pt", outputs, softmax)
@@ -87,17 +87,17 @@ def _archive(store: Path, name: str, outputs: int, softmax: bool, monitoring: di
     if handler != "tensor":
         (work / f"{name}_handler.py").write_text(handler)
         handler = str(work / f"{name}_handler.py")
-    return write_archive(model_name=name, handler=handler, serialized_file=str(work / "mlp.pt"),
+    return write_archive(model_name=name, version=version, handler=handler, serialized_file=str(work / "mlp.pt"),
                          config_file=str(work / "model-config.yaml"), extra_files=extras,
                          export_path=str(store), force=True)
 
 
 def classifier_archive(store: Path, name: str, *, monitoring: dict | None = None, json_handler: bool = False,
-                       **extra_config) -> Path:
+                       version: str = "1.0", **extra_config) -> Path:
     """The classifier behind the ``tensor`` handler, or (``json_handler``) behind a custom
     TorchServe-style handler that decodes JSON bytes (what TorchServe gRPC sends)."""
     return _archive(store, name, CLASSES, True, MONITORING if monitoring is None else monitoring, extra_config,
-                    {"heldout_metrics": {"accuracy": 0.95}}, JSON_HANDLER if json_handler else "tensor")
+                    {"heldout_metrics": {"accuracy": 0.95}}, JSON_HANDLER if json_handler else "tensor", version)
 
 
 def regressor_archive(store: Path, name: str, **extra_config) -> Path:

@@ -356,6 +356,12 @@ class QualityMonitor:
                               f"monitoring state is unavailable for model {self.model} version {self.version}: "
                               f"{exc}; no label was recorded, send them again later", retry_after=RETRY_S) from None
 
+    def holds(self, rids: Sequence[str]) -> list[bool]:
+        """Whether this version's prediction log holds each request id (unexpired, unlabelled):
+        which version a label sent without one is for. Raises StoreUnavailable."""
+        self._flush(raising=True)
+        return [row is not None for row in self.store.get(list(rids), self.clock())]
+
     def check_labels(self, items: Sequence[FeedbackItem]) -> dict[int, str] | None:
         """{item index: why} for labels this model cannot take as training rows, judged by what
         its predictions look like (task, classes, width), not by a kept prediction (which may

@@ -151,8 +151,10 @@ class MonitorPort(Protocol):
     def observe(self, obs: Observation) -> None:
         """Take one batch's observation: O(1), thread-safe, never raises, never blocks."""
 
-    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem]) -> FeedbackResult:
-        """Join labels to kept predictions by request id; counts, never raises for bad items."""
+    async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
+                       others: Sequence[str] = ()) -> FeedbackResult:
+        """Join labels to kept predictions by request id; counts, never raises for bad items.
+        ``others``: more versions whose predictions a label may be for (sent without a version)."""
 
     def status(self, model: str, version: str) -> dict[str, Any]:
         """The monitoring JSON of ``GET /monitoring/{model}[/{version}]``."""

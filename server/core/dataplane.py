@@ -172,8 +172,16 @@ class DataPlane:
 
     async def feedback(self, model: str, version: str | None, items: Sequence[FeedbackItem]) -> FeedbackResult:
         """Join labels to the predictions of ``model`` (its default version unless ``version``)
-        by request id. Unknown model or version: NOT_FOUND; bad items are counted, not raised."""
+        by request id. Unknown model or version: NOT_FOUND; bad items are counted, not raised.
+
+        Without ``version``, a label joins whichever monitored version answered its request (a
+        canary or a traffic split serves several, and the client cannot tell which answered)."""
         mv = self._monitored(model, version)
+        if version is None:
+            others = [v.version for v in self.registry.versions(model)
+                      if v is not mv and v.config.monitoring.enabled]
+            if others:
+                return await self.monitor.feedback(mv.name, mv.version, items, others=others)
         return await self.monitor.feedback(mv.name, mv.version, items)
 
     async def monitoring(self, model: str, version: str | None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from server.protocols.grpc.generated import osprey_monitoring_pb2 as mpb
 from server.protocols.grpc.generated import osprey_monitoring_pb2_grpc as mpb_grpc
 
 from tests.conftest import ROOT, OspreyProcess
+from tests.gates import wait_until
 from tests.models import handler_archive
 from tests.monitoring_models import (CLASSES, classifier_archive, metric_lines, regressor_archive, rows,
                                      wait_monitoring)
@@ -89,10 +90,14 @@ def servers(tmp_path_factory):
     classifier_archive(store, "clf_proc", isolation="process")
     classifier_archive(store, "clf_off", monitoring={"enabled": False})
     classifier_archive(store, "clf", monitoring=REPLICA_MONITORING)
+    classifier_archive(store, "clf_canary", version="2.0")  # registered beside 1.0 by the canary test
+    (store / "clf_canary.mar").rename(store / "clf_canary2.mar")
+    classifier_archive(store, "clf_canary")
     regressor_archive(store, "reg")
     handler_archive(store, "hookfail", HOOK_FAILS, config={"batchSize": 4, "maxBatchDelay": 5, "deviceType": "cpu",
                                                            "monitoring": {"window": 50, "baseline_requests": 100}})
-    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_oip", "clf_ts", "clf_proc", "clf_off", "reg", "hookfail")]
+    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_oip", "clf_ts", "clf_proc", "clf_off", "reg", "hookfail",
+                                       "clf_canary")]
     redis = RedisProcess(root / "redis").start()
     plan = {"main": (models, {}),
             "off": (["clf=clf.mar"], {"config": {"monitoring": "false"}, "extra_args": ["--no-grpc"]}),
@@ -391,6 +396,29 @@ def test_a_request_of_several_rows_takes_one_label_per_row(srv):
     q = httpx.get(f"{srv.inference}/monitoring/clf_oip").json()["quality"]
     assert q["labels"] == before["quality"]["labels"] + 1  # requests labelled
     assert q["window"]["labels"] == before["quality"]["window"]["labels"] + 3  # rows judged
+
+
+def test_a_label_sent_without_a_version_joins_the_version_that_answered(srv):
+    """A canary split: the client cannot tell which version answered, so a label without a
+    version joins the version whose prediction it is, and each version's live quality counts
+    its own; a label for an id no version answered stays unmatched."""
+    r = httpx.post(f"{srv.management}/models", params={"url": "clf_canary2.mar"}, timeout=120)
+    assert r.status_code == 200, r.text
+    r = httpx.put(f"{srv.management}/models/clf_canary/traffic", json={"weights": {"1.0": 50, "2.0": 50}}, timeout=30)
+    assert r.status_code == 200, r.text
+    sent = send_rest(srv.inference, "clf_canary", rows(40, seed=31))
+    wait_monitoring(srv.inference, "clf_canary", lambda s: True)
+    counted = lambda: sum(httpx.get(f"{srv.inference}/monitoring/clf_canary/{v}").json()["requests"]  # noqa: E731
+                          for v in ("1.0", "2.0"))
+    wait_until(lambda: counted() >= 40, what="both versions' monitors saw the 40 answers")
+    items = [{"request_id": rid, "label": cls} for rid, cls in sent] + [{"request_id": "nobody", "label": 0}]
+    r = _post_feedback(srv, "clf_canary", items)
+    assert r.status_code == 200 and r.json() == {"accepted": 40, "unmatched": 1, "invalid": 0,
+                                                 "unmatched_ids": ["nobody"]}, r.text
+    labels = {v: httpx.get(f"{srv.inference}/monitoring/clf_canary/{v}").json()["quality"]["labels"]
+              for v in ("1.0", "2.0")}
+    assert labels["1.0"] + labels["2.0"] == 40 and min(labels.values()) > 0, labels  # binomial(40, 1/2)
+    assert httpx.get(f"{srv.inference}/monitoring/clf_canary/2.0").json()["quality"]["metrics"]["accuracy"] == 1.0
 
 
 # --- 4. a broken monitoring hook ---------------------------------------------------------------------

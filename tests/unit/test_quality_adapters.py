@@ -30,14 +30,19 @@ from server.protocols.rest.monitoring import add_monitoring_routes, parse_feedba
 
 class FakeRegistry:
     def __init__(self):
-        self.versions = {("clf", "1"): ModelConfig(), ("clf", "2"): ModelConfig(),
-                         ("quiet", "1"): ModelConfig(monitoring=MonitoringConfig(enabled=False))}
+        self.configs = {("clf", "1"): ModelConfig(), ("clf", "2"): ModelConfig(),
+                        ("quiet", "1"): ModelConfig(monitoring=MonitoringConfig(enabled=False))}
+        self._made: dict = {}
 
     def get(self, name, version=None):
         version = version or ("2" if name == "clf" else "1")
-        if (name, version) not in self.versions:
+        if (name, version) not in self.configs:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name} {version or ''}".strip())
-        return SimpleNamespace(name=name, version=version, config=self.versions[(name, version)])
+        return self._made.setdefault((name, version), SimpleNamespace(name=name, version=version,
+                                                                      config=self.configs[(name, version)]))
+
+    def versions(self, name):
+        return [self.get(n, v) for n, v in self.configs if n == name]
 
 
 class FakeMonitor:
@@ -53,8 +58,8 @@ class FakeMonitor:
     def observe(self, obs: Observation) -> None:
         self.part(obs.model, obs.version).record(obs)
 
-    async def feedback(self, model, version, items) -> FeedbackResult:
-        self.calls.append(("feedback", model, version, list(items)))
+    async def feedback(self, model, version, items, others=()) -> FeedbackResult:
+        self.calls.append(("feedback", model, version, list(items), list(others)))
         return await asyncio.to_thread(self.part(model, version).feedback, items)
 
     def status(self, model, version):
@@ -145,6 +150,7 @@ def test_rest_feedback_counts_and_names_invalid_items():
             assert (await c.get("/monitoring/clf/2")).json()["quality"]["invalid"] == 2
     run(go())
     assert dp.monitor.calls[0][:3] == ("feedback", "clf", "2")
+    assert dp.monitor.calls[0][4] == ["1"]  # no version named: the other version's answers may be labelled too
 
 
 def test_rest_errors_unknown_model_monitoring_off_malformed_too_large_auth():
