@@ -247,6 +247,7 @@ class QualityMonitor:
                                        "window_labels": 0}
         self._refreshed = 0.0
         self._warned_shape = False
+        self._unjoinable: str | None = None  # the task of outputs seen that labels cannot be joined to
 
     # --- the prediction log ------------------------------------------------------------
     def record(self, obs: Observation) -> None:
@@ -262,6 +263,7 @@ class QualityMonitor:
         kind = {"classification": _CLASSIFICATION, "regression": _REGRESSION,
                 "generator": _GENERATOR}.get(obs.task or "")
         if kind is None:
+            self._unjoinable = obs.task or "unknown"  # said to whoever sends labels (_feedback)
             return  # autoencoders, embeddings: nothing a label can be checked against
         outputs = np.asarray(obs.outputs, dtype=np.float32)
         n = len(obs.request_ids)
@@ -419,6 +421,10 @@ class QualityMonitor:
             total = self.store.add_labelled(entries, self.window)
             size = int(self.config.quality_window)
             closed = total // size if total // size > (total - len(entries)) // size else 0
+        if result.unmatched:
+            why = self._why_unmatched(meta)
+            if why:
+                result.errors.append(why)
         self.store.add_counts({"matched": result.accepted, "unmatched": result.unmatched, "invalid": result.invalid})
         with self._lock:
             self._local["matched"] += result.accepted
@@ -427,6 +433,19 @@ class QualityMonitor:
         if closed:  # a quality window closed with these labels: judge it now (metrics otherwise on status/tick)
             self._close_window(closed)
         return result
+
+    def _why_unmatched(self, meta: dict) -> str | None:
+        """A line for the answer when labels go unmatched for a reason other than their ids:
+        outputs no label can be joined to, or predictions kept only for the sampled share."""
+        if not meta and self._unjoinable is not None:
+            return (f"model {self.model} version {self.version} keeps no predictions for labels: its outputs "
+                    f"({self._unjoinable}) are not classes or values a label can be compared with, so live "
+                    f"quality is not measured (labels still become training rows where retraining is on)")
+        rate = float(self.config.sample_rate)
+        if rate < 1.0:
+            return (f"monitoring.sample_rate is {rate:g} for model {self.model} version {self.version}: only the "
+                    f"sampled share of predictions is kept for labels, the others' labels count as unmatched")
+        return None
 
     async def afeedback(self, items: Sequence[FeedbackItem]) -> FeedbackResult:
         """:meth:`feedback` from the event loop (in a worker thread: it may wait on Redis)."""

@@ -173,7 +173,22 @@ def test_outputs_without_a_task_to_judge_are_not_kept():
     q.record(Observation("m", "1", ["a"], time.time(), task="autoencoder", outputs=np.array([0.1])))
     q.record(Observation("m", "1", ["b"], time.time(), task="classification", outputs=None))
     q.record(Observation("m", "1", ["c"], time.time(), error="hook failed"))
-    assert q.feedback(items([("a", 1), ("b", 1), ("c", 1)])).unmatched == 3
+    r = q.feedback(items([("a", 1), ("b", 1), ("c", 1)]))
+    assert r.unmatched == 3
+    # said why, not only "unmatched" as for an unknown id
+    assert r.errors == ["model m version 1 keeps no predictions for labels: its outputs (autoencoder) are not "
+                        "classes or values a label can be compared with, so live quality is not measured "
+                        "(labels still become training rows where retraining is on)"]
+
+
+def test_labels_for_unsampled_predictions_say_the_sample_rate():
+    q = monitor(sample_rate=0.2)
+    q.record(obs(["kept"], probs(1)))
+    r = q.feedback(items([("kept", "cat"), ("not-sampled", "dog")]))
+    assert (r.accepted, r.unmatched) == (1, 1)
+    assert r.errors == ["monitoring.sample_rate is 0.2 for model m version 1: only the sampled share of predictions "
+                        "is kept for labels, the others' labels count as unmatched"]
+    assert monitor().feedback(items([("nope", "cat")])).errors == []  # at 1.0: an unknown id is just unmatched
 
 
 def test_a_generator_is_judged_on_the_class_viewers_recognise_in_its_samples(tmp_path):
