@@ -97,11 +97,11 @@ def _work(store: Path, name: str) -> Path:
     return work
 
 
-def tensor_mlp_archive(store: Path, name: str = "tmlp", config: dict | None = None) -> Path:
+def tensor_mlp_archive(store: Path, name: str = "tmlp", config: dict | None = None, version: str = "1.0") -> Path:
     """The tiny MLP behind the built-in ``tensor`` handler, tensors declared in the config."""
     work = _work(store, name)
     make_mlp(work / "mlp.pt")
-    return write_archive(model_name=name, handler="tensor", serialized_file=str(work / "mlp.pt"),
+    return write_archive(model_name=name, version=version, handler="tensor", serialized_file=str(work / "mlp.pt"),
                          config_file=_yaml(work, config or MLP_CONFIG), export_path=str(store), force=True)
 
 

@@ -93,7 +93,13 @@ def repository_index(registry: Any, model_store: str) -> list[dict]:
     """Every model registered or loadable from the model store, with its state."""
     from pathlib import Path
 
-    index: dict[str, dict] = {}
+    index: dict[tuple[str, str], dict] = {}
+    loaded_from = set()  # the store entries registered versions came from: listed by their model, not again
+    for mv in registry.all_versions():
+        state, reason = ("READY", "") if mv.ready else ("UNAVAILABLE", mv.unhealthy) if mv.unhealthy else ("LOADING", "")
+        index[(mv.name, mv.version)] = {"name": mv.name, "version": mv.version, "state": state, "reason": reason}
+        loaded_from.add(Path(str(getattr(mv, "url", "") or "")).name)
+    names = {name for name, _ in index}
     store = Path(model_store)
     for p in sorted(store.iterdir()) if store.is_dir() else ():
         name = p.name
@@ -104,11 +110,15 @@ def repository_index(registry: Any, model_store: str) -> list[dict]:
         else:
             if not (p / "MAR-INF").is_dir():
                 continue
-        index[name] = {"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
-    for mv in registry.all_versions():
-        state, reason = ("READY", "") if mv.ready else ("UNAVAILABLE", mv.unhealthy) if mv.unhealthy else ("LOADING", "")
-        index[mv.name] = {"name": mv.name, "version": mv.version, "state": state, "reason": reason}
-    return [index[k] for k in sorted(index)]
+        if p.name in loaded_from or name in names:
+            continue
+        index[(name, "")] = {"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
+    return [index[k] for k in sorted(index, key=lambda k: (k[0], _version_order(k[1])))]
+
+
+def _version_order(version: str) -> tuple:
+    """Versions in numeric order where they are numbers (1.0 before 2.0 before 10.0)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in version.split("."))
 
 
 def archive_for(model_store: str, name: str) -> str:

@@ -291,6 +291,13 @@ def test_rest_body_without_json_header_for_a_bytes_input(http, clean_log):
     r = http.post("/v2/models/echo/infer", content=struct.pack("<I", 9) + b"hello",
                   headers={HEADER: "0", "content-type": "application/octet-stream"})
     _bad(r, "input 'body'", "runs past the end")
+    # a raw body that is not whole rows of the one declared input says so (not "shape [0, 16] needs 0 bytes")
+    r = http.post("/v2/models/tmlp/infer", content=RAW + b"\0" * 7,
+                  headers={HEADER: "0", "content-type": "application/octet-stream"})
+    _bad(r, "Inference-Header-Content-Length 0", "71 bytes", "input 'INPUT0'", "FP32 [-1, 16]",
+         "not a whole number of 64-byte rows")
+    r = http.post("/v2/models/tmlp/infer", content=RAW * 2, headers={HEADER: "0"})
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [2, 4], r.text
 
 
 # --- a bad request queued with good ones ---------------------------------------------------

@@ -181,6 +181,21 @@ def test_repository_index_load_and_unload(client, server):
         client.load_model("missing")
 
 
+def test_repository_index_lists_every_version_and_not_their_files_again(client, server, tmp_path):
+    """Two versions of a model, the second from a file of another name: two entries for the
+    model, one per version, and the file is not listed as a model of its own."""
+    (tensor_mlp_archive(tmp_path, version="2.0")).rename(server.store / "tmlp_second.mar")
+    r = httpx.post(f"{server.management}/models", params={"url": "tmlp_second.mar"}, timeout=120)
+    assert r.status_code == 200, r.text
+    try:
+        index = client.get_model_repository_index()
+        assert [(m["name"], m.get("version"), m["state"]) for m in index if m["name"].startswith("tmlp")] == [
+            ("tmlp", "1.0", "READY"), ("tmlp", "2.0", "READY")], index
+    finally:
+        assert httpx.delete(f"{server.management}/models/tmlp/2.0", timeout=60).status_code == 200
+        (server.store / "tmlp_second.mar").unlink()
+
+
 KSERVE_SCRIPT = """
 import asyncio, json, sys
 import numpy as np

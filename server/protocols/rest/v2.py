@@ -93,6 +93,11 @@ def parse_infer_body(body: bytes, header_length: str | None, default_input: dict
                     shape[shape.index(-1)] = elements // known if known else 0
                 elif spec["datatype"] in DTYPES:  # (an unknown one is reported by decode_raw)
                     size = DTYPES[spec["datatype"]].itemsize * known
+                    if size and len(body) % size:
+                        raise bad_input(f"Inference-Header-Content-Length 0: the body ({len(body)} bytes) is the raw "
+                                        f"data of input '{spec['name']}', declared {spec['datatype']} "
+                                        f"{default_input['shape']}; it is not a whole number of "
+                                        f"{size}-byte rows")
                     shape[shape.index(-1)] = len(body) // size if size else 0
             request, binary = {"inputs": [spec]}, memoryview(body)
         else:
