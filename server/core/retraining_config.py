@@ -15,7 +15,11 @@ from typing import Any, Mapping
 from server.core.errors import ErrorKind, OspreyError, show
 
 __all__ = ["RetrainingConfig", "GateConfig", "PromotionConfig", "SearchConfig", "parse_retraining",
-           "TRIGGERS", "POLICIES", "METRICS"]
+           "TRIGGERS", "POLICIES", "METRICS", "TOO_FEW_LABELS"]
+
+#: a job's result "reason" when it ended rejected for fewer labelled rows than min_labels: it used no
+#: data and trained nothing, so it does not hold the model's cooldown (server/retraining/triggers.py)
+TOO_FEW_LABELS = "too_few_labels"
 
 TRIGGERS = ("drift", "quality", "latency", "manual", "alert")
 POLICIES = ("canary", "shadow", "direct")

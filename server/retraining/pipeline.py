@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from server.core.model_config import parse_model_config
-from server.core.retraining_config import RetrainingConfig
+from server.core.retraining_config import TOO_FEW_LABELS, RetrainingConfig
 from server.retraining.client import ApiError, ServerClient
 from server.retraining.promotion import promote
 from server.state import store_writable
@@ -132,8 +132,9 @@ def run(job: Any) -> dict[str, Any]:
         if dropped:
             job.step("data", f"left out {len(dropped)} row(s) whose label {model} cannot take, e.g. {dropped[0]}")
     if len(rows) < cfg.min_labels:
-        return {"state": "rejected", "message": f"{len(rows)} labelled production rows for {model}; "
-                                                f"retraining needs min_labels {cfg.min_labels}"}
+        return {"state": "rejected", "reason": TOO_FEW_LABELS, "labels": len(rows), "min_labels": cfg.min_labels,
+                "message": f"{len(rows)} labelled production rows for {model}; "
+                           f"retraining needs min_labels {cfg.min_labels}"}
     seed = zlib.crc32(rec.id.encode())
     train_rows, holdout = split_rows(rows, cfg.holdout, seed=seed)
     job.step("data", f"{len(rows)} labelled rows: {len(train_rows)} for training, {len(holdout)} held out for the gate")

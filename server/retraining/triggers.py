@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from server.core.errors import ErrorKind, OspreyError, show
-from server.core.retraining_config import RetrainingConfig
+from server.core.retraining_config import TOO_FEW_LABELS, RetrainingConfig
 
 __all__ = ["Triggers", "Cooldown", "Trigger", "LatencyWatch", "entry_point_of", "ALERTS"]
 
@@ -84,6 +84,12 @@ class Cooldown:
         self._until[model] = now + seconds
         return True
 
+    def release(self, model: str) -> None:
+        """End the model's cooldown now (its job turned out to train nothing)."""
+        if self.redis is not None:
+            self.redis.delete(f"osprey:retraining:cooldown:{model}")
+        self._until.pop(model, None)
+
 
 class LatencyWatch:
     """``watch(model, version) -> bool``: over the requests since the last call, is the p99
@@ -130,6 +136,8 @@ class Triggers:
         self.pending: list[Trigger] = []  # not delivered yet (queue or Redis down)
         self.fired: dict[str, int] = {}  # trigger kind -> jobs created (for metrics)
         self._task: asyncio.Task | None = None
+        # automatic jobs this process created and whose cooldown they hold: job id -> model
+        self._charged: dict[str, str] = {}
         self.on_poll: Callable[[], Any] | None = None  # an async callable after each poll (job metrics)
 
     # -- entry points ---------------------------------------------------------------------------------
@@ -192,7 +200,7 @@ class Triggers:
                 f"alert:{a.get('fingerprint') or labels['alertname']}:{a.get('startsAt', '')}"
             job, created = await self._submit(Trigger(model, mv.version, "alert", episode,
                                                       {"alert": labels["alertname"]}), cfg)
-            if job is not None:
+            if job is not None and created:  # (the episode's job, started before, is not this alert's)
                 out["jobs"].append({"id": job.id, "model": model, "created": created})
         return out
 
@@ -238,12 +246,23 @@ class Triggers:
     # -- delivery ----------------------------------------------------------------------------------------
     async def _submit(self, t: Trigger, cfg: RetrainingConfig | None = None) -> tuple[Any, bool]:
         cfg = cfg or self.registry.get(t.model, t.version).config.retraining or RetrainingConfig()
+        took = False
         try:
-            if t.automatic and not await asyncio.to_thread(self.cooldown.take, t.model, cfg.cooldown_s):
-                log.info("event=retrain_trigger_cooling model=%s trigger=%s episode=%s", t.model, t.trigger, t.episode)
-                return None, False
+            if t.automatic:
+                if not await asyncio.to_thread(self.cooldown.take, t.model, cfg.cooldown_s):
+                    log.info("event=retrain_trigger_cooling model=%s trigger=%s episode=%s", t.model, t.trigger,
+                             t.episode)
+                    return None, False
+                took = cfg.cooldown_s > 0
             job, created = await self.queue.submit(t.model, t.version, t.trigger, t.episode,
                                                    {**self.params, **t.params})
+            if not created:  # the episode's job exists: it took the cooldown when it was made
+                log.info("event=retrain_trigger_known model=%s trigger=%s episode=%s job=%s", t.model, t.trigger,
+                         t.episode, job.id)
+                if took:
+                    await asyncio.to_thread(self.cooldown.release, t.model)
+            elif took:
+                self._charged[job.id] = t.model
         except OspreyError:
             raise
         except Exception as exc:
@@ -262,11 +281,34 @@ class Triggers:
                      t.model, t.version, t.trigger, t.episode, job.id)
         return job, created
 
+    async def _uncharge(self) -> None:
+        """A job that ended rejected for too few labelled rows trained nothing: its model's
+        cooldown ends, so that a later trigger (quality turning degraded once labels arrived)
+        is not refused for a job that never ran (a drift episode often opens before labels)."""
+        for job_id, model in list(self._charged.items()):
+            try:
+                rec = await self.queue.get(job_id)
+            except Exception:  # the queue is unreachable: look again on a later poll
+                return
+            if rec is not None and not rec.terminal:
+                continue
+            del self._charged[job_id]
+            if rec is not None and rec.state.value == "rejected" and rec.result.get("reason") == TOO_FEW_LABELS:
+                try:
+                    await asyncio.to_thread(self.cooldown.release, model)
+                except Exception as exc:  # Redis down: the cooldown expires on its own
+                    log.warning("event=retrain_cooldown_release_failed model=%s job=%s reason=%s", model, job_id, exc)
+                    continue
+                log.info("event=retrain_cooldown_released model=%s job=%s reason=%s", model, job_id, TOO_FEW_LABELS)
+
     async def poll(self) -> None:
-        """One pass: retry kept triggers, then look for new transitions."""
+        """One pass: retry kept triggers, end cooldowns held by jobs that trained nothing, then
+        look for new transitions."""
         kept, self.pending = self.pending, []
         for t in kept:
             await self._submit(t)
+        if self._charged:
+            await self._uncharge()
         if self.monitor is None:
             return
         for mv in list(self.registry.all_versions()):

@@ -623,13 +623,15 @@ def test_drift_episode_seen_by_two_replicas_starts_exactly_one_job_and_the_alert
             sent += 50
             wait_for(lambda: httpx.get(f"{a.inference}/monitoring/c_drift/1.0", timeout=30).json()["requests"]
                      >= sent, 30, "the monitor to count the requests")
-    # each replica's trigger sees the episode: one queues the job, the other finds the cooldown taken
-    pattern = re.compile(r"event=retrain_(job_queued|trigger_cooling) model=c_drift (?:version=1\.0 )?"
-                         r"trigger=drift episode=drift:1\.0:1")
+    # each replica's trigger sees the episode: one queues the job, the other finds the cooldown
+    # taken (or, once that job ended rejected for too few labels and gave the cooldown back, the
+    # episode's job made already)
+    pattern = re.compile(r"event=retrain_(job_queued|trigger_cooling|trigger_known) model=c_drift "
+                         r"(?:version=1\.0 )?trigger=drift episode=drift:1\.0:1")
     seen = wait_for(lambda: all(pattern.search(s.log()) for s in (a, b)) and
                     sorted(pattern.search(s.log()).group(1) for s in (a, b)), 60,
                     "both replicas' triggers to act on the episode")
-    assert seen == ["job_queued", "trigger_cooling"], seen
+    assert seen[0] == "job_queued" and seen[1] in ("trigger_cooling", "trigger_known"), seen
     listed = jobs(a, "c_drift")  # the same one job from both (compared by id: the worker may be updating it)
     assert len(listed) == 1 and [j["id"] for j in jobs(b, "c_drift")] == [listed[0]["id"]], listed
     first = listed[0]

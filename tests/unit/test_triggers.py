@@ -67,6 +67,11 @@ class DownQueue:
     async def list(self, *a, **k):
         return await self.inner.list(*a, **k)
 
+    async def get(self, job_id):
+        if self.down:
+            raise ConnectionError("redis down")
+        return await self.inner.get(job_id)
+
 
 def make(tmp_path, retraining=None, **kw):
     reg, mon = Registry(tmp_path, retraining if retraining is not None else {"cooldown": 0}, **kw), Monitor()
@@ -108,6 +113,47 @@ def test_the_cooldown_keeps_a_second_trigger_of_the_model_from_starting_a_job(tm
     mon.drift = {"detected": True, "episodes": 2}
     run(t.poll())
     assert sorted(j.trigger for j in run(queue.list("m"))) == ["drift", "quality"]
+
+
+def _end(queue, job, result: dict) -> None:
+    """The job ends as the pipeline's return ``result`` says (what a worker records)."""
+    from server.retraining.runner import Outcome, finish_record
+
+    finish_record(job, Outcome(result["state"], result=result, returned=True))
+    queue.inner._write(job)
+
+
+def test_a_job_rejected_for_too_few_labels_does_not_hold_the_cooldown(tmp_path):
+    """A drift episode often opens before labels arrive: its job ends rejected for too few
+    labelled rows, having trained nothing. The degraded quality that follows once labels came
+    must start a job, not find the cooldown taken; a job that trained (gate rejected) keeps it."""
+    t, mon, queue, clock = make(tmp_path, {"cooldown": 600})
+    mon.drift = {"detected": True, "episodes": 1}
+    run(t.poll())
+    [drift] = run(queue.list("m"))
+    run(t.poll())  # still queued: nothing is released
+    mon.quality = {"degraded": True, "windows": 2}
+    run(t.poll())
+    assert [j.trigger for j in run(queue.list("m"))] == ["drift"]  # cooling
+    _end(queue, drift, {"state": "rejected", "reason": "too_few_labels", "labels": 0, "min_labels": 200,
+                        "message": "0 labelled production rows for m; retraining needs min_labels 200"})
+    run(t.poll())  # the drift job released the cooldown
+    mon.quality = {"degraded": True, "windows": 4}  # the next window, still degraded: a new episode
+    run(t.poll())
+    jobs = {j.trigger: j for j in run(queue.list("m"))}
+    assert sorted(jobs) == ["drift", "quality"]
+    _end(queue, jobs["quality"], {"state": "rejected", "gate": {"accuracy": 0.5}, "message": "gate: worse"})
+    run(t.poll())
+    mon.drift = {"detected": True, "episodes": 2}
+    run(t.poll())
+    assert sorted(j.trigger for j in run(queue.list("m"))) == ["drift", "quality"]  # that one trained: cooling
+    # an alert for an episode whose job exists starts nothing and leaves the cooldown as it was
+    clock.t = 601.0
+    payload = {"alerts": [{"status": "firing", "labels": {"alertname": "OspreyDriftDetected", "model": "m",
+                                                          "version": "1.0"}}]}
+    mon.drift = {"detected": True, "episodes": 1}
+    assert run(t.alert(payload))["jobs"] == []
+    assert t.cooldown.take("m", 600)  # not taken by the alert
 
 
 def test_triggers_not_listed_in_the_section_start_nothing(tmp_path):
