@@ -36,9 +36,11 @@ only if every check holds:
    difference of a row or two on a small holdout is not taken for an improvement;
 2. golden: regression (minus the improvement) <= ``max_regression``;
 3. no holdout row the champion answers is refused by the challenger;
-4. latency of one batch of 1 and of 32 requests (the fastest of at least 7 runs and 0.25 s,
-   the two models taking turns; a size that fails is timed again and each model keeps its
-   fastest, so one burst of load on the machine does not reject a model):
+4. latency of one batch of 1 and of 32 requests (at least 7 runs and 0.25 s, the two models
+   taking turns; the ratio is the median of the challenger's run to the champion's turn by
+   turn, so load on the machine falls on both alike, and the times shown are each one's
+   fastest; a size that fails is timed again and the lower ratio kept, so one burst of load
+   does not reject a model):
    challenger <= ``max_latency_ratio`` x champion's, or at most :data:`LATENCY_SLACK_S` slower
    (timer noise on sub-millisecond models);
 5. archive size (bytes of its files) <= ``max_size_ratio`` x champion's.
@@ -74,11 +76,14 @@ log = logging.getLogger("osprey.retraining")
 LATENCY_SLACK_S = 0.001
 
 
-def _too_slow(a: float | None, b: float | None, max_ratio: float) -> bool:
-    """Whether the challenger's ``b`` seconds break the latency check against the champion's ``a``."""
+def _too_slow(a: float | None, b: float | None, max_ratio: float, ratio: float | None = None) -> bool:
+    """Whether the challenger's ``b`` seconds break the latency check against the champion's
+    ``a``; ``ratio``: the challenger's to the champion's measured turn by turn (else b / a)."""
     if a is None or b is None:
         return False
-    return (b / a if a > 0 else float("inf")) > max_ratio and b - a > LATENCY_SLACK_S
+    if ratio is None:
+        ratio = b / a if a > 0 else float("inf")
+    return ratio > max_ratio and b - a > LATENCY_SLACK_S
 
 
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
@@ -403,22 +408,22 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
         # 3. latency
         bodies = [request_body(r, i) for i, r in enumerate(rows[:64]) if i in p_champ.outputs]
         say(f"gate: timing batches of 1 and 32 (at least {repeats} runs each)")
-        t_champ, t_chal = time_batches([champ, chal], bodies, (1, 32), repeats)
-        slow = [n for n in (1, 32) if _too_slow(t_champ.get(n), t_chal.get(n), cfg.max_latency_ratio)]
-        if slow:  # a rejection is confirmed by a second, later timing: each model's fastest of both
+        (t_champ, t_chal), (_, ratios) = time_batches([champ, chal], bodies, (1, 32), repeats, paired=True)
+        slow = [n for n in (1, 32) if _too_slow(t_champ.get(n), t_chal.get(n), cfg.max_latency_ratio, ratios.get(n))]
+        if slow:  # a rejection is confirmed by a second, later timing: the fastest runs and lower ratio of both
             say(f"gate: timing batches of {', '.join(map(str, slow))} again to confirm the challenger is slower")
-            again_champ, again_chal = time_batches([champ, chal], bodies, slow, repeats)
+            (again_champ, again_chal), (_, again) = time_batches([champ, chal], bodies, slow, repeats, paired=True)
             for n in slow:
                 t_champ[n] = min(t_champ[n], again_champ[n])
                 t_chal[n] = min(t_chal[n], again_chal[n])
+                ratios[n] = min(ratios[n], again[n])
         lat = {}
         for size in (1, 32):
-            a, b = t_champ.get(size), t_chal.get(size)
-            if a is None or b is None:
+            a, b, ratio = t_champ.get(size), t_chal.get(size), ratios.get(size)
+            if a is None or b is None or ratio is None:
                 continue
-            ratio = b / a if a > 0 else float("inf")
             lat[str(size)] = {"champion_s": round(a, 6), "challenger_s": round(b, 6), "ratio": round(ratio, 3)}
-            if _too_slow(a, b, cfg.max_latency_ratio):
+            if _too_slow(a, b, cfg.max_latency_ratio, ratio):
                 reasons.append(f"latency: a batch of {size} takes {b * 1000:.2f} ms, {ratio:.2f}x the champion's "
                                f"{a * 1000:.2f} ms (at most {cfg.max_latency_ratio}x allowed)")
         numbers["latency"] = lat
