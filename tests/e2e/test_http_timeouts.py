@@ -73,8 +73,29 @@ def test_a_body_that_stalls_gets_408(srv):
                      b"Content-Length: %d\r\n\r\n" % len(ROW) + ROW[:10])
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request body not received within 1 s" in answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
+        "code": 408, "type": "RequestTimeoutException", "message": "request body not received within 1 s"}
     _still_serves(srv)
     assert "Traceback" not in srv.log()  # the handler-less end of a request is not an error
+
+
+def test_errors_before_the_application_answer_in_the_body_of_the_api_asked(srv):
+    """A stalled body or a request the parser refuses under /v2 gets the Open Inference
+    Protocol's {"error": ...}, as every other /v2 error does (TorchServe's body elsewhere)."""
+    with connect(srv) as sock:
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"inputs\"")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and json.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
+        "error": "request body not received within 1 s"}, answer
+    with connect(srv) as sock:
+        sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
+                     b"Content-Length: 3\r\n\r\n{}")
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert list(body) == ["error"] and "Content-Length" in body["error"], body
+    _still_serves(srv)
 
 
 def test_a_slow_but_steady_upload_is_served(srv):

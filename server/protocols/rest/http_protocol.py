@@ -257,9 +257,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if answer is None:
             why, self._parser_error = self._parser_error, None
             message = f"{msg.rstrip('.')}: {why}" if why else msg
-            body = orjson.dumps({"code": 400, "type": "BadRequestException", "message": message})
-            answer = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            answer = self._error(400, b"Bad Request", "BadRequestException", message)
         self._cancel_read_timer()
         self.transport.write(answer)
         # a lingering close: the client may still be sending the rest of its head; closing with
@@ -413,10 +411,19 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
             return
         if cycle is None or not cycle.response_started:
             what = "request headers" if self._head_deadline else "request body"
-            body = f"{what} not received within {self.read_timeout:g} s".encode()
-            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            self.transport.write(self._error(408, b"Request Timeout", "RequestTimeoutException",
+                                             f"{what} not received within {self.read_timeout:g} s"))
         self.transport.close()
+
+    def _error(self, status: int, reason: bytes, kind: str, message: str) -> bytes:
+        """A whole error answer that closes the connection, in the error body of the API the
+        request was for (as far as its URL was read): the Open Inference Protocol's
+        ``{"error"}`` under /v2, TorchServe's ``{"code", "type", "message"}`` elsewhere."""
+        url = getattr(self, "url", b"") or b""
+        oip = url == b"/v2" or url.startswith((b"/v2/", b"/v2?"))
+        body = orjson.dumps({"error": message} if oip else {"code": status, "type": kind, "message": message})
+        return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
 
 
 def http_protocol(read_timeout: float = 60.0, max_header_size: int = 65536):
