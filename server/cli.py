@@ -300,25 +300,41 @@ def _settings_from(args, properties=None):
 
 
 def _config_snapshot(args, settings):
-    """With config snapshots on and no --ts-config: (the settings of the last snapshot, the snapshot),
-    as TorchServe starts from it; else (settings, None). ValueError: a snapshot that cannot be
-    used (unreadable, or naming an archive the model store no longer has)."""
-    from server.snapshots import last_snapshot, missing_archives, read_snapshot, snapshot_dir
+    """The models to start with, as TorchServe chooses them: a --ts-config file holding
+    ``model_snapshot`` (what KServe's TorchServe runtime writes) is restored from, whether or not
+    snapshots are on; with config snapshots on and no --ts-config, the last snapshot (its
+    settings too). Returns (settings, the snapshot or None). ValueError: a snapshot that cannot
+    be used (unreadable, or naming an archive the model store does not have)."""
+    from server.snapshots import MODEL_SNAPSHOT, last_snapshot, missing_archives, read_snapshot, snapshot_dir
 
-    if not settings.config_snapshots or args.ts_config:
+    if args.ts_config:
+        from server.settings import parse_properties
+
+        try:
+            given = parse_properties(Path(args.ts_config).read_text(encoding="latin-1"))
+        except OSError:
+            return settings, None  # (a file that cannot be read was reported with the settings)
+        if MODEL_SNAPSHOT not in given:
+            return settings, None
+        path = Path(args.ts_config)
+    elif not settings.config_snapshots:
         return settings, None
-    path = last_snapshot(snapshot_dir(settings))
-    if path is None:
-        return settings, None
+    else:
+        path = last_snapshot(snapshot_dir(settings))
+        if path is None:
+            return settings, None
     snapshot = read_snapshot(path)
-    settings = _settings_from(args, properties=snapshot.properties)
+    if not args.ts_config:
+        settings = _settings_from(args, properties=snapshot.properties)
     missing = missing_archives(snapshot, settings.model_store)
     if missing:
         m = missing[0]
-        raise ValueError(f"config snapshot {path}: the archive {m.mar_name} of model {m.name} version {m.version} is "
-                         f"not in the model store {settings.model_store} (as TorchServe, a start from a snapshot "
-                         "needs every archive it names); put it back, start with --ts-config, or turn snapshots "
-                         "off (--ncs, --no-config-snapshots)")
+        what = f"{MODEL_SNAPSHOT} in {path}" if args.ts_config else f"config snapshot {path}"
+        fix = ("put it back or take it out of the file's model_snapshot" if args.ts_config else
+               "put it back, start with --ts-config, or turn snapshots off (--ncs, --no-config-snapshots)")
+        raise ValueError(f"{what}: the archive {m.mar_name} of model {m.name} version {m.version} is not in the "
+                         f"model store {settings.model_store} (as TorchServe, a start from a snapshot needs every "
+                         f"archive it names); {fix}")
     return settings, snapshot
 
 

@@ -141,3 +141,39 @@ def test_management_changes_write_snapshots_and_a_restart_restores_the_last(tmp_
     finally:
         mgmt.close()
         server.stop()
+
+
+def test_a_ts_config_holding_model_snapshot_starts_its_models(tmp_path):
+    """KServe's TorchServe runtime hands its models over as ``model_snapshot`` in the
+    config.properties it passes with --ts-config: they are registered with their settings, as
+    TorchServe does, with snapshots off too; an archive it names that is not there is refused."""
+    import json
+
+    store = tmp_path / "store"
+    handler_archive(store, "noop", NOOP)
+    ports = [free_port() for _ in range(3)]
+    models = {"noop": {"1.0": {"defaultVersion": True, "marName": "noop.mar", "minWorkers": 2, "maxWorkers": 2,
+                               "batchSize": 2, "maxBatchDelay": 50, "responseTimeout": 7}}}
+    base = (f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
+            f"metrics_address=http://127.0.0.1:{ports[2]}\nenable_grpc=false\n")
+    (tmp_path / "config.properties").write_text(
+        base + "model_snapshot=" + json.dumps({"name": "startup.cfg", "modelCount": 1, "models": models}) + "\n")
+    server = Started(tmp_path, "--model-store", "store", "--disable-token-auth", "--ncs",
+                     "--ts-config", "config.properties")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports[1]}", timeout=WAIT_S) as mgmt:
+            [d] = mgmt.get("/models/noop").json()
+        assert (d["modelVersion"], d["minWorkers"], d["maxWorkers"], len(d["workers"]), d["batchSize"],
+                d["maxBatchDelay"], d["responseTimeout"]) == ("1.0", 2, 2, 2, 2, 50, 7)
+        assert httpx.post(f"http://127.0.0.1:{ports[0]}/predictions/noop", content=b"x").status_code == 200
+    finally:
+        server.stop()
+    models["noop"]["1.0"]["marName"] = "gone.mar"
+    (tmp_path / "config.properties").write_text(
+        base + "model_snapshot=" + json.dumps({"name": "startup.cfg", "modelCount": 1, "models": models}) + "\n")
+    env = {k: v for k, v in server.env.items()}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", "store",
+                        "--disable-token-auth", "--no-config-snapshots", "--ts-config", "config.properties"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
+    assert r.returncode == 2 and "model_snapshot in config.properties: the archive gone.mar of model noop" in r.stderr, \
+        r.stdout + r.stderr
