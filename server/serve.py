@@ -47,6 +47,7 @@ from server.protocols.rest.v2 import add_v2_routes
 from server.protocols.rest.workflows import add_workflow_inference_routes, add_workflow_management_routes
 from server.workflows.manager import Workflows
 from server.settings import Settings, parse_address
+from server.model_overrides import archive_identity, overrides_for, parse_models, register_kwargs
 from server.snapshots import Snapshot, SnapshotWriter, restore_models, snapshot_dir
 from server.state import job_url, resolve_state_dir
 from server.tls import Tls, TlsError, is_https
@@ -300,9 +301,19 @@ class Server:
 
     async def load_models(self, specs: list[tuple[str | None, str]]) -> int:
         """Register startup models concurrently; a model that fails is logged and skipped."""
+        table = parse_models(self.settings.models) if self.settings.models else {}
+
         async def one(name, url):
             try:
-                await self.registry.register(url, model_name=name, loaded_at_startup=True)
+                entry = None
+                if table:  # TorchServe's models property: this version's settings, over model-config.yaml
+                    listed, version = archive_identity(self.registry.resolve_url(url))
+                    entry = overrides_for(table, name or listed, version)
+                mv = await self.registry.register(url, model_name=name, loaded_at_startup=True,
+                                                  **register_kwargs(entry or {}))
+                if entry and "maxWorkers" in entry:
+                    low = entry.get("minWorkers", mv.config.min_workers)
+                    await self.registry.scale(mv.name, mv.version, low, max(entry["maxWorkers"], low))
                 return True
             except OspreyError as exc:
                 log.error("model %s (%s) not loaded: %s", name or url, url, exc.message)

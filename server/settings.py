@@ -35,6 +35,9 @@ class Settings:
     # where POST /workflows finds .war files (TorchServe's workflow_store); empty: the model store
     workflow_store: str = ""
     load_models: tuple[str, ...] = ()
+    # TorchServe's ``models``: JSON settings per model version for the models loaded at start
+    # (server/model_overrides.py)
+    models: str = ""
     job_queue_size: int = 100
     # workers a model gets when neither its model-config.yaml (minWorkers) nor the call names a
     # number. 0 is TorchServe's "not configured": the register API then starts no workers
@@ -447,7 +450,11 @@ def _host_ok(host: str) -> bool:
 
 
 def _check_deployment(settings: Settings) -> None:
-    """Supplied keys (all three, usable in a Bearer header) and the advertised host."""
+    """Supplied keys (all three, usable in a Bearer header), the advertised host, the models' JSON."""
+    if settings.models:
+        from server.model_overrides import parse_models
+
+        parse_models(settings.models)  # ValueError naming what is wrong
     given = [n for n in _KEY_SETTINGS if getattr(settings, n)]
     if given and len(given) < 3:
         missing = [n for n in _KEY_SETTINGS if n not in given]

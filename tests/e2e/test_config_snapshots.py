@@ -177,3 +177,34 @@ def test_a_ts_config_holding_model_snapshot_starts_its_models(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT_S)
     assert r.returncode == 2 and "model_snapshot in config.properties: the archive gone.mar of model noop" in r.stderr, \
         r.stdout + r.stderr
+
+
+def test_the_models_property_sets_the_startup_models_settings(tmp_path):
+    """TorchServe's ``models`` property in config.properties: the settings of each model version
+    loaded at start, over its model-config.yaml; JSON that is not of that form stops the start
+    naming it."""
+    import json
+
+    store = tmp_path / "store"
+    handler_archive(store, "noop", NOOP)
+    ports = [free_port() for _ in range(3)]
+    base = (f"inference_address=http://127.0.0.1:{ports[0]}\nmanagement_address=http://127.0.0.1:{ports[1]}\n"
+            f"metrics_address=http://127.0.0.1:{ports[2]}\nenable_grpc=false\nload_models=noop.mar\n")
+    models = {"noop": {"1.0": {"minWorkers": 2, "maxWorkers": 3, "batchSize": 2, "maxBatchDelay": 50,
+                               "responseTimeout": 7, "marName": "noop.mar", "deviceType": "cpu"}}}
+    (tmp_path / "config.properties").write_text(base + "models=" + json.dumps(models) + "\n")
+    server = Started(tmp_path, "--model-store", "store", "--disable-token-auth", "--ncs",
+                     "--ts-config", "config.properties")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{ports[1]}", timeout=WAIT_S) as mgmt:
+            [d] = mgmt.get("/models/noop").json()
+        assert (d["minWorkers"], d["maxWorkers"], len(d["workers"]), d["batchSize"], d["maxBatchDelay"],
+                d["responseTimeout"]) == (2, 3, 2, 2, 50, 7)
+    finally:
+        server.stop()
+    (tmp_path / "config.properties").write_text(base + 'models={"noop": {"1.0": {"batchSize": "four"}}}\n')
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--foreground", "--model-store", "store",
+                        "--disable-token-auth", "--ts-config", "config.properties"],
+                       cwd=tmp_path, env=server.env, capture_output=True, text=True, timeout=WAIT_S)
+    assert r.returncode == 2 and "setting models: model 'noop' version '1.0': batchSize must be a non-negative " \
+                                 "whole number, got 'four'" in r.stderr, r.stdout + r.stderr
