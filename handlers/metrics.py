@@ -9,10 +9,13 @@ Prometheus metrics; the default sink keeps the last value of each, for tests and
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 from typing import Any, Callable
 
 __all__ = ["MetricTypes", "HandlerMetrics"]
+
+log = logging.getLogger("osprey.handlers")
 
 
 class MetricTypes(enum.Enum):
@@ -49,13 +52,15 @@ class HandlerMetrics:
         # the running batch's request ids ({index: id}, set by the instance per batch): the
         # requestID of TorchServe's model_metrics.log lines
         self.request_ids: dict[int, str] | None = None
+        self._declared: dict[str, _Declared] = {}  # add_metric_to_cache's, by name
 
     def _emit(self, name: str, value: float, unit: str, kind: MetricTypes, dimensions: Any) -> None:
         try:
             value = float(value)
         except (TypeError, ValueError):
             raise ValueError(f"metric {name}: value {value!r} is not a number") from None
-        kind_name = kind.value if isinstance(kind, MetricTypes) else str(kind).lower()
+        # this module's MetricTypes or TorchServe's own (ts.metrics.metric_type_enum), or a name
+        kind_name = str(kind.value if isinstance(kind, enum.Enum) else kind).lower()
         with self._lock:
             if kind_name == "counter":
                 self.values[name] = self.values.get(name, 0.0) + value
@@ -92,18 +97,34 @@ class HandlerMetrics:
     # TorchServe's cache API, for handlers that declare metrics up front.
     def add_metric_to_cache(self, metric_name: str, unit: str = "", dimension_names: Any = None,
                             metric_type: MetricTypes = MetricTypes.COUNTER) -> "_Declared":
-        return _Declared(self, metric_name, unit, metric_type)
+        declared = _Declared(self, metric_name, unit, metric_type, list(dimension_names or []))
+        with self._lock:
+            self._declared[metric_name] = declared
+        return declared
 
     def get_metric(self, metric_name: str, metric_type: MetricTypes = MetricTypes.COUNTER) -> "_Declared":
-        return _Declared(self, metric_name, "", metric_type)
+        with self._lock:
+            declared = self._declared.get(metric_name)
+        return declared if declared is not None else _Declared(self, metric_name, "", metric_type, [])
 
 
 class _Declared:
-    def __init__(self, owner: HandlerMetrics, name: str, unit: str, kind: MetricTypes):
+    """A metric declared with ``add_metric_to_cache``: its dimension names, given values later."""
+
+    def __init__(self, owner: HandlerMetrics, name: str, unit: str, kind: MetricTypes, dimension_names: list):
         self.owner, self.name, self.unit, self.kind = owner, name, unit, kind
+        self.dimension_names = [str(n) for n in dimension_names]
+        self._warned = False
 
     def add_or_update(self, value: float, dimension_values: Any = None, request_id: Any = None) -> None:
-        self.owner._emit(self.name, value, self.unit, self.kind, None)
+        """TorchServe's: ``dimension_values`` in the order of the declared names."""
+        values = list(dimension_values or [])
+        if len(values) != len(self.dimension_names) and not self._warned:
+            self._warned = True  # (a metric taken with get_metric without a declaration has no names)
+            log.warning("metric %s: %d dimension values for the %d names declared (%s); the values without a "
+                        "name are left out", self.name, len(values), len(self.dimension_names),
+                        ", ".join(self.dimension_names) or "none")
+        self.owner._emit(self.name, value, self.unit, self.kind, dict(zip(self.dimension_names, map(str, values))))
 
     def update(self, value: float, request_id: Any = None, dimensions: Any = None) -> None:
         self.owner._emit(self.name, value, self.unit, self.kind, dimensions)

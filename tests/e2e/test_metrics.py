@@ -223,6 +223,31 @@ def test_handler_metrics_reach_prometheus_with_torchserve_names():
     assert not any(k[0] == "osprey_requests_total" and ("ModelName", "mymodel") in k[1] for k in s)
 
 
+def test_metrics_declared_the_torchserve_way_keep_their_dimensions_and_type():
+    """add_metric_to_cache with dimension names, then add_or_update with their values (and
+    TorchServe's own MetricTypes enum, not this module's): one series per label value, a counter
+    that adds up; get_metric gives the declared one back."""
+    import enum
+
+    class TsMetricTypes(enum.Enum):  # ts.metrics.metric_type_enum.MetricTypes, as TorchServe defines it
+        COUNTER = "counter"
+        GAUGE = "gauge"
+        HISTOGRAM = "histogram"
+
+    m = ServingMetrics(hostname="h")
+    hm = HandlerMetrics("met2", m.handler_metric)
+    hm.add_metric_to_cache("ClassCount", "count", dimension_names=["ModelName", "Label"],
+                           metric_type=TsMetricTypes.COUNTER)
+    for label in ("cat", "cat", "dog"):
+        hm.get_metric("ClassCount", TsMetricTypes.COUNTER).add_or_update(1, ["met2", label])
+    hm.add_metric("Latency", 0.2, "s", metric_type=TsMetricTypes.HISTOGRAM)
+    s = _samples(m)
+    lab = (("Hostname", "h"), ("Level", "Model"), ("ModelName", "met2"))
+    assert s[("ClassCount_total", (*lab[:2], ("Label", "cat"), lab[2]))] == 2
+    assert s[("ClassCount_total", (*lab[:2], ("Label", "dog"), lab[2]))] == 1
+    assert s[("Latency_count", lab)] == 1
+
+
 def test_label_values_are_escaped():
     m = ServingMetrics(hostname="h")
     HandlerMetrics("m", m.handler_metric).add_metric("X", 1, dimensions={"note": 'a "quoted"\\ line\nbreak'},
