@@ -37,6 +37,9 @@ IDLE_S = 0.02  # = server.instances.capture.IDLE_S (not imported here: capture l
 __all__ = ["BatchRunner", "Outcome", "error_for", "load_runner", "declared_specs"]
 
 log = logging.getLogger("osprey.instances")
+# a handler's failures, under TorchServe's backend logger name: in a model instance's thread (or
+# child process) its lines go to model_log.log as TorchServe's do (server/log_files.py)
+_service_log = logging.getLogger("ts.service")
 
 Outcome = InferenceResponse | OspreyError
 
@@ -175,8 +178,9 @@ class BatchRunner:
                 capture.end(None, [])
             err = error_for(exc)
             if err.kind is ErrorKind.PREDICTION_FAILED:
-                log.warning("model %s: handler raised %s: %s", self.name, type(exc).__name__, exc,
-                            exc_info=log.isEnabledFor(logging.DEBUG))
+                # as TorchServe's backend logs it (logger ts.service): the traceback in model_log.log
+                _service_log.error("Invoking custom service failed. (model %s: %s: %s)", self.name,
+                                   type(exc).__name__, exc, exc_info=True)
             return err
         if armed and (not isinstance(results, list) or len(results) != len(batch)):
             capture.end(None, [])
@@ -203,6 +207,8 @@ class BatchRunner:
             try:
                 body, ctype = encode_body(value)
             except (TypeError, ValueError) as exc:
+                _service_log.error("model %s: the handler's output for request %s is not serializable: %s",
+                                   self.name, batch[i].request.request_id, exc)
                 out.append(OspreyError(ErrorKind.PREDICTION_FAILED, f"handler output is not serializable: {exc}"))
                 continue
             if headers:

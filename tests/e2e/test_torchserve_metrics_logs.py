@@ -186,6 +186,32 @@ def test_process_instances_print_and_log_into_model_log_as_thread_instances_do(o
     assert "talkp printed" not in server.log()  # not also on the server's own output
 
 
+_RAISING_HANDLER = '''
+def handle(data, context):
+    if data is None:
+        return None
+    raise ValueError("boom from the handler")
+'''
+
+
+def test_a_handler_that_raises_leaves_its_traceback_in_model_log(osprey, store, tmp_path):
+    """As TorchServe's backend does: "Invoking custom service failed." and the traceback, in
+    model_log.log, for thread and process instances alike (it was one line, in the server log)."""
+    handler_archive(store, "raiset", _RAISING_HANDLER, config={"isolation": "thread"})
+    handler_archive(store, "raisep", _RAISING_HANDLER, config={"isolation": "process"})
+    server = osprey(models=["raiset=raiset.mar", "raisep=raisep.mar"], store=store, extra_args=["--no-grpc"],
+                    config={"log_location": str(tmp_path / "logs")})
+    for model in ("raiset", "raisep"):
+        r = httpx.post(f"{server.inference}/predictions/{model}", content=b"x")
+        assert r.status_code == 503, r.text  # TorchServe's "Prediction failed"
+    text = _wait_for(tmp_path / "logs" / "model_log.log",
+                     [f"model {m}: ValueError: boom from the handler" for m in ("raiset", "raisep")])
+    for m in ("raiset", "raisep"):
+        block = text[text.index(f"model {m}: ValueError"):]
+        assert "Invoking custom service failed." in text and "Traceback (most recent call last)" in block[:2000]
+        assert 'raise ValueError("boom from the handler")' in block[:2000], block[:2000]
+
+
 def _grpc_line(line: str) -> str:
     """A gRPC access log line with its time, port and duration taken out."""
     line = re.sub(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3} -|<time>) ", "T - ", line)
