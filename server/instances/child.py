@@ -109,6 +109,9 @@ class _LogToParent(logging.Handler):
 
 def main(conn, spec: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it drains first)
+    # so is SIGTERM, which a stop of the whole process group sends here too (forkserver_init.py):
+    # the parent stops this child once its requests are answered, or the pipe closes when it dies
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _steady_malloc()
     lock = threading.Lock()
 

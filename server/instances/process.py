@@ -64,7 +64,7 @@ def _mp():
     if _context is None:
         try:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["torch", "server.instances.child"])
+            ctx.set_forkserver_preload(["server.instances.forkserver_init", "torch", "server.instances.child"])
             _short_socket_folder()
         except ValueError:
             ctx = multiprocessing.get_context("spawn")

@@ -221,3 +221,38 @@ def test_the_drain_is_bounded_by_drain_timeout(osprey, store, tmp_path):
         t2.join(30)
     assert code == 0 and 2 <= took < 10, (code, took)
     assert results["queued"]["status"] == 503 and results["queued"]["connection"] == "close", results
+
+
+def test_a_sigterm_to_the_whole_process_group_still_answers_what_process_instances_run(osprey, store, tmp_path):
+    """systemd (KillMode=control-group), `kill -TERM -PGID` and `tini -g` send SIGTERM to every
+    process of the group at once: the instances' children and their fork server ignore it, so
+    the server's drain answers what they run and what is queued for them (they died at once)."""
+    import os
+
+    handler_archive(store, "heldp", HANDLER, config={"batchSize": 1, "jobQueueSize": 100, "isolation": "process"})
+    srv = osprey(["heldp=heldp.mar"], store, config={"drain_timeout": DRAIN_TIMEOUT}, extra_args=["--no-grpc"],
+                 prefix=["setsid"])  # its own process group, as a service manager starts it
+    assert os.getpgid(srv.proc.pid) == srv.proc.pid
+    url = f"{srv.inference}/predictions/heldp"
+    gate = Gate(tmp_path)
+    results: dict[str, dict] = {}
+
+    def send(key: str, body: dict) -> None:
+        with httpx.Client(timeout=60) as client:
+            results[key] = _rest(client, url, body)
+
+    held = threading.Thread(target=send, args=("held", {"id": "held", "gate": gate.value}))
+    held.start()
+    gate.wait_entered()
+    queued = [threading.Thread(target=send, args=(f"q{i}", {"id": f"q{i}"})) for i in range(3)]
+    for t in queued:
+        t.start()
+    wait_until(lambda: pending(srv, "heldp") == 3, what="three requests queued behind the held one")
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    wait_until(lambda: _refuses_connections(srv.ports["inference"]), what="the listener to close")
+    gate.open()
+    for t in [held, *queued]:
+        t.join(60)
+    assert {k: (r["status"], r["answer"]) for k, r in results.items()} == {
+        "held": (200, "held"), **{f"q{i}": (200, f"q{i}") for i in range(3)}}, results
+    assert srv.proc.wait(30) == 0
