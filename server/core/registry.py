@@ -81,6 +81,7 @@ class ModelVersion:
     stats: VersionStats = field(default_factory=VersionStats)  # live counters (DataPlane.version_stats)
     shadow_results: dict = field(default_factory=dict)  # result -> copies, once it has been a shadow
     workflow: str | None = None  # the workflow that registered it as one of its nodes (server.workflows), or None
+    draining: bool = False  # unregistered, answering what was queued first: an instance lost meanwhile is restarted
 
     @property
     def handler(self) -> str:
@@ -551,7 +552,7 @@ class Registry:
     def _lost(self, mv: ModelVersion, inst: Instance, reason: str, *, crash: bool = True) -> None:
         """On the loop: ``inst`` is gone (``reason``: exit status, signal, hang). Fail what it
         ran, take it out of service and restart it (backoff), unless the version crash-loops."""
-        known = inst in mv.instances and self._held(mv)
+        known = inst in mv.instances and (self._held(mv) or mv.draining)
         if known:
             mv.instances.remove(inst)
             self.lines.lost(mv, inst, reason)
@@ -579,7 +580,7 @@ class Registry:
     async def _restart(self, mv: ModelVersion, index: int, delay: float) -> None:
         try:
             await asyncio.sleep(delay)
-            if not self._held(mv):
+            if not self._held(mv) and not mv.draining:  # (unregistered, with requests queued: restarted for them)
                 return
             live = sum(i.status in _LIVE for i in mv.instances)
             if live >= mv.config.min_workers:  # a scale call meanwhile already brought it to its minimum
@@ -596,12 +597,12 @@ class Registry:
                 inst.stop()
                 if inst in mv.instances:
                     mv.instances.remove(inst)
-                if self._held(mv):
+                if self._held(mv) or mv.draining:
                     message = exc.message if isinstance(exc, OspreyError) else f"{type(exc).__name__}: {exc}"
                     self.lines.restart_failed(mv, index, message)
                     self._schedule_restart(mv, index, f"restart failed: {message}", crash=True)
                 return
-            if not self._held(mv) or inst not in mv.instances:  # unregistered, or lost again already
+            if (not self._held(mv) and not mv.draining) or inst not in mv.instances:  # unregistered, or lost again
                 inst.stop()
                 return
             mv.restarts += 1
@@ -865,7 +866,11 @@ class Registry:
                 self._tidy(name)
         # new requests are 404 from here on; what was queued or running is answered first
         running = mv.batcher.in_flight  # running batches end and are answered even after their instance stops
-        answered, left = await self._finish_queued(mv)
+        mv.draining = True  # an instance being restarted (a crash) still comes back to answer the queue
+        try:
+            answered, left = await self._finish_queued(mv)
+        finally:
+            mv.draining = False
         answered += running
         mv.batcher.fail_all(OspreyError(ErrorKind.UNAVAILABLE, f"Model {name} version {mv.version} was unregistered "
                                                                "before this request could run (unregister_timeout "
@@ -881,7 +886,7 @@ class Registry:
         """Wait until the requests queued for ``mv`` now are answered by its instances, at
         most unregister_timeout; return how many were answered and how many are left."""
         futures = [r.future for r in mv.batcher.queue if r.future is not None and not r.future.done()]
-        if not futures or mv.batcher.instances <= 0:
+        if not futures or (mv.batcher.instances <= 0 and mv.batcher.restarting <= 0):
             return 0, len(futures)
         timeout = self.settings.unregister_timeout
         await asyncio.wait(futures, timeout=timeout if timeout > 0 else None)

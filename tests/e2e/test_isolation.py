@@ -380,3 +380,30 @@ def test_a_handoff_larger_than_the_arena_grows_it(tmp_path):
     assert [o.body for o in first[0]] == [b.upper() for b in bodies[:3]]
     assert [o.body for o in second[0]] == [b"SMALL"]
     archive.cleanup()
+
+
+def test_unregistering_while_a_crashed_instance_waits_to_restart_answers_what_was_queued(osprey, store):
+    """The instance crashed and its restart waits out the backoff; requests queue for it; the
+    version is unregistered meanwhile. As the README promises for unregister, what was queued is
+    answered first: the instance is restarted for it, then stopped (every queued request failed
+    'restart failed')."""
+    handler_archive(store, "crashq", CRASHY, config={**PROC, "batchSize": 1, "jobQueueSize": 100})
+    srv = osprey(["crashq=crashq.mar"], store, config={"instance_restart_backoff": 4}, extra_args=["--no-grpc"])
+    url = f"{srv.inference}/predictions/crashq"
+    assert httpx.post(url, json={"crash": "exit"}, timeout=60).status_code == 503
+    answers: dict[str, httpx.Response] = {}
+
+    def send(i: int) -> None:
+        answers[f"q{i}"] = httpx.post(url, json={"id": f"q{i}"}, timeout=120)
+
+    queued = [threading.Thread(target=send, args=(i,)) for i in range(3)]
+    for t in queued:
+        t.start()
+    wait_until(lambda: pending(srv, "crashq") == 3, what="three requests queued for the restarting instance")
+    gone = httpx.delete(f"{srv.management}/models/crashq", timeout=120)
+    for t in queued:
+        t.join(120)
+    assert gone.status_code == 200, gone.text
+    assert {k: (r.status_code, r.json().get("id")) for k, r in answers.items()} == {
+        f"q{i}": (200, f"q{i}") for i in range(3)}, {k: r.text for k, r in answers.items()}
+    assert re.search(r"event=model_unregistered model=crashq version=1\.0 drained=3 failed=0", srv.log()), srv.log()
