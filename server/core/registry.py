@@ -49,7 +49,9 @@ RELEASE_WAIT_S = 600.0  # most time to wait for removed instances' threads befor
 RELEASE_POLL_S = 0.1
 MAX_URL_CHARS = 4096  # longest model URL accepted (Linux paths are at most 4096 bytes)
 MAX_NAME_CHARS = 255  # longest model name (one file-name component)
+MAX_VERSION_CHARS = 128  # longest model version
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
 _LIVE = (InstanceStatus.READY, InstanceStatus.LOADING)
 
 
@@ -271,8 +273,22 @@ class Registry:
                               f"Model name is {len(name)} characters long; at most {MAX_NAME_CHARS} are allowed")
         if not _NAME.fullmatch(name):
             raise OspreyError(ErrorKind.BAD_INPUT,
-                              f"Model name {show(name)} may hold only letters, digits, '_', '-' and '.'")
+                              f"Model name {show(name)} may hold only ASCII letters, digits, '_', '-' and '.', "
+                              "starting with a letter or a digit")
         return name
+
+    @staticmethod
+    def _check_version(version: Any) -> str:
+        """A manifest's modelVersion: it names folders (per-model packages) and URL path parts
+        (``/models/NAME/VERSION``), so it takes the model name's characters, without a slash or
+        a leading dot (a version ``../../x`` put per-model packages outside the state folder)."""
+        if not isinstance(version, str) or not version or len(version) > MAX_VERSION_CHARS or \
+                not _VERSION.fullmatch(version):
+            raise OspreyError(ErrorKind.BAD_INPUT,
+                              f"Model version {show(version)} in the archive's manifest must be 1 to "
+                              f"{MAX_VERSION_CHARS} ASCII letters, digits, '_', '-', '+' or '.', starting with a letter "
+                              "or a digit (e.g. 1.0)")
+        return version
 
     async def register(self, url: str, *, model_name: str | None = None, handler: str | None = None,
                        batch_size: int | None = None, max_batch_delay: float | None = None,
@@ -325,7 +341,7 @@ class Registry:
                 archive.manifest["model"]["handler"] = handler
             if runtime:
                 archive.manifest["runtime"] = runtime
-            version = archive.version
+            version = self._check_version(archive.version)
             model = self.models.get(name)
             if (model and version in model.versions) or (name, version) in self._loading:
                 raise OspreyError(ErrorKind.CONFLICT, f"Model version {version} is already registered for model {name}")

@@ -270,3 +270,25 @@ def test_tokens_rotate_over_get_and_expire(tok):
     assert httpx.get(f"{tok.inference}/ping", headers=bearer(keys["inference"]["key"])).status_code == 400
     assert httpx.post(f"{m}/token", params={"type": "management"}, headers=bearer(api)).status_code == 200
     assert httpx.get(f"{m}/models", headers=bearer(tok.keys()["management"]["key"])).status_code == 200
+
+
+@pytest.mark.parametrize("version", ["../../../tmp/escaped", "1.0/x", ".hidden", "v1 beta", ""])
+def test_an_archive_whose_version_is_no_plain_name_is_refused_naming_it(ts, version):
+    """The manifest's modelVersion names folders (per-model packages) and URL path parts: one
+    with a slash, a leading dot or a space is refused, never registered (``../..`` put the
+    per-model packages outside the state folder)."""
+    with zipfile.ZipFile(ts.store / "oddversion.mar", "w") as zf:
+        manifest = {"model": {"modelName": "oddversion", "modelVersion": version, "handler": "h.py"}}
+        zf.writestr("MAR-INF/MANIFEST.json", __import__("json").dumps(manifest))
+        zf.writestr("h.py", NOOP)
+    try:
+        r = post(ts, url="oddversion.mar")
+        if version == "":  # no version: TorchServe's 1.0
+            assert r.status_code == 200, r.text
+            assert httpx.delete(f"{ts.management}/models/oddversion/1.0", timeout=30).status_code == 200
+            return
+        assert r.status_code == 400 and "Model version" in r.json()["message"], r.text
+        assert "in the archive's manifest must be" in r.json()["message"]
+        assert httpx.get(f"{ts.management}/models/oddversion", timeout=30).status_code == 404
+    finally:
+        (ts.store / "oddversion.mar").unlink()
