@@ -202,7 +202,7 @@ async def scale(registry: Registry, name: str, version: str | None, min_worker: 
             raise
         raise OspreyError(ErrorKind.INTERNAL, f"Failed to start workers for model {name} version: "
                                               f"{version or 'null'} ({exc.message})") from None
-    return {"status": f"Workers scaled to {lo} for model: {name}"}
+    return {"status": f"Workers scaled to {lo} for model: {name}" + (f", version: {version}" if version else "")}
 
 
 async def unregister(registry: Registry, enabled: bool, name: str, version: str | None) -> dict[str, Any]:

@@ -114,28 +114,32 @@ def test_every_management_rpc(server, ts_stubs):
         assert listed["nextPageToken"] == "2"
         described = json.loads(stub.DescribeModel(m_pb.DescribeModelRequest(model_name="echo")).msg)
         assert described[0]["modelName"] == "echo" and described[0]["workers"][0]["status"] == "READY"
-        msg = json.loads(stub.RegisterModel(m_pb.RegisterModelRequest(
-            url="echo2.mar", model_name="echo2", initial_workers=1, batch_size=2, synchronous=True)).msg)
-        assert msg == {"status": 'Model "echo2" Version: 1.0 registered with 1 initial workers'}
+        # the status text itself, as TorchServe's ManagementImpl answers (describe and list: JSON)
+        msg = stub.RegisterModel(m_pb.RegisterModelRequest(
+            url="echo2.mar", model_name="echo2", initial_workers=1, batch_size=2, synchronous=True)).msg
+        assert msg == 'Model "echo2" Version: 1.0 registered with 1 initial workers'
         with pytest.raises(grpc.RpcError) as exc:  # already registered: UNKNOWN, TorchServe 0.12's quirk (REST: 409)
             stub.RegisterModel(m_pb.RegisterModelRequest(url="echo2.mar", model_name="echo2", synchronous=True))
         assert exc.value.code() == grpc.StatusCode.UNKNOWN
         assert exc.value.details() == "Model version 1.0 is already registered for model echo2"
-        msg = json.loads(stub.ScaleWorker(m_pb.ScaleWorkerRequest(
-            model_name="echo2", min_worker=2, max_worker=2, synchronous=True)).msg)
-        assert msg == {"status": "Workers scaled to 2 for model: echo2"}
+        msg = stub.ScaleWorker(m_pb.ScaleWorkerRequest(
+            model_name="echo2", min_worker=2, max_worker=2, synchronous=True)).msg
+        assert msg == "Workers scaled to 2 for model: echo2"
+        msg = stub.ScaleWorker(m_pb.ScaleWorkerRequest(
+            model_name="echo2", model_version="1.0", min_worker=2, max_worker=2, synchronous=True)).msg
+        assert msg == "Workers scaled to 2 for model: echo2, version: 1.0"
         described = json.loads(stub.DescribeModel(m_pb.DescribeModelRequest(model_name="echo2")).msg)[0]
         assert described["batchSize"] == 2 and len(described["workers"]) == 2
         with pytest.raises(grpc.RpcError) as exc:
             stub.ScaleWorker(m_pb.ScaleWorkerRequest(model_name="echo2", min_worker=3, max_worker=1))
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        msg = json.loads(stub.SetDefault(m_pb.SetDefaultRequest(model_name="echo2", model_version="1.0")).msg)
-        assert msg["status"].startswith("Default version successfully updated")
+        msg = stub.SetDefault(m_pb.SetDefaultRequest(model_name="echo2", model_version="1.0")).msg
+        assert msg.startswith("Default version successfully updated")
         with pytest.raises(grpc.RpcError) as exc:
             stub.SetDefault(m_pb.SetDefaultRequest(model_name="echo2", model_version="7.0"))
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
-        msg = json.loads(stub.UnregisterModel(m_pb.UnregisterModelRequest(model_name="echo2")).msg)
-        assert msg == {"status": 'Model "echo2" unregistered'}
+        msg = stub.UnregisterModel(m_pb.UnregisterModelRequest(model_name="echo2")).msg
+        assert msg == 'Model "echo2" unregistered'
         with pytest.raises(grpc.RpcError) as exc:
             stub.DescribeModel(m_pb.DescribeModelRequest(model_name="echo2"))
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND

@@ -21,7 +21,14 @@ __all__ = ["ManagementServicer"]
 
 
 def _msg(obj: Any) -> pb.ManagementResponse:
+    """Describe and list: the JSON the REST API answers (TorchServe's pretty-printed Gson)."""
     return pb.ManagementResponse(msg=orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode())
+
+
+def _status(answer: dict) -> pb.ManagementResponse:
+    """Register, scale, set-default and unregister: the status text itself, as TorchServe's
+    ManagementImpl sends ``statusResponse.getStatus()`` (not the REST answer's JSON)."""
+    return pb.ManagementResponse(msg=str(answer.get("status", "")))
 
 
 class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
@@ -37,7 +44,7 @@ class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
 
     async def RegisterModel(self, request, context):
         r = request
-        return _msg(await api.register(
+        return _status(await api.register(
             self.registry, self.enable_model_api, r.url or None, synchronous=r.synchronous,
             model_name=r.model_name or None, runtime=r.runtime or None, handler=r.handler or None,
             batch_size=r.batch_size or None, max_batch_delay=r.max_batch_delay or None,
@@ -47,12 +54,12 @@ class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
     async def ScaleWorker(self, request, context):
         r = request
         lo = r.min_worker if r.min_worker or r.max_worker else None
-        return _msg(await api.scale(self.registry, r.model_name, r.model_version or None, lo, r.max_worker or None,
+        return _status(await api.scale(self.registry, r.model_name, r.model_version or None, lo, r.max_worker or None,
                                     synchronous=r.synchronous))
 
     async def SetDefault(self, request, context):
-        return _msg(await api.set_default(self.registry, request.model_name, request.model_version))
+        return _status(await api.set_default(self.registry, request.model_name, request.model_version))
 
     async def UnregisterModel(self, request, context):
-        return _msg(await api.unregister(self.registry, self.enable_model_api, request.model_name,
+        return _status(await api.unregister(self.registry, self.enable_model_api, request.model_name,
                                          request.model_version or None))
