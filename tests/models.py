@@ -44,6 +44,11 @@ class Recorder:
         out = []
         for i, row in enumerate(data):
             body = row.get("body")
+            if isinstance(body, (bytes, bytearray)):  # TorchServe's gRPC: bytes, no content type
+                try:
+                    body = json.loads(body)
+                except ValueError:
+                    pass
             if isinstance(body, dict) and body.get("fail"):
                 raise ValueError("asked to fail")
             if isinstance(body, dict) and body.get("gate"):

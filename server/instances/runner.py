@@ -28,7 +28,7 @@ from server import __version__
 
 from server.core.codecs import decode_field, encode_body, fields_from_tensors
 from server.core.errors import ErrorKind, OspreyError, from_status
-from server.core.types import InferenceResponse
+from server.core.types import InferenceResponse, Protocol
 from server.core.model_config import ModelConfig
 from server.instances.service import Service, make_service
 
@@ -40,6 +40,7 @@ log = logging.getLogger("osprey.instances")
 # a handler's failures, under TorchServe's backend logger name: in a model instance's thread (or
 # child process) its lines go to model_log.log as TorchServe's do (server/log_files.py)
 _service_log = logging.getLogger("ts.service")
+_TORCHSERVE_APIS = (Protocol.REST, Protocol.GRPC)
 
 Outcome = InferenceResponse | OspreyError
 
@@ -199,6 +200,19 @@ class BatchRunner:
             headers = rp.get_response_headers()
             if status >= 400:
                 phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
+                if batch[i].request.protocol in _TORCHSERVE_APIS and value is not None:
+                    # TorchServe's APIs answer the handler's own body with the status it set (its
+                    # validation details, say); the Open Inference Protocol's error shape is fixed
+                    try:
+                        body, ctype = encode_body(value)
+                    except (TypeError, ValueError):
+                        pass
+                    else:
+                        hdrs = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+                        ctype = hdrs.pop("content-type", ctype)
+                        out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=hdrs,
+                                                     model_version=self.version))
+                        continue
                 out.append(OspreyError(from_status(status), phrase, status=status))
                 continue
             if tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:

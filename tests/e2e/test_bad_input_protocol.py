@@ -340,6 +340,23 @@ def test_bad_request_does_not_fail_the_good_requests_queued_with_it(srv, http, c
     assert all(m["batch"] == 3 for m in mates), mates  # they ran as one batch
 
 
+def test_a_status_the_handler_sets_keeps_its_body_on_torchserves_apis(srv, http, stub):
+    """context.set_response_status(422, ...) with a body: TorchServe's REST API answers that
+    status with the handler's own body (its validation details), TorchServe's gRPC answers OK
+    with it, as TorchServe does; the Open Inference Protocol answers its error shape."""
+    from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
+
+    r = http.post("/predictions/rec", json={"id": "v1", "status": 422})
+    assert r.status_code == 422 and r.json()["id"] == "v1" and r.json()["batch"] >= 1, r.text
+    with grpc.insecure_channel(srv.grpc) as channel:
+        ts = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        reply = ts.Predictions(inference_pb2.PredictionsRequest(
+            model_name="rec", input={"body": json.dumps({"id": "v2", "status": 422}).encode()}), timeout=30)
+    assert json.loads(reply.prediction)["id"] == "v2"
+    r = http.post("/v2/models/rec/infer", json=_rec_body({"id": "v3", "status": 422}))
+    assert r.status_code == 422 and r.json() == {"error": "chosen by the handler"}, r.text
+
+
 # --- the runtime: a request whose inputs cannot be decoded fails alone ----------------------
 def test_instance_fails_only_the_request_whose_inputs_cannot_be_decoded(tmp_path):
     """What the front ends now reject (input parameters that are not an object) failed its
