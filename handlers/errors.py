@@ -18,7 +18,10 @@ class PredictionException(Exception):
 
 
 class InvalidInput(PredictionException):
-    """The request's input is wrong: answered 400 with this message."""
+    """The request's input is wrong: answered 400 with this message (a BadRequestException; a
+    handler's own PredictionException is answered with TorchServe's InternalServerException)."""
+
+    client_error = True
 
     def __init__(self, message: str):
         super().__init__(message, 400)

@@ -36,6 +36,7 @@ from server.core.errors import ErrorKind, OspreyError
 __all__ = ["dependency_key", "install_requirements", "COMPLETE"]
 
 log = logging.getLogger("osprey.registry")
+_TS_TYPE = "ModelException"  # TorchServe's type for a failed requirements install (its 400)
 
 COMPLETE = ".complete"  # written into a deps folder once pip has installed everything into it
 _OUTPUT_LINES = 12  # pip output lines kept in a failure message when it printed no ERROR: line
@@ -105,7 +106,7 @@ async def install_requirements(name: str, version: str, model_dir: Path, require
             await proc.wait()
             raise OspreyError(ErrorKind.BAD_INPUT, f"Custom pip package installation failed for model {name} (version "
                                                   f"{version}): pip took longer than {timeout:g} s "
-                                                  "(setting py_dep_install_timeout)") from None
+                                                  "(setting py_dep_install_timeout)", type_name=_TS_TYPE) from None
         except asyncio.CancelledError:  # the registration was abandoned: pip goes with it
             proc.kill()
             await proc.wait()
@@ -113,7 +114,7 @@ async def install_requirements(name: str, version: str, model_dir: Path, require
         output = out.decode("utf-8", "replace")
         if proc.returncode != 0:
             log.error("model %s version %s: pip failed (exit status %s):\n%s", name, version, proc.returncode, output)
-            raise OspreyError(ErrorKind.BAD_INPUT, _failure(name, version, output, model_dir))
+            raise OspreyError(ErrorKind.BAD_INPUT, _failure(name, version, output, model_dir), type_name=_TS_TYPE)
         (work / COMPLETE).write_text(requirements_file + "\n")
         try:
             os.rename(work, target)

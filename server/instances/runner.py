@@ -50,7 +50,10 @@ def error_for(exc: BaseException) -> OspreyError:
         return exc
     code = getattr(exc, "error_code", None)
     if isinstance(code, int) and not isinstance(code, bool):  # PredictionException(message, code)
-        return OspreyError(from_status(code), str(getattr(exc, "message", exc)), status=code)
+        # TorchServe answers a handler's PredictionException as an InternalServerException with
+        # its code; the built-in handlers' InvalidInput is a BadRequestException
+        kind_name = None if getattr(exc, "client_error", False) else "InternalServerException"
+        return OspreyError(from_status(code), str(getattr(exc, "message", exc)), status=code, type_name=kind_name)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
             (isinstance(exc, RuntimeError) and str(exc).startswith("CUDA out of memory")):  # torch < 1.13
         return OspreyError(ErrorKind.OUT_OF_MEMORY, "Out of resources")
@@ -200,9 +203,10 @@ class BatchRunner:
             headers = rp.get_response_headers()
             if status >= 400:
                 phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
-                if batch[i].request.protocol in _TORCHSERVE_APIS and value is not None:
+                if batch[i].request.protocol in _TORCHSERVE_APIS and value is not None and not isinstance(value, str):
                     # TorchServe's APIs answer the handler's own body with the status it set (its
-                    # validation details, say); the Open Inference Protocol's error shape is fixed
+                    # validation details, say); a text is the error's message (the built-in handlers'
+                    # way); the Open Inference Protocol's error shape is fixed
                     try:
                         body, ctype = encode_body(value)
                     except (TypeError, ValueError):

@@ -75,6 +75,7 @@ def test_a_requirement_pip_cannot_install_fails_registration_and_the_server_stay
     r = _register(on, "broken.mar")
     assert r.status_code == 400
     body = r.json()
+    assert body["type"] == "ModelException"  # TorchServe's
     assert body["message"].startswith("Custom pip package installation failed for model broken (version 1.0): ERROR:")
     assert MISSING in body["message"]  # pip's ERROR line names the requirement
     assert str(store) not in body["message"]  # the server's own folders are not echoed

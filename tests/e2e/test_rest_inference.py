@@ -133,6 +133,7 @@ def test_handler_exception_fails_only_its_own_request(srv):
 def test_handler_chosen_status_and_prediction_exception(srv):
     r = httpx.post(f"{srv.inference}/predictions/st", json={"raise": True})
     assert r.status_code == 400 and r.json()["message"] == "input rejected: field x is missing"
+    assert r.json()["type"] == "InternalServerException"  # TorchServe's, whatever the handler's code
     r = httpx.post(f"{srv.inference}/predictions/st", json={})
     assert r.status_code == 200 and r.text == "a,b\n1,2\n"
     assert r.headers["content-type"] == "text/csv" and r.headers["x-custom"] == "v1"
