@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -424,8 +425,15 @@ def _serve_background(args, settings) -> int:
             print(f"osprey serve: the server exited with code {proc.returncode}; see {log_file}", file=sys.stderr)
             print(_read_from(log_file, start)[-3000:].decode(errors="replace"), file=sys.stderr)
             return 1
-        if b"Osprey ready" in _read_from(log_file, start) and _read_pid(settings.pid_file) == proc.pid:
+        text = _read_from(log_file, start)
+        if b"Osprey ready" in text and _read_pid(settings.pid_file) == proc.pid:
             print(f"Osprey started (pid {proc.pid}); inference at {settings.inference_address}; logs in {log_file}")
+            ready = re.search(rb"Osprey ready: (\d+)/(\d+) models", text)
+            if ready and int(ready.group(1)) < int(ready.group(2)):  # serving, but not everything asked for
+                failed = [m.decode(errors="replace") for m in re.findall(rb"model (\S+) \(\S+\) not loaded", text)]
+                print(f"osprey serve: {int(ready.group(2)) - int(ready.group(1))} of {int(ready.group(2))} models did "
+                      f"not load{' (' + ', '.join(failed[:10]) + ')' if failed else ''}; the reasons are in {log_file}",
+                      file=sys.stderr)
             return 0
         time.sleep(0.1)
     print(f"osprey serve: not ready after 300 s; see {log_file}", file=sys.stderr)

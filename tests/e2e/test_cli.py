@@ -36,6 +36,7 @@ def test_package_serve_in_background_and_stop(tmp_path):
                "--export-path", "store", cwd=tmp_path)
     assert r.returncode == 1 and "--force" in r.stderr
 
+    (tmp_path / "store" / "broken.mar").write_bytes(b"PK\x03\x04broken")  # one that cannot load: said on start
     ports = [free_port() for _ in range(5)]
     pid_file = str(tmp_path / "osprey.pid")
     r = osprey("serve", "--model-store", "store", "--models", "all", "--disable-token-auth",
@@ -45,6 +46,7 @@ def test_package_serve_in_background_and_stop(tmp_path):
     try:
         assert r.returncode == 0, r.stderr + r.stdout
         assert "Osprey started" in r.stdout
+        assert "osprey serve: 1 of 2 models did not load (broken.mar); the reasons are in" in r.stderr, r.stderr
         answer = httpx.post(f"http://127.0.0.1:{ports[0]}/predictions/mlp", json=[1.0] * 16)
         assert answer.status_code == 200 and len(answer.json()) == 4
         again = osprey("serve", "--model-store", "store", "--pid-file", pid_file, cwd=tmp_path)
