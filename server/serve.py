@@ -47,6 +47,7 @@ from server.protocols.rest.v2 import add_v2_routes
 from server.protocols.rest.workflows import add_workflow_inference_routes, add_workflow_management_routes
 from server.workflows.manager import Workflows
 from server.settings import Settings, parse_address
+from server.instances.runner import DECODE_INPUT_ENV
 from server.model_overrides import archive_identity, overrides_for, parse_models, register_kwargs
 from server.snapshots import Snapshot, SnapshotWriter, restore_models, snapshot_dir
 from server.state import job_url, resolve_state_dir
@@ -522,6 +523,9 @@ def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: st
         sys.setswitchinterval(settings.switch_interval)
     apply_omp_wait_policy(settings.omp_wait_policy, spin_count=settings.omp_spin_count)
     apply_numpy_blas_threads(settings.numpy_blas_threads)
+    # TorchServe's frontend tells its workers so; instances (and process instances' children,
+    # which inherit the environment) read it when they load (server/instances/runner.py)
+    os.environ[DECODE_INPUT_ENV] = "true" if settings.decode_input_request else "false"
     if settings.torch_threads:
         import torch
 

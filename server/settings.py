@@ -38,6 +38,8 @@ class Settings:
     # TorchServe's ``models``: JSON settings per model version for the models loaded at start
     # (server/model_overrides.py)
     models: str = ""
+    # TorchServe's decode_input_request: false hands handlers every field as the bytes that came
+    decode_input_request: bool = True
     job_queue_size: int = 100
     # workers a model gets when neither its model-config.yaml (minWorkers) nor the call names a
     # number. 0 is TorchServe's "not configured": the register API then starts no workers

@@ -15,6 +15,7 @@ thread instance hands it the loop's requests, a child process plain copies of th
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -41,6 +42,7 @@ log = logging.getLogger("osprey.instances")
 # child process) its lines go to model_log.log as TorchServe's do (server/log_files.py)
 _service_log = logging.getLogger("ts.service")
 _TORCHSERVE_APIS = (Protocol.REST, Protocol.GRPC)
+DECODE_INPUT_ENV = "TS_DECODE_INPUT_REQUEST"  # TorchServe's worker environment variable
 
 Outcome = InferenceResponse | OspreyError
 
@@ -69,6 +71,9 @@ class BatchRunner:
         # Osprey's own handlers get JSON that does not parse marked with why (a 400 from them);
         # any other handler gets the bytearray TorchServe hands it
         self.marks_json = isinstance(service.target, BaseHandler)
+        # TorchServe's decode_input_request=false: every field reaches the handler as the
+        # bytearray that came (no JSON or text decoding), for handlers that decode it themselves
+        self.decode_input = os.environ.get(DECODE_INPUT_ENV, "true").strip().lower() != "false"
 
     def flush(self, force: bool = True) -> None:
         """Hand the monitor the observation of the batches run since the last flush (call it
@@ -153,7 +158,10 @@ class BatchRunner:
             if not tensors and w.tensors is not None and not fields:  # protocol tensors for a bytes handler
                 fields = fields_from_tensors(w.tensors, w.tensor_meta)
             mark = self.marks_json
-            row = {k: decode_field(f, mark) for k, f in fields.items()}
+            if self.decode_input:
+                row = {k: decode_field(f, mark) for k, f in fields.items()}
+            else:
+                row = {k: bytearray(f.value) for k, f in fields.items()}
         except OspreyError as err:
             return err
         except Exception:  # the front end let through what it should have refused: a server bug

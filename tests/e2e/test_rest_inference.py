@@ -139,6 +139,16 @@ def test_handler_chosen_status_and_prediction_exception(srv):
     assert r.headers["content-type"] == "text/csv" and r.headers["x-custom"] == "v1"
 
 
+def test_decode_input_request_false_hands_every_field_as_bytes(osprey, store):
+    """TorchServe's decode_input_request=false: JSON and text reach the handler as the
+    bytearray that came, for handlers that decode it themselves (they failed with 503)."""
+    handler_archive(store, "echo", ECHO_HANDLER)
+    raw = osprey(["echo=echo.mar"], store, config={"decode_input_request": "false"}, extra_args=["--no-grpc"])
+    base = f"{raw.inference}/predictions/echo"
+    assert httpx.post(base, json={"a": 1}).json()["body"] == ["bytearray", '{"a":1}']
+    assert httpx.post(base, content="hi", headers={"content-type": "text/plain"}).json()["body"] == ["bytearray", "hi"]
+
+
 def test_request_data_reaches_the_handler_as_torchserve_hands_it(srv):
     base = f"{srv.inference}/predictions/echo"
     assert httpx.post(base, json={"a": 1}).json()["body"] == ["dict", {"a": 1}]
