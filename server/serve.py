@@ -188,6 +188,11 @@ class Server:
         add_retraining_routes(self.management_app, self.jobs)
         add_trigger_routes(self.management_app, self.triggers)
         self.metrics_app = Router(max_body=1024)
+        if settings.cors_allowed_origin:  # TorchServe's: on every port
+            cors = (tuple(o.strip() for o in settings.cors_allowed_origin.split(",") if o.strip()),
+                    settings.cors_allowed_methods.strip(), settings.cors_allowed_headers.strip())
+            for app in (self.inference_app, self.management_app, self.metrics_app):
+                app.cors = cors
         self.metrics_app.add("GET", "/metrics", self._metrics, doc=Doc(
             "Prometheus metrics (text exposition format)",
             responses={200: ("The metrics", {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}})},

@@ -40,6 +40,11 @@ class Settings:
     models: str = ""
     # TorchServe's decode_input_request: false hands handlers every field as the bytes that came
     decode_input_request: bool = True
+    # TorchServe's CORS keys: an Origin ("*" for any, or a comma-separated list) and what a
+    # preflight may use (server/protocols/rest/asgi.py Router.cors); empty: no CORS headers
+    cors_allowed_origin: str = ""
+    cors_allowed_methods: str = ""
+    cors_allowed_headers: str = ""
     job_queue_size: int = 100
     # workers a model gets when neither its model-config.yaml (minWorkers) nor the call names a
     # number. 0 is TorchServe's "not configured": the register API then starts no workers

@@ -381,3 +381,27 @@ def test_one_write_protocol_sends_each_response_in_one_write():
     writes = asyncio.run(main())
     assert len(writes) == 1, writes
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n") and writes[0].endswith(b"\r\n\r\nhello")
+
+
+def test_cors_as_torchserve_configures_it(osprey, store):
+    """cors_allowed_origin / _methods / _headers: an allowed Origin's answers carry
+    Access-Control-Allow-Origin; a preflight is answered 200 with the methods and headers,
+    before the token (a browser sends none with it); another Origin gets no CORS header."""
+    handler_archive(store, "echo", ECHO_HANDLER)
+    srv = osprey(["echo=echo.mar"], store, token_auth=True, extra_args=["--no-grpc"],
+                 config={"cors_allowed_origin": "https://app.example", "cors_allowed_methods": "GET, POST",
+                         "cors_allowed_headers": "Authorization, Content-Type"})
+    key = srv.keys()["inference"]["key"]
+    url = f"{srv.inference}/predictions/echo"
+    pre = httpx.options(url, headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                                      "Access-Control-Request-Headers": "authorization"})
+    assert pre.status_code == 200, pre.text
+    assert (pre.headers["access-control-allow-origin"], pre.headers["access-control-allow-methods"],
+            pre.headers["access-control-allow-headers"]) == ("https://app.example", "GET, POST",
+                                                             "Authorization, Content-Type")
+    r = httpx.post(url, json={"a": 1}, headers={"Origin": "https://app.example", "Authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    other = httpx.post(url, json={"a": 1}, headers={"Origin": "https://evil.example", "Authorization": f"Bearer {key}"})
+    assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
+    denied = httpx.post(url, json={"a": 1}, headers={"Origin": "https://app.example"})  # no token: still refused
+    assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://app.example"

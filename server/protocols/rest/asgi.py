@@ -30,7 +30,7 @@ log = logging.getLogger("osprey.rest")
 
 class Request:
     __slots__ = ("scope", "method", "path", "headers", "body", "params", "request_id",
-                 "_query", "_receive", "send")
+                 "_query", "_receive", "send", "cors")
 
     def __init__(self, scope: dict, receive: Callable, params: dict[str, str], send: Callable | None = None):
         self.scope = scope
@@ -45,6 +45,7 @@ class Request:
         # the ASGI send: a route that answers in parts (server/protocols/rest/chunked.py) writes
         # its answer itself and returns a Sent
         self.send = send
+        self.cors: list[tuple[bytes, bytes]] | None = None  # CORS headers for the answer (Router.cors)
 
     @property
     def query(self) -> dict[str, str]:
@@ -147,6 +148,8 @@ class Router:
         # admission checks run only while this says requests are being refused somewhere (set by
         # the routes that admit: DataPlane.refusing); otherwise a full queue is found at submit
         self.refusing: Callable[[], bool] = lambda: True
+        # TorchServe's cors_allowed_origin / _methods / _headers: (origins, methods, headers), or None
+        self.cors: tuple[tuple[str, ...], str, str] | None = None
         # (pattern, methods, Doc or None, route) in the order added: the API description
         # (server/protocols/rest/openapi.py) is built from it; matching never reads it
         self.described: list[tuple[str, tuple[str, ...], Any, Route]] = []
@@ -299,6 +302,8 @@ class Router:
         else:
             route, params, path_known = self._match("GET" if method == "HEAD" else method, path)
         req = Request(scope, receive, params, send)
+        if self.cors is not None and await self._cors(req, send, method, started, scope):
+            return  # a preflight, answered
         try:
             if route is None:
                 if self.token is not None:  # as TorchServe, the token before the route: without a key
@@ -339,6 +344,30 @@ class Router:
             await self._send(send, req, response, method == "HEAD")
         if self.on_response is not None:
             self.on_response(scope, response.status, started)
+
+    async def _cors(self, req: Request, send: Callable, method: str, started: float, scope: dict) -> bool:
+        """CORS as TorchServe's Netty CorsHandler does it: a request from an allowed Origin gets
+        Access-Control-Allow-Origin on its answer; a preflight (OPTIONS with
+        Access-Control-Request-Method) is answered here, 200, before auth and routing. True
+        when the request was a preflight and is answered."""
+        origin = req.headers.get("origin")
+        origins, methods, headers = self.cors
+        if origin is None or not ("*" in origins or origin in origins):
+            return False
+        allow = b"*" if "*" in origins else origin.encode("latin-1")
+        req.cors = [(b"access-control-allow-origin", allow)]
+        if allow != b"*":
+            req.cors.append((b"vary", b"Origin"))
+        if method != "OPTIONS" or "access-control-request-method" not in req.headers:
+            return False
+        if methods:
+            req.cors.append((b"access-control-allow-methods", methods.encode("latin-1")))
+        if headers:
+            req.cors.append((b"access-control-allow-headers", headers.encode("latin-1")))
+        await self._send(send, req, Response(b"", 200, "text/plain"), False)
+        if self.on_response is not None:
+            self.on_response(scope, 200, started)
+        return True
 
     def _check_token(self, req: Request) -> None:
         auth = req.headers.get("authorization", "")
@@ -390,5 +419,7 @@ class Router:
         if response.headers:
             for k, v in response.headers.items():
                 headers.append((k.encode("latin-1"), str(v).encode("latin-1")))
+        if req.cors:
+            headers.extend(req.cors)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if head else body})

@@ -92,7 +92,8 @@ class ChunkedAnswer:
         req, parts, wake = self._req, self._parts, self._wake
         send = req.send
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [*self._headers, (b"x-request-id", req.request_id.encode("latin-1"))]})
+                    "headers": [*self._headers, (b"x-request-id", req.request_id.encode("latin-1")),
+                                *(req.cors or ())]})
         while True:
             while parts:
                 await send({"type": "http.response.body", "body": parts.popleft(), "more_body": True})
