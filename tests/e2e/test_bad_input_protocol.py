@@ -163,6 +163,22 @@ def test_inputs_of_one_request_must_hold_the_same_number_of_rows(http, stub, cle
     assert ok.status_code == 200 and [o["shape"] for o in ok.json()["outputs"]] == [[2, 3]] * 3, ok.text
 
 
+def _run_in_instance(inst: ModelInstance, batch: list[Ticket]) -> list:
+    """Start ``inst``, hand it ``batch`` as one handoff, stop it; the batch's outcomes."""
+    async def run():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        inst.submit([batch], loop, lambda _i, _b, outcomes: done.set_result(outcomes[0]))
+        return await asyncio.wait_for(done, 30)
+
+    inst.start()
+    try:
+        assert inst._loaded.wait(30) and inst.status == "READY", inst.error
+        return asyncio.run(run())
+    finally:
+        inst.stop()
+
+
 def test_a_request_of_mismatched_rows_fails_alone_and_its_batch_mates_get_their_own_rows(tmp_path):
     """In one batch with a good request (the order of the reviewer's repro: the bad one first),
     the bad one is refused and the good one gets exactly its own rows back."""
@@ -176,20 +192,9 @@ def test_a_request_of_mismatched_rows_fails_alone_and_its_batch_mates_get_their_
         return Ticket(InferenceRequest(model="ops", version="1.0", request_id=rid, protocol=Protocol.REST_V2,
                                        tensors={"A": a, "B": b, "C": np.ones((len(a), 3), np.float16)}))
 
-    async def run(batch):
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        inst.submit([batch], loop, lambda _i, _b, outcomes: done.set_result(outcomes[0]))
-        return await asyncio.wait_for(done, 30)
-
-    inst.start()
-    try:
-        assert inst._loaded.wait(30) and inst.status == "READY", inst.error
-        bad = req("bad", np.full((2, 3), 500, np.float32), np.full((1, 3), 1000, np.int64))
-        good = req("good", np.full((1, 3), 7, np.float32), np.full((2, 3), 3000, np.int64)[:1])
-        outcomes = asyncio.run(run([bad, good]))
-    finally:
-        inst.stop()
+    bad = req("bad", np.full((2, 3), 500, np.float32), np.full((1, 3), 1000, np.int64))
+    good = req("good", np.full((1, 3), 7, np.float32), np.full((2, 3), 3000, np.int64)[:1])
+    outcomes = _run_in_instance(inst, [bad, good])
     assert isinstance(outcomes[0], OspreyError) and outcomes[0].kind is ErrorKind.BAD_INPUT, outcomes[0]
     assert "'A' 2, 'B' 1" in outcomes[0].message
     answer = outcomes[1].tensors
@@ -372,20 +377,8 @@ def test_instance_fails_only_the_request_whose_inputs_cannot_be_decoded(tmp_path
         return Ticket(InferenceRequest(model="rec", version="1.0", request_id=f"r{i}", protocol=Protocol.REST_V2,
                                        tensors={"body": body}, tensor_meta=meta))
 
-    async def run(batch):
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        inst.submit([batch], loop, lambda _i, _b, outcomes: done.set_result(outcomes[0]))
-        return await asyncio.wait_for(done, 30)
-
-    inst.start()
-    try:
-        assert inst._loaded.wait(30) and inst.status == "READY", inst.error
-        good = {"body": {"content_type": "application/json"}}
-        batch = [req(0, good), req(1, {"body": [1]}), req(2, good)]  # parameters that are not an object
-        outcomes = asyncio.run(run(batch))
-    finally:
-        inst.stop()
+    good = {"body": {"content_type": "application/json"}}
+    outcomes = _run_in_instance(inst, [req(0, good), req(1, {"body": [1]}), req(2, good)])  # parameters not an object
     assert isinstance(outcomes[0], InferenceResponse) and isinstance(outcomes[2], InferenceResponse)
     answers = [json.loads(outcomes[i].body) for i in (0, 2)]
     assert [a["id"] for a in answers] == ["r0", "r2"]
