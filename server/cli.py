@@ -401,9 +401,11 @@ def cmd_serve(args) -> int:
     if snapshot is not None:  # TorchServe: the snapshot's models, not --models / load_models
         specs = []
         if args.models:
+            fix = ("take model_snapshot out of that file to load those" if args.ts_config else
+                   "start with --ncs or --ts-config to load those")
             logging.getLogger("osprey.snapshots").warning(
                 "starting from config snapshot %s: its models are loaded, not --models %s (as TorchServe does; "
-                "start with --ncs or --ts-config to load those)", snapshot.path, " ".join(args.models))
+                "%s)", snapshot.path, " ".join(args.models), fix)
     else:
         specs = list(args.models) or list(settings.load_models)
     models = parse_model_specs(specs, settings.model_store)

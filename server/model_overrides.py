@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ def parse_models(text: str) -> dict[str, dict[str, dict[str, Any]]]:
             for key, value in info.items():
                 kind = KEYS.get(key)
                 if kind is None:
+                    _ignored(key)
                     continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
                         (kind is int and value != int(value)):
@@ -56,20 +58,36 @@ def parse_models(text: str) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
+_SAID: set[str] = set()
+
+
+def _ignored(key: str) -> None:
+    if key not in _SAID:
+        _SAID.add(key)
+        log.info("setting models: key %s is not used here (the keys used: %s)", key, ", ".join(KEYS))
+
+
 def archive_identity(path: Path) -> tuple[str | None, str | None]:
-    """(modelName, modelVersion) from an archive's manifest without extracting it (a .mar or a
-    folder); (None, None) when it cannot tell (a .tar.gz, or no readable manifest)."""
+    """(modelName, modelVersion) from an archive's manifest without extracting it (a .mar, a
+    .tar.gz or a folder); (None, None) when it has no readable manifest."""
     try:
         if path.is_dir():
             manifest = json.loads((path / _MANIFEST).read_text("utf-8"))
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 manifest = json.loads(z.read(_MANIFEST))
+        elif tarfile.is_tarfile(path):
+            with tarfile.open(path) as t:
+                member = next((m for m in t.getmembers() if m.isfile() and m.name.endswith(_MANIFEST)), None)
+                handle = t.extractfile(member) if member is not None else None
+                if handle is None:
+                    return None, None
+                manifest = json.loads(handle.read())
         else:
             return None, None
         model = manifest.get("model") or {}
         return model.get("modelName"), (str(model["modelVersion"]) if model.get("modelVersion") else None)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile, AttributeError):
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, tarfile.TarError, AttributeError):
         return None, None
 
 

@@ -319,7 +319,11 @@ class Server:
                                                   **register_kwargs(entry or {}))
                 if entry and "maxWorkers" in entry:
                     low = entry.get("minWorkers", mv.config.min_workers)
-                    await self.registry.scale(mv.name, mv.version, low, max(entry["maxWorkers"], low))
+                    try:
+                        await self.registry.scale(mv.name, mv.version, low, max(entry["maxWorkers"], low))
+                    except OspreyError as exc:  # registered and serving: only the maximum is not as asked
+                        log.warning("model %s version %s: maxWorkers from the models setting not applied: %s",
+                                    mv.name, mv.version, exc.message)
                 return True
             except OspreyError as exc:
                 log.error("model %s (%s) not loaded: %s", name or url, url, exc.message)

@@ -51,7 +51,7 @@ MAX_URL_CHARS = 4096  # longest model URL accepted (Linux paths are at most 4096
 MAX_NAME_CHARS = 255  # longest model name (one file-name component)
 MAX_VERSION_CHARS = 128  # longest model version
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*")
+_VERSION = re.compile(r"[A-Za-z0-9][^/\\\s\x00-\x1f\x7f%?#]*")  # no path separator, space, control, URL mark
 _LIVE = (InstanceStatus.READY, InstanceStatus.LOADING)
 
 
@@ -286,8 +286,8 @@ class Registry:
                 not _VERSION.fullmatch(version):
             raise OspreyError(ErrorKind.BAD_INPUT,
                               f"Model version {show(version)} in the archive's manifest must be 1 to "
-                              f"{MAX_VERSION_CHARS} ASCII letters, digits, '_', '-', '+' or '.', starting with a letter "
-                              "or a digit (e.g. 1.0)")
+                              f"{MAX_VERSION_CHARS} characters starting with a letter or a digit, without '/', '\\', "
+                              "spaces, control characters, '%', '?' or '#' (e.g. 1.0)")
         return version
 
     async def register(self, url: str, *, model_name: str | None = None, handler: str | None = None,

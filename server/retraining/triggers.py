@@ -65,30 +65,37 @@ def entry_point_of(mv: Any) -> str | None:
 
 
 class Cooldown:
-    """``take(model, seconds)``: True for the first caller within ``seconds`` (shared through
-    Redis when ``redis`` is given; raises when Redis cannot answer, so the trigger is kept)."""
+    """``take(model, seconds, token)``: True for the first caller within ``seconds`` (shared
+    through Redis when ``redis`` is given; raises when Redis cannot answer, so the trigger is
+    kept). The holder's ``token`` makes :meth:`release` end only its own cooldown: one taken
+    since by another trigger or replica stays."""
+
+    # delete the key only while it holds this token (Redis: one atomic step)
+    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
     def __init__(self, redis: Any = None, clock: Callable[[], float] = time.monotonic):
         self.redis, self.clock = redis, clock
-        self._until: dict[str, float] = {}
+        self._until: dict[str, tuple[float, str]] = {}
 
-    def take(self, model: str, seconds: float) -> bool:
+    def take(self, model: str, seconds: float, token: str = "1") -> bool:
         if seconds <= 0:
             return True
         if self.redis is not None:
-            return bool(self.redis.set(f"osprey:retraining:cooldown:{model}", b"1", nx=True,
+            return bool(self.redis.set(f"osprey:retraining:cooldown:{model}", token.encode(), nx=True,
                                        px=max(int(seconds * 1000), 1)))
         now = self.clock()
-        if self._until.get(model, 0.0) > now:
+        if self._until.get(model, (0.0, ""))[0] > now:
             return False
-        self._until[model] = now + seconds
+        self._until[model] = (now + seconds, token)
         return True
 
-    def release(self, model: str) -> None:
-        """End the model's cooldown now (its job turned out to train nothing)."""
+    def release(self, model: str, token: str) -> None:
+        """End the model's cooldown now if ``token`` still holds it (its job trained nothing)."""
         if self.redis is not None:
-            self.redis.delete(f"osprey:retraining:cooldown:{model}")
-        self._until.pop(model, None)
+            self.redis.eval(self._RELEASE, 1, f"osprey:retraining:cooldown:{model}", token)
+        held = self._until.get(model)
+        if held is not None and held[1] == token:
+            del self._until[model]
 
 
 class LatencyWatch:
@@ -137,7 +144,7 @@ class Triggers:
         self.fired: dict[str, int] = {}  # trigger kind -> jobs created (for metrics)
         self._task: asyncio.Task | None = None
         # automatic jobs this process created and whose cooldown they hold: job id -> model
-        self._charged: dict[str, str] = {}
+        self._charged: dict[str, tuple[str, str]] = {}  # job id -> (model, the cooldown's token)
         self.on_poll: Callable[[], Any] | None = None  # an async callable after each poll (job metrics)
 
     # -- entry points ---------------------------------------------------------------------------------
@@ -247,22 +254,28 @@ class Triggers:
     async def _submit(self, t: Trigger, cfg: RetrainingConfig | None = None) -> tuple[Any, bool]:
         cfg = cfg or self.registry.get(t.model, t.version).config.retraining or RetrainingConfig()
         took = False
+        token = uuid.uuid4().hex
         try:
             if t.automatic:
-                if not await asyncio.to_thread(self.cooldown.take, t.model, cfg.cooldown_s):
+                if not await asyncio.to_thread(self.cooldown.take, t.model, cfg.cooldown_s, token):
                     log.info("event=retrain_trigger_cooling model=%s trigger=%s episode=%s", t.model, t.trigger,
                              t.episode)
                     return None, False
                 took = cfg.cooldown_s > 0
-            job, created = await self.queue.submit(t.model, t.version, t.trigger, t.episode,
-                                                   {**self.params, **t.params})
+            try:
+                job, created = await self.queue.submit(t.model, t.version, t.trigger, t.episode,
+                                                       {**self.params, **t.params})
+            except BaseException:
+                if took:  # nothing was queued: a kept trigger must not find its own cooldown later
+                    await asyncio.to_thread(self._release_quietly, t.model, token)
+                raise
             if not created:  # the episode's job exists: it took the cooldown when it was made
                 log.info("event=retrain_trigger_known model=%s trigger=%s episode=%s job=%s", t.model, t.trigger,
                          t.episode, job.id)
                 if took:
-                    await asyncio.to_thread(self.cooldown.release, t.model)
+                    await asyncio.to_thread(self.cooldown.release, t.model, token)
             elif took:
-                self._charged[job.id] = t.model
+                self._charged[job.id] = (t.model, token)
         except OspreyError:
             raise
         except Exception as exc:
@@ -281,11 +294,17 @@ class Triggers:
                      t.model, t.version, t.trigger, t.episode, job.id)
         return job, created
 
+    def _release_quietly(self, model: str, token: str) -> None:
+        try:
+            self.cooldown.release(model, token)
+        except Exception:  # Redis down: the cooldown expires on its own
+            pass
+
     async def _uncharge(self) -> None:
         """A job that ended rejected for too few labelled rows trained nothing: its model's
         cooldown ends, so that a later trigger (quality turning degraded once labels arrived)
         is not refused for a job that never ran (a drift episode often opens before labels)."""
-        for job_id, model in list(self._charged.items()):
+        for job_id, (model, token) in list(self._charged.items()):
             try:
                 rec = await self.queue.get(job_id)
             except Exception:  # the queue is unreachable: look again on a later poll
@@ -295,7 +314,7 @@ class Triggers:
             del self._charged[job_id]
             if rec is not None and rec.state.value == "rejected" and rec.result.get("reason") == TOO_FEW_LABELS:
                 try:
-                    await asyncio.to_thread(self.cooldown.release, model)
+                    await asyncio.to_thread(self.cooldown.release, model, token)
                 except Exception as exc:  # Redis down: the cooldown expires on its own
                     log.warning("event=retrain_cooldown_release_failed model=%s job=%s reason=%s", model, job_id, exc)
                     continue

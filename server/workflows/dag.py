@@ -56,8 +56,10 @@ async def _call(dataplane: DataPlane, workflow: str, spec: WorkflowSpec, node: s
                 raise
             last = exc
             continue
-        if out.status >= 400:
-            last = OspreyError(ErrorKind.INTERNAL, f"its handler answered status {out.status}")
+        if out.status >= 400:  # a status its handler set: what the handler said with it, too
+            said = bytes(out.body)[:300].decode("utf-8", "replace").strip()
+            last = OspreyError(ErrorKind.INTERNAL, f"its handler answered status {out.status}" +
+                               (f": {said}" if said else ""))
             continue
         return bytes(out.body)
     raise OspreyError(ErrorKind.INTERNAL, f"Error executing {node} (tried {tries} time{'s' if tries > 1 else ''}; "

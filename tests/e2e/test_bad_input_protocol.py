@@ -236,8 +236,10 @@ def test_compressed_bodies_are_read_as_tritonclient_sends_them(http, clean_log):
     plain = http.post("/v2/models/tmlp/infer", json=GOOD_TMLP)
     assert plain.status_code == 200
     raw = json.dumps(GOOD_TMLP).encode()
+    members = gzip.compress(raw[:10]) + gzip.compress(raw[10:])  # several gzip members, one after another
     for coding, packed in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw)),
-                           ("deflate", zlib.compress(raw)[2:-4]), ("identity, gzip", gzip.compress(raw))):
+                           ("deflate", zlib.compress(raw)[2:-4]), ("identity, gzip", gzip.compress(raw)),
+                           ("gzip", members)):
         r = http.post("/v2/models/tmlp/infer", content=packed,
                       headers={"content-encoding": coding, "content-type": "application/json"})
         assert r.status_code == 200 and r.json()["outputs"] == plain.json()["outputs"], (coding, r.text)

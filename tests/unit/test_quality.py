@@ -135,6 +135,13 @@ def test_a_request_of_several_examples_is_labelled_with_one_label_per_example():
     assert (r.accepted, r.invalid) == (2, 0)
     assert reg.status()["metrics"]["mae"] == pytest.approx(0.5 / 3, abs=1e-6)
 
+    # a regression with two outputs: a request of two examples takes a list of two lists
+    two = monitor(min_labels=1)
+    two.record(obs(["p", "p"], [[1.0, 2.0], [3.0, 4.0]], task="regression", classes=None, requests=[0, 0]))
+    assert two.feedback(items([("p", [[1.0, 2.0], [3.0, 5.0]])])).accepted == 1
+    from server.protocols.rest.monitoring import parse_feedback
+    assert parse_feedback(b'[{"request_id": "p", "label": [[1, 2], [3, 4]]}]')[0].label == [[1, 2], [3, 4]]
+
     # two requests that carried one id (a client's own OIP id): the newer one's prediction is kept
     dup = monitor(min_labels=1)
     dup.record(obs(["same", "same"], [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]], requests=[0, 1]))

@@ -191,8 +191,11 @@ def test_label_values():
         names.list_value.values.add(string_value=name)
     names.list_value.values.add(bool_value=False)
     assert label_of(names, "x") == ["benign", "malignant", False]
+    deep = v()  # one list of values per example is a label ([[1.0]]); a list of those is not
+    deep.list_value.values.add().list_value.values.add(number_value=1.0)
+    assert label_of(deep, "x") == [[1]]
     nested = v()
-    nested.list_value.values.add().list_value.values.add(number_value=1.0)
+    nested.list_value.values.add().list_value.values.add().list_value.values.add(number_value=1.0)
     obj = v()
     obj.struct_value.fields["a"].number_value = 1
     for bad, named in ((v(null_value=0), "got null"), (v(struct_value=struct_pb2.Struct()), "got dict"),

@@ -156,6 +156,35 @@ def test_a_job_rejected_for_too_few_labels_does_not_hold_the_cooldown(tmp_path):
     assert t.cooldown.take("m", 600)  # not taken by the alert
 
 
+def test_a_late_rejection_ends_only_its_own_cooldown(tmp_path):
+    """A job waits past its cooldown, another trigger takes the next one, then the first job is
+    rejected for too few labels: the second cooldown stays (it belongs to another job)."""
+    t, mon, queue, clock = make(tmp_path, {"cooldown": 600})
+    mon.drift = {"detected": True, "episodes": 1}
+    run(t.poll())
+    [first] = run(queue.list("m"))
+    clock.t = 700.0  # the first cooldown is over
+    mon.quality = {"degraded": True, "windows": 2}
+    run(t.poll())
+    assert sorted(j.trigger for j in run(queue.list("m"))) == ["drift", "quality"]
+    _end(queue, first, {"state": "rejected", "reason": "too_few_labels", "message": "0 labelled rows"})
+    run(t.poll())
+    mon.drift = {"detected": True, "episodes": 2}
+    run(t.poll())
+    assert sorted(j.trigger for j in run(queue.list("m"))) == ["drift", "quality"]  # still cooling
+
+
+def test_a_trigger_the_queue_refused_does_not_find_its_own_cooldown_later(tmp_path):
+    t, mon, queue, _ = make(tmp_path, {"cooldown": 600})
+    queue.down = True
+    mon.drift = {"detected": True, "episodes": 1}
+    run(t.poll())
+    assert len(t.pending) == 1 and run(queue.inner.list("m")) == []
+    queue.down = False
+    run(t.poll())  # delivered: the failed submit gave the cooldown back
+    assert [j.episode for j in run(queue.list("m"))] == ["drift:1.0:1"]
+
+
 def test_triggers_not_listed_in_the_section_start_nothing(tmp_path):
     t, mon, queue, _ = make(tmp_path, {"triggers": ["manual"], "cooldown": 0})
     mon.drift = {"detected": True, "episodes": 1}

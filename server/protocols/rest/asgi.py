@@ -21,7 +21,7 @@ import orjson
 
 from server.core.errors import METHOD_NOT_ALLOWED_TEXT, NOT_FOUND_TEXT, ErrorKind, OspreyError
 from server.core.types import next_request_id
-from server.protocols.rest.encoding import INLINE_BYTES, decoded
+from server.protocols.rest.encoding import decoded
 
 __all__ = ["Request", "Response", "Sent", "Router", "json_response", "torchserve_error", "oip_error"]
 
@@ -379,11 +379,10 @@ class Router:
     async def _read_body(self, req: Request, receive: Callable, limit: int) -> bytes:
         body = await self._read_raw(req, receive, limit)
         coding = req.headers.get("content-encoding")
-        if coding is None or not body:
+        if coding is None or not body or not req.path.startswith("/v2/"):  # (TorchServe's APIs: as it came)
             return body
-        if len(body) <= INLINE_BYTES:
-            return decoded(body, coding, limit)
-        return await asyncio.to_thread(decoded, body, coding, limit)  # zlib lets the loop run meanwhile
+        # in a thread whatever its size: a few kB can inflate to the whole limit
+        return await asyncio.to_thread(decoded, body, coding, limit)
 
     async def _read_raw(self, req: Request, receive: Callable, limit: int) -> bytes:
         length = req.headers.get("content-length")

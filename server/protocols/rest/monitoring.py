@@ -36,7 +36,8 @@ def _bad(message: str) -> OspreyError:
 
 def check_label(label: Any, where: str) -> None:
     """A label is a string, a number or a boolean, or a list of them: several regression outputs,
-    or one label per record of a request that held several (not nested, not empty)."""
+    or one label per record of a request that held several; or a list of lists of numbers: one
+    label per record of a regression with several outputs (not nested deeper, not empty)."""
     if isinstance(label, (str, bool, int)):
         return
     if isinstance(label, float):
@@ -45,6 +46,13 @@ def check_label(label: Any, where: str) -> None:
         return
     if isinstance(label, list) and label and all(isinstance(v, (str, bool, int, float)) for v in label):
         bad = next((v for v in label if isinstance(v, float) and not math.isfinite(v)), None)
+        if bad is not None:
+            raise _bad(f"{where}: 'label' must hold finite numbers, got {bad!r}")
+        return
+    if isinstance(label, list) and label and all(  # one list of values per example (several outputs each)
+            isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            for v in label):
+        bad = next((x for v in label for x in v if isinstance(x, float) and not math.isfinite(x)), None)
         if bad is not None:
             raise _bad(f"{where}: 'label' must hold finite numbers, got {bad!r}")
         return
