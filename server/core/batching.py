@@ -377,6 +377,10 @@ class Batcher:
                 fut.set_exception(OspreyError(ErrorKind.DEADLINE, "Request timed out in the queue (deadline exceeded)"))
                 continue
             r.timings.dispatched = now
+            if r.run_timeout is not None:  # the model's responseTimeout, from now (TorchServe's count)
+                limit = now + r.run_timeout
+                if r.request.deadline is None or r.request.deadline > limit:
+                    r.request.deadline = limit
             batch.append(r)
         return batch
 

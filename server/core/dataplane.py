@@ -103,9 +103,10 @@ class DataPlane:
         except OspreyError as exc:
             self._notify(None, ticket, exc)
             raise
-        limit = ticket.timings.received + mv.config.response_timeout_s
-        if req.deadline is None or req.deadline > limit:
-            req.deadline = limit
+        # responseTimeout runs from when the request's batch is dispatched (the batcher sets the
+        # deadline then, TorchServe's way): time in the queue counts only against a client's own
+        # deadline, so a burst queued behind slow batches is not answered 504 for waiting
+        ticket.run_timeout = mv.config.response_timeout_s
         ticket.model_version = mv.version
         ticket.output_specs = mv.signature.outputs
         try:

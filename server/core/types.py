@@ -129,6 +129,9 @@ class Ticket:
     queued: int = 0  # the batcher's mark: 0 not in its queue, 1 waiting there, 2 there but already answered
     model_version: str = ""
     output_specs: list | None = None
+    # seconds the request may run once an instance takes it (the model's responseTimeout, counted
+    # as TorchServe counts it: from when its batch is dispatched, not while it waits in the queue)
+    run_timeout: float | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -151,7 +154,7 @@ def new_request(protocol: Protocol, model: str, version: str | None = None, *, r
     Request id: the client's own (an OIP ``id``) when it gave a non-empty one, else the one
     the transport made for the answer (REST's ``x-request-id``), else a fresh one. Deadline: ``received`` plus the shortest of the
     ``timeouts`` (seconds; None where the client set none, e.g. a gRPC call without a
-    deadline); the data plane caps it at the model's ``responseTimeout``.
+    deadline); the model's ``responseTimeout`` caps it once the request runs (``run_timeout``).
     """
     received = time.monotonic() if received is None else received
     limits = [t for t in timeouts if t is not None]

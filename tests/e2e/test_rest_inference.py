@@ -405,3 +405,19 @@ def test_cors_as_torchserve_configures_it(osprey, store):
     assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
     denied = httpx.post(url, json={"a": 1}, headers={"Origin": "https://app.example"})  # no token: still refused
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_response_timeout_counts_from_dispatch_not_from_arrival(osprey, store):
+    """responseTimeout 1 s, one instance, batches of one, each request running 0.4 s: five sent
+    at once wait up to 1.6 s in the queue, and each runs well within its second. TorchServe
+    counts the timeout from when its worker takes the job, and so does Osprey: all five are
+    answered (the last two were 504 when the queue's wait counted)."""
+    handler_archive(store, "slowq", RECORDING_HANDLER, config={"responseTimeout": 1, "batchSize": 1})
+    srv = osprey(["slowq=slowq.mar"], store, extra_args=["--no-grpc"])
+    url = f"{srv.inference}/predictions/slowq"
+
+    def one(i: int) -> int:
+        return httpx.post(url, json={"id": i, "sleep": 0.4}, timeout=60).status_code
+
+    with cf.ThreadPoolExecutor(5) as pool:
+        assert list(pool.map(one, range(5))) == [200] * 5
