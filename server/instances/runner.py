@@ -209,30 +209,22 @@ class BatchRunner:
             rp = ctx.request_processor[i]
             status = rp.get_response_status_code()
             headers = rp.get_response_headers()
-            if status >= 400:
-                phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
-                if batch[i].request.protocol in _TORCHSERVE_APIS and value is not None and not isinstance(value, str):
-                    # TorchServe's APIs answer the handler's own body with the status it set (its
-                    # validation details, say); a text is the error's message (the built-in handlers'
-                    # way); the Open Inference Protocol's error shape is fixed
-                    try:
-                        body, ctype = encode_body(value)
-                    except (TypeError, ValueError):
-                        pass
-                    else:
-                        hdrs = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
-                        ctype = hdrs.pop("content-type", ctype)
-                        out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=hdrs,
-                                                     model_version=self.version))
-                        continue
-                out.append(OspreyError(from_status(status), phrase, status=status))
+            failed = status >= 400
+            # a status of 400 or more the handler set: on TorchServe's APIs its own result is the
+            # body (its validation details, say); a text is the error's message (the built-in
+            # handlers' way); the Open Inference Protocol's error shape is fixed
+            if failed and (batch[i].request.protocol not in _TORCHSERVE_APIS or value is None or isinstance(value, str)):
+                out.append(_chosen_error(rp, status, value))
                 continue
-            if tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:
+            if not failed and tensors and isinstance(value, dict) and "tensors" in value and len(value) == 1:
                 out.append(InferenceResponse(status=status, tensors=value["tensors"]))
                 continue
             try:
                 body, ctype = encode_body(value)
             except (TypeError, ValueError) as exc:
+                if failed:
+                    out.append(_chosen_error(rp, status, value))
+                    continue
                 _service_log.error("model %s: the handler's output for request %s is not serializable: %s",
                                    self.name, batch[i].request.request_id, exc)
                 out.append(OspreyError(ErrorKind.PREDICTION_FAILED, f"handler output is not serializable: {exc}"))
@@ -243,6 +235,12 @@ class BatchRunner:
             out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=headers or {},
                                          model_version=self.version))
         return out
+
+
+def _chosen_error(rp: Any, status: int, value: Any) -> OspreyError:
+    """The error a handler chose with set_response_status: its phrase, else its text result."""
+    phrase = rp.get_response_status_phrase() or (value if isinstance(value, str) else "Prediction failed")
+    return OspreyError(from_status(status), phrase, status=status)
 
 
 def load_runner(name: str, version: str, model_dir: str, handler: str, manifest: dict, config: ModelConfig,

@@ -408,11 +408,11 @@ def evaluate(champion_dir: str | Path, challenger_dir: str | Path, holdout_rows:
         # 3. latency
         bodies = [request_body(r, i) for i, r in enumerate(rows[:64]) if i in p_champ.outputs]
         say(f"gate: timing batches of 1 and 32 (at least {repeats} runs each)")
-        (t_champ, t_chal), (_, ratios) = time_batches([champ, chal], bodies, (1, 32), repeats, paired=True)
+        (t_champ, t_chal), (_, ratios) = time_batches([champ, chal], bodies, (1, 32), repeats)
         slow = [n for n in (1, 32) if _too_slow(t_champ.get(n), t_chal.get(n), cfg.max_latency_ratio, ratios.get(n))]
         if slow:  # a rejection is confirmed by a second, later timing: the fastest runs and lower ratio of both
             say(f"gate: timing batches of {', '.join(map(str, slow))} again to confirm the challenger is slower")
-            (again_champ, again_chal), (_, again) = time_batches([champ, chal], bodies, slow, repeats, paired=True)
+            (again_champ, again_chal), (_, again) = time_batches([champ, chal], bodies, slow, repeats)
             for n in slow:
                 t_champ[n] = min(t_champ[n], again_champ[n])
                 t_chal[n] = min(t_chal[n], again_chal[n])

@@ -192,8 +192,8 @@ def request_for(i: int, body: Any, model: str):
 
 
 def time_batches(models: Sequence[LoadedModel], bodies: Sequence[Any], sizes: Sequence[int] = (1, 32),
-                 repeats: int = 7, min_seconds: float = 0.25, max_runs: int = 400,
-                 paired: bool = False) -> Any:
+                 repeats: int = 7, min_seconds: float = 0.25,
+                 max_runs: int = 400) -> tuple[list[dict[int, float]], list[dict[int, float]]]:
     """Seconds per batch of each size, for each model: the fastest of at least ``repeats`` runs
     (after a warm-up run each), more while the runs of that size have taken under ``min_seconds``
     in all (at most ``max_runs`` each). The models take turns, in alternating order, so load on
@@ -203,15 +203,15 @@ def time_batches(models: Sequence[LoadedModel], bodies: Sequence[Any], sizes: Se
     30 ms, and one burst of other work that long can cover every run of one model but not the
     other's first (the fastest of 7 once put the same digits_cnn at 3.2x itself).
 
-    ``paired``: also each model's median ratio to the first over the turns (each run against
-    the first model's run of the same turn, a few milliseconds apart), returned as ``(times,
-    ratios)``: load that lasts the whole timing (another process on every core, torch's threads
+    Returned as ``(times, ratios)``: ``ratios`` is each model's median ratio to the first over
+    the turns (each run against the first model's run of the same turn, a few milliseconds
+    apart): load that lasts the whole timing (another process on every core, torch's threads
     waiting on each other) slows both runs of a turn alike and cancels out of the ratio, where
     each model's fastest run can fall in a quiet moment for one and not the other (the same
     digits_cnn once timed at 1.7x itself by the fastest runs, twice in a row, beside a test run
     on both cores)."""
     if not bodies:
-        return ([{} for _ in models], [{} for _ in models]) if paired else [{} for _ in models]
+        return [{} for _ in models], [{} for _ in models]
     out: list[dict[int, float]] = [{} for _ in models]
     ratios: list[dict[int, float]] = [{} for _ in models]
     for size in sizes:
@@ -230,7 +230,7 @@ def time_batches(models: Sequence[LoadedModel], bodies: Sequence[Any], sizes: Se
             out[j][size] = min(runs[j])
         for j in range(len(models)):  # each model's runs against the first's of the same turn
             ratios[j][size] = float(np.median([b / a for a, b in zip(runs[0], runs[j]) if a > 0] or [np.inf]))
-    return (out, ratios) if paired else out
+    return out, ratios
 
 
 @dataclass
