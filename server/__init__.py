@@ -9,6 +9,8 @@ Package map (folders name the layers; imports go only downward, see tests/unit/t
 - ``instances/``   model instances (threads; the only importers of ``handlers/``)
 - ``protocols/``   REST (``rest/``) and gRPC (``grpc/``) adapters, TorchServe management and
                    Open Inference Protocol semantics shared by both
+- ``frontends/``   front-end processes sharing the inference port (``frontends``), relaying
+                   each request to this process's router
 - ``serve``        process wiring: listeners, signals, pid file
 - ``cli``          the ``osprey`` command
 """

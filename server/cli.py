@@ -34,6 +34,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--grpc-inference-port", type=int)
     p.add_argument("--grpc-management-port", type=int)
     p.add_argument("--no-grpc", action="store_true", help="do not start the gRPC listeners")
+    p.add_argument("--frontends", type=int, help="processes serving the inference port's connections "
+                   "(default 1: this one; N adds N-1 sharing the port, each relaying its requests here)")
     p.add_argument("--certificate-file", help="PEM certificate (chain) for https:// addresses and gRPC over TLS")
     p.add_argument("--private-key-file", help="its PEM private key (unencrypted; keep it mode 0600)")
     p.add_argument("--keystore", help="a PKCS#12 keystore instead (password: keystore_pass / OSPREY_KEYSTORE_PASS)")
@@ -282,6 +284,7 @@ def _overrides(args) -> dict:
         "grpc_inference_port": args.grpc_inference_port,
         "grpc_management_port": args.grpc_management_port,
         "enable_grpc": False if args.no_grpc else None,
+        "frontends": getattr(args, "frontends", None),
         "certificate_file": args.certificate_file,
         "private_key_file": args.private_key_file,
         "keystore": args.keystore,

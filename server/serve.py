@@ -25,6 +25,7 @@ from monitoring.access_log import AccessLog
 from monitoring.build import open_monitor
 from monitoring.metrics_log import MetricsLog
 from monitoring.ts_metrics_config import load_metrics_config
+from server.frontends.supervisor import FrontEnds, reuseport_listener
 from server.log_files import LogFiles
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
@@ -210,9 +211,16 @@ class Server:
             self.keys.attach("inference", self.inference_app)
             self.keys.attach("management", self.management_app)
         self._servers: list[uvicorn.Server] = []
+        self.frontends: FrontEnds | None = None  # with frontends > 1: the other processes on the inference port
         self._grpc: list = []
         self.tls: Tls | None = None  # set by start(): the key and certificate of https and gRPC over TLS
         self.stopping = asyncio.Event()
+
+    def reload_tls(self) -> None:
+        """SIGHUP: this process and every front end read the key and certificate again."""
+        self.tls.reload()
+        if self.frontends is not None:
+            self.frontends.signal(signal.SIGHUP)
 
     def _answered(self, scope: dict, status: int, started: float) -> None:
         """Router hook: every HTTP answer on every port (TorchServe's Requests2XX/4XX/5XX and access log)."""
@@ -282,13 +290,24 @@ class Server:
                 config.ssl = self.tls.context()
             server = uvicorn.Server(config)
             server.lifespan = config.lifespan_class(config)
+            sockets = None
+            if app is self.inference_app and s.frontends > 1:  # shared with the front ends (SO_REUSEPORT)
+                try:
+                    sockets = [reuseport_listener(host, port, exclusive=True)]
+                except OSError as exc:
+                    raise OSError(f"could not listen on {address}: {exc.strerror or exc}") from None
             try:
-                await server.startup()
+                await server.startup(sockets=sockets)
             except SystemExit:
                 raise OSError(f"could not listen on {address}") from None
             if server.should_exit:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
+        if s.frontends > 1:  # the inference port's connections, in processes of their own
+            host, _ = parse_address(s.inference_address)
+            port = self._servers[0].servers[0].sockets[0].getsockname()[1]
+            self.frontends = FrontEnds(s, self.inference_app, host, port, s.frontends - 1)
+            await self.frontends.start()
         if start_grpc is not None:
             self._grpc = await start_grpc(self)
         await self.jobs.start()
@@ -355,6 +374,8 @@ class Server:
             for listener in getattr(server, "servers", []):
                 listener.close()
         self.dataplane.started = False  # not ready (health checks) from now on: send no more traffic here
+        if self.frontends is not None:  # they stop accepting and drain their connections too
+            self.frontends.begin_drain()
         for g in self._grpc:  # new gRPC calls: UNAVAILABLE at once; calls already running go on
             g.osprey_draining.begin()
         t0 = time.monotonic()
@@ -383,6 +404,8 @@ class Server:
             # than stop under it (a call arriving as the server stops ends CANCELLED)
             if any(now - g.osprey_draining.last_call < DRAIN_LINGER_S for g in self._grpc):
                 busy = True
+            if self.frontends is not None and self.frontends.busy():
+                busy = True  # a relayed request is unanswered, or a front end still drains its connections
             if not busy and self.registry.idle():
                 break
             await asyncio.sleep(0.005)
@@ -396,6 +419,8 @@ class Server:
         for conn in self._connections():
             conn.shutdown()
         left = max(0.0, deadline - time.monotonic())
+        if self.frontends is not None:  # their answers are written; then they exit (or are killed)
+            await self.frontends.close(grace=max(left, 0.5 if timeout > 0 else 0.05))
         if self._grpc:  # what the data plane ran is answered; management calls get what time is left
             await asyncio.gather(*(g.stop(grace=max(left, 0.05)) for g in self._grpc), return_exceptions=True)
         for server in self._servers:
@@ -453,7 +478,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
         await server.stop(drain_timeout=0)
         return 1
     if server.tls is not None:  # SIGHUP: read the key and certificate again, for new connections
-        loop.add_signal_handler(signal.SIGHUP, server.tls.reload)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     if settings.pid_file:
         _write_pid(settings.pid_file)
     server.registry.extractions.clean_stale()  # folders of servers here that crashed or were killed

@@ -63,6 +63,10 @@ class Settings:
     # seconds a shutdown (SIGTERM) may take to answer what was accepted: listeners close at once,
     # queued and running requests finish, kept-alive connections close after their next answer
     drain_timeout: float = 30.0
+    # processes serving the inference port's connections (server/frontends): 1 is this process
+    # alone; N > 1 adds N - 1 front-end processes sharing the port (SO_REUSEPORT) that relay
+    # every request to this one, so batching, metrics and state stay in one place
+    frontends: int = 1
     keep_alive_timeout: float = 120.0  # seconds an idle connection (also a new one that sends nothing) stays open
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
@@ -378,6 +382,8 @@ def load_settings(
     if settings.unregister_timeout < 0:
         raise ValueError(f"setting unregister_timeout: {settings.unregister_timeout!r} must be 0 (no limit) "
                          "or a positive number of seconds")
+    if not 1 <= settings.frontends <= 64:
+        raise ValueError(f"setting frontends: {settings.frontends!r} must be from 1 (this process alone) to 64")
     if settings.instance_isolation not in ("thread", "process"):
         raise ValueError(f"setting instance_isolation: {settings.instance_isolation!r} must be thread or process")
     if settings.monitor_isolation not in ("thread", "process"):

@@ -1,6 +1,7 @@
 """The layout's promise, checked: imports go only downward between the layers.
 
     server.serve / server.cli          wiring (may import anything)
+    server.frontends                   front-end processes relaying the inference port: the protocols below
     server.protocols (rest, grpc)      adapters: the core, never instances or handlers
     server.retraining                  jobs, training, gate, promotion: the core, instances and monitoring below
     server.workflows                   TorchServe workflows (.war, DAG over the data plane): the core below
@@ -24,7 +25,9 @@ FORBIDDEN = {
     "server/workflows": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers",
                          "monitoring", "server.retraining"),
     "server/instances": ("server.protocols", "server.serve", "server.cli", "monitoring"),
-    "server/protocols": ("server.instances", "server.serve", "server.cli", "handlers"),
+    "server/protocols": ("server.instances", "server.serve", "server.cli", "handlers", "server.frontends"),
+    "server/frontends": ("server.instances", "server.serve", "server.cli", "handlers", "monitoring",
+                         "server.retraining", "server.workflows"),
     "server/retraining": ("server.protocols", "server.serve", "server.cli", "handlers"),
     "monitoring": ("server.protocols", "server.instances", "server.serve", "server.cli", "handlers"),
 }

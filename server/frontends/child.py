@@ -1,0 +1,261 @@
+"""A front-end process (``python -m server.frontends.child CONFIG``): connections in its own
+interpreter, requests relayed to the server.
+
+It is started by the server (:mod:`~server.frontends.supervisor`) with two file descriptors:
+a listening socket bound to the inference address with ``SO_REUSEPORT``, and its end of a
+Unix socket pair to the server. It serves HTTP with the server's own protocol
+(:mod:`server.protocols.rest.http_protocol`: one write per answer, read timeouts, head
+limits, drain), reads each request's body (up to ``max_request_size`` and one byte more: the
+server's router then refuses it, 413, as it would its own), and relays the request whole to
+the server, which answers it as if it had arrived on one of its own connections. It holds no
+model, no registry and no state of its own: a front end that dies loses only its connections,
+and is started again.
+
+SIGTERM (and SIGINT): drain as the server does (stop accepting, ``Connection: close`` on every
+answer, wait for what is in progress), then exit. The server's end closing: what is in progress
+is answered 503 and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import uvicorn
+
+from server.frontends.frames import FrameReader, Outbox, scope_head
+from server.protocols.rest.http_protocol import ABORT, http_protocol
+from server.settings import Settings
+from server.tls import Tls, is_https
+
+log = logging.getLogger("osprey.frontends")
+
+DRAIN_LINGER_S = 0.5  # as the server's (server.serve): an idle connection used this recently may send again
+GONE_SCAN_S = 0.1  # how often requests waiting for their answer are checked for clients that left
+_LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
+         b'"message": "The server stopped before answering (front end lost its server)"}')
+
+
+class _Pending:
+    """A relayed request waiting for its answer's messages."""
+
+    __slots__ = ("cycle", "msgs", "waiter", "gone_sent")
+
+    def __init__(self, cycle) -> None:
+        self.cycle = cycle  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
+        self.msgs: collections.deque = collections.deque()
+        self.waiter: asyncio.Future | None = None
+        self.gone_sent = False
+
+    def push(self, msg: tuple) -> None:
+        self.msgs.append(msg)
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next(self) -> tuple:
+        while not self.msgs:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.msgs.popleft()
+
+
+class FrontLink(asyncio.Protocol):
+    """The front end's end of the socket pair: requests out, answers in."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: dict[int, _Pending] = {}
+        self.reader = FrameReader()
+        self.outbox: Outbox | None = None
+        self.lost = asyncio.Event()
+        self._scan = None
+
+    def connection_made(self, transport) -> None:
+        self.outbox = Outbox(self.loop, transport)
+
+    def data_received(self, data: bytes) -> None:
+        pending = self.pending
+        for msg in self.reader.feed(data):
+            p = pending.get(msg[1])
+            if p is None:
+                continue
+            if msg[0] == "a" or msg[0] == "x" or (msg[0] == "b" and not msg[3]):
+                del pending[msg[1]]
+            p.push(msg)
+
+    def connection_lost(self, exc) -> None:
+        for rid, p in list(self.pending.items()):
+            p.push(("a", rid, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _LOST))
+        self.pending.clear()
+        self.lost.set()
+
+    def send(self, rid: int, head: tuple, body: bytes, more: bool, p: _Pending) -> None:
+        self.pending[rid] = p
+        self.outbox.put(("r", rid, head, body, more))
+        if self._scan is None:
+            self._scan = self.loop.call_later(GONE_SCAN_S, self._check_gone)
+
+    def _check_gone(self) -> None:
+        """Tell the server about clients that went away while their request waited (the
+        batcher then drops the request instead of running it)."""
+        self._scan = None
+        for rid, p in self.pending.items():
+            if not p.gone_sent and p.cycle is not None and p.cycle.disconnected:
+                p.gone_sent = True
+                self.outbox.put(("g", rid))
+        if self.pending and not self.lost.is_set():
+            self._scan = self.loop.call_later(GONE_SCAN_S, self._check_gone)
+
+
+class RelayApp:
+    """The ASGI application of a front end: every request relayed to the server."""
+
+    def __init__(self, link: FrontLink, max_body: int) -> None:
+        self.link = link
+        self.max_body = max_body
+        self._ids = itertools.count(1)
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            return
+        body, more = await self._body(scope, receive)
+        if body is None:
+            return  # the client went away before its request was whole: nothing to relay
+        if self.link.lost.is_set():
+            await _answer(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _LOST)
+            return
+        rid = next(self._ids)
+        p = _Pending(getattr(receive, "__self__", None))
+        self.link.send(rid, scope_head(scope), body, more, p)
+        msg = await p.next()
+        if msg[0] == "a":
+            await _answer(send, msg[2], msg[3], msg[4])
+            return
+        if msg[0] == "s":
+            await send({"type": "http.response.start", "status": msg[2], "headers": msg[3]})
+            while True:
+                msg = await p.next()
+                if msg[0] != "b":
+                    break
+                await send({"type": "http.response.body", "body": msg[2], "more_body": msg[3]})
+                if not msg[3]:
+                    return
+        await send({"type": ABORT})  # "x": the answer under way was abandoned
+
+    async def _body(self, scope: dict, receive) -> tuple[bytes | None, bool]:
+        """The request's body, up to the limit and one byte more (``more`` True when it was cut
+        there). A Content-Length over the limit is not read at all: the server refuses it from
+        the header, as it does on its own connections."""
+        limit = self.max_body
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                try:
+                    if int(v) > limit:
+                        return b"", False
+                except ValueError:
+                    return b"", False  # the server's router names the bad header
+                break
+        parts = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None, False
+            chunk = msg.get("body", b"")
+            if chunk:
+                parts.append(chunk)
+                size += len(chunk)
+            if not msg.get("more_body"):
+                return (parts[0] if len(parts) == 1 else b"".join(parts)), False
+            if size > limit:
+                return b"".join(parts), True
+
+
+async def _answer(send, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(server: uvicorn.Server, link: FrontLink, timeout: float) -> None:
+    """Stop accepting, answer what was received, close the connections (the server's drain)."""
+    for listener in getattr(server, "servers", []):
+        listener.close()
+    conns = lambda: list(server.server_state.connections)  # noqa: E731
+    for conn in conns():
+        begin = getattr(conn, "begin_drain", None)
+        if begin is not None:
+            begin()
+        else:
+            conn.shutdown()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not link.lost.is_set():
+        now = time.monotonic()
+        busy = bool(link.pending)
+        for conn in conns():
+            if not getattr(conn, "idle", lambda: True)():
+                busy = True
+            elif now - getattr(conn, "last_active", 0.0) >= DRAIN_LINGER_S:
+                conn.shutdown()
+            else:
+                busy = True
+        if not busy:
+            break
+        await asyncio.sleep(0.005)
+    for conn in conns():
+        conn.shutdown()
+    server.config.timeout_graceful_shutdown = 0.5
+    await server.shutdown()
+
+
+async def main(config: dict) -> int:
+    loop = asyncio.get_running_loop()
+    settings = Settings(**config["settings"])
+    link_sock = socket.socket(fileno=config["link_fd"])
+    listen_sock = socket.socket(fileno=config["listen_fd"])
+    _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop), link_sock)
+    app = RelayApp(link, settings.max_request_size)
+    uv = uvicorn.Config(app, lifespan="off", http=http_protocol(settings.request_read_timeout, settings.max_header_size),
+                        loop="none", log_level="warning", access_log=False, server_header=False, date_header=False,
+                        timeout_keep_alive=settings.keep_alive_timeout, backlog=2048, proxy_headers=False)
+    uv.load()
+    tls = None
+    if is_https(settings.inference_address):
+        tls = Tls.from_settings(settings)
+        uv.ssl = tls.context()
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
+    server = uvicorn.Server(uv)
+    server.lifespan = uv.lifespan_class(uv)
+    await server.startup(sockets=[listen_sock])
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    link.outbox.put(("h", os.getpid()))  # listening: the server counts this front end as started
+    waiter = loop.create_task(stop.wait())
+    lost = loop.create_task(link.lost.wait())
+    await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
+    if link.lost.is_set() and not stop.is_set():
+        log.warning("front end %d: the server's end closed; exiting", config["index"])
+    await _drain(server, link, 0.0 if link.lost.is_set() else settings.drain_timeout)
+    waiter.cancel()
+    lost.cancel()
+    return 0
+
+
+def run(argv: list[str]) -> int:
+    config = json.loads(argv[0])
+    logging.basicConfig(level=config.get("log_level", "INFO"), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[front end {config['index']}]: %(message)s")
+    return asyncio.run(main(config))
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))

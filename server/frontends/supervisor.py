@@ -1,0 +1,191 @@
+"""Starts, watches, restarts and drains the front-end processes (setting ``frontends``).
+
+The server makes each front end's listening socket itself (bound to the inference address with
+``SO_REUSEPORT``, so the port is known and free before any child starts) and a Unix socket pair,
+and hands both to the child as inherited file descriptors: nothing else on the machine can reach
+the relay. A front end that exits while the server runs is started again (after 0.5 s, doubling
+to 30 s while it keeps failing at once); the kernel sends new connections only to listening
+sockets, so while one is down the others take its share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from server.core.events import event
+from server.frontends.relay import RelayLink
+
+__all__ = ["FrontEnds", "reuseport_listener", "START_TIMEOUT_S"]
+
+log = logging.getLogger("osprey.frontends")
+
+START_TIMEOUT_S = 60.0  # a front end that has not listened by then fails the server's start
+_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the ``server`` package
+
+
+def reuseport_listener(host: str, port: int, exclusive: bool = False) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEADDR and SO_REUSEPORT, not yet listening.
+
+    ``exclusive``: first check that nothing listens there (a plain bind): SO_REUSEPORT alone
+    would let a second server of the same user share the port with the first, unnoticed."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("several front ends need SO_REUSEPORT, which this system does not have (setting frontends)")
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    if exclusive:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(addr)
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+class _FrontEnd:
+    __slots__ = ("index", "proc", "link", "watch", "failures", "started_at")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.link: RelayLink | None = None
+        self.watch: asyncio.Task | None = None
+        self.failures = 0
+        self.started_at = 0.0
+
+
+class FrontEnds:
+    """The ``count`` front-end processes beside this server, relaying to ``app`` (the inference
+    port's router) on ``host:port``."""
+
+    def __init__(self, settings, app: Callable, host: str, port: int, count: int):
+        self.settings = settings
+        self.app = app
+        self.host = host
+        self.port = port
+        self.loop = asyncio.get_running_loop()
+        self.ends = [_FrontEnd(i + 1) for i in range(count)]
+        self.stopping = False
+        self._config = {k: v for k, v in dataclasses.asdict(settings).items()}
+        self._log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+
+    # --- start --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every front end; return once all listen (OSError naming the one that did not)."""
+        await asyncio.gather(*(self._spawn(fe) for fe in self.ends))
+        for fe in self.ends:
+            try:
+                await asyncio.wait_for(asyncio.shield(fe.link.ready), START_TIMEOUT_S)
+            except (asyncio.TimeoutError, ConnectionError):
+                code = fe.proc.returncode if fe.proc is not None else None
+                raise OSError(f"front end {fe.index} did not start (exit code {code}); its log is in the server's")
+            fe.watch = self.loop.create_task(self._watch(fe))
+        event(log, "frontends_started", count=len(self.ends) + 1, pids=[fe.proc.pid for fe in self.ends],
+              address=f"{self.host}:{self.port}")
+
+    async def _spawn(self, fe: _FrontEnd) -> None:
+        listener = reuseport_listener(self.host, self.port)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            config = {"index": fe.index, "link_fd": theirs.fileno(), "listen_fd": listener.fileno(),
+                      "log_level": self._log_level, "settings": self._config}
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            fe.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "server.frontends.child", json.dumps(config, default=str),
+                pass_fds=(theirs.fileno(), listener.fileno()), stdin=asyncio.subprocess.DEVNULL, env=env,
+                start_new_session=False)
+        finally:
+            theirs.close()
+            listener.close()  # the child's copy listens; a copy kept here would queue connections nobody takes
+        fe.started_at = time.monotonic()
+        _, fe.link = await self.loop.connect_accepted_socket(
+            lambda: RelayLink(self.app, self.loop, lambda _link: None), ours)
+
+    async def _watch(self, fe: _FrontEnd) -> None:
+        """Start ``fe`` again whenever it exits while the server runs."""
+        while True:
+            code = await fe.proc.wait()
+            if self.stopping:
+                return
+            lived = time.monotonic() - fe.started_at
+            fe.failures = fe.failures + 1 if lived < 10.0 else 1
+            backoff = min(30.0, 0.5 * 2 ** (fe.failures - 1))
+            event(log, "frontend_exited", level=logging.WARNING, index=fe.index, pid=fe.proc.pid,
+                  code=code, restart_in_s=backoff)
+            await asyncio.sleep(backoff)
+            if self.stopping:
+                return
+            try:
+                await self._spawn(fe)
+                await asyncio.wait_for(asyncio.shield(fe.link.ready), START_TIMEOUT_S)
+                event(log, "frontend_restarted", index=fe.index, pid=fe.proc.pid)
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                log.error("front end %d could not be started again: %s", fe.index, exc)
+                if fe.proc is None or fe.proc.returncode is not None:
+                    continue
+                fe.proc.kill()
+
+    # --- stop ---------------------------------------------------------------------------
+    def begin_drain(self) -> None:
+        """Every front end stops accepting and drains its connections (SIGTERM), then exits."""
+        self.stopping = True
+        for fe in self.ends:
+            if fe.proc is not None and fe.proc.returncode is None:
+                try:
+                    fe.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def busy(self) -> bool:
+        """A relayed request is unanswered, or a front end is still draining its connections."""
+        return any((fe.link is not None and fe.link.open) or (fe.proc is not None and fe.proc.returncode is None)
+                   for fe in self.ends)
+
+    def relayed(self) -> int:
+        return sum(len(fe.link.open) for fe in self.ends if fe.link is not None)
+
+    async def close(self, grace: float) -> None:
+        """After the drain: front ends still running get ``grace`` seconds, then are killed."""
+        self.begin_drain()
+        procs = [fe.proc for fe in self.ends if fe.proc is not None and fe.proc.returncode is None]
+        if procs:
+            _, late = await asyncio.wait([self.loop.create_task(p.wait()) for p in procs], timeout=max(grace, 0.05))
+            for p in procs:
+                if p.returncode is None:
+                    p.kill()
+            await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
+        for fe in self.ends:
+            if fe.watch is not None:
+                fe.watch.cancel()
+            if fe.link is not None and fe.link.transport is not None:
+                fe.link.transport.close()
+        await asyncio.gather(*(fe.watch for fe in self.ends if fe.watch is not None), return_exceptions=True)
+
+    def signal(self, sig: int) -> None:
+        for fe in self.ends:
+            if fe.proc is not None and fe.proc.returncode is None:
+                try:
+                    fe.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def pids(self) -> list[int]:
+        return [fe.proc.pid for fe in self.ends if fe.proc is not None and fe.proc.returncode is None]

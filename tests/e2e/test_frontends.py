@@ -1,0 +1,214 @@
+"""Several front-end processes on the inference port (setting ``frontends``), end to end.
+
+A real server with ``frontends=3``: two front-end processes beside it share the inference port
+(SO_REUSEPORT) and relay every request to the server. Which process a connection landed on is
+read from the kernel (the process holding the accepted socket), so each test knows that its
+requests really crossed a front end, and that the server's own connections still work.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+
+import psutil
+import pytest
+
+from tests.gates import Gate, alive, pending, wait_for, wait_until
+from tests.models import RECORDING_HANDLER, handler_archive
+
+pytestmark = pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
+
+
+def frontend_pids(srv) -> list[int]:
+    out = []
+    for child in psutil.Process(srv.proc.pid).children():
+        try:
+            if "server.frontends.child" in " ".join(child.cmdline()):
+                out.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(out)
+
+
+def served_by(srv, conn: http.client.HTTPConnection) -> int | None:
+    """The pid of the process that accepted ``conn`` (None while it waits in a backlog)."""
+    mine = conn.sock.getsockname()[1]
+    for pid in [srv.proc.pid, *frontend_pids(srv)]:
+        try:
+            for c in psutil.Process(pid).net_connections(kind="tcp"):
+                if c.laddr and c.raddr and c.laddr.port == srv.ports["inference"] and c.raddr.port == mine:
+                    return pid
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+def connection(srv, where: str, exclude: tuple = ()) -> tuple[http.client.HTTPConnection, int]:
+    """A kept-alive connection accepted by the server itself (``where="server"``) or by a front
+    end (``"frontend"``): connections are opened until the kernel hands one to such a process
+    (each lands on one of the 3 listeners; hundreds of misses in a row do not happen)."""
+    port = srv.ports["inference"]
+    for _ in range(300):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.connect()
+        pid = wait_for(lambda: served_by(srv, conn), 30, "the connection to be accepted")
+        if (pid == srv.proc.pid) == (where == "server") and pid not in exclude:
+            return conn, pid
+        conn.close()
+    raise AssertionError(f"no connection landed on the {where}")
+
+
+def post(conn: http.client.HTTPConnection, path: str, body, headers: dict | None = None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, body=data, headers={"content-type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    return resp.status, dict(resp.getheaders()), resp.read()
+
+
+def test_requests_from_front_ends_and_the_server_share_one_batch(osprey, store, tmp_path):
+    """While the instance is held busy, one request the server read itself and one a front end
+    relayed wait in the model's queue: they come out as one batch of 2, so there is one queue
+    whichever process took the connection."""
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 2, "maxBatchDelay": 1000})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 3})
+    assert len(frontend_pids(srv)) == 2
+    busy, _ = connection(srv, "frontend")
+    own, _ = connection(srv, "server")
+    relayed, _ = connection(srv, "frontend")
+    gate = Gate(tmp_path)
+    answers = {}
+
+    def send(name, conn, body):
+        answers[name] = post(conn, "/predictions/rec", body)
+
+    held = threading.Thread(target=send, args=("busy", busy, {"id": "busy", "gate": gate.value}))
+    held.start()
+    gate.wait_entered()
+    threads = [threading.Thread(target=send, args=(n, c, {"id": n})) for n, c in (("own", own), ("relayed", relayed))]
+    for t in threads:
+        t.start()
+    wait_until(lambda: pending(srv, "rec") == 2, what="both requests to be queued")
+    gate.open()
+    for t in (held, *threads):
+        t.join(60)
+    for name in ("own", "relayed"):
+        status, headers, body = answers[name]
+        assert status == 200, body
+        out = json.loads(body)
+        assert out["id"] == name and out["batch"] == 2
+        assert headers["x-request-id"] == out["request_id"]  # the id the client sees is the handler's
+    assert answers["own"][1]["x-request-id"] != answers["relayed"][1]["x-request-id"]
+    # the front end's connection is kept alive and goes on serving
+    status, _, body = post(relayed, "/predictions/rec", {"id": "again"})
+    assert status == 200 and json.loads(body)["id"] == "again"
+
+
+def test_every_route_and_error_works_through_a_front_end(osprey, store):
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 3, "max_request_size": 4096})
+    conn, _ = connection(srv, "frontend")
+    conn.request("GET", "/ping")
+    resp = conn.getresponse()
+    assert resp.status == 200 and json.loads(resp.read()) == {"status": "Healthy"}
+    conn.request("GET", "/v2/health/ready")
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 200
+    status, _, body = post(conn, "/predictions/nope", {"id": 1})
+    assert status == 404 and json.loads(body)["message"] == "Model not found: nope"
+    status, _, body = post(conn, "/predictions/rec", {"status": 429, "id": 2})  # the handler's own status
+    assert status == 429
+    status, _, body = post(conn, "/predictions/rec", {"id": 3})
+    assert status == 200 and json.loads(body)["id"] == 3
+    # a body past max_request_size: the server's own 413, naming the limit
+    status, _, body = post(conn, "/predictions/rec", b"x" * 5000)
+    assert status == 413 and b"max_request_size" in body
+    # the server counted what the front end relayed (its metrics, its access log)
+    import httpx
+
+    metrics = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
+    line = next(x for x in metrics.splitlines() if x.startswith("ts_inference_requests_total") and 'model_name="rec"' in x)
+    assert float(line.rsplit(" ", 1)[1]) >= 2
+
+
+@pytest.mark.parametrize("where", ["server", "frontend"])
+def test_a_chunked_body_past_the_limit_is_413_in_one_write_or_several(osprey, store, where):
+    """Without a Content-Length the limit is counted as the body arrives, whichever process reads
+    it: 6 KiB over a 4 KiB max_request_size is refused, sent in one write (it used to pass when
+    it arrived in one read) or in three."""
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 3, "max_request_size": 4096})
+    for parts in (1, 3):
+        conn, _ = connection(srv, where)
+        conn.putrequest("POST", "/predictions/rec")
+        conn.putheader("content-type", "application/json")
+        conn.putheader("transfer-encoding", "chunked")
+        conn.endheaders()
+        chunks = [b"800\r\n" + b"x" * 0x800 + b"\r\n" for _ in range(3)] + [b"0\r\n\r\n"]
+        if parts == 1:
+            conn.send(b"".join(chunks))
+        else:
+            for c in chunks:
+                conn.send(c)
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 413 and b"max_request_size" in body, (parts, resp.status, body)
+        conn.close()
+
+
+def test_sigterm_drains_requests_a_front_end_relayed(osprey, store, tmp_path):
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1, "maxBatchDelay": 1})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 3, "drain_timeout": 30})
+    fronts = frontend_pids(srv)
+    gated, _ = connection(srv, "frontend")
+    queued, _ = connection(srv, "frontend")
+    gate = Gate(tmp_path)
+    answers = {}
+    t1 = threading.Thread(target=lambda: answers.__setitem__("gated", post(gated, "/predictions/rec",
+                                                                             {"id": "g", "gate": gate.value})))
+    t1.start()
+    gate.wait_entered()
+    t2 = threading.Thread(target=lambda: answers.__setitem__("queued", post(queued, "/predictions/rec", {"id": "q"})))
+    t2.start()
+    wait_until(lambda: pending(srv, "rec") == 1, what="the second request to be queued")
+    srv.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "drain_started" in srv.log(), what="the drain to begin")
+    gate.open()
+    t1.join(60)
+    t2.join(60)
+    for name, want in (("gated", "g"), ("queued", "q")):
+        status, headers, body = answers[name]
+        assert status == 200 and json.loads(body)["id"] == want
+        assert headers.get("connection") == "close"  # the front end drained its connection too
+    assert srv.proc.wait(30) == 0
+    wait_until(lambda: not any(alive(p) for p in fronts), what="the front ends to exit")
+
+
+def test_a_front_end_that_dies_is_started_again(osprey, store):
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 3})
+    own, _ = connection(srv, "server")
+    victim_conn, victim = connection(srv, "frontend")
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: "event=frontend_restarted" in srv.log(), what="the front end to be started again")
+    now = frontend_pids(srv)
+    assert len(now) == 2 and victim not in now
+    assert "event=frontend_exited" in srv.log() and "code=-9" in srv.log()
+    # the server's own connection never noticed; a new connection reaches the new front end
+    assert post(own, "/predictions/rec", {"id": "own"})[0] == 200
+    new = [p for p in now if p not in (victim,)]
+    conn, pid = connection(srv, "frontend")
+    assert pid in new
+    status, _, body = post(conn, "/predictions/rec", {"id": "new"})
+    assert status == 200 and json.loads(body)["id"] == "new"
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two"])
+def test_a_bad_frontends_setting_is_refused_naming_it(osprey, store, value):
+    with pytest.raises(RuntimeError) as info:
+        osprey([], store, config={"frontends": value})
+    assert "frontends" in str(info.value)
