@@ -394,6 +394,8 @@ class Router:
                 raise OspreyError(ErrorKind.BAD_INPUT, "Content-Length is not a number") from None
         msg = await receive()
         body = msg.get("body", b"")
+        if len(body) > limit:  # a body without Content-Length (chunked) that arrived in one read
+            raise OspreyError(ErrorKind.TOO_LARGE, f"Request body is larger than the {limit} bytes allowed (max_request_size)")
         if not msg.get("more_body"):
             return body
         parts = [body]
