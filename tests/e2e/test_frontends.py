@@ -212,3 +212,30 @@ def test_a_bad_frontends_setting_is_refused_naming_it(osprey, store, value):
     with pytest.raises(RuntimeError) as info:
         osprey([], store, config={"frontends": value})
     assert "frontends" in str(info.value)
+
+
+def test_a_streamed_answer_comes_through_a_front_end_in_chunks(osprey, store):
+    """A handler's intermediate responses reach a client of a front end as the chunks of one
+    answer, in order, then the final answer as the last chunk (as on the server's own port)."""
+    pytest.importorskip("ts", reason="the streaming handler uses TorchServe's send_intermediate_predict_response")
+    from tests.oip_archives import STREAM_HANDLER
+
+    handler_archive(store, "streamer", STREAM_HANDLER, config={"batchSize": 1})
+    srv = osprey(["streamer=streamer.mar"], store, config={"frontends": 3})
+    for where in ("frontend", "server"):
+        conn, _ = connection(srv, where)
+        conn.request("POST", "/predictions/streamer", body=b"abc", headers={"content-type": "application/octet-stream"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("transfer-encoding") == "chunked", resp.read()
+        assert resp.getheader("x-request-id")
+        chunks = []
+        while True:
+            line = resp.fp.readline()
+            size = int(line.strip(), 16)
+            if size == 0:
+                resp.fp.readline()
+                break
+            chunks.append(resp.fp.read(size))
+            resp.fp.readline()
+        assert [c.decode() for c in chunks] == ["part0:abc", "part1:abc", "part2:abc", "done:abc"], where
+        conn.close()
