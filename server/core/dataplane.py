@@ -46,6 +46,9 @@ class DataPlane:
     def __init__(self, registry: Registry, observers: Iterable[Observer] = (),
                  refusal_observers: Iterable[RefusalObserver] = (), monitor: MonitorPort | None = None):
         self.registry = registry
+        # the event loop requests run on, for adapters that hand it to other threads (asking
+        # asyncio for it costs a getpid() system call per request: it checks the loop's process)
+        self.loop: asyncio.AbstractEventLoop | None = getattr(registry, "loop", None)
         self.monitor = monitor  # drift, feedback and live quality (server.serve wires it), or None: off
         self.observers: list[Observer] = [count, *observers]
         self.refusal_observers: list[RefusalObserver] = list(refusal_observers)

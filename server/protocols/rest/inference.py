@@ -57,7 +57,7 @@ def to_core_request(req: Request, model: str, version: str | None, *, explain: b
 
 async def answer(dataplane: DataPlane, req: Request, core: Ticket) -> Response:
     """The data plane's answer to ``core``; chunked when the handler streams intermediate parts."""
-    chunks = core.stream = ChunkedAnswer(req, asyncio.get_running_loop())
+    chunks = core.stream = ChunkedAnswer(req, dataplane.loop or asyncio.get_running_loop())
     try:
         out = await dataplane.infer(core)
     except OspreyError as err:
