@@ -1,7 +1,7 @@
 """Front-end processes on the inference port (setting ``frontends``): not a test, a measurement.
 
     .venv/bin/python -m benchmarks.frontends [--counts 1,2,3] [--rounds 3] [--duration 5]
-        [--concurrency 32] [--out benchmarks/results/frontends.json]
+        [--concurrency 32] [--pin] [--out benchmarks/results/frontends.json]
 
 One Osprey server per front-end count, all serving the benchmark's tiny MLP (``mlp``, batchSize
 32 / 5 ms; ``--models mlp,mlp_nb`` adds batching off) and all started at once; only the one being
@@ -16,6 +16,11 @@ server at ``1e6 / us_per_request`` requests per second however many cores the fr
 this 2-core machine the front ends, the server and ``hey`` share two cores, so the throughput
 columns say whether a count slows a small machine down, and the loop's microseconds per request
 say what the front ends take off the one thread that cannot grow.
+
+``--pin`` (for a host with more cores than the largest count): the server with N front-end
+processes in all (``frontends=N``) runs on cores 0..N-1 and ``hey`` on the others, so each
+count gets as many cores as processes and the throughput column is the scaling curve issue 15
+asks for (goal: at least 0.7 x N of one process's, up to 8).
 """
 
 from __future__ import annotations
@@ -61,7 +66,21 @@ def _cpu(pid: int) -> dict:
     return {"loop_s": loop_s, "other_threads_s": other_s, "frontends_s": fronts}
 
 
-def run(work: Path, counts: list[int], models: list[str], rounds: int, duration: float, concurrency: int) -> dict:
+def _pin(srv: Osprey, n: int) -> None:
+    """The server's process tree on cores 0..n-1; this process (and the hey it starts) on the rest."""
+    cores = list(range(n))
+    for p in [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]:
+        try:
+            p.cpu_affinity(cores)
+            for t in p.threads():  # threads started before the pin keep their own mask
+                os.sched_setaffinity(t.id, cores)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    os.sched_setaffinity(0, list(range(n, os.cpu_count())))
+
+
+def run(work: Path, counts: list[int], models: list[str], rounds: int, duration: float, concurrency: int,
+        pin: bool = False) -> dict:
     built = build_models(work / "models", with_cnn=False, with_digits=False)
     chosen = [built[m] for m in models]
     srvs: dict[int, Osprey] = {}
@@ -76,6 +95,8 @@ def run(work: Path, counts: list[int], models: list[str], rounds: int, duration:
             for m in chosen:
                 for n, srv in srvs.items():
                     srv.resume()
+                    if pin:
+                        _pin(srv, n)
                     url = srv.predict_url(m.name)
                     load.hey(url, str(m.body), m.content_type, concurrency, 1.0, 0)  # warm-up
                     before = _cpu(srv.proc.pid)
@@ -94,6 +115,8 @@ def run(work: Path, counts: list[int], models: list[str], rounds: int, duration:
                          f"{row['p50_ms'] or 0:.2f} ms p99 {row['p99_ms'] or 0:.2f} ms errors {row['errors']}; "
                          f"loop {row['loop_us_per_request']} us/req, front ends {row['frontends_us_per_request']} us/req")
     finally:
+        if pin:
+            os.sched_setaffinity(0, list(range(os.cpu_count())))
         for srv in srvs.values():
             srv.resume()
             srv.stop()
@@ -122,16 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per measured hey run")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--pin", action="store_true", help="frontends=N on cores 0..N-1, hey on the others "
+                    "(a host with more cores than the largest count)")
     ap.add_argument("--work", default=str(HERE / ".work" / "frontends"))
     ap.add_argument("--out", default=str(HERE / "results" / "frontends.json"))
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
+    if args.pin and max(counts) >= (os.cpu_count() or 1):
+        ap.error(f"--pin needs more cores than the largest count ({max(counts)}); this host has {os.cpu_count()}")
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join([sys.executable, "-m", "benchmarks.frontends",
                                    *(argv if argv is not None else sys.argv[1:])]),
               "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()}
     result.update(run(Path(args.work), counts, [m.strip() for m in args.models.split(",")], args.rounds,
-                      args.duration, args.concurrency))
+                      args.duration, args.concurrency, args.pin))
+    result["pinned"] = args.pin
     result["loadavg_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -107,6 +107,22 @@ def _grpc_c1(data: dict, target: str, api: str) -> dict | None:
 
 
 # --- goals ----------------------------------------------------------------------------
+def _frontends_note(path: Path | None = None) -> str:
+    """What ``benchmarks.frontends`` measured last (results/frontends.json), in one line."""
+    path = path or HERE / "results" / "frontends.json"
+    try:
+        fe = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return ""
+    rows = [s for s in fe.get("summary", []) if s.get("model") == "mlp"]
+    if not rows:
+        return ""
+    pinned = ", pinned: N processes on N cores" if fe.get("pinned") else f" on {fe.get('cpus')} cores, unpinned"
+    return ("front ends built (setting frontends); `python -m benchmarks.frontends` " + str(fe.get("date", ""))[:16]
+            + pinned + ": " + ", ".join(f"frontends={s['frontends']} {s['rps_median']:.0f} req/s ({s['vs_one']:.2f}x), "
+                                         f"loop {s['loop_us_per_request_median']:.0f} us/req" for s in rows))
+
+
 def goals(data: dict) -> list[dict]:
     """Each goal of issues 6 and 15: target, measured value, met (True/False/None = not measured)."""
     out = []
@@ -194,9 +210,10 @@ def goals(data: dict) -> list[dict]:
     else:
         add("gRPC ahead of MLServer's gRPC at every concurrency (issue 15)", "> 1x at each", "–", None,
             "no MLServer gRPC rows in this run")
+    fe = _frontends_note()
     add("Front ends on more cores: tiny MLP REST (issue 15)", ">= 0.7 x N up to 8 cores", "–", None,
-        "not measured by this run: it needs a host with 8+ cores (this one has "
-        f"{(data.get('meta', {}).get('machine') or {}).get('nproc', '?')})")
+        "scaling not measured by this run: it needs a host with 8+ cores (this one has "
+        f"{(data.get('meta', {}).get('machine') or {}).get('nproc', '?')})" + (f"; {fe}" if fe else ""))
 
     tails = [(m, _open(data, "osprey", m)) for m in ("mlp", "mlp_nb", "cnn", "digits_cnn")]
     tails = [(m, r) for m, r in tails if r and r.get("p50_ms")]

@@ -304,6 +304,11 @@ class Server:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
         if s.frontends > 1:  # the inference port's connections, in processes of their own
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            if s.frontends >= cpus:
+                log.warning("frontends=%d on %d CPUs: the front ends, this process and its models compete for "
+                            "the same cores; on 2 cores 2-3 front ends answered 10-30%% fewer requests than one "
+                            "process (benchmarks/CHANGES.md, session 19)", s.frontends, cpus)
             host, _ = parse_address(s.inference_address)
             port = self._servers[0].servers[0].sockets[0].getsockname()[1]
             self.frontends = FrontEnds(s, self.inference_app, host, port, s.frontends - 1)
