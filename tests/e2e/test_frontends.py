@@ -239,3 +239,40 @@ def test_a_streamed_answer_comes_through_a_front_end_in_chunks(osprey, store):
             resp.fp.readline()
         assert [c.decode() for c in chunks] == ["part0:abc", "part1:abc", "part2:abc", "done:abc"], where
         conn.close()
+
+
+def test_https_through_front_ends_and_sighup_renews_their_certificate(osprey, store, tmp_path):
+    """With an https inference address the front ends serve TLS with the server's key and
+    certificate, and SIGHUP to the server renews the certificate in every front end too."""
+    import shutil
+    import ssl
+
+    from tests.e2e.test_tls import make_pki
+    from tests.oip_archives import echo_archive
+
+    pki = make_pki(tmp_path / "pki")
+    echo_archive(store)
+    srv = osprey(["echo=echo.mar"], store, scheme="https",
+                 config={"frontends": 3, "private_key_file": pki["key"], "certificate_file": pki["cert"]})
+
+    def https(ca, where, exclude=()):
+        ctx = ssl.create_default_context(cafile=str(ca))
+        for _ in range(300):
+            conn = http.client.HTTPSConnection("127.0.0.1", srv.ports["inference"], timeout=60, context=ctx)
+            conn.connect()
+            pid = wait_for(lambda: served_by(srv, conn), 30, "the connection to be accepted")
+            if (pid == srv.proc.pid) == (where == "server") and pid not in exclude:
+                return conn
+            conn.close()
+        raise AssertionError(f"no connection landed on the {where}")
+
+    conn = https(pki["ca"], "frontend")
+    status, _, body = post(conn, "/predictions/echo", b"over tls")
+    assert status == 200 and body == b"OVER TLS"
+    new = make_pki(tmp_path / "new", "renewed")
+    shutil.copy(new["key"], pki["key"])
+    shutil.copy(new["cert"], pki["cert"])
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: srv.log().count("TLS reloaded") >= 3, what="the server and both front ends to reload")
+    conn = https(new["ca"], "frontend")  # a new connection to a front end: the renewed certificate
+    assert post(conn, "/predictions/echo", b"renewed")[0] == 200
