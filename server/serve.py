@@ -33,7 +33,7 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
 from server.core.registry import Registry
 from server.instances import forget_model_folder, instance_factory, return_device_memory
-from server.protocols.rest.http_protocol import http_protocol
+from server.protocols.rest.http_protocol import connection_limit, http_protocol, raise_open_files_limit
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
@@ -281,7 +281,9 @@ class Server:
                              (s.management_address, self.management_app),
                              (s.metrics_address, self.metrics_app)):
             host, port = parse_address(address)
-            config = uvicorn.Config(app, host=host, port=port, lifespan="off", http=http_protocol(s.request_read_timeout, s.max_header_size),
+            limit = connection_limit(s.max_connections) if app is self.inference_app else 0
+            config = uvicorn.Config(app, host=host, port=port, lifespan="off",
+                                    http=http_protocol(s.request_read_timeout, s.max_header_size, limit),
                                     loop="none", log_level="warning", access_log=False,
                                     server_header=False, date_header=False, timeout_keep_alive=s.keep_alive_timeout,
                                     backlog=2048, proxy_headers=False)
@@ -558,6 +560,9 @@ def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: st
         restore: Snapshot | None = None, config_properties: dict[str, str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. ``restore``: a config snapshot whose models are registered at
     start (server.snapshots); ``config_properties``: the configuration the snapshots record."""
+    raised = raise_open_files_limit()  # as the JVM does for TorchServe: connections take file descriptors
+    if raised:
+        log.info("open files limit raised from %d to %d (the hard limit)", *raised)
     if settings.switch_interval > 0:
         sys.setswitchinterval(settings.switch_interval)
     apply_omp_wait_policy(settings.omp_wait_policy, spin_count=settings.omp_spin_count)

@@ -63,6 +63,10 @@ class Settings:
     # seconds a shutdown (SIGTERM) may take to answer what was accepted: listeners close at once,
     # queued and running requests finish, kept-alive connections close after their next answer
     drain_timeout: float = 30.0
+    # open connections on the inference port (per process, front ends included) before new ones
+    # are answered 503 and closed at once; 0: the open-files limit less 256 kept for the server's
+    # own files (the server raises its soft limit to the hard one at start, as the JVM does)
+    max_connections: int = 0
     # processes serving the inference port's connections (server/frontends): 1 is this process
     # alone; N > 1 adds N - 1 front-end processes sharing the port (SO_REUSEPORT) that relay
     # every request to this one, so batching, metrics and state stay in one place
@@ -382,6 +386,9 @@ def load_settings(
     if settings.unregister_timeout < 0:
         raise ValueError(f"setting unregister_timeout: {settings.unregister_timeout!r} must be 0 (no limit) "
                          "or a positive number of seconds")
+    if settings.max_connections < 0:
+        raise ValueError(f"setting max_connections: {settings.max_connections!r} must be 0 (from the open-files "
+                         "limit) or a positive number")
     if not 1 <= settings.frontends <= 64:
         raise ValueError(f"setting frontends: {settings.frontends!r} must be from 1 (this process alone) to 64")
     if settings.instance_isolation not in ("thread", "process"):

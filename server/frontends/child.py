@@ -32,7 +32,7 @@ import time
 import uvicorn
 
 from server.frontends.frames import FrameReader, Outbox, scope_head
-from server.protocols.rest.http_protocol import ABORT, http_protocol
+from server.protocols.rest.http_protocol import ABORT, connection_limit, http_protocol
 from server.settings import Settings
 from server.tls import Tls, is_https
 
@@ -223,7 +223,8 @@ async def main(config: dict) -> int:
     listen_sock = socket.socket(fileno=config["listen_fd"])
     _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop), link_sock)
     app = RelayApp(link, settings.max_request_size)
-    uv = uvicorn.Config(app, lifespan="off", http=http_protocol(settings.request_read_timeout, settings.max_header_size),
+    uv = uvicorn.Config(app, lifespan="off", http=http_protocol(settings.request_read_timeout, settings.max_header_size,
+                                                                connection_limit(settings.max_connections)),
                         loop="none", log_level="warning", access_log=False, server_header=False, date_header=False,
                         timeout_keep_alive=settings.keep_alive_timeout, backlog=2048, proxy_headers=False)
     uv.load()

@@ -40,16 +40,23 @@ the 500 for an application error) is uvicorn's own code, untouched.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-__all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT"]
+__all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT", "connection_limit", "raise_open_files_limit"]
+
+log = logging.getLogger("osprey.rest")
 
 # the ASGI message (an Osprey extension) that abandons an answer already started: see _OneWriteCycle.send
 ABORT = "osprey.response.abort"
+_TOO_MANY_BODY = (b'{"code": 503, "type": "ServiceUnavailableException", "message": "Too many open '
+                  b'connections (max_connections %d); try again later"}')
+_TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+             b"connection: close\r\ncontent-length: %d\r\n\r\n" + _TOO_MANY_BODY)
 JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
 LINGER_S = 2.0  # after a 414/431, seconds the rest of the client's request is read and dropped
 
@@ -130,6 +137,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     which answers 408 to a request that arrives too slowly."""
 
     read_timeout = 60.0  # seconds; 0 or less: no read timeout (set by :func:`http_protocol`)
+    max_connections = 0  # open connections on this port before new ones are refused; 0: no limit
+    refused_connections = 0  # connections refused for max_connections (per listener class)
+    _refused_logged = -1e9
     max_header_size = 65536  # bytes of request line and headers (set by :func:`http_protocol`)
     _head_size = 0  # bytes of the head's line and headers parsed so far
     _head_raw = 0  # bytes received while the head was incomplete (after its first read)
@@ -138,6 +148,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self.max_connections and len(self.server_state.connections) > self.max_connections:
+            self._over_limit(transport)
+            return
         self._parser_error: str | None = None  # what the parser said about the request it refused
         self._read_timer = None
         self._head_deadline = 0.0  # while a request's head is arriving: when it must be complete
@@ -151,6 +164,28 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         if self.timeout_keep_alive > 0:  # a connection that never sends a request is idle, too
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
+
+    def _over_limit(self, transport) -> None:
+        """More connections are open on this port than ``max_connections``: this one is answered
+        503 at once and closed, before anything is read, so that the server keeps file descriptors
+        for its own work (models, logs, state) and serves the connections it has."""
+        self._read_timer = None
+        self._head_deadline = 0.0
+        self._in_body = False
+        self._discarding = True  # whatever the client sends is dropped
+        self.last_active = time.monotonic()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        cls = type(self)
+        cls.refused_connections += 1
+        transport.write(_TOO_MANY % (len(_TOO_MANY_BODY % self.max_connections), self.max_connections))
+        transport.close()
+        now = time.monotonic()
+        if now - cls._refused_logged >= 5.0:  # one line per 5 s at most, with the count so far
+            cls._refused_logged = now
+            log.warning("event=connections_refused open=%d max_connections=%d refused_total=%d",
+                        len(self.server_state.connections), self.max_connections, cls.refused_connections)
 
     def on_response_complete(self) -> None:
         self.last_active = time.monotonic()  # a client that just got its answer may send the next one soon
@@ -426,11 +461,48 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
                 b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
 
 
-def http_protocol(read_timeout: float = 60.0, max_header_size: int = 65536):
+def http_protocol(read_timeout: float = 60.0, max_header_size: int = 65536, max_connections: int = 0):
     """The protocol for uvicorn's ``http=``: Osprey's where the installed uvicorn has the hook
     it relies on (``HttpToolsProtocol._start_asgi_task``, a cycle class without slots), else
-    uvicorn's own httptools protocol (two writes per response, no read timeout, no head limit)."""
+    uvicorn's own httptools protocol (two writes per response, no read timeout, no head limit,
+    no connection limit). One class per listener: ``max_connections`` counts that port's."""
     if callable(getattr(HttpToolsProtocol, "_start_asgi_task", None)) and "__slots__" not in vars(RequestResponseCycle):
         return type("OspreyHttpProtocol", (OneWriteHttpToolsProtocol,),
-                    {"read_timeout": float(read_timeout), "max_header_size": int(max_header_size)})
+                    {"read_timeout": float(read_timeout), "max_header_size": int(max_header_size),
+                     "max_connections": max(0, int(max_connections))})
     return "httptools"
+
+
+FD_RESERVE = 256  # file descriptors kept for the server's own work when the limit is derived
+
+
+def connection_limit(setting: int) -> int:
+    """``max_connections`` as given, or (0) derived from this process's open-files limit, leaving
+    :data:`FD_RESERVE` descriptors for models, logs, state files and the other ports."""
+    if setting > 0:
+        return setting
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 0
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(64, soft - FD_RESERVE)
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise this process's soft open-files limit to its hard limit (the JVM does so for
+    TorchServe); (old, new) when raised, else None. Children inherit it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        if soft == resource.RLIM_INFINITY or soft >= target:
+            return None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    except (ImportError, OSError, ValueError):
+        return None
