@@ -407,6 +407,32 @@ def test_cors_as_torchserve_configures_it(osprey, store):
     assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == "https://app.example"
 
 
+def test_a_full_queue_refusal_carries_cors_for_an_allowed_origin(osprey, store, tmp_path):
+    """A refusal answered from its head alone (queue full: 503 before the body is read) carries
+    Access-Control-Allow-Origin like any other answer, so a browser client can read the 503 and
+    its Retry-After instead of failing on CORS."""
+    handler_archive(store, "recc", RECORDING_HANDLER, config={"batchSize": 1, "jobQueueSize": 1})
+    srv = osprey(["recc=recc.mar"], store, extra_args=["--no-grpc"],
+                 config={"cors_allowed_origin": "https://app.example"})
+    url = f"{srv.inference}/predictions/recc"
+    gate = Gate(tmp_path)
+    with httpx.Client(timeout=30) as client, cf.ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(client.post, url, json={"id": 0, "gate": gate.value})
+        gate.wait_entered()
+        queued = pool.submit(client.post, url, json={"id": 1})
+        wait_until(lambda: pending(srv, "recc") == 1, what="one request queued")
+        first = client.post(url, json={"id": 2}, headers={"Origin": "https://app.example"})  # opens the refusing window
+        allowed = client.post(url, json={"id": 3}, headers={"Origin": "https://app.example"})
+        other = client.post(url, json={"id": 4}, headers={"Origin": "https://evil.example"})
+        gate.open()
+        assert busy.result().status_code == 200 and queued.result().status_code == 200
+    for r in (first, allowed):
+        assert r.status_code == 503 and r.headers["retry-after"], r.text
+        assert r.headers["access-control-allow-origin"] == "https://app.example" and r.headers["vary"] == "Origin"
+        assert "queue is full" in r.json()["message"]
+    assert other.status_code == 503 and "access-control-allow-origin" not in other.headers
+
+
 def test_response_timeout_counts_from_dispatch_not_from_arrival(osprey, store):
     """responseTimeout 1 s, one instance, batches of one, each request running 0.4 s: five sent
     at once wait up to 1.6 s in the queue, and each runs well within its second. TorchServe

@@ -211,8 +211,26 @@ class Router:
         answer = self._admit(route, params, keep_alive)
         if answer is not None:
             scope["osprey.route"] = None
+            if self.cors is not None:  # an allowed Origin's refusal carries CORS, as every answer does
+                answer = self._with_cors(answer, scope["headers"])
             if self.on_response is not None:
                 self.on_response(scope, self._refused_status, time.monotonic())
+        return answer
+
+    def _with_cors(self, answer: bytes, raw_headers) -> bytes:
+        """A pre-encoded refusal with Access-Control-Allow-Origin (and Vary) added for an allowed
+        Origin (:meth:`_cors`'s rule); as it was for any other request."""
+        origins = self.cors[0]
+        for k, v in raw_headers:
+            if k.lower() == b"origin":
+                origin = v.decode("latin-1")
+                if "*" in origins or origin in origins:
+                    extra = b"\r\naccess-control-allow-origin: " + (b"*" if "*" in origins else v)
+                    if "*" not in origins:
+                        extra += b"\r\nvary: Origin"
+                    head, sep, body = answer.partition(b"\r\n\r\n")
+                    return head + extra + sep + body
+                break
         return answer
 
     def early_refusal(self, path: str) -> bytes | None:
@@ -221,8 +239,8 @@ class Router:
         (:meth:`refusal` then finds ``osprey.admitted`` in the scope and does not ask again);
         None where a token must be checked or the route has no admission check."""
         route, params, _ = self._match("POST", path)
-        if route is None or route.admit is None or (route.auth and self.token is not None):
-            return None
+        if route is None or route.admit is None or (route.auth and self.token is not None) or self.cors is not None:
+            return None  # (with CORS, the answer depends on the Origin header: refusal() reads it)
         answer = self._admit(route, params, True)
         if answer is None:
             return b""
