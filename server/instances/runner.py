@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -220,7 +221,11 @@ class BatchRunner:
                 out.append(InferenceResponse(status=status, tensors=value["tensors"]))
                 continue
             try:
-                body, ctype = encode_body(value)
+                if type(value).__name__ == "Tensor" and batch[i].request.protocol in _TORCHSERVE_APIS \
+                        and _is_torch_tensor(value):
+                    body, ctype = _torch_saved(value), "application/octet-stream"  # as TorchServe's worker
+                else:
+                    body, ctype = encode_body(value)
             except (TypeError, ValueError) as exc:
                 if failed:
                     out.append(_chosen_error(rp, status, value))
@@ -235,6 +240,24 @@ class BatchRunner:
             out.append(InferenceResponse(body=body, status=status, content_type=ctype, headers=headers or {},
                                          model_version=self.version))
         return out
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")  # a handler that made a tensor has imported torch
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _torch_saved(value: Any) -> bytes:
+    """A torch.Tensor result on TorchServe's APIs: the bytes of ``torch.save`` (TorchServe's
+    worker sends a tensor so, and clients read it back with ``torch.load``); a tensor on a
+    device is saved from the CPU, so that the client needs no such device to load it."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value.detach().cpu(), buf)
+    return buf.getvalue()
 
 
 def _chosen_error(rp: Any, status: int, value: Any) -> OspreyError:

@@ -72,6 +72,12 @@ def handle(data, context):
     return out
 '''
 
+# the same model, answering each request with the output tensor itself: TorchServe's worker
+# sends a torch.Tensor as the bytes of torch.save, which clients read with torch.load
+TENSOR_HANDLER = FUNCTION_HANDLER.replace("out.append(y.reshape(-1).tolist())", "out.append(y.reshape(-1))")
+
+MODELS = ("cls_script", "cls_eager", "fn_script", "tensor_out")
+
 MODEL_FILE = '''
 import torch
 
@@ -102,6 +108,7 @@ def archives(tmp_path_factory) -> Path:
     torch.jit.script(model).save(str(work / "mlp.pt"))
     (work / "cls_handler.py").write_text(CLASS_HANDLER)
     (work / "fn_handler.py").write_text(FUNCTION_HANDLER)
+    (work / "tensor_handler.py").write_text(TENSOR_HANDLER)
     (work / "model-config.yaml").write_text("minWorkers: 1\nmaxWorkers: 1\nbatchSize: 4\nmaxBatchDelay: 20\n")
     archiver = str(BIN / "torch-model-archiver")
     common = ["--version", "1.0", "--export-path", str(store), "--force"]
@@ -111,6 +118,8 @@ def archives(tmp_path_factory) -> Path:
         ["--model-name", "cls_eager", "--model-file", str(work / "model.py"), "--serialized-file", str(work / "mlp_state.pth"),
          "--handler", str(work / "cls_handler.py")],
         ["--model-name", "fn_script", "--serialized-file", str(work / "mlp.pt"), "--handler", str(work / "fn_handler.py")],
+        ["--model-name", "tensor_out", "--serialized-file", str(work / "mlp.pt"),
+         "--handler", str(work / "tensor_handler.py")],
     ]
     for args in runs:
         subprocess.run([archiver, *args, *common], check=True, capture_output=True, timeout=120)
@@ -125,7 +134,7 @@ def write_config(path: Path, store: Path) -> dict[str, int]:
         f"metrics_address=http://127.0.0.1:{ports['met']}\n"
         f"grpc_inference_port={ports['grpc']}\ngrpc_management_port={ports['grpcm']}\n"
         f"model_store={store}\n"
-        "load_models=cls_script.mar,cls_eager.mar,fn_script.mar\n"
+        "load_models=cls_script.mar,cls_eager.mar,fn_script.mar,tensor_out.mar\n"
         "disable_token_authorization=true\n"
         "enable_model_api=true\n"
         "default_workers_per_model=1\n")
@@ -139,7 +148,7 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) 
             raise RuntimeError(f"server exited:\n{log.read_text()[-4000:]}")
         try:
             if all(httpx.post(f"{url}/predictions/{m}", json=[0.0] * 16, timeout=5).status_code == 200
-                   for m in ("cls_script", "cls_eager", "fn_script")):
+                   for m in MODELS):
                 return
         except httpx.HTTPError:
             pass
@@ -150,9 +159,18 @@ def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) 
 INPUTS = [[float(i) for i in range(16)], [0.5] * 16, [(-1) ** i * i / 7 for i in range(16)]]
 
 
+def _answer(url: str, model: str, x: list) -> list:
+    r = httpx.post(f"{url}/predictions/{model}", json=x, timeout=30)
+    assert r.status_code == 200, r.text
+    if model == "tensor_out":  # torch.save's bytes: read back as the client would
+        import io
+
+        return torch.load(io.BytesIO(r.content)).tolist()
+    return r.json()
+
+
 def answers(url: str) -> dict:
-    return {(m, i): httpx.post(f"{url}/predictions/{m}", json=x, timeout=30).json()
-            for m in ("cls_script", "cls_eager", "fn_script") for i, x in enumerate(INPUTS)}
+    return {(m, i): _answer(url, m, x) for m in MODELS for i, x in enumerate(INPUTS)}
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +202,7 @@ def test_osprey_serves_torch_model_archiver_archives(osprey_answers):
     for i in range(len(INPUTS)):
         assert osprey_answers[("cls_script", i)] == pytest.approx(osprey_answers[("cls_eager", i)], rel=1e-5)
         assert osprey_answers[("fn_script", i)] == pytest.approx(osprey_answers[("cls_script", i)], rel=1e-5)
+        assert osprey_answers[("tensor_out", i)] == pytest.approx(osprey_answers[("fn_script", i)], rel=1e-6)
 
 
 @pytest.mark.skipif(shutil.which("java") is None or not (BIN / "torchserve").exists(),
