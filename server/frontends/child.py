@@ -1,9 +1,10 @@
-"""A front-end process (``python -m server.frontends.child CONFIG``): connections in its own
-interpreter, requests relayed to the server.
+"""A front-end process (``python -m server.frontends.child INDEX LINK_FD LISTEN_FD``): connections
+in its own interpreter, requests relayed to the server.
 
 It is started by the server (:mod:`~server.frontends.supervisor`) with two file descriptors:
 a listening socket bound to the inference address with ``SO_REUSEPORT``, and its end of a
-Unix socket pair to the server. It serves HTTP with the server's own protocol
+Unix socket pair to the server, on which the server first writes the settings (as JSON, with a
+4-byte length: they may hold keys, which a command line would show to every user). It serves HTTP with the server's own protocol
 (:mod:`server.protocols.rest.http_protocol`: one write per answer, read timeouts, head
 limits, drain), reads each request's body (up to ``max_request_size`` and one byte more: the
 server's router then refuses it, 413, as it would its own), and relays the request whole to
@@ -219,7 +220,7 @@ async def _drain(server: uvicorn.Server, link: FrontLink, timeout: float) -> Non
 async def main(config: dict) -> int:
     loop = asyncio.get_running_loop()
     settings = Settings(**config["settings"])
-    link_sock = socket.socket(fileno=config["link_fd"])
+    link_sock = config["link"]
     listen_sock = socket.socket(fileno=config["listen_fd"])
     _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop), link_sock)
     app = RelayApp(link, settings.max_request_size)
@@ -251,9 +252,28 @@ async def main(config: dict) -> int:
     return 0
 
 
+def _read_config(sock: socket.socket) -> dict:
+    """The settings the server wrote on the socket pair before starting this process."""
+    def exactly(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise SystemExit("front end: the server closed the socket pair before sending the settings")
+            buf += chunk
+        return buf
+
+    return json.loads(exactly(int.from_bytes(exactly(4), "big")))
+
+
 def run(argv: list[str]) -> int:
-    config = json.loads(argv[0])
-    logging.basicConfig(level=config.get("log_level", "INFO"), stream=sys.stderr,
+    """``argv``: the front end's index, the socket pair's and the listening socket's descriptors."""
+    index, link_fd, listen_fd = (int(a) for a in argv[:3])
+    link = socket.socket(fileno=link_fd)
+    config = _read_config(link)
+    config.update(index=index, link=link, listen_fd=listen_fd)
+    where = {"filename": config["log_file"]} if config.get("log_file") else {"stream": sys.stderr}
+    logging.basicConfig(level=config.get("log_level", "INFO"), **where,
                         format=f"%(asctime)s %(levelname)s %(name)s[front end {config['index']}]: %(message)s")
     return asyncio.run(main(config))
 

@@ -85,6 +85,9 @@ class FrontEnds:
         self.stopping = False
         self._config = {k: v for k, v in dataclasses.asdict(settings).items()}
         self._log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+        # where this process logs (--log-file): the front ends' lines go to the same file
+        self._log_file = next((h.baseFilename for h in logging.getLogger().handlers
+                               if isinstance(h, logging.FileHandler)), None)
 
     # --- start --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -104,14 +107,22 @@ class FrontEnds:
         listener = reuseport_listener(self.host, self.port)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            config = {"index": fe.index, "link_fd": theirs.fileno(), "listen_fd": listener.fileno(),
-                      "log_level": self._log_level, "settings": self._config}
+            # the settings go through the socket pair, never the command line: they may hold keys
+            # and passwords (inference_key, keystore_pass), and any user of the machine can read
+            # a process's command line
+            config = {"index": fe.index, "log_level": self._log_level, "log_file": self._log_file,
+                      "settings": self._config}
+            data = json.dumps(config, default=str).encode()
+            ours.sendall(len(data).to_bytes(4, "big") + data)
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
             fe.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.frontends.child", json.dumps(config, default=str),
-                pass_fds=(theirs.fileno(), listener.fileno()), stdin=asyncio.subprocess.DEVNULL, env=env,
-                start_new_session=False)
+                sys.executable, "-m", "server.frontends.child", str(fe.index), str(theirs.fileno()),
+                str(listener.fileno()), pass_fds=(theirs.fileno(), listener.fileno()),
+                stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=False)
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
             listener.close()  # the child's copy listens; a copy kept here would queue connections nobody takes

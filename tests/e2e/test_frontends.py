@@ -276,3 +276,20 @@ def test_https_through_front_ends_and_sighup_renews_their_certificate(osprey, st
     wait_until(lambda: srv.log().count("TLS reloaded") >= 3, what="the server and both front ends to reload")
     conn = https(new["ca"], "frontend")  # a new connection to a front end: the renewed certificate
     assert post(conn, "/predictions/echo", b"renewed")[0] == 200
+
+
+def test_token_auth_through_a_front_end_and_no_secret_on_its_command_line(osprey, store):
+    """The inference token is checked for relayed requests as for the server's own; and the
+    front ends get their settings through the socket pair: their command lines, which every user
+    of the machine can read, hold neither the settings nor the key."""
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1})
+    srv = osprey(["rec=rec.mar"], store, token_auth=True, config={"frontends": 3})
+    key = srv.keys()["inference"]["key"]
+    for pid in frontend_pids(srv):
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+        assert key not in cmdline and "settings" not in cmdline and "keystore_pass" not in cmdline, cmdline
+    conn, _ = connection(srv, "frontend")
+    status, _, body = post(conn, "/predictions/rec", {"id": 1})
+    assert status == 401 and b"Token Authorization failed" in body
+    status, _, body = post(conn, "/predictions/rec", {"id": 2}, headers={"authorization": f"Bearer {key}"})
+    assert status == 200 and json.loads(body)["id"] == 2
