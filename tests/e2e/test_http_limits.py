@@ -86,6 +86,19 @@ def test_a_request_line_over_the_limit_is_414(srv):
     _still_serves(srv)
 
 
+def test_over_the_limit_under_v2_answers_in_the_oip_error_shape(srv):
+    """Under /v2 the 414 and 431 bodies are the Open Inference Protocol's {"error": ...}, as every
+    other /v2 error; TorchServe's {"code", "type", "message"} elsewhere (the tests above)."""
+    for raw, status in ((b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: a\r\nX-Foo: " + b"a" * (LIMIT * 2)
+                         + b"\r\nContent-Length: 2\r\n\r\n{}", 431),
+                        (b"GET /v2/models/" + b"m" * (LIMIT + 100) + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414)):
+        head, _, body = _exchange(srv, raw).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), head
+        err = json.loads(body)
+        assert list(err) == ["error"] and "max_header_size" in err["error"], err
+    _still_serves(srv)
+
+
 @pytest.mark.parametrize("raw, needle", [
     (b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nContent-Length: -5\r\n\r\n", "Content-Length"),
     (b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n[]", "header value"),

@@ -258,6 +258,8 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
         if self._head_size > self.max_header_size:
+            if len(self.url) < 64:  # enough of it to tell the API (/v2) the error's shape follows
+                self.url += url[:64]
             self._too_large(line=True)
             raise ValueError("request line too long")  # the parser stops; uvicorn calls send_400_response
         self.url += url
@@ -280,10 +282,9 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         else:
             status, reason, kind, what = (431, b"Request Header Fields Too Large", "RequestHeaderFieldsTooLargeException",
                                           "request headers larger")
-        body = orjson.dumps({"code": status, "type": kind,
-                             "message": f"{what} than {self.max_header_size} bytes (setting max_header_size)"})
-        self._head_too_large = (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                                b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
+        # in the error shape of the API the URL names (OIP's {"error"} under /v2), as _error does
+        self._head_too_large = self._error(status, reason, kind,
+                                           f"{what} than {self.max_header_size} bytes (setting max_header_size)")
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser refused, as Osprey's JSON error naming what
