@@ -25,7 +25,7 @@ from monitoring.access_log import AccessLog
 from monitoring.build import open_monitor
 from monitoring.metrics_log import MetricsLog
 from monitoring.ts_metrics_config import load_metrics_config
-from server.frontends.supervisor import FrontEnds, reuseport_listener
+from server.frontends.supervisor import FrontEnds, reuseport_listeners
 from server.log_files import LogFiles
 from server.protocols.auth import Keys
 from server.core.dataplane import DataPlane
@@ -295,7 +295,7 @@ class Server:
             sockets = None
             if app is self.inference_app and s.frontends > 1:  # shared with the front ends (SO_REUSEPORT)
                 try:
-                    sockets = [reuseport_listener(host, port, exclusive=True)]
+                    sockets = reuseport_listeners(host, port, exclusive=True)
                 except OSError as exc:
                     raise OSError(f"could not listen on {address}: {exc.strerror or exc}") from None
             try:
@@ -313,7 +313,7 @@ class Server:
                             "process (benchmarks/CHANGES.md, session 19)", s.frontends, cpus)
             host, _ = parse_address(s.inference_address)
             port = self._servers[0].servers[0].sockets[0].getsockname()[1]
-            self.frontends = FrontEnds(s, self.inference_app, host, port, s.frontends - 1)
+            self.frontends = FrontEnds(s, self.inference_app, host, port, s.frontends - 1, DRAIN_LINGER_S)
             await self.frontends.start()
         if start_grpc is not None:
             self._grpc = await start_grpc(self)

@@ -71,6 +71,9 @@ class Settings:
     # alone; N > 1 adds N - 1 front-end processes sharing the port (SO_REUSEPORT) that relay
     # every request to this one, so batching, metrics and state stay in one place
     frontends: int = 1
+    # seconds a front-end process may stay silent (it answers a heartbeat every second) before it
+    # is taken for hung, killed and started again
+    frontend_timeout: float = 10.0
     keep_alive_timeout: float = 120.0  # seconds an idle connection (also a new one that sends nothing) stays open
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
@@ -389,6 +392,8 @@ def load_settings(
     if settings.max_connections < 0:
         raise ValueError(f"setting max_connections: {settings.max_connections!r} must be 0 (from the open-files "
                          "limit) or a positive number")
+    if settings.frontend_timeout <= 0:
+        raise ValueError(f"setting frontend_timeout: {settings.frontend_timeout!r} must be a positive number of seconds")
     if not 1 <= settings.frontends <= 64:
         raise ValueError(f"setting frontends: {settings.frontends!r} must be from 1 (this process alone) to 64")
     if settings.instance_isolation not in ("thread", "process"):

@@ -1,4 +1,4 @@
-"""A front-end process (``python -m server.frontends.child INDEX LINK_FD LISTEN_FD``): connections
+"""A front-end process (``python -m server.frontends.child INDEX LINK_FD LISTEN_FDS``): connections
 in its own interpreter, requests relayed to the server.
 
 It is started by the server (:mod:`~server.frontends.supervisor`) with two file descriptors:
@@ -39,8 +39,9 @@ from server.tls import Tls, is_https
 
 log = logging.getLogger("osprey.frontends")
 
-DRAIN_LINGER_S = 0.5  # as the server's (server.serve): an idle connection used this recently may send again
 GONE_SCAN_S = 0.1  # how often requests waiting for their answer are checked for clients that left
+_BEHIND = (b'{"code": 503, "type": "ServiceUnavailableException", '
+           b'"message": "The server is not keeping up with the requests this front end relays; try again"}')
 _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
          b'"message": "The server stopped before answering (front end lost its server)"}')
 
@@ -72,20 +73,37 @@ class _Pending:
 class FrontLink(asyncio.Protocol):
     """The front end's end of the socket pair: requests out, answers in."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, high_water: int) -> None:
         self.loop = loop
         self.pending: dict[int, _Pending] = {}
         self.reader = FrameReader()
         self.outbox: Outbox | None = None
         self.lost = asyncio.Event()
+        self.paused = False  # the server is not reading what this front end relays (see RelayApp)
+        self.high_water = high_water
         self._scan = None
 
     def connection_made(self, transport) -> None:
+        transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
         self.outbox = Outbox(self.loop, transport)
+
+    def behind(self, more: int) -> bool:
+        """Relaying ``more`` bytes now would leave over ``high_water`` waiting for the server (in
+        this loop turn's messages or the transport's buffer)."""
+        return self.paused or self.outbox.waiting() + more > self.high_water
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
 
     def data_received(self, data: bytes) -> None:
         pending = self.pending
         for msg in self.reader.feed(data):
+            if msg[0] == "p":  # the server's heartbeat: this loop is alive
+                self.outbox.put(("q",))
+                continue
             p = pending.get(msg[1])
             if p is None:
                 continue
@@ -101,7 +119,7 @@ class FrontLink(asyncio.Protocol):
 
     def send(self, rid: int, head: tuple, body: bytes, more: bool, p: _Pending) -> None:
         self.pending[rid] = p
-        self.outbox.put(("r", rid, head, body, more))
+        self.outbox.put(("r", rid, head, body, more), len(body))
         if self._scan is None:
             self._scan = self.loop.call_later(GONE_SCAN_S, self._check_gone)
 
@@ -134,8 +152,14 @@ class RelayApp:
         if self.link.lost.is_set():
             await _answer(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _LOST)
             return
+        cycle = getattr(receive, "__self__", None)
+        if cycle is not None and getattr(cycle, "disconnected", False):
+            return  # its client left while its body was read: nothing to relay, nobody to answer
+        if self.link.behind(len(body)):  # the server has not read what was relayed: shed, do not buffer
+            await _answer(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _BEHIND)
+            return
         rid = next(self._ids)
-        p = _Pending(getattr(receive, "__self__", None))
+        p = _Pending(cycle)
         self.link.send(rid, scope_head(scope), body, more, p)
         msg = await p.next()
         if msg[0] == "a":
@@ -186,7 +210,7 @@ async def _answer(send, status: int, headers: list, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _drain(server: uvicorn.Server, link: FrontLink, timeout: float) -> None:
+async def _drain(server: uvicorn.Server, link: FrontLink, timeout: float, linger: float) -> None:
     """Stop accepting, answer what was received, close the connections (the server's drain)."""
     for listener in getattr(server, "servers", []):
         listener.close()
@@ -204,7 +228,7 @@ async def _drain(server: uvicorn.Server, link: FrontLink, timeout: float) -> Non
         for conn in conns():
             if not getattr(conn, "idle", lambda: True)():
                 busy = True
-            elif now - getattr(conn, "last_active", 0.0) >= DRAIN_LINGER_S:
+            elif now - getattr(conn, "last_active", 0.0) >= linger:  # the server's DRAIN_LINGER_S
                 conn.shutdown()
             else:
                 busy = True
@@ -221,8 +245,10 @@ async def main(config: dict) -> int:
     loop = asyncio.get_running_loop()
     settings = Settings(**config["settings"])
     link_sock = config["link"]
-    listen_sock = socket.socket(fileno=config["listen_fd"])
-    _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop), link_sock)
+    listeners = [socket.socket(fileno=fd) for fd in config["listen_fds"]]
+    # what may wait unread by the server before requests are shed (503): two of the largest bodies
+    high_water = max(16 << 20, 2 * settings.max_request_size + (1 << 20))
+    _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop, high_water), link_sock)
     app = RelayApp(link, settings.max_request_size)
     uv = uvicorn.Config(app, lifespan="off", http=http_protocol(settings.request_read_timeout, settings.max_header_size,
                                                                 connection_limit(settings.max_connections)),
@@ -236,7 +262,7 @@ async def main(config: dict) -> int:
         loop.add_signal_handler(signal.SIGHUP, tls.reload)
     server = uvicorn.Server(uv)
     server.lifespan = uv.lifespan_class(uv)
-    await server.startup(sockets=[listen_sock])
+    await server.startup(sockets=listeners)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -246,7 +272,7 @@ async def main(config: dict) -> int:
     await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
     if link.lost.is_set() and not stop.is_set():
         log.warning("front end %d: the server's end closed; exiting", config["index"])
-    await _drain(server, link, 0.0 if link.lost.is_set() else settings.drain_timeout)
+    await _drain(server, link, 0.0 if link.lost.is_set() else settings.drain_timeout, config["drain_linger"])
     waiter.cancel()
     lost.cancel()
     return 0
@@ -267,11 +293,17 @@ def _read_config(sock: socket.socket) -> dict:
 
 
 def run(argv: list[str]) -> int:
-    """``argv``: the front end's index, the socket pair's and the listening socket's descriptors."""
-    index, link_fd, listen_fd = (int(a) for a in argv[:3])
+    """``argv``: the front end's index, the socket pair's descriptor and the listening sockets'
+    (comma-separated: one per address the inference host name has)."""
+    # SIGHUP: never this process's end (its life follows the server's link); with TLS it reloads
+    # the certificate, once the loop runs. Ignored from the first moment: the server may forward
+    # one (a certificate reload) while this front end is still starting.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    index, link_fd = int(argv[0]), int(argv[1])
+    listen_fds = [int(fd) for fd in argv[2].split(",")]
     link = socket.socket(fileno=link_fd)
     config = _read_config(link)
-    config.update(index=index, link=link, listen_fd=listen_fd)
+    config.update(index=index, link=link, listen_fds=listen_fds)
     where = {"filename": config["log_file"]} if config.get("log_file") else {"stream": sys.stderr}
     logging.basicConfig(level=config.get("log_level", "INFO"), **where,
                         format=f"%(asctime)s %(levelname)s %(name)s[front end {config['index']}]: %(message)s")

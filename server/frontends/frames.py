@@ -13,22 +13,40 @@ abandoned (the connection closes without its end).
 
 from __future__ import annotations
 
+import io
+import logging
 import pickle
 import struct
 
-__all__ = ["FrameReader", "Outbox", "scope_head", "scope_from_head", "MAX_FRAME"]
+__all__ = ["FrameReader", "Outbox", "scope_head", "scope_from_head"]
+
+log = logging.getLogger("osprey.frontends")
 
 _LEN = struct.Struct(">I")
-MAX_FRAME = 2**31  # a frame's length must fit; a request body is bounded far below (max_request_size)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads only what the messages are made of (tuples, lists, bytes, str, numbers, None): no
+    class or function is ever looked up. The front ends parse what clients send, so the server
+    does not trust what they hand it to be free of pickle's code paths."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"relay frames hold plain data only, not {module}.{name}")
+
+
+def _plain_loads(data) -> list:
+    return _PlainUnpickler(io.BytesIO(data)).load()
 
 
 class FrameReader:
-    """Bytes in, lists of messages out."""
+    """Bytes in, lists of messages out; ``plain``: refuse anything but plain data (the server's
+    side, reading what front ends send)."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_loads")
 
-    def __init__(self) -> None:
+    def __init__(self, plain: bool = False) -> None:
         self._buf = bytearray()
+        self._loads = _plain_loads if plain else pickle.loads
 
     def feed(self, data: bytes) -> list:
         buf = self._buf
@@ -40,7 +58,7 @@ class FrameReader:
             (n,) = _LEN.unpack_from(buf, pos)
             if end - pos - 4 < n:
                 break
-            out.extend(pickle.loads(memoryview(buf)[pos + 4:pos + 4 + n]))
+            out.extend(self._loads(memoryview(buf)[pos + 4:pos + 4 + n]))
             pos += 4 + n
         if pos:
             del buf[:pos]
@@ -50,24 +68,51 @@ class FrameReader:
 class Outbox:
     """Messages for one transport, written as one frame at the end of the loop turn."""
 
-    __slots__ = ("_loop", "_transport", "_msgs")
+    __slots__ = ("_loop", "_transport", "_msgs", "size")
 
     def __init__(self, loop, transport) -> None:
         self._loop = loop
         self._transport = transport
         self._msgs: list = []
+        self.size = 0  # payload bytes put this turn and not yet written (as ``put`` was told)
 
-    def put(self, msg: tuple) -> None:
+    def put(self, msg: tuple, size: int = 0) -> None:
         if not self._msgs:
             self._loop.call_soon(self._flush)
         self._msgs.append(msg)
+        self.size += size
+
+    def waiting(self) -> int:
+        """Bytes not yet taken by the other side: put this turn, or in the transport's buffer."""
+        return self.size + self._transport.get_write_buffer_size()
 
     def _flush(self) -> None:
         msgs, self._msgs = self._msgs, []
+        self.size = 0
         if self._transport.is_closing():
             return
-        data = pickle.dumps(msgs, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(msgs, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # one bad message must not take the others with it: each alone
+            data = b"".join(self._frame_of([m]) for m in msgs)
+            if data:
+                self._transport.write(data)
+            return
+        if len(data) >= 1 << 32:  # cannot be framed; each alone (one too large is dropped, logged)
+            self._transport.write(b"".join(self._frame_of([m]) for m in msgs))
+            return
         self._transport.write(_LEN.pack(len(data)) + data)
+
+    @staticmethod
+    def _frame_of(msgs: list) -> bytes:
+        try:
+            data = pickle.dumps(msgs, protocol=pickle.HIGHEST_PROTOCOL)
+            if len(data) < 1 << 32:
+                return _LEN.pack(len(data)) + data
+            raise ValueError(f"a relay message of {len(data)} bytes is too large to frame")
+        except Exception:
+            log.exception("a relay message could not be sent and is dropped: %.200r", msgs[0][:2])
+            return b""
 
 
 def scope_head(scope: dict) -> tuple:

@@ -46,7 +46,8 @@ class _Relayed:
             self.body = None
             return {"type": "http.request", "body": body, "more_body": self.more}
         if self.more and not self.disconnected:  # cut at the limit: the reader counts one more (empty)
-            return {"type": "http.request", "body": b"", "more_body": True}  # part and refuses, 413
+            self.more = False  # part and refuses, 413; asked again, the body has no more to give
+            return {"type": "http.request", "body": b"", "more_body": True}
         if not self.disconnected:  # nothing more will come (ASGI: wait until the client goes)
             self._gone = self.link.loop.create_future()
             await self._gone
@@ -87,7 +88,9 @@ class RelayLink(asyncio.Protocol):
         self.loop = loop
         self.on_lost = on_lost
         self.open: dict[int, _Relayed] = {}  # requests relayed and not yet answered
-        self.reader = FrameReader()
+        self.reader = FrameReader(plain=True)  # what a front end sends is plain data, nothing else is loaded
+        self.last_heard = loop.time()  # when the front end last sent anything (the supervisor's heartbeat)
+        self.asked_at: float | None = None  # when the heartbeat last asked it for a sign of life
         self.transport = None
         self.outbox: Outbox | None = None
         self.closed = loop.create_future()
@@ -99,7 +102,14 @@ class RelayLink(asyncio.Protocol):
         self.outbox = Outbox(self.loop, transport)
 
     def data_received(self, data: bytes) -> None:
-        for msg in self.reader.feed(data):
+        self.last_heard = self.loop.time()
+        try:
+            msgs = self.reader.feed(data)
+        except Exception:  # not what a front end sends: drop the link (the front end is restarted)
+            log.exception("a front end sent what is not a relay frame; its link is closed")
+            self.transport.close()
+            return
+        for msg in msgs:
             if msg[0] == "r":
                 _, rid, head, body, more = msg
                 cycle = self.open[rid] = _Relayed(self, rid, body, more)

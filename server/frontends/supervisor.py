@@ -25,38 +25,50 @@ from typing import Callable
 from server.core.events import event
 from server.frontends.relay import RelayLink
 
-__all__ = ["FrontEnds", "reuseport_listener", "START_TIMEOUT_S"]
+__all__ = ["FrontEnds", "reuseport_listeners", "START_TIMEOUT_S"]
 
 log = logging.getLogger("osprey.frontends")
 
 START_TIMEOUT_S = 60.0  # a front end that has not listened by then fails the server's start
+HEARTBEAT_S = 1.0  # how often each front end is asked whether its loop runs
 _ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding the ``server`` package
 
 
-def reuseport_listener(host: str, port: int, exclusive: bool = False) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEADDR and SO_REUSEPORT, not yet listening.
+def reuseport_listeners(host: str, port: int, exclusive: bool = False) -> list[socket.socket]:
+    """TCP sockets bound to every address of (host, port) with SO_REUSEADDR and SO_REUSEPORT, not
+    yet listening (a host name may have several addresses, ::1 and 127.0.0.1 for localhost: all
+    are bound, as uvicorn binds them when it makes its own sockets).
 
     ``exclusive``: first check that nothing listens there (a plain bind): SO_REUSEPORT alone
     would let a second server of the same user share the port with the first, unnoticed."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise OSError("several front ends need SO_REUSEPORT, which this system does not have (setting frontends)")
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    if exclusive:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(addr)
-    sock = socket.socket(family, kind, proto)
+    infos = []
+    for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        if info[4] not in [i[4] for i in infos]:
+            infos.append(info)
+    out: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
+        for family, kind, proto, _, addr in infos:
+            if exclusive:
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    probe.bind(addr)
+            sock = socket.socket(family, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.set_inheritable(False)
     except OSError:
-        sock.close()
+        for sock in out:
+            sock.close()
         raise
-    sock.set_inheritable(False)
-    return sock
+    return out
 
 
 class _FrontEnd:
@@ -75,7 +87,7 @@ class FrontEnds:
     """The ``count`` front-end processes beside this server, relaying to ``app`` (the inference
     port's router) on ``host:port``."""
 
-    def __init__(self, settings, app: Callable, host: str, port: int, count: int):
+    def __init__(self, settings, app: Callable, host: str, port: int, count: int, drain_linger: float = 1.0):
         self.settings = settings
         self.app = app
         self.host = host
@@ -83,6 +95,8 @@ class FrontEnds:
         self.loop = asyncio.get_running_loop()
         self.ends = [_FrontEnd(i + 1) for i in range(count)]
         self.stopping = False
+        self._heartbeat: asyncio.Task | None = None
+        self.drain_linger = drain_linger  # the server's DRAIN_LINGER_S, which the front ends' drains use too
         self._config = {k: v for k, v in dataclasses.asdict(settings).items()}
         self._log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         # where this process logs (--log-file): the front ends' lines go to the same file
@@ -100,35 +114,69 @@ class FrontEnds:
                 code = fe.proc.returncode if fe.proc is not None else None
                 raise OSError(f"front end {fe.index} did not start (exit code {code}); its log is in the server's")
             fe.watch = self.loop.create_task(self._watch(fe))
+        self._heartbeat = self.loop.create_task(self._beat())
         event(log, "frontends_started", count=len(self.ends) + 1, pids=[fe.proc.pid for fe in self.ends],
               address=f"{self.host}:{self.port}")
 
     async def _spawn(self, fe: _FrontEnd) -> None:
-        listener = reuseport_listener(self.host, self.port)
+        listeners = reuseport_listeners(self.host, self.port)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # the settings go through the socket pair, never the command line: they may hold keys
             # and passwords (inference_key, keystore_pass), and any user of the machine can read
             # a process's command line
             config = {"index": fe.index, "log_level": self._log_level, "log_file": self._log_file,
-                      "settings": self._config}
+                      "drain_linger": self.drain_linger, "settings": self._config}
             data = json.dumps(config, default=str).encode()
             ours.sendall(len(data).to_bytes(4, "big") + data)
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
             fe.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server.frontends.child", str(fe.index), str(theirs.fileno()),
-                str(listener.fileno()), pass_fds=(theirs.fileno(), listener.fileno()),
+                ",".join(str(s.fileno()) for s in listeners), pass_fds=(theirs.fileno(), *(s.fileno() for s in listeners)),
                 stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=False)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-            listener.close()  # the child's copy listens; a copy kept here would queue connections nobody takes
+            for sock in listeners:  # the child's copies listen; one kept here would queue connections nobody takes
+                sock.close()
         fe.started_at = time.monotonic()
         _, fe.link = await self.loop.connect_accepted_socket(
             lambda: RelayLink(self.app, self.loop, lambda _link: None), ours)
+
+    async def _beat(self) -> None:
+        """Every HEARTBEAT_S, ask each front end for a sign of life; one that has not answered a
+        question asked ``frontend_timeout`` seconds ago (a stopped or hung process still holds
+        its listening socket, so the kernel keeps sending it its share of new connections) is
+        killed, and :meth:`_watch` starts it again. After a pause of this process itself (a
+        round late by more than a beat), nobody is judged that round: the answers may be
+        waiting unread."""
+        timeout = float(self.settings.frontend_timeout)
+        woke = self.loop.time()
+        while not self.stopping:
+            await asyncio.sleep(HEARTBEAT_S)
+            now = self.loop.time()
+            late, woke = now - woke > 2 * HEARTBEAT_S, now
+            for fe in self.ends:
+                link, proc = fe.link, fe.proc
+                if link is None or proc is None or proc.returncode is not None or not link.ready.done():
+                    continue
+                asked = link.asked_at
+                if asked is not None and link.last_heard < asked:  # the question is unanswered
+                    if now - asked > timeout and not late and not self.stopping:
+                        event(log, "frontend_unresponsive", level=logging.WARNING, index=fe.index, pid=proc.pid,
+                              silent_s=round(now - link.last_heard, 1))
+                        try:
+                            proc.kill()  # SIGKILL ends a stopped process too
+                        except ProcessLookupError:
+                            pass
+                        link.asked_at = None
+                    continue
+                if link.transport is not None and not link.transport.is_closing():
+                    link.asked_at = now
+                    link.put(("p",))
 
     async def _watch(self, fe: _FrontEnd) -> None:
         """Start ``fe`` again whenever it exits while the server runs."""
@@ -149,6 +197,8 @@ class FrontEnds:
                 await asyncio.wait_for(asyncio.shield(fe.link.ready), START_TIMEOUT_S)
                 event(log, "frontend_restarted", index=fe.index, pid=fe.proc.pid)
             except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                if self.stopping:  # the server stops meanwhile (its SIGTERM reached the new child)
+                    return
                 log.error("front end %d could not be started again: %s", fe.index, exc)
                 if fe.proc is None or fe.proc.returncode is not None:
                     continue
@@ -183,6 +233,9 @@ class FrontEnds:
                 if p.returncode is None:
                     p.kill()
             await asyncio.gather(*(p.wait() for p in procs), return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         for fe in self.ends:
             if fe.watch is not None:
                 fe.watch.cancel()

@@ -293,3 +293,70 @@ def test_token_auth_through_a_front_end_and_no_secret_on_its_command_line(osprey
     assert status == 401 and b"Token Authorization failed" in body
     status, _, body = post(conn, "/predictions/rec", {"id": 2}, headers={"authorization": f"Bearer {key}"})
     assert status == 200 and json.loads(body)["id"] == 2
+
+
+def test_a_hung_front_end_is_killed_and_started_again(osprey, store):
+    """A stopped front end still holds its listening socket, so the kernel keeps handing it new
+    connections that nobody answers: the server's heartbeat finds it silent past
+    frontend_timeout, kills it and starts another."""
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 1})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 3, "frontend_timeout": 2})
+    _, hung = connection(srv, "frontend")
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        wait_until(lambda: "event=frontend_unresponsive" in srv.log() and "event=frontend_restarted" in srv.log(),
+                   timeout=60, what="the hung front end to be replaced")
+    finally:
+        try:
+            os.kill(hung, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert f"pid={hung}" in srv.log().split("event=frontend_unresponsive", 1)[1].splitlines()[0]
+    wait_until(lambda: not alive(hung), what="the hung front end to be gone")
+    now = frontend_pids(srv)
+    assert len(now) == 2 and hung not in now
+    conn, pid = connection(srv, "frontend")
+    assert post(conn, "/predictions/rec", {"id": "after"})[0] == 200
+
+
+def test_a_stalled_server_makes_front_ends_shed_not_buffer(osprey, store):
+    """While the server is stopped, a front end relays what the link can hold and answers the
+    rest 503 at once (it used to buffer every body: 750 MB in 20 s); once the server runs again,
+    every relayed request is answered, none lost."""
+    handler_archive(store, "rec", RECORDING_HANDLER, config={"batchSize": 8})
+    srv = osprey(["rec=rec.mar"], store, config={"frontends": 2, "max_request_size": 1 << 20})
+    body = json.dumps({"id": 0, "pad": "x" * ((1 << 20) - 100)}).encode()
+    conns = [connection(srv, "frontend")[0] for _ in range(40)]
+    front = frontend_pids(srv)[0]
+    os.kill(srv.proc.pid, signal.SIGSTOP)
+    try:
+        for c in conns:
+            c.putrequest("POST", "/predictions/rec")
+            c.putheader("content-type", "application/json")
+            c.putheader("content-length", str(len(body)))
+            c.endheaders()
+            c.send(body)
+        # past what the link holds (16 MiB), the front end answers while the server is stopped:
+        # wait until some connections have an answer to read (the others wait for the server)
+        import select
+
+        answered = wait_for(lambda: select.select([c.sock for c in conns], [], [], 1.0)[0], 60,
+                            "the front end to shed requests")
+        by_sock = {c.sock: c for c in conns}
+        shed = []
+        for sock in answered:
+            resp = by_sock[sock].getresponse()
+            shed.append((resp.status, resp.getheader("retry-after"), resp.read()))
+        assert shed and all(st == 503 and ra == "1" and b"not keeping up" in b for st, ra, b in shed), shed[:1]
+        assert psutil.Process(front).memory_info().rss < 200 << 20
+    finally:
+        os.kill(srv.proc.pid, signal.SIGCONT)
+    statuses = [s for s, _, _ in shed]
+    for c in conns:
+        if c.sock in answered:
+            continue
+        resp = c.getresponse()
+        resp.read()
+        statuses.append(resp.status)
+    assert len(statuses) == 40 and set(statuses) <= {200, 503} and statuses.count(200) >= 10, statuses
+    assert post(conns[0], "/predictions/rec", {"id": "after"})[0] == 200
