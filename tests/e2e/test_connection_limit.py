@@ -65,6 +65,13 @@ def test_past_max_connections_a_new_connection_is_503_and_the_rest_go_on(osprey,
     # the connections already open are served as before
     held[0].sendall(PING)
     assert held[0].recv(65536).startswith(b"HTTP/1.1 200")
+    # a refused client already sending a large body still reads the 503 (a lingering close, not a reset)
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        big = b"x" * (2 << 20)
+        sock.sendall(b"POST /predictions/mlp HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(big) + big)  # read and dropped: no broken pipe
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 503") and b"max_connections 5" in answer, answer[:200]
     held.pop().close()  # one closes: a new connection is served again
     wait_until(lambda: _pings(port), what="a new connection to be served after one closed")
     assert "event=connections_refused" in srv.log() and "max_connections=5" in srv.log()

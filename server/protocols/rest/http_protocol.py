@@ -59,6 +59,8 @@ _TOO_MANY = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/jso
              b"connection: close\r\ncontent-length: %d\r\n\r\n" + _TOO_MANY_BODY)
 JOIN_LIMIT = 64 * 1024  # header block + body up to this size are joined into one buffer
 LINGER_S = 2.0  # after a 414/431, seconds the rest of the client's request is read and dropped
+REFUSED_LINGER_S = 0.5  # the same for a connection refused for max_connections ...
+REFUSED_LINGERING_MAX = 64  # ... for at most this many at once (more are closed at once)
 
 
 class _HeldTransport:
@@ -139,6 +141,7 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     read_timeout = 60.0  # seconds; 0 or less: no read timeout (set by :func:`http_protocol`)
     max_connections = 0  # open connections on this port before new ones are refused; 0: no limit
     refused_connections = 0  # connections refused for max_connections (per listener class)
+    _lingering = 0  # refused connections still open for their lingering close
     _refused_logged = -1e9
     max_header_size = 65536  # bytes of request line and headers (set by :func:`http_protocol`)
     _head_size = 0  # bytes of the head's line and headers parsed so far
@@ -180,12 +183,24 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         cls = type(self)
         cls.refused_connections += 1
         transport.write(_TOO_MANY % (len(_TOO_MANY_BODY % self.max_connections), self.max_connections))
-        transport.close()
+        # a short lingering close, so that a client already sending its body reads the 503 rather
+        # than a reset; only for a few at a time: a flood of refused connections must not hold
+        # the descriptors the limit is there to keep
+        if cls._lingering < REFUSED_LINGERING_MAX and transport.can_write_eof():
+            cls._lingering += 1
+            transport.write_eof()
+            self.loop.call_later(REFUSED_LINGER_S, self._end_linger, transport)
+        else:
+            transport.close()
         now = time.monotonic()
         if now - cls._refused_logged >= 5.0:  # one line per 5 s at most, with the count so far
             cls._refused_logged = now
             log.warning("event=connections_refused open=%d max_connections=%d refused_total=%d",
                         len(self.server_state.connections), self.max_connections, cls.refused_connections)
+
+    def _end_linger(self, transport) -> None:
+        type(self)._lingering -= 1
+        transport.close()
 
     def on_response_complete(self) -> None:
         self.last_active = time.monotonic()  # a client that just got its answer may send the next one soon
