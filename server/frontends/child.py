@@ -49,10 +49,11 @@ _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
 class _Pending:
     """A relayed request waiting for its answer's messages."""
 
-    __slots__ = ("cycle", "msgs", "waiter", "gone_sent")
+    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent")
 
-    def __init__(self, cycle) -> None:
-        self.cycle = cycle  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
+    def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
+        self.cycle = cycle
+        self.loop = loop  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
         self.msgs: collections.deque = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.gone_sent = False
@@ -65,7 +66,7 @@ class _Pending:
 
     async def next(self) -> tuple:
         while not self.msgs:
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.loop.create_future()
             await self.waiter
         return self.msgs.popleft()
 
@@ -159,7 +160,7 @@ class RelayApp:
             await _answer(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _BEHIND)
             return
         rid = next(self._ids)
-        p = _Pending(cycle)
+        p = _Pending(cycle, self.link.loop)
         self.link.send(rid, scope_head(scope), body, more, p)
         msg = await p.next()
         if msg[0] == "a":

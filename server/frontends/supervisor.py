@@ -128,7 +128,6 @@ class FrontEnds:
             config = {"index": fe.index, "log_level": self._log_level, "log_file": self._log_file,
                       "drain_linger": self.drain_linger, "settings": self._config}
             data = json.dumps(config, default=str).encode()
-            ours.sendall(len(data).to_bytes(4, "big") + data)
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
             fe.proc = await asyncio.create_subprocess_exec(
@@ -142,6 +141,12 @@ class FrontEnds:
             theirs.close()
             for sock in listeners:  # the child's copies listen; one kept here would queue connections nobody takes
                 sock.close()
+        ours.setblocking(False)
+        try:  # after the start: settings larger than the socket's buffer wait for the child to read them
+            await self.loop.sock_sendall(ours, len(data).to_bytes(4, "big") + data)
+        except OSError:
+            ours.close()
+            raise
         fe.started_at = time.monotonic()
         _, fe.link = await self.loop.connect_accepted_socket(
             lambda: RelayLink(self.app, self.loop, lambda _link: None), ours)
