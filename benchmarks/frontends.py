@@ -124,7 +124,8 @@ def run(work: Path, counts: list[int], models: list[str], rounds: int, duration:
     for m in chosen:
         base = None
         for n in counts:
-            mine = [x for x in rows if x["model"] == m.name and x["frontends"] == n and x["rps"]]
+            mine = [x for x in rows if x["model"] == m.name and x["frontends"] == n and x["rps"]
+                    and x["loop_us_per_request"] is not None]
             if not mine:
                 continue
             rps = statistics.median(x["rps"] for x in mine)

@@ -143,6 +143,8 @@ class RelayApp:
         self.link = link
         self.max_body = max_body
         self._ids = itertools.count(1)
+        self.shed = 0  # requests answered 503 because the server was behind
+        self._shed_logged = -1e9
 
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http":
@@ -157,6 +159,11 @@ class RelayApp:
         if cycle is not None and getattr(cycle, "disconnected", False):
             return  # its client left while its body was read: nothing to relay, nobody to answer
         if self.link.behind(len(body)):  # the server has not read what was relayed: shed, do not buffer
+            self.shed += 1
+            now = time.monotonic()
+            if now - self._shed_logged >= 5.0:  # one line per 5 s at most, with the count so far
+                self._shed_logged = now
+                log.warning("event=frontend_shed shed_total=%d waiting_bytes=%d", self.shed, self.link.outbox.waiting())
             await _answer(send, 503, [(b"content-type", b"application/json"), (b"retry-after", b"1")], _BEHIND)
             return
         rid = next(self._ids)
@@ -273,6 +280,8 @@ async def main(config: dict) -> int:
     await asyncio.wait((waiter, lost), return_when=asyncio.FIRST_COMPLETED)
     if link.lost.is_set() and not stop.is_set():
         log.warning("front end %d: the server's end closed; exiting", config["index"])
+    else:
+        log.info("event=frontend_draining index=%d", config["index"])
     await _drain(server, link, 0.0 if link.lost.is_set() else settings.drain_timeout, config["drain_linger"])
     waiter.cancel()
     lost.cancel()

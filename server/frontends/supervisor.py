@@ -144,7 +144,7 @@ class FrontEnds:
         ours.setblocking(False)
         try:  # after the start: settings larger than the socket's buffer wait for the child to read them
             await self.loop.sock_sendall(ours, len(data).to_bytes(4, "big") + data)
-        except OSError:
+        except BaseException:
             ours.close()
             raise
         fe.started_at = time.monotonic()
@@ -197,14 +197,15 @@ class FrontEnds:
             await asyncio.sleep(backoff)
             if self.stopping:
                 return
+            fe.started_at = time.monotonic()  # a start that fails at once counts as failing at once (backoff grows)
             try:
                 await self._spawn(fe)
                 await asyncio.wait_for(asyncio.shield(fe.link.ready), START_TIMEOUT_S)
                 event(log, "frontend_restarted", index=fe.index, pid=fe.proc.pid)
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+            except Exception as exc:  # whatever it was, try again later: a front end is never given up
                 if self.stopping:  # the server stops meanwhile (its SIGTERM reached the new child)
                     return
-                log.error("front end %d could not be started again: %s", fe.index, exc)
+                log.error("front end %d could not be started again: %s: %s", fe.index, type(exc).__name__, exc)
                 if fe.proc is None or fe.proc.returncode is not None:
                     continue
                 fe.proc.kill()
@@ -247,6 +248,11 @@ class FrontEnds:
             if fe.link is not None and fe.link.transport is not None:
                 fe.link.transport.close()
         await asyncio.gather(*(fe.watch for fe in self.ends if fe.watch is not None), return_exceptions=True)
+        # a restart that was under way when the watches were cancelled may have left a child
+        for fe in self.ends:
+            if fe.proc is not None and fe.proc.returncode is None:
+                fe.proc.kill()
+                await asyncio.gather(fe.proc.wait(), return_exceptions=True)
 
     def signal(self, sig: int) -> None:
         for fe in self.ends:

@@ -221,12 +221,11 @@ class BatchRunner:
                 out.append(InferenceResponse(status=status, tensors=value["tensors"]))
                 continue
             try:
-                if type(value).__name__ == "Tensor" and batch[i].request.protocol in _TORCHSERVE_APIS \
-                        and _is_torch_tensor(value):
+                if batch[i].request.protocol in _TORCHSERVE_APIS and _is_torch_tensor(value):
                     body, ctype = _torch_saved(value), "application/octet-stream"  # as TorchServe's worker
                 else:
                     body, ctype = encode_body(value)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:  # (torch.save can raise anything: that request fails, not its batch)
                 if failed:
                     out.append(_chosen_error(rp, status, value))
                     continue

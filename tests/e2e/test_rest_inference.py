@@ -422,14 +422,22 @@ def test_a_full_queue_refusal_carries_cors_for_an_allowed_origin(osprey, store, 
         queued = pool.submit(client.post, url, json={"id": 1})
         wait_until(lambda: pending(srv, "recc") == 1, what="one request queued")
         first = client.post(url, json={"id": 2}, headers={"Origin": "https://app.example"})  # opens the refusing window
-        allowed = client.post(url, json={"id": 3}, headers={"Origin": "https://app.example"})
         other = client.post(url, json={"id": 4}, headers={"Origin": "https://evil.example"})
+        # a head announcing 10 MB that never come: only the refusal from the head can answer it
+        import socket
+        from urllib.parse import urlparse
+
+        u = urlparse(srv.inference)
+        with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+            s.sendall(b"POST /predictions/recc HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n")
+            (status, headers, body), = _read_responses(s, 1)
         gate.open()
         assert busy.result().status_code == 200 and queued.result().status_code == 200
-    for r in (first, allowed):
-        assert r.status_code == 503 and r.headers["retry-after"], r.text
-        assert r.headers["access-control-allow-origin"] == "https://app.example" and r.headers["vary"] == "Origin"
-        assert "queue is full" in r.json()["message"]
+    assert first.status_code == 503 and first.headers["retry-after"], first.text
+    assert first.headers["access-control-allow-origin"] == "https://app.example" and first.headers["vary"] == "Origin"
+    assert status == 503 and b"queue is full" in body
+    assert headers["access-control-allow-origin"] == "https://app.example" and headers["vary"] == "Origin"
     assert other.status_code == 503 and "access-control-allow-origin" not in other.headers
 
 

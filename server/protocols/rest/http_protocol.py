@@ -505,7 +505,7 @@ def connection_limit(setting: int) -> int:
         return 0
     if soft == resource.RLIM_INFINITY:
         return 0
-    return max(64, soft - FD_RESERVE)
+    return max(64, soft - FD_RESERVE, soft // 2)  # (a small limit that could not be raised keeps half)
 
 
 def raise_open_files_limit() -> tuple[int, int] | None:
@@ -515,10 +515,19 @@ def raise_open_files_limit() -> tuple[int, int] | None:
         import resource
 
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        if soft == resource.RLIM_INFINITY or soft >= target:
-            return None
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return soft, target
     except (ImportError, OSError, ValueError):
         return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    # the hard limit, or with none some systems refuse a large value (macOS caps it per process):
+    # then smaller ones
+    targets = [hard] if hard != resource.RLIM_INFINITY else [1 << 20, 65536, 10240]
+    for target in targets:
+        if soft >= target:
+            return None
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (OSError, ValueError):
+            continue
+    return None
