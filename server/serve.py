@@ -33,7 +33,8 @@ from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
 from server.core.registry import Registry
 from server.instances import forget_model_folder, instance_factory, return_device_memory
-from server.protocols.rest.http_protocol import connection_limit, http_protocol, raise_open_files_limit
+from server.protocols.rest.http_protocol import (begin_drain, connection_limit, drain_pass, http_protocol,
+                                                 raise_open_files_limit)
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
@@ -389,24 +390,12 @@ class Server:
         if timeout > 0:  # not when a start that failed is undone
             queued, running = self._outstanding()
             event(log, "drain_started", queued=queued, running=running, timeout_s=timeout)
-        for conn in self._connections():
-            begin = getattr(conn, "begin_drain", None)
-            if begin is not None:
-                begin()
-            else:  # uvicorn's own protocol: close idle ones, close busy ones after their answer
-                conn.shutdown()
+        begin_drain(self._connections())
         while True:
             now = time.monotonic()
             if now >= deadline:
                 break
-            busy = False
-            for conn in self._connections():
-                if not getattr(conn, "idle", lambda: True)():
-                    busy = True
-                elif now - getattr(conn, "last_active", 0.0) >= DRAIN_LINGER_S:
-                    conn.shutdown()  # idle, and not used lately: closed
-                else:
-                    busy = True  # idle, but its client was active just now: its next request may be on its way
+            busy = drain_pass(self._connections(), now, DRAIN_LINGER_S)
             # a gRPC client that was refused just now may send again: refuse that too rather
             # than stop under it (a call arriving as the server stops ends CANCELLED)
             if any(now - g.osprey_draining.last_call < DRAIN_LINGER_S for g in self._grpc):

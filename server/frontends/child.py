@@ -33,7 +33,7 @@ import time
 import uvicorn
 
 from server.frontends.frames import FrameReader, Outbox, scope_head
-from server.protocols.rest.http_protocol import ABORT, connection_limit, http_protocol
+from server.protocols.rest.http_protocol import ABORT, begin_drain, connection_limit, drain_pass, http_protocol
 from server.settings import Settings
 from server.tls import Tls, is_https
 
@@ -223,24 +223,11 @@ async def _drain(server: uvicorn.Server, link: FrontLink, timeout: float, linger
     for listener in getattr(server, "servers", []):
         listener.close()
     conns = lambda: list(server.server_state.connections)  # noqa: E731
-    for conn in conns():
-        begin = getattr(conn, "begin_drain", None)
-        if begin is not None:
-            begin()
-        else:
-            conn.shutdown()
+    begin_drain(conns())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not link.lost.is_set():
-        now = time.monotonic()
-        busy = bool(link.pending)
-        for conn in conns():
-            if not getattr(conn, "idle", lambda: True)():
-                busy = True
-            elif now - getattr(conn, "last_active", 0.0) >= linger:  # the server's DRAIN_LINGER_S
-                conn.shutdown()
-            else:
-                busy = True
-        if not busy:
+        # (linger: the server's DRAIN_LINGER_S)
+        if not drain_pass(conns(), time.monotonic(), linger) and not link.pending:
             break
         await asyncio.sleep(0.005)
     for conn in conns():

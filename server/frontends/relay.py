@@ -83,10 +83,9 @@ class _Relayed:
 class RelayLink(asyncio.Protocol):
     """The server's end of one front end's socket pair."""
 
-    def __init__(self, app: Callable, loop: asyncio.AbstractEventLoop, on_lost: Callable[["RelayLink"], None]):
+    def __init__(self, app: Callable, loop: asyncio.AbstractEventLoop):
         self.app = app
         self.loop = loop
-        self.on_lost = on_lost
         self.open: dict[int, _Relayed] = {}  # requests relayed and not yet answered
         self.reader = FrameReader(plain=True)  # what a front end sends is plain data, nothing else is loaded
         self.last_heard = loop.time()  # when the front end last sent anything (the supervisor's heartbeat)
@@ -152,4 +151,3 @@ class RelayLink(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("the front end exited before it listened"))
             self.ready.exception()  # retrieved: nobody may be waiting any more
-        self.on_lost(self)

@@ -149,7 +149,7 @@ class FrontEnds:
             raise
         fe.started_at = time.monotonic()
         _, fe.link = await self.loop.connect_accepted_socket(
-            lambda: RelayLink(self.app, self.loop, lambda _link: None), ours)
+            lambda: RelayLink(self.app, self.loop), ours)
 
     async def _beat(self) -> None:
         """Every HEARTBEAT_S, ask each front end for a sign of life; one that has not answered a
@@ -214,20 +214,12 @@ class FrontEnds:
     def begin_drain(self) -> None:
         """Every front end stops accepting and drains its connections (SIGTERM), then exits."""
         self.stopping = True
-        for fe in self.ends:
-            if fe.proc is not None and fe.proc.returncode is None:
-                try:
-                    fe.proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        self.signal(signal.SIGTERM)
 
     def busy(self) -> bool:
         """A relayed request is unanswered, or a front end is still draining its connections."""
         return any((fe.link is not None and fe.link.open) or (fe.proc is not None and fe.proc.returncode is None)
                    for fe in self.ends)
-
-    def relayed(self) -> int:
-        return sum(len(fe.link.open) for fe in self.ends if fe.link is not None)
 
     async def close(self, grace: float) -> None:
         """After the drain: front ends still running get ``grace`` seconds, then are killed."""
@@ -261,6 +253,3 @@ class FrontEnds:
                     fe.proc.send_signal(sig)
                 except ProcessLookupError:
                     pass
-
-    def pids(self) -> list[int]:
-        return [fe.proc.pid for fe in self.ends if fe.proc is not None and fe.proc.returncode is None]

@@ -28,6 +28,10 @@ __all__ = ["Request", "Response", "Sent", "Router", "json_response", "torchserve
 log = logging.getLogger("osprey.rest")
 
 
+def _too_large(limit: int) -> OspreyError:
+    return OspreyError(ErrorKind.TOO_LARGE, f"Request body is larger than the {limit} bytes allowed (max_request_size)")
+
+
 class Request:
     __slots__ = ("scope", "method", "path", "headers", "body", "params", "request_id",
                  "_query", "_receive", "send", "cors")
@@ -220,18 +224,24 @@ class Router:
     def _with_cors(self, answer: bytes, raw_headers) -> bytes:
         """A pre-encoded refusal with Access-Control-Allow-Origin (and Vary) added for an allowed
         Origin (:meth:`_cors`'s rule); as it was for any other request."""
-        origins = self.cors[0]
         for k, v in raw_headers:
             if k.lower() == b"origin":
-                origin = v.decode("latin-1")
-                if "*" in origins or origin in origins:
-                    extra = b"\r\naccess-control-allow-origin: " + (b"*" if "*" in origins else v)
-                    if "*" not in origins:
-                        extra += b"\r\nvary: Origin"
+                cors = self._allow_origin(v.decode("latin-1"))
+                if cors:
                     head, sep, body = answer.partition(b"\r\n\r\n")
-                    return head + extra + sep + body
+                    return head + b"".join(b"\r\n" + name + b": " + value for name, value in cors) + sep + body
                 break
         return answer
+
+    def _allow_origin(self, origin: str | None) -> list[tuple[bytes, bytes]] | None:
+        """The CORS headers every answer to ``origin`` carries (Allow-Origin, and Vary unless any
+        origin is allowed), or None for an Origin not allowed."""
+        origins = self.cors[0]
+        if origin is None or not ("*" in origins or origin in origins):
+            return None
+        if "*" in origins:
+            return [(b"access-control-allow-origin", b"*")]
+        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
 
     def early_refusal(self, path: str) -> bytes | None:
         """:meth:`refusal` for a plain ``POST`` on a kept-alive connection, from the path alone
@@ -368,14 +378,10 @@ class Router:
         Access-Control-Allow-Origin on its answer; a preflight (OPTIONS with
         Access-Control-Request-Method) is answered here, 200, before auth and routing. True
         when the request was a preflight and is answered."""
-        origin = req.headers.get("origin")
-        origins, methods, headers = self.cors
-        if origin is None or not ("*" in origins or origin in origins):
+        req.cors = self._allow_origin(req.headers.get("origin"))
+        if req.cors is None:
             return False
-        allow = b"*" if "*" in origins else origin.encode("latin-1")
-        req.cors = [(b"access-control-allow-origin", allow)]
-        if allow != b"*":
-            req.cors.append((b"vary", b"Origin"))
+        _, methods, headers = self.cors
         if method != "OPTIONS" or "access-control-request-method" not in req.headers:
             return False
         if methods:
@@ -413,7 +419,7 @@ class Router:
         msg = await receive()
         body = msg.get("body", b"")
         if len(body) > limit:  # a body without Content-Length (chunked) that arrived in one read
-            raise OspreyError(ErrorKind.TOO_LARGE, f"Request body is larger than the {limit} bytes allowed (max_request_size)")
+            raise _too_large(limit)
         if not msg.get("more_body"):
             return body
         parts = [body]
@@ -425,7 +431,7 @@ class Router:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise OspreyError(ErrorKind.TOO_LARGE, f"Request body is larger than the {limit} bytes allowed (max_request_size)")
+                raise _too_large(limit)
             parts.append(chunk)
         return b"".join(parts)
 

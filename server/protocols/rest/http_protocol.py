@@ -47,7 +47,8 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-__all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT", "connection_limit", "raise_open_files_limit"]
+__all__ = ["OneWriteHttpToolsProtocol", "http_protocol", "ABORT", "connection_limit", "raise_open_files_limit",
+           "begin_drain", "drain_pass"]
 
 log = logging.getLogger("osprey.rest")
 
@@ -475,6 +476,31 @@ class OneWriteHttpToolsProtocol(HttpToolsProtocol):
         body = orjson.dumps({"error": message} if oip else {"code": status, "type": kind, "message": message})
         return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
                 b"content-length: %d\r\n\r\n%s" % (status, reason, len(body), body))
+
+
+def begin_drain(connections) -> None:
+    """Every connection answers with ``Connection: close`` from now on (uvicorn's own protocol:
+    idle ones close now, busy ones after their answer)."""
+    for conn in connections:
+        begin = getattr(conn, "begin_drain", None)
+        if begin is not None:
+            begin()
+        else:
+            conn.shutdown()
+
+
+def drain_pass(connections, now: float, linger: float) -> bool:
+    """One look at draining connections: an idle one not used for ``linger`` seconds is closed;
+    True while any is busy or was used just now (its client's next request may be on its way)."""
+    busy = False
+    for conn in connections:
+        if not getattr(conn, "idle", lambda: True)():
+            busy = True
+        elif now - getattr(conn, "last_active", 0.0) >= linger:
+            conn.shutdown()  # idle, and not used lately: closed
+        else:
+            busy = True
+    return busy
 
 
 def http_protocol(read_timeout: float = 60.0, max_header_size: int = 65536, max_connections: int = 0):
