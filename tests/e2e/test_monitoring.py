@@ -376,6 +376,27 @@ def test_feedback_by_oip_ids_rest_v2_and_grpc_metadata(srv, channel):
     assert httpx.get(f"{srv.inference}/monitoring/clf_ts").json()["quality"]["labels"] == 7
 
 
+def test_stream_predictions2_tells_each_answers_id_in_trailing_metadata(srv, channel):
+    """TorchServe's PredictionResponse has no id field: the stream's trailing metadata holds
+    one x-request-id per answer, in order, and feedback joins on them."""
+    before = httpx.get(f"{srv.inference}/monitoring/clf_ts").json()
+    data = rows(4, seed=31)
+    requests = [inference_pb2.PredictionsRequest(model_name="clf_ts", input={"body": json.dumps(r.tolist()).encode()})
+                for r in data]
+    requests.insert(2, inference_pb2.PredictionsRequest(model_name="nope", input={"body": b"[]"}))
+    call = inference_pb2_grpc.InferenceAPIsServiceStub(channel).StreamPredictions2(iter(requests), timeout=30)
+    replies = list(call)
+    ids = [v for k, v in call.trailing_metadata() if k == "x-request-id"]
+    assert len(replies) == len(ids) == 5 and len(set(ids)) == 5 and all(ids), ids
+    assert replies[2].status.code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in replies[2].status.message
+    answered = [(rid, int(np.argmax(json.loads(r.prediction)))) for rid, r in zip(ids, replies) if rid != ids[2]]
+    wait_monitoring(srv.inference, "clf_ts", _requests(before["requests"] + 4))
+    r = _post_feedback(srv, "clf_ts", [{"request_id": rid, "label": cls} for rid, cls in answered])
+    assert r.json() == {"accepted": 4, "unmatched": 0, "invalid": 0}, r.text
+    r = _post_feedback(srv, "clf_ts", {"request_id": ids[2], "label": 1})  # refused: nothing to join
+    assert r.json()["unmatched"] == 1, r.text
+
+
 def test_a_request_of_several_rows_takes_one_label_per_row(srv):
     """One OIP request holding 3 rows: its id joins a list of 3 labels, each to its own row's
     prediction (live quality counts rows); one label alone is invalid, naming what it held."""

@@ -77,15 +77,30 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
                 task.cancel()
 
     async def StreamPredictions2(self, request_iterator, context):
-        async for request in request_iterator:
-            reply = pb.PredictionResponse()
-            if request.HasField("sequence_id"):
-                reply.sequence_id = request.sequence_id
-            try:
-                out = await self.dataplane.infer(self._core(request, context))
-                reply.prediction = out.body
-            except Exception as exc:  # never a request on the stream without an answer
-                err = exc if isinstance(exc, OspreyError) else \
-                    unexpected(exc, f"StreamPredictions2 for model {request.model_name!r:.100}")
-                reply.status.CopyFrom(status_pb2.Status(code=grpc_code(err.status).value[0], message=err.message))
-            yield reply
+        # PredictionResponse has no field for a request id: the stream's trailing metadata
+        # carries one x-request-id per answer, in the answers' order ("" for a request refused
+        # before it became one), so feedback can be joined to each
+        ids: list[str] = []
+        try:
+            async for request in request_iterator:
+                reply = pb.PredictionResponse()
+                if request.HasField("sequence_id"):
+                    reply.sequence_id = request.sequence_id
+                yield await self._answer(request, context, reply, ids)
+        finally:
+            if ids:
+                context.set_trailing_metadata(tuple(("x-request-id", rid) for rid in ids))
+
+    async def _answer(self, request, context, reply, ids: list[str]):
+        """One StreamPredictions2 request answered in ``reply`` (errors in band)."""
+        ids.append("")
+        try:
+            core = self._core(request, context)
+            ids[-1] = core.request.request_id
+            out = await self.dataplane.infer(core)
+            reply.prediction = out.body
+        except Exception as exc:  # never a request on the stream without an answer
+            err = exc if isinstance(exc, OspreyError) else \
+                unexpected(exc, f"StreamPredictions2 for model {request.model_name!r:.100}")
+            reply.status.CopyFrom(status_pb2.Status(code=grpc_code(err.status).value[0], message=err.message))
+        return reply
