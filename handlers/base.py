@@ -111,6 +111,12 @@ class BaseHandler:
         cfg = (self.context.model_yaml_config or {}) if self.context else {}
         return {"inputs": list(cfg.get("inputs") or []), "outputs": list(cfg.get("outputs") or [])}
 
+    def describe_handle(self) -> Any:
+        """What ``GET /models/{model}?customized=true`` shows as ``customizedMetadata`` (a dict;
+        anything else shows as ``{}``), as TorchServe's ``BaseHandler.describe_handle``. Run by
+        the model's instance, in a batch of its own."""
+        return None
+
     @property
     def config(self) -> dict:
         """The ``handler:`` section of model-config.yaml."""

@@ -167,7 +167,8 @@ class Server:
         self.management_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         self.management_app.ignore_trailing_slash = True  # DELETE /models/m/ unregisters m, as in TorchServe
         add_management_routes(self.management_app, self.registry, enable_model_api=settings.enable_model_api,
-                              rotate_key=self.keys.rotate_shared if self.keys else None)
+                              rotate_key=self.keys.rotate_shared if self.keys else None,
+                              custom_metadata=self.dataplane.describe_handle)
         # TorchServe's workflows: a .war's nodes run as models of the registry, its DAG over the data plane
         self.workflows = Workflows(self.registry, self.dataplane, settings.workflow_store or settings.model_store)
         add_workflow_management_routes(self.management_app, self.workflows)

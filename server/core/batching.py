@@ -61,10 +61,11 @@ from server.core.batch_curve import BatchCurve
 from server.core.errors import ErrorKind, OspreyError
 from server.core.events import event
 from server.core.instance import InstanceStatus
-from server.core.types import Ticket
+from server.core.types import Protocol, Ticket
 
 __all__ = ["Batcher"]
 
+_DESCRIBE = Protocol.DESCRIBE
 log = logging.getLogger("osprey.batching")
 
 SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
@@ -363,7 +364,11 @@ class Batcher:
         batch: list[Ticket] = []
         queue = self.queue
         while queue and len(batch) < self.batch_size:
-            r = queue.popleft()
+            r = queue[0]
+            alone = r.request.protocol is _DESCRIBE  # a describe runs in a batch of its own
+            if alone and batch:
+                break
+            queue.popleft()
             if r.queued == 2:
                 self._dead -= 1
             r.queued = 0
@@ -382,6 +387,8 @@ class Batcher:
                 if r.request.deadline is None or r.request.deadline > limit:
                     r.request.deadline = limit
             batch.append(r)
+            if alone:
+                break
         return batch
 
     def _dispatch(self, force: bool = False) -> None:

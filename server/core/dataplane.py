@@ -23,12 +23,14 @@ import logging
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import orjson
+
 from server.core.capture import FeedbackItem, FeedbackResult, MonitorPort
 from server.core.errors import ErrorKind, OspreyError
 from server.core import shadow as shadows
 from server.core.registry import ModelVersion, Registry
 from server.core.stats import count
-from server.core.types import InferenceResponse, Protocol, Ticket
+from server.core.types import InferenceResponse, Protocol, Ticket, new_request
 
 __all__ = ["DataPlane", "Observer", "RefusalObserver"]
 
@@ -130,6 +132,25 @@ class DataPlane:
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
         return response
+
+    async def describe_handle(self, mv: ModelVersion, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """TorchServe's ``customized=true`` describe: the version's handler answers one request
+        whose row is empty and whose headers (the describe call's, lower-cased) carry
+        ``describe: True`` (TorchServe's ``BaseHandler.handle`` then returns ``describe_handle()``).
+        It queues like a request, runs in a batch of its own, and is no prediction: not
+        monitored, not counted. The answer is read as TorchServe's front end reads it: a JSON
+        object is the metadata, anything else (None, a list, text) is ``{}``. The handler
+        failing raises its OspreyError (503 "Prediction failed", as TorchServe answers)."""
+        ticket = new_request(Protocol.DESCRIBE, mv.name, mv.version, fields={},
+                             headers={**(headers or {}), "describe": "True"})
+        ticket.run_timeout = mv.config.response_timeout_s
+        ticket.model_version = mv.version
+        response = await mv.batcher.submit(ticket)
+        try:
+            value = orjson.loads(response.body) if response.body else None
+        except orjson.JSONDecodeError:
+            value = None
+        return value if isinstance(value, dict) else {}
 
     def _notify(self, mv: ModelVersion | None, ticket: Ticket, outcome: Any) -> None:
         for observer in self.observers:

@@ -82,6 +82,9 @@ class Protocol(str, enum.Enum):
     REST_V2 = "v2"  # Open Inference Protocol over REST
     GRPC = "grpc"  # TorchServe's gRPC inference API
     GRPC_V2 = "grpc-v2"  # Open Inference Protocol over gRPC
+    # TorchServe's describe with customized=true: the handler's describe_handle, in a batch of
+    # its own (the data plane's describe_handle; never a prediction: not monitored or counted)
+    DESCRIBE = "describe"
 
     def __str__(self) -> str:
         return self.value

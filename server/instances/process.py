@@ -115,7 +115,7 @@ def _to_child(r: Ticket) -> tuple[tuple, Callable | None]:
     """(what crosses to the child for ``r``, payloads not yet packed; the callable its streamed items go to)."""
     w = r.request
     fields = {k: (f.value, f.content_type) for k, f in w.fields.items()}
-    return (w.request_id, w.headers, fields, w.tensors, w.tensor_meta, r.stream is not None), r.stream
+    return (w.request_id, w.headers, fields, w.tensors, w.tensor_meta, r.stream is not None, w.protocol), r.stream
 
 
 def _from_child(r: Ticket, timing: tuple | None) -> None:
@@ -131,9 +131,9 @@ def _shm_bytes(wire: tuple) -> int:
 
 
 def _pack(wire: tuple, arena: Arena) -> tuple:
-    request_id, headers, fields, tensors, meta, streams = wire
+    request_id, headers, fields, tensors, meta, streams, protocol = wire
     return (request_id, headers, {k: (pack_bytes(v, arena), ct) for k, (v, ct) in fields.items()},
-            pack_tensors(tensors, arena), meta, streams)
+            pack_tensors(tensors, arena), meta, streams, protocol)
 
 
 class ProcessInstance:

@@ -42,7 +42,8 @@ log = logging.getLogger("osprey.instances")
 # a handler's failures, under TorchServe's backend logger name: in a model instance's thread (or
 # child process) its lines go to model_log.log as TorchServe's do (server/log_files.py)
 _service_log = logging.getLogger("ts.service")
-_TORCHSERVE_APIS = (Protocol.REST, Protocol.GRPC)
+_TORCHSERVE_APIS = (Protocol.REST, Protocol.GRPC, Protocol.DESCRIBE)
+_DESCRIBE = Protocol.DESCRIBE
 DECODE_INPUT_ENV = "TS_DECODE_INPUT_REQUEST"  # TorchServe's worker environment variable
 
 Outcome = InferenceResponse | OspreyError
@@ -182,10 +183,13 @@ class BatchRunner:
         ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
         ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
         ctx.stage_times = {}
-        capture = self.capture
-        armed = capture is not None and capture.begin(len(batch))
+        capture = self.capture  # (a describe is not a prediction: never captured)
+        armed = capture is not None and batch[0].request.protocol is not _DESCRIBE and capture.begin(len(batch))
         try:
-            results = self.service.handle(data, ctx)
+            if self.marks_json and batch[0].request.protocol is _DESCRIBE:  # (TorchServe's handlers see the header)
+                results = [self.service.target.describe_handle()]
+            else:
+                results = self.service.handle(data, ctx)
         except BaseException as exc:
             if armed:
                 capture.end(None, [])

@@ -121,8 +121,8 @@ def unpack_tensors(tensors: dict | None, arena: Arena | None) -> dict | None:
 def work_from_wire(wire: tuple, arena: Arena | None, stream) -> Ticket:
     """The request as the child's BatchRunner sees it: a ticket of the child's own, whose
     ``stream`` sends to the parent."""
-    request_id, headers, fields, tensors, tensor_meta, _streams = wire
-    work = InferenceRequest(model="", version=None, request_id=request_id, headers=headers,
+    request_id, headers, fields, tensors, tensor_meta, _streams, protocol = wire
+    work = InferenceRequest(model="", version=None, request_id=request_id, protocol=protocol, headers=headers,
                             fields={k: Field(unpack_bytes(v, arena), ct) for k, (v, ct) in fields.items()},
                             tensors=unpack_tensors(tensors, arena), tensor_meta=tensor_meta)
     return Ticket(work, stream=stream)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from server.core.errors import METHOD_NOT_ALLOWED_TEXT, ErrorKind, OspreyError, show
 from server.core.instance import InstanceStatus
 from server.core.registry import ModelVersion, Registry
 
-__all__ = ["require_model_api", "describe", "describe_models", "list_models", "register", "scale",
+__all__ = ["require_model_api", "describe", "describe_models", "describe_customized", "list_models", "register", "scale",
            "unregister", "set_default", "traffic", "set_traffic", "set_shadow", "clear_shadow", "rollback",
            "PROCESSING", "MODEL_API_OFF"]
 
@@ -115,6 +115,27 @@ def describe_models(registry: Registry, name: str, version: str | None) -> list[
     versions = registry.versions(name) if version == "all" else [registry.get(name, version)]
     routing = registry.traffic(name)  # Osprey's: default, canary weights and shares, shadow, earlier defaults
     return [{**describe(mv), "routing": routing} for mv in versions]
+
+
+CustomMetadata = Callable[[ModelVersion, dict], Awaitable[dict]]
+
+
+async def describe_customized(registry: Registry, name: str, version: str | None, custom: CustomMetadata,
+                              headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """``GET /models/{m}[/{v}|/all]?customized=true``: each version described as above, with
+    ``customizedMetadata``, what its handler's ``describe_handle()`` answers (``custom``: the
+    data plane's :meth:`~server.core.dataplane.DataPlane.describe_handle`, which runs it as
+    TorchServe's worker does, through the version's queue). A handler that fails fails the
+    call, as in TorchServe (503 "Prediction failed")."""
+    versions = registry.versions(name) if version == "all" else [registry.get(name, version)]
+    routing = registry.traffic(name)
+    out = []
+    for mv in versions:
+        entry = describe(mv)
+        entry["customizedMetadata"] = await custom(mv, headers or {})
+        entry["routing"] = routing
+        out.append(entry)
+    return out
 
 
 def list_models(registry: Registry, limit: int, token: int) -> dict[str, Any]:

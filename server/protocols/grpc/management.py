@@ -32,11 +32,17 @@ def _status(answer: dict) -> pb.ManagementResponse:
 
 
 class ManagementServicer(pb_grpc.ManagementAPIsServiceServicer):
-    def __init__(self, registry: Registry, *, enable_model_api: bool):
+    def __init__(self, registry: Registry, *, enable_model_api: bool, custom_metadata: api.CustomMetadata | None = None):
         self.registry = registry
         self.enable_model_api = enable_model_api
+        self.custom_metadata = custom_metadata
 
     async def DescribeModel(self, request, context):
+        if request.customized and self.custom_metadata is not None:
+            md = context.invocation_metadata() or ()
+            headers = {k: v for k, v in md if isinstance(v, str) and k != "authorization"}
+            return _msg(await api.describe_customized(self.registry, request.model_name, request.model_version or None,
+                                                      self.custom_metadata, headers))
         return _msg(api.describe_models(self.registry, request.model_name, request.model_version or None))
 
     async def ListModels(self, request, context):

@@ -193,7 +193,7 @@ async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     try:
         management, t2 = await _serve(s.grpc_management_bind, s, [
             (management_pb2_grpc.add_ManagementAPIsServiceServicer_to_server,
-             ManagementServicer(dp.registry, enable_model_api=s.enable_model_api)),
+             ManagementServicer(dp.registry, enable_model_api=s.enable_model_api, custom_metadata=dp.describe_handle)),
         ], management_names, dp.ready, auth("management"), credentials())
     except OSError:
         t1.cancel()

@@ -181,7 +181,8 @@ def _add_traffic_routes(router: Router, registry: Registry) -> None:
 
 
 def add_management_routes(router: Router, registry: Registry, *, enable_model_api: bool,
-                          rotate_key: Callable[[str, str], bool | Awaitable[bool]] | None = None) -> None:
+                          rotate_key: Callable[[str, str], bool | Awaitable[bool]] | None = None,
+                          custom_metadata: api.CustomMetadata | None = None) -> None:
     async def list_models(req: Request) -> Response:
         p = query_params(req)
         return json_response(api.list_models(registry, int_param(p, "limit", 100), int_param(p, "next_page_token", 0)))
@@ -198,7 +199,11 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
         return json_response(body, status=202 if body is api.PROCESSING else 200)
 
     async def describe(req: Request) -> Response:
-        return json_response(api.describe_models(registry, req.params["model"], req.params.get("version")))
+        model, version = req.params["model"], req.params.get("version")
+        if custom_metadata is not None and _bool(query_params(req), "customized", False):
+            headers = {k: v for k, v in req.headers.items() if k != "authorization"}  # not the management key
+            return json_response(await api.describe_customized(registry, model, version, custom_metadata, headers))
+        return json_response(api.describe_models(registry, model, version))
 
     async def scale(req: Request) -> Response:
         p = query_params(req)
@@ -246,7 +251,11 @@ def add_management_routes(router: Router, registry: Registry, *, enable_model_ap
                                 "(\"Model file already exists\"), or startup_timeout=0 with workers to start", error)},
                       tags=_TAG)
     describing = Doc("Describe a model (its default version, a version, or all)", path_params=_NAMES,
-                     responses={200: ("The versions described", JSON(DESCRIPTION))}, tags=_TAG)
+                     params=(query("customized", "boolean", "true: add customizedMetadata, what the handler's "
+                                   "describe_handle() answers (run through the version's queue, as TorchServe)"),),
+                     responses={200: ("The versions described", JSON(DESCRIPTION)),
+                                503: ("customized=true and the handler's describe_handle failed", JSON(TS_ERROR))},
+                     tags=_TAG)
     scaling = Doc("Scale a model's workers", params=SCALE_PARAMS, body=JSON(SCALE_BODY), path_params=_NAMES,
                   responses={200: ("Scaled", status), 202: ("Scaling (synchronous=false)", status),
                              500: ("As TorchServe: a negative min_worker, or workers that failed to start "
