@@ -67,6 +67,29 @@ def handle(data, context):
 '''
 
 
+# Answers by what the body asks: a 422 with its own details, a torch tensor, or text; what an
+# answer looks like depends on the API the request came by, in a child process as in a thread
+BY_API = '''
+import json
+import torch
+
+def handle(data, context):
+    if data is None:
+        return None
+    out = []
+    for i, row in enumerate(data):
+        ask = bytes(row.get("body") or row.get("data") or b"").decode()
+        if ask == "refuse":
+            context.set_response_status(422, "Unprocessable", i)
+            out.append({"why": "refused by the handler"})
+        elif ask == "tensor":
+            out.append(torch.arange(3, dtype=torch.float32))
+        else:
+            out.append("text:" + ask)
+    return out
+'''
+
+
 def _post(srv, model: str, body: dict, timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{srv.inference}/predictions/{model}", json=body, timeout=timeout)
 
@@ -106,8 +129,10 @@ def srv(osprey_module, tmp_path_factory):
     tensor_mlp_archive(store, "tmlp_thread", MLP_CONFIG)
     tensor_mlp_archive(store, "tmlp_proc", {**MLP_CONFIG, **PROC})
     _handler(store, "streamer_proc", STREAM_HANDLER, PROC)
+    handler_archive(store, "byapi_thread", BY_API, config={"isolation": "thread"})
+    handler_archive(store, "byapi_proc", BY_API, config=PROC)
     server = osprey_module(["crashy.mar", "echo_thread.mar", "echo_proc.mar", "tmlp_thread.mar", "tmlp_proc.mar",
-                            "streamer_proc.mar"], store)
+                            "streamer_proc.mar", "byapi_thread.mar", "byapi_proc.mar"], store)
     server.store = store
     return server
 
@@ -232,6 +257,24 @@ def test_process_and_thread_instances_give_the_same_answers(srv):
     for m in ("tmlp_thread", "tmlp_proc"):
         assert any(line.startswith("osprey_model_info{") and f'model="{m}"' in line and 'precision="fp32"' in line
                    for line in text.splitlines()), m
+
+
+def test_a_child_process_answers_each_api_in_its_own_shape(srv):
+    """The child knows which API a request came by: a handler's refusal, a torch tensor or text
+    is answered as a thread instance answers it, on TorchServe's API and on the Open
+    Inference Protocol alike."""
+    def ask(model: str, what: str) -> list:
+        ts = httpx.post(f"{srv.inference}/predictions/{model}", content=what.encode(), timeout=30)
+        oip = httpx.post(f"{srv.inference}/v2/models/{model}/infer", timeout=30, json={"inputs": [
+            {"name": "body", "datatype": "BYTES", "shape": [1], "data": [what]}]})
+        return [(r.status_code, r.headers["content-type"], r.content if r is ts else
+                 {k: v for k, v in r.json().items() if k not in ("id", "model_name")}) for r in (ts, oip)]
+
+    for what in ("refuse", "tensor", "hello"):
+        thread, proc = ask("byapi_thread", what), ask("byapi_proc", what)
+        assert thread == proc, (what, thread, proc)
+    ts, oip = ask("byapi_proc", "refuse")
+    assert ts == (422, "application/json", b'{"why":"refused by the handler"}') and oip[0] == 422, (ts, oip)
 
 
 def test_handler_metrics_and_timings_cross_the_process_boundary(srv):
