@@ -54,7 +54,7 @@ from .metrics_log import MetricsLog, ts_value
 from .ts_metrics import TorchServeMetrics, ts_help
 from .ts_metrics_config import MetricsConfig, load_metrics_config
 
-__all__ = ["ServingMetrics", "DEFAULT_BUCKETS", "BATCH_BUCKETS", "CONTENT_TYPE", "metric_buckets"]
+__all__ = ["ServingMetrics", "DEFAULT_BUCKETS", "BATCH_BUCKETS", "CONTENT_TYPE", "metric_buckets", "connection_metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -459,6 +459,36 @@ class ServingMetrics:
         parts.append(self.handler.render())
         parts.append(self.gc.render())
         return "".join(parts).encode() + generate_latest(self.process_registry)
+
+
+def connection_metrics(ports: Mapping[str, tuple[int, int | None]], frontends: Mapping[str, int] | None) -> str:
+    """The HTTP ports' connections and the front-end processes, read at scrape time.
+
+    ``ports``: port name (inference, management, metrics) -> (connections open, connections
+    refused for ``max_connections`` or None where the port has no limit), the inference port's
+    with its front ends' added; ``frontends``: :meth:`server.frontends.supervisor.FrontEnds.stats`,
+    None without front ends (setting ``frontends`` 1)."""
+    open_ = Gauge("osprey_connections_open", "Connections open on the port (the inference port's: this "
+                  "process's and its front ends')", ("port",))
+    refused = Counter("osprey_connections_refused_total", "Connections answered 503 and closed because "
+                      "max_connections were open on the port", ("port",))
+    for name, (n_open, n_refused) in ports.items():
+        open_.child(name)[0] = n_open
+        if n_refused is not None:
+            refused.child(name)[0] = n_refused
+    families = [open_, refused]
+    if frontends is not None:
+        up = Gauge("osprey_frontends_up", "Front-end processes listening on the inference port beside the "
+                   "server's own (setting frontends, less one)", ())
+        restarts = Counter("osprey_frontend_restarts_total", "Front-end processes started again after they exited "
+                           "or stopped answering", ())
+        shed = Counter("osprey_frontend_shed_total", "Requests a front end answered 503 because the server had not "
+                       "read what it relayed (the server not keeping up)", ())
+        up.child()[0] = frontends["up"]
+        restarts.child()[0] = frontends["restarts"]
+        shed.child()[0] = frontends["shed"]
+        families += [up, restarts, shed]
+    return "".join(f.render() for f in families)
 
 
 def _versions_of(family) -> set:

@@ -18,7 +18,7 @@ from typing import Iterable
 
 import uvicorn
 
-from monitoring.metrics import CONTENT_TYPE, ServingMetrics
+from monitoring.metrics import CONTENT_TYPE, ServingMetrics, connection_metrics
 
 from server.core import heap
 from monitoring.access_log import AccessLog
@@ -265,8 +265,23 @@ class Server:
         # next loop turn: after the registry's collection, which follows in the same step
         self.loop.call_soon(return_device_memory)
 
+    def _connection_metrics(self) -> str:
+        """osprey_connections_open / _refused_total per HTTP port, and the front ends' metrics."""
+        fronts = self.frontends.stats() if self.frontends is not None else None
+        ports = {}
+        for name, server in zip(("inference", "management", "metrics"), self._servers):
+            listener = server.config.http_protocol_class
+            limited = getattr(listener, "max_connections", 0)
+            open_ = len(server.server_state.connections)
+            refused = getattr(listener, "refused_connections", 0) if limited else None
+            if name == "inference" and fronts is not None:
+                open_ += fronts["open"]
+                refused = (refused or 0) + fronts["refused"] if limited else None
+            ports[name] = (open_, refused)
+        return connection_metrics(ports, fronts)
+
     async def _metrics(self, req: Request) -> Response:
-        body = self.metrics.render()
+        body = self.metrics.render() + self._connection_metrics().encode()
         if self.monitor is not None:
             body += (await self.monitor.exposition()).encode()
         body += self.job_metrics.render().encode()

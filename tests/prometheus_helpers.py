@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import free_port
 
-__all__ = ["PrometheusProcess", "require", "metric_names_in", "scraped_sample_names", "dashboard_exprs",
+__all__ = ["PrometheusProcess", "require", "metric_names_in", "scraped_sample_names", "dashboard_exprs", "sample_value",
            "DASHBOARD", "PROM_DIR"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,3 +154,17 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
 
     walk(dashboard["panels"])
     return out
+
+
+def sample_value(metrics_base: str, name: str, **labels: str) -> float | None:
+    """The value of sample ``name{labels}`` on a server's metrics port (None when absent),
+    read with prometheus_client's own parser of the text format."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{metrics_base}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None

@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Callable
 
 import uvicorn
 
@@ -83,6 +84,9 @@ class FrontLink(asyncio.Protocol):
         self.paused = False  # the server is not reading what this front end relays (see RelayApp)
         self.high_water = high_water
         self._scan = None
+        # (requests shed, connections refused for max_connections, connections open): sent with
+        # each heartbeat answer, so the server's metrics count this front end's too
+        self.counts: Callable[[], tuple] = lambda: (0, 0, 0)
 
     def connection_made(self, transport) -> None:
         transport.set_write_buffer_limits(high=self.high_water, low=self.high_water // 4)
@@ -102,8 +106,8 @@ class FrontLink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         pending = self.pending
         for msg in self.reader.feed(data):
-            if msg[0] == "p":  # the server's heartbeat: this loop is alive
-                self.outbox.put(("q",))
+            if msg[0] == "p":  # the server's heartbeat: this loop is alive (and what it counted)
+                self.outbox.put(("q", *self.counts()))
                 continue
             p = pending.get(msg[1])
             if p is None:
@@ -257,6 +261,8 @@ async def main(config: dict) -> int:
         loop.add_signal_handler(signal.SIGHUP, tls.reload)
     server = uvicorn.Server(uv)
     server.lifespan = uv.lifespan_class(uv)
+    listener_class = uv.http_protocol_class
+    link.counts = lambda: (app.shed, listener_class.refused_connections, len(server.server_state.connections))
     await server.startup(sockets=listeners)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

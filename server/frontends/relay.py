@@ -95,6 +95,7 @@ class RelayLink(asyncio.Protocol):
         self.closed = loop.create_future()
         self.ready = loop.create_future()  # its pid, once the front end listens
         self.pid: int | None = None
+        self.counts: tuple = (0, 0, 0)  # the front end's (shed, refused, open connections), last heartbeat
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -117,6 +118,9 @@ class RelayLink(asyncio.Protocol):
                 cycle = self.open.get(msg[1])
                 if cycle is not None:
                     cycle.gone()
+            elif msg[0] == "q":  # a heartbeat's answer: what the front end counted so far
+                if len(msg) == 4 and all(type(v) is int for v in msg[1:]):
+                    self.counts = msg[1:]
             elif msg[0] == "h":  # the front end listens
                 self.pid = msg[1]
                 if not self.ready.done():

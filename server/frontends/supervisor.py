@@ -72,7 +72,7 @@ def reuseport_listeners(host: str, port: int, exclusive: bool = False) -> list[s
 
 
 class _FrontEnd:
-    __slots__ = ("index", "proc", "link", "watch", "failures", "started_at")
+    __slots__ = ("index", "proc", "link", "watch", "failures", "started_at", "restarts", "retired")
 
     def __init__(self, index: int):
         self.index = index
@@ -81,6 +81,16 @@ class _FrontEnd:
         self.watch: asyncio.Task | None = None
         self.failures = 0
         self.started_at = 0.0
+        self.restarts = 0
+        self.retired = [0, 0]  # requests shed and connections refused by its earlier processes
+
+    def retire(self) -> None:
+        """Its process ended: keep what it counted (up to its last heartbeat) in the totals."""
+        if self.link is not None:
+            shed, refused, _ = self.link.counts
+            self.retired[0] += shed
+            self.retired[1] += refused
+            self.link.counts = (0, 0, 0)
 
 
 class FrontEnds:
@@ -187,6 +197,7 @@ class FrontEnds:
         """Start ``fe`` again whenever it exits while the server runs."""
         while True:
             code = await fe.proc.wait()
+            fe.retire()
             if self.stopping:
                 return
             lived = time.monotonic() - fe.started_at
@@ -201,6 +212,7 @@ class FrontEnds:
             try:
                 await self._spawn(fe)
                 await asyncio.wait_for(asyncio.shield(fe.link.ready), START_TIMEOUT_S)
+                fe.restarts += 1
                 event(log, "frontend_restarted", index=fe.index, pid=fe.proc.pid)
             except Exception as exc:  # whatever it was, try again later: a front end is never given up
                 if self.stopping:  # the server stops meanwhile (its SIGTERM reached the new child)
@@ -209,6 +221,21 @@ class FrontEnds:
                 if fe.proc is None or fe.proc.returncode is not None:
                     continue
                 fe.proc.kill()
+
+    def stats(self) -> dict[str, int]:
+        """For the metrics: front ends up (listening, process alive), restarts, and their requests
+        shed, connections refused (since the server started; a process's last second before it
+        died may be missing) and connections open (as of their last heartbeat)."""
+        up = shed = refused = open_ = 0
+        for fe in self.ends:
+            alive = fe.link is not None and fe.proc is not None and fe.proc.returncode is None and fe.link.ready.done()
+            up += alive
+            counts = fe.link.counts if fe.link is not None else (0, 0, 0)
+            shed += fe.retired[0] + counts[0]
+            refused += fe.retired[1] + counts[1]
+            open_ += counts[2] if alive else 0
+        return {"up": up, "restarts": sum(fe.restarts for fe in self.ends), "shed": shed, "refused": refused,
+                "open": open_}
 
     # --- stop ---------------------------------------------------------------------------
     def begin_drain(self) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.gates import Gate, alive, pending, wait_for, wait_until
 from tests.models import RECORDING_HANDLER, handler_archive
+from tests.prometheus_helpers import sample_value
 
 pytestmark = pytest.mark.skipif(not hasattr(__import__("socket"), "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 
@@ -195,8 +196,15 @@ def test_a_front_end_that_dies_is_started_again(osprey, store):
     srv = osprey(["rec=rec.mar"], store, config={"frontends": 3})
     own, _ = connection(srv, "server")
     victim_conn, victim = connection(srv, "frontend")
+    assert sample_value(srv.metrics, "osprey_frontends_up") == 2
+    assert sample_value(srv.metrics, "osprey_frontend_restarts_total") == 0
+    # the server's connection and the front end's, as of its last heartbeat (every second)
+    wait_until(lambda: sample_value(srv.metrics, "osprey_connections_open", port="inference") >= 2,
+               what="the front end's connection counted")
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: "event=frontend_restarted" in srv.log(), what="the front end to be started again")
+    assert sample_value(srv.metrics, "osprey_frontend_restarts_total") == 1
+    assert sample_value(srv.metrics, "osprey_frontends_up") == 2
     now = frontend_pids(srv)
     assert len(now) == 2 and victim not in now
     assert "event=frontend_exited" in srv.log() and "code=-9" in srv.log()
@@ -362,3 +370,6 @@ def test_a_stalled_server_makes_front_ends_shed_not_buffer(osprey, store):
         statuses.append(resp.status)
     assert len(statuses) == 40 and set(statuses) <= {200, 503} and statuses.count(200) >= 10, statuses
     assert post(conns[0], "/predictions/rec", {"id": "after"})[0] == 200
+    # in the server's metrics once the front end's next heartbeat says so
+    wait_until(lambda: sample_value(srv.metrics, "osprey_frontend_shed_total") == statuses.count(503),
+               what=f"osprey_frontend_shed_total to reach {statuses.count(503)}")
