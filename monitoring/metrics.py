@@ -23,6 +23,10 @@ What is recorded where:
   (shadow copies: agree, disagree, error, dropped), ``osprey_model_rollbacks_total{model}``
   (rollbacks of the default, by hand or in probation); process CPU and memory; per-GPU memory and
   utilization when NVML answers;
+* the HTTP ports' connections and the front-end processes, at scrape time
+  (:func:`connection_metrics`): ``osprey_connections_open{port}``,
+  ``osprey_connections_refused_total{port}`` (max_connections) and, with ``frontends`` over 1,
+  ``osprey_frontends_up``, ``osprey_frontend_restarts_total``, ``osprey_frontend_shed_total``;
 * handler metrics from ``context.metrics`` (:mod:`monitoring.handler_metrics`);
 * the rest of TorchServe's default metric set (:mod:`monitoring.ts_metrics`: Requests2XX/4XX/5XX
   per HTTP answer, QueueTime and WorkerThreadTime per batch, WorkerLoadTime and the system

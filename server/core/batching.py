@@ -365,7 +365,8 @@ class Batcher:
         queue = self.queue
         while queue and len(batch) < self.batch_size:
             r = queue[0]
-            alone = r.request.protocol is _DESCRIBE  # a describe runs in a batch of its own
+            # a describe runs in a batch of its own (one already cancelled is only dropped below)
+            alone = r.request.protocol is _DESCRIBE and not r.future.done()
             if alone and batch:
                 break
             queue.popleft()
@@ -417,7 +418,8 @@ class Batcher:
             self.busy.add(inst)
             for batch in batches:
                 self.in_flight += len(batch)
-                self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
+                if batch[0].request.protocol is not _DESCRIBE:
+                    self._ewma_batch += 0.2 * (len(batch) - self._ewma_batch)
             if self._aimed:
                 self._demand.append(self._demand_now)
                 self._demand_now = self.in_flight + len(self.queue) - self._dead
@@ -503,7 +505,8 @@ class Batcher:
             if timer is not None:
                 timer.cancel()
             self.in_flight -= len(batch)
-            if batch and batch[0].timings.finished:
+            describe = bool(batch) and batch[0].request.protocol is _DESCRIBE  # no prediction: not learnt from
+            if batch and batch[0].timings.finished and not describe:
                 t = batch[0].timings
                 took = t.finished - t.started
                 self._ewma_exec += 0.2 * (took - self._ewma_exec)
@@ -517,7 +520,7 @@ class Batcher:
                         fut.set_exception(outcome)
                     else:
                         fut.set_result(outcome)
-            if self.on_batch is not None:
+            if self.on_batch is not None and not describe:
                 try:
                     self.on_batch(batch)
                 except Exception:  # an observer must never keep the instance busy

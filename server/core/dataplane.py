@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 import orjson
 
 from server.core.capture import FeedbackItem, FeedbackResult, MonitorPort
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import ErrorKind, OspreyError, from_status
 from server.core import shadow as shadows
 from server.core.registry import ModelVersion, Registry
 from server.core.stats import count
@@ -146,6 +146,9 @@ class DataPlane:
         ticket.run_timeout = mv.config.response_timeout_s
         ticket.model_version = mv.version
         response = await mv.batcher.submit(ticket)
+        if response.status >= 400:  # the handler refused (a status it set): that is no metadata
+            raise OspreyError(from_status(response.status), response.body.decode("utf-8", "replace")[:500] or
+                              f"describe_handle answered status {response.status}", status=response.status)
         try:
             value = orjson.loads(response.body) if response.body else None
         except orjson.JSONDecodeError:

@@ -107,7 +107,11 @@ class FrontLink(asyncio.Protocol):
         pending = self.pending
         for msg in self.reader.feed(data):
             if msg[0] == "p":  # the server's heartbeat: this loop is alive (and what it counted)
-                self.outbox.put(("q", *self.counts()))
+                try:
+                    counts = tuple(self.counts())
+                except Exception:  # the counts are for metrics: never a reason to miss a heartbeat
+                    counts = ()
+                self.outbox.put(("q", *counts))
                 continue
             p = pending.get(msg[1])
             if p is None:
@@ -262,7 +266,8 @@ async def main(config: dict) -> int:
     server = uvicorn.Server(uv)
     server.lifespan = uv.lifespan_class(uv)
     listener_class = uv.http_protocol_class
-    link.counts = lambda: (app.shed, listener_class.refused_connections, len(server.server_state.connections))
+    link.counts = lambda: (app.shed, getattr(listener_class, "refused_connections", 0),
+                           len(server.server_state.connections))
     await server.startup(sockets=listeners)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

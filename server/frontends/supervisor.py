@@ -84,13 +84,14 @@ class _FrontEnd:
         self.restarts = 0
         self.retired = [0, 0]  # requests shed and connections refused by its earlier processes
 
-    def retire(self) -> None:
-        """Its process ended: keep what it counted (up to its last heartbeat) in the totals."""
-        if self.link is not None:
-            shed, refused, _ = self.link.counts
+    def replace_link(self, link: RelayLink) -> None:
+        """A new process's link: what the one before counted (up to its last heartbeat, which
+        may be read after it exited) joins the totals now, so a counter never goes back."""
+        old, self.link = self.link, link
+        if old is not None:
+            shed, refused, _ = old.counts
             self.retired[0] += shed
             self.retired[1] += refused
-            self.link.counts = (0, 0, 0)
 
 
 class FrontEnds:
@@ -158,8 +159,8 @@ class FrontEnds:
             ours.close()
             raise
         fe.started_at = time.monotonic()
-        _, fe.link = await self.loop.connect_accepted_socket(
-            lambda: RelayLink(self.app, self.loop), ours)
+        _, link = await self.loop.connect_accepted_socket(lambda: RelayLink(self.app, self.loop), ours)
+        fe.replace_link(link)
 
     async def _beat(self) -> None:
         """Every HEARTBEAT_S, ask each front end for a sign of life; one that has not answered a
@@ -197,7 +198,6 @@ class FrontEnds:
         """Start ``fe`` again whenever it exits while the server runs."""
         while True:
             code = await fe.proc.wait()
-            fe.retire()
             if self.stopping:
                 return
             lived = time.monotonic() - fe.started_at

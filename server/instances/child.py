@@ -20,7 +20,7 @@ import sys
 import threading
 
 from server.core.capture import held_inputs, retraining_holds
-from server.core.types import InferenceResponse
+from server.core.types import InferenceResponse, Protocol
 from server.instances.monitor_link import open_link
 from server.instances.runner import declared_specs, load_runner, model_precision
 from server.instances.wire import Arena, outcome_to_wire, work_from_wire
@@ -179,7 +179,8 @@ def main(conn, spec: dict) -> None:
         items = []
         for batch, answers in zip(works, outcomes):
             for ticket, outcome in zip(batch, answers):
-                if type(outcome) is InferenceResponse and outcome.status == 200 and retraining_holds(retraining, rng):
+                if (type(outcome) is InferenceResponse and outcome.status == 200 and
+                        ticket.request.protocol is not Protocol.DESCRIBE and retraining_holds(retraining, rng)):
                     try:
                         items.append(held_inputs(ticket.request))
                     except Exception as exc:

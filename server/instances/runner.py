@@ -7,9 +7,10 @@ batch whose handler fails as a whole is re-run one request at a time so that onl
 request at fault fails.
 
 It reads only these attributes of a ticket: ``request`` (its ``fields``, ``tensors``,
-``tensor_meta``, ``request_id``, ``headers``), ``stream`` and ``timings`` (started,
-finished, stages); a
-thread instance hands it the loop's requests, a child process plain copies of them.
+``tensor_meta``, ``request_id``, ``headers``, ``protocol``: how an answer or a handler's
+refusal is encoded, and whether the request is a describe, which is never captured), ``stream``
+and ``timings`` (started, finished, stages); a thread instance hands it the loop's requests,
+a child process plain copies of them.
 """
 
 from __future__ import annotations

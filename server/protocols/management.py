@@ -122,20 +122,17 @@ CustomMetadata = Callable[[ModelVersion, dict], Awaitable[dict]]
 
 async def describe_customized(registry: Registry, name: str, version: str | None, custom: CustomMetadata,
                               headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """``GET /models/{m}[/{v}|/all]?customized=true``: each version described as above, with
+    """``GET /models/{m}[/{v}]?customized=true``: the version described as above, with
     ``customizedMetadata``, what its handler's ``describe_handle()`` answers (``custom``: the
     data plane's :meth:`~server.core.dataplane.DataPlane.describe_handle`, which runs it as
-    TorchServe's worker does, through the version's queue). A handler that fails fails the
-    call, as in TorchServe (503 "Prediction failed")."""
-    versions = registry.versions(name) if version == "all" else [registry.get(name, version)]
-    routing = registry.traffic(name)
-    out = []
-    for mv in versions:
-        entry = describe(mv)
-        entry["customizedMetadata"] = await custom(mv, headers or {})
-        entry["routing"] = routing
-        out.append(entry)
-    return out
+    TorchServe's worker does, through the version's queue), the description made once it has
+    answered. A handler that fails fails the call, as in TorchServe (503 "Prediction failed").
+    ``/all`` is described without it, as TorchServe 0.12 does."""
+    if version == "all":
+        return describe_models(registry, name, version)
+    metadata = await custom(registry.get(name, version), headers or {})
+    mv = registry.get(name, version)  # afresh: the description as of the answer (unregistered meanwhile: 404)
+    return [{**describe(mv), "customizedMetadata": metadata, "routing": registry.traffic(name)}]
 
 
 def list_models(registry: Registry, limit: int, token: int) -> dict[str, Any]:

@@ -17,6 +17,15 @@ from server.protocols.grpc.generated import management_pb2_grpc as mpb_grpc
 from tests.gates import Gate, pending, wait_until
 from tests.models import handler_archive
 
+
+def _requests_counted(srv, model: str) -> float:
+    """Every osprey_requests_total sample of ``model``, summed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "osprey_requests_total" and s.labels.get("model") == model)
+
 HANDLER = '''
 import json, os
 from handlers.base import BaseHandler
@@ -44,6 +53,9 @@ class Described(BaseHandler):
     def describe_handle(self):
         if self.context.get_request_header(0, "x-fail"):
             raise RuntimeError("describe is broken")
+        if self.context.get_request_header(0, "x-refuse"):
+            self.context.set_response_status(403, "Forbidden")
+            return {"why": "not for you"}
         return {"batches": list(self.batches), "pid": self.pid, "header": self.context.get_request_header(0, "x-probe")}
 '''
 
@@ -90,7 +102,8 @@ def test_describe_handle_is_customized_metadata_on_rest_and_grpc(srv):
     assert entry["modelName"] == "desc" and entry["workers"][0]["status"] == "READY"
     assert list(entry)[-2:] == ["customizedMetadata", "routing"]
     assert _custom(srv, "desc/1.0")[0]["customizedMetadata"]["batches"] == meta["batches"]
-    assert [e["customizedMetadata"]["batches"] for e in _custom(srv, "desc/all")] == [meta["batches"]]
+    # /all is described without it, as TorchServe 0.12 does
+    assert ["customizedMetadata" in e for e in _custom(srv, "desc/all")] == [False]
     plain = httpx.get(f"{srv.management}/models/desc", params={"customized": "false"}).json()
     assert "customizedMetadata" not in plain[0]
     # a handler's answer that is not a JSON object shows as {}, as in TorchServe
@@ -107,6 +120,7 @@ def test_a_describe_runs_in_a_batch_of_its_own_and_is_no_prediction(srv, tmp_pat
     url = f"{srv.inference}/predictions/desc"
     before = httpx.get(f"{srv.management}/models/desc", params={"customized": "true"}).json()[0]
     seen = len(before["customizedMetadata"]["batches"])
+    counted = _requests_counted(srv, "desc")
     gate = Gate(tmp_path)
     answers: dict[str, object] = {}
     threads = [threading.Thread(target=lambda: answers.__setitem__(
@@ -131,6 +145,9 @@ def test_a_describe_runs_in_a_batch_of_its_own_and_is_no_prediction(srv, tmp_pat
     assert answers["first"] == {"batch": 1} and answers["second"] == {"batch": 1}, answers
     batches = answers["describe"][0]["customizedMetadata"]["batches"]
     assert batches[seen:] == [1, 1], batches  # the gated one and the first; the describe itself not a batch
+    # and no prediction in the request metrics: the three predictions only
+    wait_until(lambda: _requests_counted(srv, "desc") == counted + 3, what="the three predictions counted")
+    assert _requests_counted(srv, "desc") == counted + 3
 
 
 def test_describe_in_a_child_process_and_a_failing_describe_handle(srv):
@@ -144,3 +161,7 @@ def test_describe_in_a_child_process_and_a_failing_describe_handle(srv):
         # the model still serves, and describes
         assert httpx.post(f"{srv.inference}/predictions/{model}", json={}, timeout=30).status_code == 200
         assert _custom(srv, model)[0]["customizedMetadata"]["batches"]
+        # a status the handler sets is the answer's, not metadata
+        r = httpx.get(f"{srv.management}/models/{model}", params={"customized": "true"}, headers={"x-refuse": "1"},
+                      timeout=30)
+        assert r.status_code == 403 and "not for you" in r.json()["message"], r.text

@@ -103,6 +103,12 @@ def test_stream_predictions_with_torchserve_intermediate_responses(server, ts_st
         assert [r.prediction for r in replies] == [b"ONE", b"", b"THREE"]
         assert [r.sequence_id for r in replies] == ["s1"] * 3
         assert replies[1].status.code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in replies[1].status.message
+        # a long stream: every request answered, in order, and the call ends OK (its request ids
+        # are BASE-k from the initial metadata: nothing grows with the stream)
+        call = stub.StreamPredictions2(
+            inf_pb.PredictionsRequest(model_name="echo", input={"body": b"r%d" % i}) for i in range(600))
+        assert [r.prediction for r in call] == [b"R%d" % i for i in range(600)]
+        assert call.code() == grpc.StatusCode.OK and dict(call.initial_metadata())["x-request-id-base"]
 
 
 def test_every_management_rpc(server, ts_stubs):

@@ -376,18 +376,22 @@ def test_feedback_by_oip_ids_rest_v2_and_grpc_metadata(srv, channel):
     assert httpx.get(f"{srv.inference}/monitoring/clf_ts").json()["quality"]["labels"] == 7
 
 
-def test_stream_predictions2_tells_each_answers_id_in_trailing_metadata(srv, channel):
-    """TorchServe's PredictionResponse has no id field: the stream's trailing metadata holds
-    one x-request-id per answer, in order, and feedback joins on them."""
+def test_stream_predictions2_answers_have_ids_from_the_initial_metadata(srv, channel):
+    """TorchServe's PredictionResponse has no id field: the call's initial metadata holds
+    x-request-id-base, answer k is request BASE-k, and feedback joins on those ids."""
     before = httpx.get(f"{srv.inference}/monitoring/clf_ts").json()
     data = rows(4, seed=31)
     requests = [inference_pb2.PredictionsRequest(model_name="clf_ts", input={"body": json.dumps(r.tolist()).encode()})
                 for r in data]
     requests.insert(2, inference_pb2.PredictionsRequest(model_name="nope", input={"body": b"[]"}))
     call = inference_pb2_grpc.InferenceAPIsServiceStub(channel).StreamPredictions2(iter(requests), timeout=30)
+    base = dict(call.initial_metadata())["x-request-id-base"]
     replies = list(call)
-    ids = [v for k, v in call.trailing_metadata() if k == "x-request-id"]
-    assert len(replies) == len(ids) == 5 and len(set(ids)) == 5 and all(ids), ids
+    ids = [f"{base}-{k}" for k in range(len(replies))]
+    assert len(replies) == 5 and base, replies
+    # a second stream has another base
+    again = inference_pb2_grpc.InferenceAPIsServiceStub(channel).StreamPredictions2(iter(requests[:1]), timeout=30)
+    assert dict(again.initial_metadata())["x-request-id-base"] != base and len(list(again)) == 1
     assert replies[2].status.code == grpc.StatusCode.NOT_FOUND.value[0] and "nope" in replies[2].status.message
     answered = [(rid, int(np.argmax(json.loads(r.prediction)))) for rid, r in zip(ids, replies) if rid != ids[2]]
     wait_monitoring(srv.inference, "clf_ts", _requests(before["requests"] + 4))

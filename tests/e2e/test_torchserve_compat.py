@@ -183,7 +183,7 @@ def answers(url: str, mgmt: str) -> dict:
     out = {(m, i): _answer(url, m, x) for m in MODELS for i, x in enumerate(INPUTS)}
     # the handler's describe_handle, run by its worker (a function handler gets the describe's
     # empty row, and this one fails on it: 503 on both servers)
-    for query in ("?customized=true", "/1.0?customized=true", "?customized=false"):
+    for query in ("?customized=true", "/1.0?customized=true", "?customized=false", "/all?customized=true"):
         for m in ("cls_script", "cls_eager", "fn_script"):
             out[("describe" + query, m)] = _described(mgmt, m, query)
     return out
@@ -215,7 +215,7 @@ def test_osprey_serves_torch_model_archiver_archives(osprey_answers):
     described = {"labels": ["a", "b", "c", "d"], "inputs": 16, "nested": {"scale": 1.5}}
     for (model, i), out in osprey_answers.items():
         if model.startswith("describe"):
-            expected = {"?customized=false": (200, "absent")}.get(model[8:], (
+            expected = {"?customized=false": (200, "absent"), "/all?customized=true": (200, "absent")}.get(model[8:], (
                 503, "InternalServerException") if i == "fn_script" else (200, described))
             assert out == expected, (model, i, out)
             continue

@@ -17,7 +17,7 @@ from google.rpc import status_pb2
 
 from server.core.dataplane import DataPlane
 from server.core.errors import OspreyError
-from server.core.types import Field, Protocol, Ticket, new_request
+from server.core.types import Field, Protocol, Ticket, new_request, next_request_id
 from server.protocols.grpc.generated import inference_pb2 as pb
 from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import grpc_code, unexpected
@@ -35,13 +35,13 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
     def __init__(self, dataplane: DataPlane):
         self.dataplane = dataplane
 
-    def _core(self, request, context) -> Ticket:
+    def _core(self, request, context, rid: str | None = None) -> Ticket:
         if self.dataplane.refusing():  # refuse before building the request while the queue is full
             self.dataplane.admit(request.model_name, request.model_version or None, Protocol.GRPC)
         headers = _headers(context)
         if request.HasField("sequence_id"):
             headers["ts_request_sequence_id"] = request.sequence_id
-        return new_request(Protocol.GRPC, request.model_name, request.model_version,
+        return new_request(Protocol.GRPC, request.model_name, request.model_version, request_id=rid,
                            fields={k: Field(v) for k, v in request.input.items()}, headers=headers,
                            received=time.monotonic(), timeouts=(context.time_remaining(),))
 
@@ -77,27 +77,24 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
                 task.cancel()
 
     async def StreamPredictions2(self, request_iterator, context):
-        # PredictionResponse has no field for a request id: the stream's trailing metadata
-        # carries one x-request-id per answer, in the answers' order ("" for a request refused
-        # before it became one), so feedback can be joined to each
-        ids: list[str] = []
-        try:
-            async for request in request_iterator:
-                reply = pb.PredictionResponse()
-                if request.HasField("sequence_id"):
-                    reply.sequence_id = request.sequence_id
-                yield await self._answer(request, context, reply, ids)
-        finally:
-            if ids:
-                context.set_trailing_metadata(tuple(("x-request-id", rid) for rid in ids))
+        # PredictionResponse has no field for a request id. The call's initial metadata, sent
+        # before the first answer, holds x-request-id-base; answer k of the stream (0, 1, ...)
+        # is request BASE-k, the id feedback joins on: known as each answer arrives, and one
+        # metadata entry however long the stream
+        base = next_request_id()
+        await context.send_initial_metadata((("x-request-id-base", base),))
+        k = 0
+        async for request in request_iterator:
+            reply = pb.PredictionResponse()
+            if request.HasField("sequence_id"):
+                reply.sequence_id = request.sequence_id
+            yield await self._answer(request, context, reply, f"{base}-{k}")
+            k += 1
 
-    async def _answer(self, request, context, reply, ids: list[str]):
-        """One StreamPredictions2 request answered in ``reply`` (errors in band)."""
-        ids.append("")
+    async def _answer(self, request, context, reply, rid: str):
+        """One StreamPredictions2 request (id ``rid``) answered in ``reply`` (errors in band)."""
         try:
-            core = self._core(request, context)
-            ids[-1] = core.request.request_id
-            out = await self.dataplane.infer(core)
+            out = await self.dataplane.infer(self._core(request, context, rid))
             reply.prediction = out.body
         except Exception as exc:  # never a request on the stream without an answer
             err = exc if isinstance(exc, OspreyError) else \
