@@ -106,3 +106,35 @@ def test_the_default_limit_keeps_file_descriptors_for_the_server(osprey, store):
     assert "Too many open files" not in srv.log()
     for s in held:
         s.close()
+
+
+def _answer_of(port: int) -> tuple[socket.socket, bytes]:
+    """A new connection, a ping on it, and the answer's first bytes (kept open either way)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(PING)
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return sock, got
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="front ends need SO_REUSEPORT")
+def test_front_ends_refusals_are_counted_with_the_servers(osprey, store):
+    """With front ends each process has its own max_connections; what every one of them
+    refused is in the server's osprey_connections_refused_total (the front ends' counts come
+    with their heartbeat answers), and so are their open connections."""
+    mlp_archive(store)
+    srv = osprey(["mlp.mar"], store, config={"max_connections": 2, "frontends": 2})
+    port = srv.ports["inference"]
+    opened = [_answer_of(port) for _ in range(16)]  # the kernel spreads them over both listeners
+    refused = sum(1 for _, head in opened if head.startswith(b"HTTP/1.1 503"))
+    served = sum(1 for _, head in opened if head.startswith(b"HTTP/1.1 200"))
+    assert served + refused == 16 and 2 < served <= 4 and refused >= 12, (served, refused)
+    wait_until(lambda: sample_value(srv.metrics, "osprey_connections_refused_total", port="inference") == refused,
+               what=f"{refused} refusals counted")
+    assert sample_value(srv.metrics, "osprey_connections_open", port="inference") >= served
+    for sock, _ in opened:
+        sock.close()
