@@ -276,7 +276,8 @@ class Server:
             refused = getattr(listener, "refused_connections", 0) if limited else None
             if name == "inference" and fronts is not None:
                 open_ += fronts["open"]
-                refused = (refused or 0) + fronts["refused"] if limited else None
+                if refused is not None:
+                    refused += fronts["refused"]
             ports[name] = (open_, refused)
         return connection_metrics(ports, fronts)
 

@@ -15,7 +15,7 @@ import pytest
 
 from .conftest import free_port
 
-__all__ = ["PrometheusProcess", "require", "metric_names_in", "scraped_sample_names", "dashboard_exprs", "sample_value",
+__all__ = ["PrometheusProcess", "require", "metric_names_in", "scraped_sample_names", "dashboard_exprs", "samples", "sample_value",
            "DASHBOARD", "PROM_DIR"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,15 +156,17 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
     return out
 
 
-def sample_value(metrics_base: str, name: str, **labels: str) -> float | None:
-    """The value of sample ``name{labels}`` on a server's metrics port (None when absent),
-    read with prometheus_client's own parser of the text format."""
+def samples(metrics_base: str, name: str) -> list[tuple[dict, float]]:
+    """Every sample ``name`` on a server's metrics port as (labels, value), read with
+    prometheus_client's own parser of the text format."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{metrics_base}/metrics", timeout=30).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and s.labels == labels:
-                return s.value
-    return None
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name]
+
+
+def sample_value(metrics_base: str, name: str, **labels: str) -> float | None:
+    """The value of sample ``name{labels}`` on a server's metrics port (None when absent)."""
+    return next((value for got, value in samples(metrics_base, name) if got == labels), None)

@@ -53,8 +53,8 @@ class _Pending:
     __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent")
 
     def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
-        self.cycle = cycle
-        self.loop = loop  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
+        self.cycle = cycle  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
+        self.loop = loop
         self.msgs: collections.deque = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.gone_sent = False

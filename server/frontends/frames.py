@@ -93,15 +93,13 @@ class Outbox:
             return
         try:
             data = pickle.dumps(msgs, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # one bad message must not take the others with it: each alone
-            data = b"".join(self._frame_of([m]) for m in msgs)
-            if data:
-                self._transport.write(data)
-            return
-        if len(data) >= 1 << 32:  # cannot be framed; each alone (one too large is dropped, logged)
-            self._transport.write(b"".join(self._frame_of([m]) for m in msgs))
-            return
-        self._transport.write(_LEN.pack(len(data)) + data)
+            framed = _LEN.pack(len(data)) + data if len(data) < 1 << 32 else None
+        except Exception:
+            framed = None
+        if framed is None:  # a message that cannot be pickled or framed: each alone (a bad one dropped, logged)
+            framed = b"".join(self._frame_of([m]) for m in msgs)
+        if framed:
+            self._transport.write(framed)
 
     @staticmethod
     def _frame_of(msgs: list) -> bytes:

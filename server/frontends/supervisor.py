@@ -84,6 +84,11 @@ class _FrontEnd:
         self.restarts = 0
         self.retired = [0, 0]  # requests shed and connections refused by its earlier processes
 
+    def listening(self) -> bool:
+        """Its process runs and has said it listens."""
+        return (self.link is not None and self.proc is not None and self.proc.returncode is None
+                and self.link.ready.done())
+
     def replace_link(self, link: RelayLink) -> None:
         """A new process's link: what the one before counted (up to its last heartbeat, which
         may be read after it exited) joins the totals now, so a counter never goes back."""
@@ -176,9 +181,9 @@ class FrontEnds:
             now = self.loop.time()
             late, woke = now - woke > 2 * HEARTBEAT_S, now
             for fe in self.ends:
-                link, proc = fe.link, fe.proc
-                if link is None or proc is None or proc.returncode is not None or not link.ready.done():
+                if not fe.listening():
                     continue
+                link, proc = fe.link, fe.proc
                 asked = link.asked_at
                 if asked is not None and link.last_heard < asked:  # the question is unanswered
                     if now - asked > timeout and not late and not self.stopping:
@@ -228,7 +233,7 @@ class FrontEnds:
         died may be missing) and connections open (as of their last heartbeat)."""
         up = shed = refused = open_ = 0
         for fe in self.ends:
-            alive = fe.link is not None and fe.proc is not None and fe.proc.returncode is None and fe.link.ready.done()
+            alive = fe.listening()
             up += alive
             counts = fe.link.counts if fe.link is not None else (0, 0, 0)
             shed += fe.retired[0] + counts[0]

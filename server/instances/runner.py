@@ -184,10 +184,11 @@ class BatchRunner:
         ctx.request_processor = [RequestProcessor(r.request.headers) for r in batch]
         ctx.stream_writers = {i: r.stream for i, r in enumerate(batch) if r.stream is not None}
         ctx.stage_times = {}
-        capture = self.capture  # (a describe is not a prediction: never captured)
-        armed = capture is not None and batch[0].request.protocol is not _DESCRIBE and capture.begin(len(batch))
+        capture = self.capture
+        describe = batch[0].request.protocol is _DESCRIBE  # (not a prediction: never captured)
+        armed = capture is not None and not describe and capture.begin(len(batch))
         try:
-            if self.marks_json and batch[0].request.protocol is _DESCRIBE:  # (TorchServe's handlers see the header)
+            if describe and self.marks_json:  # Osprey's handlers (TorchServe's see the describe header)
                 results = [self.service.target.describe_handle()]
             else:
                 results = self.service.handle(data, ctx)

@@ -16,15 +16,12 @@ from server.protocols.grpc.generated import management_pb2 as mpb
 from server.protocols.grpc.generated import management_pb2_grpc as mpb_grpc
 from tests.gates import Gate, pending, wait_until
 from tests.models import handler_archive
+from tests.prometheus_helpers import samples
 
 
 def _requests_counted(srv, model: str) -> float:
     """Every osprey_requests_total sample of ``model``, summed."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{srv.metrics}/metrics", timeout=30).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "osprey_requests_total" and s.labels.get("model") == model)
+    return sum(value for labels, value in samples(srv.metrics, "osprey_requests_total") if labels.get("model") == model)
 
 HANDLER = '''
 import json, os
