@@ -1,13 +1,13 @@
 """What a model saw and answered, for the batches the monitor samples (handler side).
 
 :class:`Tap` is installed on a loaded handler object once (by ``server.instances.capture``).
-While a sampled batch runs it is *armed*: the handler object's ``inference`` (wrapped as an
-instance attribute, so TorchServe-style ``self.inference(x)`` calls go through it) keeps
-references to what it was called with and what it returned -- no copies -- and a forward
-hook keeps the penultimate activations. When the batch is answered, :meth:`Tap.collect`
-turns them into per-row arrays, vectorized on the whole batch. Outside sampled batches the
-tap costs one extra Python call per ``inference`` call and nothing else (the forward hook
-exists only while armed).
+While a monitored instance runs a handoff of batches it is *armed*: the handler object's
+``inference`` (wrapped as an instance attribute, so TorchServe-style ``self.inference(x)``
+calls go through it) keeps references to what it was called with and what it returned -- no
+copies -- and a forward hook keeps the penultimate activations (the capture notes which
+batch each belongs to). Later, :meth:`Tap.collect` turns them into per-row arrays,
+vectorized on many batches at once. Unarmed, the tap costs one extra Python call per
+``inference`` call and nothing else (the forward hook exists only while armed).
 
 **What a handler may define** (any kind of handler: Osprey's ``BaseHandler``, the built-ins,
 TorchServe subclasses, plain classes; all optional):

@@ -2,13 +2,16 @@
 amortized into few :class:`~server.core.capture.Observation` objects, handed to ``observe``.
 
 :class:`BatchCapture` sits in a :class:`~server.instances.runner.BatchRunner` (only when the
-server setting ``monitoring`` and the model's ``monitoring.enabled`` are on). For each batch
-the handler runs, :meth:`~BatchCapture.begin` draws which requests are sampled
-(``monitoring.sample_rate``, per request); a batch with none sampled runs untouched. For a
-sampled one the handler's :class:`~handlers.monitoring.Tap` is armed while ``handle`` runs
-(references to the model's inputs, outputs and penultimate activations: no copies), and
-:meth:`~BatchCapture.end` appends those references to a small pending list: a constant cost
-per batch, nothing computed.
+server setting ``monitoring`` and the model's ``monitoring.enabled`` are on). The handler's
+:class:`~handlers.monitoring.Tap` is armed once per *handoff* (:meth:`~BatchCapture.open` and
+:meth:`~BatchCapture.close`: the batches an instance runs back to back, up to 32 batches of
+one request on the batch-1 path) and keeps references to the model's inputs, outputs and
+penultimate activations: no copies. For each batch :meth:`~BatchCapture.begin` draws which
+requests are sampled (``monitoring.sample_rate``, per request) and :meth:`~BatchCapture.end`
+notes where that batch's references start and end, with its results and request ids; a batch
+with none sampled, one that failed as a whole, or a describe, is dropped from the tap's lists.
+:meth:`~BatchCapture.close` appends the handoff's batches to a small pending list: a constant
+cost per batch, nothing computed.
 
 **Amortized.** :meth:`~BatchCapture.flush` builds ONE observation from all the pending
 batches at once (their inference calls' small tensors concatenated, so each handler hook, each
@@ -20,9 +23,10 @@ pending batch ended :data:`MAX_DELAY_S` ago -- and the instance's loop flushes e
 no work came for :data:`IDLE_S` (an idle instance), and when it stops. So a prediction reaches
 the monitor (and the feedback join) at most about ``MAX_DELAY_S`` (0.5 s) after its answer,
 plus the monitor's own tick (0.1 s); memory held is bounded by those limits. A handler that
-writes every batch into the same tensor (a static buffer reused in place) is detected (the
-new batch's tensor shares memory with a pending one): the pending batches it overwrote are
-dropped and that capture builds every batch right after it from then on (logged once).
+writes every batch into the same tensor (a static buffer reused in place) is detected (a
+batch's tensor shares memory with a pending one, or with an earlier batch of the handoff):
+what it overwrote is dropped, and from then on each batch's tensors are copied as it ends
+(logged once).
 
 Rows: one per row the model saw. A built-in request holding several examples (a list of
 records, texts, images) gives several rows, each carrying that request's id
@@ -89,7 +93,11 @@ class BatchCapture:
         self._bytes = 0  # bytes of the tensors they hold
         self._since = 0.0  # monotonic time the oldest pending batch ended
         self._ptrs: dict[int, int] = {}  # data pointer of a held tensor -> its pending batch's index
-        self._eager = False  # the handler reuses its buffers in place: build every batch at once
+        self._eager = False  # the handler reuses its buffers in place: copy each batch's tensors as it ends
+        self._open = False  # the tap is armed for a handoff (see open)
+        self._single = False  # ... opened by begin for one batch: end closes it
+        self._kept: tuple[int, int] = (0, 0)  # the tap's (calls, activations) up to the last kept batch
+        self._batches: list[tuple] = []  # the open handoff's kept batches
         self._warned = False
         self._observe_failed = False
         self._setup_error = self.tap.layer_error
@@ -98,78 +106,140 @@ class BatchCapture:
                         self._setup_error)
 
     # --- on the batch's way (the instance thread) -------------------------------------
-    def begin(self, n: int) -> bool:
-        """Draw the batch's sample; arm the tap when any of its ``n`` requests is sampled."""
-        if self.rate >= 1.0:
-            self._sampled = None
-        else:
-            mask = self._rng.random(n) < self.rate
-            if not mask.any():
-                return False
-            self._sampled = mask
+    def open(self) -> bool:
+        """Arm the tap for a whole handoff (the batches an instance runs back to back, up to
+        32 batches of one request on the batch-1 path): one arm and one :meth:`close` for
+        them all, and :meth:`begin` / :meth:`end` per batch only mark where each batch's
+        inference calls start and end in the tap's lists. False when the tap cannot be armed
+        (said once); the batches then run as they are."""
+        if self._open:
+            return True
         try:
             self.tap.arm()
-        except Exception as exc:  # a hook that cannot be registered: say so, run the batch as it is
+        except Exception as exc:  # a hook that cannot be registered: say so, run the batches as they are
             self.tap.disarm()
             self._fail(exc, None)
             return False
+        self._open, self._kept = True, (0, 0)
+        return True
+
+    def begin(self, n: int) -> bool:
+        """Draw the batch's sample; True (capture it) when any of its ``n`` requests is
+        sampled. Outside a handoff (:meth:`open`), the batch is a handoff of its own."""
+        if self.rate >= 1.0:
+            sampled = None
+        else:
+            sampled = self._rng.random(n) < self.rate
+            if not sampled.any():
+                return False
+        if self._open:
+            tap, (c, a) = self.tap, self._kept
+            if len(tap.calls) != c:  # what ran since the last kept batch (failed, unsampled, a describe)
+                del tap.calls[c:]
+            if len(tap.activations) != a:
+                del tap.activations[a:]
+        elif self.open():
+            self._single = True
+        else:
+            return False
+        self._sampled = sampled
         return True
 
     def end(self, results: list | None, request_ids: list[str]) -> None:
-        """The handler returned (``results``, one per request) or failed (None): disarm, and
-        keep references to what the tap kept for :meth:`flush` (constant cost)."""
-        calls, acts, row_map = self.tap.disarm()
+        """The handler returned (``results``, one per request) or failed (None): keep the
+        batch's place in the tap's lists, its results and ids (constant cost; a failed
+        batch's calls are dropped by the next :meth:`begin` or :meth:`close`)."""
         sampled, self._sampled = self._sampled, None
-        if results is None:
+        if results is not None:
+            tap, start = self.tap, self._kept
+            if self._eager:  # the handler reuses its tensors in place: keep copies
+                _copy_tail(tap.calls, start[0]), _copy_tail(tap.activations, start[1])
+            self._kept = kept = (len(tap.calls), len(tap.activations))
+            self._batches.append((start, kept, results, request_ids, sampled,
+                                  getattr(tap.target, "monitor_rows", None)))
+        if self._single:
+            self.close()
+
+    def close(self) -> None:
+        """Disarm after a handoff (:meth:`open`) and add its kept batches to what is pending."""
+        if not self._open:
             return
+        self._open = self._single = False
+        calls, acts, _ = self.tap.disarm()
+        batches, self._batches = self._batches, []
+        if not batches:
+            return
+        c, a = self._kept
+        del calls[c:], acts[a:]
+        eager = self._eager
+        batches = self._unshared(calls, acts, batches)
+        if self._eager and not eager and batches:  # found just now: what is kept of this handoff is copied too
+            _copy_tail(calls, batches[0][0][0]), _copy_tail(acts, batches[0][0][1])
+        ended = time.time()
         if not self._pending:
             self._since = time.monotonic()
-        index = len(self._pending)
-        self._pending.append((calls, acts, row_map, results, request_ids, sampled, time.time()))
-        self._rows += len(request_ids)
-        size = 0
-        for t in _tensors(calls, acts):
-            try:
-                ptr, n = _pointer(t)
-            except Exception:  # something tensor-like that cannot say: count nothing
-                continue
-            size += n
-            if ptr:
-                seen = self._ptrs.get(ptr)
-                if seen is not None and seen != index:
-                    self._reused(seen)
-                    return
-                self._ptrs[ptr] = index
-        self._bytes += size
+        pending = self._pending
+        for (c0, a0), (c1, a1), results, ids, sampled, row_map in batches:
+            pending.append((calls[c0:c1], acts[a0:a1], row_map, results, ids, sampled, ended))
+            self._rows += len(ids)
 
-    def _reused(self, first: int) -> None:
-        """A batch's tensor shares memory with pending batch ``first``'s: the handler reuses a
-        buffer in place, so the pending batches from ``first`` on (all but the new one) were
-        overwritten. Drop them; from now on build each batch right after it ran."""
-        new = self._pending.pop()
-        lost = len(self._pending) - first
+    def _unshared(self, calls: list, acts: list, batches: list) -> list:
+        """The handoff's kept batches, after the check that none of their tensors is one a
+        pending batch or an earlier batch of the handoff holds: a buffer the handler reuses in
+        place, so what held it before was overwritten and is dropped (:meth:`_reused`).
+        Counts the bytes they hold and notes their tensors' addresses (none once the handler
+        was found reusing its buffers: batches are then copies)."""
+        check = not self._eager
+        held, mine, first, lost = self._ptrs, {}, None, 0
+        sizes = [0] * len(batches)
+        for k, ((c0, a0), (c1, a1), *_rest) in enumerate(batches):
+            for t in _tensors(calls[c0:c1], acts[a0:a1]):
+                try:
+                    ptr, n = _pointer(t)
+                except Exception:  # something tensor-like that cannot say: count nothing
+                    continue
+                sizes[k] += n
+                if ptr and check:
+                    at = held.get(ptr)
+                    if at is not None and (first is None or at < first):
+                        first = at
+                    if mine.setdefault(ptr, k) != k:
+                        lost, mine[ptr] = k, k
+        if first is not None or lost:
+            self._reused(len(self._pending) if first is None else first, lost)
+            self._bytes += sum(sizes[lost:])
+            return batches[lost:]  # (from now on batches are copied: no addresses to note)
+        base = len(self._pending)  # batch k's pending index will be base + k
+        for ptr, k in mine.items():
+            held[ptr] = base + k
+        self._bytes += sum(sizes)
+        return batches
+
+    def _reused(self, first: int, dropped: int) -> None:
+        """A kept tensor shares memory with one pending item ``first`` holds, or with an
+        earlier batch of the same handoff (``dropped`` of them): the handler reuses a buffer in
+        place, so what held it before was overwritten. Drop that, build what is pending before
+        it now, and copy each batch's tensors as it ends from then on."""
+        lost = len(self._pending) - first + dropped
         del self._pending[first:]
         if not self._eager:
             self._eager = True
             log.warning("model %s version %s: the handler reuses its tensors in place across batches; monitoring "
-                        "builds each batch's observation right after it (%d pending batch(es) dropped)",
+                        "copies each batch's tensors from now on (%d earlier batch(es) dropped)",
                         self.name, self.version, lost)
         self.flush()
-        self._pending.append(new)
-        self._rows = len(new[4])
-        self._since = time.monotonic()
 
     def due(self) -> bool:
         """Enough is pending (rows, batches, bytes held, or age) for :meth:`flush` to build now."""
         return bool(self._pending) and (
-            self._eager or self._rows >= MAX_ROWS or len(self._pending) >= MAX_BATCHES or
+            self._rows >= MAX_ROWS or len(self._pending) >= MAX_BATCHES or
             self._bytes >= MAX_BYTES or time.monotonic() - self._since >= MAX_DELAY_S)
 
     def wait(self) -> float | None:
         """Seconds until what is pending is due by age (0: due now); None when nothing is."""
         if not self._pending:
             return None
-        return 0.0 if self._eager else max(0.0, self._since + MAX_DELAY_S - time.monotonic())
+        return max(0.0, self._since + MAX_DELAY_S - time.monotonic())
 
     # --- after the answers were handed back -------------------------------------------
     def flush(self, force: bool = True) -> None:
@@ -178,6 +248,7 @@ class BatchCapture:
         if not self._pending or not (force or self.due()):
             return
         pending, self._pending = self._pending, []
+        small = self._bytes <= MERGE_BYTES  # (every join is under the limit)
         self._rows = self._bytes = 0
         self._ptrs = {}
         if self._setup_error:  # said once, beside the first observation
@@ -186,7 +257,7 @@ class BatchCapture:
         if len(pending) == 1:
             groups = pending
         elif all(item[0] for item in pending) or not any(item[0] for item in pending):
-            merged = _merge(pending)  # alike: one observation for all ...
+            merged = _merge(pending, small)  # alike: one observation for all ...
             groups = pending if merged is None else [merged]  # ... unless their tensors' shapes differ
         else:  # some batches called inference, others not: each on its own (rare)
             groups = pending
@@ -274,6 +345,42 @@ class BatchCapture:
                            outputs=outputs, classes=cap.classes, request_rows=request_rows)
 
 
+def _copy_tail(items: list, start: int) -> None:
+    """Replace ``items[start:]`` (inference calls or activations) with copies of their tensors."""
+    for i in range(start, len(items)):
+        items[i] = _copied(items[i])
+
+
+def _copied(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_copied(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _copied(v) for k, v in x.items()}
+    detach = getattr(x, "detach", None)  # a torch tensor
+    return detach().clone() if callable(detach) and hasattr(x, "clone") else x
+
+
+def _samples(parts: list[tuple[int, np.ndarray | None]]) -> np.ndarray | None:
+    """The sample masks of consecutive batches (rows, mask or None for all) as one, or None."""
+    if all(mask is None for _, mask in parts):
+        return None
+    return np.concatenate([np.ones(n, dtype=bool) if mask is None else mask for n, mask in parts])
+
+
+def _row_map(parts: list[tuple[int, Any]]) -> np.ndarray | None:
+    """The row maps of consecutive batches (requests, map or None for one row each) as one
+    map onto their requests joined, or None when every batch has one row per request."""
+    if all(rows is None for _, rows in parts):
+        return None
+    maps, offset = [], 0
+    for n, rows in parts:
+        maps.append(np.arange(n, dtype=np.int64) + offset if rows is None else np.asarray(rows, dtype=np.int64) + offset)
+        offset += n
+    return np.concatenate(maps)
+
+
 def _tensors(calls: list, acts: list):
     """The top-level tensors/arrays a batch's references hold (inputs, outputs, activations)."""
     for inputs, outputs in calls:
@@ -324,42 +431,49 @@ def _join(parts: list) -> Any:
         return torch.cat(parts)
 
 
-def _merge(items: list[tuple]) -> tuple | None:
+def _joined(parts: list, small: bool) -> Any:
+    """Tensors (or arrays) of one kind and row shape joined along their rows, or None when
+    they are not alike or (unless ``small``: all of them together are under
+    :data:`MERGE_BYTES`) too big to join. The join itself checks the row shapes: this runs on
+    the instance thread for every flush, over up to :data:`MAX_BATCHES` parts."""
+    if not small:
+        if not _same_rows(parts):
+            return None
+    else:
+        kind = type(parts[0])
+        if not hasattr(parts[0], "shape") or any(type(p) is not kind for p in parts):
+            return None
+    try:
+        return _join(parts)
+    except (TypeError, ValueError, RuntimeError):  # row shapes differ, 0-d, or tensors on different devices
+        return None
+
+
+def _merge(items: list[tuple], small: bool = False) -> tuple | None:
     """Several pending batches as one: their inference calls (inputs and outputs of one row
     shape concatenated into one call, so each hook runs once), activations, row maps (shifted
     to the joined requests), results, request ids and samples, and the last end time. None
-    when their tensors cannot be joined (e.g. texts padded to a different length per batch):
-    then each batch is built on its own, as hooks expect one call's tensors per batch."""
+    when their tensors cannot be joined (e.g. texts padded to a different length per batch,
+    or tensors on different devices): then each batch is built on its own, as hooks expect
+    one call's tensors per batch. ``small``: their tensors together are under
+    :data:`MERGE_BYTES`."""
     calls = [c for item in items for c in item[0]]
     acts = [a for item in items for a in item[1]]
-    try:
-        if len(calls) > 1:
-            ins, outs = [c[0] for c in calls], [c[1] for c in calls]
-            if not (_same_rows(ins) and _same_rows(outs)):
-                return None
-            calls = [(_join(ins), _join(outs))]
-        if len(acts) > 1:
-            if not _same_rows(acts):
-                return None
-            acts = [_join(acts)]
-    except RuntimeError:  # tensors on different devices (a model split across GPUs): not joined
-        return None
-    row_map = None
-    if any(item[2] is not None for item in items):
-        maps, offset = [], 0
-        for item in items:
-            n = len(item[4])
-            maps.append(np.arange(n, dtype=np.int64) + offset if item[2] is None
-                        else np.asarray(item[2], dtype=np.int64) + offset)
-            offset += n
-        row_map = np.concatenate(maps)
+    if len(calls) > 1:
+        ins = _joined([c[0] for c in calls], small)
+        outs = None if ins is None else _joined([c[1] for c in calls], small)
+        if outs is None:
+            return None
+        calls = [(ins, outs)]
+    if len(acts) > 1:
+        joined = _joined(acts, small)
+        if joined is None:
+            return None
+        acts = [joined]
+    row_map = _row_map([(len(item[4]), item[2]) for item in items])
     results = [r for item in items for r in item[3]]
     ids = [i for item in items for i in item[4]]
-    if all(item[5] is None for item in items):
-        sampled = None
-    else:
-        sampled = np.concatenate([np.ones(len(item[4]), dtype=bool) if item[5] is None else item[5]
-                                  for item in items])
+    sampled = _samples([(len(item[4]), item[5]) for item in items])
     return calls, acts, row_map, results, ids, sampled, max(item[6] for item in items)
 
 

@@ -106,12 +106,21 @@ class BatchRunner:
     def run_handoff(self, batches: list[list]) -> list[list[Outcome]]:
         """Several batches of one handoff, one after another; never raises."""
         outcomes = []
-        for batch in batches:  # several small batches per handoff: see Batcher._bundle_limit
-            try:
-                outcomes.append(self.run(batch))
-            except BaseException as exc:  # never lose a batch
-                log.exception("model %s: unexpected failure", self.name)
-                outcomes.append([error_for(exc)] * len(batch))
+        capture = self.capture
+        opened = capture is not None and capture.open()  # monitoring: armed once for all of them
+        try:
+            for batch in batches:  # several small batches per handoff: see Batcher._bundle_limit
+                try:
+                    outcomes.append(self.run(batch))
+                except BaseException as exc:  # never lose a batch
+                    log.exception("model %s: unexpected failure", self.name)
+                    outcomes.append([error_for(exc)] * len(batch))
+        finally:
+            if opened:
+                try:
+                    capture.close()
+                except Exception:  # capture never fails serving
+                    log.exception("model %s: monitoring capture failed", self.name)
         return outcomes
 
     def run(self, batch: list) -> list[Outcome]:

@@ -838,7 +838,7 @@ files_handler["static_buffer.py"] = '''
 '''
 
 
-def test_a_handler_reusing_its_tensors_in_place_is_built_batch_by_batch(store, caplog):
+def test_a_handler_reusing_its_tensors_in_place_is_copied_from_then_on(store, caplog):
     observed: list[Observation] = []
     runner = runner_for(build(store, "static", "static_buffer.py"), observed)
     with caplog.at_level(logging.WARNING, logger="osprey.monitoring"):
@@ -846,8 +846,72 @@ def test_a_handler_reusing_its_tensors_in_place_is_built_batch_by_batch(store, c
             runner.run([ticket(f"b{k}", [k, 1])])
             runner.flush(force=False)
     runner.flush()
-    # the first batch was overwritten by the second before anything was built: dropped; then one each
-    assert [o.request_ids for o in observed] == [["b1"], ["b2"], ["b3"]]
-    assert [float(o.features["s"][0]) for o in observed] == [2.0, 3.0, 4.0]
-    assert [float(o.predictions["prediction"][0]) for o in observed] == [2.0, 3.0, 4.0]
+    # the first batch was overwritten by the second before anything was built: dropped; the
+    # others are copied as they end, and built together
+    assert [o.request_ids for o in observed] == [["b1", "b2", "b3"]]
+    assert observed[0].features["s"].tolist() == [2.0, 3.0, 4.0]
+    assert observed[0].predictions["prediction"].tolist() == [2.0, 3.0, 4.0]
     assert sum("reuses its tensors in place" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_handler_reusing_its_tensors_within_one_handoff_keeps_only_what_was_not_overwritten(store, caplog):
+    """A handoff's batches are captured together (one arming): a buffer reused from one batch
+    to the next is found when the handoff ends; only its last batch still holds its own
+    values, and every later batch is copied."""
+    observed: list[Observation] = []
+    runner = runner_for(build(store, "static", "static_buffer.py"), observed)
+    with caplog.at_level(logging.WARNING, logger="osprey.monitoring"):
+        first = runner.run_handoff([[ticket(f"a{k}", [k, 1])] for k in range(4)])
+        second = runner.run_handoff([[ticket(f"b{k}", [k, 10])] for k in range(3)])
+    assert [o[0].body for o in first + second] == [b"1.0", b"2.0", b"3.0", b"4.0", b"10.0", b"11.0", b"12.0"]
+    runner.flush()
+    assert [o.request_ids for o in observed] == [["a3", "b0", "b1", "b2"]]
+    assert observed[0].features["s"].tolist() == [4.0, 10.0, 11.0, 12.0]
+    assert sum("reuses its tensors in place" in r.getMessage() for r in caplog.records) == 1
+
+
+files_handler["picky.py"] = '''
+    import torch
+
+
+    class Picky:
+        """Sums each row; a batch holding "boom" fails as a whole, after its inference ran."""
+        monitor_task = "regression"
+        monitor_layer = False
+
+        def initialize(self, context):
+            pass
+
+        def inference(self, x):
+            return x.sum(dim=1, keepdim=True)
+
+        def monitor_features(self, inputs, outputs):
+            return {"s": inputs.sum(dim=1)}
+
+        def handle(self, data, context):
+            rows = [row["body"] for row in data]
+            out = self.inference(torch.tensor([[0.0, 0.0] if r == "boom" else r for r in rows]))
+            if "boom" in rows:
+                raise ValueError("boom")
+            return out[:, 0].tolist()
+'''
+
+
+def test_a_handoff_is_captured_once_and_keeps_only_the_batches_that_answered(store):
+    """One arming for a whole handoff: the batches that answered are observed, in order, with
+    their own rows; a batch whose handler failed as a whole is not, but its requests re-run one
+    by one are, those that answered; and a request the handler refused is not."""
+    observed: list[Observation] = []
+    runner = runner_for(build(store, "picky", "picky.py"), observed)
+    batches = [[ticket("h0-0", [1, 1]), ticket("h0-1", [1, 2])],
+               [ticket("h1-0", [2, 1]), ticket("h1-boom", "boom"), ticket("h1-2", [2, 2])],
+               [ticket("h2-0", [3, 1]), ticket("h2-bad", "oops")]]
+    outcomes = runner.run_handoff(batches)
+    assert [o.status if isinstance(o, InferenceResponse) else "refused" for b in outcomes for o in b] == \
+        [200, 200, 200, "refused", 200, 200, "refused"]
+    assert runner.capture.tap.armed is False
+    runner.flush()
+    assert len(observed) == 1
+    assert observed[0].request_ids == ["h0-0", "h0-1", "h1-0", "h1-2", "h2-0"]
+    assert observed[0].features["s"].tolist() == [2.0, 3.0, 3.0, 4.0, 4.0]
+    assert observed[0].predictions["prediction"].tolist() == [2.0, 3.0, 3.0, 4.0, 4.0]
