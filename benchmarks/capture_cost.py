@@ -5,7 +5,7 @@ loaded twice in this thread (one runner monitored at sample_rate 1.0, one not), 
     .venv/bin/python -m benchmarks.capture_cost [--batches 1000] [--batch 1 8 32] [--rounds 3]
 
 Each round runs ``--batches`` batches on each runner (order alternating between rounds) the
-way an instance loop does (``run``, then ``flush(force=False)`` after each handoff, a forced
+way an instance loop does (``--handoff`` batches per ``run_handoff``, then ``flush(force=False)`` after each handoff, a forced
 flush at the end; a tree whose ``flush`` takes no argument flushes after every batch) and
 counts ``time.thread_time()``: the difference per batch is capture's cost on the instance
 thread (noisy: a difference of two large numbers); ``flush`` is the part measured directly, the
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--handoff", type=int, default=1,
+                    help="batches per handoff, run back to back as an instance runs them (the batcher bundles "
+                         "up to 32 fast batches into one); 1: each batch on its own")
     args = ap.parse_args(argv)
     import torch
 
@@ -88,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                     before = len(monitor._queue)
                     t0 = time.thread_time()
                     flushing = 0.0
-                    for b in batches:
-                        runner.run(b)
+                    for i in range(0, len(batches), args.handoff):
+                        if args.handoff > 1:
+                            runner.run_handoff(batches[i:i + args.handoff])
+                        else:
+                            runner.run(batches[i])
                         t1 = time.thread_time()
                         runner.flush(force=False) if lazy else runner.flush()
                         flushing += time.thread_time() - t1
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                         cpu["monitor"].append((time.thread_time() - t0) / len(batches))
             on, off = statistics.median(cpu["on"]), statistics.median(cpu["off"])
             mon = statistics.median(cpu["monitor"])
-            row = {"tree": args.tag, "model": m.name, "batch": n, "cpu_us_per_batch_off": round(1e6 * off, 1),
+            row = {"tree": args.tag, "model": m.name, "batch": n, "handoff": args.handoff, "cpu_us_per_batch_off": round(1e6 * off, 1),
                    "capture_us_per_batch": round(1e6 * (on - off), 1),
                    "flush_us_per_batch": round(1e6 * statistics.median(cpu["flush"]), 1),
                    "monitor_us_per_batch": round(1e6 * mon, 1),

@@ -370,6 +370,10 @@ class Tap:
         self._outputs_inputs = self._outputs is not None and _positional(self._outputs) >= 2
         self._logits = bool(getattr(target, "monitor_logits", False))  # outputs are logits: no need to look
         self._class_cache: dict[int, tuple[str, ...] | None] = {}
+        # monitor_rows on the handler's class (a property, a default), else in its own __dict__
+        # (set in handle, or a module handler's global), else nowhere (see row_map)
+        self._rows_declared = hasattr(type(target), "monitor_rows") or not hasattr(target, "__dict__")
+        self._own = None if self._rows_declared else target.__dict__
         inference = getattr(target, "inference", None)
         if callable(inference) and not isinstance(target, types.ModuleType):
             tap = self
@@ -463,7 +467,17 @@ class Tap:
             self._hook = None
         calls, acts = self.calls, self.activations
         self.calls, self.activations = [], []
-        return calls, acts, getattr(self.target, "monitor_rows", None)
+        return calls, acts, self.row_map()
+
+    def row_map(self) -> Any:
+        """The handler's ``monitor_rows`` for the batch that just ran (None: one row per
+        request). Read after every batch: a handler that has none (a module, a TorchServe
+        handler) is looked up in its ``__dict__``, without the exception a missing attribute
+        costs."""
+        if self._rows_declared:
+            return getattr(self.target, "monitor_rows", None)
+        own = self._own
+        return None if own is None else own.get("monitor_rows")
 
     # a model shared by several instances (a module-level handler's global) runs in other
     # threads too: keep only what this instance's thread computes

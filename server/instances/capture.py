@@ -18,7 +18,7 @@ batches at once (their inference calls' small tensors concatenated, so each hand
 numpy step and the Observation itself run once for all their rows, vectorized). The instance
 calls it *after* a handoff's answers were handed back, so features never delay answers:
 ``flush(force=False)`` builds only when :meth:`~BatchCapture.due` -- :data:`MAX_ROWS` requests
-pending, :data:`MAX_BATCHES` batches, about :data:`MAX_BYTES` of tensors held, or the oldest
+pending, :data:`MAX_BATCHES` batches (either way 256 requests at most), about :data:`MAX_BYTES` of tensors held, or the oldest
 pending batch ended :data:`MAX_DELAY_S` ago -- and the instance's loop flushes everything when
 no work came for :data:`IDLE_S` (an idle instance), and when it stops. So a prediction reaches
 the monitor (and the feedback join) at most about ``MAX_DELAY_S`` (0.5 s) after its answer,
@@ -69,7 +69,7 @@ log = logging.getLogger("osprey.monitoring")
 Observe = Callable[[Observation], None]
 
 MAX_ROWS = 256  # requests pending that make a flush due
-MAX_BATCHES = 64  # batches pending that make a flush due
+MAX_BATCHES = 256  # batches pending that make a flush due (= MAX_ROWS: batches of one request amortize as well)
 MAX_BYTES = 64 << 20  # bytes of inputs, outputs and activations held (references) that make a flush due
 MAX_DELAY_S = 0.5  # the oldest pending batch ended this long ago: a flush is due
 IDLE_S = 0.02  # the instance's loop flushes everything when no work came for this long
@@ -155,8 +155,7 @@ class BatchCapture:
             if self._eager:  # the handler reuses its tensors in place: keep copies
                 _copy_tail(tap.calls, start[0]), _copy_tail(tap.activations, start[1])
             self._kept = kept = (len(tap.calls), len(tap.activations))
-            self._batches.append((start, kept, results, request_ids, sampled,
-                                  getattr(tap.target, "monitor_rows", None)))
+            self._batches.append((start, kept, results, request_ids, sampled, tap.row_map()))
         if self._single:
             self.close()
 
@@ -192,8 +191,9 @@ class BatchCapture:
         check = not self._eager
         held, mine, first, lost = self._ptrs, {}, None, 0
         sizes = [0] * len(batches)
-        for k, ((c0, a0), (c1, a1), *_rest) in enumerate(batches):
-            for t in _tensors(calls[c0:c1], acts[a0:a1]):
+        for k, batch in enumerate(batches):
+            (c0, a0), (c1, a1) = batch[0], batch[1]
+            for t in (_tensors(calls[c0:c1], acts[a0:a1]) if c1 > c0 else acts[a0:a1]):
                 try:
                     ptr, n = _pointer(t)
                 except Exception:  # something tensor-like that cannot say: count nothing
@@ -397,7 +397,7 @@ def _pointer(t: Any) -> tuple[int, int]:
     """(address of the first element, bytes) of a tensor or array (address 0 when empty)."""
     if isinstance(t, np.ndarray):
         return (t.__array_interface__["data"][0] if t.size else 0), t.nbytes
-    n = t.numel() * t.element_size()
+    n = t.nbytes  # a torch tensor
     return (t.data_ptr() if n else 0), n
 
 
