@@ -372,7 +372,8 @@ class Tap:
         self._class_cache: dict[int, tuple[str, ...] | None] = {}
         # monitor_rows on the handler's class (a property, a default), else in its own __dict__
         # (set in handle, or a module handler's global), else nowhere (see row_map)
-        self._rows_declared = hasattr(type(target), "monitor_rows") or not hasattr(target, "__dict__")
+        self._rows_declared = (hasattr(type(target), "monitor_rows") or hasattr(type(target), "__getattr__")
+                               or not hasattr(target, "__dict__") or "__getattr__" in target.__dict__)
         self._own = None if self._rows_declared else target.__dict__
         inference = getattr(target, "inference", None)
         if callable(inference) and not isinstance(target, types.ModuleType):
@@ -449,25 +450,28 @@ class Tap:
     _script_fn: Any = None
 
     # --- one sampled batch ---------------------------------------------------------------
-    def arm(self) -> None:
+    def arm(self, keeping: bool = True) -> None:
+        """Install the forward hook for the calling thread; keep what runs from now on
+        (``keeping=False``: only once :attr:`armed` is set, e.g. per sampled batch of a
+        handoff)."""
         self.calls, self.activations = [], []
         self._thread = threading.get_ident()
-        if self._module is not None:
+        if self._module is not None and self._hook is None:
             if self._use_output:
                 self._hook = self._module.register_forward_hook(self._keep_output)
             else:
                 self._hook = self._module.register_forward_pre_hook(self._keep_input)
-        self.armed = True
+        self.armed = keeping
 
-    def disarm(self) -> tuple[list, list, Any]:
-        """Stop keeping; the (calls, activations, row map) of the batch that just ran."""
+    def disarm(self) -> tuple[list, list]:
+        """Stop keeping and remove the hook; the (calls, activations) kept since :meth:`arm`."""
         self.armed = False
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         calls, acts = self.calls, self.activations
         self.calls, self.activations = [], []
-        return calls, acts, self.row_map()
+        return calls, acts
 
     def row_map(self) -> Any:
         """The handler's ``monitor_rows`` for the batch that just ran (None: one row per
@@ -482,11 +486,11 @@ class Tap:
     # a model shared by several instances (a module-level handler's global) runs in other
     # threads too: keep only what this instance's thread computes
     def _keep_input(self, module: Any, args: tuple) -> None:
-        if args and threading.get_ident() == self._thread:
+        if self.armed and args and threading.get_ident() == self._thread:
             self.activations.append(args[0])
 
     def _keep_output(self, module: Any, args: tuple, out: Any) -> None:
-        if threading.get_ident() == self._thread:
+        if self.armed and threading.get_ident() == self._thread:
             self.activations.append(main_output(out))
 
     def _classes(self, width: int) -> tuple[str, ...] | None:

@@ -18,7 +18,7 @@ batches at once (their inference calls' small tensors concatenated, so each hand
 numpy step and the Observation itself run once for all their rows, vectorized). The instance
 calls it *after* a handoff's answers were handed back, so features never delay answers:
 ``flush(force=False)`` builds only when :meth:`~BatchCapture.due` -- :data:`MAX_ROWS` requests
-pending, :data:`MAX_BATCHES` batches (either way 256 requests at most), about :data:`MAX_BYTES` of tensors held, or the oldest
+pending, :data:`MAX_BATCHES` batches (checked after each handoff), about :data:`MAX_BYTES` of tensors held, or the oldest
 pending batch ended :data:`MAX_DELAY_S` ago -- and the instance's loop flushes everything when
 no work came for :data:`IDLE_S` (an idle instance), and when it stops. So a prediction reaches
 the monitor (and the feedback join) at most about ``MAX_DELAY_S`` (0.5 s) after its answer,
@@ -46,6 +46,7 @@ thread (sample rate 1) and returns their observations: what ``osprey profile`` a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -107,15 +108,15 @@ class BatchCapture:
 
     # --- on the batch's way (the instance thread) -------------------------------------
     def open(self) -> bool:
-        """Arm the tap for a whole handoff (the batches an instance runs back to back, up to
-        32 batches of one request on the batch-1 path): one arm and one :meth:`close` for
-        them all, and :meth:`begin` / :meth:`end` per batch only mark where each batch's
-        inference calls start and end in the tap's lists. False when the tap cannot be armed
-        (said once); the batches then run as they are."""
+        """Install the tap for a whole handoff (the batches an instance runs back to back, up
+        to 32 batches of one request on the batch-1 path): one hook and one :meth:`close` for
+        them all. It keeps only while a sampled batch runs (:meth:`begin` to :meth:`end`), and
+        each batch only notes where its references start and end in the tap's lists. False
+        when the tap cannot be installed (said once); the batches then run as they are."""
         if self._open:
             return True
         try:
-            self.tap.arm()
+            self.tap.arm(keeping=False)
         except Exception as exc:  # a hook that cannot be registered: say so, run the batches as they are
             self.tap.disarm()
             self._fail(exc, None)
@@ -124,17 +125,19 @@ class BatchCapture:
         return True
 
     def begin(self, n: int) -> bool:
-        """Draw the batch's sample; True (capture it) when any of its ``n`` requests is
-        sampled. Outside a handoff (:meth:`open`), the batch is a handoff of its own."""
+        """Draw the batch's sample; when any of its ``n`` requests is sampled, keep what the
+        batch runs and say True (then :meth:`end` must follow). Outside a handoff
+        (:meth:`open`), the batch is a handoff of its own."""
         if self.rate >= 1.0:
             sampled = None
         else:
             sampled = self._rng.random(n) < self.rate
             if not sampled.any():
                 return False
+        tap = self.tap
         if self._open:
-            tap, (c, a) = self.tap, self._kept
-            if len(tap.calls) != c:  # what ran since the last kept batch (failed, unsampled, a describe)
+            c, a = self._kept
+            if len(tap.calls) != c:  # what a batch that failed as a whole kept
                 del tap.calls[c:]
             if len(tap.activations) != a:
                 del tap.activations[a:]
@@ -143,37 +146,50 @@ class BatchCapture:
         else:
             return False
         self._sampled = sampled
+        tap.armed = True
         return True
 
     def end(self, results: list | None, request_ids: list[str]) -> None:
-        """The handler returned (``results``, one per request) or failed (None): keep the
-        batch's place in the tap's lists, its results and ids (constant cost; a failed
-        batch's calls are dropped by the next :meth:`begin` or :meth:`close`)."""
+        """The handler returned (``results``, one per request) or failed (None): stop keeping,
+        and note the batch's place in the tap's lists, its results and ids (constant cost; a
+        failed batch's references are dropped by the next :meth:`begin` or :meth:`close`).
+        Never raises."""
+        tap = self.tap
+        tap.armed = False
         sampled, self._sampled = self._sampled, None
-        if results is not None:
-            tap, start = self.tap, self._kept
-            if self._eager:  # the handler reuses its tensors in place: keep copies
-                _copy_tail(tap.calls, start[0]), _copy_tail(tap.activations, start[1])
-            self._kept = kept = (len(tap.calls), len(tap.activations))
-            self._batches.append((start, kept, results, request_ids, sampled, tap.row_map()))
-        if self._single:
-            self.close()
+        try:
+            if results is not None:
+                start = self._kept
+                if self._eager:  # the handler reuses its tensors in place: keep copies
+                    _copy_tail(tap.calls, start[0]), _copy_tail(tap.activations, start[1])
+                self._kept = kept = (len(tap.calls), len(tap.activations))
+                self._batches.append((start, kept, results, request_ids, sampled, tap.row_map()))
+        except Exception as exc:  # (a handler's monitor_rows, say): this batch is not observed
+            self._fail(exc, None)
+        finally:
+            if self._single:
+                self.close()
 
     def close(self) -> None:
-        """Disarm after a handoff (:meth:`open`) and add its kept batches to what is pending."""
+        """Remove the tap after a handoff (:meth:`open`) and add its kept batches to what is
+        pending. Never raises."""
         if not self._open:
             return
-        self._open = self._single = False
-        calls, acts, _ = self.tap.disarm()
         batches, self._batches = self._batches, []
+        (c, a), self._kept = self._kept, (0, 0)
+        self._open = self._single = False
+        calls, acts = self.tap.disarm()
         if not batches:
             return
-        c, a = self._kept
-        del calls[c:], acts[a:]
-        eager = self._eager
-        batches = self._unshared(calls, acts, batches)
-        if self._eager and not eager and batches:  # found just now: what is kept of this handoff is copied too
-            _copy_tail(calls, batches[0][0][0]), _copy_tail(acts, batches[0][0][1])
+        try:
+            del calls[c:], acts[a:]
+            eager = self._eager
+            batches = self._unshared(calls, acts, batches)
+            if self._eager and not eager and batches:  # found just now: what is kept of this handoff is copied too
+                _copy_tail(calls, batches[0][0][0]), _copy_tail(acts, batches[0][0][1])
+        except Exception as exc:  # capture never fails serving: these batches are not observed
+            self._fail(exc, None)
+            return
         ended = time.time()
         if not self._pending:
             self._since = time.monotonic()
@@ -222,6 +238,9 @@ class BatchCapture:
         it now, and copy each batch's tensors as it ends from then on."""
         lost = len(self._pending) - first + dropped
         del self._pending[first:]
+        if not self._pending:  # (flush below then has nothing to build, and resets nothing)
+            self._rows = self._bytes = 0
+            self._ptrs = {}
         if not self._eager:
             self._eager = True
             log.warning("model %s version %s: the handler reuses its tensors in place across batches; monitoring "
@@ -352,12 +371,25 @@ def _copy_tail(items: list, start: int) -> None:
 
 
 def _copied(x: Any) -> Any:
+    """``x`` with its tensors and arrays copied, containers kept as their own type (a
+    namedtuple, a dict subclass such as a model-output class); anything else as it is."""
     if isinstance(x, np.ndarray):
         return x.copy()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_copied(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _copied(v) for k, v in x.items()}
+    try:
+        if isinstance(x, tuple):
+            items = [_copied(v) for v in x]
+            return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+        if isinstance(x, list):
+            out = copy.copy(x)
+            out[:] = [_copied(v) for v in x]
+            return out
+        if isinstance(x, dict):
+            out = copy.copy(x)
+            for k, v in x.items():
+                out[k] = _copied(v)
+            return out
+    except Exception:  # a container that cannot be rebuilt so: kept as it is
+        return x
     detach = getattr(x, "detach", None)  # a torch tensor
     return detach().clone() if callable(detach) and hasattr(x, "clone") else x
 
@@ -440,9 +472,10 @@ def _joined(parts: list, small: bool) -> Any:
         if not _same_rows(parts):
             return None
     else:
-        kind = type(parts[0])
-        if not hasattr(parts[0], "shape") or any(type(p) is not kind for p in parts):
-            return None
+        first = parts[0]
+        kind, dtype = type(first), getattr(first, "dtype", None)
+        if dtype is None or any(type(p) is not kind or p.dtype != dtype for p in parts):
+            return None  # (the join would promote a different dtype)
     try:
         return _join(parts)
     except (TypeError, ValueError, RuntimeError):  # row shapes differ, 0-d, or tensors on different devices

@@ -845,6 +845,7 @@ def test_a_handler_reusing_its_tensors_in_place_is_copied_from_then_on(store, ca
         for k in range(4):
             runner.run([ticket(f"b{k}", [k, 1])])
             runner.flush(force=False)
+    assert runner.capture._rows == 3  # pending: what was dropped is not counted
     runner.flush()
     # the first batch was overwritten by the second before anything was built: dropped; the
     # others are copied as they end, and built together
@@ -915,3 +916,158 @@ def test_a_handoff_is_captured_once_and_keeps_only_the_batches_that_answered(sto
     assert observed[0].request_ids == ["h0-0", "h0-1", "h1-0", "h1-2", "h2-0"]
     assert observed[0].features["s"].tolist() == [2.0, 3.0, 3.0, 4.0, 4.0]
     assert observed[0].predictions["prediction"].tolist() == [2.0, 3.0, 3.0, 4.0, 4.0]
+
+
+files_handler["describing.py"] = '''
+    import torch
+
+
+    class Describing:
+        """Sums each row; a describe (TorchServe's "describe: True" header) runs the model too."""
+        monitor_task = "regression"
+        monitor_layer = False
+
+        def initialize(self, context):
+            self.context = None
+
+        def inference(self, x):
+            return x.sum(dim=1, keepdim=True)
+
+        def monitor_features(self, inputs, outputs):
+            return {"s": inputs.sum(dim=1)}
+
+        def handle(self, data, context):
+            if context.get_request_header(0, "describe") == "True":
+                self.inference(torch.tensor([[100.0, 100.0]]))
+                return [{"about": "sums"}]
+            out = self.inference(torch.tensor([row["body"] for row in data], dtype=torch.float32))
+            return out[:, 0].tolist()
+'''
+
+
+def test_a_describe_inside_a_handoff_is_not_observed(store):
+    from server.core.types import Protocol
+
+    observed: list[Observation] = []
+    runner = runner_for(build(store, "describing", "describing.py"), observed)
+    describe = Ticket(InferenceRequest("m", None, "d", protocol=Protocol.DESCRIBE, headers={"describe": "True"}))
+    outcomes = runner.run_handoff([[ticket("a", [1, 2])], [describe], [ticket("b", [3, 4])]])
+    assert json.loads(outcomes[1][0].body) == {"about": "sums"}
+    runner.flush()
+    assert [o.request_ids for o in observed] == [["a", "b"]]
+    assert observed[0].features["s"].tolist() == [3.0, 7.0]
+
+
+def test_a_handoff_at_a_sample_rate_keeps_only_the_sampled_batches_each_with_its_own_rows(store):
+    """Unsampled batches run untouched: the tap keeps nothing while they run (the lists hold
+    only the sampled batches before them), and each sampled request is observed with its own
+    values."""
+    observed: list[Observation] = []
+    runner = runner_for(build(store, "picky", "picky.py"), observed, sample_rate=0.5)
+    held = []
+    handle = runner.service.handle
+
+    def counting(data, context):
+        held.append(len(runner.capture.tap.calls))
+        return handle(data, context)
+
+    runner.service.handle = counting
+    runner.run_handoff([[ticket(f"r{k}", [k, 0])] for k in range(40)])
+    runner.flush()
+    ids = [i for o in observed for i in o.request_ids]
+    assert 0 < len(ids) < 40
+    assert [float(v) for o in observed for v in o.features["s"]] == [float(i[1:]) for i in ids]
+    sampled = {int(i[1:]) for i in ids}
+    assert held == [sum(1 for j in sampled if j < k) for k in range(40)]
+
+
+files_handler["rows_failing.py"] = '''
+    import torch
+
+
+    class RowsFailing:
+        """Sums each row; its monitor_rows fails while ``failing`` is set."""
+        monitor_task = "regression"
+        monitor_layer = False
+        failing = False
+
+        def initialize(self, context):
+            pass
+
+        @property
+        def monitor_rows(self):
+            if self.failing:
+                raise ZeroDivisionError("no rows today")
+            return None
+
+        def inference(self, x):
+            return x.sum(dim=1, keepdim=True)
+
+        def monitor_features(self, inputs, outputs):
+            return {"s": inputs.sum(dim=1)}
+
+        def handle(self, data, context):
+            return self.inference(torch.tensor([row["body"] for row in data], dtype=torch.float32))[:, 0].tolist()
+'''
+
+
+def test_a_handler_whose_monitor_rows_raises_loses_that_batch_only(store, caplog):
+    observed: list[Observation] = []
+    runner = runner_for(build(store, "rows_failing", "rows_failing.py"), observed)
+    target = runner.service.target
+    answers = []
+    with caplog.at_level(logging.WARNING, logger="osprey.monitoring"):
+        for k in range(3):
+            target.failing = k == 1
+            answers += runner.run_handoff([[ticket(f"r{k}", [k, 1])]])[0]
+        target.failing = False
+        answers += runner.run([ticket("alone", [5, 5])])  # a batch outside a handoff, after it
+    runner.flush()
+    assert [o.status for o in answers] == [200, 200, 200, 200]  # answers are not affected
+    assert [o.request_ids for o in observed if o.error is None] == [["r0", "r2", "alone"]]
+    assert [o.features["s"].tolist() for o in observed if o.error is None] == [[1.0, 3.0, 10.0]]
+    assert any(o.error and "ZeroDivisionError" in o.error for o in observed)
+    assert runner.capture.tap.armed is False and not runner.capture._open
+
+
+def test_the_row_map_is_read_wherever_a_handler_keeps_monitor_rows():
+    from handlers.monitoring import Tap
+
+    class Plain:
+        pass
+
+    class Declared:
+        monitor_rows = None
+
+    class Computed:
+        @property
+        def monitor_rows(self):
+            return [0, 0]
+
+    class Delegating:
+        def __getattr__(self, name):
+            if name == "monitor_rows":
+                return [1, 1]
+            raise AttributeError(name)
+
+    plain, declared = Plain(), Declared()
+    taps = [Tap(t) for t in (plain, declared, Computed(), Delegating())]
+    assert [t.row_map() for t in taps] == [None, None, [0, 0], [1, 1]]
+    plain.monitor_rows, declared.monitor_rows = [2], [3]  # set by the handler in handle()
+    assert [taps[0].row_map(), taps[1].row_map()] == [[2], [3]]
+    module = type(textwrap)("handler_module")
+    tap = Tap(module)
+    assert tap.row_map() is None
+    module.monitor_rows = [4]
+    assert tap.row_map() == [4]
+
+
+def test_joins_at_flush_refuse_tensors_of_different_dtypes():
+    from server.instances.capture import _joined
+
+    a, b = torch.zeros(2, 3), torch.zeros(1, 3, dtype=torch.float16)
+    assert _joined([a, b], True) is None and _joined([a, b], False) is None
+    assert _joined([a, torch.ones(1, 3)], True).shape == (3, 3)
+    assert _joined([a, torch.ones(1, 4)], True) is None  # row shapes differ
+    assert _joined([a, np.ones((1, 3), dtype=np.float32)], True) is None  # kinds differ
+    assert _joined([torch.tensor(1.0), torch.tensor(2.0)], True) is None  # no rows
