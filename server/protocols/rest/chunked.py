@@ -20,6 +20,14 @@ A request that fails after parts went out cannot change its status any more: the
 closed without the answer's end (:data:`~server.protocols.rest.http_protocol.ABORT`), so the
 client sees an incomplete answer, as TorchServe 0.12 does (it resets the connection). A client
 that goes away ends the writer.
+
+**A client that does not read.** The handler never waits for a client (its thread serves a
+whole batch), so parts a client is slow to take wait on the loop. When more than
+:data:`MAX_BACKLOG` bytes wait for one answer and the client takes nothing (not a byte of what
+was written) for :data:`STALL_S` seconds, it is cut: the parts waiting are dropped and the connection is reset
+at once, without the answer's end (logged). A stalled reader cannot hold the server's memory
+for longer; the request itself runs to its end. (Through a front-end process, ``frontends``
+above 1, the parts wait in the front end instead, and are not cut.)
 """
 
 from __future__ import annotations
@@ -40,6 +48,10 @@ __all__ = ["ChunkedAnswer"]
 
 log = logging.getLogger("osprey.rest")
 
+MAX_BACKLOG = 64 << 20  # bytes of parts waiting for one client ...
+STALL_S = 10.0  # ... while it takes nothing for this long: the server cuts it
+_RESETS: set[asyncio.Task] = set()  # connection resets under way (held until they end)
+
 # headers the server sets for a chunked answer itself; a handler's are not sent
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "x-request-id", "ts_stream_next"})
 
@@ -47,7 +59,8 @@ _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "x-re
 class ChunkedAnswer:
     """``Ticket.stream`` of a REST call: intermediate parts become the chunks of its answer."""
 
-    __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer", "_headers")
+    __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer", "_headers", "_waiting", "_cut", "_sent",
+                 "_watch")
 
     def __init__(self, req: Request, loop: asyncio.AbstractEventLoop):
         self._req = req
@@ -57,6 +70,10 @@ class ChunkedAnswer:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task | None = None
         self._headers: list[tuple[bytes, bytes]] = []  # the handler's, as set when the first part came
+        self._waiting = 0  # bytes of parts not yet handed to the connection
+        self._cut = False  # the client did not read: its connection was reset
+        self._sent = 0  # parts handed to the connection so far
+        self._watch: asyncio.TimerHandle | None = None  # the stall check, while too much waits
 
     @property
     def started(self) -> bool:
@@ -86,7 +103,47 @@ class ChunkedAnswer:
             self._wake = asyncio.Event()
             self._writer = self._loop.create_task(self._write())
         self._parts.append(data)
+        self._waiting += len(data)
+        if self._waiting > MAX_BACKLOG and self._watch is None:
+            self._watch = self._loop.call_later(STALL_S, self._check_stall, self._progress())
         self._wake.set()
+
+    def _progress(self) -> tuple:
+        """What changes while the client takes the answer: the parts handed to the connection,
+        and the bytes its transport still holds."""
+        transport = getattr(self._req.connection(), "transport", None)
+        try:
+            held = transport.get_write_buffer_size()
+        except Exception:  # no transport to ask (a relayed request): the parts alone
+            held = None
+        return self._sent, held
+
+    def _check_stall(self, then: tuple) -> None:  # on the loop, STALL_S after the backlog grew past its limit
+        self._watch = None
+        if self._cut or self._waiting <= MAX_BACKLOG or (self._writer is not None and self._writer.done()):
+            return
+        now = self._progress()
+        if now == then:  # the client took nothing meanwhile
+            self._cut_client()
+        else:
+            self._watch = self._loop.call_later(STALL_S, self._check_stall, now)
+
+    def _cut_client(self) -> None:  # on the loop
+        log.warning("request %s: the client is not reading its streamed answer (%d bytes waiting, nothing taken "
+                    "for %.0f s): the connection is reset, the parts waiting are dropped", self._req.request_id,
+                    self._waiting, STALL_S)
+        self._cut = True
+        self._end = (True, b"")
+        self._parts.clear()
+        self._waiting = 0
+        _RESETS.add(task := self._loop.create_task(self._reset()))
+        task.add_done_callback(_RESETS.discard)
+
+    async def _reset(self) -> None:
+        try:
+            await self._req.send({"type": ABORT, "hard": True})
+        except Exception:  # an ASGI server without Osprey's extension: the answer just stops
+            log.debug("request %s: the connection could not be reset", self._req.request_id, exc_info=True)
 
     async def _write(self) -> None:
         req, parts, wake = self._req, self._parts, self._wake
@@ -96,9 +153,14 @@ class ChunkedAnswer:
                                 *(req.cors or ())]})
         while True:
             while parts:
-                await send({"type": "http.response.body", "body": parts.popleft(), "more_body": True})
+                part = parts.popleft()
+                self._waiting -= len(part)
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+                self._sent += 1
             if self._end is not None:
                 abort, last = self._end
+                if self._cut:  # (reset already)
+                    return
                 if abort:
                     try:
                         await send({"type": ABORT})
@@ -125,7 +187,8 @@ class ChunkedAnswer:
         return await self._close(True, body, err.status)
 
     async def _close(self, abort: bool, last: bytes, status: int) -> Sent:
-        self._end = (abort, last)
+        if not self._cut:
+            self._end = (abort, last)
         self._wake.set()
         await self._writer
         return Sent(b"", status, "")

@@ -114,11 +114,17 @@ class _OneWriteCycle(RequestResponseCycle):
         if message["type"] == ABORT:
             # an answer under way cannot be completed (a streamed answer whose request failed):
             # close the connection without ending it, so the client sees it incomplete, as
-            # TorchServe does; the response counts as done (uvicorn logs no error for it)
+            # TorchServe does; the response counts as done (uvicorn logs no error for it).
+            # "hard": a client that does not read is cut at once, what waits for it dropped
+            # (a send of this cycle waiting for it to drain then returns, as for a client gone)
             self.keep_alive = False
             self.response_complete = True
             self.message_event.set()
-            transport.close()
+            if message.get("hard"):
+                self.disconnected = True
+                transport.abort()
+            else:
+                transport.close()
             self.on_response()
             return
         if message["type"] == "http.response.start":
