@@ -36,6 +36,7 @@ from server.instances import forget_model_folder, instance_factory, return_devic
 from server.protocols.rest.http_protocol import (begin_drain, connection_limit, drain_pass, http_protocol,
                                                  raise_open_files_limit)
 from server.protocols.rest.asgi import Request, Response, Router
+from server.protocols.rest.chunked import ChunkedAnswer
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.monitoring import add_monitoring_routes
@@ -158,6 +159,7 @@ class Server:
         self.keys = Keys.from_settings(settings)  # supplied keys are shared through Redis with redis_url
         self._key_watch: asyncio.Task | None = None
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
+        ChunkedAnswer.stall_s = float(settings.stream_stall_timeout)
         add_inference_routes(self.inference_app, self.dataplane)
         add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
                       enable_model_api=settings.enable_model_api, envelope=settings.service_envelope)

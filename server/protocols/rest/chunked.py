@@ -23,9 +23,12 @@ that goes away ends the writer.
 
 **A client that does not read.** The handler never waits for a client (its thread serves a
 whole batch), so parts a client is slow to take wait on the loop. When more than
-:data:`MAX_BACKLOG` bytes wait for one answer and the client takes nothing (not a byte of what
-was written) for :data:`STALL_S` seconds, it is cut: the parts waiting are dropped and the connection is reset
-at once, without the answer's end (logged). A stalled reader cannot hold the server's memory
+:data:`MAX_BACKLOG` bytes wait for one answer and the client takes nothing for
+``stream_stall_timeout`` seconds (the setting, 10 by default; checked that often, so the cut
+comes within twice that), it is cut: the parts waiting are dropped and the connection is reset
+at once, without the answer's end (logged). "Takes nothing": no part finished sending, and
+neither the transport's buffer nor the socket's send queue (``SIOCOUTQ``, what the client has
+not acknowledged) changed. A stalled reader cannot hold the server's memory
 for longer; the request itself runs to its end. (Through a front-end process, ``frontends``
 above 1, the parts wait in the front end instead, and are not cut.)
 """
@@ -33,7 +36,10 @@ above 1, the parts wait in the front end instead, and are not cut.)
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import sys
+import termios
 from collections import deque
 from typing import Any
 
@@ -48,8 +54,7 @@ __all__ = ["ChunkedAnswer"]
 
 log = logging.getLogger("osprey.rest")
 
-MAX_BACKLOG = 64 << 20  # bytes of parts waiting for one client ...
-STALL_S = 10.0  # ... while it takes nothing for this long: the server cuts it
+MAX_BACKLOG = 64 << 20  # bytes of parts waiting for one client while it takes nothing for a while
 _RESETS: set[asyncio.Task] = set()  # connection resets under way (held until they end)
 
 # headers the server sets for a chunked answer itself; a handler's are not sent
@@ -61,6 +66,7 @@ class ChunkedAnswer:
 
     __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer", "_headers", "_waiting", "_cut", "_sent",
                  "_watch")
+    stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut
 
     def __init__(self, req: Request, loop: asyncio.AbstractEventLoop):
         self._req = req
@@ -104,21 +110,22 @@ class ChunkedAnswer:
             self._writer = self._loop.create_task(self._write())
         self._parts.append(data)
         self._waiting += len(data)
-        if self._waiting > MAX_BACKLOG and self._watch is None:
-            self._watch = self._loop.call_later(STALL_S, self._check_stall, self._progress())
+        if self._waiting > MAX_BACKLOG and self._watch is None and self.stall_s > 0:
+            self._watch = self._loop.call_later(self.stall_s, self._check_stall, self._progress())
         self._wake.set()
 
     def _progress(self) -> tuple:
         """What changes while the client takes the answer: the parts handed to the connection,
-        and the bytes its transport still holds."""
+        the bytes its transport still holds, and the bytes its socket has sent that the client
+        has not acknowledged yet (these move with every read, however slow)."""
         transport = getattr(self._req.connection(), "transport", None)
         try:
             held = transport.get_write_buffer_size()
         except Exception:  # no transport to ask (a relayed request): the parts alone
             held = None
-        return self._sent, held
+        return self._sent, held, _unacknowledged(transport)
 
-    def _check_stall(self, then: tuple) -> None:  # on the loop, STALL_S after the backlog grew past its limit
+    def _check_stall(self, then: tuple) -> None:  # on the loop, stall_s after the backlog grew past its limit
         self._watch = None
         if self._cut or self._waiting <= MAX_BACKLOG or (self._writer is not None and self._writer.done()):
             return
@@ -126,12 +133,12 @@ class ChunkedAnswer:
         if now == then:  # the client took nothing meanwhile
             self._cut_client()
         else:
-            self._watch = self._loop.call_later(STALL_S, self._check_stall, now)
+            self._watch = self._loop.call_later(self.stall_s, self._check_stall, now)
 
     def _cut_client(self) -> None:  # on the loop
         log.warning("request %s: the client is not reading its streamed answer (%d bytes waiting, nothing taken "
-                    "for %.0f s): the connection is reset, the parts waiting are dropped", self._req.request_id,
-                    self._waiting, STALL_S)
+                    "for %g s, stream_stall_timeout): the connection is reset, the parts waiting are dropped",
+                    self._req.request_id, self._waiting, self.stall_s)
         self._cut = True
         self._end = (True, b"")
         self._parts.clear()
@@ -181,8 +188,9 @@ class ChunkedAnswer:
         """The request failed after parts went out: its status cannot change any more. Send the
         parts still waiting, then close the connection without ending the answer (the client
         sees it incomplete), as TorchServe does."""
-        log.warning("request %s failed after its answer began streaming (%d %s): closing the connection",
-                    self._req.request_id, err.status, err.message)
+        if not self._cut:  # (a client cut was said already)
+            log.warning("request %s failed after its answer began streaming (%d %s): closing the connection",
+                        self._req.request_id, err.status, err.message)
         body = orjson.dumps({"code": err.status, "type": err.type_name, "message": err.message})
         return await self._close(True, body, err.status)
 
@@ -191,11 +199,31 @@ class ChunkedAnswer:
             self._end = (abort, last)
         self._wake.set()
         await self._writer
-        return Sent(b"", status, "")
+        self._unwatch()
+        return Sent(b"", 499 if self._cut else status, "")  # (cut: counted as a client that went away)
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
     def abandon(self) -> None:
         """The request ends without an answer (its task was cancelled, its client went away):
         stop the writer."""
         self._end = (True, b"")
+        self._unwatch()
+        if self._parts is not None:
+            self._parts.clear()
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
+
+
+def _unacknowledged(transport) -> int | None:
+    """Bytes the connection's socket has sent that the client has not acknowledged (Linux
+    ``SIOCOUTQ``), or None where that cannot be asked."""
+    try:
+        sock = transport.get_extra_info("socket")
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except Exception:
+        return None
+    return int.from_bytes(buf, sys.byteorder, signed=True)

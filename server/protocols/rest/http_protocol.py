@@ -41,6 +41,8 @@ the 500 for an application error) is uvicorn's own code, untouched.
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 import time
 
 import httptools
@@ -120,8 +122,13 @@ class _OneWriteCycle(RequestResponseCycle):
             self.keep_alive = False
             self.response_complete = True
             self.message_event.set()
-            if message.get("hard"):
+            if message.get("hard"):  # a reset: what the socket still queues for the client goes too
                 self.disconnected = True
+                try:
+                    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                  struct.pack("ii", 1, 0))
+                except Exception:  # (no socket to ask: closed at least)
+                    pass
                 transport.abort()
             else:
                 transport.close()
