@@ -450,10 +450,9 @@ class Tap:
     _script_fn: Any = None
 
     # --- one sampled batch ---------------------------------------------------------------
-    def arm(self, keeping: bool = True) -> None:
-        """Install the forward hook for the calling thread; keep what runs from now on
-        (``keeping=False``: only once :attr:`armed` is set, e.g. per sampled batch of a
-        handoff)."""
+    def arm(self) -> None:
+        """Install the forward hook for the calling thread; what runs is kept while
+        :attr:`armed` is set (the capture sets it for each sampled batch of a handoff)."""
         self.calls, self.activations = [], []
         self._thread = threading.get_ident()
         if self._module is not None and self._hook is None:
@@ -461,7 +460,7 @@ class Tap:
                 self._hook = self._module.register_forward_hook(self._keep_output)
             else:
                 self._hook = self._module.register_forward_pre_hook(self._keep_input)
-        self.armed = keeping
+        self.armed = False
 
     def disarm(self) -> tuple[list, list]:
         """Stop keeping and remove the hook; the (calls, activations) kept since :meth:`arm`."""

@@ -116,7 +116,7 @@ class BatchCapture:
         if self._open:
             return True
         try:
-            self.tap.arm(keeping=False)
+            self.tap.arm()
         except Exception as exc:  # a hook that cannot be registered: say so, run the batches as they are
             self.tap.disarm()
             self._fail(exc, None)

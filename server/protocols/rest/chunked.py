@@ -76,10 +76,9 @@ class ChunkedAnswer:
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task | None = None
         self._headers: list[tuple[bytes, bytes]] = []  # the handler's, as set when the first part came
-        self._waiting = 0  # bytes of parts not yet handed to the connection
-        self._cut = False  # the client did not read: its connection was reset
-        self._sent = 0  # parts handed to the connection so far
-        self._watch: asyncio.TimerHandle | None = None  # the stall check, while too much waits
+        # made by the first part too, with: _waiting (bytes of parts not yet handed to the
+        # connection), _sent (parts handed to it), _cut (the client did not read: its
+        # connection was reset), _watch (the stall check, while too much waits)
 
     @property
     def started(self) -> bool:
@@ -107,6 +106,8 @@ class ChunkedAnswer:
                              if k.lower() not in _FRAMING]
             self._parts = deque()
             self._wake = asyncio.Event()
+            self._waiting = self._sent = 0
+            self._cut, self._watch = False, None
             self._writer = self._loop.create_task(self._write())
         self._parts.append(data)
         self._waiting += len(data)
@@ -211,11 +212,11 @@ class ChunkedAnswer:
         """The request ends without an answer (its task was cancelled, its client went away):
         stop the writer."""
         self._end = (True, b"")
-        self._unwatch()
-        if self._parts is not None:
+        if self._writer is not None:  # (it streamed)
+            self._unwatch()
             self._parts.clear()
-        if self._writer is not None and not self._writer.done():
-            self._writer.cancel()
+            if not self._writer.done():
+                self._writer.cancel()
 
 
 def _unacknowledged(transport) -> int | None:
