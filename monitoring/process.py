@@ -37,6 +37,7 @@ from multiprocessing.connection import Listener
 from typing import Any
 
 from server.core.capture import VersionRef
+from server.core.cpus import restore_inherited
 from server.core.osthread import name_os_thread
 
 __all__ = ["main", "PROCESS_NAME"]
@@ -140,6 +141,7 @@ def main(conn, settings: Any, address: str, authkey: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     name_os_thread(PROCESS_NAME)
+    restore_inherited()  # started from a thread pinned to the event loop's CPU: every CPU again
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [monitor pid {os.getpid()}]: "
                                                    "%(message)s")
     try:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 from monitoring.families import fmt, render_family
 from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_inputs, retraining_holds
+from server.core.cpus import unpinned
 from server.core.errors import ErrorKind, OspreyError
 from server.core.osthread import name_os_thread
 from server.core.types import InferenceResponse
@@ -245,7 +246,8 @@ class RemoteMonitor:
         proc = ctx.Process(target=process.main, args=(child, self.settings, self.address, self.authkey),
                            name="osprey-monitor", daemon=True)
         try:
-            proc.start()
+            with unpinned():  # not on the event loop's one CPU (server/core/cpus.py)
+                proc.start()
             child.close()
             deadline = time.monotonic() + self.start_timeout
             while not parent.poll(0.1):

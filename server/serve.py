@@ -20,7 +20,7 @@ import uvicorn
 
 from monitoring.metrics import CONTENT_TYPE, ServingMetrics, connection_metrics
 
-from server.core import heap
+from server.core import cpus, heap
 from monitoring.access_log import AccessLog
 from monitoring.build import open_monitor
 from monitoring.metrics_log import MetricsLog
@@ -326,11 +326,11 @@ class Server:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
         if s.frontends > 1:  # the inference port's connections, in processes of their own
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            if s.frontends >= cpus:
+            n_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            if s.frontends >= n_cpus:
                 log.warning("frontends=%d on %d CPUs: the front ends, this process and its models compete for "
                             "the same cores; on 2 cores 2-3 front ends answered 10-30%% fewer requests than one "
-                            "process (benchmarks/CHANGES.md, session 19)", s.frontends, cpus)
+                            "process (benchmarks/CHANGES.md, session 19)", s.frontends, n_cpus)
             host, _ = parse_address(s.inference_address)
             port = self._servers[0].servers[0].sockets[0].getsockname()[1]
             self.frontends = FrontEnds(s, self.inference_app, host, port, s.frontends - 1, DRAIN_LINGER_S)
@@ -508,6 +508,13 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     if server.snapshots is not None:
         server.snapshots.start()  # <time>-startup.cfg, with the models loaded
     server.dataplane.started = True
+    try:  # last: every startup thread and child process has started on every CPU
+        cpu = cpus.pin_interpreter(settings.interpreter_cpu)
+    except ValueError as exc:
+        log.error("%s: no thread is pinned", exc)
+        cpu = None
+    if cpu is not None:
+        log.info("event loop pinned to CPU %d (setting interpreter_cpu %s)", cpu, settings.interpreter_cpu)
     log.info("ready: %d of %d models loaded in %.2f s", loaded, wanted, time.monotonic() - t0)
     print(f"Osprey ready: {loaded}/{wanted} models, inference at {settings.inference_address}", flush=True)
     if ready_line:  # `osprey torchserve`: the line TorchServe prints when ready, which its scripts wait for

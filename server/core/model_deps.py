@@ -31,6 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from server.core import cpus
 from server.core.errors import ErrorKind, OspreyError
 
 __all__ = ["dependency_key", "install_requirements", "COMPLETE"]
@@ -96,9 +97,11 @@ async def install_requirements(name: str, version: str, model_dir: Path, require
            "--no-warn-script-location", "-r", str((model_dir / requirements_file).resolve())]
     log.info("model %s version %s: installing its requirements (%s) into %s", name, version, requirements_file, target)
     try:
-        proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(model_dir), stdin=asyncio.subprocess.DEVNULL,
-                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                                                    env={**os.environ, "PYTHONNOUSERSITE": "1"})
+        with cpus.unpinned():  # not on the event loop's one CPU (server/core/cpus.py)
+            proc = await asyncio.create_subprocess_exec(*cmd, cwd=str(model_dir), stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.STDOUT,
+                                                        env={**os.environ, "PYTHONNOUSERSITE": "1"})
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except asyncio.TimeoutError:

@@ -469,6 +469,7 @@ class Registry:
                 index = len(mv.instances)
                 inst = self._new_instance(mv.name, mv.version, mv.archive, mv.config, index)
                 inst.on_lost = functools.partial(self._lost, mv)
+                inst.siblings = mv.instances
                 mv.instances.append(inst)
                 new.append(inst)
                 try:
@@ -605,6 +606,7 @@ class Registry:
                 return
             inst = self._new_instance(mv.name, mv.version, mv.archive, mv.config, index)
             inst.on_lost = functools.partial(self._lost, mv)
+            inst.siblings = mv.instances
             mv.instances.append(inst)
             try:
                 inst.start()

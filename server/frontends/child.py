@@ -33,6 +33,7 @@ from typing import Callable
 
 import uvicorn
 
+from server.core.cpus import restore_inherited
 from server.frontends.frames import FrameReader, Outbox, scope_head
 from server.protocols.rest.http_protocol import ABORT, begin_drain, connection_limit, drain_pass, http_protocol
 from server.settings import Settings
@@ -307,6 +308,7 @@ def run(argv: list[str]) -> int:
     # the certificate, once the loop runs. Ignored from the first moment: the server may forward
     # one (a certificate reload) while this front end is still starting.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    restore_inherited()  # started from a thread pinned to the event loop's CPU: every CPU again
     index, link_fd = int(argv[0]), int(argv[1])
     listen_fds = [int(fd) for fd in argv[2].split(",")]
     link = socket.socket(fileno=link_fd)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from server.core import cpus
 from server.core.events import event
 from server.frontends.relay import RelayLink
 
@@ -146,10 +147,12 @@ class FrontEnds:
             data = json.dumps(config, default=str).encode()
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-            fe.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.frontends.child", str(fe.index), str(theirs.fileno()),
-                ",".join(str(s.fileno()) for s in listeners), pass_fds=(theirs.fileno(), *(s.fileno() for s in listeners)),
-                stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=False)
+            with cpus.unpinned():  # not on the event loop's one CPU (server/core/cpus.py)
+                fe.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "server.frontends.child", str(fe.index), str(theirs.fileno()),
+                    ",".join(str(s.fileno()) for s in listeners),
+                    pass_fds=(theirs.fileno(), *(s.fileno() for s in listeners)),
+                    stdin=asyncio.subprocess.DEVNULL, env=env, start_new_session=False)
         except BaseException:
             ours.close()
             raise

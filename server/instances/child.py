@@ -20,6 +20,7 @@ import sys
 import threading
 
 from server.core.capture import held_inputs, retraining_holds
+from server.core.cpus import restore_inherited
 from server.core.types import InferenceResponse, Protocol
 from server.instances.monitor_link import open_link
 from server.instances.runner import declared_specs, load_runner, model_precision
@@ -108,6 +109,7 @@ class _LogToParent(logging.Handler):
 
 
 def main(conn, spec: dict) -> None:
+    restore_inherited()  # forked from a thread pinned to the event loop's CPU: every CPU again
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it drains first)
     # so is SIGTERM, which a stop of the whole process group sends here too (forkserver_init.py):
     # the parent stops this child once its requests are answered, or the pipe closes when it dies

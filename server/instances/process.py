@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from server.core import cpus
 from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
@@ -282,11 +283,14 @@ class ProcessInstance:
                 "forward_output": self.forward_output,
                 "log_level": logging.getLogger().getEffectiveLevel()}
         try:
-            self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
-            _live.update((self._in, self._out))
-            self._proc = ctx.Process(target=child.main, args=(child_end, spec), daemon=True,
-                                     name=f"osprey-{self.name}-{self.version}-{self.index}")
-            self._proc.start()
+            # the child, and what multiprocessing starts for it (a fork server, the resource
+            # tracker of shared memory), not on the event loop's one CPU (server/core/cpus.py)
+            with cpus.unpinned():
+                self._in, self._out = Arena.create(IN_ARENA), Arena.create(OUT_ARENA)
+                _live.update((self._in, self._out))
+                self._proc = ctx.Process(target=child.main, args=(child_end, spec), daemon=True,
+                                         name=f"osprey-{self.name}-{self.version}-{self.index}")
+                self._proc.start()
         except BaseException as exc:
             log.exception("model %s instance %d: could not start its process", self.name, self.index)
             self.error = f"could not start a process: {exc}"

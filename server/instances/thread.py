@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Callable
 
+from server.core import cpus
 from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
@@ -61,6 +62,11 @@ class ModelInstance:
         # TorchServe's worker name: what this thread prints goes to model_log.log as W-9000-m_1.0-stdout
         self._thread.osprey_worker = f"W-{self.id}-{name}_{version}"  # type: ignore[attr-defined]
         self._loaded = LoadSignal()
+        # the model's instances (the registry's list, set when it starts this one): an instance
+        # shares the event loop's CPU only while it is the only one (server/core/cpus.py)
+        self.siblings: list = [self]
+        self.batch_seconds = 0.0  # a moving average of the time a batch takes here
+        self.colocated = False  # pinned to the event loop's CPU now
 
     @property
     def service(self):
@@ -123,6 +129,7 @@ class ModelInstance:
     # --- the thread ------------------------------------------------------------------
     def _main(self) -> None:
         name_os_thread(instance_thread_name(self.name, self.index))
+        cpus.leave()  # started by the event loop's thread: not on its one CPU
         try:
             self.runner = load_runner(self.name, self.version, str(self.archive.model_dir), self.archive.handler,
                                       self.archive.manifest, self.config, self.gpu_id, self._metrics_sink,
@@ -140,6 +147,7 @@ class ModelInstance:
         if self.status != InstanceStatus.READY:
             return
         event(log, "instance_started", model=self.name, version=self.version, index=self.index, kind="thread")
+        cpus.start_omp_pool()  # torch's workers keep every CPU, whatever this thread does later
         while True:
             wait = self.runner.flush_wait()  # monitoring: batches pending, flush them if no work comes
             try:
@@ -151,7 +159,9 @@ class ModelInstance:
                 self.runner.flush()
                 break
             batches, loop, on_done = job
+            t0 = time.perf_counter()
             outcomes = self.runner.run_handoff(batches)
+            self._place((time.perf_counter() - t0) / max(1, len(batches)))
             if self.abandoned:
                 log.info("model %s version %s: abandoned instance %d returned from its handler and ends",
                          self.name, self.version, self.index)
@@ -160,6 +170,19 @@ class ModelInstance:
             except RuntimeError:  # loop closed during shutdown
                 break
             self.runner.flush(force=False)  # monitoring, when enough is pending: after the answers left
+
+    def _place(self, seconds: float) -> None:
+        """After a handoff whose batches took ``seconds`` each: join the event loop's CPU while
+        batches are short and this is its model's only instance, leave it otherwise."""
+        if cpus.pinned_cpu() is None:
+            return
+        average = self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds if self.batch_seconds else seconds
+        alone = len(self.siblings) <= 1
+        if not self.colocated and alone and average < cpus.COLOCATE_BELOW_S:
+            self.colocated = cpus.join()
+        elif self.colocated and (not alone or average > cpus.LEAVE_ABOVE_S):
+            cpus.leave()
+            self.colocated = False
 
     def run(self, batch: list[Ticket]) -> list[Outcome]:
         """Handle one batch in the calling thread (the runner's logic; for tests and tools)."""

@@ -73,6 +73,9 @@ def read_spec(argv: list[str]) -> tuple[dict, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.core.cpus import restore_inherited
+
+    restore_inherited()  # started from a thread pinned to the event loop's CPU: every CPU again
     spec, mark = read_spec(sys.argv[1:] if argv is None else argv)
     if spec.get("parent"):
         _die_with_parent(int(spec["parent"]))

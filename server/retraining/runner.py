@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from server.core import cpus
 from server.retraining.jobs import JobRecord, JobState
 
 __all__ = ["Outcome", "run_attempt", "attempt_runner", "remote_spec", "prepare_work_dir", "runner_name"]
@@ -118,10 +119,11 @@ async def run_attempt(record: JobRecord, work_dir: Path, model_store: Path, *,
     root = str(Path(__file__).resolve().parents[2])  # the child imports server.* like this process
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.retraining.child", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(work_dir), env=env,
-        start_new_session=True, limit=1 << 22)
+    with cpus.unpinned():  # training computes: not on the event loop's one CPU (server/core/cpus.py)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.retraining.child", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=str(work_dir), env=env,
+            start_new_session=True, limit=1 << 22)
     if on_start is not None:
         on_start(proc.pid)
     final: dict | None = None
