@@ -34,10 +34,12 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 __all__ = ["ENV", "COLOCATE_BELOW_S", "LEAVE_ABOVE_S", "parse_setting", "allowed_cpus", "current_cpu", "claim",
-           "pin_interpreter", "pinned_cpu", "join", "leave", "unpinned", "restore_inherited", "start_omp_pool"]
+           "pin_interpreter", "pinned_cpu", "join", "leave", "release_thread", "unpinned", "restore_inherited",
+           "export_process_cpus", "start_omp_pool"]
 
 log = logging.getLogger("osprey.cpus")
 
@@ -93,18 +95,42 @@ def _lock_dir() -> Path:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
+def _open_lock(path: Path) -> int | None:
+    """A descriptor on ``path`` to flock; None when it cannot be opened. An existing file is opened
+    read-only without O_CREAT (another user's file, in a sticky /dev/shm with protected_regular,
+    refuses O_CREAT), a new one is made readable by every user."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        os.fchmod(fd, 0o644)
+    except OSError:
+        pass
+    return fd
+
+
 def claim(cpus: frozenset[int], preferred: int | None, lock_dir: Path | None = None) -> tuple[int | None, int | None]:
     """The first CPU of ``cpus`` (``preferred`` first) that no other process holds the lock
-    file of, and the open descriptor that holds it now; (None, None) when every one is held."""
+    file of, and the open descriptor that holds it now; (None, None) when every one is held. A
+    lock file that cannot be opened at all does not count as held (its CPU is taken unclaimed
+    only when no CPU can be claimed)."""
     lock_dir = lock_dir or _lock_dir()
     order = sorted(cpus)
     if preferred in cpus:
         order.remove(preferred)
         order.insert(0, preferred)
+    unlockable = None
     for cpu in order:
-        try:
-            fd = os.open(lock_dir / f"{LOCK_PREFIX}{cpu}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError:
+        fd = _open_lock(lock_dir / f"{LOCK_PREFIX}{cpu}.lock")
+        if fd is None:
+            unlockable = cpu if unlockable is None else unlockable
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,12 +138,16 @@ def claim(cpus: frozenset[int], preferred: int | None, lock_dir: Path | None = N
             os.close(fd)
             continue
         return cpu, fd
-    return None, None
+    if unlockable is not None:
+        log.warning("interpreter_cpu auto: cannot open the CPU claim files in %s; CPU %d is used unclaimed",
+                    lock_dir, unlockable)
+    return unlockable, None
 
 
 def pin_interpreter(setting: str | int) -> int | None:
     """Pin the calling thread (the event loop's) to one CPU as ``setting`` says; the CPU, or None
-    when nothing was pinned. ValueError when a CPU number is not one this process may use."""
+    when nothing was pinned (``off``, one CPU, every CPU claimed, or the system refused). ValueError
+    when a CPU number is not one this process may use."""
     global _pinned, _process_cpus, _lock_fd
     mode = parse_setting(setting) if isinstance(setting, str) else setting
     cpus = allowed_cpus()
@@ -127,15 +157,22 @@ def pin_interpreter(setting: str | int) -> int | None:
         if mode not in cpus:
             raise ValueError(f"setting interpreter_cpu: CPU {mode} is not one this server may run on "
                              f"({', '.join(map(str, sorted(cpus)))})")
-        cpu, fd = mode, None
+        cpu, fd = claim(frozenset({mode}), mode)  # held or not, it is the CPU named; auto servers avoid it
+        cpu = mode
     else:
         cpu, fd = claim(cpus, current_cpu())
         if cpu is None:
             log.info("interpreter_cpu auto: every CPU this server may use (%s) is claimed by another Osprey "
                      "server; no thread is pinned", ",".join(map(str, sorted(cpus))))
             return None
-    os.environ[ENV] = ",".join(map(str, sorted(cpus)))  # before any child starts from a pinned thread
-    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        log.warning("interpreter_cpu: the system refused to pin the event loop to CPU %d (%s); no thread is "
+                    "pinned", cpu, exc)
+        if fd is not None:
+            os.close(fd)
+        return None
     _pinned, _process_cpus, _lock_fd = cpu, cpus, fd
     return cpu
 
@@ -144,55 +181,94 @@ def pinned_cpu() -> int | None:
     return _pinned
 
 
+def _set(cpu_set) -> bool:
+    try:
+        os.sched_setaffinity(0, cpu_set)
+        return True
+    except OSError:  # e.g. the CPU went offline, or the container's CPU set shrank meanwhile
+        log.warning("could not set this thread's CPUs to %s", ",".join(map(str, sorted(cpu_set))), exc_info=True)
+        return False
+
+
 def join() -> bool:
-    """Pin the calling thread to the loop's CPU; False when the loop is not pinned."""
+    """Pin the calling thread to the loop's CPU; False when the loop is not pinned or the system
+    refused (the thread then keeps the CPUs it had)."""
     if _pinned is None:
         return False
-    os.sched_setaffinity(0, {_pinned})
-    return True
+    return _set({_pinned})
 
 
 def leave() -> None:
     """Give the calling thread every CPU the process had before the pin (a thread inherits
     its creator's; one started by the pinned loop would otherwise stay on the loop's CPU)."""
     if _pinned is not None and _process_cpus:
-        os.sched_setaffinity(0, _process_cpus)
+        _set(_process_cpus)
+
+
+def release_thread(native_id: int | None) -> None:
+    """Give another thread of this process (by its system id) every CPU the process had: an
+    instance thread abandoned while it hangs must not keep the loop's CPU."""
+    if _pinned is None or not native_id or not _process_cpus:
+        return
+    try:
+        os.sched_setaffinity(native_id, _process_cpus)
+    except OSError:  # it has ended
+        pass
+
+
+_depth = threading.local()
 
 
 @contextlib.contextmanager
 def unpinned():
     """Around starting a child process from a pinned thread: the calling thread has every CPU
     the process had meanwhile, so the child (and anything multiprocessing starts with it, a fork
-    server, a resource tracker) inherits them, then it is pinned again."""
+    server, a resource tracker) inherits them; then it is pinned again. Blocks may overlap on the
+    event loop (an ``await`` inside one): only the outermost one pins again."""
     if _pinned is None or not _process_cpus:
         yield
         return
-    before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, _process_cpus)
+    depth = getattr(_depth, "n", 0)
+    if depth == 0:
+        _depth.before = allowed_cpus()
+        _set(_process_cpus)
+    _depth.n = depth + 1
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        _depth.n -= 1
+        if _depth.n == 0 and _depth.before and _depth.before != _process_cpus:
+            _set(_depth.before)
 
 
 def restore_inherited() -> None:
-    """At a child process's entry: the CPUs its server had, if it was started from a thread
-    pinned to one (:data:`ENV`); nothing otherwise."""
+    """At a child process's entry: the CPUs its server had (:data:`ENV`), if it was started from
+    a thread pinned to one; nothing otherwise."""
     text = os.environ.get(ENV)
     if not text:
         return
     try:
         cpus = {int(c) for c in text.split(",") if c}
-        if cpus:
+        if cpus and set(os.sched_getaffinity(0)) != cpus:
             os.sched_setaffinity(0, cpus)
     except (ValueError, OSError, AttributeError):
         pass
 
 
+def export_process_cpus() -> None:
+    """Record the CPUs this process may use in :data:`ENV`, for children to restore: once, at the
+    start, before any thread runs (setting the environment later races other threads' getenv)."""
+    cpus = allowed_cpus()
+    if cpus:
+        os.environ[ENV] = ",".join(map(str, sorted(cpus)))
+
+
 def start_omp_pool() -> None:
     """Start torch's OpenMP workers from the calling thread while it still has every CPU: an
     OpenMP team is made at its first parallel region and its threads inherit the CPUs of the
-    thread that made it. One region as wide as torch's thread count (32,768 elements a task)."""
+    thread that made it. One region as wide as torch's thread count (32,768 elements a task).
+    Pools a handler starts later from a joined thread (torch's inter-op pool for
+    ``torch.jit.fork``, a handler's own threads) share the loop's CPU."""
     torch = sys.modules.get("torch")
     if torch is None:
         return

@@ -270,6 +270,7 @@ class ProcessInstance:
     # --- the parent-side thread: start the child, then read it ------------------------
     def _main(self) -> None:
         name_os_thread(instance_thread_name(self.name, self.index, "p"))
+        cpus.leave()  # started by the event loop's thread: not on its one CPU
         ctx = _mp()
         from server.instances import child
 

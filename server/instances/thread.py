@@ -67,6 +67,7 @@ class ModelInstance:
         self.siblings: list = [self]
         self.batch_seconds = 0.0  # a moving average of the time a batch takes here
         self.colocated = False  # pinned to the event loop's CPU now
+        self._omp_started = False
 
     @property
     def service(self):
@@ -94,6 +95,7 @@ class ModelInstance:
     def kill(self) -> bool:
         """A thread cannot be killed: abandon it (never serves again; ends when its handler returns)."""
         self.abandoned = True
+        cpus.release_thread(self._thread.native_id)  # hung, maybe spinning: not on the event loop's CPU
         self.status = InstanceStatus.FAILED
         self.error = "abandoned: its handler hung"
         self._jobs.put(None)
@@ -147,7 +149,6 @@ class ModelInstance:
         if self.status != InstanceStatus.READY:
             return
         event(log, "instance_started", model=self.name, version=self.version, index=self.index, kind="thread")
-        cpus.start_omp_pool()  # torch's workers keep every CPU, whatever this thread does later
         while True:
             wait = self.runner.flush_wait()  # monitoring: batches pending, flush them if no work comes
             try:
@@ -179,6 +180,9 @@ class ModelInstance:
         average = self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds if self.batch_seconds else seconds
         alone = len(self.siblings) <= 1
         if not self.colocated and alone and average < cpus.COLOCATE_BELOW_S:
+            if not self._omp_started:  # torch's workers keep every CPU, whatever this thread does later
+                cpus.start_omp_pool()
+                self._omp_started = True
             self.colocated = cpus.join()
         elif self.colocated and (not alone or average > cpus.LEAVE_ABOVE_S):
             cpus.leave()

@@ -79,10 +79,53 @@ def test_a_child_started_on_one_cpu_takes_back_the_cpus_its_server_had():
     code = ("import os; from server.core.cpus import restore_inherited; before = sorted(os.sched_getaffinity(0)); "
             "restore_inherited(); print(before, sorted(os.sched_getaffinity(0)))")
     env = {**os.environ, "PYTHONPATH": str(ROOT), cpus.ENV: ",".join(map(str, everyone))}
-    out = subprocess.run(["taskset", "-c", str(everyone[0]), sys.executable, "-c", code], cwd=ROOT, env=env,
+
+    def on_one_cpu():  # as if started from a thread pinned to one CPU
+        os.sched_setaffinity(0, {everyone[0]})
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, preexec_fn=on_one_cpu,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == f"[{everyone[0]}] {everyone}"
     env.pop(cpus.ENV)  # not started by a pinned server: left as it is
-    out = subprocess.run(["taskset", "-c", str(everyone[0]), sys.executable, "-c", code], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, preexec_fn=on_one_cpu,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == f"[{everyone[0]}] [{everyone[0]}]"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and at least 2 CPUs")
+def test_overlapping_child_starts_on_the_event_loop_leave_it_pinned():
+    """Two children started at once (two front ends restarted together, two models' requirements
+    installed): the loop is inside two ``unpinned()`` blocks at the same time, each around an
+    ``await``; when both are over the loop is on its one CPU again, and inside them it had every CPU."""
+    cpu = max(os.sched_getaffinity(0))
+    code = f"""
+import asyncio, os
+from server.core import cpus
+assert cpus.pin_interpreter({cpu}) == {cpu}
+seen = []
+first_in, second_in, first_out = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+async def first():
+    with cpus.unpinned():
+        seen.append(sorted(os.sched_getaffinity(0)))
+        first_in.set()
+        await second_in.wait()  # both blocks open
+    first_out.set()
+
+async def second():
+    await first_in.wait()
+    with cpus.unpinned():
+        second_in.set()
+        await first_out.wait()  # the first block closed, this one still open
+        seen.append(sorted(os.sched_getaffinity(0)))
+
+async def main():
+    await asyncio.gather(first(), second())
+
+asyncio.run(main())
+print(seen, sorted(os.sched_getaffinity(0)))
+"""
+    everyone = sorted(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == f"{[everyone] * 2} [{cpu}]"
