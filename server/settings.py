@@ -163,7 +163,7 @@ class Settings:
     # the CPU the event loop's thread, and the instance threads of small models (batches under
     # 5 ms, one instance), run on once the server is ready (server/core/cpus.py): they take turns
     # holding the GIL, and on one CPU a turn does not wake a thread on another (on 2 CPUs the
-    # tiny MLP answered 13% more requests batched, 38% more unbatched). torch's OpenMP workers,
+    # tiny MLP answered 11% more requests batched, 35% more unbatched at c=32). torch's OpenMP workers,
     # models with long batches or several instances, and child processes keep every CPU.
     # auto: the CPU the loop is on unless another Osprey server here claimed it (then a free
     # one; none free, or fewer than 2 CPUs: nothing pinned); off: the system places every

@@ -5,8 +5,8 @@ thread lets it go for each torch call, the loop takes it, and the instance threa
 get it back. On two CPUs each such handoff wakes a thread on the other CPU, and the waker
 then waits for that thread in turn. On one CPU the thread that let the GIL go for a few
 microseconds simply goes on running, and the objects both threads touch stay in one CPU's
-cache. Measured on 2 CPUs (benchmarks/CHANGES.md, session 22): the tiny MLP answered 13%
-more requests batched and 38% more unbatched, digits_cnn 58% more.
+cache. Measured on 2 CPUs (benchmarks/CHANGES.md, session 22): at 32 clients the tiny MLP answered 11%
+more requests batched and 35% more unbatched, digits_cnn 40% more.
 
 So, once the server is ready, the event loop's thread is pinned to one CPU, and each thread
 instance whose batches are short (``COLOCATE_BELOW_S``) joins it there while it is its model's
