@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     models = [built[n] for n in wanted]
 
     both, also = key_values(args.setting, "--setting", ap.error), key_values(args.also, "--also", ap.error)
+    if "interpreter_cpu" not in both and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1:
+        # the servers run side by side, and with `auto` each claims a CPU the others have not
+        # (server/core/cpus.py): on and off would pin their loops to different CPUs. One named
+        # CPU for every side compares monitoring, not CPUs (trees without the setting ignore it).
+        both["interpreter_cpu"] = str(max(os.sched_getaffinity(0)))
 
     def make_sides() -> dict:
         sides = {"on": Osprey(WORK / "on", models, config=dict(both), tag="monitoring-on"),
