@@ -512,7 +512,7 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     try:  # last: every startup thread and child process has started on every CPU
         # the loop's executor threads (archive extraction, heap trims, gzip bodies, feedback),
         # started by the loop's thread whenever needed, run on every CPU, not on the loop's
-        if settings.interpreter_cpu.strip().lower() != "off":
+        if str(settings.interpreter_cpu).strip().lower() != "off":
             workers = min(32, len(cpus.allowed_cpus() or (0,)) + 4)
             loop.set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="osprey-executor",
                                                          initializer=cpus.leave))
@@ -589,8 +589,7 @@ def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: st
         sys.setswitchinterval(settings.switch_interval)
     apply_omp_wait_policy(settings.omp_wait_policy, spin_count=settings.omp_spin_count)
     apply_numpy_blas_threads(settings.numpy_blas_threads)
-    if settings.interpreter_cpu.strip().lower() != "off":
-        cpus.export_process_cpus()  # before any thread runs: children of a pinned thread restore them
+    cpus.export_process_cpus(settings.interpreter_cpu)  # before any thread runs: children of a pinned thread restore them
     # TorchServe's frontend tells its workers so; instances (and process instances' children,
     # which inherit the environment) read it when they load (server/instances/runner.py)
     os.environ[DECODE_INPUT_ENV] = "true" if settings.decode_input_request else "false"

@@ -32,6 +32,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -98,21 +99,26 @@ def _lock_dir() -> Path:
 def _open_lock(path: Path) -> int | None:
     """A descriptor on ``path`` to flock; None when it cannot be opened. An existing file is opened
     read-only without O_CREAT (another user's file, in a sticky /dev/shm with protected_regular,
-    refuses O_CREAT), a new one is made readable by every user."""
+    refuses O_CREAT), a new one is made readable by every user. Never blocks (a FIFO put there
+    would block a plain open): anything but a regular file counts as unopenable."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        pass
+        try:
+            fd = os.open(path, flags | os.O_CREAT, 0o644)
+            os.fchmod(fd, 0o644)
+        except OSError:
+            return None
     except OSError:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
     except OSError:
+        os.close(fd)
         return None
-    try:
-        os.fchmod(fd, 0o644)
-    except OSError:
-        pass
     return fd
 
 
@@ -134,12 +140,16 @@ def claim(cpus: frozenset[int], preferred: int | None, lock_dir: Path | None = N
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # held by another server
             os.close(fd)
+            continue
+        except OSError:  # cannot lock here at all (e.g. a network file system)
+            os.close(fd)
+            unlockable = cpu if unlockable is None else unlockable
             continue
         return cpu, fd
     if unlockable is not None:
-        log.warning("interpreter_cpu auto: cannot open the CPU claim files in %s; CPU %d is used unclaimed",
+        log.warning("interpreter_cpu: cannot open or lock the CPU claim files in %s; CPU %d is used unclaimed",
                     lock_dir, unlockable)
     return unlockable, None
 
@@ -185,30 +195,36 @@ def _set(cpu_set) -> bool:
     try:
         os.sched_setaffinity(0, cpu_set)
         return True
-    except OSError:  # e.g. the CPU went offline, or the container's CPU set shrank meanwhile
-        log.warning("could not set this thread's CPUs to %s", ",".join(map(str, sorted(cpu_set))), exc_info=True)
+    except OSError as exc:  # e.g. the CPU went offline, or the container's CPU set shrank meanwhile
+        log.warning("could not set this thread's CPUs to %s: %s", ",".join(map(str, sorted(cpu_set))), exc)
         return False
 
 
 def join() -> bool:
     """Pin the calling thread to the loop's CPU; False when the loop is not pinned or the system
-    refused (the thread then keeps the CPUs it had)."""
+    refused. A refusal ends joining for every thread (logged once): the loop's CPU is gone."""
+    global _pinned
     if _pinned is None:
         return False
-    return _set({_pinned})
+    if _set({_pinned}):
+        return True
+    log.warning("interpreter_cpu: CPU %d refused; instance threads no longer join the event loop's CPU", _pinned)
+    _pinned = None
+    return False
 
 
 def leave() -> None:
     """Give the calling thread every CPU the process had before the pin (a thread inherits
-    its creator's; one started by the pinned loop would otherwise stay on the loop's CPU)."""
-    if _pinned is not None and _process_cpus:
+    its creator's; one started by the pinned loop would otherwise stay on the loop's CPU).
+    Never raises (it is a thread pool's initializer)."""
+    if _process_cpus and set(allowed_cpus()) != _process_cpus:
         _set(_process_cpus)
 
 
 def release_thread(native_id: int | None) -> None:
     """Give another thread of this process (by its system id) every CPU the process had: an
     instance thread abandoned while it hangs must not keep the loop's CPU."""
-    if _pinned is None or not native_id or not _process_cpus:
+    if not native_id or not _process_cpus:
         return
     try:
         os.sched_setaffinity(native_id, _process_cpus)
@@ -255,11 +271,14 @@ def restore_inherited() -> None:
         pass
 
 
-def export_process_cpus() -> None:
+def export_process_cpus(setting: str | int) -> None:
     """Record the CPUs this process may use in :data:`ENV`, for children to restore: once, at the
-    start, before any thread runs (setting the environment later races other threads' getenv)."""
+    start, before any thread runs (setting the environment later races other threads' getenv).
+    With ``off`` none is recorded, and one inherited from an Osprey server above is dropped."""
     cpus = allowed_cpus()
-    if cpus:
+    if str(setting).strip().lower() == "off" or not cpus:
+        os.environ.pop(ENV, None)
+    else:
         os.environ[ENV] = ",".join(map(str, sorted(cpus)))
 
 

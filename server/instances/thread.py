@@ -95,7 +95,8 @@ class ModelInstance:
     def kill(self) -> bool:
         """A thread cannot be killed: abandon it (never serves again; ends when its handler returns)."""
         self.abandoned = True
-        cpus.release_thread(self._thread.native_id)  # hung, maybe spinning: not on the event loop's CPU
+        if self._thread.is_alive():  # hung, maybe spinning: not on the event loop's CPU
+            cpus.release_thread(self._thread.native_id)
         self.status = InstanceStatus.FAILED
         self.error = "abandoned: its handler hung"
         self._jobs.put(None)

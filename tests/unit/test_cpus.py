@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,31 @@ print(seen, sorted(os.sched_getaffinity(0)))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == f"{[everyone] * 2} [{cpu}]"
+
+
+def test_a_claim_file_that_is_not_a_regular_file_never_blocks_the_start(tmp_path):
+    """Anyone can put a FIFO where a claim file goes; opening it as a file would wait forever
+    for a writer, and the server would never become ready."""
+    os.mkfifo(tmp_path / f"{cpus.LOCK_PREFIX}0.lock")
+    got = []
+    worker = threading.Thread(target=lambda: got.append(cpus.claim(frozenset({0, 1}), 0, tmp_path)), daemon=True)
+    worker.start()
+    worker.join(30)
+    assert got, "the claim blocked on a FIFO"
+    cpu, fd = got[0]
+    assert (cpu, fd is not None) == (1, True)  # CPU 0's file is unusable: the next one
+    os.close(fd)
+    both = tmp_path / "both"
+    both.mkdir()
+    for cpu in (0, 1):
+        os.mkfifo(both / f"{cpus.LOCK_PREFIX}{cpu}.lock")
+    assert cpus.claim(frozenset({0, 1}), 0, both) == (0, None)  # none lockable: used unclaimed
+
+
+def test_off_drops_the_cpus_an_osprey_server_above_recorded(monkeypatch):
+    monkeypatch.setenv(cpus.ENV, "0,1,2,3")
+    cpus.export_process_cpus("off")
+    assert cpus.ENV not in os.environ  # its children keep what they are given (a taskset, say)
+    if cpus.allowed_cpus():
+        cpus.export_process_cpus("auto")
+        assert os.environ[cpus.ENV] == ",".join(map(str, sorted(cpus.allowed_cpus())))
