@@ -69,6 +69,7 @@ _DESCRIBE = Protocol.DESCRIBE
 log = logging.getLogger("osprey.batching")
 
 SWEEP_INTERVAL = 0.01  # seconds between checks of queued requests' deadlines
+DEADLINE_SLACK_S = 0.005  # a hung handoff's requests due within this are answered as timed out (timer rounding)
 BUNDLE_BUDGET_S = 0.001  # most work (seconds) one handoff to an instance may carry
 MAX_BUNDLE = 32  # most batches in one handoff
 QUEUE_FULL_LOG_INTERVAL_S = 5.0  # at most one queue_full line per model version this often
@@ -469,6 +470,13 @@ class Batcher:
         for inst, entry in list(self._running.items()):
             if not entry[2] and now - entry[1] >= self.hang_after_s and self.on_hung is not None:
                 entry[2] = True
+                # its requests already due get the running-deadline answer, not the lost worker's:
+                # with no grace (TorchServe's lifecycle) this check and their timer fall due in the
+                # same millisecond, and a timer firing a hair early re-arms and would lose the race
+                for batch in entry[0]:
+                    for r in batch:
+                        if r.deadline is not None and not r.future.done() and r.deadline <= now + DEADLINE_SLACK_S:
+                            r.future.set_exception(self.running_timeout())
                 self.hung_in_a_row += 1
                 try:
                     self.on_hung(inst, now - entry[1])

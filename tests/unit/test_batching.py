@@ -446,6 +446,27 @@ async def test_a_handoff_running_past_hang_after_is_reported_once_and_a_fast_one
     assert len(hung) == 1
 
 
+async def test_a_hung_handoffs_request_already_due_is_answered_as_timed_out_not_as_a_lost_worker():
+    """With no hang grace (TorchServe's lifecycle: a timed-out request answers 500, not 503) the
+    hang check and the request's own deadline timer fall due in the same millisecond; the check
+    answers the due request with the running timeout before the worker is reported lost."""
+    b, inst = with_instance()
+    timed_out = OspreyError(ErrorKind.INTERNAL, "Backend worker did not respond in given time")
+    b.running_timeout = lambda: timed_out
+
+    def hung(i, seconds):  # what the registry does with a hung worker
+        b.lose(i, OspreyError(ErrorKind.UNAVAILABLE, "the worker running this request hung"))
+    b.hang_after_s, b.on_hung = 0.05, hung
+    # due within the timers' rounding; no await until the check, so its own timer cannot fire first
+    due = b.submit(req(0, deadline=time.monotonic() + 0.003))
+    assert inst.handoffs  # running
+    b._running[inst][1] -= 1.0  # the handoff started a second ago
+    b._check_hung()
+    with pytest.raises(OspreyError) as info:
+        await due
+    assert info.value is timed_out
+
+
 async def test_admit_refuses_a_full_queue_without_a_request_and_in_constant_time(monkeypatch):
     b, inst = with_instance(batch_size=1, queue_size=2)
     b.admit()  # room
