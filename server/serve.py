@@ -327,7 +327,7 @@ class Server:
                 raise OSError(f"could not listen on {address}")
             self._servers.append(server)
         if s.frontends > 1:  # the inference port's connections, in processes of their own
-            n_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            n_cpus = len(cpus.allowed_cpus()) or os.cpu_count() or 1
             if s.frontends >= n_cpus:
                 log.warning("frontends=%d on %d CPUs: the front ends, this process and its models compete for "
                             "the same cores; on 2 cores 2-3 front ends answered 10-30%% fewer requests than one "
@@ -512,8 +512,8 @@ async def _main(settings: Settings, models: list[tuple[str | None, str]], ready_
     try:  # last: every startup thread and child process has started on every CPU
         # the loop's executor threads (archive extraction, heap trims, gzip bodies, feedback),
         # started by the loop's thread whenever needed, run on every CPU, not on the loop's
-        if str(settings.interpreter_cpu).strip().lower() != "off":
-            workers = min(32, len(cpus.allowed_cpus() or (0,)) + 4)
+        if cpus.parse_setting(str(settings.interpreter_cpu)) != "off":
+            workers = min(32, (len(cpus.allowed_cpus()) or 1) + 4)
             loop.set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="osprey-executor",
                                                          initializer=cpus.leave))
         cpu = cpus.pin_interpreter(settings.interpreter_cpu)

@@ -286,14 +286,7 @@ class Batcher:
         not yet due keeps a timer of its own batch rather than being forgotten.
         """
         now = time.monotonic()
-        pending = []
-        for r in batch:
-            if r.deadline is None or r.future.done():
-                continue
-            if r.deadline <= now + 0.0005:
-                r.future.set_exception(self.running_timeout())
-            else:
-                pending.append(r.deadline)
+        pending = self._answer_due(batch, now + 0.0005)
         if pending:
             self._batch_timers[id(batch)] = self.loop.call_later(min(pending) - now, self._expire_running, batch)
         else:
@@ -459,6 +452,19 @@ class Batcher:
             if not r.future.done():
                 r.future.set_exception(error)
 
+    def _answer_due(self, batch: list[Ticket], until: float) -> list[float]:
+        """Answer the running timeout to the requests of ``batch`` due by ``until``; the deadlines
+        of those not due yet."""
+        later = []
+        for r in batch:
+            if r.deadline is None or r.future.done():
+                continue
+            if r.deadline <= until:
+                r.future.set_exception(self.running_timeout())
+            else:
+                later.append(r.deadline)
+        return later
+
     def _watch_interval(self) -> float:
         """How often the watchdog looks at running handoffs: one timer per batcher, not per handoff."""
         return max(0.05, min(1.0, self.hang_after_s / 4))
@@ -474,9 +480,7 @@ class Batcher:
                 # with no grace (TorchServe's lifecycle) this check and their timer fall due in the
                 # same millisecond, and a timer firing a hair early re-arms and would lose the race
                 for batch in entry[0]:
-                    for r in batch:
-                        if r.deadline is not None and not r.future.done() and r.deadline <= now + DEADLINE_SLACK_S:
-                            r.future.set_exception(self.running_timeout())
+                    self._answer_due(batch, now + DEADLINE_SLACK_S)
                 self.hung_in_a_row += 1
                 try:
                     self.on_hung(inst, now - entry[1])

@@ -135,19 +135,17 @@ def claim(cpus: frozenset[int], preferred: int | None, lock_dir: Path | None = N
     unlockable = None
     for cpu in order:
         fd = _open_lock(lock_dir / f"{LOCK_PREFIX}{cpu}.lock")
-        if fd is None:
-            unlockable = cpu if unlockable is None else unlockable
-            continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return cpu, fd
         except BlockingIOError:  # held by another server
             os.close(fd)
             continue
         except OSError:  # cannot lock here at all (e.g. a network file system)
             os.close(fd)
-            unlockable = cpu if unlockable is None else unlockable
-            continue
-        return cpu, fd
+        if unlockable is None:
+            unlockable = cpu
     if unlockable is not None:
         log.warning("interpreter_cpu: cannot open or lock the CPU claim files in %s; CPU %d is used unclaimed",
                     lock_dir, unlockable)
@@ -167,8 +165,8 @@ def pin_interpreter(setting: str | int) -> int | None:
         if mode not in cpus:
             raise ValueError(f"setting interpreter_cpu: CPU {mode} is not one this server may run on "
                              f"({', '.join(map(str, sorted(cpus)))})")
-        cpu, fd = claim(frozenset({mode}), mode)  # held or not, it is the CPU named; auto servers avoid it
         cpu = mode
+        _, fd = claim(frozenset({mode}), mode)  # held or not, it is the CPU named; auto servers avoid it
     else:
         cpu, fd = claim(cpus, current_cpu())
         if cpu is None:
@@ -217,7 +215,7 @@ def leave() -> None:
     """Give the calling thread every CPU the process had before the pin (a thread inherits
     its creator's; one started by the pinned loop would otherwise stay on the loop's CPU).
     Never raises (it is a thread pool's initializer)."""
-    if _process_cpus and set(allowed_cpus()) != _process_cpus:
+    if _process_cpus and allowed_cpus() != _process_cpus:
         _set(_process_cpus)
 
 
