@@ -75,9 +75,10 @@ class Settings:
     # is taken for hung, killed and started again
     frontend_timeout: float = 10.0
     keep_alive_timeout: float = 120.0  # seconds an idle connection (also a new one that sends nothing) stays open
-    # seconds a client may take nothing of a streamed REST answer (a handler's intermediate
-    # responses) while more than 64 MiB of it wait on the server, before its connection is reset
-    # and what waited dropped (server/protocols/rest/chunked.py); 0: never
+    # seconds a client may take nothing of a streamed answer (a handler's intermediate responses
+    # on REST, a streaming gRPC call's messages) while more than 64 MiB of it wait on the server,
+    # before its connection is reset (REST) or its call ended (gRPC) and what waited dropped
+    # (server/protocols/rest/chunked.py, server/protocols/grpc/streams.py); 0: never
     stream_stall_timeout: float = 10.0
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to

@@ -12,6 +12,13 @@ the server, which answers it as if it had arrived on one of its own connections.
 model, no registry and no state of its own: a front end that dies loses only its connections,
 and is started again.
 
+A streamed answer (a handler's intermediate responses) is relayed part by part as the server
+sends them, and its parts wait here for a client slow to take them: the server's rule for a
+client that stops reading applies here too (``server.protocols.rest.chunked``): past
+``MAX_BACKLOG`` bytes waiting, with nothing taken for ``stream_stall_timeout`` seconds, the
+client's connection is reset, what waited is dropped, the server is told the client is gone,
+and whatever more the server sends for that request is ignored.
+
 SIGTERM (and SIGINT): drain as the server does (stop accepting, ``Connection: close`` on every
 answer, wait for what is in progress), then exit. The server's end closing: what is in progress
 is answered 503 and the process exits.
@@ -35,6 +42,7 @@ import uvicorn
 
 from server.core.cpus import restore_inherited
 from server.frontends.frames import FrameReader, Outbox, scope_head
+from server.protocols.rest.chunked import MAX_BACKLOG, unacknowledged
 from server.protocols.rest.http_protocol import ABORT, begin_drain, connection_limit, drain_pass, http_protocol
 from server.settings import Settings
 from server.tls import Tls, is_https
@@ -42,6 +50,7 @@ from server.tls import Tls, is_https
 log = logging.getLogger("osprey.frontends")
 
 GONE_SCAN_S = 0.1  # how often requests waiting for their answer are checked for clients that left
+_RESETS: set[asyncio.Task] = set()  # connection resets under way (held until they end)
 _BEHIND = (b'{"code": 503, "type": "ServiceUnavailableException", '
            b'"message": "The server is not keeping up with the requests this front end relays; try again"}')
 _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
@@ -51,7 +60,8 @@ _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
 class _Pending:
     """A relayed request waiting for its answer's messages."""
 
-    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent")
+    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "on_stall", "_watch")
+    stall_s = 10.0  # the setting stream_stall_timeout (main sets it); 0: never cut
 
     def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
         self.cycle = cycle  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
@@ -59,9 +69,16 @@ class _Pending:
         self.msgs: collections.deque = collections.deque()
         self.waiter: asyncio.Future | None = None
         self.gone_sent = False
+        self.waiting = 0  # bytes of streamed parts not yet handed to the client's connection
+        self.sent = 0  # streamed parts handed to it
+        self.on_stall: Callable[[], None] | None = None  # cuts the client (RelayApp sets it)
+        self._watch: asyncio.TimerHandle | None = None
 
     def push(self, msg: tuple) -> None:
         self.msgs.append(msg)
+        if msg[0] == "b":
+            self.waiting += len(msg[2])
+            self._arm()
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -70,7 +87,47 @@ class _Pending:
         while not self.msgs:
             self.waiter = self.loop.create_future()
             await self.waiter
-        return self.msgs.popleft()
+        msg = self.msgs.popleft()
+        if msg[0] == "b":
+            self.waiting -= len(msg[2])
+        return msg
+
+    def watch(self, on_stall: Callable[[], None]) -> None:
+        """The answer's parts are being sent: cut its client with ``on_stall`` if it stops taking them."""
+        self.on_stall = on_stall
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.waiting > MAX_BACKLOG and self._watch is None and self.stall_s > 0 and self.on_stall is not None:
+            self._watch = self.loop.call_later(self.stall_s, self._check_stall, self._progress())
+
+    def _progress(self) -> tuple:
+        """What moves while the client takes its answer: parts handed to its connection, the
+        bytes its transport holds, the bytes its socket sent that it has not acknowledged."""
+        transport = getattr(self.cycle, "transport", None)
+        try:
+            held = transport.get_write_buffer_size()
+        except Exception:
+            held = None
+        return self.sent, held, unacknowledged(transport)
+
+    def _check_stall(self, then: tuple) -> None:
+        self._watch = None
+        if self.waiting <= MAX_BACKLOG or self.on_stall is None:
+            return
+        now = self._progress()
+        if now == then:  # the client took nothing meanwhile
+            self.msgs.clear()
+            self.waiting = 0
+            self.on_stall()
+        else:
+            self._watch = self.loop.call_later(self.stall_s, self._check_stall, now)
+
+    def done(self) -> None:
+        self.on_stall = None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
 
 class FrontLink(asyncio.Protocol):
@@ -183,15 +240,35 @@ class RelayApp:
             await _answer(send, msg[2], msg[3], msg[4])
             return
         if msg[0] == "s":
-            await send({"type": "http.response.start", "status": msg[2], "headers": msg[3]})
-            while True:
-                msg = await p.next()
-                if msg[0] != "b":
-                    break
-                await send({"type": "http.response.body", "body": msg[2], "more_body": msg[3]})
-                if not msg[3]:
-                    return
-        await send({"type": ABORT})  # "x": the answer under way was abandoned
+            p.watch(lambda: self._cut(rid, p, send))
+            try:
+                await send({"type": "http.response.start", "status": msg[2], "headers": msg[3]})
+                while True:
+                    msg = await p.next()
+                    if msg[0] != "b":
+                        break
+                    await send({"type": "http.response.body", "body": msg[2], "more_body": msg[3]})
+                    p.sent += 1
+                    if not msg[3]:
+                        return
+            finally:
+                p.done()
+        await send({"type": ABORT})  # "x": the answer under way was abandoned (or its client cut)
+
+    def _cut(self, rid: int, p: _Pending, send) -> None:
+        """The client of streamed answer ``rid`` takes nothing while too much waits for it: reset
+        its connection, forget the request (what the server still sends for it is ignored), tell
+        the server its client is gone, and end the relay of it."""
+        log.warning("request %d (relayed): the client is not reading its streamed answer (more than %d bytes "
+                    "waiting, nothing taken for %g s, stream_stall_timeout): the connection is reset, the parts "
+                    "waiting are dropped", rid, MAX_BACKLOG, p.stall_s)
+        if self.link.pending.pop(rid, None) is not None and not p.gone_sent and not self.link.lost.is_set():
+            p.gone_sent = True
+            self.link.outbox.put(("g", rid))
+        task = self.link.loop.create_task(send({"type": ABORT, "hard": True}))
+        _RESETS.add(task)
+        task.add_done_callback(_RESETS.discard)
+        p.push(("x", rid))
 
     async def _body(self, scope: dict, receive) -> tuple[bytes | None, bool]:
         """The request's body, up to the limit and one byte more (``more`` True when it was cut
@@ -254,6 +331,7 @@ async def main(config: dict) -> int:
     high_water = max(16 << 20, 2 * settings.max_request_size + (1 << 20))
     _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop, high_water), link_sock)
     app = RelayApp(link, settings.max_request_size)
+    _Pending.stall_s = float(settings.stream_stall_timeout)
     uv = uvicorn.Config(app, lifespan="off", http=http_protocol(settings.request_read_timeout, settings.max_header_size,
                                                                 connection_limit(settings.max_connections)),
                         loop="none", log_level="warning", access_log=False, server_header=False, date_header=False,

@@ -4,27 +4,41 @@ A handler streams intermediate responses without waiting for the client (its thr
 whole batch). When a client stops reading, what it has not taken waits on the server; past
 ``server.protocols.rest.chunked.MAX_BACKLOG`` bytes, with nothing taken for
 ``stream_stall_timeout`` seconds, the server resets that connection and drops what waited (logged), and goes on
-serving everyone else.
+serving everyone else. A streaming gRPC call (TorchServe's StreamPredictions, OIP's
+ModelStreamInfer) is cut the same way: the call is cancelled.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
+from types import SimpleNamespace
 
+import grpc
 import httpx
+import pytest
 
+from server.protocols.grpc import streams
+from server.protocols.grpc.generated import grpc_service_pb2 as oip
+from server.protocols.grpc.generated import grpc_service_pb2_grpc as oip_grpc
+from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
 from server.protocols.rest.chunked import MAX_BACKLOG
-from tests.gates import wait_until
+from tests.e2e.test_frontends import served_by
+from tests.gates import wait_for, wait_until
 from tests.models import handler_archive
 
 FLOOD_HANDLER = '''
+import json
+
+
 def handle(data, context):
     """Streams ``parts`` parts of 1 MiB each for the request, then answers "done"."""
     if data is None:  # (the load's call, TorchServe's way)
         return None
-    parts = int(data[0]["body"]["parts"])
+    body = data[0]["body"]
+    parts = int((json.loads(body) if isinstance(body, (bytes, bytearray)) else body)["parts"])
     part = b"x" * (1 << 20)
     for _ in range(parts):
         context.send_intermediate(0, part)
@@ -36,6 +50,23 @@ def _request(parts: int) -> bytes:
     body = json.dumps({"parts": parts}).encode()
     return (b"POST /predictions/flood HTTP/1.1\r\nHost: osprey\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def _connect(srv, frontends: int) -> socket.socket:
+    """A connection with a small receive window, accepted by a front end when there are front
+    ends (connections are opened until the kernel hands one to a front end), else by the server."""
+    port = int(srv.inference.rsplit(":", 1)[1])
+    for _ in range(300):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+        sock.connect(("127.0.0.1", port))
+        if frontends == 1:
+            return sock
+        pid = wait_for(lambda: served_by(srv, SimpleNamespace(sock=sock)), 30, "the connection to be accepted")
+        if pid != srv.proc.pid:
+            return sock
+        sock.close()
+    raise AssertionError("no connection landed on a front end")
 
 
 def _read_all(sock: socket.socket) -> tuple[bytes, bool]:
@@ -52,14 +83,17 @@ def _read_all(sock: socket.socket) -> tuple[bytes, bool]:
         return bytes(got), True
 
 
-def test_a_client_that_stops_reading_a_streamed_answer_is_cut_and_others_are_served(osprey, store):
+# frontends=2: connections are served by front-end processes that relay to the server, and the
+# parts wait there (server/frontends/child.py): the same rule
+FRONTENDS = pytest.mark.parametrize("frontends", [1, 2], ids=["server", "front-ends"])
+
+
+@FRONTENDS
+def test_a_client_that_stops_reading_a_streamed_answer_is_cut_and_others_are_served(osprey, store, frontends):
     handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
-    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 2})
-    port = int(srv.inference.rsplit(":", 1)[1])
+    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 2, "frontends": frontends})
     parts = MAX_BACKLOG // (1 << 20) * 2  # twice what may wait for one client
-    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
-    stalled.connect(("127.0.0.1", port))
+    stalled = _connect(srv, frontends)
     stalled.sendall(_request(parts))
     # it reads nothing: the parts wait on the server until there are too many
     wait_until(lambda: "is not reading its streamed answer" in srv.log(), timeout=60,
@@ -75,16 +109,14 @@ def test_a_client_that_stops_reading_a_streamed_answer_is_cut_and_others_are_ser
         assert client.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
 
 
-def test_a_client_that_reads_slowly_is_not_cut(osprey, store):
+@FRONTENDS
+def test_a_client_that_reads_slowly_is_not_cut(osprey, store, frontends):
     """However far behind the handler a client falls, it is not cut while it keeps reading: every
     byte it takes counts (the socket's send queue moves), not only whole parts."""
     handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
-    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 3})
-    port = int(srv.inference.rsplit(":", 1)[1])
+    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 3, "frontends": frontends})
     parts = MAX_BACKLOG // (1 << 20) * 2
-    slow = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.connect(("127.0.0.1", port))
+    slow = _connect(srv, frontends)
     slow.sendall(_request(parts))
     slow.settimeout(30)
     got = 0
@@ -97,3 +129,50 @@ def test_a_client_that_reads_slowly_is_not_cut(osprey, store):
     assert "is not reading its streamed answer" not in srv.log()
     assert got < parts << 20  # (it was behind the whole time)
     slow.close()
+
+
+def _stream_predictions(channel, parts: int):
+    stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+    call = stub.StreamPredictions(inference_pb2.PredictionsRequest(
+        model_name="flood", input={"body": json.dumps({"parts": parts}).encode()}), timeout=120)
+    return call, lambda resp: resp.prediction
+
+
+def _model_stream_infer(channel, parts: int):
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    body = json.dumps({"parts": parts}).encode()
+    request = oip.ModelInferRequest(model_name="flood", id="flood-1")
+    request.inputs.append(oip.ModelInferRequest.InferInputTensor(name="body", datatype="BYTES", shape=[1]))
+    request.raw_input_contents.append(struct.pack("<I", len(body)) + body)
+
+    def one(resp):
+        assert not resp.error_message, resp.error_message
+        raw = resp.infer_response.raw_output_contents[0]
+        return raw[4:4 + struct.unpack_from("<I", raw)[0]]
+
+    return stub.ModelStreamInfer(iter([request]), timeout=120), one
+
+
+@pytest.mark.parametrize("start", [_stream_predictions, _model_stream_infer], ids=["StreamPredictions",
+                                                                                  "ModelStreamInfer"])
+def test_a_grpc_client_that_stops_reading_its_stream_is_cut_and_others_are_served(osprey, store, start):
+    handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
+    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 2})
+    parts = streams.MAX_BACKLOG // (1 << 20) * 2  # twice what may wait for one client
+    options = [("grpc.max_receive_message_length", 8 << 20)]
+    with grpc.insecure_channel(srv.grpc, options=options) as stalled:
+        call, _ = start(stalled, parts)  # started, and nothing read: flow control holds the rest on the server
+        wait_until(lambda: "is not reading its stream" in srv.log(), timeout=60,
+                   what="the server to cut the call whose client does not read")
+        got = 0
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:  # what the client's own buffers had taken before the cut, then the end
+                got += 1
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, (info.value.code(), info.value.details())
+        assert "is not reading its stream" in info.value.details()
+        assert got < parts
+    # the server goes on: a client that reads gets its whole stream
+    with grpc.insecure_channel(srv.grpc, options=options) as channel:
+        call, value = start(channel, 3)
+        assert [value(r) for r in call] == [b"x" * (1 << 20)] * 3 + [b"done"]
+    assert httpx.get(f"{srv.inference}/ping", timeout=30).json() == {"status": "Healthy"}

@@ -31,7 +31,7 @@ from server.core.types import Field, InferenceResponse, Protocol, Ticket, client
 from server.protocols.grpc.generated import grpc_service_pb2 as pb
 from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import unexpected
-from server.protocols.grpc.streams import StreamSink
+from server.protocols.grpc.streams import Outbox, StreamSink
 
 __all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response", "kservev2_body", "kservev2_outputs"]
 
@@ -249,10 +249,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         resp.id = core.request.request_id
         return resp
 
-    async def _stream_one(self, request, context, out: asyncio.Queue) -> None:
+    async def _stream_one(self, request, context, out: Outbox) -> None:
         try:
             core = self._core(request, context)
-            sink = StreamSink(asyncio.get_running_loop(), raw=True)
+            sink = StreamSink(asyncio.get_running_loop(), out.what, raw=True)  # (drained at once into out)
             core.stream = sink
             task = asyncio.ensure_future(self.dataplane.infer(core))
             task.add_done_callback(sink.close)
@@ -261,7 +261,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     partial = InferenceResponse(tensors=item["tensors"]) if isinstance(item, dict) and "tensors" in item \
                         else InferenceResponse(body=item if isinstance(item, (bytes, bytearray)) else str(item).encode(),
                                                content_type="application/octet-stream")
-                    out.put_nowait(pb.ModelStreamInferResponse(infer_response=self._encode(
+                    _put(out, pb.ModelStreamInferResponse(infer_response=self._encode(
                         request, core.model_version, partial, core.output_specs, core.request.outputs)))
                 result = task.result()
             finally:
@@ -269,12 +269,12 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task.cancel()
             final = self._encode(request, result.model_version, result, result.output_specs, core.request.outputs)
             final.id = core.request.request_id  # the id feedback joins on (the client's, else the one made here)
-            out.put_nowait(pb.ModelStreamInferResponse(infer_response=final))
+            _put(out, pb.ModelStreamInferResponse(infer_response=final))
         except OspreyError as err:
-            out.put_nowait(self._stream_error(request, err))
+            _put(out, self._stream_error(request, err))
         except Exception as exc:  # never a request on the stream without an answer
             err = unexpected(exc, f"ModelStreamInfer for model {request.model_name!r:.100}")
-            out.put_nowait(self._stream_error(request, err))
+            _put(out, self._stream_error(request, err))
 
     @staticmethod
     def _stream_error(request, err: OspreyError) -> pb.ModelStreamInferResponse:
@@ -285,7 +285,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                  id=request.id))
 
     async def ModelStreamInfer(self, request_iterator, context):
-        out: asyncio.Queue = asyncio.Queue()
+        # what the call holds for its client, bounded: a client that stops reading is cut
+        # (server.protocols.grpc.streams)
+        out = Outbox(f"ModelStreamInfer from {context.peer()}", context)
         pending: set[asyncio.Task] = set()
         end = object()
 
@@ -298,7 +300,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
             finally:
-                out.put_nowait(end)
+                out.put(end)
 
         read = asyncio.ensure_future(reader())
         try:
@@ -308,6 +310,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     break
                 yield item
         finally:
+            out.close()
             read.cancel()
             for task in list(pending):
                 task.cancel()
@@ -327,3 +330,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(self, request, context):
         await unload_model(self.registry, request.model_name, self.enable_model_api)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _put(out: Outbox, message: Any) -> None:
+    """One answer of the stream into what the call holds, counted in its encoded bytes."""
+    out.put(message, message.ByteSize())

@@ -30,6 +30,7 @@ from server.protocols.grpc.generated import osprey_monitoring_pb2_grpc
 from server.protocols.grpc.open_inference import OpenInferenceServicer
 from server.protocols.grpc.status import ErrorStatus
 from server.protocols.grpc.torchserve import InferenceServicer
+from server.protocols.grpc.streams import Outbox
 
 __all__ = ["start_grpc", "TokenAuth", "Draining"]
 
@@ -163,6 +164,7 @@ async def _serve(bind: str, settings: Any, add: list[tuple[Callable, Any]], name
 async def start_grpc(server: Any) -> list[grpc.aio.Server]:
     """Start the inference and management gRPC servers of a ``serve.Server``."""
     s, dp, keys = server.settings, server.dataplane, server.keys
+    Outbox.stall_s = float(s.stream_stall_timeout)  # a streaming call's client that stops reading is cut
 
     draining = Draining()
     tls = server.tls if s.enable_grpc_ssl else None  # enable_grpc_ssl: both ports on TLS (server/tls.py)

@@ -1,47 +1,151 @@
-"""Intermediate responses from a handler thread to a streaming gRPC call.
+"""Intermediate responses from a handler thread to a streaming gRPC call, and what a streaming
+call holds for a client that does not read.
 
 A :class:`StreamSink` is the ``Ticket.stream`` callable: the handler thread
 calls it (through ``context.send_intermediate`` or TorchServe's
 ``send_intermediate_predict_response``) and each item is handed to the event loop, where
 the RPC iterates over them until :meth:`close`.
+
+**A client that does not read.** A handler never waits for a client (its thread serves a whole
+batch), and gRPC takes a message only as fast as the client's flow-control window lets it, so
+what a client is slow to take waits on the loop, in the call's :class:`Outbox`. When more than
+:data:`MAX_BACKLOG` bytes wait there and the call hands gRPC no message for
+``stream_stall_timeout`` seconds (the setting, 10 by default; checked that often, so the cut
+comes within twice that), the call is cut: what waited is dropped, the call's task is cancelled
+and the call ends with RESOURCE_EXHAUSTED naming why (the client sees it after the messages gRPC
+already held for it, if it reads again), logged; the request itself runs to its end. The same rule as a streamed REST answer (``server.protocols.rest.chunked``),
+counted in whole messages: gRPC does not say how much of one the client has read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from typing import Any
 
 from server.core.codecs import encode_body
 
-__all__ = ["StreamSink"]
+__all__ = ["StreamSink", "Outbox", "MAX_BACKLOG"]
+
+log = logging.getLogger("osprey.grpc")
+
+MAX_BACKLOG = 64 << 20  # bytes a streaming call may hold for its client while it takes nothing for a while
 
 _END = object()
+_ENDING: set[asyncio.Task] = set()  # statuses of cut calls being sent (held until they end)
+
+
+async def _abort(context: Any, why: str) -> None:
+    import grpc
+
+    try:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+    except BaseException:  # (abort ends by raising; a call already over cannot be aborted)
+        pass
+
+
+class Outbox:
+    """The messages a streaming call has for its client, in order, on the event loop.
+
+    Made inside the call's task (the task the cut cancels). ``put`` (on the loop) never waits:
+    the producer is a handler thread or the call's own requests; ``get`` waits for the next
+    one. Past :data:`MAX_BACKLOG` bytes waiting, the stall rule of the module doc applies."""
+
+    __slots__ = ("_loop", "_items", "_ready", "_task", "_context", "what", "waiting", "taken", "cut", "_watch")
+    stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut
+
+    def __init__(self, what: str, context: Any = None):
+        self._loop = asyncio.get_running_loop()
+        self._items: deque[tuple[Any, int]] = deque()
+        self._ready = asyncio.Event()
+        self._task = asyncio.current_task()
+        self._context = context  # the call's grpc.aio ServicerContext: the cut ends the call with a status
+        self.what = what  # names the call in the log: "StreamPredictions for model m, request r"
+        self.waiting = 0  # bytes put and not yet taken
+        self.taken = 0  # messages taken (each one a message gRPC accepted before it)
+        self.cut = False
+        self._watch: asyncio.TimerHandle | None = None
+
+    def put(self, item: Any, size: int = 0) -> None:
+        """Add ``item`` (``size`` bytes) for the client; dropped once the call was cut."""
+        if self.cut:
+            return
+        self._items.append((item, size))
+        self.waiting += size
+        self._ready.set()
+        if self.waiting > MAX_BACKLOG and self._watch is None and self.stall_s > 0:
+            self._watch = self._loop.call_later(self.stall_s, self._check, self.taken)
+
+    async def get(self) -> Any:
+        """The next item (waits for one)."""
+        items = self._items
+        while not items:
+            self._ready.clear()
+            await self._ready.wait()
+        item, size = items.popleft()
+        self.waiting -= size
+        self.taken += 1
+        return item
+
+    def _check(self, then: int) -> None:  # on the loop, stall_s after the backlog grew past its limit
+        self._watch = None
+        if self.cut or self.waiting <= MAX_BACKLOG or (self._task is not None and self._task.done()):
+            return
+        if self.taken == then:  # the client took nothing meanwhile
+            why = (f"the client is not reading its stream ({self.waiting} bytes waiting, nothing taken for "
+                   f"{self.stall_s:g} s, stream_stall_timeout): the call is ended, what waited is dropped")
+            log.warning("%s: %s", self.what, why)
+            self.cut = True
+            self._items.clear()
+            self.waiting = 0
+            if self._context is not None:  # the status goes out after what gRPC already holds
+                _ENDING.add(ending := self._loop.create_task(_abort(self._context, why)))
+                ending.add_done_callback(_ENDING.discard)
+            if self._task is not None:
+                self._task.cancel()
+        else:
+            self._watch = self._loop.call_later(self.stall_s, self._check, self.taken)
+
+    def close(self) -> None:
+        """Stop the stall check (the call has ended)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
 
 class StreamSink:
-    __slots__ = ("_loop", "_queue", "raw")
+    """``Ticket.stream`` of a streaming gRPC call: items from the handler thread, iterated on the
+    loop. ``raw``: hand items over as the handler gave them (tensors), not encoded, and count
+    no bytes (the call counts what it makes of them in its own :class:`Outbox`)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, raw: bool = False):
+    __slots__ = ("_loop", "box", "raw")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, what: str, raw: bool = False, context: Any = None):
         self._loop = loop
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self.raw = raw  # hand items over as the handler gave them (tensors), not encoded
+        self.box = Outbox(what, context)
+        self.raw = raw
 
     def __call__(self, data: Any, headers: dict | None = None) -> None:
         """Called from the handler thread: bytes raw, str as UTF-8, anything else JSON (gRPC has
         no place for the handler's response ``headers``)."""
         if not self.raw and not isinstance(data, (bytes, bytearray)):
             data = encode_body(data)[0]
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, data)
+        try:
+            self._loop.call_soon_threadsafe(self.box.put, data, 0 if self.raw else len(data))
+        except RuntimeError:  # the loop has closed (shutdown): nobody to send it to
+            pass
 
     def close(self, *_: Any) -> None:
         """No more items (call on the loop, e.g. as the inference task's done callback)."""
-        self._queue.put_nowait(_END)
+        self.box.put(_END)
 
     def __aiter__(self) -> "StreamSink":
         return self
 
     async def __anext__(self) -> Any:
-        item = await self._queue.get()
+        item = await self.box.get()
         if item is _END:
+            self.box.close()
             raise StopAsyncIteration
         return item

@@ -64,7 +64,8 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
     async def StreamPredictions(self, request, context):
         core = self._core(request, context)
         self._tell_id(core, context)
-        sink = StreamSink(asyncio.get_running_loop())
+        sink = StreamSink(asyncio.get_running_loop(), f"StreamPredictions of model {core.request.model!r:.100}, "
+                                                      f"request {core.request.request_id}", context=context)
         core.stream = sink
         task = asyncio.ensure_future(self.dataplane.infer(core))
         task.add_done_callback(sink.close)
@@ -73,6 +74,7 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
                 yield pb.PredictionResponse(prediction=chunk)
             yield pb.PredictionResponse(prediction=task.result().body)
         finally:
+            sink.box.close()
             if not task.done():
                 task.cancel()
 

@@ -50,7 +50,7 @@ from server.core.errors import OspreyError
 from server.protocols.rest.asgi import Request, Sent
 from server.protocols.rest.http_protocol import ABORT
 
-__all__ = ["ChunkedAnswer"]
+__all__ = ["ChunkedAnswer", "MAX_BACKLOG", "unacknowledged"]
 
 log = logging.getLogger("osprey.rest")
 
@@ -124,7 +124,7 @@ class ChunkedAnswer:
             held = transport.get_write_buffer_size()
         except Exception:  # no transport to ask (a relayed request): the parts alone
             held = None
-        return self._sent, held, _unacknowledged(transport)
+        return self._sent, held, unacknowledged(transport)
 
     def _check_stall(self, then: tuple) -> None:  # on the loop, stall_s after the backlog grew past its limit
         self._watch = None
@@ -219,7 +219,7 @@ class ChunkedAnswer:
                 self._writer.cancel()
 
 
-def _unacknowledged(transport) -> int | None:
+def unacknowledged(transport) -> int | None:
     """Bytes the connection's socket has sent that the client has not acknowledged (Linux
     ``SIOCOUTQ``), or None where that cannot be asked."""
     try:
