@@ -17,8 +17,8 @@ two replicas at once or twice in one request, is joined once and the other is un
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
-from itertools import islice, repeat
+from collections import deque
+from itertools import repeat
 from typing import Any, Protocol
 
 import orjson
@@ -51,43 +51,66 @@ class QualityStore(Protocol):
 
 
 class MemoryStore:
-    """In this process: an insertion-ordered dict of predictions (oldest first), bounded."""
+    """In this process. The prediction log is a plain dict (request id -> (expires, row)) whose
+    insertion order is the rows' age, and the ids of each ``put`` in order: inserting is one
+    C-level ``update`` per put, and the oldest rows go put by put (an OrderedDict, before, cost
+    0.50-0.56 us a row at its bound against 0.36-0.40, and keeps a linked node per row). Each put's ``expires`` is
+    one float object of its own, shared by its rows: a row is removed with its put only while
+    its entry still holds that object (not claimed meanwhile, not predicted again later)."""
 
     kind = "memory"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pred: OrderedDict[str, tuple[float, bytes]] = OrderedDict()  # rid -> (expires, row)
+        self._pred: dict[str, tuple[float, bytes]] = {}  # rid -> (expires, row), oldest first
+        self._order: deque[tuple[tuple[str, ...], float]] = deque()  # (ids, expires) of each put, oldest first
         self._labelled: deque[bytes] = deque()
         self._labels_total = 0
         self._counts = {"matched": 0, "unmatched": 0, "invalid": 0}
         self._history: deque[dict] = deque(maxlen=HISTORY)
         self._meta: dict | None = None
 
+    def _drop(self, ids: tuple[str, ...], expires: float, limit: int | None = None) -> int:
+        """Remove the rows of the put (``ids``, ``expires``) still held as that put's, oldest
+        first (at most ``limit``); the number of ids looked at."""
+        pred, removed = self._pred, 0
+        for k, rid in enumerate(ids):
+            if limit is not None and removed >= limit:
+                return k
+            item = pred.get(rid)
+            if item is not None and item[0] is expires:
+                del pred[rid]
+                removed += 1
+        return len(ids)
+
     def _expire(self, now: float) -> None:
-        pred = self._pred
-        while pred:
-            rid, (expires, _) = next(iter(pred.items()))
-            if expires > now:
-                break
-            del pred[rid]
+        order = self._order
+        while order and order[0][1] <= now:
+            self._drop(*order.popleft())
 
     def put(self, rows, now, expires, max_rows):
-        # one C-level update for the whole batch of rows (a Python loop per row cost about
-        # 2 us a row here, a tenth of all monitoring); ids seen again, rare, then move to the end
         if not rows:
             return
         ids, blobs = zip(*rows)
+        expires = float(expires) + 0.0  # a float object of this put's own (see the class doc)
         with self._lock:
             pred = self._pred
-            fresh = pred.keys().isdisjoint(ids)
-            pred.update(zip(ids, zip(repeat(expires), blobs)))
-            if not fresh:  # an id seen again: the newest prediction, at the end
+            if not pred.keys().isdisjoint(ids):  # an id seen again (rare): its newest prediction, at the end
                 for rid in dict.fromkeys(ids):
-                    pred.move_to_end(rid)
+                    pred.pop(rid, None)
+            pred.update(zip(ids, zip(repeat(expires), blobs)))
+            order = self._order
+            order.append((ids, expires))
             excess = len(pred) - max_rows
-            if excess > 0:
-                deque(map(pred.__delitem__, list(islice(pred, excess))), maxlen=0)
+            while excess > 0 and order:  # the oldest rows beyond the bound
+                old, exp = order[0]
+                before = len(pred)
+                looked = self._drop(old, exp, excess)
+                excess -= before - len(pred)
+                if looked >= len(old):
+                    order.popleft()
+                else:
+                    order[0] = (old[looked:], exp)
             self._expire(now)
 
     def get(self, rids, now):
@@ -148,6 +171,7 @@ class MemoryStore:
     def clear(self):
         with self._lock:
             self._pred.clear()
+            self._order.clear()
             self._labelled.clear()
 
 

@@ -437,3 +437,21 @@ def test_the_prediction_log_keeps_the_newest_rows_within_its_bound_and_ttl():
     assert store.claim(["r1", "r1", "r9"]) == [True, False, False]
     store.put([], now=151.0, expires=300.0, max_rows=4)
     assert store.kept(now=151.0) == 1
+
+
+def test_a_prediction_made_again_after_its_label_outlives_the_older_one():
+    """A client that reuses its request ids: a prediction claimed by its label and then made
+    again under the same id is the newer one, and goes with its own put (bound or ttl), not
+    with the older put that first held the id."""
+    from monitoring.quality.store import MemoryStore
+
+    store = MemoryStore()
+    store.put([("a", b"1"), ("b", b"1")], now=0.0, expires=100.0, max_rows=10)
+    assert store.claim(["a"]) == [True]
+    store.put([("a", b"2")], now=1.0, expires=200.0, max_rows=10)
+    store.put([("b", b"3")], now=2.0, expires=300.0, max_rows=10)  # b again, unclaimed: the newest
+    assert store.kept(now=150.0) == 2  # the first put expired, and held neither row any more
+    assert store.get(["a", "b"], now=150.0) == [b"2", b"3"]
+    store.put([(f"x{i}", b"x") for i in range(9)], now=151.0, expires=400.0, max_rows=10)
+    assert store.get(["a", "b", "x0"], now=151.0) == [None, b"3", b"x"]  # a (older than b) trimmed first
+    assert store.kept(now=151.0) == 10
