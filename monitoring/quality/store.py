@@ -26,6 +26,7 @@ import orjson
 __all__ = ["QualityStore", "MemoryStore", "RedisStore", "StoreUnavailable", "redis_client"]
 
 HISTORY = 200  # closed quality windows kept
+COMPACT_SLACK = 4096  # ids of rows gone that the prediction log's put entries may hold beyond its rows
 
 
 class StoreUnavailable(Exception):
@@ -54,39 +55,66 @@ class MemoryStore:
     """In this process. The prediction log is a plain dict (request id -> (expires, row)) whose
     insertion order is the rows' age, and the ids of each ``put`` in order: inserting is one
     C-level ``update`` per put, and the oldest rows go put by put (an OrderedDict, before, cost
-    0.50-0.56 us a row at its bound against 0.36-0.40, and keeps a linked node per row). Each put's ``expires`` is
-    one float object of its own, shared by its rows: a row is removed with its put only while
-    its entry still holds that object (not claimed meanwhile, not predicted again later)."""
+    0.50-0.56 us a row at its bound against 0.36-0.40, and keeps a linked node per row). Each
+    put's ``expires`` is one float object of its own, shared by its rows: a row is removed with
+    its put only while its entry still holds that object (not claimed meanwhile, not predicted
+    again later). Ids whose rows left that way stay in their put's entry until it goes; when
+    such ids outnumber the rows kept, the entries are rebuilt from the rows (:meth:`_compact`),
+    so memory follows the rows kept, whatever the share of labelled or repeated ids."""
 
     kind = "memory"
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pred: dict[str, tuple[float, bytes]] = {}  # rid -> (expires, row), oldest first
-        self._order: deque[tuple[tuple[str, ...], float]] = deque()  # (ids, expires) of each put, oldest first
+        # [ids, expires, start] of each put, oldest first: ids[start:] may still be held as its
+        self._order: deque[list] = deque()
+        self._order_ids = 0  # ids in those entries (from their start)
         self._labelled: deque[bytes] = deque()
         self._labels_total = 0
         self._counts = {"matched": 0, "unmatched": 0, "invalid": 0}
         self._history: deque[dict] = deque(maxlen=HISTORY)
         self._meta: dict | None = None
 
-    def _drop(self, ids: tuple[str, ...], expires: float, limit: int | None = None) -> int:
-        """Remove the rows of the put (``ids``, ``expires``) still held as that put's, oldest
-        first (at most ``limit``); the number of ids looked at."""
-        pred, removed = self._pred, 0
-        for k, rid in enumerate(ids):
+    def _drop(self, entry: list, limit: int | None = None) -> None:
+        """Remove the rows of the put ``entry`` still held as that put's, oldest first (at most
+        ``limit``), and move its start past the ids looked at."""
+        pred = self._pred
+        ids, expires, start = entry
+        removed, k = 0, start
+        for k in range(start, len(ids)):
             if limit is not None and removed >= limit:
-                return k
+                break
+            rid = ids[k]
             item = pred.get(rid)
             if item is not None and item[0] is expires:
                 del pred[rid]
                 removed += 1
-        return len(ids)
+        else:
+            k = len(ids)
+        self._order_ids -= k - start
+        entry[2] = k
 
     def _expire(self, now: float) -> None:
         order = self._order
         while order and order[0][1] <= now:
-            self._drop(*order.popleft())
+            self._drop(order.popleft())
+
+    def _compact(self) -> None:
+        """Rebuild the puts' entries from the rows kept (consecutive rows of one ``expires``
+        object are one put's): O(rows kept), when the entries hold over twice as many ids."""
+        order: deque[list] = deque()
+        ids: list[str] = []
+        current = None
+        for rid, (expires, _) in self._pred.items():
+            if expires is not current:
+                if ids:
+                    order.append([tuple(ids), current, 0])
+                ids, current = [], expires
+            ids.append(rid)
+        if ids:
+            order.append([tuple(ids), current, 0])
+        self._order, self._order_ids = order, len(self._pred)
 
     def put(self, rows, now, expires, max_rows):
         if not rows:
@@ -100,18 +128,19 @@ class MemoryStore:
                     pred.pop(rid, None)
             pred.update(zip(ids, zip(repeat(expires), blobs)))
             order = self._order
-            order.append((ids, expires))
+            order.append([ids, expires, 0])
+            self._order_ids += len(ids)
             excess = len(pred) - max_rows
             while excess > 0 and order:  # the oldest rows beyond the bound
-                old, exp = order[0]
+                entry = order[0]
                 before = len(pred)
-                looked = self._drop(old, exp, excess)
+                self._drop(entry, excess)
                 excess -= before - len(pred)
-                if looked >= len(old):
+                if entry[2] >= len(entry[0]):
                     order.popleft()
-                else:
-                    order[0] = (old[looked:], exp)
             self._expire(now)
+            if self._order_ids > 2 * len(pred) + COMPACT_SLACK:
+                self._compact()
 
     def get(self, rids, now):
         with self._lock:
@@ -172,6 +201,7 @@ class MemoryStore:
         with self._lock:
             self._pred.clear()
             self._order.clear()
+            self._order_ids = 0
             self._labelled.clear()
 
 

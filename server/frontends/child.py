@@ -42,8 +42,8 @@ import uvicorn
 
 from server.core.cpus import restore_inherited
 from server.frontends.frames import FrameReader, Outbox, scope_head
-from server.protocols.rest.chunked import MAX_BACKLOG, unacknowledged
 from server.protocols.rest.http_protocol import ABORT, begin_drain, connection_limit, drain_pass, http_protocol
+from server.protocols.rest.stall import MAX_BACKLOG, unacknowledged
 from server.settings import Settings
 from server.tls import Tls, is_https
 
@@ -60,7 +60,7 @@ _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
 class _Pending:
     """A relayed request waiting for its answer's messages."""
 
-    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "on_stall", "_watch")
+    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "on_stall", "_watch", "cut")
     stall_s = 10.0  # the setting stream_stall_timeout (main sets it); 0: never cut
 
     def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
@@ -73,6 +73,7 @@ class _Pending:
         self.sent = 0  # streamed parts handed to it
         self.on_stall: Callable[[], None] | None = None  # cuts the client (RelayApp sets it)
         self._watch: asyncio.TimerHandle | None = None
+        self.cut = False  # its client was cut (connection reset already)
 
     def push(self, msg: tuple) -> None:
         self.msgs.append(msg)
@@ -119,6 +120,7 @@ class _Pending:
         if now == then:  # the client took nothing meanwhile
             self.msgs.clear()
             self.waiting = 0
+            self.cut = True
             self.on_stall()
         else:
             self._watch = self.loop.call_later(self.stall_s, self._check_stall, now)
@@ -253,7 +255,9 @@ class RelayApp:
                         return
             finally:
                 p.done()
-        await send({"type": ABORT})  # "x": the answer under way was abandoned (or its client cut)
+            if p.cut:  # (its connection was reset already)
+                return
+        await send({"type": ABORT})  # "x": the answer under way was abandoned
 
     def _cut(self, rid: int, p: _Pending, send) -> None:
         """The client of streamed answer ``rid`` takes nothing while too much waits for it: reset
@@ -265,7 +269,7 @@ class RelayApp:
         if self.link.pending.pop(rid, None) is not None and not p.gone_sent and not self.link.lost.is_set():
             p.gone_sent = True
             self.link.outbox.put(("g", rid))
-        task = self.link.loop.create_task(send({"type": ABORT, "hard": True}))
+        task = self.link.loop.create_task(_reset(send, rid))
         _RESETS.add(task)
         task.add_done_callback(_RESETS.discard)
         p.push(("x", rid))
@@ -297,6 +301,13 @@ class RelayApp:
                 return (parts[0] if len(parts) == 1 else b"".join(parts)), False
             if size > limit:
                 return b"".join(parts), True
+
+
+async def _reset(send, rid: int) -> None:
+    try:
+        await send({"type": ABORT, "hard": True})
+    except Exception:  # the connection went meanwhile: nothing left to reset
+        log.debug("request %d (relayed): the connection could not be reset", rid, exc_info=True)
 
 
 async def _answer(send, status: int, headers: list, body: bytes) -> None:

@@ -68,7 +68,10 @@ class _Relayed:
             if not self.started:
                 self.started = True
                 link.put(("s", self.rid, self.status, self.headers))
-            link.put(("b", self.rid, message.get("body", b""), more))
+            if not self.disconnected:
+                link.put(("b", self.rid, message.get("body", b""), more))
+            elif not more:  # a client gone (or cut by its front end) reads no parts: only the end, for the
+                link.put(("b", self.rid, b"", False))  # front end's bookkeeping
             if not more:
                 link.answered(self.rid, None)
         elif kind == ABORT:

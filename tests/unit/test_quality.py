@@ -455,3 +455,54 @@ def test_a_prediction_made_again_after_its_label_outlives_the_older_one():
     store.put([(f"x{i}", b"x") for i in range(9)], now=151.0, expires=400.0, max_rows=10)
     assert store.get(["a", "b", "x0"], now=151.0) == [None, b"3", b"x"]  # a (older than b) trimmed first
     assert store.kept(now=151.0) == 10
+
+
+def test_the_prediction_log_matches_an_ordered_log_under_random_puts_claims_and_expiry():
+    """Against the plain definition (an ordered dict: newest at the end, an id predicted again
+    moves there, trimmed from the front to the bound, expired from the front): random puts of
+    new and repeated ids, claims and time passing."""
+    import random
+    from collections import OrderedDict
+
+    from monitoring.quality.store import MemoryStore
+
+    rng = random.Random(11)
+    store, ref = MemoryStore(), OrderedDict()
+    now = 0.0
+    for step in range(3000):
+        now += rng.random()
+        if rng.random() < 0.3 and ref:
+            rids = rng.sample(list(ref) + ["nope"], k=min(3, len(ref) + 1))
+            expected = []
+            for rid in rids:
+                expected.append(rid in ref)
+                ref.pop(rid, None)
+            assert store.claim(rids) == expected, step
+            continue
+        expires = now + 30.0  # (one feedback_ttl per version)
+        rows = [(f"r{rng.randrange(400)}", b"%d" % step) for _ in range(rng.randrange(1, 6))]
+        store.put(rows, now, expires, 60)
+        for rid, blob in rows:
+            ref.pop(rid, None)
+            ref[rid] = (expires, blob)
+        while len(ref) > 60:
+            ref.popitem(last=False)
+        while ref and next(iter(ref.values()))[0] <= now:
+            ref.popitem(last=False)
+        assert store.kept(now) == len(ref), step
+        probe = [f"r{i}" for i in range(0, 400, 7)]
+        assert store.get(probe, now) == [ref[r][1] if r in ref and ref[r][0] > now else None for r in probe], step
+
+
+def test_the_prediction_logs_memory_follows_the_rows_kept_when_every_prediction_is_labelled():
+    """Rows claimed by their labels (or predicted again under a reused id) leave the log; what
+    it keeps of their puts is rebuilt, so memory does not grow with traffic."""
+    from monitoring.quality.store import COMPACT_SLACK, MemoryStore
+
+    store = MemoryStore()
+    for i in range(20_000):
+        store.put([(f"r{i}", b"x")], now=0.0, expires=1e9, max_rows=100_000)
+        assert store.claim([f"r{i}"]) == [True]
+        store.put([("same", b"%d" % i)], now=0.0, expires=1e9, max_rows=100_000)
+    assert store.kept(now=1.0) == 1 and store.get(["same"], now=1.0) == [b"19999"]
+    assert sum(len(ids) - start for ids, _, start in store._order) <= 2 + COMPACT_SLACK + 2

@@ -250,6 +250,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return resp
 
     async def _stream_one(self, request, context, out: Outbox) -> None:
+        sink = None
         try:
             core = self._core(request, context)
             sink = StreamSink(asyncio.get_running_loop(), out.what, raw=True)  # (drained at once into out)
@@ -275,6 +276,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:  # never a request on the stream without an answer
             err = unexpected(exc, f"ModelStreamInfer for model {request.model_name!r:.100}")
             _put(out, self._stream_error(request, err))
+        finally:
+            if sink is not None:  # (ended or cancelled: what the handler still sends is dropped)
+                sink.box.close()
 
     @staticmethod
     def _stream_error(request, err: OspreyError) -> pb.ModelStreamInferResponse:

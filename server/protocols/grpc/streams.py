@@ -12,9 +12,13 @@ what a client is slow to take waits on the loop, in the call's :class:`Outbox`. 
 :data:`MAX_BACKLOG` bytes wait there and the call hands gRPC no message for
 ``stream_stall_timeout`` seconds (the setting, 10 by default; checked that often, so the cut
 comes within twice that), the call is cut: what waited is dropped, the call's task is cancelled
-and the call ends with RESOURCE_EXHAUSTED naming why (the client sees it after the messages gRPC
-already held for it, if it reads again), logged; the request itself runs to its end. The same rule as a streamed REST answer (``server.protocols.rest.chunked``),
-counted in whole messages: gRPC does not say how much of one the client has read.
+(and with it the request's inference, as when a client goes away) and the call ends with
+RESOURCE_EXHAUSTED naming why (the client sees it after the messages gRPC already held for it,
+if it reads again), logged. The same rule as a streamed REST answer
+(``server.protocols.rest.chunked``), counted in whole messages: gRPC does not say how much of
+one the client has read, so a client must take each message within ``stream_stall_timeout``
+while that much waits (a 16 MiB message needs about 1.6 MB/s at the default 10 s). Once a call
+has ended, whatever its handler still sends is dropped.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class Outbox:
     the producer is a handler thread or the call's own requests; ``get`` waits for the next
     one. Past :data:`MAX_BACKLOG` bytes waiting, the stall rule of the module doc applies."""
 
-    __slots__ = ("_loop", "_items", "_ready", "_task", "_context", "what", "waiting", "taken", "cut", "_watch")
+    __slots__ = ("_loop", "_items", "_ready", "_task", "_context", "what", "waiting", "taken", "cut", "_watch",
+                 "closed")
     stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut
 
     def __init__(self, what: str, context: Any = None):
@@ -65,11 +70,12 @@ class Outbox:
         self.waiting = 0  # bytes put and not yet taken
         self.taken = 0  # messages taken (each one a message gRPC accepted before it)
         self.cut = False
+        self.closed = False  # the call has ended (close): nothing is kept any more
         self._watch: asyncio.TimerHandle | None = None
 
     def put(self, item: Any, size: int = 0) -> None:
-        """Add ``item`` (``size`` bytes) for the client; dropped once the call was cut."""
-        if self.cut:
+        """Add ``item`` (``size`` bytes) for the client; dropped once the call was cut or ended."""
+        if self.cut or self.closed:
             return
         self._items.append((item, size))
         self.waiting += size
@@ -108,7 +114,10 @@ class Outbox:
             self._watch = self._loop.call_later(self.stall_s, self._check, self.taken)
 
     def close(self) -> None:
-        """Stop the stall check (the call has ended)."""
+        """The call has ended: drop what waits and whatever comes later, stop the stall check."""
+        self.closed = True
+        self._items.clear()
+        self.waiting = 0
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -30,16 +30,14 @@ at once, without the answer's end (logged). "Takes nothing": no part finished se
 neither the transport's buffer nor the socket's send queue (``SIOCOUTQ``, what the client has
 not acknowledged) changed. A stalled reader cannot hold the server's memory
 for longer; the request itself runs to its end. (Through a front-end process, ``frontends``
-above 1, the parts wait in the front end instead, and are not cut.)
+above 1, the parts wait in the front end instead, which applies the same rule:
+:mod:`server.frontends.child`.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
-import sys
-import termios
 from collections import deque
 from typing import Any
 
@@ -49,12 +47,12 @@ from server.core.codecs import encode_body
 from server.core.errors import OspreyError
 from server.protocols.rest.asgi import Request, Sent
 from server.protocols.rest.http_protocol import ABORT
+from server.protocols.rest.stall import MAX_BACKLOG, unacknowledged
 
-__all__ = ["ChunkedAnswer", "MAX_BACKLOG", "unacknowledged"]
+__all__ = ["ChunkedAnswer"]
 
 log = logging.getLogger("osprey.rest")
 
-MAX_BACKLOG = 64 << 20  # bytes of parts waiting for one client while it takes nothing for a while
 _RESETS: set[asyncio.Task] = set()  # connection resets under way (held until they end)
 
 # headers the server sets for a chunked answer itself; a handler's are not sent
@@ -217,14 +215,3 @@ class ChunkedAnswer:
             self._parts.clear()
             if not self._writer.done():
                 self._writer.cancel()
-
-
-def unacknowledged(transport) -> int | None:
-    """Bytes the connection's socket has sent that the client has not acknowledged (Linux
-    ``SIOCOUTQ``), or None where that cannot be asked."""
-    try:
-        sock = transport.get_extra_info("socket")
-        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except Exception:
-        return None
-    return int.from_bytes(buf, sys.byteorder, signed=True)
