@@ -43,7 +43,7 @@ import uvicorn
 from server.core.cpus import restore_inherited
 from server.frontends.frames import FrameReader, Outbox, scope_head
 from server.protocols.rest.http_protocol import ABORT, begin_drain, connection_limit, drain_pass, http_protocol
-from server.protocols.rest.stall import MAX_BACKLOG, unacknowledged
+from server.protocols.stall import MAX_BACKLOG, StallWatch, unacknowledged
 from server.settings import Settings
 from server.tls import Tls, is_https
 
@@ -60,7 +60,7 @@ _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
 class _Pending:
     """A relayed request waiting for its answer's messages."""
 
-    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "on_stall", "_watch", "cut")
+    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "_watch", "cut")
     stall_s = 10.0  # the setting stream_stall_timeout (main sets it); 0: never cut
 
     def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
@@ -71,15 +71,15 @@ class _Pending:
         self.gone_sent = False
         self.waiting = 0  # bytes of streamed parts not yet handed to the client's connection
         self.sent = 0  # streamed parts handed to it
-        self.on_stall: Callable[[], None] | None = None  # cuts the client (RelayApp sets it)
-        self._watch: asyncio.TimerHandle | None = None
+        self._watch: StallWatch | None = None  # the stall check, while its parts are being sent (watch)
         self.cut = False  # its client was cut (connection reset already)
 
     def push(self, msg: tuple) -> None:
         self.msgs.append(msg)
         if msg[0] == "b":
             self.waiting += len(msg[2])
-            self._arm()
+            if self._watch is not None:
+                self._watch.arm()
         w = self.waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -95,12 +95,14 @@ class _Pending:
 
     def watch(self, on_stall: Callable[[], None]) -> None:
         """The answer's parts are being sent: cut its client with ``on_stall`` if it stops taking them."""
-        self.on_stall = on_stall
-        self._arm()
+        def stalled() -> None:
+            self.msgs.clear()
+            self.waiting = 0
+            self.cut = True
+            on_stall()
 
-    def _arm(self) -> None:
-        if self.waiting > MAX_BACKLOG and self._watch is None and self.stall_s > 0 and self.on_stall is not None:
-            self._watch = self.loop.call_later(self.stall_s, self._check_stall, self._progress())
+        self._watch = StallWatch(self.loop, self.stall_s, MAX_BACKLOG, lambda: self.waiting, self._progress, stalled)
+        self._watch.arm()
 
     def _progress(self) -> tuple:
         """What moves while the client takes its answer: parts handed to its connection, the
@@ -112,21 +114,7 @@ class _Pending:
             held = None
         return self.sent, held, unacknowledged(transport)
 
-    def _check_stall(self, then: tuple) -> None:
-        self._watch = None
-        if self.waiting <= MAX_BACKLOG or self.on_stall is None:
-            return
-        now = self._progress()
-        if now == then:  # the client took nothing meanwhile
-            self.msgs.clear()
-            self.waiting = 0
-            self.cut = True
-            self.on_stall()
-        else:
-            self._watch = self.loop.call_later(self.stall_s, self._check_stall, now)
-
     def done(self) -> None:
-        self.on_stall = None
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -2,7 +2,7 @@
 
 A handler streams intermediate responses without waiting for the client (its thread serves a
 whole batch). When a client stops reading, what it has not taken waits on the server; past
-``server.protocols.rest.stall.MAX_BACKLOG`` bytes, with nothing taken for
+``server.protocols.stall.MAX_BACKLOG`` bytes, with nothing taken for
 ``stream_stall_timeout`` seconds, the server resets that connection and drops what waited (logged), and goes on
 serving everyone else. A streaming gRPC call (TorchServe's StreamPredictions, OIP's
 ModelStreamInfer) is cut the same way: the call is cancelled.
@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2 as oip, service_pb2_grpc as oip_grpc  
 
 from server.protocols.grpc import streams
 from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
-from server.protocols.rest.stall import MAX_BACKLOG
+from server.protocols.stall import MAX_BACKLOG
 from tests.e2e.test_frontends import served_by
 from tests.gates import wait_for, wait_until
 from tests.models import handler_archive

@@ -28,21 +28,20 @@ import logging
 from collections import deque
 from typing import Any
 
+import grpc
+
 from server.core.codecs import encode_body
+from server.protocols.stall import MAX_BACKLOG, StallWatch
 
 __all__ = ["StreamSink", "Outbox", "MAX_BACKLOG"]
 
 log = logging.getLogger("osprey.grpc")
-
-MAX_BACKLOG = 64 << 20  # bytes a streaming call may hold for its client while it takes nothing for a while
 
 _END = object()
 _ENDING: set[asyncio.Task] = set()  # statuses of cut calls being sent (held until they end)
 
 
 async def _abort(context: Any, why: str) -> None:
-    import grpc
-
     try:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
     except BaseException:  # (abort ends by raising; a call already over cannot be aborted)
@@ -71,7 +70,8 @@ class Outbox:
         self.taken = 0  # messages taken (each one a message gRPC accepted before it)
         self.cut = False
         self.closed = False  # the call has ended (close): nothing is kept any more
-        self._watch: asyncio.TimerHandle | None = None
+        # (the limit as this module names it, read now: tests set a smaller one)
+        self._watch = StallWatch(self._loop, self.stall_s, MAX_BACKLOG, self._backlog, lambda: self.taken, self._cut)
 
     def put(self, item: Any, size: int = 0) -> None:
         """Add ``item`` (``size`` bytes) for the client; dropped once the call was cut or ended."""
@@ -80,8 +80,10 @@ class Outbox:
         self._items.append((item, size))
         self.waiting += size
         self._ready.set()
-        if self.waiting > MAX_BACKLOG and self._watch is None and self.stall_s > 0:
-            self._watch = self._loop.call_later(self.stall_s, self._check, self.taken)
+        self._watch.arm()
+
+    def _backlog(self) -> int:
+        return 0 if self._task is not None and self._task.done() else self.waiting
 
     async def get(self) -> Any:
         """The next item (waits for one)."""
@@ -94,33 +96,25 @@ class Outbox:
         self.taken += 1
         return item
 
-    def _check(self, then: int) -> None:  # on the loop, stall_s after the backlog grew past its limit
-        self._watch = None
-        if self.cut or self.waiting <= MAX_BACKLOG or (self._task is not None and self._task.done()):
-            return
-        if self.taken == then:  # the client took nothing meanwhile
-            why = (f"the client is not reading its stream ({self.waiting} bytes waiting, nothing taken for "
-                   f"{self.stall_s:g} s, stream_stall_timeout): the call is ended, what waited is dropped")
-            log.warning("%s: %s", self.what, why)
-            self.cut = True
-            self._items.clear()
-            self.waiting = 0
-            if self._context is not None:  # the status goes out after what gRPC already holds
-                _ENDING.add(ending := self._loop.create_task(_abort(self._context, why)))
-                ending.add_done_callback(_ENDING.discard)
-            if self._task is not None:
-                self._task.cancel()
-        else:
-            self._watch = self._loop.call_later(self.stall_s, self._check, self.taken)
+    def _cut(self) -> None:  # on the loop: the client took no message for stall_s while too much waited
+        why = (f"the client is not reading its stream ({self.waiting} bytes waiting, nothing taken for "
+               f"{self.stall_s:g} s, stream_stall_timeout): the call is ended, what waited is dropped")
+        log.warning("%s: %s", self.what, why)
+        self.cut = True
+        self._items.clear()
+        self.waiting = 0
+        if self._context is not None:  # the status goes out after what gRPC already holds
+            _ENDING.add(ending := self._loop.create_task(_abort(self._context, why)))
+            ending.add_done_callback(_ENDING.discard)
+        if self._task is not None:
+            self._task.cancel()
 
     def close(self) -> None:
         """The call has ended: drop what waits and whatever comes later, stop the stall check."""
         self.closed = True
         self._items.clear()
         self.waiting = 0
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
+        self._watch.cancel()
 
 
 class StreamSink:

@@ -47,7 +47,7 @@ from server.core.codecs import encode_body
 from server.core.errors import OspreyError
 from server.protocols.rest.asgi import Request, Sent
 from server.protocols.rest.http_protocol import ABORT
-from server.protocols.rest.stall import MAX_BACKLOG, unacknowledged
+from server.protocols.stall import MAX_BACKLOG, StallWatch, unacknowledged
 
 __all__ = ["ChunkedAnswer"]
 
@@ -76,7 +76,7 @@ class ChunkedAnswer:
         self._headers: list[tuple[bytes, bytes]] = []  # the handler's, as set when the first part came
         # made by the first part too, with: _waiting (bytes of parts not yet handed to the
         # connection), _sent (parts handed to it), _cut (the client did not read: its
-        # connection was reset), _watch (the stall check, while too much waits)
+        # connection was reset), _watch (the stall check: server.protocols.stall)
 
     @property
     def started(self) -> bool:
@@ -105,13 +105,18 @@ class ChunkedAnswer:
             self._parts = deque()
             self._wake = asyncio.Event()
             self._waiting = self._sent = 0
-            self._cut, self._watch = False, None
+            self._cut = False
+            self._watch = StallWatch(self._loop, self.stall_s, MAX_BACKLOG, self._backlog, self._progress,
+                                     self._cut_client)
             self._writer = self._loop.create_task(self._write())
         self._parts.append(data)
         self._waiting += len(data)
-        if self._waiting > MAX_BACKLOG and self._watch is None and self.stall_s > 0:
-            self._watch = self._loop.call_later(self.stall_s, self._check_stall, self._progress())
+        self._watch.arm()
         self._wake.set()
+
+    def _backlog(self) -> int:
+        """Bytes waiting for the client while the answer is being written (0 once cut or ended)."""
+        return 0 if self._cut or self._writer.done() else self._waiting
 
     def _progress(self) -> tuple:
         """What changes while the client takes the answer: the parts handed to the connection,
@@ -123,16 +128,6 @@ class ChunkedAnswer:
         except Exception:  # no transport to ask (a relayed request): the parts alone
             held = None
         return self._sent, held, unacknowledged(transport)
-
-    def _check_stall(self, then: tuple) -> None:  # on the loop, stall_s after the backlog grew past its limit
-        self._watch = None
-        if self._cut or self._waiting <= MAX_BACKLOG or (self._writer is not None and self._writer.done()):
-            return
-        now = self._progress()
-        if now == then:  # the client took nothing meanwhile
-            self._cut_client()
-        else:
-            self._watch = self._loop.call_later(self.stall_s, self._check_stall, now)
 
     def _cut_client(self) -> None:  # on the loop
         log.warning("request %s: the client is not reading its streamed answer (%d bytes waiting, nothing taken "
@@ -198,20 +193,15 @@ class ChunkedAnswer:
             self._end = (abort, last)
         self._wake.set()
         await self._writer
-        self._unwatch()
+        self._watch.cancel()
         return Sent(b"", 499 if self._cut else status, "")  # (cut: counted as a client that went away)
-
-    def _unwatch(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
 
     def abandon(self) -> None:
         """The request ends without an answer (its task was cancelled, its client went away):
         stop the writer."""
         self._end = (True, b"")
         if self._writer is not None:  # (it streamed)
-            self._unwatch()
+            self._watch.cancel()
             self._parts.clear()
             if not self._writer.done():
                 self._writer.cancel()
