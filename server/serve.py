@@ -152,7 +152,8 @@ class Server:
             # has the answered request's inputs held for its label (one observer for both)
             observers.append(self.monitor.answered)
         self.dataplane = DataPlane(self.registry, observers,
-                                   [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor)
+                                   [self.metrics.refused] if settings.request_metrics else [], monitor=self.monitor,
+                                   max_response_size=settings.max_response_size)
         # not ready until _main has loaded the startup models and applied the shared routing: the
         # listeners open in start(), before that, and a load balancer's readiness check arriving
         # then must not find a server with no models "ready" (it would send requests that 404)

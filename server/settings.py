@@ -80,6 +80,9 @@ class Settings:
     # before its connection is reset (REST) or its call ended (gRPC) and what waited dropped
     # (server/protocols/rest/chunked.py, server/protocols/grpc/streams.py); 0: never
     stream_stall_timeout: float = 10.0
+    # bytes an answer may hold: a larger one is answered 500 naming its size (TorchServe's frontend
+    # answers 500 "Worker died."), on every protocol (server/core/dataplane.py). Also gRPC's
+    # largest message sent
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
     disable_token_authorization: bool = False
@@ -398,6 +401,8 @@ def load_settings(
     from monitoring.access_log import parse_access_log
 
     parse_access_log(settings.access_log)
+    if settings.max_response_size < 1:
+        raise ValueError(f"setting max_response_size: {settings.max_response_size!r} must be a positive number of bytes")
     if settings.max_header_size < 1024:
         raise ValueError(f"setting max_header_size: {settings.max_header_size!r} must be at least 1024 bytes")
     if settings.unregister_timeout < 0:

@@ -14,6 +14,13 @@ A request that names no version goes to the model's default, or, while the model
 weights or a shadow (``Registry.routes``, :mod:`server.core.routing`), to the version its
 weights draw; a request the default answered is then copied to the shadow version once the
 answer is in hand (:mod:`server.core.shadow`): the client never waits for the copy.
+
+An answer larger than ``max_response_size`` (the setting; TorchServe's key, 6,553,500 bytes by
+default: its frontend refuses a bigger message from its worker, answers 500 "Worker died." and
+restarts the worker) is answered 500 naming its size and the limit, on every protocol; the
+instance goes on serving. Counted: the body the handler's output was encoded to, plus the bytes
+of the tensors it gave (what an adapter then encodes for the wire: an OIP JSON answer takes more).
+Each answer is counted, not each part of a streamed one.
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ RefusalObserver = Callable[[ModelVersion, Protocol, OspreyError], None]
 
 class DataPlane:
     def __init__(self, registry: Registry, observers: Iterable[Observer] = (),
-                 refusal_observers: Iterable[RefusalObserver] = (), monitor: MonitorPort | None = None):
+                 refusal_observers: Iterable[RefusalObserver] = (), monitor: MonitorPort | None = None,
+                 max_response_size: int = 0):
         self.registry = registry
+        # bytes an answer may hold (the setting, TorchServe's meaning); 0: no limit (see infer)
+        self.max_response_size = max(0, int(max_response_size))
         # the event loop requests run on, for adapters that hand it to other threads (asking
         # asyncio for it costs a getpid() system call per request: it checks the loop's process)
         self.loop: asyncio.AbstractEventLoop | None = getattr(registry, "loop", None)
@@ -126,6 +136,11 @@ class DataPlane:
             raise
         response.model_version = mv.version
         response.output_specs = ticket.output_specs
+        limit = self.max_response_size
+        if limit and len(response.body) + (_tensor_bytes(response.tensors) if response.tensors else 0) > limit:
+            exc = _too_large_answer(mv, response, limit)
+            self._notify(mv, ticket, exc)
+            raise exc
         self._notify(mv, ticket, response)
         if copy is not None:
             task = asyncio.get_running_loop().create_task(shadows.run_copy(shadow, copy, response))
@@ -216,3 +231,35 @@ class DataPlane:
         """The monitoring JSON of a version (computed off the event loop: it may ask Redis)."""
         mv = self._monitored(model, version)
         return await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
+
+
+def _tensor_bytes(tensors: dict[str, Any]) -> int:
+    """Bytes of a handler's output tensors: an array's ``nbytes``; for BYTES elements (object
+    arrays, lists) the bytes of each element."""
+    total = 0
+    for value in tensors.values():
+        if getattr(value, "dtype", None) is not None and getattr(value.dtype, "kind", "") != "O":
+            total += int(value.nbytes)  # numpy arrays, torch tensors
+            continue
+        items = value.ravel().tolist() if hasattr(value, "ravel") else value
+        total += _element_bytes(items)
+    return total
+
+
+def _element_bytes(items: Any) -> int:
+    if isinstance(items, (bytes, bytearray, memoryview)):
+        return len(items)
+    if isinstance(items, str):
+        return len(items.encode("utf-8", "surrogatepass"))
+    if isinstance(items, (list, tuple)):
+        return sum(_element_bytes(x) for x in items)
+    return 8  # a number in a list
+
+
+def _too_large_answer(mv: ModelVersion, response: InferenceResponse, limit: int) -> OspreyError:
+    size = len(response.body) + (_tensor_bytes(response.tensors) if response.tensors else 0)
+    log.warning("model %s version %s: an answer of %d bytes is over max_response_size (%d); answered 500",
+                mv.name, mv.version, size, limit)
+    return OspreyError(ErrorKind.INTERNAL, f"Model \"{mv.name}\" version {mv.version} answered {size:,} bytes, more "
+                                           f"than max_response_size ({limit:,} bytes); raise the setting "
+                                           "max_response_size to serve answers this large")

@@ -50,6 +50,9 @@ def test_bad_values_are_named(tmp_path):
         load_settings(props, env={})
     with pytest.raises(ValueError, match="does not exist"):
         load_settings(tmp_path / "missing.properties", env={})
+    props.write_text("max_response_size=0\n")  # no answer could go out: refused at start, named
+    with pytest.raises(ValueError, match="setting max_response_size: 0 must be a positive number of bytes"):
+        load_settings(props, env={})
 
 
 def test_unregister_timeout_from_properties_and_environment(tmp_path):
