@@ -13,13 +13,25 @@ Triton and MLServer have no such curve; Triton's model analyzer measures offline
 Everything runs on the event loop: O(1) per batch, plus a refit of O(batch_size) every
 REFIT_EVERY batches (8 times less often for fast batches) or when a size is first measured.
 
-Not done: capping batches at a middle size that measured faster than the largest (a
-ResNet-sized CNN on two cores runs 189 images/s at 16 and 172 at 32, raw). Tried in session
-17 with probes of other sizes; on this machine the noise in single batch times (±7%) made
-the cap settle at the wrong size as often as the right one (benchmarks/CHANGES.md).
+**Half batches at saturation** (:meth:`BatchCurve.take`). Some models run a middle size
+faster than the largest: the benchmark's ResNet-sized CNN on two cores runs 16 images 11%
+faster than 32 (median of 8 paired rounds, benchmarks/CHANGES.md session 24), and a queue that
+always holds ``batchSize`` requests sent it batches of 32 only. While the queue holds a whole
+batch, every PROBE_EVERY-th batch of a slow model is the other size (half when running whole
+batches, whole when running halves), and each probe is paired with the other size's moving
+average at that moment: ``2 * t(half) / t(whole)``. The mean of the last PAIRS pairs decides:
+halves when it is below 1 - SPLIT_GAIN, whole batches when it is not. Pairing each probe with
+the batches just around it keeps the machine's slow drift out of the comparison, and the mean
+of several pairs its batch-to-batch noise: session 17 capped batches from single run times of
+each size, and on this machine (±7% a batch) that settled on the wrong size as often as on the
+right one. Only at saturation: below it, the hold's target (halves when measured faster,
+:meth:`Batcher.target`) already decides, and a cap there measured worse (session 17).
+A probe costs at most half a batch at the worse size every PROBE_EVERY batches.
 """
 
 from __future__ import annotations
+
+import collections
 
 __all__ = ["BatchCurve", "SLOW_S"]
 
@@ -31,10 +43,14 @@ STALE_AFTER = 512  # batches after which a size's run time counts only if no siz
 # have millisecond resolution. The benchmark's MLP (0.4 ms at any size) measured 9-13% slower
 # aimed than left alone (benchmarks/CHANGES.md, session 17).
 SLOW_S = 0.001
+PROBE_EVERY = 16  # saturated batches between two probes of the other size
+PAIRS = 8  # probes whose mean ratio decides (fewer, from the first one: decided from what there is)
+SPLIT_GAIN = 0.03  # two half batches must take this much less time than one whole to run halves
 
 
 class BatchCurve:
-    __slots__ = ("max_size", "runs", "seen", "batches", "est", "slow", "_until")
+    __slots__ = ("max_size", "runs", "seen", "batches", "est", "slow", "_until", "split", "pairs", "_saturated",
+                 "_probe")
 
     def __init__(self, max_size: int):
         self.max_size = max(1, int(max_size))
@@ -45,9 +61,45 @@ class BatchCurve:
         self.est = [0.0] * n  # run time (s) of each size: measured, else estimated
         self.slow = False  # batches run long enough (SLOW_S) to aim holds with est
         self._until = REFIT_EVERY
+        self.split = False  # at saturation, batches of half max_size (see take)
+        self.pairs: collections.deque[float] = collections.deque(maxlen=PAIRS)  # 2 t(half) / t(whole), per probe
+        self._saturated = 0  # saturated batches taken
+        self._probe = 0  # size of the probe batch taken and not yet observed (0: none)
 
-    def observe(self, size: int, seconds: float) -> None:
-        """A batch of ``size`` requests ran for ``seconds``."""
+    def take(self, queued: int) -> tuple[int, bool]:
+        """(most requests the next batch takes, whether it is a probe) with ``queued`` live
+        requests waiting. Below saturation, or for a fast model or a small max_size, up to
+        max_size as always; at saturation halves or wholes as the probes decided (module doc)."""
+        whole = self.max_size
+        half = whole // 2
+        if queued < whole or not self.slow or half < 2:
+            return whole, False
+        self._saturated += 1
+        if self._saturated % PROBE_EVERY == 0:  # (a probe never observed, its instance lost, is replaced)
+            self._probe = whole if self.split else half
+            return self._probe, True
+        return (half if self.split else whole), False
+
+    def _paired(self, size: int, seconds: float) -> None:
+        """A probe batch of ``size`` ran for ``seconds``: pair it with the other size's average."""
+        whole, half = self.max_size, self.max_size // 2
+        other = self.runs[whole if size == half else half]
+        self._probe = 0
+        if other <= 0:
+            if size == whole:  # running halves with nothing measured at the whole size: start afresh
+                self.split = False
+            return
+        ratio = 2 * seconds / other if size == half else 2 * other / seconds
+        self.pairs.append(ratio)
+        self.split = sum(self.pairs) / len(self.pairs) < 1 - SPLIT_GAIN
+
+    def observe(self, size: int, seconds: float, probe: bool = False) -> None:
+        """A batch of ``size`` requests ran for ``seconds`` (``probe``: it was taken as one)."""
+        if probe:
+            if size == self._probe and seconds > 0:
+                self._paired(size, seconds)  # (before its own run time joins the average)
+            else:  # requests of it were cancelled or expired in the queue: not a pair
+                self._probe = 0
         if not 0 < size <= self.max_size or not seconds > 0:
             return
         self.batches += 1

@@ -531,3 +531,77 @@ def test_batch_curve_estimates_sizes_not_measured_and_forgets_cold_ones():
     fast.observe(30, 0.002)  # one batch that waited for the GIL
     fast._refit()
     assert not fast.slow
+
+
+def saturated(b, inst, clients: int, batches: int, first: int = 0) -> list:
+    """``closed_loop`` with more clients than a batch holds: the queue never runs dry."""
+    return closed_loop(b, inst, clients=clients, rounds=batches, first=first)
+
+
+async def test_a_saturated_queue_runs_half_batches_of_a_model_that_runs_them_faster():
+    # the benchmark's CNN: 16 images run 10% faster than 32; 64 clients keep 32 or more queued,
+    # which sent batches of 32 only. Every 16th batch probes the other size.
+    from server.core.batch_curve import PROBE_EVERY
+
+    b, inst = with_instance(batch_size=32, delay=0.005, queue_size=1000, exec_s=compute_bound)
+    out = saturated(b, inst, clients=64, batches=6 * PROBE_EVERY)
+    sizes = [len(x) for x in inst.batches]
+    assert sizes[1:PROBE_EVERY] == [32] * (PROBE_EVERY - 1), sizes  # (the first request ran alone) whole
+    # batches until the first probe
+    late = sizes[-3 * PROBE_EVERY:]
+    assert late.count(16) == len(late) - 3 and late.count(32) == 3, late  # halves, a whole probe every 16th
+    while not all(f.done() for f in out):
+        await until_handed(inst, len(inst.batches) + (0 if inst._pending else 1))
+        inst.finish()
+    assert len({(await f).body for f in out}) == 64  # every request answered once
+
+
+async def test_a_saturated_queue_keeps_whole_batches_of_a_model_that_runs_them_faster():
+    from server.core.batch_curve import PROBE_EVERY
+
+    b, inst = with_instance(batch_size=32, delay=0.005, queue_size=1000, exec_s=lambda size: 0.010 + 0.001 * size)
+    saturated(b, inst, clients=64, batches=6 * PROBE_EVERY)
+    late = [len(x) for x in inst.batches][-3 * PROBE_EVERY:]
+    assert late.count(32) == len(late) - 3 and late.count(16) == 3, late  # only the probes are halves
+    assert not b.curve.split
+
+
+def test_the_split_is_decided_by_paired_probes_not_by_one_noisy_batch():
+    # ±7% noise on every batch (this machine's), in a slow drift of ±20% over minutes (300
+    # batches: a minute of the CNN's): a true gain of 10% for halves is found, a true loss of 6%
+    # is not taken for a gain, in 200 runs each
+    import math
+    import random
+
+    from server.core.batch_curve import PROBE_EVERY, BatchCurve
+
+    def run(gain: float, seed: int) -> float:
+        rng = random.Random(seed)
+        curve = BatchCurve(32)
+        split_share = []
+        for n in range(40 * PROBE_EVERY):
+            drift = 1 + 0.2 * math.sin(2 * math.pi * n / 300 + seed)  # the neighbours' load
+            size, probe = curve.take(64)
+            whole = 0.186 * drift
+            t = (whole if size == 32 else whole * (1 - gain) / 2) * rng.gauss(1, 0.07)
+            curve.observe(size, t, probe)
+            if n >= 20 * PROBE_EVERY:
+                split_share.append(curve.split)
+        return sum(split_share) / len(split_share)
+
+    assert sum(run(0.10, seed) for seed in range(200)) / 200 > 0.95
+    assert sum(run(-0.06, seed) for seed in range(200)) / 200 < 0.05
+
+
+def test_a_probe_whose_requests_left_the_queue_is_not_paired():
+    from server.core.batch_curve import PROBE_EVERY, BatchCurve
+
+    curve = BatchCurve(32)
+    curve.observe(32, 0.186)  # a first batch: the model is slow enough to aim
+    for _ in range(PROBE_EVERY - 1):
+        assert curve.take(40) == (32, False)
+        curve.observe(32, 0.186)
+    assert curve.take(40) == (16, True)
+    curve.observe(14, 0.050, probe=True)  # two of its requests were cancelled: not 16
+    assert not curve.pairs and not curve.split
+    assert curve.take(10) == (32, False)  # below saturation: whole batches, never a probe
