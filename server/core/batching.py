@@ -359,11 +359,11 @@ class Batcher:
             return 1
         return max(1, min(MAX_BUNDLE, int(BUNDLE_BUDGET_S / self._ewma_exec)))
 
-    def _take(self, now: float, limit: int) -> list[Ticket]:
-        """Up to ``limit`` live requests from the head of the queue."""
+    def _take(self, now: float, most: int) -> list[Ticket]:
+        """Up to ``most`` live requests from the head of the queue."""
         batch: list[Ticket] = []
         queue = self.queue
-        while queue and len(batch) < limit:
+        while queue and len(batch) < most:
             r = queue[0]
             # a describe runs in a batch of its own (one already cancelled is only dropped below)
             alone = r.request.protocol is _DESCRIBE and not r.future.done()

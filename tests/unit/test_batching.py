@@ -533,9 +533,22 @@ def test_batch_curve_estimates_sizes_not_measured_and_forgets_cold_ones():
     assert not fast.slow
 
 
-def saturated(b, inst, clients: int, batches: int, first: int = 0) -> list:
-    """``closed_loop`` with more clients than a batch holds: the queue never runs dry."""
-    return closed_loop(b, inst, clients=clients, rounds=batches, first=first)
+def saturated(b, inst, clients: int, batches: int) -> list:
+    """``closed_loop`` with more clients than a batch holds (the queue never runs dry), each
+    request with the model's responseTimeout as the data plane sets it (the batcher turns it
+    into a deadline when it takes the request)."""
+    def timed(i: int) -> Ticket:
+        r = req(i)
+        r.run_timeout = 120.0
+        return r
+
+    ids = iter(range(10**6))
+    out = [b.submit(timed(next(ids))) for _ in range(clients)]
+    for _ in range(batches):
+        inst.finish()
+        answered = [f for f in out if f.done()]
+        out = [f for f in out if not f.done()] + [b.submit(timed(next(ids))) for _ in answered]
+    return out
 
 
 async def test_a_saturated_queue_runs_half_batches_of_a_model_that_runs_them_faster():
@@ -548,6 +561,7 @@ async def test_a_saturated_queue_runs_half_batches_of_a_model_that_runs_them_fas
     sizes = [len(x) for x in inst.batches]
     assert sizes[1:PROBE_EVERY] == [32] * (PROBE_EVERY - 1), sizes  # (the first request ran alone) whole
     # batches until the first probe
+    assert max(sizes) == 32, sizes
     late = sizes[-3 * PROBE_EVERY:]
     assert late.count(16) == len(late) - 3 and late.count(32) == 3, late  # halves, a whole probe every 16th
     while not all(f.done() for f in out):
