@@ -14,19 +14,27 @@ Everything runs on the event loop: O(1) per batch, plus a refit of O(batch_size)
 REFIT_EVERY batches (8 times less often for fast batches) or when a size is first measured.
 
 **Half batches at saturation** (:meth:`BatchCurve.take`). Some models run a middle size
-faster than the largest: the benchmark's ResNet-sized CNN on two cores runs 16 images 11%
-faster than 32 (median of 8 paired rounds, benchmarks/CHANGES.md session 24), and a queue that
-always holds ``batchSize`` requests sent it batches of 32 only. While the queue holds a whole
-batch, every PROBE_EVERY-th batch of a slow model is the other size (half when running whole
-batches, whole when running halves), and each probe is paired with the other size's moving
-average at that moment: ``2 * t(half) / t(whole)``. The mean of the last PAIRS pairs decides:
-halves when it is below 1 - SPLIT_GAIN, whole batches when it is not. Pairing each probe with
-the batches just around it keeps the machine's slow drift out of the comparison, and the mean
-of several pairs its batch-to-batch noise: session 17 capped batches from single run times of
-each size, and on this machine (±7% a batch) that settled on the wrong size as often as on the
-right one. Only at saturation: below it, the hold's target (halves when measured faster,
-:meth:`Batcher.target`) already decides, and a cap there measured worse (session 17).
-A probe costs at most half a batch at the worse size every PROBE_EVERY batches.
+faster than the largest: the benchmark's ResNet-sized CNN on two cores runs 16 images about
+10% faster than 32 raw, and served at c=128 answered 7.6% more with halves (5 paired rounds,
+benchmarks/CHANGES.md session 24), but a queue that always holds ``batchSize`` requests sent it
+batches of 32 only. While the queue holds a whole batch, a slow model runs a *trial* of TRIAL
+batches of the other size (halves while running whole batches, wholes while running halves)
+as soon as TRIAL batches of the running size were measured, then every EXPLORE_EVERY batches.
+The trial's wall time per request, from the end of its SETTLE-th batch to the end of its last
+(gaps between batches included: what a client sees), is compared with that of the TRIAL
+batches of the running size before it, and the mean of the last TRIALS comparisons decides:
+halves when they take under 1 - SPLIT_GAIN of the time a request takes in wholes. A trial is
+dropped when the queue runs dry during it or some of its requests leave the queue.
+
+Why runs of batches and wall time, not single batches' run times: a lone half batch between
+whole ones runs while the event loop reads the whole batch's clients' next requests (the CNN:
+32 bodies of 150 KB), and measured 4% *slower* per request than its whole neighbours in the
+server; a run of 16 halves ran each 8.6% slower than the wholes around it, batch by batch,
+and still served more requests a second: the gaps between batches shrank. Runs of halves
+answered 7.6% more. Session 17 capped batches
+from single run times and settled on the wrong size as often as on the right one. Only at
+saturation: below it the hold's target (halves when measured faster, :meth:`Batcher.target`)
+decides. A trial costs at most TRIAL batches at the worse size every EXPLORE_EVERY.
 """
 
 from __future__ import annotations
@@ -43,14 +51,17 @@ STALE_AFTER = 512  # batches after which a size's run time counts only if no siz
 # have millisecond resolution. The benchmark's MLP (0.4 ms at any size) measured 9-13% slower
 # aimed than left alone (benchmarks/CHANGES.md, session 17).
 SLOW_S = 0.001
-PROBE_EVERY = 16  # saturated batches between two probes of the other size
-PAIRS = 8  # probes whose mean ratio decides (fewer, from the first one: decided from what there is)
-SPLIT_GAIN = 0.03  # two half batches must take this much less time than one whole to run halves
+EXPLORE_EVERY = 256  # saturated batches between two trials of the other size
+TRIAL = 16  # batches in a trial, and batches of the running size it is compared with
+SETTLE = 2  # batches not counted at a trial's start and after it: the loop still carries the other size's clients
+TRIALS = 4  # trials whose mean decides (fewer at first: the first trial decides alone)
+SPLIT_GAIN = 0.03  # halves must take this much less time a request than whole batches
 
 
 class BatchCurve:
-    __slots__ = ("max_size", "runs", "seen", "batches", "est", "slow", "_until", "split", "pairs", "_saturated",
-                 "_probe")
+    __slots__ = ("max_size", "runs", "seen", "batches", "est", "slow", "_until", "split", "trials", "_home",
+                 "_settle", "_saturated", "_trial_size", "_trial_left", "_trial_seen", "_trial_rows", "_trial_from",
+                 "_trial_to")
 
     def __init__(self, max_size: int):
         self.max_size = max(1, int(max_size))
@@ -62,46 +73,98 @@ class BatchCurve:
         self.slow = False  # batches run long enough (SLOW_S) to aim holds with est
         self._until = REFIT_EVERY
         self.split = False  # at saturation, batches of half max_size (see take)
-        self.pairs: collections.deque[float] = collections.deque(maxlen=PAIRS)  # 2 t(half) / t(whole), per probe
-        self._saturated = 0  # saturated batches taken
-        self._probe = 0  # size of the probe batch taken and not yet observed (0: none)
+        self.trials: collections.deque[float] = collections.deque(maxlen=TRIALS)  # halves' time a request / wholes'
+        # (size, started, finished) of the last batches of the running size, one after another
+        self._home: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=TRIAL)
+        self._settle = 0  # batches of the running size still not counted after a trial
+        self._saturated = 0  # saturated batches taken since the last trial
+        self._trial_size = 0  # the size on trial (0: none)
+        self._trial_left = 0  # trial batches still to take
+        self._trial_seen = 0  # trial batches back
+        self._trial_rows = 0  # requests of the trial's batches counted, and when the first started and the last ended
+        self._trial_from = self._trial_to = 0.0
 
     def take(self, queued: int) -> tuple[int, bool]:
-        """(most requests the next batch takes, whether it is a probe) with ``queued`` live
-        requests waiting. Below saturation, or for a fast model or a small max_size, up to
-        max_size as always; at saturation halves or wholes as the probes decided (module doc)."""
+        """(most requests the next batch takes, whether it is a trial batch) with ``queued``
+        live requests waiting. Below saturation, for a fast model or for a max_size under 4, up
+        to max_size as always; at saturation halves or wholes as the trials decided (module doc)."""
         whole = self.max_size
         half = whole // 2
         if queued < whole or not self.slow or half < 2:
             return whole, False
+        if self._trial_left:
+            self._trial_left -= 1
+            return self._trial_size, True
         self._saturated += 1
-        if self._saturated % PROBE_EVERY == 0:  # (a probe never observed, its instance lost, is replaced)
-            self._probe = whole if self.split else half
-            return self._probe, True
+        # the first trial as soon as the running size is measured, then every EXPLORE_EVERY (which
+        # also replaces a trial whose batches never came back: its instance was lost)
+        if len(self._home) == TRIAL and (self._saturated >= EXPLORE_EVERY or not (self.trials or self._trial_size)):
+            self._saturated = 0
+            self._trial_size = whole if self.split else half
+            self._trial_left = TRIAL - 1
+            self._trial_seen = self._trial_rows = 0
+            self._trial_from = self._trial_to = 0.0
+            return self._trial_size, True
         return (half if self.split else whole), False
 
-    def _paired(self, size: int, seconds: float) -> None:
-        """A probe batch of ``size`` ran for ``seconds``: pair it with the other size's average."""
-        whole, half = self.max_size, self.max_size // 2
-        other = self.runs[whole if size == half else half]
-        self._probe = 0
-        if other <= 0:
-            if size == whole:  # running halves with nothing measured at the whole size: start afresh
-                self.split = False
-            return
-        ratio = 2 * seconds / other if size == half else 2 * other / seconds
-        self.pairs.append(ratio)
-        self.split = sum(self.pairs) / len(self.pairs) < 1 - SPLIT_GAIN
+    def _judge(self) -> None:
+        """A trial ended: compare the requests it served a second with the running size's, and decide."""
+        half = self.max_size // 2
+        home = self._home
+        home_rows = sum(n for n, _, _ in home) - home[0][0] if len(home) > 1 else 0
+        home_s = home[-1][2] - home[0][2] if len(home) > 1 else 0.0  # from the first one's end: as many batches as rows
+        trial_s = self._trial_to - self._trial_from
+        if self._trial_rows and home_rows and trial_s > 0 and home_s > 0:
+            trial, running = trial_s / self._trial_rows, home_s / home_rows  # seconds a request, gaps included
+            self.trials.append(trial / running if self._trial_size == half else running / trial)
+            split = sum(self.trials) / len(self.trials) < 1 - SPLIT_GAIN
+            if split == self.split:
+                self._end_trial(keep_home=True)
+                return
+            self.split = split  # the running size changed: measured afresh
+        self._end_trial(keep_home=False)
 
-    def observe(self, size: int, seconds: float, probe: bool = False) -> None:
-        """A batch of ``size`` requests ran for ``seconds`` (``probe``: it was taken as one)."""
-        if probe:
-            if size == self._probe and seconds > 0:
-                self._paired(size, seconds)  # (before its own run time joins the average)
-            else:  # requests of it were cancelled or expired in the queue: not a pair
-                self._probe = 0
+    def _end_trial(self, keep_home: bool) -> None:
+        """No trial running; the running size is measured again from SETTLE batches on (the
+        batches before the trial still count if ``keep_home``)."""
+        self._trial_size = self._trial_left = 0
+        self._settle = SETTLE
+        if not keep_home:
+            self._home.clear()
+
+    def observe(self, size: int, seconds: float, probe: bool = False, finished: float = 0.0) -> None:
+        """A batch of ``size`` requests ran for ``seconds``, ending at ``finished`` (monotonic;
+        ``probe``: it was taken as a trial batch)."""
         if not 0 < size <= self.max_size or not seconds > 0:
             return
+        if probe or self._trial_size:
+            self._trial(size, seconds, probe, finished)
+        elif size == (self.max_size // 2 if self.split else self.max_size):
+            if self._settle:
+                self._settle -= 1
+            else:
+                self._home.append((size, finished - seconds, finished))
+        else:  # a batch of another size (below saturation): the running size's batches are no longer in a row
+            self._home.clear()
+        self._learn(size, seconds)
+
+    def _trial(self, size: int, seconds: float, probe: bool, finished: float) -> None:
+        if not probe or not self._trial_size:  # the queue ran dry during the trial: it is not a fair one
+            self._end_trial(keep_home=False)
+            return
+        self._trial_seen += 1
+        if self._trial_seen == SETTLE:
+            self._trial_from = finished  # counted from here: the requests of the batches that end after it
+        elif self._trial_seen > SETTLE:
+            if size != self._trial_size:  # some of its requests were cancelled in the queue
+                self._end_trial(keep_home=False)
+                return
+            self._trial_rows += size
+            self._trial_to = finished
+        if self._trial_seen >= TRIAL:
+            self._judge()
+
+    def _learn(self, size: int, seconds: float) -> None:
         self.batches += 1
         runs = self.runs
         fresh = runs[size] <= 0 or self.batches - self.seen[size] > STALE_AFTER
