@@ -1,7 +1,7 @@
 """The CNN served against its raw ceiling, measured in alternating rounds (issue 15, item 4).
 
-    .venv/bin/python -m benchmarks.ceiling_ab [--rounds 5] [--seconds 8] [--concurrency 32 128]
-        [--batches 8,16,32] [--setting KEY=VALUE ...] [--json PATH]
+    .venv/bin/python -m benchmarks.ceiling_ab [--rounds 5] [--seconds 8] [--warmup 2] [--concurrency 32 128]
+        [--batches 8,16,32] [--cnn-side 112] [--setting KEY=VALUE ...] [--also KEY=VALUE ...] [--json PATH]
 
 The full run (``benchmarks.run``) measures the raw ceiling once, at its start, and the served
 CNN many minutes later. On this shared 2-core machine the ceiling itself moves by 20-30% from

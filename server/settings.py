@@ -81,8 +81,8 @@ class Settings:
     # (server/protocols/rest/chunked.py, server/protocols/grpc/streams.py); 0: never
     stream_stall_timeout: float = 10.0
     # bytes an answer may hold: a larger one is answered 500 naming its size (TorchServe's frontend
-    # answers 500 "Worker died."), on every protocol (server/core/dataplane.py). Also gRPC's
-    # largest message sent
+    # answers 500 "Worker died."), on every protocol (server/core/dataplane.py); gRPC's transport
+    # sends messages up to twice that (protobuf's framing, a streamed part) and 64 KiB
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
     disable_token_authorization: bool = False

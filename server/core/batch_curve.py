@@ -19,12 +19,15 @@ faster than the largest: the benchmark's ResNet-sized CNN on two cores runs 16 i
 benchmarks/CHANGES.md session 24), but a queue that always holds ``batchSize`` requests sent it
 batches of 32 only. While the queue holds a whole batch, a slow model runs a *trial* of TRIAL
 batches of the other size (halves while running whole batches, wholes while running halves)
-as soon as TRIAL batches of the running size were measured, then every EXPLORE_EVERY batches.
+each time TRIAL batches of the running size were measured, until TRIALS trials have been run,
+then one every EXPLORE_EVERY batches.
 The trial's wall time per request, from the end of its SETTLE-th batch to the end of its last
 (gaps between batches included: what a client sees), is compared with that of the TRIAL
 batches of the running size before it, and the mean of the last TRIALS comparisons decides:
 halves when they take under 1 - SPLIT_GAIN of the time a request takes in wholes. A trial is
-dropped when the queue runs dry during it or some of its requests leave the queue.
+dropped when the queue runs dry during it or some of its requests leave the queue. Only for a
+version with one instance: with several, batches of both sizes run at once and no run of one
+size can be timed (whole batches, as before).
 
 Why runs of batches and wall time, not single batches' run times: a lone half batch between
 whole ones runs while the event loop reads the whole batch's clients' next requests (the CNN:
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import collections
 
-__all__ = ["BatchCurve", "SLOW_S"]
+__all__ = ["BatchCurve", "SLOW_S", "RUNNING", "TRIED"]
 
 ALPHA = 0.2  # weight of a new run time in its size's moving average
 REFIT_EVERY = 8  # batches between two refits of est
@@ -56,6 +59,7 @@ TRIAL = 16  # batches in a trial, and batches of the running size it is compared
 SETTLE = 2  # batches not counted at a trial's start and after it: the loop still carries the other size's clients
 TRIALS = 4  # trials whose mean decides (fewer at first: the first trial decides alone)
 SPLIT_GAIN = 0.03  # halves must take this much less time a request than whole batches
+RUNNING, TRIED = 1, 2  # what BatchCurve.take says a batch taken at saturation is (0: below it)
 
 
 class BatchCurve:
@@ -84,28 +88,31 @@ class BatchCurve:
         self._trial_rows = 0  # requests of the trial's batches counted, and when the first started and the last ended
         self._trial_from = self._trial_to = 0.0
 
-    def take(self, queued: int) -> tuple[int, bool]:
-        """(most requests the next batch takes, whether it is a trial batch) with ``queued``
-        live requests waiting. Below saturation, for a fast model or for a max_size under 4, up
-        to max_size as always; at saturation halves or wholes as the trials decided (module doc)."""
+    def take(self, queued: int, instances: int = 1) -> tuple[int, int]:
+        """(most requests the next batch takes, what it is: RUNNING or TRIED at saturation, else
+        0) with ``queued`` live requests waiting. Below saturation, for a fast model, a max_size
+        under 4 or more than one instance, up to max_size as always (0); at saturation halves or
+        wholes as the trials decided (module doc). The batcher hands each batch's mark back to
+        :meth:`observe`, one batch per handoff."""
         whole = self.max_size
         half = whole // 2
-        if queued < whole or not self.slow or half < 2:
-            return whole, False
+        if queued < whole or not self.slow or half < 2 or instances != 1:
+            return whole, 0
         if self._trial_left:
             self._trial_left -= 1
-            return self._trial_size, True
+            return self._trial_size, TRIED
         self._saturated += 1
-        # the first trial as soon as the running size is measured, then every EXPLORE_EVERY (which
-        # also replaces a trial whose batches never came back: its instance was lost)
-        if len(self._home) == TRIAL and (self._saturated >= EXPLORE_EVERY or not (self.trials or self._trial_size)):
+        # the first TRIALS trials each as soon as the running size is measured again, then one every
+        # EXPLORE_EVERY (which also replaces a trial whose batches never came back: its instance was lost)
+        if len(self._home) == TRIAL and (self._saturated >= EXPLORE_EVERY
+                                         or (len(self.trials) < TRIALS and not self._trial_size)):
             self._saturated = 0
             self._trial_size = whole if self.split else half
             self._trial_left = TRIAL - 1
             self._trial_seen = self._trial_rows = 0
             self._trial_from = self._trial_to = 0.0
-            return self._trial_size, True
-        return (half if self.split else whole), False
+            return self._trial_size, TRIED
+        return (half if self.split else whole), RUNNING
 
     def _judge(self) -> None:
         """A trial ended: compare the requests it served a second with the running size's, and decide."""
@@ -117,47 +124,45 @@ class BatchCurve:
         if self._trial_rows and home_rows and trial_s > 0 and home_s > 0:
             trial, running = trial_s / self._trial_rows, home_s / home_rows  # seconds a request, gaps included
             self.trials.append(trial / running if self._trial_size == half else running / trial)
-            split = sum(self.trials) / len(self.trials) < 1 - SPLIT_GAIN
-            if split == self.split:
-                self._end_trial(keep_home=True)
-                return
-            self.split = split  # the running size changed: measured afresh
-        self._end_trial(keep_home=False)
+            self.split = sum(self.trials) / len(self.trials) < 1 - SPLIT_GAIN
+        self._end_trial()
 
-    def _end_trial(self, keep_home: bool) -> None:
-        """No trial running; the running size is measured again from SETTLE batches on (the
-        batches before the trial still count if ``keep_home``)."""
+    def _end_trial(self) -> None:
+        """No trial running; the running size is measured afresh, from SETTLE batches on."""
         self._trial_size = self._trial_left = 0
         self._settle = SETTLE
-        if not keep_home:
-            self._home.clear()
+        self._home.clear()
 
-    def observe(self, size: int, seconds: float, probe: bool = False, finished: float = 0.0) -> None:
-        """A batch of ``size`` requests ran for ``seconds``, ending at ``finished`` (monotonic;
-        ``probe``: it was taken as a trial batch)."""
+    def observe(self, size: int, seconds: float, mark: int = 0, finished: float = 0.0) -> None:
+        """A batch of ``size`` requests ran for ``seconds``, ending at ``finished`` (monotonic);
+        ``mark``: what :meth:`take` said it was."""
         if not 0 < size <= self.max_size or not seconds > 0:
             return
-        if probe or self._trial_size:
-            self._trial(size, seconds, probe, finished)
-        elif size == (self.max_size // 2 if self.split else self.max_size):
+        if self.slow:  # (fast models never run trials: nothing to follow)
+            self._follow(size, seconds, mark, finished)
+        self._learn(size, seconds)
+
+    def _follow(self, size: int, seconds: float, mark: int, finished: float) -> None:
+        if mark == TRIED or self._trial_size:
+            self._trial(size, mark == TRIED, finished)
+        elif mark == RUNNING and size == (self.max_size // 2 if self.split else self.max_size):
             if self._settle:
                 self._settle -= 1
             else:
                 self._home.append((size, finished - seconds, finished))
-        else:  # a batch of another size (below saturation): the running size's batches are no longer in a row
+        else:  # below saturation, or requests cancelled: the running size's batches are no longer in a row
             self._home.clear()
-        self._learn(size, seconds)
 
-    def _trial(self, size: int, seconds: float, probe: bool, finished: float) -> None:
-        if not probe or not self._trial_size:  # the queue ran dry during the trial: it is not a fair one
-            self._end_trial(keep_home=False)
+    def _trial(self, size: int, tried: bool, finished: float) -> None:
+        if not tried or not self._trial_size:  # the queue ran dry during the trial: it is not a fair one
+            self._end_trial()
             return
         self._trial_seen += 1
         if self._trial_seen == SETTLE:
             self._trial_from = finished  # counted from here: the requests of the batches that end after it
         elif self._trial_seen > SETTLE:
             if size != self._trial_size:  # some of its requests were cancelled in the queue
-                self._end_trial(keep_home=False)
+                self._end_trial()
                 return
             self._trial_rows += size
             self._trial_to = finished

@@ -139,7 +139,7 @@ class Batcher:
         self.batching = self.batch_size > 1  # batchSize 1: no hold, nothing to learn
         self.curve = BatchCurve(self.batch_size)  # run time by batch size: whether a hold pays
         self._aimed = False  # the curve says batches run long enough to aim (BatchCurve.slow)
-        self._probe_batch: list | None = None  # the batch taken as the curve's probe (BatchCurve.take)
+        self._marked: tuple[list, int] | None = None  # the last aimed batch and what BatchCurve.take said it was
         self._freed = 0.0  # when an instance last became idle
         self._demand_now = 0  # most requests outstanding (queued + running) since the last dispatch
         self._demand: collections.deque[int] = collections.deque(maxlen=DEMAND_WINDOW)
@@ -403,17 +403,19 @@ class Batcher:
                     return
             limit = self._bundle_limit()
             batches = []
-            size, probe = self.batch_size, False
+            size, mark = self.batch_size, 0
             if self._aimed:  # at saturation, half batches where they measured faster (BatchCurve.take)
-                size, probe = self.curve.take(len(self.queue) - self._dead)
+                size, mark = self.curve.take(len(self.queue) - self._dead, len(self.idle) + len(self.busy))
+                if mark:
+                    limit = 1  # the curve times runs of single batches
             while self.queue and len(batches) < limit:
                 batch = self._take(now, size)
                 if batch:
                     batches.append(batch)
             if not batches:
                 continue
-            if probe:
-                self._probe_batch = batches[0]
+            if self._aimed:
+                self._marked = (batches[0], mark)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -534,10 +536,12 @@ class Batcher:
                 took = t.finished - t.started
                 self._ewma_exec += 0.2 * (took - self._ewma_exec)
                 if self.batching:
-                    probe = batch is self._probe_batch
-                    if probe:
-                        self._probe_batch = None
-                    self.curve.observe(len(batch), took, probe, t.finished)
+                    marked = self._marked
+                    mark = 0
+                    if marked is not None and marked[0] is batch:
+                        mark = marked[1]
+                        self._marked = None
+                    self.curve.observe(len(batch), took, mark, t.finished)
                     self._aimed = self.curve.slow
             for r, outcome in zip(batch, batch_outcomes):
                 fut = r.future

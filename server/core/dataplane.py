@@ -42,6 +42,7 @@ from server.core.types import InferenceResponse, Protocol, Ticket, new_request
 __all__ = ["DataPlane", "Observer", "RefusalObserver"]
 
 log = logging.getLogger("osprey.dataplane")
+TOO_LARGE_LOG_INTERVAL_S = 60.0  # at most one line a minute a version for answers over max_response_size
 
 REFUSING_WINDOW_S = 1.0  # how long after a refusal the front ends keep asking admit() first
 
@@ -58,6 +59,7 @@ class DataPlane:
         self.registry = registry
         # bytes an answer may hold (the setting, TorchServe's meaning); 0: no limit (see infer)
         self.max_response_size = max(0, int(max_response_size))
+        self._too_large_logged: dict[tuple[str, str], list] = {}  # version -> [last logged, refused since]
         # the event loop requests run on, for adapters that hand it to other threads (asking
         # asyncio for it costs a getpid() system call per request: it checks the loop's process)
         self.loop: asyncio.AbstractEventLoop | None = getattr(registry, "loop", None)
@@ -137,16 +139,34 @@ class DataPlane:
         response.model_version = mv.version
         response.output_specs = ticket.output_specs
         limit = self.max_response_size
-        if limit and len(response.body) + (_tensor_bytes(response.tensors) if response.tensors else 0) > limit:
-            exc = _too_large_answer(mv, response, limit)
-            self._notify(mv, ticket, exc)
-            raise exc
+        if limit and (len(response.body) > limit or response.tensors):
+            size = _over(response, limit)
+            if size:
+                exc = self._too_large(mv, size, limit)
+                self._notify(mv, ticket, exc)
+                raise exc
         self._notify(mv, ticket, response)
         if copy is not None:
             task = asyncio.get_running_loop().create_task(shadows.run_copy(shadow, copy, response))
             self._shadow_tasks.add(task)
             task.add_done_callback(self._shadow_tasks.discard)
         return response
+
+    def _too_large(self, mv: ModelVersion, size: int, limit: int) -> OspreyError:
+        """The error for an answer over max_response_size, logged at most once a minute a version
+        (with how many more were refused since), as a full queue is."""
+        now, key = time.monotonic(), (mv.name, mv.version)
+        seen = self._too_large_logged.get(key)
+        if seen is None or now - seen[0] >= TOO_LARGE_LOG_INTERVAL_S:
+            more = f" ({seen[1]} more refused since the last line)" if seen and seen[1] else ""
+            log.warning("model %s version %s: an answer of %d bytes is over max_response_size (%d); answered 500%s",
+                        mv.name, mv.version, size, limit, more)
+            self._too_large_logged[key] = [now, 0]
+        else:
+            seen[1] += 1
+        return OspreyError(ErrorKind.INTERNAL, f"Model \"{mv.name}\" version {mv.version} answered {size:,} bytes, more "
+                                               f"than max_response_size ({limit:,} bytes); raise the setting "
+                                               "max_response_size to serve answers this large")
 
     async def describe_handle(self, mv: ModelVersion, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """TorchServe's ``customized=true`` describe: the version's handler answers one request
@@ -233,33 +253,40 @@ class DataPlane:
         return await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
 
 
-def _tensor_bytes(tensors: dict[str, Any]) -> int:
-    """Bytes of a handler's output tensors: an array's ``nbytes``; for BYTES elements (object
-    arrays, lists) the bytes of each element."""
+
+def _over(response: InferenceResponse, limit: int) -> int:
+    """The answer's size in bytes if it is over ``limit``, else 0: its body, plus its output
+    tensors' bytes (an upper bound first, which costs nothing for arrays of numbers; counted
+    exactly only when the bound is over)."""
+    size = len(response.body)
+    if size <= limit and response.tensors:
+        values = list(response.tensors.values())
+        if size + _bytes(values, exact=False) <= limit:
+            return 0
+        size += _bytes(values, exact=True)
+    return size if size > limit else 0
+
+
+def _bytes(values: Any, exact: bool) -> int:
+    """Bytes of output tensors as an answer carries them: an array's ``nbytes`` (torch tensors
+    too); a text as UTF-8; BYTES elements (object arrays, lists) one by one. Fixed-width string
+    arrays count their ``nbytes`` unless ``exact`` (an upper bound: padded, 4 bytes a character)."""
     total = 0
-    for value in tensors.values():
-        if getattr(value, "dtype", None) is not None and getattr(value.dtype, "kind", "") != "O":
-            total += int(value.nbytes)  # numpy arrays, torch tensors
-            continue
-        items = value.ravel().tolist() if hasattr(value, "ravel") else value
-        total += _element_bytes(items)
+    for v in values:
+        if isinstance(v, (bytes, bytearray)):
+            total += len(v)
+        elif isinstance(v, memoryview):
+            total += v.nbytes
+        elif isinstance(v, str):
+            total += len(v.encode("utf-8", "surrogatepass"))
+        elif isinstance(v, (list, tuple)):
+            total += _bytes(v, exact)
+        else:
+            kind = getattr(getattr(v, "dtype", None), "kind", None)  # numpy's; torch dtypes have none
+            if kind == "O" or (exact and kind in ("U", "S")):
+                total += _bytes(v.ravel().tolist(), exact)
+            elif hasattr(v, "nbytes"):
+                total += int(v.nbytes)
+            else:
+                total += 8  # a number
     return total
-
-
-def _element_bytes(items: Any) -> int:
-    if isinstance(items, (bytes, bytearray, memoryview)):
-        return len(items)
-    if isinstance(items, str):
-        return len(items.encode("utf-8", "surrogatepass"))
-    if isinstance(items, (list, tuple)):
-        return sum(_element_bytes(x) for x in items)
-    return 8  # a number in a list
-
-
-def _too_large_answer(mv: ModelVersion, response: InferenceResponse, limit: int) -> OspreyError:
-    size = len(response.body) + (_tensor_bytes(response.tensors) if response.tensors else 0)
-    log.warning("model %s version %s: an answer of %d bytes is over max_response_size (%d); answered 500",
-                mv.name, mv.version, size, limit)
-    return OspreyError(ErrorKind.INTERNAL, f"Model \"{mv.name}\" version {mv.version} answered {size:,} bytes, more "
-                                           f"than max_response_size ({limit:,} bytes); raise the setting "
-                                           "max_response_size to serve answers this large")

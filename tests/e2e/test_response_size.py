@@ -94,10 +94,32 @@ def test_grpc_answers_internal_naming_the_limit_not_the_transports_refusal(srv):
         assert len(infer(1_000).raw_output_contents[0]) == 1_000
 
 
-def test_the_refusals_are_counted_as_errors_and_logged_once_each(http, srv):
+def test_a_refusal_is_counted_as_an_error_and_logged_without_a_traceback(http, srv):
+    assert http.post("/predictions/sized", content=b"300000").status_code == 500
     text = httpx.get(f"{srv.metrics}/metrics", timeout=10).text
-    failed = [line for line in text.splitlines()
-              if line.startswith("ts_inference_requests_total") or line.startswith("osprey_requests_total")]
-    assert any('model="sized"' in line and ('code="500"' in line or 'status="500"' in line) for line in failed), failed
-    assert "over max_response_size" in srv.log()
+    served = [line for line in text.splitlines() if line.startswith("osprey_requests_total") and 'model="sized"' in line]
+    assert any('code="500"' in line and float(line.rsplit(" ", 1)[1]) >= 1 for line in served), served
+    assert http.post("/predictions/sized", content=b"300000").status_code == 500
+    lines = [line for line in srv.log().splitlines() if "model sized version 1.0: an answer of" in line]
+    assert len(lines) == 1 and "over max_response_size (100000); answered 500" in lines[0], lines  # one a minute
     assert "Traceback" not in srv.log()
+
+
+def test_the_size_counted_for_output_tensors():
+    # what the data plane counts against max_response_size, without a server
+    import numpy as np
+    import torch
+
+    from server.core.dataplane import _over
+    from server.core.types import InferenceResponse
+
+    def over(limit, **tensors):
+        return _over(InferenceResponse(body=b"", tensors=tensors), limit)
+
+    assert over(1_000, a=np.zeros(250, np.float32)) == 0 and over(999, a=np.zeros(250, np.float32)) == 1_000
+    assert over(999, t=torch.zeros(250)) == 1_000  # torch tensors by their bytes too
+    # fixed-width strings: the padding and numpy's 4 bytes a character do not count, UTF-8 does
+    texts = np.array(["a" * 2_000] + ["b"] * 999)
+    assert texts.nbytes == 8_000_000 and over(3_000, s=texts) == 0 and over(2_998, s=texts) == 2_999
+    assert over(5, b=np.array([b"abc", "\u00e9\u00e9"], dtype=object)) == 7  # BYTES elements: bytes, UTF-8 text
+    assert over(3, m=memoryview(np.zeros(2, np.float32))) == 8

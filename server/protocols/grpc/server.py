@@ -136,7 +136,9 @@ class _Health(health.aio.HealthServicer):
 
 def _options(settings: Any) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", int(settings.max_request_size)),
-            ("grpc.max_send_message_length", int(settings.max_response_size)),
+            # the data plane refuses an answer over max_response_size, naming it (server/core/dataplane.py);
+            # the transport's own limit leaves room for protobuf's framing of what the data plane counted
+            ("grpc.max_send_message_length", 2 * int(settings.max_response_size) + 65536),
             ("grpc.so_reuseport", 0)]
 
 
