@@ -37,7 +37,8 @@ and still served more requests a second: the gaps between batches shrank. Runs o
 answered 7.6% more. Session 17 capped batches
 from single run times and settled on the wrong size as often as on the right one. Only at
 saturation: below it the hold's target (halves when measured faster, :meth:`Batcher.target`)
-decides. A trial costs at most TRIAL batches at the worse size every EXPLORE_EVERY.
+decides. After the first TRIALS trials, a trial costs at most TRIAL batches at the worse size
+every EXPLORE_EVERY.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SLOW_S = 0.001
 EXPLORE_EVERY = 256  # saturated batches between two trials of the other size
 TRIAL = 16  # batches in a trial, and batches of the running size it is compared with
 SETTLE = 2  # batches not counted at a trial's start and after it: the loop still carries the other size's clients
-TRIALS = 4  # trials whose mean decides (fewer at first: the first trial decides alone)
+TRIALS = 4  # trials whose mean decides (the first ones run one after another; the first decides alone)
 SPLIT_GAIN = 0.03  # halves must take this much less time a request than whole batches
 RUNNING, TRIED = 1, 2  # what BatchCurve.take says a batch taken at saturation is (0: below it)
 

@@ -253,7 +253,6 @@ class DataPlane:
         return await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
 
 
-
 def _over(response: InferenceResponse, limit: int) -> int:
     """The answer's size in bytes if it is over ``limit``, else 0: its body, plus its output
     tensors' bytes (an upper bound first, which costs nothing for arrays of numbers; counted
