@@ -256,16 +256,18 @@ async def until_handed(inst, n: int, limit: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
-def closed_loop(b, inst, clients: int, rounds: int, first: int = 0) -> list:
+def closed_loop(b, inst, clients: int, rounds: int, first: int = 0, make=None) -> list:
     """``clients`` clients that each send again as soon as they are answered (synchronously,
     i.e. before any timer of the batcher can fire): ``rounds`` batches; the futures of the
-    requests still outstanding are returned. Request ids count from ``first``."""
+    requests still outstanding are returned. Request ids count from ``first``; ``make(i)``
+    makes request ``i`` (default :func:`req`)."""
+    make = make or req
     ids = iter(range(first, first + 10**6))
-    out = [b.submit(req(next(ids))) for _ in range(clients)]
+    out = [b.submit(make(next(ids))) for _ in range(clients)]
     for _ in range(rounds):
         inst.finish()
         answered = [f for f in out if f.done()]
-        out = [f for f in out if not f.done()] + [b.submit(req(next(ids))) for _ in answered]
+        out = [f for f in out if not f.done()] + [b.submit(make(next(ids))) for _ in answered]
     return out
 
 
@@ -546,13 +548,7 @@ def saturated(b, inst, clients: int, batches: int) -> list:
         r.run_timeout = 120.0
         return r
 
-    ids = iter(range(10**6))
-    out = [b.submit(timed(next(ids))) for _ in range(clients)]
-    for _ in range(batches):
-        inst.finish()
-        answered = [f for f in out if f.done()]
-        out = [f for f in out if not f.done()] + [b.submit(timed(next(ids))) for _ in answered]
-    return out
+    return closed_loop(b, inst, clients=clients, rounds=batches, make=timed)
 
 
 async def test_a_saturated_queue_runs_half_batches_of_a_model_that_runs_them_faster():
