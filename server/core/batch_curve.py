@@ -79,8 +79,8 @@ class BatchCurve:
         self._until = REFIT_EVERY
         self.split = False  # at saturation, batches of half max_size (see take)
         self.trials: collections.deque[float] = collections.deque(maxlen=TRIALS)  # halves' time a request / wholes'
-        # (size, started, finished) of the last batches of the running size, one after another
-        self._home: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=TRIAL)
+        # (size, when it ended) of the last batches of the running size, one after another
+        self._home: collections.deque[tuple[int, float]] = collections.deque(maxlen=TRIAL)
         self._settle = 0  # batches of the running size still not counted after a trial
         self._saturated = 0  # saturated batches taken since the last trial
         self._trial_size = 0  # the size on trial (0: none)
@@ -119,8 +119,8 @@ class BatchCurve:
         """A trial ended: compare the requests it served a second with the running size's, and decide."""
         half = self.max_size // 2
         home = self._home
-        home_rows = sum(n for n, _, _ in home) - home[0][0] if len(home) > 1 else 0
-        home_s = home[-1][2] - home[0][2] if len(home) > 1 else 0.0  # from the first one's end: as many batches as rows
+        home_rows = sum(n for n, _ in home) - home[0][0] if len(home) > 1 else 0
+        home_s = home[-1][1] - home[0][1] if len(home) > 1 else 0.0  # from the first one's end: as many batches as rows
         trial_s = self._trial_to - self._trial_from
         if self._trial_rows and home_rows and trial_s > 0 and home_s > 0:
             trial, running = trial_s / self._trial_rows, home_s / home_rows  # seconds a request, gaps included
@@ -140,17 +140,17 @@ class BatchCurve:
         if not 0 < size <= self.max_size or not seconds > 0:
             return
         if self.slow:  # (fast models never run trials: nothing to follow)
-            self._follow(size, seconds, mark, finished)
+            self._follow(size, mark, finished)
         self._learn(size, seconds)
 
-    def _follow(self, size: int, seconds: float, mark: int, finished: float) -> None:
+    def _follow(self, size: int, mark: int, finished: float) -> None:
         if mark == TRIED or self._trial_size:
             self._trial(size, mark == TRIED, finished)
         elif mark == RUNNING and size == (self.max_size // 2 if self.split else self.max_size):
             if self._settle:
                 self._settle -= 1
             else:
-                self._home.append((size, finished - seconds, finished))
+                self._home.append((size, finished))
         else:  # below saturation, or requests cancelled: the running size's batches are no longer in a row
             self._home.clear()
 

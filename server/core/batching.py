@@ -139,7 +139,7 @@ class Batcher:
         self.batching = self.batch_size > 1  # batchSize 1: no hold, nothing to learn
         self.curve = BatchCurve(self.batch_size)  # run time by batch size: whether a hold pays
         self._aimed = False  # the curve says batches run long enough to aim (BatchCurve.slow)
-        self._marked: tuple[list, int] | None = None  # the last aimed batch and what BatchCurve.take said it was
+        self._marked: tuple[list, int] | None = None  # the last batch taken at saturation, what BatchCurve.take said it was
         self._freed = 0.0  # when an instance last became idle
         self._demand_now = 0  # most requests outstanding (queued + running) since the last dispatch
         self._demand: collections.deque[int] = collections.deque(maxlen=DEMAND_WINDOW)
@@ -414,7 +414,7 @@ class Batcher:
                     batches.append(batch)
             if not batches:
                 continue
-            if self._aimed:
+            if mark:
                 self._marked = (batches[0], mark)
             if self._timer is not None:
                 self._timer.cancel()
