@@ -15,4 +15,13 @@ Package map (folders name the layers; imports go only downward, see tests/unit/t
 - ``cli``          the ``osprey`` command
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# gRPC's fork handlers off, before anything imports grpc. uvloop starts every child process
+# (pip for a model's requirements, retraining jobs, front ends) with fork() then exec(); with
+# gRPC's handlers on, a fork while a gRPC call is in flight crashed about 1 child in 100 with
+# SIGSEGV before its exec (grpcio 1.85). Nothing in Osprey forks without exec, so nothing needs
+# them. Set over any inherited value: the crash is in the server's own children.
+_os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
