@@ -17,10 +17,11 @@ answer is in hand (:mod:`server.core.shadow`): the client never waits for the co
 
 An answer larger than ``max_response_size`` (the setting; TorchServe's key, 6,553,500 bytes by
 default: its frontend refuses a bigger message from its worker, answers 500 "Worker died." and
-restarts the worker) is answered 500 naming its size and the limit, on every protocol; the
-instance goes on serving. Counted: the body the handler's output was encoded to, plus the bytes
-of the tensors it gave (what an adapter then encodes for the wire: an OIP JSON answer takes more).
-Each answer is counted, not each part of a streamed one.
+restarts the worker), or a streamed part larger than it, is answered 500 naming its size and the
+limit, on every protocol; the instance goes on serving. Counted: the body the handler's output
+was encoded to, plus the bytes of the tensors it gave (what an adapter then encodes for the
+wire: an OIP JSON answer takes more); each part as the handler sent it
+(:mod:`server.core.answer_size`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import orjson
 
+from server.core.answer_size import BoundedStream, over
 from server.core.capture import FeedbackItem, FeedbackResult, MonitorPort
 from server.core.errors import ErrorKind, OspreyError, from_status
 from server.core import shadow as shadows
@@ -126,6 +128,10 @@ class DataPlane:
         ticket.run_timeout = mv.config.response_timeout_s
         ticket.model_version = mv.version
         ticket.output_specs = mv.signature.outputs
+        limit = self.max_response_size
+        bounded = None
+        if limit and ticket.stream is not None:
+            bounded = ticket.stream = BoundedStream(ticket.stream, limit)
         try:
             response = await mv.batcher.submit(ticket)
         except OspreyError as exc:
@@ -138,11 +144,11 @@ class DataPlane:
             raise
         response.model_version = mv.version
         response.output_specs = ticket.output_specs
-        limit = self.max_response_size
-        if limit and (len(response.body) > limit or response.tensors):
-            size = _over(response, limit)
-            if size:
-                exc = self._too_large(mv, size, limit)
+        if limit:
+            size = over(response, limit) if len(response.body) > limit or response.tensors else 0
+            part = bounded.refused if bounded is not None else 0
+            if size or part:
+                exc = self._too_large(mv, size or part, limit, part=bool(part))
                 self._notify(mv, ticket, exc)
                 raise exc
         self._notify(mv, ticket, response)
@@ -152,19 +158,20 @@ class DataPlane:
             task.add_done_callback(self._shadow_tasks.discard)
         return response
 
-    def _too_large(self, mv: ModelVersion, size: int, limit: int) -> OspreyError:
+    def _too_large(self, mv: ModelVersion, size: int, limit: int, part: bool = False) -> OspreyError:
         """The error for an answer over max_response_size, logged at most once a minute a version
         (with how many more were refused since), as a full queue is."""
         now, key = time.monotonic(), (mv.name, mv.version)
         seen = self._too_large_logged.get(key)
         if seen is None or now - seen[0] >= TOO_LARGE_LOG_INTERVAL_S:
             more = f" ({seen[1]} more refused since the last line)" if seen and seen[1] else ""
-            log.warning("model %s version %s: an answer of %d bytes is over max_response_size (%d); answered 500%s",
-                        mv.name, mv.version, size, limit, more)
+            log.warning("model %s version %s: %s of %d bytes is over max_response_size (%d); answered 500%s",
+                        mv.name, mv.version, "a streamed part" if part else "an answer", size, limit, more)
             self._too_large_logged[key] = [now, 0]
         else:
             seen[1] += 1
-        return OspreyError(ErrorKind.INTERNAL, f"Model \"{mv.name}\" version {mv.version} answered {size:,} bytes, more "
+        what = "a streamed part of" if part else "answered"
+        return OspreyError(ErrorKind.INTERNAL, f"Model \"{mv.name}\" version {mv.version} {what} {size:,} bytes, more "
                                                f"than max_response_size ({limit:,} bytes); raise the setting "
                                                "max_response_size to serve answers this large")
 
@@ -251,41 +258,3 @@ class DataPlane:
         """The monitoring JSON of a version (computed off the event loop: it may ask Redis)."""
         mv = self._monitored(model, version)
         return await asyncio.to_thread(self.monitor.status, mv.name, mv.version)
-
-
-def _over(response: InferenceResponse, limit: int) -> int:
-    """The answer's size in bytes if it is over ``limit``, else 0: its body, plus its output
-    tensors' bytes (an upper bound first, which costs nothing for arrays of numbers; counted
-    exactly only when the bound is over)."""
-    size = len(response.body)
-    if size <= limit and response.tensors:
-        values = list(response.tensors.values())
-        if size + _bytes(values, exact=False) <= limit:
-            return 0
-        size += _bytes(values, exact=True)
-    return size if size > limit else 0
-
-
-def _bytes(values: Any, exact: bool) -> int:
-    """Bytes of output tensors as an answer carries them: an array's ``nbytes`` (torch tensors
-    too); a text as UTF-8; BYTES elements (object arrays, lists) one by one. Fixed-width string
-    arrays count their ``nbytes`` unless ``exact`` (an upper bound: padded, 4 bytes a character)."""
-    total = 0
-    for v in values:
-        if isinstance(v, (bytes, bytearray)):
-            total += len(v)
-        elif isinstance(v, memoryview):
-            total += v.nbytes
-        elif isinstance(v, str):
-            total += len(v.encode("utf-8", "surrogatepass"))
-        elif isinstance(v, (list, tuple)):
-            total += _bytes(v, exact)
-        else:
-            kind = getattr(getattr(v, "dtype", None), "kind", None)  # numpy's; torch dtypes have none
-            if kind == "O" or (exact and kind in ("U", "S")):
-                total += _bytes(v.ravel().tolist(), exact)
-            elif hasattr(v, "nbytes"):
-                total += int(v.nbytes)
-            else:
-                total += 8  # a number
-    return total

@@ -31,6 +31,21 @@ class Sized:
         return [{"tensors": {"OUT": np.zeros(int(np.asarray(row["tensors"]["N"]).reshape(-1)[0]), dtype=np.uint8)}}
                 for row in data]
 '''
+# parts: "small" then one of N bytes then "after" (dropped once a part was refused), or, for
+# "first:N", the N bytes first; the final answer is "end"
+STREAM_HANDLER = '''
+def handle(data, context):
+    if data is None:
+        return None
+    for i, row in enumerate(data):
+        where, n = bytes(row["body"]).decode().split(":")
+        if where == "second":
+            context.send_intermediate(i, b"small")
+        context.send_intermediate(i, "y" * int(n))
+        context.send_intermediate(i, b"after")
+    return [b"end" for _ in data]
+'''
+
 TENSOR_CONFIG = {"inputs": [{"name": "N", "datatype": "INT64", "shape": [1]}],
                  "outputs": [{"name": "OUT", "datatype": "UINT8", "shape": [-1]}]}
 
@@ -40,7 +55,9 @@ def srv(osprey_module, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     handler_archive(store, "sized", BYTES_HANDLER)
     handler_archive(store, "tsized", TENSOR_HANDLER, config=TENSOR_CONFIG)
-    return osprey_module(["sized=sized.mar", "tsized=tsized.mar"], store, config={"max_response_size": LIMIT})
+    handler_archive(store, "streamy", STREAM_HANDLER)
+    return osprey_module(["sized=sized.mar", "tsized=tsized.mar", "streamy=streamy.mar"], store,
+                         config={"max_response_size": LIMIT})
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +111,45 @@ def test_grpc_answers_internal_naming_the_limit_not_the_transports_refusal(srv):
         assert len(infer(1_000).raw_output_contents[0]) == 1_000
 
 
+def test_a_streamed_part_over_the_limit_is_not_sent_and_the_answer_fails_naming_it(http):
+    # a part within the limit goes out as a chunk; so does the final answer
+    ok = http.post("/predictions/streamy", content=f"second:{LIMIT}".encode())
+    assert ok.status_code == 200 and ok.content == b"small" + b"y" * LIMIT + b"after" + b"end"
+    # the first part over it: nothing went out yet, so the answer is a 500 naming the part
+    r = http.post("/predictions/streamy", content=b"first:200000")
+    assert r.status_code == 500
+    assert "a streamed part of 200,000 bytes" in r.json()["message"]
+    _said(r.json()["message"], 200_000)
+    # after a part went out the status cannot change: the answer ends without its last chunk
+    # (as any request failing after its first part), and neither the big part nor any later one was sent
+    got = b""
+    with pytest.raises(httpx.RemoteProtocolError):
+        with http.stream("POST", "/predictions/streamy", content=b"second:200000") as r:
+            assert r.status_code == 200
+            for chunk in r.iter_bytes():
+                got += chunk
+    assert got == b"small"
+    assert http.post("/predictions/streamy", content=b"second:10").content == b"small" + b"y" * 10 + b"afterend"
+
+
+def test_a_grpc_stream_ends_with_internal_naming_the_part_over_the_limit(srv):
+    from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(srv.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in stub.StreamPredictions(inference_pb2.PredictionsRequest(
+                    model_name="streamy", input={"body": b"second:200000"}), timeout=30):
+                got.append(r.prediction)
+        assert got == [b"small"]
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        _said(err.value.details(), 200_000)
+        parts = [r.prediction for r in stub.StreamPredictions(inference_pb2.PredictionsRequest(
+            model_name="streamy", input={"body": b"second:3"}), timeout=30)]
+        assert parts == [b"small", b"yyy", b"after", b"end"]
+
+
 def test_a_refusal_is_counted_as_an_error_and_logged_without_a_traceback(http, srv):
     assert http.post("/predictions/sized", content=b"300000").status_code == 500
     text = httpx.get(f"{srv.metrics}/metrics", timeout=10).text
@@ -110,11 +166,11 @@ def test_the_size_counted_for_output_tensors():
     import numpy as np
     import torch
 
-    from server.core.dataplane import _over
+    from server.core.answer_size import over as counted, part_size
     from server.core.types import InferenceResponse
 
     def over(limit, **tensors):
-        return _over(InferenceResponse(body=b"", tensors=tensors), limit)
+        return counted(InferenceResponse(body=b"", tensors=tensors), limit)
 
     assert over(1_000, a=np.zeros(250, np.float32)) == 0 and over(999, a=np.zeros(250, np.float32)) == 1_000
     assert over(999, t=torch.zeros(250)) == 1_000  # torch tensors by their bytes too
@@ -123,3 +179,7 @@ def test_the_size_counted_for_output_tensors():
     assert texts.nbytes == 8_000_000 and over(3_000, s=texts) == 0 and over(2_998, s=texts) == 2_999
     assert over(5, b=np.array([b"abc", "\u00e9\u00e9"], dtype=object)) == 7  # BYTES elements: bytes, UTF-8 text
     assert over(3, m=memoryview(np.zeros(2, np.float32))) == 8
+    # a streamed part as it is sent: bytes, UTF-8 text, an OIP part's tensors, anything else as JSON
+    assert part_size(b"abc") == 3 and part_size("\u00e9") == 2 and part_size("abc") == 3
+    assert part_size({"tensors": {"OUT": np.zeros(10, np.float32)}}) == 40
+    assert part_size({"a": [1, 2]}) == len(b'{"a":[1,2]}')
