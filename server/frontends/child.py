@@ -17,7 +17,8 @@ sends them, and its parts wait here for a client slow to take them: the server's
 client that stops reading applies here too (``server.protocols.rest.chunked``): past
 ``MAX_BACKLOG`` bytes waiting, with nothing taken for ``stream_stall_timeout`` seconds, the
 client's connection is reset, what waited is dropped, the server is told the client is gone,
-and whatever more the server sends for that request is ignored.
+and whatever more the server sends for that request is ignored; the same once ``MAX_HELD``
+bytes wait, however the client reads.
 
 SIGTERM (and SIGINT): drain as the server does (stop accepting, ``Connection: close`` on every
 answer, wait for what is in progress), then exit. The server's end closing: what is in progress
@@ -60,7 +61,7 @@ _LOST = (b'{"code": 503, "type": "ServiceUnavailableException", '
 class _Pending:
     """A relayed request waiting for its answer's messages."""
 
-    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "_watch", "cut")
+    __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "_watch", "cut", "why")
     stall_s = 10.0  # the setting stream_stall_timeout (main sets it); 0: never cut
 
     def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
@@ -73,6 +74,7 @@ class _Pending:
         self.sent = 0  # streamed parts handed to it
         self._watch: StallWatch | None = None  # the stall check, while its parts are being sent (watch)
         self.cut = False  # its client was cut (connection reset already)
+        self.why = ""  # why it was cut (server.protocols.stall)
 
     def push(self, msg: tuple) -> None:
         self.msgs.append(msg)
@@ -96,13 +98,20 @@ class _Pending:
     def watch(self, on_stall: Callable[[], None]) -> None:
         """The answer's parts are being sent: cut its client with ``on_stall`` if it stops taking them."""
         def stalled() -> None:
+            self.why = self._watch.why
             self.msgs.clear()
             self.waiting = 0
             self.cut = True
             on_stall()
 
         self._watch = StallWatch(self.loop, self.stall_s, MAX_BACKLOG, lambda: self.waiting, self._progress, stalled)
-        self._watch.arm()
+        # armed from the loop, not from the relay that calls this: a cut at once (more than the
+        # cap waiting already) then resets the connection before the relay ends the answer
+        self.loop.call_soon(self._arm)
+
+    def _arm(self) -> None:
+        if self._watch is not None:
+            self._watch.arm()
 
     def _progress(self) -> tuple:
         """What moves while the client takes its answer: parts handed to its connection, the
@@ -251,9 +260,8 @@ class RelayApp:
         """The client of streamed answer ``rid`` takes nothing while too much waits for it: reset
         its connection, forget the request (what the server still sends for it is ignored), tell
         the server its client is gone, and end the relay of it."""
-        log.warning("request %d (relayed): the client is not reading its streamed answer (more than %d bytes "
-                    "waiting, nothing taken for %g s, stream_stall_timeout): the connection is reset, the parts "
-                    "waiting are dropped", rid, MAX_BACKLOG, p.stall_s)
+        log.warning("request %d (relayed): the client is not reading its streamed answer (%s): the connection is "
+                    "reset, the parts waiting are dropped", rid, p.why)
         if self.link.pending.pop(rid, None) is not None and not p.gone_sent and not self.link.lost.is_set():
             p.gone_sent = True
             self.link.outbox.put(("g", rid))

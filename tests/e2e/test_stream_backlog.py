@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2 as oip, service_pb2_grpc as oip_grpc  
 
 from server.protocols.grpc import streams
 from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
-from server.protocols.stall import MAX_BACKLOG
+from server.protocols.stall import MAX_BACKLOG, MAX_HELD
 from tests.e2e.test_frontends import served_by
 from tests.gates import wait_for, wait_until
 from tests.models import handler_archive
@@ -106,6 +106,39 @@ def test_a_client_that_stops_reading_a_streamed_answer_is_cut_and_others_are_ser
         assert r.status_code == 200 and r.headers.get("transfer-encoding") == "chunked"
         assert r.content == b"x" * (3 << 20) + b"done"
         assert client.get(f"{srv.inference}/ping").json() == {"status": "Healthy"}
+
+
+@FRONTENDS
+def test_however_a_client_reads_no_stream_holds_more_than_the_cap(osprey, store, frontends):
+    """The stall rule off (``stream_stall_timeout`` 0), a client that takes nothing still cannot
+    make the server hold more than MAX_HELD bytes for it: nothing else bounds what waits, since
+    the handler never waits for a client (a client reading slower than the model writes)."""
+    handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
+    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 0, "frontends": frontends})
+    parts = MAX_HELD // (1 << 20) + 32
+    held = _connect(srv, frontends)
+    held.sendall(_request(parts))
+    wait_until(lambda: f"more than the {MAX_HELD >> 20} MiB a stream may hold" in srv.log(), timeout=60,
+               what="the server to cut the stream at its cap")
+    data, _ = _read_all(held)  # reset, or (cut by the server behind a front end) closed: never the whole answer
+    held.close()
+    assert len(data) < parts << 20 and not data.endswith(b"done\r\n0\r\n\r\n"), len(data)
+    with httpx.Client(timeout=60) as client:
+        assert client.post(f"{srv.inference}/predictions/flood", json={"parts": 2}).content == b"x" * (2 << 20) + b"done"
+
+
+def test_a_grpc_stream_holds_no_more_than_the_cap(osprey, store):
+    handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
+    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 0})
+    parts = MAX_HELD // (1 << 20) + 32
+    with grpc.insecure_channel(srv.grpc, options=[("grpc.max_receive_message_length", 8 << 20)]) as channel:
+        call, _ = _stream_predictions(channel, parts)
+        wait_until(lambda: "a stream may hold" in srv.log(), timeout=60, what="the server to cut the call at its cap")
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"more than the {MAX_HELD >> 20} MiB a stream may hold" in info.value.details()
 
 
 @FRONTENDS

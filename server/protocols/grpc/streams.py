@@ -17,8 +17,9 @@ RESOURCE_EXHAUSTED naming why (the client sees it after the messages gRPC alread
 if it reads again), logged. The same rule as a streamed REST answer
 (``server.protocols.rest.chunked``), counted in whole messages: gRPC does not say how much of
 one the client has read, so a client must take each message within ``stream_stall_timeout``
-while that much waits (a 16 MiB message needs about 1.6 MB/s at the default 10 s). Once a call
-has ended, whatever its handler still sends is dropped.
+while that much waits (a 16 MiB message needs about 1.6 MB/s at the default 10 s). However the
+client reads, the call is cut the same way once ``server.protocols.stall.MAX_HELD`` bytes wait.
+Once a call has ended, whatever its handler still sends is dropped.
 """
 
 from __future__ import annotations
@@ -96,9 +97,8 @@ class Outbox:
         self.taken += 1
         return item
 
-    def _cut(self) -> None:  # on the loop: the client took no message for stall_s while too much waited
-        why = (f"the client is not reading its stream ({self.waiting} bytes waiting, nothing taken for "
-               f"{self.stall_s:g} s, stream_stall_timeout): the call is ended, what waited is dropped")
+    def _cut(self) -> None:  # on the loop: the client took no message for stall_s while too much waited, or too much waited
+        why = f"the client is not reading its stream ({self._watch.why}): the call is ended, what waited is dropped"
         log.warning("%s: %s", self.what, why)
         self.cut = True
         self._items.clear()

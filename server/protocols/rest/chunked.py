@@ -29,7 +29,8 @@ comes within twice that), it is cut: the parts waiting are dropped and the conne
 at once, without the answer's end (logged). "Takes nothing": no part finished sending, and
 neither the transport's buffer nor the socket's send queue (``SIOCOUTQ``, what the client has
 not acknowledged) changed. A stalled reader cannot hold the server's memory
-for longer; the request itself runs to its end. (Through a front-end process, ``frontends``
+for longer; the request itself runs to its end. However the client reads, it is cut the same
+way once :data:`~server.protocols.stall.MAX_HELD` bytes wait for it. (Through a front-end process, ``frontends``
 above 1, the parts wait in the front end instead, which applies the same rule:
 :mod:`server.frontends.child`.)
 """
@@ -130,9 +131,8 @@ class ChunkedAnswer:
         return self._sent, held, unacknowledged(transport)
 
     def _cut_client(self) -> None:  # on the loop
-        log.warning("request %s: the client is not reading its streamed answer (%d bytes waiting, nothing taken "
-                    "for %g s, stream_stall_timeout): the connection is reset, the parts waiting are dropped",
-                    self._req.request_id, self._waiting, self.stall_s)
+        log.warning("request %s: the client is not reading its streamed answer (%s): the connection is reset, "
+                    "the parts waiting are dropped", self._req.request_id, self._watch.why)
         self._cut = True
         self._end = (True, b"")
         self._parts.clear()
