@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 # gRPC's fork handlers off, before anything imports grpc. uvloop starts every child process
 # (pip for a model's requirements, retraining jobs, front ends) with fork() then exec(); with
 # gRPC's handlers on, a fork while a gRPC call is in flight crashed about 1 child in 100 with
-# SIGSEGV before its exec (grpcio 1.85). Nothing in Osprey forks without exec, so nothing needs
-# them. Set over any inherited value: the crash is in the server's own children.
+# SIGSEGV before its exec (grpcio 1.85). Osprey forks without exec only in multiprocessing's fork
+# server (process instances), which never imports grpc, so nothing needs them. Set over any
+# inherited value: the crash is in the server's own children.
 _os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"

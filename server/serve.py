@@ -38,6 +38,7 @@ from server.protocols.rest.http_protocol import (begin_drain, connection_limit, 
                                                  raise_open_files_limit)
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.chunked import ChunkedAnswer
+from server.protocols.stall import set_held
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.monitoring import add_monitoring_routes
@@ -162,6 +163,7 @@ class Server:
         self._key_watch: asyncio.Task | None = None
         self.inference_app = Router(max_body=settings.max_request_size, auth_status=settings.token_auth_status)
         ChunkedAnswer.stall_s = float(settings.stream_stall_timeout)
+        set_held(settings.max_response_size)  # what may wait for one streaming client (server.protocols.stall)
         add_inference_routes(self.inference_app, self.dataplane)
         add_v2_routes(self.inference_app, self.dataplane, model_store=settings.model_store,
                       enable_model_api=settings.enable_model_api, envelope=settings.service_envelope)

@@ -78,11 +78,13 @@ class Settings:
     # seconds a client may take nothing of a streamed answer (a handler's intermediate responses
     # on REST, a streaming gRPC call's messages) while more than 64 MiB of it wait on the server,
     # before its connection is reset (REST) or its call ended (gRPC) and what waited dropped
-    # (server/protocols/rest/chunked.py, server/protocols/grpc/streams.py); 0: never
+    # (server/protocols/rest/chunked.py, server/protocols/grpc/streams.py); 0: never. Whatever
+    # this is, a client is cut once 256 MiB (or twice max_response_size) wait for it
+    # (server/protocols/stall.py)
     stream_stall_timeout: float = 10.0
     # bytes an answer may hold: a larger one is answered 500 naming its size (TorchServe's frontend
-    # answers 500 "Worker died."), on every protocol (server/core/dataplane.py); gRPC's transport
-    # sends messages up to twice that (protobuf's framing, a streamed part) and 64 KiB
+    # answers 500 "Worker died."), on every protocol, a streamed part too (server/core/answer_size.py);
+    # gRPC's transport sends messages up to twice that (protobuf's framing, a streamed part) and 64 KiB
     max_response_size: int = 6553500
     max_archive_size: int = 4 * 1024**3  # bytes an archive may extract to
     disable_token_authorization: bool = False

@@ -6,20 +6,22 @@ much as a final answer: it answers 500 "Worker died." and restarts the worker. T
 instance goes on serving. It counts:
 
 - a final answer: its body plus its output tensors' bytes (:func:`over`);
-- each streamed part as the handler sends it (:class:`BoundedStream`, the request's
-  ``Ticket.stream`` while the limit is set). A part over the limit is not sent, nor any part
-  after it; the request then fails as a request that fails after parts went out does (a REST
-  answer ends without its last chunk; a gRPC stream ends with INTERNAL).
+- each streamed part as it is sent (:class:`BoundedStream`, the request's ``Ticket.stream``
+  while the limit is set). A part over the limit is not sent, nor any part after it, and the
+  request fails at once, as a request that fails after parts went out does (a REST answer ends
+  without its last chunk; StreamPredictions ends with INTERNAL; ModelStreamInfer answers the
+  error in band), while its handler runs on to its end (what it sends is dropped), as after a
+  responseTimeout.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from server.core.codecs import encode_body
 from server.core.types import InferenceResponse
 
-__all__ = ["over", "tensor_bytes", "part_size", "BoundedStream"]
+__all__ = ["over", "tensor_bytes", "raw_part_size", "BoundedStream"]
 
 
 def over(response: InferenceResponse, limit: int) -> int:
@@ -60,40 +62,59 @@ def tensor_bytes(values: Any, exact: bool) -> int:
     return total
 
 
-def part_size(data: Any) -> int:
-    """Bytes of one streamed part as it is sent: bytes as they are, a text as UTF-8, an Open
-    Inference part (``{"tensors": {name: array}}``) by its tensors' bytes, anything else as its
-    JSON (what the adapters send it as)."""
-    if isinstance(data, (bytes, bytearray)):
-        return len(data)
-    if isinstance(data, memoryview):
-        return data.nbytes
-    if isinstance(data, str):
-        return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+def _text_size(data: str) -> int:
+    return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+
+
+def raw_part_size(data: Any) -> int:
+    """Bytes of a part a raw stream (Open Inference's ModelStreamInfer) sends: an
+    ``{"tensors": {name: array}}`` part by its tensors' bytes, bytes as they are, anything else
+    as its text."""
     if isinstance(data, dict) and isinstance(data.get("tensors"), dict):
         return tensor_bytes(list(data["tensors"].values()), exact=True)
-    return len(encode_body(data)[0])
+    if isinstance(data, (bytes, bytearray)):
+        return len(data)
+    return _text_size(str(data))
 
 
 class BoundedStream:
     """A request's ``Ticket.stream`` under ``max_response_size``: passes each part to ``inner``
     while it is within ``limit`` bytes. Called from the instance's thread (or a process
-    instance's reader thread); ``refused`` is the size of the first part over the limit, read
-    on the loop once the request has ended (the parts reach the loop before its answer)."""
+    instance's reader thread). The first part over the limit sets ``refused`` (its size) and
+    calls ``on_refused(self)`` there (the data plane's: it fails the request on the loop);
+    ``model`` and ``ticket`` are the request's, for it.
 
-    __slots__ = ("inner", "limit", "refused")
+    A part is measured as ``inner`` sends it (``Ticket.stream``): a raw stream's parts as they
+    are (:func:`raw_part_size`); any other stream's as bytes, a text as UTF-8 and anything else
+    encoded here once as JSON and handed on as those bytes (what the stream would send)."""
 
-    def __init__(self, inner: Any, limit: int):
+    __slots__ = ("inner", "limit", "refused", "model", "ticket", "_raw", "_on_refused")
+
+    def __init__(self, inner: Any, limit: int, on_refused: Callable[["BoundedStream"], None] | None = None,
+                 model: Any = None, ticket: Any = None):
         self.inner = inner
         self.limit = limit
         self.refused = 0
+        self.model, self.ticket = model, ticket
+        self._raw = bool(getattr(inner, "raw", False))
+        self._on_refused = on_refused
 
     def __call__(self, data: Any, headers: dict | None = None) -> None:
         if self.refused:
             return  # a part after the one refused: the answer is already incomplete
-        size = part_size(data)
+        if self._raw:
+            size = raw_part_size(data)
+        elif isinstance(data, (bytes, bytearray)):
+            size = len(data)
+        elif isinstance(data, str):
+            size = _text_size(data)
+        else:
+            data = encode_body(data)[0]
+            size = len(data)
         if size > self.limit:
             self.refused = size
+            if self._on_refused is not None:
+                self._on_refused(self)
             return
         if headers is None:
             self.inner(data)

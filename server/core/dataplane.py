@@ -61,6 +61,7 @@ class DataPlane:
         self.registry = registry
         # bytes an answer may hold (the setting, TorchServe's meaning); 0: no limit (see infer)
         self.max_response_size = max(0, int(max_response_size))
+        self._on_part_refused = self._part_refused  # (bound once: given to every streaming request)
         self._too_large_logged: dict[tuple[str, str], list] = {}  # version -> [last logged, refused since]
         # the event loop requests run on, for adapters that hand it to other threads (asking
         # asyncio for it costs a getpid() system call per request: it checks the loop's process)
@@ -131,7 +132,7 @@ class DataPlane:
         limit = self.max_response_size
         bounded = None
         if limit and ticket.stream is not None:
-            bounded = ticket.stream = BoundedStream(ticket.stream, limit)
+            bounded = ticket.stream = BoundedStream(ticket.stream, limit, self._on_part_refused, mv, ticket)
         try:
             response = await mv.batcher.submit(ticket)
         except OspreyError as exc:
@@ -146,9 +147,9 @@ class DataPlane:
         response.output_specs = ticket.output_specs
         if limit:
             size = over(response, limit) if len(response.body) > limit or response.tensors else 0
-            part = bounded.refused if bounded is not None else 0
-            if size or part:
-                exc = self._too_large(mv, size or part, limit, part=bool(part))
+            part = bounded.refused if bounded is not None else 0  # (failed already, unless the loop was closing)
+            if size or part:  # a part refused first: the client's answer is incomplete from there
+                exc = self._too_large(mv, part or size, limit, part=bool(part))
                 self._notify(mv, ticket, exc)
                 raise exc
         self._notify(mv, ticket, response)
@@ -158,6 +159,21 @@ class DataPlane:
             task.add_done_callback(self._shadow_tasks.discard)
         return response
 
+    def _part_refused(self, bounded: BoundedStream) -> None:
+        """A streamed part over the limit (on the instance's thread): the request fails now, on
+        the loop, while its handler runs on (``bounded`` drops the rest of its parts)."""
+        fut = bounded.ticket.future  # (made when it was queued, before any batch could run it)
+        if fut is None:
+            return
+
+        def fail() -> None:
+            if not fut.done():
+                fut.set_exception(self._too_large(bounded.model, bounded.refused, bounded.limit, part=True))
+        try:
+            fut.get_loop().call_soon_threadsafe(fail)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
+            pass
+
     def _too_large(self, mv: ModelVersion, size: int, limit: int, part: bool = False) -> OspreyError:
         """The error for an answer over max_response_size, logged at most once a minute a version
         (with how many more were refused since), as a full queue is."""
@@ -165,8 +181,9 @@ class DataPlane:
         seen = self._too_large_logged.get(key)
         if seen is None or now - seen[0] >= TOO_LARGE_LOG_INTERVAL_S:
             more = f" ({seen[1]} more refused since the last line)" if seen and seen[1] else ""
-            log.warning("model %s version %s: %s of %d bytes is over max_response_size (%d); answered 500%s",
-                        mv.name, mv.version, "a streamed part" if part else "an answer", size, limit, more)
+            log.warning("model %s version %s: %s of %d bytes is over max_response_size (%d); %s%s",
+                        mv.name, mv.version, "a streamed part" if part else "an answer", size, limit,
+                        "not sent, the request failed" if part else "answered 500", more)
             self._too_large_logged[key] = [now, 0]
         else:
             seen[1] += 1

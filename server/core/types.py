@@ -119,9 +119,10 @@ class Ticket:
 
     ``future`` is resolved once with the answer; ``client`` is the connection where it
     tells (``client.disconnected`` is True once it is gone); ``stream`` is a callable(bytes)
-    receiving intermediate responses, or None. The data plane fills ``model_version`` and
-    ``output_specs`` when it routes the request, so an adapter can encode partial answers
-    without looking the model up again.
+    receiving intermediate responses, or None (one with a true ``raw`` attribute takes them as
+    the handler gave them; any other sends bytes as they are, a text as UTF-8, anything else as
+    JSON). The data plane fills ``model_version`` and ``output_specs`` when it routes the
+    request, so an adapter can encode partial answers without looking the model up again.
     """
 
     request: InferenceRequest

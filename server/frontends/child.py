@@ -44,7 +44,7 @@ import uvicorn
 from server.core.cpus import restore_inherited
 from server.frontends.frames import FrameReader, Outbox, scope_head
 from server.protocols.rest.http_protocol import ABORT, begin_drain, connection_limit, drain_pass, http_protocol
-from server.protocols.stall import MAX_BACKLOG, StallWatch, unacknowledged
+from server.protocols.stall import MAX_BACKLOG, StallWatch, set_held, unacknowledged
 from server.settings import Settings
 from server.tls import Tls, is_https
 
@@ -62,7 +62,7 @@ class _Pending:
     """A relayed request waiting for its answer's messages."""
 
     __slots__ = ("cycle", "loop", "msgs", "waiter", "gone_sent", "waiting", "sent", "_watch", "cut", "why")
-    stall_s = 10.0  # the setting stream_stall_timeout (main sets it); 0: never cut
+    stall_s = 10.0  # the setting stream_stall_timeout (main sets it); 0: never cut for taking nothing
 
     def __init__(self, cycle, loop: asyncio.AbstractEventLoop) -> None:
         self.cycle = cycle  # uvicorn's request cycle: ``disconnected`` turns True when the client goes
@@ -339,6 +339,7 @@ async def main(config: dict) -> int:
     _, link = await loop.connect_accepted_socket(lambda: FrontLink(loop, high_water), link_sock)
     app = RelayApp(link, settings.max_request_size)
     _Pending.stall_s = float(settings.stream_stall_timeout)
+    set_held(settings.max_response_size)
     uv = uvicorn.Config(app, lifespan="off", http=http_protocol(settings.request_read_timeout, settings.max_header_size,
                                                                 connection_limit(settings.max_connections)),
                         loop="none", log_level="warning", access_log=False, server_header=False, date_header=False,

@@ -32,17 +32,28 @@ class Sized:
                 for row in data]
 '''
 # parts: "small" then one of N bytes then "after" (dropped once a part was refused), or, for
-# "first:N", the N bytes first; the final answer is "end"
+# "first:N", the N bytes first; the final answer is "end". "second:N:FOLDER": after its parts,
+# the handler waits for FOLDER/release (30 s at most), then writes FOLDER/returned
 STREAM_HANDLER = '''
+import os
+import time
+
+
 def handle(data, context):
     if data is None:
         return None
     for i, row in enumerate(data):
-        where, n = bytes(row["body"]).decode().split(":")
+        where, n, *hold = bytes(row["body"]).decode().split(":", 2)
         if where == "second":
             context.send_intermediate(i, b"small")
         context.send_intermediate(i, "y" * int(n))
         context.send_intermediate(i, b"after")
+        if hold:
+            for _ in range(3000):
+                if os.path.exists(os.path.join(hold[0], "release")):
+                    break
+                time.sleep(0.01)
+            open(os.path.join(hold[0], "returned"), "w").close()
     return [b"end" for _ in data]
 '''
 
@@ -150,6 +161,51 @@ def test_a_grpc_stream_ends_with_internal_naming_the_part_over_the_limit(srv):
         assert parts == [b"small", b"yyy", b"after", b"end"]
 
 
+def test_model_stream_infer_answers_the_refused_part_in_band_and_the_stream_goes_on(srv):
+    import struct
+
+    from tritonclient.grpc import service_pb2 as oip, service_pb2_grpc as oip_grpc
+
+    def request(body: bytes, rid: str):
+        r = oip.ModelInferRequest(model_name="streamy", id=rid)
+        r.inputs.append(oip.ModelInferRequest.InferInputTensor(name="body", datatype="BYTES", shape=[1]))
+        r.raw_input_contents.append(struct.pack("<I", len(body)) + body)
+        return r
+
+    def text(resp) -> bytes:
+        raw = resp.infer_response.raw_output_contents[0]
+        return raw[4:4 + struct.unpack_from("<I", raw)[0]]
+
+    with grpc.insecure_channel(srv.grpc) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([request(b"second:200000", "big")]), timeout=30))
+        assert [text(a) for a in answers[:-1]] == [b"small"]
+        assert answers[-1].infer_response.id == "big"
+        _said(answers[-1].error_message, 200_000)
+        answers = list(stub.ModelStreamInfer(iter([request(b"second:2", "ok")]), timeout=30))
+        assert not any(a.error_message for a in answers)
+        assert [text(a) for a in answers] == [b"small", b"yy", b"after", b"end"]
+
+
+def test_the_request_fails_at_the_refused_part_not_when_its_handler_returns(srv, tmp_path):
+    # a long generation: the client learns at the part refused, while the handler still runs
+    from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
+    from tests.gates import wait_until
+
+    with grpc.insecure_channel(srv.grpc) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        got = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in stub.StreamPredictions(inference_pb2.PredictionsRequest(
+                    model_name="streamy", input={"body": f"second:200000:{tmp_path}".encode()}), timeout=60):
+                got.append(r.prediction)
+        assert not (tmp_path / "returned").exists(), "the call ended only when the handler returned"
+        assert got == [b"small"] and err.value.code() == grpc.StatusCode.INTERNAL
+        _said(err.value.details(), 200_000)
+    (tmp_path / "release").touch()
+    wait_until(lambda: (tmp_path / "returned").exists(), timeout=30, what="the handler to return")
+
+
 def test_a_refusal_is_counted_as_an_error_and_logged_without_a_traceback(http, srv):
     assert http.post("/predictions/sized", content=b"300000").status_code == 500
     text = httpx.get(f"{srv.metrics}/metrics", timeout=10).text
@@ -166,7 +222,7 @@ def test_the_size_counted_for_output_tensors():
     import numpy as np
     import torch
 
-    from server.core.answer_size import over as counted, part_size
+    from server.core.answer_size import BoundedStream, over as counted, raw_part_size
     from server.core.types import InferenceResponse
 
     def over(limit, **tensors):
@@ -179,7 +235,20 @@ def test_the_size_counted_for_output_tensors():
     assert texts.nbytes == 8_000_000 and over(3_000, s=texts) == 0 and over(2_998, s=texts) == 2_999
     assert over(5, b=np.array([b"abc", "\u00e9\u00e9"], dtype=object)) == 7  # BYTES elements: bytes, UTF-8 text
     assert over(3, m=memoryview(np.zeros(2, np.float32))) == 8
-    # a streamed part as it is sent: bytes, UTF-8 text, an OIP part's tensors, anything else as JSON
-    assert part_size(b"abc") == 3 and part_size("\u00e9") == 2 and part_size("abc") == 3
-    assert part_size({"tensors": {"OUT": np.zeros(10, np.float32)}}) == 40
-    assert part_size({"a": [1, 2]}) == len(b'{"a":[1,2]}')
+    # a streamed part as it is sent: by a raw stream (ModelStreamInfer) an OIP part's tensors by
+    # their bytes, anything else as its text; by the others bytes, UTF-8 text, anything else as
+    # the JSON it is sent as, encoded once
+    assert raw_part_size({"tensors": {"OUT": np.zeros(10, np.float32)}}) == 40
+    assert raw_part_size(b"abc") == 3 and raw_part_size(np.zeros(3)) == len(str(np.zeros(3)))
+
+    class Sink(list):
+        raw = False
+
+        def __call__(self, data, headers=None):
+            self.append(data)
+
+    sink = Sink()
+    bounded = BoundedStream(sink, 12)
+    for part in (b"abc", "\u00e9", {"a": [1, 2]}, {"tensors": {"OUT": np.zeros(2, np.float32)}}, b"late"):
+        bounded(part)
+    assert sink == [b"abc", "\u00e9", b'{"a":[1,2]}'] and bounded.refused == len(b'{"tensors":{"OUT":[0.0,0.0]}}')

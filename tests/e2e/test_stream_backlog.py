@@ -143,8 +143,9 @@ def test_a_grpc_stream_holds_no_more_than_the_cap(osprey, store):
 
 @FRONTENDS
 def test_a_client_that_reads_slowly_is_not_cut(osprey, store, frontends):
-    """However far behind the handler a client falls, it is not cut while it keeps reading: every
-    byte it takes counts (the socket's send queue moves), not only whole parts."""
+    """However far behind the handler a client falls (up to the cap on what may wait for it,
+    MAX_HELD, twice what this test sends), it is not cut while it keeps reading: every byte it
+    takes counts (the socket's send queue moves), not only whole parts."""
     handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
     srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 3, "frontends": frontends})
     parts = MAX_BACKLOG // (1 << 20) * 2

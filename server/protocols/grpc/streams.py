@@ -58,7 +58,7 @@ class Outbox:
 
     __slots__ = ("_loop", "_items", "_ready", "_task", "_context", "what", "waiting", "taken", "cut", "_watch",
                  "closed")
-    stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut
+    stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut for taking nothing
 
     def __init__(self, what: str, context: Any = None):
         self._loop = asyncio.get_running_loop()

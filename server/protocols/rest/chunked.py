@@ -65,7 +65,7 @@ class ChunkedAnswer:
 
     __slots__ = ("_req", "_loop", "_parts", "_end", "_wake", "_writer", "_headers", "_waiting", "_cut", "_sent",
                  "_watch")
-    stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut
+    stall_s = 10.0  # the server's stream_stall_timeout (server.serve sets it); 0: never cut for taking nothing
 
     def __init__(self, req: Request, loop: asyncio.AbstractEventLoop):
         self._req = req
