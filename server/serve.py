@@ -38,7 +38,6 @@ from server.protocols.rest.http_protocol import (begin_drain, connection_limit, 
                                                  raise_open_files_limit)
 from server.protocols.rest.asgi import Request, Response, Router
 from server.protocols.rest.chunked import ChunkedAnswer
-from server.protocols.stall import set_held
 from server.protocols.rest.inference import add_inference_routes
 from server.protocols.rest.management import add_management_routes
 from server.protocols.rest.monitoring import add_monitoring_routes
@@ -49,6 +48,7 @@ from server.retraining.metrics import JobMetrics
 from server.retraining.queue import job_queue
 from server.retraining.triggers import Cooldown, LatencyWatch, Triggers
 from server.protocols.rest.v2 import add_v2_routes
+from server.protocols.stall import set_held
 from server.protocols.rest.workflows import add_workflow_inference_routes, add_workflow_management_routes
 from server.workflows.manager import Workflows
 from server.settings import Settings, parse_address

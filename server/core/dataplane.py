@@ -20,7 +20,7 @@ default: its frontend refuses a bigger message from its worker, answers 500 "Wor
 restarts the worker), or a streamed part larger than it, is answered 500 naming its size and the
 limit, on every protocol; the instance goes on serving. Counted: the body the handler's output
 was encoded to, plus the bytes of the tensors it gave (what an adapter then encodes for the
-wire: an OIP JSON answer takes more); each part as the handler sent it
+wire: an OIP JSON answer takes more); each part as its stream sends it
 (:mod:`server.core.answer_size`).
 """
 

@@ -58,5 +58,5 @@ def test_children_started_during_grpc_calls_do_not_crash():
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     words = done.stdout.split()
-    assert words[0] == "calls" and int(words[1]) > 100, done.stdout
+    assert words[0] == "calls" and int(words[1]) >= 100, done.stdout
     assert done.stdout.strip().endswith("crashed []"), done.stdout + done.stderr[-2000:]

@@ -97,7 +97,7 @@ class Outbox:
         self.taken += 1
         return item
 
-    def _cut(self) -> None:  # on the loop: the client took no message for stall_s while too much waited, or too much waited
+    def _cut(self) -> None:  # on the loop, when StallWatch's rule cuts (self._watch.why says which)
         why = f"the client is not reading its stream ({self._watch.why}): the call is ended, what waited is dropped"
         log.warning("%s: %s", self.what, why)
         self.cut = True

@@ -30,9 +30,9 @@ at once, without the answer's end (logged). "Takes nothing": no part finished se
 neither the transport's buffer nor the socket's send queue (``SIOCOUTQ``, what the client has
 not acknowledged) changed. A stalled reader cannot hold the server's memory
 for longer; the request itself runs to its end. However the client reads, it is cut the same
-way once :data:`~server.protocols.stall.MAX_HELD` bytes wait for it. (Through a front-end process, ``frontends``
-above 1, the parts wait in the front end instead, which applies the same rule:
-:mod:`server.frontends.child`.)
+way once :data:`~server.protocols.stall.MAX_HELD` bytes wait for it. (Through a front-end
+process, ``frontends`` above 1, the parts wait in the front end instead, which applies the same
+rule: :mod:`server.frontends.child`.)
 """
 
 from __future__ import annotations
