@@ -545,15 +545,26 @@ def apply_omp_wait_policy(policy: str, environ=os.environ, modules=sys.modules, 
     the environment) unless the environment already has one; True when set. With ``passive``,
     ``spin_count`` (> 0) becomes GOMP_SPINCOUNT, the short spin before a thread sleeps, unless
     the environment has one. libgomp reads both once, when torch is first imported: a process
-    that already imported torch keeps its own."""
+    that already imported torch keeps its own.
+
+    A short spin is exported as OMP_WAIT_POLICY=ACTIVE with that GOMP_SPINCOUNT, not PASSIVE:
+    libgomp spins its *throttled* count instead whenever it runs more threads than CPUs (two
+    instance threads that each ran a parallel torch operation are four threads on two CPUs), and
+    that count is 0 under PASSIVE but min(1,000, GOMP_SPINCOUNT) under ACTIVE. Under PASSIVE a
+    second model's threads made the CNN's forward sleep between its regions again (+30-60%).
+    An explicit GOMP_SPINCOUNT bounds ACTIVE's spin as it does PASSIVE's (then the thread
+    sleeps). KMP_BLOCKTIME=0 keeps an LLVM OpenMP runtime, should one load, passive."""
     if not policy or "OMP_WAIT_POLICY" in environ:
         return False
     if "torch" in modules:
         log.info("omp_wait_policy=%s not applied: torch was imported before the server started", policy)
         return False
-    environ["OMP_WAIT_POLICY"] = policy.upper()
     if policy.lower() == "passive" and spin_count > 0 and "GOMP_SPINCOUNT" not in environ:
+        environ["OMP_WAIT_POLICY"] = "ACTIVE"
         environ["GOMP_SPINCOUNT"] = str(spin_count)
+        environ.setdefault("KMP_BLOCKTIME", "0")
+        return True
+    environ["OMP_WAIT_POLICY"] = policy.upper()
     return True
 
 

@@ -157,7 +157,9 @@ class Settings:
     # parallel region before it sleeps (libgomp's GOMP_SPINCOUNT; 1,000 is about 10 us by libgomp's estimate).
     # It covers the gaps between the regions of one forward pass (a ResNet-18 runs dozens),
     # not the gaps between batches: sleeping at once (0) made each of those regions wake a
-    # sleeping thread, and the ResNet-18-sized CNN's forward 40% slower (13.4 vs 9.7 ms).
+    # sleeping thread, and the ResNet-18-sized CNN's forward 40% slower (13.4 vs 9.7 ms). Exported
+    # as OMP_WAIT_POLICY=ACTIVE with this GOMP_SPINCOUNT, so that it holds with more OpenMP threads
+    # than CPUs too (server/serve.py apply_omp_wait_policy).
     # GOMP_SPINCOUNT or OMP_WAIT_POLICY in the environment wins over this setting.
     omp_spin_count: int = 1000
     # threads of the BLAS library numpy brings (OpenBLAS), in the server process (thread

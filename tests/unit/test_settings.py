@@ -219,7 +219,7 @@ def test_omp_wait_policy_is_exported_unless_the_environment_has_one():
     from server.serve import apply_omp_wait_policy
 
     env: dict[str, str] = {}
-    assert apply_omp_wait_policy("passive", env, modules={}) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert apply_omp_wait_policy("passive", env, modules={}) is True and env == {"OMP_WAIT_POLICY": "PASSIVE"}  # no spin
     mine = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert apply_omp_wait_policy("passive", mine, modules={}) is False and mine == {"OMP_WAIT_POLICY": "ACTIVE"}
     empty: dict[str, str] = {}
@@ -235,9 +235,10 @@ def test_omp_spin_count_defaults_to_a_short_spin_and_goes_with_the_passive_polic
     assert load_settings(env={"OSPREY_OMP_SPIN_COUNT": "0"}).omp_spin_count == 0
     with pytest.raises(ValueError, match="omp_spin_count: -5 must be 0"):
         load_settings(env={"OSPREY_OMP_SPIN_COUNT": "-5"})
+    # (as ACTIVE with the count: libgomp's throttled spin, more threads than CPUs, is 0 under PASSIVE)
     env: dict[str, str] = {}
     assert apply_omp_wait_policy("passive", env, modules={}, spin_count=1000)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "1000"}
+    assert env == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
     at_once: dict[str, str] = {}  # 0: sleep at once, libgomp's passive default
     assert apply_omp_wait_policy("passive", at_once, modules={}, spin_count=0) and at_once == {"OMP_WAIT_POLICY": "PASSIVE"}
     active: dict[str, str] = {}  # active spins without end: a count would cut it short
