@@ -24,6 +24,10 @@ from server.core.types import InferenceResponse
 __all__ = ["over", "tensor_bytes", "raw_part_size", "BoundedStream"]
 
 
+def _text_size(data: str) -> int:
+    return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+
+
 def over(response: InferenceResponse, limit: int) -> int:
     """The answer's size in bytes if it is over ``limit``, else 0: its body, plus its output
     tensors' bytes (an upper bound first, which costs nothing for arrays of numbers; counted
@@ -48,7 +52,7 @@ def tensor_bytes(values: Any, exact: bool) -> int:
         elif isinstance(v, memoryview):
             total += v.nbytes
         elif isinstance(v, str):
-            total += len(v.encode("utf-8", "surrogatepass"))
+            total += _text_size(v)
         elif isinstance(v, (list, tuple)):
             total += tensor_bytes(v, exact)
         else:
@@ -60,10 +64,6 @@ def tensor_bytes(values: Any, exact: bool) -> int:
             else:
                 total += 8  # a number
     return total
-
-
-def _text_size(data: str) -> int:
-    return len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
 
 
 def raw_part_size(data: Any) -> int:

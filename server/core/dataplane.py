@@ -147,7 +147,9 @@ class DataPlane:
         response.output_specs = ticket.output_specs
         if limit:
             size = over(response, limit) if len(response.body) > limit or response.tensors else 0
-            part = bounded.refused if bounded is not None else 0  # (failed already, unless the loop was closing)
+            # a refused part has usually failed the request already (_part_refused); its answer can
+            # still come first: the batcher drains finished batches early when a full batch waits
+            part = bounded.refused if bounded is not None else 0
             if size or part:  # a part refused first: the client's answer is incomplete from there
                 exc = self._too_large(mv, part or size, limit, part=bool(part))
                 self._notify(mv, ticket, exc)
