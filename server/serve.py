@@ -596,6 +596,7 @@ def run(settings: Settings, models: list[tuple[str | None, str]], ready_line: st
         restore: Snapshot | None = None, config_properties: dict[str, str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. ``restore``: a config snapshot whose models are registered at
     start (server.snapshots); ``config_properties``: the configuration the snapshots record."""
+    heap.hold()  # until the startup models are loaded (_main's heap.freeze)
     raised = raise_open_files_limit()  # as the JVM does for TorchServe: connections take file descriptors
     if raised:
         log.info("open files limit raised from %d to %d (the hard limit)", *raised)

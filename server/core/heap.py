@@ -39,19 +39,40 @@ import gc
 import logging
 import time
 
-__all__ = ["freeze", "release", "trim", "GEN0_THRESHOLD"]
+__all__ = ["hold", "freeze", "release", "trim", "GEN0_THRESHOLD"]
 
 log = logging.getLogger("osprey.heap")
 
 GEN0_THRESHOLD = 10_000  # net allocations between young collections (CPython's default: 700)
 
+_held = False  # the collector is off until the first freeze (see hold)
+
+
+def hold() -> None:
+    """At a server's start: no collection until the startup models are loaded, when
+    :func:`freeze` collects once and turns the collector back on (a collector already off
+    stays off). Importing torch allocates a few hundred thousand long-lived objects, and the
+    collections their allocations trigger walk them again and again: ``import torch`` took
+    0.91-0.94 s with the collector off against 1.01-1.16 s with it on (3 runs each, 2 cores).
+    The benchmark's five models answered 0.05-0.17 s sooner after a start (medians of two
+    interleaved runs of 8-10 starts; 3% less CPU), and the startup freeze's single collection
+    walks no more than before."""
+    global _held
+    if gc.isenabled():
+        gc.disable()
+        _held = True
+
 
 def freeze() -> None:
     """Once models are loaded (at startup, and after each run-time load): collect what loading
     left, freeze the rest. Only objects allocated since the last freeze are walked."""
+    global _held
     t0 = time.perf_counter()
     gc.collect()
     gc.freeze()
+    if _held:
+        _held = False
+        gc.enable()
     young, older, oldest = gc.get_threshold()
     if 0 < young < GEN0_THRESHOLD:  # 0: the collector was turned off on purpose; higher: the user's own
         gc.set_threshold(GEN0_THRESHOLD, older, oldest)

@@ -21,6 +21,7 @@ from server.core.osthread import instance_thread_name
 from tests.models import handler_archive, mlp_archive
 
 FLAG_HANDLER = '''
+import gc
 import os
 import torch
 
@@ -31,7 +32,7 @@ def handle(data, context):
     blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
     return [{"jit_optimize": torch._C._get_graph_executor_optimize(),
              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "omp_spin": os.environ.get("GOMP_SPINCOUNT"),
-             "numpy_blas": blas} for _ in data]
+             "numpy_blas": blas, "gc": gc.isenabled()} for _ in data]
 '''
 
 
@@ -62,6 +63,13 @@ def test_torch_openmp_threads_wait_passively_in_thread_and_process_instances(srv
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if "GOMP_SPINCOUNT" in os.environ else "ACTIVE")
     assert _flag(srv, "flag_default", "omp_wait_policy") == expected
     assert _flag(srv, "flag_process", "omp_wait_policy") == expected  # the child inherits it
+
+
+def test_the_garbage_collector_runs_once_the_server_serves(srv):
+    """The server holds the collector off while it starts (server.core.heap.hold); once the
+    startup models are loaded it runs again, in the server and in process instances' children."""
+    assert _flag(srv, "flag_default", "gc") is True
+    assert _flag(srv, "flag_process", "gc") is True
 
 
 def test_passive_openmp_threads_spin_briefly_before_they_sleep(srv):

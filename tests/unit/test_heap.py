@@ -30,3 +30,30 @@ def test_a_users_own_setting_is_kept(thresholds):
     gc.set_threshold(0)  # the collector turned off on purpose stays off
     heap.freeze()
     assert gc.get_threshold()[0] == 0
+
+
+@pytest.fixture
+def collector():
+    enabled = gc.isenabled()
+    yield
+    heap._held = False
+    (gc.enable if enabled else gc.disable)()
+    gc.unfreeze()
+
+
+def test_the_collector_waits_for_the_startup_models_then_runs_again(collector, thresholds):
+    gc.enable()
+    heap.hold()  # the server's start
+    assert not gc.isenabled()
+    heap.freeze()  # the startup models are loaded
+    assert gc.isenabled()
+    gc.disable()  # a later freeze (a model loaded at run time) does not turn it on again
+    heap.freeze()
+    assert not gc.isenabled()
+
+
+def test_a_collector_turned_off_before_the_start_stays_off(collector, thresholds):
+    gc.disable()
+    heap.hold()
+    heap.freeze()
+    assert not gc.isenabled()
