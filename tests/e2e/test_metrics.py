@@ -270,7 +270,9 @@ def test_gc_pauses_are_timed_and_the_loaded_heap_is_frozen(osprey, store):
     counts = {s.labels["generation"]: s.value for s in fams["osprey_gc_pause_seconds"].samples
               if s.name == "osprey_gc_pause_seconds_count"}
     assert set(counts) == {"0", "1", "2"}
-    assert counts["0"] > 0  # loading and serving allocate: young collections have run and were timed
+    # the collector waits while the server starts (server.core.heap.hold): the startup freeze's
+    # full collection is the first, and it was timed like any other
+    assert counts["2"] >= 1
 
     # Removing a model runs one full collection (what it left in cycles is freed) and refreezes.
     r = httpx.delete(f"{srv.management}/models/mlp", timeout=30)
