@@ -67,30 +67,23 @@ def checkout(rev: str, work: Path) -> tuple[str, Path]:
     return sha, tree
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_side_arguments(ap: argparse.ArgumentParser) -> None:
+    """OLD, NEW, ``--work`` and each side's ``--old-env``/``--new-env`` (this tool's and startup_ab's)."""
     ap.add_argument("old")
     ap.add_argument("new")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=6.0)
-    ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--work", default=str(HERE / ".work" / "ab"))
-    ap.add_argument("--models", default="mlp,mlp_nb",
-                    help="comma-separated: mlp, mlp_nb, cnn (ResNet-18-sized, slow), digits_cnn_builtin, digits_cnn")
     ap.add_argument("--old-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for OLD's server only (e.g. OSPREY_MONITORING=false); repeatable")
     ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for NEW's server only; repeatable")
-    args = ap.parse_args(argv)
-    envs = [key_values(given, "--old-env/--new-env", ap.error) for given in (args.old_env, args.new_env)]
+
+
+def sides_of(args: argparse.Namespace, error) -> list[tuple[str, str, Path, dict[str, str]]]:
+    """(label, sha, tree, env) of OLD and NEW, each checked out under ``args.work``; ``error(message)``
+    when both are the same commit with the same environment."""
+    envs = [key_values(given, "--old-env/--new-env", error) for given in (args.old_env, args.new_env)]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    models = build_models(work / "models", with_cnn="cnn" in names, with_digits=any(n.startswith("digits") for n in names))
-    unknown = [n for n in names if n not in models]
-    if unknown or not names:
-        ap.error(f"--models: {', '.join(unknown) or 'none given'}; known: {', '.join(models)}")
-    pair = [models[n] for n in names]
     sides = []
     for rev, env in ((args.old, envs[0]), (args.new, envs[1])):
         sha, tree = checkout(rev, work)
@@ -98,7 +91,32 @@ def main(argv: list[str] | None = None) -> int:
         label = sha + "".join(f" {k}={v}" for k, v in env.items())
         sides.append((label, sha, tree, env))
     if sides[0][0] == sides[1][0]:
-        ap.error("OLD and NEW are the same commit with the same environment: nothing to compare")
+        error("OLD and NEW are the same commit with the same environment: nothing to compare")
+    return sides
+
+
+def result_name(sides) -> str:
+    """The two sides' labels as one file name part."""
+    return "-".join(label.replace(" ", "_").replace("=", "-") for label, *_ in sides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_side_arguments(ap)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--models", default="mlp,mlp_nb",
+                    help="comma-separated: mlp, mlp_nb, cnn (ResNet-18-sized, slow), digits_cnn_builtin, digits_cnn")
+    args = ap.parse_args(argv)
+    sides = sides_of(args, ap.error)
+    work = Path(args.work)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    models = build_models(work / "models", with_cnn="cnn" in names, with_digits=any(n.startswith("digits") for n in names))
+    unknown = [n for n in names if n not in models]
+    if unknown or not names:
+        ap.error(f"--models: {', '.join(unknown) or 'none given'}; known: {', '.join(models)}")
+    pair = [models[n] for n in names]
     results: dict[str, dict[str, list[float]]] = {label: {m.name: [] for m in pair} for label, *_ in sides}
     for r in range(args.rounds):
         for i, (label, sha, tree, env) in enumerate(sides if r % 2 == 0 else sides[::-1]):
@@ -124,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("| mean | " + " | ".join(cells) + " |")
     print(f"hey -z {args.seconds:g}s -c {args.concurrency}, {args.rounds} interleaved rounds")
     print("\n".join(lines))
-    name = "-".join(label.replace(" ", "_").replace("=", "-") for label in (old, new))
-    out = HERE / "results" / f"ab-{name}.json"
+    out = HERE / "results" / f"ab-{result_name(sides)}.json"
     out.write_text(json.dumps({"old": old, "new": new, "concurrency": args.concurrency, "seconds": args.seconds,
                                "env": {label: env for label, _, _, env in sides}, "rps": results}, indent=1))
     return 0

@@ -8,7 +8,7 @@ full run times its start: from ``Popen`` until every model answered a prediction
 after another. Starts alternate the order (A B, then B A, ...). Also the server's CPU time up to
 that moment (user + system, from ``/proc``): steadier than the wall time on a shared machine,
 and what a start costs the other work on it. Prints each start and the medians; writes
-``benchmarks/results/startup-OLD-NEW.json``. Commits are checked out as ``benchmarks.ab`` does.
+``benchmarks/results/startup-OLD-NEW.json``. Sides are given and checked out as for ``benchmarks.ab``.
 """
 
 from __future__ import annotations
@@ -20,32 +20,21 @@ from pathlib import Path
 
 import psutil
 
-from .ab import HERE, OspreyAt, checkout, key_values
+from .ab import HERE, OspreyAt, add_side_arguments, result_name, sides_of
 from .models import build_models
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("old")
-    ap.add_argument("new")
+    add_side_arguments(ap)
     ap.add_argument("--starts", type=int, default=8, help="starts of each side")
-    ap.add_argument("--work", default=str(HERE / ".work" / "ab"))
-    ap.add_argument("--old-env", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--new-env", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    envs = (key_values(args.old_env, "--old-env", ap.error), key_values(args.new_env, "--new-env", ap.error))
+    sides = sides_of(args, ap.error)
     work = Path(args.work)
-    sides = []
-    for rev, env in zip((args.old, args.new), envs):
-        sha, tree = checkout(rev, work)
-        tag = sha + "".join(f" {k}={v}" for k, v in env.items())
-        sides.append((tag, tree, env))
-    if sides[0][0] == sides[1][0]:
-        ap.error("OLD and NEW are the same commit with the same environment: nothing to compare")
     models = list(build_models(HERE / ".work", cnn_side=112).values())  # the full run's archives
-    runs: dict[str, list[dict]] = {tag: [] for tag, _, _ in sides}
+    runs: dict[str, list[dict]] = {tag: [] for tag, *_ in sides}
     for i in range(args.starts):
-        for tag, tree, env in (sides if i % 2 == 0 else sides[::-1]):
+        for tag, _sha, tree, env in (sides if i % 2 == 0 else sides[::-1]):
             server = OspreyAt(tree, work / f"startup-{i}", models, config={"job_queue_size": 1000}, extra_env=env)
             server.start()
             try:
@@ -62,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                      "cpu_s_median": statistics.median(r["cpu_s"] for r in rows)} for tag, rows in runs.items()}
     for tag, s in summary.items():
         print(f"{tag}: median {s['all_models_s_median']:.2f} s to all models answering, CPU {s['cpu_s_median']:.2f} s")
-    out = HERE / "results" / f"startup-{sides[0][0].split()[0]}-{sides[1][0].split()[0]}.json"
+    out = HERE / "results" / f"startup-{result_name(sides)}.json"
     out.write_text(json.dumps({"starts": runs, "summary": summary,
-                               "env": {tag: env for tag, _, env in sides}}, indent=1))
+                               "env": {tag: env for tag, _sha, _tree, env in sides}}, indent=1))
     return 0
 
 

@@ -57,7 +57,7 @@ def _flag(srv, name: str, key: str = "jit_optimize"):
     return r.json()[key]
 
 
-def test_torch_openmp_threads_wait_passively_in_thread_and_process_instances(srv):
+def test_the_openmp_wait_policy_reaches_thread_and_process_instances(srv):
     # omp_wait_policy's default, passive with a short spin, is exported as ACTIVE with that spin
     # (server.serve.apply_omp_wait_policy); an OMP_WAIT_POLICY the user exported wins
     expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if "GOMP_SPINCOUNT" in os.environ else "ACTIVE")
