@@ -25,7 +25,7 @@ from server.protocols.grpc import streams
 from server.protocols.grpc.generated import inference_pb2, inference_pb2_grpc
 from server.protocols.stall import MAX_BACKLOG, MAX_HELD
 from tests.e2e.test_frontends import served_by
-from tests.gates import wait_for, wait_until
+from tests.gates import Gate, wait_for, wait_until
 from tests.models import handler_archive
 
 FLOOD_HANDLER = '''
@@ -33,14 +33,19 @@ import json
 
 
 def handle(data, context):
-    """Streams ``parts`` parts of 1 MiB each for the request, then answers "done"."""
+    """Streams ``parts`` parts of 1 MiB each for the request, then answers "done"; ``first``:
+    the first part is that many MiB; with a ``gate`` (tests/gates.py), holds after the first
+    part until the gate opens."""
     if data is None:  # (the load's call, TorchServe's way)
         return None
     body = data[0]["body"]
-    parts = int((json.loads(body) if isinstance(body, (bytes, bytearray)) else body)["parts"])
+    ask = json.loads(body) if isinstance(body, (bytes, bytearray)) else body
     part = b"x" * (1 << 20)
-    for _ in range(parts):
-        context.send_intermediate(0, part)
+    for i in range(int(ask["parts"])):
+        context.send_intermediate(0, b"y" * (ask["first"] << 20) if i == 0 and ask.get("first") else part)
+        if i == 0 and ask.get("gate"):
+            from tests.gates import hold
+            hold(ask["gate"])
     return [b"done"]
 '''
 
@@ -127,12 +132,21 @@ def test_however_a_client_reads_no_stream_holds_more_than_the_cap(osprey, store,
         assert client.post(f"{srv.inference}/predictions/flood", json={"parts": 2}).content == b"x" * (2 << 20) + b"done"
 
 
-def test_a_grpc_stream_holds_no_more_than_the_cap(osprey, store):
+@pytest.mark.parametrize("start", ["StreamPredictions", "ModelStreamInfer"])
+def test_a_grpc_stream_holds_no_more_than_the_cap(osprey, store, tmp_path, start):
+    """The client is told why, also when the cut comes while the call's first message waits
+    for the client (6 MiB, held by flow control; the gate holds the handler until the call's
+    headers reached the client). Before the server sent its initial metadata on its own, gRPC
+    refused that status and the client waited for its deadline."""
     handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
     srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 0})
     parts = MAX_HELD // (1 << 20) + 32
+    gate = Gate(tmp_path)
     with grpc.insecure_channel(srv.grpc, options=[("grpc.max_receive_message_length", 8 << 20)]) as channel:
-        call, _ = _stream_predictions(channel, parts)
+        call, _ = _STARTS[start](channel, parts, gate=gate.value)
+        gate.wait_entered()
+        call.initial_metadata()  # (the headers are out: the first part is written, or being written)
+        gate.open()
         wait_until(lambda: "a stream may hold" in srv.log(), timeout=60, what="the server to cut the call at its cap")
         with pytest.raises(grpc.RpcError) as info:
             for _ in call:
@@ -164,16 +178,22 @@ def test_a_client_that_reads_slowly_is_not_cut(osprey, store, frontends):
     slow.close()
 
 
-def _stream_predictions(channel, parts: int):
+def _ask(parts: int, gate: str | None) -> dict:
+    """The flood's request; gated, its first part is 6 MiB: more than the client's gRPC buffers
+    take unread (its write waits for the client), under max_response_size's 6.25 MiB."""
+    return {"parts": parts, "gate": gate, "first": 6} if gate else {"parts": parts}
+
+
+def _stream_predictions(channel, parts: int, gate: str | None = None):
     stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
     call = stub.StreamPredictions(inference_pb2.PredictionsRequest(
-        model_name="flood", input={"body": json.dumps({"parts": parts}).encode()}), timeout=120)
+        model_name="flood", input={"body": json.dumps(_ask(parts, gate)).encode()}), timeout=120)
     return call, lambda resp: resp.prediction
 
 
-def _model_stream_infer(channel, parts: int):
+def _model_stream_infer(channel, parts: int, gate: str | None = None):
     stub = oip_grpc.GRPCInferenceServiceStub(channel)
-    body = json.dumps({"parts": parts}).encode()
+    body = json.dumps(_ask(parts, gate)).encode()
     request = oip.ModelInferRequest(model_name="flood", id="flood-1")
     request.inputs.append(oip.ModelInferRequest.InferInputTensor(name="body", datatype="BYTES", shape=[1]))
     request.raw_input_contents.append(struct.pack("<I", len(body)) + body)
@@ -184,6 +204,9 @@ def _model_stream_infer(channel, parts: int):
         return raw[4:4 + struct.unpack_from("<I", raw)[0]]
 
     return stub.ModelStreamInfer(iter([request]), timeout=120), one
+
+
+_STARTS = {"StreamPredictions": _stream_predictions, "ModelStreamInfer": _model_stream_infer}
 
 
 @pytest.mark.parametrize("start", [_stream_predictions, _model_stream_infer], ids=["StreamPredictions",

@@ -31,7 +31,7 @@ from server.core.types import Field, InferenceResponse, Protocol, Ticket, client
 from server.protocols.grpc.generated import grpc_service_pb2 as pb
 from server.protocols.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import unexpected
-from server.protocols.grpc.streams import Outbox, StreamSink
+from server.protocols.grpc.streams import Outbox, StreamSink, begin
 
 __all__ = ["OpenInferenceServicer", "decode_inputs", "encode_response", "kservev2_body", "kservev2_outputs"]
 
@@ -306,6 +306,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 out.put(end)
 
+        await begin(context)  # (before anything is made for the client: a cut's status must not carry it)
         read = asyncio.ensure_future(reader())
         try:
             while True:

@@ -34,7 +34,7 @@ import grpc
 from server.core.codecs import encode_body
 from server.protocols.stall import MAX_BACKLOG, StallWatch
 
-__all__ = ["StreamSink", "Outbox", "MAX_BACKLOG"]
+__all__ = ["StreamSink", "Outbox", "MAX_BACKLOG", "begin"]
 
 log = logging.getLogger("osprey.grpc")
 
@@ -42,11 +42,22 @@ _END = object()
 _ENDING: set[asyncio.Task] = set()  # statuses of cut calls being sent (held until they end)
 
 
-async def _abort(context: Any, why: str) -> None:
+async def begin(context: Any) -> None:
+    """Send a streaming call's initial metadata, before anything is made for its client. Without
+    it, grpc.aio sends the initial metadata with the first message and counts it sent only once
+    that write completes, which waits on the client's flow-control window; a cut's status made
+    meanwhile carries the initial metadata a second time, core refuses the whole batch
+    (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and a client that does not read is never told."""
+    await context.send_initial_metadata(())
+
+
+async def _abort(context: Any, what: str, why: str) -> None:
     try:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
-    except BaseException:  # (abort ends by raising; a call already over cannot be aborted)
+    except grpc.aio.AbortError:  # (abort ends by raising it: the status is on its way)
         pass
+    except Exception as exc:  # the call was over already (the client went away)
+        log.info("%s: the cut's status was not sent (%s: %s)", what, type(exc).__name__, exc)
 
 
 class Outbox:
@@ -104,7 +115,7 @@ class Outbox:
         self._items.clear()
         self.waiting = 0
         if self._context is not None:  # the status goes out after what gRPC already holds
-            _ENDING.add(ending := self._loop.create_task(_abort(self._context, why)))
+            _ENDING.add(ending := self._loop.create_task(_abort(self._context, self.what, why)))
             ending.add_done_callback(_ENDING.discard)
         if self._task is not None:
             self._task.cancel()

@@ -21,7 +21,7 @@ from server.core.types import Field, Protocol, Ticket, new_request, next_request
 from server.protocols.grpc.generated import inference_pb2 as pb
 from server.protocols.grpc.generated import inference_pb2_grpc as pb_grpc
 from server.protocols.grpc.status import grpc_code, unexpected
-from server.protocols.grpc.streams import StreamSink
+from server.protocols.grpc.streams import StreamSink, begin
 
 __all__ = ["InferenceServicer"]
 
@@ -67,6 +67,7 @@ class InferenceServicer(pb_grpc.InferenceAPIsServiceServicer):
         sink = StreamSink(asyncio.get_running_loop(), f"StreamPredictions of model {core.request.model!r:.100}, "
                                                       f"request {core.request.request_id}", context=context)
         core.stream = sink
+        await begin(context)  # (before anything is made for the client: a cut's status must not carry it)
         task = asyncio.ensure_future(self.dataplane.infer(core))
         task.add_done_callback(sink.close)
         try:
