@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable
 
-from server.core import cpus
+from server.core import cpus, omp
 from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
@@ -68,6 +68,7 @@ class ModelInstance:
         self.batch_seconds = 0.0  # a moving average of the time a batch takes here
         self.colocated = False  # pinned to the event loop's CPU now
         self._omp_started = False
+        self._threads_before = 0  # torch's thread count here before it joined (0: left as it was)
 
     @property
     def service(self):
@@ -175,7 +176,9 @@ class ModelInstance:
 
     def _place(self, seconds: float) -> None:
         """After a handoff whose batches took ``seconds`` each: join the event loop's CPU while
-        batches are short and this is its model's only instance, leave it otherwise."""
+        batches are short and this is its model's only instance, leave it otherwise. Joined, it
+        runs torch on one thread (server/core/omp.py: a short batch spread over the cores spends
+        more waking torch's worker than it saves)."""
         if cpus.pinned_cpu() is None:
             return
         average = self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds if self.batch_seconds else seconds
@@ -185,9 +188,15 @@ class ModelInstance:
                 cpus.start_omp_pool()
                 self._omp_started = True
             self.colocated = cpus.join()
+            threads = omp.threads_here()
+            if self.colocated and threads > 1 and omp.set_for_this_thread(1):
+                self._threads_before = threads
         elif self.colocated and (not alone or average > cpus.LEAVE_ABOVE_S):
             cpus.leave()
             self.colocated = False
+            if self._threads_before:
+                omp.set_for_this_thread(self._threads_before)
+                self._threads_before = 0
 
     def run(self, batch: list[Ticket]) -> list[Outcome]:
         """Handle one batch in the calling thread (the runner's logic; for tests and tools)."""

@@ -201,3 +201,56 @@ def test_a_model_registered_after_the_pin_starts_its_torch_workers_on_every_cpu(
         if tid not in (pid, instance):
             assert _cpus(pid, tid) in (everyone, None), \
                 f"thread {tid} ({Path(f'/proc/{pid}/task/{tid}/comm').read_text().strip()}) is on the loop's CPU"
+
+
+THREADS = '''
+import ctypes
+import os
+import time
+
+import torch
+
+_MKL = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"),
+                   mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+
+
+def handle(data, context):
+    """Answers the torch (OpenMP) and MKL thread counts of the thread running the batch;
+    a body "slow" makes the batch long."""
+    if data is None:
+        return None
+    if any(bytes(r.get("body") or b"") == b"slow" for r in data):
+        time.sleep(0.03)
+    return [f"{torch.get_num_threads()} {_MKL.MKL_Get_Max_Threads()}" for _ in data]
+'''
+
+
+def _counts(srv, model: str, body: bytes = b"1") -> str:
+    r = httpx.post(f"{srv.inference}/predictions/{model}", content=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.text
+
+
+def test_a_small_model_on_the_loops_cpu_runs_torch_on_one_thread_and_nothing_else_changes(osprey, store):
+    """Joined to the loop's CPU, an instance runs torch (OpenMP and MKL) on one thread: a short
+    batch spread over the cores spends more waking torch's worker than it saves. Leaving, it
+    gets them back; a model that keeps every CPU, and one registered later, keep torch's count."""
+    handler_archive(store, "small", THREADS, config={"batchSize": 1})
+    handler_archive(store, "long", THREADS, config={"batchSize": 1})
+    handler_archive(store, "later", THREADS, config={"batchSize": 1})
+    cpu = _cpu()
+    srv = osprey(["small=small.mar", "long=long.mar"], store, config={"interpreter_cpu": cpu, "torch_threads": 2})
+    pid = srv.proc.pid
+    assert _counts(srv, "small") == "2 2"  # (its first batch: before it joined)
+    wait_until(lambda: _joins(srv, "small", pid, cpu), timeout=30, what="the small model's instance on the loop's CPU")
+    assert _counts(srv, "small") == "1 1"
+    for _ in range(3):
+        assert _counts(srv, "long", b"slow") == "2 2"
+    with httpx.Client(timeout=60) as client:
+        r = client.post(f"{srv.management}/models", params={"url": "later.mar", "initial_workers": 1,
+                                                             "synchronous": "true"})
+        assert r.status_code == 200, r.text
+    assert _counts(srv, "later", b"slow") == "2 2"
+    # long batches make the small model's instance leave the loop's CPU, with torch's count back
+    wait_until(lambda: _counts(srv, "small", b"slow") == "2 2" and _cpus(pid, _threads(pid, "i:small:0")[0]) != {cpu},
+               timeout=30, what="the small model's instance to leave the loop's CPU, its threads back")
