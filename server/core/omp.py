@@ -3,9 +3,11 @@
 A small model's batch is a few tiny matrix products, and MKL runs even a 32x16x64 product on
 every thread torch has: on 2 CPUs each of the tiny MLP's linear layers took 70-126 us with two
 threads against 8-12 us with one, whenever the OpenMP worker had gone to sleep since the last
-batch (waking it is most of the cost; benchmarks/CHANGES.md, session 27). An instance thread
-that shares the event loop's CPU (:mod:`server.core.cpus`) runs such batches, so it runs them
-on one thread.
+batch (waking it is most of the cost; benchmarks/CHANGES.md, session 27). So an instance
+thread that shares the event loop's CPU (:mod:`server.core.cpus`) runs torch on one thread while
+its batches take under :data:`SINGLE_BELOW_S` (and gets its threads back over
+:data:`MULTI_ABOVE_S`): at that length, the most one thread can cost a batch that would have
+split well is about as long again, under a millisecond.
 
 ``torch.set_num_threads`` cannot say "this thread only": it also sets the count every thread
 that starts later takes, so one instance would change the models loaded after it. The count
@@ -24,9 +26,12 @@ import logging
 import os
 import sys
 
-__all__ = ["set_for_this_thread", "threads_here"]
+__all__ = ["SINGLE_BELOW_S", "MULTI_ABOVE_S", "set_for_this_thread", "threads_here"]
 
 log = logging.getLogger("osprey.omp")
+
+SINGLE_BELOW_S = 0.001  # a joined instance thread runs torch on one thread while its batches take less ...
+MULTI_ABOVE_S = 0.002  # ... and gets torch's count back once they take more than this (hysteresis)
 
 # (omp_set_num_threads, MKL's C entry point of mkl_set_num_threads_local: mkl_service.h maps the
 # lower-case name to MKL_Set_Num_Threads_Local, and the lower-case symbols are the Fortran

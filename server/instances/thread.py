@@ -176,9 +176,11 @@ class ModelInstance:
 
     def _place(self, seconds: float) -> None:
         """After a handoff whose batches took ``seconds`` each: join the event loop's CPU while
-        batches are short and this is its model's only instance, leave it otherwise. Joined, it
-        runs torch on one thread (server/core/omp.py: a short batch spread over the cores spends
-        more waking torch's worker than it saves)."""
+        batches are short and this is its model's only instance, leave it otherwise. Joined, and
+        while its batches are shorter still (``omp.SINGLE_BELOW_S``), it runs torch on one
+        thread: a batch that short spread over the cores spends more waking torch's worker than
+        it saves (server/core/omp.py); a longer one keeps torch's count, however far it could be
+        split."""
         if cpus.pinned_cpu() is None:
             return
         average = self.batch_seconds = 0.8 * self.batch_seconds + 0.2 * seconds if self.batch_seconds else seconds
@@ -188,15 +190,17 @@ class ModelInstance:
                 cpus.start_omp_pool()
                 self._omp_started = True
             self.colocated = cpus.join()
-            threads = omp.threads_here()
-            if self.colocated and threads > 1 and omp.set_for_this_thread(1):
-                self._threads_before = threads
         elif self.colocated and (not alone or average > cpus.LEAVE_ABOVE_S):
             cpus.leave()
             self.colocated = False
-            if self._threads_before:
-                omp.set_for_this_thread(self._threads_before)
-                self._threads_before = 0
+        single = self.colocated and average < (omp.MULTI_ABOVE_S if self._threads_before else omp.SINGLE_BELOW_S)
+        if single and not self._threads_before:
+            threads = omp.threads_here()
+            if threads > 1 and omp.set_for_this_thread(1):
+                self._threads_before = threads
+        elif not single and self._threads_before:
+            omp.set_for_this_thread(self._threads_before)
+            self._threads_before = 0
 
     def run(self, batch: list[Ticket]) -> list[Outcome]:
         """Handle one batch in the calling thread (the runner's logic; for tests and tools)."""
