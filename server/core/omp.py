@@ -12,10 +12,10 @@ split well is about as long again, under a millisecond.
 ``torch.set_num_threads`` cannot say "this thread only": it also sets the count every thread
 that starts later takes, so one instance would change the models loaded after it. The count
 torch's parallel regions use is per thread in the libraries themselves (libgomp's nthreads
-ICV, ``omp_set_num_threads``, read by ``at::get_num_threads``; MKL's
-``mkl_set_num_threads_local``), so :func:`set_for_this_thread` sets both, in torch's own copies
-(a second libgomp loaded by another wheel has its own counts). Where either cannot be found it
-does nothing and says so.
+ICV, ``omp_set_num_threads``, read by ``at::get_num_threads``; MKL's local count, which torch
+sets with ``mkl_set_num_threads_local``), so :func:`set_for_this_thread` sets both, in torch's
+own copies (a second libgomp loaded by another wheel has its own counts). Where either cannot
+be found it does nothing and says so.
 """
 
 from __future__ import annotations

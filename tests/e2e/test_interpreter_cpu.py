@@ -243,7 +243,8 @@ def test_a_small_model_on_the_loops_cpu_runs_torch_on_one_thread_and_nothing_els
     pid = srv.proc.pid
     assert _counts(srv, "small") == "2 2"  # (its first batch: before it joined)
     wait_until(lambda: _joins(srv, "small", pid, cpu), timeout=30, what="the small model's instance on the loop's CPU")
-    assert _counts(srv, "small") == "1 1"
+    # (once its batches' moving average is under 1 ms: a loaded machine may slow the first ones)
+    wait_until(lambda: _counts(srv, "small") == "1 1", timeout=30, what="the joined instance on one torch thread")
     for _ in range(3):
         assert _counts(srv, "long", b"slow") == "2 2"
     with httpx.Client(timeout=60) as client:
