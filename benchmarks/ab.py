@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hey -z {args.seconds:g}s -c {args.concurrency}, {args.rounds} interleaved rounds")
     print("\n".join(lines))
     # (a concurrency other than the default in the name: runs of one pair at several don't overwrite)
-    at = "" if args.concurrency == 32 else f"-c{args.concurrency}"
+    at = "" if args.concurrency == ap.get_default("concurrency") else f"-c{args.concurrency}"
     out = HERE / "results" / f"ab-{result_name(sides)}{at}.json"
     out.write_text(json.dumps({"old": old, "new": new, "concurrency": args.concurrency, "seconds": args.seconds,
                                "env": {label: env for label, _, _, env in sides}, "rps": results}, indent=1))

@@ -132,29 +132,6 @@ def test_however_a_client_reads_no_stream_holds_more_than_the_cap(osprey, store,
         assert client.post(f"{srv.inference}/predictions/flood", json={"parts": 2}).content == b"x" * (2 << 20) + b"done"
 
 
-@pytest.mark.parametrize("start", ["StreamPredictions", "ModelStreamInfer"])
-def test_a_grpc_stream_holds_no_more_than_the_cap(osprey, store, tmp_path, start):
-    """The client is told why, also when the cut comes while the call's first message waits
-    for the client (6 MiB, held by flow control; the gate holds the handler until the call's
-    headers reached the client). Before the server sent its initial metadata on its own, gRPC
-    refused that status and the client waited for its deadline."""
-    handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
-    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 0})
-    parts = MAX_HELD // (1 << 20) + 32
-    gate = Gate(tmp_path)
-    with grpc.insecure_channel(srv.grpc, options=[("grpc.max_receive_message_length", 8 << 20)]) as channel:
-        call, _ = _STARTS[start](channel, parts, gate=gate.value)
-        gate.wait_entered()
-        call.initial_metadata()  # (the headers are out: the first part is written, or being written)
-        gate.open()
-        wait_until(lambda: "a stream may hold" in srv.log(), timeout=60, what="the server to cut the call at its cap")
-        with pytest.raises(grpc.RpcError) as info:
-            for _ in call:
-                pass
-        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"more than the {MAX_HELD >> 20} MiB a stream may hold" in info.value.details()
-
-
 @FRONTENDS
 def test_a_client_that_reads_slowly_is_not_cut(osprey, store, frontends):
     """However far behind the handler a client falls (up to the cap on what may wait for it,
@@ -206,11 +183,34 @@ def _model_stream_infer(channel, parts: int, gate: str | None = None):
     return stub.ModelStreamInfer(iter([request]), timeout=120), one
 
 
-_STARTS = {"StreamPredictions": _stream_predictions, "ModelStreamInfer": _model_stream_infer}
+GRPC_STREAMS = pytest.mark.parametrize("start", [_stream_predictions, _model_stream_infer],
+                                       ids=["StreamPredictions", "ModelStreamInfer"])
 
 
-@pytest.mark.parametrize("start", [_stream_predictions, _model_stream_infer], ids=["StreamPredictions",
-                                                                                  "ModelStreamInfer"])
+@GRPC_STREAMS
+def test_a_grpc_stream_holds_no_more_than_the_cap(osprey, store, tmp_path, start):
+    """The client is told why, also when the cut comes while the call's first message waits
+    for the client (6 MiB, held by flow control; the gate holds the handler until the call's
+    headers reached the client). Before the server sent its initial metadata on its own, gRPC
+    refused that status and the client waited for its deadline."""
+    handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
+    srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 0})
+    parts = MAX_HELD // (1 << 20) + 32
+    gate = Gate(tmp_path)
+    with grpc.insecure_channel(srv.grpc, options=[("grpc.max_receive_message_length", 8 << 20)]) as channel:
+        call, _ = start(channel, parts, gate=gate.value)
+        gate.wait_entered()
+        call.initial_metadata()  # (the headers are out: the first part is written, or being written)
+        gate.open()
+        wait_until(lambda: "a stream may hold" in srv.log(), timeout=60, what="the server to cut the call at its cap")
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"more than the {MAX_HELD >> 20} MiB a stream may hold" in info.value.details()
+
+
+@GRPC_STREAMS
 def test_a_grpc_client_that_stops_reading_its_stream_is_cut_and_others_are_served(osprey, store, start):
     handler_archive(store, "flood", FLOOD_HANDLER, config={"batchSize": 1})
     srv = osprey(["flood=flood.mar"], store, config={"stream_stall_timeout": 2})

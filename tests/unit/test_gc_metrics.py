@@ -7,9 +7,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitoring.gc_metrics import gc_collector
 
 
+def _families() -> dict:
+    return {f.name: f for f in text_string_to_metric_families(gc_collector().render())}
+
+
 def _counts() -> dict[str, float]:
-    fams = {f.name: f for f in text_string_to_metric_families(gc_collector().render())}
-    return {s.labels["generation"]: s.value for s in fams["osprey_gc_pause_seconds"].samples
+    return {s.labels["generation"]: s.value for s in _families()["osprey_gc_pause_seconds"].samples
             if s.name == "osprey_gc_pause_seconds_count"}
 
 
@@ -34,8 +37,8 @@ def test_the_frozen_heap_is_reported():
     try:
         # (frozen objects that die meanwhile leave the count, so it is read on either side)
         before = gc.get_freeze_count()
-        fams = {f.name: f for f in text_string_to_metric_families(gc_collector().render())}
+        reported = _families()["osprey_gc_frozen_objects"].samples[0].value
         after = gc.get_freeze_count()
-        assert before >= fams["osprey_gc_frozen_objects"].samples[0].value >= after > 0
+        assert before >= reported >= after > 0
     finally:
         gc.unfreeze()
