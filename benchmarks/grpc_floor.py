@@ -39,6 +39,7 @@ from .ab import OspreyAt
 from .grpc_ab import point
 from .models import build_models
 from .procs import stop_group
+from .systems import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -108,17 +109,11 @@ def serve(kind: str, port: int, threads: int) -> None:
 
 # --- the harness -------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Floor:
     """A no-op server in its own process group, with what ``grpc_ab.point`` reads."""
 
     def __init__(self, kind: str, threads: int):
-        self.kind, self.threads, self.port = kind, threads, _free_port()
+        self.kind, self.threads, self.port = kind, threads, free_port()
         self.grpc = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 

@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,9 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port below the ephemeral range (the tests' helper: an outgoing connection, such
+    as the benchmark's own posts to a server starting beside it, cannot take it before the server
+    that was given it binds it; ``bind(0)`` could, and did)."""
+    from tests.conftest import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 def tree_rss_mb(pid: int) -> float:
