@@ -123,10 +123,11 @@ class MemoryStore:
         expires = float(expires) + 0.0  # a float object of this put's own (see the class doc)
         with self._lock:
             pred = self._pred
-            if not pred.keys().isdisjoint(ids):  # an id seen again (rare): its newest prediction, at the end
-                for rid in dict.fromkeys(ids):
-                    pred.pop(rid, None)
+            before = len(pred)
             pred.update(zip(ids, zip(repeat(expires), blobs)))
+            if len(pred) - before != len(ids):  # an id seen again, or twice in this put (rare):
+                for rid in dict.fromkeys(ids):  # the put's ids at the end, each its newest prediction
+                    pred[rid] = pred.pop(rid)
             order = self._order
             order.append([ids, expires, 0])
             self._order_ids += len(ids)
