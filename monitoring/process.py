@@ -36,7 +36,7 @@ import threading
 from multiprocessing.connection import Listener
 from typing import Any
 
-from server.core.capture import VersionRef
+from server.core.capture import VersionRef, from_wire
 from server.core.cpus import restore_inherited
 from server.core.osthread import name_os_thread
 
@@ -76,7 +76,7 @@ class _Host:
             _, model, version, items, ts = msg
             ref = self.versions.get((model, version))
             if ref is not None and self.monitor.dataset is not None:
-                self.monitor.dataset.hold_inputs(ref, items, ts)
+                self.monitor.dataset.hold_inputs(ref, from_wire(items), ts)  # (plain tuples on the wire)
         elif kind == "version":
             ref: VersionRef = msg[1]
             self.versions[(ref.name, ref.version)] = ref

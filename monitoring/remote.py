@@ -40,7 +40,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
 from monitoring.families import fmt, render_family
-from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_inputs, retraining_holds
+from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_wire, retraining_holds
 from server.core.cpus import unpinned
 from server.core.errors import ErrorKind, OspreyError
 from server.core.osthread import name_os_thread
@@ -381,7 +381,7 @@ class RemoteMonitor:
                 _, mv, request, _ts = item
                 self._version(mv.name, mv.version, msgs)
                 try:
-                    holds.setdefault((mv.name, mv.version), []).append(held_inputs(request))
+                    holds.setdefault((mv.name, mv.version), []).append(held_wire(request))
                 except Exception as exc:  # an input that cannot be kept is not worth failing anything
                     log.warning("event=dataset_hold_failed model=%s reason=%s", mv.name, exc)
                     self.dropped += 1

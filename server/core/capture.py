@@ -21,7 +21,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 __all__ = ["Observation", "MonitorPort", "FeedbackItem", "FeedbackResult", "TASKS", "VersionRef", "HeldInputs",
-           "held_inputs", "retraining_holds"]
+           "held_inputs", "held_wire", "from_wire", "retraining_holds"]
 
 #: what a model's outputs mean, for prediction drift and for live quality
 TASKS = ("classification", "regression", "autoencoder", "embedding", "generator")
@@ -94,15 +94,27 @@ def retraining_holds(cfg: Any, rng: Any) -> bool:
 def held_inputs(request: Any) -> HeldInputs:
     """The inputs of ``request`` (an InferenceRequest) as they arrived, owned (no decoding, no
     pickling): tensors copied (their buffer belongs to the request), fields' bytes."""
+    return HeldInputs(*held_wire(request))
+
+
+def held_wire(request: Any) -> tuple[str, dict[str, Any], int]:
+    """:func:`held_inputs` as the plain tuple (request id, raw, size) that goes to a monitor in its
+    own process (:func:`from_wire` on the other side): pickle writes a tuple in C, where a
+    dataclass costs a reduce call per item (0.12 against 0.55-0.68 us an item here)."""
     if request.tensors:
         out = {name: np.array(value, copy=True) for name, value in request.tensors.items()}
-        return HeldInputs(request.request_id, out, sum(a.nbytes for a in out.values()))
+        return request.request_id, out, sum(a.nbytes for a in out.values())
     out, size = {}, 0
     for name, f in request.fields.items():
         value = f.value if type(f.value) is bytes else bytes(f.value)
         out[name] = (value, f.content_type)
         size += len(value)
-    return HeldInputs(request.request_id, out, size)
+    return request.request_id, out, size
+
+
+def from_wire(items: list) -> list[HeldInputs]:
+    """Held inputs as :func:`held_wire` sent them."""
+    return [item if type(item) is HeldInputs else HeldInputs(*item) for item in items]
 
 
 @dataclass(frozen=True)

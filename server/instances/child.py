@@ -19,7 +19,7 @@ import random
 import sys
 import threading
 
-from server.core.capture import held_inputs, retraining_holds
+from server.core.capture import held_wire, retraining_holds
 from server.core.cpus import restore_inherited
 from server.core.types import InferenceResponse, Protocol
 from server.instances.monitor_link import open_link
@@ -184,7 +184,7 @@ def main(conn, spec: dict) -> None:
                 if (type(outcome) is InferenceResponse and outcome.status == 200 and
                         ticket.request.protocol is not Protocol.DESCRIBE and retraining_holds(retraining, rng)):
                     try:
-                        items.append(held_inputs(ticket.request))
+                        items.append(held_wire(ticket.request))
                     except Exception as exc:
                         log.warning("event=dataset_hold_failed model=%s reason=%s", spec["name"], exc)
         if items:

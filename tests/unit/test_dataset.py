@@ -56,6 +56,25 @@ def test_labels_join_held_inputs_into_rows_in_a_file_under_the_model_store(tmp_p
     assert data.join("m", "1.0", items(("a", 4)), max_rows=100) == 0
 
 
+def test_inputs_held_across_a_process_join_as_the_ones_held_here(tmp_path):
+    """A monitor in its own process gets held inputs as pickled plain tuples (held_wire): they
+    join into the same rows, tensors and bytes alike, as requests held in the process."""
+    import pickle
+
+    from server.core.capture import from_wire, held_wire
+
+    oip = new_request(Protocol.REST_V2, "m", request_id="b", tensors={"x": np.arange(4, dtype=np.float32)}).request
+    wired = pickle.loads(pickle.dumps([held_wire(body("a", b"first")), held_wire(oip)], protocol=5))
+    assert all(type(item) is tuple for item in wired)
+    data = LabelledData(tmp_path, clock=Clock())
+    data.hold_inputs(version(), from_wire(wired), ts=5.0)
+    assert data.join("m", "1.0", items(("a", 3), ("b", 7)), max_rows=100) == 2
+    rows = read_rows("m", root=tmp_path)
+    assert [(r["rid"], r["label"], r["ts"]) for r in rows] == [("a", 3, 5.0), ("b", 7, 5.0)]
+    assert rows[0]["inputs"] == {"body": b"first"}
+    np.testing.assert_array_equal(rows[1]["inputs"]["x"], np.arange(4, dtype=np.float32))
+
+
 def test_rows_keep_json_and_text_bodies_as_the_handler_received_them(tmp_path):
     """A JSON request is kept as its object and a text one as str (TorchServe's decoding), so a
     training job or the gate replays them as the same kind of request: as raw bytes, a text
