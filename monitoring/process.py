@@ -38,6 +38,7 @@ from typing import Any
 
 from server.core.capture import VersionRef, from_wire
 from server.core.cpus import restore_inherited
+from server.core.errors import OspreyError, error_state
 from server.core.osthread import name_os_thread
 
 __all__ = ["main", "PROCESS_NAME"]
@@ -169,6 +170,9 @@ def main(conn, settings: Any, address: str, authkey: bytes) -> None:
     async def run_call(call_id: int, method: str, args: tuple) -> None:
         try:
             value = await host.call(method, args)
+        except OspreyError as exc:  # whole, so the client gets its status (a 503 with its Retry-After)
+            reply(call_id, False, ("OspreyError", error_state(exc)))
+            return
         except BaseException as exc:  # the server raises it in the caller
             reply(call_id, False, (type(exc).__name__, str(exc)))
             return

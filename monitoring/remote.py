@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 from monitoring.families import fmt, render_family
 from server.core.capture import FeedbackItem, FeedbackResult, Observation, VersionRef, held_wire, retraining_holds
 from server.core.cpus import unpinned
-from server.core.errors import ErrorKind, OspreyError
+from server.core.errors import ErrorKind, OspreyError, error_from_state
 from server.core.osthread import name_os_thread
 from server.core.types import InferenceResponse
 
@@ -297,6 +297,8 @@ class RemoteMonitor:
                     _settle(fut, value)
                 elif value[0] == "KeyError":
                     _settle(fut, error=KeyError(value[1]))
+                elif value[0] == "OspreyError":  # the monitor's own answer (Redis down: 503), as it raised it
+                    _settle(fut, error=error_from_state(value[1]))
                 else:
                     _settle(fut, error=OspreyError(ErrorKind.INTERNAL, f"the monitor failed: {value[0]}: {value[1]}"))
         if self._closed:

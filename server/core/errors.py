@@ -14,7 +14,7 @@ import enum
 from typing import Any
 
 __all__ = ["ErrorKind", "OspreyError", "StartupTimeout", "TS_STARTUP_TIMEOUT_LINE", "HTTP_STATUS", "TYPE_NAME",
-           "from_status", "show", "METHOD_NOT_ALLOWED_TEXT", "NOT_FOUND_TEXT"]
+           "from_status", "show", "error_state", "error_from_state", "METHOD_NOT_ALLOWED_TEXT", "NOT_FOUND_TEXT"]
 
 
 class ErrorKind(enum.Enum):
@@ -113,6 +113,18 @@ class OspreyError(Exception):
 
     def __repr__(self) -> str:
         return f"OspreyError({self.kind.name}, {self.message!r})"
+
+
+def error_state(err: OspreyError) -> dict[str, Any]:
+    """An OspreyError as plain values, for another process (an exception pickles only its
+    message): :func:`error_from_state` makes it again there, status and Retry-After included."""
+    return {"kind": err.kind.name, "message": err.message, "status": err.status, "retry_after": err.retry_after,
+            "type_name": err._type_name, "grpc": err.grpc}
+
+
+def error_from_state(state: dict[str, Any]) -> OspreyError:
+    return OspreyError(ErrorKind[state["kind"]], state["message"], status=state["status"],
+                       retry_after=state["retry_after"], type_name=state["type_name"], grpc=state["grpc"])
 
 
 def show(value: Any, limit: int = 60) -> str:
