@@ -33,7 +33,7 @@ def build_monitor(settings: Any, resolve: Callable[[str, str], Any], **kwargs: A
 
 def open_monitor(settings: Any, resolve: Callable[[str, str], Any]):
     """The server's monitor; ``resolve(model, version)`` is the registry's version or None."""
-    if getattr(settings, "monitor_isolation", "thread") == "process":
+    if getattr(settings, "monitor_isolation", "process") == "process":
         from monitoring.remote import RemoteMonitor
 
         return RemoteMonitor(settings, resolve)

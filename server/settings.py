@@ -196,11 +196,12 @@ class Settings:
     max_abandoned_threads: int = 4  # hung threads one model version may leave behind before it is unhealthy
     # drift, feedback and live quality (per model: model-config.yaml ``monitoring:``); off here turns it off for all
     monitoring: bool = True
-    # where the monitor's analysis runs: "thread" (a background thread of this process) or
-    # "process" (a child process of its own: the analysis, the prediction log and the inputs
-    # held for retraining leave the serving interpreter, and process instances send their
-    # observations straight to it)
-    monitor_isolation: str = "thread"
+    # where the monitor runs: "process" (a child process of its own, osprey-monitord: the
+    # analysis, the prediction log and the inputs held for retraining leave the serving
+    # interpreter, and process instances send their observations straight to it) or "thread"
+    # (a background thread of this process: no second process, its analysis takes the serving
+    # interpreter's GIL; benchmarks/DRIFT.md, session 28)
+    monitor_isolation: str = "process"
     # Redis for state shared between replicas (drift windows and episodes, predictions kept for
     # feedback joins, quality windows); empty: this process keeps it (nothing to install)
     redis_url: str = ""

@@ -1,6 +1,7 @@
-"""The monitor in its own process (setting ``monitor_isolation=process``), against a real server.
+"""The monitor in its own process (setting ``monitor_isolation=process``, the default), against a
+real server.
 
-One ``osprey serve`` with that setting serves a thread-instance classifier, a process-instance
+One ``osprey serve`` with the default settings serves a thread-instance classifier, a process-instance
 classifier, and a process-instance classifier with retraining on (its answered inputs held for
 their labels). The same behaviour the in-process monitor has (tests/e2e/test_monitoring.py)
 holds through the monitor process: drift episodes, the JSON, Prometheus families, feedback
@@ -43,8 +44,7 @@ def srv(tmp_path_factory):
     classifier_archive(store, "clf_keep_t", retraining=RETRAINING)
     models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_proc", "clf_keep", "clf_keep_t")]
     (root / "srv").mkdir()
-    proc = OspreyProcess(root / "srv", store, models, config={"monitor_isolation": "process"},
-                         extra_args=["--no-grpc"])
+    proc = OspreyProcess(root / "srv", store, models, extra_args=["--no-grpc"])  # (the default: a monitor process)
     try:
         proc.wait_ready(120)
         yield proc

@@ -80,7 +80,10 @@ def servers(tmp_path_factory):
     """Every server of the module, started at once (their start-ups overlap): ``main`` serves
     the monitored models; ``off`` runs with the server setting monitoring=false; ``a`` and ``b``
     are replicas of model ``clf`` on one redis-server, A told ``redis_url`` in its
-    config.properties, B through OSPREY_REDIS_URL."""
+    config.properties, B through OSPREY_REDIS_URL. Every server monitors in its own monitor
+    process (the default, ``monitor_isolation=process``) but B, whose monitor is a thread of the
+    server (OSPREY_MONITOR_ISOLATION=thread): the replicas' tests hold for both ways, and for
+    two replicas that monitor differently sharing one state."""
     root = tmp_path_factory.mktemp("monitoring")
     store = root / "store"
     store.mkdir()
@@ -102,7 +105,8 @@ def servers(tmp_path_factory):
     plan = {"main": (models, {}),
             "off": (["clf=clf.mar"], {"config": {"monitoring": "false"}, "extra_args": ["--no-grpc"]}),
             "a": (["clf=clf.mar"], {"config": {"redis_url": redis.url}, "extra_args": ["--no-grpc"]}),
-            "b": (["clf=clf.mar"], {"env": {"OSPREY_REDIS_URL": redis.url}, "extra_args": ["--no-grpc"]})}
+            "b": (["clf=clf.mar"], {"env": {"OSPREY_REDIS_URL": redis.url, "OSPREY_MONITOR_ISOLATION": "thread"},
+                                    "extra_args": ["--no-grpc"]})}
     started = {}
     try:
         for name, (names, kwargs) in plan.items():
@@ -546,6 +550,22 @@ def _split(a, b, data: np.ndarray) -> tuple[list, list]:
 def _both(a, b, predicate, what: str) -> tuple[dict, dict]:
     return (wait_monitoring(a.inference, "clf", predicate, what=f"{what} (replica A)"),
             wait_monitoring(b.inference, "clf", predicate, what=f"{what} (replica B)"))
+
+
+def test_a_replica_monitors_in_a_process_of_its_own_by_default_and_b_in_a_thread(replicas):
+    """The default (A) starts the monitor process, osprey-monitord; B's setting keeps its
+    monitor a thread of the server."""
+    import psutil
+
+    def monitor_children(server) -> list[str]:
+        return [c.name() for c in psutil.Process(server.proc.pid).children() if c.name() == "osprey-monitord"]
+
+    _, a, b = replicas
+    deadline = time.monotonic() + 30
+    while not monitor_children(a):  # (started beside the server's start-up)
+        assert time.monotonic() < deadline, "A started no monitor process"
+        time.sleep(0.05)
+    assert monitor_children(a) == ["osprey-monitord"] and monitor_children(b) == []
 
 
 def test_replicas_show_one_drift_status_and_one_episode(replicas):
