@@ -1,12 +1,12 @@
 """The monitor in its own process (setting ``monitor_isolation=process``, the default), against a
 real server.
 
-One ``osprey serve`` with the default settings serves a thread-instance classifier, a process-instance
-classifier, and a process-instance classifier with retraining on (its answered inputs held for
-their labels). The same behaviour the in-process monitor has (tests/e2e/test_monitoring.py)
-holds through the monitor process: drift episodes, the JSON, Prometheus families, feedback
-joins and live quality, labelled rows kept for retraining, and process instances' children
-sending their observations to the monitor process themselves. Killing the monitor process
+One ``osprey serve`` with the default settings serves a thread-instance and a
+process-instance classifier, each also with retraining on (its answered inputs held for
+their labels). What tests/e2e/test_monitoring.py checks in depth (there, replica B keeps the
+monitor a thread of its server) holds here with process instances too: drift episodes, the
+JSON, Prometheus families, feedback joins and live quality, labelled rows kept for retraining,
+and process instances' children sending their observations to the monitor process themselves. Killing the monitor process
 leaves serving alone: predictions keep answering, the monitoring API answers 503 naming it,
 and a new monitor process takes over. Every wait is on state, never a sleep.
 """
