@@ -373,3 +373,36 @@ def test_a_label_the_model_cannot_take_is_not_kept_as_a_training_row(archive, mo
     again = asyncio.run(m.feedback("m", "1.0", [FeedbackItem("one-record", "b", 0)]))
     assert (again.accepted, again.kept) == (1, 1)
     assert ("one-record", "b") in [(r["rid"], r["label"]) for r in read_rows("m", root=tmp_path)]
+
+
+def test_a_label_waits_for_its_prediction_handed_over_later_than_the_capture_delay(archive, monitor):
+    """A label sent right after its answer, whose prediction reaches the monitor only after the
+    fixed capture delay (an instance busy with more traffic, a monitor short of CPU), still joins
+    while predictions keep arriving; an id that is not on its way stops the wait and is unmatched.
+    The late prediction is handed over from inside the monitor's first look-up that misses it, so
+    nothing here depends on timing."""
+    from monitoring.quality import quality_factory
+    from tests.unit.test_quality import obs as qobs, probs
+
+    versions = Versions()
+    versions.add("m", "1", archive, replace(CFG, min_labels=1))
+    m = monitor(versions, quality_factory=lambda model, version, cfg, model_dir, store: quality_factory(
+        model, version, cfg, model_dir, None))
+    m.capture_delay = 0.05
+    feed(m, [qobs(["early"], probs(1))])
+    quality = m._ensure("m", "1").quality
+    looked, holds = [], quality.holds
+
+    def late_holds(rids):
+        got = holds(rids)
+        looked.append(dict(zip(rids, got)))
+        if len(looked) == 1:  # the first look misses "late": its prediction arrives only now
+            m.observe(qobs(["late"], probs(1, seed=1)))
+        return got
+    quality.holds = late_holds
+    m.answered(None, None, None)  # an answer left just now: predictions are flowing
+    result = asyncio.run(m.feedback("m", "1", [FeedbackItem("early", "cat", 0), FeedbackItem("late", "dog", 1),
+                                               FeedbackItem("never-answered", "bird", 2)]))
+    assert looked[0] == {"early": True, "late": False, "never-answered": False}
+    assert any(seen.get("late") for seen in looked[1:])
+    assert result.as_dict() == {"accepted": 2, "unmatched": 1, "invalid": 0, "unmatched_ids": ["never-answered"]}
