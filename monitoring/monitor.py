@@ -64,7 +64,7 @@ QualityFactory = Callable[[str, str, Any, Any, Store], "QualityPart | None"]
 FEEDBACK_WAIT_S = 2.0  # longest a feedback call waits for queued observations to be recorded
 # longest a feedback call that came while predictions were flowing waits for the predictions of its
 # ids that are still on their way (a loaded machine can hand them over later than CAPTURE_DELAY_S)
-FEEDBACK_SETTLE_S = 5.0
+FEEDBACK_SETTLE_S = 10.0
 CAPTURE_DELAY_S = 0.6  # an instance hands a prediction over at most this long after answering it
 
 _FAMILIES = {  # name -> (type, help)
@@ -270,12 +270,13 @@ class Monitor:
         last = self._last_observed if answered_at is None else max(self._last_observed, answered_at)
         if joins and time.monotonic() - last < self.capture_delay + 0.5:
             await asyncio.sleep(self.capture_delay)
-            await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
+            recorded = await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
             # Under load the delay above is not a bound (an instance busy with more traffic, a
-            # monitor pass short of CPU): while predictions keep arriving, wait for those of the
-            # ids no version holds yet, up to FEEDBACK_SETTLE_S. An id that is not on its way
-            # (unknown, expired) stops the wait once nothing was observed for capture_delay.
-            await asyncio.to_thread(self._settle, model, versions, items)
+            # monitor pass short of CPU): while predictions keep arriving or wait to be recorded,
+            # wait for those of the ids no version holds yet, up to FEEDBACK_SETTLE_S. An id that
+            # is not on its way (unknown, expired) stops the wait once everything observed is
+            # recorded and nothing was observed for capture_delay.
+            await asyncio.to_thread(self._settle, model, versions, items, recorded)
         elif joins and self._queue:
             await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
         if len(versions) == 1:
@@ -284,9 +285,10 @@ class Monitor:
         results = [await self._join(model, v, group) for v, group in groups.items() if group]
         return merged(results) if results else FeedbackResult()
 
-    def _settle(self, model: str, versions: list[str], items: Sequence[FeedbackItem]) -> None:
+    def _settle(self, model: str, versions: list[str], items: Sequence[FeedbackItem], recorded: bool) -> None:
         """Wait (a worker thread) until every item's request id is held by one of ``versions``'
-        prediction logs, while observations keep arriving, at most FEEDBACK_SETTLE_S."""
+        prediction logs, while observations keep arriving or wait to be recorded (``recorded``:
+        the last drain finished), at most FEEDBACK_SETTLE_S."""
         parts = []
         for v in versions:
             vm = self._ensure(model, v)
@@ -305,10 +307,10 @@ class Monitor:
             except Exception:  # the store is down: the join says so
                 return
             now = time.monotonic()
-            if not missing or now >= deadline or now - self._last_observed > self.capture_delay:
+            if not missing or now >= deadline or (recorded and now - self._last_observed > self.capture_delay):
                 return
-            self.drain(min(FEEDBACK_WAIT_S, deadline - now))
-            if time.monotonic() - now < 0.05:  # recorded at once: give the predictions on their way time to come
+            recorded = self.drain(min(FEEDBACK_WAIT_S, deadline - now))
+            if recorded and time.monotonic() - now < 0.05:  # at once: give the predictions on their way time to come
                 time.sleep(0.05)
 
     def _retraining(self, model: str, version: str) -> Any:
