@@ -285,16 +285,22 @@ class Monitor:
         results = [await self._join(model, v, group) for v, group in groups.items() if group]
         return merged(results) if results else FeedbackResult()
 
-    def _settle(self, model: str, versions: list[str], items: Sequence[FeedbackItem], recorded: bool) -> None:
-        """Wait (a worker thread) until every item's request id is held by one of ``versions``'
-        prediction logs, while observations keep arriving or wait to be recorded (``recorded``:
-        the last drain finished), at most FEEDBACK_SETTLE_S."""
-        parts = []
+    def _logs(self, model: str, versions: Sequence[str]) -> list[tuple[str, Any]]:
+        """(version, its quality part) for each of ``versions`` whose prediction log can say
+        which request ids it holds."""
+        out = []
         for v in versions:
             vm = self._ensure(model, v)
             quality = vm.quality if vm is not None else None
             if quality is not None and hasattr(quality, "holds"):
-                parts.append(quality)
+                out.append((v, quality))
+        return out
+
+    def _settle(self, model: str, versions: list[str], items: Sequence[FeedbackItem], recorded: bool) -> None:
+        """Wait (a worker thread) until every item's request id is held by one of ``versions``'
+        prediction logs, while observations keep arriving or wait to be recorded (``recorded``:
+        the last drain finished), at most FEEDBACK_SETTLE_S."""
+        parts = [quality for _, quality in self._logs(model, versions)]
         if not parts:
             return
         missing = [str(it.request_id) for it in items]
@@ -326,11 +332,9 @@ class Monitor:
         the first version, which answers them as unmatched."""
         groups: dict[str, list[FeedbackItem]] = {v: [] for v in versions}
         left = list(items)
-        for v in versions:
-            vm = self._ensure(model, v)
-            quality = vm.quality if vm is not None else None
-            if quality is None or not left or not hasattr(quality, "holds"):
-                continue
+        for v, quality in self._logs(model, versions):
+            if not left:
+                break
             try:
                 held = quality.holds([str(it.request_id) for it in left])
             except Exception:  # the store is down: the first version's join says so (503)
