@@ -44,7 +44,12 @@ __all__ = ["METHODS", "DEFAULT_THRESHOLDS", "FLOOR", "ALPHA", "psi", "jensenshan
 METHODS = ("psi", "jensenshannon", "wasserstein")
 DEFAULT_THRESHOLDS = {"psi": 0.3, "jensenshannon": 0.2, "wasserstein": 0.3}
 FLOOR = 1e-4  # smallest proportion: an empty bin on either side keeps PSI finite
-ALPHA = 0.05  # family-wise false-alarm rate of the small-window test (Bonferroni over features)
+# family-wise false-alarm rate of the small-window test (Bonferroni over features): the default
+# of monitoring.small_window_alpha. 0.05 let 4.3% of clean windows of 100 rows drift against a
+# 500-row profile, and 2 of 3 in 0.6% of trials (a false episode in about 1 of 5 runs of 40
+# windows); 0.01: 0.8% and none, with every 1 sd shift of one input still caught
+# (benchmarks/small_windows.py, DRIFT.md "Small windows")
+ALPHA = 0.01
 ROWS_PER_BIN = 30  # below this many rows per bin a window is "small": the test decides
 
 

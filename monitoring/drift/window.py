@@ -5,8 +5,9 @@ rows: the store decides which, atomically across replicas) its bin counts are sc
 
 Per feature: drifted when its distance reaches the threshold. On a small window (fewer than
 ``stats.ROWS_PER_BIN`` rows per bin) the distance's own noise nears the threshold, so there a
-two-sample chi-square test decides instead, at ``stats.ALPHA`` with a Bonferroni correction
-over the features scored (many features must not multiply false alarms).
+two-sample chi-square test decides instead, at ``small_window_alpha`` (default
+``stats.ALPHA``, 0.01) with a Bonferroni correction over the features scored (many features
+must not multiply false alarms).
 
 The window drifted (``drifted_window``):
 - ``predictions="any"`` (default): any prediction feature drifted, or at least ``drift_share``
@@ -91,6 +92,7 @@ def analyze(layout: Layout, flat: np.ndarray, rows: int, ended: float, config: A
     small = stats.small_window(rows, layout.max_bins)
     pvalues = stats.chi2_pvalues(layout.ref, layout.profile["rows"], counts, layout.valid) if small else None
     scored = max(int((per_feature_rows > 0).sum()), 1)
+    alpha = float(getattr(config, "small_window_alpha", stats.ALPHA))
     out: list[FeatureScore] = []
     current: dict[str, list[float]] = {}
     for i, name in enumerate(layout.names):
@@ -102,7 +104,7 @@ def analyze(layout: Layout, flat: np.ndarray, rows: int, ended: float, config: A
             drifted, p = False, None
         elif small:
             p = float(pvalues[i])
-            drifted = p < stats.ALPHA / scored
+            drifted = p < alpha / scored
         else:
             drifted, p = s >= threshold, None
         out.append(FeatureScore(name, layout.kinds[i], m, s, threshold, bool(drifted), n, p))

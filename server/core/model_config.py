@@ -49,6 +49,7 @@ class MonitoringConfig:
     layer: str | None = None  # the module whose output is the penultimate activation (None: found)
     method: str = "psi"  # psi | jensenshannon | wasserstein (per-feature distance)
     threshold: float | None = None  # per-feature distance threshold (None: the method's default)
+    small_window_alpha: float = 0.01  # family-wise false-alarm rate of the chi-square test on small windows
     drift_share: float = 0.0  # a window drifted when this share of its input features drifted (0: any one) ...
     prediction_drift: str = "any"  # ... or (any) a prediction feature drifted; share: predictions count in the share; ignore
     episode_windows: int = 3  # n: the last n windows are looked at ...
@@ -254,6 +255,8 @@ def parse_monitoring(raw: Any, source: str = "model-config.yaml") -> MonitoringC
             out[key] = tuple(value)
         elif key in ("sample_rate", "drift_share"):
             out[key] = number(where, key, value, float, maximum=1.0)
+        elif key == "small_window_alpha":
+            out[key] = number(where, key, value, float, minimum=1e-6, maximum=0.5)
         elif key in ("quality_tolerance", "threshold"):
             out[key] = None if value is None and key == "threshold" else number(where, key, value, float, maximum=1e6)
         elif key in ("window_seconds",):

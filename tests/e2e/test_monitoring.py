@@ -74,8 +74,8 @@ class HookFails(BaseHandler):
 
 # The replicas' baseline is 60 rows of one replica (whichever gets there first) and their windows
 # 50 rows interleaved from both, so which rows meet differs from run to run. On windows that
-# small the chi-square test decides, at a 5% false-alarm rate a window (stats.ALPHA, by design),
-# and CI once saw both clean windows "drift". An episode here needs 3 drifted windows of 3: the
+# small the chi-square test decides, at a false-alarm rate a window (small_window_alpha: 0.05
+# then), and CI once saw both clean windows "drift". An episode here needs 3 drifted windows of 3: the
 # two clean windows the test looks at cannot open one, whatever the test says of them, and the
 # shifted rows close at least three drifted windows.
 REPLICA_MONITORING = {"window": 50, "baseline_requests": 60, "components": 2, "min_labels": 40, "quality_window": 40,

@@ -13,7 +13,8 @@ from monitoring.drift.profile import build_profile
 from monitoring.drift.window import analyze, drifted_window
 from monitoring.store import LocalStore
 from server.core.capture import Observation
-from server.core.model_config import MonitoringConfig
+from server.core.errors import OspreyError
+from server.core.model_config import MonitoringConfig, parse_model_config
 
 CFG = MonitoringConfig(components=2)
 
@@ -111,6 +112,44 @@ def test_small_windows_are_decided_by_the_corrected_test(layout):
     assert calm.small and not any(f.drifted for f in calm.features)
     moved = analyze(layout, layout.count(obs(60, 6, p=(0.0, 0.0, 1.0))), 60, 1.0, CFG)
     assert moved.drifted and moved.features[0].pvalue < 0.05 / 7
+
+
+def test_the_small_window_test_runs_at_the_models_alpha(layout):
+    window = layout.count(obs(60, 21, shift=0.5))  # x moved by half a sd: p about 1e-3, 7 features scored
+
+    def x(alpha):
+        r = analyze(layout, window, 60, 1.0, replace(CFG, small_window_alpha=alpha))
+        return next(f for f in r.features if f.name == "x")
+
+    strict, loose = x(0.001), x(0.05)
+    assert strict.pvalue == loose.pvalue and 0.001 / 7 < loose.pvalue < 0.05 / 7
+    assert loose.drifted and not strict.drifted
+
+
+def test_the_small_window_alpha_setting_is_checked():
+    assert parse_model_config({"monitoring": {"small_window_alpha": 0.02}}).monitoring.small_window_alpha == 0.02
+    assert MonitoringConfig().small_window_alpha == 0.01
+    for bad in (0, 0.9, "often"):
+        with pytest.raises(OspreyError, match="monitoring: small_window_alpha must be a number from"):
+            parse_model_config({"monitoring": {"small_window_alpha": bad}})
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13, 14, 15])
+def test_small_windows_raise_no_episode_on_40_in_distribution_windows_against_a_profile(seed):
+    """The issue's false-alarm goal (no episode, at most one drifted window in 40) on windows
+    small enough for the chi-square test (100 rows at 5 bins) against a 500-row profile, 48
+    features. At small_window_alpha 0.05 (the default before session 30) these five streams
+    drifted 6, 2, 3, 1 and 4 windows, and the first opened 2 episodes."""
+    cfg = MonitoringConfig()
+    rng = np.random.default_rng(seed)
+    lay = Layout(build_profile([_wide(500, rng)], cfg, "archive"))
+    state, drifted = None, 0
+    for w in range(40):
+        r = analyze(lay, lay.count(_wide(100, rng)), 100, float(w), cfg)
+        assert r.small
+        drifted += r.drifted
+        state = episodes.advance(state, r.drifted, float(w), cfg)
+    assert drifted <= 1 and state["episodes"] == 0
 
 
 @pytest.mark.parametrize("method", ["jensenshannon", "wasserstein"])
