@@ -250,12 +250,16 @@ class Monitor:
                 "quality": None, "history": []}
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
-                       answered_at: float | None = None, others: Sequence[str] = ()) -> FeedbackResult:
+                       answered_at: float | None = None, others: Sequence[str] = (),
+                       flushed: bool = False) -> FeedbackResult:
         """Join labels to the predictions of ``version``. ``others``: more versions of the model
         (a label sent without a version, while a canary or a traffic split serves several): each
         label joins the version whose prediction log holds its request id, ``version`` those no
         version holds. ``answered_at``: the monotonic time the server last sent an answer, when
-        that is known elsewhere (a monitor in its own process: the front end's :meth:`answered`)."""
+        that is known elsewhere (a monitor in its own process: the front end's :meth:`answered`).
+        ``flushed``: the data plane's barrier ran (every instance of these versions handed its
+        capture over before this call); with this process's own store (no replicas) nothing
+        else can be on its way, so the join waits only for what is queued to be recorded."""
         versions = [version, *(v for v in others if v != version)]
         # A label may come right after its answer: instances hand their predictions over within
         # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor
@@ -268,7 +272,12 @@ class Monitor:
             vm = await asyncio.to_thread(self._ensure, model, v)
             joins = joins or self._retraining(model, v) is not None or (vm is not None and vm.quality is not None)
         last = self._last_observed if answered_at is None else max(self._last_observed, answered_at)
-        if joins and time.monotonic() - last < self.capture_delay + 0.5:
+        if flushed and getattr(self.store, "redis", None) is None:
+            # (a pass may be recording what came just before this call: wait for it, whatever
+            # the queue holds now)
+            if joins:
+                await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
+        elif joins and time.monotonic() - last < self.capture_delay + 0.5:
             await asyncio.sleep(self.capture_delay)
             recorded = await asyncio.to_thread(self.drain, FEEDBACK_WAIT_S)
             # Under load the delay above is not a bound (an instance busy with more traffic, a

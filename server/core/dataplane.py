@@ -46,6 +46,9 @@ __all__ = ["DataPlane", "Observer", "RefusalObserver"]
 log = logging.getLogger("osprey.dataplane")
 TOO_LARGE_LOG_INTERVAL_S = 60.0  # at most one line a minute a version for answers over max_response_size
 
+# longest a feedback call waits for the model's instances to hand their capture to the monitor
+# (the barrier before a join; an instance busy with a long batch runs it after that batch)
+CAPTURE_BARRIER_S = 5.0
 REFUSING_WINDOW_S = 1.0  # how long after a refusal the front ends keep asking admit() first
 
 Observer = Callable[[ModelVersion | None, Ticket, Any], None]
@@ -266,12 +269,38 @@ class DataPlane:
         Without ``version``, a label joins whichever monitored version answered its request (a
         canary or a traffic split serves several, and the client cannot tell which answered)."""
         mv = self._monitored(model, version)
+        others: list[ModelVersion] = []
         if version is None:
-            others = [v.version for v in self.registry.versions(model)
-                      if v is not mv and v.config.monitoring.enabled]
-            if others:
-                return await self.monitor.feedback(mv.name, mv.version, items, others=others)
-        return await self.monitor.feedback(mv.name, mv.version, items)
+            others = [v for v in self.registry.versions(model) if v is not mv and v.config.monitoring.enabled]
+        flushed = await self._capture_barrier([mv, *others])
+        return await self.monitor.feedback(mv.name, mv.version, items, others=[v.version for v in others],
+                                           flushed=flushed)
+
+    async def _capture_barrier(self, versions: list[ModelVersion]) -> bool:
+        """Every instance of ``versions`` hands the monitor what it captured from the answers it
+        sent before now (their capture is amortized: up to half a second later otherwise), so a
+        label sent right after its answer finds its prediction, and one for an unknown or
+        expired id need not wait for predictions that might still come. False when one of them
+        cannot promise that (a process instance) or did not within CAPTURE_BARRIER_S (a long
+        batch): the monitor then waits for predictions on their way, as it always did."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for mv in versions:
+            for instance in list(mv.instances):
+                barrier = getattr(instance, "flush_capture", None)
+                fut = barrier(loop) if barrier is not None else None
+                if fut is None:
+                    for w in waits:
+                        w.cancel()
+                    return False
+                waits.append(fut)
+        if not waits:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), CAPTURE_BARRIER_S)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def monitoring(self, model: str, version: str | None) -> dict[str, Any]:
         """The monitoring JSON of a version (computed off the event loop: it may ask Redis)."""

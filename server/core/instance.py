@@ -60,6 +60,13 @@ class Instance(Protocol):
         outcomes)`` once with all outcomes. ``loop`` may be a stand-in with only that method (the
         batcher's, which may run ``on_done`` before the loop's next iteration)."""
 
+    def flush_capture(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Future | None":
+        """A barrier for feedback joins: hand the monitor what was captured from every batch
+        this instance answered before the call (monitoring's capture is amortized and waits
+        up to half a second), then settle the returned future on ``loop``. None when the
+        instance cannot promise that order (a process instance: its child sends to the
+        monitor on a channel of its own); the join then waits as it would without one."""
+
     def stop(self) -> None:
         """Stop after the batch it is running (if any); never serves again."""
 

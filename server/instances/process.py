@@ -214,6 +214,12 @@ class ProcessInstance:
         if proc is not None and proc.exitcode is None and self._job is None:
             self.kill()
 
+    def flush_capture(self, loop: asyncio.AbstractEventLoop) -> None:
+        """No feedback barrier: the child's observations reach the monitor on a channel of
+        their own (a monitor process's socket), in no order with this server's calls; the
+        join waits for them instead (``monitoring.monitor.Monitor.feedback``)."""
+        return None
+
     def kill(self) -> bool:
         """SIGKILL the child (its reader then reports it lost); True: it is really gone."""
         self._killed = True

@@ -37,6 +37,26 @@ log = logging.getLogger("osprey.instances")
 _ids = itertools.count(9000)
 
 
+class _Flush:
+    """A job: flush the capture, then settle ``future`` on ``loop`` (see flush_capture)."""
+
+    __slots__ = ("loop", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.loop, self.future = loop, future
+
+    def settle(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_done, self.future)
+        except RuntimeError:  # the loop closed (shutdown): nobody waits
+            pass
+
+
+def _done(future: asyncio.Future) -> None:
+    if not future.done():  # (the waiter may have given up: cancelled)
+        future.set_result(None)
+
+
 class ModelInstance:
     """One handler object and the thread that runs it."""
 
@@ -130,6 +150,21 @@ class ModelInstance:
         """Run ``batches`` one after another; report all their outcomes with one loop callback."""
         self._jobs.put((batches, loop, on_done))
 
+    def flush_capture(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """The feedback barrier (:meth:`server.core.instance.Instance.flush_capture`): a job
+        behind the handoffs already queued, so it runs after every batch whose answer has left;
+        the thread flushes its capture into the monitor's port and settles the future. Settled
+        at once where nothing can be pending: not monitored, not serving (loading: nothing
+        answered yet; stopped or failed: the thread flushed or lost it on its way out)."""
+        fut = loop.create_future()
+        runner = self.runner
+        if (self.status != InstanceStatus.READY or self.abandoned or runner is None
+                or runner.capture is None or self.ended):
+            fut.set_result(None)
+        else:
+            self._jobs.put(_Flush(loop, fut))
+        return fut
+
     # --- the thread ------------------------------------------------------------------
     def _main(self) -> None:
         name_os_thread(instance_thread_name(self.name, self.index))
@@ -161,6 +196,10 @@ class ModelInstance:
             if job is None:
                 self.runner.flush()
                 break
+            if type(job) is _Flush:  # a feedback barrier: what the answers so far left, to the monitor
+                self.runner.flush()
+                job.settle()
+                continue
             batches, loop, on_done = job
             t0 = time.perf_counter()
             outcomes = self.runner.run_handoff(batches)

@@ -17,12 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from monitoring.monitor import FEEDBACK_SETTLE_S
 from monitoring.process import PROCESS_NAME
 from tests.conftest import ROOT, OspreyProcess
 from tests.e2e.test_monitoring import (BASELINE, REPLICA_MONITORING, _drift_through, _post_feedback, _requests,
@@ -42,7 +44,8 @@ def srv(tmp_path_factory):
     classifier_archive(store, "clf_proc", isolation="process")
     classifier_archive(store, "clf_keep", isolation="process", retraining=RETRAINING)
     classifier_archive(store, "clf_keep_t", retraining=RETRAINING)
-    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_proc", "clf_keep", "clf_keep_t")]
+    classifier_archive(store, "clf_live", retraining=RETRAINING)
+    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_proc", "clf_keep", "clf_keep_t", "clf_live")]
     (root / "srv").mkdir()
     proc = OspreyProcess(root / "srv", store, models, extra_args=["--no-grpc"])  # (the default: a monitor process)
     try:
@@ -150,6 +153,42 @@ def test_labelled_inputs_are_kept_for_retraining(srv, model):
     # the rows file the retraining job reads, written by the monitor process
     rows_file = Path(srv.store) / ".osprey" / "datasets" / f"{model}.pkl"
     assert rows_file.is_file() and rows_file.stat().st_size > 0
+
+
+def test_under_traffic_a_label_sent_with_its_answer_joins_and_an_unknown_id_does_not_hold_the_call(srv):
+    """While predictions keep coming, a label sent the moment its answer arrived joins its
+    prediction and its held inputs, and a label for an id nobody answered is counted unmatched
+    without waiting for predictions that might still come: the data plane first has the
+    model's thread instances hand over what they captured (a barrier), so nothing of this
+    server's is on its way. Without the barrier such a call waited FEEDBACK_SETTLE_S (10 s)
+    while traffic flowed (every new observation looked like the label's prediction arriving),
+    past this client's timeout."""
+    stop = threading.Event()
+    sent = []
+
+    def traffic():
+        data = rows(100, seed=12)
+        with httpx.Client(base_url=srv.inference, timeout=30) as c:
+            while not stop.is_set():
+                r = c.post("/predictions/clf_live", json=data[len(sent) % len(data)].tolist())
+                sent.append(r.status_code)
+
+    loader = threading.Thread(target=traffic, name="traffic")
+    loader.start()
+    try:
+        wait_monitoring(srv.inference, "clf_live", _requests(50), what="traffic flowing through the monitor")
+        for k in range(3):
+            (rid, cls), = send_rest(srv.inference, "clf_live", rows(1, seed=40 + k))
+            r = httpx.post(f"{srv.inference}/feedback/clf_live", timeout=FEEDBACK_SETTLE_S * 0.8,
+                           json=[{"request_id": rid, "label": cls}, {"request_id": f"never-answered-{k}", "label": 0}])
+            assert r.status_code == 200, r.text
+            assert r.json() == {"accepted": 1, "unmatched": 1, "invalid": 0, "kept": 1,
+                                "unmatched_ids": [f"never-answered-{k}"]}, r.text
+        assert loader.is_alive() and len(sent) > 50  # the traffic never stopped meanwhile
+    finally:
+        stop.set()
+        loader.join()
+    assert set(sent) == {200}
 
 
 def test_killing_the_monitor_process_leaves_serving_alone(srv):

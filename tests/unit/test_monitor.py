@@ -406,3 +406,27 @@ def test_a_label_waits_for_its_prediction_handed_over_later_than_the_capture_del
     assert looked[0] == {"early": True, "late": False, "never-answered": False}
     assert any(seen.get("late") for seen in looked[1:])
     assert result.as_dict() == {"accepted": 2, "unmatched": 1, "invalid": 0, "unmatched_ids": ["never-answered"]}
+
+
+def test_after_the_data_planes_barrier_a_label_joins_what_was_queued_and_no_id_is_waited_for(archive, monitor):
+    """``flushed``: the model's instances handed their capture over before the call (the data
+    plane's barrier), and this monitor's store is its own (no replicas): a label joins the
+    prediction queued just before it, and one for an id nobody answered is unmatched without
+    the look-ups that wait for predictions on their way, though an answer left just now."""
+    from monitoring.quality import quality_factory
+    from tests.unit.test_quality import obs as qobs, probs
+
+    versions = Versions()
+    versions.add("m", "1", archive, replace(CFG, min_labels=1))
+    m = monitor(versions, quality_factory=lambda model, version, cfg, model_dir, store: quality_factory(
+        model, version, cfg, model_dir, None))
+    feed(m, [qobs(["early"], probs(1))])
+    quality = m._ensure("m", "1").quality
+    looked, holds = [], quality.holds
+    quality.holds = lambda rids: looked.append(list(rids)) or holds(rids)
+    m.observe(qobs(["just-now"], probs(1, seed=1)))  # handed over by the barrier, not yet recorded
+    m.answered(None, None, None)  # an answer left just now: predictions are flowing
+    result = asyncio.run(m.feedback("m", "1", [FeedbackItem("early", "cat", 0), FeedbackItem("just-now", "dog", 1),
+                                               FeedbackItem("never-answered", "bird", 2)], flushed=True))
+    assert result.as_dict() == {"accepted": 2, "unmatched": 1, "invalid": 0, "unmatched_ids": ["never-answered"]}
+    assert looked == []  # no wait for "never-answered" to arrive

@@ -38,7 +38,7 @@ class FakeRegistry:
         version = version or ("2" if name == "clf" else "1")
         if (name, version) not in self.configs:
             raise OspreyError(ErrorKind.NOT_FOUND, f"Model not found: {name} {version or ''}".strip())
-        return self._made.setdefault((name, version), SimpleNamespace(name=name, version=version,
+        return self._made.setdefault((name, version), SimpleNamespace(name=name, version=version, instances=[],
                                                                       config=self.configs[(name, version)]))
 
     def versions(self, name):
@@ -58,7 +58,7 @@ class FakeMonitor:
     def observe(self, obs: Observation) -> None:
         self.part(obs.model, obs.version).record(obs)
 
-    async def feedback(self, model, version, items, others=()) -> FeedbackResult:
+    async def feedback(self, model, version, items, others=(), flushed=False) -> FeedbackResult:
         self.calls.append(("feedback", model, version, list(items), list(others)))
         return await asyncio.to_thread(self.part(model, version).feedback, items)
 
