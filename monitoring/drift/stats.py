@@ -79,16 +79,25 @@ def psi(ref: np.ndarray, counts: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.sum(np.where(valid, (safe_c - safe_r) * np.log(safe_c / safe_r), 0.0), axis=1)
 
 
+def _relative_entropy(p: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """sum p log(p / m) per row, 0 log 0 = 0 (``m`` is positive wherever ``p`` is)."""
+    ok = p > 0
+    return np.sum(np.where(ok, p * np.log(np.where(ok, p, 1.0) / np.where(ok, m, 1.0)), 0.0), axis=1)
+
+
 def jensenshannon(ref: np.ndarray, counts: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon distance per row (scipy, natural log), in [0, sqrt(ln 2)]."""
+    """Jensen-Shannon distance per row, natural log, in [0, sqrt(ln 2)]: scipy's
+    ``distance.jensenshannon`` (each row normalized to sum 1; the tests compare the two),
+    written with numpy because the monitor process would otherwise import ``scipy.spatial``
+    for it (0.4 s of CPU and 33 MB there)."""
     r = np.where(valid, ref, 0.0)
     c = _proportions(counts, valid)
     out = np.zeros(len(r))
-    ok = c.sum(axis=1) > 0
+    ok = (c.sum(axis=1) > 0) & (r.sum(axis=1) > 0)
     if ok.any():
-        from scipy.spatial import distance
-
-        out[ok] = distance.jensenshannon(r[ok], c[ok], axis=1)
+        p, q = r[ok] / r[ok].sum(axis=1, keepdims=True), c[ok] / c[ok].sum(axis=1, keepdims=True)
+        m = (p + q) / 2
+        out[ok] = np.sqrt(np.maximum((_relative_entropy(p, m) + _relative_entropy(q, m)) / 2, 0.0))
     return np.nan_to_num(out)
 
 
@@ -137,9 +146,9 @@ def chi2_pvalues(ref: np.ndarray, ref_rows: int, counts: np.ndarray, valid: np.n
     stat = np.sum(np.where(used & (er > 0), (r - er) ** 2 / np.where(er > 0, er, 1), 0.0)
                   + np.where(used & (ec > 0), (c - ec) ** 2 / np.where(ec > 0, ec, 1), 0.0), axis=1)
     dof = np.maximum(used.sum(axis=1) - 1, 1)
-    from scipy import stats
+    from scipy.special import chdtrc  # (the chi-square survival function: scipy.stats costs 3x its import)
 
-    p = stats.chi2.sf(stat, dof)
+    p = chdtrc(dof, stat)
     p[nc[:, 0] == 0] = 1.0
     return p
 

@@ -48,6 +48,33 @@ def test_jensenshannon_is_scipys_distance():
         distance.jensenshannon([0.1, 0.4, 0.5], [0.3, 0.3, 0.4]))
 
 
+def test_jensenshannon_and_chi_square_match_scipy_on_random_rows():
+    """Jensen-Shannon (numpy here) on rows with empty bins on either side, and the chi-square
+    p-value (scipy.special here), against scipy.spatial and scipy.stats."""
+    from scipy.stats import chi2
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        k = int(rng.integers(2, 12))
+        ref = rng.random((6, k)) * (rng.random((6, k)) > 0.2)
+        ref[:, 0] += 0.01
+        ref /= ref.sum(axis=1, keepdims=True)
+        counts = rng.integers(0, 30, (6, k)) * (rng.random((6, k)) > 0.2)
+        counts[:, -1] += 1
+        valid = np.ones((6, k), dtype=bool)
+        got = stats.jensenshannon(ref, counts, valid)
+        assert got == pytest.approx([distance.jensenshannon(r, c) for r, c in zip(ref, counts)], abs=1e-12)
+        rows = int(rng.integers(20, 2000))
+        p = stats.chi2_pvalues(ref, rows, counts, valid)
+        r, c = ref * rows, counts.astype(float)
+        total, n = r + c, rows + c.sum(axis=1, keepdims=True)
+        er, ec = total * rows / n, total * c.sum(axis=1, keepdims=True) / n
+        used = total > 0
+        stat = np.sum(np.where(used, (r - er) ** 2 / np.where(used, er, 1) + (c - ec) ** 2 / np.where(used, ec, 1), 0),
+                      axis=1)
+        assert p == pytest.approx(chi2.sf(stat, np.maximum(used.sum(axis=1) - 1, 1)), rel=1e-9, abs=1e-300)
+
+
 def test_normed_wasserstein_on_bin_centers_matches_scipy():
     edges = [-np.inf, 0.0, 1.0, 2.0, np.inf]
     pos = stats.centers(edges, std=1.0)
