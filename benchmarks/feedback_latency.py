@@ -13,7 +13,8 @@ once per monitor process), and the calls that wait for that pass pay it.
 
 The model is digits_cnn as ``osprey examples`` builds it (a classifier with retraining on:
 a joined label is also kept as a training row), thread instances, the monitor in its own
-process (the defaults). Prints one JSON line per side and a table.
+process (the defaults). Prints one JSON line per side (with the monitor process's memory, CPU
+and whether scikit-learn or scipy.stats is mapped into it after the first round) and a table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,6 +43,18 @@ MODEL = "digits_cnn_builtin"
 
 def _top(answer: dict) -> str:
     return max(answer, key=answer.get)
+
+
+def _monitor_process(srv: Osprey, served: int) -> dict | None:
+    """The monitor process's memory, CPU and whether scikit-learn or scipy.stats is mapped in."""
+    procs = [p for p in psutil.Process(srv.proc.pid).children(recursive=True) if p.name() == "osprey-monitord"]
+    if not procs:
+        return None
+    p = procs[0]
+    mapped = sorted({lib for m in p.memory_maps() for lib in ("sklearn", "scipy/stats", "scipy/spatial")
+                     if f"/{lib}/" in m.path})
+    return {"rss_mb": round(p.memory_info().rss / 2**20, 1), "cpu_s": round(sum(p.cpu_times()[:2]), 2),
+            "mapped": mapped, "requests_served_by_then": served}
 
 
 def measure(srv: Osprey, body: bytes, content_type: str, calls: int, traffic: int) -> dict:
@@ -66,6 +80,7 @@ def measure(srv: Osprey, body: bytes, content_type: str, calls: int, traffic: in
                     t0 = time.perf_counter()  # (its quality computation: done by then)
                     assert c.get(f"{srv.inference}/monitoring/{MODEL}").status_code == 200
                     first = (known.pop(), unknown.pop(), time.perf_counter() - t0)
+                    after_first = _monitor_process(srv, len(served))
                     joined = unmatched = 0
                 r = c.post(url, content=body, headers={"content-type": content_type})
                 label = {"request_id": r.headers["x-request-id"], "label": _top(r.json())}
@@ -83,6 +98,7 @@ def measure(srv: Osprey, body: bytes, content_type: str, calls: int, traffic: in
             t.join()
     ms = lambda xs, f: round(1e3 * f(xs), 1)  # noqa: E731
     return {"calls": calls, "traffic_clients": traffic, "requests_served": len(served),
+            "monitor_process_after_first_round": after_first,
             "first_label_ms": round(1e3 * first[0], 1), "first_unknown_id_ms": round(1e3 * first[1], 1),
             "first_status_ms": round(1e3 * first[2], 1),
             "errors": sum(s != 200 for s in served),
@@ -90,6 +106,10 @@ def measure(srv: Osprey, body: bytes, content_type: str, calls: int, traffic: in
             "joined": joined, "unknown_id_ms_p50": ms(unknown, statistics.median),
             "unknown_id_ms_max": ms(unknown, max), "unknown_counted_unmatched": unmatched,
             "label_after_answer_ms": [round(1e3 * x, 1) for x in known], "unknown_id_ms": [round(1e3 * x, 1) for x in unknown]}
+
+
+def _monitor_cell(m: dict | None) -> str:
+    return "-" if m is None else f"{m['rss_mb']}, {m['cpu_s']}, {'+'.join(m['mapped']) or 'neither'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
         print(json.dumps({"side": name, **rows[name]}), flush=True)
     print("\n| side | label right after its answer: ms p50 / max (joined) | unknown id: ms p50 / max (unmatched) "
-          "| first round: label / unknown id / status, ms | requests served meanwhile |\n|---|---|---|---|---|")
+          "| first round: label / unknown id / status, ms | monitor process after it: MB, CPU s, mapped "
+          "| requests served meanwhile |\n|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['label_after_answer_ms_p50']} / {r['label_after_answer_ms_max']} ({r['joined']} of "
               f"{r['calls']}) | {r['unknown_id_ms_p50']} / {r['unknown_id_ms_max']} ({r['unknown_counted_unmatched']} "
-              f"of {r['calls']}) | {r['first_label_ms']} / {r['first_unknown_id_ms']} / {r['first_status_ms']} | {r['requests_served']} |")
+              f"of {r['calls']}) | {r['first_label_ms']} / {r['first_unknown_id_ms']} / {r['first_status_ms']} | "
+              f"{_monitor_cell(r['monitor_process_after_first_round'])} | {r['requests_served']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                                "sides": rows}, indent=1))
