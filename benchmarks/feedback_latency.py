@@ -9,7 +9,8 @@ A first such round, and a GET /monitoring after it, are timed apart: the monitor
 quality computation after the first label imports scikit-learn (seconds on a slow machine,
 once per monitor process), and the calls that wait for that pass pay it.
 
-    .venv/bin/python -m benchmarks.feedback_latency [--calls 20] [--traffic 4] [--before /path/to/old/tree]
+    .venv/bin/python -m benchmarks.feedback_latency [--calls 20] [--traffic 4] [--before /path/to/old/tree] \
+        [--setting instance_isolation=process]
 
 The model is digits_cnn as ``osprey examples`` builds it (a classifier with retraining on:
 a joined label is also kept as a training row), thread instances, the monitor in its own
@@ -33,7 +34,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ab import OspreyAt  # noqa: E402
+from benchmarks.ab import OspreyAt, key_values  # noqa: E402
 from benchmarks.models import build_models  # noqa: E402
 from benchmarks.systems import Osprey  # noqa: E402
 
@@ -117,14 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--traffic", type=int, default=4, help="client threads keeping the model busy")
     ap.add_argument("--before", default="", help="another checkout: measured too, its code on the same archive")
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config.properties setting for both sides (e.g. instance_isolation=process); repeatable")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
+    settings = key_values(args.setting, "--setting", ap.error)
     WORK.mkdir(parents=True, exist_ok=True)
     m = build_models(WORK, with_cnn=False, with_digits=True)[MODEL]
     body = Path(m.body).read_bytes()
-    sides = {"this tree": Osprey(WORK / "now", [m], tag="feedback-now")}
+    sides = {"this tree": Osprey(WORK / "now", [m], config=dict(settings), tag="feedback-now")}
     if args.before:
-        sides = {"before": OspreyAt(Path(args.before).resolve(), WORK / "before", [m], tag="feedback-before"), **sides}
+        sides = {"before": OspreyAt(Path(args.before).resolve(), WORK / "before", [m], config=dict(settings),
+                                    tag="feedback-before"), **sides}
     rows = {}
     for name, srv in sides.items():
         srv.start(timeout=300)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_monitor_cell(r['monitor_process_after_first_round'])} | {r['requests_served']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                               "sides": rows}, indent=1))
+                                               "settings": settings, "sides": rows}, indent=1))
     return 0
 
 

@@ -251,7 +251,7 @@ class Monitor:
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
                        answered_at: float | None = None, others: Sequence[str] = (),
-                       flushed: bool = False) -> FeedbackResult:
+                       flushed: bool = False, marks: Sequence[str] = ()) -> FeedbackResult:
         """Join labels to the predictions of ``version``. ``others``: more versions of the model
         (a label sent without a version, while a canary or a traffic split serves several): each
         label joins the version whose prediction log holds its request id, ``version`` those no
@@ -259,7 +259,9 @@ class Monitor:
         that is known elsewhere (a monitor in its own process: the front end's :meth:`answered`).
         ``flushed``: the data plane's barrier ran (every instance of these versions handed its
         capture over before this call); with this process's own store (no replicas) nothing
-        else can be on its way, so the join waits only for what is queued to be recorded."""
+        else can be on its way, so the join waits only for what is queued to be recorded.
+        ``marks``: what a monitor process had to read first (``monitoring.process`` waits for
+        them and passes none here)."""
         versions = [version, *(v for v in others if v != version)]
         # A label may come right after its answer: instances hand their predictions over within
         # CAPTURE_DELAY_S of answering (capture is amortized across batches), and this monitor

@@ -47,6 +47,8 @@ log = logging.getLogger("osprey.monitoring")
 
 PROCESS_NAME = "osprey-monitord"  # the process's name in ps/top (its main thread's)
 HOP_S = 0.2  # the extra time a prediction may take to get here
+MARK_WAIT_S = 5.0  # longest a feedback call waits for the marks its barrier posted on children's links
+MAX_MARKS = 4096  # marks read and not yet waited for, kept (a barrier that gave up leaves its own)
 
 
 class _Host:
@@ -61,6 +63,8 @@ class _Host:
         # server's send tick, or a child's link): a label sent right after its answer waits that too
         self.monitor.capture_delay += HOP_S
         self.lost = 0  # observations the children's links dropped (monitor unreachable)
+        self._marks: dict[str, None] = {}  # feedback barriers' marks read on the links, oldest first
+        self._marked = threading.Condition()
 
     def resolve(self, model: str, version: str) -> VersionRef | None:
         return self.versions.get((model, version))
@@ -78,6 +82,12 @@ class _Host:
             ref = self.versions.get((model, version))
             if ref is not None and self.monitor.dataset is not None:
                 self.monitor.dataset.hold_inputs(ref, from_wire(items), ts)  # (plain tuples on the wire)
+        elif kind == "mark":  # a child flushed for a feedback barrier: what it sent before is queued
+            with self._marked:
+                self._marks[msg[1]] = None
+                while len(self._marks) > MAX_MARKS:
+                    del self._marks[next(iter(self._marks))]
+                self._marked.notify_all()
         elif kind == "version":
             ref: VersionRef = msg[1]
             self.versions[(ref.name, ref.version)] = ref
@@ -88,12 +98,25 @@ class _Host:
         else:
             log.warning("event=monitor_process_unknown_message kind=%r", kind)
 
+    def _wait_marks(self, marks: list[str], timeout: float) -> bool:
+        """Wait until every one of ``marks`` was read (each then forgotten); False after
+        ``timeout`` (a link that dropped it: the join then waits as without a barrier)."""
+        with self._marked:
+            done = self._marked.wait_for(lambda: all(t in self._marks for t in marks), timeout)
+            for t in marks:
+                self._marks.pop(t, None)
+            return done
+
     async def call(self, method: str, args: tuple) -> Any:
         m = self.monitor
         if method == "status":
             return await asyncio.to_thread(m.status, *args)
         if method == "feedback":
-            return await m.feedback(*args)
+            model, version, items, answered_at, others = args[:5]
+            flushed, marks = (args[5] if len(args) > 5 else False), (args[6] if len(args) > 6 else ())
+            if flushed and marks:  # the barrier's marks, read on the children's links: then it holds
+                flushed = await asyncio.to_thread(self._wait_marks, list(marks), MARK_WAIT_S)
+            return await m.feedback(model, version, items, answered_at, others, flushed)
         if method == "render":  # (the families, what this process dropped: the server keeps the total)
             text = await asyncio.to_thread(m.render, False)
             return text, m.dropped + self.lost

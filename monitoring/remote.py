@@ -166,11 +166,13 @@ class RemoteMonitor:
         return self._wait(self._call("status", model, version), CALL_TIMEOUT_S)
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
-                       others: Sequence[str] = (), flushed: bool = False) -> FeedbackResult:
-        # (queued behind every observation handed over before it: with ``flushed``, the monitor
-        # process has all of this server's predictions the labels can be for when it joins)
+                       others: Sequence[str] = (), flushed: bool = False,
+                       marks: Sequence[str] = ()) -> FeedbackResult:
+        # (queued behind every observation handed over before it; with ``flushed``, once the
+        # monitor process has read ``marks`` on the process instances' links it has all of this
+        # server's predictions the labels can be for: monitoring.process waits for them)
         return await self._await(self._call("feedback", model, version, list(items), self._last_answered,
-                                            list(others), flushed), FEEDBACK_TIMEOUT_S)
+                                            list(others), flushed, list(marks)), FEEDBACK_TIMEOUT_S)
 
     async def exposition(self) -> str:
         """The monitoring families for /metrics, and the monitor process's own: up (0 while it

@@ -164,12 +164,14 @@ class MonitorPort(Protocol):
         """Take one batch's observation: O(1), thread-safe, never raises, never blocks."""
 
     async def feedback(self, model: str, version: str, items: Sequence[FeedbackItem],
-                       others: Sequence[str] = (), flushed: bool = False) -> FeedbackResult:
+                       others: Sequence[str] = (), flushed: bool = False,
+                       marks: Sequence[str] = ()) -> FeedbackResult:
         """Join labels to kept predictions by request id; counts, never raises for bad items.
         ``others``: more versions whose predictions a label may be for (sent without a version).
         ``flushed``: every instance of these versions handed over, before this call, what it
         captured from the answers this server sent (the data plane's barrier): nothing of
-        theirs is still on its way."""
+        theirs is still on its way once the monitor has read ``marks`` (posted behind what
+        process instances' children sent it on their own links)."""
 
     def status(self, model: str, version: str) -> dict[str, Any]:
         """The monitoring JSON of ``GET /monitoring/{model}[/{version}]``."""

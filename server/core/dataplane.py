@@ -272,17 +272,19 @@ class DataPlane:
         others: list[ModelVersion] = []
         if version is None:
             others = [v for v in self.registry.versions(model) if v is not mv and v.config.monitoring.enabled]
-        flushed = await self._capture_barrier([mv, *others])
+        flushed, marks = await self._capture_barrier([mv, *others])
         return await self.monitor.feedback(mv.name, mv.version, items, others=[v.version for v in others],
-                                           flushed=flushed)
+                                           flushed=flushed, marks=marks)
 
-    async def _capture_barrier(self, versions: list[ModelVersion]) -> bool:
+    async def _capture_barrier(self, versions: list[ModelVersion]) -> tuple[bool, list[str]]:
         """Every instance of ``versions`` hands the monitor what it captured from the answers it
         sent before now (their capture is amortized: up to half a second later otherwise), so a
         label sent right after its answer finds its prediction, and one for an unknown or
-        expired id need not wait for predictions that might still come. False when one of them
-        cannot promise that (a process instance) or did not within CAPTURE_BARRIER_S (a long
-        batch): the monitor then waits for predictions on their way, as it always did."""
+        expired id need not wait for predictions that might still come. (done, the marks a
+        monitor process must have read first: process instances' children post them on their
+        own links). Not done when an instance cannot promise that, or did not within
+        CAPTURE_BARRIER_S (a long batch): the monitor then waits for predictions on their way,
+        as it always did."""
         loop = asyncio.get_running_loop()
         waits = []
         for mv in versions:
@@ -292,15 +294,15 @@ class DataPlane:
                 if fut is None:
                     for w in waits:
                         w.cancel()
-                    return False
+                    return False, []
                 waits.append(fut)
         if not waits:
-            return True
+            return True, []
         try:
-            await asyncio.wait_for(asyncio.gather(*waits), CAPTURE_BARRIER_S)
+            marks = await asyncio.wait_for(asyncio.gather(*waits), CAPTURE_BARRIER_S)
         except asyncio.TimeoutError:
-            return False
-        return True
+            return False, []
+        return True, [m for m in marks if m is not None]
 
     async def monitoring(self, model: str, version: str | None) -> dict[str, Any]:
         """The monitoring JSON of a version (computed off the event loop: it may ask Redis)."""

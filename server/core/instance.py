@@ -63,9 +63,11 @@ class Instance(Protocol):
     def flush_capture(self, loop: asyncio.AbstractEventLoop) -> "asyncio.Future | None":
         """A barrier for feedback joins: hand the monitor what was captured from every batch
         this instance answered before the call (monitoring's capture is amortized and waits
-        up to half a second), then settle the returned future on ``loop``. None when the
-        instance cannot promise that order (a process instance: its child sends to the
-        monitor on a channel of its own); the join then waits as it would without one."""
+        up to half a second), then settle the returned future on ``loop``. Its result: None,
+        or a mark a monitor in its own process must have read before the join (what a process
+        instance's child sends there travels on a link of its own, in no order with the
+        server's calls). None instead of a future: the instance cannot promise that order; the
+        join then waits as it would without a barrier."""
 
     def stop(self) -> None:
         """Stop after the batch it is running (if any); never serves again."""

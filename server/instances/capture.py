@@ -23,8 +23,9 @@ pending batch ended :data:`MAX_DELAY_S` ago -- and the instance's loop flushes e
 no work came for :data:`IDLE_S` (an idle instance), and when it stops. So a prediction reaches
 the monitor (and the feedback join) at most about ``MAX_DELAY_S`` (0.5 s) after its answer,
 plus the monitor's own tick (0.1 s); memory held is bounded by those limits. A feedback call
-does not wait for that: the data plane first has a thread instance flush (a job behind its
-queued handoffs, ``ModelInstance.flush_capture``). A handler that
+does not wait for that: the data plane first has each instance flush (``flush_capture``: a
+job behind a thread instance's queued handoffs, a message a process instance's child reads
+after its handoff). A handler that
 writes every batch into the same tensor (a static buffer reused in place) is detected (a
 batch's tensor shares memory with a pending one, or with an earlier batch of the handoff):
 what it overwrote is dropped, and from then on each batch's tensors are copied as it ends

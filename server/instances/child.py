@@ -207,6 +207,12 @@ def main(conn, spec: dict) -> None:
             if link is not None:
                 link.close()
             break
+        if msg[0] == "flush":  # a feedback barrier: what the answers so far left, to the monitor
+            hand_over(True)
+            if link is not None:
+                link.mark(msg[1])  # (behind the observations on the link: the monitor waits for it)
+            send(("flushed", msg[1]))
+            continue
         _, in_name, out_name, dropped, batches = msg
         for name in dropped:  # arenas the parent replaced by larger ones
             old = arenas.pop(name, None)

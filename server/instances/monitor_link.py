@@ -51,6 +51,13 @@ class MonitorLink:
         self._post(("observe", list(observations)), sum(len(o) for o in observations))
         self._post_held()  # the inputs held meanwhile go with them
 
+    def mark(self, token: str) -> None:
+        """After everything posted so far (the inputs held meanwhile too): ``token``, which the
+        monitor process notes when it reads it. A feedback barrier (``ProcessInstance.flush_capture``)
+        waits for it there: what this child captured before is then in the monitor's queue."""
+        self._post_held()
+        self._post(("mark", token), 0)
+
     def hold(self, items: list) -> None:
         """Inputs held for labels: gathered, and posted with the next observations, when
         HOLD_BATCH are waiting, or once the oldest waited HOLD_DELAY_S (few messages, not one

@@ -49,6 +49,12 @@ OUT_ARENA = 8 * 1024 * 1024  # response-payload arena; larger answers are pickle
 STOP_WAIT_S = 5.0  # a stopped child that has not exited by then is killed
 
 _ids = itertools.count(20000)
+_marks = itertools.count(1)  # feedback barriers' tokens
+
+
+def _settle_barrier(future: asyncio.Future, mark: str | None) -> None:
+    if not future.done():  # (the waiter may have given up: cancelled)
+        future.set_result(mark)
 _context = None
 _live: set = set()  # arenas to unlink if the server exits without stopping its instances
 
@@ -175,6 +181,7 @@ class ProcessInstance:
         self._dropped: list[str] = []
         self._killed = False
         self._loaded = LoadSignal()
+        self._barriers: dict[str, tuple] = {}  # feedback barriers sent to the child: token -> (loop, future)
         self._thread = threading.Thread(target=self._main, name=f"osprey-proc-{name}-{version}-{index}", daemon=True)
         # TorchServe's worker name: the child's output written by this thread is W-20000-m_1.0-stdout
         self._thread.osprey_worker = f"W-{self.id}-{name}_{version}"  # type: ignore[attr-defined]
@@ -214,11 +221,42 @@ class ProcessInstance:
         if proc is not None and proc.exitcode is None and self._job is None:
             self.kill()
 
-    def flush_capture(self, loop: asyncio.AbstractEventLoop) -> None:
-        """No feedback barrier: the child's observations reach the monitor on a channel of
-        their own (a monitor process's socket), in no order with this server's calls; the
-        join waits for them instead (``monitoring.monitor.Monitor.feedback``)."""
-        return None
+    def flush_capture(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """The feedback barrier (:meth:`server.core.instance.Instance.flush_capture`): the child
+        reads it after the handoff it runs, flushes its capture and answers ``flushed``. Its
+        observations reach a monitor in the server's process through this pipe, before that
+        answer; a monitor process gets them on the child's own link, in no order with the
+        server's calls, so the child also posts a mark behind them there, and the future's
+        result is that mark's token, for the monitor process to wait for (None: nothing to
+        wait for). Settled at once where nothing can be pending (not monitored, not serving)."""
+        fut = loop.create_future()
+        conn = self._conn
+        if self.status != InstanceStatus.READY or self._observe is None or conn is None:
+            fut.set_result(None)
+            return fut
+        token = f"{os.getpid()}-{self.id}-{next(_marks)}"
+        self._barriers[token] = (loop, fut)
+        try:
+            conn.send(("flush", token))
+        except (OSError, ValueError):  # the child is gone: what it held is lost, nothing to wait for
+            self._barriers.pop(token, None)
+            fut.set_result(None)
+        return fut
+
+    def _flushed(self, token: str | None) -> None:
+        """The child flushed (reader thread): settle the barrier's future (all of them: None,
+        when the child is gone)."""
+        items = [(token, self._barriers.pop(token, None))] if token is not None else \
+            [(t, self._barriers.pop(t, None)) for t in list(self._barriers)]
+        for t, waiter in items:
+            if waiter is None:
+                continue
+            loop, fut = waiter
+            mark = t if token is not None and self._monitor_link is not None else None
+            try:
+                loop.call_soon_threadsafe(_settle_barrier, fut, mark)
+            except RuntimeError:  # the loop closed (shutdown)
+                pass
 
     def kill(self) -> bool:
         """SIGKILL the child (its reader then reports it lost); True: it is really gone."""
@@ -325,6 +363,8 @@ class ProcessInstance:
                     self._stream(msg[1], msg[2], msg[3], msg[4])
                 elif kind == "observations":
                     self._observations(msg[1])
+                elif kind == "flushed":
+                    self._flushed(msg[1])
                 elif kind == "metric":
                     if self._metrics_sink is not None:
                         try:
@@ -358,6 +398,7 @@ class ProcessInstance:
             self._proc.kill()
             self._proc.join(STOP_WAIT_S)
         reason = describe_exit(self._proc.exitcode)
+        self._flushed(None)  # barriers still waiting: nothing of the child's will come
         parent.close()
         self._cleanup()
         if not self._loaded.is_set():

@@ -45,7 +45,8 @@ def srv(tmp_path_factory):
     classifier_archive(store, "clf_keep", isolation="process", retraining=RETRAINING)
     classifier_archive(store, "clf_keep_t", retraining=RETRAINING)
     classifier_archive(store, "clf_live", retraining=RETRAINING)
-    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_proc", "clf_keep", "clf_keep_t", "clf_live")]
+    classifier_archive(store, "clf_live_p", isolation="process", retraining=RETRAINING)
+    models = [f"{n}={n}.mar" for n in ("clf_rest", "clf_proc", "clf_keep", "clf_keep_t", "clf_live", "clf_live_p")]
     (root / "srv").mkdir()
     proc = OspreyProcess(root / "srv", store, models, extra_args=["--no-grpc"])  # (the default: a monitor process)
     try:
@@ -155,14 +156,16 @@ def test_labelled_inputs_are_kept_for_retraining(srv, model):
     assert rows_file.is_file() and rows_file.stat().st_size > 0
 
 
-def test_under_traffic_a_label_sent_with_its_answer_joins_and_an_unknown_id_does_not_hold_the_call(srv):
+@pytest.mark.parametrize("model", ["clf_live", "clf_live_p"])
+def test_under_traffic_a_label_sent_with_its_answer_joins_and_an_unknown_id_does_not_hold_the_call(srv, model):
     """While predictions keep coming, a label sent the moment its answer arrived joins its
     prediction and its held inputs, and a label for an id nobody answered is counted unmatched
     without waiting for predictions that might still come: the data plane first has the
-    model's thread instances hand over what they captured (a barrier), so nothing of this
-    server's is on its way. Without the barrier such a call waited FEEDBACK_SETTLE_S (10 s)
-    while traffic flowed (every new observation looked like the label's prediction arriving),
-    past this client's timeout."""
+    model's instances hand over what they captured (a barrier; a process instance's child also
+    posts a mark behind its observations on its own link to the monitor process, which the
+    monitor reads before the join), so nothing of this server's is on its way. Without the
+    barrier such a call waited FEEDBACK_SETTLE_S (10 s) while traffic flowed (every new
+    observation looked like the label's prediction arriving), past this client's timeout."""
     stop = threading.Event()
     sent = []
 
@@ -170,16 +173,16 @@ def test_under_traffic_a_label_sent_with_its_answer_joins_and_an_unknown_id_does
         data = rows(100, seed=12)
         with httpx.Client(base_url=srv.inference, timeout=30) as c:
             while not stop.is_set():
-                r = c.post("/predictions/clf_live", json=data[len(sent) % len(data)].tolist())
+                r = c.post(f"/predictions/{model}", json=data[len(sent) % len(data)].tolist())
                 sent.append(r.status_code)
 
     loader = threading.Thread(target=traffic, name="traffic")
     loader.start()
     try:
-        wait_monitoring(srv.inference, "clf_live", _requests(50), what="traffic flowing through the monitor")
+        wait_monitoring(srv.inference, model, _requests(50), what="traffic flowing through the monitor")
         for k in range(3):
-            (rid, cls), = send_rest(srv.inference, "clf_live", rows(1, seed=40 + k))
-            r = httpx.post(f"{srv.inference}/feedback/clf_live", timeout=FEEDBACK_SETTLE_S * 0.8,
+            (rid, cls), = send_rest(srv.inference, model, rows(1, seed=40 + k))
+            r = httpx.post(f"{srv.inference}/feedback/{model}", timeout=FEEDBACK_SETTLE_S * 0.8,
                            json=[{"request_id": rid, "label": cls}, {"request_id": f"never-answered-{k}", "label": 0}])
             assert r.status_code == 200, r.text
             assert r.json() == {"accepted": 1, "unmatched": 1, "invalid": 0, "kept": 1,

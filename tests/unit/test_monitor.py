@@ -430,3 +430,31 @@ def test_after_the_data_planes_barrier_a_label_joins_what_was_queued_and_no_id_i
                                                FeedbackItem("never-answered", "bird", 2)], flushed=True))
     assert result.as_dict() == {"accepted": 2, "unmatched": 1, "invalid": 0, "unmatched_ids": ["never-answered"]}
     assert looked == []  # no wait for "never-answered" to arrive
+
+
+def test_the_monitor_process_joins_after_the_marks_its_barrier_posted_on_the_childrens_links(tmp_path):
+    """A process instance's child posts a mark behind its observations on its own link; the
+    monitor process reads links and the server's calls on different threads, so a feedback
+    call names the marks and waits until they were read (then they are forgotten), at most
+    MARK_WAIT_S; a mark that never comes makes the join wait as it would without a barrier."""
+    import threading
+    from types import SimpleNamespace
+
+    from monitoring.process import _Host
+
+    host = _Host(SimpleNamespace(monitoring=True, redis_url="", model_store=str(tmp_path), state_dir=""))
+    try:
+        assert host._wait_marks(["a"], 0.01) is False
+        waited = []
+        waiter = threading.Thread(target=lambda: waited.append(host._wait_marks(["a", "b"], 60)))
+        waiter.start()
+        host.data(("mark", "a"))
+        host.data(("mark", "b"))  # (read on a link's thread: wakes the call)
+        waiter.join(60)
+        assert waited == [True] and not waiter.is_alive()
+        assert host._wait_marks(["a"], 0.01) is False  # consumed by the call that waited for it
+        for i in range(5000):  # marks no call waits for (a barrier that gave up) stay bounded
+            host.data(("mark", f"left-{i}"))
+        assert len(host._marks) <= 4096
+    finally:
+        host.monitor.close()

@@ -58,7 +58,7 @@ class FakeMonitor:
     def observe(self, obs: Observation) -> None:
         self.part(obs.model, obs.version).record(obs)
 
-    async def feedback(self, model, version, items, others=(), flushed=False) -> FeedbackResult:
+    async def feedback(self, model, version, items, others=(), flushed=False, marks=()) -> FeedbackResult:
         self.calls.append(("feedback", model, version, list(items), list(others)))
         return await asyncio.to_thread(self.part(model, version).feedback, items)
 
