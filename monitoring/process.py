@@ -112,8 +112,7 @@ class _Host:
         if method == "status":
             return await asyncio.to_thread(m.status, *args)
         if method == "feedback":
-            model, version, items, answered_at, others = args[:5]
-            flushed, marks = (args[5] if len(args) > 5 else False), (args[6] if len(args) > 6 else ())
+            model, version, items, answered_at, others, flushed, marks = args  # (RemoteMonitor.feedback)
             if flushed and marks:  # the barrier's marks, read on the children's links: then it holds
                 flushed = await asyncio.to_thread(self._wait_marks, list(marks), MARK_WAIT_S)
             return await m.feedback(model, version, items, answered_at, others, flushed)

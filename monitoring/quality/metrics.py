@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["HIGHER_IS_BETTER", "LOWER_IS_BETTER", "binary_auc", "classification_metrics", "regression_metrics",
-           "ranks", "macro_prf",
-           "are_probabilities", "judge", "load_baseline", "confidence_estimate"]
+           "ranks", "macro_prf", "are_probabilities", "judge", "load_baseline", "confidence_estimate"]
 
 HIGHER_IS_BETTER = ("accuracy", "precision", "recall", "f1", "roc_auc", "r2")
 LOWER_IS_BETTER = ("log_loss", "mse", "mae")

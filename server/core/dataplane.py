@@ -296,8 +296,6 @@ class DataPlane:
                         w.cancel()
                     return False, []
                 waits.append(fut)
-        if not waits:
-            return True, []
         try:
             marks = await asyncio.wait_for(asyncio.gather(*waits), CAPTURE_BARRIER_S)
         except asyncio.TimeoutError:

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
     from server.core.archive import ModelArchive
     from server.core.model_config import ModelConfig
     from server.core.types import Ticket
 
-__all__ = ["Instance", "InstanceFactory", "InstanceStatus", "DoneCallback"]
+__all__ = ["Instance", "InstanceFactory", "InstanceStatus", "DoneCallback", "settle_soon"]
 
 
 class InstanceStatus(str, enum.Enum):
@@ -97,3 +97,17 @@ class Instance(Protocol):
 
 # (model name, version, archive, config, instance index) -> a new, unstarted instance
 InstanceFactory = Callable[[str, str, "ModelArchive", "ModelConfig", int], Instance]
+
+
+def settle_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future, value: Any = None) -> None:
+    """From an instance's own thread: set ``future``'s result to ``value`` on ``loop``, unless it
+    is done by then (its waiter gave up and cancelled it); nothing once the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(_set_once, future, value)
+    except RuntimeError:  # the loop closed (shutdown): nobody waits
+        pass
+
+
+def _set_once(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -35,7 +35,7 @@ from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
 from server.core.osthread import instance_thread_name, name_os_thread
-from server.core.instance import InstanceStatus
+from server.core.instance import InstanceStatus, settle_soon
 from server.instances.loaded import LoadSignal, raise_unless_ready
 from server.core.types import Ticket
 from server.instances.wire import Arena, outcome_from_wire, pack_bytes, pack_tensors, payload_size
@@ -50,11 +50,6 @@ STOP_WAIT_S = 5.0  # a stopped child that has not exited by then is killed
 
 _ids = itertools.count(20000)
 _marks = itertools.count(1)  # feedback barriers' tokens
-
-
-def _settle_barrier(future: asyncio.Future, mark: str | None) -> None:
-    if not future.done():  # (the waiter may have given up: cancelled)
-        future.set_result(mark)
 _context = None
 _live: set = set()  # arenas to unlink if the server exits without stopping its instances
 
@@ -243,20 +238,19 @@ class ProcessInstance:
             fut.set_result(None)
         return fut
 
-    def _flushed(self, token: str | None) -> None:
-        """The child flushed (reader thread): settle the barrier's future (all of them: None,
-        when the child is gone)."""
-        items = [(token, self._barriers.pop(token, None))] if token is not None else \
-            [(t, self._barriers.pop(t, None)) for t in list(self._barriers)]
-        for t, waiter in items:
-            if waiter is None:
-                continue
-            loop, fut = waiter
-            mark = t if token is not None and self._monitor_link is not None else None
-            try:
-                loop.call_soon_threadsafe(_settle_barrier, fut, mark)
-            except RuntimeError:  # the loop closed (shutdown)
-                pass
+    def _flushed(self, token: str) -> None:
+        """The child flushed (reader thread): the barrier's future gets the token its mark
+        carries to a monitor process (None: the observations came through this pipe)."""
+        waiter = self._barriers.pop(token, None)
+        if waiter is not None:
+            settle_soon(*waiter, token if self._monitor_link is not None else None)
+
+    def _end_barriers(self) -> None:
+        """The child is gone (reader thread): nothing of its will come; no barrier waits for it."""
+        for token in list(self._barriers):
+            waiter = self._barriers.pop(token, None)
+            if waiter is not None:
+                settle_soon(*waiter)
 
     def kill(self) -> bool:
         """SIGKILL the child (its reader then reports it lost); True: it is really gone."""
@@ -398,7 +392,7 @@ class ProcessInstance:
             self._proc.kill()
             self._proc.join(STOP_WAIT_S)
         reason = describe_exit(self._proc.exitcode)
-        self._flushed(None)  # barriers still waiting: nothing of the child's will come
+        self._end_barriers()
         parent.close()
         self._cleanup()
         if not self._loaded.is_set():

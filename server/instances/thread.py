@@ -25,7 +25,7 @@ from server.core.archive import ModelArchive
 from server.core.events import event
 from server.core.model_config import ModelConfig
 from server.core.osthread import instance_thread_name, name_os_thread
-from server.core.instance import InstanceStatus
+from server.core.instance import InstanceStatus, settle_soon
 from server.instances.loaded import LoadSignal, raise_unless_ready
 from server.core.types import Ticket
 from server.instances.runner import BatchRunner, Outcome, declared_specs, load_runner, model_precision
@@ -44,17 +44,6 @@ class _Flush:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
         self.loop, self.future = loop, future
-
-    def settle(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(_done, self.future)
-        except RuntimeError:  # the loop closed (shutdown): nobody waits
-            pass
-
-
-def _done(future: asyncio.Future) -> None:
-    if not future.done():  # (the waiter may have given up: cancelled)
-        future.set_result(None)
 
 
 class ModelInstance:
@@ -198,7 +187,7 @@ class ModelInstance:
                 break
             if type(job) is _Flush:  # a feedback barrier: what the answers so far left, to the monitor
                 self.runner.flush()
-                job.settle()
+                settle_soon(job.loop, job.future)
                 continue
             batches, loop, on_done = job
             t0 = time.perf_counter()
